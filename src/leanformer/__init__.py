@@ -1,0 +1,24 @@
+"""leanformer: make trained Transformers fast and small on the hardware you have, and measure the cost.
+
+import leanformer as lf
+model, tok = lf.load("path/to/model")          # HF folder, .gguf, or llama2.c .bin
+print(lf.generate(model, tok, "Once upon a time", max_new_tokens=64))
+"""
+
+from .engine.cache import KVCache
+from .engine.generate import GenerationStats, generate, stream_generate
+from .engine.sampling import SamplingParams
+from .errors import LeanformerError
+from .loading import load, save
+
+__all__ = [
+    "GenerationStats",
+    "KVCache",
+    "LeanformerError",
+    "SamplingParams",
+    "generate",
+    "load",
+    "save",
+    "stream_generate",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,238 @@
+"""Prefill + decode loop over the KV cache; generate() and stream_generate().
+
+The loop (`decode`) works on token ids and yields each step's new tokens, so generate, streaming,
+benchmarks and (later) the server all drive the same code. Finished rows leave the batch at once:
+their cache slots are simply no longer named in the next step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import LeanformerError
+from .cache import KVCache
+from .sampling import SamplingParams, sample
+
+Prompt = str | Sequence[int] | Sequence[dict]
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    first_token_s: float = 0.0
+    steps: int = 0
+    per_row: list[int] = field(default_factory=list)
+
+
+def encode_prompt(tok, prompt: Prompt) -> list[int]:
+    """Text, token ids, or a chat (list of {"role", "content"}) → token ids."""
+    if isinstance(prompt, str):
+        if tok is None:
+            raise LeanformerError("this model has no tokenizer: pass token ids instead of text")
+        return list(tok.encode(prompt))
+    if len(prompt) and isinstance(prompt[0], dict):
+        return encode_chat(tok, list(prompt))
+    ids = [int(t) for t in prompt]
+    if not ids:
+        raise LeanformerError("empty prompt: give at least one token (e.g. the BOS id)")
+    return ids
+
+
+def encode_chat(tok, messages: list[dict]) -> list[int]:
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise LeanformerError("this model has no chat template: pass plain text or token ids")
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tok.encode(text, add_special_tokens=False))
+
+
+def eos_ids(model, tok) -> set[int]:
+    ids: set[int] = set()
+    for source in (tok, getattr(model, "config", {})):
+        value = getattr(source, "eos_token_id", None) if source is tok else source.get("eos_token_id")
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(value)
+    return ids
+
+
+@torch.inference_mode()
+def decode(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    params: SamplingParams,
+    stop_ids: set[int] = frozenset(),
+    stats: GenerationStats | None = None,
+) -> Iterator[dict[int, int]]:
+    """Yield {row: new_token} for the rows still running, one step at a time."""
+    if max_new_tokens <= 0:
+        return
+    context = model.args.max_position_embeddings
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > context:
+        raise LeanformerError(
+            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's context of {context}"
+        )
+    n = len(prompts)
+    cache = KVCache.for_model(model, n, longest + max_new_tokens)
+    generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    vocab = model.args.vocab_size
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(n, vocab, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            seen[i, torch.tensor(p).clamp_max(vocab - 1)] = True
+    lengths = torch.tensor([len(p) for p in prompts])
+    ids = torch.zeros(n, longest, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+    t0 = time.perf_counter()
+    logits = model(ids, cache=cache, slots=torch.arange(n), logits_at=lengths - 1)[:, -1].float()
+    cache.set_length(torch.arange(n), lengths)
+    rows = torch.arange(n)
+    if stats is not None:
+        stats.prompt_tokens += int(lengths.sum())
+        stats.prefill_s += time.perf_counter() - t0
+        stats.per_row = [0] * n
+    t1 = time.perf_counter()
+    for step in range(max_new_tokens):
+        tokens = sample(logits, params, generator, None if seen is None else seen[rows])
+        if seen is not None:
+            seen[rows, tokens] = True
+        if stats is not None:
+            if step == 0:
+                stats.first_token_s = time.perf_counter() - t0
+            stats.new_tokens += len(rows)
+            stats.steps += 1
+            for r in rows.tolist():
+                stats.per_row[r] += 1
+        yield dict(zip(rows.tolist(), tokens.tolist()))
+        keep = torch.tensor([t not in stop_ids for t in tokens.tolist()], dtype=torch.bool)
+        if step == max_new_tokens - 1 or not keep.any():
+            break
+        rows, tokens = rows[keep], tokens[keep]
+        logits = model(tokens[:, None], cache=cache, slots=rows)[:, -1].float()
+        cache.advance(rows, 1)
+    if stats is not None:
+        stats.decode_s += time.perf_counter() - t1
+
+
+def _texts_or_ids(tok, prompt):
+    """Normalise one prompt or a batch of prompts → (list of prompts, was_batch, wants_text)."""
+    single_ids = isinstance(prompt, Sequence) and len(prompt) > 0 and isinstance(prompt[0], int)
+    single_chat = isinstance(prompt, Sequence) and len(prompt) > 0 and isinstance(prompt[0], dict)
+    if (
+        isinstance(prompt, str)
+        or single_ids
+        or single_chat
+        or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1)
+    ):
+        batch, was_batch = [prompt], False
+    else:
+        batch, was_batch = list(prompt), True
+    batch = [p.tolist() if isinstance(p, torch.Tensor) else p for p in batch]
+    wants_text = tok is not None and not (len(batch[0]) and isinstance(batch[0][0], int))
+    return batch, was_batch, wants_text
+
+
+def generate(
+    model,
+    tok,
+    prompt,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] | str | None = None,
+    ignore_eos: bool = False,
+    stats: GenerationStats | None = None,
+):
+    """Generate a continuation for one prompt or a batch of prompts (text, token ids, or a chat).
+
+    Returns text for text/chat prompts (a list for a batch), new token ids for id prompts.
+    """
+    batch, was_batch, wants_text = _texts_or_ids(tok, prompt)
+    params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+    prompts = [encode_prompt(tok, p) for p in batch]
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if stop and tok is None:
+        raise LeanformerError("stop strings need a tokenizer; this model has none")
+    stop_ids = set() if ignore_eos else eos_ids(model, tok)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for new in decode(model, prompts, max_new_tokens, params, stop_ids, stats):
+        for row, token in new.items():
+            if done[row]:
+                continue
+            if token in stop_ids:
+                done[row] = True
+                continue
+            outputs[row].append(token)
+            if stop and _find_stop(tok.decode(outputs[row]), stop) is not None:
+                done[row] = True
+        if all(done):
+            break
+    results = outputs
+    if wants_text:
+        results = []
+        for ids in outputs:
+            text = _decode(tok, ids)
+            cut = _find_stop(text, stop) if stop else None
+            results.append(text if cut is None else text[:cut])
+    return results if was_batch else results[0]
+
+
+def stream_generate(
+    model, tok, prompt, max_new_tokens: int = 128, stop=None, ignore_eos: bool = False, **sampling
+):
+    """Yield the continuation of one prompt as text pieces (token ids when there is no tokenizer)."""
+    params = SamplingParams(**sampling)
+    ids = encode_prompt(tok, prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt)
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    stop_ids = set() if ignore_eos else eos_ids(model, tok)
+    out: list[int] = []
+    sent = ""
+    for new in decode(model, [ids], max_new_tokens, params, stop_ids):
+        token = new[0]
+        if token in stop_ids:
+            return
+        if tok is None:
+            yield token
+            continue
+        out.append(token)
+        text = _decode(tok, out)
+        cut = _find_stop(text, stop) if stop else None
+        if cut is not None:
+            if cut > len(sent):
+                yield text[len(sent) : cut]
+            return
+        # hold back a piece that ends inside a multi-byte character or could be the start of a stop string
+        safe = len(text) - max((len(s) - 1 for s in stop), default=0)
+        if text.endswith("\ufffd"):
+            continue
+        if safe > len(sent):
+            yield text[len(sent) : safe]
+            sent = text[:safe]
+    if tok is not None and len(text := _decode(tok, out)) > len(sent):
+        yield text[len(sent) :]
+
+
+def _find_stop(text: str, stop: list[str]) -> int | None:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
+
+
+def _decode(tok, ids: list[int]) -> str:
+    if hasattr(tok, "convert_ids_to_tokens"):  # a transformers tokenizer
+        return tok.decode(ids, skip_special_tokens=True)
+    return tok.decode(ids)

@@ -1,0 +1,223 @@
+"""load(path) → (model, tokenizer) for HF folders, GGUF files, llama2.c checkpoints and our own saves.
+
+Every format is first read into (HF-style config dict, HF-named state dict, tokenizer); one path then
+builds the model on the meta device, checks every tensor's name and shape, and assigns the weights
+without a second copy in memory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from .errors import LeanformerError
+from .models.layers import Rotary, pack_linears_
+
+# family module (under leanformer.models) → the HF architectures it serves
+FAMILIES = ("llama", "gpt2", "bert")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HF_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def registry() -> dict[str, ModuleType]:
+    archs: dict[str, ModuleType] = {}
+    for name in FAMILIES:
+        try:
+            module = importlib.import_module(f"leanformer.models.{name}")
+        except ModuleNotFoundError:
+            continue
+        archs.update({arch: module for arch in module.ARCHITECTURES})
+    return archs
+
+
+def family_of(config: dict) -> ModuleType:
+    archs = registry()
+    arch = (config.get("architectures") or [None])[0]
+    if arch is None:
+        arch = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertModel"}.get(
+            config.get("model_type", ""), ""
+        )
+    if arch not in archs:
+        raise LeanformerError(f"unsupported architecture {arch!r}; supported: {', '.join(sorted(archs))}")
+    return archs[arch]
+
+
+def load(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu", fast: bool = True):
+    """Load a model and its tokenizer (None when the folder has no tokenizer files).
+
+    path: HF folder (config.json + safetensors / pytorch_model.bin, sharded or not), a .gguf file,
+    a llama2.c .bin checkpoint (or its folder), or a folder written by `save`.
+    fast: on CPU, swap float Linears for oneDNN-packed ones (same math, faster decode).
+    """
+    if dtype not in DTYPES:
+        raise LeanformerError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise LeanformerError(
+            f"model path not found: {p} (give an HF folder, a .gguf file or a llama2.c .bin)"
+        )
+    config, state_dict, tok = read_any(p)
+    model = build(config, state_dict, DTYPES[dtype], device)
+    if fast and device == "cpu":
+        pack_linears_(model)
+    return model, tok
+
+
+def read_any(p: Path) -> tuple[dict, dict[str, torch.Tensor], object]:
+    if p.is_file() and p.suffix == ".gguf":
+        from .formats.gguf import read_gguf
+
+        return read_gguf(p)
+    if p.is_dir() and (p / "config.json").exists():
+        return read_hf_folder(p)
+    if p.is_file() and p.suffix == ".bin" or p.is_dir() and list(p.glob("*.bin")):
+        from .formats.llama2c import read_llama2c
+
+        return read_llama2c(p)
+    if p.is_dir() and list(p.glob("*.gguf")):
+        return read_any(sorted(p.glob("*.gguf"))[0])
+    raise LeanformerError(
+        f"don't know how to load {p}: expected an HF folder with config.json, a .gguf file, or a llama2.c .bin"
+    )
+
+
+def read_hf_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor], object]:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise LeanformerError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
+    return config, read_weights(folder), load_tokenizer(folder)
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    present = [name for name in _HF_WEIGHTS if (folder / name).exists()]
+    if not present:
+        raise LeanformerError(f"no weights in {folder}: expected one of {', '.join(_HF_WEIGHTS)}")
+    name = present[0]
+    files = [name]
+    if name.endswith(".index.json"):
+        index = json.loads((folder / name).read_text())
+        files = sorted(set(index["weight_map"].values()))
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        fp = folder / f
+        if not fp.exists():
+            raise LeanformerError(f"weight shard {fp} listed in the index is missing")
+        try:
+            if f.endswith(".safetensors"):
+                state.update(load_file(fp))
+            else:
+                state.update(torch.load(fp, map_location="cpu", weights_only=True))
+        except (SafetensorError, RuntimeError, OSError, EOFError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise LeanformerError(f"corrupt or truncated weights file {fp}: {msg}") from None
+    return state
+
+
+def load_tokenizer(folder: Path):
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+    if any((folder / n).exists() for n in names):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder))
+    bins = sorted(folder.glob("tok*.bin"))
+    if bins:
+        from .formats.llama2c import Llama2cTokenizer
+
+        return Llama2cTokenizer(bins[0])
+    return None
+
+
+def build(config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device: str) -> nn.Module:
+    """Config + HF-named state dict → a model with weights assigned (no random init, no extra copy)."""
+    family = family_of(config)
+    args = family.ModelArgs.from_hf_config(config)
+    with torch.device("meta"):
+        model = family.Model(args)
+    meta = config.get("leanformer", {})
+    if meta.get("recipe"):
+        from .compress import apply
+
+        apply(model, meta["recipe"], structure_only=True)
+    state_dict = family.sanitize(state_dict, args)
+    expected = model.state_dict()
+    embedding = _embedding_name(expected)
+    head = getattr(model, "lm_head", None)
+    tied = head is not None and embedding is not None and head.weight is model.get_parameter(embedding)
+    missing = [n for n in expected if n not in state_dict and not (tied and n == "lm_head.weight")]
+    if missing:
+        raise LeanformerError(
+            f"weights are missing {len(missing)} tensors, e.g. {missing[0]!r}; wrong or partial file?"
+        )
+    for name, tensor in state_dict.items():
+        if name in expected and tuple(expected[name].shape) != tuple(tensor.shape):
+            raise LeanformerError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)} but the config implies {tuple(expected[name].shape)}"
+            )
+    state_dict = {
+        n: (t.to(dtype) if t.is_floating_point() else t).to(device)
+        for n, t in state_dict.items()
+        if n in expected
+    }
+    if tied:
+        state_dict["lm_head.weight"] = state_dict[embedding]
+    model.load_state_dict(state_dict, assign=True, strict=True)
+    if tied:  # assign=True made two Parameters over one tensor: make them one again
+        model.lm_head.weight = model.get_parameter(embedding)
+    for m in model.modules():
+        if isinstance(m, Rotary):
+            m.build()
+            m.to(device)
+    model.config = {k: v for k, v in config.items() if k != "leanformer"} | (
+        {"leanformer": meta} if meta else {}
+    )
+    model.family = family.__name__.rsplit(".", 1)[-1]
+    return model.eval()
+
+
+def _embedding_name(names) -> str | None:
+    return next((n for n in ("model.embed_tokens.weight", "transformer.wte.weight") if n in names), None)
+
+
+def save(model: nn.Module, tok, out_dir: str | os.PathLike) -> Path:
+    """Write config.json (+ recipe), model.safetensors and the tokenizer; atomically (temp dir → rename)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
+        head, embedding = getattr(model, "lm_head", None), _embedding_name(state)
+        if head is not None and embedding and head.weight is model.get_parameter(embedding):
+            state.pop("lm_head.weight", None)
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt", "producer": "leanformer"})
+        config = dict(model.config)
+        config.setdefault("leanformer", {})["family"] = model.family
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        if tok is not None and hasattr(tok, "save_pretrained"):
+            tok.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

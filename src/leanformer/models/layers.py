@@ -1,0 +1,170 @@
+"""Layers shared by the model families: norms, rotary embeddings, and the CPU-fast Linear."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LeanformerError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim/2] and the attention scaling factor, as HF computes them."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if not scaling:
+        return inv_freq, 1.0
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        raise LeanformerError(
+            "rope_scaling type 'yarn' is not supported yet; supported: default, linear, llama3"
+        )
+    raise LeanformerError(f"unknown rope_scaling type {kind!r}; supported: default, linear, llama3")
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding in HF's rotate_half layout; cos/sin computed per step from positions.
+
+    Computing per step (one outer product) instead of caching [max_pos, D] tables keeps 128k-context
+    configs from allocating hundreds of MB, and matches HF's float32 arithmetic exactly.
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None) -> None:
+        super().__init__()
+        self.spec = (head_dim, theta, scaling)
+        self.build()
+
+    def build(self) -> None:
+        """(Re)compute inv_freq; the loader calls this after building the model on the meta device."""
+        inv_freq, self.attn_factor = rope_inv_freq(*self.spec)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] or [B, T] → cos, sin broadcastable to [B, H, T, D]; computed once per step."""
+        freqs = positions[..., None].float() * self.inv_freq  # [(B,) T, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = (emb.cos() * self.attn_factor).to(dtype), (emb.sin() * self.attn_factor).to(dtype)
+        if cos.dim() == 3:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos, sin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D] rotated by rotate_half convention (HF layout)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class PackedLinear(nn.Linear):
+    """nn.Linear whose forward runs oneDNN on a pre-packed copy of the weight.
+
+    Why: on CPU, torch's default fp32 F.linear at small batch goes to a single-threaded MKL GEMV
+    (~16 GB/s here); oneDNN with a packed weight uses both cores and is ~1.5-2x faster on the
+    memory-bound decode step (see PERF-FACTS.md). It stays an nn.Linear (same `weight`, same
+    state_dict) so quantization and saving treat it like any Linear; the packed copy is a
+    non-persistent buffer.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> PackedLinear:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        new.repack()
+        return new
+
+    def repack(self) -> None:
+        packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
+        self.register_buffer("packed_weight", packed, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        bias = None if self.bias is None else self.bias.detach()
+        y = torch.ops.mkldnn._linear_pointwise(
+            x.reshape(-1, shape[-1]), self.packed_weight, bias, "none", [], ""
+        )
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
+    return (
+        device.type == "cpu"
+        and dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def pack_linears_(model: nn.Module) -> nn.Module:
+    """Swap every plain nn.Linear of a CPU float model for a PackedLinear (in place)."""
+    for name, child in list(model.named_children()):
+        if type(child) is nn.Linear and can_pack(child.weight.dtype, child.weight.device):
+            setattr(model, name, PackedLinear.from_linear(child))
+        else:
+            pack_linears_(child)
+    return model
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention with a fused qkv projection and an optional KV cache."""
+
+    def __init__(
+        self,
+        hidden: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        qkv_bias: bool,
+        o_bias: bool,
+        layer_idx: int,
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.layer_idx = layer_idx
+        self.qkv_proj = nn.Linear(hidden, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=o_bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple | None, cache, step) -> torch.Tensor:
+        """x [B, T, hidden]; rope = (cos, sin) for this step or None; cache/step from engine.cache."""
+        b, t, _ = x.shape
+        h, kv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([h * d, kv * d, kv * d], dim=-1)
+        q = q.view(b, t, h, d).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(b, t, kv, d).transpose(1, 2)  # [B, KV, T, D]
+        v = v.view(b, t, kv, d).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is None:
+            mask, causal = None, True
+        else:
+            k, v = cache.update(self.layer_idx, step, k, v)
+            mask, causal = step.mask, step.is_causal
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=kv != h)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, h * d))

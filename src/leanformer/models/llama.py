@@ -1,0 +1,158 @@
+"""Llama family decoder: Llama 2/3, Mistral, Qwen2, SmolLM — one definition, differences are flags.
+
+Parameter names follow HF except two fusions done by `sanitize`: q/k/v → `self_attn.qkv_proj` and
+gate/up → `mlp.gate_up_proj`, because one matmul instead of two or three is what decode speed on a
+CPU is made of (fewer, larger, memory-bound calls).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine.cache import KVCache
+from .layers import Attention, RMSNorm, Rotary
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> ModelArgs:
+        heads = cfg["num_attention_heads"]
+        arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
+        # transformers >= 5 folds rope_theta/rope_scaling into rope_parameters.
+        rope = cfg.get("rope_parameters") or {}
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            qkv_bias=is_qwen2 or cfg.get("attention_bias", False),
+            o_bias=(not is_qwen2) and cfg.get("attention_bias", False),
+            mlp_bias=cfg.get("mlp_bias", False),
+        )
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int, bias: bool) -> None:
+        super().__init__()
+        self.inter = inter
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs, idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.self_attn = Attention(
+            a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.qkv_bias, a.o_bias, idx
+        )
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.mlp = MLP(a.hidden_size, a.intermediate_size, a.mlp_bias)
+
+    def forward(self, x, rope, cache, step):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, step)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(Block(a, i) for i in range(a.num_hidden_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rotary = Rotary(args.head_dim, args.rope_theta, args.rope_scaling)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, T] → logits [B, T, vocab]; with logits_at [B] only at those positions: [B, 1, vocab].
+
+        Scoring only the positions that are sampled matters: the LM head is the largest matmul.
+        """
+        b, t = input_ids.shape
+        step = None
+        if cache is None:
+            positions = torch.arange(t, device=input_ids.device)
+        else:
+            slots = torch.arange(b) if slots is None else slots
+            step = cache.begin(slots, t)
+            positions = step.positions
+        x = self.model.embed_tokens(input_ids)
+        rope = self.rotary(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, rope, cache, step)
+        if logits_at is not None:
+            x = x[torch.arange(b), logits_at.to(x.device)][:, None]
+        return self.lm_head(self.model.norm(x))
+
+
+def sanitize(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """HF names → ours: fuse q/k/v and gate/up, drop tied/rotary extras."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if "rotary_emb" in name:
+            continue
+        out[name] = tensor
+    for i in range(args.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [p + f"self_attn.{n}_proj.{kind}" for n in "qkv"]
+            if all(k in out for k in qkv):
+                out[p + f"self_attn.qkv_proj.{kind}"] = torch.cat([out.pop(k) for k in qkv])
+            gu = [p + f"mlp.{n}_proj.{kind}" for n in ("gate", "up")]
+            if all(k in out for k in gu):
+                out[p + f"mlp.gate_up_proj.{kind}"] = torch.cat([out.pop(k) for k in gu])
+    if args.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
