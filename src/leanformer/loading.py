@@ -32,6 +32,18 @@ _HF_WEIGHTS = (
 )
 
 
+_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+    "bert": "BertModel",
+    "roberta": "RobertaModel",
+    "xlm-roberta": "XLMRobertaModel",
+    "distilbert": "DistilBertModel",
+}
+
+
 def registry() -> dict[str, ModuleType]:
     archs: dict[str, ModuleType] = {}
     for name in FAMILIES:
@@ -47,9 +59,7 @@ def family_of(config: dict) -> ModuleType:
     archs = registry()
     arch = (config.get("architectures") or [None])[0]
     if arch is None:
-        arch = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertModel"}.get(
-            config.get("model_type", ""), ""
-        )
+        arch = _BY_MODEL_TYPE.get(config.get("model_type", ""), "")
     if arch not in archs:
         raise LeanformerError(f"unsupported architecture {arch!r}; supported: {', '.join(sorted(archs))}")
     return archs[arch]
@@ -156,7 +166,8 @@ def build(config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
         from .compress import apply
 
         apply(model, meta["recipe"], structure_only=True)
-    state_dict = family.sanitize(state_dict, args)
+    if not meta:  # our own saves already use our names
+        state_dict = family.sanitize(state_dict, args)
     expected = model.state_dict()
     embedding = _embedding_name(expected)
     head = getattr(model, "lm_head", None)
@@ -165,6 +176,12 @@ def build(config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
     if missing:
         raise LeanformerError(
             f"weights are missing {len(missing)} tensors, e.g. {missing[0]!r}; wrong or partial file?"
+        )
+    unexpected = [n for n in state_dict if n not in expected]
+    if unexpected:
+        raise LeanformerError(
+            f"weights hold {len(unexpected)} tensors the config does not describe, e.g. {unexpected[0]!r}; "
+            "does config.json belong to these weights?"
         )
     for name, tensor in state_dict.items():
         if name in expected and tuple(expected[name].shape) != tuple(tensor.shape):

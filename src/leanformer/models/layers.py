@@ -126,7 +126,12 @@ def pack_linears_(model: nn.Module) -> nn.Module:
     """Swap every plain nn.Linear of a CPU float model for a PackedLinear (in place)."""
     for name, child in list(model.named_children()):
         if type(child) is nn.Linear and can_pack(child.weight.dtype, child.weight.device):
-            setattr(model, name, PackedLinear.from_linear(child))
+            try:
+                setattr(model, name, PackedLinear.from_linear(child))
+            except (
+                RuntimeError
+            ):  # oneDNN lacks a kernel for this dtype on this CPU (e.g. bf16 without AVX-512)
+                return model
         else:
             pack_linears_(child)
     return model

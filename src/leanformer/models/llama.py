@@ -44,7 +44,7 @@ class ModelArgs:
         # transformers >= 5 folds rope_theta/rope_scaling into rope_parameters.
         rope = cfg.get("rope_parameters") or {}
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        is_qwen2 = arch == "Qwen2ForCausalLM"
+        is_qwen2 = arch == "Qwen2ForCausalLM" or cfg.get("model_type") == "qwen2"
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],

@@ -1,0 +1,138 @@
+"""`leanformer bench`: prefill and decode speed, time to first token, peak RSS and size.
+
+Each engine runs in its own subprocess (so peak RSS is its own), back-to-back in one invocation, on
+the same weights and the same random prompts. Decode speed is measured the same way for every
+engine: (time to generate N tokens − time to generate 1 token) / (N − 1) steps, so prefill and
+first-token costs cancel out. Every figure is the median of `repeats` runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    dtype: str = "float32"
+    prompt_tokens: int = 128
+    new_tokens: int = 128
+    batches: list[int] = field(default_factory=lambda: [1, 8])
+    repeats: int = 3
+    threads: int | None = None
+    recipe: str | None = None  # a compression recipe applied after loading (ours only)
+
+
+def _prompts(vocab: int, batch: int, length: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(10, vocab, (batch, length), generator=g)
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(cfg: BenchConfig, engine: str) -> dict:
+    """Run inside the engine's own process; returns the figures as a dict."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    if engine == "leanformer":
+        import leanformer as lf
+
+        model, _ = lf.load(cfg.model, dtype=cfg.dtype)
+        if cfg.recipe:
+            from ..compress import apply, load_recipe
+
+            apply(model, load_recipe(cfg.recipe))
+        vocab = model.args.vocab_size
+        size = sum({id(t): t.numel() * t.element_size() for t in model.state_dict().values()}.values())
+
+        def run(ids: torch.Tensor, n: int) -> None:
+            lf.generate(model, None, ids.tolist(), max_new_tokens=n, ignore_eos=True)
+
+        def prefill(ids: torch.Tensor) -> None:
+            with torch.inference_mode():
+                model(ids, logits_at=torch.full((len(ids),), ids.shape[1] - 1))
+    elif engine == "transformers":
+        from ..reference import load_hf_reference
+
+        model, _ = load_hf_reference(cfg.model, cfg.dtype)
+        vocab = model.config.vocab_size
+        size = sum({id(p): p.numel() * p.element_size() for p in model.state_dict().values()}.values())
+
+        def run(ids: torch.Tensor, n: int) -> None:
+            with torch.inference_mode():
+                model.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False, pad_token_id=0,
+                )  # fmt: skip
+
+        def prefill(ids: torch.Tensor) -> None:
+            with torch.inference_mode():
+                model(ids, logits_to_keep=1)
+    else:
+        raise ValueError(f"unknown engine {engine!r}")
+    load_s = time.perf_counter() - t0
+    out: dict = {"engine": engine, "dtype": cfg.dtype, "load_s": load_s, "size_mb": size / 2**20}
+    one = _prompts(vocab, 1, cfg.prompt_tokens)
+    out["prefill_ms"] = 1000 * _median_time(lambda: prefill(one), cfg.repeats)
+    out["prefill_tok_s"] = cfg.prompt_tokens / out["prefill_ms"] * 1000
+    out["ttft_ms"] = 1000 * _median_time(lambda: run(one, 1), cfg.repeats)
+    for b in cfg.batches:
+        ids = _prompts(vocab, b, cfg.prompt_tokens)
+        t1 = _median_time(lambda ids=ids: run(ids, 1), cfg.repeats)
+        tn = _median_time(lambda ids=ids: run(ids, cfg.new_tokens), cfg.repeats)
+        out[f"decode_tok_s_b{b}"] = b * (cfg.new_tokens - 1) / (tn - t1)
+    out["peak_rss_mb"] = _rss_mb()
+    return out
+
+
+def run_engine(cfg: BenchConfig, engine: str) -> dict:
+    """Measure one engine in a fresh Python process and return its figures."""
+    code = (
+        "import json,sys; from leanformer.bench.runner import BenchConfig, measure; "
+        "cfg = BenchConfig(**json.loads(sys.argv[1])); print(json.dumps(measure(cfg, sys.argv[2])))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(asdict(cfg)), engine],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{engine} benchmark failed: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict], batches: list[int]) -> str:
+    """Plain-text table (also what the CLI prints through rich)."""
+    cols = ["engine", "dtype", "prefill_ms", "prefill_tok_s", "ttft_ms"] + [
+        f"decode_tok_s_b{b}" for b in batches
+    ]
+    cols += ["peak_rss_mb", "size_mb"]
+    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    for r in rows:
+        lines.append(
+            " | ".join(f"{r[c]:.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols)
+        )
+    return "\n".join(lines)

@@ -1,0 +1,265 @@
+"""`leanformer` command line: generate | chat | eval | bench | pull | demo (+ encoder commands)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import LeanformerError
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A path as given, or a known model name (see `leanformer pull --list`) brought into the cache."""
+    if Path(name_or_path).expanduser().exists():
+        return name_or_path
+    from .hub import KNOWN, pull
+
+    if name_or_path.lower() in {k.lower() for k in KNOWN}:
+        return str(pull(name_or_path))
+    raise LeanformerError(
+        f"model not found: {name_or_path!r} is neither a path nor a known name ({', '.join(sorted(KNOWN))})"
+    )
+
+
+def _load(args):
+    import leanformer as lf
+
+    return lf.load(resolve_model(args.model), dtype=args.dtype)
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def _sampling(args) -> dict:
+    return dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def cmd_generate(args) -> None:
+    import leanformer as lf
+
+    model, tok = _load(args)
+    prompt = args.prompt
+    if args.chat:
+        prompt = [{"role": "user", "content": args.prompt}]
+    elif tok is None:
+        prompt = [int(t) for t in args.prompt.split()]
+    pieces = lf.stream_generate(
+        model, tok, prompt, args.max_new_tokens, stop=args.stop, ignore_eos=args.ignore_eos, **_sampling(args)
+    )
+    if not args.chat and tok is not None:
+        print(args.prompt, end="", flush=True)
+    for piece in pieces:
+        print(piece if isinstance(piece, str) else f" {piece}", end="", flush=True)
+    print()
+
+
+def cmd_chat(args) -> None:
+    import leanformer as lf
+
+    model, tok = _load(args)
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise LeanformerError("this model has no chat template; use `leanformer generate` instead")
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat with the model; an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip() or line.strip() in ("/exit", "/quit"):
+            break
+        history.append({"role": "user", "content": line})
+        reply = []
+        for piece in lf.stream_generate(model, tok, history, args.max_new_tokens, **_sampling(args)):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_eval(args) -> None:
+    import leanformer as lf
+
+    from .evaluate import evaluate, read_text, tokenize
+
+    model, tok = _load(args)
+    if getattr(model, "family", "") == "bert":
+        from .encoders_cli import eval_encoder
+
+        return eval_encoder(args, model, tok)
+    if not args.data:
+        raise LeanformerError("--data FILE is required for decoder models (e.g. wiki.test.raw)")
+    reference = None
+    if args.reference:
+        reference, _ = lf.load(resolve_model(args.reference), dtype="float32")
+    ids = tokenize(tok, read_text(args.data, args.max_chars))
+    result = evaluate(model, ids, args.window, args.stride, reference, args.batch_size)
+    rows = [("perplexity", f"{result.perplexity:.4f}"), ("scored tokens", str(result.scored_tokens))]
+    rows.append(("windows × size / stride", f"{result.windows} × {result.window} / {result.stride}"))
+    if reference is not None:
+        delta = 100 * (result.perplexity / result.reference_perplexity - 1)
+        rows += [("reference perplexity", f"{result.reference_perplexity:.4f}"), ("ΔPPL", f"{delta:+.2f}%")]
+        rows += [
+            ("mean KLD vs reference", f"{result.kld:.5f}"),
+            ("top-1 agreement", f"{result.top1_agreement:.2%}"),
+        ]
+    _print_table(f"eval {args.model} on {args.data}", ["metric", "value"], rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.as_dict(), indent=2))
+
+
+def cmd_bench(args) -> None:
+    from .bench.runner import BenchConfig, run_engine
+
+    cfg = BenchConfig(
+        resolve_model(args.model), args.dtype, args.prompt_tokens, args.new_tokens, args.batch, args.repeats
+    )
+    engines = ["leanformer"] + list(args.compare or [])
+    rows = []
+    for engine in engines:
+        print(f"benchmarking {engine} ...", file=sys.stderr, flush=True)
+        rows.append(run_engine(cfg, engine))
+    keys = (
+        ["prefill_tok_s", "ttft_ms"]
+        + [f"decode_tok_s_b{b}" for b in cfg.batches]
+        + ["peak_rss_mb", "size_mb"]
+    )
+    header = ["engine", "dtype", *keys]
+    body = [[r["engine"], r["dtype"], *(f"{r[k]:.1f}" for k in keys)] for r in rows]
+    for other in rows[1:]:
+        ratio = {k: rows[0][k] / other[k] for k in keys if k.endswith("tok_s")}
+        body.append(
+            [f"leanformer / {other['engine']}", "", *(f"{ratio[k]:.2f}×" if k in ratio else "" for k in keys)]
+        )
+    _print_table(
+        f"bench {args.model}: {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens", header, body
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": vars(cfg), "results": rows}, indent=2))
+
+
+def cmd_pull(args) -> None:
+    from .hub import KNOWN, pull
+
+    if args.list:
+        for name, spec in KNOWN.items():
+            print(f"{name}\t{spec}")
+        return
+    if not args.name:
+        raise LeanformerError("give a model name to pull (see `leanformer pull --list`)")
+    print(pull(args.name, Path(args.cache_dir) if args.cache_dir else None))
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(quick=args.quick)
+
+
+def _print_table(title: str, header: list[str], rows: list) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for h in header:
+        t.add_column(h)
+    for r in rows:
+        t.add_row(*[str(c) for c in r])
+    Console().print(t)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leanformer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_cmd(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("model", help="path (HF folder, .gguf, llama2.c .bin) or a known name, e.g. smollm2")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        return p
+
+    p = model_cmd("generate", "generate text from a prompt (streams)")
+    p.add_argument(
+        "--prompt", default="", help="text (or space-separated token ids for a model without tokenizer)"
+    )
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = model_cmd("chat", "interactive chat using the model's chat template")
+    p.add_argument("--system", default=None)
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = model_cmd("eval", "perplexity, and KLD / top-1 agreement vs --reference")
+    p.add_argument("--data", help="text file (e.g. ../shared/data/wikitext-2-raw/wiki.test.raw)")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--stride", type=int, default=None, help="default: = window (non-overlapping)")
+    p.add_argument("--max-chars", type=int, default=None, help="use only the first N characters")
+    p.add_argument(
+        "--reference", default=None, help="another model: report KL divergence and top-1 agreement"
+    )
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.set_defaults(func=cmd_eval)
+
+    p = model_cmd("bench", "prefill / decode speed, TTFT, peak RSS, size")
+    p.add_argument("--compare", action="append", choices=["transformers"], help="peer to run in the same run")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("pull", help="bring a known real model into the local cache and print its path")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--list", action="store_true")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser(
+        "demo", help="chat with SmolLM2 and compare leanformer's variants with HF transformers"
+    )
+    p.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
+    p.set_defaults(func=cmd_demo)
+
+    try:
+        from .encoders_cli import add_encoder_commands
+    except ImportError:
+        pass
+    else:
+        add_encoder_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LeanformerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
