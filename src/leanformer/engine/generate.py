@@ -178,15 +178,15 @@ def generate(
                 done[row] = True
                 continue
             outputs[row].append(token)
-            if stop and _find_stop(tok.decode(outputs[row]), stop) is not None:
+            if stop and _find_stop(_decode(tok, outputs[row]), stop) is not None:
                 done[row] = True
         if all(done):
             break
     results = outputs
     if wants_text:
         results = []
-        for ids in outputs:
-            text = _decode(tok, ids)
+        for ids, p in zip(outputs, prompts):
+            text = _decode(tok, ids, p[-1:])
             cut = _find_stop(text, stop) if stop else None
             results.append(text if cut is None else text[:cut])
     return results if was_batch else results[0]
@@ -210,7 +210,7 @@ def stream_generate(
             yield token
             continue
         out.append(token)
-        text = _decode(tok, out)
+        text = _decode(tok, out, ids[-1:])
         cut = _find_stop(text, stop) if stop else None
         if cut is not None:
             if cut > len(sent):
@@ -223,7 +223,7 @@ def stream_generate(
         if safe > len(sent):
             yield text[len(sent) : safe]
             sent = text[:safe]
-    if tok is not None and len(text := _decode(tok, out)) > len(sent):
+    if tok is not None and len(text := _decode(tok, out, ids[-1:])) > len(sent):
         yield text[len(sent) :]
 
 
@@ -232,7 +232,13 @@ def _find_stop(text: str, stop: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
-def _decode(tok, ids: list[int]) -> str:
-    if hasattr(tok, "convert_ids_to_tokens"):  # a transformers tokenizer
-        return tok.decode(ids, skip_special_tokens=True)
-    return tok.decode(ids)
+def _decode(tok, ids: list[int], context: list[int] = ()) -> str:
+    """Text of `ids` as it continues `context` (the prompt's last token).
+
+    Decoding the new tokens alone gets word boundaries wrong: sentencepiece-style decoders drop the
+    leading space of the first piece, while llama2.c's drops it only right after BOS. Decoding
+    context + ids and removing the context's own text gives what the continuation really adds.
+    """
+    kw = {"skip_special_tokens": True}
+    head = tok.decode(list(context), **kw) if context else ""
+    return tok.decode(list(context) + list(ids), **kw)[len(head) :]
