@@ -116,8 +116,17 @@ def evaluate(
 
 
 def _logits(model, batch: torch.Tensor) -> torch.Tensor:
-    """Our models return logits; transformers models return an output object with .logits."""
-    out = model(batch)
+    """Our models return logits; transformers models return an output object with .logits.
+
+    A model with a quantized KV cache is scored through that cache (attention then reads the
+    dequantized keys/values, as it does when generating), otherwise the cache is skipped.
+    """
+    if getattr(model, "kv_cache_dtype", None):
+        from .engine.cache import KVCache
+
+        out = model(batch, cache=KVCache.for_model(model, batch.shape[0], batch.shape[1]))
+    else:
+        out = model(batch)
     return getattr(out, "logits", out).float()
 
 

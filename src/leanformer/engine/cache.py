@@ -28,6 +28,9 @@ class Step:
 
 
 class KVCache:
+    """storage="int8" keeps K and V as int8 with one scale per (slot, head, position): 4× less memory
+    than fp32 (2× vs bf16) for long contexts and big batches; keys/values are dequantized as read."""
+
     def __init__(
         self,
         n_layers: int,
@@ -37,26 +40,37 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        storage: str | None = None,
     ) -> None:
+        if storage not in (None, "int8"):
+            raise LeanformerError(f"unknown KV cache storage {storage!r}; choose int8 or leave it unset")
         shape = (n_slots, n_kv_heads, max_seq, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        store = torch.int8 if storage == "int8" else dtype
+        self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
+        scale_shape = (*shape[:3], 1)
+        self.quantized = storage == "int8"
+        n_scales = n_layers if self.quantized else 0
+        self.k_scale = [torch.zeros(scale_shape, dtype=dtype, device=device) for _ in range(n_scales)]
+        self.v_scale = [torch.zeros(scale_shape, dtype=dtype, device=device) for _ in range(n_scales)]
+        self.dtype = dtype
         self.lengths = torch.zeros(n_slots, dtype=torch.long)
         self.max_seq = max_seq
         self.n_slots = n_slots
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, n_slots: int, max_seq: int) -> KVCache:
+        """A cache shaped for `model`; int8 storage when quantize_(model, KVCache(dtype="int8")) ran."""
         a = model.args
-        param = next(model.parameters())
-        dtype = param.dtype if param.is_floating_point() else torch.float32
+        param = next(p for p in model.parameters() if p.is_floating_point())
         max_seq = min(max_seq, a.max_position_embeddings)
+        storage = getattr(model, "kv_cache_dtype", None)
         return cls(
-            a.num_hidden_layers, n_slots, max_seq, a.num_key_value_heads, a.head_dim, dtype, param.device
+            a.num_hidden_layers, n_slots, max_seq, a.num_key_value_heads, a.head_dim, param.dtype, param.device, storage
         )
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + self.k_scale + self.v_scale)
 
     def begin(self, slots: torch.Tensor, n_new: int) -> Step:
         """Plan a step that appends n_new tokens to each slot in `slots` [B]."""
@@ -85,17 +99,25 @@ class KVCache:
         self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, n_kv, T, D] for this step; return all visible keys/values [B, n_kv, S, D]."""
-        kc, vc = self.k[layer], self.v[layer]
-        n_rows, n_new = k.shape[0], k.shape[2]
+        if not self.quantized:
+            return self._put_get(self.k[layer], step, k), self._put_get(self.v[layer], step, v)
+        out = []
+        for store, scales, x in ((self.k[layer], self.k_scale[layer], k), (self.v[layer], self.v_scale[layer], v)):
+            scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127  # [B, n_kv, T, 1]
+            q = torch.round(x / scale).to(torch.int8)
+            out.append(self._put_get(store, step, q).to(self.dtype) * self._put_get(scales, step, scale))
+        return out[0], out[1]
+
+    @staticmethod
+    def _put_get(buf: torch.Tensor, step: Step, x: torch.Tensor) -> torch.Tensor:
+        n_rows, n_new = x.shape[0], x.shape[2]
         if step.contiguous is not None:
             s0 = step.contiguous
-            kc[:n_rows, :, s0 : s0 + n_new] = k
-            vc[:n_rows, :, s0 : s0 + n_new] = v
-            return kc[:n_rows, :, : step.key_len], vc[:n_rows, :, : step.key_len]
+            buf[:n_rows, :, s0 : s0 + n_new] = x
+            return buf[:n_rows, :, : step.key_len]
         rows = step.slots[:, None]  # [B, 1] broadcast with positions [B, T] → indexed shape [B, T, n_kv, D]
-        kc[rows, :, step.positions] = k.transpose(1, 2)
-        vc[rows, :, step.positions] = v.transpose(1, 2)
-        return kc[step.slots, :, : step.key_len], vc[step.slots, :, : step.key_len]
+        buf[rows, :, step.positions] = x.transpose(1, 2)
+        return buf[step.slots, :, : step.key_len]
 
     def advance(self, slots: torch.Tensor, n: torch.Tensor | int) -> None:
         self.lengths[slots] += n

@@ -66,19 +66,21 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] or [B, T] → cos, sin broadcastable to [B, H, T, D]; computed once per step."""
+        """positions [T] or [B, T] → (cos, signed sin), each [(B,) T, 1, D], computed once per step.
+
+        The sin table carries rotate_half's sign (−sin on the first half), so rotating is
+        x * cos + swap_halves(x) * sin: three ops on q and k together instead of six on each.
+        """
         freqs = positions[..., None].float() * self.inv_freq  # [(B,) T, D/2]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = (emb.cos() * self.attn_factor).to(dtype), (emb.sin() * self.attn_factor).to(dtype)
-        if cos.dim() == 3:
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return cos, sin
+        cos = torch.cat([freqs.cos(), freqs.cos()], dim=-1) * self.attn_factor
+        sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1) * self.attn_factor
+        return cos.unsqueeze(-2).to(dtype), sin.unsqueeze(-2).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D] rotated by rotate_half convention (HF layout)."""
+    """x [B, T, heads, D] rotated in HF's rotate_half convention; sin is the signed table from Rotary."""
     half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+    return torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], dim=-1), sin)
 
 
 class PackedLinear(nn.Linear):
@@ -160,12 +162,13 @@ class Attention(nn.Module):
         """x [B, T, hidden]; rope = (cos, sin) for this step or None; cache/step from engine.cache."""
         b, t, _ = x.shape
         h, kv, d = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv_proj(x).split([h * d, kv * d, kv * d], dim=-1)
-        q = q.view(b, t, h, d).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(b, t, kv, d).transpose(1, 2)  # [B, KV, T, D]
-        v = v.view(b, t, kv, d).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        qkv = self.qkv_proj(x).view(b, t, h + 2 * kv, d)
+        qk, v = qkv[:, :, : h + kv], qkv[:, :, h + kv :]
+        if rope is not None:  # rotate q and k heads in one go
+            qk = apply_rotary(qk, *rope)
+        q = qk[:, :, :h].transpose(1, 2)  # [B, H, T, D]
+        k = qk[:, :, h:].transpose(1, 2)  # [B, KV, T, D]
+        v = v.transpose(1, 2)
         if cache is None:
             mask, causal = None, True
         else:
