@@ -135,21 +135,17 @@ def cmd_bench(args) -> None:
     for engine in engines:
         print(f"benchmarking {engine} ...", file=sys.stderr, flush=True)
         rows.append(run_engine(cfg, engine))
-    keys = (
-        ["prefill_tok_s", "ttft_ms"]
-        + [f"decode_tok_s_b{b}" for b in cfg.batches]
-        + ["peak_rss_mb", "size_mb"]
-    )
-    header = ["engine", "dtype", *keys]
-    body = [[r["engine"], r["dtype"], *(f"{r[k]:.1f}" for k in keys)] for r in rows]
-    for other in rows[1:]:
-        ratio = {k: rows[0][k] / other[k] for k in keys if k.endswith("tok_s")}
-        body.append(
-            [f"leanformer / {other['engine']}", "", *(f"{ratio[k]:.2f}×" if k in ratio else "" for k in keys)]
-        )
-    _print_table(
-        f"bench {args.model}: {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens", header, body
-    )
+    labels = {"prefill_tok_s": "prefill tokens/s", "ttft_ms": "time to first token (ms)"}
+    labels |= {f"decode_tok_s_b{b}": f"decode tokens/s, batch {b}" for b in cfg.batches}
+    labels |= {"peak_rss_mb": "peak RSS (MB)", "size_mb": "weights (MB)", "load_s": "load time (s)"}
+    header = ["metric", *(f"{r['engine']} {r['dtype']}" for r in rows)]
+    header += [f"leanformer / {r['engine']}" for r in rows[1:]]
+    body = []
+    for key, label in labels.items():
+        ratios = [f"{rows[0][key] / r[key]:.2f}×" for r in rows[1:]]
+        body.append([label, *(f"{r[key]:.1f}" for r in rows), *ratios])
+    title = f"bench {args.model}: {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens"
+    _print_table(title, header, body)
     if args.json:
         Path(args.json).write_text(json.dumps({"config": vars(cfg), "results": rows}, indent=2))
 
