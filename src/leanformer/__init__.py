@@ -5,15 +5,35 @@ model, tok = lf.load("path/to/model")          # HF folder, .gguf, or llama2.c .
 print(lf.generate(model, tok, "Once upon a time", max_new_tokens=64))
 """
 
-from .engine.cache import KVCache
+from .compress import (
+    AWQ,
+    GPTQ,
+    Int4WeightOnly,
+    Int8Dynamic,
+    Int8WeightOnly,
+    KVCache,
+    Recipe,
+    apply,
+    load_recipe,
+    quantize_,
+)
 from .engine.generate import GenerationStats, generate, stream_generate
 from .engine.sampling import SamplingParams
 from .errors import LeanformerError
 from .loading import load, save
 
 __all__ = [
+    "AWQ",
+    "GPTQ",
     "GenerationStats",
+    "Int4WeightOnly",
+    "Int8Dynamic",
+    "Int8WeightOnly",
     "KVCache",
+    "Recipe",
+    "apply",
+    "load_recipe",
+    "quantize_",
     "LeanformerError",
     "SamplingParams",
     "generate",

@@ -171,7 +171,11 @@ def build(config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
     expected = model.state_dict()
     embedding = _embedding_name(expected)
     head = getattr(model, "lm_head", None)
-    tied = head is not None and embedding is not None and head.weight is model.get_parameter(embedding)
+    tied = (
+        head is not None
+        and embedding is not None
+        and getattr(head, "weight", None) is model.get_parameter(embedding)
+    )
     missing = [n for n in expected if n not in state_dict and not (tied and n == "lm_head.weight")]
     if missing:
         raise LeanformerError(
@@ -223,7 +227,7 @@ def save(model: nn.Module, tok, out_dir: str | os.PathLike) -> Path:
     try:
         state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
         head, embedding = getattr(model, "lm_head", None), _embedding_name(state)
-        if head is not None and embedding and head.weight is model.get_parameter(embedding):
+        if head is not None and embedding and getattr(head, "weight", None) is model.get_parameter(embedding):
             state.pop("lm_head.weight", None)
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt", "producer": "leanformer"})
         config = dict(model.config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -102,6 +103,16 @@ class PackedLinear(nn.Linear):
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias
+        new.repack()
+        return new
+
+    def __deepcopy__(self, memo: dict) -> PackedLinear:
+        # oneDNN's packed tensors cannot be deep-copied: copy the rest and pack the copy anew
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = {k: v for k, v in self.__dict__.items() if k != "_buffers"}
+        new.__dict__.update(copy.deepcopy(state, memo))
+        new._buffers = {}
         new.repack()
         return new
 

@@ -1,0 +1,42 @@
+"""Compression transforms: module swaps on nn.Linear driven by flat, serializable configs.
+
+quantize_(model, Int4WeightOnly(group_size=64))
+apply(model, Recipe([GPTQ(bits=4, group_size=64)]), calibration=token_ids)
+"""
+
+from .quant import (
+    AWQ,
+    CONFIG_TYPES,
+    GPTQ,
+    Int4Linear,
+    Int4WeightOnly,
+    Int8Dynamic,
+    Int8DynamicLinear,
+    Int8Linear,
+    Int8WeightOnly,
+    KVCache,
+    QuantConfig,
+)
+from .recipe import PRESETS, Recipe, apply, as_recipe, load_recipe, matches, quantize_, select_linears
+
+__all__ = [
+    "AWQ",
+    "CONFIG_TYPES",
+    "GPTQ",
+    "Int4Linear",
+    "Int4WeightOnly",
+    "Int8Dynamic",
+    "Int8DynamicLinear",
+    "Int8Linear",
+    "Int8WeightOnly",
+    "KVCache",
+    "PRESETS",
+    "QuantConfig",
+    "Recipe",
+    "apply",
+    "as_recipe",
+    "load_recipe",
+    "matches",
+    "quantize_",
+    "select_linears",
+]

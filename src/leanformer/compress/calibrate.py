@@ -1,0 +1,270 @@
+"""Calibration plumbing shared by GPTQ and AWQ: batches of token ids, running the model, walking its
+repeated blocks in order, and per-Linear input statistics gathered with forward hooks.
+
+Sequential walk: one full forward (original model) records each block's inputs; then block by block,
+the algorithm gathers statistics by replaying that block on the cached hidden states, quantizes it,
+and the block is replayed once more so the next block sees the outputs of the *quantized* block
+(what GPTQ calls sequential quantization: later layers correct for earlier layers' errors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import LeanformerError
+
+Calibration = torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]
+
+
+def to_batches(calibration: Calibration, batch_size: int, device: torch.device) -> list[torch.Tensor]:
+    """LongTensor [n, T] (or [T]), or a list of them -> list of [b ≤ batch_size, T] on `device`."""
+    items = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration or [])
+    out: list[torch.Tensor] = []
+    for t in items:
+        if not isinstance(t, torch.Tensor) or t.dim() not in (1, 2) or t.numel() == 0:
+            raise LeanformerError(
+                "calibration must be a non-empty token-id tensor [n, T] or [T], or a list of them"
+            )
+        t = t.unsqueeze(0) if t.dim() == 1 else t
+        out.extend(b.to(device) for b in t.split(batch_size))
+    if not out:
+        raise LeanformerError("this config needs calibration data: token ids [n_samples, seq_len]")
+    return out
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def run_model(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits, whether forward returns a tensor or an object with `.logits` (HF)."""
+    out = model(ids)
+    return getattr(out, "logits", out)
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class Scope:
+    """A part of the model whose target Linears are quantized together: one block, or the whole model.
+    `run()` pushes every calibration batch through it; `run_first()` returns the output for batch 0."""
+
+    module: nn.Module
+    names: list[str]  # model-level names of the target Linears inside
+    run: Callable[[], None]
+    run_first: Callable[[], torch.Tensor]
+
+
+def _find_blocks(model: nn.Module, names: list[str]) -> tuple[str, list[nn.Module]] | None:
+    """The first ModuleList/Sequential with ≥2 children holding targets (decoder layers, BERT's
+    encoder.layer, or a plain Sequential MLP). Its children must run one after another on a hidden state
+    passed as the first positional argument (or `hidden_states=`)."""
+    for cname, mod in model.named_modules():
+        if isinstance(mod, (nn.ModuleList, nn.Sequential)) and len(mod) >= 2:
+            pre = f"{cname}." if cname else ""
+            held = sum(
+                any(n == f"{pre}{i}" or n.startswith(f"{pre}{i}.") for n in names) for i in range(len(mod))
+            )
+            if held >= 2:
+                return pre, list(mod)
+    return None
+
+
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
+
+
+class _Stop(Exception):
+    pass
+
+
+def iter_scopes(
+    model: nn.Module,
+    names: list[str],
+    calibration: Calibration,
+    batch_size: int,
+    progress: bool = True,
+    desc: str = "quantize",
+) -> Iterator[Scope]:
+    """Yield scopes in forward order. Resuming the generator after a scope's Linears were replaced
+    advances the cached hidden states through the (now quantized) block."""
+    batches = to_batches(calibration, batch_size, model_device(model))
+    found = _find_blocks(model, names)
+    remaining = list(names)
+    if found is not None:
+        pre, blocks = found
+        owned = [
+            [n for n in names if n == f"{pre}{i}" or n.startswith(f"{pre}{i}.")] for i in range(len(blocks))
+        ]
+        start = next(i for i, o in enumerate(owned) if o)
+        stop = max(i for i, o in enumerate(owned) if o) + 1
+        hidden, calls = _capture_block_inputs(model, blocks[start:stop], batches)
+        for j in tqdm(range(start, stop), desc=desc, unit="layer", disable=not progress):
+            block, rec = blocks[j], calls[j - start]
+
+            def replay(b: int, block=block, rec=rec, hidden=hidden) -> torch.Tensor:
+                args, kwargs, key = rec[b]
+                if key is None:
+                    return _first(block(hidden[b], *args, **kwargs))
+                return _first(block(*args, **{**kwargs, key: hidden[b]}))
+
+            def run_all(replay=replay) -> None:
+                for b in range(len(batches)):
+                    replay(b)
+
+            if owned[j]:
+                yield Scope(block, owned[j], run_all, lambda replay=replay: replay(0))
+            with torch.no_grad():
+                hidden[:] = [replay(b) for b in range(len(batches))]  # in place: replay holds the list
+        remaining = [n for n in names if not any(n in o for o in owned)]
+    if remaining:  # Linears outside the blocks (or no blocks found): one scope over the whole model
+
+        def run_full() -> None:
+            for ids in batches:
+                run_model(model, ids)
+
+        yield Scope(model, remaining, run_full, lambda: run_model(model, batches[0]))
+
+
+def _capture_block_inputs(
+    model: nn.Module, blocks: list[nn.Module], batches: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[list[tuple]]]:
+    """One full forward per batch with pre-hooks on every block: the hidden state entering blocks[0],
+    and for every block its other args/kwargs (masks, positions, rotary tables), as (args, kwargs, key):
+    key None means the hidden state is the first positional argument, else the kwarg name."""
+    hidden: list[torch.Tensor] = []
+    calls: list[list[tuple]] = [[] for _ in blocks]
+
+    def make_hook(j: int):
+        def hook(_mod, args, kwargs):
+            if args:
+                h, rec = args[0], (args[1:], kwargs, None)
+            else:
+                key = next((k for k in ("hidden_states", "x", "hidden", "input") if k in kwargs), None)
+                if key is None:
+                    raise LeanformerError(
+                        "cannot find the hidden-state argument of a model block for calibration"
+                    )
+                h, rec = kwargs[key], ((), {k: v for k, v in kwargs.items() if k != key}, key)
+            for k in _CACHE_KWARGS:  # replaying must not append to (or attend over) a KV cache
+                if rec[1].get(k) is not None:
+                    rec = (rec[0], {**rec[1], k: None}, rec[2])
+            if rec[1].get("use_cache"):
+                rec = (rec[0], {**rec[1], "use_cache": False}, rec[2])
+            calls[j].append(rec)
+            if j == 0:
+                hidden.append(h.detach())
+            if j == len(blocks) - 1:
+                raise _Stop  # nothing after the last targeted block is needed
+
+        return hook
+
+    handles = [blk.register_forward_pre_hook(make_hook(j), with_kwargs=True) for j, blk in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                with contextlib.suppress(_Stop):
+                    run_model(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    if len(hidden) != len(batches):
+        raise LeanformerError("model blocks were not called once per forward; cannot calibrate sequentially")
+    return hidden, calls
+
+
+# ------------------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class InputStats:
+    """Statistics of one distinct Linear input (Linears reading the very same tensor share one)."""
+
+    names: list[str]  # the Linears reading this input; names[0] accumulated it
+    gram: torch.Tensor  # fp32 [K, K]: sum over tokens of x^T x
+    abs_sum: torch.Tensor  # fp32 [K]: sum over tokens of |x|
+    count: int = 0  # tokens seen
+    producer: nn.Module | None = None  # module with a 1-D weight (a norm) whose output this input is
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """GPTQ's H = 2/n * X^T X."""
+        return self.gram * (2.0 / max(self.count, 1))
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.count, 1)
+
+
+def collect_stats(model: nn.Module, scope: Scope, producers: bool = False) -> list[InputStats]:
+    """Replay the scope once with hooks; return one InputStats per distinct input tensor. With
+    `producers`, also note which 1-D-weight module (RMSNorm/LayerNorm) produced each input."""
+    mods = dict(model.named_modules())
+    stats: dict[str, InputStats] = {}
+    alias: dict[str, str] = {}  # Linear name -> name whose stats it shares (decided on batch 0)
+    seen: dict[int, tuple[str, torch.Tensor]] = {}  # id(tensor) -> (linear, tensor) within one batch
+    made_by: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+    first_batch = [True]
+    handles = []
+
+    def pre_hook(name: str):
+        def hook(_mod, args):
+            x = args[0]
+            if first_batch[0]:
+                if id(x) in seen and seen[id(x)][1] is x:
+                    alias[name] = seen[id(x)][0]
+                    stats[alias[name]].names.append(name)
+                    return
+                seen[id(x)] = (name, x)
+                k = x.shape[-1]
+                st = InputStats([name], torch.zeros(k, k, device=x.device), torch.zeros(k, device=x.device))
+                if id(x) in made_by and made_by[id(x)][1] is x:
+                    st.producer = made_by[id(x)][0]
+                stats[name] = st
+            elif name in alias:
+                return
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+            st = stats[name]
+            st.gram.addmm_(x2.t(), x2)
+            st.abs_sum += x2.abs().sum(0)
+            st.count += x2.shape[0]
+
+        return hook
+
+    def out_hook(mod, _args, out):
+        if first_batch[0] and isinstance(out, torch.Tensor):
+            made_by[id(out)] = (mod, out)
+
+    for n in scope.names:
+        handles.append(mods[n].register_forward_pre_hook(pre_hook(n)))
+    if producers:
+        for m in scope.module.modules():
+            w = getattr(m, "weight", None)
+            if not isinstance(m, nn.Linear) and isinstance(w, torch.Tensor) and w.dim() == 1:
+                handles.append(m.register_forward_hook(out_hook))
+
+    def end_first_batch(_mod, _args, _out):
+        first_batch[0] = False
+        seen.clear()
+        made_by.clear()
+
+    handles.append(scope.module.register_forward_hook(end_first_batch))
+    try:
+        with torch.no_grad():
+            scope.run()
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in scope.names if n not in stats and n not in alias]
+    if missing:
+        raise LeanformerError(f"calibration forward never reached {missing[0]}")
+    return list(stats.values())

@@ -1,0 +1,127 @@
+"""GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", 2022), producing the same Int4Linear / Int8Linear modules as round-to-nearest.
+
+Per Linear with weight W [N, K] and calibration inputs X [T, K], minimize ||X W^T - X Q^T||^2 by
+quantizing one input column at a time and spreading its error over the not-yet-quantized columns,
+weighted by the inverse Hessian H^-1 (H = 2 X^T X / T). Lazy batch updates apply the accumulated error
+of a block of columns to the rest with one matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import LeanformerError
+from . import kernels as K
+from .calibrate import Calibration, collect_stats, iter_scopes
+from .quant import GPTQ, Int4Linear, Int8Linear, set_module
+
+
+def _inverse_hessian_chol(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 after dampening (more damping if H is not positive definite)."""
+    k = h.shape[0]
+    mean_diag = torch.diagonal(h).mean().clamp_min(1e-8)
+    for factor in (1.0, 10.0, 100.0, 1000.0):
+        hd = h + torch.eye(k, device=h.device) * (max(damp, 1e-6) * factor * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            chol_inv, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return chol_inv
+    raise LeanformerError(
+        "GPTQ: Hessian is not positive definite even after dampening; check calibration data"
+    )
+
+
+@torch.no_grad()
+def gptq_quantize_weight(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """w [N, K], h [K, K] -> (codes, scales, zeros).
+    bits=4: codes uint8 [N, K] in [0, 15], scales/zeros [N, G] (w ≈ (q - 8) * s + z per group).
+    bits=8: codes int8 [N, K], scales [N] (w ≈ q * s), zeros None.
+    With act_order, columns go in order of decreasing H diagonal but group parameters are computed up
+    front on the original column groups ("static groups"), so the result fits the group-wise kernels."""
+    w = w.detach().float().clone()
+    n, k = w.shape
+    h = h.float().clone()
+    dead = torch.diagonal(h) == 0  # inputs that were always zero: their weights cannot matter
+    h[dead, dead] = 1
+    w[:, dead] = 0
+
+    if bits == 8:
+        q8, s8 = K.int8_symmetric(w)  # per-channel scale fixed from the full rows
+        scales, zeros = s8, None
+    else:
+        g = group_size
+        scales = torch.zeros(n, K.n_groups(k, g), device=w.device)
+        zeros = torch.zeros_like(scales)
+        if act_order:
+            scales, zeros = K.int4_params(w, g)
+
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    hinv = _inverse_hessian_chol(h, damp)
+
+    codes = torch.zeros(n, k, dtype=torch.int8 if bits == 8 else torch.uint8, device=w.device)
+    # Blocks are whole groups so a group's lazily computed parameters see its updated columns.
+    bs = max(block_size // group_size, 1) * group_size if bits == 4 else block_size
+    for i1 in range(0, k, bs):
+        i2 = min(i1 + bs, k)
+        w1 = w[:, i1:i2].clone()  # [N, B] columns being quantized, updated in place
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            wc, d = w1[:, i], hinv1[i, i]
+            if bits == 8:
+                q = torch.round(wc / scales).clamp_(-128, 127)
+                deq = q * scales
+            else:
+                if perm is None and col % group_size == 0:  # entering a group: RTN params on updated W
+                    s, z = K.int4_params(w1[:, i : i + group_size], group_size)
+                    scales[:, col // group_size], zeros[:, col // group_size] = s[:, 0], z[:, 0]
+                grp = (int(perm[col]) if perm is not None else col) // group_size
+                s, z = scales[:, grp], zeros[:, grp]
+                q = torch.round((wc - z) / s + 8).clamp_(0, 15)
+                deq = (q - 8) * s + z
+            codes[:, col] = q.to(codes.dtype)
+            e = (wc - deq) / d  # [N]
+            w1[:, i:].sub_(e[:, None] * hinv1[i, i:][None, :])
+            err1[:, i] = e
+        w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])  # lazy update of all later columns
+
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return codes, scales, zeros
+
+
+@torch.no_grad()
+def gptq_quantize(
+    model: nn.Module, cfg: GPTQ, names: list[str], calibration: Calibration, progress: bool = True
+) -> nn.Module:
+    """Quantize the Linears `names` of `model` in place, block by block (sequentially)."""
+    for scope in iter_scopes(model, names, calibration, cfg.batch_size, progress, desc="GPTQ"):
+        for st in collect_stats(model, scope):
+            hess = st.hessian
+            for name in st.names:
+                lin = model.get_submodule(name)
+                codes, scales, zeros = gptq_quantize_weight(
+                    lin.weight, hess, cfg.bits, cfg.group_size, cfg.damp, cfg.act_order, cfg.block_size
+                )
+                if cfg.bits == 8:
+                    new = Int8Linear.from_linear(lin, codes, scales)
+                else:
+                    new = Int4Linear.from_linear(lin, cfg.group_size, codes, scales, zeros)
+                set_module(model, name, new)
+            del st.gram
+    return model

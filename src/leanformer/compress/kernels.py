@@ -1,0 +1,235 @@
+"""Integer weight formats and the packed low-bit matmul kernels that consume them.
+
+Conventions (verified numerically against torch 2.13's kernels in tests/compress/test_kernels.py):
+- int8: symmetric per output channel, ``w ≈ q * scale[n]``, q in [-qmax, qmax].
+- int4: asymmetric per (output channel, group of ``group_size`` input columns), codes in [0, 15] and
+  ``w ≈ (q - 8) * scale + zero`` with ``zero`` a float (not an integer zero point): this is what
+  ``_weight_int4pack_mm*`` compute, so we quantize against exactly that formula.
+- Scales/zeros are rounded to bf16 *before* the integer codes are chosen, because the kernels read them
+  as bf16: choosing codes against the rounded values keeps quantization and kernel consistent.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..errors import LeanformerError
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # the CPU int4 kernel accepts only these
+INT4_N_MULTIPLE = 16  # the CPU packer wants out_features % 16 == 0; we pad rows otherwise
+CUDA_INNER_K_TILES = 8
+
+
+def has_kernel(op: str, device: torch.device) -> bool:
+    """Whether this torch build registers ``op`` (e.g. "aten::_weight_int8pack_mm") for the device type."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+
+
+def require_kernel(op: str, device: torch.device, what: str) -> None:
+    if not has_kernel(op, device):
+        raise LeanformerError(f"{what} is not available on {device.type} in torch {torch.__version__} ({op})")
+
+
+def cpu_has_vnni() -> bool:
+    """oneDNN's int8 GEMM without VNNI sums pairs of u8*s8 products in int16 and saturates unless the
+    weights fit in 7 bits; with VNNI/AMX the full int8 range is exact."""
+    try:
+        return bool(torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # private helpers moved: stay safe (7-bit weights are exact everywhere)
+        return False
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Without AVX-512-BF16/AMX the packed weight-only kernels convert bf16 in software: fine at decode
+    sizes, but their cost grows linearly with rows (measured 2x slower than fp32 GEMM at 128 rows)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------- int8 math
+
+
+def int8_symmetric(
+    w: torch.Tensor, qmax: int = 127, bf16_scales: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (q int8 [N, K], scales fp32 [N]) with w ≈ q * scales[:, None]."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / qmax).clamp_min(1e-12)
+    if bf16_scales:  # the weight-only kernel reads bf16 scales
+        scales = scales.to(torch.bfloat16).float()
+    q = torch.round(w / scales[:, None]).clamp_(-qmax - 1, qmax).to(torch.int8)
+    return q, scales
+
+
+# ----------------------------------------------------------------------------------------- int4 math
+
+
+def n_groups(k: int, group_size: int) -> int:
+    return -(-k // group_size)
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, K] -> [N, G, group_size], zero-padding the last group when K % group_size != 0."""
+    n, k = w.shape
+    pad = n_groups(k, group_size) * group_size - k
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(n, -1, group_size)
+
+
+def int4_params(
+    w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest asymmetric parameters per group. w [N, K]; clip [N, G] optional shrink factors
+    (AWQ's clipping search) applied to the group's min/max. Returns (scales, zeros) fp32 [N, G] holding
+    bf16-representable values. A partial last group uses only its real columns."""
+    n, k = w.shape
+    wg = _grouped(w.float(), group_size)
+    if k % group_size:  # padded zeros must not widen the last group's range
+        last = wg[:, -1, : k % group_size]
+        mx = torch.cat([wg[:, :-1].amax(-1), last.amax(-1, keepdim=True)], 1)
+        mn = torch.cat([wg[:, :-1].amin(-1), last.amin(-1, keepdim=True)], 1)
+    else:
+        mx, mn = wg.amax(-1), wg.amin(-1)
+    if clip is not None:
+        mx, mn = mx * clip, mn * clip
+    scales = ((mx - mn) / 15).clamp_min(1e-6).to(torch.bfloat16).float()
+    zeros = (mn + 8 * scales).to(torch.bfloat16).float()
+    return scales, zeros
+
+
+def int4_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """w [N, K], scales/zeros [N, G] -> codes uint8 [N, K] in [0, 15] (nearest under (q-8)*s+z)."""
+    k = w.shape[1]
+    s = scales.repeat_interleave(group_size, 1)[:, :k]
+    z = zeros.repeat_interleave(group_size, 1)[:, :k]
+    return torch.round((w.float() - z) / s + 8).clamp_(0, 15).to(torch.uint8)
+
+
+def int4_dequant(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """codes uint8 [N, K], scales/zeros [N, G] -> fp32 [N, K]."""
+    k = codes.shape[1]
+    s = scales.float().repeat_interleave(group_size, 1)[:, :k]
+    z = zeros.float().repeat_interleave(group_size, 1)[:, :k]
+    return (codes.float() - 8) * s + z
+
+
+def int4_fake_quant(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """Round-trip w [N, K] through int4 RTN (used by searches that score candidate weights)."""
+    s, z = int4_params(w, group_size, clip)
+    return int4_dequant(int4_codes(w, s, z, group_size), s, z, group_size)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Portable storage: uint8 [N, K] (K even) -> uint8 [N, K/2], even column in the low nibble."""
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> uint8 [N, K]."""
+    out = torch.stack([packed & 0xF, packed >> 4], dim=-1)
+    return out.reshape(packed.shape[0], -1)
+
+
+# -------------------------------------------------------------------------------------- int4 kernels
+
+
+def int4_pack(codes: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """codes uint8 [N, K] -> the machine/device-specific layout the int4 matmul consumes."""
+    if device.type == "cpu":
+        require_kernel("aten::_convert_weight_to_int4pack_for_cpu", device, "int4 weight packing")
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(device, torch.int32), 2)
+    require_kernel("aten::_convert_weight_to_int4pack", device, "int4 weight packing")
+    # CUDA packer takes two codes per byte with the even column in the high nibble (torchao's layout).
+    c = codes.to(device)
+    return torch.ops.aten._convert_weight_to_int4pack(
+        ((c[:, ::2] << 4) | c[:, 1::2]).contiguous(), CUDA_INNER_K_TILES
+    )
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Tensor) -> torch.Tensor:
+    """x bf16 [M, K] @ dequant(W).T -> bf16 [M, N]; sz bf16 [G, N, 2] holds (scale, zero) pairs."""
+    if x.device.type == "cpu":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, sz)
+    return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, sz)
+
+
+def _unpack_cpu_blocked(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    """torch's CPU packer (2.13) stores [N/block, K, block/2] bytes, low nibble = row d, high nibble =
+    row d + block/2 of each block of rows; block is 32 with AVX2 and (we expect) 64 with AVX-512."""
+    p = packed.reshape(n // block, k, block // 2)
+    rows = torch.cat([p & 0xF, p >> 4], dim=-1)  # [N/block, K, block]
+    return rows.permute(0, 2, 1).reshape(n, k).contiguous()
+
+
+@functools.cache
+def _cpu_block() -> int | None:
+    """The row-block size of this machine's CPU int4 layout, found once by packing a probe."""
+    probe = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    packed = int4_pack(probe, torch.device("cpu"))
+    for block in (32, 64, 16, 128):
+        if torch.equal(_unpack_cpu_blocked(packed, 128, 64, block), probe):
+            return block
+    return None
+
+
+def int4_unpack(packed: torch.Tensor, n: int, k: int, group_size: int, chunk: int = 512) -> torch.Tensor:
+    """Recover codes uint8 [N, K] from the packed layout. Fast path: a known CPU layout, accepted only
+    if repacking reproduces the bytes. Fallback for any layout: multiply identity rows through the
+    kernel with scale 1 and zero 8, so (q - 8) * 1 + 8 = q exactly in bf16 (integers ≤ 15); slow on
+    CPUs without native bf16 (~50 ms for a 1536x576 weight)."""
+    block = _cpu_block() if packed.device.type == "cpu" else None
+    if block and n % block == 0 and packed.numel() * 2 == n * k:
+        return _unpack_cpu_blocked(packed, n, k, block)
+    g = n_groups(k, group_size)
+    sz = torch.zeros(g, n, 2, dtype=torch.bfloat16, device=packed.device)
+    sz[..., 0], sz[..., 1] = 1, 8
+    eye = torch.eye(k, dtype=torch.bfloat16, device=packed.device)
+    cols = [int4_mm(eye[i : i + chunk], packed, group_size, sz) for i in range(0, k, chunk)]
+    return torch.cat(cols).t().round().to(torch.uint8).contiguous()
+
+
+# -------------------------------------------------------------------------------------- int8 kernels
+
+
+def int8_mm(x: torch.Tensor, w: torch.Tensor, scales_bf16: torch.Tensor) -> torch.Tensor:
+    """x bf16 [M, K], w int8 [N, K], scales bf16 [N] -> bf16 [M, N]."""
+    if x.device.type == "cpu" and x.shape[1] % 8 == 0:  # torch 2.13's CPU kernel segfaults otherwise
+        return torch.ops.aten._weight_int8pack_mm(x, w, scales_bf16)
+    # No packed kernel (CUDA in torch 2.13, or odd K): dequantize on the fly; correct, not fast.
+    return torch.nn.functional.linear(x, w.to(x.dtype)) * scales_bf16
+
+
+def quantize_rows_int8(x: torch.Tensor, shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int8: x [M, K] float -> (q [M, K], scale fp32 [M, 1]), q = round(x / s) in
+    [-127, 127], stored as int8, or with shift=128 as uint8 q + 128 (oneDNN's u8 path is faster and the
+    constant zero point 128 is compensated inside the kernel). Per-token scales are what keep encoder
+    embeddings faithful: a per-tensor scale is ruined by a few outlier tokens."""
+    s = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).float().clamp_min_(1e-8).div_(127)
+    if shift:  # x / s + 128.5 is ≥ 1.5, so truncating to uint8 rounds half up: two passes in all
+        return torch.addcmul(torch.tensor(shift + 0.5, device=x.device), x, 1.0 / s).to(torch.uint8), s
+    return torch.round(x * (1.0 / s)).to(torch.int8), s
+
+
+def onednn_prepack(w_int8: torch.Tensor) -> torch.Tensor:
+    return torch.ops.onednn.qlinear_prepack(w_int8, None)
+
+
+def int8_dynamic_mm_cpu(
+    xq: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor, zp: torch.Tensor
+) -> torch.Tensor:
+    """xq [M, K] (int8, or uint8 holding q + 128) @ int8 W.T through oneDNN, with the activation scale
+    passed as 1 (the per-token scale is applied by the caller) and per-channel weight scales fp32 [N]
+    fused (zp: int64 zeros [N] for the weights): -> fp32 [M, N]."""
+    x_zp = 128 if xq.dtype == torch.uint8 else 0
+    return torch.ops.onednn.qlinear_pointwise(
+        xq, 1.0, x_zp, packed, w_scales, zp, None, 1.0, 0, torch.float32, "none", [], ""
+    )

@@ -1,0 +1,255 @@
+"""Applying configs to a model: module selection by name patterns, `quantize_`, and recipes (an ordered
+list of configs, saved as JSON or YAML beside the weights so a compressed model reloads exactly).
+
+Reload contract: `apply(model, recipe, structure_only=True)` swaps in empty quantized modules of the
+right shapes without computing anything; `model.load_state_dict(saved)` then fills them.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LeanformerError
+from .calibrate import Calibration
+from .quant import (
+    AWQ,
+    GPTQ,
+    Int4Linear,
+    Int4WeightOnly,
+    Int8Dynamic,
+    Int8DynamicLinear,
+    Int8Linear,
+    Int8WeightOnly,
+    KVCache,
+    QuantConfig,
+    set_module,
+)
+
+RECIPE_VERSION = 1
+
+
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    """A glob, or "re:<regex>", matched against the full dotted name or any dotted suffix of it."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], name) or re.search(rf"(?:^|\.)(?:{p[3:]})$", name):
+                return True
+        elif fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p):
+            return True
+    return False
+
+
+def select_linears(model: nn.Module, cfg: QuantConfig) -> list[str]:
+    """Names of the plain nn.Linear modules the config targets and does not ignore, in model order."""
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and matches(n, cfg.targets) and not matches(n, cfg.ignore)
+    ]
+    if not names:
+        raise LeanformerError(
+            f"{type(cfg).__name__}: no nn.Linear matches targets {cfg.targets} minus ignore {cfg.ignore}"
+        )
+    return names
+
+
+def _check_shapes(model: nn.Module, names: list[str], cfg: QuantConfig) -> None:
+    group = getattr(cfg, "group_size", None)
+    if getattr(cfg, "bits", 4) != 4 or group is None or getattr(cfg, "pad", False):
+        return
+    for n in names:
+        k = model.get_submodule(n).in_features
+        if k % group:
+            fits = [g for g in (256, 128, 64, 32) if k % g == 0]
+            hint = f"use group_size={fits[0]}" if fits else "no supported group size divides it"
+            raise LeanformerError(
+                f"{type(cfg).__name__}: group_size {group} does not divide in_features {k} of {n}; {hint}, set pad=True, or ignore it"
+            )
+
+
+def _empty_like(cfg: QuantConfig, lin: nn.Linear) -> nn.Module:
+    """Module of the right shapes and no computed weights (structure-only reload)."""
+    shape = (lin.in_features, lin.out_features)
+    bias, dev, dt = lin.bias is not None, lin.weight.device, lin.weight.dtype
+    if isinstance(cfg, Int8Dynamic):
+        return Int8DynamicLinear(*shape, bias, dev, dt, cfg.min_tokens)
+    if isinstance(cfg, Int8WeightOnly) or getattr(cfg, "bits", 4) == 8:
+        return Int8Linear(*shape, bias, dev, dt)
+    return Int4Linear(*shape, cfg.group_size, bias, dev, dt)
+
+
+def quantize_(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: Calibration | None = None,
+    *,
+    structure_only: bool = False,
+    progress: bool = True,
+) -> nn.Module:
+    """Swap the targeted nn.Linear modules of `model` (in place) for quantized ones; returns `model`.
+    GPTQ and AWQ need `calibration` (token ids [n, T] or a list of them) unless `structure_only`.
+    A model carrying an HF-style `config` dict gets the config appended to
+    config["leanformer"]["recipe"], so `save` writes it and `load` can rebuild the structure."""
+    _quantize(model, config, calibration, structure_only, progress)
+    if not structure_only and isinstance(getattr(model, "config", None), dict):
+        recipe = model.config.setdefault("leanformer", {}).setdefault("recipe", Recipe().to_dict())
+        recipe["stages"].append(config.to_dict())
+    return model
+
+
+def _quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: Calibration | None,
+    structure_only: bool,
+    progress: bool,
+) -> None:
+    if not isinstance(config, QuantConfig):
+        raise LeanformerError(
+            f"quantize_ expects a config such as Int8WeightOnly(), got {type(config).__name__}"
+        )
+    config.validate()
+    if isinstance(config, KVCache):  # a setting of the engine's cache, not a module swap
+        model.kv_cache_dtype = config.dtype
+        return
+    names = select_linears(model, config)
+    _check_shapes(model, names, config)
+    if structure_only:
+        for n in names:
+            set_module(model, n, _empty_like(config, model.get_submodule(n)))
+        return
+    if isinstance(config, (GPTQ, AWQ)):
+        if calibration is None:
+            raise LeanformerError(f"{type(config).__name__} needs calibration token ids [n_samples, seq_len]")
+        was_training = model.training
+        model.eval()
+        if isinstance(config, GPTQ):
+            from .gptq import gptq_quantize
+
+            gptq_quantize(model, config, names, calibration, progress)
+        else:
+            from .awq import awq_quantize
+
+            awq_quantize(model, config, names, calibration, progress)
+        model.train(was_training)
+        return
+    with torch.no_grad():
+        for n in names:
+            lin = model.get_submodule(n)
+            if isinstance(config, Int8WeightOnly):
+                new = Int8Linear.from_linear(lin)
+            elif isinstance(config, Int4WeightOnly):
+                new = Int4Linear.from_linear(lin, config.group_size)
+            elif isinstance(config, Int8Dynamic):
+                new = Int8DynamicLinear.from_linear(lin, config.min_tokens)
+            else:
+                raise LeanformerError(f"quantize_ cannot apply {type(config).__name__}")
+            set_module(model, n, new)
+
+
+@dataclass
+class Recipe:
+    """Ordered configs; earlier stages win (a later stage only sees Linears still unquantized)."""
+
+    stages: list[QuantConfig] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"version": RECIPE_VERSION, "stages": [c.to_dict() for c in self.stages]}
+
+    @classmethod
+    def from_dict(cls, d: dict | list) -> Recipe:
+        stages = d if isinstance(d, list) else d.get("stages") if isinstance(d, dict) else None
+        if stages is None and isinstance(d, dict) and "type" in d:
+            stages = [d]  # a single config
+        if not isinstance(stages, list):
+            raise LeanformerError("a recipe is {'stages': [config, ...]} or a list of configs")
+        if isinstance(d, dict) and d.get("version", RECIPE_VERSION) > RECIPE_VERSION:
+            raise LeanformerError(f"recipe version {d['version']} is newer than this leanformer supports")
+        return cls([QuantConfig.from_dict(s) for s in stages])
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise LeanformerError(f"recipe file not found: {path}")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:  # json/yaml each raise their own types
+            raise LeanformerError(f"cannot parse recipe {path}: {str(e).splitlines()[0]}") from None
+        return cls.from_dict(data)
+
+
+def as_recipe(recipe: Recipe | QuantConfig | list | dict | str | Path) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, QuantConfig):
+        return Recipe([recipe])
+    if isinstance(recipe, (str, Path)):
+        return Recipe.load(recipe)
+    if isinstance(recipe, list) and all(isinstance(c, QuantConfig) for c in recipe):
+        return Recipe(list(recipe))
+    return Recipe.from_dict(recipe)
+
+
+PRESETS: dict[str, list[QuantConfig]] = {
+    "int8": [Int8WeightOnly()],
+    "int4": [Int4WeightOnly(group_size=64)],
+    "int4-g32": [Int4WeightOnly(group_size=32)],
+    "int4-g128": [Int4WeightOnly(group_size=128)],
+    "w8a8": [Int8Dynamic()],
+    "gptq-int4": [GPTQ(bits=4, group_size=64)],
+    "awq-int4": [AWQ(bits=4, group_size=64)],
+    "gptq-int8": [GPTQ(bits=8)],
+    "kv-int8": [KVCache(dtype="int8")],
+    "int8+kv-int8": [Int8WeightOnly(), KVCache(dtype="int8")],
+}
+
+
+def load_recipe(path_or_name: str | Path) -> Recipe:
+    """A recipe file (.json / .yaml) or a preset name (int8, int4, w8a8, gptq-int4, awq-int4, ...).
+    GPTQ/AWQ presets need calibration when applied."""
+    if str(path_or_name) in PRESETS:
+        return Recipe([copy.deepcopy(c) for c in PRESETS[str(path_or_name)]])
+    if not Path(path_or_name).is_file():
+        raise LeanformerError(
+            f"no recipe file or preset named {str(path_or_name)!r}; presets: {', '.join(PRESETS)}"
+        )
+    return Recipe.load(path_or_name)
+
+
+def apply(
+    model: nn.Module,
+    recipe: Recipe | QuantConfig | list | dict | str | Path,
+    calibration: Calibration | None = None,
+    *,
+    structure_only: bool = False,
+    progress: bool = True,
+) -> nn.Module:
+    """Apply each stage of the recipe in order (in place); returns `model`."""
+    for cfg in as_recipe(recipe).stages:
+        quantize_(model, cfg, calibration, structure_only=structure_only, progress=progress)
+    return model
