@@ -19,7 +19,8 @@ def test_int8_cache_is_close_and_smaller(tiny_dirs):
         approx = model(ids, cache=cache)
     assert cache.quantized and cache.k[0].dtype == torch.int8
     full = KVCache(2, 1, 64, 2, 16, torch.float32)
-    assert cache.nbytes() < 0.3 * full.nbytes()  # int8 values + one fp32 scale per 16-value head row
+    # int8 values + one fp32 scale per 16-value head row: (16 + 4) / 64 bytes of fp32 (0.27 at head_dim 64)
+    assert cache.nbytes() <= 0.32 * full.nbytes()
     rel = (approx - exact).abs().max() / exact.abs().max()
     assert 0 < rel.item() < 0.02
 
