@@ -77,3 +77,17 @@ def test_chat_reads_stdin_until_eof(smollm2, monkeypatch, capsys):
 def test_pull_list(capsys):
     assert main(["pull", "--list"]) == 0
     assert "smollm2" in capsys.readouterr().out.lower()
+
+
+def test_compress_stories260k_int8(shared, tmp_path, capsys):
+    """issue bar: stories260K int8 ΔPPL ≤ 1% on the TinyStories sample; the saved model reloads."""
+    import leanformer as lf
+
+    out = tmp_path / "s8"
+    args = ["compress", str(shared / "models/stories260K"), "--recipe", "int8", "-o", str(out), "--window", "256"]
+    assert main([*args, "--eval-data", str(shared / "data/tinystories/sample.txt"), "--no-speed"]) == 0
+    text = capsys.readouterr().out
+    delta = float(text.split("perplexity before → after")[1].split("(")[1].split("%")[0])
+    assert abs(delta) <= 1.0
+    model, tok = lf.load(out)
+    assert lf.generate(model, tok, "", max_new_tokens=8).startswith("Once upon a time")

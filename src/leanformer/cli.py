@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
     p.set_defaults(func=cmd_demo)
 
+    from .compress_cli import add_compress_command
+
+    add_compress_command(sub)
     try:
         from .encoders_cli import add_encoder_commands
     except ImportError:

@@ -1,0 +1,102 @@
+"""`leanformer compress`: apply a recipe, save the result, and show what it cost on one screen."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from .errors import LeanformerError
+
+
+def calibration_ids(tok, path: str, samples: int, seq_len: int) -> torch.Tensor:
+    """[samples, seq_len] token ids cut from a text file (evenly spread over it)."""
+    from .evaluate import read_text, tokenize
+
+    ids = torch.tensor(tokenize(tok, read_text(path)))
+    if len(ids) < seq_len:
+        raise LeanformerError(
+            f"calibration file {path} has {len(ids)} tokens, fewer than one sample of {seq_len}"
+        )
+    starts = torch.linspace(0, len(ids) - seq_len, samples).long()
+    return torch.stack([ids[s : s + seq_len] for s in starts])
+
+
+def decode_speed(model, vocab: int, new_tokens: int = 32) -> float:
+    import leanformer as lf
+
+    prompt = torch.randint(10, vocab, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    lf.generate(model, None, prompt, max_new_tokens=4, ignore_eos=True)  # warm-up
+    t = time.perf_counter()
+    lf.generate(model, None, prompt, max_new_tokens=1, ignore_eos=True)
+    t1 = time.perf_counter() - t
+    t = time.perf_counter()
+    lf.generate(model, None, prompt, max_new_tokens=new_tokens, ignore_eos=True)
+    return (new_tokens - 1) / (time.perf_counter() - t - t1)
+
+
+def cmd_compress(args) -> None:
+    import leanformer as lf
+
+    from .bench.runner import _nbytes
+    from .cli import _print_table, resolve_model
+    from .compress import apply, load_recipe
+    from .evaluate import evaluate, read_text, tokenize
+
+    recipe = load_recipe(args.recipe)
+    model, tok = lf.load(resolve_model(args.model), dtype=args.dtype)
+    original = copy.deepcopy(model)
+    needs_calibration = any(type(c).__name__ in ("GPTQ", "AWQ") for c in recipe.stages)
+    calibration = None
+    if args.calibration:
+        calibration = calibration_ids(tok, args.calibration, args.calibration_samples, args.calibration_len)
+    elif needs_calibration:
+        raise LeanformerError(
+            "this recipe (GPTQ/AWQ) needs --calibration FILE (plain text, e.g. a wiki dump)"
+        )
+    apply(model, recipe, calibration=calibration)
+    out = lf.save(model, tok, args.output)
+    rows = [
+        ("saved to", str(out)),
+        ("weights before → after (MB)", f"{_nbytes(original) / 2**20:.1f} → {_nbytes(model) / 2**20:.1f}"),
+    ]
+    if args.eval_data:
+        ids = tokenize(tok, read_text(args.eval_data, args.eval_chars))
+        r = evaluate(model, ids, args.window, reference=original, progress=True)
+        rows += [
+            ("perplexity before → after", f"{r.reference_perplexity:.3f} → {r.perplexity:.3f} ({100 * (r.perplexity / r.reference_perplexity - 1):+.2f}%)"),
+            ("mean KLD vs original", f"{r.kld:.5f}"),
+            ("top-1 agreement", f"{r.top1_agreement:.1%}"),
+        ]  # fmt: skip
+    if not args.no_speed:
+        vocab = model.args.vocab_size
+        before, after = decode_speed(original, vocab), decode_speed(model, vocab)
+        rows.append(
+            (
+                "decode tokens/s (batch 1) before → after",
+                f"{before:.1f} → {after:.1f} ({after / before:.2f}×)",
+            )
+        )
+    _print_table(f"compress {args.model} with {args.recipe}", ["", "value"], rows)
+
+
+def add_compress_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compress", help="apply a compression recipe, save it, report size / quality / speed")
+    p.add_argument("model")
+    p.add_argument(
+        "--recipe",
+        required=True,
+        help="recipe file (.json/.yaml) or preset: int8, int4, w8a8, gptq-int4, ...",
+    )
+    p.add_argument("-o", "--output", required=True, help="output folder (reloads with leanformer.load)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--calibration", default=None, help="text file for GPTQ/AWQ calibration")
+    p.add_argument("--calibration-samples", type=int, default=16)
+    p.add_argument("--calibration-len", type=int, default=512)
+    p.add_argument("--eval-data", default=None, help="held-out text: report PPL and KLD vs the original")
+    p.add_argument("--eval-chars", type=int, default=20_000)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--no-speed", action="store_true", help="skip the decode speed before/after")
+    p.set_defaults(func=cmd_compress)
