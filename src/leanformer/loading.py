@@ -147,7 +147,7 @@ def load_tokenizer(folder: Path):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(folder))
-    bins = sorted(folder.glob("tok*.bin"))
+    bins = sorted(folder.glob("tok*.bin"))  # llama2.c tokenizers: tok512.bin, tokenizer.bin
     if bins:
         from .formats.llama2c import Llama2cTokenizer
 

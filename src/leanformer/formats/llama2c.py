@@ -94,6 +94,16 @@ class Llama2cTokenizer:
     def vocab_size(self) -> int:
         return len(self.pieces)
 
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write `tokenizer.bin` in llama2.c's format (so `leanformer.save` keeps the tokenizer)."""
+        out = Path(folder) / "tokenizer.bin"
+        max_len = max(self.max_token_length, max((len(p) for p in self.pieces), default=0))
+        with open(out, "wb") as f:
+            f.write(struct.pack("<i", max_len))
+            for piece, score in zip(self.pieces, self.scores):
+                f.write(struct.pack("<fi", score, len(piece)) + piece)
+        return out
+
     def __len__(self) -> int:
         return len(self.pieces)
 
