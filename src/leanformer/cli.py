@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .compress_cli import add_compress_command
 
     add_compress_command(sub)
+    from .serve_cli import add_serve_commands
+
+    add_serve_commands(sub)
     try:
         from .encoders_cli import add_encoder_commands
     except ImportError:

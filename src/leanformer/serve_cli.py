@@ -1,0 +1,113 @@
+"""`leanformer serve` and `leanformer bench-serve`: cli.py calls add_serve_commands(subparsers).
+
+Also runnable on its own (`python -m leanformer.serve_cli serve MODEL`), which bench-serve uses to
+start a server in a child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import LeanformerError
+
+
+def add_serve_commands(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    p.add_argument("model", help="path (HF folder, .gguf, llama2.c .bin, leanformer save) or a known name")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: MODEL)")
+    p.add_argument("--max-batch", type=int, default=16, help="KV-cache slots: requests decoded together")
+    p.add_argument("--max-seq", type=int, default=2048, help="tokens per slot: prompt + max_tokens")
+    p.add_argument(
+        "--kv-budget-mb", type=float, default=2048, help="KV-cache memory cap; fewer slots if it is exceeded"
+    )
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per step, between decodes")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LEANFORMER_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $LEANFORMER_API_KEY, else open)",
+    )
+    p.add_argument("--request-timeout", type=float, default=600, help="seconds from arrival to last token")
+    p.add_argument(
+        "--shutdown-timeout", type=float, default=10, help="seconds in-flight requests get on shutdown"
+    )
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "bench-serve", help="load-test a server: requests/s, tokens/s, TTFT, inter-token latency"
+    )
+    add_bench_args(p)
+    p.set_defaults(func=cmd_bench_serve)
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="start a server on this model (or give --url)")
+    p.add_argument("--url", default=None, help="target a running server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model-name", default="bench", help="the server's model id (with --url)")
+    p.add_argument("--api-key", default=os.environ.get("LEANFORMER_API_KEY"))
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (EOS ignored)")
+    p.add_argument("--baseline", action="store_true", help="also send the requests one at a time")
+    p.add_argument("--max-batch", type=int, default=16, help="for the server bench-serve starts")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--json", default=None, help="also write the report here")
+
+
+def cmd_serve(args) -> None:
+    from .cli import resolve_model
+
+    try:
+        from .serve import serve
+    except ImportError as e:
+        raise LeanformerError(
+            f"serving needs FastAPI and uvicorn: pip install 'leanformer[serve]' ({e})"
+        ) from None
+    path = resolve_model(args.model)
+    serve(
+        path,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        model_id=args.model_name or (args.model if path != args.model else Path(path).stem),
+        log_level=args.log_level,
+        max_batch=args.max_batch,
+        max_seq=args.max_seq,
+        kv_budget_mb=args.kv_budget_mb,
+        prefill_chunk=args.prefill_chunk,
+        max_queue=args.max_queue,
+        api_key=args.api_key,
+        request_timeout=args.request_timeout,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+
+
+def cmd_bench_serve(args) -> None:
+    from .bench.serve import bench_serve
+
+    bench_serve(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="leanformer")
+    add_serve_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except LeanformerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
