@@ -84,7 +84,16 @@ def test_compress_stories260k_int8(shared, tmp_path, capsys):
     import leanformer as lf
 
     out = tmp_path / "s8"
-    args = ["compress", str(shared / "models/stories260K"), "--recipe", "int8", "-o", str(out), "--window", "256"]
+    args = [
+        "compress",
+        str(shared / "models/stories260K"),
+        "--recipe",
+        "int8",
+        "-o",
+        str(out),
+        "--window",
+        "256",
+    ]
     assert main([*args, "--eval-data", str(shared / "data/tinystories/sample.txt"), "--no-speed"]) == 0
     text = capsys.readouterr().out
     delta = float(text.split("perplexity before → after")[1].split("(")[1].split("%")[0])
