@@ -59,7 +59,7 @@ def test_eval_stories260k(shared, tmp_path, capsys):
 def test_bench_compare_transformers(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "b.json"
     args = ["bench", str(tiny_dirs["llama"]), "--compare", "transformers", "--prompt-tokens", "16"]
-    assert main([*args, "--new-tokens", "8", "--batch", "1", "2", "--repeats", "1", "--json", str(out)]) == 0
+    assert main([*args, "--new-tokens", "24", "--batch", "1", "2", "--repeats", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert [r["engine"] for r in rows] == ["leanformer", "transformers"]
     assert all(r["decode_tok_s_b2"] > 0 and r["peak_rss_mb"] > 0 for r in rows)

@@ -177,7 +177,7 @@ def _print_table(title: str, header: list[str], rows: list) -> None:
         t.add_column(h)
     for r in rows:
         t.add_row(*[str(c) for c in r])
-    Console().print(t)
+    Console(width=max(Console().width, 120)).print(t)  # keep ratio columns readable when piped
 
 
 def build_parser() -> argparse.ArgumentParser:
