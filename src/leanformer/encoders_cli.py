@@ -1,0 +1,234 @@
+"""Encoder commands for the `leanformer` CLI: embed | train-probe | export | prune-heads, and the encoder
+branch of `leanformer eval` (eval_encoder). cli.py calls add_encoder_commands(subparsers)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LeanformerError
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+def _resolve(name_or_path: str) -> str:
+    try:  # known names (e.g. all-minilm-l6-v2) come from the lead's hub
+        from .cli import resolve_model
+
+        return resolve_model(name_or_path)
+    except ImportError:
+        return name_or_path
+
+
+def load(model: str, backend: str = "torch"):
+    """(model, tokenizer) for a model folder or an export folder, run by torch or ONNX Runtime.
+
+    With backend=onnxruntime an HF folder is exported first (parity-checked), into a temporary folder.
+    """
+    from .encoders import load_encoder
+    from .export import ONNX_FILE, export_onnx, load_onnx_encoder
+
+    path = Path(_resolve(model)).expanduser()
+    if not path.exists():
+        raise LeanformerError(f"model path not found: {path}")
+    if (path / ONNX_FILE).exists() or path.suffix == ".onnx":
+        if backend != "onnxruntime":
+            raise LeanformerError(f"{path} is an ONNX export: use --backend onnxruntime")
+        return load_onnx_encoder(path)
+    m, tok = load_encoder(path)
+    if backend == "torch":
+        return m, tok
+    with tempfile.TemporaryDirectory(prefix="leanformer-onnx-") as out:
+        report = export_onnx(m, out, tok)
+        print(f"exported for onnxruntime; max abs diff vs torch: {_fmt_diffs(report)}", file=sys.stderr)
+        return load_onnx_encoder(out)  # the session holds the graph in memory: the folder can go
+
+
+def _fmt_diffs(report: dict) -> str:
+    return ", ".join(f"{k} {v:.2e}" for k, v in report["max_abs_diff"].items())
+
+
+def _read_lines(src: str) -> list[str]:
+    if src == "-":
+        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    p = Path(src)
+    if not p.exists():
+        raise LeanformerError(f"input file not found: {p}")
+    return [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def cmd_embed(args) -> None:
+    from .encoders import embed
+
+    texts = _read_lines(args.input)
+    model, tok = load(args.model, args.backend)
+    emb = embed(model, tok, texts, args.batch_size, normalize=args.normalize)  # [N, D] float32
+    if args.output and args.output.endswith(".npy"):
+        np.save(args.output, emb)
+    else:
+        with open(args.output, "w", encoding="utf-8") if args.output else nullcontext(sys.stdout) as out:
+            for text, e in zip(texts, emb):
+                out.write(json.dumps({"text": text, "embedding": [round(float(v), 7) for v in e]}) + "\n")
+    if args.output:
+        print(f"wrote {len(texts)} embeddings of dim {emb.shape[1]} to {args.output}", file=sys.stderr)
+
+
+def cmd_train_probe(args) -> None:
+    from .encoders import eval_sst2, glue_path, read_tsv, train_probe
+
+    data = args.data or glue_path("sst2", "train")
+    rows = read_tsv(data, args.limit)
+    if not rows or args.text_column not in rows[0] or args.label_column not in rows[0]:
+        raise LeanformerError(
+            f"{data} needs a header with columns {args.text_column!r} and {args.label_column!r}"
+        )
+    src = Path(_resolve(args.model)).expanduser()
+    model, tok = load(str(src))
+    out = Path(args.output).expanduser() if args.output else src
+    if out.resolve() != src.resolve():  # a copy of the model folder, with the probe beside it
+        shutil.copytree(src, out, dirs_exist_ok=True)
+    texts, labels = [r[args.text_column] for r in rows], [r[args.label_column] for r in rows]
+    result = train_probe(model, tok, texts, labels, epochs=args.epochs, save_to=out)
+    print(
+        f"probe on {len(texts)} examples, labels {result['labels']}: train accuracy {result['train_accuracy']:.4f}"
+    )
+    if args.eval:
+        print(f"SST-2 dev accuracy: {eval_sst2(model, tok, args.eval)['sst2_accuracy']:.4f}")
+    print(f"saved {out / 'probe.safetensors'} and probe.json; `classify` now works on {out}")
+
+
+def cmd_export(args) -> None:
+    from .encoders import load_encoder
+    from .export import export_onnx
+
+    model, tok = load_encoder(_resolve(args.model))
+    report = export_onnx(model, args.output, tok, opset=args.opset, dynamo=not args.legacy_exporter)
+    print(
+        f"wrote {report['path']} in {report['seconds']} s; parity vs our torch forward, max abs diff: {_fmt_diffs(report)}"
+    )
+
+
+def cmd_prune_heads(args) -> None:
+    from .encoders import eval_stsb, load_encoder, read_tsv
+    from .encoders_prune import prune_heads_, prune_heads_auto_
+
+    model, tok = load_encoder(_resolve(args.model))
+    if args.heads:
+        prune_heads_(model, {int(k): v for k, v in json.loads(args.heads).items()})
+    else:
+        if args.calibration:
+            texts = _read_lines(args.calibration)[: args.limit]
+        else:
+            from .encoders import glue_path
+
+            texts = [r["sentence"] for r in read_tsv(glue_path("sst2", "train"), args.limit)]
+        prune_heads_auto_(model, tok, texts, args.fraction, method=args.method, steps=args.steps)
+    print(f"heads per layer: {model.args.heads_per_layer}; pruned: {model.config.get('pruned_heads')}")
+    if args.eval:
+        print(f"STS-B Spearman: {eval_stsb(model, tok)['stsb_spearman']:.4f}")
+    if args.output:
+        from .loading import save
+
+        print(f"saved to {save(model, tok, args.output)}")
+
+
+def add_encoder_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """Options the encoder branch of `leanformer eval` reads (all optional)."""
+    p.add_argument(
+        "--tasks", default=None, help="comma list of stsb, sst2 (default: stsb, + sst2 with a head/probe)"
+    )
+    p.add_argument("--stsb", default=None, help="STS-B dev.tsv (default: ../shared/data/glue/stsb/dev.tsv)")
+    p.add_argument("--sst2", default=None, help="SST-2 dev.tsv (default: ../shared/data/glue/sst2/dev.tsv)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch")
+
+
+def eval_encoder(args, model=None, tok=None) -> dict:
+    """STS-B Spearman, SST-2 accuracy (head or probe) and, with --reference, cosine to the reference's
+    embeddings (mean and minimum over the STS-B sentences). Prints a table; --json writes it."""
+    from .encoders import cosine_to_reference, embed, eval_sst2, eval_stsb, glue_path, read_tsv
+
+    backend = getattr(args, "backend", "torch")
+    # a model not built by encoders.build_encoder lacks the folder's pooling/normalize: load it here
+    built_here = model is not None and "encoder" in (getattr(model, "config", {}).get("leanformer") or {})
+    if not built_here or backend != "torch":
+        model, tok = load(args.model, backend)
+    # cli's eval --batch-size defaults to 1 for decoders; encoders batch 32 unless told otherwise
+    bs = args.batch_size if getattr(args, "batch_size", None) and args.batch_size > 1 else 32
+    has_classifier = bool(model.args.head or model.args.probe_labels)
+    tasks = (getattr(args, "tasks", None) or ("stsb,sst2" if has_classifier else "stsb")).split(",")
+    result: dict = {"model": args.model, "backend": backend}
+    if "stsb" in tasks:
+        result |= eval_stsb(model, tok, getattr(args, "stsb", None), bs)
+    if "sst2" in tasks:
+        result |= eval_sst2(model, tok, getattr(args, "sst2", None), bs)
+    if getattr(args, "reference", None):
+        rows = read_tsv(getattr(args, "stsb", None) or glue_path("stsb"))
+        texts = [r["sentence1"] for r in rows] + [r["sentence2"] for r in rows]
+        ref, ref_tok = load(args.reference, "torch")
+        result |= cosine_to_reference(embed(model, tok, texts, bs), embed(ref, ref_tok, texts, bs))
+    for k, v in result.items():
+        print(f"{k:>16}  {v:.4f}" if isinstance(v, float) else f"{k:>16}  {v}")
+    if getattr(args, "json", None):
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def add_encoder_commands(sub) -> None:
+    """Register embed | train-probe | export | prune-heads | eval-encoder on the CLI's subparsers."""
+    p = sub.add_parser("embed", help="sentence embeddings for lines of text (encoder models)")
+    p.add_argument("model", help="HF / sentence-transformers folder, export folder, or a known name")
+    p.add_argument("--input", default="-", help="text file, one text per line; - = stdin (default)")
+    p.add_argument(
+        "--output", default=None, help="out.npy (float32 [N, D]) or out.jsonl; default: JSONL to stdout"
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument(
+        "--normalize", action=argparse.BooleanOptionalAction, default=None, help="default: as the model"
+    )
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("train-probe", help="fit a logistic-regression probe on frozen embeddings")
+    p.add_argument("model")
+    p.add_argument("--data", default=None, help="TSV with a header (default: SST-2 train from ../shared)")
+    p.add_argument("--text-column", default="sentence")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N rows (speed)")
+    p.add_argument("--epochs", type=int, default=100, help="L-BFGS iterations")
+    p.add_argument("--output", default=None, help="folder for model + probe (default: the model folder)")
+    p.add_argument("--eval", default=None, help="a dev TSV to report accuracy on, e.g. SST-2 dev.tsv")
+    p.set_defaults(func=cmd_train_probe)
+
+    p = sub.add_parser("export", help="export an encoder to ONNX (dynamic batch/sequence) + parity check")
+    p.add_argument("model")
+    p.add_argument("--output", required=True, help="folder: model.onnx, config.json, tokenizer")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--legacy-exporter", action="store_true", help="TorchScript exporter instead of dynamo")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("prune-heads", help="remove attention heads (by importance on calibration text)")
+    p.add_argument("model")
+    p.add_argument("--fraction", type=float, default=0.25, help="share of all heads to remove")
+    p.add_argument("--method", choices=["taylor", "norm"], default="taylor")
+    p.add_argument("--steps", type=int, default=4, help="prune in N rounds, re-ranking after each")
+    p.add_argument("--heads", default=None, help='explicit JSON {"layer": [heads]} instead of --fraction')
+    p.add_argument("--calibration", default=None, help="text file (default: 512 SST-2 train sentences)")
+    p.add_argument("--limit", type=int, default=512)
+    p.add_argument("--eval", action="store_true", help="report STS-B Spearman after pruning")
+    p.add_argument("--output", default=None, help="save the pruned model here (reloads pruned)")
+    p.set_defaults(func=cmd_prune_heads)
+
+    p = sub.add_parser("eval-encoder", help="STS-B / SST-2 / cosine-to-reference for an encoder")
+    p.add_argument("model")
+    p.add_argument("--reference", default=None, help="another encoder: cosine of every embedding to its")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", default=None)
+    add_encoder_eval_arguments(p)
+    p.set_defaults(func=eval_encoder)

@@ -1,0 +1,355 @@
+"""BERT-family encoders: BERT / MiniLM, RoBERTa, XLM-RoBERTa, DistilBERT — one definition, flags for
+the differences (position ids, token types, classifier head) — plus sentence-transformers pooling.
+
+Parameter names are ours but close to HF's; `sanitize` maps both BERT and DistilBERT naming onto them and
+fuses q/k/v into one `qkv` matmul (one larger GEMM is faster on a CPU than three small ones). It is
+idempotent, so a state dict saved from our model loads through the same path.
+Settings that HF's config.json does not carry (sentence-transformers' pooling, normalization and sequence
+limit; a trained probe's labels) live in `config["leanformer"]["encoder"]`; pruned attention heads in HF's
+own `pruned_heads` key (layer → original head indices). So a saved model rebuilds with the same structure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LeanformerError
+
+ARCHITECTURES = tuple(
+    f"{family}{kind}"
+    for family in ("Bert", "Roberta", "XLMRoberta", "DistilBert")
+    for kind in ("Model", "ForSequenceClassification", "ForMaskedLM")  # MaskedLM: encoder only, head dropped
+)
+_FAMILY = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "distilbert": "distilbert"}
+_ACTS = {  # name → (function, oneDNN post-op (attr, algorithm) that computes the same inside the matmul)
+    "gelu": (F.gelu, ("gelu", "none")),
+    "gelu_new": (lambda x: F.gelu(x, approximate="tanh"), ("gelu", "tanh")),
+    "gelu_pytorch_tanh": (lambda x: F.gelu(x, approximate="tanh"), ("gelu", "tanh")),
+    "gelu_fast": (lambda x: F.gelu(x, approximate="tanh"), ("gelu", "tanh")),
+    "relu": (F.relu, ("relu", "")),
+    "silu": (F.silu, None),
+    "swish": (F.silu, None),
+}
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens")  # sentence-transformers' names
+_LEGACY_POOLING = {  # sentence-transformers < 5 wrote one flag per mode, in this concatenation order
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",  # unsupported: listed so the error names it
+    "pooling_mode_lasttoken": "lasttoken",
+}
+
+
+@dataclass
+class ModelArgs:
+    family: str  # "bert" | "roberta" | "distilbert"
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2  # 0: no token-type embedding (DistilBERT)
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    pad_token_id: int = 0
+    # head pruning: layer → removed heads, as indices into the original heads (HF's `pruned_heads`)
+    pruned_heads: dict[int, list[int]] = field(default_factory=dict)
+    head: str | None = None  # classifier head kind: "bert" | "roberta" | "distilbert"; None = bare encoder
+    num_labels: int = 0
+    id2label: dict[int, str] = field(default_factory=dict)
+    pooling: list[str] = field(default_factory=lambda: ["mean"])
+    normalize: bool = False
+    max_seq_length: int | None = None  # sentence-transformers' limit, tighter than the position table
+    probe_labels: list[str] = field(default_factory=list)  # a linear probe on the embedding (train_probe)
+
+    @property
+    def heads_per_layer(self) -> list[int]:
+        h = self.num_attention_heads
+        return [h - len(self.pruned_heads.get(i, ())) for i in range(self.num_hidden_layers)]
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def max_length(self) -> int:
+        """Longest input in tokens: RoBERTa spends pad_token_id + 1 position slots before position 0."""
+        limit = self.max_position_embeddings - (self.pad_token_id + 1 if self.family == "roberta" else 0)
+        return min(limit, self.max_seq_length or limit)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> ModelArgs:
+        family = _FAMILY.get(cfg.get("model_type", ""))
+        arch = (cfg.get("architectures") or [""])[0]
+        if family is None or (arch and arch not in ARCHITECTURES):
+            raise LeanformerError(
+                f"unsupported encoder {arch or cfg.get('model_type')!r}; supported: {', '.join(ARCHITECTURES)}"
+            )
+        if cfg.get("position_embedding_type", "absolute") != "absolute":
+            raise LeanformerError(f"position_embedding_type {cfg['position_embedding_type']!r} unsupported")
+        if family == "distilbert":  # DistilBERT spells everything differently
+            names = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads"}
+            cfg = {names.get(k, k): v for k, v in cfg.items()}
+            cfg |= {"intermediate_size": cfg["hidden_dim"], "hidden_act": cfg.get("activation", "gelu")}
+            cfg |= {"type_vocab_size": 0, "layer_norm_eps": 1e-12}
+        extra = (cfg.get("leanformer") or {}).get("encoder") or {}
+        heads, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
+        pruned = {int(k): sorted(int(h) for h in v) for k, v in (cfg.get("pruned_heads") or {}).items() if v}
+        # transformers omits id2label for the default two labels
+        n_labels = len(cfg.get("id2label") or {}) or cfg.get("num_labels", 2)
+        id2label = {i: f"LABEL_{i}" for i in range(n_labels)}
+        id2label |= {int(k): str(v) for k, v in (cfg.get("id2label") or {}).items()}
+        head = family if arch.endswith("ForSequenceClassification") else None
+        if cfg.get("hidden_act", "gelu") not in _ACTS:
+            raise LeanformerError(
+                f"activation {cfg['hidden_act']!r} unsupported; supported: {', '.join(_ACTS)}"
+            )
+        pooling = extra.get("pooling") or ["mean"]
+        if any(p not in POOLING_MODES for p in pooling):
+            raise LeanformerError(f"pooling {pooling} not supported; supported: {', '.join(POOLING_MODES)}")
+        return cls(
+            family=family,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=cfg["intermediate_size"],
+            max_position_embeddings=cfg.get("max_position_embeddings", 512),
+            type_vocab_size=cfg.get("type_vocab_size", 2),
+            layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
+            hidden_act=cfg.get("hidden_act", "gelu"),
+            pad_token_id=cfg.get("pad_token_id") if cfg.get("pad_token_id") is not None else 0,
+            pruned_heads=pruned,
+            head=head,
+            num_labels=len(id2label) if head else 0,
+            id2label=id2label if head else {},
+            pooling=list(pooling),
+            normalize=bool(extra.get("normalize", False)),
+            max_seq_length=extra.get("max_seq_length"),
+            probe_labels=list(extra.get("probe_labels") or []) if not head else [],
+        )
+
+
+class Embeddings(nn.Module):
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.a = a
+        self.word_embeddings = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.position_embeddings = nn.Embedding(a.max_position_embeddings, a.hidden_size)
+        if a.type_vocab_size:
+            self.token_type_embeddings = nn.Embedding(a.type_vocab_size, a.hidden_size)
+        self.LayerNorm = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
+
+    def forward(self, ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        """ids [B, T] → [B, T, hidden]."""
+        if self.a.family == "roberta":  # fairseq: pad_id + 1 + index for real tokens, pad_id for pads
+            real = ids.ne(self.a.pad_token_id).int()
+            pos = (torch.cumsum(real, dim=1) * real).long() + self.a.pad_token_id
+        else:
+            pos = torch.arange(ids.shape[1], device=ids.device)[None]
+        x = self.word_embeddings(ids) + self.position_embeddings(pos)
+        if self.a.type_vocab_size:
+            tt = self.token_type_embeddings
+            x = x + (tt.weight[0] if token_type_ids is None else tt(token_type_ids))
+        return self.LayerNorm(x)
+
+
+def _linear(mod: nn.Linear, x: torch.Tensor, act=None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """act(mod(x)) or residual + mod(x); x [N, in] → [N, out].
+
+    When the loader packed the Linear for oneDNN (models/layers.PackedLinear) and no gradient is needed,
+    the activation / residual add run inside the matmul as post-ops: one pass over the output instead of two.
+    """
+    packed = getattr(mod, "packed_weight", None)
+    if packed is not None and not torch.is_grad_enabled() and (act is None or act[1] is not None):
+        bias = None if mod.bias is None else mod.bias.detach()
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
+        attr, algo = act[1] if act is not None else ("none", "")
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algo)
+    y = mod(x)
+    return (act[0](y) if act is not None else y) if residual is None else residual + y
+
+
+class Layer(nn.Module):
+    """Post-LayerNorm Transformer block: x = LN(x + attn(x)); x = LN(x + ffn(x))."""
+
+    def __init__(self, a: ModelArgs, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.act = heads, a.head_dim, _ACTS[a.hidden_act]
+        inner = heads * a.head_dim
+        self.qkv = nn.Linear(a.hidden_size, 3 * inner)  # rows: [q heads | k heads | v heads]
+        self.attn_out = nn.Linear(inner, a.hidden_size)
+        self.attn_norm = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
+        self.ffn_in = nn.Linear(a.hidden_size, a.intermediate_size)
+        self.ffn_out = nn.Linear(a.intermediate_size, a.hidden_size)
+        self.ffn_norm = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, head_mask: torch.Tensor | None = None):
+        """x [B, T, hidden]; mask [B, 1, 1, T] bool (True = attend) or None; head_mask [heads] scales heads."""
+        b, t, hidden = x.shape
+        h, d = self.heads, self.head_dim
+        x = x.reshape(b * t, hidden)  # the matmuls see [B*T, features]
+        if h == 0:  # every head pruned: only the output projection's bias remains
+            x = self.attn_norm(x + self.attn_out.bias)
+        else:
+            q, k, v = _linear(self.qkv, x).view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)  # each [B, H, T, D]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, D]
+            if head_mask is not None:
+                o = o * head_mask.view(1, h, 1, 1)
+            x = self.attn_norm(_linear(self.attn_out, o.transpose(1, 2).reshape(b * t, h * d), residual=x))
+        x = self.ffn_norm(_linear(self.ffn_out, _linear(self.ffn_in, x, self.act), residual=x))
+        return x.view(b, t, hidden)
+
+
+class Head(nn.Module):
+    """Sequence-classification head on the first token: dense → tanh (BERT, RoBERTa) / relu (DistilBERT) → out."""
+
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.dense = nn.Linear(a.hidden_size, a.hidden_size)
+        self.out = nn.Linear(a.hidden_size, a.num_labels)
+        self.act = torch.relu if a.head == "distilbert" else torch.tanh
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act(self.dense(hidden[:, 0])))  # [B, hidden] → [B, labels]
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embeddings = Embeddings(args)
+        self.layers = nn.ModuleList(Layer(args, h) for h in args.heads_per_layer)
+        self.head = Head(args) if args.head else None
+        labels = len(args.probe_labels)
+        self.probe = nn.Linear(args.hidden_size * len(args.pooling), labels) if labels else None
+        self.config: dict = {}  # the HF-style config dict; the loader sets it
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, head_mask=None) -> torch.Tensor:
+        """input_ids [B, T], attention_mask [B, T] (1 = token) → last hidden state [B, T, hidden].
+
+        head_mask: optional list of per-layer [heads] tensors multiplying each head's output (importance).
+        """
+        x = self.embeddings(input_ids, token_type_ids)
+        # No mask when nothing is padded lets SDPA take its fastest kernel (common after length sorting);
+        # graph capture (ONNX export, torch.compile) must keep the mask: the test depends on data.
+        mask = None
+        tracing = torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+        if attention_mask is not None and (tracing or not bool(attention_mask.all())):
+            mask = attention_mask.bool()[:, None, None, :]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, None if head_mask is None else head_mask[i])
+        return x
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, normalize: bool | None = None):
+        """hidden [B, T, hidden] → sentence embeddings [B, hidden × len(pooling)], sentence-transformers' way."""
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        m = attention_mask[..., None].to(hidden.dtype)  # [B, T, 1]
+        total, count = (hidden * m).sum(1), m.sum(1).clamp(min=1e-9)
+        parts = {
+            "cls": lambda: hidden[
+                torch.arange(hidden.shape[0]), attention_mask.int().argmax(1)
+            ],  # first token
+            "max": lambda: hidden.masked_fill(m == 0, float("-inf")).amax(1),
+            "mean": lambda: total / count,
+            "mean_sqrt_len_tokens": lambda: total / count.sqrt(),
+        }
+        out = torch.cat([parts[p]() for p in self.args.pooling], dim=-1)
+        normalize = self.args.normalize if normalize is None else normalize
+        return F.normalize(out, p=2, dim=-1) if normalize else out
+
+    def embed(self, input_ids, attention_mask=None, token_type_ids=None, normalize: bool | None = None):
+        """Token ids → pooled (and, per the folder's Normalize module, L2-normalized) embeddings [B, D]."""
+        return self.pool(self(input_ids, attention_mask, token_type_ids), attention_mask, normalize)
+
+    def logits(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """[B, labels] from the classification head, or from the linear probe on the sentence embedding."""
+        if self.head is None and self.probe is None:
+            raise LeanformerError(
+                "model has no classification head and no probe: run `leanformer train-probe`"
+            )
+        hidden = self(input_ids, attention_mask, token_type_ids)
+        return self.head(hidden) if self.head is not None else self.probe(self.pool(hidden, attention_mask))
+
+
+_LAYER = re.compile(r"^(?:encoder|transformer)\.layer\.(\d+)\.(.*)$")
+_IN_LAYER = (  # HF suffix inside a layer → ours; BERT/RoBERTa names, then DistilBERT's
+    ("attention.output.dense.", "attn_out."), ("attention.output.LayerNorm.", "attn_norm."),
+    ("intermediate.dense.", "ffn_in."), ("output.dense.", "ffn_out."), ("output.LayerNorm.", "ffn_norm."),
+    ("attention.out_lin.", "attn_out."), ("sa_layer_norm.", "attn_norm."), ("ffn.lin1.", "ffn_in."),
+    ("ffn.lin2.", "ffn_out."), ("output_layer_norm.", "ffn_norm."),
+)  # fmt: skip
+_QKV = {"attention.self.query.": 0, "attention.self.key.": 1, "attention.self.value.": 2,
+        "attention.q_lin.": 0, "attention.k_lin.": 1, "attention.v_lin.": 2}  # fmt: skip
+_HEADS = {
+    "bert": (("pooler.dense.", "head.dense."), ("classifier.", "head.out.")),
+    "roberta": (("classifier.dense.", "head.dense."), ("classifier.out_proj.", "head.out.")),
+    "distilbert": (("pre_classifier.", "head.dense."), ("classifier.", "head.out.")),
+}
+_DROP = ("cls.", "lm_head.", "vocab_transform.", "vocab_layer_norm.", "vocab_projector.", "pooler.")
+
+
+def sanitize(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """HF names (any of the four families, with or without the `bert.`-style prefix) → ours."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, list] = {}  # "layers.{i}.qkv.weight" → [q, k, v]
+    for name, t in state_dict.items():
+        name = re.sub(r"^(bert|roberta|distilbert)\.", "", name)
+        name = re.sub(
+            r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
+        )
+        if name.endswith(("position_ids", "token_type_ids")):  # buffers, not weights
+            continue
+        for hf, ours in _HEADS[args.family] if args.head else ():
+            if name.startswith(hf):
+                name = ours + name[len(hf) :]
+                break
+        if name.startswith(_DROP):  # MLM heads and the unused pooler
+            continue
+        m = _LAYER.match(name)
+        if m:
+            i, rest = m.groups()
+            part = next((p for p in _QKV if rest.startswith(p)), None)
+            if part is not None:
+                qkv.setdefault(f"layers.{i}.qkv.{rest[len(part) :]}", [None] * 3)[_QKV[part]] = t
+                continue
+            rest = next((ours + rest[len(hf) :] for hf, ours in _IN_LAYER if rest.startswith(hf)), rest)
+            name = f"layers.{i}.{rest}"
+        out[name] = t
+    for name, parts in qkv.items():
+        if any(p is None for p in parts):
+            raise LeanformerError(f"checkpoint has only some of q/k/v for {name!r}")
+        out[name] = torch.cat(parts)
+    return out
+
+
+def encoder_extras(folder: str | os.PathLike) -> dict:
+    """What a sentence-transformers folder adds to config.json: pooling modes, Normalize, max_seq_length."""
+    folder, extra = Path(folder), {}
+    modules = folder / "modules.json"
+    if modules.exists():
+        mods = json.loads(modules.read_text())
+        extra["normalize"] = any(m.get("type", "").endswith(".Normalize") for m in mods)
+        for m in mods:
+            if m.get("type", "").endswith(".Pooling") and (folder / m["path"] / "config.json").exists():
+                pc = json.loads((folder / m["path"] / "config.json").read_text())
+                modes = (
+                    pc.get("pooling_mode") or [v for k, v in _LEGACY_POOLING.items() if pc.get(k)] or ["mean"]
+                )
+                extra["pooling"] = [modes] if isinstance(modes, str) else list(modes)
+    st = folder / "sentence_bert_config.json"
+    if st.exists() and json.loads(st.read_text()).get("max_seq_length"):
+        extra["max_seq_length"] = int(json.loads(st.read_text())["max_seq_length"])
+    return extra

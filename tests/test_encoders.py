@@ -1,0 +1,226 @@
+"""embed / classify / probe / evaluation / head pruning on tiny encoders, and the real MiniLM (slow)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from leanformer.encoders import (
+    classify,
+    cosine_to_reference,
+    embed,
+    eval_sst2,
+    eval_stsb,
+    load_encoder,
+    read_tsv,
+    spearman,
+    train_probe,
+)
+from leanformer.encoders_prune import head_importance, prune_heads_, prune_heads_auto_
+from leanformer.errors import LeanformerError
+from tests.encoder_helpers import SENTENCES, need_glue, need_minilm, tiny_encoder_dir, tiny_hf_encoder
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    d = tiny_encoder_dir(tmp_path / "m", "BertModel", pooling=["mean"], normalize=True)
+    model, tok = load_encoder(d)
+    return d, model, tok
+
+
+def test_embed_restores_order_and_ignores_padding(tiny):
+    _, model, tok = tiny
+    alone = np.stack([embed(model, tok, [s])[0] for s in SENTENCES])
+    for bs in (1, 3, 32):
+        got = embed(model, tok, SENTENCES, batch_size=bs)
+        assert got.shape == (len(SENTENCES), 64) and got.dtype == np.float32
+        assert abs(got - alone).max() < 1e-5  # row i is text i, whatever its batch and padding
+    assert np.allclose((alone**2).sum(1), 1, atol=1e-5)  # the folder's Normalize module
+    raw = embed(model, tok, SENTENCES[:2], normalize=False, numpy=False)
+    assert isinstance(raw, torch.Tensor) and not torch.allclose(raw.norm(dim=-1), torch.ones(2))
+
+
+def test_embed_truncates_with_warning(tiny):
+    _, model, tok = tiny
+    with pytest.warns(UserWarning, match="1 of 2 texts were truncated to the model's maximum of 32"):
+        e = embed(model, tok, ["good " * 100, "bad"])
+    assert e.shape == (2, 64)
+
+
+def test_classify_uses_id2label(tmp_path):
+    d = tiny_encoder_dir(tmp_path, "RobertaForSequenceClassification")
+    model, tok = load_encoder(d)
+    hf = tiny_hf_encoder("RobertaForSequenceClassification")
+    out = classify(model, tok, SENTENCES, batch_size=2)
+    enc = tok(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = hf(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.softmax(-1)
+    assert [o["label"] for o in out] == [["neg", "pos", "neutral"][i] for i in probs.argmax(-1)]
+    assert all(abs(o["score"] - float(p.max())) < 1e-4 for o, p in zip(out, probs))
+
+
+def test_probe_trains_saves_and_reloads(tmp_path, tiny):
+    d, model, tok = tiny
+    with pytest.raises(LeanformerError, match="no classification head and no probe"):
+        classify(model, tok, ["good"])
+    texts = [f"{w} movie {x}" for w in ("good", "great", "fun") for x in WORDS6] + [
+        f"{w} film {x}" for w in ("bad", "awful", "dull") for x in WORDS6
+    ]
+    labels = ["1"] * 18 + ["0"] * 18
+    result = train_probe(model, tok, texts, labels, save_to=d)
+    assert result["labels"] == ["0", "1"] and result["train_accuracy"] >= 0.9
+    assert (d / "probe.safetensors").exists() and json.loads((d / "probe.json").read_text())["labels"] == [
+        "0",
+        "1",
+    ]
+    before = classify(model, tok, texts)
+    again, tok2 = load_encoder(d)
+    assert again.args.probe_labels == ["0", "1"]
+    assert classify(again, tok2, texts) == before
+    tsv = tmp_path / "dev.tsv"
+    tsv.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in zip(texts, labels)))
+    assert eval_sst2(again, tok2, tsv)["sst2_accuracy"] == pytest.approx(result["train_accuracy"])
+
+
+WORDS6 = ["the plot", "the actor", "it was", "very", "and fun", "of it"]
+
+
+def test_spearman_matches_scipy_with_ties():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 5, 200).astype(float), rng.normal(size=200)
+    b[:50] = a[:50]
+    assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
+
+
+def test_eval_stsb_and_cosine(tmp_path, tiny):
+    _, model, tok = tiny
+    tsv = tmp_path / "stsb.tsv"
+    rows = [(SENTENCES[i], SENTENCES[(i + k) % 7], str(5 - k)) for i in range(7) for k in range(3)]
+    tsv.write_text("sentence1\tsentence2\tscore\n" + "".join("\t".join(r) + "\n" for r in rows))
+    r = eval_stsb(model, tok, tsv)
+    assert r["stsb_pairs"] == 21 and -1 <= r["stsb_spearman"] <= 1
+    e = embed(model, tok, SENTENCES)
+    assert cosine_to_reference(e, e)["cosine_min"] == pytest.approx(1.0)
+    with pytest.raises(LeanformerError, match="shapes differ"):
+        cosine_to_reference(e, e[:3])
+
+
+def test_prune_heads_equals_masking_and_reloads(tmp_path, tiny):
+    _, model, tok = tiny
+    ids = tok(SENTENCES, padding=True, return_tensors="pt")
+    masks = [torch.tensor([1.0, 0, 1, 0]), torch.ones(4)]
+    with torch.inference_mode():
+        want = model(ids["input_ids"], ids["attention_mask"], head_mask=masks)
+    prune_heads_(model, {0: [1, 3]})
+    prune_heads_(model, {0: [1], 1: []})  # already pruned: ignored
+    assert model.args.heads_per_layer == [2, 4] and model.layers[0].qkv.weight.shape == (3 * 32, 64)
+    assert model.config["pruned_heads"] == {"0": [1, 3]}
+    with torch.inference_mode():
+        got = model(ids["input_ids"], ids["attention_mask"])
+    assert (got - want).abs().max().item() < 1e-5
+    out = tmp_path / "pruned"
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(model.config))
+    again, _ = load_encoder(out)
+    assert again.args.heads_per_layer == [2, 4]
+    with torch.inference_mode():
+        assert torch.equal(again(ids["input_ids"], ids["attention_mask"]), got)
+    with pytest.raises(LeanformerError, match="layer 5 out of range"):
+        prune_heads_(model, {5: [0]})
+    with pytest.raises(LeanformerError, match="head 9 out of range"):
+        prune_heads_(model, {1: [9]})
+
+
+@pytest.mark.parametrize(("method", "steps"), [("taylor", 1), ("taylor", 2), ("norm", 1)])
+def test_prune_heads_auto(tiny, method, steps):
+    _, model, tok = tiny
+    imp = head_importance(model, tok, SENTENCES, method)
+    assert [s.shape for s in imp] == [(4,), (4,)] and all(
+        torch.isfinite(s).all() and (s >= 0).all() for s in imp
+    )
+    pruned = prune_heads_auto_(model, tok, SENTENCES, 0.5, method=method, steps=steps)
+    assert sum(len(v) for v in pruned.values()) == 4 and sum(model.args.heads_per_layer) == 4
+    assert embed(model, tok, SENTENCES).shape == (7, 64)
+
+
+def test_prune_a_whole_layer_and_classifier_importance(tmp_path):
+    model, tok = load_encoder(tiny_encoder_dir(tmp_path, "DistilBertForSequenceClassification"))
+    assert all(s.sum() > 0 for s in head_importance(model, tok, SENTENCES))  # pseudo-label loss
+    prune_heads_(model, {0: [0, 1, 2, 3]})
+    assert model.args.heads_per_layer == [0, 4] and len(classify(model, tok, SENTENCES)) == 7
+
+
+def test_cli_embed_and_eval(tmp_path, tiny, capsys):
+    from leanformer.encoders_cli import add_encoder_commands
+
+    d = tiny[0]
+    parser = argparse.ArgumentParser()
+    add_encoder_commands(parser.add_subparsers())
+    (tmp_path / "in.txt").write_text("\n".join(SENTENCES) + "\n")
+    args = parser.parse_args(
+        ["embed", str(d), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "e.npy")]
+    )
+    args.func(args)
+    assert np.load(tmp_path / "e.npy").shape == (7, 64)
+    args = parser.parse_args(["embed", str(d), "--input", str(tmp_path / "in.txt"), "--no-normalize"])
+    args.func(args)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 7 and json.loads(lines[0])["text"] == SENTENCES[0]
+    tsv = tmp_path / "stsb.tsv"
+    tsv.write_text(
+        "sentence1\tsentence2\tscore\n"
+        + "".join(f"{a}\t{b}\t{i}\n" for i, (a, b) in enumerate(zip(SENTENCES, SENTENCES[1:])))
+    )
+    ref = tmp_path / "ref"
+    shutil.copytree(d, ref)
+    args = parser.parse_args(["eval-encoder", str(d), "--stsb", str(tsv), "--reference", str(ref)])
+    r = args.func(args)
+    assert r["cosine_min"] == pytest.approx(1.0) and "stsb_spearman" in r
+
+
+@pytest.mark.slow
+def test_real_minilm_stsb_spearman():
+    path, stsb = need_minilm(), need_glue("stsb")
+    model, tok = load_encoder(path)
+    assert eval_stsb(model, tok, stsb)["stsb_spearman"] == pytest.approx(0.8672, abs=5e-4)
+
+
+@pytest.mark.slow
+def test_real_minilm_sst2_probe(tmp_path):
+    path, train, dev = need_minilm(), need_glue("sst2", "train"), need_glue("sst2")
+    model, tok = load_encoder(path)
+    rows = read_tsv(train, 2000)
+    train_probe(model, tok, [r["sentence"] for r in rows], [r["label"] for r in rows])
+    assert eval_sst2(model, tok, dev)["sst2_accuracy"] > 0.75
+
+
+def test_cli_train_probe_export_prune(tmp_path, tiny, capsys):
+    from leanformer.encoders_cli import add_encoder_commands
+
+    d = tiny[0]
+    parser = argparse.ArgumentParser()
+    add_encoder_commands(parser.add_subparsers())
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{s}\t{i % 2}\n" for i, s in enumerate(SENTENCES)))
+    out = tmp_path / "with-probe"
+    args = parser.parse_args(
+        ["train-probe", str(d), "--data", str(data), "--output", str(out), "--eval", str(data)]
+    )
+    args.func(args)
+    assert (out / "probe.safetensors").exists() and load_encoder(out)[0].args.probe_labels == ["0", "1"]
+    args = parser.parse_args(["export", str(out), "--output", str(tmp_path / "onnx"), "--legacy-exporter"])
+    args.func(args)
+    assert "max abs diff" in capsys.readouterr().out and (tmp_path / "onnx" / "model.onnx").exists()
+    args = parser.parse_args(
+        ["prune-heads", str(d), "--heads", '{"1": [0, 2]}', "--output", str(tmp_path / "p")]
+    )
+    args.func(args)
+    assert load_encoder(tmp_path / "p")[0].args.heads_per_layer == [4, 2]
