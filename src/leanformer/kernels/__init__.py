@@ -1,0 +1,304 @@
+"""Small-batch CPU GEMV kernels (AVX2/FMA), JIT-built from gemv.cpp + gemv_q4.cpp on first use.
+
+Why: decoding a token reads every weight once, so batch-1 decode is memory-bandwidth bound. torch's
+CPU paths for x [M<=8, K] @ W[N, K]^T either run on one thread (MKL GEMV) or pay ~40 µs per call
+(oneDNN); these kernels stream W once across torch's threads (see docs/BENCHMARKS-kernels.md).
+
+Ops (x may have leading dims; all math is fp32 with fp32 accumulation):
+- ``linear_f32(x, w, bias)``: w float32 [N, K].
+- ``linear_q8(x, wq, scales, bias)``: wq int8 [N, K], scales [N]; w = wq * scales[:, None].
+- ``linear_q4(x, wq, scales, zeros, group_size, bias)``: wq uint8 [N, ceil(K/2)] holding two 4-bit codes
+  per byte (low nibble = even column k, high nibble = odd column k+1; see ``pack_int4``), scales/zeros
+  [N, ceil(K/group_size)]; w = (code - 8) * scale + zero, leanformer's int4 convention
+  (compress/kernels.py). group_size must be even; K need not be a multiple of it.
+
+Each wrapper uses the compiled op when ``available()`` and the pure-torch ``ref_*`` otherwise, so
+callers never need to branch. The ops are inference-only (no autograd).
+
+Build: ``torch.utils.cpp_extension.load`` with ninja into ``$XDG_CACHE_HOME/leanformer/kernels/<hash>``
+(``~/.cache`` by default; override with LEANFORMER_KERNELS_DIR), once per machine and source version,
+under an flock so concurrent first uses build once. Set LEANFORMER_NO_KERNELS=1 to disable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+import sys
+import sysconfig
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_DIR = Path(__file__).parent
+_SOURCES = [_DIR / "gemv.cpp", _DIR / "gemv_q4.cpp"]
+_HEADERS = [_DIR / "common.h"]
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+_NEEDED_FLAGS = ("avx2", "fma", "f16c")  # what the compiled code may execute
+
+_ext: ModuleType | None = None
+_tried = False
+_init_lock = threading.Lock()
+
+
+class _Unavailable(Exception):
+    """This machine cannot build the kernels (reason in the message)."""
+
+
+# ------------------------------------------------------------------------------------ build & load
+
+
+def _cpu_problem() -> str | None:
+    """Why this machine cannot run the kernels, or None if it can."""
+    if not sys.platform.startswith("linux"):
+        return f"only built on Linux (this is {sys.platform})"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"needs an x86-64 CPU (this is {platform.machine()})"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), None)
+    if line is not None:
+        flags = set(line.split(":", 1)[1].split())
+        missing = [f for f in _NEEDED_FLAGS if f not in flags]
+        return f"CPU lacks {', '.join(missing)}" if missing else None
+    cap = torch.backends.cpu.get_cpu_capability()  # no cpuinfo (containers): trust torch's probe
+    return None if cap in ("AVX2", "AVX512") else f"needs AVX2 (torch reports {cap})"
+
+
+def _toolchain_problem() -> str | None:
+    from torch.utils.cpp_extension import is_ninja_available
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} not found)"
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _tag() -> str:
+    """Content hash of everything that makes a build incompatible: source, flags, torch, Python ABI."""
+    h = hashlib.sha256()
+    for f in (*_SOURCES, *_HEADERS):
+        h.update(f.read_bytes())
+    for part in (
+        *_CFLAGS,
+        *_LDFLAGS,
+        torch.__version__,
+        sys.version,
+        sysconfig.get_config_var("SOABI") or "",
+    ):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def _build_root() -> Path:
+    env = os.environ.get("LEANFORMER_KERNELS_DIR")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "leanformer" / "kernels"
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Exclusive flock: released by the kernel even if the holder dies (torch's own baton is a plain
+    file that a killed build leaves behind, blocking every later build)."""
+    import fcntl
+
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _import_so(name: str, so: Path) -> ModuleType:
+    loader = importlib.machinery.ExtensionFileLoader(name, str(so))
+    spec = importlib.util.spec_from_file_location(name, so, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _build() -> ModuleType:
+    tag = _tag()
+    name = f"leanformer_gemv_{tag}"
+    root = _build_root()
+    build_dir = root / tag
+    so = build_dir / f"{name}.so"  # the name cpp_extension.load gives the library
+    done = build_dir / "BUILD_OK"  # written last: a half-built .so is never imported
+    if done.exists() and so.exists():
+        return _import_so(name, so)
+    problem = _toolchain_problem()  # only needed to build: a cached library loads without them
+    if problem:
+        raise _Unavailable(problem)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(root / f"{tag}.lock"):
+        if done.exists() and so.exists():  # another process built it while we waited
+            return _import_so(name, so)
+        (build_dir / "lock").unlink(missing_ok=True)  # stale torch baton: we hold the real lock
+        from torch.utils import cpp_extension
+
+        torch_log = logging.getLogger(cpp_extension.__name__)
+        level = torch_log.level
+        torch_log.setLevel(logging.ERROR)  # keep "Compiling objects..." etc. off the user's console
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module = cpp_extension.load(
+                    name=name,
+                    sources=[str(f) for f in _SOURCES],
+                    extra_cflags=_CFLAGS,
+                    extra_ldflags=_LDFLAGS,
+                    build_directory=str(build_dir),
+                    verbose=False,
+                )
+        finally:
+            torch_log.setLevel(level)
+        done.write_text(f"{torch.__version__}\n")
+    return module
+
+
+def _first_error(text: str) -> str:
+    """The compiler's first error line (ninja's own last line, "build stopped", says nothing)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return next((ln for ln in lines if "error" in ln.lower()), lines[-1] if lines else "")
+
+
+def available() -> bool:
+    """Build/load the extension once per process; False (with one warning) if it cannot run here."""
+    global _ext, _tried
+    if _tried:
+        return _ext is not None
+    with _init_lock:  # threads arriving during the first build wait for it instead of falling back
+        if _tried:
+            return _ext is not None
+        problem = None
+        if os.environ.get("LEANFORMER_NO_KERNELS", "") in ("", "0"):
+            problem = _cpu_problem()
+            if problem is None:
+                try:
+                    _ext = _build()
+                except _Unavailable as e:
+                    problem = str(e)
+                except Exception as e:  # any build failure means "use the torch fallback"
+                    problem = f"build failed: {_first_error(str(e)) or type(e).__name__}"
+            if problem is not None:
+                log.warning("leanformer GEMV kernels unavailable, using torch fallbacks: %s", problem)
+        _tried = True
+    return _ext is not None
+
+
+def ext() -> ModuleType:
+    """The compiled module (raises if unavailable); for callers that already checked available()."""
+    if not available():
+        raise RuntimeError("leanformer GEMV kernels are not available on this machine")
+    return _ext
+
+
+# ------------------------------------------------------------------------------ pure-torch references
+
+
+def unpack_int4(wq: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 [N, ceil(K/2)] -> codes uint8 [N, K] (low nibble first)."""
+    codes = torch.stack([wq & 0xF, wq >> 4], dim=-1).reshape(wq.shape[0], -1)
+    return codes[:, :k]
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [N, K] in [0, 15] -> uint8 [N, ceil(K/2)]; an odd K is padded with code 8 (its input
+    column does not exist, so the value never matters). Same bytes as compress.kernels.pack_nibbles."""
+    if codes.shape[1] % 2:
+        codes = F.pad(codes, (0, 1), value=8)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).contiguous()
+
+
+def dequant_int4(wq: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, k: int):
+    """-> float32 [N, K] with w = (code - 8) * scale + zero per (row, group of group_size columns)."""
+    codes = unpack_int4(wq, k).float()
+    s = scales.float().repeat_interleave(group_size, 1)[:, :k]
+    z = zeros.float().repeat_interleave(group_size, 1)[:, :k]
+    return (codes - 8) * s + z
+
+
+def ref_linear_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, w, bias)
+
+
+def ref_linear_q8(
+    x: torch.Tensor, wq: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    return F.linear(x.float(), wq.float() * scales.float()[:, None], bias).to(x.dtype)
+
+
+def ref_linear_q4(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    w = dequant_int4(wq, scales, zeros, group_size, x.shape[-1])
+    return F.linear(x.float(), w, bias).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------- wrappers
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.dtype == torch.float32 else t.float()
+
+
+def linear_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ w[N, K]^T + bias -> [..., N] (dtype of x)."""
+    if not available() or x.device.type != "cpu" or w.dtype != torch.float32:
+        return ref_linear_f32(x, w, bias)
+    y = _ext.linear_f32(_f32(x.reshape(-1, x.shape[-1])), w, _f32(bias))
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+def linear_q8(
+    x: torch.Tensor, wq: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., K] @ (wq int8 [N, K] * scales[:, None])^T + bias -> [..., N]. Pass fp32 scales/bias to
+    avoid a per-call conversion."""
+    if not available() or x.device.type != "cpu":
+        return ref_linear_q8(x, wq, scales, bias)
+    y = _ext.linear_q8(_f32(x.reshape(-1, x.shape[-1])), wq, _f32(scales), _f32(bias))
+    return y.to(x.dtype).reshape(*x.shape[:-1], wq.shape[0])
+
+
+def linear_q4(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [..., K] @ dequant_int4(wq, scales, zeros)^T + bias -> [..., N]. Pass fp32 scales/zeros (the
+    int4 modules keep bf16 ones: cache a float copy) to avoid a per-call conversion."""
+    if not available() or x.device.type != "cpu":
+        return ref_linear_q4(x, wq, scales, zeros, group_size, bias)
+    y = _ext.linear_q4(
+        _f32(x.reshape(-1, x.shape[-1])), wq, _f32(scales), _f32(zeros), group_size, _f32(bias)
+    )
+    return y.to(x.dtype).reshape(*x.shape[:-1], wq.shape[0])

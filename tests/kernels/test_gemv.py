@@ -1,0 +1,166 @@
+"""The AVX2 GEMV kernels compute what their pure-torch references say (fp32, up to summation order)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from leanformer import kernels as K
+
+needs_kernels = pytest.mark.skipif(not K.available(), reason="GEMV kernels unavailable on this machine")
+
+ROWS = (1, 2, 3, 5, 8)  # each count has its own unrolling / accumulator scheme
+# (N, K): tails in both directions (N not a multiple of the 4-row tile, K not of 8/16/32), plus a
+# realistic shape big enough to run multi-threaded.
+SHAPES = [(37, 83), (64, 64), (131, 577), (960, 576)]
+
+
+def close(y: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
+    """Relative to the output's scale: fp32 accumulation order differs, so elementwise ratios near 0
+    are meaningless."""
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    y, ref = y.detach(), ref.detach()
+    err = float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    assert err < tol, err
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_builds_where_supported():
+    """A broken build must fail CI, not silently fall back: where the CPU and toolchain allow it, the
+    extension has to load."""
+    problem = K._cpu_problem() or K._toolchain_problem()
+    if problem:
+        pytest.skip(problem)
+    assert K.available()
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_f32(m, n, k, with_bias):
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    b = torch.randn(n) if with_bias else None
+    close(K.ext().linear_f32(x, w, b), K.ref_linear_f32(x, w, b))
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_q8(m, n, k, with_bias):
+    x = torch.randn(m, k)
+    wq = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    s, b = torch.rand(n) * 0.01 + 1e-3, torch.randn(n) if with_bias else None
+    close(K.ext().linear_q8(x, wq, s, b), K.ref_linear_q8(x, wq, s, b))
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize(
+    "n,k,group",
+    [
+        (37, 83, 32),
+        (64, 256, 32),
+        (64, 64, 64),
+        (131, 577, 64),
+        (960, 576, 128),
+        (40, 768, 256),
+        (48, 200, 40),
+    ],
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_q4(m, n, k, group, with_bias):
+    """Both decoders: group 32 (paired 16-byte groups), 64/128/256 (fast), 40 (generic); odd K (padded
+    nibble); partial last groups (577 % 64, 576 % 128); rows that are not whole 32-byte blocks."""
+    x = torch.randn(m, k) + 0.3  # non-zero mean so the zero-point term matters
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    g = -(-k // group)
+    s, z = torch.rand(n, g) * 0.02 + 1e-3, torch.randn(n, g) * 0.01
+    wq, b = K.pack_int4(codes), torch.randn(n) if with_bias else None
+    close(K.ext().linear_q4(x, wq, s, z, group, b), K.ref_linear_q4(x, wq, s, z, group, b))
+
+
+@needs_kernels
+def test_q4_convention_matches_compress_quantizer():
+    """w = (code - 8) * scale + zero, low nibble = even column: the bytes of compress.kernels."""
+    from leanformer.compress import kernels as CK
+
+    w = torch.randn(64, 256) + 0.5
+    s, z = CK.int4_params(w, 64)
+    codes = CK.int4_codes(w, s, z, 64)
+    wq = CK.pack_nibbles(codes)
+    assert torch.equal(wq, K.pack_int4(codes))
+    x = torch.randn(2, 256)
+    close(K.ext().linear_q4(x, wq, s, z, 64), x @ CK.int4_dequant(codes, s, z, 64).t())
+
+
+@needs_kernels
+def test_many_rows_and_leading_dims():
+    """M > 8 runs in chunks of 8; the wrappers flatten leading dims and keep the input dtype."""
+    x, w, b = torch.randn(2, 9, 100), torch.randn(33, 100), torch.randn(33)
+    close(K.linear_f32(x, w, b), K.ref_linear_f32(x, w, b))
+    wq, s = torch.randint(-127, 128, (33, 100), dtype=torch.int8), torch.rand(33)
+    close(K.linear_q8(x, wq, s.bfloat16(), b), K.ref_linear_q8(x, wq, s.bfloat16(), b))
+    codes = torch.randint(0, 16, (33, 100), dtype=torch.uint8)
+    sc, zc = torch.rand(33, 2), torch.randn(33, 2)
+    close(K.linear_q4(x, K.pack_int4(codes), sc, zc, 64), K.ref_linear_q4(x, K.pack_int4(codes), sc, zc, 64))
+
+
+@needs_kernels
+def test_threads_agree():
+    """Results must not depend on the thread split (each output is summed by exactly one thread)."""
+    x, w = torch.randn(3, 576), torch.randn(3072, 576)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = K.ext().linear_f32(x, w)
+        torch.set_num_threads(2)
+        two = K.ext().linear_f32(x, w)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, two)
+
+
+@needs_kernels
+def test_bad_inputs_raise():
+    with pytest.raises(RuntimeError):
+        K.ext().linear_f32(torch.randn(2, 8), torch.randn(4, 9))
+    with pytest.raises(RuntimeError):
+        K.ext().linear_q4(
+            torch.randn(2, 8), torch.zeros(4, 4, dtype=torch.uint8), torch.ones(4, 1), torch.ones(4, 1), 7
+        )
+
+
+@needs_kernels
+def test_fast_linear_swap_keeps_state_and_math():
+    from leanformer.kernels.modules import FastLinear, use_fast_linears_
+    from leanformer.models.layers import PackedLinear
+
+    model = nn.Sequential(
+        nn.Linear(72, 40), nn.ReLU(), PackedLinear.from_linear(nn.Linear(40, 24, bias=False))
+    )
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    x_small, x_big = torch.randn(2, 5, 72), torch.randn(128, 72)
+    with torch.no_grad():
+        before = model(x_small), model(x_big)
+        use_fast_linears_(model)
+        after = model(x_small), model(x_big)
+    assert isinstance(model[0], FastLinear) and isinstance(model[2], FastLinear)
+    assert hasattr(model[2], "packed_weight") and not hasattr(model[0], "packed_weight")
+    assert model.state_dict().keys() == sd.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+    for a, b in zip(before, after):
+        close(a, b)
+    # with autograd on, the torch path runs and gradients flow
+    model(x_small).sum().backward()
+    assert model[0].weight.grad is not None
+    # export (and ONNX's exporter built on it) must record an ordinary linear, not the pybind kernel
+    with torch.no_grad():
+        exported = torch.export.export(model, (x_small,))
+        close(exported.module()(x_small), before[0])
