@@ -113,6 +113,14 @@ def test_many_rows_and_leading_dims():
 
 
 @needs_kernels
+def test_wrappers_keep_autograd():
+    """With a gradient needed the wrappers take the torch reference, so backward still works."""
+    x, w = torch.randn(2, 16, requires_grad=True), torch.randn(8, 16)
+    K.linear_f32(x, w).sum().backward()
+    assert x.grad is not None and torch.allclose(x.grad, w.sum(0).expand(2, -1))
+
+
+@needs_kernels
 def test_threads_agree():
     """Results must not depend on the thread split (each output is summed by exactly one thread)."""
     x, w = torch.randn(3, 576), torch.randn(3072, 576)

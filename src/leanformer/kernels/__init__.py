@@ -10,10 +10,12 @@ Ops (x may have leading dims; all math is fp32 with fp32 accumulation):
 - ``linear_q4(x, wq, scales, zeros, group_size, bias)``: wq uint8 [N, ceil(K/2)] holding two 4-bit codes
   per byte (low nibble = even column k, high nibble = odd column k+1; see ``pack_int4``), scales/zeros
   [N, ceil(K/group_size)]; w = (code - 8) * scale + zero, leanformer's int4 convention
-  (compress/kernels.py). group_size must be even; K need not be a multiple of it.
+  (compress/kernels.py). group_size must be even; K need not be a multiple of it. Group sizes 32 and
+  multiples of 64 take the fast decoder, others a slower generic one.
 
-Each wrapper uses the compiled op when ``available()`` and the pure-torch ``ref_*`` otherwise, so
-callers never need to branch. The ops are inference-only (no autograd).
+Each wrapper uses the compiled op when ``available()`` (and no gradient is needed) and the pure-torch
+``ref_*`` otherwise, so callers never need to branch. The compiled ops (``ext().linear_*``, 2-D inputs,
+fp32 scales/zeros/bias) are inference-only: no autograd.
 
 Build: ``torch.utils.cpp_extension.load`` with ninja into ``$XDG_CACHE_HOME/leanformer/kernels/<hash>``
 (``~/.cache`` by default; override with LEANFORMER_KERNELS_DIR), once per machine and source version,
@@ -263,13 +265,19 @@ def ref_linear_q4(
 # ----------------------------------------------------------------------------------------- wrappers
 
 
+def _use_ext(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    if x.device.type != "cpu" or not available():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)))
+
+
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.dtype == torch.float32 else t.float()
 
 
 def linear_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ w[N, K]^T + bias -> [..., N] (dtype of x)."""
-    if not available() or x.device.type != "cpu" or w.dtype != torch.float32:
+    if w.dtype != torch.float32 or not _use_ext(x, w, *([bias] if bias is not None else [])):
         return ref_linear_f32(x, w, bias)
     y = _ext.linear_f32(_f32(x.reshape(-1, x.shape[-1])), w, _f32(bias))
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
@@ -280,7 +288,7 @@ def linear_q8(
 ) -> torch.Tensor:
     """x [..., K] @ (wq int8 [N, K] * scales[:, None])^T + bias -> [..., N]. Pass fp32 scales/bias to
     avoid a per-call conversion."""
-    if not available() or x.device.type != "cpu":
+    if not _use_ext(x, scales, *([bias] if bias is not None else [])):
         return ref_linear_q8(x, wq, scales, bias)
     y = _ext.linear_q8(_f32(x.reshape(-1, x.shape[-1])), wq, _f32(scales), _f32(bias))
     return y.to(x.dtype).reshape(*x.shape[:-1], wq.shape[0])
@@ -296,7 +304,7 @@ def linear_q4(
 ) -> torch.Tensor:
     """x [..., K] @ dequant_int4(wq, scales, zeros)^T + bias -> [..., N]. Pass fp32 scales/zeros (the
     int4 modules keep bf16 ones: cache a float copy) to avoid a per-call conversion."""
-    if not available() or x.device.type != "cpu":
+    if not _use_ext(x, scales, zeros, *([bias] if bias is not None else [])):
         return ref_linear_q4(x, wq, scales, zeros, group_size, bias)
     y = _ext.linear_q4(
         _f32(x.reshape(-1, x.shape[-1])), wq, _f32(scales), _f32(zeros), group_size, _f32(bias)

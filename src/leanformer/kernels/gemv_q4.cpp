@@ -136,10 +136,7 @@ inline void q4_row(const Q4Args& a, int64_t n, float* out) {
   // decoded weights once and let M accumulators run across groups (per-block reduction of M rows
   // would need 2M live vectors and spill).
   constexpr bool kScaleW = M >= 3;
-#ifndef LF_Q4_A1
-#define LF_Q4_A1 4
-#endif
-  constexpr int A = M == 1 ? LF_Q4_A1 : (M == 2 ? 2 : 1);  // accumulator chains per x row
+  constexpr int A = M == 1 ? 4 : (M == 2 ? 2 : 1);  // accumulator chains per x row (1 or 2 measured slower)
   const uint8_t* __restrict w = a.w + n * a.Kh;
   const float* sc = a.scales + n * a.n_groups;
   __m256 tot[M], acc[M][A];
