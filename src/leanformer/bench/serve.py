@@ -120,7 +120,7 @@ def server_process(model: str, serve_args: list[str], timeout: float = 300):
     import httpx
 
     port = _free_port()
-    cmd = [sys.executable, "-m", "leanformer.serve_cli", "serve", model, "--port", str(port)]
+    cmd = [sys.executable, "-m", "leanformer.cli", "serve", model, "--port", str(port)]
     cmd += ["--model-name", "bench", "--log-level", "warning", *serve_args]
     proc = subprocess.Popen(cmd, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
