@@ -70,7 +70,9 @@ def load(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu", f
 
     path: HF folder (config.json + safetensors / pytorch_model.bin, sharded or not), a .gguf file,
     a llama2.c .bin checkpoint (or its folder), or a folder written by `save`.
-    fast: on CPU, swap float Linears for oneDNN-packed ones (same math, faster decode).
+    fast: on CPU, run float Linears through faster kernels with the same math: a oneDNN-packed copy
+    of each weight for prefill-sized inputs and, for fp32, leanformer's GEMV kernel for decode-sized
+    ones (kernels/; built once per machine, torch fallback where it cannot be built).
     """
     if dtype not in DTYPES:
         raise LeanformerError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -82,8 +84,15 @@ def load(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu", f
     config, state_dict, tok = read_any(p)
     model = build(config, state_dict, DTYPES[dtype], device)
     if fast and device == "cpu":
-        pack_linears_(model)
+        speed_up_linears_(model)
     return model, tok
+
+
+def speed_up_linears_(model: nn.Module) -> nn.Module:
+    """oneDNN-packed weights for prefill, then (fp32) the GEMV kernel for decode; same outputs."""
+    from .kernels.modules import use_fast_linears_
+
+    return use_fast_linears_(pack_linears_(model))
 
 
 def read_any(p: Path) -> tuple[dict, dict[str, torch.Tensor], object]:
@@ -193,7 +202,7 @@ def build(config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
                 f"tensor {name!r} has shape {tuple(tensor.shape)} but the config implies {tuple(expected[name].shape)}"
             )
     state_dict = {
-        n: (t.to(dtype) if t.is_floating_point() else t).to(device)
+        n: _aligned((t.to(dtype) if t.is_floating_point() else t).to(device))
         for n, t in state_dict.items()
         if n in expected
     }
@@ -211,6 +220,13 @@ def build(config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
     )
     model.family = family.__name__.rsplit(".", 1)[-1]
     return model.eval()
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy in freshly allocated (64-byte aligned) memory when `t` is not: safetensors places tensors
+    at 8-byte offsets in the file, and some CPU kernels (torch 2.13's AVX-512 _weight_int8pack_mm) crash
+    on such pointers."""
+    return t.clone() if t.device.type == "cpu" and t.data_ptr() % 64 else t
 
 
 def _embedding_name(names) -> str | None:

@@ -7,6 +7,8 @@ weight when the source was a models.layers.PackedLinear, F.linear otherwise.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,18 @@ class FastLinear(nn.Linear):
         if getattr(self, "packed_weight", None) is not None:
             packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
             self.register_buffer("packed_weight", packed, persistent=False)
+
+    def __deepcopy__(self, memo: dict) -> FastLinear:
+        # oneDNN's packed tensors cannot be deep-copied: copy the rest and pack the copy anew
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = {k: v for k, v in self.__dict__.items() if k != "_buffers"}
+        new.__dict__.update(copy.deepcopy(state, memo))
+        new._buffers = {}
+        if getattr(self, "packed_weight", None) is not None:
+            packed = torch.ops.mkldnn._reorder_linear_weight(new.weight.detach(), 1)
+            new.register_buffer("packed_weight", packed, persistent=False)
+        return new
 
     def _kernel_ok(self, x: torch.Tensor) -> bool:
         return (
