@@ -89,10 +89,16 @@ def load(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu", f
 
 
 def speed_up_linears_(model: nn.Module) -> nn.Module:
-    """oneDNN-packed weights for prefill, then (fp32) the GEMV kernel for decode; same outputs."""
+    """oneDNN-packed weights for prefill, then (fp32) the GEMV kernel for decode; same outputs.
+
+    The LM head is not packed: generation scores only the sampled positions (a decode-sized
+    matmul), so a packed copy of the largest matrix would cost memory for nothing but eval speed.
+    """
     from .kernels.modules import use_fast_linears_
 
-    return use_fast_linears_(pack_linears_(model))
+    fp32 = next(model.parameters()).dtype == torch.float32  # bf16 has no GEMV kernel: pack all
+    pack_linears_(model, skip=("lm_head",) if fp32 else ())
+    return use_fast_linears_(model)
 
 
 def read_any(p: Path) -> tuple[dict, dict[str, torch.Tensor], object]:

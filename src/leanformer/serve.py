@@ -23,9 +23,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .engine.cache import plan_cache
 from .engine.generate import encode_chat, eos_ids
+from .engine.runner import Engine
 from .engine.sampling import SamplingParams
-from .engine.scheduler import Engine, Output, QueueFull, Request, Scheduler, ShuttingDown, plan_cache
+from .engine.scheduler import Output, QueueFull, Request, Scheduler, ShuttingDown
 from .errors import LeanformerError
 from .serve_api import (
     ApiError,

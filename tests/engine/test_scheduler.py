@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import leanformer as lf
-from leanformer.engine.scheduler import Engine, QueueFull, Request, Scheduler, ShuttingDown, plan_cache
+from leanformer.engine.cache import plan_cache
+from leanformer.engine.runner import Engine
+from leanformer.engine.scheduler import QueueFull, Request, Scheduler, ShuttingDown
 
 
 @pytest.fixture(scope="module", autouse=True)

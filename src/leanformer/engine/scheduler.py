@@ -7,7 +7,7 @@ Three parts with narrow interfaces (vLLM's split, kept small):
   one padded forward; a long prompt is cut into chunks so it never stalls the others for long) and one
   batched decode step for every running request. A request leaves the batch the step it finishes, so a
   short request never waits for a long one.
-- `Engine`: one thread that calls `step()` while there is work; `submit` / `cancel` are thread-safe.
+- `Engine` (engine/runner.py): one thread that calls `step()` while there is work.
 
 Memory: the KV cache is allocated once (n_slots × max_seq tokens), so its budget is fixed at start and
 can never be exceeded: a request waits in a bounded queue for a free slot, and a full queue refuses.
@@ -349,30 +349,6 @@ class Scheduler:
             self._finish(s, "error", error=message)
 
 
-def plan_cache(model, max_batch: int, max_seq: int, kv_budget_mb: float | None) -> tuple[int, int]:
-    """→ (n_slots, max_seq): as many slots (≤ max_batch) of max_seq tokens as the KV budget holds."""
-    a = model.args
-    max_seq = min(max_seq, a.max_position_embeddings)
-    # one slot's bytes, from a cache of that shape on the meta device (follows int8 KV storage etc.)
-    param = next(p for p in model.parameters() if p.is_floating_point())
-    storage = getattr(model, "kv_cache_dtype", None)
-    one = KVCache(
-        a.num_hidden_layers, 1, max_seq, a.num_key_value_heads, a.head_dim, param.dtype, "meta", storage
-    )
-    per_slot = one.nbytes()
-    n_slots = max_batch
-    if kv_budget_mb is not None:
-        n_slots = min(max_batch, int(kv_budget_mb * 2**20 // per_slot))
-        if n_slots < 1:
-            raise LeanformerError(
-                f"a KV budget of {kv_budget_mb:g} MB holds no sequence of {max_seq} tokens "
-                f"(one needs {per_slot / 2**20:.1f} MB): raise --kv-budget-mb or lower --max-seq"
-            )
-    if n_slots < 1:
-        raise LeanformerError(f"--max-batch must be ≥ 1, got {max_batch}")
-    return n_slots, max_seq
-
-
 def _one(lp: TokenLogprob | None) -> list[TokenLogprob] | None:
     return None if lp is None else [lp]
 
@@ -385,54 +361,3 @@ def _logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
         values, ids = logp.topk(min(k, logp.shape[0]))
         top = list(zip(ids.tolist(), values.tolist()))
     return TokenLogprob(token, float(logp[token]), top)
-
-
-class Engine:
-    """Runs a Scheduler on its own thread: torch releases the GIL inside ops, so the server's event loop
-    stays responsive while the model computes."""
-
-    def __init__(self, scheduler: Scheduler) -> None:
-        self.scheduler = scheduler
-        self._wake = threading.Event()
-        self._stop = False
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> Engine:
-        self._thread = threading.Thread(target=self._loop, name="leanformer-engine", daemon=True)
-        self._thread.start()
-        return self
-
-    def submit(self, req: Request) -> None:
-        self.scheduler.submit(req)
-        self._wake.set()
-
-    def cancel(self, req: Request) -> None:
-        req.cancelled = True  # the engine frees its slot at the next step
-        self._wake.set()
-
-    def _loop(self) -> None:
-        sched = self.scheduler
-        while not self._stop:
-            if not sched.has_work():
-                self._wake.wait(0.5)
-                self._wake.clear()
-                continue
-            try:
-                sched.step()
-            except Exception as e:  # a bug or OOM in one step must not kill the server
-                log.exception("engine step failed")
-                sched.fail_all(f"internal error: {type(e).__name__}: {e}")
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Refuse new requests, let in-flight ones finish for up to `timeout` s, abort the rest."""
-        sched = self.scheduler
-        with sched._lock:
-            sched.closed = True
-        deadline = time.monotonic() + timeout
-        while sched.has_work() and time.monotonic() < deadline and self._thread and self._thread.is_alive():
-            time.sleep(0.02)
-        self._stop = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-        sched.abort_all("abort")

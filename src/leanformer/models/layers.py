@@ -138,9 +138,12 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     )
 
 
-def pack_linears_(model: nn.Module) -> nn.Module:
-    """Swap every plain nn.Linear of a CPU float model for a PackedLinear (in place)."""
+def pack_linears_(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Swap every plain nn.Linear of a CPU float model for a PackedLinear (in place), except the
+    direct children named in `skip`."""
     for name, child in list(model.named_children()):
+        if name in skip:
+            continue
         if type(child) is nn.Linear and can_pack(child.weight.dtype, child.weight.device):
             try:
                 setattr(model, name, PackedLinear.from_linear(child))
