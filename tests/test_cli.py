@@ -62,8 +62,9 @@ def test_bench_compare_transformers(tiny_dirs, tmp_path, capsys):
     assert main([*args, "--new-tokens", "24", "--batch", "1", "2", "--repeats", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert [r["engine"] for r in rows] == ["leanformer", "transformers"]
-    assert all(r["decode_tok_s_b2"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
-    assert "leanformer / transformers" in capsys.readouterr().out
+    assert all(r["decode_tok_s_b2"] > 0 and r["peak_rss_mb"] > 0 and r["ceiling_tok_s"] > 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert "leanformer / transformers" in printed and "% of that ceiling" in printed
 
 
 def test_chat_reads_stdin_until_eof(smollm2, monkeypatch, capsys):

@@ -96,12 +96,13 @@ def cmd_chat(args) -> None:
 def cmd_eval(args) -> None:
     import leanformer as lf
 
+    from .encoders_cli import eval_encoder, is_onnx_export
     from .evaluate import evaluate, read_text, tokenize
 
+    if is_onnx_export(resolve_model(args.model)):  # an exported encoder, run by ONNX Runtime
+        return eval_encoder(args)
     model, tok = _load(args)
-    if getattr(model, "family", "") == "bert":
-        from .encoders_cli import eval_encoder
-
+    if getattr(model, "family", "") == "bert":  # STS-B / SST-2 / cosine to --reference
         return eval_encoder(args, model, tok)
     if not args.data:
         raise LeanformerError("--data FILE is required for decoder models (e.g. wiki.test.raw)")
@@ -137,6 +138,11 @@ def cmd_bench(args) -> None:
         rows.append(run_engine(cfg, engine))
     labels = {"prefill_tok_s": "prefill tokens/s", "ttft_ms": "time to first token (ms)"}
     labels |= {f"decode_tok_s_b{b}": f"decode tokens/s, batch {b}" for b in cfg.batches}
+    labels |= {"ceiling_tok_s": "bandwidth ceiling, tokens/s (b=1)"}
+    if 1 in cfg.batches:
+        for r in rows:
+            r["ceiling_pct"] = 100 * r["decode_tok_s_b1"] / r["ceiling_tok_s"]
+        labels |= {"ceiling_pct": "decode b=1, % of that ceiling"}
     labels |= {"peak_rss_mb": "peak RSS (MB)", "size_mb": "weights (MB)", "load_s": "load time (s)"}
     header = ["metric", *(f"{r['engine']} {r['dtype']}" for r in rows)]
     header += [f"leanformer / {r['engine']}" for r in rows[1:]]
@@ -203,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)
 
-    p = model_cmd("eval", "perplexity, and KLD / top-1 agreement vs --reference")
-    p.add_argument("--data", help="text file (e.g. ../shared/data/wikitext-2-raw/wiki.test.raw)")
+    p = model_cmd("eval", "perplexity, and KLD / top-1 agreement vs --reference (encoders: STS-B, SST-2)")
+    p.add_argument("--data", help="decoders: text file (e.g. ../shared/data/wikitext-2-raw/wiki.test.raw)")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=None, help="default: = window (non-overlapping)")
     p.add_argument("--max-chars", type=int, default=None, help="use only the first N characters")
@@ -213,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the results here")
+    from .encoders_cli import add_encoder_eval_arguments
+
+    add_encoder_eval_arguments(p)  # encoder models: --tasks, --stsb, --sst2, --backend
     p.set_defaults(func=cmd_eval)
 
     p = model_cmd("bench", "prefill / decode speed, TTFT, peak RSS, size")
@@ -242,12 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve_cli import add_serve_commands
 
     add_serve_commands(sub)
-    try:
-        from .encoders_cli import add_encoder_commands
-    except ImportError:
-        pass
-    else:
-        add_encoder_commands(sub)
+    from .encoders_cli import add_encoder_commands
+
+    add_encoder_commands(sub)
     return parser
 
 

@@ -113,7 +113,15 @@ def measure(cfg: BenchConfig, engine: str) -> dict:
             b * (cfg.new_tokens - 1) / (tn - t1) if tn > t1 else b * cfg.new_tokens / tn
         )
     out["peak_rss_mb"] = _rss_mb()
+    out["ceiling_tok_s"] = _bandwidth_ceiling_tok_s(size, cfg.repeats)  # after RSS: it allocates
     return out
+
+
+def _bandwidth_ceiling_tok_s(nbytes: int, repeats: int) -> float:
+    """Batch-1 decode reads every weight once per token, so tokens/s can't beat streaming `nbytes`
+    from memory: time a torch.sum over as many bytes, in this process, right after the decode runs."""
+    buf = torch.ones(max(nbytes // 4, 1))
+    return 1 / _median_time(buf.sum, max(repeats, 5))
 
 
 def run_engine(cfg: BenchConfig, engine: str) -> dict:
