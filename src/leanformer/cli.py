@@ -126,16 +126,26 @@ def cmd_eval(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    import dataclasses
+
     from .bench.runner import BenchConfig, run_engine
 
     cfg = BenchConfig(
         resolve_model(args.model), args.dtype, args.prompt_tokens, args.new_tokens, args.batch, args.repeats
     )
-    engines = ["leanformer"] + list(args.compare or [])
+    if args.recipe:
+        from .compress import load_recipe
+
+        for name in args.recipe:
+            if name != "none":
+                load_recipe(name)  # a bad name fails here, before minutes of benchmarking
+    runs = [("leanformer", None if r == "none" else r) for r in (args.recipe or ["none"])]
+    runs += [(engine, None) for engine in args.compare or []]
     rows = []
-    for engine in engines:
-        print(f"benchmarking {engine} ...", file=sys.stderr, flush=True)
-        rows.append(run_engine(cfg, engine))
+    for engine, recipe in runs:
+        label = engine + (f" +{recipe}" if recipe else "")
+        print(f"benchmarking {label} ...", file=sys.stderr, flush=True)
+        rows.append(run_engine(dataclasses.replace(cfg, recipe=recipe), engine) | {"label": label})
     labels = {"prefill_tok_s": "prefill tokens/s", "ttft_ms": "time to first token (ms)"}
     labels |= {f"decode_tok_s_b{b}": f"decode tokens/s, batch {b}" for b in cfg.batches}
     labels |= {"ceiling_tok_s": "bandwidth ceiling, tokens/s (b=1)"}
@@ -144,11 +154,14 @@ def cmd_bench(args) -> None:
             r["ceiling_pct"] = 100 * r["decode_tok_s_b1"] / r["ceiling_tok_s"]
         labels |= {"ceiling_pct": "decode b=1, % of that ceiling"}
     labels |= {"peak_rss_mb": "peak RSS (MB)", "size_mb": "weights (MB)", "load_s": "load time (s)"}
-    header = ["metric", *(f"{r['engine']} {r['dtype']}" for r in rows)]
-    header += [f"leanformer / {r['engine']}" for r in rows[1:]]
+    # ratios against the peer when there is one, else against the first (uncompressed) row
+    ref = next((r for r in rows if r["engine"] != "leanformer"), rows[0])
+    ours = [r for r in rows if r["engine"] == "leanformer" and r is not ref]
+    header = ["metric", *(f"{r['label']} {r['dtype']}" for r in rows)]
+    header += [f"{r['label']} / {ref['label']}" for r in ours]
     body = []
     for key, label in labels.items():
-        ratios = [f"{rows[0][key] / r[key]:.2f}×" for r in rows[1:]]
+        ratios = [f"{r[key] / ref[key]:.2f}×" for r in ours]
         body.append([label, *(f"{r[key]:.1f}" for r in rows), *ratios])
     title = f"bench {args.model}: {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens"
     _print_table(title, header, body)
@@ -226,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = model_cmd("bench", "prefill / decode speed, TTFT, peak RSS, size")
     p.add_argument("--compare", action="append", choices=["transformers"], help="peer to run in the same run")
+    p.add_argument(
+        "--recipe", nargs="+", default=None,
+        help="compression recipes (preset names or files) to bench, one row each; 'none' = uncompressed",
+    )  # fmt: skip
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
