@@ -121,8 +121,31 @@ def cmd_eval(args) -> None:
             ("top-1 agreement", f"{result.top1_agreement:.2%}"),
         ]
     _print_table(f"eval {args.model} on {args.data}", ["metric", "value"], rows)
+    report = result.as_dict()
+    if args.per_layer:
+        report["per_layer"] = _per_layer(args, model, reference, ids)
     if args.json:
-        Path(args.json).write_text(json.dumps(result.as_dict(), indent=2))
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def _per_layer(args, model, reference, ids: list[int]) -> list[dict]:
+    import dataclasses
+
+    import torch
+
+    from .diagnose import per_layer_errors, table_rows
+
+    if reference is None:
+        raise LeanformerError("--per-layer needs --reference ORIGINAL (the model before compression)")
+    n = min(args.per_layer_windows, len(ids) // args.window)
+    windows = torch.tensor(ids[: n * args.window]).view(n, args.window)
+    rows = per_layer_errors(model, reference, windows, top=args.per_layer_top)
+    header = ["layer", "module", "local rel. error", "KLD with only this layer compressed"]
+    _print_table(f"per-layer error ({n} windows; worst first)", header, table_rows(rows))
+    worst = [r.name for r in rows[:3] if r.kld_alone]
+    if worst:
+        print(f"to keep the worst layers in full precision, add to the recipe's ignore list: {worst}")
+    return [dataclasses.asdict(r) for r in rows]
 
 
 def cmd_bench(args) -> None:
@@ -232,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument(
+        "--per-layer", action="store_true",
+        help="with --reference: which compressed layers cause the most output error",
+    )  # fmt: skip
+    p.add_argument("--per-layer-windows", type=int, default=2, help="windows used by --per-layer")
+    p.add_argument("--per-layer-top", type=int, default=10, help="layers attributed end to end")
     from .encoders_cli import add_encoder_eval_arguments
 
     add_encoder_eval_arguments(p)  # encoder models: --tasks, --stsb, --sst2, --backend
