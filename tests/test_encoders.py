@@ -65,8 +65,12 @@ def test_classify_uses_id2label(tmp_path):
     assert all(abs(o["score"] - float(p.max())) < 1e-4 for o, p in zip(out, probs))
 
 
-def test_probe_trains_saves_and_reloads(tmp_path, tiny):
-    d, model, tok = tiny
+@pytest.mark.parametrize("fast", [False, True])  # plain torch / oneDNN-packed, whatever this CPU is
+def test_probe_trains_saves_and_reloads(tmp_path, tiny, fast):
+    import leanformer as lf
+
+    d = tiny[0]
+    model, tok = load_encoder(d, fast=fast)
     with pytest.raises(LeanformerError, match="no classification head and no probe"):
         classify(model, tok, ["good"])
     texts = [f"{w} movie {x}" for w in ("good", "great", "fun") for x in WORDS6] + [
@@ -80,9 +84,11 @@ def test_probe_trains_saves_and_reloads(tmp_path, tiny):
         "1",
     ]
     before = classify(model, tok, texts)
-    again, tok2 = load_encoder(d)
+    again, tok2 = load_encoder(d, fast=fast)
     assert again.args.probe_labels == ["0", "1"]
-    assert classify(again, tok2, texts) == before
+    assert classify(again, tok2, texts) == before  # exactly: the reloaded probe runs the same matmul
+    lf.save(again, tok2, tmp_path / "saved")  # the probe inside model.safetensors this time
+    assert classify(load_encoder(tmp_path / "saved", fast=fast)[0], tok2, texts) == before
     tsv = tmp_path / "dev.tsv"
     tsv.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in zip(texts, labels)))
     assert eval_sst2(again, tok2, tsv)["sst2_accuracy"] == pytest.approx(result["train_accuracy"])
@@ -151,11 +157,23 @@ def test_prune_heads_auto(tiny, method, steps):
     assert embed(model, tok, SENTENCES).shape == (7, 64)
 
 
-def test_prune_a_whole_layer_and_classifier_importance(tmp_path):
-    model, tok = load_encoder(tiny_encoder_dir(tmp_path, "DistilBertForSequenceClassification"))
+@pytest.mark.parametrize("fast", [False, True])
+def test_prune_a_whole_layer_and_classifier_importance(tmp_path, fast):
+    import leanformer as lf
+
+    model, tok = load_encoder(
+        tiny_encoder_dir(tmp_path / "m", "DistilBertForSequenceClassification"), fast=fast
+    )
     assert all(s.sum() > 0 for s in head_importance(model, tok, SENTENCES))  # pseudo-label loss
-    prune_heads_(model, {0: [0, 1, 2, 3]})
-    assert model.args.heads_per_layer == [0, 4] and len(classify(model, tok, SENTENCES)) == 7
+    prune_heads_(model, {0: [0, 1, 2, 3]})  # qkv becomes [0, hidden]: nothing for oneDNN to pack
+    assert model.args.heads_per_layer == [0, 4] and model.layers[0].qkv.weight.shape == (0, 64)
+    want = classify(model, tok, SENTENCES)
+    assert len(want) == 7
+    lf.save(model, tok, tmp_path / "pruned")
+    again, tok2 = load_encoder(tmp_path / "pruned", fast=fast)
+    assert again.args.heads_per_layer == [0, 4]
+    assert hasattr(again.layers[1].qkv, "packed_weight") == fast  # the empty layer did not stop packing
+    assert [c["label"] for c in classify(again, tok2, SENTENCES)] == [c["label"] for c in want]
 
 
 def test_cli_embed_and_eval(tmp_path, tiny, capsys):
@@ -184,6 +202,54 @@ def test_cli_embed_and_eval(tmp_path, tiny, capsys):
     args = parser.parse_args(["eval-encoder", str(d), "--stsb", str(tsv), "--reference", str(ref)])
     r = args.func(args)
     assert r["cosine_min"] == pytest.approx(1.0) and "stsb_spearman" in r
+
+
+def test_lf_load_builds_the_same_encoder(tiny):
+    """leanformer.load on an encoder folder = load_encoder: pooling, Normalize, probe, packing."""
+    import leanformer as lf
+
+    d, model, tok = tiny
+    train_probe(model, tok, SENTENCES, ["pos", "neg", "neg", "pos", "neg", "pos", "pos"], save_to=d)
+    again, tok2 = lf.load(d)
+    assert again.family == "bert" and again.args.pooling == ["mean"] and again.args.normalize
+    assert again.args.probe_labels == ["neg", "pos"]
+    assert type(again.layers[0].qkv) is type(model.layers[0].qkv)  # the same oneDNN decision
+    assert np.array_equal(embed(again, tok2, SENTENCES), embed(model, tok, SENTENCES))
+    assert classify(again, tok2, SENTENCES) == classify(model, tok, SENTENCES)
+    assert not hasattr(lf.load(d, fast=False)[0].layers[0].qkv, "packed_weight")
+
+
+def test_main_cli_eval_and_onnx_backend(tmp_path, tiny, capsys):
+    """`leanformer eval` on an encoder (the README's commands, through the main parser)."""
+    from leanformer.cli import main
+
+    d = tiny[0]
+    tsv = tmp_path / "stsb.tsv"
+    tsv.write_text(
+        "sentence1\tsentence2\tscore\n"
+        + "".join(f"{a}\t{b}\t{i}\n" for i, (a, b) in enumerate(zip(SENTENCES, SENTENCES[1:])))
+    )
+    out = tmp_path / "r.json"
+    assert main(["eval", str(d), "--stsb", str(tsv), "--reference", str(d), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["cosine_min"] == pytest.approx(1.0) and r["stsb_pairs"] == 6
+    pytest.importorskip("onnxruntime")
+    assert main(["eval", str(d), "--stsb", str(tsv), "--backend", "onnxruntime", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["stsb_spearman"] == pytest.approx(r["stsb_spearman"], abs=1e-6)
+    assert main(["export", str(d), str(tmp_path / "onnx")]) == 0
+    assert main(["eval", str(tmp_path / "onnx"), "--stsb", str(tsv), "--backend", "onnxruntime"]) == 0
+    (tmp_path / "in.txt").write_text("\n".join(SENTENCES) + "\n")
+    args = [
+        "--input",
+        str(tmp_path / "in.txt"),
+        "--output",
+        str(tmp_path / "e.npy"),
+        "--backend",
+        "onnxruntime",
+    ]
+    assert main(["embed", str(tmp_path / "onnx"), *args]) == 0
+    assert abs(np.load(tmp_path / "e.npy") - embed(tiny[1], tiny[2], SENTENCES)).max() < 1e-5
+    capsys.readouterr()
 
 
 @pytest.mark.slow

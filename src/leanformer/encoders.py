@@ -31,75 +31,72 @@ def build_encoder(
     folder: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
-    fast: bool = True,
+    fast: bool | None = None,
 ):
     """(HF config, HF state dict, the folder they came from) → an eval-mode encoder with weights assigned.
 
-    The folder supplies sentence-transformers' pooling/normalize/max length and a saved probe, if any.
-    fast: on CPUs where it pays (see onednn_pays), swap Linears for oneDNN-packed ones (same math).
+    The folder supplies sentence-transformers' pooling/normalize/max length and a saved probe, if any;
+    leanformer.load and load_encoder both come here, so every way in gives the same model.
+    fast: swap Linears for oneDNN-packed ones (same math, |Δ| < 1e-4): None = where it pays on this CPU
+    (onednn_pays), True = always, False = never.
     """
-    from .models.bert import Model, ModelArgs, encoder_extras, sanitize
+    from .loading import build
+    from .models.bert import ModelArgs, encoder_extras, sanitize
 
     config = dict(config)
     lf = dict(config.get("leanformer") or {})
     lf["encoder"] = {**(encoder_extras(folder) if folder else {}), **(lf.get("encoder") or {})}
     config["leanformer"] = lf
-    args = ModelArgs.from_hf_config(config)
-    with torch.device("meta"):
-        model = Model(args)
-    state_dict = sanitize(state_dict, args)
-    expected = model.state_dict()
-    missing = [n for n in expected if n not in state_dict]
-    if missing:
-        raise LeanformerError(
-            f"weights are missing {len(missing)} tensors, e.g. {missing[0]!r}; wrong or partial file?"
-        )
-    for name, t in state_dict.items():
-        if name not in expected:
-            raise LeanformerError(f"unexpected tensor {name!r} in the checkpoint for {args.family}")
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise LeanformerError(
-                f"tensor {name!r} has shape {tuple(t.shape)}, config implies {tuple(expected[name].shape)}"
-            )
-    state_dict = {n: (t.to(dtype) if t.is_floating_point() else t).to(device) for n, t in state_dict.items()}
-    model.load_state_dict(state_dict, assign=True, strict=True)
-    model.config, model.family = config, "bert"
+    # our names first: loading.build leaves state dicts alone once config["leanformer"] is set
+    ours = sanitize(state_dict, ModelArgs.from_hf_config(config))
+    state_dict.clear()  # as loading.build does: no second reference that would keep the originals alive
+    model = build(config, ours, dtype, device)
+    if fast is None:
+        fast = onednn_pays()
+    if fast and device == "cpu":
+        _pack_linears_(model)
     if folder is not None:
         load_probe(model, folder)
-    if fast and device == "cpu" and onednn_pays():
-        from .models.layers import pack_linears_
+    return model
 
-        pack_linears_(model)
-    return model.eval()
+
+def _pack_linears_(module: nn.Module) -> None:
+    """Every plain float Linear → PackedLinear, skipping empty ones (a layer whose heads were all pruned
+    has a [0, hidden] qkv: oneDNN has no primitive for it, and it is never multiplied anyway) and the
+    probe: train_probe attaches a plain Linear, and a reloaded probe must give the very same scores."""
+    from .models.layers import PackedLinear, can_pack
+
+    for name, child in list(module.named_children()):
+        if name == "probe":
+            continue
+        if type(child) is nn.Linear:
+            if child.weight.numel() and can_pack(child.weight.dtype, child.weight.device):
+                setattr(module, name, PackedLinear.from_linear(child))
+        else:
+            _pack_linears_(child)
 
 
 def onednn_pays() -> bool:
     """Whether oneDNN-packed fp32 matmuls beat torch's default (MKL) for encoder-sized batches here.
 
     Measured: on AVX-512 CPUs oneDNN runs ~2x MKL's fp32 GEMM (PERF-FACTS.md); on an AVX2-only EPYC
-    (2 cores) MKL was ~7% faster at [512, 384] x [384, 1536]. LEANFORMER_ONEDNN=1/0 overrides.
+    (2 cores) MKL was ~7% faster at [512, 384] x [384, 1536]. Force either way with fast=True/False.
     """
-    forced = os.environ.get("LEANFORMER_ONEDNN")
-    if forced is not None:
-        return forced == "1"
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
-def load_encoder(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, fast: bool = True):
-    """An HF / sentence-transformers folder → (Model, tokenizer); stands alone from leanformer.loading."""
+def load_encoder(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, fast: bool | None = None):
+    """An HF / sentence-transformers folder (or a leanformer save of one) → (Model, tokenizer).
+
+    The same model as leanformer.load(folder); this one takes a torch dtype and the oneDNN switch.
+    """
+    from .loading import read_hf_folder
+
     folder = Path(folder).expanduser()
     if not (folder / "config.json").exists():
         raise LeanformerError(f"no config.json in {folder}: not an HF model folder")
-    if (folder / "model.safetensors").exists():
-        from safetensors.torch import load_file
-
-        sd = load_file(folder / "model.safetensors")
-    elif (folder / "pytorch_model.bin").exists():
-        sd = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise LeanformerError(f"no model.safetensors or pytorch_model.bin in {folder}")
-    model = build_encoder(json.loads((folder / "config.json").read_text()), sd, folder, dtype, fast=fast)
-    return model, load_tokenizer(folder)
+    config, state_dict, tok = read_hf_folder(folder)
+    return build_encoder(config, state_dict, folder, dtype, fast=fast), tok
 
 
 def load_tokenizer(folder: str | os.PathLike):

@@ -1,5 +1,6 @@
-"""Encoder commands for the `leanformer` CLI: embed | train-probe | export | prune-heads, and the encoder
-branch of `leanformer eval` (eval_encoder). cli.py calls add_encoder_commands(subparsers)."""
+"""Encoder commands for the `leanformer` CLI: embed | train-probe | export (encoders and decoder LMs) |
+prune-heads | eval-encoder, and the encoder branch of `leanformer eval` (eval_encoder, with the options of
+add_encoder_eval_arguments). cli.py calls add_encoder_commands(subparsers)."""
 
 from __future__ import annotations
 
@@ -27,22 +28,30 @@ def _resolve(name_or_path: str) -> str:
         return name_or_path
 
 
-def load(model: str, backend: str = "torch"):
+def is_onnx_export(path: str | Path) -> bool:
+    from .export import ONNX_FILE
+
+    p = Path(path).expanduser()
+    return (p / ONNX_FILE).exists() or p.suffix == ".onnx"
+
+
+def load(model: str, backend: str = "torch", loaded: tuple | None = None):
     """(model, tokenizer) for a model folder or an export folder, run by torch or ONNX Runtime.
 
-    With backend=onnxruntime an HF folder is exported first (parity-checked), into a temporary folder.
+    With backend=onnxruntime an HF folder (or the already `loaded` (model, tok) of it) is exported
+    first, parity-checked, into a temporary folder.
     """
     from .encoders import load_encoder
-    from .export import ONNX_FILE, export_onnx, load_onnx_encoder
+    from .export import export_onnx, load_onnx_encoder
 
     path = Path(_resolve(model)).expanduser()
     if not path.exists():
         raise LeanformerError(f"model path not found: {path}")
-    if (path / ONNX_FILE).exists() or path.suffix == ".onnx":
+    if is_onnx_export(path):
         if backend != "onnxruntime":
             raise LeanformerError(f"{path} is an ONNX export: use --backend onnxruntime")
         return load_onnx_encoder(path)
-    m, tok = load_encoder(path)
+    m, tok = loaded if loaded is not None else load_encoder(path)
     if backend == "torch":
         return m, tok
     with tempfile.TemporaryDirectory(prefix="leanformer-onnx-") as out:
@@ -105,11 +114,25 @@ def cmd_train_probe(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .encoders import load_encoder
-    from .export import export_onnx
+    """ONNX export of an encoder (export.py) or a decoder LM with past key/values (export_decoder.py)."""
+    from .loading import load as load_model
 
-    model, tok = load_encoder(_resolve(args.model))
-    report = export_onnx(model, args.output, tok, opset=args.opset, dynamo=not args.legacy_exporter)
+    out = args.out or args.output
+    if not out:
+        raise LeanformerError("give the output folder: `leanformer export MODEL OUT` (or --output OUT)")
+    model, tok = load_model(_resolve(args.model), fast=False)  # plain Linears: what the exporter traces
+    if getattr(model, "family", "") == "bert":
+        from .export import export_onnx
+
+        report = export_onnx(model, out, tok, opset=args.opset, dynamo=not args.legacy_exporter)
+    else:
+        from .export_decoder import export_decoder_onnx
+
+        if args.legacy_exporter:
+            raise LeanformerError(
+                "--legacy-exporter is for encoders: decoders need the dynamo exporter (GQA)"
+            )
+        report = export_decoder_onnx(model, out, tok, opset=args.opset)
     print(
         f"wrote {report['path']} in {report['seconds']} s; parity vs our torch forward, max abs diff: {_fmt_diffs(report)}"
     )
@@ -155,10 +178,8 @@ def eval_encoder(args, model=None, tok=None) -> dict:
     from .encoders import cosine_to_reference, embed, eval_sst2, eval_stsb, glue_path, read_tsv
 
     backend = getattr(args, "backend", "torch")
-    # a model not built by encoders.build_encoder lacks the folder's pooling/normalize: load it here
-    built_here = model is not None and "encoder" in (getattr(model, "config", {}).get("leanformer") or {})
-    if not built_here or backend != "torch":
-        model, tok = load(args.model, backend)
+    if model is None or backend != "torch":
+        model, tok = load(args.model, backend, None if model is None else (model, tok))
     # cli's eval --batch-size defaults to 1 for decoders; encoders batch 32 unless told otherwise
     bs = args.batch_size if getattr(args, "batch_size", None) and args.batch_size > 1 else 32
     has_classifier = bool(model.args.head or model.args.probe_labels)
@@ -206,11 +227,17 @@ def add_encoder_commands(sub) -> None:
     p.add_argument("--eval", default=None, help="a dev TSV to report accuracy on, e.g. SST-2 dev.tsv")
     p.set_defaults(func=cmd_train_probe)
 
-    p = sub.add_parser("export", help="export an encoder to ONNX (dynamic batch/sequence) + parity check")
+    p = sub.add_parser(
+        "export", help="ONNX export (encoders; decoder LMs with past key/values) + parity check vs torch"
+    )
     p.add_argument("model")
-    p.add_argument("--output", required=True, help="folder: model.onnx, config.json, tokenizer")
+    p.add_argument("out", nargs="?", default=None, help="folder: model.onnx, config.json, tokenizer")
+    p.add_argument("--output", default=None, help="the same as OUT")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--opset", type=int, default=18)
-    p.add_argument("--legacy-exporter", action="store_true", help="TorchScript exporter instead of dynamo")
+    p.add_argument(
+        "--legacy-exporter", action="store_true", help="encoders: TorchScript exporter instead of dynamo"
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("prune-heads", help="remove attention heads (by importance on calibration text)")

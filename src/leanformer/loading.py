@@ -65,14 +65,24 @@ def family_of(config: dict) -> ModuleType:
     return archs[arch]
 
 
-def load(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu", fast: bool = True):
+def load(
+    path: str | os.PathLike,
+    dtype: str = "float32",
+    device: str = "cpu",
+    fast: bool = True,
+    keep_quantized: bool = False,
+):
     """Load a model and its tokenizer (None when the folder has no tokenizer files).
 
     path: HF folder (config.json + safetensors / pytorch_model.bin, sharded or not), a .gguf file,
     a llama2.c .bin checkpoint (or its folder), or a folder written by `save`.
     fast: on CPU, run float Linears through faster kernels with the same math: a oneDNN-packed copy
     of each weight for prefill-sized inputs and, for fp32, leanformer's GEMV kernel for decode-sized
-    ones (kernels/; built once per machine, torch fallback where it cannot be built).
+    ones (kernels/; built once per machine, torch fallback where it cannot be built). Encoders
+    (BERT family) pack for oneDNN only on CPUs where it pays (encoders.onednn_pays).
+    keep_quantized: GGUF only: load Q4_0 / Q4_1 / Q8_0 tensors straight into int4 / int8 modules
+    (exactly the file's values, no float copy of the model); other tensors are dequantized to float
+    (formats/gguf_quant.py).
     """
     if dtype not in DTYPES:
         raise LeanformerError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -81,7 +91,22 @@ def load(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu", f
         raise LeanformerError(
             f"model path not found: {p} (give an HF folder, a .gguf file or a llama2.c .bin)"
         )
-    config, state_dict, tok = read_any(p)
+    if keep_quantized:  # GGUF blocks -> int modules (see formats/gguf_quant.py)
+        from .formats.gguf_quant import read_gguf_quantized
+
+        gguf_files = [p] if p.suffix == ".gguf" else sorted(p.glob("*.gguf")) if p.is_dir() else []
+        if not gguf_files:
+            raise LeanformerError(f"keep_quantized=True needs a .gguf file (or a folder with one); got {p}")
+        config, state_dict, tok = read_gguf_quantized(gguf_files[0])
+    else:
+        config, state_dict, tok = read_any(p)
+    if family_of(config).__name__.endswith(".bert"):
+        # encoders: one builder (pooling / Normalize from the folder, a saved probe, oneDNN packing
+        # only on CPUs where it pays), shared with encoders.load_encoder
+        from .encoders import build_encoder
+
+        folder = p if p.is_dir() else None
+        return build_encoder(config, state_dict, folder, DTYPES[dtype], device, None if fast else False), tok
     model = build(config, state_dict, DTYPES[dtype], device)
     if fast and device == "cpu":
         speed_up_linears_(model)
@@ -171,12 +196,22 @@ def load_tokenizer(folder: Path):
 
 
 def build(config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device: str) -> nn.Module:
-    """Config + HF-named state dict → a model with weights assigned (no random init, no extra copy)."""
+    """Config + HF-named state dict → a model with weights assigned (no random init, no extra copy).
+
+    Consumes `state_dict` (the caller's dict is emptied): each tensor is freed as soon as its converted
+    copy exists, so loading peaks near one copy of the weights, not two.
+    """
+    state_dict, taken = dict(state_dict), state_dict
+    taken.clear()
     family = family_of(config)
     args = family.ModelArgs.from_hf_config(config)
     with torch.device("meta"):
         model = family.Model(args)
     meta = config.get("leanformer", {})
+    if meta.get("quantized_modules"):  # per-module int layout (GGUF keep_quantized), before any recipe
+        from .compress.layout import restore_layout_
+
+        restore_layout_(model, meta["quantized_modules"], dtype)
     if meta.get("recipe"):
         from .compress import apply
 
@@ -207,11 +242,13 @@ def build(config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
             raise LeanformerError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)} but the config implies {tuple(expected[name].shape)}"
             )
-    state_dict = {
-        n: _aligned((t.to(dtype) if t.is_floating_point() else t).to(device))
-        for n, t in state_dict.items()
-        if n in expected
-    }
+    keep = _exact_names(model) if meta else set()  # quantized modules' scales: never rounded to dtype
+    for n in list(state_dict):  # one tensor at a time, so the old one is freed before the next copy
+        t = state_dict.pop(n)
+        if n in expected:
+            cast = t.is_floating_point() and n not in keep
+            state_dict[n] = _aligned((t.to(dtype) if cast else t).to(device))
+        del t
     if tied:
         state_dict["lm_head.weight"] = state_dict[embedding]
     model.load_state_dict(state_dict, assign=True, strict=True)
@@ -226,6 +263,12 @@ def build(config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
     )
     model.family = family.__name__.rsplit(".", 1)[-1]
     return model.eval()
+
+
+def _exact_names(model: nn.Module) -> set[str]:
+    from .compress.layout import exact_state_names
+
+    return exact_state_names(model)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

@@ -96,12 +96,15 @@ def test_int8_state_dict_keys(tiny_lm):
 def test_bf16_model_and_device_moves(tiny_lm, heldout, err):
     ref = tiny_lm(heldout)
     quantize_(tiny_lm, Int4WeightOnly(group_size=32))
-    tiny_lm.to(torch.bfloat16)  # scales must stay bf16 and the packed weight intact
+    scales = tiny_lm.layers[0].qkv_proj.scales.clone()
+    tiny_lm.to(torch.bfloat16)  # scales/zeros stay fp32 (never rounded by a model cast), codes intact
+    assert tiny_lm.layers[0].qkv_proj.scales.dtype == torch.float32
     out = tiny_lm(heldout)
     assert out.dtype == torch.bfloat16
     assert err(out.float(), ref) < 0.25
+    assert tiny_lm(heldout[:1, :2]).dtype == torch.bfloat16  # decode-sized call (kernel path)
     tiny_lm.to("cpu").float()
-    assert tiny_lm.layers[0].qkv_proj.scales.dtype == torch.bfloat16
+    assert torch.equal(tiny_lm.layers[0].qkv_proj.scales, scales)
 
 
 def test_bias_and_odd_shapes(err):

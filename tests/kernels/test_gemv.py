@@ -63,6 +63,52 @@ def test_q8(m, n, k, with_bias):
 @needs_kernels
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize(
+    "n,k,group", [(37, 96, 32), (64, 83, 32), (131, 577, 64), (960, 576, 32), (40, 100, 20)]
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_q8_grouped(m, n, k, group, with_bias):
+    """One scale per `group` columns (GGUF Q8_0: 32): partial last groups (83, 577), groups that are not
+    whole 8-wide vectors (20), a multi-threaded shape."""
+    x = torch.randn(m, k)
+    wq = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    s = torch.rand(n, -(-k // group)) * 0.01 + 1e-3
+    b = torch.randn(n) if with_bias else None
+    close(K.ext().linear_q8(x, wq, s, b, group), K.ref_linear_q8(x, wq, s, b, group))
+    close(K.linear_q8(x, wq, s, b, group), K.ref_linear_q8(x, wq, s, b, group))
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k,group", [(37, 83, 32), (64, 256, 64), (48, 200, 40), (300, 576, 32)])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dequant_int4_matches_torch(n, k, group, bf16):
+    """Bit-identical to the torch formula (bf16 scales make every product exact), fp32 or rounded to
+    bf16 like .to(bfloat16); rows may be longer than ceil(K/2) bytes (Int4Linear pads to groups)."""
+    codes = torch.randint(0, 16, (n, -(-k // group) * group), dtype=torch.uint8)
+    g = codes.shape[1] // group
+    s = (torch.rand(n, g) * 0.02 + 1e-3).bfloat16().float()
+    z = torch.randn(n, g) * 0.01
+    wq = K.pack_int4(codes)
+    ref = K.dequant_int4(wq, s, z, group, k)
+    out = K.ext().dequant_q4(wq, s, z, group, k, bf16)
+    assert out.shape == (n, k) and torch.equal(out, ref.to(out.dtype))
+    assert torch.equal(K.ext().dequant_q4(wq[5:9], s[5:9], z[5:9], group, k), ref[5:9])
+
+
+@needs_kernels
+@pytest.mark.parametrize("group", [0, 32, 20])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dequant_int8_matches_torch(group, bf16):
+    n, k = 45, 100
+    wq = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    s = torch.rand(n) if group == 0 else torch.rand(n, -(-k // group))
+    ref = K.dequant_int8(wq, s, group)
+    out = K.ext().dequant_q8(wq, s, group, bf16)
+    assert torch.equal(out, ref.to(out.dtype))
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize(
     "n,k,group",
     [
         (37, 83, 32),
@@ -143,6 +189,14 @@ def test_bad_inputs_raise():
         K.ext().linear_q4(
             torch.randn(2, 8), torch.zeros(4, 4, dtype=torch.uint8), torch.ones(4, 1), torch.ones(4, 1), 7
         )
+    with pytest.raises(RuntimeError):  # group-wise scales of the wrong width
+        K.ext().linear_q8(
+            torch.randn(2, 64), torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 3), None, 32
+        )
+    with pytest.raises(RuntimeError):
+        K.ext().dequant_q4(torch.zeros(4, 3, dtype=torch.uint8), torch.ones(4, 1), torch.ones(4, 1), 32, 8)
+    with pytest.raises(RuntimeError):
+        K.ext().dequant_q8(torch.zeros(4, 8, dtype=torch.int8), torch.ones(5), 0)
 
 
 @needs_kernels

@@ -62,7 +62,7 @@ def _check_int4(cfg: QuantConfig) -> None:
 @_register
 @dataclass
 class Int8WeightOnly(QuantConfig):
-    """int8 weights, symmetric per output channel; bf16 activations through `_weight_int8pack_mm`."""
+    """int8 weights, symmetric per output channel (Int8Linear; compute paths in qbase.py)."""
 
 
 @_register

@@ -5,8 +5,10 @@ Conventions (verified numerically against torch 2.13's kernels in tests/compress
 - int4: asymmetric per (output channel, group of ``group_size`` input columns), codes in [0, 15] and
   ``w ≈ (q - 8) * scale + zero`` with ``zero`` a float (not an integer zero point): this is what
   ``_weight_int4pack_mm*`` compute, so we quantize against exactly that formula.
-- Scales/zeros are rounded to bf16 *before* the integer codes are chosen, because the kernels read them
-  as bf16: choosing codes against the rounded values keeps quantization and kernel consistent.
+- Scales/zeros are rounded to bf16 *before* the integer codes are chosen: saves stay compact (bf16
+  scales, as in every older save) and torch's CUDA int4 kernel, which reads bf16, computes exactly the
+  weights the codes were chosen against. leanformer's CPU kernels read them as fp32 (exact for any
+  values, which GGUF's fp16 block scales need).
 """
 
 from __future__ import annotations
@@ -143,7 +145,8 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def int4_pack(codes: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """codes uint8 [N, K] -> the machine/device-specific layout the int4 matmul consumes."""
+    """codes uint8 [N, K] -> the machine/device-specific layout torch's int4 matmul consumes (Int4Linear
+    uses it on CUDA only; on CPU it serves the tests that pin our convention to torch's)."""
     if device.type == "cpu":
         require_kernel("aten::_convert_weight_to_int4pack_for_cpu", device, "int4 weight packing")
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(device, torch.int32), 2)
@@ -162,50 +165,7 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Te
     return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, sz)
 
 
-def _unpack_cpu_blocked(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
-    """torch's CPU packer (2.13) stores [N/block, K, block/2] bytes, low nibble = row d, high nibble =
-    row d + block/2 of each block of rows; block is 32 with AVX2 and (we expect) 64 with AVX-512."""
-    p = packed.reshape(n // block, k, block // 2)
-    rows = torch.cat([p & 0xF, p >> 4], dim=-1)  # [N/block, K, block]
-    return rows.permute(0, 2, 1).reshape(n, k).contiguous()
-
-
-@functools.cache
-def _cpu_block() -> int | None:
-    """The row-block size of this machine's CPU int4 layout, found once by packing a probe."""
-    probe = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    packed = int4_pack(probe, torch.device("cpu"))
-    for block in (32, 64, 16, 128):
-        if torch.equal(_unpack_cpu_blocked(packed, 128, 64, block), probe):
-            return block
-    return None
-
-
-def int4_unpack(packed: torch.Tensor, n: int, k: int, group_size: int, chunk: int = 512) -> torch.Tensor:
-    """Recover codes uint8 [N, K] from the packed layout. Fast path: a known CPU layout, accepted only
-    if repacking reproduces the bytes. Fallback for any layout: multiply identity rows through the
-    kernel with scale 1 and zero 8, so (q - 8) * 1 + 8 = q exactly in bf16 (integers ≤ 15); slow on
-    CPUs without native bf16 (~50 ms for a 1536x576 weight)."""
-    block = _cpu_block() if packed.device.type == "cpu" else None
-    if block and n % block == 0 and packed.numel() * 2 == n * k:
-        return _unpack_cpu_blocked(packed, n, k, block)
-    g = n_groups(k, group_size)
-    sz = torch.zeros(g, n, 2, dtype=torch.bfloat16, device=packed.device)
-    sz[..., 0], sz[..., 1] = 1, 8
-    eye = torch.eye(k, dtype=torch.bfloat16, device=packed.device)
-    cols = [int4_mm(eye[i : i + chunk], packed, group_size, sz) for i in range(0, k, chunk)]
-    return torch.cat(cols).t().round().to(torch.uint8).contiguous()
-
-
 # -------------------------------------------------------------------------------------- int8 kernels
-
-
-def int8_mm(x: torch.Tensor, w: torch.Tensor, scales_bf16: torch.Tensor) -> torch.Tensor:
-    """x bf16 [M, K], w int8 [N, K], scales bf16 [N] -> bf16 [M, N]."""
-    if x.device.type == "cpu" and x.shape[1] % 8 == 0:  # torch 2.13's CPU kernel segfaults otherwise
-        return torch.ops.aten._weight_int8pack_mm(x, w, scales_bf16)
-    # No packed kernel (CUDA in torch 2.13, or odd K): dequantize on the fly; correct, not fast.
-    return torch.nn.functional.linear(x, w.to(x.dtype)) * scales_bf16
 
 
 def quantize_rows_int8(x: torch.Tensor, shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Small-batch CPU GEMV kernels (AVX2/FMA), JIT-built from gemv.cpp + gemv_q4.cpp on first use.
+"""Small-batch CPU GEMV kernels (AVX2/FMA) and int8/int4 dequantizers, JIT-built from gemv.cpp,
+gemv_q4.cpp and dequant.cpp on first use.
 
 Why: decoding a token reads every weight once, so batch-1 decode is memory-bandwidth bound. torch's
 CPU paths for x [M<=8, K] @ W[N, K]^T either run on one thread (MKL GEMV) or pay ~40 µs per call
@@ -6,12 +7,18 @@ CPU paths for x [M<=8, K] @ W[N, K]^T either run on one thread (MKL GEMV) or pay
 
 Ops (x may have leading dims; all math is fp32 with fp32 accumulation):
 - ``linear_f32(x, w, bias)``: w float32 [N, K].
-- ``linear_q8(x, wq, scales, bias)``: wq int8 [N, K], scales [N]; w = wq * scales[:, None].
+- ``linear_q8(x, wq, scales, bias, group_size=None)``: wq int8 [N, K], scales [N]: w = wq *
+  scales[:, None]; or with ``group_size`` G, scales [N, ceil(K/G)]: w = wq * scales[n, k // G] (GGUF
+  Q8_0's 32-column blocks).
 - ``linear_q4(x, wq, scales, zeros, group_size, bias)``: wq uint8 [N, ceil(K/2)] holding two 4-bit codes
   per byte (low nibble = even column k, high nibble = odd column k+1; see ``pack_int4``), scales/zeros
   [N, ceil(K/group_size)]; w = (code - 8) * scale + zero, leanformer's int4 convention
   (compress/kernels.py). group_size must be even; K need not be a multiple of it. Group sizes 32 and
   multiples of 64 take the fast decoder, others a slower generic one.
+
+- ``dequant_q8(wq, scales, group_size=0, bf16=False)`` / ``dequant_q4(wq, scales, zeros, group_size, k,
+  bf16=False)`` (compiled only, ``ext()``): rows of codes -> fp32 or bf16 [R, K] in one pass, what the
+  quantized Linears feed to oneDNN's GEMM for prefill-sized inputs (compress/qbase.py).
 
 Each wrapper uses the compiled op when ``available()`` (and no gradient is needed) and the pure-torch
 ``ref_*`` otherwise, so callers never need to branch. The compiled ops (``ext().linear_*``, 2-D inputs,
@@ -45,7 +52,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / "gemv.cpp", _DIR / "gemv_q4.cpp"]
+_SOURCES = [_DIR / "gemv.cpp", _DIR / "gemv_q4.cpp", _DIR / "dequant.cpp"]
 _HEADERS = [_DIR / "common.h"]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
@@ -244,10 +251,22 @@ def ref_linear_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None =
     return F.linear(x, w, bias)
 
 
+def dequant_int8(wq: torch.Tensor, scales: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """-> float32 [N, K]: wq * scales[:, None], or per group of `group_size` columns with scales [N, G]."""
+    if not group_size:
+        return wq.float() * scales.float()[:, None]
+    k = wq.shape[1]
+    return wq.float() * scales.float().repeat_interleave(group_size, 1)[:, :k]
+
+
 def ref_linear_q8(
-    x: torch.Tensor, wq: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    group_size: int | None = None,
 ) -> torch.Tensor:
-    return F.linear(x.float(), wq.float() * scales.float()[:, None], bias).to(x.dtype)
+    return F.linear(x.float(), dequant_int8(wq, scales, group_size), bias).to(x.dtype)
 
 
 def ref_linear_q4(
@@ -284,13 +303,17 @@ def linear_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
 
 
 def linear_q8(
-    x: torch.Tensor, wq: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    group_size: int | None = None,
 ) -> torch.Tensor:
-    """x [..., K] @ (wq int8 [N, K] * scales[:, None])^T + bias -> [..., N]. Pass fp32 scales/bias to
-    avoid a per-call conversion."""
+    """x [..., K] @ dequant_int8(wq int8 [N, K], scales, group_size)^T + bias -> [..., N]. Pass fp32
+    scales/bias to avoid a per-call conversion."""
     if not _use_ext(x, scales, *([bias] if bias is not None else [])):
-        return ref_linear_q8(x, wq, scales, bias)
-    y = _ext.linear_q8(_f32(x.reshape(-1, x.shape[-1])), wq, _f32(scales), _f32(bias))
+        return ref_linear_q8(x, wq, scales, bias, group_size)
+    y = _ext.linear_q8(_f32(x.reshape(-1, x.shape[-1])), wq, _f32(scales), _f32(bias), group_size or 0)
     return y.to(x.dtype).reshape(*x.shape[:-1], wq.shape[0])
 
 
@@ -302,8 +325,8 @@ def linear_q4(
     group_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K] @ dequant_int4(wq, scales, zeros)^T + bias -> [..., N]. Pass fp32 scales/zeros (the
-    int4 modules keep bf16 ones: cache a float copy) to avoid a per-call conversion."""
+    """x [..., K] @ dequant_int4(wq, scales, zeros)^T + bias -> [..., N]. Pass fp32 scales/zeros (as
+    the int4 modules keep them) to avoid a per-call conversion."""
     if not _use_ext(x, scales, zeros, *([bias] if bias is not None else [])):
         return ref_linear_q4(x, wq, scales, zeros, group_size, bias)
     y = _ext.linear_q4(

@@ -99,5 +99,8 @@ inline const float* bias_ptr(const std::optional<at::Tensor>& bias, int64_t N, a
 
 at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
                      int64_t group_size, const std::optional<at::Tensor>& bias);
+at::Tensor dequant_q4(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros, int64_t group_size,
+                      int64_t K, bool bf16);
+at::Tensor dequant_q8(const at::Tensor& w, const at::Tensor& scales, int64_t group_size, bool bf16);
 
 }  // namespace leanformer

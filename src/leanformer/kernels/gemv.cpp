@@ -9,6 +9,7 @@
 //   x      [M, K] float32
 //   f32:   W [N, K] float32
 //   q8:    Wq [N, K] int8, scales [N] f32                        w[n,k] = q * scales[n]
+//          or scales [N, ceil(K/G)] f32 (group-wise, GGUF Q8_0)  w[n,k] = q * scales[n, k / G]
 //   q4:    Wq [N, ceil(K/2)] uint8, scales/zeros [N, ceil(K/G)]  w[n,k] = (code - 8) * scale + zero
 //          byte j of a row holds column 2j in its low nibble and column 2j+1 in its high nibble.
 // M > 8 is processed in chunks of 8 rows (W is then read once per chunk; correct, just not optimal).
@@ -113,6 +114,67 @@ inline void q8_row(const float* __restrict x, const int8_t* __restrict w, int64_
   }
 }
 
+// Group-wise scales (GGUF Q8_0: one scale per 32 columns): each decoded 8-weight vector is multiplied by
+// its group's scale before the FMA (one extra multiply per 8 weights, shared by the M rows), so the
+// accumulators run across groups and the reduction stays once per row.
+template <int M>
+inline void q8g_row(const float* __restrict x, const int8_t* __restrict w, const float* __restrict sc, int64_t K,
+                    int64_t G, float* out) {
+  constexpr int U = unroll<M>();
+  __m256 acc[M][U];
+  float tail[M];
+  LF_UNROLL
+  for (int m = 0; m < M; ++m) {
+    tail[m] = 0.f;
+    LF_UNROLL
+    for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
+  }
+  for (int64_t g = 0, k0 = 0; k0 < K; ++g, k0 += G) {
+    const int64_t k1 = std::min(K, k0 + G);
+    const __m256 s = _mm256_set1_ps(sc[g]);
+    int64_t k = k0;
+    for (; k + 8 * U <= k1; k += 8 * U) {
+      prefetch_ahead<8 * U>(w, k);
+      __m256 wv[U];
+      LF_UNROLL
+      for (int u = 0; u < U; ++u) wv[u] = _mm256_mul_ps(load_q8(w + k + 8 * u), s);
+      LF_UNROLL
+      for (int m = 0; m < M; ++m)
+        LF_UNROLL
+        for (int u = 0; u < U; ++u)
+          acc[m][u] = _mm256_fmadd_ps(wv[u], _mm256_loadu_ps(x + m * K + k + 8 * u), acc[m][u]);
+    }
+    for (; k + 8 <= k1; k += 8) {
+      const __m256 wv = _mm256_mul_ps(load_q8(w + k), s);
+      LF_UNROLL
+      for (int m = 0; m < M; ++m) acc[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m][0]);
+    }
+    for (; k < k1; ++k) {  // group not a multiple of 8 columns (or K's tail): scalar
+      LF_UNROLL
+      for (int m = 0; m < M; ++m) tail[m] += x[m * K + k] * static_cast<float>(w[k]) * sc[g];
+    }
+  }
+  LF_UNROLL
+  for (int m = 0; m < M; ++m) {
+    __m256 a = acc[m][0];
+    LF_UNROLL
+    for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[m][u]);
+    out[m] = hsum(a) + tail[m];
+  }
+}
+
+template <int M>
+void q8g_rows(const float* x, const int8_t* w, const float* scales, const float* bias, float* y, int64_t N,
+              int64_t K, int64_t G) {
+  const int64_t n_groups = (K + G - 1) / G;
+  for_rows(N, K, [&](int64_t n) {
+    float out[M];
+    q8g_row<M>(x, w + n * K, scales + n * n_groups, K, G, out);
+    LF_UNROLL
+    for (int m = 0; m < M; ++m) y[m * N + n] = out[m] + (bias ? bias[n] : 0.f);
+  });
+}
+
 template <int M>
 void q8_rows(const float* x, const int8_t* w, const float* scales, const float* bias, float* y, int64_t N,
              int64_t K) {
@@ -143,20 +205,33 @@ at::Tensor linear_f32(const at::Tensor& x_, const at::Tensor& w_, const std::opt
 }
 
 at::Tensor linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
-                     const std::optional<at::Tensor>& bias) {
+                     const std::optional<at::Tensor>& bias, int64_t group_size) {
   check_x(x_);
   TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kChar && w_.size(1) == x_.size(1),
               "Wq must be int8 [N, K] matching x [M, K]");
-  TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.numel() == w_.size(0), "scales must be float32 [N]");
+  const int64_t M = x_.size(0), K = x_.size(1), N = w_.size(0);
+  TORCH_CHECK(group_size >= 0, "group_size must be >= 0 (0: one scale per row)");
+  if (group_size == 0) {
+    TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.numel() == N, "scales must be float32 [N]");
+  } else {
+    const int64_t n_groups = (K + group_size - 1) / group_size;
+    TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.dim() == 2 && scales_.size(0) == N &&
+                    scales_.size(1) == n_groups,
+                "group-wise scales must be float32 [N, ceil(K/group_size)]");
+  }
   const at::Tensor x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor bh;
   const float* b = bias_ptr(bias, N, bh);
   at::Tensor y = at::empty({M, N}, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     dispatch_rows(std::min<int64_t>(kMaxRows, M - m0), [&](auto mc) {
-      q8_rows<decltype(mc)::value>(x.data_ptr<float>() + m0 * K, w.data_ptr<int8_t>(), scales.data_ptr<float>(), b,
-                                   y.data_ptr<float>() + m0 * N, N, K);
+      constexpr int R = decltype(mc)::value;
+      const float* xm = x.data_ptr<float>() + m0 * K;
+      float* ym = y.data_ptr<float>() + m0 * N;
+      if (group_size == 0)
+        q8_rows<R>(xm, w.data_ptr<int8_t>(), scales.data_ptr<float>(), b, ym, N, K);
+      else
+        q8g_rows<R>(xm, w.data_ptr<int8_t>(), scales.data_ptr<float>(), b, ym, N, K, group_size);
     });
   }
   return y;
@@ -168,9 +243,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "leanformer small-batch GEMV kernels (AVX2/FMA)";
   m.def("linear_f32", &leanformer::linear_f32, "x [M,K] f32 @ W[N,K]^T (+bias)", py::arg("x"), py::arg("w"),
         py::arg("bias") = py::none());
-  m.def("linear_q8", &leanformer::linear_q8, "x [M,K] f32 @ (Wq int8 * scales[:,None])^T (+bias)", py::arg("x"),
-        py::arg("wq"), py::arg("scales"), py::arg("bias") = py::none());
+  m.def("linear_q8", &leanformer::linear_q8,
+        "x [M,K] f32 @ (Wq int8 * scales)^T (+bias); scales [N], or [N, ceil(K/G)] with group_size G > 0",
+        py::arg("x"), py::arg("wq"), py::arg("scales"), py::arg("bias") = py::none(), py::arg("group_size") = 0);
   m.def("linear_q4", &leanformer::linear_q4, "x [M,K] f32 @ dequant_int4(Wq, scales, zeros, G)^T (+bias)", py::arg("x"),
         py::arg("wq"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"),
         py::arg("bias") = py::none());
+  m.def("dequant_q4", &leanformer::dequant_q4,
+        "Wq uint8 [R, >=ceil(K/2)] -> [R, K] fp32 (or bf16): (code - 8) * scale + zero per group", py::arg("wq"),
+        py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("k"), py::arg("bf16") = false);
+  m.def("dequant_q8", &leanformer::dequant_q8,
+        "Wq int8 [R, K] -> [R, K] fp32 (or bf16): q * scale, per row (group_size 0) or per group", py::arg("wq"),
+        py::arg("scales"), py::arg("group_size") = 0, py::arg("bf16") = false);
 }

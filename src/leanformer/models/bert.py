@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,8 +189,10 @@ class Layer(nn.Module):
         super().__init__()
         self.heads, self.head_dim, self.act = heads, a.head_dim, _ACTS[a.hidden_act]
         inner = heads * a.head_dim
-        self.qkv = nn.Linear(a.hidden_size, 3 * inner)  # rows: [q heads | k heads | v heads]
-        self.attn_out = nn.Linear(inner, a.hidden_size)
+        with warnings.catch_warnings():  # every head pruned: empty q/k/v/o weights, nothing to initialize
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            self.qkv = nn.Linear(a.hidden_size, 3 * inner)  # rows: [q heads | k heads | v heads]
+            self.attn_out = nn.Linear(inner, a.hidden_size)
         self.attn_norm = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
         self.ffn_in = nn.Linear(a.hidden_size, a.intermediate_size)
         self.ffn_out = nn.Linear(a.intermediate_size, a.hidden_size)

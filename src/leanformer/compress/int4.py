@@ -1,0 +1,133 @@
+"""Int4Linear: int4 weights, asymmetric per (output channel, group of input columns)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels as lk
+from ..errors import LeanformerError
+from . import kernels as K
+from .qbase import QuantLinear, _tracing
+
+
+class Int4Linear(QuantLinear):
+    """y = x @ dequant(W).T + b, W int4 group-wise: w = (q - 8) * scale + zero per [row, group].
+
+    Buffers (state dict and runtime alike): `qweight` uint8 [N, Kp/2], two codes per byte with the even
+    column in the low nibble (Kp = in_features rounded up to a group multiple; padded columns hold code
+    8 and meet zero-padded inputs), which is also the layout leanformer's GEMV kernel reads; `scales`
+    and `zeros` fp32 [N, G]. Saved scales/zeros take the smallest exact float dtype: bf16 for our
+    quantizers (the format of older saves), fp32 for GGUF Q4_1 (zero = min + 8 * scale)."""
+
+    EXACT = ("scales", "zeros", "input_scale")
+    COMPACT = ("scales", "zeros")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int = 128,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        if group_size not in K.INT4_GROUP_SIZES:
+            raise LeanformerError(f"int4 group_size must be one of {K.INT4_GROUP_SIZES}, got {group_size}")
+        self.group_size = group_size
+        g = K.n_groups(in_features, group_size)
+        self.k_padded = g * group_size
+        self.register_buffer(
+            "qweight", torch.full((out_features, self.k_padded // 2), 0x88, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer("scales", torch.ones(out_features, g, dtype=torch.float32, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, g, dtype=torch.float32, device=device))
+        self._cuda: tuple[torch.Tensor, torch.Tensor, int] | None = None  # torch's CUDA layout, lazily
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        group_size: int,
+        codes: torch.Tensor | None = None,
+        scales: torch.Tensor | None = None,
+        zeros: torch.Tensor | None = None,
+    ) -> Int4Linear:
+        """Round-to-nearest unless codes uint8 [N, K] with scales/zeros [N, G] are given (GPTQ, AWQ)."""
+        w = linear.weight.detach()
+        m = cls(
+            linear.in_features, linear.out_features, group_size, linear.bias is not None, w.device, w.dtype
+        )
+        if codes is None:
+            scales, zeros = K.int4_params(w, group_size)
+            codes = K.int4_codes(w, scales, zeros, group_size)
+        m.scales.copy_(scales)
+        m.zeros.copy_(zeros)
+        if linear.bias is not None:
+            m.bias.data.copy_(linear.bias.detach())
+        m.set_codes(codes)
+        return m
+
+    def set_codes(self, codes: torch.Tensor) -> None:
+        """codes uint8 [N, K or Kp] in 0..15 -> qweight (columns past K padded with code 8)."""
+        n, k = codes.shape
+        if k != self.k_padded:
+            codes = F.pad(codes, (0, self.k_padded - k), value=8)
+        self.qweight = K.pack_nibbles(codes.to(self.qweight.device)).contiguous()
+        self._drop_caches()
+
+    def codes(self) -> torch.Tensor:
+        """Codes uint8 [N, Kp]."""
+        return K.unpack_nibbles(self.qweight)
+
+    def _drop_caches(self) -> None:
+        self._cuda = None
+
+    # -------------------------------------------------------------------------------- compute
+
+    def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.k_padded != self.in_features:  # the kernel's K must match the codes' Kp
+            x = F.pad(x, (0, self.k_padded - self.in_features))
+        return lk.ext().linear_q4(x, self.qweight, self.scales, self.zeros, self.group_size, bias)
+
+    def dequantize_rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """fp32 [R, K]; rows a slice or an index tensor. Same arithmetic as K.int4_dequant."""
+        q = self.qweight[rows]  # [R, Kp/2]
+        n = q.shape[0]
+        c = torch.stack((q & 0xF, q >> 4), dim=-1).view(n, -1, self.group_size).float()  # [R, G, g]
+        w = c.sub_(8).mul_(self.scales[rows][:, :, None]).add_(self.zeros[rows][:, :, None])
+        w = w.view(n, self.k_padded)
+        return w if self.k_padded == self.in_features else w[:, : self.in_features]
+
+    def _dequant_native(self, rows: slice | torch.Tensor, bf16: bool) -> torch.Tensor:
+        q, s, z = self.qweight[rows], self.scales[rows], self.zeros[rows]
+        return lk.ext().dequant_q4(q, s, z, self.group_size, self.in_features, bf16)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cuda" and not _tracing():
+            return self._cuda_matmul(x)
+        return super()._matmul(x)
+
+    def _cuda_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """torch's int4 CUDA kernel (bf16 activations) on its own packed layout, built on first use:
+        rows padded to a multiple of 16, (scale, zero) pairs bf16 [G, Np, 2]."""
+        if self._cuda is None:
+            K.require_kernel("aten::_weight_int4pack_mm", x.device, "int4 matmul")
+            pad = -self.out_features % K.INT4_N_MULTIPLE
+            codes = F.pad(self.codes(), (0, 0, 0, pad), value=8)
+            s = F.pad(self.scales, (0, 0, 0, pad), value=1.0).to(torch.bfloat16)
+            z = F.pad(self.zeros, (0, 0, 0, pad)).to(torch.bfloat16)
+            sz = torch.stack([s.t(), z.t()], dim=-1).contiguous()
+            self._cuda = (K.int4_pack(codes, x.device), sz, pad)
+        packed, sz, _ = self._cuda
+        xb = x.to(torch.bfloat16)
+        if self.k_padded != self.in_features:
+            xb = F.pad(xb, (0, self.k_padded - self.in_features))
+        y = K.int4_mm(xb.contiguous(), packed, self.group_size, sz)
+        return y[:, : self.out_features]
+
+    def extra_repr(self) -> str:
+        pad = ", padded_in" if self.k_padded != self.in_features else ""
+        return super().extra_repr() + f", bits=4, group_size={self.group_size}{pad}"

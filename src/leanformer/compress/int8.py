@@ -1,0 +1,83 @@
+"""Int8Linear: int8 weights with one scale per output channel, or per group of input columns (GGUF Q8_0
+loads with 32-column groups, exactly)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import kernels as lk
+from ..errors import LeanformerError
+from . import kernels as K
+from .qbase import QuantLinear
+
+
+class Int8Linear(QuantLinear):
+    """y = x @ (q * scales).T + b with q int8 [N, K] symmetric.
+
+    Buffers (state dict and runtime alike): `weight_int8` int8 [N, K]; `scales` fp32 [N] (per channel,
+    group_size None) or [N, ceil(K / group_size)] (per group of columns). Saved scales take the
+    smallest exact float dtype (bf16 for round-to-nearest, as older saves)."""
+
+    EXACT = ("scales", "input_scale")
+    COMPACT = ("scales",)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        group_size: int | None = None,
+    ):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        if group_size is not None and group_size <= 0:
+            raise LeanformerError(f"int8 group_size must be positive, got {group_size}")
+        self.group_size = group_size
+        shape = (out_features,) if group_size is None else (out_features, K.n_groups(in_features, group_size))
+        self.register_buffer(
+            "weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer("scales", torch.ones(shape, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, q: torch.Tensor | None = None, scales: torch.Tensor | None = None
+    ) -> Int8Linear:
+        """Round-to-nearest per channel unless integer values (e.g. from GPTQ) are given."""
+        m = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            linear.weight.device,
+            linear.weight.dtype,
+        )
+        if q is None:
+            q, scales = K.int8_symmetric(linear.weight.detach())
+        m.weight_int8.copy_(q)
+        m.scales.copy_(scales)
+        if linear.bias is not None:
+            m.bias.data.copy_(linear.bias.detach())
+        return m
+
+    def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return lk.ext().linear_q8(x, self.weight_int8, self.scales, bias, self.group_size or 0)
+
+    def dequantize_rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """fp32 [R, K]; rows a slice or an index tensor."""
+        q, s = self.weight_int8[rows], self.scales[rows]
+        if self.group_size is None:
+            return q.float() * s[:, None]
+        n, k = q.shape
+        g = self.group_size
+        if k % g == 0:  # [R, G, g] * [R, G, 1]: no repeated scale tensor
+            return (q.view(n, -1, g).float() * s[:, :, None]).view(n, k)
+        return q.float() * s.repeat_interleave(g, 1)[:, :k]
+
+    def _dequant_native(self, rows: slice | torch.Tensor, bf16: bool) -> torch.Tensor:
+        return lk.ext().dequant_q8(self.weight_int8[rows], self.scales[rows], self.group_size or 0, bf16)
+
+    def extra_repr(self) -> str:
+        kind = "per_channel" if self.group_size is None else f"group_size={self.group_size}"
+        return super().extra_repr() + f", bits=8, {kind}"

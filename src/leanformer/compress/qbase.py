@@ -1,0 +1,211 @@
+"""Shared plumbing of the weight-only quantized Linears (int8.py, int4.py): which path runs a call.
+
+One runtime layout per module, the same bytes the state dict holds (int8 rows, or int4 nibbles two
+per byte, low nibble first), plus fp32 scales/zeros. Every path reads that layout:
+
+- decode (CPU, at most DECODE_MAX_ROWS input rows, leanformer's AVX2 GEMV kernels built, no autograd):
+  the kernel on fp32 activations straight from the codes; fp32 math, exact up to summation order.
+- prefill and everything else on CPU: dequantize the weight in chunks of rows (≤ CHUNK_ELEMS values,
+  so even a 49152-row LM head never exists whole in float) into the compute dtype and call F.linear
+  (oneDNN); kernels/dequant.cpp writes a chunk in one pass. Compute dtype: bf16 where the CPU has
+  native bf16 (AVX512-BF16 / AMX), fp32 elsewhere. Measured at 128 rows on an AVX512-BF16 CPU, 2
+  threads, ms for SmolLM2's gate_up 576->3072 | lm_head 576->49152: fp32 dense 2.6 | 49; torch's
+  packed bf16 kernels int8 1.5 | 28, int4 1.3 | 22 (int4 needs its own second copy of the weights);
+  ours in bf16 int8 1.0 | 17.5, int4 1.0 | 18; ours in fp32 3.3 | 47 (int8 and int4 alike). Without
+  native bf16, bf16 GEMMs and torch's bf16 kernels convert in software (the latter measured ~2x slower
+  than fp32 GEMM at 128 rows), so fp32 it is there. `PREFILL_BF16` overrides the choice (False: fp32
+  prefill everywhere, exact to fp32 rounding).
+- other devices: dequantize at the input dtype (int4 on CUDA uses torch's packed kernel, see int4.py).
+
+Scales/zeros are fp32 in memory whatever dtype the model is cast to (`EXACT`), and saved in the
+smallest float dtype that holds them exactly (`COMPACT`): bf16 for the round-to-nearest / GPTQ / AWQ
+quantizers (whose scales are bf16 values, the format of older saves), fp16 or fp32 for GGUF blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels as lk
+from ..kernels.modules import MAX_ROWS
+from . import kernels as K
+
+DECODE_MAX_ROWS = MAX_ROWS  # rows up to which the GEMV kernel beats dequantize + GEMM (kernels/modules.py)
+CHUNK_ELEMS = 1 << 20  # weight values dequantized per F.linear call (4 MB of fp32: stays in cache)
+PREFILL_BF16: bool | None = None  # None: bf16 prefill where the CPU has native bf16
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted `name`."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the dequantized weight and activations for a non-kernel call."""
+    if x.device.type != "cpu":
+        return x.dtype
+    bf16 = K.cpu_has_native_bf16() if PREFILL_BF16 is None else PREFILL_BF16
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def smallest_exact(t: torch.Tensor) -> torch.Tensor:
+    """t as bf16 or fp16 when that holds every value exactly, else as fp32 (for compact saves)."""
+    if t.is_meta:  # structure only: the shape is all that matters
+        return t.to(torch.bfloat16)
+    t = t.float()
+    for dt in (torch.bfloat16, torch.float16):
+        c = t.to(dt)
+        if torch.equal(c.float(), t):
+            return c
+    return t
+
+
+class QuantLinear(nn.Module):
+    """Base: shapes, bias, optional AWQ input scale, reshaping [..., K] -> [M, K], path choice.
+
+    Subclasses implement `_kernel(x fp32 [M, K], bias fp32) -> fp32 [M, N]`, `dequantize_rows(rows)`
+    (rows: a slice or an index tensor) -> fp32 [R, K], the codes' weight without the input scale, in
+    torch (the reference), and `_dequant_native(rows, bf16)`, the same through kernels/dequant.cpp.
+    A quantized embedding table (layout.py) looks rows up through `dequantize_as` too."""
+
+    EXACT: tuple[str, ...] = ("input_scale",)  # fp32 buffers that .to(dtype) must not round
+    COMPACT: tuple[str, ...] = ()  # buffers saved in their smallest exact float dtype
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        dtype = dtype if dtype is not None and dtype.is_floating_point else torch.float32
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), False) if bias else None
+        )
+        # AWQ's 1/s when it could not be folded upstream: x * input_scale before the matmul, fp32 [K].
+        self.register_buffer("input_scale", None)
+
+    def set_input_scale(self, scale: torch.Tensor | None) -> None:
+        self.input_scale = None if scale is None else scale.detach().float().contiguous()
+
+    # ---------------------------------------------------------------------------------- state
+
+    def _buffer_device(self) -> torch.device:
+        return next(iter(self.buffers())).device
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The buffer exists only for some AWQ layers: create it when the file has it (structure_only
+        # models cannot know in advance which layers were folded).
+        key = prefix + "input_scale"
+        if self.input_scale is None and key in state_dict:
+            self.input_scale = torch.empty_like(state_dict[key], device=self._buffer_device())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._tidy()
+
+    def _tidy(self) -> None:
+        """After loading (assign=True hands over the file's tensors as they are): fp32 contiguous
+        scales, and contiguous, 64-byte aligned integer codes (safetensors maps tensors at 8-byte
+        offsets; torch's AVX-512 int8 kernel crashes on those, ours do not care)."""
+        for name, t in self._buffers.items():
+            if t is None or t.is_meta:
+                continue
+            if name in self.EXACT:
+                t = t.float()
+            elif not t.is_floating_point() and t.device.type == "cpu" and t.data_ptr() % 64:
+                t = t.clone()
+            self._buffers[name] = t.contiguous()
+        self._drop_caches()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self.COMPACT:
+            if prefix + name in destination:
+                destination[prefix + name] = smallest_exact(destination[prefix + name].detach())
+
+    def _apply(self, fn, recurse=True):
+        # Keep EXACT buffers fp32 through model.to(bf16) / .half(): move them, never round them.
+        exact = {n: t for n in self.EXACT if (t := self._buffers.get(n)) is not None}
+        for n in exact:
+            self._buffers[n] = None  # skipped by nn.Module._apply; key order kept
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            if exact:
+                probe = next(iter(exact.values()))
+                device = fn(torch.empty(0, device=probe.device)).device
+                for n, t in exact.items():
+                    self._buffers[n] = t.to(device)
+        self._drop_caches()
+        return self
+
+    def _drop_caches(self) -> None:
+        """Hook: forget device-specific derived tensors (after a move or a load)."""
+
+    # -------------------------------------------------------------------------------- forward
+
+    def _in(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, self.in_features)
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
+        return x
+
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        return (
+            x.device.type == "cpu"
+            and 0 < x.shape[0] <= DECODE_MAX_ROWS
+            and not (torch.is_grad_enabled() and (x.requires_grad or self._needs_grad()))
+            and lk.available()
+        )
+
+    def _needs_grad(self) -> bool:
+        return self.bias is not None and self.bias.requires_grad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xi = self._in(x)
+        if not _tracing() and self._use_kernel(xi):
+            bias = None if self.bias is None else self.bias.detach().float()
+            y = self._kernel(xi.float(), bias)  # fp32 [M, N], bias included
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = self._matmul(xi)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] @ W^T without bias, by dequantized chunks of rows: -> [M, N] in compute dtype."""
+        dt = x.dtype if _tracing() else compute_dtype(x)
+        xc = x.to(dt)
+        rows = max(1, CHUNK_ELEMS // self.in_features)
+        n = self.out_features
+        parts = [F.linear(xc, self.dequantize_as(slice(a, a + rows), dt)) for a in range(0, n, rows)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def dequantize_as(self, rows: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """dequantize_rows(rows) in `dtype`: on CPU one pass of the compiled dequantizer straight into
+        fp32 / bf16 (same values: kernels/dequant.cpp), else the torch formula then a cast."""
+        native = dtype in (torch.float32, torch.bfloat16) and self._buffer_device().type == "cpu"
+        if native and not _tracing() and lk.available():
+            return self._dequant_native(rows, dtype == torch.bfloat16)
+        return self.dequantize_rows(rows).to(dtype)
+
+    def _dequant_native(self, rows: slice | torch.Tensor, bf16: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize_rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 [N, K]: the weight the module effectively applies (AWQ input scale folded in)."""
+        w = self.dequantize_rows(slice(None))
+        return w if self.input_scale is None else w * self.input_scale
+
+    def extra_repr(self) -> str:
+        s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return s + (", awq_input_scale=True" if self.input_scale is not None else "")

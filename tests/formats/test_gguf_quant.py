@@ -1,0 +1,155 @@
+"""load(gguf, keep_quantized=True): Q8_0 / Q4_0 / Q4_1 blocks straight into int8 / int4 modules, exactly
+the weights a float load dequantizes; tiny synthetic files and the real SmolLM2 Q4_1 file."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import gguf
+import pytest
+import torch
+from torch import nn
+
+import leanformer as lf
+from leanformer.compress import Int4Linear, Int8Linear, qbase
+from leanformer.compress.layout import QuantEmbedding
+from leanformer.errors import LeanformerError
+from tests.formats.test_gguf import tiny_config
+from tests.formats.tiny_gguf import hf_llama_state_dict, write_gguf
+
+Q = gguf.GGMLQuantizationType
+
+# substring of the HF name -> GGML type, first match wins (norms stay F32)
+CASES = {
+    # untied; gate Q4_0 + up Q4_1 fuse into int4, q/k/v Q8_0 into int8 per 32 columns, embedding F16
+    # stays a float Embedding, an unsupported Q5_0 head is dequantized to a float Linear
+    "untied-mixed": (
+        False,
+        {"mlp.gate": Q.Q4_0, "mlp": Q.Q4_1, "self_attn": Q.Q8_0, "embed": Q.F16, "lm_head": Q.Q5_0},
+    ),
+    # tied Q8_0 table: one Int8Linear is both the head and the embedding; q/k Q4_0 + v Q8_0 -> int8
+    "tied-q8": (True, {"v_proj": Q.Q8_0, "self_attn": Q.Q4_0, "mlp": Q.Q4_1, "embed": Q.Q8_0}),
+    # tied Q4_1 table (int4 embedding lookups); Q4_1 mixed with Q8_0 in qkv has no exact int form -> float
+    "tied-q4_1": (True, {"v_proj": Q.Q8_0, "self_attn": Q.Q4_1, "mlp": Q.Q4_0, "embed": Q.Q4_1}),
+    # untied with a quantized embedding table of its own
+    "untied-q4_0-table": (False, {"embed": Q.Q4_0, "lm_head": Q.Q8_0, "": Q.Q4_1}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def tiny(request, tmp_path_factory):
+    tied, qtypes = CASES[request.param]
+    cfg = tiny_config(tie_word_embeddings=tied)
+    path = tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf"
+    write_gguf(path, cfg, hf_llama_state_dict(cfg, seed=3), qtypes=qtypes)
+    return request.param, path
+
+
+@pytest.fixture
+def fp32_prefill(monkeypatch):
+    monkeypatch.setattr(qbase, "PREFILL_BF16", False)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def load_both(path):
+    """(keep_quantized model, float model); the Q5_0 case must warn that it was dequantized."""
+    with pytest.warns(UserWarning, match="Q5_0") if "untied-mixed" in path.name else nullcontext():
+        q, _ = lf.load(path, keep_quantized=True)
+    f, _ = lf.load(path)
+    return q, f
+
+
+def test_modules_hold_exactly_the_file_weights(tiny, fp32_prefill):
+    name, path = tiny
+    q, f = load_both(path)
+    kinds = {type(m).__name__ for m in q.modules()}
+    assert {"Int4Linear", "Int8Linear"} & kinds
+    float_weights = dict(f.named_parameters())  # tied: lm_head.weight is listed once, as the embedding
+    for mod_name, m in q.named_modules():
+        if isinstance(m, (Int4Linear, Int8Linear)):
+            key = (
+                f"{mod_name}.weight" if f"{mod_name}.weight" in float_weights else "model.embed_tokens.weight"
+            )
+            assert torch.equal(m.dequantize(), float_weights[key]), mod_name  # bit-exact, not merely close
+            assert m.group_size == 32
+    emb = q.model.embed_tokens
+    if name == "untied-mixed":
+        assert type(emb) is nn.Embedding and isinstance(q.lm_head, nn.Linear)
+    else:
+        assert isinstance(emb, QuantEmbedding) and emb.tied == name.startswith("tied")
+        assert torch.equal(emb(torch.arange(7)), f.model.embed_tokens.weight[:7])
+    if name == "tied-q4_1":
+        assert not isinstance(q.model.layers[0].self_attn.qkv_proj, (Int4Linear, Int8Linear))
+        assert isinstance(q.model.layers[0].mlp.gate_up_proj, Int4Linear)
+
+
+def test_logits_match_float_load(tiny, fp32_prefill):
+    """Same weights, fp32 math: prefill (dequantize path) and decode-sized (GEMV kernel) calls agree
+    with the float model to fp32 rounding."""
+    _, path = tiny
+    q, f = load_both(path)
+    ids = torch.randint(3, 290, (2, 24))
+    with torch.no_grad():
+        assert rel(q(ids), f(ids)) < 1e-5
+        assert rel(q(ids[:1, :3]), f(ids[:1, :3])) < 1e-5
+
+
+def test_save_reload_and_bf16(tiny, tmp_path, fp32_prefill):
+    name, path = tiny
+    q, _ = load_both(path)
+    ids = torch.randint(3, 290, (1, 20))
+    with torch.no_grad():
+        ref = q(ids)
+        lf.save(q, None, tmp_path / "saved")
+        again, _ = lf.load(tmp_path / "saved")
+        assert torch.equal(again(ids), ref)
+    assert again.config["leanformer"]["quantized_modules"] == q.config["leanformer"]["quantized_modules"]
+    b, _ = lf.load(path, dtype="bfloat16", keep_quantized=True) if name != "untied-mixed" else (None, None)
+    if b is not None:  # fp32 scales survive a bf16 load exactly
+        for (n1, m1), (_, m2) in zip(q.named_modules(), b.named_modules()):
+            if isinstance(m1, (Int4Linear, Int8Linear)):
+                assert m2.scales.dtype == torch.float32 and torch.equal(m1.scales, m2.scales), n1
+        with torch.no_grad():
+            out = b(ids)
+        assert out.dtype == torch.bfloat16 and rel(out.float(), ref) < 0.1
+
+
+def test_keep_quantized_needs_gguf(tmp_path):
+    with pytest.raises(LeanformerError, match="keep_quantized=True needs a .gguf"):
+        lf.load(tmp_path, keep_quantized=True)
+
+
+# --- the real SmolLM2-135M-Instruct Q4_1 file ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair(smollm2):
+    q, tok = lf.load(smollm2, keep_quantized=True)
+    f, _ = lf.load(smollm2)
+    return q, f, tok
+
+
+def test_smollm2_quantized_matches_fp32_and_generates(smollm2_pair, fp32_prefill):
+    q, f, tok = smollm2_pair
+    assert isinstance(q.lm_head, Int8Linear) and q.lm_head.group_size == 32  # token_embd is Q8_0
+    assert isinstance(q.model.embed_tokens, QuantEmbedding) and q.model.embed_tokens.tied
+    n_int4 = sum(isinstance(m, Int4Linear) for m in q.modules())
+    assert n_int4 == 4 * 30  # qkv, o, gate_up, down per layer
+    floats = sum(p.numel() for p in q.parameters())
+    assert floats < 100_000  # only the norms are float: no full-precision copy of any matrix
+    float_weights = dict(f.named_parameters())
+    for name in ("model.layers.0.self_attn.qkv_proj", "model.layers.29.mlp.down_proj", "lm_head"):
+        key = f"{name}.weight" if name != "lm_head" else "model.embed_tokens.weight"  # tied
+        assert torch.equal(q.get_submodule(name).dequantize(), float_weights[key]), name
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert rel(q(ids), f(ids)) < 1e-3  # prefill: dequantize + fp32 GEMM
+        assert rel(q(ids[:, :9]), f(ids[:, :9])) < 1e-3  # decode-sized: the GEMV kernels
+    answer = lf.generate(q, tok, prompt, max_new_tokens=12)
+    assert "Paris" in answer
+    assert answer == lf.generate(f, tok, prompt, max_new_tokens=12)
