@@ -73,10 +73,13 @@ class Int4WeightOnly(QuantConfig):
 
     group_size: int = 128
     pad: bool = False
+    scale_bits: int | None = None  # 8: scales/zeros stored as 8-bit codes (compress/double_quant.py)
 
     def validate(self) -> None:
         super().validate()
         _check_int4(self)
+        if self.scale_bits not in (None, 8):
+            raise LeanformerError(f"Int4WeightOnly: scale_bits must be None or 8, got {self.scale_bits}")
 
 
 @_register

@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import kernels as lk
 from ..errors import LeanformerError
+from . import double_quant as DQ
 from . import kernels as K
 from .qbase import QuantLinear, _tracing
 
@@ -19,9 +20,13 @@ class Int4Linear(QuantLinear):
     column in the low nibble (Kp = in_features rounded up to a group multiple; padded columns hold code
     8 and meet zero-padded inputs), which is also the layout leanformer's GEMV kernel reads; `scales`
     and `zeros` fp32 [N, G]. Saved scales/zeros take the smallest exact float dtype: bf16 for our
-    quantizers (the format of older saves), fp32 for GGUF Q4_1 (zero = min + 8 * scale)."""
+    quantizers (the format of older saves), fp32 for GGUF Q4_1 (zero = min + 8 * scale).
 
-    EXACT = ("scales", "zeros", "input_scale")
+    With `scale_bits=8` the state dict holds `scale_codes` / `zero_codes` uint8 [N, G] and
+    `scale_ranges` fp32 [4] instead (compress/double_quant.py: 4.5 bits per weight at group 32), and
+    `scales` / `zeros` are their fp32 decoding, a runtime-only buffer."""
+
+    EXACT = ("scales", "zeros", "input_scale", "scale_ranges")
     COMPACT = ("scales", "zeros")
 
     def __init__(
@@ -32,8 +37,12 @@ class Int4Linear(QuantLinear):
         bias: bool = False,
         device=None,
         dtype=None,
+        scale_bits: int | None = None,
     ):
         super().__init__(in_features, out_features, bias, device, dtype)
+        if scale_bits not in (None, 8):
+            raise LeanformerError(f"int4 scale_bits must be None or 8, got {scale_bits}")
+        self.scale_bits = scale_bits
         if group_size not in K.INT4_GROUP_SIZES:
             raise LeanformerError(f"int4 group_size must be one of {K.INT4_GROUP_SIZES}, got {group_size}")
         self.group_size = group_size
@@ -42,8 +51,17 @@ class Int4Linear(QuantLinear):
         self.register_buffer(
             "qweight", torch.full((out_features, self.k_padded // 2), 0x88, dtype=torch.uint8, device=device)
         )
-        self.register_buffer("scales", torch.ones(out_features, g, dtype=torch.float32, device=device))
-        self.register_buffer("zeros", torch.zeros(out_features, g, dtype=torch.float32, device=device))
+        coded = scale_bits is not None  # then scales/zeros are decoded from codes, not saved
+        self.register_buffer(
+            "scales", torch.ones(out_features, g, dtype=torch.float32, device=device), persistent=not coded
+        )
+        self.register_buffer(
+            "zeros", torch.zeros(out_features, g, dtype=torch.float32, device=device), persistent=not coded
+        )
+        if coded:
+            for name in ("scale_codes", "zero_codes"):
+                self.register_buffer(name, torch.zeros(out_features, g, dtype=torch.uint8, device=device))
+            self.register_buffer("scale_ranges", torch.zeros(4, dtype=torch.float32, device=device))
         self._cuda: tuple[torch.Tensor, torch.Tensor, int] | None = None  # torch's CUDA layout, lazily
 
     @classmethod
@@ -54,17 +72,31 @@ class Int4Linear(QuantLinear):
         codes: torch.Tensor | None = None,
         scales: torch.Tensor | None = None,
         zeros: torch.Tensor | None = None,
+        scale_bits: int | None = None,
     ) -> Int4Linear:
-        """Round-to-nearest unless codes uint8 [N, K] with scales/zeros [N, G] are given (GPTQ, AWQ)."""
+        """Round-to-nearest unless codes uint8 [N, K] with scales/zeros [N, G] are given (GPTQ, AWQ).
+        scale_bits=8: scales/zeros coded in 8 bits first, weight codes chosen against the decoded ones."""
         w = linear.weight.detach()
         m = cls(
-            linear.in_features, linear.out_features, group_size, linear.bias is not None, w.device, w.dtype
+            linear.in_features,
+            linear.out_features,
+            group_size,
+            linear.bias is not None,
+            w.device,
+            w.dtype,
+            scale_bits,
         )
-        if codes is None:
-            scales, zeros = K.int4_params(w, group_size)
-            codes = K.int4_codes(w, scales, zeros, group_size)
-        m.scales.copy_(scales)
-        m.zeros.copy_(zeros)
+        if scale_bits is not None:
+            if codes is not None:
+                raise LeanformerError("int4 scale_bits=8 is for round-to-nearest (no given codes)")
+            m.set_coded_scales(*DQ.encode(*K.int4_params(w, group_size, bf16=False)))
+            codes = K.int4_codes(w, m.scales, m.zeros, group_size)
+        else:
+            if codes is None:
+                scales, zeros = K.int4_params(w, group_size)
+                codes = K.int4_codes(w, scales, zeros, group_size)
+            m.scales.copy_(scales)
+            m.zeros.copy_(zeros)
         if linear.bias is not None:
             m.bias.data.copy_(linear.bias.detach())
         m.set_codes(codes)
@@ -77,6 +109,24 @@ class Int4Linear(QuantLinear):
             codes = F.pad(codes, (0, self.k_padded - k), value=8)
         self.qweight = K.pack_nibbles(codes.to(self.qweight.device)).contiguous()
         self._drop_caches()
+
+    def set_coded_scales(
+        self, scale_codes: torch.Tensor, zero_codes: torch.Tensor, ranges: torch.Tensor
+    ) -> None:
+        """8-bit scale/zero codes (double_quant.encode) -> buffers, and their fp32 decoding."""
+        self.scale_codes.copy_(scale_codes)
+        self.zero_codes.copy_(zero_codes)
+        self.scale_ranges.copy_(ranges)
+        self._decode_scales()
+
+    def _decode_scales(self) -> None:
+        scales, zeros = DQ.decode(self.scale_codes, self.zero_codes, self.scale_ranges)
+        self.scales, self.zeros = scales.contiguous(), zeros.contiguous()
+
+    def _tidy(self) -> None:
+        super()._tidy()
+        if self.scale_bits is not None and not self.scale_codes.is_meta:
+            self._decode_scales()  # after a load: the runtime scales come from the saved codes
 
     def codes(self) -> torch.Tensor:
         """Codes uint8 [N, Kp]."""
@@ -130,4 +180,5 @@ class Int4Linear(QuantLinear):
 
     def extra_repr(self) -> str:
         pad = ", padded_in" if self.k_padded != self.in_features else ""
-        return super().extra_repr() + f", bits=4, group_size={self.group_size}{pad}"
+        coded = ", scale_bits=8" if self.scale_bits else ""
+        return super().extra_repr() + f", bits=4, group_size={self.group_size}{pad}{coded}"

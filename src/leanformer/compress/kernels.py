@@ -86,7 +86,7 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def int4_params(
-    w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None
+    w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None, bf16: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest asymmetric parameters per group. w [N, K]; clip [N, G] optional shrink factors
     (AWQ's clipping search) applied to the group's min/max. Returns (scales, zeros) fp32 [N, G] holding
@@ -101,7 +101,10 @@ def int4_params(
         mx, mn = wg.amax(-1), wg.amin(-1)
     if clip is not None:
         mx, mn = mx * clip, mn * clip
-    scales = ((mx - mn) / 15).clamp_min(1e-6).to(torch.bfloat16).float()
+    scales = ((mx - mn) / 15).clamp_min(1e-6)
+    if not bf16:  # fp32 parameters (coded afterwards, e.g. by double_quant)
+        return scales, mn + 8 * scales
+    scales = scales.to(torch.bfloat16).float()
     zeros = (mn + 8 * scales).to(torch.bfloat16).float()
     return scales, zeros
 

@@ -84,7 +84,7 @@ def _empty_like(cfg: QuantConfig, lin: nn.Linear) -> nn.Module:
         return Int8DynamicLinear(*shape, bias, dev, dt, cfg.min_tokens)
     if isinstance(cfg, Int8WeightOnly) or getattr(cfg, "bits", 4) == 8:
         return Int8Linear(*shape, bias, dev, dt)
-    return Int4Linear(*shape, cfg.group_size, bias, dev, dt)
+    return Int4Linear(*shape, cfg.group_size, bias, dev, dt, scale_bits=getattr(cfg, "scale_bits", None))
 
 
 def quantize_(
@@ -148,7 +148,7 @@ def _quantize(
             if isinstance(config, Int8WeightOnly):
                 new = Int8Linear.from_linear(lin)
             elif isinstance(config, Int4WeightOnly):
-                new = Int4Linear.from_linear(lin, config.group_size)
+                new = Int4Linear.from_linear(lin, config.group_size, scale_bits=config.scale_bits)
             elif isinstance(config, Int8Dynamic):
                 new = Int8DynamicLinear.from_linear(lin, config.min_tokens)
             else:
@@ -219,6 +219,7 @@ PRESETS: dict[str, list[QuantConfig]] = {
     "int8": [Int8WeightOnly()],
     "int4": [Int4WeightOnly(group_size=64)],
     "int4-g32": [Int4WeightOnly(group_size=32)],
+    "int4-g32-dq8": [Int4WeightOnly(group_size=32, scale_bits=8)],
     "int4-g128": [Int4WeightOnly(group_size=128)],
     "w8a8": [Int8Dynamic()],
     "gptq-int4": [GPTQ(bits=4, group_size=64)],
