@@ -38,3 +38,28 @@ def test_quantize_save_load(tiny_dirs, tmp_path, err, arch, cfg):
     again, _ = lf.load(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(again(ids), out)
+
+
+@pytest.mark.parametrize("preset", ["int8+head-int8", "int4-g32-dq8+head-int8"])
+def test_tied_embedding_follows_the_quantized_head(tiny_dirs, tmp_path, err, preset):
+    from leanformer.compress import apply, load_recipe
+    from leanformer.compress.layout import QuantEmbedding
+
+    model, _ = lf.load(tiny_dirs["qwen2"])  # tied embeddings
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        ref = model(ids)
+        apply(model, load_recipe(preset), progress=False)
+        out = model(ids)
+    assert isinstance(model.model.embed_tokens, QuantEmbedding) and model.model.embed_tokens.tied
+    assert model.model.embed_tokens.source() is model.lm_head
+    assert err(out, ref) < (0.1 if preset.startswith("int8") else 0.6)
+    assert not any("embed_tokens" in k for k in model.state_dict())  # stored once, under lm_head
+    lf.save(model, None, tmp_path / "q")
+    again, _ = lf.load(tmp_path / "q")
+    assert isinstance(again.model.embed_tokens, QuantEmbedding)
+    with torch.no_grad():
+        assert torch.equal(again(ids), out)
+    assert lf.generate(again, None, [1, 2, 3], max_new_tokens=4) == lf.generate(
+        model, None, [1, 2, 3], max_new_tokens=4
+    )

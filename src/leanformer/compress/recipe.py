@@ -123,9 +123,11 @@ def _quantize(
         return
     names = select_linears(model, config)
     _check_shapes(model, names, config)
+    tied = _tied_embeddings(model, names)
     if structure_only:
         for n in names:
             set_module(model, n, _empty_like(config, model.get_submodule(n)))
+        _share_quantized_tables(model, tied)
         return
     if isinstance(config, (GPTQ, AWQ)):
         if calibration is None:
@@ -141,6 +143,7 @@ def _quantize(
 
             awq_quantize(model, config, names, calibration, progress)
         model.train(was_training)
+        _share_quantized_tables(model, tied)
         return
     with torch.no_grad():
         for n in names:
@@ -154,6 +157,26 @@ def _quantize(
             else:
                 raise LeanformerError(f"quantize_ cannot apply {type(config).__name__}")
             set_module(model, n, new)
+    _share_quantized_tables(model, tied)
+
+
+def _tied_embeddings(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Embedding name → the targeted Linear sharing its weight (a tied LM head), before the swap."""
+    by_weight = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    return {by_weight[id(w)]: n for n in names if id(w := model.get_submodule(n).weight) in by_weight}
+
+
+def _share_quantized_tables(model: nn.Module, tied: dict[str, str]) -> None:
+    """A tied embedding follows its quantized LM head: it becomes a QuantEmbedding reading the head's
+    table (rows dequantized on lookup), so the matrix stays stored once, quantized, and the float
+    table is freed. (Int8Dynamic heads keep the float embedding: their table is oneDNN-packed.)"""
+    from .layout import QuantEmbedding
+
+    for emb_name, head_name in tied.items():
+        head = model.get_submodule(head_name)
+        if isinstance(head, (Int4Linear, Int8Linear)):
+            dtype = model.get_submodule(emb_name).weight.dtype
+            set_module(model, emb_name, QuantEmbedding(head, tied=True, dtype=dtype))
 
 
 @dataclass
@@ -220,6 +243,12 @@ PRESETS: dict[str, list[QuantConfig]] = {
     "int4": [Int4WeightOnly(group_size=64)],
     "int4-g32": [Int4WeightOnly(group_size=32)],
     "int4-g32-dq8": [Int4WeightOnly(group_size=32, scale_bits=8)],
+    # + the LM head (and a tied embedding: one int8 table for both) in int8
+    "int4-g32-dq8+head-int8": [
+        Int4WeightOnly(group_size=32, scale_bits=8),
+        Int8WeightOnly(targets=["lm_head"], ignore=[]),
+    ],
+    "int8+head-int8": [Int8WeightOnly(ignore=[])],
     "int4-g128": [Int4WeightOnly(group_size=128)],
     "w8a8": [Int8Dynamic()],
     "gptq-int4": [GPTQ(bits=4, group_size=64)],
