@@ -103,3 +103,15 @@ def test_compress_stories260k_int8(shared, tmp_path, capsys):
     assert abs(delta) <= 1.0
     model, tok = lf.load(out)
     assert lf.generate(model, tok, "", max_new_tokens=8).startswith("Once upon a time")
+
+
+def test_generate_keep_quantized_gguf(smollm2, capsys):
+    args = ["generate", str(smollm2), "--keep-quantized", "--chat", "--max-new-tokens", "12"]
+    assert main([*args, "--prompt", "What is the capital of France?"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_keep_quantized_needs_gguf(shared, capsys):
+    args = ["generate", str(shared / "models/stories260K"), "--keep-quantized", "--max-new-tokens", "2"]
+    assert main(args) == 2
+    assert "gguf" in capsys.readouterr().err.lower()

@@ -23,10 +23,14 @@ def resolve_model(name_or_path: str) -> str:
     )
 
 
+KEEP_QUANTIZED_HELP = "GGUF: load Q4_0/Q4_1/Q8_0 tensors straight into int4/int8 modules (no float copy)"
+
+
 def _load(args):
     import leanformer as lf
 
-    return lf.load(resolve_model(args.model), dtype=args.dtype)
+    keep = getattr(args, "keep_quantized", False)
+    return lf.load(resolve_model(args.model), dtype=args.dtype, keep_quantized=keep)
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -156,6 +160,7 @@ def cmd_bench(args) -> None:
     cfg = BenchConfig(
         resolve_model(args.model), args.dtype, args.prompt_tokens, args.new_tokens, args.batch, args.repeats
     )
+    cfg.keep_quantized = args.keep_quantized
     if args.recipe:
         from .compress import load_recipe
 
@@ -166,7 +171,8 @@ def cmd_bench(args) -> None:
     runs += [(engine, None) for engine in args.compare or []]
     rows = []
     for engine, recipe in runs:
-        label = engine + (f" +{recipe}" if recipe else "")
+        label = engine + (" keep-quantized" if engine == "leanformer" and cfg.keep_quantized else "")
+        label += f" +{recipe}" if recipe else ""
         print(f"benchmarking {label} ...", file=sys.stderr, flush=True)
         rows.append(run_engine(dataclasses.replace(cfg, recipe=recipe), engine) | {"label": label})
     labels = {"prefill_tok_s": "prefill tokens/s", "ttft_ms": "time to first token (ms)"}
@@ -230,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("model", help="path (HF folder, .gguf, llama2.c .bin) or a known name, e.g. smollm2")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        p.add_argument("--keep-quantized", action="store_true", help=KEEP_QUANTIZED_HELP)
         return p
 
     p = model_cmd("generate", "generate text from a prompt (streams)")

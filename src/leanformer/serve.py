@@ -378,6 +378,7 @@ def serve(
     port: int = 8000,
     *,
     dtype: str = "float32",
+    keep_quantized: bool = False,
     model_id: str | None = None,
     log_level: str = "info",
     **config,
@@ -388,7 +389,7 @@ def serve(
     cfg = ServeConfig(model_id=model_id or Path(model_path).stem, **config)
     if host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use it", host)
-    model, tok = lf.load(model_path, dtype=dtype)
+    model, tok = lf.load(model_path, dtype=dtype, keep_quantized=keep_quantized)
     app = create_app(model, tok, cfg)
     s = app.state.lf.scheduler
     if s is not None:

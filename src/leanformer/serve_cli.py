@@ -17,6 +17,9 @@ def add_serve_commands(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     p.add_argument("model", help="path (HF folder, .gguf, llama2.c .bin, leanformer save) or a known name")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--keep-quantized", action="store_true", help="GGUF: Q4_0/Q4_1/Q8_0 tensors stay int4/int8 in memory"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: MODEL)")
@@ -75,6 +78,7 @@ def cmd_serve(args) -> None:
         host=args.host,
         port=args.port,
         dtype=args.dtype,
+        keep_quantized=args.keep_quantized,
         model_id=args.model_name or (args.model if path != args.model else Path(path).stem),
         log_level=args.log_level,
         max_batch=args.max_batch,

@@ -29,6 +29,7 @@ class BenchConfig:
     repeats: int = 3
     threads: int | None = None
     recipe: str | None = None  # a compression recipe applied after loading (ours only)
+    keep_quantized: bool = False  # GGUF blocks straight into int modules (ours only)
 
 
 def _prompts(vocab: int, batch: int, length: int) -> torch.Tensor:
@@ -64,7 +65,7 @@ def measure(cfg: BenchConfig, engine: str) -> dict:
     if engine == "leanformer":
         import leanformer as lf
 
-        model, _ = lf.load(cfg.model, dtype=cfg.dtype)
+        model, _ = lf.load(cfg.model, dtype=cfg.dtype, keep_quantized=cfg.keep_quantized)
         if cfg.recipe:
             from ..compress import apply, load_recipe
 
