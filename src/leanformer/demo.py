@@ -26,12 +26,16 @@ class Variant:
     engine: str  # "transformers" or "leanformer"
     dtype: str = "float32"
     recipe: str | None = None  # path or name of a compression recipe
+    keep_quantized: bool = False  # the GGUF's own int4 blocks, not dequantized
 
 
 VARIANTS = [
     Variant("HF transformers fp32", "transformers"),
     Variant("leanformer fp32", "leanformer"),
     Variant("leanformer bf16", "leanformer", "bfloat16"),
+    Variant("leanformer int8 (+ int8 head)", "leanformer", recipe="int8+head-int8"),
+    Variant("leanformer int4 g32, 8-bit scales", "leanformer", recipe="int4-g32-dq8+head-int8"),
+    Variant("leanformer GGUF Q4_1 kept as int4", "leanformer", keep_quantized=True),
 ]
 
 # A few hundred words of plain English, used for the quality column when ../shared is not around.
@@ -60,7 +64,7 @@ def _quality_ids(tok) -> tuple[list[int], str]:
 def _transformed(model_path: str, v: Variant):
     import leanformer as lf
 
-    model, _ = lf.load(model_path, dtype=v.dtype)
+    model, _ = lf.load(model_path, dtype=v.dtype, keep_quantized=v.keep_quantized)
     if v.recipe:
         from .compress import apply, load_recipe
 
@@ -99,7 +103,8 @@ def run_demo(quick: bool = False) -> None:
     rows, reference_speed = [], None
     for v in VARIANTS:
         console.print(f"   measuring {v.name} ...")
-        speed = run_engine(BenchConfig(path, v.dtype, recipe=v.recipe, **cfg), v.engine)
+        bench = BenchConfig(path, v.dtype, recipe=v.recipe, keep_quantized=v.keep_quantized, **cfg)
+        speed = run_engine(bench, v.engine)
         reference_speed = reference_speed or speed["decode_tok_s_b1"]
         if v.engine == "transformers":
             from .reference import load_hf_reference
