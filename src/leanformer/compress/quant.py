@@ -111,8 +111,9 @@ class Int8DynamicLinear(QuantLinear):
             K.require_kernel("aten::_int_mm", xi.device, "int8 dynamic matmul")
             xq, s = K.quantize_rows_int8(xi)
             y = torch._int_mm(xq, self.weight_int8.t()).float() * self.scales
-        if self.bias is not None and x.dtype == torch.float32:  # one fused pass: y * s + b
-            return torch.addcmul(self.bias, y, s).reshape(*x.shape[:-1], self.out_features)
+        if x.dtype == torch.float32:  # in place: a new [M, N] output would cost page faults too
+            y = y.mul_(s) if self.bias is None else y.mul_(s).add_(self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
         y = y.mul_(s).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
