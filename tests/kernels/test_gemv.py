@@ -1,4 +1,5 @@
-"""The AVX2 GEMV kernels compute what their pure-torch references say (fp32, up to summation order)."""
+"""The GEMV kernels compute what their pure-torch references say (fp32, up to summation order), on
+every instruction set the CPU offers (AVX2 always, AVX-512 where present)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from leanformer import kernels as K
 needs_kernels = pytest.mark.skipif(not K.available(), reason="GEMV kernels unavailable on this machine")
 
 ROWS = (1, 2, 3, 5, 8)  # each count has its own unrolling / accumulator scheme
-# (N, K): tails in both directions (N not a multiple of the 4-row tile, K not of 8/16/32), plus a
-# realistic shape big enough to run multi-threaded.
-SHAPES = [(37, 83), (64, 64), (131, 577), (960, 576)]
+# (N, K): tails in both directions (odd N for the AVX-512 row pairs, K not a multiple of 8/16/32, K
+# shorter than one vector), plus a realistic shape big enough to run multi-threaded.
+SHAPES = [(5, 7), (37, 83), (64, 64), (131, 577), (960, 576)]
 
 
 def close(y: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
@@ -30,6 +31,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request):
+    """Runs the test with the linear_* kernels forced to one instruction set, then restores the best."""
+    if request.param not in K.isas():
+        pytest.skip(f"no {request.param} kernels on this machine")
+    K.set_isa(request.param)
+    yield request.param
+    K.set_isa(None)
+
+
 def test_builds_where_supported():
     """A broken build must fail CI, not silently fall back: where the CPU and toolchain allow it, the
     extension has to load."""
@@ -40,10 +51,29 @@ def test_builds_where_supported():
 
 
 @needs_kernels
+def test_isa_selection():
+    """The best instruction set is the default; asking for a missing one raises and changes nothing."""
+    assert K.isas()[0] == "avx2" and K.isa() == K.isas()[-1]
+    with pytest.raises(ValueError):
+        K.set_isa("sse2")
+    if "avx512" not in K.isas():
+        with pytest.raises(ValueError):
+            K.set_isa("avx512")
+        with pytest.raises(RuntimeError):
+            K.ext().set_isa("avx512")
+    try:
+        K.set_isa("avx2")
+        assert K.isa() == "avx2"
+    finally:
+        K.set_isa(None)
+    assert K.isa() == K.isas()[-1]
+
+
+@needs_kernels
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_f32(m, n, k, with_bias):
+def test_f32(m, n, k, with_bias, isa):
     x, w = torch.randn(m, k), torch.randn(n, k)
     b = torch.randn(n) if with_bias else None
     close(K.ext().linear_f32(x, w, b), K.ref_linear_f32(x, w, b))
@@ -53,7 +83,7 @@ def test_f32(m, n, k, with_bias):
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_q8(m, n, k, with_bias):
+def test_q8(m, n, k, with_bias, isa):
     x = torch.randn(m, k)
     wq = torch.randint(-128, 128, (n, k), dtype=torch.int8)
     s, b = torch.rand(n) * 0.01 + 1e-3, torch.randn(n) if with_bias else None
@@ -66,7 +96,7 @@ def test_q8(m, n, k, with_bias):
     "n,k,group", [(37, 96, 32), (64, 83, 32), (131, 577, 64), (960, 576, 32), (40, 100, 20)]
 )
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_q8_grouped(m, n, k, group, with_bias):
+def test_q8_grouped(m, n, k, group, with_bias, isa):
     """One scale per `group` columns (GGUF Q8_0: 32): partial last groups (83, 577), groups that are not
     whole 8-wide vectors (20), a multi-threaded shape."""
     x = torch.randn(m, k)
@@ -118,12 +148,14 @@ def test_dequant_int8_matches_torch(group, bf16):
         (960, 576, 128),
         (40, 768, 256),
         (48, 200, 40),
+        (7, 14, 2),
     ],
 )
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_q4(m, n, k, group, with_bias):
-    """Both decoders: group 32 (paired 16-byte groups), 64/128/256 (fast), 40 (generic); odd K (padded
-    nibble); partial last groups (577 % 64, 576 % 128); rows that are not whole 32-byte blocks."""
+def test_q4(m, n, k, group, with_bias, isa):
+    """AVX2's decoders: group 32 (paired 16-byte groups), 64/128/256 (fast), 40 and 2 (generic); odd K
+    (padded nibble); partial last groups (577 % 64, 576 % 128); rows that are not whole 32-byte blocks.
+    AVX-512: odd group counts at 32, groups that end inside a 16-byte chunk (40, 2), odd N."""
     x = torch.randn(m, k) + 0.3  # non-zero mean so the zero-point term matters
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
     g = -(-k // group)
@@ -133,7 +165,7 @@ def test_q4(m, n, k, group, with_bias):
 
 
 @needs_kernels
-def test_q4_convention_matches_compress_quantizer():
+def test_q4_convention_matches_compress_quantizer(isa):
     """w = (code - 8) * scale + zero, low nibble = even column: the bytes of compress.kernels."""
     from leanformer.compress import kernels as CK
 
@@ -147,7 +179,7 @@ def test_q4_convention_matches_compress_quantizer():
 
 
 @needs_kernels
-def test_many_rows_and_leading_dims():
+def test_many_rows_and_leading_dims(isa):
     """M > 8 runs in chunks of 8; the wrappers flatten leading dims and keep the input dtype."""
     x, w, b = torch.randn(2, 9, 100), torch.randn(33, 100), torch.randn(33)
     close(K.linear_f32(x, w, b), K.ref_linear_f32(x, w, b))
@@ -167,18 +199,34 @@ def test_wrappers_keep_autograd():
 
 
 @needs_kernels
-def test_threads_agree():
-    """Results must not depend on the thread split (each output is summed by exactly one thread)."""
-    x, w = torch.randn(3, 576), torch.randn(3072, 576)
+def test_threads_agree(isa):
+    """Results must not depend on the thread split (each output is summed by exactly one thread, in
+    the same order whichever rows share its task)."""
+    n_out = 3070  # two threads get 1535 rows each: a row paired on one thread is alone on two (AVX-512)
+    x, w = torch.randn(3, 576), torch.randn(n_out, 576)
+    wq, s8 = torch.randint(-127, 128, (n_out, 576), dtype=torch.int8), torch.rand(n_out)
+    codes, sc, zc = (
+        torch.randint(0, 16, (n_out, 576), dtype=torch.uint8),
+        torch.rand(n_out, 18),
+        torch.rand(n_out, 18),
+    )
+    e = K.ext()
+    ops = [
+        lambda: e.linear_f32(x, w),
+        lambda: e.linear_q8(x, wq, s8),
+        lambda: e.linear_q8(x[:1], wq, s8),
+        lambda: e.linear_q4(x, K.pack_int4(codes), sc, zc, 32),
+        lambda: e.linear_q4(x[:1], K.pack_int4(codes), sc, zc, 32),
+    ]
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = K.ext().linear_f32(x, w)
+        one = [f() for f in ops]
         torch.set_num_threads(2)
-        two = K.ext().linear_f32(x, w)
+        two = [f() for f in ops]
     finally:
         torch.set_num_threads(n)
-    assert torch.equal(one, two)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
 @needs_kernels

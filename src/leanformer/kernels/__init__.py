@@ -1,5 +1,5 @@
-"""Small-batch CPU GEMV kernels (AVX2/FMA) and int8/int4 dequantizers, JIT-built from gemv.cpp,
-gemv_q4.cpp and dequant.cpp on first use.
+"""Small-batch CPU GEMV kernels (AVX2/FMA, AVX-512 where the CPU has it) and int8/int4 dequantizers,
+JIT-built from gemv.cpp, gemv_q4.cpp, gemv_avx512.cpp and dequant.cpp on first use.
 
 Why: decoding a token reads every weight once, so batch-1 decode is memory-bandwidth bound. torch's
 CPU paths for x [M<=8, K] @ W[N, K]^T either run on one thread (MKL GEMV) or pay ~40 µs per call
@@ -19,6 +19,10 @@ Ops (x may have leading dims; all math is fp32 with fp32 accumulation):
 - ``dequant_q8(wq, scales, group_size=0, bf16=False)`` / ``dequant_q4(wq, scales, zeros, group_size, k,
   bf16=False)`` (compiled only, ``ext()``): rows of codes -> fp32 or bf16 [R, K] in one pass, what the
   quantized Linears feed to oneDNN's GEMM for prefill-sized inputs (compress/qbase.py).
+
+Instruction set: the ``linear_*`` ops run AVX-512 loops (gemv_avx512.cpp) on CPUs with AVX-512
+F/BW/VL/DQ and the AVX2 ones elsewhere, chosen at run time in one build. ``isa()`` says which is in use,
+``set_isa("avx2")`` forces the AVX2 path (tests, benchmarks), ``set_isa(None)`` restores the best.
 
 Each wrapper uses the compiled op when ``available()`` (and no gradient is needed) and the pure-torch
 ``ref_*`` otherwise, so callers never need to branch. The compiled ops (``ext().linear_*``, 2-D inputs,
@@ -52,8 +56,8 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / "gemv.cpp", _DIR / "gemv_q4.cpp", _DIR / "dequant.cpp"]
-_HEADERS = [_DIR / "common.h"]
+_SOURCES = [_DIR / "gemv.cpp", _DIR / "gemv_q4.cpp", _DIR / "gemv_avx512.cpp", _DIR / "dequant.cpp"]
+_HEADERS = [_DIR / "common.h", _DIR / "avx512.h"]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _NEEDED_FLAGS = ("avx2", "fma", "f16c")  # what the compiled code may execute
@@ -220,6 +224,28 @@ def ext() -> ModuleType:
     if not available():
         raise RuntimeError("leanformer GEMV kernels are not available on this machine")
     return _ext
+
+
+def isas() -> list[str]:
+    """Instruction sets the linear_* kernels can use on this machine ([] without the extension)."""
+    if not available():
+        return []
+    return ["avx2", "avx512"] if _ext.has_avx512() else ["avx2"]
+
+
+def isa() -> str | None:
+    """The instruction set the linear_* kernels use now ("avx2" or "avx512"), None without them."""
+    return _ext.isa() if available() else None
+
+
+def set_isa(name: str | None) -> None:
+    """Make the linear_* kernels use `name` ("avx2" or "avx512"; None: the best this CPU has), for
+    the whole process. Raises ValueError if the kernels or that instruction set are unavailable."""
+    have = isas()
+    name = name or (have[-1] if have else None)
+    if name not in have:
+        raise ValueError(f"instruction set {name!r} unavailable here (have: {have})")
+    _ext.set_isa(name)
 
 
 # ------------------------------------------------------------------------------ pure-torch references

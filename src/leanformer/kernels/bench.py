@@ -1,10 +1,11 @@
 """Benchmark the GEMV kernels against torch's CPU paths on a SmolLM2-135M decode step.
 
-    python -m leanformer.kernels.bench [--rows 1 8] [--repeats 7] [--threads 2]
+    python -m leanformer.kernels.bench [--rows 1 8] [--repeats 7] [--threads 2] [--isa avx2 avx512]
 
 A "chain" is the 121 matmuls of one decode step: 30 layers x [qkv 960x576, o 576x576, gate_up 3072x576,
 down 576x1536] + lm_head 49152x576 (134.5 M weights). Every variant is timed in alternating rounds in
-one process, so machine noise hits all of them alike; the table reports medians.
+one process, so machine noise hits all of them alike; the table reports medians. The leanformer
+variants run once per instruction set in --isa (default: every one this CPU has).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.layers import PackedLinear
-from . import available, ext, pack_int4
+from . import available, ext, isas, pack_int4, set_isa
 from .modules import FastLinear
 
 LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
@@ -82,16 +83,26 @@ def build_variants(m: int, layers: int, groups: tuple[int, ...]) -> dict[str, Ch
 
 
 def run_chains(
-    m: int, repeats: int, layers: int, groups: tuple[int, ...], skip: set[str]
+    m: int, repeats: int, layers: int, groups: tuple[int, ...], skip: set[str], isa_list: list[str]
 ) -> dict[str, float]:
-    variants = {k: c for k, c in build_variants(m, layers, groups).items() if k not in skip}
+    variants: dict[str, tuple[str | None, Chain]] = {}
+    for name, chain in build_variants(m, layers, groups).items():
+        if name in skip:
+            continue
+        if "leanformer" not in name:
+            variants[name] = (None, chain)
+        for isa in isa_list if "leanformer" in name else []:
+            variants[f"{name} {isa}"] = (isa, chain)
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for chain in variants.values():  # warm-up: first-touch pages, oneDNN primitive caches
-        _time_chain(chain)
-    for _ in range(repeats):
-        for name, chain in variants.items():
-            times[name].append(_time_chain(chain))
-    return {k: statistics.median(t) for k, t in times.items()}
+    try:
+        for _ in range(repeats + 1):  # round 0 warms up: first-touch pages, oneDNN primitive caches
+            for name, (isa, chain) in variants.items():
+                if isa:
+                    set_isa(isa)
+                times[name].append(_time_chain(chain))
+    finally:
+        set_isa(None)
+    return {k: statistics.median(t[1:]) for k, t in times.items()}
 
 
 def overhead_us(calls: int = 2000) -> dict[str, float]:
@@ -151,23 +162,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--groups", type=int, nargs="+", default=[64, 128])
     p.add_argument("--skip", nargs="*", default=[], help="variant names to leave out")
+    p.add_argument("--isa", nargs="+", default=None, help="instruction sets for the leanformer kernels")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     if not available():
         raise SystemExit("kernels unavailable on this machine")
+    isa_list = a.isa or isas()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
     )
     for m in a.rows:
-        res = run_chains(m, a.repeats, a.layers, tuple(a.groups), set(a.skip))
+        res = run_chains(m, a.repeats, a.layers, tuple(a.groups), set(a.skip), isa_list)
         base = res.get("f32 oneDNN packed", next(iter(res.values())))
         print(f"\nM={m}: {a.layers}-layer SmolLM2-135M chain, median of {a.repeats}")
-        print(f"| {'variant':24} | {'ms':>7} | {'GB/s':>6} | {'vs oneDNN f32':>13} |")
-        print(f"|{'-' * 26}|{'-' * 9}|{'-' * 8}|{'-' * 15}|")
+        print(f"| {'variant':31} | {'ms':>7} | {'GB/s':>6} | {'vs oneDNN f32':>13} |")
+        print(f"|{'-' * 33}|{'-' * 9}|{'-' * 8}|{'-' * 15}|")
         for name, ms in res.items():
             gbs = weight_mb(name, a.layers) / ms
-            print(f"| {name:24} | {ms:7.2f} | {gbs:6.1f} | {base / ms:12.2f}x |")
+            print(f"| {name:31} | {ms:7.2f} | {gbs:6.1f} | {base / ms:12.2f}x |")
     print("\nper-call overhead at 64x64, M=1 (µs):")
     for name, us in overhead_us().items():
         print(f"  {name:24} {us:6.1f}")

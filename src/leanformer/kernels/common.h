@@ -11,21 +11,13 @@
 #include <optional>
 #include <type_traits>
 
-// Fully unroll the short loops over activation rows / accumulators: GCC keeps __m256 arrays in
-// registers only when every index is a compile-time constant after unrolling (otherwise it spills
-// the accumulators to the stack on every FMA: measured 2.5x slower at M = 8).
-#define LF_UNROLL _Pragma("GCC unroll 16")
+#include "avx512.h"  // LF_UNROLL, LF_PREFETCH, KernelArgs
 
 namespace leanformer {
 
 constexpr int kMaxRows = 8;                 // activation rows handled in one pass over W
 constexpr int64_t kMinTaskBytes = 48 << 10;  // below this much weight per task, threading costs more
 
-// Software prefetch distance along the weight stream: on top of the hardware prefetcher it measured
-// ~10-25% faster (int8 at M = 1, fp32 at M = 8) and neutral elsewhere. -DLF_PREFETCH=0 disables.
-#ifndef LF_PREFETCH
-#define LF_PREFETCH 2048
-#endif
 constexpr int64_t kPrefetchBytes = LF_PREFETCH;
 
 // Prefetches the bytes [p + kPrefetchBytes, + step) of a weight row, one request per cache line;
@@ -55,18 +47,26 @@ constexpr int unroll() {
   return M <= 2 ? 4 : (M <= 4 ? 2 : 1);
 }
 
-// Runs fn(n) for every weight row n in [0, N) on torch's thread pool, each thread taking one
-// contiguous block of rows. Rows are processed one at a time on purpose: W is then read as a single
-// sequential stream per thread, which the hardware prefetcher follows at full speed (interleaving
-// 4 rows measured ~25% slower on the 113 MB lm_head). The grain keeps each task at >= kMinTaskBytes
-// of weights, so tiny matrices stay on the calling thread with no fork/join cost.
+// Runs fn(n0, n1) over blocks of weight rows covering [0, N) on torch's thread pool, each thread taking
+// one contiguous block. Rows are processed one (or, on AVX-512, two) at a time on purpose: W is then
+// read as one or two sequential streams per thread, which the hardware prefetcher follows at full
+// speed (interleaving 4 rows measured ~25% slower on the 113 MB lm_head). The grain keeps each task at
+// >= kMinTaskBytes of weights, so tiny matrices stay on the calling thread with no fork/join cost.
+template <class Fn>
+void for_row_blocks(int64_t N, int64_t row_bytes, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(1, row_bytes));
+  at::parallel_for(0, N, grain, fn);
+}
+
 template <class Fn>
 void for_rows(int64_t N, int64_t row_bytes, const Fn& fn) {
-  const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(1, row_bytes));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+  for_row_blocks(N, row_bytes, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) fn(n);
   });
 }
+
+// Whether calls take the AVX-512 kernels (gemv_avx512.cpp): the CPU has them and set_isa allows it.
+bool use_avx512();
 
 // ------------------------------------------------------------------------------- dispatch & checks
 

@@ -1,4 +1,5 @@
 // Small-batch y = x @ W^T (+ bias) for AVX2/FMA CPUs: fp32, int8 and int4 weights, fp32 activations.
+// On CPUs with AVX-512 the hot loops run in gemv_avx512.cpp instead (chosen per call, see set_isa).
 //
 // Why this exists: decoding one token reads every weight once, so a decode step is bound by memory
 // bandwidth, not arithmetic. torch's CPU paths for [M<=8, K] x [N, K]^T either run single-threaded
@@ -18,9 +19,34 @@
 // the one-time JIT build. int4 lives in gemv_q4.cpp, shared helpers in common.h.
 #include <torch/csrc/utils/pybind.h>
 
+#include <atomic>
+#include <string>
+
 #include "common.h"
 
 namespace leanformer {
+
+// ----------------------------------------------------------------------------------------- ISA
+
+// AVX-512 kernels need F/BW/VL/DQ; __builtin_cpu_supports also checks that the OS saves ZMM state.
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+const bool kHasAvx512 = cpu_has_avx512();
+std::atomic<bool> g_avx512{kHasAvx512};  // the best ISA by default; set_isa("avx2") for tests/benches
+
+bool use_avx512() { return g_avx512.load(std::memory_order_relaxed); }
+
+std::string isa() { return use_avx512() ? "avx512" : "avx2"; }
+
+void set_isa(const std::string& name) {
+  TORCH_CHECK(name == "avx2" || name == "avx512", "isa must be 'avx2' or 'avx512', got '", name, "'");
+  TORCH_CHECK(name == "avx2" || kHasAvx512, "this CPU lacks AVX-512 (F/BW/VL/DQ)");
+  g_avx512.store(name == "avx512");
+}
 
 // ----------------------------------------------------------------------------------------- fp32
 
@@ -196,6 +222,12 @@ at::Tensor linear_f32(const at::Tensor& x_, const at::Tensor& w_, const std::opt
   const float* b = bias_ptr(bias, N, bh);
   at::Tensor y = at::empty({M, N}, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    if (use_avx512()) {
+      const KernelArgs a{x.data_ptr<float>() + m0 * K, nullptr, w.data_ptr<float>(), nullptr, nullptr, b,
+                         y.data_ptr<float>() + m0 * N, std::min<int64_t>(kMaxRows, M - m0), N, K, 0};
+      for_row_blocks(N, K * 4, [&](int64_t n0, int64_t n1) { avx512::f32_rows(a, n0, n1); });
+      continue;
+    }
     dispatch_rows(std::min<int64_t>(kMaxRows, M - m0), [&](auto mc) {
       f32_rows<decltype(mc)::value>(x.data_ptr<float>() + m0 * K, w.data_ptr<float>(), b,
                                     y.data_ptr<float>() + m0 * N, N, K);
@@ -224,6 +256,13 @@ at::Tensor linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::Tenso
   const float* b = bias_ptr(bias, N, bh);
   at::Tensor y = at::empty({M, N}, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    if (use_avx512()) {
+      const KernelArgs a{x.data_ptr<float>() + m0 * K, nullptr, w.data_ptr<int8_t>(), scales.data_ptr<float>(),
+                         nullptr, b, y.data_ptr<float>() + m0 * N, std::min<int64_t>(kMaxRows, M - m0), N, K,
+                         group_size};
+      for_row_blocks(N, K, [&](int64_t n0, int64_t n1) { avx512::q8_rows(a, n0, n1); });
+      continue;
+    }
     dispatch_rows(std::min<int64_t>(kMaxRows, M - m0), [&](auto mc) {
       constexpr int R = decltype(mc)::value;
       const float* xm = x.data_ptr<float>() + m0 * K;
@@ -240,7 +279,10 @@ at::Tensor linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::Tenso
 }  // namespace leanformer
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "leanformer small-batch GEMV kernels (AVX2/FMA)";
+  m.doc() = "leanformer small-batch GEMV kernels (AVX2/FMA, AVX-512 where the CPU has it)";
+  m.def("isa", &leanformer::isa, "the instruction set the linear_* ops use: 'avx2' or 'avx512'");
+  m.def("set_isa", &leanformer::set_isa, "use 'avx2' or 'avx512' (raises if the CPU lacks it)", py::arg("name"));
+  m.def("has_avx512", [] { return leanformer::kHasAvx512; }, "whether this CPU can run the AVX-512 kernels");
   m.def("linear_f32", &leanformer::linear_f32, "x [M,K] f32 @ W[N,K]^T (+bias)", py::arg("x"), py::arg("w"),
         py::arg("bias") = py::none());
   m.def("linear_q8", &leanformer::linear_q8,

@@ -183,19 +183,28 @@ void q4_rows(const Q4Args& a) {
   });
 }
 
-// Per-call activation prep, O(M*K) (negligible next to reading W): natural even/odd columns, the fast
-// decoder's permuted copy, and the two kinds of group sums.
+// x [M, K] -> its even columns xe [M, Kh] and odd columns xo [M, Kh] (0 past K): byte j of a weight
+// row holds columns 2j and 2j+1; the AVX2 generic decoder and the AVX-512 kernel read x this way.
+void split_x(const float* x, int64_t M, int64_t K, float* xe, float* xo) {
+  const int64_t Kh = (K + 1) / 2;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < Kh; ++j) {
+      xe[m * Kh + j] = x[m * K + 2 * j];
+      xo[m * Kh + j] = 2 * j + 1 < K ? x[m * K + 2 * j + 1] : 0.f;
+    }
+}
+
+// Per-call activation prep for the AVX2 decoders, O(M*K) (negligible next to reading W): natural
+// even/odd columns, the fast decoder's permuted copy, and the two kinds of group sums.
 void prepare_x(const float* x, int64_t M, int64_t K, int64_t group_size, bool fast, float* xe, float* xo,
                float* xp, float* xs, float* xf) {
   const int64_t Kh = (K + 1) / 2, n_groups = (K + group_size - 1) / group_size;
   const int64_t fast_bytes = fast ? Kh / 32 * 32 : 0;  // bytes covered by full 32-byte blocks
+  split_x(x, M, K, xe, xo);
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
-    float *e = xe + m * Kh, *o = xo + m * Kh, *p = xp + m * 2 * Kh;
-    for (int64_t j = 0; j < Kh; ++j) {
-      e[j] = xr[2 * j];
-      o[j] = 2 * j + 1 < K ? xr[2 * j + 1] : 0.f;
-    }
+    const float *e = xe + m * Kh, *o = xo + m * Kh;
+    float* p = xp + m * 2 * Kh;
     for (int64_t blk = 0; blk < fast_bytes; blk += 32)
       for (int t = 0; t < 4; ++t)
         for (int lane = 0; lane < 2; ++lane)
@@ -235,6 +244,18 @@ at::Tensor linear_q4(const at::Tensor& x_, const at::Tensor& w_, const at::Tenso
   at::Tensor bh;
   const float* b = bias_ptr(bias, N, bh);
   at::Tensor y = at::empty({M, N}, x.options());
+  if (use_avx512()) {  // decodes by table lookup: needs only the even/odd columns of x
+    at::Tensor prep = at::empty({2 * M * Kh}, x.options());
+    float *xe = prep.data_ptr<float>(), *xo = xe + M * Kh;
+    split_x(x.data_ptr<float>(), M, K, xe, xo);
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+      const KernelArgs a{xe + m0 * Kh, xo + m0 * Kh, w.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                         zeros.data_ptr<float>(), b, y.data_ptr<float>() + m0 * N,
+                         std::min<int64_t>(kMaxRows, M - m0), N, Kh, group_size / 2};
+      for_row_blocks(N, Kh + 8 * n_groups, [&](int64_t n0, int64_t n1) { avx512::q4_rows(a, n0, n1); });
+    }
+    return y;
+  }
   const bool fast = group_size % 64 == 0 || group_size == 32;  // whole 32-byte blocks per scale lane
   at::Tensor prep = at::empty({M * (4 * Kh + 2 * n_groups)}, x.options());
   float* xe = prep.data_ptr<float>();

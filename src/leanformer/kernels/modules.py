@@ -1,4 +1,4 @@
-"""FastLinear: an nn.Linear whose small-batch (decode) forward runs the AVX2 GEMV kernel.
+"""FastLinear: an nn.Linear whose small-batch (decode) forward runs the AVX2/AVX-512 GEMV kernel.
 
 Same `weight`/`bias` Parameters and state_dict as the Linear it replaces, so quantization, saving and
 loading treat it like any Linear. Large inputs (prefill) keep torch's path: oneDNN on the pre-packed
