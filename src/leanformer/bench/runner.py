@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -54,6 +55,14 @@ def _nbytes(model: torch.nn.Module) -> int:
 
 
 def _rss_mb() -> float:
+    """Peak RSS of this process, MB. VmHWM where /proc has it: getrusage's ru_maxrss survives exec, so
+    a child started by a big parent (the demo holds models) would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
