@@ -274,3 +274,18 @@ def test_fast_linear_swap_keeps_state_and_math():
     with torch.no_grad():
         exported = torch.export.export(model, (x_small,))
         close(exported.module()(x_small), before[0])
+
+
+def test_disable_falls_back_to_torch(monkeypatch):
+    import leanformer.kernels as lk
+    from leanformer.kernels.modules import FastLinear
+
+    lin = FastLinear.from_linear(torch.nn.Linear(64, 32))
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        fast = lin(x)
+        monkeypatch.setattr(lk, "_ext", lk._ext)  # restored after the test
+        monkeypatch.setattr(lk, "_tried", lk._tried)
+        lk.disable()
+        assert not lk.available()
+        torch.testing.assert_close(lin(x), fast, rtol=1e-5, atol=1e-5)

@@ -29,8 +29,8 @@ Each wrapper uses the compiled op when ``available()`` (and no gradient is neede
 fp32 scales/zeros/bias) are inference-only: no autograd.
 
 Build: ``torch.utils.cpp_extension.load`` with ninja into ``$XDG_CACHE_HOME/leanformer/kernels/<hash>``
-(``~/.cache`` by default; override with LEANFORMER_KERNELS_DIR), once per machine and source version,
-under an flock so concurrent first uses build once. Set LEANFORMER_NO_KERNELS=1 to disable.
+(``~/.cache`` by default), once per machine and source version, under an flock so concurrent first
+uses build once. ``disable()`` makes this process use the torch fallbacks (for comparisons).
 """
 
 from __future__ import annotations
@@ -121,10 +121,7 @@ def _tag() -> str:
 
 
 def _build_root() -> Path:
-    env = os.environ.get("LEANFORMER_KERNELS_DIR")
-    if env:
-        return Path(env).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"  # the XDG standard location
     return Path(cache) / "leanformer" / "kernels"
 
 
@@ -203,20 +200,26 @@ def available() -> bool:
     with _init_lock:  # threads arriving during the first build wait for it instead of falling back
         if _tried:
             return _ext is not None
-        problem = None
-        if os.environ.get("LEANFORMER_NO_KERNELS", "") in ("", "0"):
-            problem = _cpu_problem()
-            if problem is None:
-                try:
-                    _ext = _build()
-                except _Unavailable as e:
-                    problem = str(e)
-                except Exception as e:  # any build failure means "use the torch fallback"
-                    problem = f"build failed: {_first_error(str(e)) or type(e).__name__}"
-            if problem is not None:
-                log.warning("leanformer GEMV kernels unavailable, using torch fallbacks: %s", problem)
+        problem = _cpu_problem()
+        if problem is None:
+            try:
+                _ext = _build()
+            except _Unavailable as e:
+                problem = str(e)
+            except Exception as e:  # any build failure means "use the torch fallback"
+                problem = f"build failed: {_first_error(str(e)) or type(e).__name__}"
+        if problem is not None:
+            log.warning("leanformer GEMV kernels unavailable, using torch fallbacks: %s", problem)
         _tried = True
     return _ext is not None
+
+
+def disable() -> None:
+    """Use the pure-torch paths in this process from now on (e.g. to compare against the kernels).
+    Models loaded before keep their FastLinear modules, which then take the torch path too."""
+    global _ext, _tried
+    with _init_lock:
+        _ext, _tried = None, True
 
 
 def ext() -> ModuleType:
