@@ -132,28 +132,33 @@ def check_parity(model, onnx_path, ids: torch.Tensor, mask: torch.Tensor) -> dic
     return diffs
 
 
+def ort_session(onnx_path: str | os.PathLike, config: dict | None, threads: int | None):
+    """→ (ONNX Runtime CPU session, HF-style config: given, or the config.json the export wrote)."""
+    import onnxruntime as ort
+
+    path = Path(onnx_path)
+    if not path.exists():
+        raise LeanformerError(f"ONNX file not found: {path}")
+    if config is None:
+        cfg_path = path.parent / "config.json"
+        if not cfg_path.exists():
+            raise LeanformerError(f"no config.json beside {path}: export with `leanformer export`")
+        config = json.loads(cfg_path.read_text())
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), config
+
+
 class OrtEncoder:
     """An exported encoder run by ONNX Runtime; duck-types the parts of models.bert.Model that embed,
     classify and the evaluations use (.args, .embed, .logits, __call__)."""
 
     def __init__(self, onnx_path: str | os.PathLike, config: dict | None = None, threads: int | None = None):
-        import onnxruntime as ort
-
         from .models.bert import ModelArgs
 
-        path = Path(onnx_path)
-        if not path.exists():
-            raise LeanformerError(f"ONNX file not found: {path}")
-        if config is None:
-            cfg_path = path.parent / "config.json"
-            if not cfg_path.exists():
-                raise LeanformerError(f"no config.json beside {path}: export with `leanformer export`")
-            config = json.loads(cfg_path.read_text())
-        self.config, self.args = config, ModelArgs.from_hf_config(config)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session, self.config = ort_session(onnx_path, config, threads)
+        self.args = ModelArgs.from_hf_config(self.config)
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.head = self.probe = None  # the classifier, if any, is inside the graph
 

@@ -231,24 +231,11 @@ class OrtDecoder:
     """An exported decoder run by ONNX Runtime: forward over explicit past k/v, and greedy generation."""
 
     def __init__(self, onnx_path: str | os.PathLike, config: dict | None = None, threads: int | None = None):
-        import onnxruntime as ort
-
+        from .export import ort_session
         from .loading import family_of
 
-        path = Path(onnx_path)
-        if not path.exists():
-            raise LeanformerError(f"ONNX file not found: {path}")
-        if config is None:
-            cfg = path.parent / "config.json"
-            if not cfg.exists():
-                raise LeanformerError(f"no config.json beside {path}: export with `leanformer export`")
-            config = json.loads(cfg.read_text())
-        self.config = config
-        self.args = family_of(config).ModelArgs.from_hf_config(config)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session, self.config = ort_session(onnx_path, config, threads)
+        self.args = family_of(self.config).ModelArgs.from_hf_config(self.config)
         self.past_names = _names(self.args.num_hidden_layers, "past_key_values")
         self.stop_ids = eos_ids(self, None)  # load_onnx_decoder adds the tokenizer's
 
