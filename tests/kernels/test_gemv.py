@@ -289,3 +289,15 @@ def test_disable_falls_back_to_torch(monkeypatch):
         lk.disable()
         assert not lk.available()
         torch.testing.assert_close(lin(x), fast, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [7, 64, 576, 1001])
+def test_rms_norm_matches_torch(k):
+    import leanformer.kernels as lk
+
+    if not lk.available():
+        pytest.skip("kernels unavailable on this machine")
+    g = torch.Generator().manual_seed(k)
+    x, w = torch.randn(5, k, generator=g) * 3, torch.randn(k, generator=g)
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(lk.ext().rms_norm(x, w, 1e-5), ref, rtol=1e-5, atol=1e-6)

@@ -56,7 +56,13 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / "gemv.cpp", _DIR / "gemv_q4.cpp", _DIR / "gemv_avx512.cpp", _DIR / "dequant.cpp"]
+_SOURCES = [
+    _DIR / "gemv.cpp",
+    _DIR / "gemv_q4.cpp",
+    _DIR / "gemv_avx512.cpp",
+    _DIR / "dequant.cpp",
+    _DIR / "norm.cpp",
+]
 _HEADERS = [_DIR / "common.h", _DIR / "avx512.h"]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

@@ -102,5 +102,6 @@ at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 at::Tensor dequant_q4(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros, int64_t group_size,
                       int64_t K, bool bf16);
 at::Tensor dequant_q8(const at::Tensor& w, const at::Tensor& scales, int64_t group_size, bool bf16);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 
 }  // namespace leanformer

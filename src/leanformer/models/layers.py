@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..errors import LeanformerError
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
 
 class RMSNorm(nn.Module):
@@ -20,6 +25,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
+            fused = x.is_cpu and self.weight.dtype == torch.float32 and not torch.is_grad_enabled()
+            if fused and kernels.available() and not _tracing():
+                # one C++ call instead of 6 ops: ~0.6 ms per SmolLM2 token of dispatch (kernels/norm.cpp)
+                y = kernels.ext().rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps)
+                return y.view(x.shape)
             # the same arithmetic as HF's LlamaRMSNorm in 6 ops; F.rms_norm dispatches ~20 (casts, copies)
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
         return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * self.weight  # as HF does
