@@ -247,7 +247,7 @@ def build(config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
         t = state_dict.pop(n)
         if n in expected:
             cast = t.is_floating_point() and n not in keep
-            state_dict[n] = _aligned((t.to(dtype) if cast else t).to(device))
+            state_dict[n] = (t.to(dtype) if cast else t).to(device)
         del t
     if tied:
         state_dict["lm_head.weight"] = state_dict[embedding]
@@ -269,13 +269,6 @@ def _exact_names(model: nn.Module) -> set[str]:
     from .compress.layout import exact_state_names
 
     return exact_state_names(model)
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """A copy in freshly allocated (64-byte aligned) memory when `t` is not: safetensors places tensors
-    at 8-byte offsets in the file, and some CPU kernels (torch 2.13's AVX-512 _weight_int8pack_mm) crash
-    on such pointers."""
-    return t.clone() if t.device.type == "cpu" and t.data_ptr() % 64 else t
 
 
 def _embedding_name(names) -> str | None:

@@ -10,7 +10,7 @@ from .. import kernels as lk
 from ..errors import LeanformerError
 from . import double_quant as DQ
 from . import kernels as K
-from .qbase import QuantLinear, _tracing
+from .qbase import QuantLinear
 
 
 class Int4Linear(QuantLinear):
@@ -156,7 +156,7 @@ class Int4Linear(QuantLinear):
         return lk.ext().dequant_q4(q, s, z, self.group_size, self.in_features, bf16)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cuda" and not _tracing():
+        if x.device.type == "cuda" and not lk.tracing():
             return self._cuda_matmul(x)
         return super()._matmul(x)
 

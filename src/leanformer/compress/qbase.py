@@ -51,10 +51,6 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float32
 
 
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
-
-
 def smallest_exact(t: torch.Tensor) -> torch.Tensor:
     """t as bf16 or fp16 when that holds every value exactly, else as fp32 (for compact saves)."""
     if t.is_meta:  # structure only: the shape is all that matters
@@ -165,7 +161,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xi = self._in(x)
-        if not _tracing() and self._use_kernel(xi):
+        if not lk.tracing() and self._use_kernel(xi):
             bias = None if self.bias is None else self.bias.detach().float()
             y = self._kernel(xi.float(), bias)  # fp32 [M, N], bias included
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -177,7 +173,7 @@ class QuantLinear(nn.Module):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] @ W^T without bias, by dequantized chunks of rows: -> [M, N] in compute dtype."""
-        dt = x.dtype if _tracing() else compute_dtype(x)
+        dt = x.dtype if lk.tracing() else compute_dtype(x)
         xc = x.to(dt)
         rows = max(1, CHUNK_ELEMS // self.in_features)
         n = self.out_features
@@ -188,7 +184,7 @@ class QuantLinear(nn.Module):
         """dequantize_rows(rows) in `dtype`: on CPU one pass of the compiled dequantizer straight into
         fp32 / bf16 (same values: kernels/dequant.cpp), else the torch formula then a cast."""
         native = dtype in (torch.float32, torch.bfloat16) and self._buffer_device().type == "cpu"
-        if native and not _tracing() and lk.available():
+        if native and not lk.tracing() and lk.available():
             return self._dequant_native(rows, dtype == torch.bfloat16)
         return self.dequantize_rows(rows).to(dtype)
 

@@ -228,6 +228,12 @@ def disable() -> None:
         _ext, _tried = None, True
 
 
+def tracing() -> bool:
+    """True while torch.jit / torch.compile / the ONNX exporter trace a model: compiled ops and oneDNN
+    calls must step aside then, so the graph records ordinary torch ops."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+
 def ext() -> ModuleType:
     """The compiled module (raises if unavailable); for callers that already checked available()."""
     if not available():

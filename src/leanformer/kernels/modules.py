@@ -7,13 +7,11 @@ weight when the source was a models.layers.PackedLinear, F.linear otherwise.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import available, ext
+from . import available, ext, tracing
 
 MAX_ROWS = (
     16  # chunks of 8 rows re-read W, yet measured ahead of oneDNN up to 16 rows (even at 32, behind at 128)
@@ -44,16 +42,9 @@ class FastLinear(nn.Linear):
             self.register_buffer("packed_weight", packed, persistent=False)
 
     def __deepcopy__(self, memo: dict) -> FastLinear:
-        # oneDNN's packed tensors cannot be deep-copied: copy the rest and pack the copy anew
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        state = {k: v for k, v in self.__dict__.items() if k != "_buffers"}
-        new.__dict__.update(copy.deepcopy(state, memo))
-        new._buffers = {}
-        if getattr(self, "packed_weight", None) is not None:
-            packed = torch.ops.mkldnn._reorder_linear_weight(new.weight.detach(), 1)
-            new.register_buffer("packed_weight", packed, persistent=False)
-        return new
+        from ..models.layers import deepcopy_repacked
+
+        return deepcopy_repacked(self, memo)
 
     def _kernel_ok(self, x: torch.Tensor) -> bool:
         return (
@@ -67,7 +58,7 @@ class FastLinear(nn.Linear):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        if tracing():
             # exporters and torch.compile must see an ordinary linear, not a pybind or oneDNN call
             return F.linear(x, self.weight, self.bias)
         shape = x.shape

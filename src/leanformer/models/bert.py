@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..errors import LeanformerError
 
 ARCHITECTURES = tuple(
@@ -226,8 +227,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     softmax + matmul, same values to 1e-6); from ~64 tokens on the fused kernel wins (at 256: 12.8 vs
     45.7 ms). Exporters always see SDPA (one graph for every length)."""
     t = q.shape[-2]
-    exporting = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
-    if t > SHORT_SEQ or exporting or q.requires_grad:
+    if t > SHORT_SEQ or kernels.tracing() or q.requires_grad:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # [B, H, T, T]
     if mask is not None:
@@ -268,7 +268,7 @@ class Model(nn.Module):
         # No mask when nothing is padded lets SDPA take its fastest kernel (common after length sorting);
         # graph capture (ONNX export, torch.compile) must keep the mask: the test depends on data.
         mask = None
-        tracing = torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+        tracing = kernels.tracing()
         if attention_mask is not None and (tracing or not bool(attention_mask.all())):
             mask = attention_mask.bool()[:, None, None, :]
         for i, layer in enumerate(self.layers):

@@ -13,10 +13,6 @@ from .. import kernels
 from ..errors import LeanformerError
 
 
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -26,7 +22,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             fused = x.is_cpu and self.weight.dtype == torch.float32 and not torch.is_grad_enabled()
-            if fused and kernels.available() and not _tracing():
+            if fused and kernels.available() and not kernels.tracing():
                 # one C++ call instead of 6 ops: ~0.6 ms per SmolLM2 token of dispatch (kernels/norm.cpp)
                 y = kernels.ext().rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps)
                 return y.view(x.shape)
@@ -117,14 +113,7 @@ class PackedLinear(nn.Linear):
         return new
 
     def __deepcopy__(self, memo: dict) -> PackedLinear:
-        # oneDNN's packed tensors cannot be deep-copied: copy the rest and pack the copy anew
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        state = {k: v for k, v in self.__dict__.items() if k != "_buffers"}
-        new.__dict__.update(copy.deepcopy(state, memo))
-        new._buffers = {}
-        new.repack()
-        return new
+        return deepcopy_repacked(self, memo)
 
     def repack(self) -> None:
         packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
@@ -137,6 +126,20 @@ class PackedLinear(nn.Linear):
             x.reshape(-1, shape[-1]), self.packed_weight, bias, "none", [], ""
         )
         return y.reshape(*shape[:-1], self.out_features)
+
+
+def deepcopy_repacked(linear: nn.Linear, memo: dict) -> nn.Linear:
+    """copy.deepcopy for a Linear that may hold a oneDNN-packed `packed_weight` buffer: those opaque
+    tensors cannot be deep-copied, so copy everything else and pack the copy's weight anew."""
+    new = type(linear).__new__(type(linear))
+    memo[id(linear)] = new
+    state = {k: v for k, v in linear.__dict__.items() if k != "_buffers"}
+    new.__dict__.update(copy.deepcopy(state, memo))
+    new._buffers = {}
+    if linear._buffers.get("packed_weight") is not None:
+        packed = torch.ops.mkldnn._reorder_linear_weight(new.weight.detach(), 1)
+        new.register_buffer("packed_weight", packed, persistent=False)
+    return new
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
