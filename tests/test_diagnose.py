@@ -48,3 +48,11 @@ def test_cli_per_layer(shared, tmp_path, capsys):
     rows = json.loads(out.read_text())["per_layer"]
     assert rows and rows[0]["kld_alone"] > 0
     assert "ignore list" in capsys.readouterr().out
+
+
+def test_cli_per_layer_without_reference_fails_before_evaluating(shared, capsys):
+    data = shared / "data/tinystories/sample.txt"
+    args = ["eval", str(shared / "models/stories260K"), "--data", str(data), "--per-layer"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "--reference" in captured.err and "perplexity" not in captured.out

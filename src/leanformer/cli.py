@@ -110,6 +110,8 @@ def cmd_eval(args) -> None:
         return eval_encoder(args, model, tok)
     if not args.data:
         raise LeanformerError("--data FILE is required for decoder models (e.g. wiki.test.raw)")
+    if args.per_layer and not args.reference:
+        raise LeanformerError("--per-layer needs --reference ORIGINAL (the model before compression)")
     reference = None
     if args.reference:
         reference, _ = lf.load(resolve_model(args.reference), dtype="float32")
@@ -139,8 +141,6 @@ def _per_layer(args, model, reference, ids: list[int]) -> list[dict]:
 
     from .diagnose import per_layer_errors, table_rows
 
-    if reference is None:
-        raise LeanformerError("--per-layer needs --reference ORIGINAL (the model before compression)")
     n = min(args.per_layer_windows, len(ids) // args.window)
     windows = torch.tensor(ids[: n * args.window]).view(n, args.window)
     rows = per_layer_errors(model, reference, windows, top=args.per_layer_top)

@@ -276,3 +276,11 @@ def test_cache_memory_is_fixed(llama):
         sched.submit(make(p, 10)[0])
     run(sched)
     assert sched.cache.nbytes() == before
+
+
+def test_plan_cache_rejects_zero_batch_with_the_right_reason(tiny_dirs):
+    from leanformer.errors import LeanformerError
+
+    model, _ = lf.load(tiny_dirs["llama"])
+    with pytest.raises(LeanformerError, match="--max-batch must be ≥ 1"):
+        plan_cache(model, 0, 64, 2048)

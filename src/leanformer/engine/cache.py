@@ -151,6 +151,8 @@ class KVCache:
 
 def plan_cache(model, max_batch: int, max_seq: int, kv_budget_mb: float | None) -> tuple[int, int]:
     """→ (n_slots, max_seq): as many slots (≤ max_batch) of max_seq tokens as the KV budget holds."""
+    if max_batch < 1:
+        raise LeanformerError(f"--max-batch must be ≥ 1, got {max_batch}")
     a = model.args
     max_seq = min(max_seq, a.max_position_embeddings)
     # one slot's bytes, from a cache of that shape on the meta device (follows int8 KV storage etc.)
@@ -168,6 +170,4 @@ def plan_cache(model, max_batch: int, max_seq: int, kv_budget_mb: float | None) 
                 f"a KV budget of {kv_budget_mb:g} MB holds no sequence of {max_seq} tokens "
                 f"(one needs {per_slot / 2**20:.1f} MB): raise --kv-budget-mb or lower --max-seq"
             )
-    if n_slots < 1:
-        raise LeanformerError(f"--max-batch must be ≥ 1, got {max_batch}")
     return n_slots, max_seq
