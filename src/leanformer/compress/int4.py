@@ -142,6 +142,9 @@ class Int4Linear(QuantLinear):
             x = F.pad(x, (0, self.k_padded - self.in_features))
         return lk.ext().linear_q4(x, self.qweight, self.scales, self.zeros, self.group_size, bias)
 
+    def decode_operands(self) -> tuple:
+        return ("q4", self.qweight, self.scales, self.zeros, self.group_size, self.k_padded)
+
     def dequantize_rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
         """fp32 [R, K]; rows a slice or an index tensor. Same arithmetic as K.int4_dequant."""
         q = self.qweight[rows]  # [R, Kp/2]

@@ -64,6 +64,9 @@ class Int8Linear(QuantLinear):
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return lk.ext().linear_q8(x, self.weight_int8, self.scales, bias, self.group_size or 0)
 
+    def decode_operands(self) -> tuple:
+        return ("q8", self.weight_int8, self.scales, None, self.group_size or 0, 0)
+
     def dequantize_rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
         """fp32 [R, K]; rows a slice or an index tensor."""
         q, s = self.weight_int8[rows], self.scales[rows]

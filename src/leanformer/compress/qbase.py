@@ -194,6 +194,11 @@ class QuantLinear(nn.Module):
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def decode_operands(self) -> tuple | None:
+        """(kind, codes, scales, zeros, group, k_padded) of the GEMV kernel `_kernel` calls, for the
+        fused decode step (models/fused.py); None: this module cannot be fused."""
+        return None
+
     def dequantize_rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -79,6 +79,9 @@ class Int8DynamicLinear(QuantLinear):
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return lk.ext().linear_q8(x, self.weight_int8, self.scales, bias)
 
+    def decode_operands(self) -> tuple:
+        return ("q8", self.weight_int8, self.scales, None, 0, 0)
+
     def dequantize_rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
         return self.weight_int8[rows].float() * self.scales[rows][:, None]
 

@@ -62,6 +62,7 @@ _SOURCES = [
     _DIR / "gemv_avx512.cpp",
     _DIR / "dequant.cpp",
     _DIR / "norm.cpp",
+    _DIR / "decode.cpp",
 ]
 _HEADERS = [_DIR / "common.h", _DIR / "avx512.h"]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]

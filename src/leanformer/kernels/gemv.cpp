@@ -276,6 +276,8 @@ at::Tensor linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::Tenso
   return y;
 }
 
+void bind_decode(pybind11::module_& m);  // decode.cpp
+
 }  // namespace leanformer
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -299,4 +301,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scales"), py::arg("group_size") = 0, py::arg("bf16") = false);
   m.def("rms_norm", &leanformer::rms_norm, "x [M,K] f32 -> x * rsqrt(mean(x^2) + eps) * w", py::arg("x"),
         py::arg("w"), py::arg("eps"));
+  leanformer::bind_decode(m);
 }

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.cache import KVCache
+from .fused import DecodePlan
 from .layers import Attention, RMSNorm, Rotary
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -108,6 +109,14 @@ class Model(nn.Module):
         self.rotary = Rotary(args.head_dim, args.rope_theta, args.rope_scaling)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # decode steps (one new token per row, CPU fp32) run all layers in one C++ call (fused.py);
+        # False keeps the module path (for comparisons)
+        self.fused_decode = True
+        self._decode_plan = DecodePlan()
+
+    def _apply(self, fn, recurse=True):
+        self._decode_plan.reset()  # .to() / .float() / ... replace tensor data under the same Parameters
+        return super()._apply(fn, recurse)
 
     def forward(
         self,
@@ -130,8 +139,14 @@ class Model(nn.Module):
             positions = step.positions
         x = self.model.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, rope, cache, step)
+        fused = None
+        if cache is not None and DecodePlan.usable(self, x, cache):
+            fused = self._decode_plan.run(self, x, rope, cache, step)
+        if fused is not None:
+            x = fused
+        else:
+            for layer in self.model.layers:
+                x = layer(x, rope, cache, step)
         if logits_at is not None:
             x = x[torch.arange(b), logits_at.to(x.device)][:, None]
         return self.lm_head(self.model.norm(x))

@@ -1,0 +1,338 @@
+// A whole decode step of a Llama-family decoder stack in one C++ call (models/fused.py builds it).
+//
+// Why: a decode step on a small model is mostly not matmul. SmolLM2-135M at int4 spends ~2.8 ms of a
+// ~7.4 ms token in the GEMV kernels; the rest is ~40 torch ops and ~10 module calls per layer
+// (norms, RoPE, cache writes, SDPA, residuals, SiLU), each paying Python and dispatcher overhead for
+// a microsecond of arithmetic. Here every layer is: RMSNorm -> qkv GEMV -> RoPE + KV-cache write +
+// attention over each row's own length -> o GEMV + residual -> RMSNorm -> gate_up GEMV -> SiLU*up ->
+// down GEMV + residual, with the same GEMV kernels the modules call (gemv.cpp / gemv_q4.cpp).
+//
+// Shapes: x [M, hidden] (M decode rows, one new token each), qkv [M, (H + 2 KV) * D] with q heads
+// first, then k, then v (models/layers.Attention's layout); KV cache per layer [slots, KV, max_seq, D]
+// float32, or int8 with one fp32 scale per (slot, head, position) [slots, KV, max_seq, 1]
+// (engine/cache.py). Row m writes its token at positions[m] of slot slots[m] and attends to keys
+// 0..positions[m]. Arithmetic is fp32 throughout; results match the module path to float rounding
+// (summation order differs), which the tests check against a no-cache recompute.
+#include <torch/csrc/utils/pybind.h>
+
+#include <ATen/ops/constant_pad_nd.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace leanformer {
+
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
+at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& bias, int64_t group_size);
+
+namespace {
+
+// e^x for x <= 0-ish inputs of softmax and SiLU, 8 lanes: Cephes' expf (range reduction by ln 2, degree-6
+// polynomial), relative error ~2e-7 over the clamped range.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+}
+
+inline float exp1(float x) {
+  alignas(32) float v[8];
+  _mm256_store_ps(v, exp8(_mm256_set1_ps(x)));
+  return v[0];
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// a dot with an int8 row, the row's scale applied by the caller
+inline float dot_q8(const float* a, const int8_t* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + i))));
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), w, acc);
+  }
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
+  return s;
+}
+
+// out += p * row
+inline void axpy(float p, const float* row, float* out, int64_t n) {
+  const __m256 vp = _mm256_set1_ps(p);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, _mm256_loadu_ps(row + i), _mm256_loadu_ps(out + i)));
+  for (; i < n; ++i) out[i] += p * row[i];
+}
+
+inline void axpy(float p, const int8_t* row, float* out, int64_t n) {
+  const __m256 vp = _mm256_set1_ps(p);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + i))));
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, w, _mm256_loadu_ps(out + i)));
+  }
+  for (; i < n; ++i) out[i] += p * static_cast<float>(row[i]);
+}
+
+// HF's rotate_half RoPE with the signed sin table of models/layers.Rotary: y = x * cos + swap_halves(x) * sin
+inline void rope(const float* x, const float* cos, const float* sin, float* y, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < D; ++i) y[i] = x[i] * cos[i] + x[i < half ? i + half : i - half] * sin[i];
+}
+
+// The KV-cache writes as engine/cache.py's int8 storage does them: scale = max|x| / 127 (at least
+// 1e-8 / 127), code = round-half-even(x / scale).
+inline void quantize_row(const float* x, int64_t D, int8_t* q, float* scale) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < D; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = std::max(amax, 1e-8f) / 127.f;
+  for (int64_t i = 0; i < D; ++i) q[i] = static_cast<int8_t>(std::nearbyint(x[i] / s));
+  *scale = s;
+}
+
+}  // namespace
+
+// One Linear's operands, as the module holds them (see models/fused.py for who provides what).
+struct DecodeLinear {
+  std::string kind;  // "f32": w fp32 [N, K]; "q8": w int8 [N, K] + scales; "q4": w uint8 [N, Kp/2] + scales/zeros
+  at::Tensor w;
+  std::optional<at::Tensor> scales, zeros, bias, input_scale;
+  int64_t group = 0;     // q8: 0 (per row) or columns per scale; q4: group size
+  int64_t k_padded = 0;  // q4: the codes' column count (input zero-padded up to it)
+
+  DecodeLinear(std::string kind_, at::Tensor w_, std::optional<at::Tensor> scales_, std::optional<at::Tensor> zeros_,
+               std::optional<at::Tensor> bias_, std::optional<at::Tensor> input_scale_, int64_t group_,
+               int64_t k_padded_)
+      : kind(std::move(kind_)), w(std::move(w_)), scales(std::move(scales_)), zeros(std::move(zeros_)),
+        bias(std::move(bias_)), input_scale(std::move(input_scale_)), group(group_), k_padded(k_padded_) {
+    TORCH_CHECK(kind == "f32" || kind == "q8" || kind == "q4", "DecodeLinear kind must be f32, q8 or q4");
+    TORCH_CHECK(kind == "f32" || scales.has_value(), "quantized DecodeLinear needs scales");
+    TORCH_CHECK(kind != "q4" || zeros.has_value(), "q4 DecodeLinear needs zeros");
+  }
+
+  int64_t out_features() const { return w.size(0); }
+
+  at::Tensor operator()(at::Tensor x) const {  // x [M, K] fp32 contiguous -> [M, N]
+    if (input_scale.has_value()) x = x.mul(*input_scale);
+    if (kind == "f32") return linear_f32(x, w, bias);
+    if (kind == "q8") return linear_q8(x, w, *scales, bias, group);
+    if (k_padded > x.size(1)) x = at::constant_pad_nd(x, {0, k_padded - x.size(1)});
+    return linear_q4(x, w, *scales, *zeros, group, bias);
+  }
+};
+
+struct DecodeLayer {
+  at::Tensor norm1, norm2;  // RMSNorm weights fp32 [hidden]
+  double eps1, eps2;
+  DecodeLinear qkv, o, gate_up, down;
+  int64_t n_heads, n_kv_heads, head_dim;
+
+  // attention for all rows: rotate q/k, write k/v into the cache, softmax(q k^T / sqrt(D)) v -> out [M, H*D]
+  template <class T>
+  void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const at::Tensor& kc,
+              const at::Tensor& vc, const at::Tensor& ks, const at::Tensor& vs, const int64_t* slots,
+              const int64_t* pos, at::Tensor& out) const {
+    const int64_t M = qkv_out.size(0), H = n_heads, KV = n_kv_heads, D = head_dim;
+    const int64_t max_seq = kc.size(2), row_len = (H + 2 * KV) * D;
+    const float* src = qkv_out.data_ptr<float>();
+    T* kp = kc.data_ptr<T>();
+    T* vp = vc.data_ptr<T>();
+    constexpr bool q8 = std::is_same_v<T, int8_t>;
+    float* ksp = q8 ? ks.data_ptr<float>() : nullptr;
+    float* vsp = q8 ? vs.data_ptr<float>() : nullptr;
+    at::Tensor qr = at::empty({M, H * D}, qkv_out.options());  // rotated queries
+    float* qrp = qr.data_ptr<float>();
+    std::vector<float> krot(D);
+    int64_t work = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* r = src + m * row_len;
+      for (int64_t h = 0; h < H; ++h) rope(r + h * D, cos + m * D, sin + m * D, qrp + (m * H + h) * D, D);
+      for (int64_t j = 0; j < KV; ++j) {
+        const int64_t at_ = (slots[m] * KV + j) * max_seq + pos[m];  // row index into [slots*KV*max_seq, D]
+        rope(r + (H + j) * D, cos + m * D, sin + m * D, krot.data(), D);
+        const float* v = r + (H + KV + j) * D;
+        if constexpr (q8) {
+          quantize_row(krot.data(), D, kp + at_ * D, ksp + at_);
+          quantize_row(v, D, vp + at_ * D, vsp + at_);
+        } else {
+          std::copy(krot.begin(), krot.end(), kp + at_ * D);
+          std::copy(v, v + D, vp + at_ * D);
+        }
+      }
+      work += H * (pos[m] + 1) * D;
+    }
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    float* op = out.data_ptr<float>();
+    const int64_t group = H / KV;
+    // one task per (row, q head); small steps stay on this thread (a fork/join costs more than them)
+    const int64_t grain = work < (1 << 16) ? M * H : 1;
+    at::parallel_for(0, M * H, grain, [&](int64_t t0, int64_t t1) {
+      std::vector<float> p;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t m = t / H, h = t % H, j = h / group, S = pos[m] + 1;
+        const int64_t base = (slots[m] * KV + j) * max_seq;
+        const float* q = qrp + t * D;
+        p.resize(S);
+        float mx = -INFINITY;
+        for (int64_t s = 0; s < S; ++s) {
+          float d;
+          if constexpr (q8) d = dot_q8(q, kp + (base + s) * D, D) * ksp[base + s];
+          else d = dot(q, kp + (base + s) * D, D);
+          p[s] = d * scale;
+          mx = std::max(mx, p[s]);
+        }
+        float total = 0.f;
+        int64_t s = 0;
+        const __m256 vmx = _mm256_set1_ps(mx);
+        __m256 acc = _mm256_setzero_ps();
+        for (; s + 8 <= S; s += 8) {
+          const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.data() + s), vmx));
+          _mm256_storeu_ps(p.data() + s, e);
+          acc = _mm256_add_ps(acc, e);
+        }
+        total = hsum(acc);
+        for (; s < S; ++s) total += (p[s] = exp1(p[s] - mx));
+        float* o = op + t * D;
+        std::fill(o, o + D, 0.f);
+        for (s = 0; s < S; ++s) {
+          if constexpr (q8) axpy(p[s] * vsp[base + s], vp + (base + s) * D, o, D);
+          else axpy(p[s], vp + (base + s) * D, o, D);
+        }
+        const float inv = 1.0f / total;
+        for (int64_t i = 0; i < D; ++i) o[i] *= inv;
+      }
+    });
+  }
+
+  void forward(at::Tensor& x, const float* cos, const float* sin, const at::Tensor& kc, const at::Tensor& vc,
+               const at::Tensor& ks, const at::Tensor& vs, const int64_t* slots, const int64_t* pos) const {
+    const int64_t M = x.size(0);
+    at::Tensor qkv_out = qkv(rms_norm(x, norm1, eps1));
+    at::Tensor attn = at::empty({M, n_heads * head_dim}, x.options());
+    if (kc.scalar_type() == at::kChar)
+      attend<int8_t>(qkv_out, cos, sin, kc, vc, ks, vs, slots, pos, attn);
+    else
+      attend<float>(qkv_out, cos, sin, kc, vc, ks, vs, slots, pos, attn);
+    add_(x, o(attn));
+    at::Tensor gu = gate_up(rms_norm(x, norm2, eps2));  // [M, 2I]: gate then up
+    const int64_t I = gu.size(1) / 2;
+    at::Tensor act = at::empty({M, I}, x.options());
+    const float* g = gu.data_ptr<float>();
+    float* a = act.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {  // silu(gate) * up, silu(z) = z / (1 + e^-z) as torch computes it
+      const float* gm = g + m * 2 * I;
+      float* am = a + m * I;
+      int64_t i = 0;
+      const __m256 one = _mm256_set1_ps(1.f);
+      for (; i + 8 <= I; i += 8) {
+        const __m256 z = _mm256_loadu_ps(gm + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), z));
+        _mm256_storeu_ps(am + i, _mm256_mul_ps(_mm256_div_ps(z, _mm256_add_ps(one, e)), _mm256_loadu_ps(gm + I + i)));
+      }
+      for (; i < I; ++i) am[i] = gm[i] / (1.f + exp1(-gm[i])) * gm[I + i];
+    }
+    add_(x, down(act));
+  }
+
+  static void add_(at::Tensor& x, const at::Tensor& y) {
+    float* xp = x.data_ptr<float>();
+    const float* yp = y.data_ptr<float>();
+    const int64_t n = x.numel();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(xp + i, _mm256_add_ps(_mm256_loadu_ps(xp + i), _mm256_loadu_ps(yp + i)));
+    for (; i < n; ++i) xp[i] += yp[i];
+  }
+};
+
+// The decoder layers of one model, run in order: x [M, hidden] -> x after the last layer.
+struct DecodeStack {
+  std::vector<DecodeLayer> layers;
+
+  void add(at::Tensor norm1, double eps1, DecodeLinear qkv, DecodeLinear o, at::Tensor norm2, double eps2,
+           DecodeLinear gate_up, DecodeLinear down, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim) {
+    TORCH_CHECK(n_heads % n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads");
+    TORCH_CHECK(qkv.out_features() == (n_heads + 2 * n_kv_heads) * head_dim, "qkv size does not match the heads");
+    for (const at::Tensor* n : {&norm1, &norm2})
+      TORCH_CHECK(n->scalar_type() == at::kFloat && n->dim() == 1, "norm weights must be float32 [hidden]");
+    layers.push_back(DecodeLayer{norm1.contiguous(), norm2.contiguous(), eps1, eps2, std::move(qkv), std::move(o),
+                                 std::move(gate_up), std::move(down), n_heads, n_kv_heads, head_dim});
+  }
+
+  // x [M, hidden]; cos/sin [M, D]; k/v caches and (int8 storage) their scales, one per layer; slots and
+  // positions [M] int64.
+  at::Tensor forward(const at::Tensor& x_, const at::Tensor& cos_, const at::Tensor& sin_,
+                     const std::vector<at::Tensor>& k, const std::vector<at::Tensor>& v,
+                     const std::vector<at::Tensor>& k_scale, const std::vector<at::Tensor>& v_scale,
+                     const at::Tensor& slots_, const at::Tensor& positions_) const {
+    check_x(x_);
+    const int64_t M = x_.size(0);
+    TORCH_CHECK(k.size() == layers.size() && v.size() == layers.size(), "one K and one V cache per layer");
+    const bool q8 = !k_scale.empty();
+    TORCH_CHECK(!q8 || (k_scale.size() == layers.size() && v_scale.size() == layers.size()),
+                "int8 KV storage needs one scale tensor per layer");
+    const int64_t D = layers.empty() ? 0 : layers[0].head_dim;
+    const at::Tensor cos = cos_.contiguous(), sin = sin_.contiguous();
+    TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.numel() == M * D && sin.numel() == M * D,
+                "cos/sin must be float32 [M, head_dim]");
+    const at::Tensor slots = slots_.to(at::kLong).contiguous(), pos = positions_.to(at::kLong).contiguous();
+    TORCH_CHECK(slots.numel() == M && pos.numel() == M, "slots and positions must have one entry per row");
+    at::Tensor x = x_.clone();
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const at::Tensor& kc = k[i];
+      TORCH_CHECK(kc.is_contiguous() && v[i].is_contiguous() && kc.dim() == 4 && kc.size(1) == layers[i].n_kv_heads &&
+                      kc.size(3) == layers[i].head_dim,
+                  "KV cache must be contiguous [slots, n_kv_heads, max_seq, head_dim]");
+      TORCH_CHECK(kc.scalar_type() == (q8 ? at::kChar : at::kFloat), "KV cache must be float32 (or int8 with scales)");
+      for (int64_t m = 0; m < M; ++m)
+        TORCH_CHECK(slots.data_ptr<int64_t>()[m] < kc.size(0) && pos.data_ptr<int64_t>()[m] < kc.size(2),
+                    "slot or position outside the KV cache");
+      const at::Tensor none;
+      layers[i].forward(x, cos.data_ptr<float>(), sin.data_ptr<float>(), kc, v[i], q8 ? k_scale[i] : none,
+                        q8 ? v_scale[i] : none, slots.data_ptr<int64_t>(), pos.data_ptr<int64_t>());
+    }
+    return x;
+  }
+};
+
+void bind_decode(pybind11::module_& m) {
+  namespace py = pybind11;
+  py::class_<DecodeLinear>(m, "DecodeLinear", "one Linear's operands for DecodeStack (see models/fused.py)")
+      .def(py::init<std::string, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>,
+                    std::optional<at::Tensor>, std::optional<at::Tensor>, int64_t, int64_t>(),
+           py::arg("kind"), py::arg("w"), py::arg("scales") = py::none(), py::arg("zeros") = py::none(),
+           py::arg("bias") = py::none(), py::arg("input_scale") = py::none(), py::arg("group") = 0,
+           py::arg("k_padded") = 0);
+  py::class_<DecodeStack>(m, "DecodeStack", "a Llama-family decoder stack's decode step in one call")
+      .def(py::init<>())
+      .def("add", &DecodeStack::add, py::arg("norm1"), py::arg("eps1"), py::arg("qkv"), py::arg("o"),
+           py::arg("norm2"), py::arg("eps2"), py::arg("gate_up"), py::arg("down"), py::arg("n_heads"),
+           py::arg("n_kv_heads"), py::arg("head_dim"))
+      .def("__len__", [](const DecodeStack& s) { return s.layers.size(); })
+      .def("forward", &DecodeStack::forward, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("k"),
+           py::arg("v"), py::arg("k_scale"), py::arg("v_scale"), py::arg("slots"), py::arg("positions"),
+           py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace leanformer

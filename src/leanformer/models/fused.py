@@ -1,0 +1,144 @@
+"""The fused decode step: a Llama-family model's whole layer stack for one new token per row in one
+C++ call (kernels/decode.cpp), on CPU fp32 activations.
+
+Why: at batch 1 a small model's decode step is mostly overhead, not matmul (SmolLM2 int4: ~2.8 ms
+of ~7.4 ms per token in the GEMV kernels; the rest is ~40 torch ops and ~10 module calls per layer).
+The C++ step runs the same GEMV kernels the modules call, with norms, RoPE, the KV-cache write,
+attention and the residuals in between, so results match the module path to float rounding.
+
+`DecodePlan.get(model)` builds the C++ stack from the modules once and rebuilds it when a module or a
+tensor was swapped (quantize_, pruning, load_state_dict(assign=True)) or the model moved (.to()). Layers it cannot
+run (another Linear type, non-fp32 weights, ...) make the model keep the module path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..kernels.modules import MAX_ROWS
+
+
+def _linear(module: nn.Module):
+    """kernels' DecodeLinear for a Linear-like module, or None if the fused step cannot run it."""
+    ext = kernels.ext()
+    bias = getattr(module, "bias", None)
+    bias = None if bias is None else bias.detach().float().contiguous()
+    operands = getattr(module, "decode_operands", None)
+    if operands is not None:  # a quantized Linear (compress/qbase.py)
+        ops = operands()
+        if ops is None or ops[1].device.type != "cpu":
+            return None
+        kind, codes, scales, zeros, group, k_padded = ops
+        scale = module.input_scale
+        return ext.DecodeLinear(kind, codes, scales, zeros, bias, scale, group, k_padded)
+    w = getattr(module, "weight", None)
+    if not isinstance(module, nn.Linear) or w is None or w.dtype != torch.float32 or w.device.type != "cpu":
+        return None
+    return ext.DecodeLinear("f32", w.detach().contiguous(), None, None, bias, None, 0, 0)
+
+
+_NAMES = (
+    ("input_layernorm",),
+    ("self_attn", "qkv_proj"),
+    ("self_attn", "o_proj"),
+    ("post_attention_layernorm",),
+    ("mlp", "gate_up_proj"),
+    ("mlp", "down_proj"),
+)
+
+
+def _layer_modules(block: nn.Module) -> list[nn.Module]:
+    return [block.get_submodule(".".join(path)) for path in _NAMES]
+
+
+def _identity(model: nn.Module) -> list[tuple[dict, str, object]]:
+    """(container, name, object) for every module and tensor the stack captures: the stack is valid
+    while each container still holds that very object (checked per step: ~30 µs for 30 layers, where
+    a walk through nn.Module.__getattr__ measured ~200 µs)."""
+    out: list[tuple[dict, str, object]] = []
+    layers = model.model.layers
+    for i, block in enumerate(layers):
+        out.append((layers._modules, str(i), block))
+        for path in _NAMES:
+            parent = block
+            for name in path:
+                child = parent._modules[name]
+                out.append((parent._modules, name, child))
+                parent = child
+            for store in (parent._parameters, parent._buffers):
+                out.extend((store, name, t) for name, t in store.items() if t is not None)
+    return out
+
+
+def _build(model: nn.Module):
+    a = model.args
+    stack = kernels.ext().DecodeStack()
+    for block in model.model.layers:
+        n1, qkv, o, n2, gate_up, down = _layer_modules(block)
+        linears = [_linear(m) for m in (qkv, o, gate_up, down)]
+        norms = (n1.weight, n2.weight)
+        if any(lin is None for lin in linears) or any(
+            w.dtype != torch.float32 or not w.is_cpu for w in norms
+        ):
+            return None
+        stack.add(
+            n1.weight.detach(), n1.eps, linears[0], linears[1], n2.weight.detach(), n2.eps, linears[2], linears[3],
+            a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+        )  # fmt: skip
+    return stack
+
+
+class DecodePlan:
+    """A model's built C++ decode stack and the key it was built for. Not copied by deepcopy/pickle
+    (the C++ object holds the model's tensors): a copy builds its own on first use."""
+
+    def __init__(self) -> None:
+        self.identity: list[tuple[dict, str, object]] | None = None
+        self.stack = None
+
+    def reset(self) -> None:
+        """Forget the stack (Model._apply calls this: .to() swaps tensor storage under the same objects)."""
+        self.identity, self.stack = None, None
+
+    def __deepcopy__(self, memo: dict) -> DecodePlan:
+        return DecodePlan()
+
+    def __reduce__(self):
+        return (DecodePlan, ())
+
+    @staticmethod
+    def usable(model: nn.Module, x: torch.Tensor, cache) -> bool:
+        """Whether this forward may take the fused step (x [B, 1, hidden] embeddings)."""
+        return (
+            model.fused_decode
+            and x.shape[1] == 1
+            and x.shape[0] <= MAX_ROWS
+            and x.dtype == torch.float32
+            and x.is_cpu
+            and not torch.is_grad_enabled()
+            and cache.dtype == torch.float32
+            and cache.k[0].is_cpu
+            and not kernels.tracing()
+            and kernels.available()
+        )
+
+    def get(self, model: nn.Module):
+        """The C++ stack for the model as it is now, or None if some layer cannot be fused."""
+        if self.identity is None or not all(d.get(k) is v for d, k, v in self.identity):
+            self.stack, self.identity = _build(model), _identity(model)
+        return self.stack
+
+    def run(self, model: nn.Module, x: torch.Tensor, rope, cache, step) -> torch.Tensor | None:
+        """All layers for x [B, 1, hidden] -> [B, 1, hidden], or None to use the module path."""
+        stack = self.get(model)
+        if stack is None:
+            return None
+        b = x.shape[0]
+        cos, sin = rope  # [B, 1, 1, D] each
+        y = stack.forward(
+            x.view(b, -1), cos.reshape(b, -1), sin.reshape(b, -1), cache.k, cache.v, cache.k_scale, cache.v_scale,
+            step.slots, step.positions.view(-1),
+        )  # fmt: skip
+        return y.view(b, 1, -1)

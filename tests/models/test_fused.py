@@ -1,0 +1,129 @@
+"""The fused C++ decode step (models/fused.py, kernels/decode.cpp) against the module path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import leanformer as lf
+from leanformer import kernels
+from leanformer.engine.cache import KVCache
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="leanformer kernels unavailable here")
+
+
+def decode_logits(model, fused: bool, prompts: list[list[int]], steps: int = 6, slots=None) -> torch.Tensor:
+    """Prefill each prompt into its own slot (unequal lengths), then `steps` batched decode steps
+    feeding back the greedy token; -> logits of every decode step [steps, B, vocab]."""
+    model.fused_decode = fused
+    b = len(prompts)
+    slots = torch.arange(b) if slots is None else torch.tensor(slots)
+    cache = KVCache.for_model(model, int(slots.max()) + 1, 64)
+    out = []
+    with torch.inference_mode():
+        last = []
+        for row, p in zip(slots.tolist(), prompts):
+            logits = model(torch.tensor([p]), cache=cache, slots=torch.tensor([row]))
+            cache.advance(torch.tensor([row]), len(p))
+            last.append(logits[0, -1].argmax())
+        ids = torch.stack(last)[:, None]
+        for _ in range(steps):
+            logits = model(ids, cache=cache, slots=slots)[:, -1]
+            cache.advance(slots, 1)
+            out.append(logits)
+            ids = logits.argmax(-1, keepdim=True)
+    model.fused_decode = True
+    return torch.stack(out)
+
+
+PROMPTS = [[3, 14, 15, 92, 65], [35, 89], [79, 32, 38, 46, 26, 43, 38, 32, 79]]
+
+
+def assert_fused_matches(model, prompts=PROMPTS, tol=1e-4, **kw):
+    ref = decode_logits(model, False, prompts, **kw)
+    got = decode_logits(model, True, prompts, **kw)
+    assert model._decode_plan.stack is not None, "the fused step did not run"
+    scale = ref.abs().max()
+    assert ((got - ref).abs().max() / scale).item() <= tol
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])  # GQA 2:1, qkv bias + tied head, MQA
+def test_fp32_matches_module_path(arch, tiny_dirs):
+    model, _ = lf.load(tiny_dirs[arch])
+    assert_fused_matches(model)
+    assert_fused_matches(model, prompts=PROMPTS[:2], slots=[3, 1])  # rows in slots out of order
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        lf.Int8WeightOnly(),
+        lf.Int4WeightOnly(group_size=32),
+        lf.Int4WeightOnly(group_size=64, pad=True),  # down_proj K = 96: codes padded to 128 columns
+        lf.Int4WeightOnly(group_size=32, scale_bits=8),
+        lf.Int8Dynamic(),
+    ],
+    ids=repr,
+)
+def test_quantized_matches_module_path(config, tiny_dirs):
+    model, _ = lf.load(tiny_dirs["qwen2"])
+    lf.quantize_(model, config)
+    assert_fused_matches(model)
+
+
+def test_int8_kv_cache_matches_module_path(tiny_dirs):
+    model, _ = lf.load(tiny_dirs["llama"])
+    lf.quantize_(model, lf.KVCache(dtype="int8"))
+    assert_fused_matches(model, tol=1e-3)  # scales rounded in another order: a code may flip by one
+
+
+def test_awq_input_scale_is_applied(tiny_dirs):
+    model, _ = lf.load(tiny_dirs["llama"])
+    lf.quantize_(model, lf.Int8WeightOnly())
+    down = model.model.layers[1].mlp.down_proj
+    down.set_input_scale(torch.linspace(0.5, 2.0, down.in_features))
+    assert_fused_matches(model)
+
+
+def test_rebuilt_after_quantize_and_moves(tiny_dirs):
+    model, _ = lf.load(tiny_dirs["llama"])
+    prompt = [5, 6, 7, 8]
+    fp32 = lf.generate(model, None, prompt, max_new_tokens=8, ignore_eos=True)
+    first = model._decode_plan.stack
+    assert first is not None
+    lf.quantize_(model, lf.Int4WeightOnly(group_size=32))  # swaps the Linears: the stack must follow
+    int4 = lf.generate(model, None, prompt, max_new_tokens=8, ignore_eos=True)
+    assert model._decode_plan.stack is not first
+    model.fused_decode = False
+    assert lf.generate(model, None, prompt, max_new_tokens=8, ignore_eos=True) == int4
+    model.fused_decode = True
+    model.to(torch.bfloat16)  # not fp32: the module path runs, no stale fp32 stack
+    lf.generate(model, None, prompt, max_new_tokens=4, ignore_eos=True)
+    model.to(torch.float32)
+    assert lf.generate(model, None, prompt, max_new_tokens=8, ignore_eos=True) == int4
+    twin = copy.deepcopy(model)  # the C++ stack is not copied; the copy builds its own
+    assert lf.generate(twin, None, prompt, max_new_tokens=8, ignore_eos=True) == int4
+    assert twin._decode_plan.stack is not model._decode_plan.stack
+    assert len(fp32) == 8
+
+
+def test_real_smollm2_greedy_identical(smollm2):
+    model, tok = lf.load(smollm2, keep_quantized=True)  # int4 g32 + Q8_0 embedding/head
+    prompt = "The capital of France is"
+    fused = lf.generate(model, tok, prompt, max_new_tokens=24)
+    model.fused_decode = False
+    assert lf.generate(model, tok, prompt, max_new_tokens=24) == fused
+    assert "Paris" in fused
+
+
+@pytest.mark.skipif("avx512" not in kernels.isas(), reason="only one instruction set here")
+def test_avx2_kernels_match_too(tiny_dirs):
+    model, _ = lf.load(tiny_dirs["llama"])
+    lf.quantize_(model, lf.Int4WeightOnly(group_size=32))
+    kernels.set_isa("avx2")
+    try:
+        assert_fused_matches(model)
+    finally:
+        kernels.set_isa(None)
