@@ -73,6 +73,21 @@ def test_quantized_matches_module_path(config, tiny_dirs):
     assert_fused_matches(model)
 
 
+@pytest.mark.parametrize("head_dim", [32, 64, 128])  # the register-tiled P.V paths of kernels/decode.cpp
+def test_head_dims_with_long_context(head_dim, tmp_path):
+    from tests.conftest import tiny_hf_model
+
+    heads = 256 // head_dim
+    tiny_hf_model(
+        "llama", hidden_size=256, num_attention_heads=heads, num_key_value_heads=heads // 2 or 1
+    ).save_pretrained(tmp_path)
+    model, _ = lf.load(tmp_path)
+    long = [[(7 * i) % 128 for i in range(45)], [3, 4, 5]]  # 45 + steps keys: 8-key blocks and a tail
+    assert_fused_matches(model, prompts=long, steps=4)
+    lf.quantize_(model, lf.KVCache(dtype="int8"))
+    assert_fused_matches(model, prompts=long, steps=4, tol=1e-3)
+
+
 def test_int8_kv_cache_matches_module_path(tiny_dirs):
     model, _ = lf.load(tiny_dirs["llama"])
     lf.quantize_(model, lf.KVCache(dtype="int8"))

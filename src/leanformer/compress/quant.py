@@ -101,7 +101,46 @@ class Int8DynamicLinear(QuantLinear):
         self._onednn = K.onednn_prepack(self.weight_int8)
         self._zp = torch.zeros(self.out_features, dtype=torch.int64)
 
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        """CPU fp32 inference with the C++ row passes (kernels/attention.cpp): quantize in one pass,
+        per-token scale + bias (+ GELU / residual) in one pass over the GEMM's output."""
+        return (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and (self.bias is None or self.bias.dtype == torch.float32)
+            and not (torch.is_grad_enabled() and (x.requires_grad or self._needs_grad()))
+            and not lk.tracing()
+            and lk.available()
+        )
+
+    def forward_epilogue(
+        self, x: torch.Tensor, gelu: bool = False, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """F.gelu(self(x)) (erf form) when gelu, then residual + that when given (models/bert._linear).
+
+        On CPU fp32 inference at GEMM sizes the per-token rescale, bias, GELU and residual add are one
+        pass over the int8 GEMM's fp32 output, in place: no [M, N] temporaries (whose page faults and
+        passes cost more than the int8 GEMM itself at 256-token MiniLM batches)."""
+        big = x.numel() >= self.min_tokens * self.in_features
+        if big and self._fused_ok(x):
+            xi = self._in(x)
+            if self._onednn is None:
+                self._prepack()
+            xq, s = lk.ext().quantize_rows_u8(xi)  # bit for bit K.quantize_rows_int8(xi, shift=128)
+            y = K.int8_dynamic_mm_cpu(xq, self._onednn, self.scales, self._zp)  # fp32 [M, N]
+            res = None if residual is None else residual.reshape(-1, self.out_features)
+            bias = None if self.bias is None else self.bias.detach()
+            lk.ext().int8_epilogue_(y, s, bias, gelu, res)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        y = self._forward(x)
+        if gelu:
+            y = torch.nn.functional.gelu(y)
+        return y if residual is None else residual + y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_epilogue(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() < self.min_tokens * self.in_features or torch.jit.is_tracing():
             return super().forward(x)  # decode-sized: weight-only int8 (the GEMV kernel) wins
         xi = self._in(x)

@@ -63,8 +63,10 @@ _SOURCES = [
     _DIR / "dequant.cpp",
     _DIR / "norm.cpp",
     _DIR / "decode.cpp",
+    _DIR / "attention.cpp",
+    _DIR / "attention_avx512.cpp",
 ]
-_HEADERS = [_DIR / "common.h", _DIR / "avx512.h"]
+_HEADERS = [_DIR / "common.h", _DIR / "avx512.h", _DIR / "attention.h", _DIR / "attention_impl.h"]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _NEEDED_FLAGS = ("avx2", "fma", "f16c")  # what the compiled code may execute

@@ -277,6 +277,7 @@ at::Tensor linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::Tenso
 }
 
 void bind_decode(pybind11::module_& m);  // decode.cpp
+void bind_attention(pybind11::module_& m);  // attention.cpp
 
 }  // namespace leanformer
 
@@ -302,4 +303,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &leanformer::rms_norm, "x [M,K] f32 -> x * rsqrt(mean(x^2) + eps) * w", py::arg("x"),
         py::arg("w"), py::arg("eps"));
   leanformer::bind_decode(m);
+  leanformer::bind_attention(m);
 }

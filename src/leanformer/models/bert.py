@@ -171,6 +171,7 @@ def _linear(mod: nn.Linear, x: torch.Tensor, act=None, residual: torch.Tensor | 
 
     When the loader packed the Linear for oneDNN (models/layers.PackedLinear) and no gradient is needed,
     the activation / residual add run inside the matmul as post-ops: one pass over the output instead of two.
+    Int8Dynamic Linears (compress/quant.py) do the same in their own epilogue (GELU erf form and residual).
     """
     packed = getattr(mod, "packed_weight", None)
     if packed is not None and not torch.is_grad_enabled() and (act is None or act[1] is not None):
@@ -179,6 +180,10 @@ def _linear(mod: nn.Linear, x: torch.Tensor, act=None, residual: torch.Tensor | 
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
         attr, algo = act[1] if act is not None else ("none", "")
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algo)
+    epilogue = getattr(mod, "forward_epilogue", None)  # Int8DynamicLinear: rescale/GELU/residual fused
+    hooked = bool(getattr(mod, "_forward_hooks", None) or getattr(mod, "_forward_pre_hooks", None))
+    if epilogue is not None and not hooked and (act is None or act[1] == ("gelu", "none")):
+        return epilogue(x, gelu=act is not None, residual=residual)
     y = mod(x)
     return (act[0](y) if act is not None else y) if residual is None else residual + y
 
@@ -216,18 +221,32 @@ class Layer(nn.Module):
         return x.view(b, t, hidden)
 
 
-SHORT_SEQ = 64  # up to this length two batched matmuls beat the fused SDPA kernel on CPU
+SHORT_SEQ = 64  # without the fused kernel: up to this length two batched matmuls beat torch's SDPA on CPU
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax attention, q/k/v [B, H, T, D], mask [B, 1, 1, T] bool (True = attend) or None.
 
-    Why two paths: for sentence-length inputs (STS-B averages ~16 tokens) CPU SDPA's flash kernel is
-    dominated by per-block overhead (measured [32, 12, 16, 32]: 0.68 ms vs 0.20 ms for matmul +
-    softmax + matmul, same values to 1e-6); from ~64 tokens on the fused kernel wins (at 256: 12.8 vs
-    45.7 ms). Exporters always see SDPA (one graph for every length)."""
+    CPU fp32 inference takes the fused C++ kernel (kernels/attention.cpp) at every length: measured
+    (2 threads, AVX-512) 2.7x faster than SDPA at [16, 12, 256, 32] (5.8 vs 15.6 ms) and 1.9x faster than
+    matmul + softmax + matmul at [32, 12, 16, 32]. It writes [B, T, H, D], the layout the output
+    projection reads, so the transpose returned here is undone by the caller for free.
+    Without the kernels: for sentence-length inputs (STS-B averages ~16 tokens) CPU SDPA's flash kernel
+    is dominated by per-block overhead (measured [32, 12, 16, 32]: 0.68 ms vs 0.20 ms for matmul +
+    softmax + matmul, same values to 1e-6); from ~64 tokens on SDPA wins (at 256: 12.8 vs 45.7 ms).
+    Exporters and autograd always see SDPA (one graph for every length)."""
     t = q.shape[-2]
-    if t > SHORT_SEQ or kernels.tracing() or q.requires_grad:
+    if kernels.tracing() or q.requires_grad:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and (mask is None or (mask.dtype == torch.bool and mask.shape == (q.shape[0], 1, 1, t)))
+        and kernels.available()
+    ):
+        key_mask = None if mask is None else mask.reshape(q.shape[0], t)
+        return kernels.ext().attention(q, k, v, key_mask).transpose(1, 2)
+    if t > SHORT_SEQ:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # [B, H, T, T]
     if mask is not None:

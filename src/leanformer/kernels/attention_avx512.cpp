@@ -1,0 +1,83 @@
+// AVX-512 instantiation of the attention kernel (attention_impl.h), called per block of (batch, head)
+// pairs by attention.cpp on CPUs that have AVX-512 F/BW/VL/DQ.
+//
+// Only this file is compiled for AVX-512 (the pragma below), and it includes nothing but <immintrin.h>,
+// <cstdint> and plain headers: see avx512.h for why.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+#endif
+
+#include "attention.h"
+
+namespace leanformer {
+namespace {
+
+struct V16 {
+  using reg = __m512;
+  static constexpr int W = 16;
+  static reg zero() { return _mm512_setzero_ps(); }
+  static reg set1(float x) { return _mm512_set1_ps(x); }
+  static reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, reg x) { _mm512_storeu_ps(p, x); }
+  static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static reg fmsub(reg a, reg b, reg c) { return _mm512_fmsub_ps(a, b, c); }
+  static float hmax(reg x) { return _mm512_reduce_max_ps(x); }
+  static float hsum(reg x) { return _mm512_reduce_add_ps(x); }
+  // e^x for x <= 0: x = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-6 polynomial for e^r (~1 ulp), then
+  // vscalefps multiplies by 2^n, which also handles the underflow (x < -104, incl. -inf, gives 0).
+  static reg exp(reg x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-110.f));
+    const reg n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+    reg y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+  }
+};
+
+}  // namespace
+}  // namespace leanformer
+
+#include "attention_impl.h"
+
+namespace leanformer {
+namespace avx512 {
+// 24-row query blocks; QK tiles of 24 accumulators: 6 rows x 64 keys, or for short inputs (whose keys
+// would mostly be padding in a 64-key tile) 12 x 32 or 24 x 16; PV tiles of 24 accumulators (head_dim
+// 32: 12 rows x 2 vectors, 64: 6 x 4).
+void attention_heads(const AttnArgs& a, int64_t bh0, int64_t bh1, float* scratch) {
+  for (int64_t bh = bh0; bh < bh1; ++bh) {
+    if (a.T <= 16)
+      attn_head<V16, 24, 24, 1, 24>(a, bh, scratch);
+    else if (a.T <= 32)
+      attn_head<V16, 24, 12, 2, 24>(a, bh, scratch);
+    else
+      attn_head<V16, 24, 6, 4, 24>(a, bh, scratch);
+  }
+}
+}  // namespace avx512
+}  // namespace leanformer
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
