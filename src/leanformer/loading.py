@@ -153,8 +153,7 @@ def read_hf_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor], object]
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from .formats.safetensors_io import SafetensorsFormatError, read_safetensors
 
     present = [name for name in _HF_WEIGHTS if (folder / name).exists()]
     if not present:
@@ -171,10 +170,10 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
             raise LeanformerError(f"weight shard {fp} listed in the index is missing")
         try:
             if f.endswith(".safetensors"):
-                state.update(load_file(fp))
+                state.update(read_safetensors(fp))
             else:
                 state.update(torch.load(fp, map_location="cpu", weights_only=True))
-        except (SafetensorError, RuntimeError, OSError, EOFError) as e:
+        except (SafetensorsFormatError, RuntimeError, OSError, EOFError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise LeanformerError(f"corrupt or truncated weights file {fp}: {msg}") from None
     return state
