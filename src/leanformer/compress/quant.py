@@ -102,7 +102,7 @@ class Int8DynamicLinear(QuantLinear):
         self._zp = torch.zeros(self.out_features, dtype=torch.int64)
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
-        """CPU fp32 inference with the C++ row passes (kernels/attention.cpp): quantize in one pass,
+        """CPU fp32 inference with the C++ row passes (kernels/int8_rows.cpp): quantize in one pass,
         per-token scale + bias (+ GELU / residual) in one pass over the GEMM's output."""
         return (
             x.device.type == "cpu"

@@ -1,5 +1,7 @@
-"""Small-batch CPU GEMV kernels (AVX2/FMA, AVX-512 where the CPU has it) and int8/int4 dequantizers,
-JIT-built from gemv.cpp, gemv_q4.cpp, gemv_avx512.cpp and dequant.cpp on first use.
+"""Small-batch CPU GEMV kernels (AVX2/FMA, AVX-512 where the CPU has it), int8/int4 dequantizers, the
+fused decode step, encoder attention and int8 row passes, JIT-built into one extension on first use from
+gemv.cpp (bindings), gemv_q4.cpp, gemv_avx512.cpp, dequant.cpp, norm.cpp, decode.cpp, attention.cpp,
+attention_avx512.cpp and int8_rows.cpp.
 
 Why: decoding a token reads every weight once, so batch-1 decode is memory-bandwidth bound. torch's
 CPU paths for x [M<=8, K] @ W[N, K]^T either run on one thread (MKL GEMV) or pay ~40 µs per call
@@ -19,10 +21,21 @@ Ops (x may have leading dims; all math is fp32 with fp32 accumulation):
 - ``dequant_q8(wq, scales, group_size=0, bf16=False)`` / ``dequant_q4(wq, scales, zeros, group_size, k,
   bf16=False)`` (compiled only, ``ext()``): rows of codes -> fp32 or bf16 [R, K] in one pass, what the
   quantized Linears feed to oneDNN's GEMM for prefill-sized inputs (compress/qbase.py).
+- ``rms_norm(x, w, eps)`` (compiled only): x [M, K] fp32 -> x * rsqrt(mean(x^2) + eps) * w (norm.cpp).
+- ``DecodeLinear`` / ``DecodeStack`` (compiled only, decode.cpp): a Llama-family layer stack's whole
+  decode step (norms, GEMVs, RoPE, KV-cache write, attention, SiLU, residuals) in one call;
+  models/fused.py builds the stack from the modules (one ``DecodeLinear`` per f32/q8/q4 Linear).
+- ``attention(q, k, v, key_mask=None, scale=None)`` (compiled only, attention*.cpp): non-causal
+  softmax attention, q/k/v fp32 [B, H, T, D] -> [B, T, H, D], key_mask bool [B, T] (True = attend);
+  what models/bert.py's encoders use for CPU fp32 inference at every length.
+- ``quantize_rows_u8(x)`` / ``int8_epilogue_(y, s, bias, gelu, residual)`` (compiled only,
+  int8_rows.cpp): per-token uint8 quantization (bit for bit compress.kernels.quantize_rows_int8, shift
+  128) and the in-place rescale + bias (+ GELU, + residual) pass around Int8DynamicLinear's oneDNN GEMM.
 
-Instruction set: the ``linear_*`` ops run AVX-512 loops (gemv_avx512.cpp) on CPUs with AVX-512
-F/BW/VL/DQ and the AVX2 ones elsewhere, chosen at run time in one build. ``isa()`` says which is in use,
-``set_isa("avx2")`` forces the AVX2 path (tests, benchmarks), ``set_isa(None)`` restores the best.
+Instruction set: the ``linear_*`` ops and ``attention`` run AVX-512 loops (gemv_avx512.cpp,
+attention_avx512.cpp) on CPUs with AVX-512 F/BW/VL/DQ and the AVX2 ones elsewhere, chosen at run time in
+one build. ``isa()`` says which is in use, ``set_isa("avx2")`` forces the AVX2 path (tests,
+benchmarks), ``set_isa(None)`` restores the best.
 
 Each wrapper uses the compiled op when ``available()`` (and no gradient is needed) and the pure-torch
 ``ref_*`` otherwise, so callers never need to branch. The compiled ops (``ext().linear_*``, 2-D inputs,
@@ -65,6 +78,7 @@ _SOURCES = [
     _DIR / "decode.cpp",
     _DIR / "attention.cpp",
     _DIR / "attention_avx512.cpp",
+    _DIR / "int8_rows.cpp",
 ]
 _HEADERS = [_DIR / "common.h", _DIR / "avx512.h", _DIR / "attention.h", _DIR / "attention_impl.h"]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
