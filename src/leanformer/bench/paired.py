@@ -1,0 +1,108 @@
+"""Paired decode-speed ratios: compressed variants against the uncompressed model, in one process.
+
+`leanformer bench` runs each engine in its own process one after the other, which is right for peak
+RSS but lets the machine's drift (a shared VM's memory bandwidth moved 70-100% of its ceiling between
+runs here) land between the rows. This runs every variant in the same process, in rotating order,
+round after round, and reports the median over rounds of each variant's speed divided by the first
+variant's speed *in the same round*.
+
+    python -m leanformer.bench.paired smollm2 --recipe none int8+head-int8 int4-g32-dq8+head-int8 \\
+        --batch 1 8 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+def decode_tok_s(model, batch: int, prompt_tokens: int, new_tokens: int) -> float:
+    """(time for N tokens − time for 1) / (N − 1) steps, as `leanformer bench` measures decode."""
+    import leanformer as lf
+
+    g = torch.Generator().manual_seed(batch)
+    vocab = model.args.vocab_size
+    ids = torch.randint(vocab // 8, vocab - vocab // 8, (batch, prompt_tokens), generator=g).tolist()
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        lf.generate(model, None, ids, max_new_tokens=n, ignore_eos=True)
+        return time.perf_counter() - t
+
+    t1, tn = run(1), run(new_tokens)
+    return batch * (new_tokens - 1) / max(tn - t1, 1e-9)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument(
+        "--recipe", nargs="+", default=["none"], help="'none' = uncompressed; the first is the base"
+    )
+    p.add_argument("--batch", nargs="+", type=int, default=[1])
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+
+    import leanformer as lf
+    from leanformer.cli import resolve_model
+    from leanformer.compress import apply, load_recipe
+
+    base, _ = lf.load(resolve_model(args.model))
+    variants = {}
+    for name in args.recipe:
+        model = base if name == "none" else apply(copy.deepcopy(base), load_recipe(name))
+        variants[name] = model
+    from leanformer.bench.runner import _bandwidth_ceiling_tok_s, _nbytes
+
+    speeds = {(n, b): [] for n in variants for b in args.batch}
+    ceilings: list[float] = []  # the base's batch-1 bandwidth ceiling, once per round
+    with torch.inference_mode():
+        for model in variants.values():  # warm-up: kernels, caches, decode plans
+            decode_tok_s(model, 1, 16, 4)
+        order = list(variants)
+        for r in tqdm(range(args.rounds), desc="rounds"):
+            ceilings.append(_bandwidth_ceiling_tok_s(_nbytes(base), 3))
+            for b in args.batch:
+                for name in order[r % len(order) :] + order[: r % len(order)]:
+                    speeds[name, b].append(
+                        decode_tok_s(variants[name], b, args.prompt_tokens, args.new_tokens)
+                    )
+    first = args.recipe[0]
+    rows = []
+    for b in args.batch:
+        for name in variants:
+            ratios = [s / f for s, f in zip(speeds[name, b], speeds[first, b])]
+            rows.append(
+                {"recipe": name, "batch": b, "tok_s": statistics.median(speeds[name, b]),
+                 "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+            )  # fmt: skip
+    print(f"{'recipe':28s} {'batch':>5s} {'tok/s':>8s} {'× ' + first:>12s}  (min–max over rounds)")
+    for row in rows:
+        print(
+            f"{row['recipe']:28s} {row['batch']:5d} {row['tok_s']:8.1f} {row['ratio']:11.2f}×"
+            f"  ({row['ratio_min']:.2f}–{row['ratio_max']:.2f})"
+        )
+    if 1 in args.batch:
+        pct = [100 * s / c for s, c in zip(speeds[first, 1], ceilings)]
+        print(
+            f"{first} at batch 1: {statistics.median(pct):.0f}% of the memory-bandwidth ceiling measured each round"
+        )
+    result = {"config": vars(args), "rows": rows, "speeds": {f"{n}|b{b}": v for (n, b), v in speeds.items()}}
+    result["ceiling_tok_s"] = ceilings
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
