@@ -129,3 +129,34 @@ def test_real_minilm_matches_sentence_transformers():
     got = embed(model, tok, texts)
     assert abs(got - ref).max() < 1e-4
     assert cosine_to_reference(got, ref)["cosine_min"] > 0.99999
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_fused_layer_norm_matches_torch_and_keeps_inputs(tmp_path, fast):
+    """The C++ in-place LayerNorm path (kernels/layer_norm.cpp, residual fused on unpacked Linears) gives
+    the same hidden states as torch's ops, and never writes into a tensor the caller passed in."""
+    from leanformer import kernels
+
+    if not kernels.available():
+        pytest.skip("kernels unavailable on this machine")
+    d = tiny_encoder_dir(tmp_path, "BertModel")
+    model, _ = load_encoder(d, fast=fast)
+    ids, mask = _batch(model.args.vocab_size, 1)
+    with torch.inference_mode():
+        x = model.embeddings(ids, None)
+        before = x.clone()
+        fused = model.layers[0](x, None)
+        assert torch.equal(x, before)
+        got = model(ids, mask)
+    with torch.no_grad(), torch.enable_grad():  # a gradient-carrying input takes torch's ops
+        xg = before.clone().requires_grad_()
+        want = model.layers[0](xg, None).detach()
+    assert (fused - want).abs().max().item() < 1e-5
+    saved = kernels.ext()
+    kernels.disable()  # torch's ops everywhere (attention included)
+    try:
+        with torch.inference_mode():
+            ref = model(ids, mask)
+    finally:
+        kernels._ext = saved  # back on for the tests after this one
+    assert (got - ref).abs().max().item() < 1e-5

@@ -1,7 +1,7 @@
 """Small-batch CPU GEMV kernels (AVX2/FMA, AVX-512 where the CPU has it), int8/int4 dequantizers, the
 fused decode step, encoder attention and int8 row passes, JIT-built into one extension on first use from
 gemv.cpp (bindings), gemv_q4.cpp, gemv_avx512.cpp, dequant.cpp, norm.cpp, decode.cpp, attention.cpp,
-attention_avx512.cpp and int8_rows.cpp.
+attention_avx512.cpp, int8_rows.cpp and layer_norm.cpp.
 
 Why: decoding a token reads every weight once, so batch-1 decode is memory-bandwidth bound. torch's
 CPU paths for x [M<=8, K] @ W[N, K]^T either run on one thread (MKL GEMV) or pay ~40 µs per call
@@ -31,6 +31,8 @@ Ops (x may have leading dims; all math is fp32 with fp32 accumulation):
 - ``quantize_rows_u8(x)`` / ``int8_epilogue_(y, s, bias, gelu, residual)`` (compiled only,
   int8_rows.cpp): per-token uint8 quantization (bit for bit compress.kernels.quantize_rows_int8, shift
   128) and the in-place rescale + bias (+ GELU, + residual) pass around Int8DynamicLinear's oneDNN GEMM.
+- ``layer_norm_(x, w=None, b=None, eps=1e-5, residual=None)`` (compiled only, layer_norm.cpp): in place
+  over x fp32 [M, K]: x = LayerNorm(x + residual) * w + b; the encoders' norms (models/bert.py).
 
 Instruction set: the ``linear_*`` ops and ``attention`` run AVX-512 loops (gemv_avx512.cpp,
 attention_avx512.cpp) on CPUs with AVX-512 F/BW/VL/DQ and the AVX2 ones elsewhere, chosen at run time in
@@ -79,6 +81,7 @@ _SOURCES = [
     _DIR / "attention.cpp",
     _DIR / "attention_avx512.cpp",
     _DIR / "int8_rows.cpp",
+    _DIR / "layer_norm.cpp",
 ]
 _HEADERS = [_DIR / "common.h", _DIR / "avx512.h", _DIR / "attention.h", _DIR / "attention_impl.h"]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]

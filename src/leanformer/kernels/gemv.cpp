@@ -279,6 +279,7 @@ at::Tensor linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::Tenso
 void bind_decode(pybind11::module_& m);  // decode.cpp
 void bind_attention(pybind11::module_& m);  // attention.cpp
 void bind_int8_rows(pybind11::module_& m);  // int8_rows.cpp
+void bind_layer_norm(pybind11::module_& m);  // layer_norm.cpp
 
 }  // namespace leanformer
 
@@ -306,4 +307,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   leanformer::bind_decode(m);
   leanformer::bind_attention(m);
   leanformer::bind_int8_rows(m);
+  leanformer::bind_layer_norm(m);
 }

@@ -163,7 +163,7 @@ class Embeddings(nn.Module):
         if self.a.type_vocab_size:
             tt = self.token_type_embeddings
             x = x + (tt.weight[0] if token_type_ids is None else tt(token_type_ids))
-        return self.LayerNorm(x)
+        return _norm_(self.LayerNorm, x)  # x: the sum above, ours to overwrite
 
 
 def _linear(mod: nn.Linear, x: torch.Tensor, act=None, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,6 +188,50 @@ def _linear(mod: nn.Linear, x: torch.Tensor, act=None, residual: torch.Tensor | 
     return (act[0](y) if act is not None else y) if residual is None else residual + y
 
 
+def _fused_norm_ok(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether kernels/layer_norm.cpp may normalize x in place: CPU fp32 inference, plain LayerNorm."""
+    return (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and type(norm) is nn.LayerNorm
+        and not (norm._forward_hooks or norm._forward_pre_hooks)
+        and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))
+        and (norm.weight is None or norm.weight.dtype == torch.float32)
+        and not kernels.tracing()
+        and kernels.available()
+    )
+
+
+def _norm_(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) for an x nothing else holds (a matmul's or a sum's fresh output): on CPU fp32 inference
+    in place, in one C++ pass (kernels/layer_norm.cpp; torch's allocates a new [N, hidden] each time)."""
+    if _fused_norm_ok(norm, x) and x.is_contiguous():
+        shape = x.shape
+        w, b = norm.weight, norm.bias
+        w, b = None if w is None else w.detach(), None if b is None else b.detach()
+        return kernels.ext().layer_norm_(x.view(-1, shape[-1]), w, b, norm.eps).view(shape)
+    return norm(x)
+
+
+def _linear_add_norm(mod: nn.Module, x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm):
+    """norm(residual + mod(x)), x [N, in] → [N, hidden]. The residual add runs inside the matmul (oneDNN
+    post-op, Int8Dynamic's epilogue) or, for a plain nn.Linear, inside the C++ LayerNorm pass."""
+    plain = (
+        isinstance(mod, nn.Linear)
+        and getattr(mod, "packed_weight", None) is None
+        and getattr(mod, "forward_epilogue", None) is None
+        and not (mod._forward_hooks or mod._forward_pre_hooks)
+    )
+    if plain and _fused_norm_ok(norm, x) and residual.dtype == torch.float32:
+        y = mod(x)  # a fresh [N, hidden]
+        if y.is_contiguous() and y.shape == residual.shape:
+            w, b = norm.weight, norm.bias
+            w, b = None if w is None else w.detach(), None if b is None else b.detach()
+            return kernels.ext().layer_norm_(y, w, b, norm.eps, residual)
+        return norm(residual + y)
+    return _norm_(norm, _linear(mod, x, residual=residual))
+
+
 class Layer(nn.Module):
     """Post-LayerNorm Transformer block: x = LN(x + attn(x)); x = LN(x + ffn(x))."""
 
@@ -210,14 +254,17 @@ class Layer(nn.Module):
         h, d = self.heads, self.head_dim
         x = x.reshape(b * t, hidden)  # the matmuls see [B*T, features]
         if h == 0:  # every head pruned: only the output projection's bias remains
-            x = self.attn_norm(x + self.attn_out.bias)
+            x = _norm_(self.attn_norm, x + self.attn_out.bias)
         else:
             q, k, v = _linear(self.qkv, x).view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)  # each [B, H, T, D]
             o = _attention(q, k, v, mask)  # [B, H, T, D]
+            del q, k, v  # the [B*T, 3*H*D] qkv output goes back to the allocator before the FFN's
             if head_mask is not None:
                 o = o * head_mask.view(1, h, 1, 1)
-            x = self.attn_norm(_linear(self.attn_out, o.transpose(1, 2).reshape(b * t, h * d), residual=x))
-        x = self.ffn_norm(_linear(self.ffn_out, _linear(self.ffn_in, x, self.act), residual=x))
+            o = o.transpose(1, 2).reshape(b * t, h * d)  # a view: the kernel wrote [B, T, H, D]
+            x = _linear_add_norm(self.attn_out, o, x, self.attn_norm)
+            del o
+        x = _linear_add_norm(self.ffn_out, _linear(self.ffn_in, x, self.act), x, self.ffn_norm)
         return x.view(b, t, hidden)
 
 
