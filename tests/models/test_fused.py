@@ -142,3 +142,13 @@ def test_avx2_kernels_match_too(tiny_dirs):
         assert_fused_matches(model)
     finally:
         kernels.set_isa(None)
+
+
+def test_extreme_activations(tiny_dirs):
+    """SiLU of gate values far beyond exp's range (±300) and large attention scores stay finite and equal."""
+    model, _ = lf.load(tiny_dirs["llama"])
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.mlp.gate_up_proj.weight.mul_(60.0)
+            block.self_attn.qkv_proj.weight.mul_(8.0)
+    assert_fused_matches(model, tol=1e-4)

@@ -83,7 +83,13 @@ _SOURCES = [
     _DIR / "int8_rows.cpp",
     _DIR / "layer_norm.cpp",
 ]
-_HEADERS = [_DIR / "common.h", _DIR / "avx512.h", _DIR / "attention.h", _DIR / "attention_impl.h"]
+_HEADERS = [
+    _DIR / "common.h",
+    _DIR / "avx512.h",
+    _DIR / "vec8.h",
+    _DIR / "attention.h",
+    _DIR / "attention_impl.h",
+]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _NEEDED_FLAGS = ("avx2", "fma", "f16c")  # what the compiled code may execute
