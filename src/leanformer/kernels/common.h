@@ -97,6 +97,9 @@ inline const float* bias_ptr(const std::optional<at::Tensor>& bias, int64_t N, a
   return holder.data_ptr<float>();
 }
 
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
+at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& bias, int64_t group_size);
 at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
                      int64_t group_size, const std::optional<at::Tensor>& bias);
 at::Tensor dequant_q4(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros, int64_t group_size,

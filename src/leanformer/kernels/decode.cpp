@@ -26,51 +26,7 @@
 
 namespace leanformer {
 
-at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
-at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                     const std::optional<at::Tensor>& bias, int64_t group_size);
-
 namespace {
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float s = hsum(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// a dot with an int8 row, the row's scale applied by the caller
-inline float dot_q8(const float* a, const int8_t* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + i))));
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), w, acc);
-  }
-  float s = hsum(acc);
-  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
-  return s;
-}
-
-// out += p * row
-inline void axpy(float p, const float* row, float* out, int64_t n) {
-  const __m256 vp = _mm256_set1_ps(p);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, _mm256_loadu_ps(row + i), _mm256_loadu_ps(out + i)));
-  for (; i < n; ++i) out[i] += p * row[i];
-}
-
-inline void axpy(float p, const int8_t* row, float* out, int64_t n) {
-  const __m256 vp = _mm256_set1_ps(p);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + i))));
-    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, w, _mm256_loadu_ps(out + i)));
-  }
-  for (; i < n; ++i) out[i] += p * static_cast<float>(row[i]);
-}
 
 // HF's rotate_half RoPE with the signed sin table of models/layers.Rotary: y = x * cos + swap_halves(x) * sin
 inline void rope(const float* x, const float* cos, const float* sin, float* y, int64_t D) {
@@ -89,6 +45,26 @@ inline void rope(const float* x, const float* cos, const float* sin, float* y, i
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// dot(a, b) with b fp32 or int8 (a KV row; an int8 row's scale is applied by the caller)
+template <class T>
+inline float dot(const float* a, const T* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
+  return s;
+}
+
+// out += p * row, row fp32 or int8
+template <class T>
+inline void axpy(float p, const T* row, float* out, int64_t n) {
+  const __m256 vp = _mm256_set1_ps(p);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, load8(row + i), _mm256_loadu_ps(out + i)));
+  for (; i < n; ++i) out[i] += p * static_cast<float>(row[i]);
 }
 
 // [sum(a[0]), ..., sum(a[7])]: eight horizontal sums in one transposing reduction
@@ -126,9 +102,7 @@ inline void scores(const float* q, const T* K, const float* ks, int64_t S, int64
     _mm256_storeu_ps(p + s, _mm256_mul_ps(d, _mm256_set1_ps(scale)));
   }
   for (; s < S; ++s) {
-    float d = 0.f;
-    if constexpr (std::is_same_v<T, int8_t>) d = dot_q8(q, K + s * D, D);
-    else d = dot(q, K + s * D, D);
+    const float d = dot(q, K + s * D, D);
     p[s] = (ks ? d * ks[s] : d) * scale;
   }
 }
@@ -175,7 +149,8 @@ inline void quantize_row(const float* x, int64_t D, int8_t* q, float* scale) {
 
 // One Linear's operands, as the module holds them (see models/fused.py for who provides what).
 struct DecodeLinear {
-  std::string kind;  // "f32": w fp32 [N, K]; "q8": w int8 [N, K] + scales; "q4": w uint8 [N, Kp/2] + scales/zeros
+  enum class Kind { f32, q8, q4 };
+  Kind kind;  // "f32": w fp32 [N, K]; "q8": w int8 [N, K] + scales; "q4": w uint8 [N, Kp/2] + scales/zeros
   at::Tensor w;
   std::optional<at::Tensor> scales, zeros, bias, input_scale;
   int64_t group = 0;     // q8: 0 (per row) or columns per scale; q4: group size
@@ -184,19 +159,25 @@ struct DecodeLinear {
   DecodeLinear(std::string kind_, at::Tensor w_, std::optional<at::Tensor> scales_, std::optional<at::Tensor> zeros_,
                std::optional<at::Tensor> bias_, std::optional<at::Tensor> input_scale_, int64_t group_,
                int64_t k_padded_)
-      : kind(std::move(kind_)), w(std::move(w_)), scales(std::move(scales_)), zeros(std::move(zeros_)),
+      : kind(parse(kind_)), w(std::move(w_)), scales(std::move(scales_)), zeros(std::move(zeros_)),
         bias(std::move(bias_)), input_scale(std::move(input_scale_)), group(group_), k_padded(k_padded_) {
-    TORCH_CHECK(kind == "f32" || kind == "q8" || kind == "q4", "DecodeLinear kind must be f32, q8 or q4");
-    TORCH_CHECK(kind == "f32" || scales.has_value(), "quantized DecodeLinear needs scales");
-    TORCH_CHECK(kind != "q4" || zeros.has_value(), "q4 DecodeLinear needs zeros");
+    TORCH_CHECK(kind == Kind::f32 || scales.has_value(), "quantized DecodeLinear needs scales");
+    TORCH_CHECK(kind != Kind::q4 || zeros.has_value(), "q4 DecodeLinear needs zeros");
+  }
+
+  static Kind parse(const std::string& name) {
+    if (name == "f32") return Kind::f32;
+    if (name == "q8") return Kind::q8;
+    TORCH_CHECK(name == "q4", "DecodeLinear kind must be f32, q8 or q4, got '", name, "'");
+    return Kind::q4;
   }
 
   int64_t out_features() const { return w.size(0); }
 
   at::Tensor operator()(at::Tensor x) const {  // x [M, K] fp32 contiguous -> [M, N]
     if (input_scale.has_value()) x = x.mul(*input_scale);
-    if (kind == "f32") return linear_f32(x, w, bias);
-    if (kind == "q8") return linear_q8(x, w, *scales, bias, group);
+    if (kind == Kind::f32) return linear_f32(x, w, bias);
+    if (kind == Kind::q8) return linear_q8(x, w, *scales, bias, group);
     if (k_padded > x.size(1)) x = at::constant_pad_nd(x, {0, k_padded - x.size(1)});
     return linear_q4(x, w, *scales, *zeros, group, bias);
   }

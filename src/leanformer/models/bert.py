@@ -181,11 +181,22 @@ def _linear(mod: nn.Linear, x: torch.Tensor, act=None, residual: torch.Tensor | 
         attr, algo = act[1] if act is not None else ("none", "")
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algo)
     epilogue = getattr(mod, "forward_epilogue", None)  # Int8DynamicLinear: rescale/GELU/residual fused
-    hooked = bool(getattr(mod, "_forward_hooks", None) or getattr(mod, "_forward_pre_hooks", None))
-    if epilogue is not None and not hooked and (act is None or act[1] == ("gelu", "none")):
+    if epilogue is not None and not _hooked(mod) and (act is None or act[1] == ("gelu", "none")):
         return epilogue(x, gelu=act is not None, residual=residual)
     y = mod(x)
     return (act[0](y) if act is not None else y) if residual is None else residual + y
+
+
+def _hooked(mod: nn.Module) -> bool:
+    """Whether forward hooks must see this module's call (then no fused path bypasses it)."""
+    return bool(mod._forward_hooks or mod._forward_pre_hooks)
+
+
+def _layer_norm_c(norm: nn.LayerNorm, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """norm(y (+ residual)) written over y [N, hidden] by kernels/layer_norm.cpp (one pass)."""
+    w = None if norm.weight is None else norm.weight.detach()
+    b = None if norm.bias is None else norm.bias.detach()
+    return kernels.ext().layer_norm_(y, w, b, norm.eps, residual)
 
 
 def _fused_norm_ok(norm: nn.Module, x: torch.Tensor) -> bool:
@@ -194,7 +205,7 @@ def _fused_norm_ok(norm: nn.Module, x: torch.Tensor) -> bool:
         x.dtype == torch.float32
         and x.device.type == "cpu"
         and type(norm) is nn.LayerNorm
-        and not (norm._forward_hooks or norm._forward_pre_hooks)
+        and not _hooked(norm)
         and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))
         and (norm.weight is None or norm.weight.dtype == torch.float32)
         and not kernels.tracing()
@@ -206,10 +217,7 @@ def _norm_(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """norm(x) for an x nothing else holds (a matmul's or a sum's fresh output): on CPU fp32 inference
     in place, in one C++ pass (kernels/layer_norm.cpp; torch's allocates a new [N, hidden] each time)."""
     if _fused_norm_ok(norm, x) and x.is_contiguous():
-        shape = x.shape
-        w, b = norm.weight, norm.bias
-        w, b = None if w is None else w.detach(), None if b is None else b.detach()
-        return kernels.ext().layer_norm_(x.view(-1, shape[-1]), w, b, norm.eps).view(shape)
+        return _layer_norm_c(norm, x.view(-1, x.shape[-1])).view(x.shape)
     return norm(x)
 
 
@@ -220,14 +228,12 @@ def _linear_add_norm(mod: nn.Module, x: torch.Tensor, residual: torch.Tensor, no
         isinstance(mod, nn.Linear)
         and getattr(mod, "packed_weight", None) is None
         and getattr(mod, "forward_epilogue", None) is None
-        and not (mod._forward_hooks or mod._forward_pre_hooks)
+        and not _hooked(mod)
     )
     if plain and _fused_norm_ok(norm, x) and residual.dtype == torch.float32:
         y = mod(x)  # a fresh [N, hidden]
         if y.is_contiguous() and y.shape == residual.shape:
-            w, b = norm.weight, norm.bias
-            w, b = None if w is None else w.detach(), None if b is None else b.detach()
-            return kernels.ext().layer_norm_(y, w, b, norm.eps, residual)
+            return _layer_norm_c(norm, y, residual)
         return norm(residual + y)
     return _norm_(norm, _linear(mod, x, residual=residual))
 
