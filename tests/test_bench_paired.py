@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from leanformer import LeanformerError
 from leanformer.bench import paired
 
 
@@ -14,3 +17,8 @@ def test_paired_ratios_on_a_tiny_model(tiny_dirs, tmp_path):
     assert set(rows) == {("none", 1), ("int8", 1), ("none", 2), ("int8", 2)}
     assert rows["none", 1]["ratio"] == 1.0 and all(r["tok_s"] > 0 for r in rows.values())
     assert len(out["speeds"]["int8|b2"]) == 2 and (tmp_path / "p.json").exists()
+
+
+def test_unknown_recipe_fails_before_loading(tmp_path):
+    with pytest.raises(LeanformerError, match="no recipe file or preset named 'nonsense'"):
+        paired.main([str(tmp_path / "no-model-here"), "--recipe", "none", "nonsense"])

@@ -57,10 +57,13 @@ def main(argv: list[str] | None = None) -> dict:
     from leanformer.cli import resolve_model
     from leanformer.compress import apply, load_recipe
 
+    recipes = {
+        name: None if name == "none" else load_recipe(name) for name in args.recipe
+    }  # bad names fail first
     base, _ = lf.load(resolve_model(args.model))
     variants = {}
     for name in args.recipe:
-        model = base if name == "none" else apply(copy.deepcopy(base), load_recipe(name))
+        model = base if recipes[name] is None else apply(copy.deepcopy(base), recipes[name])
         variants[name] = model
     from leanformer.bench.runner import _bandwidth_ceiling_tok_s, _nbytes
 
@@ -105,4 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from leanformer.errors import LeanformerError
+
+    try:
+        main()
+    except LeanformerError as e:  # one line, as the `leanformer` command prints them
+        sys.exit(f"error: {e}")
