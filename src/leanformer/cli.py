@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
+from . import cli_args as ck
 from .errors import LeanformerError
+from .outputs import check_output_file
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -34,12 +37,12 @@ def _load(args):
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=ck.positive_int, default=128)
+    p.add_argument("--temperature", type=ck.non_negative_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=ck.non_negative_int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=ck.probability, default=1.0, help="in (0, 1]; 1 = off")
+    p.add_argument("--repetition-penalty", type=ck.positive_float, default=1.0, help="> 0; 1 = off")
+    p.add_argument("--seed", type=ck.seed, default=None, help="0 <= seed < 2**63")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
 
@@ -62,7 +65,12 @@ def cmd_generate(args) -> None:
     if args.chat:
         prompt = [{"role": "user", "content": args.prompt}]
     elif tok is None:
-        prompt = [int(t) for t in args.prompt.split()]
+        try:
+            prompt = [int(t) for t in args.prompt.split()]
+        except ValueError:
+            raise LeanformerError(
+                "this model has no tokenizer: --prompt must be space-separated token ids, e.g. '1 2 3'"
+            ) from None
     pieces = lf.stream_generate(
         model, tok, prompt, args.max_new_tokens, stop=args.stop, ignore_eos=args.ignore_eos, **_sampling(args)
     )
@@ -103,6 +111,12 @@ def cmd_eval(args) -> None:
     from .encoders_cli import eval_encoder, is_onnx_export
     from .evaluate import evaluate, read_text, tokenize
 
+    if args.json:  # before minutes of evaluation, not after
+        check_output_file(args.json, _inputs(args))
+    if args.data and not Path(args.data).expanduser().is_file():
+        raise LeanformerError(f"data file not found: {args.data}")
+    if args.stride is not None and args.stride > args.window:
+        raise LeanformerError(f"--stride ({args.stride}) must not exceed --window ({args.window})")
     if is_onnx_export(resolve_model(args.model)):  # an exported encoder, run by ONNX Runtime
         return eval_encoder(args)
     model, tok = _load(args)
@@ -134,6 +148,12 @@ def cmd_eval(args) -> None:
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 
+def _inputs(args) -> list[str]:
+    """The model / reference / data paths a command reads: outputs must never overwrite them."""
+    names = [getattr(args, k, None) for k in ("model", "reference", "data")]
+    return [n for n in names if n and Path(n).expanduser().exists()]
+
+
 def _per_layer(args, model, reference, ids: list[int]) -> list[dict]:
     import dataclasses
 
@@ -157,6 +177,8 @@ def cmd_bench(args) -> None:
 
     from .bench.runner import BenchConfig, run_engine
 
+    if args.json:
+        check_output_file(args.json, _inputs(args))
     cfg = BenchConfig(
         resolve_model(args.model), args.dtype, args.prompt_tokens, args.new_tokens, args.batch, args.repeats
     )
@@ -229,7 +251,7 @@ def _print_table(title: str, header: list[str], rows: list) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="leanformer", description=__doc__)
+    parser = ck.OneLineParser(prog="leanformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_cmd(name: str, help: str) -> argparse.ArgumentParser:
@@ -254,20 +276,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = model_cmd("eval", "perplexity, and KLD / top-1 agreement vs --reference (encoders: STS-B, SST-2)")
     p.add_argument("--data", help="decoders: text file (e.g. ../shared/data/wikitext-2-raw/wiki.test.raw)")
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--stride", type=int, default=None, help="default: = window (non-overlapping)")
-    p.add_argument("--max-chars", type=int, default=None, help="use only the first N characters")
+    p.add_argument("--window", type=ck.int_range(2), default=512, help="tokens per window (at least 2)")
+    p.add_argument(
+        "--stride", type=ck.positive_int, default=None, help="1..window; default: = window (non-overlapping)"
+    )
+    p.add_argument("--max-chars", type=ck.positive_int, default=None, help="use only the first N characters")
     p.add_argument(
         "--reference", default=None, help="another model: report KL divergence and top-1 agreement"
     )
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=ck.positive_int, default=1)
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument(
         "--per-layer", action="store_true",
         help="with --reference: which compressed layers cause the most output error",
     )  # fmt: skip
-    p.add_argument("--per-layer-windows", type=int, default=2, help="windows used by --per-layer")
-    p.add_argument("--per-layer-top", type=int, default=10, help="layers attributed end to end")
+    p.add_argument("--per-layer-windows", type=ck.positive_int, default=2, help="windows used by --per-layer")
+    p.add_argument("--per-layer-top", type=ck.positive_int, default=10, help="layers attributed end to end")
     from .encoders_cli import add_encoder_eval_arguments
 
     add_encoder_eval_arguments(p)  # encoder models: --tasks, --stsb, --sst2, --backend
@@ -279,10 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe", nargs="+", default=None,
         help="compression recipes (preset names or files) to bench, one row each; 'none' = uncompressed",
     )  # fmt: skip
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=ck.positive_int, default=128)
+    p.add_argument("--new-tokens", type=ck.int_range(2), default=128, help="at least 2 (decode is timed)")
+    p.add_argument("--batch", type=ck.positive_int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=ck.positive_int, default=3)
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_bench)
 
@@ -310,15 +334,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit status: 0 done, 2 bad input (one `error: ...` line on stderr, no traceback), 130 Ctrl-C."""
     try:
-        args.func(args)
-    except LeanformerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a bad flag (2, its one line already printed)
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
+    with warnings.catch_warnings():  # warnings (NaN weights, ...) as one line, not file:line + source
+        warnings.showwarning = _one_line_warning
+        try:
+            args.func(args)
+        except LeanformerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
     return 0
 
 

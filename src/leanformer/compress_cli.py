@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from pathlib import Path
 
 import torch
 
+from . import cli_args as ck
 from .errors import LeanformerError
 
 
@@ -44,9 +46,17 @@ def cmd_compress(args) -> None:
     from .cli import _print_table, resolve_model
     from .compress import apply, load_recipe
     from .evaluate import evaluate, read_text, tokenize
+    from .outputs import check_output_dir
 
     recipe = load_recipe(args.recipe)
-    model, tok = lf.load(resolve_model(args.model), dtype=args.dtype)
+    for flag, name in (("--calibration", args.calibration), ("--eval-data", args.eval_data)):
+        if name and not Path(name).expanduser().is_file():  # read only after compressing: check now
+            raise LeanformerError(f"{flag} file not found: {name}")
+    path = resolve_model(args.model)
+    # the output rules before minutes of loading and GPTQ: never the model's own folder, and only an
+    # earlier leanformer save is replaced without --overwrite (outputs.py)
+    check_output_dir(args.output, args.overwrite, inputs=[path])
+    model, tok = lf.load(path, dtype=args.dtype)
     original = copy.deepcopy(model)
     needs_calibration = any(type(c).__name__ in ("GPTQ", "AWQ") for c in recipe.stages)
     calibration = None
@@ -57,7 +67,7 @@ def cmd_compress(args) -> None:
             "this recipe (GPTQ/AWQ) needs --calibration FILE (plain text, e.g. a wiki dump)"
         )
     apply(model, recipe, calibration=calibration)
-    out = lf.save(model, tok, args.output)
+    out = lf.save(model, tok, args.output, overwrite=args.overwrite)
     rows = [
         ("saved to", str(out)),
         ("weights before → after (MB)", f"{_nbytes(original) / 2**20:.1f} → {_nbytes(model) / 2**20:.1f}"),
@@ -91,12 +101,17 @@ def add_compress_command(sub: argparse._SubParsersAction) -> None:
         help="recipe file (.json/.yaml) or preset: int8, int4, w8a8, gptq-int4, ...",
     )
     p.add_argument("-o", "--output", required=True, help="output folder (reloads with leanformer.load)")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace OUTPUT even when it is a non-empty folder that is not a leanformer save "
+        "(never the model's own folder, a folder above it, the current or home folder)",
+    )  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--calibration", default=None, help="text file for GPTQ/AWQ calibration")
-    p.add_argument("--calibration-samples", type=int, default=16)
-    p.add_argument("--calibration-len", type=int, default=512)
+    p.add_argument("--calibration-samples", type=ck.positive_int, default=16)
+    p.add_argument("--calibration-len", type=ck.int_range(2), default=512, help="tokens per sample")
     p.add_argument("--eval-data", default=None, help="held-out text: report PPL and KLD vs the original")
-    p.add_argument("--eval-chars", type=int, default=20_000)
-    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--eval-chars", type=ck.positive_int, default=20_000)
+    p.add_argument("--window", type=ck.int_range(2), default=512, help="eval window, at least 2 tokens")
     p.add_argument("--no-speed", action="store_true", help="skip the decode speed before/after")
     p.set_defaults(func=cmd_compress)

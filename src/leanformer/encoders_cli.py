@@ -14,9 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cli_args as ck
 from .errors import LeanformerError
+from .outputs import check_output_dir, check_output_file, new_temp_dir, replace_dir, umask_permissions
 
 BACKENDS = ("torch", "onnxruntime")
+OVERWRITE_HELP = (
+    "replace the output folder even when it is not empty and not an earlier output of this command "
+    "(never the model's own folder, a folder above it, the current or home folder)"
+)
 
 
 def _resolve(name_or_path: str) -> str:
@@ -73,10 +79,31 @@ def _read_lines(src: str) -> list[str]:
     return [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _existing(model: str) -> list[str]:
+    """The input model's path when it is one: outputs must never overwrite it."""
+    path = Path(_resolve(model)).expanduser()
+    return [str(path)] if path.exists() else []
+
+
+def _is_export(path: Path) -> bool:
+    from .export import ONNX_FILE
+
+    return (path / ONNX_FILE).is_file() and (path / "config.json").is_file()
+
+
+def _is_probe_copy(path: Path) -> bool:
+    """An earlier `train-probe --output`: a model folder with probe.json beside config.json."""
+    return (path / "probe.json").is_file() and (path / "config.json").is_file()
+
+
 def cmd_embed(args) -> None:
     from .encoders import embed
 
+    if args.output:  # before reading stdin and loading the model
+        check_output_file(args.output, _existing(args.model))
     texts = _read_lines(args.input)
+    if not texts:
+        raise LeanformerError(f"no text to embed in {args.input} (one text per non-empty line)")
     model, tok = load(args.model, args.backend)
     emb = embed(model, tok, texts, args.batch_size, normalize=args.normalize)  # [N, D] float32
     if args.output and args.output.endswith(".npy"):
@@ -99,12 +126,25 @@ def cmd_train_probe(args) -> None:
             f"{data} needs a header with columns {args.text_column!r} and {args.label_column!r}"
         )
     src = Path(_resolve(args.model)).expanduser()
-    model, tok = load(str(src))
     out = Path(args.output).expanduser() if args.output else src
-    if out.resolve() != src.resolve():  # a copy of the model folder, with the probe beside it
-        shutil.copytree(src, out, dirs_exist_ok=True)
+    in_place = out.resolve() == src.resolve()  # the default: probe files added beside the model's
+    if not in_place:  # a copy of the model folder with the probe, replacing only an earlier one
+        check_output_dir(out, args.overwrite, [src], ours=_is_probe_copy, kind="train-probe output")
+    model, tok = load(str(src))
     texts, labels = [r[args.text_column] for r in rows], [r[args.label_column] for r in rows]
-    result = train_probe(model, tok, texts, labels, epochs=args.epochs, save_to=out)
+    if in_place:
+        result = train_probe(model, tok, texts, labels, epochs=args.epochs, save_to=out)
+    else:
+        tmp = new_temp_dir(out)
+        try:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            umask_permissions(
+                tmp
+            )  # copytree copied the source's modes: a read-only model stays writable here
+            result = train_probe(model, tok, texts, labels, epochs=args.epochs, save_to=tmp)
+            replace_dir(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"probe on {len(texts)} examples, labels {result['labels']}: train accuracy {result['train_accuracy']:.4f}"
     )
@@ -115,26 +155,32 @@ def cmd_train_probe(args) -> None:
 
 def cmd_export(args) -> None:
     """ONNX export of an encoder (export.py) or a decoder LM with past key/values (export_decoder.py)."""
+    from .export import ONNX_FILE
     from .loading import load as load_model
 
-    out = args.out or args.output
-    if not out:
+    given = args.out or args.output
+    if not given:
         raise LeanformerError("give the output folder: `leanformer export MODEL OUT` (or --output OUT)")
+    out = check_output_dir(given, args.overwrite, _existing(args.model), ours=_is_export, kind="ONNX export")
     model, tok = load_model(_resolve(args.model), fast=False)  # plain Linears: what the exporter traces
-    if getattr(model, "family", "") == "bert":
-        from .export import export_onnx
+    bert = getattr(model, "family", "") == "bert"
+    if args.legacy_exporter and not bert:
+        raise LeanformerError("--legacy-exporter is for encoders: decoders need the dynamo exporter (GQA)")
+    tmp = new_temp_dir(out)  # exported whole, then moved in: an earlier export is replaced atomically
+    try:
+        if bert:
+            from .export import export_onnx
 
-        report = export_onnx(model, out, tok, opset=args.opset, dynamo=not args.legacy_exporter)
-    else:
-        from .export_decoder import export_decoder_onnx
+            report = export_onnx(model, tmp, tok, opset=args.opset, dynamo=not args.legacy_exporter)
+        else:
+            from .export_decoder import export_decoder_onnx
 
-        if args.legacy_exporter:
-            raise LeanformerError(
-                "--legacy-exporter is for encoders: decoders need the dynamo exporter (GQA)"
-            )
-        report = export_decoder_onnx(model, out, tok, opset=args.opset)
+            report = export_decoder_onnx(model, tmp, tok, opset=args.opset)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(
-        f"wrote {report['path']} in {report['seconds']} s; parity vs our torch forward, max abs diff: {_fmt_diffs(report)}"
+        f"wrote {out / ONNX_FILE} in {report['seconds']} s; parity vs our torch forward, max abs diff: {_fmt_diffs(report)}"
     )
 
 
@@ -142,9 +188,13 @@ def cmd_prune_heads(args) -> None:
     from .encoders import eval_stsb, load_encoder, read_tsv
     from .encoders_prune import prune_heads_, prune_heads_auto_
 
+    if args.output:  # before loading and pruning
+        check_output_dir(args.output, args.overwrite, _existing(args.model))
+    if args.calibration and not Path(args.calibration).expanduser().is_file():
+        raise LeanformerError(f"--calibration file not found: {args.calibration}")
     model, tok = load_encoder(_resolve(args.model))
     if args.heads:
-        prune_heads_(model, {int(k): v for k, v in json.loads(args.heads).items()})
+        prune_heads_(model, args.heads)  # already {layer: [heads]} (cli_args.heads_json)
     else:
         if args.calibration:
             texts = _read_lines(args.calibration)[: args.limit]
@@ -159,7 +209,7 @@ def cmd_prune_heads(args) -> None:
     if args.output:
         from .loading import save
 
-        print(f"saved to {save(model, tok, args.output)}")
+        print(f"saved to {save(model, tok, args.output, overwrite=args.overwrite)}")
 
 
 def add_encoder_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -178,6 +228,8 @@ def eval_encoder(args, model=None, tok=None) -> dict:
     from .encoders import cosine_to_reference, embed, eval_sst2, eval_stsb, glue_path, read_tsv
 
     backend = getattr(args, "backend", "torch")
+    if getattr(args, "json", None):  # before the evaluation, not after
+        check_output_file(args.json, _existing(args.model))
     if model is None or backend != "torch":
         model, tok = load(args.model, backend, None if model is None else (model, tok))
     # cli's eval --batch-size defaults to 1 for decoders; encoders batch 32 unless told otherwise
@@ -209,7 +261,7 @@ def add_encoder_commands(sub) -> None:
     p.add_argument(
         "--output", default=None, help="out.npy (float32 [N, D]) or out.jsonl; default: JSONL to stdout"
     )
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=ck.positive_int, default=32)
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument(
         "--normalize", action=argparse.BooleanOptionalAction, default=None, help="default: as the model"
@@ -221,9 +273,10 @@ def add_encoder_commands(sub) -> None:
     p.add_argument("--data", default=None, help="TSV with a header (default: SST-2 train from ../shared)")
     p.add_argument("--text-column", default="sentence")
     p.add_argument("--label-column", default="label")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N rows (speed)")
-    p.add_argument("--epochs", type=int, default=100, help="L-BFGS iterations")
+    p.add_argument("--limit", type=ck.positive_int, default=None, help="use only the first N rows (speed)")
+    p.add_argument("--epochs", type=ck.positive_int, default=100, help="L-BFGS iterations")
     p.add_argument("--output", default=None, help="folder for model + probe (default: the model folder)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--eval", default=None, help="a dev TSV to report accuracy on, e.g. SST-2 dev.tsv")
     p.set_defaults(func=cmd_train_probe)
 
@@ -234,7 +287,8 @@ def add_encoder_commands(sub) -> None:
     p.add_argument("out", nargs="?", default=None, help="folder: model.onnx, config.json, tokenizer")
     p.add_argument("--output", default=None, help="the same as OUT")
     p.add_argument("--format", choices=["onnx"], default="onnx")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--opset", type=ck.positive_int, default=18)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument(
         "--legacy-exporter", action="store_true", help="encoders: TorchScript exporter instead of dynamo"
     )
@@ -242,20 +296,31 @@ def add_encoder_commands(sub) -> None:
 
     p = sub.add_parser("prune-heads", help="remove attention heads (by importance on calibration text)")
     p.add_argument("model")
-    p.add_argument("--fraction", type=float, default=0.25, help="share of all heads to remove")
+    p.add_argument(
+        "--fraction", type=ck.float_range(0.0, 1.0, high_open=True), default=0.25,
+        help="share of all heads to remove, in [0, 1)",
+    )  # fmt: skip
     p.add_argument("--method", choices=["taylor", "norm"], default="taylor")
-    p.add_argument("--steps", type=int, default=4, help="prune in N rounds, re-ranking after each")
-    p.add_argument("--heads", default=None, help='explicit JSON {"layer": [heads]} instead of --fraction')
+    p.add_argument(
+        "--steps", type=ck.positive_int, default=4, help="prune in N rounds, re-ranking after each"
+    )
+    p.add_argument(
+        "--heads",
+        type=ck.heads_json,
+        default=None,
+        help='explicit JSON {"layer": [heads]} instead of --fraction',
+    )
     p.add_argument("--calibration", default=None, help="text file (default: 512 SST-2 train sentences)")
-    p.add_argument("--limit", type=int, default=512)
+    p.add_argument("--limit", type=ck.positive_int, default=512)
     p.add_argument("--eval", action="store_true", help="report STS-B Spearman after pruning")
     p.add_argument("--output", default=None, help="save the pruned model here (reloads pruned)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_prune_heads)
 
     p = sub.add_parser("eval-encoder", help="STS-B / SST-2 / cosine-to-reference for an encoder")
     p.add_argument("model")
     p.add_argument("--reference", default=None, help="another encoder: cosine of every embedding to its")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=ck.positive_int, default=32)
     p.add_argument("--json", default=None)
     add_encoder_eval_arguments(p)
     p.set_defaults(func=eval_encoder)

@@ -11,7 +11,7 @@ import importlib
 import json
 import os
 import shutil
-import tempfile
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import LeanformerError
+from .formats.hf_weights import first_line, shard_files, torch_weights
 from .models.layers import Rotary, pack_linears_
 
 # family module (under leanformer.models) → the HF architectures it serves
@@ -55,13 +56,18 @@ def registry() -> dict[str, ModuleType]:
     return archs
 
 
-def family_of(config: dict) -> ModuleType:
+def family_of(config: dict, source: str | None = None) -> ModuleType:
+    """The models/ module for this config; `source` (the config's file) prefixes the error."""
     archs = registry()
-    arch = (config.get("architectures") or [None])[0]
+    listed = config.get("architectures")
+    arch = listed[0] if isinstance(listed, list) and listed else None
     if arch is None:
-        arch = _BY_MODEL_TYPE.get(config.get("model_type", ""), "")
-    if arch not in archs:
-        raise LeanformerError(f"unsupported architecture {arch!r}; supported: {', '.join(sorted(archs))}")
+        arch = _BY_MODEL_TYPE.get(str(config.get("model_type", "")), "")
+    if not isinstance(arch, str) or arch not in archs:
+        where = f"{source}: " if source else ""
+        raise LeanformerError(
+            f"{where}unsupported architecture {arch!r}; supported: {', '.join(sorted(archs))}"
+        )
     return archs[arch]
 
 
@@ -100,16 +106,20 @@ def load(
         config, state_dict, tok = read_gguf_quantized(gguf_files[0])
     else:
         config, state_dict, tok = read_any(p)
-    if family_of(config).__name__.endswith(".bert"):
+    source = str(p / "config.json") if p.is_dir() and (p / "config.json").exists() else str(p)
+    if family_of(config, source).__name__.endswith(".bert"):
         # encoders: one builder (pooling / Normalize from the folder, a saved probe, oneDNN packing
         # only on CPUs where it pays), shared with encoders.load_encoder
         from .encoders import build_encoder
 
         folder = p if p.is_dir() else None
-        return build_encoder(config, state_dict, folder, DTYPES[dtype], device, None if fast else False), tok
-    model = build(config, state_dict, DTYPES[dtype], device)
-    if fast and device == "cpu":
-        speed_up_linears_(model)
+        with _bad_config(source):
+            model = build_encoder(config, state_dict, folder, DTYPES[dtype], device, None if fast else False)
+    else:
+        model = build(config, state_dict, DTYPES[dtype], device, source)
+        if fast and device == "cpu":
+            speed_up_linears_(model)
+    model.loaded_from = str(p.resolve())  # `save` never writes over the folder a model came from
     return model, tok
 
 
@@ -145,10 +155,17 @@ def read_any(p: Path) -> tuple[dict, dict[str, torch.Tensor], object]:
 
 
 def read_hf_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor], object]:
+    path = folder / "config.json"
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise LeanformerError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
+        raise LeanformerError(f"{path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise LeanformerError(f"{path} is not UTF-8 text (not a config file?)") from None
+    except OSError as e:
+        raise LeanformerError(f"cannot read {path} ({e.strerror})") from None
+    if not isinstance(config, dict):
+        raise LeanformerError(f"{path} is not a JSON object of config keys")
     return config, read_weights(folder), load_tokenizer(folder)
 
 
@@ -159,21 +176,18 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if not present:
         raise LeanformerError(f"no weights in {folder}: expected one of {', '.join(_HF_WEIGHTS)}")
     name = present[0]
-    files = [name]
-    if name.endswith(".index.json"):
-        index = json.loads((folder / name).read_text())
-        files = sorted(set(index["weight_map"].values()))
+    files = shard_files(folder, name) if name.endswith(".index.json") else [name]
     state: dict[str, torch.Tensor] = {}
     for f in files:
         fp = folder / f
-        if not fp.exists():
+        if not fp.is_file():
             raise LeanformerError(f"weight shard {fp} listed in the index is missing")
+        if not f.endswith(".safetensors"):
+            state.update(torch_weights(fp))
+            continue
         try:
-            if f.endswith(".safetensors"):
-                state.update(read_safetensors(fp))
-            else:
-                state.update(torch.load(fp, map_location="cpu", weights_only=True))
-        except (SafetensorsFormatError, RuntimeError, OSError, EOFError) as e:
+            state.update(read_safetensors(fp))
+        except (SafetensorsFormatError, OSError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise LeanformerError(f"corrupt or truncated weights file {fp}: {msg}") from None
     return state
@@ -185,7 +199,10 @@ def load_tokenizer(folder: Path):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(folder))
+        try:
+            return AutoTokenizer.from_pretrained(str(folder))
+        except Exception as e:  # transformers raises anything from OSError to JSON errors on bad files
+            raise LeanformerError(f"{folder}: the tokenizer files cannot be read ({first_line(e)})") from None
     bins = sorted(folder.glob("tok*.bin"))  # llama2.c tokenizers: tok512.bin, tokenizer.bin
     if bins:
         from .formats.llama2c import Llama2cTokenizer
@@ -194,27 +211,54 @@ def load_tokenizer(folder: Path):
     return None
 
 
-def build(config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device: str) -> nn.Module:
+class _bad_config:
+    """Turn the KeyError / TypeError / ... a missing or mistyped config key raises deep inside a model's
+    constructor into one line naming the config's file."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, e, tb) -> None:
+        errors = (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, RuntimeError)
+        if kind is not None and issubclass(kind, errors) and not isinstance(e, LeanformerError):
+            what = f"missing key {e}" if isinstance(e, KeyError) else first_line(e)
+            raise LeanformerError(f"{self.source}: invalid model config ({what})") from None
+
+
+def build(
+    config: dict,
+    state_dict: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: str,
+    source: str = "model config",
+) -> nn.Module:
     """Config + HF-named state dict → a model with weights assigned (no random init, no extra copy).
 
     Consumes `state_dict` (the caller's dict is emptied): each tensor is freed as soon as its converted
-    copy exists, so loading peaks near one copy of the weights, not two.
+    copy exists, so loading peaks near one copy of the weights, not two. `source` names the config's
+    file in errors. Warns when a float weight holds NaN or inf (such a model decodes to nothing).
     """
     state_dict, taken = dict(state_dict), state_dict
     taken.clear()
-    family = family_of(config)
-    args = family.ModelArgs.from_hf_config(config)
-    with torch.device("meta"):
-        model = family.Model(args)
+    family = family_of(config, source)
     meta = config.get("leanformer", {})
-    if meta.get("quantized_modules"):  # per-module int layout (GGUF keep_quantized), before any recipe
-        from .compress.layout import restore_layout_
+    with _bad_config(source):
+        args = family.ModelArgs.from_hf_config(config)
+        with torch.device("meta"):
+            model = family.Model(args)
+        if not isinstance(meta, dict):
+            raise TypeError(f"'leanformer' is a {type(meta).__name__}, not an object")
+        if meta.get("quantized_modules"):  # per-module int layout (GGUF keep_quantized), before any recipe
+            from .compress.layout import restore_layout_
 
-        restore_layout_(model, meta["quantized_modules"], dtype)
-    if meta.get("recipe"):
-        from .compress import apply
+            restore_layout_(model, meta["quantized_modules"], dtype)
+        if meta.get("recipe"):
+            from .compress import apply
 
-        apply(model, meta["recipe"], structure_only=True)
+            apply(model, meta["recipe"], structure_only=True)
     if not meta:  # our own saves already use our names
         state_dict = family.sanitize(state_dict, args)
     expected = model.state_dict()
@@ -242,12 +286,22 @@ def build(config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
                 f"tensor {name!r} has shape {tuple(tensor.shape)} but the config implies {tuple(expected[name].shape)}"
             )
     keep = _exact_names(model) if meta else set()  # quantized modules' scales: never rounded to dtype
+    non_finite = []
     for n in list(state_dict):  # one tensor at a time, so the old one is freed before the next copy
         t = state_dict.pop(n)
         if n in expected:
             cast = t.is_floating_point() and n not in keep
             state_dict[n] = (t.to(dtype) if cast else t).to(device)
+            # after the cast: fp32 values beyond fp16's range become inf there
+            if state_dict[n].is_floating_point() and not bool(torch.isfinite(state_dict[n]).all()):
+                non_finite.append(n)
         del t
+    if non_finite:
+        warnings.warn(
+            f"{len(non_finite)} weight tensor(s) hold NaN or infinite values (e.g. {non_finite[0]!r}): "
+            "the model's outputs will be meaningless; is the file corrupt?",
+            stacklevel=2,
+        )
     if tied:
         state_dict["lm_head.weight"] = state_dict[embedding]
     model.load_state_dict(state_dict, assign=True, strict=True)
@@ -274,13 +328,25 @@ def _embedding_name(names) -> str | None:
     return next((n for n in ("model.embed_tokens.weight", "transformer.wte.weight") if n in names), None)
 
 
-def save(model: nn.Module, tok, out_dir: str | os.PathLike) -> Path:
-    """Write config.json (+ recipe), model.safetensors and the tokenizer; atomically (temp dir → rename)."""
+def save(model: nn.Module, tok, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write config.json (+ recipe), model.safetensors and the tokenizer into the folder `out_dir`.
+
+    `out_dir` may be absent, empty, or an earlier leanformer save, which is replaced atomically (the
+    old folder is renamed aside, the new one renamed in, then the old one removed; on failure the old
+    one is put back). Any other non-empty folder needs overwrite=True. Refused even then: an existing
+    file or symlink at `out_dir`, the filesystem root, the current or home folder, the folder the
+    model was loaded from (lf.load records it), and any folder above those (see outputs.py). Files and folders get the permissions the umask gives.
+    """
     from safetensors.torch import save_file
 
-    out = Path(out_dir).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    from .outputs import check_output_dir, new_temp_dir, replace_dir
+
+    source = getattr(model, "loaded_from", None)
+    out = check_output_dir(out_dir, overwrite, inputs=[source] if source else [])
+    try:
+        tmp = new_temp_dir(out)
+    except OSError as e:
+        raise LeanformerError(f"cannot save to {out} ({e.strerror})") from None
     try:
         state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
         head, embedding = getattr(model, "lm_head", None), _embedding_name(state)
@@ -292,9 +358,10 @@ def save(model: nn.Module, tok, out_dir: str | os.PathLike) -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         if tok is not None and hasattr(tok, "save_pretrained"):
             tok.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_dir(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LeanformerError(f"cannot save to {out} ({e.strerror or e})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

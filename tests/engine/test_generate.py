@@ -87,3 +87,60 @@ def test_bad_sampling_params():
 def test_text_prompt_without_tokenizer_is_a_clear_error(model):
     with pytest.raises(lf.LeanformerError, match="no tokenizer"):
         lf.generate(model, None, "hello")
+
+
+class _NoBosTokenizer:
+    """Encodes text as one id per character and "" as no ids at all, like tokenizers without a BOS."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) % 100 for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+@pytest.mark.parametrize(
+    "prompt, match",
+    [
+        ([], "empty prompt"),
+        ([1, 2, 128], "token id 128, outside this model's vocabulary 0..127"),
+        ([5, -1], "token id -1"),
+        ([[1, 2], [7, 10_000]], "prompt 1 holds token id 10000"),
+        ([[1, 2], []], "empty prompt"),
+        (torch.tensor([3, 999]), "token id 999"),
+    ],
+)
+def test_bad_prompts_are_one_clear_error(model, prompt, match):
+    """issue #10: these raised a raw IndexError from the embedding lookup (or deep in the batching)."""
+    with pytest.raises(lf.LeanformerError, match=match) as e:
+        lf.generate(model, None, prompt, max_new_tokens=2)
+    assert "\n" not in str(e.value)
+    if not (isinstance(prompt, list) and prompt and isinstance(prompt[0], list)):
+        with pytest.raises(lf.LeanformerError, match=match):
+            list(lf.stream_generate(model, None, prompt, max_new_tokens=2))
+
+
+def test_empty_text_that_encodes_to_nothing(model):
+    tok = _NoBosTokenizer()
+    with pytest.raises(lf.LeanformerError, match="no tokens"):
+        lf.generate(model, tok, "", max_new_tokens=2)
+    with pytest.raises(lf.LeanformerError, match="no tokens"):
+        list(lf.stream_generate(model, tok, "", max_new_tokens=2))
+    assert len(lf.generate(model, tok, "ab", max_new_tokens=2, ignore_eos=True)) == 2
+
+
+def test_non_finite_logits_warn(model):
+    import copy
+
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in broken.named_parameters():  # every norm: a NaN anywhere would reach the logits
+            if "norm" in name or ".ln" in name:
+                p.fill_(float("nan"))
+    with pytest.warns(UserWarning, match="logits hold NaN or inf"):
+        lf.generate(broken, None, [1, 2, 3], max_new_tokens=3, ignore_eos=True)
+    with pytest.warns(UserWarning, match="logits hold NaN or inf"):
+        list(lf.stream_generate(broken, None, [1, 2, 3], max_new_tokens=3, ignore_eos=True))

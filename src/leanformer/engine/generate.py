@@ -8,6 +8,7 @@ their cache slots are simply no longer named in the next step.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -39,10 +40,32 @@ def encode_prompt(tok, prompt: Prompt) -> list[int]:
         return list(tok.encode(prompt))
     if len(prompt) and isinstance(prompt[0], dict):
         return encode_chat(tok, list(prompt))
-    ids = [int(t) for t in prompt]
+    try:
+        ids = [int(t) for t in prompt]
+    except (TypeError, ValueError):
+        raise LeanformerError(
+            "a prompt must be text, a chat (list of messages) or a list of token ids"
+        ) from None
     if not ids:
         raise LeanformerError("empty prompt: give at least one token (e.g. the BOS id)")
     return ids
+
+
+def check_prompts(prompts: list[list[int]], vocab: int) -> None:
+    """Every prompt has tokens and every id is in 0..vocab-1: an embedding lookup would otherwise fail
+    with an IndexError deep in the model (or, on some kernels, read out of bounds)."""
+    for i, p in enumerate(prompts):
+        where = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+        if not p:
+            raise LeanformerError(
+                f"{where} has no tokens (an empty text with a tokenizer that adds no BOS?): give some text or ids"
+            )
+        lo, hi = min(p), max(p)
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise LeanformerError(
+                f"{where} holds token id {bad}, outside this model's vocabulary 0..{vocab - 1}"
+            )
 
 
 def encode_chat(tok, messages: list[dict]) -> list[int]:
@@ -73,6 +96,8 @@ def decode(
     stats: GenerationStats | None = None,
 ) -> Iterator[dict[int, int]]:
     """Yield {row: new_token} for the rows still running, one step at a time."""
+    vocab = model.args.vocab_size
+    check_prompts(prompts, vocab)
     if max_new_tokens <= 0:
         return
     context = model.args.max_position_embeddings
@@ -84,7 +109,6 @@ def decode(
     n = len(prompts)
     cache = KVCache.for_model(model, n, longest + max_new_tokens)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-    vocab = model.args.vocab_size
     seen = None
     if params.repetition_penalty != 1.0:
         seen = torch.zeros(n, vocab, dtype=torch.bool)
@@ -97,6 +121,11 @@ def decode(
     t0 = time.perf_counter()
     logits = model(ids, cache=cache, slots=torch.arange(n), logits_at=lengths - 1)[:, -1].float()
     cache.set_length(torch.arange(n), lengths)
+    if not bool(torch.isfinite(logits).all()):  # once, on the first step: NaN weights decode to nothing
+        warnings.warn(
+            "the model's logits hold NaN or inf: its output is meaningless (NaN/inf weights? a bad file?)",
+            stacklevel=3,
+        )
     rows = torch.arange(n)
     if stats is not None:
         stats.prompt_tokens += int(lengths.sum())
@@ -138,6 +167,8 @@ def _texts_or_ids(tok, prompt):
         batch, was_batch = [prompt], False
     else:
         batch, was_batch = list(prompt), True
+    if not batch:
+        raise LeanformerError("empty prompt: give text, a chat, token ids, or a list of prompts")
     batch = [p.tolist() if isinstance(p, torch.Tensor) else p for p in batch]
     wants_text = tok is not None and not (len(batch[0]) and isinstance(batch[0][0], int))
     return batch, was_batch, wants_text

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from leanformer.errors import LeanformerError
+from leanformer.formats.hf_weights import first_line
 
 # GGUF architecture → (HF architectures name, HF model_type, q/k rows permuted by llama.cpp's converter)
 SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str, bool]] = {
@@ -247,6 +248,13 @@ def read_gguf_raw(path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTenso
     """
     path = Path(path)
     reader = _open(path)
+    try:
+        return _read_raw(path, reader)
+    except (KeyError, TypeError, ValueError, IndexError) as e:  # metadata of the wrong type, odd shapes
+        raise LeanformerError(f"{path}: malformed GGUF metadata or tensor info ({first_line(e)})") from None
+
+
+def _read_raw(path: Path, reader: Any) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
     meta = _metadata(reader)
     by_gguf_name = {t.name: t for t in reader.tensors}
     config = _config(meta, by_gguf_name)
