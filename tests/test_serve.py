@@ -4,9 +4,15 @@ load test whose every greedy output must equal the same request served alone."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,7 +24,9 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from leanformer.bench.serve import _free_port, bench_serve  # noqa: E402
 from leanformer.serve import ServeConfig, create_app, running  # noqa: E402
+from leanformer.serve_cli import add_bench_args, add_serve_commands  # noqa: E402
 
 MODEL = "stories"
 
@@ -326,17 +334,12 @@ def test_compressed_saved_model_serves_like_any_other(shared, tmp_path):
         assert r.choices[0].text == lf.generate(loaded, tok, "Once upon a time", max_new_tokens=30)
 
 
-def test_cli_and_bench_serve(server, tmp_path):
-    import argparse
-    import json
-
-    from leanformer.bench.serve import bench_serve
-    from leanformer.serve_cli import add_serve_commands
-
+def test_bench_serve_against_a_running_server(server, tmp_path):
     parser = argparse.ArgumentParser()
     add_serve_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", "smollm2", "--max-batch", "4", "--api-key", "k"])
+    args = parser.parse_args(["serve", "smollm2", "--max-batch", "4", "--api-key", "k", "--max-body-mb", "2"])
     assert (args.host, args.port, args.max_batch, args.api_key) == ("127.0.0.1", 8000, 4, "k")
+    assert (args.max_body_mb, args.stall_timeout) == (2.0, 120)
     out = tmp_path / "bench.json"
     argv = ["bench-serve", "--url", server[0], "--model-name", MODEL, "--requests", "4", "--concurrency", "4"]
     args = parser.parse_args([*argv, "--max-tokens", "8", "--baseline", "--json", str(out)])
@@ -345,6 +348,51 @@ def test_cli_and_bench_serve(server, tmp_path):
     fast, alone = report["runs"]
     assert fast["failed"] == alone["failed"] == 0 and fast["output_tokens"] == 32
     assert fast["ttft_ms_p50"] > 0 and fast["itl_ms_p99"] >= fast["itl_ms_p50"]
+
+
+def test_cli_serve_process_answers_and_stops_on_sigterm(shared, tmp_path):
+    """The real `leanformer serve` process (the installed entry point, else `python -m leanformer.cli`):
+    up on a free loopback port, one completion, SIGTERM → a graceful exit."""
+    script = Path(sys.executable).parent / "leanformer"
+    port = _free_port()
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "leanformer.cli"]
+    cmd += ["serve", str(shared / "models/stories260K"), "--port", str(port), "--model-name", MODEL]
+    cmd += ["--max-batch", "2", "--max-seq", "128", "--log-level", "info"]
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, f"the server exited before it was ready: {log.read_text()}"
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        assert _wait(ready, seconds=30), log.read_text()
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 5, "ignore_eos": True}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal: the exit status may say SIGTERM
+        assert proc.wait(timeout=15) in (0, -signal.SIGTERM), log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = log.read_text()
+    assert "KV cache: 2 slots" in out and "Finished server process" in out and "Traceback" not in out
+
+
+def test_bench_serve_starts_its_own_server(shared):
+    """bench-serve given a model: starts `leanformer serve` in a child process, loads it, stops it."""
+    parser = argparse.ArgumentParser()
+    add_bench_args(parser)
+    argv = [str(shared / "models/stories260K"), "--requests", "2", "--concurrency", "2"]
+    report = bench_serve(parser.parse_args([*argv, "--max-tokens", "4", "--max-batch", "2"]))
+    (run,) = report["runs"]
+    assert run["failed"] == 0 and run["output_tokens"] == 8 and run["requests"] == 2
 
 
 def test_smollm2_chat_template(smollm2):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import secrets
 import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
@@ -26,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .engine.cache import plan_cache
 from .engine.generate import encode_chat, eos_ids
 from .engine.runner import Engine
-from .engine.sampling import SamplingParams
+from .engine.sampling import SEED_LIMIT, SamplingParams
 from .engine.scheduler import Output, QueueFull, Request, Scheduler, ShuttingDown
 from .errors import LeanformerError
 from .serve_api import (
@@ -45,17 +44,10 @@ from .serve_api import (
     unsupported,
     validation_error,
 )
+from .serve_gate import Gate
 from .serve_metrics import Metrics
 
 log = logging.getLogger("leanformer.serve")
-_ENDPOINTS = (
-    "/v1/models",
-    "/v1/completions",
-    "/v1/chat/completions",
-    "/v1/embeddings",
-    "/health",
-    "/metrics",
-)
 
 
 @dataclass
@@ -65,10 +57,26 @@ class ServeConfig:
     max_seq: int = 2048  # tokens per slot: prompt + max_tokens of one request
     kv_budget_mb: float | None = 2048.0
     prefill_chunk: int = 256  # prompt tokens per engine step (padded), interleaved with decode steps
-    max_queue: int = 256  # requests waiting for a slot before 429
-    api_key: str | None = None
+    max_queue: int = 256  # requests waiting for a slot (beyond the max_batch running) before 429
+    api_key: str | None = None  # None: open; an empty key is refused (it would let `Bearer ` in)
     request_timeout: float = 600.0  # seconds from arrival to the last token
     shutdown_timeout: float = 10.0
+    max_body_mb: float = 4.0  # larger request bodies get 413 (a 2048-token prompt is ~10 kB of JSON)
+    stall_timeout: float = 120.0  # one engine step running longer than this: /health says 503
+
+    def __post_init__(self) -> None:
+        key = self.api_key
+        if key is not None and not key.strip():
+            raise LeanformerError(
+                "the API key is empty (--api-key '' or LEANFORMER_API_KEY=''): "
+                "give a real key, or unset it to serve without one"
+            )
+        if key is not None and key != key.strip():
+            raise LeanformerError(
+                "the API key starts or ends with whitespace, which HTTP headers cannot carry"
+            )
+        if not self.max_body_mb > 0:
+            raise LeanformerError(f"--max-body-mb must be > 0, got {self.max_body_mb}")
 
 
 class _State:
@@ -103,7 +111,7 @@ def create_app(model, tok, cfg: ServeConfig | None = None) -> FastAPI:
 
     app = FastAPI(title="leanformer", lifespan=lifespan)
     app.state.lf = state
-    app.add_middleware(_Gate, state=state)
+    app.add_middleware(Gate, state=state)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
@@ -123,6 +131,8 @@ def create_app(model, tok, cfg: ServeConfig | None = None) -> FastAPI:
     async def health():
         if state.closing:
             return JSONResponse({"status": "shutting down"}, status_code=503)
+        if state.engine is not None and (why := state.engine.problem(cfg.stall_timeout)):
+            return JSONResponse({"status": "unhealthy", "reason": why}, status_code=503)
         s = state.scheduler
         return {"status": "ok", "waiting": s.n_waiting if s else 0, "running": s.n_running if s else 0}
 
@@ -150,8 +160,9 @@ def create_app(model, tok, cfg: ServeConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http: HttpRequest):
         _check_generation(state, body)
+        messages = chat_messages(body)  # (its ApiError names the content part: not the template's error)
         try:
-            prompt = encode_chat(state.tok, chat_messages(body))
+            prompt = encode_chat(state.tok, messages)
         except LeanformerError as e:
             raise ApiError(400, str(e), "messages") from None
         except Exception as e:  # the template itself refused (e.g. roles must alternate)
@@ -200,45 +211,6 @@ def create_app(model, tok, cfg: ServeConfig | None = None) -> FastAPI:
     return app
 
 
-class _Gate:
-    """ASGI middleware: the API key for /v1/*, and request counts by endpoint and status for /metrics."""
-
-    def __init__(self, app, state: _State) -> None:
-        self.app, self.state = app, state
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        endpoint = path if path in _ENDPOINTS else "other"
-        status = 500
-
-        async def counting_send(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            key = self.state.cfg.api_key
-            if key is not None and path.startswith("/v1/") and not _authorized(scope, key):
-                err = ApiError(
-                    401,
-                    "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                    code="invalid_api_key",
-                )
-                return await JSONResponse(err.body(), status_code=401)(scope, receive, counting_send)
-            await self.app(scope, receive, counting_send)
-        finally:
-            self.state.metrics.requests[(endpoint, status)] += 1
-
-
-def _authorized(scope, key: str) -> bool:
-    header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-    scheme, _, given = header.partition(" ")
-    return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), key.encode())
-
-
 def _check_model(state: _State, name: str) -> None:
     if name != state.cfg.model_id:
         raise ApiError(
@@ -257,6 +229,8 @@ def _check_generation(state: _State, body) -> None:
         )
     if state.closing:
         raise ApiError(503, "the server is shutting down", code="shutting_down")
+    if state.engine.dead:
+        raise ApiError(503, "the engine stopped; the server must be restarted", code="engine_dead")
     if err := unsupported(body):
         raise err
 
@@ -274,17 +248,20 @@ def _submit(
         loop.call_soon_threadsafe(queue.put_nowait, out)
 
     sched, reqs = state.scheduler, []
-    if len(prompts) * body.n > sched.max_waiting:
-        raise ApiError(400, f"prompts × n must be ≤ {sched.max_waiting}", "n")
+    if len(prompts) * body.n > sched.capacity:
+        raise ApiError(400, f"prompts × n must be ≤ {sched.capacity}", "n")
     for p_i, prompt in enumerate(prompts):
         # OpenAI's chat default: whatever the context leaves
         wanted = max_tokens if max_tokens is not None else max(1, sched.max_seq - len(prompt))
         for j in range(body.n):
-            seed = None if body.seed is None else body.seed + j
-            try:
+            seed = None if body.seed is None else (body.seed + j) % SEED_LIMIT  # choice j: its own seed
+            try:  # the schema already bounds these: this only names a field the schema let through
                 params = SamplingParams(
                     body.temperature, body.top_k, body.top_p, body.repetition_penalty, seed
                 )
+            except LeanformerError as e:
+                raise ApiError(400, str(e), str(e).split()[0], "invalid_value") from None
+            try:
                 req = Request(
                     prompt, wanted, params, stop, stop_ids, logprobs, state.cfg.request_timeout, emit
                 )
@@ -387,7 +364,7 @@ def serve(
     import leanformer as lf
 
     cfg = ServeConfig(model_id=model_id or Path(model_path).stem, **config)
-    if host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
+    if host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:  # (never "": see ServeConfig)
         log.warning("serving on %s without --api-key: anyone who can reach this address can use it", host)
     model, tok = lf.load(model_path, dtype=dtype, keep_quantized=keep_quantized)
     app = create_app(model, tok, cfg)

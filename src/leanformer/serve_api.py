@@ -14,13 +14,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from .engine.sampling import SEED_LIMIT
 
 
 class ApiError(Exception):
     """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
+    TYPES |= {413: "invalid_request_error"}
     TYPES |= {429: "rate_limit_error", 503: "service_unavailable", 504: "timeout_error"}
 
     def __init__(
@@ -41,64 +44,75 @@ class ApiError(Exception):
 
 
 # ---- requests: unknown fields are accepted and ignored, as OpenAI clients send many optional ones ----
+# Types are strict ("stream": "yes", "max_tokens": true, "prompt": [true] are errors, not coerced), and
+# floats must be finite (Python's JSON parser reads NaN and Infinity).
+
+
+def _real(default: float, **bounds) -> Any:
+    return Field(default, strict=True, allow_inf_nan=False, **bounds)
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
+    model: StrictStr
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: float = _real(1.0, ge=0, le=2)  # below 1e-5 it is greedy (engine/sampling.py)
+    top_p: float = _real(1.0, gt=0, le=1)
+    n: StrictInt = Field(1, ge=1, le=16)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    stop: StrictStr | list[StrictStr] | None = None
+    # torch's generator takes < 2^64 and raised on the engine thread beyond; 2^63 fits any client
+    seed: StrictInt | None = Field(None, ge=0, lt=SEED_LIMIT)
+    presence_penalty: float = _real(0.0)
+    frequency_penalty: float = _real(0.0)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: StrictStr | None = None
     # extensions (as in vLLM: pass with the openai client's extra_body)
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0)
-    ignore_eos: bool = False
+    top_k: StrictInt = Field(0, ge=0)
+    repetition_penalty: float = _real(1.0, gt=0)
+    ignore_eos: StrictBool = False
+
+
+_TokenIds = list[StrictInt]
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    prompt: StrictStr | list[StrictStr] | _TokenIds | list[_TokenIds]
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    # required: a string or a list of content parts (only text parts are served: see chat_messages)
+    content: StrictStr | list[dict[str, Any]]
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
-    model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    model: StrictStr
+    input: StrictStr | list[StrictStr] | _TokenIds | list[_TokenIds]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
-    user: str | None = None
+    dimensions: StrictInt | None = None
+    user: StrictStr | None = None
 
 
 def unsupported(body: _Sampling) -> ApiError | None:
@@ -135,7 +149,7 @@ def validation_error(errors: list[dict]) -> ApiError:
         return ApiError(400, f"the request body is not valid JSON: {e.get('msg', '')}", None, "invalid_json")
     loc = [str(p) for p in e.get("loc", ()) if p != "body"]
     # unions report the member type tried (e.g. "str"); keep only field names and list indices
-    loc = [p for p in loc if p.isdigit() or p.isidentifier() and p not in ("str", "int", "list")]
+    loc = [p for p in loc if p.isdigit() or p.isidentifier() and p not in ("str", "int", "list", "dict")]
     param = ".".join(loc) or None
     msg = e.get("msg", "invalid value")
     return ApiError(400, f"{param}: {msg}" if param else msg, param, "invalid_value")
@@ -167,7 +181,7 @@ def completion_prompts(tok, vocab: int, prompt) -> list[list[int]]:
 def chat_messages(body: ChatRequest) -> list[dict]:
     messages = []
     for i, m in enumerate(body.messages):
-        content = m.content or ""
+        content = m.content
         if isinstance(content, list):
             if not all(part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
                 raise ApiError(400, "only text content parts are supported", f"messages.{i}.content")
@@ -247,6 +261,8 @@ def failure(out) -> ApiError:
 class Job:
     """The engine requests behind one HTTP call, the queue their outputs arrive on, and latency metrics."""
 
+    POLL_S = 1.0  # how often a waiting call checks that the engine thread is still alive
+
     def __init__(self, reqs: list, queue: asyncio.Queue, engine, metrics, watchdog_s: float) -> None:
         self.reqs, self.queue, self.engine, self.metrics = reqs, queue, engine, metrics
         self.watchdog_s = watchdog_s  # the engine enforces timeouts; this guards against a stuck engine
@@ -256,10 +272,7 @@ class Job:
     async def outputs(self) -> AsyncIterator:
         pending, m = len(self.reqs), self.metrics
         while pending:
-            try:
-                out = await asyncio.wait_for(self.queue.get(), timeout=self.watchdog_s)
-            except asyncio.TimeoutError:
-                raise ApiError(504, "the engine did not answer in time", code="timeout") from None
+            out = await self._next()
             now = time.monotonic()
             if out.token_ids:
                 prev = self.last.get(out.index)
@@ -272,6 +285,28 @@ class Job:
                 pending -= 1
                 m.e2e.observe(now - self.arrived)
             yield out
+
+    async def _next(self):
+        """The next output; an error as soon as the engine thread is found dead (nothing would come), and
+        a 504 after `watchdog_s` without output (a stuck engine)."""
+        # one get() kept across polls: cancelling and re-making it could drop an output in between
+        getter = asyncio.ensure_future(self.queue.get())
+        waited = 0.0
+        try:
+            while True:
+                wait = min(self.POLL_S, self.watchdog_s - waited)
+                done, _ = await asyncio.wait({getter}, timeout=wait)
+                if done:
+                    return getter.result()
+                waited += wait
+                if getattr(self.engine, "dead", False):
+                    raise ApiError(
+                        503, "the engine stopped; the server must be restarted", code="engine_dead"
+                    )
+                if waited >= self.watchdog_s:
+                    raise ApiError(504, "the engine did not answer in time", code="timeout")
+        finally:
+            getter.cancel()  # no-op when it is done
 
     def cancel(self) -> None:
         for r in self.reqs:
@@ -336,31 +371,36 @@ async def stream_events(job: Job, fmt: Formatter, head: dict, include_usage: boo
             for r in job.reqs:
                 first = {"index": r.index, "delta": {"role": "assistant", "content": ""}}
                 yield sse(head | {"choices": [first | {"logprobs": None, "finish_reason": None}]})
-        async for out in job.outputs():
-            if out.finish_reason in _FAILED:
-                yield sse(failure(out).body())
-                break
-            if not (
-                out.text or out.finish_reason or ((fmt.token_ids or fmt.want_logprobs) and out.token_ids)
-            ):
-                continue  # text held back (half a character, a possible stop string)
-            choice: dict = {"index": out.index}
-            if fmt.chat:
-                choice["delta"] = {"content": out.text} if out.text else {}
-            else:
-                choice["text"] = out.text
-            offset = offsets.get(out.index, 0)
-            offsets[out.index] = offset + len(out.text)
-            choice |= {
-                "logprobs": fmt.logprobs(out.logprobs or [], offset),
-                "finish_reason": out.finish_reason,
-            }
-            if out.finish_reason is not None:
-                completion_tokens += out.completion_tokens
-            yield sse(head | {"choices": [choice]})
-        else:
-            if include_usage:
-                yield sse(head | {"choices": [], "usage": usage(fmt.prompt_tokens, completion_tokens)})
+        failed = False
+        try:
+            async for out in job.outputs():
+                if out.finish_reason in _FAILED:
+                    yield sse(failure(out).body())
+                    failed = True
+                    break
+                if not (
+                    out.text or out.finish_reason or ((fmt.token_ids or fmt.want_logprobs) and out.token_ids)
+                ):
+                    continue  # text held back (half a character, a possible stop string)
+                choice: dict = {"index": out.index}
+                if fmt.chat:
+                    choice["delta"] = {"content": out.text} if out.text else {}
+                else:
+                    choice["text"] = out.text
+                offset = offsets.get(out.index, 0)
+                offsets[out.index] = offset + len(out.text)
+                choice |= {
+                    "logprobs": fmt.logprobs(out.logprobs or [], offset),
+                    "finish_reason": out.finish_reason,
+                }
+                if out.finish_reason is not None:
+                    completion_tokens += out.completion_tokens
+                yield sse(head | {"choices": [choice]})
+        except ApiError as e:  # the engine died or stalled: say so rather than cut the stream
+            yield sse(e.body())
+            failed = True
+        if include_usage and not failed:
+            yield sse(head | {"choices": [], "usage": usage(fmt.prompt_tokens, completion_tokens)})
         yield sse("[DONE]")
     finally:
         job.cancel()

@@ -29,11 +29,24 @@ def add_serve_commands(sub) -> None:
         "--kv-budget-mb", type=float, default=2048, help="KV-cache memory cap; fewer slots if it is exceeded"
     )
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per step, between decodes")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="requests waiting for a slot (beyond --max-batch) before 429",
+    )
     p.add_argument(
         "--api-key",
         default=os.environ.get("LEANFORMER_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on /v1/* (default: $LEANFORMER_API_KEY, else open)",
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $LEANFORMER_API_KEY, else open; "
+        "an empty key is refused)",
+    )
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="larger request bodies get 413")
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=120,
+        help="seconds one engine step may run before /health answers 503",
     )
     p.add_argument("--request-timeout", type=float, default=600, help="seconds from arrival to last token")
     p.add_argument(
@@ -89,6 +102,8 @@ def cmd_serve(args) -> None:
         api_key=args.api_key,
         request_timeout=args.request_timeout,
         shutdown_timeout=args.shutdown_timeout,
+        max_body_mb=args.max_body_mb,
+        stall_timeout=args.stall_timeout,
     )
 
 

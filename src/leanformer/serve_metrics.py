@@ -33,6 +33,7 @@ class Histogram:
         return lines
 
 
+_STAGES = ("admit", "prefill", "decode", "sample", "output", "step")
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -69,6 +70,12 @@ class Metrics:
             lines += ["# HELP leanformer_finished_total Requests ended, by reason."]
             lines += ["# TYPE leanformer_finished_total counter"]
             lines += [f'leanformer_finished_total{{reason="{r}"}} {n}' for r, n in sorted(s.finished.items())]
+            # the failures behind finished_total{reason="error"}, by where they happened (admit, prefill,
+            # decode, sample, output, step): each failed only its own request, except "step"
+            lines += ["# HELP leanformer_request_errors_total Requests failed by an engine error, by stage."]
+            lines += ["# TYPE leanformer_request_errors_total counter"]
+            stages = sorted(set(_STAGES) | set(s.errors))  # all listed from the start, at 0
+            lines += [f'leanformer_request_errors_total{{stage="{k}"}} {s.errors[k]}' for k in stages]
             lines += _gauge("leanformer_queue_depth", "Requests waiting for a slot.", s.n_waiting)
             lines += _gauge("leanformer_running_requests", "Requests holding a slot.", s.n_running)
             lines += _gauge("leanformer_kv_slots", "KV-cache slots (the batch limit).", s.cache.n_slots)

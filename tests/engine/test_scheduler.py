@@ -128,12 +128,19 @@ def test_short_request_overtakes_long(llama):
 
 
 def test_slots_and_queue_are_bounded(llama):
+    """Capacity is slots + queue: 2 slots and a queue of 3 take 5 requests even before the engine has
+    admitted any (counting only the queue refused requests that arrived together while slots were
+    free), refuse the 6th, and take one again as soon as one ends."""
     sched = Scheduler(llama, None, n_slots=2, max_seq=64, max_waiting=3)
     sinks = []
-    for p in PROMPTS[:3]:
+    for p in PROMPTS[:5]:
         req, sink = make(p, 20)
         sched.submit(req)
         sinks.append(sink)
+    assert sched.capacity == 5 and sched.n_waiting == 5
+    with pytest.raises(QueueFull):
+        sched.submit(make([1], 5)[0])
+    sched.step()  # admits 2: the other 3 still wait, the capacity is still full
     with pytest.raises(QueueFull):
         sched.submit(make([1], 5)[0])
     peak = 0
@@ -142,6 +149,10 @@ def test_slots_and_queue_are_bounded(llama):
         peak = max(peak, sched.n_running)
         assert sched.n_running + len(sched.free) == 2
     assert peak == 2 and all(s.reason == "length" for s in sinks)
+    late, late_sink = make([1], 3)
+    sched.submit(late)  # everything ended: room again
+    run(sched)
+    assert late_sink.reason == "length"
 
 
 def test_context_overflow_is_refused(llama):

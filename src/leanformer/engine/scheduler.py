@@ -10,7 +10,12 @@ Three parts with narrow interfaces (vLLM's split, kept small):
 - `Engine` (engine/runner.py): one thread that calls `step()` while there is work.
 
 Memory: the KV cache is allocated once (n_slots × max_seq tokens), so its budget is fixed at start and
-can never be exceeded: a request waits in a bounded queue for a free slot, and a full queue refuses.
+can never be exceeded: a request waits in a bounded queue for a free slot. Capacity is n_slots +
+max_waiting requests in flight (waiting or holding a slot): counting only the queue refused requests
+that arrived together while slots were free but not yet claimed by the engine thread.
+Isolation: an exception while admitting, prefilling, decoding or sampling one request ends that
+request alone with finish_reason "error" (and frees its slot); a batched forward that fails is retried
+row by row so the rows that work go on. `errors` counts these failures by stage for /metrics.
 Exactness: every row attends only to its own slot's keys at its own positions (KVCache's per-slot
 lengths + mask), and each request samples with its own parameters and seeded generator, so a greedy or
 seeded request gives the same tokens whatever else shares the batch.
@@ -21,91 +26,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import LeanformerError
 from .cache import KVCache
-from .detokenize import Detokenizer
-from .sampling import SamplingParams, sample
+from .request import Output, QueueFull, Request, SeqState, ShuttingDown, TokenLogprob, one, token_logprob
+from .sampling import greedy_tokens, sample
+
+# re-exported: the server and tests import the request types from here
+__all__ = ["Output", "QueueFull", "Request", "Scheduler", "ShuttingDown", "TokenLogprob"]
 
 log = logging.getLogger("leanformer.engine")
-
-
-class QueueFull(LeanformerError):
-    """The waiting queue is at its bound: come back later (HTTP 429 + Retry-After)."""
-
-
-class ShuttingDown(LeanformerError):
-    """The engine no longer admits requests (HTTP 503)."""
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # the k most likely (token id, logprob), most likely first
-
-
-@dataclass
-class Output:
-    """What one step produced for one request; the last one has a finish_reason."""
-
-    request_id: str
-    index: int  # the request's `index` (choice number in an n>1 / multi-prompt API call)
-    token_ids: list[int]  # new tokens (an EOS that ended the request is not included)
-    text: str  # new text ("" while a piece is held back: half a UTF-8 character or a possible stop string)
-    logprobs: list[TokenLogprob] | None
-    finish_reason: str | None  # None | "stop" | "length" | "cancelled" | "timeout" | "abort" | "error"
-    prompt_tokens: int
-    completion_tokens: int  # generated so far, the EOS included
-    error: str | None = None
-
-
-def _ignore(out: Output) -> None:
-    pass
-
-
-@dataclass(eq=False)
-class Request:
-    prompt: list[int]
-    max_tokens: int
-    params: SamplingParams = field(default_factory=SamplingParams)
-    stop: list[str] = field(default_factory=list)  # stop strings (need a tokenizer); not in the output
-    stop_ids: frozenset[int] = frozenset()  # e.g. EOS
-    logprobs: int | None = None  # None: off; k ≥ 0: the chosen token's logprob + k alternatives
-    timeout: float | None = None  # seconds from submission to the last token; None: no limit
-    emit: Callable[[Output], None] = _ignore  # called on the engine thread: must not block
-    index: int = 0
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    cancelled: bool = False  # set from any thread (Engine.cancel); acted on at the next step
-    submitted: float = 0.0
-
-
-class _Seq:
-    """Engine-side state of an admitted request."""
-
-    def __init__(self, req: Request, slot: int, tok, vocab: int) -> None:
-        self.req, self.slot = req, slot
-        self.prefilled = 0  # prompt tokens already in the cache
-        self.out: list[int] = []
-        self.next_token: int | None = None  # sampled, not yet fed to the model
-        self.generator = None
-        if not req.params.greedy:
-            self.generator = torch.Generator()
-            if req.params.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(req.params.seed)
-        self.seen = None  # [V] bool, tokens in the sequence (for the repetition penalty)
-        if req.params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(vocab, dtype=torch.bool)
-            self.seen[torch.tensor(req.prompt).clamp(0, vocab - 1)] = True
-        self.detok = Detokenizer(tok, req.prompt, req.stop) if tok is not None else None
 
 
 class Scheduler:
@@ -130,16 +64,18 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.free = list(range(n_slots))  # lowest slot first keeps the batch's slots compact
         self.waiting: deque[Request] = deque()
-        self.prefilling: list[_Seq] = []
-        self.running: list[_Seq] = []
+        self.prefilling: list[SeqState] = []
+        self.running: list[SeqState] = []
         self.closed = False
-        self._lock = threading.Lock()  # guards `waiting` and `closed` against submitting threads
+        self._lock = threading.Lock()  # guards `waiting`, `closed`, `_in_flight` against submitting threads
+        self._in_flight = 0  # submitted and not ended: waiting, prefilling or running
         # counters read by /metrics (plain ints: a torn read is harmless)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.steps_total = 0
         self.batch_sizes: Counter[int] = Counter()  # decode batch size → number of steps
         self.finished: Counter[str] = Counter()  # finish reason → requests
+        self.errors: Counter[str] = Counter()  # stage (admit, prefill, decode, sample, ...) → failed requests
 
     # ---- any thread ----
     def check(self, req: Request) -> None:
@@ -160,10 +96,18 @@ class Scheduler:
         with self._lock:
             if self.closed:
                 raise ShuttingDown("the server is shutting down")
-            if len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"the request queue is full ({self.max_waiting} waiting)")
+            if self._in_flight >= self.capacity:
+                raise QueueFull(
+                    f"the server is full ({self.cache.n_slots} running + {self.max_waiting} waiting)"
+                )
             req.submitted = time.monotonic()
+            self._in_flight += 1
             self.waiting.append(req)
+
+    @property
+    def capacity(self) -> int:
+        """Requests in flight (holding a slot or waiting for one) before `submit` refuses."""
+        return self.cache.n_slots + self.max_waiting
 
     @property
     def n_waiting(self) -> int:
@@ -223,8 +167,16 @@ class Scheduler:
                 req = self.waiting.popleft()
             self.free.sort()
             slot = self.free.pop(0)
-            self.cache.reset(torch.tensor([slot]))
-            self.prefilling.append(_Seq(req, slot, self.tok, self.vocab))
+            try:  # e.g. a seed torch refuses: that request fails, its slot goes back
+                self.cache.reset(torch.tensor([slot]))
+                seq = SeqState(req, slot, self.tok, self.vocab)
+            except Exception as e:
+                self.free.append(slot)
+                self.errors["admit"] += 1
+                log.exception("could not admit request %s", req.id)
+                self._emit_final(req, "error", 0, _message(e))
+                continue
+            self.prefilling.append(seq)
 
     def _prefill(self) -> None:
         """One padded forward over the next prompt chunk of as many new requests as the budget allows.
@@ -234,7 +186,7 @@ class Scheduler:
         slot, where the next real token overwrites it and the mask hides it meanwhile.
         """
         budget = self.prefill_chunk
-        batch: list[tuple[_Seq, int]] = []
+        batch: list[tuple[SeqState, int]] = []
         width = 0
         for s in self.prefilling:
             n = min(len(s.req.prompt) - s.prefilled, budget)
@@ -244,13 +196,7 @@ class Scheduler:
                 break
             batch.append((s, n))
             width = w
-        ids = torch.zeros(len(batch), width, dtype=torch.long)  # [B, T]
-        for row, (s, n) in enumerate(batch):
-            ids[row, :n] = torch.tensor(s.req.prompt[s.prefilled : s.prefilled + n])
-        slots = torch.tensor([s.slot for s, _ in batch])
-        counts = torch.tensor([n for _, n in batch])
-        logits = self.model(ids, cache=self.cache, slots=slots, logits_at=counts - 1)[:, -1].float()
-        self.cache.set_length(slots, torch.tensor([s.prefilled for s, _ in batch]) + counts)
+        batch, logits = self._isolated(batch, self._prefill_forward, "prefill")
         done_rows: list[int] = []
         for row, (s, n) in enumerate(batch):
             s.prefilled += n
@@ -263,41 +209,87 @@ class Scheduler:
         if done:
             self._sample_and_emit(done, logits[done_rows])
 
+    def _prefill_forward(self, batch: list[tuple[SeqState, int]]) -> torch.Tensor:
+        width = max(n for _, n in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)  # [B, T]
+        for row, (s, n) in enumerate(batch):
+            ids[row, :n] = torch.tensor(s.req.prompt[s.prefilled : s.prefilled + n])
+        slots = torch.tensor([s.slot for s, _ in batch])
+        counts = torch.tensor([n for _, n in batch])
+        logits = self.model(ids, cache=self.cache, slots=slots, logits_at=counts - 1)[:, -1].float()
+        self.cache.set_length(slots, torch.tensor([s.prefilled for s, _ in batch]) + counts)
+        return logits
+
     def _decode(self) -> None:
-        seqs = list(self.running)
+        seqs, logits = self._isolated(list(self.running), self._decode_forward, "decode")
+        if seqs:
+            self.steps_total += 1
+            self.batch_sizes[len(seqs)] += 1
+            self._sample_and_emit(seqs, logits)
+
+    def _decode_forward(self, seqs: list[SeqState]) -> torch.Tensor:
         tokens = torch.tensor([[s.next_token] for s in seqs])  # [B, 1]
         slots = torch.tensor([s.slot for s in seqs])
         logits = self.model(tokens, cache=self.cache, slots=slots)[:, -1].float()  # [B, V]
         self.cache.advance(slots, 1)
-        self.steps_total += 1
-        self.batch_sizes[len(seqs)] += 1
-        self._sample_and_emit(seqs, logits)
+        return logits
 
-    def _sample_and_emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
-        """logits [B, V] float32, row i for seqs[i]: choose each row's token with its own parameters."""
-        tokens = [0] * len(seqs)
+    def _isolated(self, items: list, forward: Callable[[list], torch.Tensor], stage: str):
+        """forward(items) → logits [B, V]; when the batch fails, each item is retried alone and the
+        ones that fail alone end with an error. → (surviving items, their logits).
+
+        A retry is safe: the cache lengths move only after a forward succeeds, so a row's retry writes
+        the same positions the failed batch may have half-written."""
+        try:
+            return items, forward(items)
+        except Exception as e:
+            if len(items) == 1:
+                self._fail(_seq_of(items[0]), stage, e)
+                return [], None
+            log.warning("batched %s failed (%s); retrying %d rows one by one", stage, e, len(items))
+        kept, rows = [], []
+        for item in items:
+            try:
+                rows.append(forward([item]))
+                kept.append(item)
+            except Exception as e:
+                self._fail(_seq_of(item), stage, e)
+        return kept, (torch.cat(rows) if rows else None)
+
+    def _sample_and_emit(self, seqs: list[SeqState], logits: torch.Tensor) -> None:
+        """logits [B, V] float32, row i for seqs[i]: choose each row's token with its own parameters.
+        A row that fails (sampling, logprobs, detokenizing) ends alone; the others go on."""
+        tokens: list[int | None] = [None] * len(seqs)
         greedy = [i for i, s in enumerate(seqs) if s.req.params.greedy and s.seen is None]
         if greedy:
-            for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
-                tokens[i] = t
+            try:  # one argmax for all the plain greedy rows; if that fails, they go row by row below
+                for i, t in zip(greedy, greedy_tokens(logits[greedy]).tolist()):
+                    tokens[i] = t
+            except Exception:
+                log.exception("batched greedy choice failed; choosing row by row")
         for i, s in enumerate(seqs):
-            if s.req.params.greedy and s.seen is None:
+            try:
+                if tokens[i] is None:
+                    seen = None if s.seen is None else s.seen[None]
+                    tokens[i] = int(sample(logits[i : i + 1], s.req.params, s.generator, seen)[0])
+                if not 0 <= tokens[i] < self.vocab:
+                    raise LeanformerError(f"sampled token id {tokens[i]} is outside the vocabulary")
+            except Exception as e:
+                self._fail(s, "sample", e)
                 continue
-            seen = None if s.seen is None else s.seen[None]
-            tokens[i] = int(sample(logits[i : i + 1], s.req.params, s.generator, seen)[0])
-        for i, (s, t) in enumerate(zip(seqs, tokens)):
-            lp = None
-            if s.req.logprobs is not None:
-                lp = _logprob(logits[i], t, s.req.logprobs)
-            self._accept(s, t, lp)
+            try:
+                lp = None if s.req.logprobs is None else token_logprob(logits[i], tokens[i], s.req.logprobs)
+                self._accept(s, tokens[i], lp)
+            except Exception as e:
+                self._fail(s, "output", e)
 
-    def _accept(self, s: _Seq, token: int, lp: TokenLogprob | None) -> None:
+    def _accept(self, s: SeqState, token: int, lp: TokenLogprob | None) -> None:
         req = s.req
         s.out.append(token)
         s.next_token = token
         self.generation_tokens_total += 1
         if s.seen is not None:
-            s.seen[min(token, self.vocab - 1)] = True
+            s.seen[token] = True
         if token in req.stop_ids:
             return self._finish(s, "stop")
         text, stopped = s.detok.add(token) if s.detok is not None else ("", False)
@@ -305,36 +297,60 @@ class Scheduler:
         if reason is None:
             self._safe_emit(
                 req,
-                Output(req.id, req.index, [token], text, _one(lp), None, len(req.prompt), len(s.out)),
+                Output(req.id, req.index, [token], text, one(lp), None, len(req.prompt), len(s.out)),
             )
         else:
-            self._finish(s, reason, [token], text, _one(lp))
+            self._finish(s, reason, [token], text, one(lp))
+
+    def _fail(self, s: SeqState, stage: str, e: BaseException) -> None:
+        if s.req.ended:
+            return
+        self.errors[stage] += 1
+        log.error("request %s failed in %s", s.req.id, stage, exc_info=e)
+        self._finish(s, "error", error=_message(e))
 
     def _finish(
         self,
-        s: _Seq,
+        s: SeqState,
         reason: str,
         tokens: list[int] = (),
         text: str = "",
         lps: list[TokenLogprob] | None = None,
         error: str | None = None,
     ) -> None:
-        """Free the slot now and send the request's last output."""
+        """Free the slot now and send the request's last output (once: a second call does nothing)."""
+        if s.req.ended:
+            return
         if s in self.running:
             self.running.remove(s)
         if s in self.prefilling:
             self.prefilling.remove(s)
         self.free.append(s.slot)
         if reason in ("length", "stop") and s.detok is not None:
-            text += s.detok.flush()  # what was held back (after a stop string: nothing)
-        self.finished[reason] += 1
-        out = Output(s.req.id, s.req.index, list(tokens), text, lps, reason, len(s.req.prompt), len(s.out))
-        out.error = error
-        self._safe_emit(s.req, out)
+            try:
+                text += s.detok.flush()  # what was held back (after a stop string: nothing)
+            except Exception:
+                log.exception("could not flush the text of request %s", s.req.id)
+        self._emit_final(s.req, reason, len(s.out), error, list(tokens), text, lps)
 
-    def _emit_final(self, req: Request, reason: str, n_out: int) -> None:
+    def _emit_final(
+        self,
+        req: Request,
+        reason: str,
+        n_out: int,
+        error: str | None = None,
+        tokens: list[int] | None = None,
+        text: str = "",
+        lps: list[TokenLogprob] | None = None,
+    ) -> None:
+        if req.ended:
+            return
+        req.ended = True
+        with self._lock:
+            self._in_flight -= 1
         self.finished[reason] += 1
-        self._safe_emit(req, Output(req.id, req.index, [], "", None, reason, len(req.prompt), n_out))
+        out = Output(req.id, req.index, tokens or [], text, lps, reason, len(req.prompt), n_out, error)
+        self._safe_emit(req, out)
 
     def _safe_emit(self, req: Request, out: Output) -> None:
         try:
@@ -344,20 +360,15 @@ class Scheduler:
             req.cancelled = True
 
     def fail_all(self, message: str) -> None:
-        """After an unexpected error in a forward: end every admitted request with it, keep serving."""
+        """After an unexpected error outside any one request: end every admitted request with it."""
         for s in self.prefilling + self.running:
+            self.errors["step"] += 1
             self._finish(s, "error", error=message)
 
 
-def _one(lp: TokenLogprob | None) -> list[TokenLogprob] | None:
-    return None if lp is None else [lp]
+def _message(e: BaseException) -> str:
+    return f"internal error: {type(e).__name__}: {e}"
 
 
-def _logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
-    """logits [V] → the chosen token's log-probability under the model and the k most likely tokens."""
-    logp = logits.log_softmax(dim=-1)
-    top: list[tuple[int, float]] = []
-    if k > 0:
-        values, ids = logp.topk(min(k, logp.shape[0]))
-        top = list(zip(ids.tolist(), values.tolist()))
-    return TokenLogprob(token, float(logp[token]), top)
+def _seq_of(item) -> SeqState:
+    return item[0] if isinstance(item, tuple) else item
