@@ -155,6 +155,38 @@ def test_prune_heads_auto(tiny, method, steps):
     pruned = prune_heads_auto_(model, tok, SENTENCES, 0.5, method=method, steps=steps)
     assert sum(len(v) for v in pruned.values()) == 4 and sum(model.args.heads_per_layer) == 4
     assert embed(model, tok, SENTENCES).shape == (7, 64)
+    if steps == 1:  # one round: exactly the 4 heads the importance ranks lowest (with 2, it is re-ranked)
+        ranked = sorted((float(v), li, h) for li, s in enumerate(imp) for h, v in enumerate(s))
+        assert pruned == _plan([(li, h) for _, li, h in ranked[:4]])
+
+
+def _plan(heads: list[tuple[int, int]]) -> dict[int, list[int]]:
+    plan: dict[int, list[int]] = {}
+    for li, h in sorted(heads):
+        plan.setdefault(li, []).append(h)
+    return plan
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_prune_heads_auto_removes_the_lowest_ranked(tiny, monkeypatch, steps):
+    """Whatever the importance says, auto-pruning removes the least important heads, round after round
+    (importance given here per original head, so re-ranking the survivors keeps the same order)."""
+    import leanformer.encoders_prune as ep
+
+    _, model, tok = tiny
+    score = {(0, 0): 5, (0, 1): 2, (0, 2): 7, (0, 3): 0, (1, 0): 3, (1, 1): 6, (1, 2): 1, (1, 3): 4}
+    rounds = []
+
+    def fake_importance(model, tok, texts, method="taylor", batch_size=32):
+        rounds.append(sum(model.args.heads_per_layer))
+        gone = model.args.pruned_heads
+        alive = [[h for h in range(4) if h not in gone.get(li, [])] for li in range(2)]
+        return [torch.tensor([float(score[li, h]) for h in hs]) for li, hs in enumerate(alive)]
+
+    monkeypatch.setattr(ep, "head_importance", fake_importance)
+    pruned = prune_heads_auto_(model, tok, SENTENCES, 0.5, steps=steps)
+    assert pruned == _plan([k for k, v in score.items() if v < 4])  # scores 0-3, not the top 4
+    assert len(rounds) == min(steps, 4) and rounds[0] == 8  # re-ranked before every round that prunes
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -290,3 +322,28 @@ def test_cli_train_probe_export_prune(tmp_path, tiny, capsys):
     )
     args.func(args)
     assert load_encoder(tmp_path / "p")[0].args.heads_per_layer == [4, 2]
+
+
+def test_taylor_importance_is_the_mask_gradient(tiny):
+    """Taylor importance = per-layer normalized |∂L/∂ξ_h| of the contrastive loss (module docstring),
+    checked against central finite differences of that loss over the head mask, computed here."""
+    import torch.nn.functional as F
+
+    from leanformer.encoders_prune import plain_linears
+
+    _, model, tok = tiny
+    imp = head_importance(model, tok, SENTENCES, "taylor")  # 7 texts: one batch
+    enc = tok(SENTENCES, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    with torch.no_grad(), plain_linears(model):
+        target = model.pool(model(ids, mask), mask, normalize=True)  # detached: ∂/∂ξ does not see it
+
+        def loss(li: int, h: int, delta: float) -> float:
+            xi = [torch.ones(4), torch.ones(4)]
+            xi[li][h] += delta
+            e = model.pool(model(ids, mask, head_mask=xi), mask, normalize=True)
+            return F.cross_entropy(e @ target.T / 0.05, torch.arange(len(e))).item()
+
+        for li in range(2):
+            g = torch.tensor([(loss(li, h, 1e-2) - loss(li, h, -1e-2)) / 2e-2 for h in range(4)]).abs()
+            assert torch.allclose(imp[li], g / g.norm(), atol=3e-3), (li, imp[li], g / g.norm())

@@ -126,7 +126,12 @@ def run_demo(quick: bool = False) -> None:
                 f"{speed['peak_rss_mb']:.0f}",
             ]
         )
-    table = Table(title="SmolLM2-135M-Instruct on this machine (batch 1)")
+    # Say how decode tok/s was measured: a per-step median, so a figure far off from `bench` is news
+    table = Table(
+        title="SmolLM2-135M-Instruct on this machine (batch 1)",
+        caption=f"decode tok/s: 1 / the median decode step over {cfg['repeats']} run(s) of "
+        f"{cfg['new_tokens']} tokens after a warm-up, each variant in its own process",
+    )
     for h in [
         "variant",
         "decode tok/s",

@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -24,20 +23,14 @@ from tqdm import tqdm
 
 
 def decode_tok_s(model, batch: int, prompt_tokens: int, new_tokens: int) -> float:
-    """(time for N tokens − time for 1) / (N − 1) steps, as `leanformer bench` measures decode."""
-    import leanformer as lf
+    """batch / the median of the timed decode steps of one generation, as `leanformer bench` measures
+    decode (a stalled step moves a median, not the figure; (t_N − t_1) / (N − 1) doubled one here)."""
+    from leanformer.bench.runner import decode_rate, leanformer_decode_steps
 
     g = torch.Generator().manual_seed(batch)
     vocab = model.args.vocab_size
     ids = torch.randint(vocab // 8, vocab - vocab // 8, (batch, prompt_tokens), generator=g).tolist()
-
-    def run(n: int) -> float:
-        t = time.perf_counter()
-        lf.generate(model, None, ids, max_new_tokens=n, ignore_eos=True)
-        return time.perf_counter() - t
-
-    t1, tn = run(1), run(new_tokens)
-    return batch * (new_tokens - 1) / max(tn - t1, 1e-9)
+    return decode_rate([leanformer_decode_steps(model, ids, max(new_tokens, 2))], batch)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -2,8 +2,11 @@
 
 Each engine runs in its own subprocess (so peak RSS is its own), back-to-back in one invocation, on
 the same weights and the same random prompts. Decode speed is measured the same way for every
-engine: (time to generate N tokens − time to generate 1 token) / (N − 1) steps, so prefill and
-first-token costs cancel out. Every figure is the median of `repeats` runs after a warm-up.
+engine: each decode step (one new token per row, after the prefill) is timed on its own while the
+engine generates N tokens, and tokens/s = batch / the median step over all `repeats` runs after a
+warm-up. A median of steps is what one slow run or a stall on a shared machine cannot move; the
+earlier (t_N − t_1) / (N − 1) scheme subtracted two noisy medians and once doubled a headline figure.
+Prefill and time to first token are the median of `repeats` whole runs after a warm-up.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,6 +50,48 @@ def _median_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def decode_rate(step_times: Sequence[Sequence[float]], batch: int) -> float:
+    """Decode tokens/s from per-step timings (seconds) of one or more runs: `batch` tokens per step over
+    the median step of all runs pooled, so a slow warm-up run or a few stalled steps leave it alone."""
+    steps = [t for run in step_times for t in run]
+    if not steps:
+        raise ValueError("no decode steps were timed: generate at least 2 tokens")
+    return batch / statistics.median(steps)
+
+
+def _step_times(stamps: list[float]) -> list[float]:
+    """Times of successive token arrivals → the decode steps between them (prefill + first token, the
+    time before stamps[0], is not a decode step)."""
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def leanformer_decode_steps(model, prompts: list[list[int]], new_tokens: int) -> list[float]:
+    """Seconds of each decode step of greedy generation, as `leanformer.generate` runs it: the engine's
+    `decode` yields once per step, so the gap between two yields is exactly one step."""
+    from ..engine.generate import decode
+    from ..engine.sampling import SamplingParams
+
+    stamps = []
+    for _ in decode(model, prompts, new_tokens, SamplingParams()):
+        stamps.append(time.perf_counter())
+    return _step_times(stamps)
+
+
+def _runs_of_steps(fn: Callable[[], list[float]], repeats: int) -> list[list[float]]:
+    fn()  # warm-up
+    return [fn() for _ in range(repeats)]
+
+
+def variant_name(cfg: BenchConfig, engine: str) -> str:
+    """What a bench column measured: the recipe (by name) or the GGUF's own blocks when one applies to
+    this engine, else the float dtype, so compressed columns are not all labelled "float32"."""
+    if engine != "leanformer" or not (cfg.recipe or cfg.keep_quantized):
+        return cfg.dtype
+    name = Path(cfg.recipe).stem if cfg.recipe and Path(cfg.recipe).is_file() else cfg.recipe
+    name = name or "GGUF blocks"
+    return name if cfg.dtype == "float32" else f"{cfg.dtype} {name}"
 
 
 def _nbytes(model: torch.nn.Module) -> int:
@@ -85,6 +131,9 @@ def measure(cfg: BenchConfig, engine: str) -> dict:
         def run(ids: torch.Tensor, n: int) -> None:
             lf.generate(model, None, ids.tolist(), max_new_tokens=n, ignore_eos=True)
 
+        def steps(ids: torch.Tensor, n: int) -> list[float]:
+            return leanformer_decode_steps(model, ids.tolist(), n)
+
         def prefill(ids: torch.Tensor) -> None:
             with torch.inference_mode():
                 model(ids, logits_at=torch.full((len(ids),), ids.shape[1] - 1))
@@ -95,12 +144,18 @@ def measure(cfg: BenchConfig, engine: str) -> dict:
         vocab = model.config.vocab_size
         size = _nbytes(model)
 
-        def run(ids: torch.Tensor, n: int) -> None:
+        def run(ids: torch.Tensor, n: int, streamer=None) -> None:
             with torch.inference_mode():
                 model.generate(
                     ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                    do_sample=False, pad_token_id=0,
+                    do_sample=False, pad_token_id=0, streamer=streamer,
                 )  # fmt: skip
+
+        def steps(ids: torch.Tensor, n: int) -> list[float]:
+            # generate() hands the prompt, then each new token, to the streamer as soon as it exists
+            stamps = _Stamps()
+            run(ids, n, stamps)
+            return _step_times(stamps.times[1:])
 
         def prefill(ids: torch.Tensor) -> None:
             with torch.inference_mode():
@@ -108,23 +163,36 @@ def measure(cfg: BenchConfig, engine: str) -> dict:
     else:
         raise ValueError(f"unknown engine {engine!r}")
     load_s = time.perf_counter() - t0
-    out: dict = {"engine": engine, "dtype": cfg.dtype, "load_s": load_s, "size_mb": size / 2**20}
+    out: dict = {"engine": engine, "dtype": variant_name(cfg, engine), "activation_dtype": cfg.dtype}
+    out |= {"load_s": load_s, "size_mb": size / 2**20}
     one = _prompts(vocab, 1, cfg.prompt_tokens)
     out["prefill_ms"] = 1000 * _median_time(lambda: prefill(one), cfg.repeats)
     out["prefill_tok_s"] = cfg.prompt_tokens / out["prefill_ms"] * 1000
     out["ttft_ms"] = 1000 * _median_time(lambda: run(one, 1), cfg.repeats)
     for b in cfg.batches:
         ids = _prompts(vocab, b, cfg.prompt_tokens)
-        t1 = _median_time(lambda ids=ids: run(ids, 1), cfg.repeats)
-        tn = _median_time(lambda ids=ids: run(ids, cfg.new_tokens), cfg.repeats)
-        # (tN − t1) isolates the decode steps; on a noisy machine with a tiny model it can come out ≤ 0,
-        # then the whole-generation rate is the honest lower bound
-        out[f"decode_tok_s_b{b}"] = (
-            b * (cfg.new_tokens - 1) / (tn - t1) if tn > t1 else b * cfg.new_tokens / tn
-        )
+        n = max(cfg.new_tokens, 2)  # the first token comes with the prefill: 2 make one decode step
+        runs = _runs_of_steps(lambda ids=ids, n=n: steps(ids, n), cfg.repeats)
+        out[f"decode_tok_s_b{b}"] = decode_rate(runs, b)
+        out[f"decode_step_ms_b{b}"] = 1000 * b / out[f"decode_tok_s_b{b}"]
     out["peak_rss_mb"] = _rss_mb()
     out["ceiling_tok_s"] = _bandwidth_ceiling_tok_s(size, cfg.repeats)  # after RSS: it allocates
     return out
+
+
+class _Stamps:
+    """A transformers streamer that only notes when each put() (the prompt, then each step's tokens)
+    arrives. Duck-typed rather than subclassing BaseStreamer so that importing this module does not
+    import transformers."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
 
 
 def _bandwidth_ceiling_tok_s(nbytes: int, repeats: int) -> float:
