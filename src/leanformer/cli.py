@@ -208,7 +208,8 @@ def cmd_bench(args) -> None:
     # ratios against the peer when there is one, else against the first (uncompressed) row
     ref = next((r for r in rows if r["engine"] != "leanformer"), rows[0])
     ours = [r for r in rows if r["engine"] == "leanformer" and r is not ref]
-    header = ["metric", *(f"{r['label']} {r['dtype']}" for r in rows)]
+    # each column names its variant: the label carries the recipe, the dtype is the activation precision
+    header = ["metric", *(f"{r['label']} ({r.get('activation_dtype', r['dtype'])})" for r in rows)]
     header += [f"{r['label']} / {ref['label']}" for r in ours]
     body = []
     for key, label in labels.items():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 from pathlib import Path
 
 import torch
@@ -27,16 +26,12 @@ def calibration_ids(tok, path: str, samples: int, seq_len: int) -> torch.Tensor:
 
 
 def decode_speed(model, vocab: int, new_tokens: int = 32) -> float:
-    import leanformer as lf
+    """Batch-1 greedy decode tokens/s from the median of timed decode steps (robust to one slow step)."""
+    from .bench.runner import decode_rate, leanformer_decode_steps
 
     prompt = torch.randint(10, vocab, (64,), generator=torch.Generator().manual_seed(0)).tolist()
-    lf.generate(model, None, prompt, max_new_tokens=4, ignore_eos=True)  # warm-up
-    t = time.perf_counter()
-    lf.generate(model, None, prompt, max_new_tokens=1, ignore_eos=True)
-    t1 = time.perf_counter() - t
-    t = time.perf_counter()
-    lf.generate(model, None, prompt, max_new_tokens=new_tokens, ignore_eos=True)
-    return (new_tokens - 1) / (time.perf_counter() - t - t1)
+    leanformer_decode_steps(model, [prompt], 4)  # warm-up
+    return decode_rate([leanformer_decode_steps(model, [prompt], new_tokens) for _ in range(2)], 1)
 
 
 def cmd_compress(args) -> None:
