@@ -84,3 +84,14 @@ def shared() -> Path:
     if not SHARED.exists():
         pytest.skip(f"{SHARED} not present (real models and data live there)")
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny-model engine/server tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    a second intra-op thread only adds hand-off cost, and on a busy 2-core machine it made steps ~30x
+    slower (OpenMP threads waiting on each other). One thread it is."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

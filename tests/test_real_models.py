@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import leanformer as lf
-from leanformer.evaluate import evaluate, read_text, tokenize
-from leanformer.reference import load_hf_reference
+from leanformer.measure.evaluate import evaluate, read_text, tokenize
+from leanformer.measure.reference import load_hf_reference
 
 # llama2.c's greedy output for stories260K from BOS (run.c, temperature 0); also pinned token by token
 # against a numpy port of run.c in tests/formats/test_llama2c.py.
@@ -58,7 +58,7 @@ def test_stories260k_greedy_matches_llama2c(shared):
 
 
 def test_stories260k_cli_generate(shared, capsys):
-    from leanformer.cli import main
+    from leanformer.cli.main import main
 
     assert main(["generate", str(shared / "models/stories260K"), "--max-new-tokens", "40"]) == 0
     assert capsys.readouterr().out.startswith("Once upon a time")

@@ -5,7 +5,7 @@ model, tok = lf.load("path/to/model")          # HF folder, .gguf, or llama2.c .
 print(lf.generate(model, tok, "Once upon a time", max_new_tokens=64))
 """
 
-from .compress import (
+from leanformer.compress import (
     AWQ,
     GPTQ,
     Int4WeightOnly,
@@ -17,14 +17,16 @@ from .compress import (
     load_recipe,
     quantize_,
 )
-from .encoders import classify, embed, load_encoder, train_probe
-from .encoders_prune import head_importance, prune_heads_, prune_heads_auto_
-from .engine.generate import GenerationStats, generate, stream_generate
-from .engine.sampling import SamplingParams
-from .errors import LeanformerError
-from .export import export_onnx, load_onnx_encoder
-from .export_decoder import export_decoder_onnx, load_onnx_decoder
-from .loading import load, save
+from leanformer.encoders.build import load_encoder
+from leanformer.encoders.embed import classify, embed
+from leanformer.encoders.probe import train_probe
+from leanformer.encoders.prune_heads import head_importance, prune_heads_, prune_heads_auto_
+from leanformer.engine.generate import GenerationStats, generate, stream_generate
+from leanformer.engine.sampling import SamplingParams
+from leanformer.errors import LeanformerError
+from leanformer.export.decoder import export_decoder_onnx, load_onnx_decoder
+from leanformer.export.encoder import export_onnx, load_onnx_encoder
+from leanformer.loading import load, save
 
 __all__ = [
     "AWQ",

@@ -175,3 +175,14 @@ def pull(name: str, cache_dir: str | Path | None = None, use_installed: bool = T
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A path as given, or a known model name (see `leanformer pull --list`) brought into the cache."""
+    if Path(name_or_path).expanduser().exists():
+        return name_or_path
+    if name_or_path.lower() in {k.lower() for k in KNOWN}:
+        return str(pull(name_or_path))
+    raise LeanformerError(
+        f"model not found: {name_or_path!r} is neither a path nor a known name ({', '.join(sorted(KNOWN))})"
+    )

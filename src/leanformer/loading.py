@@ -14,13 +14,15 @@ import shutil
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from .errors import LeanformerError
-from .formats.hf_weights import first_line, shard_files, torch_weights
-from .models.layers import Rotary, pack_linears_
+from leanformer.errors import LeanformerError
+from leanformer.formats.hf_weights import first_line, shard_files, torch_weights
+from leanformer.kernels.packed import pack_linears_
+from leanformer.models.layers import Rotary
 
 # family module (under leanformer.models) → the HF architectures it serves
 FAMILIES = ("llama", "gpt2", "bert")
@@ -85,10 +87,10 @@ def load(
     fast: on CPU, run float Linears through faster kernels with the same math: a oneDNN-packed copy
     of each weight for prefill-sized inputs and, for fp32, leanformer's GEMV kernel for decode-sized
     ones (kernels/; built once per machine, torch fallback where it cannot be built). Encoders
-    (BERT family) pack for oneDNN only on CPUs where it pays (encoders.onednn_pays).
+    (BERT family) pack for oneDNN only on CPUs where it pays (encoders.build.onednn_pays).
     keep_quantized: GGUF only: load Q4_0 / Q4_1 / Q8_0 tensors straight into int4 / int8 modules
     (exactly the file's values, no float copy of the model); other tensors are dequantized to float
-    (formats/gguf_quant.py).
+    (compress/gguf_quant.py).
     """
     if dtype not in DTYPES:
         raise LeanformerError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -98,7 +100,7 @@ def load(
             f"model path not found: {p} (give an HF folder, a .gguf file or a llama2.c .bin)"
         )
     if keep_quantized:  # GGUF blocks -> int modules (see formats/gguf_quant.py)
-        from .formats.gguf_quant import read_gguf_quantized
+        from leanformer.compress.gguf_quant import read_gguf_quantized
 
         gguf_files = [p] if p.suffix == ".gguf" else sorted(p.glob("*.gguf")) if p.is_dir() else []
         if not gguf_files:
@@ -107,20 +109,46 @@ def load(
     else:
         config, state_dict, tok = read_any(p)
     source = str(p / "config.json") if p.is_dir() and (p / "config.json").exists() else str(p)
-    if family_of(config, source).__name__.endswith(".bert"):
-        # encoders: one builder (pooling / Normalize from the folder, a saved probe, oneDNN packing
-        # only on CPUs where it pays), shared with encoders.load_encoder
-        from .encoders import build_encoder
-
-        folder = p if p.is_dir() else None
-        with _bad_config(source):
-            model = build_encoder(config, state_dict, folder, DTYPES[dtype], device, None if fast else False)
-    else:
-        model = build(config, state_dict, DTYPES[dtype], device, source)
-        if fast and device == "cpu":
-            speed_up_linears_(model)
+    family = family_of(config, source).__name__.rsplit(".", 1)[-1]
+    builder = BUILDERS.get(family, build_decoder)
+    model = builder(config, state_dict, p if p.is_dir() else None, DTYPES[dtype], device, fast, source)
     model.loaded_from = str(p.resolve())  # `save` never writes over the folder a model came from
     return model, tok
+
+
+class Builder(Protocol):
+    """(config, HF-named state dict, the folder they came from or None, dtype, device, fast, source)
+    → an eval-mode model with its weights assigned (the state dict is consumed)."""
+
+    def __call__(
+        self,
+        config: dict,
+        state_dict: dict[str, torch.Tensor],
+        folder: Path | None,
+        dtype: torch.dtype,
+        device: str,
+        fast: bool,
+        source: str,
+    ) -> nn.Module: ...
+
+
+# Builders by family name, for families whose models need more than build() + faster Linears: the
+# encoders package registers "bert" (pooling / Normalize from the folder, a saved probe, oneDNN packing
+# only where it pays), so loading knows no task. Filled when `leanformer` is imported.
+BUILDERS: dict[str, Builder] = {}
+
+
+def register_builder(family: str, builder: Builder) -> None:
+    """Let `load` build models of `family` (a module name in models/, e.g. "bert") with `builder`."""
+    BUILDERS[family] = builder
+
+
+def build_decoder(config, state_dict, folder, dtype, device, fast, source) -> nn.Module:
+    """The default builder: build(), then on CPU the faster Linears (same math)."""
+    model = build(config, state_dict, dtype, device, source)
+    if fast and device == "cpu":
+        speed_up_linears_(model)
+    return model
 
 
 def speed_up_linears_(model: nn.Module) -> nn.Module:
@@ -129,7 +157,7 @@ def speed_up_linears_(model: nn.Module) -> nn.Module:
     The LM head is not packed: generation scores only the sampled positions (a decode-sized
     matmul), so a packed copy of the largest matrix would cost memory for nothing but eval speed.
     """
-    from .kernels.modules import use_fast_linears_
+    from leanformer.kernels.modules import use_fast_linears_
 
     fp32 = next(model.parameters()).dtype == torch.float32  # bf16 has no GEMV kernel: pack all
     pack_linears_(model, skip=("lm_head",) if fp32 else ())
@@ -138,13 +166,13 @@ def speed_up_linears_(model: nn.Module) -> nn.Module:
 
 def read_any(p: Path) -> tuple[dict, dict[str, torch.Tensor], object]:
     if p.is_file() and p.suffix == ".gguf":
-        from .formats.gguf import read_gguf
+        from leanformer.formats.gguf import read_gguf
 
         return read_gguf(p)
     if p.is_dir() and (p / "config.json").exists():
         return read_hf_folder(p)
     if p.is_file() and p.suffix == ".bin" or p.is_dir() and list(p.glob("*.bin")):
-        from .formats.llama2c import read_llama2c
+        from leanformer.formats.llama2c import read_llama2c
 
         return read_llama2c(p)
     if p.is_dir() and list(p.glob("*.gguf")):
@@ -170,7 +198,7 @@ def read_hf_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor], object]
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from .formats.safetensors_io import SafetensorsFormatError, read_safetensors
+    from leanformer.formats.safetensors_io import SafetensorsFormatError, read_safetensors
 
     present = [name for name in _HF_WEIGHTS if (folder / name).exists()]
     if not present:
@@ -205,13 +233,13 @@ def load_tokenizer(folder: Path):
             raise LeanformerError(f"{folder}: the tokenizer files cannot be read ({first_line(e)})") from None
     bins = sorted(folder.glob("tok*.bin"))  # llama2.c tokenizers: tok512.bin, tokenizer.bin
     if bins:
-        from .formats.llama2c import Llama2cTokenizer
+        from leanformer.formats.llama2c import Llama2cTokenizer
 
         return Llama2cTokenizer(bins[0])
     return None
 
 
-class _bad_config:
+class bad_config:
     """Turn the KeyError / TypeError / ... a missing or mistyped config key raises deep inside a model's
     constructor into one line naming the config's file."""
 
@@ -245,18 +273,18 @@ def build(
     taken.clear()
     family = family_of(config, source)
     meta = config.get("leanformer", {})
-    with _bad_config(source):
+    with bad_config(source):
         args = family.ModelArgs.from_hf_config(config)
         with torch.device("meta"):
             model = family.Model(args)
         if not isinstance(meta, dict):
             raise TypeError(f"'leanformer' is a {type(meta).__name__}, not an object")
         if meta.get("quantized_modules"):  # per-module int layout (GGUF keep_quantized), before any recipe
-            from .compress.layout import restore_layout_
+            from leanformer.compress.layout import restore_layout_
 
             restore_layout_(model, meta["quantized_modules"], dtype)
         if meta.get("recipe"):
-            from .compress import apply
+            from leanformer.compress import apply
 
             apply(model, meta["recipe"], structure_only=True)
     if not meta:  # our own saves already use our names
@@ -319,7 +347,7 @@ def build(
 
 
 def _exact_names(model: nn.Module) -> set[str]:
-    from .compress.layout import exact_state_names
+    from leanformer.compress.layout import exact_state_names
 
     return exact_state_names(model)
 
@@ -339,7 +367,7 @@ def save(model: nn.Module, tok, out_dir: str | os.PathLike, overwrite: bool = Fa
     """
     from safetensors.torch import save_file
 
-    from .outputs import check_output_dir, new_temp_dir, replace_dir
+    from leanformer.outputs import check_output_dir, new_temp_dir, replace_dir
 
     source = getattr(model, "loaded_from", None)
     out = check_output_dir(out_dir, overwrite, inputs=[source] if source else [])

@@ -20,14 +20,14 @@ import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .errors import LeanformerError
+from leanformer.errors import LeanformerError
 
 OVERWRITE_HINT = "pass --overwrite (overwrite=True in Python) to replace it"
 
 
 def is_leanformer_save(path: str | os.PathLike) -> bool:
     """A folder `lf.save` wrote: config.json with a "leanformer" key, model.safetensors by producer=leanformer."""
-    from .formats.safetensors_io import read_safetensors_metadata
+    from leanformer.formats.safetensors_io import read_safetensors_metadata
 
     p = Path(path)
     try:

@@ -9,7 +9,7 @@ import torch
 
 import leanformer as lf
 from leanformer.compress import AWQ, GPTQ, Int4WeightOnly, quantize_
-from leanformer.evaluate import evaluate, read_text, tokenize
+from leanformer.measure.evaluate import evaluate, read_text, tokenize
 
 
 def test_gptq_and_awq_beat_rtn_on_stories260k(shared):

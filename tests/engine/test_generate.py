@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import leanformer as lf
-from leanformer.engine.cache import KVCache
+from leanformer.models.kv_cache import KVCache
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

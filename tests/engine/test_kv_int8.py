@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 import leanformer as lf
-from leanformer.engine.cache import KVCache
-from leanformer.evaluate import evaluate
+from leanformer.measure.evaluate import evaluate
+from leanformer.models.kv_cache import KVCache
 
 
 def test_int8_cache_is_close_and_smaller(tiny_dirs):

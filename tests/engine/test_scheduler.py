@@ -7,22 +7,13 @@ import threading
 import time
 
 import pytest
-import torch
 
 import leanformer as lf
 from leanformer.engine.cache import plan_cache
 from leanformer.engine.runner import Engine
 from leanformer.engine.scheduler import QueueFull, Request, Scheduler, ShuttingDown
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds hand-off cost, and on a busy 2-core
-    machine it made steps ~30x slower (OpenMP threads waiting on each other). One thread it is."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

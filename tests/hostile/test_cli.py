@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from leanformer.cli import build_parser, main
+from leanformer.cli.main import build_parser, main
 from tests.conftest import tiny_hf_model
 
 M = "MODEL"  # replaced by an existing folder: loading is stubbed out where these run
@@ -39,7 +39,7 @@ def no_loading(monkeypatch):
         "leanformer.load",
         "leanformer.loading.load",
         "leanformer.encoders.load_encoder",
-        "leanformer.bench.runner.run_engine",
+        "leanformer.measure.bench.runner.run_engine",
     ):
         monkeypatch.setattr(target, loaded)
 
@@ -258,7 +258,7 @@ def test_end_to_end_exit_code_and_one_line(shared, tmp_path, case):
     else:
         argv = ["compress", str(model), "--recipe", "int8", "-o", str(model), "--overwrite"]
     env = os.environ | {"PYTHONWARNINGS": "ignore"}
-    code = "import sys; from leanformer.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from leanformer.cli.main import main; sys.exit(main(sys.argv[1:]))"
     run = subprocess.run(
         [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=120
     )

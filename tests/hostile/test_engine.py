@@ -7,21 +7,13 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 import leanformer as lf
 from leanformer.engine.runner import Engine
 from leanformer.engine.scheduler import Scheduler
 from tests.engine.test_scheduler import make, run
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a busy 2-core machine: one intra-op thread (see tests/engine/test_scheduler.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

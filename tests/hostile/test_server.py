@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 
 import leanformer as lf
 
@@ -23,19 +22,13 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import leanformer.engine.scheduler as scheduler_module  # noqa: E402
-from leanformer.serve import ServeConfig, create_app, running  # noqa: E402
+from leanformer.serve.app import ServeConfig, create_app, running  # noqa: E402
 
 MODEL = "stories"
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny model on a busy 2-core machine: one intra-op thread (see tests/test_serve.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -366,7 +359,7 @@ def test_empty_api_key_is_refused(stories):
 
 def test_empty_api_key_env_stops_the_cli_before_serving(shared, tmp_path):
     env = os.environ | {"LEANFORMER_API_KEY": ""}
-    cmd = [sys.executable, "-m", "leanformer.cli", "serve", str(shared / "models/stories260K")]
+    cmd = [sys.executable, "-m", "leanformer.cli.main", "serve", str(shared / "models/stories260K")]
     cmd += ["--port", "0"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)  # (it used to serve)
     assert p.returncode == 2 and "API key is empty" in p.stderr and "Traceback" not in p.stderr

@@ -250,7 +250,7 @@ def test_bad_inputs_raise():
 @needs_kernels
 def test_fast_linear_swap_keeps_state_and_math():
     from leanformer.kernels.modules import FastLinear, use_fast_linears_
-    from leanformer.models.layers import PackedLinear
+    from leanformer.kernels.packed import PackedLinear
 
     model = nn.Sequential(
         nn.Linear(72, 40), nn.ReLU(), PackedLinear.from_linear(nn.Linear(40, 24, bias=False))

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from leanformer.encoders import build_encoder, embed, load_encoder
+from leanformer.encoders.build import build_encoder, load_encoder
+from leanformer.encoders.embed import embed
 from leanformer.errors import LeanformerError
 from leanformer.models.bert import ARCHITECTURES, Model, ModelArgs, sanitize
-from tests.encoder_helpers import ARCHS, SENTENCES, need_glue, need_minilm, tiny_encoder_dir, tiny_hf_encoder
+from tests.encoders.helpers import ARCHS, SENTENCES, need_glue, need_minilm, tiny_encoder_dir, tiny_hf_encoder
 
 
 def _batch(vocab: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +116,7 @@ def test_saved_state_dict_reloads(tmp_path):
 def test_real_minilm_matches_sentence_transformers():
     path = need_minilm()
     st = pytest.importorskip("sentence_transformers")
-    from leanformer.encoders import cosine_to_reference, read_tsv
+    from leanformer.encoders.quality import cosine_to_reference, read_tsv
 
     rows = read_tsv(need_glue("stsb"), 64)
     texts = [r["sentence1"] for r in rows] + [r["sentence2"] for r in rows]

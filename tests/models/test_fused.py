@@ -9,7 +9,7 @@ import torch
 
 import leanformer as lf
 from leanformer import kernels
-from leanformer.engine.cache import KVCache
+from leanformer.models.kv_cache import KVCache
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="leanformer kernels unavailable here")
 

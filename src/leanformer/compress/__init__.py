@@ -4,7 +4,7 @@ quantize_(model, Int4WeightOnly(group_size=64))
 apply(model, Recipe([GPTQ(bits=4, group_size=64)]), calibration=token_ids)
 """
 
-from .quant import (
+from leanformer.compress.quant import (
     AWQ,
     CONFIG_TYPES,
     GPTQ,
@@ -17,7 +17,16 @@ from .quant import (
     KVCache,
     QuantConfig,
 )
-from .recipe import PRESETS, Recipe, apply, as_recipe, load_recipe, matches, quantize_, select_linears
+from leanformer.compress.recipe import (
+    PRESETS,
+    Recipe,
+    apply,
+    as_recipe,
+    load_recipe,
+    matches,
+    quantize_,
+    select_linears,
+)
 
 __all__ = [
     "AWQ",

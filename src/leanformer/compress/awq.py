@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels as K
-from .calibrate import Calibration, InputStats, Scope, collect_stats, iter_scopes
-from .gptq import gptq_quantize_weight
-from .quant import AWQ, Int4Linear, Int8Linear, set_module
+from leanformer.compress import kernels as K
+from leanformer.compress.calibrate import Calibration, InputStats, Scope, collect_stats, iter_scopes
+from leanformer.compress.gptq import gptq_quantize_weight
+from leanformer.compress.quant import AWQ, Int4Linear, Int8Linear, set_module
 
 CLIP_GRID = torch.linspace(1.0, 0.5, 11).tolist()  # shrink factors of each group's [min, max] range
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import LeanformerError
+from leanformer.errors import LeanformerError
 
 Calibration = torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]
 

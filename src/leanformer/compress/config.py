@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from ..errors import LeanformerError
-from .kernels import INT4_GROUP_SIZES
+from leanformer.compress.kernels import INT4_GROUP_SIZES
+from leanformer.errors import LeanformerError
 
 DEFAULT_IGNORE = ("lm_head",)
 CONFIG_TYPES: dict[str, type[QuantConfig]] = {}

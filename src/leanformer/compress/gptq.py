@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import LeanformerError
-from . import kernels as K
-from .calibrate import Calibration, collect_stats, iter_scopes
-from .quant import GPTQ, Int4Linear, Int8Linear, set_module
+from leanformer.compress import kernels as K
+from leanformer.compress.calibrate import Calibration, collect_stats, iter_scopes
+from leanformer.compress.quant import GPTQ, Int4Linear, Int8Linear, set_module
+from leanformer.errors import LeanformerError
 
 
 def _inverse_hessian_chol(h: torch.Tensor, damp: float) -> torch.Tensor:

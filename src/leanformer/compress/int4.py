@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels as lk
-from ..errors import LeanformerError
-from . import double_quant as DQ
-from . import kernels as K
-from .qbase import QuantLinear
+from leanformer import kernels as lk
+from leanformer.compress import double_quant as DQ
+from leanformer.compress import kernels as K
+from leanformer.compress.qbase import QuantLinear
+from leanformer.errors import LeanformerError
 
 
 class Int4Linear(QuantLinear):

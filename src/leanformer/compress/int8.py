@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import kernels as lk
-from ..errors import LeanformerError
-from . import kernels as K
-from .qbase import QuantLinear
+from leanformer import kernels as lk
+from leanformer.compress import kernels as K
+from leanformer.compress.qbase import QuantLinear
+from leanformer.errors import LeanformerError
 
 
 class Int8Linear(QuantLinear):

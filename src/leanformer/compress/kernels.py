@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from ..errors import LeanformerError
+from leanformer.errors import LeanformerError
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the CPU int4 kernel accepts only these
 INT4_N_MULTIPLE = 16  # the CPU packer wants out_features % 16 == 0; we pad rows otherwise

@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import LeanformerError
-from .int4 import Int4Linear
-from .int8 import Int8Linear
-from .qbase import QuantLinear, set_module
+from leanformer.compress.int4 import Int4Linear
+from leanformer.compress.int8 import Int8Linear
+from leanformer.compress.qbase import QuantLinear, set_module
+from leanformer.errors import LeanformerError
 
 LAYOUT_KEY = "quantized_modules"
 

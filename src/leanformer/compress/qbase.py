@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels as lk
-from ..kernels.modules import MAX_ROWS
-from . import kernels as K
+from leanformer import kernels as lk
+from leanformer.compress import kernels as K
+from leanformer.kernels.modules import MAX_ROWS
 
 DECODE_MAX_ROWS = MAX_ROWS  # rows up to which the GEMV kernel beats dequantize + GEMM (kernels/modules.py)
 CHUNK_ELEMS = 1 << 20  # weight values dequantized per F.linear call (4 MB of fp32: stays in cache)

@@ -12,9 +12,9 @@ import warnings
 import torch
 from torch import nn
 
-from .. import kernels as lk
-from . import kernels as K
-from .config import (  # noqa: F401  (configs live beside their modules for `from .quant import ...`)
+from leanformer import kernels as lk
+from leanformer.compress import kernels as K
+from leanformer.compress.config import (  # noqa: F401  (configs live beside their modules for `from .quant import ...`)
     AWQ,
     CONFIG_TYPES,
     DEFAULT_IGNORE,
@@ -25,9 +25,9 @@ from .config import (  # noqa: F401  (configs live beside their modules for `fro
     KVCache,
     QuantConfig,
 )
-from .int4 import Int4Linear  # noqa: F401
-from .int8 import Int8Linear  # noqa: F401
-from .qbase import QuantLinear, set_module  # noqa: F401
+from leanformer.compress.int4 import Int4Linear  # noqa: F401
+from leanformer.compress.int8 import Int8Linear  # noqa: F401
+from leanformer.compress.qbase import QuantLinear, set_module  # noqa: F401
 
 _QLinear = QuantLinear  # the base's former name
 

@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import LeanformerError
-from .calibrate import Calibration
-from .quant import (
+from leanformer.compress.calibrate import Calibration
+from leanformer.compress.quant import (
     AWQ,
     GPTQ,
     Int4Linear,
@@ -33,6 +32,7 @@ from .quant import (
     QuantConfig,
     set_module,
 )
+from leanformer.errors import LeanformerError
 
 RECIPE_VERSION = 1
 
@@ -135,11 +135,11 @@ def _quantize(
         was_training = model.training
         model.eval()
         if isinstance(config, GPTQ):
-            from .gptq import gptq_quantize
+            from leanformer.compress.gptq import gptq_quantize
 
             gptq_quantize(model, config, names, calibration, progress)
         else:
-            from .awq import awq_quantize
+            from leanformer.compress.awq import awq_quantize
 
             awq_quantize(model, config, names, calibration, progress)
         model.train(was_training)
@@ -170,7 +170,7 @@ def _share_quantized_tables(model: nn.Module, tied: dict[str, str]) -> None:
     """A tied embedding follows its quantized LM head: it becomes a QuantEmbedding reading the head's
     table (rows dequantized on lookup), so the matrix stays stored once, quantized, and the float
     table is freed. (Int8Dynamic heads keep the float embedding: their table is oneDNN-packed.)"""
-    from .layout import QuantEmbedding
+    from leanformer.compress.layout import QuantEmbedding
 
     for emb_name, head_name in tied.items():
         head = model.get_submodule(head_name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .generate import _decode, _find_stop
+from leanformer.engine.generate import _decode, _find_stop
 
 
 class Detokenizer:

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import LeanformerError
-from .cache import KVCache
-from .sampling import SamplingParams, sample
+from leanformer.engine.sampling import SamplingParams, sample
+from leanformer.errors import LeanformerError
+from leanformer.models.kv_cache import KVCache
 
 Prompt = str | Sequence[int] | Sequence[dict]
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import LeanformerError
-from .detokenize import Detokenizer
-from .sampling import SamplingParams, clean_logits
+from leanformer.engine.detokenize import Detokenizer
+from leanformer.engine.sampling import SamplingParams, clean_logits
+from leanformer.errors import LeanformerError
 
 
 class QueueFull(LeanformerError):

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 
-from .scheduler import Request, Scheduler
+from leanformer.engine.scheduler import Request, Scheduler
 
 log = logging.getLogger("leanformer.engine")
 

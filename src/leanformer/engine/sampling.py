@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import LeanformerError
+from leanformer.errors import LeanformerError
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample like argmax anyway; argmax is exact and cannot overflow
 SEED_LIMIT = (

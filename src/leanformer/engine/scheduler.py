@@ -31,10 +31,19 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import LeanformerError
-from .cache import KVCache
-from .request import Output, QueueFull, Request, SeqState, ShuttingDown, TokenLogprob, one, token_logprob
-from .sampling import greedy_tokens, sample
+from leanformer.engine.request import (
+    Output,
+    QueueFull,
+    Request,
+    SeqState,
+    ShuttingDown,
+    TokenLogprob,
+    one,
+    token_logprob,
+)
+from leanformer.engine.sampling import greedy_tokens, sample
+from leanformer.errors import LeanformerError
+from leanformer.models.kv_cache import KVCache
 
 # re-exported: the server and tests import the request types from here
 __all__ = ["Output", "QueueFull", "Request", "Scheduler", "ShuttingDown", "TokenLogprob"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LeanformerError
+from leanformer.errors import LeanformerError
 
 
 def first_line(e: BaseException) -> str:

@@ -18,9 +18,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..models.layers import PackedLinear
-from . import available, ext, isas, pack_int4, set_isa
-from .modules import FastLinear
+from leanformer.kernels import available, ext, isas, pack_int4, set_isa
+from leanformer.kernels.modules import FastLinear
+from leanformer.kernels.packed import PackedLinear
 
 LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 Chain = list[Callable[[], torch.Tensor]]

@@ -10,7 +10,7 @@
 // Shapes: x [M, hidden] (M decode rows, one new token each), qkv [M, (H + 2 KV) * D] with q heads
 // first, then k, then v (models/layers.Attention's layout); KV cache per layer [slots, KV, max_seq, D]
 // float32, or int8 with one fp32 scale per (slot, head, position) [slots, KV, max_seq, 1]
-// (engine/cache.py). Row m writes its token at positions[m] of slot slots[m] and attends to keys
+// (models/kv_cache.py). Row m writes its token at positions[m] of slot slots[m] and attends to keys
 // 0..positions[m]. Arithmetic is fp32 throughout; results match the module path to float rounding
 // (summation order differs), which the tests check against a no-cache recompute.
 #include <torch/csrc/utils/pybind.h>
@@ -135,7 +135,7 @@ inline void weighted_sum(const float* p, const T* V, const float* vs, int64_t S,
   }
 }
 
-// The KV-cache writes as engine/cache.py's int8 storage does them: scale = max|x| / 127 (at least
+// The KV-cache writes as models/kv_cache.py's int8 storage does them: scale = max|x| / 127 (at least
 // 1e-8 / 127), code = round-half-even(x / scale).
 inline void quantize_row(const float* x, int64_t D, int8_t* q, float* scale) {
   float amax = 0.f;

@@ -7,11 +7,13 @@ weight when the source was a models.layers.PackedLinear, F.linear otherwise.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import available, ext, tracing
+from leanformer.kernels import available, ext, tracing
 
 MAX_ROWS = (
     16  # chunks of 8 rows re-read W, yet measured ahead of oneDNN up to 16 rows (even at 32, behind at 128)
@@ -42,7 +44,7 @@ class FastLinear(nn.Linear):
             self.register_buffer("packed_weight", packed, persistent=False)
 
     def __deepcopy__(self, memo: dict) -> FastLinear:
-        from ..models.layers import deepcopy_repacked
+        from leanformer.kernels.packed import deepcopy_repacked
 
         return deepcopy_repacked(self, memo)
 
@@ -82,7 +84,7 @@ def use_fast_linears_(model: nn.Module) -> nn.Module:
     """
     if not available():
         return model
-    from ..models.layers import PackedLinear
+    from leanformer.kernels.packed import PackedLinear
 
     for name, child in list(model.named_children()):
         if (
@@ -94,3 +96,26 @@ def use_fast_linears_(model: nn.Module) -> nn.Module:
         else:
             use_fast_linears_(child)
     return model
+
+
+@contextmanager
+def plain_linears(model: nn.Module):
+    """Temporarily swap leanformer's fast Linears (oneDNN PackedLinear, GEMV FastLinear) for nn.Linears
+    sharing their weights: autograd and the ONNX exporters need ordinary matmuls."""
+    from leanformer.kernels.packed import PackedLinear
+
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (PackedLinear, FastLinear)):
+                plain = nn.Linear(
+                    child.in_features, child.out_features, bias=child.bias is not None, device="meta"
+                )
+                plain.weight, plain.bias = child.weight, child.bias
+                setattr(parent, name, plain)
+                swapped.append((parent, name, child))
+    try:
+        yield model
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
-from ..errors import LeanformerError
+from leanformer import kernels
+from leanformer.errors import LeanformerError
 
 ARCHITECTURES = tuple(
     f"{family}{kind}"
@@ -169,7 +169,7 @@ class Embeddings(nn.Module):
 def _linear(mod: nn.Linear, x: torch.Tensor, act=None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """act(mod(x)) or residual + mod(x); x [N, in] → [N, out].
 
-    When the loader packed the Linear for oneDNN (models/layers.PackedLinear) and no gradient is needed,
+    When the loader packed the Linear for oneDNN (kernels/packed.PackedLinear) and no gradient is needed,
     the activation / residual add run inside the matmul as post-ops: one pass over the output instead of two.
     Int8Dynamic Linears (compress/quant.py) do the same in their own epilogue (GELU erf form and residual).
     """

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import kernels
-from ..kernels.modules import MAX_ROWS
+from leanformer import kernels
+from leanformer.kernels.modules import MAX_ROWS
 
 
 def _linear(module: nn.Module):

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.cache import KVCache
-from .layers import Attention
+from leanformer.models.kv_cache import KVCache
+from leanformer.models.layers import Attention
 
 ARCHITECTURES = ("GPT2LMHeadModel",)
 

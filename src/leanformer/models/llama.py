@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.cache import KVCache
-from .fused import DecodePlan
-from .layers import Attention, RMSNorm, Rotary
+from leanformer.models.fused import DecodePlan
+from leanformer.models.kv_cache import KVCache
+from leanformer.models.layers import Attention, RMSNorm, Rotary
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 

@@ -1,0 +1,80 @@
+"""`leanformer bench`: prefill / decode speed, TTFT, peak RSS and size, each engine in its own process."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from leanformer.cli import args as ck
+from leanformer.cli.common import (
+    input_paths,
+    model_command,
+    print_table,
+)
+from leanformer.hub import resolve_model
+from leanformer.outputs import check_output_file
+
+
+def cmd_bench(args) -> None:
+    import dataclasses
+
+    from leanformer.measure.bench.runner import BenchConfig, run_engine
+
+    if args.json:
+        check_output_file(args.json, input_paths(args))
+    cfg = BenchConfig(
+        resolve_model(args.model), args.dtype, args.prompt_tokens, args.new_tokens, args.batch, args.repeats
+    )
+    cfg.keep_quantized = args.keep_quantized
+    if args.recipe:
+        from leanformer.compress import load_recipe
+
+        for name in args.recipe:
+            if name != "none":
+                load_recipe(name)  # a bad name fails here, before minutes of benchmarking
+    runs = [("leanformer", None if r == "none" else r) for r in (args.recipe or ["none"])]
+    runs += [(engine, None) for engine in args.compare or []]
+    rows = []
+    for engine, recipe in runs:
+        label = engine + (" keep-quantized" if engine == "leanformer" and cfg.keep_quantized else "")
+        label += f" +{recipe}" if recipe else ""
+        print(f"benchmarking {label} ...", file=sys.stderr, flush=True)
+        rows.append(run_engine(dataclasses.replace(cfg, recipe=recipe), engine) | {"label": label})
+    labels = {"prefill_tok_s": "prefill tokens/s", "ttft_ms": "time to first token (ms)"}
+    labels |= {f"decode_tok_s_b{b}": f"decode tokens/s, batch {b}" for b in cfg.batches}
+    labels |= {"ceiling_tok_s": "bandwidth ceiling, tokens/s (b=1)"}
+    if 1 in cfg.batches:
+        for r in rows:
+            r["ceiling_pct"] = 100 * r["decode_tok_s_b1"] / r["ceiling_tok_s"]
+        labels |= {"ceiling_pct": "decode b=1, % of that ceiling"}
+    labels |= {"peak_rss_mb": "peak RSS (MB)", "size_mb": "weights (MB)", "load_s": "load time (s)"}
+    # ratios against the peer when there is one, else against the first (uncompressed) row
+    ref = next((r for r in rows if r["engine"] != "leanformer"), rows[0])
+    ours = [r for r in rows if r["engine"] == "leanformer" and r is not ref]
+    # each column names its variant: the label carries the recipe, the dtype is the activation precision
+    header = ["metric", *(f"{r['label']} ({r.get('activation_dtype', r['dtype'])})" for r in rows)]
+    header += [f"{r['label']} / {ref['label']}" for r in ours]
+    body = []
+    for key, label in labels.items():
+        ratios = [f"{r[key] / ref[key]:.2f}×" for r in ours]
+        body.append([label, *(f"{r[key]:.1f}" for r in rows), *ratios])
+    title = f"bench {args.model}: {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens"
+    print_table(title, header, body)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": vars(cfg), "results": rows}, indent=2))
+
+
+def add_parser(sub) -> None:
+    p = model_command(sub, "bench", "prefill / decode speed, TTFT, peak RSS, size")
+    p.add_argument("--compare", action="append", choices=["transformers"], help="peer to run in the same run")
+    p.add_argument(
+        "--recipe", nargs="+", default=None,
+        help="compression recipes (preset names or files) to bench, one row each; 'none' = uncompressed",
+    )  # fmt: skip
+    p.add_argument("--prompt-tokens", type=ck.positive_int, default=128)
+    p.add_argument("--new-tokens", type=ck.int_range(2), default=128, help="at least 2 (decode is timed)")
+    p.add_argument("--batch", type=ck.positive_int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=ck.positive_int, default=3)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,105 @@
+"""`leanformer eval`: perplexity over windows, KLD / top-1 against a reference, per-layer diagnosis
+(encoders: STS-B, SST-2, cosine to a reference)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from leanformer.cli import args as ck
+from leanformer.cli.common import (
+    input_paths,
+    load_model,
+    model_command,
+    print_table,
+)
+from leanformer.errors import LeanformerError
+from leanformer.hub import resolve_model
+from leanformer.outputs import check_output_file
+
+
+def cmd_eval(args) -> None:
+    import leanformer as lf
+    from leanformer.cli.encoders import eval_encoder, is_onnx_export
+    from leanformer.measure.evaluate import evaluate, read_text, tokenize
+
+    if args.json:  # before minutes of evaluation, not after
+        check_output_file(args.json, input_paths(args))
+    if args.data and not Path(args.data).expanduser().is_file():
+        raise LeanformerError(f"data file not found: {args.data}")
+    if args.stride is not None and args.stride > args.window:
+        raise LeanformerError(f"--stride ({args.stride}) must not exceed --window ({args.window})")
+    if is_onnx_export(resolve_model(args.model)):  # an exported encoder, run by ONNX Runtime
+        return eval_encoder(args)
+    model, tok = load_model(args)
+    if getattr(model, "family", "") == "bert":  # STS-B / SST-2 / cosine to --reference
+        return eval_encoder(args, model, tok)
+    if not args.data:
+        raise LeanformerError("--data FILE is required for decoder models (e.g. wiki.test.raw)")
+    if args.per_layer and not args.reference:
+        raise LeanformerError("--per-layer needs --reference ORIGINAL (the model before compression)")
+    reference = None
+    if args.reference:
+        reference, _ = lf.load(resolve_model(args.reference), dtype="float32")
+    ids = tokenize(tok, read_text(args.data, args.max_chars))
+    result = evaluate(model, ids, args.window, args.stride, reference, args.batch_size)
+    rows = [("perplexity", f"{result.perplexity:.4f}"), ("scored tokens", str(result.scored_tokens))]
+    rows.append(("windows × size / stride", f"{result.windows} × {result.window} / {result.stride}"))
+    if reference is not None:
+        delta = 100 * (result.perplexity / result.reference_perplexity - 1)
+        rows += [("reference perplexity", f"{result.reference_perplexity:.4f}"), ("ΔPPL", f"{delta:+.2f}%")]
+        rows += [
+            ("mean KLD vs reference", f"{result.kld:.5f}"),
+            ("top-1 agreement", f"{result.top1_agreement:.2%}"),
+        ]
+    print_table(f"eval {args.model} on {args.data}", ["metric", "value"], rows)
+    report = result.as_dict()
+    if args.per_layer:
+        report["per_layer"] = _per_layer(args, model, reference, ids)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def _per_layer(args, model, reference, ids: list[int]) -> list[dict]:
+    import dataclasses
+
+    import torch
+
+    from leanformer.measure.diagnose import per_layer_errors, table_rows
+
+    n = min(args.per_layer_windows, len(ids) // args.window)
+    windows = torch.tensor(ids[: n * args.window]).view(n, args.window)
+    rows = per_layer_errors(model, reference, windows, top=args.per_layer_top)
+    header = ["layer", "module", "local rel. error", "KLD with only this layer compressed"]
+    print_table(f"per-layer error ({n} windows; worst first)", header, table_rows(rows))
+    worst = [r.name for r in rows[:3] if r.kld_alone]
+    if worst:
+        print(f"to keep the worst layers in full precision, add to the recipe's ignore list: {worst}")
+    return [dataclasses.asdict(r) for r in rows]
+
+
+def add_parser(sub) -> None:
+    p = model_command(
+        sub, "eval", "perplexity, and KLD / top-1 agreement vs --reference (encoders: STS-B, SST-2)"
+    )
+    p.add_argument("--data", help="decoders: text file (e.g. ../shared/data/wikitext-2-raw/wiki.test.raw)")
+    p.add_argument("--window", type=ck.int_range(2), default=512, help="tokens per window (at least 2)")
+    p.add_argument(
+        "--stride", type=ck.positive_int, default=None, help="1..window; default: = window (non-overlapping)"
+    )
+    p.add_argument("--max-chars", type=ck.positive_int, default=None, help="use only the first N characters")
+    p.add_argument(
+        "--reference", default=None, help="another model: report KL divergence and top-1 agreement"
+    )
+    p.add_argument("--batch-size", type=ck.positive_int, default=1)
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument(
+        "--per-layer", action="store_true",
+        help="with --reference: which compressed layers cause the most output error",
+    )  # fmt: skip
+    p.add_argument("--per-layer-windows", type=ck.positive_int, default=2, help="windows used by --per-layer")
+    p.add_argument("--per-layer-top", type=ck.positive_int, default=10, help="layers attributed end to end")
+    from leanformer.cli.encoders import add_encoder_eval_arguments
+
+    add_encoder_eval_arguments(p)  # encoder models: --tasks, --stsb, --sst2, --backend
+    p.set_defaults(func=cmd_eval)

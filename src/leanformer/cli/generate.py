@@ -1,0 +1,82 @@
+"""`leanformer generate` and `leanformer chat`: streamed text from a prompt or a conversation."""
+
+from __future__ import annotations
+
+import sys
+
+from leanformer.cli.common import (
+    add_sampling,
+    load_model,
+    model_command,
+    sampling_kwargs,
+)
+from leanformer.errors import LeanformerError
+
+
+def cmd_generate(args) -> None:
+    import leanformer as lf
+
+    model, tok = load_model(args)
+    prompt = args.prompt
+    if args.chat:
+        prompt = [{"role": "user", "content": args.prompt}]
+    elif tok is None:
+        try:
+            prompt = [int(t) for t in args.prompt.split()]
+        except ValueError:
+            raise LeanformerError(
+                "this model has no tokenizer: --prompt must be space-separated token ids, e.g. '1 2 3'"
+            ) from None
+    pieces = lf.stream_generate(
+        model,
+        tok,
+        prompt,
+        args.max_new_tokens,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+        **sampling_kwargs(args),
+    )
+    if not args.chat and tok is not None:
+        print(args.prompt, end="", flush=True)
+    for piece in pieces:
+        print(piece if isinstance(piece, str) else f" {piece}", end="", flush=True)
+    print()
+
+
+def cmd_chat(args) -> None:
+    import leanformer as lf
+
+    model, tok = load_model(args)
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise LeanformerError("this model has no chat template; use `leanformer generate` instead")
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat with the model; an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip() or line.strip() in ("/exit", "/quit"):
+            break
+        history.append({"role": "user", "content": line})
+        reply = []
+        for piece in lf.stream_generate(model, tok, history, args.max_new_tokens, **sampling_kwargs(args)):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def add_parser(sub) -> None:
+    p = model_command(sub, "generate", "generate text from a prompt (streams)")
+    p.add_argument(
+        "--prompt", default="", help="text (or space-separated token ids for a model without tokenizer)"
+    )
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = model_command(sub, "chat", "interactive chat using the model's chat template")
+    p.add_argument("--system", default=None)
+    add_sampling(p)
+    p.set_defaults(func=cmd_chat)

@@ -1,0 +1,105 @@
+"""Embeddings and classification: length-sorted batches through the encoder, original order kept."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from leanformer.errors import LeanformerError
+
+
+def _tokenize(tok, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated to max_length with one warning naming how many were cut."""
+    enc = tok(
+        texts,
+        truncation=True,
+        max_length=max_length,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
+    ids = enc["input_ids"]
+    if getattr(enc, "encodings", None):  # fast tokenizers record what truncation removed
+        cut = sum(1 for e in enc.encodings if e.overflowing)
+    else:
+        cut = sum(1 for t in texts if len(tok(t)["input_ids"]) > max_length)
+    if cut:
+        warnings.warn(
+            f"{cut} of {len(texts)} texts were truncated to the model's maximum of {max_length} tokens",
+            stacklevel=3,
+        )
+    return ids
+
+
+def length_sorted_batches(model, tok, texts: list[str], batch_size: int):
+    """Yield (positions in `texts`, input_ids [B, T], attention_mask [B, T]), longest batch first."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if batch_size < 1:
+        raise LeanformerError(f"batch size must be ≥ 1, got {batch_size}")
+    if not texts:
+        return
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None:
+        raise LeanformerError(f"texts must be strings, got a {type(bad).__name__}")
+    ids = _tokenize(tok, list(texts), model.args.max_length)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # by tokens, not characters
+    pad = tok.pad_token_id if tok.pad_token_id is not None else model.args.pad_token_id
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        t = len(ids[idx[0]])
+        batch = torch.full((len(idx), t), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), t), dtype=torch.long)
+        for row, i in enumerate(idx):
+            batch[row, : len(ids[i])] = torch.tensor(ids[i])
+            mask[row, : len(ids[i])] = 1
+        yield idx, batch, mask
+
+
+def embed(
+    model, tok, texts: list[str], batch_size: int = 32, normalize: bool | None = None, numpy: bool = True
+):
+    """Texts → sentence embeddings [N, D] (np.ndarray, or torch.Tensor with numpy=False), input order.
+
+    normalize: None follows the model (sentence-transformers' Normalize module); True/False forces it.
+    `model` is a models.bert.Model or an export.OrtEncoder (ONNX Runtime); both expose .embed and .args.
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    unique = list(dict.fromkeys(texts))  # a repeated text is embedded once (exact: same ids, same math)
+    out: torch.Tensor | None = None
+    with torch.inference_mode():
+        for idx, ids, mask in length_sorted_batches(model, tok, unique, batch_size):
+            e = model.embed(ids, mask, normalize=normalize).float()  # [B, D]
+            if out is None:
+                out = torch.empty((len(unique), e.shape[1]))
+            out[idx] = e
+    if out is None:
+        dim = model.args.hidden_size * len(model.args.pooling)
+        return np.empty((0, dim), np.float32) if numpy else torch.empty((0, dim))
+    if len(unique) < len(texts):
+        row = {t: i for i, t in enumerate(unique)}
+        out = out[torch.tensor([row[t] for t in texts])]
+    return out.numpy() if numpy else out
+
+
+def classify(model, tok, texts: list[str], batch_size: int = 32) -> list[dict]:
+    """Texts → [{"label": name, "score": probability}] from the model's head or its trained probe."""
+    labels = _label_names(model)
+    out: list[dict] = [{}] * len(texts)
+    with torch.inference_mode():
+        for idx, ids, mask in length_sorted_batches(model, tok, texts, batch_size):
+            probs = model.logits(ids, mask).float().softmax(-1)  # [B, labels]
+            for i, p in zip(idx, probs):
+                k = int(p.argmax())
+                out[i] = {"label": labels[k], "score": float(p[k])}
+    return out
+
+
+def _label_names(model) -> list[str]:
+    a = model.args
+    if a.head:
+        return [a.id2label.get(i, f"LABEL_{i}") for i in range(a.num_labels)]
+    if a.probe_labels:
+        return list(a.probe_labels)
+    raise LeanformerError("model has no classification head and no probe: run `leanformer train-probe` first")

@@ -1,0 +1,1 @@
+"""ONNX export of encoders and decoder LMs, and the ONNX Runtime runners."""

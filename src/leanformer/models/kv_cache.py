@@ -1,0 +1,148 @@
+"""KV cache: fixed slots that sequences occupy, each with its own length.
+
+Layout per layer: k, v [n_slots, n_kv_heads, max_seq, head_dim]. A forward step names the slots its
+rows use; row b's new tokens land at positions lengths[slot_b] .. + T - 1. Because every row has its
+own length, one batch can mix sequences of different lengths (batched prompts of unequal length now,
+continuous batching later), and freeing a slot is just resetting its length."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from leanformer.errors import LeanformerError
+
+
+@dataclass
+class Step:
+    """What one forward call needs to know about the cache; computed once, used by every layer."""
+
+    slots: torch.Tensor  # [B] long
+    positions: torch.Tensor  # [B, T] absolute positions of the new tokens
+    key_len: int  # S: keys visible to this step (max over rows of length + T)
+    mask: torch.Tensor | None  # [B, 1, T, S] bool, None when plain causal/full attention is exact
+    is_causal: bool  # True when mask is None and the step is a fresh prefill (S == T)
+    contiguous: int | None  # slots are 0..B-1 and all rows share one start: the start, else None
+
+
+class KVCache:
+    """storage="int8" keeps K and V as int8 with one scale per (slot, head, position): 4× less memory
+    than fp32 (2× vs bf16) for long contexts and big batches; keys/values are dequantized as read."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_slots: int,
+        max_seq: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        storage: str | None = None,
+    ) -> None:
+        if storage not in (None, "int8"):
+            raise LeanformerError(f"unknown KV cache storage {storage!r}; choose int8 or leave it unset")
+        shape = (n_slots, n_kv_heads, max_seq, head_dim)
+        store = torch.int8 if storage == "int8" else dtype
+        self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
+        scale_shape = (*shape[:3], 1)
+        self.quantized = storage == "int8"
+        n_scales = n_layers if self.quantized else 0
+        self.k_scale = [torch.zeros(scale_shape, dtype=dtype, device=device) for _ in range(n_scales)]
+        self.v_scale = [torch.zeros(scale_shape, dtype=dtype, device=device) for _ in range(n_scales)]
+        self.dtype = dtype
+        self.lengths = torch.zeros(n_slots, dtype=torch.long)
+        self.max_seq = max_seq
+        self.n_slots = n_slots
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, n_slots: int, max_seq: int) -> KVCache:
+        """A cache shaped for `model`; int8 storage when quantize_(model, KVCache(dtype="int8")) ran."""
+        a = model.args
+        param = next(p for p in model.parameters() if p.is_floating_point())
+        max_seq = min(max_seq, a.max_position_embeddings)
+        storage = getattr(model, "kv_cache_dtype", None)
+        return cls(
+            a.num_hidden_layers,
+            n_slots,
+            max_seq,
+            a.num_key_value_heads,
+            a.head_dim,
+            param.dtype,
+            param.device,
+            storage,
+        )
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + self.k_scale + self.v_scale)
+
+    def begin(self, slots: torch.Tensor, n_new: int) -> Step:
+        """Plan a step that appends n_new tokens to each slot in `slots` [B]."""
+        starts = self.lengths[slots]  # [B]
+        key_len = int(starts.max()) + n_new
+        if key_len > self.max_seq:
+            raise LeanformerError(
+                f"sequence of {key_len} tokens exceeds the cache/context size {self.max_seq}; "
+                "use a shorter prompt or fewer new tokens"
+            )
+        positions = starts[:, None] + torch.arange(n_new)[None, :]  # [B, T]
+        same_start = bool((starts == starts[0]).all())
+        b = len(slots)
+        contiguous = int(starts[0]) if same_start and bool((slots == torch.arange(b)).all()) else None
+        device = self.k[0].device
+        if same_start and (n_new == 1 or int(starts[0]) == 0):
+            # One query per row over all keys, or a fresh prefill: no explicit mask is needed.
+            mask, is_causal = None, n_new > 1
+        else:
+            keys = torch.arange(key_len)
+            mask = (keys[None, None, None, :] <= positions[:, None, :, None]).to(device)
+            is_causal = False
+        return Step(slots.to(device), positions.to(device), key_len, mask, is_causal, contiguous)
+
+    def update(
+        self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, n_kv, T, D] for this step; return all visible keys/values [B, n_kv, S, D]."""
+        if not self.quantized:
+            return self._put_get(self.k[layer], step, k), self._put_get(self.v[layer], step, v)
+        out = []
+        for store, scales, x in (
+            (self.k[layer], self.k_scale[layer], k),
+            (self.v[layer], self.v_scale[layer], v),
+        ):
+            scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127  # [B, n_kv, T, 1]
+            q = torch.round(x / scale).to(torch.int8)
+            out.append(self._put_get(store, step, q).to(self.dtype) * self._put_get(scales, step, scale))
+        return out[0], out[1]
+
+    @staticmethod
+    def _put_get(buf: torch.Tensor, step: Step, x: torch.Tensor) -> torch.Tensor:
+        n_rows, n_new = x.shape[0], x.shape[2]
+        if step.contiguous is not None:
+            s0 = step.contiguous
+            buf[:n_rows, :, s0 : s0 + n_new] = x
+            return buf[:n_rows, :, : step.key_len]
+        # Rows of buf seen as [slots * n_kv * max_seq, D]: index_copy_ / index_select touch only the rows
+        # named, where advanced indexing (buf[slots[:, None], :, positions]) walked the whole buffer:
+        # measured ~100x slower (10 ms vs 0.1 ms per call at 16 slots x 2048 positions).
+        _, n_kv, max_seq, d = buf.shape
+        heads = torch.arange(n_kv, device=buf.device)
+        flat = (step.slots[:, None, None] * n_kv + heads[None, :, None]) * max_seq + step.positions[
+            :, None, :
+        ]
+        buf.view(-1, d).index_copy_(0, flat.reshape(-1), x.reshape(-1, d))  # [B*n_kv*T] rows, order (b, h, t)
+        return buf[:, :, : step.key_len].index_select(0, step.slots)
+
+    def advance(self, slots: torch.Tensor, n: torch.Tensor | int) -> None:
+        self.lengths[slots] += n
+
+    def set_length(self, slots: torch.Tensor, lengths: torch.Tensor) -> None:
+        self.lengths[slots] = lengths
+
+    def reset(self, slots: torch.Tensor | None = None) -> None:
+        if slots is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[slots] = 0

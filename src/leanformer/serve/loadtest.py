@@ -1,0 +1,233 @@
+"""bench-serve: load-test an OpenAI-compatible server with concurrent streaming requests.
+
+Reports requests/s, output tokens/s, time to first token (TTFT) and inter-token latency (ITL) p50/p99,
+as a table and JSON. With `--baseline` the same requests are also sent one at a time, and the ratio of
+output tokens/s is what continuous batching buys. Every request asks for exactly `max_tokens` tokens
+(greedy, `ignore_eos`), so runs are comparable. Given a model instead of `--url`, a server is started
+in a child process (so the load generator does not share its GIL) on a free loopback port.
+
+    python -m leanformer.serve.loadtest smollm2 --requests 16 --concurrency 16 --max-tokens 128 --baseline
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from leanformer.errors import LeanformerError
+
+TOPICS = [
+    "a lighthouse keeper", "the history of bread", "how volcanoes form", "a robot learning to paint",
+    "the rules of chess", "a trip to the mountains", "why the sky is blue", "a city under the sea",
+    "the life of a honeybee", "an old clockmaker", "how to grow tomatoes", "the first airplane",
+    "a dragon who was afraid of fire", "the water cycle", "a lost kitten finding home", "the moon landing",
+]  # fmt: skip
+
+
+def prompts(n: int) -> list[str]:
+    return [f"Write a short story about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
+
+
+async def _one(client, url: str, body: dict, headers: dict) -> dict:
+    t0 = time.perf_counter()
+    times: list[float] = []
+    tokens, error = 0, None
+    async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+        if r.status_code != 200:
+            return {"error": f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}"}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                error = event["error"]["message"]
+            if event.get("choices") and event["choices"][0].get("text"):
+                times.append(time.perf_counter())
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    if error or not times:
+        return {"error": error or "no tokens"}
+    return {
+        "ttft": times[0] - t0,
+        "itl": list(np.diff(times)),
+        "tokens": tokens,
+        "latency": times[-1] - t0,
+    }
+
+
+async def run_load(
+    url: str, model_id: str, texts: list[str], max_tokens: int, concurrency: int, api_key: str | None = None
+) -> dict:
+    """Send every prompt (at most `concurrency` in flight); → summary figures."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    gate = asyncio.Semaphore(concurrency)
+    base = {"model": model_id, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    base |= {"ignore_eos": True, "stream_options": {"include_usage": True}}
+
+    async def limited(client, text: str) -> dict:
+        async with gate:
+            return await _one(client, url, base | {"prompt": text}, headers)
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(limited(client, t) for t in texts))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    ttft = [r["ttft"] for r in ok]
+    itl = [x for r in ok for x in r["itl"]]
+    out_tokens = sum(r["tokens"] for r in ok)
+
+    def pct(xs: list[float], q: float) -> float:
+        return float(np.percentile(xs, q) * 1000) if xs else float("nan")
+
+    return {
+        "concurrency": concurrency,
+        "requests": len(texts),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r["error"] for r in results if "error" in r})[:3],
+        "wall_s": wall,
+        "requests_per_s": len(ok) / wall,
+        "output_tokens": out_tokens,
+        "output_tok_s": out_tokens / wall,
+        "ttft_ms_p50": pct(ttft, 50),
+        "ttft_ms_p99": pct(ttft, 99),
+        "itl_ms_p50": pct(itl, 50),
+        "itl_ms_p99": pct(itl, 99),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server_process(model: str, serve_args: list[str], timeout: float = 300):
+    """`leanformer serve MODEL` in a child process on a free loopback port; yields (url, model id)."""
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "leanformer.cli.main", "serve", model, "--port", str(port)]
+    cmd += ["--model-name", "bench", "--log-level", "warning", *serve_args]
+    proc = subprocess.Popen(cmd, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise LeanformerError(f"the server exited with code {proc.returncode} before it was ready")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise LeanformerError(f"the server was not ready after {timeout:.0f} s")
+            time.sleep(0.25)
+        yield url, "bench"
+    finally:
+        proc.terminate()  # SIGTERM: uvicorn shuts down gracefully
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="start a server on this model (or give --url)")
+    p.add_argument("--url", default=None, help="target a running server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model-name", default="bench", help="the server's model id (with --url)")
+    p.add_argument("--api-key", default=os.environ.get("LEANFORMER_API_KEY"))
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (EOS ignored)")
+    p.add_argument("--baseline", action="store_true", help="also send the requests one at a time")
+    p.add_argument("--max-batch", type=int, default=16, help="for the server bench-serve starts")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--json", default=None, help="also write the report here")
+
+
+def bench_serve(args) -> dict:
+    """The bench-serve command (args from add_bench_args); prints a table, returns the report."""
+    texts = prompts(args.requests)
+    serve_args = ["--max-batch", str(args.max_batch), "--dtype", args.dtype]
+    if args.api_key:
+        serve_args += ["--api-key", args.api_key]
+
+    def measure(url: str, model_id: str) -> list[dict]:
+        runs = []
+        asyncio.run(run_load(url, model_id, texts[:2], 8, 2, args.api_key))  # warm-up
+        runs.append(run_load(url, model_id, texts, args.max_tokens, args.concurrency, args.api_key))
+        if args.baseline:
+            runs.append(run_load(url, model_id, texts, args.max_tokens, 1, args.api_key))
+        return [asyncio.run(r) for r in runs]
+
+    if args.url:
+        rows = measure(args.url.rstrip("/"), args.model_name)
+    else:
+        if not args.model:
+            raise LeanformerError("give a MODEL to serve, or --url of a running server")
+        from leanformer.hub import resolve_model
+
+        with server_process(resolve_model(args.model), serve_args) as (url, model_id):
+            rows = measure(url, model_id)
+    report = {"model": args.model or args.url, "max_tokens": args.max_tokens, "runs": rows}
+    if args.baseline:
+        report["speedup_output_tok_s"] = rows[0]["output_tok_s"] / rows[1]["output_tok_s"]
+    _print(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    for r in rows:
+        if r["failed"]:
+            raise LeanformerError(f"{r['failed']} of {r['requests']} requests failed: {r['errors']}")
+    return report
+
+
+def _print(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = ["requests_per_s", "output_tok_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99"]
+    heads = ["req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"]
+    t = Table(title=f"bench-serve {report['model']}: {report['max_tokens']} tokens per request")
+    for h in ["clients", "requests", "failed", *heads]:
+        t.add_column(h)
+    for r in report["runs"]:
+        figures = (f"{r[k]:.2f}" if k == "requests_per_s" else f"{r[k]:.1f}" for k in keys)
+        t.add_row(str(r["concurrency"]), str(r["requests"]), str(r["failed"]), *figures)
+    console = Console()
+    console.width = max(console.width, 120)  # a narrow pipe must not squeeze the figures
+    console.print(t)
+    if "speedup_output_tok_s" in report:
+        print(f"output tokens/s, concurrent vs one at a time: {report['speedup_output_tok_s']:.2f}×")
+
+
+def main(argv: list[str] | None = None) -> int:
+
+    parser = argparse.ArgumentParser(prog="python -m leanformer.serve.loadtest", description=__doc__)
+    add_bench_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        bench_serve(args)
+    except LeanformerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
