@@ -1,7 +1,6 @@
 """`leanformer serve` and `leanformer bench-serve`: main.py calls add_parser(subparsers).
 
-Also runnable on its own (`python -m leanformer.cli.serve serve MODEL`), which bench-serve uses to
-start a server in a child process.
+bench-serve starts its server in a child process as `python -m leanformer.cli.main serve MODEL ...`.
 """
 
 from __future__ import annotations
