@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from typing import NoReturn
 
-SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes a signed 64-bit value
+from leanformer.engine.sampling import SEED_LIMIT
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -17,9 +17,8 @@ import torch
 from leanformer.errors import LeanformerError
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample like argmax anyway; argmax is exact and cannot overflow
-SEED_LIMIT = (
-    2**63
-)  # torch.Generator.manual_seed takes < 2^64, but 2^63 is what every client language can hold
+# torch.Generator.manual_seed takes < 2^64, but 2^63 is what every client language can hold
+SEED_LIMIT = 2**63
 
 
 def _finite(name: str, value) -> float:
