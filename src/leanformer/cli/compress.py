@@ -53,13 +53,13 @@ def cmd_compress(args) -> None:
     check_output_dir(args.output, args.overwrite, inputs=[path])
     model, tok = lf.load(path, dtype=args.dtype)
     original = copy.deepcopy(model)
-    needs_calibration = any(type(c).__name__ in ("GPTQ", "AWQ") for c in recipe.stages)
+    needs_calibration = [type(c).__name__ for c in recipe.stages if c.needs_calibration]
     calibration = None
     if args.calibration:
         calibration = calibration_ids(tok, args.calibration, args.calibration_samples, args.calibration_len)
     elif needs_calibration:
         raise LeanformerError(
-            "this recipe (GPTQ/AWQ) needs --calibration FILE (plain text, e.g. a wiki dump)"
+            f"this recipe ({', '.join(needs_calibration)}) needs --calibration FILE (plain text, e.g. a wiki dump)"
         )
     apply(model, recipe, calibration=calibration)
     out = lf.save(model, tok, args.output, overwrite=args.overwrite)
@@ -93,7 +93,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--recipe",
         required=True,
-        help="recipe file (.json/.yaml) or preset: int8, int4, w8a8, gptq-int4, ...",
+        help="recipe file (.json/.yaml) or preset: int8, int4, w8a8, gptq-int4, wanda-50, sparsegpt-2:4, ffn-33, ...",
     )
     p.add_argument("-o", "--output", required=True, help="output folder (reloads with leanformer.load)")
     p.add_argument(
@@ -102,7 +102,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(never the model's own folder, a folder above it, the current or home folder)",
     )  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--calibration", default=None, help="text file for GPTQ/AWQ calibration")
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="text file for calibration (GPTQ, AWQ, Wanda, SparseGPT, PruneFFN)",
+    )
     p.add_argument("--calibration-samples", type=ck.positive_int, default=16)
     p.add_argument("--calibration-len", type=ck.int_range(2), default=512, help="tokens per sample")
     p.add_argument("--eval-data", default=None, help="held-out text: report PPL and KLD vs the original")

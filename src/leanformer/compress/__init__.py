@@ -2,8 +2,10 @@
 
 quantize_(model, Int4WeightOnly(group_size=64))
 apply(model, Recipe([GPTQ(bits=4, group_size=64)]), calibration=token_ids)
+prune_(model, Wanda(sparsity=0.5), calibration=token_ids); apply(model, "wanda-50+int8", calibration=ids)
 """
 
+from leanformer.compress.config import Magnitude, PruneConfig, PruneFFN, SparseGPT, Wanda
 from leanformer.compress.quant import (
     AWQ,
     CONFIG_TYPES,
@@ -24,6 +26,7 @@ from leanformer.compress.recipe import (
     as_recipe,
     load_recipe,
     matches,
+    prune_,
     quantize_,
     select_linears,
 )
@@ -39,13 +42,19 @@ __all__ = [
     "Int8Linear",
     "Int8WeightOnly",
     "KVCache",
+    "Magnitude",
     "PRESETS",
+    "PruneConfig",
+    "PruneFFN",
     "QuantConfig",
     "Recipe",
+    "SparseGPT",
+    "Wanda",
     "apply",
     "as_recipe",
     "load_recipe",
     "matches",
+    "prune_",
     "quantize_",
     "select_linears",
 ]

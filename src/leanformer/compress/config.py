@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
 
 from leanformer.compress.kernels import INT4_GROUP_SIZES
 from leanformer.errors import LeanformerError
@@ -25,6 +26,7 @@ class QuantConfig:
 
     targets: list[str] = field(default_factory=lambda: ["*"], kw_only=True)
     ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE), kw_only=True)
+    needs_calibration: ClassVar[bool] = False  # the CLI asks for --calibration when a stage says so
 
     def to_dict(self) -> dict:
         return {"type": type(self).__name__, **asdict(self)}
@@ -105,6 +107,7 @@ class GPTQ(QuantConfig):
     block_size: int = 128  # columns per lazy-update block
     batch_size: int = 8  # calibration sequences per forward
     pad: bool = False
+    needs_calibration: ClassVar[bool] = True
 
     def validate(self) -> None:
         super().validate()
@@ -132,6 +135,7 @@ class AWQ(QuantConfig):
     max_tokens: int = 4096  # calibration rows kept per Linear for the searches
     batch_size: int = 8
     pad: bool = False
+    needs_calibration: ClassVar[bool] = True
 
     def validate(self) -> None:
         super().validate()
@@ -153,3 +157,111 @@ class KVCache(QuantConfig):
     def validate(self) -> None:
         if self.dtype != "int8":
             raise LeanformerError(f"KVCache: dtype must be 'int8', got {self.dtype!r}")
+
+
+# ------------------------------------------------------------------------------------------- pruning
+
+PRUNE_PATTERNS = ("unstructured", "2:4", "4:8")  # the named ones; any "N:M" with 0 < N < M parses
+
+
+def parse_pattern(pattern: str, who: str) -> tuple[int, int] | None:
+    """ "unstructured" -> None; "N:M" (keep N of every M consecutive input weights) -> (N, M)."""
+    if pattern == "unstructured":
+        return None
+    parts = pattern.split(":") if isinstance(pattern, str) else []
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise LeanformerError(f"{who}: pattern must be 'unstructured' or 'N:M' (e.g. '2:4'), got {pattern!r}")
+    n, m = int(parts[0]), int(parts[1])
+    if not 0 < n < m:
+        raise LeanformerError(f"{who}: N:M pattern needs 0 < N < M (keep N of every M), got {pattern!r}")
+    return n, m
+
+
+def _check_fraction(value: object, who: str, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise LeanformerError(f"{who}: {what} must be a number in [0, 1), got {value!r}")
+
+
+@dataclass
+class PruneConfig(QuantConfig):
+    """Base of the unstructured / N:M pruning configs: the targeted Linears stay float nn.Linear with
+    zeros in them (so a later quantization stage still sees them). `sparsity` is the fraction of each
+    row's weights set to zero, or a dict {pattern: sparsity} (first matching pattern wins; targeted
+    Linears matching none stay dense). An N:M pattern implies sparsity 1 - N/M."""
+
+    sparsity: float | dict[str, float] = 0.5
+    pattern: str = "unstructured"
+
+    def validate(self) -> None:
+        super().validate()
+        who = type(self).__name__
+        nm = parse_pattern(self.pattern, who)
+        values = self.sparsity.values() if isinstance(self.sparsity, dict) else [self.sparsity]
+        if isinstance(self.sparsity, dict) and not all(isinstance(k, str) for k in self.sparsity):
+            raise LeanformerError(f"{who}: sparsity dict keys must be name patterns, got {self.sparsity!r}")
+        for v in values:
+            _check_fraction(v, who, "sparsity")
+        if nm is not None and any(abs(v - (1 - nm[0] / nm[1])) > 1e-9 for v in values):
+            raise LeanformerError(
+                f"{who}: pattern {self.pattern} means sparsity {1 - nm[0] / nm[1]:g}, got {self.sparsity!r}"
+            )
+
+
+@_register
+@dataclass
+class Magnitude(PruneConfig):
+    """Zero the smallest |W| of each output row (or of each group of M inputs for N:M). No calibration."""
+
+
+@_register
+@dataclass
+class Wanda(PruneConfig):
+    """Wanda (Sun et al. 2023): zero the smallest |W_ij| * ||X_j||_2 per output row, X the calibration
+    inputs of the Linear (per-input-channel norms); no weight update."""
+
+    batch_size: int = 8
+    needs_calibration: ClassVar[bool] = True
+
+
+@_register
+@dataclass
+class SparseGPT(PruneConfig):
+    """SparseGPT (Frantar & Alistarh 2023): choose the mask by w^2 / [H^-1]_jj^2 over blocks of columns
+    and update the surviving weights with the GPTQ error feedback (H = 2 X^T X / n, as GPTQ)."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    batch_size: int = 8
+    needs_calibration: ClassVar[bool] = True
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.damp < 1:
+            raise LeanformerError(f"SparseGPT: damp must be in [0, 1), got {self.damp}")
+        if self.block_size < 1:
+            raise LeanformerError(f"SparseGPT: block_size must be >= 1, got {self.block_size}")
+
+
+@_register
+@dataclass
+class PruneFFN(QuantConfig):
+    """Structured pruning that shrinks the model: remove `sparsity` of each decoder layer's FFN
+    intermediate channels (gate/up rows + down columns), ranked by calibration importance
+    ||a_j||_2 * ||W_down[:, j]||_2 (a = act(gate) * up). Kept widths are multiples of `multiple`;
+    with `refit`, down_proj is least-squares refitted on the kept channels to the dense output.
+    `targets`/`ignore` select down_proj Linears (which layers are pruned)."""
+
+    sparsity: float = 0.25
+    multiple: int = 32
+    refit: bool = True
+    damp: float = 0.01
+    batch_size: int = 8
+    needs_calibration: ClassVar[bool] = True
+
+    def validate(self) -> None:
+        super().validate()
+        _check_fraction(self.sparsity, "PruneFFN", "sparsity")
+        if isinstance(self.multiple, bool) or not isinstance(self.multiple, int) or self.multiple < 1:
+            raise LeanformerError(f"PruneFFN: multiple must be a positive integer, got {self.multiple!r}")
+        if not 0 <= self.damp < 1:
+            raise LeanformerError(f"PruneFFN: damp must be in [0, 1), got {self.damp}")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from leanformer.compress.calibrate import Calibration
+from leanformer.compress.config import Magnitude, PruneConfig, PruneFFN, SparseGPT, Wanda
 from leanformer.compress.quant import (
     AWQ,
     GPTQ,
@@ -121,6 +122,9 @@ def _quantize(
     if isinstance(config, KVCache):  # a setting of the engine's cache, not a module swap
         model.kv_cache_dtype = config.dtype
         return
+    if isinstance(config, (PruneConfig, PruneFFN)):
+        _prune(model, config, calibration, structure_only, progress)
+        return
     names = select_linears(model, config)
     _check_shapes(model, names, config)
     tied = _tied_embeddings(model, names)
@@ -158,6 +162,75 @@ def _quantize(
                 raise LeanformerError(f"quantize_ cannot apply {type(config).__name__}")
             set_module(model, n, new)
     _share_quantized_tables(model, tied)
+
+
+def _prune(
+    model: nn.Module,
+    config: PruneConfig | PruneFFN,
+    calibration: Calibration | None,
+    structure_only: bool,
+    progress: bool,
+) -> None:
+    """Pruning stages: on reload (structure_only) nothing to do: the zeros are in the saved weights and
+    the smaller FFN widths in the config ("intermediate_sizes"), which built the model's shapes."""
+    if structure_only:
+        return
+    names = select_linears(model, config)
+    if isinstance(config, PruneConfig):
+        from leanformer.compress.prune import check_prunable
+
+        sparsities = _sparsities(names, config)
+        check_prunable(model, sparsities, config)
+    else:
+        from leanformer.compress.structured import ffn_targets
+
+        names = ffn_targets(model, names)
+    if config.needs_calibration and calibration is None:
+        raise LeanformerError(f"{type(config).__name__} needs calibration token ids [n_samples, seq_len]")
+    was_training = model.training
+    model.eval()
+    if isinstance(config, PruneConfig):
+        from leanformer.compress.prune import prune_linears
+
+        prune_linears(model, config, sparsities, calibration, progress)
+    else:
+        from leanformer.compress.structured import prune_ffn
+
+        prune_ffn(model, config, names, calibration, progress)
+    model.train(was_training)
+
+
+def _sparsities(names: list[str], config: PruneConfig) -> dict[str, float]:
+    """Linear name -> sparsity: one value for all, or the first matching pattern of a dict (names that
+    match no pattern stay dense); zero-sparsity entries are dropped."""
+    if isinstance(config.sparsity, dict):
+        out = {}
+        for n in names:
+            hit = next((v for p, v in config.sparsity.items() if matches(n, [p])), None)
+            if hit:
+                out[n] = float(hit)
+    else:
+        out = {n: float(config.sparsity) for n in names} if config.sparsity else {}
+    if not out:
+        raise LeanformerError(f"{type(config).__name__}: no targeted Linear gets a sparsity above 0")
+    return out
+
+
+def prune_(
+    model: nn.Module,
+    config: PruneConfig | PruneFFN,
+    calibration: Calibration | None = None,
+    *,
+    progress: bool = True,
+) -> nn.Module:
+    """Prune `model` in place (Magnitude / Wanda / SparseGPT zeros, PruneFFN smaller MLPs); returns it.
+    Wanda, SparseGPT and PruneFFN need `calibration` token ids. Recorded in the recipe like quantize_."""
+    if not isinstance(config, (PruneConfig, PruneFFN)):
+        raise LeanformerError(
+            f"prune_ expects Magnitude, Wanda, SparseGPT or PruneFFN, got {type(config).__name__}; "
+            "use quantize_ for quantization"
+        )
+    return quantize_(model, config, calibration, progress=progress)
 
 
 def _tied_embeddings(model: nn.Module, names: list[str]) -> dict[str, str]:
@@ -256,12 +329,29 @@ PRESETS: dict[str, list[QuantConfig]] = {
     "gptq-int8": [GPTQ(bits=8)],
     "kv-int8": [KVCache(dtype="int8")],
     "int8+kv-int8": [Int8WeightOnly(), KVCache(dtype="int8")],
+    "magnitude-50": [Magnitude(sparsity=0.5)],
+    "magnitude-2:4": [Magnitude(pattern="2:4")],
+    "wanda-50": [Wanda(sparsity=0.5)],
+    "wanda-2:4": [Wanda(pattern="2:4")],
+    "wanda-4:8": [Wanda(pattern="4:8")],
+    "sparsegpt-50": [SparseGPT(sparsity=0.5)],
+    "sparsegpt-2:4": [SparseGPT(pattern="2:4")],
+    "wanda-50+int8": [Wanda(sparsity=0.5), Int8WeightOnly()],
+    # FFN channels: 1/3 of SmolLM2's FFN is 25% of its block parameters
+    "ffn-25": [PruneFFN(sparsity=0.25)],
+    "ffn-33": [PruneFFN(sparsity=1 / 3)],
+    "ffn-33+int4-g32-dq8+head-int8": [
+        PruneFFN(sparsity=1 / 3),
+        Int4WeightOnly(group_size=32, scale_bits=8),
+        Int8WeightOnly(targets=["lm_head"], ignore=[]),
+    ],
 }
 
 
 def load_recipe(path_or_name: str | Path) -> Recipe:
-    """A recipe file (.json / .yaml) or a preset name (int8, int4, w8a8, gptq-int4, awq-int4, ...).
-    GPTQ/AWQ presets need calibration when applied."""
+    """A recipe file (.json / .yaml) or a preset name (int8, int4, w8a8, gptq-int4, awq-int4, wanda-50,
+    ...). Presets whose stages say `needs_calibration` (GPTQ, AWQ, Wanda, SparseGPT, PruneFFN) need
+    calibration when applied."""
     if str(path_or_name) in PRESETS:
         return Recipe([copy.deepcopy(c) for c in PRESETS[str(path_or_name)]])
     if not Path(path_or_name).is_file():

@@ -37,6 +37,11 @@ class ModelArgs:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    # per-layer FFN widths after structured pruning (compress/structured.py); None: all intermediate_size
+    intermediate_sizes: list[int] | None = None
+
+    def ffn_width(self, idx: int) -> int:
+        return self.intermediate_sizes[idx] if self.intermediate_sizes else self.intermediate_size
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> ModelArgs:
@@ -46,6 +51,13 @@ class ModelArgs:
         rope = cfg.get("rope_parameters") or {}
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         is_qwen2 = arch == "Qwen2ForCausalLM" or cfg.get("model_type") == "qwen2"
+        sizes = cfg.get("intermediate_sizes")
+        if sizes is not None and (
+            not isinstance(sizes, list)
+            or len(sizes) != cfg["num_hidden_layers"]
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes)
+        ):
+            raise ValueError("intermediate_sizes must list one positive width per layer")
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -62,6 +74,7 @@ class ModelArgs:
             qkv_bias=is_qwen2 or cfg.get("attention_bias", False),
             o_bias=(not is_qwen2) and cfg.get("attention_bias", False),
             mlp_bias=cfg.get("mlp_bias", False),
+            intermediate_sizes=sizes,
         )
 
 
@@ -85,7 +98,7 @@ class Block(nn.Module):
             a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.qkv_bias, a.o_bias, idx
         )
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.mlp = MLP(a.hidden_size, a.intermediate_size, a.mlp_bias)
+        self.mlp = MLP(a.hidden_size, a.ffn_width(idx), a.mlp_bias)
 
     def forward(self, x, rope, cache, step):
         x = x + self.self_attn(self.input_layernorm(x), rope, cache, step)

@@ -1,0 +1,99 @@
+"""Structured pruning that shrinks a Llama-family decoder: fewer FFN intermediate channels per layer.
+
+Per layer with down_proj input a [T, I] (a = silu(gate) * up) and W_down [H, I], channel j's importance
+is ||a_j||_2 * ||W_down[:, j]||_2 (activation x weight). The kept channels S (a multiple of `multiple`,
+so int4 group sizes still divide the new width) keep their gate/up rows and down columns; with refit,
+W_down[:, S] is replaced by the least-squares fit of the dense layer's output on the kept channels:
+    W' = W G[:, S] (G[S, S] + damp)^-1,   G = a^T a   ([I, I], from calibrate.collect_stats)
+Layers are walked in order (calibrate.iter_scopes), so each layer is scored on the outputs of the
+already-pruned layers before it. The model's config records the per-layer widths
+("intermediate_sizes"), which models/llama.py reads, so save -> load rebuilds the smaller shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from leanformer.compress.calibrate import Calibration, collect_stats, iter_scopes
+from leanformer.compress.config import PruneFFN
+from leanformer.errors import LeanformerError
+
+
+def ffn_targets(model: nn.Module, names: list[str]) -> list[str]:
+    """The selected down_proj names whose MLP has the fused gate_up_proj layout of models/llama.py."""
+    out = []
+    for n in names:
+        if not n.endswith("mlp.down_proj"):
+            continue
+        mlp = model.get_submodule(n.rsplit(".", 1)[0])
+        if isinstance(getattr(mlp, "gate_up_proj", None), nn.Linear) and hasattr(mlp, "inter"):
+            out.append(n)
+    if not out:
+        raise LeanformerError(
+            "PruneFFN: no float Llama-family MLP (gate_up_proj + down_proj) among the targets; "
+            "prune before quantizing, on a model loaded by leanformer"
+        )
+    return out
+
+
+def kept_width(inter: int, sparsity: float, multiple: int) -> int:
+    """Channels kept: (1 - sparsity) * inter rounded to a multiple of `multiple`, at least one multiple."""
+    if inter <= multiple:
+        return inter
+    return min(inter, max(multiple, multiple * round(inter * (1 - sparsity) / multiple)))
+
+
+@torch.no_grad()
+def shrink_mlp(mlp: nn.Module, gram: torch.Tensor, keep: int, refit: bool, damp: float) -> None:
+    """Keep the `keep` most important channels of one MLP in place (new, smaller Linears)."""
+    gu, down = mlp.gate_up_proj, mlp.down_proj
+    inter, w_down = mlp.inter, down.weight.float()  # [H, I]
+    score = torch.diagonal(gram).clamp_min(0).sqrt() * w_down.norm(dim=0)
+    kept = torch.topk(score, keep).indices.sort().values  # [keep], original order
+    new_down = w_down[:, kept]
+    if refit:  # least squares on the calibration activations: W G[:, S] (G[S, S] + λ I)^-1
+        g_ss = gram[kept][:, kept]
+        g_ss = g_ss + torch.eye(keep) * damp * torch.diagonal(g_ss).mean().clamp_min(1e-8)
+        rhs = w_down @ gram[:, kept]  # [H, keep]
+        new_down = torch.linalg.solve(g_ss, rhs.T).T
+    rows = torch.cat([kept, kept + inter])  # gate rows then up rows, as forward splits them
+    new_gu = nn.Linear(gu.in_features, 2 * keep, bias=gu.bias is not None, device=gu.weight.device)
+    new_gu = new_gu.to(gu.weight.dtype)
+    new_gu.weight.copy_(gu.weight[rows])
+    if gu.bias is not None:
+        new_gu.bias.copy_(gu.bias[rows])
+    new_dn = nn.Linear(keep, down.out_features, bias=down.bias is not None, device=down.weight.device)
+    new_dn = new_dn.to(down.weight.dtype)
+    new_dn.weight.copy_(new_down.to(down.weight.dtype))
+    if down.bias is not None:
+        new_dn.bias.copy_(down.bias)
+    mlp.gate_up_proj, mlp.down_proj, mlp.inter = new_gu, new_dn, keep
+
+
+def prune_ffn(
+    model: nn.Module, cfg: PruneFFN, names: list[str], calibration: Calibration, progress: bool = True
+) -> None:
+    """Shrink the MLPs owning the down_proj `names`, then record every layer's width in the config."""
+    targets = ffn_targets(model, names)
+    for scope in iter_scopes(model, targets, calibration, cfg.batch_size, progress, desc="PruneFFN"):
+        for st in collect_stats(model, scope):
+            for name in st.names:
+                mlp = model.get_submodule(name.rsplit(".", 1)[0])
+                shrink_mlp(
+                    mlp, st.gram, kept_width(mlp.inter, cfg.sparsity, cfg.multiple), cfg.refit, cfg.damp
+                )
+            del st.gram
+    record_widths(model)
+
+
+def record_widths(model: nn.Module) -> None:
+    """Per-layer FFN widths into model.args / model.config, which rebuild the shapes on load."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        return
+    sizes = [int(layer.mlp.inter) for layer in layers]
+    if hasattr(model, "args") and hasattr(model.args, "intermediate_sizes"):
+        model.args.intermediate_sizes = sizes
+    if isinstance(getattr(model, "config", None), dict):
+        model.config["intermediate_sizes"] = sizes
