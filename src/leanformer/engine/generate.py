@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from leanformer.engine.sampling import SamplingParams, sample
+from leanformer.engine.speculative import Speculative, resolve_speculative, speculative_decode
 from leanformer.errors import LeanformerError
 from leanformer.models.kv_cache import KVCache
 
@@ -30,6 +31,16 @@ class GenerationStats:
     first_token_s: float = 0.0
     steps: int = 0
     per_row: list[int] = field(default_factory=list)
+    # speculative decoding (engine/speculative.py): tokens proposed / kept, verification rounds, fall-backs
+    drafted: int = 0
+    accepted: int = 0
+    spec_rounds: int = 0
+    fallbacks: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        """Share of drafted tokens the target kept (0 when nothing was drafted)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
 
 
 def encode_prompt(tok, prompt: Prompt) -> list[int]:
@@ -94,8 +105,14 @@ def decode(
     params: SamplingParams,
     stop_ids: set[int] = frozenset(),
     stats: GenerationStats | None = None,
+    speculative: Speculative | str | None = None,
 ) -> Iterator[dict[int, int]]:
-    """Yield {row: new_token} for the rows still running, one step at a time."""
+    """Yield {row: new_token} for the rows still running, one step at a time.
+
+    speculative (engine/speculative.py) applies to one prompt without repetition penalty; a batch of
+    prompts, or a repetition penalty (it rescores every drafted position differently), decodes plainly.
+    """
+    spec = resolve_speculative(speculative, model)
     vocab = model.args.vocab_size
     check_prompts(prompts, vocab)
     if max_new_tokens <= 0:
@@ -106,6 +123,9 @@ def decode(
         raise LeanformerError(
             f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's context of {context}"
         )
+    if spec is not None and len(prompts) == 1 and params.repetition_penalty == 1.0:
+        yield from speculative_decode(model, prompts[0], max_new_tokens, params, spec, stop_ids, stats)
+        return
     n = len(prompts)
     cache = KVCache.for_model(model, n, longest + max_new_tokens)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -187,11 +207,14 @@ def generate(
     stop: Sequence[str] | str | None = None,
     ignore_eos: bool = False,
     stats: GenerationStats | None = None,
+    speculative: Speculative | str | None = None,
 ):
     """Generate a continuation for one prompt or a batch of prompts (text, token ids, or a chat).
 
     Returns text for text/chat prompts (a list for a batch), new token ids for id prompts.
+    speculative: "prompt-lookup", PromptLookup(...) or DraftModel(model) (engine/speculative.py).
     """
+    resolve_speculative(speculative, model)  # a bad argument fails before the prompt is encoded
     batch, was_batch, wants_text = _texts_or_ids(tok, prompt)
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
     prompts = [encode_prompt(tok, p) for p in batch]
@@ -201,7 +224,7 @@ def generate(
     stop_ids = set() if ignore_eos else eos_ids(model, tok)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    for new in decode(model, prompts, max_new_tokens, params, stop_ids, stats):
+    for new in decode(model, prompts, max_new_tokens, params, stop_ids, stats, speculative):
         for row, token in new.items():
             if done[row]:
                 continue
@@ -224,16 +247,25 @@ def generate(
 
 
 def stream_generate(
-    model, tok, prompt, max_new_tokens: int = 128, stop=None, ignore_eos: bool = False, **sampling
+    model,
+    tok,
+    prompt,
+    max_new_tokens: int = 128,
+    stop=None,
+    ignore_eos: bool = False,
+    speculative: Speculative | str | None = None,
+    stats: GenerationStats | None = None,
+    **sampling,
 ):
     """Yield the continuation of one prompt as text pieces (token ids when there is no tokenizer)."""
     params = SamplingParams(**sampling)
+    resolve_speculative(speculative, model)
     ids = encode_prompt(tok, prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt)
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     stop_ids = set() if ignore_eos else eos_ids(model, tok)
     out: list[int] = []
     sent = ""
-    for new in decode(model, [ids], max_new_tokens, params, stop_ids):
+    for new in decode(model, [ids], max_new_tokens, params, stop_ids, stats, speculative):
         token = new[0]
         if token in stop_ids:
             return

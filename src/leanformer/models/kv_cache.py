@@ -146,3 +146,47 @@ class KVCache:
             self.lengths.zero_()
         else:
             self.lengths[slots] = 0
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Roll slot back to its first `length` tokens (rejected speculative drafts). Entries past the
+        length stay in memory but are never read: begin() sizes every step's keys from the lengths
+        (key_len = start + n_new, masked per row beyond each row's position), the fused C++ step reads
+        keys 0..position only, and the next step overwrites those positions before reading them."""
+        if not 0 <= length <= int(self.lengths[slot]):
+            raise LeanformerError(
+                f"cannot truncate slot {slot} of {int(self.lengths[slot])} tokens to {length}"
+            )
+        self.lengths[slot] = length
+
+    def chain(self, slot: int) -> ChainView:
+        """A view whose next forward reads its B one-token rows as B consecutive tokens of `slot`."""
+        return ChainView(self, slot)
+
+
+class ChainView:
+    """The cache as seen by a forward over `input_ids [B, 1]` whose rows are the next B tokens of ONE
+    slot (speculative verification: [last token, draft 1..k]). Row b sits at position length + b and
+    attends to keys 0..length + b, so the rows form one causal chain, yet each row is a one-token
+    decode row: the model takes the same fused C++ decode step and GEMV kernels as plain decoding
+    (every row writes its K/V before any row attends), which keeps greedy outputs token-for-token
+    identical to plain decoding. Everything but begin() is the underlying cache's."""
+
+    def __init__(self, cache: KVCache, slot: int) -> None:
+        self._cache, self._slot = cache, slot
+
+    def __getattr__(self, name: str):
+        return getattr(self._cache, name)
+
+    def begin(self, slots: torch.Tensor, n_new: int) -> Step:
+        if n_new != 1:
+            raise LeanformerError("a chained cache step takes one token per row (input_ids [B, 1])")
+        c = self._cache
+        b, start = len(slots), int(c.lengths[self._slot])
+        key_len = start + b
+        if key_len > c.max_seq:
+            raise LeanformerError(f"sequence of {key_len} tokens exceeds the cache/context size {c.max_seq}")
+        device = c.k[0].device
+        positions = (start + torch.arange(b))[:, None]  # [B, 1]
+        mask = torch.arange(key_len)[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, 1, S]
+        slot_ids = torch.full((b,), self._slot, dtype=torch.long, device=device)
+        return Step(slot_ids, positions.to(device), key_len, mask.to(device), False, None)

@@ -1,0 +1,307 @@
+"""Speculative decoding for one sequence: propose k tokens cheaply, check them in ONE target forward.
+
+Proposers: prompt lookup (the continuation of the latest earlier occurrence of the last n tokens in
+prompt + text so far; no second model) and a draft model (any loaded model with the target's
+vocabulary, e.g. the int4 version of the target). Verification feeds [last token, draft 1..k] as k+1
+one-token rows of one cache slot (KVCache.chain): the target runs its plain decode kernels (fused
+C++ step, M-row GEMV) over all of them at once, which on a memory-bound CPU costs little more than
+one token. Rejected drafts are rolled back by setting the slot's length back.
+
+Greedy: a draft is kept while it equals the target's argmax, so the output is plain decoding's (up to
+float rounding: an M-row GEMV sums in a different order than a 1-row one, ~1e-6 on the logits).
+Sampling: the standard rejection scheme (accept with min(1, p/q), else resample from norm(max(0, p-q)));
+prompt lookup's q is a point mass. The output distribution is the target's; the random stream is not
+plain decoding's, so a seed reproduces speculative runs, not plain ones.
+
+Never slower: the draft length adapts (grows while all drafts pass, shrinks on a rejection), and a
+request whose speculative rounds cost more time per token than its plain steps falls back to plain
+steps for a while (doubling each time), so an open-ended prompt pays only a few probe rounds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from leanformer.engine.sampling import SamplingParams, clean_logits, greedy_tokens, sample
+from leanformer.errors import LeanformerError
+from leanformer.kernels.modules import MAX_ROWS
+from leanformer.models.kv_cache import KVCache
+
+MAX_DRAFT = MAX_ROWS - 1  # last token + drafts stay within the rows the decode kernels take at once
+
+
+def _check_draft(max_draft: int) -> None:
+    if isinstance(max_draft, bool) or not isinstance(max_draft, int) or not 1 <= max_draft <= MAX_DRAFT:
+        raise LeanformerError(f"max_draft must be an integer in 1..{MAX_DRAFT}, got {max_draft!r}")
+
+
+@dataclass(frozen=True)
+class PromptLookup:
+    """Draft by n-gram lookup: match the last `ngram` (down to `min_ngram`) tokens earlier in the text."""
+
+    max_draft: int = 8
+    ngram: int = 3
+    min_ngram: int = 1
+
+    def __post_init__(self) -> None:
+        _check_draft(self.max_draft)
+        if not (
+            isinstance(self.ngram, int)
+            and isinstance(self.min_ngram, int)
+            and 1 <= self.min_ngram <= self.ngram
+        ):
+            raise LeanformerError(
+                f"need 1 <= min_ngram <= ngram, got min_ngram={self.min_ngram!r}, ngram={self.ngram!r}"
+            )
+
+
+@dataclass(frozen=True, eq=False)
+class DraftModel:
+    """Draft with a smaller / cheaper model that shares the target's vocabulary."""
+
+    model: nn.Module
+    max_draft: int = 4
+
+    def __post_init__(self) -> None:
+        _check_draft(self.max_draft)
+        if not hasattr(getattr(self.model, "args", None), "vocab_size"):
+            raise LeanformerError("DraftModel needs a loaded decoder model (lf.load(...)[0])")
+
+
+Speculative = PromptLookup | DraftModel
+
+
+def resolve_speculative(spec: Speculative | str | None, model: nn.Module) -> Speculative | None:
+    """`speculative=` argument → a config, checked against the target before any work."""
+    if spec is None or isinstance(spec, PromptLookup):
+        return spec
+    if isinstance(spec, str):
+        if spec == "prompt-lookup":
+            return PromptLookup()
+        raise LeanformerError(
+            f"unknown speculative method {spec!r}; use 'prompt-lookup', PromptLookup(...) or DraftModel(...)"
+        )
+    if isinstance(spec, DraftModel):
+        ours, theirs = model.args.vocab_size, spec.model.args.vocab_size
+        if ours != theirs:
+            raise LeanformerError(
+                f"the draft model's vocabulary ({theirs}) differs from the target's ({ours})"
+            )
+        return spec
+    raise LeanformerError(
+        f"speculative must be 'prompt-lookup', PromptLookup or DraftModel, got {type(spec).__name__}"
+    )
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [N, V] → the distributions `sample` draws from [N, V] (temperature, top-k, top-p)."""
+    logits = clean_logits(logits)
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= params.top_p
+        drop_sorted[..., 0] = False
+        logits = logits.masked_fill(
+            torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf")
+        )
+    return logits.softmax(dim=-1)
+
+
+def lookup(seq: list[int], k: int, ngram: int, min_ngram: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of seq's last n tokens (n = ngram..min_ngram)."""
+    for n in range(min(ngram, len(seq) - 1), min_ngram - 1, -1):
+        tail = seq[-n:]
+        for start in range(len(seq) - n - 1, -1, -1):  # latest match first: the most relevant context
+            if seq[start : start + n] == tail:
+                return seq[start + n : start + n + k]
+    return []
+
+
+class _DraftRunner:
+    """The draft model's own cache; it holds seq[:length] and catches up before each proposal."""
+
+    def __init__(self, draft: nn.Module, max_seq: int) -> None:
+        self.model = draft
+        self.cache = KVCache.for_model(draft, 1, max_seq)
+        self.length = 0
+
+    def propose(
+        self, seq: list[int], k: int, params: SamplingParams, gen
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """k drafts and, when sampling, their distributions q [k, V]."""
+        # 1 token, 2 after a round that accepted every draft, more after plain steps, the prompt at first
+        new = seq[self.length :]
+        logits = self.model(torch.tensor([new]), cache=self.cache, slots=torch.tensor([0]))[:, -1]
+        self.cache.advance(torch.tensor([0]), len(new))
+        self.length = len(seq)
+        drafts, qs = [], []
+        for i in range(k):
+            logits = logits.float()
+            if params.greedy:
+                token = int(greedy_tokens(logits)[0])
+            else:
+                q = probabilities(logits, params)
+                token = int(torch.multinomial(q, 1, generator=gen)[0, 0])
+                qs.append(q[0])
+            drafts.append(token)
+            if i < k - 1:
+                logits = self.model(torch.tensor([[token]]), cache=self.cache, slots=torch.tensor([0]))[:, -1]
+                self.cache.advance(torch.tensor([0]), 1)
+        return drafts, (torch.stack(qs) if qs else None)
+
+    def rollback(self, seq_len: int, k: int, accepted: int) -> None:
+        """After a round from a seq of seq_len tokens: the cache holds seq + drafts 1..k-1; keep the accepted."""
+        self.length = seq_len + min(accepted, k - 1)
+        self.cache.truncate(0, self.length)
+
+
+def verify(
+    logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, params: SamplingParams, gen
+) -> tuple[int, int]:
+    """Target logits [k+1, V] at [last, d1..dk] → (drafts accepted, the token after them)."""
+    k = len(drafts)
+    if params.greedy:
+        target = greedy_tokens(logits).tolist()
+        n = 0
+        while n < k and drafts[n] == target[n]:
+            n += 1
+        return n, target[n]
+    p = probabilities(logits, params)  # [k+1, V]
+    for i, d in enumerate(drafts):
+        q_d = 1.0 if q is None else float(q[i, d])  # prompt lookup: q is a point mass on d
+        if float(torch.rand(1, generator=gen)) * q_d < float(p[i, d]):  # u < p/q without dividing by 0
+            continue
+        if q is None:
+            residual = p[i].clone()
+            residual[d] = 0.0
+        else:
+            residual = (p[i] - q[i]).clamp_min(0)
+        if float(residual.sum()) <= 0:  # p == q up to rounding: any draw from p is right
+            residual = p[i]
+        return i, int(torch.multinomial(residual[None], 1, generator=gen)[0, 0])
+    return k, int(torch.multinomial(p[k : k + 1], 1, generator=gen)[0, 0])
+
+
+class Controller:
+    """Draft length and fall-back. Times are per emitted token, smoothed (the machine may be shared)."""
+
+    ALPHA, PROBE, MIN_ROUNDS, FIRST_PAUSE, MAX_PAUSE = 0.25, 3, 4, 16, 256
+
+    def __init__(self, max_draft: int) -> None:
+        self.max_draft = max_draft
+        self.k = max(1, max_draft // 2)
+        self.plain_s: float | None = None  # smoothed seconds per plain step
+        self.spec_s: float | None = None  # smoothed seconds per token of speculative rounds
+        self.plain_steps = 0
+        self.rounds = 0  # since the last fall-back
+        self.pause = 0  # plain steps left before speculating again
+        self.next_pause = self.FIRST_PAUSE
+        self.fallbacks = 0
+
+    def draft_len(self) -> int:
+        """0: take a plain step (probing the plain speed first, or paused after a fall-back)."""
+        if self.plain_steps < self.PROBE or self.pause > 0:
+            return 0
+        return self.k
+
+    @classmethod
+    def _ema(cls, old: float | None, new: float) -> float:
+        return new if old is None else old + cls.ALPHA * (new - old)
+
+    def plain(self, seconds: float) -> None:
+        self.plain_steps += 1
+        self.pause = max(0, self.pause - 1)
+        if self.plain_steps > 1:  # the very first step may build the fused decode stack
+            self.plain_s = self._ema(self.plain_s, seconds)
+
+    def round(self, k: int, accepted: int, seconds: float) -> None:
+        self.k = min(self.max_draft, self.k + 2) if accepted == k else max(1, self.k - 1)
+        self.spec_s = self._ema(self.spec_s, seconds / (accepted + 1))
+        self.rounds += 1
+        if self.rounds >= self.MIN_ROUNDS and self.plain_s is not None and self.spec_s > self.plain_s:
+            self.pause, self.next_pause = self.next_pause, min(self.MAX_PAUSE, 2 * self.next_pause)
+            self.rounds, self.spec_s, self.k = 0, None, max(1, self.max_draft // 2)
+            self.fallbacks += 1
+
+
+@torch.inference_mode()
+def speculative_decode(
+    model: nn.Module,
+    prompt: list[int],
+    max_new_tokens: int,
+    params: SamplingParams,
+    spec: Speculative,
+    stop_ids: set[int],
+    stats=None,
+) -> Iterator[dict[int, int]]:
+    """Yield {0: token} per new token of one prompt (checked by the caller), as decode() does."""
+    cache = KVCache.for_model(model, 1, len(prompt) + max_new_tokens)
+    gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    runner = _DraftRunner(spec.model, len(prompt) + max_new_tokens) if isinstance(spec, DraftModel) else None
+    control = Controller(spec.max_draft)
+    one = torch.tensor([0])
+    t0 = time.perf_counter()
+    logits = model(torch.tensor([prompt]), cache=cache)[:, -1].float()
+    cache.advance(one, len(prompt))
+    seq = list(prompt)
+    token = int(sample(logits, params, gen, None)[0])
+    if stats is not None:
+        stats.prompt_tokens += len(prompt)
+        stats.prefill_s += time.perf_counter() - t0
+        stats.first_token_s = time.perf_counter() - t0
+        stats.per_row = [0]
+    emitted, busy = [token], 0.0
+    while True:
+        for t in emitted:
+            seq.append(t)
+            if stats is not None:
+                stats.new_tokens += 1
+                stats.per_row[0] += 1
+            yield {0: t}
+            if t in stop_ids or len(seq) - len(prompt) >= max_new_tokens:
+                if stats is not None:
+                    stats.decode_s += busy
+                return
+        t1 = time.perf_counter()
+        # drafts never run past max_new_tokens, so the cache sized for plain decoding holds them
+        k = min(control.draft_len(), max_new_tokens - (len(seq) - len(prompt)) - 1)
+        drafts, q = [], None
+        if k > 0 and runner is not None:
+            drafts, q = runner.propose(seq, k, params, gen)
+        elif k > 0:
+            drafts = lookup(seq, k, spec.ngram, spec.min_ngram)
+        if not drafts:
+            logits = model(torch.tensor([[seq[-1]]]), cache=cache, slots=one)[:, -1].float()
+            cache.advance(one, 1)
+            emitted = [int(sample(logits, params, gen, None)[0])]
+            control.plain(time.perf_counter() - t1)
+        else:
+            rows = torch.tensor([seq[-1], *drafts])[:, None]  # [k+1, 1]: one chain in slot 0
+            logits = model(rows, cache=cache.chain(0), slots=torch.zeros(len(rows), dtype=torch.long))[
+                :, -1
+            ].float()
+            accepted, nxt = verify(logits, drafts, q, params, gen)
+            cache.advance(
+                one, 1 + accepted
+            )  # last token + accepted drafts; rejected ones are past the length
+            if runner is not None:
+                runner.rollback(len(seq), len(drafts), accepted)
+            emitted = [*drafts[:accepted], nxt]
+            control.round(len(drafts), accepted, time.perf_counter() - t1)
+            if stats is not None:
+                stats.drafted += len(drafts)
+                stats.accepted += accepted
+                stats.spec_rounds += 1
+        busy += time.perf_counter() - t1
+        if stats is not None:
+            stats.steps += 1
+            stats.fallbacks = control.fallbacks
