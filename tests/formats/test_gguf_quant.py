@@ -22,13 +22,17 @@ Q = gguf.GGMLQuantizationType
 # substring of the HF name -> GGML type, first match wins (norms stay F32)
 CASES = {
     # untied; gate Q4_0 + up Q4_1 fuse into int4, q/k/v Q8_0 into int8 per 32 columns, embedding F16
-    # stays a float Embedding, an unsupported Q5_0 head is dequantized to a float Linear
+    # stays a float Embedding, an unsupported Q5_1 head is dequantized to a float Linear
     "untied-mixed": (
         False,
-        {"mlp.gate": Q.Q4_0, "mlp": Q.Q4_1, "self_attn": Q.Q8_0, "embed": Q.F16, "lm_head": Q.Q5_0},
+        {"mlp.gate": Q.Q4_0, "mlp": Q.Q4_1, "self_attn": Q.Q8_0, "embed": Q.F16, "lm_head": Q.Q5_1},
     ),
-    # tied Q8_0 table: one Int8Linear is both the head and the embedding; q/k Q4_0 + v Q8_0 -> int8
-    "tied-q8": (True, {"v_proj": Q.Q8_0, "self_attn": Q.Q4_0, "mlp": Q.Q4_1, "embed": Q.Q8_0}),
+    # tied Q8_0 table: one Int8Linear is both the head and the embedding; q Q4_0 + k Q5_0 + v Q8_0
+    # -> int8 (codes q - 8, q - 16, q)
+    "tied-q8": (
+        True,
+        {"v_proj": Q.Q8_0, "k_proj": Q.Q5_0, "self_attn": Q.Q4_0, "mlp": Q.Q4_1, "embed": Q.Q8_0},
+    ),
     # tied Q4_1 table (int4 embedding lookups); Q4_1 mixed with Q8_0 in qkv has no exact int form -> float
     "tied-q4_1": (True, {"v_proj": Q.Q8_0, "self_attn": Q.Q4_1, "mlp": Q.Q4_0, "embed": Q.Q4_1}),
     # untied with a quantized embedding table of its own
@@ -55,8 +59,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def load_both(path):
-    """(keep_quantized model, float model); the Q5_0 case must warn that it was dequantized."""
-    with pytest.warns(UserWarning, match="Q5_0") if "untied-mixed" in path.name else nullcontext():
+    """(keep_quantized model, float model); the Q5_1 case must warn that it was dequantized."""
+    with pytest.warns(UserWarning, match="Q5_1") if "untied-mixed" in path.name else nullcontext():
         q, _ = lf.load(path, keep_quantized=True)
     f, _ = lf.load(path)
     return q, f

@@ -2,19 +2,29 @@
 
 No full-precision copy of the model is made: each tensor's blocks are split into codes and scales
 (`unpack_blocks`, one tensor at a time) and repacked in our module layout. The mappings are exact
-(GGML blocks are 32 columns of one row; d and m are fp16 in the file):
+(block layouts in formats/gguf.py; d, m, dmin are fp16 in the file, sc / m_j small integers):
 - Q4_0, w = d * (q - 8)  -> Int4Linear group 32: scale = d, zero = 0.
 - Q4_1, w = d * q + m    -> Int4Linear group 32: scale = d, zero = m + 8 d in fp32. (q - 8) * d is exact
   in fp32, and so is m + 8 d unless the two fp16 values are more than 2^13 apart in magnitude, so
   (q - 8) * d + zero rounds once, like d * q + m: the weights are bit-identical to gguf's dequantized
   ones (checked for every matrix of SmolLM2-135M's Q4_1 file).
+- Q4_K, w = (d sc_j) q - dmin m_j per 32-column sub-block -> Int4Linear group 32: scale = d sc_j,
+  zero = 8 d sc_j - dmin m_j. Both products are exact in fp32 (11-bit times 6-bit significands), so
+  this is Q4_1's case with m = -dmin m_j: bit-identical while zero is exact in fp32, i.e. unless
+  d sc_j and dmin m_j are ~2^7 apart in magnitude; otherwise within one fp32 rounding of zero.
 - Q8_0, w = d * q        -> Int8Linear with one scale per 32 columns (the GEMV kernel reads them).
+- Q5_0, w = d * (q - 16) -> Int8Linear group 32, codes q - 16 in -16..15.
+- Q6_K, w = (d sc_g) (q - 32) per 16 columns -> Int8Linear group 16, codes q - 32, scale d sc_g
+  (exact: 11-bit times 8-bit).
+Q5_K (w = (d sc_j) q - dmin m_j with 5-bit q) fits neither form: int4 has 4-bit codes and int8 no zero
+point, so it is dequantized to float, like Q5_1, Q2_K / Q3_K and the IQ types.
 Fused modules (qkv_proj = q|k|v, gate_up_proj = gate|up, as models/llama.sanitize fuses) keep that
-form when their parts agree: all Q4_0/Q4_1 -> int4; Q8_0 with Q4_0 -> int8 (Q4_0 is int8 q - 8 with
-the same d). Anything else (F32/F16 tensors, other GGML types such as Q4_K / Q6_K, Q4_1 mixed with
-Q8_0) becomes an ordinary float Linear, dequantized one tensor at a time. A quantized token embedding
-becomes a QuantEmbedding: rows dequantized on lookup, and when the file ties it to the LM head (no
-output.weight) the head's module is the table, so the matrix is stored once.
+form when their parts agree: all of Q4_0 / Q4_1 / Q4_K -> int4; all of Q8_0 / Q4_0 / Q5_0 / Q6_K ->
+int8 (group 16 if any part is Q6_K: a 32-column scale is two equal 16-column ones). Anything else
+(F32/F16 tensors, unmapped types, Q4_1 or Q4_K mixed with an int8 type) becomes an ordinary float
+Linear, dequantized one tensor at a time. A quantized token embedding becomes a QuantEmbedding: rows
+dequantized on lookup, and when the file ties it to the LM head (no output.weight) the head's module
+is the table, so the matrix is stored once.
 """
 
 from __future__ import annotations
@@ -28,11 +38,18 @@ import numpy as np
 import torch
 
 from leanformer.errors import LeanformerError
-from leanformer.formats.gguf import GGUFTensor, load_gguf_tokenizer, read_gguf_raw, unpack_blocks
+from leanformer.formats.gguf import (
+    CODE_OFFSET,
+    GGUFTensor,
+    load_gguf_tokenizer,
+    read_gguf_raw,
+    unpack_blocks,
+)
 
-GROUP = 32  # GGML block width for Q4_0 / Q4_1 / Q8_0
-INT4_TYPES = {"Q4_0", "Q4_1"}
-INT8_TYPES = {"Q8_0", "Q4_0"}
+GROUP = 32  # int4 group: the block width of Q4_0 / Q4_1 and the sub-block width of Q4_K
+INT4_TYPES = {"Q4_0", "Q4_1", "Q4_K"}
+INT8_GROUP = {"Q8_0": 32, "Q4_0": 32, "Q5_0": 32, "Q6_K": 16}  # columns per scale in the int8 form
+INT8_TYPES = set(INT8_GROUP)
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 FUSED = {  # our module -> the HF modules whose rows it stacks (models/llama.py's sanitize)
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -46,18 +63,24 @@ def _int4(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> codes uint8 [N, K] (0..15), scales fp32 [N, K/32], zeros fp32 [N, K/32]."""
     b = unpack_blocks(t)
     d = b["scale"].astype(np.float32)
-    if t.ggml_type == "Q4_0":
+    if "min" not in b:  # Q4_0
         zero = np.zeros_like(d)
-    else:  # m + 8 d: fp32 holds it exactly unless |m| and 8 d are > 2^13 apart (see above)
+    else:  # Q4_1 / Q4_K: min + 8 d, one rounding to fp32 (exact in the cases the module doc gives)
         zero = (b["min"].astype(np.float64) + 8.0 * d.astype(np.float64)).astype(np.float32)
     return torch.from_numpy(b["q"]), torch.from_numpy(d), torch.from_numpy(zero)
 
 
-def _int8(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> q int8 [N, K], scales fp32 [N, K/32]."""
+def _int8(t: GGUFTensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> q int8 [N, K], scales fp32 [N, K/group]; `group` divides the type's own group (a scale
+    repeats over the narrower groups it covers)."""
     b = unpack_blocks(t)
-    q = b["q"] if t.ggml_type == "Q8_0" else (b["q"].astype(np.int16) - 8).astype(np.int8)
-    return torch.from_numpy(q), torch.from_numpy(b["scale"].astype(np.float32))
+    q, off = b["q"], CODE_OFFSET[t.ggml_type]
+    if off:  # unsigned codes -> signed int8 q - off (|q - off| <= 32)
+        q = (q.astype(np.int16) - off).astype(np.int8)
+    scales = b["scale"].astype(np.float32)
+    if INT8_GROUP[t.ggml_type] != group:
+        scales = np.repeat(scales, INT8_GROUP[t.ggml_type] // group, axis=1)
+    return torch.from_numpy(q), torch.from_numpy(scales)
 
 
 def _cat(ts: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
@@ -75,8 +98,9 @@ def quantized_form(parts: list[GGUFTensor]) -> tuple[dict | None, dict[str, torc
         tensors = {"qweight": pack_nibbles(_cat(codes)), "scales": _cat(scales)}
         return {"type": "Int4Linear", "group_size": GROUP}, tensors | {"zeros": _cat(zeros)}
     if kinds <= INT8_TYPES:
-        q, scales = zip(*(_int8(p) for p in parts))
-        spec = {"type": "Int8Linear", "group_size": GROUP}
+        group = min(INT8_GROUP[k] for k in kinds)
+        q, scales = zip(*(_int8(p, group) for p in parts))
+        spec = {"type": "Int8Linear", "group_size": group}
         return spec, {"weight_int8": _cat(q), "scales": _cat(scales)}
     return None, {"weight": _cat([p.dequantize() for p in parts])}
 

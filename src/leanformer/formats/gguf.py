@@ -57,7 +57,7 @@ class GGUFTensor:
     - float types (F32, F16, BF16 as uint16): an array of `shape`;
     - block-quantized types: uint8 `[rows, bytes_per_row]`, where rows are the output channels (all dims
       but the last) and each row is a run of blocks along the input dimension. `unpack_blocks` splits
-      Q8_0 / Q4_0 / Q4_1 rows into scales and integer codes for int8 / int4 modules.
+      Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q4_K / Q6_K rows into scales and integer codes for int modules.
     """
 
     name: str
@@ -82,28 +82,85 @@ class GGUFTensor:
         return torch.from_numpy(values)
 
 
-def unpack_blocks(tensor: GGUFTensor) -> dict[str, np.ndarray]:
-    """Split Q8_0 / Q4_0 / Q4_1 rows into per-block scales and integer codes, for int8 / int4 modules.
+# Block layouts of the types `unpack_blocks` splits (fp16 little-endian; q unsigned unless said):
+#   Q8_0  34 B / 32 cols: d, int8 q[32]                                            w = d * q
+#   Q4_0  18 B / 32 cols: d, qs[16]: col j is the low nibble of qs[j], col j + 16 the high one
+#                                                                                  w = d * (q - 8)
+#   Q4_1  20 B / 32 cols: d, m, qs[16] as Q4_0                                     w = d * q + m
+#   Q5_0  22 B / 32 cols: d, qh u32 (bit j: 5th bit of col j), qs[16] as Q4_0     w = d * (q - 16)
+#   Q4_K 144 B / 256 cols: d, dmin, 12 B of 6-bit (sc_j, m_j) for 8 sub-blocks of 32 cols, qs[128]
+#        as 4 runs of 32 B: run r's low nibbles are sub-block 2r, its high nibbles 2r + 1
+#                                                                                  w = (d sc_j) q - dmin m_j
+#   Q6_K 210 B / 256 cols: ql[128], qh[64], int8 sc[16] (one per 16 cols), d. In half h (128 cols;
+#        ql[64h:], qh[32h:]) col 32 i + l (i < 4, l < 32) takes nibble i // 2 of ql[32 (i % 2) + l]
+#        and bits 2i, 2i + 1 of qh[l] as its top two bits                          w = (d sc_g) (q - 32)
+UNPACKED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K")
+CODE_OFFSET = {"Q8_0": 0, "Q4_0": 8, "Q4_1": 0, "Q5_0": 16, "Q4_K": 0, "Q6_K": 32}  # w = scale (q - off)
 
-    Returns `scale` float16 `[rows, blocks]`, `q` `[rows, cols]` (Q8_0: int8; Q4_*: uint8 in 0..15, in
-    natural column order), and for Q4_1 `min` float16 `[rows, blocks]`. Blocks are 32 columns wide.
-    Dequantized value: Q8_0 `scale * q`, Q4_0 `scale * (q - 8)`, Q4_1 `scale * q + min`.
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """[..., 2] uint8 -> float16 [...]."""
+    return b.copy().view(np.float16)[..., 0]
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+    """[..., n] bytes -> [..., 2n] codes: the n low nibbles, then the n high ones."""
+    return np.concatenate([packed & 0x0F, packed >> 4], axis=-1)
+
+
+def _k_scales_mins(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 scale bytes [..., 12] -> 6-bit sc, m [..., 8]. Bytes 0-3: sc 0-3 (low 6 bits), 4-7:
+    m 0-3; bytes 8-11 hold the low nibbles of sc 4-7 and, high nibbles, of m 4-7, whose top 2 bits are
+    the spare top bits of bytes 0-3 (sc) and 4-7 (m)."""
+    lo, hi, mix = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = np.concatenate([lo & 0x3F, (mix & 0x0F) | ((lo >> 6) << 4)], axis=-1)
+    m = np.concatenate([hi & 0x3F, (mix >> 4) | ((hi >> 6) << 4)], axis=-1)
+    return sc, m
+
+
+def unpack_blocks(tensor: GGUFTensor) -> dict[str, np.ndarray]:
+    """Split block-quantized rows into integer codes and per-group scales, for int8 / int4 modules.
+
+    Returns `q` [rows, cols] in natural column order (Q8_0: int8; others: uint8 unsigned codes) and
+    `scale` [rows, groups] (float16 for 32-column types; for K-types the exact fp32 product d * sc of
+    the fp16 d and the integer sub-block scale). Q4_1 and Q4_K also give `min` [rows, groups] (Q4_1:
+    fp16 m; Q4_K: fp32 -(dmin * m_j), exact). Dequantized value: `scale * (q - CODE_OFFSET[type])`,
+    plus `min` when present. Groups: 16 columns for Q6_K, 32 otherwise (see the layouts above).
     """
-    rows = tensor.data.shape[0]
-    if tensor.ggml_type == "Q8_0":  # block = f16 scale, 32 x int8
+    rows, kind = tensor.data.shape[0], tensor.ggml_type
+    if kind == "Q8_0":
         blocks = tensor.data.reshape(rows, -1, 34)
-        scale = blocks[..., :2].copy().view(np.float16)[..., 0]
-        return {"scale": scale, "q": blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)}
-    if tensor.ggml_type in ("Q4_0", "Q4_1"):  # block = f16 scale, [f16 min], 16 bytes: low nibbles then high
-        head = 2 if tensor.ggml_type == "Q4_0" else 4
+        return {"scale": _f16(blocks[..., :2]), "q": blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)}
+    if kind in ("Q4_0", "Q4_1", "Q5_0"):
+        head = {"Q4_0": 2, "Q4_1": 4, "Q5_0": 6}[kind]
         blocks = tensor.data.reshape(rows, -1, head + 16)
-        packed = blocks[..., head:]
-        q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)
-        out = {"scale": blocks[..., :2].copy().view(np.float16)[..., 0], "q": q}
-        if head == 4:
-            out["min"] = blocks[..., 2:4].copy().view(np.float16)[..., 0]
-        return out
-    raise LeanformerError(f"{tensor.name}: unpack_blocks handles Q8_0, Q4_0 and Q4_1, not {tensor.ggml_type}")
+        q = _nibbles(blocks[..., head:])  # [rows, blocks, 32]
+        out = {"scale": _f16(blocks[..., :2])}
+        if kind == "Q4_1":
+            out["min"] = _f16(blocks[..., 2:4])
+        if kind == "Q5_0":  # qh's 32 bits, little-endian: bit j -> 16 for col j
+            q |= np.unpackbits(blocks[..., 2:6], axis=-1, bitorder="little") << 4
+        return out | {"q": q.reshape(rows, -1)}
+    if kind == "Q4_K":
+        blocks = tensor.data.reshape(rows, -1, 144)
+        d, dmin = _f16(blocks[..., 0:2]).astype(np.float32), _f16(blocks[..., 2:4]).astype(np.float32)
+        sc, m = _k_scales_mins(blocks[..., 4:16])
+        q = _nibbles(blocks[..., 16:].reshape(rows, -1, 4, 32))  # [rows, blocks, run, 64]
+        # 11-bit fp16 significands times 6-bit integers: both products are exact in fp32
+        scale = d[..., None] * sc.astype(np.float32)
+        low = -(dmin[..., None] * m.astype(np.float32))
+        return {"scale": scale.reshape(rows, -1), "min": low.reshape(rows, -1), "q": q.reshape(rows, -1)}
+    if kind == "Q6_K":
+        blocks = tensor.data.reshape(rows, -1, 210)
+        ql = _nibbles(blocks[..., :128].reshape(rows, -1, 2, 64))  # [rows, blocks, half, 128]
+        qh = blocks[..., 128:192].reshape(rows, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]
+        q = ql | ((qh & 3).reshape(ql.shape) << 4)
+        sc = blocks[..., 192:208].copy().view(np.int8).astype(np.float32)  # [rows, blocks, 16]
+        scale = _f16(blocks[..., 208:210]).astype(np.float32)[..., None] * sc  # 11 x 8 bits: exact
+        return {"scale": scale.reshape(rows, -1), "q": q.reshape(rows, -1)}
+    raise LeanformerError(
+        f"{tensor.name}: unpack_blocks handles {', '.join(UNPACKED_TYPES)}, not {tensor.ggml_type}"
+    )
 
 
 def _open(path: Path) -> Any:
@@ -243,7 +300,7 @@ def _config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
 def read_gguf_raw(path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
     """The config and every weight *as stored* (no dequantization), under HF names, rows in HF order.
 
-    For loading Q8_0 / Q4_0 / Q4_1 weights straight into int8 / int4 modules (see `unpack_blocks`), or
+    For loading block-quantized weights straight into int8 / int4 modules (see `unpack_blocks`), or
     dequantizing lazily one tensor at a time with `GGUFTensor.dequantize`.
     """
     path = Path(path)
