@@ -1,0 +1,202 @@
+"""Pruning (compress/prune.py, structured.py): bad configs fail in one line before any work; masks
+have the promised pattern; on the real stories260K Wanda beats magnitude at 50% and SparseGPT beats
+Wanda at 2:4; pruned models save and reload; quantizing after pruning keeps int8 zeros at zero;
+PruneFFN physically shrinks the MLPs and the per-layer widths rebuild on load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import leanformer as lf
+from leanformer.compress import (
+    Int4WeightOnly,
+    Int8Linear,
+    Int8WeightOnly,
+    Magnitude,
+    PruneFFN,
+    QuantConfig,
+    SparseGPT,
+    Wanda,
+    apply,
+    load_recipe,
+    prune_,
+)
+from leanformer.compress.prune import prune_mask, sparsegpt_prune_weight
+from leanformer.errors import LeanformerError
+from leanformer.measure.evaluate import evaluate, read_text, tokenize
+
+
+@pytest.fixture(scope="module")
+def stories(shared):
+    """(path, calibration [8, 128], held-out ids, fp32 model): TinyStories sample split in two."""
+    path = shared / "models/stories260K"
+    base, tok = lf.load(path, fast=False)
+    ids = tokenize(tok, read_text(shared / "data/tinystories/sample.txt"))
+    return path, torch.tensor(ids[:1024]).view(8, 128), ids[1024:], base
+
+
+def _pruned(path, cfg, calib):
+    model, tok = lf.load(path, fast=False)
+    prune_(model, cfg, calib, progress=False)
+    return model, tok
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sparsity": 1.0}, r"sparsity must be a number in \[0, 1\)"),
+        ({"sparsity": -0.1}, r"sparsity must be a number in \[0, 1\)"),
+        ({"sparsity": {"mlp.*": 1.5}}, r"sparsity must be a number in \[0, 1\)"),
+        ({"pattern": "diagonal"}, "pattern must be 'unstructured' or 'N:M'"),
+        ({"pattern": "4:2"}, "0 < N < M"),
+        ({"pattern": "4:4"}, "0 < N < M"),
+        ({"pattern": "2:4", "sparsity": 0.3}, "pattern 2:4 means sparsity 0.5"),
+    ],
+)
+def test_bad_configs_fail_in_one_line_before_any_work(tiny_lm, kwargs, match):
+    before = {n: p.clone() for n, p in tiny_lm.state_dict().items()}
+    for cls in (Magnitude, Wanda, SparseGPT):
+        with pytest.raises(LeanformerError, match=match) as e:
+            prune_(tiny_lm, cls(**kwargs), calibration=None)  # fails before asking for calibration
+        assert "\n" not in str(e.value)
+    assert all(torch.equal(p, before[n]) for n, p in tiny_lm.state_dict().items())
+    with pytest.raises(LeanformerError, match=match):  # the same checks from a saved recipe
+        apply(tiny_lm, QuantConfig.from_dict({"type": "Wanda", **kwargs}))
+    with pytest.raises(LeanformerError, match=r"in \[0, 1\)"):
+        PruneFFN(sparsity=1.0).validate()
+
+
+def test_calibrated_configs_need_calibration_and_nm_needs_divisible_width(tiny_lm):
+    with pytest.raises(LeanformerError, match="Wanda needs calibration"):
+        prune_(tiny_lm, Wanda(), calibration=None)
+    with pytest.raises(LeanformerError, match="divisible by 48"):  # in_features 64 and 128
+        prune_(tiny_lm, Magnitude(pattern="24:48", sparsity=0.5))
+    with pytest.raises(LeanformerError, match="prune_ expects"):
+        prune_(tiny_lm, Int8WeightOnly())
+
+
+def test_masks_have_the_promised_pattern():
+    score = torch.rand(16, 64, generator=torch.Generator().manual_seed(0))
+    nm = prune_mask(score, 0.5, (2, 4)).view(16, 16, 4)
+    assert (nm.sum(-1) == 2).all()  # exactly 2 of every 4 pruned ...
+    kept_min = score.view(16, 16, 4).masked_fill(nm, float("inf")).min(-1).values
+    pruned_max = score.view(16, 16, 4).masked_fill(~nm, -1).max(-1).values
+    assert (pruned_max <= kept_min).all()  # ... the lowest-scored ones
+    rows = prune_mask(score, 0.3, None)
+    assert (rows.sum(1) == int(64 * 0.3)).all()
+
+
+def test_sparsegpt_update_beats_masking_on_the_layer_output():
+    """Same 2:4 sparsity: SparseGPT's error feedback gives a smaller ||X (W - W')|| than pruning by
+    |W| * ||X_j|| (Wanda) without updating the rest."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=gen) @ torch.randn(8, 64, generator=gen) + 0.3 * torch.randn(
+        512, 64, generator=gen
+    )
+    w = torch.randn(32, 64, generator=gen)
+    h = 2 * x.T @ x / len(x)
+    sgpt = sparsegpt_prune_weight(w, h, 0.5, (2, 4), block_size=16)
+    assert ((sgpt.view(32, 16, 4) == 0).sum(-1) >= 2).all()
+    wanda = w.masked_fill(prune_mask(w.abs() * x.norm(dim=0), 0.5, (2, 4)), 0)
+    err = {k: float((x @ (w - v).T).norm()) for k, v in (("sparsegpt", sgpt), ("wanda", wanda))}
+    assert err["sparsegpt"] < 0.8 * err["wanda"], err
+
+
+def test_quality_order_on_stories260k(stories):
+    """The issue's bar on real weights: Wanda ΔPPL < magnitude ΔPPL at 50% unstructured, SparseGPT ≤
+    Wanda at 2:4. Measured (fp32 5.343): magnitude 46.7, Wanda 29.3, SparseGPT 21.3 at 50%; at 2:4
+    magnitude 158.5, Wanda 78.0, SparseGPT 54.6 (a 260K-parameter model has no redundancy to spare)."""
+    path, calib, heldout, base = stories
+    ppl = {}
+    for name, cfg in [
+        ("magnitude", Magnitude()),
+        ("wanda", Wanda()),
+        ("sparsegpt", SparseGPT()),
+        ("wanda-2:4", Wanda(pattern="2:4")),
+        ("sparsegpt-2:4", SparseGPT(pattern="2:4")),
+    ]:
+        model, _ = _pruned(path, cfg, calib)
+        weights = [m.weight for n, m in model.named_modules() if n.endswith(("qkv_proj", "down_proj"))]
+        assert all(float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.01) for w in weights)
+        ppl[name] = evaluate(model, heldout, 256, progress=False).perplexity
+    assert ppl["wanda"] < 0.8 * ppl["magnitude"], ppl
+    assert ppl["sparsegpt"] <= ppl["wanda"], ppl
+    assert ppl["sparsegpt-2:4"] <= 0.9 * ppl["wanda-2:4"], ppl
+    assert ppl["sparsegpt"] == pytest.approx(21.27, rel=0.05)  # the method itself has not moved
+
+
+def test_save_reload_and_quantize_after_pruning(stories, tmp_path):
+    """Zeros survive save → load; int8 (symmetric) after pruning keeps every zero at code 0; int4
+    (asymmetric, zero-point per group) does not: a zero lands on the nearest grid value."""
+    path, calib, heldout, _ = stories
+    model, tok = _pruned(path, Wanda(sparsity={"mlp.*": 0.5, "self_attn.*": 0.25}), calib)
+    assert float((model.model.layers[0].mlp.down_proj.weight == 0).float().mean()) == 0.5
+    assert float((model.model.layers[0].self_attn.o_proj.weight == 0).float().mean()) == 0.25
+    lf.save(model, tok, tmp_path / "w")
+    again, _ = lf.load(tmp_path / "w", fast=False)
+    for (n, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    assert again.config["leanformer"]["recipe"]["stages"][0]["type"] == "Wanda"
+
+    zeros = model.model.layers[0].mlp.down_proj.weight == 0
+    apply(model, load_recipe("int8"))
+    q = model.model.layers[0].mlp.down_proj
+    assert isinstance(q, Int8Linear) and (q.dequantize()[zeros] == 0).all()
+    lf.save(model, tok, tmp_path / "w8")
+    q8, _ = lf.load(tmp_path / "w8", fast=False)
+    assert (q8.model.layers[0].mlp.down_proj.dequantize()[zeros] == 0).all()
+
+    model, _ = _pruned(path, Magnitude(), calib)
+    zeros = model.model.layers[0].self_attn.qkv_proj.weight == 0
+    apply(model, Int4WeightOnly(group_size=32, targets=["self_attn.*"]))
+    exact = float((model.model.layers[0].self_attn.qkv_proj.dequantize()[zeros] == 0).float().mean())
+    assert exact < 0.5  # most zeros become small nonzero values under a zero-point grid
+
+
+def test_prune_ffn_shrinks_and_reloads(stories, tmp_path):
+    """PruneFFN removes channels (widths a multiple of `multiple`), the config records them, save →
+    load rebuilds the smaller model exactly, the fused decode step matches the module path, and the
+    least-squares refit of down_proj costs less perplexity than dropping channels alone."""
+    path, calib, heldout, base = stories
+    ppl = {}
+    for refit in (False, True):
+        model, tok = _pruned(path, PruneFFN(sparsity=0.25, multiple=32, refit=refit), calib)
+        ppl[refit] = evaluate(model, heldout, 256, progress=False).perplexity
+    assert [layer.mlp.inter for layer in model.model.layers] == [128] * 5  # 172 → 128
+    assert model.config["intermediate_sizes"] == [128] * 5
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in base.parameters())
+    assert ppl[True] < ppl[False], ppl
+    lf.save(model, tok, tmp_path / "ffn")
+    again, _ = lf.load(tmp_path / "ffn")
+    ids = torch.tensor([heldout[:64]])
+    assert torch.equal(model(ids), again(ids))
+    fused = lf.generate(again, tok, "Once", max_new_tokens=16)
+    again.fused_decode = False
+    assert lf.generate(again, tok, "Once", max_new_tokens=16) == fused
+    apply(again, Int8WeightOnly())  # a later quantization stage sees the smaller Linears
+    assert again.model.layers[0].mlp.down_proj.in_features == 128
+
+
+def test_bad_intermediate_sizes_is_one_line(stories, tmp_path):
+    path, calib, _, _ = stories
+    model, tok = _pruned(path, PruneFFN(sparsity=0.25, multiple=32), calib)
+    model.config["intermediate_sizes"] = [128, 128]
+    lf.save(model, tok, tmp_path / "bad")
+    with pytest.raises(LeanformerError, match="intermediate_sizes must list one positive width per layer"):
+        lf.load(tmp_path / "bad")
+
+
+def test_presets_and_cli_compress_wanda(shared, tmp_path, capsys):
+    from leanformer.cli.main import main
+
+    assert [type(c).__name__ for c in load_recipe("wanda-50+int8").stages] == ["Wanda", "Int8WeightOnly"]
+    assert load_recipe("sparsegpt-2:4").stages[0].pattern == "2:4"
+    model = str(shared / "models/stories260K")
+    text = str(shared / "data/tinystories/sample.txt")
+    base = ["compress", model, "--recipe", "wanda-50", "-o", str(tmp_path / "w"), "--no-speed"]
+    assert main(base) == 2  # Wanda needs --calibration: refused before loading
+    assert "Wanda" in capsys.readouterr().err
+    assert main([*base, "--calibration", text, "--calibration-samples", "4", "--calibration-len", "128"]) == 0
+    pruned, _ = lf.load(tmp_path / "w")
+    assert float((pruned.model.layers[2].mlp.gate_up_proj.weight == 0).float().mean()) == 0.5
