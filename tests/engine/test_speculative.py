@@ -1,0 +1,199 @@
+"""Speculative decoding: greedy output equals plain decoding on real weights (stories260K, SmolLM2 fp32 /
+int4, int8 KV cache); sampling keeps the target's distribution; rollback and chained verification rows
+read nothing past a slot's length; bad arguments are one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import leanformer as lf
+from leanformer.engine.generate import GenerationStats
+from leanformer.engine.sampling import SamplingParams
+from leanformer.engine.speculative import Controller, DraftModel, PromptLookup, lookup, probabilities, verify
+from leanformer.errors import LeanformerError
+from leanformer.models.kv_cache import KVCache
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STORY = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside with her ball. "
+    "One day, Lily saw a big red ball in the park. Lily said: Once upon a time, there was a little"
+)
+
+
+@pytest.fixture(scope="module")
+def stories(shared):
+    return lf.load(shared / "models" / "stories260K")
+
+
+@pytest.mark.parametrize("kv", [None, "int8"])
+@pytest.mark.parametrize("which", ["lookup", "draft-self", "draft-small"])
+def test_greedy_identical_to_plain_stories260k(stories, kv, which):
+    model, tok = stories
+    model.kv_cache_dtype = kv  # what quantize_(model, KVCache(dtype="int8")) sets: KVCache.for_model reads it
+    try:
+        spec = {
+            "lookup": PromptLookup(max_draft=8, ngram=2),
+            "draft-self": DraftModel(model, max_draft=5),  # always right: exercises long accepted runs
+            "draft-small": DraftModel(_truncated(model, 2), max_draft=4),  # often wrong: rollbacks
+        }[which]
+        plain = lf.generate(model, tok, STORY, max_new_tokens=120, ignore_eos=True)
+        stats = GenerationStats()
+        out = lf.generate(
+            model, tok, STORY, max_new_tokens=120, ignore_eos=True, speculative=spec, stats=stats
+        )
+        assert out == plain
+        assert stats.new_tokens == 120 and stats.drafted > 0
+        if which == "draft-self":
+            assert stats.accepted == stats.drafted  # the target drafting for itself is never rejected
+        if which == "draft-small":
+            assert stats.accepted < stats.drafted  # rejections happened, so rollback was exercised
+    finally:
+        model.kv_cache_dtype = None
+
+
+def _truncated(model, n_layers: int, **changes):
+    """A draft made of the model's first n layers (+ final norm + head): cheap and often wrong."""
+    draft = type(model)(dataclasses.replace(model.args, num_hidden_layers=n_layers, **changes))
+    if not changes:
+        draft.load_state_dict(model.state_dict(), strict=False)  # layers >= n are left out
+    return draft
+
+
+def test_stream_generate_speculative_equals_plain(stories):
+    model, tok = stories
+    plain = "".join(lf.stream_generate(model, tok, STORY, 60, ignore_eos=True))
+    spec = "".join(lf.stream_generate(model, tok, STORY, 60, ignore_eos=True, speculative="prompt-lookup"))
+    assert spec == plain and len(plain) > 20
+
+
+def test_stops_at_eos_and_max_new_tokens(stories):
+    model, tok = stories
+    for n in (1, 2, 7):
+        assert len(lf.generate(model, None, [1, 5, 7, 5, 7, 5], max_new_tokens=n, ignore_eos=True,
+                               speculative="prompt-lookup")) == n  # fmt: skip
+    plain = lf.generate(model, tok, "Lily", max_new_tokens=400)  # stops at EOS before 400
+    assert lf.generate(model, tok, "Lily", max_new_tokens=400, speculative=DraftModel(model)) == plain
+
+
+def test_batch_falls_back_to_plain(stories):
+    model, _ = stories
+    prompts = [[1, 5, 7, 9, 5, 7], [1, 2, 3]]
+    plain = lf.generate(model, None, prompts, max_new_tokens=10, ignore_eos=True)
+    assert (
+        lf.generate(model, None, prompts, max_new_tokens=10, ignore_eos=True, speculative="prompt-lookup")
+        == plain
+    )
+
+
+def test_chain_rows_match_sequential_steps_and_rollback(stories):
+    """Verification rows [B, 1] in one slot == B one-token steps; after truncate, stale entries are unread."""
+    model, _ = stories
+    prompt, toks = [1, 5, 7, 9, 11, 30], [3, 8, 20, 50]
+    with torch.inference_mode():
+        seq_cache = KVCache.for_model(model, 1, 32)
+        model(torch.tensor([prompt]), cache=seq_cache)
+        seq_cache.advance(torch.tensor([0]), len(prompt))
+        steps = []
+        for t in toks:
+            steps.append(model(torch.tensor([[t]]), cache=seq_cache, slots=torch.tensor([0]))[:, -1])
+            seq_cache.advance(torch.tensor([0]), 1)
+        cache = KVCache.for_model(model, 1, 32)
+        model(torch.tensor([prompt]), cache=cache)
+        cache.advance(torch.tensor([0]), len(prompt))
+        rows = model(
+            torch.tensor(toks)[:, None], cache=cache.chain(0), slots=torch.zeros(4, dtype=torch.long)
+        )
+        torch.testing.assert_close(rows[:, -1], torch.cat(steps), atol=1e-4, rtol=0)
+        # roll back the last 3 (as if rejected), then continue with other tokens: must equal a fresh run
+        cache.advance(torch.tensor([0]), 1)
+        cache.truncate(0, len(prompt) + 1)
+        after = model(torch.tensor([[99]]), cache=cache, slots=torch.tensor([0]))[:, -1]
+        ref = model(torch.tensor([prompt + toks[:1] + [99]]))[:, -1]
+        torch.testing.assert_close(after, ref, atol=1e-4, rtol=0)
+        with pytest.raises(LeanformerError):
+            cache.truncate(0, 999)
+
+
+def test_lookup_proposes_latest_continuation():
+    seq = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 4, 1, 2, 3]
+    assert lookup(seq, 2, 3, 1) == [7, 8]  # the latest earlier "1 2 3" is followed by 7 8
+    assert lookup([5, 6, 7], 4, 3, 1) == []
+    assert lookup([4, 5, 4], 3, 2, 2) == []  # "5 4" never occurred before; 1-grams not allowed
+
+
+def test_sampling_keeps_target_distribution():
+    """Rejection sampling with a point-mass draft (prompt lookup) and a real draft q: the accepted-or-
+    resampled first token follows p. Total variation over 4000 draws stays under 0.04 (expected ~0.015)."""
+    torch.manual_seed(0)
+    v = 6
+    logits = torch.randn(2, v) * 1.5
+    params = SamplingParams(temperature=1.0, seed=0)
+    p = logits[0].softmax(-1)
+    q = torch.randn(v).softmax(-1)
+    n = 4000
+    gen = torch.Generator().manual_seed(1)
+    for draft_q in (None, q):
+        counts = torch.zeros(v)
+        for _ in range(n):
+            d = 2 if draft_q is None else int(torch.multinomial(draft_q, 1, generator=gen))
+            accepted, nxt = verify(logits, [d], None if draft_q is None else draft_q[None], params, gen)
+            counts[d if accepted else nxt] += 1
+        tv = 0.5 * (counts / n - p).abs().sum().item()
+        assert tv < 0.04, (draft_q, tv)
+
+
+def test_sampled_generation_distribution_matches_target(stories):
+    """Second generated token over many seeds vs its exact distribution under the target,
+    sum over t1 of p(t1) p(t2 | t1) (top-k 4 keeps the support small enough to estimate)."""
+    model, _ = stories
+    prompt = [1, 5, 7, 5, 7, 5, 7, 5]
+    params = SamplingParams(temperature=1.0, top_k=4)
+    with torch.inference_mode():
+        first = probabilities(model(torch.tensor([prompt]))[:, -1], params)[0]
+        exact = torch.zeros(model.args.vocab_size)
+        for t1 in first.nonzero().flatten().tolist():
+            exact += first[t1] * probabilities(model(torch.tensor([prompt + [t1]]))[:, -1], params)[0]
+    kw = dict(max_new_tokens=3, temperature=1.0, top_k=4, ignore_eos=True)
+    for spec in (PromptLookup(max_draft=2, ngram=2), DraftModel(_truncated(model, 2), max_draft=2)):
+        h = torch.zeros(model.args.vocab_size)
+        for seed in range(200):
+            h[lf.generate(model, None, prompt, seed=seed, speculative=spec, **kw)[1]] += 1
+        assert 0.5 * (h / h.sum() - exact).abs().sum().item() < 0.15
+
+
+def test_controller_falls_back_when_rounds_are_slower():
+    c = Controller(8)
+    for _ in range(Controller.PROBE):
+        assert c.draft_len() == 0
+        c.plain(0.010)
+    assert c.draft_len() > 0
+    for _ in range(Controller.MIN_ROUNDS):
+        c.round(c.draft_len(), 0, 0.015)  # 15 ms per token vs 10 ms plain: a loss
+    assert c.fallbacks == 1 and c.draft_len() == 0
+    for _ in range(Controller.FIRST_PAUSE):
+        c.plain(0.010)
+    assert c.draft_len() > 0
+    c.round(c.draft_len(), c.draft_len(), 0.012)  # all accepted: the draft grows
+    assert c.k > 4
+
+
+def test_bad_arguments_are_one_line_errors(stories):
+    model, tok = stories
+    for bad in ("lookup", 3):
+        with pytest.raises(LeanformerError):
+            lf.generate(model, tok, "x", max_new_tokens=2, speculative=bad)
+    with pytest.raises(LeanformerError):
+        PromptLookup(max_draft=0)
+    with pytest.raises(LeanformerError):
+        PromptLookup(max_draft=99)
+    with pytest.raises(LeanformerError):
+        PromptLookup(ngram=1, min_ngram=2)
+    with pytest.raises(LeanformerError):
+        DraftModel(torch.nn.Linear(2, 2))
+    other = _truncated(model, 1, vocab_size=999)
+    with pytest.raises(LeanformerError, match="vocabulary"):
+        lf.generate(model, tok, "x", max_new_tokens=2, speculative=DraftModel(other))
