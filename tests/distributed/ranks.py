@@ -1,0 +1,63 @@
+"""Run a function on N local ranks (gloo on CPU, spawned processes) and the per-model checks they run.
+
+The parent computes the reference on the single-process model; each rank saves what the sharded
+model produced (torch.save), and the test compares. One spawn runs all of a test's models: starting
+processes (importing torch) is the slow part.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+PROMPT = [1, 5, 9, 2, 7, 3, 11, 4]
+
+
+def outputs(model, n_new: int = 12) -> dict:
+    """Full-forward logits [1, T, V], prefill-with-cache + one decode step logits, greedy ids."""
+    from leanformer.engine.generate import generate
+    from leanformer.models.kv_cache import KVCache
+
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache.for_model(model, 1, 64)
+        slots = torch.tensor([0])
+        prefill = model(ids, cache, slots)
+        cache.advance(slots, ids.shape[1])
+        step = model(prefill[:, -1:].argmax(-1), cache, slots)
+    greedy = generate(model, None, PROMPT, max_new_tokens=n_new, ignore_eos=True)
+    return {"full": full, "step": step, "greedy": greedy, "cache_heads": cache.k[0].shape[1]}
+
+
+def _worker(rank: int, size: int, init: str, jobs: list[tuple[str, str]], out: str) -> None:
+    from leanformer.distributed import parallelize_
+    from leanformer.errors import LeanformerError
+    from leanformer.loading import load
+
+    torch.set_num_threads(1)  # N ranks share the machine's cores
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init}", rank=rank, world_size=size, timeout=timedelta(seconds=60)
+    )
+    try:
+        for name, path in jobs:
+            model, _ = load(path)
+            try:
+                parallelize_(model)
+            except LeanformerError as e:
+                torch.save({"error": str(e)}, Path(out) / f"{name}-{rank}.pt")
+                continue
+            torch.save(outputs(model), Path(out) / f"{name}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(size: int, jobs: list[tuple[str, str]], tmp: Path) -> dict[str, list[dict]]:
+    """name → [rank 0's results, rank 1's, ...] for every (name, model path) job."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_worker, args=(size, str(tmp / "rendezvous"), jobs, str(tmp)), nprocs=size, join=True)
+    return {name: [torch.load(tmp / f"{name}-{r}.pt") for r in range(size)] for name, _ in jobs}
