@@ -265,3 +265,19 @@ class PruneFFN(QuantConfig):
             raise LeanformerError(f"PruneFFN: multiple must be a positive integer, got {self.multiple!r}")
         if not 0 <= self.damp < 1:
             raise LeanformerError(f"PruneFFN: damp must be in [0, 1), got {self.damp}")
+
+
+@_register
+@dataclass
+class DropLayers(QuantConfig):
+    """Remove the `n_layers` whole decoder layers with the lowest block influence (ShortGPT, Men et al.
+    2024): 1 - mean cosine similarity between a layer's input and output hidden states on calibration
+    text. The model's config records the new layer count. `targets`/`ignore` are unused."""
+
+    n_layers: int = 1
+    batch_size: int = 8
+    needs_calibration: ClassVar[bool] = True
+
+    def validate(self) -> None:
+        if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 1:
+            raise LeanformerError(f"DropLayers: n_layers must be a positive integer, got {self.n_layers!r}")

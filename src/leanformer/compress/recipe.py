@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from leanformer.compress.calibrate import Calibration
-from leanformer.compress.config import Magnitude, PruneConfig, PruneFFN, SparseGPT, Wanda
+from leanformer.compress.config import DropLayers, Magnitude, PruneConfig, PruneFFN, SparseGPT, Wanda
 from leanformer.compress.quant import (
     AWQ,
     GPTQ,
@@ -122,7 +122,7 @@ def _quantize(
     if isinstance(config, KVCache):  # a setting of the engine's cache, not a module swap
         model.kv_cache_dtype = config.dtype
         return
-    if isinstance(config, (PruneConfig, PruneFFN)):
+    if isinstance(config, (PruneConfig, PruneFFN, DropLayers)):
         _prune(model, config, calibration, structure_only, progress)
         return
     names = select_linears(model, config)
@@ -166,37 +166,35 @@ def _quantize(
 
 def _prune(
     model: nn.Module,
-    config: PruneConfig | PruneFFN,
+    config: PruneConfig | PruneFFN | DropLayers,
     calibration: Calibration | None,
     structure_only: bool,
     progress: bool,
 ) -> None:
-    """Pruning stages: on reload (structure_only) nothing to do: the zeros are in the saved weights and
-    the smaller FFN widths in the config ("intermediate_sizes"), which built the model's shapes."""
+    """Pruning stages: on reload (structure_only) nothing to do: the zeros are in the saved weights, and
+    the smaller FFN widths / fewer layers in the config ("intermediate_sizes", "num_hidden_layers"),
+    which built the model's shapes. Every check runs before the calibration forward."""
     if structure_only:
         return
-    names = select_linears(model, config)
+    from leanformer.compress import prune, structured
+
     if isinstance(config, PruneConfig):
-        from leanformer.compress.prune import check_prunable
-
-        sparsities = _sparsities(names, config)
-        check_prunable(model, sparsities, config)
+        sparsities = _sparsities(select_linears(model, config), config)
+        prune.check_prunable(model, sparsities, config)
+    elif isinstance(config, PruneFFN):
+        names = structured.ffn_targets(model, select_linears(model, config))
     else:
-        from leanformer.compress.structured import ffn_targets
-
-        names = ffn_targets(model, names)
+        structured.check_droppable(model, config)
     if config.needs_calibration and calibration is None:
         raise LeanformerError(f"{type(config).__name__} needs calibration token ids [n_samples, seq_len]")
     was_training = model.training
     model.eval()
     if isinstance(config, PruneConfig):
-        from leanformer.compress.prune import prune_linears
-
-        prune_linears(model, config, sparsities, calibration, progress)
+        prune.prune_linears(model, config, sparsities, calibration, progress)
+    elif isinstance(config, PruneFFN):
+        structured.prune_ffn(model, config, names, calibration, progress)
     else:
-        from leanformer.compress.structured import prune_ffn
-
-        prune_ffn(model, config, names, calibration, progress)
+        structured.drop_layers(model, config, calibration)
     model.train(was_training)
 
 
@@ -218,16 +216,17 @@ def _sparsities(names: list[str], config: PruneConfig) -> dict[str, float]:
 
 def prune_(
     model: nn.Module,
-    config: PruneConfig | PruneFFN,
+    config: PruneConfig | PruneFFN | DropLayers,
     calibration: Calibration | None = None,
     *,
     progress: bool = True,
 ) -> nn.Module:
-    """Prune `model` in place (Magnitude / Wanda / SparseGPT zeros, PruneFFN smaller MLPs); returns it.
-    Wanda, SparseGPT and PruneFFN need `calibration` token ids. Recorded in the recipe like quantize_."""
-    if not isinstance(config, (PruneConfig, PruneFFN)):
+    """Prune `model` in place (Magnitude / Wanda / SparseGPT zeros, PruneFFN smaller MLPs, DropLayers
+    fewer layers); returns it. All but Magnitude need `calibration` token ids. Recorded in the recipe
+    like quantize_."""
+    if not isinstance(config, (PruneConfig, PruneFFN, DropLayers)):
         raise LeanformerError(
-            f"prune_ expects Magnitude, Wanda, SparseGPT or PruneFFN, got {type(config).__name__}; "
+            f"prune_ expects Magnitude, Wanda, SparseGPT, PruneFFN or DropLayers, got {type(config).__name__}; "
             "use quantize_ for quantization"
         )
     return quantize_(model, config, calibration, progress=progress)

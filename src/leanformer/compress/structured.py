@@ -15,8 +15,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanformer.compress.calibrate import Calibration, collect_stats, iter_scopes
-from leanformer.compress.config import PruneFFN
+from leanformer.compress.calibrate import (
+    Calibration,
+    collect_stats,
+    iter_scopes,
+    model_device,
+    run_model,
+    to_batches,
+)
+from leanformer.compress.config import DropLayers, PruneFFN
 from leanformer.errors import LeanformerError
 
 
@@ -97,3 +104,63 @@ def record_widths(model: nn.Module) -> None:
         model.args.intermediate_sizes = sizes
     if isinstance(getattr(model, "config", None), dict):
         model.config["intermediate_sizes"] = sizes
+
+
+@torch.no_grad()
+def block_influence(model: nn.Module, calibration: Calibration, batch_size: int) -> torch.Tensor:
+    """[n_layers] 1 - mean over calibration tokens of cos(layer input, layer output) (ShortGPT's BI):
+    a layer that barely turns the residual stream is the cheapest to remove. One plain forward per
+    batch with a hook on every layer."""
+    layers = _decoder_layers(model)
+    total = torch.zeros(len(layers))
+    count = [0]
+
+    def hook(i: int):
+        def fn(_mod, args, out):
+            x, y = args[0].float(), (out[0] if isinstance(out, (tuple, list)) else out).float()
+            total[i] += (1 - torch.nn.functional.cosine_similarity(x, y, dim=-1)).sum().item()
+            if i == 0:
+                count[0] += x.shape[0] * x.shape[1]  # tokens [B, T]
+
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        for ids in to_batches(calibration, batch_size, model_device(model)):
+            run_model(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return total / max(count[0], 1)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not all(hasattr(la, "self_attn") for la in layers):
+        raise LeanformerError("DropLayers works on leanformer Llama-family decoders (model.model.layers)")
+    return layers
+
+
+def check_droppable(model: nn.Module, cfg: DropLayers) -> None:
+    n = len(_decoder_layers(model))
+    if cfg.n_layers >= n:
+        raise LeanformerError(f"DropLayers: n_layers {cfg.n_layers} must be below the model's {n} layers")
+
+
+@torch.no_grad()
+def drop_layers(model: nn.Module, cfg: DropLayers, calibration: Calibration) -> list[int]:
+    """Remove the cfg.n_layers lowest-influence layers in place; returns their original indices."""
+    layers = _decoder_layers(model)
+    bi = block_influence(model, calibration, cfg.batch_size)
+    drop = sorted(torch.topk(bi, cfg.n_layers, largest=False).indices.tolist())
+    kept = [layer for i, layer in enumerate(layers) if i not in drop]
+    for i, layer in enumerate(kept):  # KV cache slots are indexed by position in the stack
+        layer.self_attn.layer_idx = i
+    model.model.layers = nn.ModuleList(kept)
+    if hasattr(model, "args"):
+        model.args.num_hidden_layers = len(kept)
+    if isinstance(getattr(model, "config", None), dict):
+        model.config["num_hidden_layers"] = len(kept)
+    if getattr(getattr(model, "args", None), "intermediate_sizes", None):
+        record_widths(model)  # the per-layer widths of the layers that remain
+    return drop
