@@ -16,8 +16,32 @@ from leanformer.hub import resolve_model
 from leanformer.outputs import check_output_file
 
 
+def cmd_speculative(args) -> None:
+    """--speculative: each method against plain decoding, same process, input-grounded and open-ended."""
+    from leanformer.cli.common import load_model
+    from leanformer.measure.bench import speculative as sb
+
+    if args.json:
+        check_output_file(args.json, input_paths(args))
+    sb.passages(args.passages, 1)  # a missing file fails before the model loads
+    cfg = sb.SpecBenchConfig(args.new_tokens, args.repeats, args.prompts, args.passages)
+    cfg.methods = dict(sb.parse_method(m, sb.load_draft) for m in args.speculative)
+    model, tok = load_model(args)
+    print(f"benchmarking {', '.join(cfg.methods)} against plain decoding ...", file=sys.stderr, flush=True)
+    rows = sb.run(model, tok, cfg)
+    title = f"speculative decoding, {args.model}, batch 1, {cfg.new_tokens} new tokens, greedy (median of {cfg.rounds} rounds x {cfg.prompts} prompts)"
+    print_table(title, sb.HEADER, sb.table_rows(rows))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"config": vars(args) | {"func": None}, "results": rows}, indent=2)
+        )
+
+
 def cmd_bench(args) -> None:
     import dataclasses
+
+    if args.speculative:
+        return cmd_speculative(args)
 
     from leanformer.measure.bench.runner import BenchConfig, run_engine
 
@@ -77,4 +101,14 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=ck.positive_int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=ck.positive_int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--speculative",
+        nargs="+",
+        default=None,
+        metavar="prompt-lookup|draft:PATH",
+        help="instead of the speed table: these methods vs plain decoding (tokens/s, acceptance) on an "
+        "input-grounded and an open-ended workload; uses --new-tokens, --repeats (rounds), --prompts, --passages",
+    )
+    p.add_argument("--prompts", type=ck.positive_int, default=3, help="--speculative: prompts per workload")
+    p.add_argument("--passages", default=None, help="--speculative: text file whose paragraphs are rewritten")
     p.set_defaults(func=cmd_bench)

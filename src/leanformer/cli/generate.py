@@ -13,9 +13,17 @@ from leanformer.cli.common import (
 from leanformer.errors import LeanformerError
 
 
+def speculative_method(args):
+    """--speculative prompt-lookup | draft:PATH → the speculative= argument (a bad value fails first)."""
+    from leanformer.measure.bench.speculative import load_draft, parse_method
+
+    return None if args.speculative is None else parse_method(args.speculative, load_draft)[1]
+
+
 def cmd_generate(args) -> None:
     import leanformer as lf
 
+    spec = speculative_method(args)
     model, tok = load_model(args)
     prompt = args.prompt
     if args.chat:
@@ -34,6 +42,7 @@ def cmd_generate(args) -> None:
         args.max_new_tokens,
         stop=args.stop,
         ignore_eos=args.ignore_eos,
+        speculative=spec,
         **sampling_kwargs(args),
     )
     if not args.chat and tok is not None:
@@ -46,6 +55,7 @@ def cmd_generate(args) -> None:
 def cmd_chat(args) -> None:
     import leanformer as lf
 
+    spec = speculative_method(args)
     model, tok = load_model(args)
     if tok is None or not getattr(tok, "chat_template", None):
         raise LeanformerError("this model has no chat template; use `leanformer generate` instead")
@@ -60,11 +70,19 @@ def cmd_chat(args) -> None:
             break
         history.append({"role": "user", "content": line})
         reply = []
-        for piece in lf.stream_generate(model, tok, history, args.max_new_tokens, **sampling_kwargs(args)):
+        for piece in lf.stream_generate(
+            model, tok, history, args.max_new_tokens, speculative=spec, **sampling_kwargs(args)
+        ):
             reply.append(piece)
             print(piece, end="", flush=True)
         print()
         history.append({"role": "assistant", "content": "".join(reply)})
+
+
+SPECULATIVE_HELP = (
+    "speculative decoding, same output as plain greedy decoding: prompt-lookup (copies spans of the "
+    "prompt; no second model) or draft:PATH (a smaller model with the same vocabulary; a GGUF stays int)"
+)
 
 
 def add_parser(sub) -> None:
@@ -74,9 +92,11 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_sampling(p)
+    p.add_argument("--speculative", default=None, metavar="prompt-lookup|draft:PATH", help=SPECULATIVE_HELP)
     p.set_defaults(func=cmd_generate)
 
     p = model_command(sub, "chat", "interactive chat using the model's chat template")
     p.add_argument("--system", default=None)
     add_sampling(p)
+    p.add_argument("--speculative", default=None, metavar="prompt-lookup|draft:PATH", help=SPECULATIVE_HELP)
     p.set_defaults(func=cmd_chat)
