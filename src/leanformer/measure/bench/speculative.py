@@ -87,12 +87,11 @@ def parse_method(text: str, load_draft) -> tuple[str, object]:
 
 
 def _one(model, tok, prompt, new_tokens: int, spec) -> dict:
-    import leanformer as lf
-    from leanformer.engine.generate import GenerationStats
+    from leanformer.engine.generate import GenerationStats, generate
 
     st = GenerationStats()
     t0 = time.perf_counter()
-    out = lf.generate(model, tok, prompt, max_new_tokens=new_tokens, stats=st, speculative=spec)
+    out = generate(model, tok, prompt, max_new_tokens=new_tokens, stats=st, speculative=spec)
     wall = time.perf_counter() - t0
     # prefill is the same work with or without speculation: time what follows it
     return {
