@@ -59,5 +59,9 @@ def _worker(rank: int, size: int, init: str, jobs: list[tuple[str, str]], out: s
 def run_ranks(size: int, jobs: list[tuple[str, str]], tmp: Path) -> dict[str, list[dict]]:
     """name → [rank 0's results, rank 1's, ...] for every (name, model path) job."""
     tmp.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_worker, args=(size, str(tmp / "rendezvous"), jobs, str(tmp)), nprocs=size, join=True)
+    # fork, not spawn: the children inherit the imported torch and leanformer (spawning re-imported
+    # them: ~9 s per run on this shared 2-core machine, the job itself well under a second); as in
+    # DataLoader workers, each child sets one intra-op thread before its first op
+    args = (size, str(tmp / "rendezvous"), jobs, str(tmp))
+    mp.start_processes(_worker, args=args, nprocs=size, join=True, start_method="fork")
     return {name: [torch.load(tmp / f"{name}-{r}.pt") for r in range(size)] for name, _ in jobs}
