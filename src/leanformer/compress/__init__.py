@@ -5,7 +5,7 @@ apply(model, Recipe([GPTQ(bits=4, group_size=64)]), calibration=token_ids)
 prune_(model, Wanda(sparsity=0.5), calibration=token_ids); apply(model, "wanda-50+int8", calibration=ids)
 """
 
-from leanformer.compress.config import DropLayers, Magnitude, PruneConfig, PruneFFN, SparseGPT, Wanda
+from leanformer.compress.config import DropLayers, LowRank, Magnitude, PruneConfig, PruneFFN, SparseGPT, Wanda
 from leanformer.compress.quant import (
     AWQ,
     CONFIG_TYPES,
@@ -43,6 +43,7 @@ __all__ = [
     "Int8Linear",
     "Int8WeightOnly",
     "KVCache",
+    "LowRank",
     "Magnitude",
     "PRESETS",
     "PruneConfig",

@@ -281,3 +281,27 @@ class DropLayers(QuantConfig):
     def validate(self) -> None:
         if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 1:
             raise LeanformerError(f"DropLayers: n_layers must be a positive integer, got {self.n_layers!r}")
+
+
+@_register
+@dataclass
+class LowRank(QuantConfig):
+    """Activation-aware low-rank factorisation (whitened SVD, as SVD-LLM): each targeted Linear W [N, K]
+    becomes up(down(x)) with rank r = `ratio` * N K / (N + K) rounded down to a multiple of `multiple`
+    (so `ratio` is the fraction of the Linear's parameters kept); the truncation minimizes the output
+    error on calibration inputs. Speeds up only where r (N + K) < N K by enough to beat a second call."""
+
+    ratio: float = 0.5
+    multiple: int = 32
+    damp: float = 0.01
+    batch_size: int = 8
+    needs_calibration: ClassVar[bool] = True
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
+            raise LeanformerError(f"LowRank: ratio must be in (0, 1), got {self.ratio!r}")
+        if isinstance(self.multiple, bool) or not isinstance(self.multiple, int) or self.multiple < 1:
+            raise LeanformerError(f"LowRank: multiple must be a positive integer, got {self.multiple!r}")
+        if not 0 <= self.damp < 1:
+            raise LeanformerError(f"LowRank: damp must be in [0, 1), got {self.damp}")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from leanformer.compress.calibrate import Calibration
-from leanformer.compress.config import DropLayers, Magnitude, PruneConfig, PruneFFN, SparseGPT, Wanda
+from leanformer.compress.config import DropLayers, LowRank, Magnitude, PruneConfig, PruneFFN, SparseGPT, Wanda
 from leanformer.compress.quant import (
     AWQ,
     GPTQ,
@@ -125,6 +125,9 @@ def _quantize(
     if isinstance(config, (PruneConfig, PruneFFN, DropLayers)):
         _prune(model, config, calibration, structure_only, progress)
         return
+    if isinstance(config, LowRank):
+        _lowrank(model, config, calibration, structure_only, progress)
+        return
     names = select_linears(model, config)
     _check_shapes(model, names, config)
     tied = _tied_embeddings(model, names)
@@ -195,6 +198,27 @@ def _prune(
         structured.prune_ffn(model, config, names, calibration, progress)
     else:
         structured.drop_layers(model, config, calibration)
+    model.train(was_training)
+
+
+def _lowrank(
+    model: nn.Module, config: LowRank, calibration: Calibration | None, structure_only: bool, progress: bool
+) -> None:
+    """Low-rank factorisation; the ranks follow from the config and the shapes, so a reload rebuilds
+    the same empty factor modules."""
+    from leanformer.compress import lowrank
+
+    names = select_linears(model, config)
+    rank_of = lowrank.ranks(model, names, config)
+    if structure_only:
+        for n in names:
+            set_module(model, n, lowrank.empty_lowrank(model.get_submodule(n), rank_of[n]))
+        return
+    if calibration is None:
+        raise LeanformerError("LowRank needs calibration token ids [n_samples, seq_len]")
+    was_training = model.training
+    model.eval()
+    lowrank.lowrank_(model, config, rank_of, calibration, progress)
     model.train(was_training)
 
 

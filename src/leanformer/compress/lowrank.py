@@ -1,0 +1,97 @@
+"""Activation-aware low-rank factorisation of Linears (whitened SVD, Wang et al. "SVD-LLM", 2024).
+
+For W [N, K] and calibration inputs X [T, K], the output error of a replacement M is
+||X (W - M)^T||_F = ||(W - M) S||_F with G = X^T X = S S^T (S lower Cholesky). So the best rank-r M is
+the truncated SVD of the whitened W S = U Σ V^T, mapped back: M = (U_r Σ_r) (V_r^T S^-1) = up @ down.
+Plain SVD (S = I) would spend the rank on directions the inputs never excite.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from leanformer.compress.calibrate import Calibration, collect_stats, iter_scopes
+from leanformer.compress.config import LowRank
+from leanformer.compress.qbase import set_module
+from leanformer.errors import LeanformerError
+
+
+class LowRankLinear(nn.Module):
+    """x [.., K] -> up(down(x)) [.., N]: down [r, K] (no bias), up [N, r] (+ the original bias). Its two
+    children are plain nn.Linear, so a later quantization stage quantizes them."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+def lowrank_rank(n: int, k: int, cfg: LowRank) -> int:
+    """Rank keeping `ratio` of the n*k parameters, rounded down to a multiple (0: not worth it)."""
+    r = int(cfg.ratio * n * k / (n + k))
+    return r // cfg.multiple * cfg.multiple
+
+
+def ranks(model: nn.Module, names: list[str], cfg: LowRank) -> dict[str, int]:
+    """Name -> rank for each targeted Linear (checked before any calibration)."""
+    out = {}
+    for n in names:
+        lin = model.get_submodule(n)
+        out[n] = lowrank_rank(lin.out_features, lin.in_features, cfg)
+    small = [n for n, r in out.items() if r == 0]
+    if small:
+        raise LeanformerError(
+            f"LowRank: ratio {cfg.ratio} leaves rank 0 (below multiple {cfg.multiple}) for {small[0]}; "
+            "raise ratio, lower multiple or ignore it"
+        )
+    return out
+
+
+def empty_lowrank(lin: nn.Linear, rank: int) -> LowRankLinear:
+    w = lin.weight
+    return LowRankLinear(lin.in_features, lin.out_features, rank, lin.bias is not None, w.device, w.dtype)
+
+
+@torch.no_grad()
+def factorize(
+    w: torch.Tensor, gram: torch.Tensor, rank: int, damp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K], gram [K, K] -> (up [N, r], down [r, K]) minimizing ||X (w - up @ down)^T||."""
+    w = w.float()
+    k = gram.shape[0]
+    mean_diag = torch.diagonal(gram).mean().clamp_min(1e-8)
+    for factor in (1.0, 10.0, 100.0, 1000.0):  # more damping if G is (numerically) singular
+        s, info = torch.linalg.cholesky_ex(gram + torch.eye(k) * max(damp, 1e-6) * factor * mean_diag)
+        if int(info) == 0:
+            break
+    else:
+        raise LeanformerError("LowRank: calibration Gram matrix is not positive definite; check calibration")
+    u, sigma, vh = torch.linalg.svd(w @ s, full_matrices=False)  # [N, m], [m], [m, K]
+    up = u[:, :rank] * sigma[:rank]
+    # V_r^T S^-1: solve S^T Z^T = V_r  (S lower triangular)
+    down = torch.linalg.solve_triangular(s.T, vh[:rank].T, upper=True).T
+    return up, down
+
+
+@torch.no_grad()
+def lowrank_(
+    model: nn.Module, cfg: LowRank, rank_of: dict[str, int], calibration: Calibration, progress: bool = True
+) -> None:
+    """Replace each Linear in `rank_of` by its calibrated factorisation, block by block."""
+    for scope in iter_scopes(model, list(rank_of), calibration, cfg.batch_size, progress, desc="LowRank"):
+        for st in collect_stats(model, scope):
+            for name in st.names:
+                lin = model.get_submodule(name)
+                up, down = factorize(lin.weight, st.gram, rank_of[name], cfg.damp)
+                new = empty_lowrank(lin, rank_of[name])
+                new.up.weight.copy_(up)
+                new.down.weight.copy_(down)
+                if lin.bias is not None:
+                    new.up.bias.copy_(lin.bias)
+                set_module(model, name, new)
+            del st.gram
