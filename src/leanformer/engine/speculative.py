@@ -13,9 +13,10 @@ Sampling: the standard rejection scheme (accept with min(1, p/q), else resample 
 prompt lookup's q is a point mass. The output distribution is the target's; the random stream is not
 plain decoding's, so a seed reproduces speculative runs, not plain ones.
 
-Never slower: the draft length adapts (grows while all drafts pass, shrinks on a rejection), and a
-request whose speculative rounds cost more time per token than its plain steps falls back to plain
-steps for a while (doubling each time), so an open-ended prompt pays only a few probe rounds.
+Never slower: the draft length comes from a cost model measured on the request itself (Controller):
+seconds per plain step, extra seconds per verified draft, and how often drafts survive; when no draft
+length beats plain decoding the request takes plain steps, so an open-ended prompt pays only a few
+probe rounds.
 """
 
 from __future__ import annotations
@@ -192,45 +193,71 @@ def verify(
 
 
 class Controller:
-    """Draft length and fall-back. Times are per emitted token, smoothed (the machine may be shared)."""
+    """Draft length from a cost model measured on this request, so speculation runs only where it pays.
 
-    ALPHA, PROBE, MIN_ROUNDS, FIRST_PAUSE, MAX_PAUSE = 0.25, 3, 4, 16, 256
+    A verification of k drafts costs plain + k * row seconds (the decode kernels are partly compute
+    bound: on SmolLM2 int4 8 rows cost ~3x one row, not ~1x) and yields (1 - a^(k+1)) / (1 - a) tokens
+    on average when each draft survives with probability a. The k with the most tokens per second wins;
+    k = 0 (a plain step) when no k beats plain decoding. `a` and `row` are smoothed estimates (the
+    machine may be shared); while plain, prompt lookup still learns `a` for free (observe), a draft
+    model re-probes with one draft after 16, 32, 64, ... plain steps."""
+
+    DECAY, PROBE, FIRST_PAUSE, MAX_PAUSE = 0.9, 3, 16, 256
 
     def __init__(self, max_draft: int) -> None:
         self.max_draft = max_draft
-        self.k = max(1, max_draft // 2)
         self.plain_s: float | None = None  # smoothed seconds per plain step
-        self.spec_s: float | None = None  # smoothed seconds per token of speculative rounds
+        self.row_s: float | None = None  # smoothed extra seconds per verified draft
+        self.hits, self.trials = 1.0, 2.0  # decayed counts of drafts kept / judged: prior a = 0.5
         self.plain_steps = 0
-        self.rounds = 0  # since the last fall-back
-        self.pause = 0  # plain steps left before speculating again
-        self.next_pause = self.FIRST_PAUSE
-        self.fallbacks = 0
+        self.idle = 0  # plain steps since speculation last paid
+        self.next_probe = self.FIRST_PAUSE
+        self.fallbacks = 0  # times speculation switched off for this request
+
+    @property
+    def alpha(self) -> float:
+        return min(self.hits / self.trials, 0.999)
+
+    def rate(self, k: int) -> float:
+        """Expected tokens per second with k drafts."""
+        a = self.alpha
+        return (1 - a ** (k + 1)) / (1 - a) / (self.plain_s + self.row_s * k)
 
     def draft_len(self) -> int:
-        """0: take a plain step (probing the plain speed first, or paused after a fall-back)."""
-        if self.plain_steps < self.PROBE or self.pause > 0:
+        """0: take a plain step."""
+        if self.plain_s is None or self.plain_steps < self.PROBE:
             return 0
-        return self.k
+        if self.row_s is None:
+            return min(2, self.max_draft)  # measure what a verified row costs
+        best = max(range(self.max_draft + 1), key=self.rate)
+        if best > 0:
+            self.idle = 0
+            return best
+        if self.idle == 0:
+            self.fallbacks += 1
+        self.idle += 1
+        if self.idle % self.next_probe == 0:
+            self.next_probe = min(self.MAX_PAUSE, 2 * self.next_probe)
+            return 1
+        return 0
 
-    @classmethod
-    def _ema(cls, old: float | None, new: float) -> float:
-        return new if old is None else old + cls.ALPHA * (new - old)
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else old + (1 - self.DECAY) * (new - old)
 
     def plain(self, seconds: float) -> None:
         self.plain_steps += 1
-        self.pause = max(0, self.pause - 1)
         if self.plain_steps > 1:  # the very first step may build the fused decode stack
             self.plain_s = self._ema(self.plain_s, seconds)
 
+    def observe(self, kept: int, judged: int) -> None:
+        self.hits = self.DECAY * self.hits + kept
+        self.trials = self.DECAY * self.trials + judged
+
     def round(self, k: int, accepted: int, seconds: float) -> None:
-        self.k = min(self.max_draft, self.k + 2) if accepted == k else max(1, self.k - 1)
-        self.spec_s = self._ema(self.spec_s, seconds / (accepted + 1))
-        self.rounds += 1
-        if self.rounds >= self.MIN_ROUNDS and self.plain_s is not None and self.spec_s > self.plain_s:
-            self.pause, self.next_pause = self.next_pause, min(self.MAX_PAUSE, 2 * self.next_pause)
-            self.rounds, self.spec_s, self.k = 0, None, max(1, self.max_draft // 2)
-            self.fallbacks += 1
+        # each kept draft is a success; the first rejected one (if any) a failure: the MLE of a
+        self.observe(accepted, accepted + (accepted < k))
+        if self.plain_s is not None:
+            self.row_s = self._ema(self.row_s, max(0.0, seconds - self.plain_s) / k)
 
 
 @torch.inference_mode()
@@ -284,6 +311,10 @@ def speculative_decode(
             cache.advance(one, 1)
             emitted = [int(sample(logits, params, gen, None)[0])]
             control.plain(time.perf_counter() - t1)
+            if runner is None and k == 0 and params.greedy:  # would lookup have guessed it? (free to know)
+                guess = lookup(seq, 1, spec.ngram, spec.min_ngram)
+                if guess:
+                    control.observe(int(guess[0] == emitted[0]), 1)
         else:
             rows = torch.tensor([seq[-1], *drafts])[:, None]  # [k+1, 1]: one chain in slot 0
             logits = model(rows, cache=cache.chain(0), slots=torch.zeros(len(rows), dtype=torch.long))[
