@@ -25,6 +25,7 @@ from leanformer.compress import (
 )
 from leanformer.compress.prune import prune_mask, sparsegpt_prune_weight
 from leanformer.errors import LeanformerError
+from leanformer.kernels.modules import plain_linears
 from leanformer.measure.evaluate import evaluate, read_text, tokenize
 
 
@@ -38,7 +39,8 @@ def stories(shared):
 
 
 def _pruned(path, cfg, calib):
-    model, tok = lf.load(path, fast=False)
+    """Loaded as users load (fast Linears: oneDNN-packed copies for prefill, GEMV for decode)."""
+    model, tok = lf.load(path)
     prune_(model, cfg, calib, progress=False)
     return model, tok
 
@@ -135,9 +137,13 @@ def test_save_reload_and_quantize_after_pruning(stories, tmp_path):
     assert float((model.model.layers[0].mlp.down_proj.weight == 0).float().mean()) == 0.5
     assert float((model.model.layers[0].self_attn.o_proj.weight == 0).float().mean()) == 0.25
     lf.save(model, tok, tmp_path / "w")
-    again, _ = lf.load(tmp_path / "w", fast=False)
+    again, _ = lf.load(tmp_path / "w")
     for (n, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
+    ids = torch.tensor([heldout[:64]])  # prefill: the fast Linears' packed copies hold the zeros too
+    assert torch.equal(model(ids), again(ids))
+    with torch.no_grad(), plain_linears(model):
+        assert torch.allclose(model(ids), again(ids), atol=1e-4)
     assert again.config["leanformer"]["recipe"]["stages"][0]["type"] == "Wanda"
 
     zeros = model.model.layers[0].mlp.down_proj.weight == 0

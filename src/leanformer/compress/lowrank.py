@@ -14,6 +14,7 @@ from torch import nn
 from leanformer.compress.calibrate import Calibration, collect_stats, iter_scopes
 from leanformer.compress.config import LowRank
 from leanformer.compress.qbase import set_module
+from leanformer.compress.structured import rebuilt_like
 from leanformer.errors import LeanformerError
 
 
@@ -93,5 +94,6 @@ def lowrank_(
                 new.down.weight.copy_(down)
                 if lin.bias is not None:
                     new.up.bias.copy_(lin.bias)
+                new.down, new.up = rebuilt_like(lin, new.down), rebuilt_like(lin, new.up)
                 set_module(model, name, new)
             del st.gram

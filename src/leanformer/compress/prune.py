@@ -77,7 +77,9 @@ def sparsegpt_prune_weight(
         hinv1 = hinv[i1:i2, i1:i2]
         d = torch.diagonal(hinv1)
         # unstructured: each row's `sparsity` fraction of the block's lowest w^2 / [H^-1]_jj^2
-        mask1 = prune_mask(w1**2 / d**2, sparsity, None) if nm is None else torch.zeros_like(w1, dtype=torch.bool)
+        mask1 = (
+            prune_mask(w1**2 / d**2, sparsity, None) if nm is None else torch.zeros_like(w1, dtype=torch.bool)
+        )
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:  # the group's mask on the error-updated weights
                 mask1[:, i : i + nm[1]] = prune_mask(
@@ -95,7 +97,11 @@ def sparsegpt_prune_weight(
 
 
 def _set_weight(lin: nn.Linear, w: torch.Tensor) -> None:
+    """Write the pruned weight and refresh a fast Linear's oneDNN copy (kernels/: PackedLinear,
+    FastLinear keep one for prefill-sized inputs), or calibration and prefill would still see W."""
     lin.weight.data.copy_(w.to(lin.weight.dtype))
+    if callable(getattr(lin, "repack", None)):
+        lin.repack()
 
 
 @torch.no_grad()
@@ -111,7 +117,9 @@ def prune_linears(
     if isinstance(cfg, Magnitude):
         for name in tqdm(list(sparsities), desc="Magnitude", unit="linear", disable=not progress):
             lin = model.get_submodule(name)
-            lin.weight.data.masked_fill_(prune_mask(lin.weight.abs().float(), sparsities[name], nm), 0)
+            _set_weight(
+                lin, lin.weight.masked_fill(prune_mask(lin.weight.abs().float(), sparsities[name], nm), 0)
+            )
         return
     if not isinstance(cfg, (Wanda, SparseGPT)):
         raise LeanformerError(f"cannot prune with {type(cfg).__name__}")
@@ -125,7 +133,7 @@ def prune_linears(
                 w = lin.weight.float()
                 if isinstance(cfg, Wanda):  # |W_ij| * ||X_j||_2, ||X_j||^2 = diag of the Gram matrix
                     score = w.abs() * torch.diagonal(st.gram).sqrt()[None, :]
-                    lin.weight.data.masked_fill_(prune_mask(score, sparsities[name], nm), 0)
+                    _set_weight(lin, lin.weight.masked_fill(prune_mask(score, sparsities[name], nm), 0))
                 else:
                     w = sparsegpt_prune_weight(w, st.hessian, sparsities[name], nm, cfg.damp, cfg.block_size)
                     _set_weight(lin, w)

@@ -25,6 +25,7 @@ from leanformer.compress.calibrate import (
 )
 from leanformer.compress.config import DropLayers, PruneFFN
 from leanformer.errors import LeanformerError
+from leanformer.kernels.packed import PackedLinear
 
 
 def ffn_targets(model: nn.Module, names: list[str]) -> list[str]:
@@ -51,6 +52,17 @@ def kept_width(inter: int, sparsity: float, multiple: int) -> int:
     return min(inter, max(multiple, multiple * round(inter * (1 - sparsity) / multiple)))
 
 
+def rebuilt_like(old: nn.Module, plain: nn.Linear) -> nn.Linear:
+    """A new plain Linear as the same fast class as the one it replaces (kernels/: FastLinear's GEMV at
+    decode, PackedLinear's oneDNN copy at prefill), so a shrunk model keeps the speed of the fast path."""
+    if type(old) is nn.Linear or not callable(getattr(type(old), "from_linear", None)):
+        return plain
+    src = plain
+    if getattr(old, "packed_weight", None) is not None and not isinstance(old, PackedLinear):
+        src = PackedLinear.from_linear(plain)  # FastLinear.from_linear keeps a source's packed copy
+    return type(old).from_linear(src)
+
+
 @torch.no_grad()
 def shrink_mlp(mlp: nn.Module, gram: torch.Tensor, keep: int, refit: bool, damp: float) -> None:
     """Keep the `keep` most important channels of one MLP in place (new, smaller Linears)."""
@@ -75,7 +87,8 @@ def shrink_mlp(mlp: nn.Module, gram: torch.Tensor, keep: int, refit: bool, damp:
     new_dn.weight.copy_(new_down.to(down.weight.dtype))
     if down.bias is not None:
         new_dn.bias.copy_(down.bias)
-    mlp.gate_up_proj, mlp.down_proj, mlp.inter = new_gu, new_dn, keep
+    mlp.gate_up_proj, mlp.down_proj = rebuilt_like(gu, new_gu), rebuilt_like(down, new_dn)
+    mlp.inter = keep
 
 
 def prune_ffn(
