@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 from leanformer.cli import args as ck
+from leanformer.errors import LeanformerError
 from leanformer.hub import resolve_model
 
 KEEP_QUANTIZED_HELP = "GGUF: load Q4_0/Q4_1/Q8_0 tensors straight into int4/int8 modules (no float copy)"
+# commands that run the model in this process, so a sharded model works as is (bench runs each engine
+# in its own process, compress would save one rank's shard, serve has no rank-0-only front yet)
+TP_COMMANDS = ("generate", "chat", "eval")
+TP_HELP = (
+    "tensor parallel over N processes (Llama family; N must divide the KV heads): "
+    "torchrun --nproc-per-node N --no-python leanformer %(prog)s MODEL --tp N ..."
+)
 
 
 def model_command(sub, name: str, help: str) -> argparse.ArgumentParser:
@@ -17,14 +27,38 @@ def model_command(sub, name: str, help: str) -> argparse.ArgumentParser:
     p.add_argument("model", help="path (HF folder, .gguf, llama2.c .bin) or a known name, e.g. smollm2")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--keep-quantized", action="store_true", help=KEEP_QUANTIZED_HELP)
+    if name in TP_COMMANDS:
+        p.add_argument("--tp", type=ck.positive_int, default=1, metavar="N", help=TP_HELP)
     return p
 
 
 def load_model(args):
+    """Load MODEL; with --tp N > 1 (under torchrun) join the process group and shard it.
+
+    Every rank runs the whole command on identical logits; only rank 0 writes to stdout.
+    """
     from leanformer.loading import load
 
+    tp = getattr(args, "tp", 1)
+    if tp > 1:
+        from leanformer.distributed import check_tp, join, parallelize_, shared_seed
+
+        if getattr(args, "keep_quantized", False):
+            raise LeanformerError("--tp shards float weights; drop --keep-quantized")
+        rank, _ = join(tp)  # before loading: a missing torchrun fails in a second, not after the load
+        if rank != 0:
+            # the other ranks compute the same text; one copy of the output is wanted
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
+        if hasattr(args, "seed"):
+            args.seed = shared_seed(args.seed)
     keep = getattr(args, "keep_quantized", False)
-    return load(resolve_model(args.model), dtype=args.dtype, keep_quantized=keep)
+    model, tok = load(resolve_model(args.model), dtype=args.dtype, keep_quantized=keep)
+    if tp > 1:
+        kv_heads = getattr(getattr(model, "args", None), "num_key_value_heads", None)
+        if kv_heads is not None:  # the message names the flag; parallelize_ checks the rest
+            check_tp(kv_heads, tp, "--tp")
+        parallelize_(model)
+    return model, tok
 
 
 def add_sampling(p: argparse.ArgumentParser) -> None:

@@ -72,13 +72,12 @@ def _share(n: int, rank: int, size: int) -> tuple[int, int]:
     return lo, lo + base + (rank < extra)
 
 
-def check_tp(n_kv_heads: int, size: int) -> None:
+def check_tp(n_kv_heads: int, size: int, name: str = "tensor parallel size") -> None:
     """One-line error unless `size` divides the KV heads (each rank must own whole KV-head groups)."""
     if size < 1 or n_kv_heads % size:
         allowed = ", ".join(str(d) for d in range(1, n_kv_heads + 1) if n_kv_heads % d == 0)
         raise LeanformerError(
-            f"tensor parallel size {size} does not divide this model's {n_kv_heads} KV heads; "
-            f"allowed: {allowed}"
+            f"{name} {size} does not divide this model's {n_kv_heads} KV heads; allowed: {allowed}"
         )
 
 

@@ -1,0 +1,39 @@
+"""`torchrun ... leanformer generate MODEL --tp 2` prints what the single-process command prints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from leanformer.cli.main import main
+
+ARGS = ["--prompt", "Once upon a time", "--max-new-tokens", "24"]
+
+
+def _stories(shared):
+    return str(shared / "models" / "stories260K" / "stories260K.bin")
+
+
+def test_torchrun_tp2_prints_the_single_process_text(shared, capsys):
+    assert main(["generate", _stories(shared), *ARGS]) == 0
+    single = capsys.readouterr().out
+    assert single.startswith("Once upon a time") and len(single) > len("Once upon a time") + 20
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd = [*torchrun, "-m", "leanformer.cli", "generate", _stories(shared), *ARGS, "--tp", "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout == single  # one copy: only rank 0 prints
+
+
+def test_tp_without_torchrun_is_one_line(shared, capsys):
+    assert main(["generate", _stories(shared), "--prompt", "x", "--tp", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --tp 2 needs 2 processes") and "torchrun" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "two"])
+def test_bad_tp_values_are_refused(shared, capsys, bad):
+    assert main(["generate", _stories(shared), "--tp", bad]) == 2
+    assert "--tp" in capsys.readouterr().err
