@@ -34,18 +34,27 @@ def outputs(model, n_new: int = 12) -> dict:
     return {"full": full, "step": step, "greedy": greedy, "cache_heads": cache.k[0].shape[1]}
 
 
-def _worker(rank: int, size: int, init: str, jobs: list[tuple[str, str]], out: str) -> None:
+def load_as(path: str, dtype: str = "float32"):
+    """The model at `path` in `dtype`; float64 takes away fp32 rounding (summation order) to show
+    the sharded arithmetic itself is exact."""
+    from leanformer.loading import load
+
+    # plain Linears for float64: the oneDNN packed copies of the fast path are fp32-only
+    model, _ = load(path, fast=dtype == "float32")
+    return model.to(getattr(torch, dtype))
+
+
+def _worker(rank: int, size: int, init: str, jobs: list[tuple], out: str) -> None:
     from leanformer.distributed import parallelize_
     from leanformer.errors import LeanformerError
-    from leanformer.loading import load
 
     torch.set_num_threads(1)  # N ranks share the machine's cores
     dist.init_process_group(
         "gloo", init_method=f"file://{init}", rank=rank, world_size=size, timeout=timedelta(seconds=60)
     )
     try:
-        for name, path in jobs:
-            model, _ = load(path)
+        for name, *how in jobs:
+            model = load_as(*how)
             try:
                 parallelize_(model)
             except LeanformerError as e:
@@ -56,12 +65,12 @@ def _worker(rank: int, size: int, init: str, jobs: list[tuple[str, str]], out: s
         dist.destroy_process_group()
 
 
-def run_ranks(size: int, jobs: list[tuple[str, str]], tmp: Path) -> dict[str, list[dict]]:
-    """name → [rank 0's results, rank 1's, ...] for every (name, model path) job."""
+def run_ranks(size: int, jobs: list[tuple], tmp: Path) -> dict[str, list[dict]]:
+    """name → [rank 0's results, rank 1's, ...] for every (name, model path[, dtype]) job."""
     tmp.mkdir(parents=True, exist_ok=True)
     # fork, not spawn: the children inherit the imported torch and leanformer (spawning re-imported
     # them: ~9 s per run on this shared 2-core machine, the job itself well under a second); as in
     # DataLoader workers, each child sets one intra-op thread before its first op
     args = (size, str(tmp / "rendezvous"), jobs, str(tmp))
     mp.start_processes(_worker, args=args, nprocs=size, join=True, start_method="fork")
-    return {name: [torch.load(tmp / f"{name}-{r}.pt") for r in range(size)] for name, _ in jobs}
+    return {job[0]: [torch.load(tmp / f"{job[0]}-{r}.pt") for r in range(size)] for job in jobs}

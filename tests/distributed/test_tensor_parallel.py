@@ -11,13 +11,13 @@ from leanformer.distributed.tensor_parallel import _share
 from leanformer.errors import LeanformerError
 from leanformer.loading import load
 from tests.conftest import tiny_hf_model
-from tests.distributed.ranks import outputs, run_ranks
+from tests.distributed.ranks import load_as, outputs, run_ranks
 
 
-def _same(ref: dict, got: dict, kv_heads: int, size: int) -> None:
+def _same(ref: dict, got: dict, kv_heads: int, size: int, tol: float = 1e-4) -> None:
     assert "error" not in got, got.get("error")
-    assert (got["full"] - ref["full"]).abs().max() < 1e-4
-    assert (got["step"] - ref["step"]).abs().max() < 1e-4
+    assert (got["full"] - ref["full"]).abs().max() < tol
+    assert (got["step"] - ref["step"]).abs().max() < tol
     assert got["greedy"] == ref["greedy"]
     assert got["cache_heads"] == kv_heads // size  # each rank caches only its KV heads
 
@@ -64,12 +64,19 @@ def test_shares_cover_every_channel_once():
 
 @pytest.mark.slow
 def test_smollm2_three_ranks(smollm2, tmp_path):
-    """SmolLM2-135M: 9 heads, 3 KV heads → TP 3."""
-    results = run_ranks(3, [("smollm2", str(smollm2))], tmp_path / "out")
-    model, _ = load(smollm2)
-    ref = outputs(model)
-    for got in results["smollm2"]:
-        _same(ref, got, 3, 3)
+    """SmolLM2-135M: 9 heads, 3 KV heads → TP 3 (~2 min on the shared 2-core machine).
+
+    In fp32 its 30 layers turn the partial sums' other summation order into up to ~3e-4 on logits of
+    magnitude ~30 (measured; the fused C++ step vs the module path differ by ~1.5e-5 on one step):
+    greedy is identical, logits within 1e-3. In float64 the same shards agree within 1e-4 with room
+    to spare, so the difference is rounding, not the sharding.
+    """
+    jobs = [("fp32", str(smollm2), "float32"), ("fp64", str(smollm2), "float64")]
+    results = run_ranks(3, jobs, tmp_path / "out")
+    for name, dtype, tol in (("fp32", "float32", 1e-3), ("fp64", "float64", 1e-4)):
+        ref = outputs(load_as(str(smollm2), dtype))
+        for got in results[name]:
+            _same(ref, got, 3, 3, tol)
 
 
 def test_sharded_cache_is_smaller(shared):
