@@ -94,6 +94,12 @@ def sample(
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return greedy_tokens(logits)
+    return torch.multinomial(probabilities(logits, params), 1, generator=generator).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [N, V] → the distributions `sample` draws from [N, V] (temperature, top-k, top-p); the
+    speculative verifier compares draft and target through the same function."""
     logits = clean_logits(logits)
     # shift each row's best logit to 0 before dividing: a small temperature then pushes the others
     # towards -inf instead of the best one to +inf (inf - inf = NaN inside softmax)
@@ -109,5 +115,4 @@ def sample(
         drop_sorted[..., 0] = False  # the most likely token always stays (top_p may round to 0)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(dim=-1)

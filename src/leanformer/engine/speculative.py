@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from leanformer.engine.sampling import SamplingParams, clean_logits, greedy_tokens, sample
+from leanformer.engine.sampling import SamplingParams, greedy_tokens, probabilities, sample
 from leanformer.errors import LeanformerError
 from leanformer.kernels.modules import MAX_ROWS
 from leanformer.models.kv_cache import KVCache
@@ -97,24 +97,6 @@ def resolve_speculative(spec: Speculative | str | None, model: nn.Module) -> Spe
     raise LeanformerError(
         f"speculative must be 'prompt-lookup', PromptLookup or DraftModel, got {type(spec).__name__}"
     )
-
-
-def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits [N, V] → the distributions `sample` draws from [N, V] (temperature, top-k, top-p)."""
-    logits = clean_logits(logits)
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= params.top_p
-        drop_sorted[..., 0] = False
-        logits = logits.masked_fill(
-            torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf")
-        )
-    return logits.softmax(dim=-1)
 
 
 def lookup(seq: list[int], k: int, ngram: int, min_ngram: int) -> list[int]:
