@@ -10,12 +10,12 @@ import torch
 
 import leanformer as lf
 from leanformer.compress import (
-    DropLayers,
     Int4WeightOnly,
     Int8Linear,
     Int8WeightOnly,
     Magnitude,
     PruneFFN,
+    PruneLayers,
     QuantConfig,
     SparseGPT,
     Wanda,
@@ -185,8 +185,8 @@ def test_prune_ffn_shrinks_and_reloads(stories, tmp_path):
     assert again.model.layers[0].mlp.down_proj.in_features == 128
 
 
-def test_drop_layers_removes_the_least_influential_and_reloads(stories, tmp_path):
-    """DropLayers removes the layer whose output turns the residual stream least (stories260K: block
+def test_prune_layers_removes_the_least_influential_and_reloads(stories, tmp_path):
+    """PruneLayers removes the layer whose output turns the residual stream least (stories260K: block
     influence 0.23, 0.15, 0.126, 0.129, 0.15 -> layer 2), renumbers the rest, and save -> load
     rebuilds 4 layers (with PruneFFN's widths) that compute exactly the same logits."""
     from leanformer.compress.structured import block_influence
@@ -194,21 +194,21 @@ def test_drop_layers_removes_the_least_influential_and_reloads(stories, tmp_path
     path, calib, heldout, base = stories
     bi = block_influence(base, calib, 8)
     model, tok = _pruned(path, PruneFFN(sparsity=0.25), calib)
-    prune_(model, DropLayers(n_layers=1), calib, progress=False)
+    prune_(model, PruneLayers(n_layers=1), calib, progress=False)
     assert len(model.model.layers) == 4 and model.config["num_hidden_layers"] == 4
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3]
     assert int(bi.argmin()) == 2
     stages = [s["type"] for s in model.config["leanformer"]["recipe"]["stages"]]
-    assert stages == ["PruneFFN", "DropLayers"]
+    assert stages == ["PruneFFN", "PruneLayers"]
     lf.save(model, tok, tmp_path / "d")
     again, _ = lf.load(tmp_path / "d")
     ids = torch.tensor([heldout[:64]])
     assert torch.equal(model(ids), again(ids))
     assert lf.generate(again, tok, "", max_new_tokens=8).startswith("Once upon a time")
     with pytest.raises(LeanformerError, match="must be below the model's 4 layers"):
-        prune_(again, DropLayers(n_layers=4), calibration=None)  # before asking for calibration
+        prune_(again, PruneLayers(n_layers=4), calibration=None)  # before asking for calibration
     with pytest.raises(LeanformerError, match="n_layers must be a positive integer"):
-        prune_(again, DropLayers(n_layers=0))
+        prune_(again, PruneLayers(n_layers=0))
 
 
 def test_bad_intermediate_sizes_is_one_line(stories, tmp_path):

@@ -5,7 +5,15 @@ apply(model, Recipe([GPTQ(bits=4, group_size=64)]), calibration=token_ids)
 prune_(model, Wanda(sparsity=0.5), calibration=token_ids); apply(model, "wanda-50+int8", calibration=ids)
 """
 
-from leanformer.compress.config import DropLayers, LowRank, Magnitude, PruneConfig, PruneFFN, SparseGPT, Wanda
+from leanformer.compress.config import (
+    LowRank,
+    Magnitude,
+    PruneConfig,
+    PruneFFN,
+    PruneLayers,
+    SparseGPT,
+    Wanda,
+)
 from leanformer.compress.quant import (
     AWQ,
     CONFIG_TYPES,
@@ -34,7 +42,7 @@ from leanformer.compress.recipe import (
 __all__ = [
     "AWQ",
     "CONFIG_TYPES",
-    "DropLayers",
+    "PruneLayers",
     "GPTQ",
     "Int4Linear",
     "Int4WeightOnly",

@@ -269,7 +269,7 @@ class PruneFFN(QuantConfig):
 
 @_register
 @dataclass
-class DropLayers(QuantConfig):
+class PruneLayers(QuantConfig):
     """Remove the `n_layers` whole decoder layers with the lowest block influence (ShortGPT, Men et al.
     2024): 1 - mean cosine similarity between a layer's input and output hidden states on calibration
     text. The model's config records the new layer count. `targets`/`ignore` are unused."""
@@ -280,7 +280,7 @@ class DropLayers(QuantConfig):
 
     def validate(self) -> None:
         if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 1:
-            raise LeanformerError(f"DropLayers: n_layers must be a positive integer, got {self.n_layers!r}")
+            raise LeanformerError(f"PruneLayers: n_layers must be a positive integer, got {self.n_layers!r}")
 
 
 @_register

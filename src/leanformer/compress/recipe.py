@@ -19,7 +19,15 @@ import torch
 from torch import nn
 
 from leanformer.compress.calibrate import Calibration
-from leanformer.compress.config import DropLayers, LowRank, Magnitude, PruneConfig, PruneFFN, SparseGPT, Wanda
+from leanformer.compress.config import (
+    LowRank,
+    Magnitude,
+    PruneConfig,
+    PruneFFN,
+    PruneLayers,
+    SparseGPT,
+    Wanda,
+)
 from leanformer.compress.quant import (
     AWQ,
     GPTQ,
@@ -122,7 +130,7 @@ def _quantize(
     if isinstance(config, KVCache):  # a setting of the engine's cache, not a module swap
         model.kv_cache_dtype = config.dtype
         return
-    if isinstance(config, (PruneConfig, PruneFFN, DropLayers)):
+    if isinstance(config, (PruneConfig, PruneFFN, PruneLayers)):
         _prune(model, config, calibration, structure_only, progress)
         return
     if isinstance(config, LowRank):
@@ -169,7 +177,7 @@ def _quantize(
 
 def _prune(
     model: nn.Module,
-    config: PruneConfig | PruneFFN | DropLayers,
+    config: PruneConfig | PruneFFN | PruneLayers,
     calibration: Calibration | None,
     structure_only: bool,
     progress: bool,
@@ -187,7 +195,7 @@ def _prune(
     elif isinstance(config, PruneFFN):
         names = structured.ffn_targets(model, select_linears(model, config))
     else:
-        structured.check_droppable(model, config)
+        structured.check_prunable_layers(model, config)
     if config.needs_calibration and calibration is None:
         raise LeanformerError(f"{type(config).__name__} needs calibration token ids [n_samples, seq_len]")
     was_training = model.training
@@ -197,7 +205,7 @@ def _prune(
     elif isinstance(config, PruneFFN):
         structured.prune_ffn(model, config, names, calibration, progress)
     else:
-        structured.drop_layers(model, config, calibration)
+        structured.prune_layers(model, config, calibration)
     model.train(was_training)
 
 
@@ -240,17 +248,17 @@ def _sparsities(names: list[str], config: PruneConfig) -> dict[str, float]:
 
 def prune_(
     model: nn.Module,
-    config: PruneConfig | PruneFFN | DropLayers,
+    config: PruneConfig | PruneFFN | PruneLayers,
     calibration: Calibration | None = None,
     *,
     progress: bool = True,
 ) -> nn.Module:
-    """Prune `model` in place (Magnitude / Wanda / SparseGPT zeros, PruneFFN smaller MLPs, DropLayers
+    """Prune `model` in place (Magnitude / Wanda / SparseGPT zeros, PruneFFN smaller MLPs, PruneLayers
     fewer layers); returns it. All but Magnitude need `calibration` token ids. Recorded in the recipe
     like quantize_."""
-    if not isinstance(config, (PruneConfig, PruneFFN, DropLayers)):
+    if not isinstance(config, (PruneConfig, PruneFFN, PruneLayers)):
         raise LeanformerError(
-            f"prune_ expects Magnitude, Wanda, SparseGPT, PruneFFN or DropLayers, got {type(config).__name__}; "
+            f"prune_ expects Magnitude, Wanda, SparseGPT, PruneFFN or PruneLayers, got {type(config).__name__}; "
             "use quantize_ for quantization"
         )
     return quantize_(model, config, calibration, progress=progress)

@@ -23,7 +23,7 @@ from leanformer.compress.calibrate import (
     run_model,
     to_batches,
 )
-from leanformer.compress.config import DropLayers, PruneFFN
+from leanformer.compress.config import PruneFFN, PruneLayers
 from leanformer.errors import LeanformerError
 from leanformer.kernels.packed import PackedLinear
 
@@ -150,18 +150,18 @@ def block_influence(model: nn.Module, calibration: Calibration, batch_size: int)
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList) or not all(hasattr(la, "self_attn") for la in layers):
-        raise LeanformerError("DropLayers works on leanformer Llama-family decoders (model.model.layers)")
+        raise LeanformerError("PruneLayers works on leanformer Llama-family decoders (model.model.layers)")
     return layers
 
 
-def check_droppable(model: nn.Module, cfg: DropLayers) -> None:
+def check_prunable_layers(model: nn.Module, cfg: PruneLayers) -> None:
     n = len(_decoder_layers(model))
     if cfg.n_layers >= n:
-        raise LeanformerError(f"DropLayers: n_layers {cfg.n_layers} must be below the model's {n} layers")
+        raise LeanformerError(f"PruneLayers: n_layers {cfg.n_layers} must be below the model's {n} layers")
 
 
 @torch.no_grad()
-def drop_layers(model: nn.Module, cfg: DropLayers, calibration: Calibration) -> list[int]:
+def prune_layers(model: nn.Module, cfg: PruneLayers, calibration: Calibration) -> list[int]:
     """Remove the cfg.n_layers lowest-influence layers in place; returns their original indices."""
     layers = _decoder_layers(model)
     bi = block_influence(model, calibration, cfg.batch_size)
