@@ -31,7 +31,8 @@ def outputs(model, n_new: int = 12) -> dict:
         cache.advance(slots, ids.shape[1])
         step = model(prefill[:, -1:].argmax(-1), cache, slots)
     greedy = generate(model, None, PROMPT, max_new_tokens=n_new, ignore_eos=True)
-    return {"full": full, "step": step, "greedy": greedy, "cache_heads": cache.k[0].shape[1]}
+    heads, layers = cache.k[0].shape[1], len(cache.k)
+    return {"full": full, "step": step, "greedy": greedy, "cache_heads": heads, "cache_layers": layers}
 
 
 def load_as(path: str, dtype: str = "float32"):
@@ -45,7 +46,7 @@ def load_as(path: str, dtype: str = "float32"):
 
 
 def _worker(rank: int, size: int, init: str, jobs: list[tuple], out: str) -> None:
-    from leanformer.distributed import parallelize_
+    from leanformer.distributed import parallelize_, pipeline_
     from leanformer.errors import LeanformerError
 
     torch.set_num_threads(1)  # N ranks share the machine's cores
@@ -53,10 +54,10 @@ def _worker(rank: int, size: int, init: str, jobs: list[tuple], out: str) -> Non
         "gloo", init_method=f"file://{init}", rank=rank, world_size=size, timeout=timedelta(seconds=60)
     )
     try:
-        for name, *how in jobs:
-            model = load_as(*how)
+        for name, path, dtype, split in jobs:
+            model = load_as(path, dtype)
             try:
-                parallelize_(model)
+                (parallelize_ if split == "tp" else pipeline_)(model)
             except LeanformerError as e:
                 torch.save({"error": str(e)}, Path(out) / f"{name}-{rank}.pt")
                 continue
@@ -66,7 +67,7 @@ def _worker(rank: int, size: int, init: str, jobs: list[tuple], out: str) -> Non
 
 
 def run_ranks(size: int, jobs: list[tuple], tmp: Path) -> dict[str, list[dict]]:
-    """name → [rank 0's results, rank 1's, ...] for every (name, model path[, dtype]) job."""
+    """name → [rank 0's results, rank 1's, ...] for every (name, model path, dtype, "tp" | "pp") job."""
     tmp.mkdir(parents=True, exist_ok=True)
     # fork, not spawn: the children inherit the imported torch and leanformer (spawning re-imported
     # them: ~9 s per run on this shared 2-core machine, the job itself well under a second); as in

@@ -34,7 +34,8 @@ def test_two_ranks_match_one_process(tiny_dirs, shared, tmp_path):
         "stories260K": stories,  # 8 heads, 4 KV heads, 172 MLP channels
         "mistral": tiny_dirs["mistral"],  # 1 KV head: cannot be split in 2
     }
-    results = run_ranks(2, [(k, str(v)) for k, v in models.items()], tmp_path / "out")
+    jobs = [(k, str(v), "float32", "tp") for k, v in models.items()]
+    results = run_ranks(2, jobs, tmp_path / "out")
     for name, path in models.items():
         if name == "mistral":
             continue
@@ -71,7 +72,7 @@ def test_smollm2_three_ranks(smollm2, tmp_path):
     greedy is identical, logits within 1e-3. In float64 the same shards agree within 1e-4 with room
     to spare, so the difference is rounding, not the sharding.
     """
-    jobs = [("fp32", str(smollm2), "float32"), ("fp64", str(smollm2), "float64")]
+    jobs = [("fp32", str(smollm2), "float32", "tp"), ("fp64", str(smollm2), "float64", "tp")]
     results = run_ranks(3, jobs, tmp_path / "out")
     for name, dtype, tol in (("fp32", "float32", 1e-3), ("fp64", "float64", 1e-4)):
         ref = outputs(load_as(str(smollm2), dtype))

@@ -91,7 +91,7 @@ def measure(path: str, steps: int, repeats: int) -> dict | None:
     allreduce = 1e-3 * out["allreduce_hidden_us"]  # ms
     # the all-reduce measured at this world size stands in for every N: on real hosts it depends on the
     # network and grows with N (ring: 2(N-1)/N of the data, 2(N-1) latency hops)
-    for n in sorted({1, 2, size} | {d for d in range(1, 9) if a.num_key_value_heads % d == 0}):
+    for n in [d for d in range(1, 9) if a.num_key_value_heads % d == 0]:  # the sizes TP allows
         step = predict_step_s(
             out["step_1proc_module_ms"], n, a.num_hidden_layers, allreduce if n > 1 else 0.0
         )
