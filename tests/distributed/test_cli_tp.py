@@ -1,4 +1,4 @@
-"""`torchrun ... leanformer generate MODEL --tp 2` prints what the single-process command prints."""
+"""`torchrun ... leanformer generate MODEL --tp 2` (or --pp 2) prints what the single-process command prints."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ def _stories(shared):
     return str(shared / "models" / "stories260K" / "stories260K.bin")
 
 
-def test_torchrun_tp2_prints_the_single_process_text(shared, capsys):
+@pytest.mark.parametrize("flag", ["--tp", pytest.param("--pp", marks=pytest.mark.slow)])
+def test_torchrun_prints_the_single_process_text(shared, capsys, flag):
     assert main(["generate", _stories(shared), *ARGS]) == 0
     single = capsys.readouterr().out
     assert single.startswith("Once upon a time") and len(single) > len("Once upon a time") + 20
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd = [*torchrun, "-m", "leanformer.cli", "generate", _stories(shared), *ARGS, "--tp", "2"]
+    cmd = [*torchrun, "-m", "leanformer.cli", "generate", _stories(shared), *ARGS, flag, "2"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout == single  # one copy: only rank 0 prints
@@ -37,3 +38,11 @@ def test_tp_without_torchrun_is_one_line(shared, capsys):
 def test_bad_tp_values_are_refused(shared, capsys, bad):
     assert main(["generate", _stories(shared), "--tp", bad]) == 2
     assert "--tp" in capsys.readouterr().err
+
+
+def test_tp_and_pp_together_are_refused(shared, capsys):
+    assert main(["generate", _stories(shared), "--tp", "2", "--pp", "2"]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: use --tp or --pp, not both (2-D parallelism is not supported)"
+    )

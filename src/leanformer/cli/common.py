@@ -15,6 +15,10 @@ KEEP_QUANTIZED_HELP = "GGUF: load Q4_0/Q4_1/Q8_0 tensors straight into int4/int8
 # commands that run the model in this process, so a sharded model works as is (bench runs each engine
 # in its own process, compress would save one rank's shard, serve has no rank-0-only front yet)
 TP_COMMANDS = ("generate", "chat", "eval")
+PP_HELP = (
+    "pipeline parallel over N processes (Llama family; layers split, each rank holds 1/N of them; "
+    "one stream is not faster): torchrun --nproc-per-node N --no-python leanformer %(prog)s MODEL --pp N ..."
+)
 TP_HELP = (
     "tensor parallel over N processes (Llama family; N must divide the KV heads): "
     "torchrun --nproc-per-node N --no-python leanformer %(prog)s MODEL --tp N ..."
@@ -29,23 +33,27 @@ def model_command(sub, name: str, help: str) -> argparse.ArgumentParser:
     p.add_argument("--keep-quantized", action="store_true", help=KEEP_QUANTIZED_HELP)
     if name in TP_COMMANDS:
         p.add_argument("--tp", type=ck.positive_int, default=1, metavar="N", help=TP_HELP)
+        p.add_argument("--pp", type=ck.positive_int, default=1, metavar="N", help=PP_HELP)
     return p
 
 
 def load_model(args):
-    """Load MODEL; with --tp N > 1 (under torchrun) join the process group and shard it.
+    """Load MODEL; with --tp N or --pp N > 1 (under torchrun) join the process group and split it.
 
     Every rank runs the whole command on identical logits; only rank 0 writes to stdout.
     """
     from leanformer.loading import load
 
-    tp = getattr(args, "tp", 1)
-    if tp > 1:
-        from leanformer.distributed import check_tp, join, parallelize_, shared_seed
+    tp, pp = getattr(args, "tp", 1), getattr(args, "pp", 1)
+    if tp > 1 and pp > 1:
+        raise LeanformerError("use --tp or --pp, not both (2-D parallelism is not supported)")
+    size = max(tp, pp)
+    if size > 1:
+        from leanformer.distributed import join, shared_seed
 
         if getattr(args, "keep_quantized", False):
-            raise LeanformerError("--tp shards float weights; drop --keep-quantized")
-        rank, _ = join(tp)  # before loading: a missing torchrun fails in a second, not after the load
+            raise LeanformerError(f"--{'tp' if tp > 1 else 'pp'} splits float weights; drop --keep-quantized")
+        rank, _ = join(size, "--tp" if tp > 1 else "--pp")  # before loading: fails in a second
         if rank != 0:
             # the other ranks compute the same text; one copy of the output is wanted
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
@@ -54,10 +62,16 @@ def load_model(args):
     keep = getattr(args, "keep_quantized", False)
     model, tok = load(resolve_model(args.model), dtype=args.dtype, keep_quantized=keep)
     if tp > 1:
+        from leanformer.distributed import check_tp, parallelize_
+
         kv_heads = getattr(getattr(model, "args", None), "num_key_value_heads", None)
         if kv_heads is not None:  # the message names the flag; parallelize_ checks the rest
             check_tp(kv_heads, tp, "--tp")
         parallelize_(model)
+    elif pp > 1:
+        from leanformer.distributed import pipeline_
+
+        pipeline_(model)
     return model, tok
 
 

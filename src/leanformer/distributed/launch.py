@@ -14,7 +14,7 @@ import torch.distributed as dist
 from leanformer.errors import LeanformerError
 
 
-def join(size: int, backend: str = "gloo") -> tuple[int, int]:
+def join(size: int, flag: str = "--tp", backend: str = "gloo") -> tuple[int, int]:
     """Join (or reuse) the default process group and check it has `size` ranks; → (rank, size).
 
     gloo because the model runs on CPU; one torch thread per rank unless torchrun was told otherwise
@@ -25,14 +25,14 @@ def join(size: int, backend: str = "gloo") -> tuple[int, int]:
     if not dist.is_initialized():
         if not dist.is_torchelastic_launched():
             raise LeanformerError(
-                f"--tp {size} needs {size} processes: run it as "
+                f"{flag} {size} needs {size} processes: run it as "
                 f"`torchrun --nproc-per-node {size} --no-python leanformer ...`"
             )
         dist.init_process_group(backend)
         atexit.register(_leave)
     world = dist.get_world_size()
     if world != size:
-        raise LeanformerError(f"--tp {size} but torchrun started {world} processes; make them equal")
+        raise LeanformerError(f"{flag} {size} but torchrun started {world} processes; make them equal")
     return dist.get_rank(), world
 
 
