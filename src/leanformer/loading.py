@@ -88,8 +88,9 @@ def load(
     of each weight for prefill-sized inputs and, for fp32, leanformer's GEMV kernel for decode-sized
     ones (kernels/; built once per machine, torch fallback where it cannot be built). Encoders
     (BERT family) pack for oneDNN only on CPUs where it pays (encoders.build.onednn_pays).
-    keep_quantized: GGUF only: load Q4_0 / Q4_1 / Q8_0 tensors straight into int4 / int8 modules
-    (exactly the file's values, no float copy of the model); other tensors are dequantized to float
+    keep_quantized: GGUF only: load Q4_0 / Q4_1 / Q4_K tensors straight into int4 modules and Q8_0 /
+    Q5_0 / Q6_K into int8 ones (exactly the file's values, no float copy of the model); other tensors
+    are dequantized to float
     (compress/gguf_quant.py).
     """
     if dtype not in DTYPES:

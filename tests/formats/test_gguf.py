@@ -39,7 +39,7 @@ def roundtrip(w: torch.Tensor, qtype: Q | None) -> torch.Tensor:
     return torch.from_numpy(np.asarray(data, dtype=np.float32).reshape(w.shape))
 
 
-QTYPES = {"mlp.gate": Q.Q4_0, "mlp": Q.Q4_1, "self_attn": Q.Q8_0, "embed": Q.F16, "lm_head": Q.Q5_0}
+QTYPES = {"mlp.gate": Q.Q4_0, "mlp": Q.Q4_1, "self_attn": Q.Q8_0, "embed": Q.F16, "lm_head": Q.Q5_1}
 
 
 def expected_type(name: str) -> Q | None:
@@ -163,7 +163,7 @@ def test_raw_tensors_and_block_unpacking(tiny_llama):
             values = scale * q + np.repeat(parts["min"].astype(np.float32), 32, axis=1)
         assert np.allclose(values, t.dequantize().numpy(), atol=1e-6), name
     assert raw["model.norm.weight"].ggml_type == "F32"
-    with pytest.raises(LeanformerError, match="Q5_0"):
+    with pytest.raises(LeanformerError, match="Q5_1"):
         unpack_blocks(raw["lm_head.weight"])
 
 

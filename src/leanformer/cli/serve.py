@@ -17,7 +17,9 @@ def add_parser(sub) -> None:
     p.add_argument("model", help="path (HF folder, .gguf, llama2.c .bin, leanformer save) or a known name")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument(
-        "--keep-quantized", action="store_true", help="GGUF: Q4_0/Q4_1/Q8_0 tensors stay int4/int8 in memory"
+        "--keep-quantized",
+        action="store_true",
+        help="GGUF: Q4_0/Q4_1/Q4_K tensors stay int4, Q8_0/Q5_0/Q6_K int8 in memory",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
