@@ -32,13 +32,25 @@ def outputs(model, n_new: int = 12) -> dict:
         step = model(prefill[:, -1:].argmax(-1), cache, slots)
     greedy = generate(model, None, PROMPT, max_new_tokens=n_new, ignore_eos=True)
     heads, layers = cache.k[0].shape[1], len(cache.k)
-    return {"full": full, "step": step, "greedy": greedy, "cache_heads": heads, "cache_layers": layers}
+    block = model.model.layers[0]
+    down = getattr(block, "layers", [block])[0].mlp.down_proj  # a pipeline Stage holds its blocks
+    kind = type(getattr(down, "linear", down)).__name__  # the module doing the math (inside AllReduceLinear)
+    return {"full": full, "step": step, "greedy": greedy, "cache_heads": heads, "cache_layers": layers} | {
+        "kind": kind
+    }
 
 
 def load_as(path: str, dtype: str = "float32"):
     """The model at `path` in `dtype`; float64 takes away fp32 rounding (summation order) to show
-    the sharded arithmetic itself is exact."""
+    the sharded arithmetic itself is exact; "int8" / "int4" quantize it first (round-to-nearest:
+    deterministic, so every process gets the same codes)."""
+    from leanformer.compress import Int4WeightOnly, Int8WeightOnly, quantize_
     from leanformer.loading import load
+
+    if dtype in ("int8", "int4"):
+        model, _ = load(path)
+        config = Int8WeightOnly() if dtype == "int8" else Int4WeightOnly(group_size=32)
+        return quantize_(model, config)
 
     # plain Linears for float64: the oneDNN packed copies of the fast path are fp32-only
     model, _ = load(path, fast=dtype == "float32")

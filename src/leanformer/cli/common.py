@@ -51,8 +51,6 @@ def load_model(args):
     if size > 1:
         from leanformer.distributed import join, shared_seed
 
-        if getattr(args, "keep_quantized", False):
-            raise LeanformerError(f"--{'tp' if tp > 1 else 'pp'} splits float weights; drop --keep-quantized")
         rank, _ = join(size, "--tp" if tp > 1 else "--pp")  # before loading: fails in a second
         if rank != 0:
             # the other ranks compute the same text; one copy of the output is wanted

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from leanformer.distributed.quant_shards import column_unit, is_quantized, quant_cols, quant_rows
 from leanformer.errors import LeanformerError
 from leanformer.kernels.modules import FastLinear
 
@@ -52,8 +53,10 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return FastLinear.from_linear(lin) if lin.weight.dtype == torch.float32 else lin
 
 
-def _rows(linear: nn.Module, spans: list[tuple[int, int]]) -> nn.Linear:
+def _rows(linear: nn.Module, spans: list[tuple[int, int]]) -> nn.Module:
     """Output rows [a, b) of every span, concatenated (a column-parallel shard)."""
+    if is_quantized(linear):
+        return quant_rows(linear, spans)
     bias = linear.bias
     w = torch.cat([linear.weight[a:b] for a, b in spans])
     return _linear(w, None if bias is None else torch.cat([bias[a:b] for a, b in spans]))
@@ -62,14 +65,17 @@ def _rows(linear: nn.Module, spans: list[tuple[int, int]]) -> nn.Linear:
 def _cols(linear: nn.Module, lo: int, hi: int, group) -> AllReduceLinear:
     """Input columns [lo, hi) (a row-parallel shard) followed by the all-reduce."""
     bias = None if linear.bias is None else linear.bias.detach().clone()
+    if is_quantized(linear):
+        return AllReduceLinear(quant_cols(linear, lo, hi), bias, group)
     return AllReduceLinear(_linear(linear.weight[:, lo:hi], None), bias, group)
 
 
-def _share(n: int, rank: int, size: int) -> tuple[int, int]:
-    """[lo, hi) of rank's share of n items; the first n % size ranks get one more."""
-    base, extra = divmod(n, size)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (rank < extra)
+def _share(n: int, rank: int, size: int, unit: int = 1) -> tuple[int, int]:
+    """[lo, hi) of rank's share of n items, cut in whole units (quantization groups) but the last;
+    the first ranks get one unit more when they do not divide evenly."""
+    base, extra = divmod(-(-n // unit), size)
+    lo = (rank * base + min(rank, extra)) * unit
+    return min(lo, n), min(lo + (base + (rank < extra)) * unit, n)
 
 
 def check_tp(n_kv_heads: int, size: int, name: str = "tensor parallel size") -> None:
@@ -81,12 +87,11 @@ def check_tp(n_kv_heads: int, size: int, name: str = "tensor parallel size") -> 
         )
 
 
-def _check_float(model: nn.Module) -> None:
+def _check_linears(model: nn.Module) -> None:
     for name, module in model.model.layers.named_modules():
-        if name.endswith("_proj") and not isinstance(module, nn.Linear):
+        if name.endswith("_proj") and not (isinstance(module, nn.Linear) or is_quantized(module)):
             raise LeanformerError(
-                f"tensor parallel shards float Linears; {name} is a {type(module).__name__} "
-                "(load the float model, call parallelize_, then quantize on every rank)"
+                f"tensor parallel shards float, int8 and int4 Linears; {name} is a {type(module).__name__}"
             )
 
 
@@ -113,7 +118,7 @@ def parallelize_(model: nn.Module, group=None) -> nn.Module:
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     a = model.args
     check_tp(a.num_key_value_heads, size)
-    _check_float(model)
+    _check_linears(model)
     h, kv, d = a.num_attention_heads // size, a.num_key_value_heads // size, a.head_dim
     q_rows = (rank * h * d, (rank + 1) * h * d)  # qkv_proj rows: q [H*d] | k [KV*d] | v [KV*d]
     k0 = a.num_attention_heads * d
@@ -126,7 +131,7 @@ def parallelize_(model: nn.Module, group=None) -> nn.Module:
             attn.qkv_proj = _rows(attn.qkv_proj, [q_rows, k_rows, v_rows])
             attn.o_proj = _cols(attn.o_proj, *q_rows, group)  # o_proj's inputs are the q heads' outputs
             attn.n_heads, attn.n_kv_heads = h, kv
-            lo, hi = _share(mlp.inter, rank, size)
+            lo, hi = _share(mlp.inter, rank, size, column_unit(mlp.down_proj))
             # gate_up_proj rows: gate [inter] | up [inter]
             mlp.gate_up_proj = _rows(mlp.gate_up_proj, [(lo, hi), (mlp.inter + lo, mlp.inter + hi)])
             mlp.down_proj = _cols(mlp.down_proj, lo, hi, group)
