@@ -46,3 +46,25 @@ def test_tp_and_pp_together_are_refused(shared, capsys):
         capsys.readouterr().err.strip()
         == "error: use --tp or --pp, not both (2-D parallelism is not supported)"
     )
+
+
+@pytest.mark.slow
+def test_smollm2_q4_tp3_prints_the_single_process_text(smollm2, capsys):
+    """The real GGUF kept as int4 (Q4_1 → Int4Linear, groups of 32), 3 ranks (3 KV heads); ~30 s
+    per command on the shared 2-core machine."""
+    args = ["generate", str(smollm2), "--keep-quantized", "--prompt", "The capital of France is"]
+    args += ["--max-new-tokens", "16"]
+    assert main(args) == 0
+    single = capsys.readouterr().out
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "3",
+        "-m",
+        "leanformer.cli",
+    ]
+    run = subprocess.run([*torchrun, *args, "--tp", "3"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout == single
