@@ -2,7 +2,7 @@
 
 Run under torchrun, one process per rank:
 
-    torchrun --nproc-per-node 2 -m leanformer.distributed.scaling MODEL [--steps 64]
+    torchrun --nproc-per-node 2 -m leanformer.distributed.scaling MODEL [--steps 64] [--split pp]
 
 Per decode step a tensor-parallel Llama does 1/N of the layer math plus 2 all-reduces of [B, 1, hidden]
 per layer, so
@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from leanformer.distributed.pipeline import pipeline_
 from leanformer.distributed.tensor_parallel import parallelize_
 from leanformer.models.kv_cache import KVCache
 
@@ -66,8 +67,9 @@ def predict_step_s(step_1: float, size: int, layers: int, allreduce: float) -> f
     return step_1 / size + 2 * layers * allreduce
 
 
-def measure(path: str, steps: int, repeats: int) -> dict | None:
-    """Every rank calls this; rank 0 returns the figures (the others None)."""
+def measure(path: str, steps: int, repeats: int, split: str = "tp") -> dict | None:
+    """Every rank calls this; rank 0 returns the figures (the others None). split="pp" times the
+    pipeline-parallel step instead of the tensor-parallel one."""
     from leanformer.hub import resolve_model
     from leanformer.loading import load
 
@@ -83,7 +85,11 @@ def measure(path: str, steps: int, repeats: int) -> dict | None:
         out["step_1proc_module_ms"] = 1e3 * decode_step_s(model, steps)
         out["layer_module_ms"] = out["step_1proc_module_ms"] / a.num_hidden_layers
     dist.barrier()
-    if a.num_key_value_heads % size == 0:  # else: figures and predictions only, no sharded run
+    if split == "pp":
+        pipeline_(model)
+        out[f"step_pp{size}_ms"] = 1e3 * decode_step_s(model, steps)
+        out[f"measured_pp{size}_tok_s"] = 1e3 / out[f"step_pp{size}_ms"]
+    elif a.num_key_value_heads % size == 0:  # else: figures and predictions only, no sharded run
         parallelize_(model)
         out[f"step_tp{size}_ms"] = 1e3 * decode_step_s(model, steps)
     if rank != 0:
@@ -98,6 +104,10 @@ def measure(path: str, steps: int, repeats: int) -> dict | None:
         out[f"predicted_tp{n}_tok_s"] = 1e3 / step
     if f"step_tp{size}_ms" in out:
         out[f"measured_tp{size}_tok_s"] = 1e3 / out[f"step_tp{size}_ms"]
+        # what each all-reduce cost inside decode, if the compute split perfectly: the waits for the
+        # slower rank (and, on an oversubscribed machine, for a descheduled one) land here
+        excess = out[f"step_tp{size}_ms"] - out["step_1proc_module_ms"] / size
+        out["effective_allreduce_us"] = 1e3 * excess / (2 * a.num_hidden_layers)
     out["measured_1proc_module_tok_s"] = 1e3 / out["step_1proc_module_ms"]
     out["measured_1proc_fused_tok_s"] = 1e3 / out["step_1proc_fused_ms"]
     return out
@@ -108,12 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("model")
     p.add_argument("--steps", type=int, default=64, help="timed decode steps (median)")
     p.add_argument("--repeats", type=int, default=500, help="timed all-reduces (median)")
+    p.add_argument("--split", choices=["tp", "pp"], default="tp", help="tensor or pipeline parallel")
     args = p.parse_args(argv)
     if not dist.is_torchelastic_launched():
         p.error("run under torchrun: torchrun --nproc-per-node N -m leanformer.distributed.scaling MODEL")
     dist.init_process_group("gloo")  # torchrun's rank / address (env://)
     try:
-        result = measure(args.model, args.steps, args.repeats)
+        result = measure(args.model, args.steps, args.repeats, args.split)
     finally:
         dist.destroy_process_group()
     if result is not None:
