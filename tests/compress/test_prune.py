@@ -269,3 +269,14 @@ def test_lowrank_whitening_beats_plain_svd_and_reloads(stories, tmp_path):
     assert torch.equal(model(ids), again(ids))
     apply(again, Int8WeightOnly())
     assert isinstance(again.model.layers[0].mlp.down_proj.up, Int8Linear)
+
+
+def test_cli_rejects_a_bad_recipe_file_before_loading(tmp_path, capsys):
+    from leanformer.cli.main import main
+
+    recipe = tmp_path / "r.json"
+    recipe.write_text('[{"type": "SparseGPT", "pattern": "8:4"}]')
+    args = ["compress", str(tmp_path / "no-such-model"), "--recipe", str(recipe), "-o", str(tmp_path / "o")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "0 < N < M" in err and len(err.splitlines()) == 1  # the config, not the missing model

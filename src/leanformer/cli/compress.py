@@ -44,6 +44,8 @@ def cmd_compress(args) -> None:
     from leanformer.outputs import check_output_dir
 
     recipe = load_recipe(args.recipe)
+    for stage in recipe.stages:  # a bad recipe file fails in one line before the model loads
+        stage.validate()
     for flag, name in (("--calibration", args.calibration), ("--eval-data", args.eval_data)):
         if name and not Path(name).expanduser().is_file():  # read only after compressing: check now
             raise LeanformerError(f"{flag} file not found: {name}")
