@@ -68,3 +68,24 @@ def test_smollm2_q4_tp3_prints_the_single_process_text(smollm2, capsys):
     run = subprocess.run([*torchrun, *args, "--tp", "3"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout == single
+
+
+@pytest.mark.slow
+def test_torchrun_eval_tp2_prints_the_single_process_perplexity(shared, capsys):
+    data = str(shared / "data" / "tinystories" / "sample.txt")
+    args = ["eval", _stories(shared), "--data", data, "--max-chars", "4000", "--window", "128"]
+    assert main(args) == 0
+    single = capsys.readouterr().out
+    assert "perplexity" in single
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "leanformer.cli",
+    ]
+    run = subprocess.run([*torchrun, *args, "--tp", "2"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout == single

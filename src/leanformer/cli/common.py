@@ -14,7 +14,7 @@ from leanformer.hub import resolve_model
 KEEP_QUANTIZED_HELP = "GGUF: load Q4_0/Q4_1/Q8_0 tensors straight into int4/int8 modules (no float copy)"
 # commands that run the model in this process, so a sharded model works as is (bench runs each engine
 # in its own process, compress would save one rank's shard, serve has no rank-0-only front yet)
-TP_COMMANDS = ("generate", "chat", "eval")
+TP_COMMANDS = ("generate", "eval")  # chat reads stdin, which every rank would race for
 PP_HELP = (
     "pipeline parallel over N processes (Llama family; layers split, each rank holds 1/N of them; "
     "one stream is not faster): torchrun --nproc-per-node N --no-python leanformer %(prog)s MODEL --pp N ..."
