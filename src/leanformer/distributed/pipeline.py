@@ -67,6 +67,8 @@ def pipeline_(model: nn.Module, group=None) -> nn.Module:
         raise LeanformerError(
             f"pipeline parallel supports the Llama family; this model is {getattr(model, 'family', '?')!r}"
         )
+    if getattr(model, "tp", None) is not None or getattr(model, "pp", None) is not None:
+        raise LeanformerError("this model is already split (parallelize_ / pipeline_ ran); load it again")
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     n = model.args.num_hidden_layers
     if size > n:

@@ -113,8 +113,8 @@ def parallelize_(model: nn.Module, group=None) -> nn.Module:
             f"tensor parallel supports the Llama family (Llama, Mistral, Qwen2, SmolLM); "
             f"this model is {getattr(model, 'family', type(model).__name__)!r}"
         )
-    if getattr(model, "tp", None) is not None:
-        raise LeanformerError("this model is already sharded (parallelize_ was called twice)")
+    if getattr(model, "tp", None) is not None or getattr(model, "pp", None) is not None:
+        raise LeanformerError("this model is already split (parallelize_ / pipeline_ ran); load it again")
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     a = model.args
     check_tp(a.num_key_value_heads, size)
