@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import fnmatch
+import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
@@ -11,6 +14,17 @@ from leanformer.errors import LeanformerError
 
 DEFAULT_IGNORE = ("lm_head",)
 CONFIG_TYPES: dict[str, type[QuantConfig]] = {}
+
+
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    """A glob, or "re:<regex>", matched against the full dotted name or any dotted suffix of it."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], name) or re.search(rf"(?:^|\.)(?:{p[3:]})$", name):
+                return True
+        elif fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p):
+            return True
+    return False
 
 
 def _register(cls: type) -> type:

@@ -16,9 +16,25 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from leanformer.compress.calibrate import Calibration, collect_stats, iter_scopes
-from leanformer.compress.config import Magnitude, PruneConfig, SparseGPT, Wanda, parse_pattern
+from leanformer.compress.config import Magnitude, PruneConfig, SparseGPT, Wanda, matches, parse_pattern
 from leanformer.compress.gptq import _inverse_hessian_chol
 from leanformer.errors import LeanformerError
+
+
+def layer_sparsities(names: list[str], config: PruneConfig) -> dict[str, float]:
+    """Linear name -> sparsity: one value for all, or the first matching pattern of a dict (names that
+    match no pattern stay dense); zero-sparsity entries are dropped."""
+    if isinstance(config.sparsity, dict):
+        out = {}
+        for n in names:
+            hit = next((v for p, v in config.sparsity.items() if matches(n, [p])), None)
+            if hit:
+                out[n] = float(hit)
+    else:
+        out = {n: float(config.sparsity) for n in names} if config.sparsity else {}
+    if not out:
+        raise LeanformerError(f"{type(config).__name__}: no targeted Linear gets a sparsity above 0")
+    return out
 
 
 def check_prunable(model: nn.Module, sparsities: dict[str, float], cfg: PruneConfig) -> None:

@@ -8,10 +8,7 @@ right shapes without computing anything; `model.load_state_dict(saved)` then fil
 from __future__ import annotations
 
 import copy
-import fnmatch
 import json
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +24,7 @@ from leanformer.compress.config import (
     PruneLayers,
     SparseGPT,
     Wanda,
+    matches,
 )
 from leanformer.compress.quant import (
     AWQ,
@@ -44,17 +42,6 @@ from leanformer.compress.quant import (
 from leanformer.errors import LeanformerError
 
 RECIPE_VERSION = 1
-
-
-def matches(name: str, patterns: Iterable[str]) -> bool:
-    """A glob, or "re:<regex>", matched against the full dotted name or any dotted suffix of it."""
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.fullmatch(p[3:], name) or re.search(rf"(?:^|\.)(?:{p[3:]})$", name):
-                return True
-        elif fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p):
-            return True
-    return False
 
 
 def select_linears(model: nn.Module, cfg: QuantConfig) -> list[str]:
@@ -190,7 +177,7 @@ def _prune(
     from leanformer.compress import prune, structured
 
     if isinstance(config, PruneConfig):
-        sparsities = _sparsities(select_linears(model, config), config)
+        sparsities = prune.layer_sparsities(select_linears(model, config), config)
         prune.check_prunable(model, sparsities, config)
     elif isinstance(config, PruneFFN):
         names = structured.ffn_targets(model, select_linears(model, config))
@@ -228,22 +215,6 @@ def _lowrank(
     model.eval()
     lowrank.lowrank_(model, config, rank_of, calibration, progress)
     model.train(was_training)
-
-
-def _sparsities(names: list[str], config: PruneConfig) -> dict[str, float]:
-    """Linear name -> sparsity: one value for all, or the first matching pattern of a dict (names that
-    match no pattern stay dense); zero-sparsity entries are dropped."""
-    if isinstance(config.sparsity, dict):
-        out = {}
-        for n in names:
-            hit = next((v for p, v in config.sparsity.items() if matches(n, [p])), None)
-            if hit:
-                out[n] = float(hit)
-    else:
-        out = {n: float(config.sparsity) for n in names} if config.sparsity else {}
-    if not out:
-        raise LeanformerError(f"{type(config).__name__}: no targeted Linear gets a sparsity above 0")
-    return out
 
 
 def prune_(
