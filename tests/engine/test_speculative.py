@@ -11,8 +11,8 @@ import torch
 
 import leanformer as lf
 from leanformer.engine.generate import GenerationStats
-from leanformer.engine.sampling import SamplingParams
-from leanformer.engine.speculative import Controller, DraftModel, PromptLookup, lookup, probabilities, verify
+from leanformer.engine.sampling import SamplingParams, probabilities
+from leanformer.engine.speculative import Controller, DraftModel, PromptLookup, lookup, verify
 from leanformer.errors import LeanformerError
 from leanformer.models.kv_cache import KVCache
 
