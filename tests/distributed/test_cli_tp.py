@@ -12,17 +12,39 @@ from leanformer.cli.main import main
 ARGS = ["--prompt", "Once upon a time", "--max-new-tokens", "24"]
 
 
+def _torchrun(n: int) -> list[str]:
+    # --standalone: a free rendezvous port, so runs in parallel (other tests, other users) never meet
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={n}",
+        "-m",
+        "leanformer.cli",
+    ]
+
+
 def _stories(shared):
     return str(shared / "models" / "stories260K" / "stories260K.bin")
 
 
-@pytest.mark.parametrize("flag", ["--tp", pytest.param("--pp", marks=pytest.mark.slow)])
-def test_torchrun_prints_the_single_process_text(shared, capsys, flag):
-    assert main(["generate", _stories(shared), *ARGS]) == 0
+SAMPLED = ["--temperature", "0.9", "--top-p", "0.95", "--seed", "3"]
+
+
+@pytest.mark.parametrize(
+    "flag, extra",
+    [
+        ("--tp", []),
+        pytest.param("--pp", [], marks=pytest.mark.slow),
+        pytest.param("--tp", SAMPLED, marks=pytest.mark.slow),  # every rank draws the same tokens
+    ],
+)
+def test_torchrun_prints_the_single_process_text(shared, capsys, flag, extra):
+    assert main(["generate", _stories(shared), *ARGS, *extra]) == 0
     single = capsys.readouterr().out
     assert single.startswith("Once upon a time") and len(single) > len("Once upon a time") + 20
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd = [*torchrun, "-m", "leanformer.cli", "generate", _stories(shared), *ARGS, flag, "2"]
+    cmd = [*_torchrun(2), "generate", _stories(shared), *ARGS, *extra, flag, "2"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout == single  # one copy: only rank 0 prints
@@ -56,16 +78,7 @@ def test_smollm2_q4_tp3_prints_the_single_process_text(smollm2, capsys):
     args += ["--max-new-tokens", "16"]
     assert main(args) == 0
     single = capsys.readouterr().out
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "3",
-        "-m",
-        "leanformer.cli",
-    ]
-    run = subprocess.run([*torchrun, *args, "--tp", "3"], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([*_torchrun(3), *args, "--tp", "3"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout == single
 
@@ -77,15 +90,6 @@ def test_torchrun_eval_tp2_prints_the_single_process_perplexity(shared, capsys):
     assert main(args) == 0
     single = capsys.readouterr().out
     assert "perplexity" in single
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "leanformer.cli",
-    ]
-    run = subprocess.run([*torchrun, *args, "--tp", "2"], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([*_torchrun(2), *args, "--tp", "2"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout == single

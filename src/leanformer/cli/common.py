@@ -17,11 +17,11 @@ KEEP_QUANTIZED_HELP = "GGUF: load Q4_0/Q4_1/Q8_0 tensors straight into int4/int8
 TP_COMMANDS = ("generate", "eval")  # chat reads stdin, which every rank would race for
 PP_HELP = (
     "pipeline parallel over N processes (Llama family; layers split, each rank holds 1/N of them; "
-    "one stream is not faster): torchrun --nproc-per-node N --no-python leanformer %(prog)s MODEL --pp N ..."
+    "one stream is not faster): torchrun --standalone --nproc-per-node N --no-python leanformer %(prog)s MODEL --pp N ..."
 )
 TP_HELP = (
     "tensor parallel over N processes (Llama family; N must divide the KV heads): "
-    "torchrun --nproc-per-node N --no-python leanformer %(prog)s MODEL --tp N ..."
+    "torchrun --standalone --nproc-per-node N --no-python leanformer %(prog)s MODEL --tp N ..."
 )
 
 

@@ -26,7 +26,7 @@ def join(size: int, flag: str = "--tp", backend: str = "gloo") -> tuple[int, int
         if not dist.is_torchelastic_launched():
             raise LeanformerError(
                 f"{flag} {size} needs {size} processes: run it as "
-                f"`torchrun --nproc-per-node {size} --no-python leanformer ...`"
+                f"`torchrun --standalone --nproc-per-node {size} --no-python leanformer ...`"
             )
         dist.init_process_group(backend)
         atexit.register(_leave)

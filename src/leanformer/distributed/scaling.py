@@ -2,7 +2,7 @@
 
 Run under torchrun, one process per rank:
 
-    torchrun --nproc-per-node 2 -m leanformer.distributed.scaling MODEL [--steps 64] [--split pp]
+    torchrun --standalone --nproc-per-node 2 -m leanformer.distributed.scaling MODEL [--steps 64] [--split pp]
 
 Per decode step a tensor-parallel Llama does 1/N of the layer math plus 2 all-reduces of [B, 1, hidden]
 per layer, so
@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", choices=["tp", "pp"], default="tp", help="tensor or pipeline parallel")
     args = p.parse_args(argv)
     if not dist.is_torchelastic_launched():
-        p.error("run under torchrun: torchrun --nproc-per-node N -m leanformer.distributed.scaling MODEL")
+        p.error(
+            "run under torchrun: torchrun --standalone --nproc-per-node N -m leanformer.distributed.scaling MODEL"
+        )
     dist.init_process_group("gloo")  # torchrun's rank / address (env://)
     try:
         result = measure(args.model, args.steps, args.repeats, args.split)
