@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "leanformer"
 
 # Higher number = higher layer. Rooms on one layer must not import each other.
 LAYERS: dict[str, int] = {
+    "__main__": 10,  # `python -m leanformer`: the command line
     "cli": 9,
     "serve": 8,
     "measure": 7,

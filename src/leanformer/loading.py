@@ -364,12 +364,18 @@ def save(model: nn.Module, tok, out_dir: str | os.PathLike, overwrite: bool = Fa
     old folder is renamed aside, the new one renamed in, then the old one removed; on failure the old
     one is put back). Any other non-empty folder needs overwrite=True. Refused even then: an existing
     file or symlink at `out_dir`, the filesystem root, the current or home folder, the folder the
-    model was loaded from (lf.load records it), and any folder above those (see outputs.py). Files and folders get the permissions the umask gives.
+    model was loaded from (lf.load records it), and any folder above those (see outputs.py). Files and
+    folders get the permissions the umask gives. A model split across processes (parallelize_ /
+    pipeline_) holds one shard only: it is refused.
     """
     from safetensors.torch import save_file
 
     from leanformer.outputs import check_output_dir, new_temp_dir, replace_dir
 
+    if getattr(model, "tp", None) or getattr(model, "pp", None):
+        raise LeanformerError(
+            "this model is split across processes (tensor / pipeline parallel): save it before splitting"
+        )
     source = getattr(model, "loaded_from", None)
     out = check_output_dir(out_dir, overwrite, inputs=[source] if source else [])
     try:

@@ -21,7 +21,7 @@ def _torchrun(n: int) -> list[str]:
         "--standalone",
         f"--nproc-per-node={n}",
         "-m",
-        "leanformer.cli",
+        "leanformer",  # src/leanformer/__main__.py
     ]
 
 

@@ -179,3 +179,12 @@ def test_modes_follow_the_umask(model, tmp_path, mask):
     assert out.stat().st_mode & 0o777 == 0o777 & ~mask
     for f in out.iterdir():
         assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f.name
+
+
+@pytest.mark.parametrize("split", ["tp", "pp"])
+def test_a_model_split_across_processes_is_refused(model, tmp_path, monkeypatch, split):
+    """After parallelize_ / pipeline_ a process holds one shard: saving it would write a broken model."""
+    monkeypatch.setattr(model, split, (0, 2), raising=False)
+    with pytest.raises(lf.LeanformerError, match="split across processes"):
+        lf.save(model, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

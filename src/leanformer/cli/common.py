@@ -11,7 +11,9 @@ from leanformer.cli import args as ck
 from leanformer.errors import LeanformerError
 from leanformer.hub import resolve_model
 
-KEEP_QUANTIZED_HELP = "GGUF: load Q4_0/Q4_1/Q8_0 tensors straight into int4/int8 modules (no float copy)"
+KEEP_QUANTIZED_HELP = (
+    "GGUF: Q4_0/Q4_1/Q4_K tensors load straight into int4, Q8_0/Q5_0/Q6_K into int8 modules (no float copy)"
+)
 # commands that run the model in this process, so a sharded model works as is (bench runs each engine
 # in its own process, compress would save one rank's shard, serve has no rank-0-only front yet)
 TP_COMMANDS = ("generate", "eval")  # chat reads stdin, which every rank would race for
