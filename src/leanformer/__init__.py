@@ -17,12 +17,14 @@ from leanformer.compress import (
     load_recipe,
     quantize_,
 )
+from leanformer.distributed import parallelize_, pipeline_
 from leanformer.encoders.build import load_encoder
 from leanformer.encoders.embed import classify, embed
 from leanformer.encoders.probe import train_probe
 from leanformer.encoders.prune_heads import head_importance, prune_heads_, prune_heads_auto_
 from leanformer.engine.generate import GenerationStats, generate, stream_generate
 from leanformer.engine.sampling import SamplingParams
+from leanformer.engine.speculative import DraftModel, PromptLookup
 from leanformer.errors import LeanformerError
 from leanformer.export.decoder import export_decoder_onnx, load_onnx_decoder
 from leanformer.export.encoder import export_onnx, load_onnx_encoder
@@ -46,6 +48,12 @@ __all__ = [
     "load",
     "save",
     "stream_generate",
+    # speculative decoding (exact): prompt lookup or a draft model
+    "DraftModel",
+    "PromptLookup",
+    # one model across processes (torch.distributed): tensor / pipeline parallel
+    "parallelize_",
+    "pipeline_",
     # encoders (BERT family): embeddings, classification / probes, head pruning
     "classify",
     "embed",
