@@ -34,7 +34,8 @@ def test_bench_speculative_reports_acceptance_and_identity(shared, tmp_path, cap
     assert all(r["identical"] for r in rows)  # greedy speculative output == plain output, every prompt
     grounded = {r["method"]: r for r in rows if r["workload"] == "input-grounded"}
     assert grounded["draft stories260K"]["acceptance"] == 1.0  # the model drafting for itself
-    assert grounded["draft stories260K"]["tokens_per_round"] > 1.5  # several tokens per target step
+    # tokens per step are not asserted: a draft as large as the target never pays, and the cost model
+    # may rightly choose plain steps for it (timing-dependent)
 
 
 def test_passages_reads_paragraphs_and_refuses_missing(tmp_path):

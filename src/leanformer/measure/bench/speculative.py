@@ -87,11 +87,14 @@ def parse_method(text: str, load_draft) -> tuple[str, object]:
 
 
 def _one(model, tok, prompt, new_tokens: int, spec) -> dict:
-    from leanformer.engine.generate import GenerationStats, generate
+    from leanformer.engine.generate import GenerationStats, encode_prompt, generate
 
+    # token ids in, token ids out: the chat template, tokenizing and detokenizing cost the same with or
+    # without speculation, and on short answers they would dilute the ratio being measured
+    ids = encode_prompt(tok, prompt) if tok is not None else prompt
     st = GenerationStats()
     t0 = time.perf_counter()
-    out = generate(model, tok, prompt, max_new_tokens=new_tokens, stats=st, speculative=spec)
+    out = generate(model, tok, ids, max_new_tokens=new_tokens, stats=st, speculative=spec)  # ids back
     wall = time.perf_counter() - t0
     # prefill is the same work with or without speculation: time what follows it
     return {
