@@ -95,3 +95,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def wait_until(cond, seconds: float = 20.0) -> bool:
+    """Poll `cond()` every 20 ms until it is true (True) or `seconds` pass (False): for server tests."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False

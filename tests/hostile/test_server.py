@@ -23,6 +23,7 @@ pytest.importorskip("uvicorn")
 
 import leanformer.engine.scheduler as scheduler_module  # noqa: E402
 from leanformer.serve.app import ServeConfig, create_app, running  # noqa: E402
+from tests.conftest import wait_until
 
 MODEL = "stories"
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -85,15 +86,6 @@ def _metric(url: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
-
-
-def _wait(cond, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _slow(forward, delay: float):
@@ -257,7 +249,7 @@ def test_victim_stream_is_intact_next_to_hostile_requests(stories, monkeypatch):
         assert victim_still_running and max(sched.batch_sizes) >= 3  # they really shared batches
         assert [a.status_code for a in answers] == [200, 200, 200, 200, 500, 400]
         assert "injected sampling fault" in answers[4].json()["error"]["message"]
-        assert sched.errors["sample"] == 1 and _wait(lambda: sched.n_running == 0)
+        assert sched.errors["sample"] == 1 and wait_until(lambda: sched.n_running == 0)
 
 
 def test_injected_engine_failure_fails_only_that_request(stories, monkeypatch):
@@ -300,7 +292,7 @@ def test_injected_engine_failure_fails_only_that_request(stories, monkeypatch):
         assert reader.is_alive()  # the victim ran through all of it
         reader.join(60)
         assert result == solo
-        assert _wait(lambda: sched.n_running == 0 and len(sched.free) == 4)
+        assert wait_until(lambda: sched.n_running == 0 and len(sched.free) == 4)
         assert _metric(url, 'leanformer_request_errors_total{stage="admit"}') == 2
         assert _metric(url, 'leanformer_request_errors_total{stage="sample"}') == 2
         assert _metric(url, 'leanformer_request_errors_total{stage="prefill"}') == 1
@@ -320,7 +312,7 @@ def test_client_disconnect_mid_stream_frees_the_slot(stories, monkeypatch):
             assert next(lines).startswith("data: ")
             assert _metric(url, "leanformer_running_requests") == 1
         # the client went away after one event: its request is cancelled and its slot is free
-        assert _wait(lambda: _metric(url, "leanformer_running_requests") == 0)
+        assert wait_until(lambda: _metric(url, "leanformer_running_requests") == 0)
         assert _metric(url, 'leanformer_finished_total{reason="cancelled"}') == 1
         assert _metric(url, "leanformer_generation_tokens_total") < 200
         assert len(app.state.lf.scheduler.free) == 2
@@ -339,7 +331,7 @@ def test_429_only_when_really_full(stories, monkeypatch):
         try:
             with ThreadPoolExecutor(4) as pool:
                 pending = [pool.submit(_post, url, BASE) for _ in range(4)]
-                assert _wait(lambda: sched.n_waiting == 4 or any(p.done() for p in pending))
+                assert wait_until(lambda: sched.n_waiting == 4 or any(p.done() for p in pending))
                 assert sched.n_waiting == 4, [p.result().text for p in pending if p.done()]
                 fifth = _post(url, BASE)
                 assert fifth.status_code == 429 and fifth.headers["retry-after"] == "1"
@@ -417,7 +409,7 @@ def test_stuck_engine_step_makes_health_503(stories, monkeypatch):
     with running(app) as url, ThreadPoolExecutor(1) as pool:
         try:
             pending = pool.submit(_post, url, BASE)
-            assert _wait(lambda: httpx.get(url + "/health").status_code == 503)
+            assert wait_until(lambda: httpx.get(url + "/health").status_code == 503)
             assert "engine step has been running" in httpx.get(url + "/health").json()["reason"]
         finally:
             release.set()

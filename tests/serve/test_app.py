@@ -30,6 +30,7 @@ from leanformer.serve.loadtest import (  # noqa: E402
     add_bench_args,  # noqa: E402
     bench_serve,
 )
+from tests.conftest import wait_until  # noqa: E402
 
 MODEL = "stories"
 
@@ -192,15 +193,6 @@ def _running(url: str) -> int:
     return httpx.get(url + "/health").json()["running"]
 
 
-def _wait(cond, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_full_queue_429_disconnect_and_timeout(shared):
     """One slot, a one-request queue, a slowed model: the third request is refused at once with 429;
     a client that goes away mid-stream frees its slot; a request past its timeout gets 504."""
@@ -214,19 +206,19 @@ def test_full_queue_429_disconnect_and_timeout(shared):
             lines = first.iter_lines()
             assert next(lines).startswith("data: ")  # running: holds the only slot
             with http.stream("POST", "/v1/completions", json=body) as second:  # waits in the queue
-                assert _wait(lambda: sched.n_waiting == 1)
+                assert wait_until(lambda: sched.n_waiting == 1)
                 t0 = time.monotonic()
                 third = http.post("/v1/completions", json=body)
                 assert third.status_code == 429 and third.headers["retry-after"]
                 assert third.json()["error"]["type"] == "rate_limit_error" and time.monotonic() - t0 < 2
                 assert second.status_code == 200
         # both clients left mid-stream: their requests are cancelled and the slot is free
-        assert _wait(lambda: _running(url) == 0 and sched.n_waiting == 0)
+        assert wait_until(lambda: _running(url) == 0 and sched.n_waiting == 0)
         assert sched.finished["cancelled"] == 2
         # a non-streaming client that gives up is noticed too
         with pytest.raises(httpx.ReadTimeout):
             http.post("/v1/completions", json=body | {"stream": False}, timeout=0.5)
-        assert _wait(lambda: sched.finished["cancelled"] == 3 and _running(url) == 0)
+        assert wait_until(lambda: sched.finished["cancelled"] == 3 and _running(url) == 0)
         cfg.request_timeout = 0.3
         r = http.post("/v1/completions", json=body | {"stream": False})
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
@@ -245,7 +237,7 @@ def test_graceful_shutdown_ends_streams_cleanly(shared):
     with running(app) as url:
         reader = threading.Thread(target=consume, args=(url,))
         reader.start()
-        assert _wait(lambda: len(events) > 2)
+        assert wait_until(lambda: len(events) > 2)
     reader.join(timeout=30)
     assert not reader.is_alive()  # the stream ended, never hung ...
     assert events[-2:] == ["data: [DONE]", ""]  # ... cleanly: the client got the end of the stream
@@ -366,7 +358,7 @@ def test_cli_serve_process_answers_and_stops_on_sigterm(shared, tmp_path):
             return False
 
     try:
-        assert _wait(ready, seconds=30), log.read_text()
+        assert wait_until(ready, seconds=30), log.read_text()
         body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 5, "ignore_eos": True}
         r = httpx.post(url + "/v1/completions", json=body, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from leanformer.distributed.tensor_parallel import _share
+from leanformer.distributed.tensor_parallel import _share, check_splittable
 from leanformer.errors import LeanformerError
 
 
@@ -58,17 +58,7 @@ def pipeline_(model: nn.Module, group=None) -> nn.Module:
     the local layers' cache; the kept layers are renumbered 0..k-1 for it) and `model.pp = (rank, size)`.
     The fused C++ decode step is off: the send / receive sits between layers.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise LeanformerError(
-            "pipeline parallel needs a process group: run under torchrun and call "
-            "torch.distributed.init_process_group first"
-        )
-    if getattr(model, "family", None) != "llama" or not hasattr(model, "model"):
-        raise LeanformerError(
-            f"pipeline parallel supports the Llama family; this model is {getattr(model, 'family', '?')!r}"
-        )
-    if getattr(model, "tp", None) is not None or getattr(model, "pp", None) is not None:
-        raise LeanformerError("this model is already split (parallelize_ / pipeline_ ran); load it again")
+    check_splittable(model, "pipeline parallel")
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     n = model.args.num_hidden_layers
     if size > n:

@@ -95,6 +95,22 @@ def _check_linears(model: nn.Module) -> None:
             )
 
 
+def check_splittable(model: nn.Module, kind: str) -> None:
+    """One-line errors before any split: no process group, not a Llama-family model, already split."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise LeanformerError(
+            f"{kind} needs a process group: run under torchrun and call "
+            "torch.distributed.init_process_group first"
+        )
+    if getattr(model, "family", None) != "llama" or not hasattr(model, "model"):
+        raise LeanformerError(
+            f"{kind} supports the Llama family (Llama, Mistral, Qwen2, SmolLM); "
+            f"this model is {getattr(model, 'family', type(model).__name__)!r}"
+        )
+    if getattr(model, "tp", None) is not None or getattr(model, "pp", None) is not None:
+        raise LeanformerError("this model is already split (parallelize_ / pipeline_ ran); load it again")
+
+
 def parallelize_(model: nn.Module, group=None) -> nn.Module:
     """Shard a built Llama-family model in place over `group` (default: the whole world); returns it.
 
@@ -103,18 +119,7 @@ def parallelize_(model: nn.Module, group=None) -> nn.Module:
     `model.tp = (rank, size)`. The fused C++ decode step is turned off: it runs every layer in one
     call and has no place for the all-reduces; decode takes the module path.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise LeanformerError(
-            "tensor parallel needs a process group: run under torchrun and call "
-            "torch.distributed.init_process_group first"
-        )
-    if getattr(model, "family", None) != "llama" or not hasattr(model, "model"):
-        raise LeanformerError(
-            f"tensor parallel supports the Llama family (Llama, Mistral, Qwen2, SmolLM); "
-            f"this model is {getattr(model, 'family', type(model).__name__)!r}"
-        )
-    if getattr(model, "tp", None) is not None or getattr(model, "pp", None) is not None:
-        raise LeanformerError("this model is already split (parallelize_ / pipeline_ ran); load it again")
+    check_splittable(model, "tensor parallel")
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     a = model.args
     check_tp(a.num_key_value_heads, size)
