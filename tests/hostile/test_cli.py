@@ -103,6 +103,22 @@ BAD_FLAGS = [
     ["prune-heads", M, "--heads", "[1, 2]", "--heads must be a JSON object"],
     ["prune-heads", M, "--heads", '{"0": [-1]}', "--heads must be a JSON object"],
     ["eval-encoder", M, "--batch-size", "0", "must be at least 1"],
+    ["serve", M, "--port", "-5", "--port must be at least 0"],
+    ["serve", M, "--port", "70000", "--port must be below 65536"],
+    ["serve", M, "--max-batch", "0", "must be at least 1"],
+    ["serve", M, "--max-seq", "1", "must be at least 2"],
+    ["serve", M, "--kv-budget-mb", "-1", "must be above 0"],
+    ["serve", M, "--prefill-chunk", "0", "must be at least 1"],
+    ["serve", M, "--max-queue", "-1", "must be at least 0"],
+    ["serve", M, "--max-body-mb", "0", "must be above 0"],
+    ["serve", M, "--stall-timeout", "nan", "must be a finite number"],
+    ["serve", M, "--request-timeout", "inf", "must be a finite number"],
+    ["serve", M, "--shutdown-timeout", "-1", "must be at least 0"],
+    ["bench-serve", M, "--requests", "0", "must be at least 1"],
+    ["bench-serve", M, "--concurrency", "-3", "must be at least 1"],
+    ["bench-serve", M, "--max-tokens", "0", "must be at least 1"],
+    ["bench", M, "--speculative", "prompt-lookup", "--prompts", "-1", "must be at least 1"],
+    ["generate", M, "--tp", "0", "--tp must be at least 1"],
 ]
 
 

@@ -23,11 +23,11 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from leanformer.cli.serve import add_bench_args  # noqa: E402
 from leanformer.cli.serve import add_parser as add_serve_commands  # noqa: E402
 from leanformer.serve.app import ServeConfig, create_app, running  # noqa: E402
 from leanformer.serve.loadtest import (  # noqa: E402
     _free_port,
-    add_bench_args,  # noqa: E402
     bench_serve,
 )
 from tests.conftest import wait_until  # noqa: E402

@@ -5,11 +5,12 @@ bench-serve starts its server in a child process as `python -m leanformer.cli.ma
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
+from leanformer.cli import args as ck
 from leanformer.errors import LeanformerError
-from leanformer.serve.loadtest import add_bench_args
 
 
 def add_parser(sub) -> None:
@@ -22,17 +23,26 @@ def add_parser(sub) -> None:
         help="GGUF: Q4_0/Q4_1/Q4_K tensors stay int4, Q8_0/Q5_0/Q6_K int8 in memory",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=ck.int_range(0, 65536), default=8000, help="0..65535")
     p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: MODEL)")
-    p.add_argument("--max-batch", type=int, default=16, help="KV-cache slots: requests decoded together")
-    p.add_argument("--max-seq", type=int, default=2048, help="tokens per slot: prompt + max_tokens")
     p.add_argument(
-        "--kv-budget-mb", type=float, default=2048, help="KV-cache memory cap; fewer slots if it is exceeded"
+        "--max-batch", type=ck.positive_int, default=16, help="KV-cache slots: requests decoded together"
     )
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per step, between decodes")
+    p.add_argument(
+        "--max-seq", type=ck.int_range(2), default=2048, help="tokens per slot: prompt + max_tokens"
+    )
+    p.add_argument(
+        "--kv-budget-mb",
+        type=ck.positive_float,
+        default=2048,
+        help="KV-cache memory cap; fewer slots if it is exceeded",
+    )
+    p.add_argument(
+        "--prefill-chunk", type=ck.positive_int, default=256, help="prompt tokens per step, between decodes"
+    )
     p.add_argument(
         "--max-queue",
-        type=int,
+        type=ck.non_negative_int,
         default=256,
         help="requests waiting for a slot (beyond --max-batch) before 429",
     )
@@ -42,16 +52,21 @@ def add_parser(sub) -> None:
         help="require 'Authorization: Bearer KEY' on /v1/* (default: $LEANFORMER_API_KEY, else open; "
         "an empty key is refused)",
     )
-    p.add_argument("--max-body-mb", type=float, default=4.0, help="larger request bodies get 413")
+    p.add_argument("--max-body-mb", type=ck.positive_float, default=4.0, help="larger request bodies get 413")
     p.add_argument(
         "--stall-timeout",
-        type=float,
+        type=ck.positive_float,
         default=120,
         help="seconds one engine step may run before /health answers 503",
     )
-    p.add_argument("--request-timeout", type=float, default=600, help="seconds from arrival to last token")
     p.add_argument(
-        "--shutdown-timeout", type=float, default=10, help="seconds in-flight requests get on shutdown"
+        "--request-timeout", type=ck.positive_float, default=600, help="seconds from arrival to last token"
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=ck.non_negative_float,
+        default=10,
+        help="seconds in-flight requests get on shutdown",
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
@@ -59,8 +74,25 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench-serve", help="load-test a server: requests/s, tokens/s, TTFT, inter-token latency"
     )
-    add_bench_args(p)  # the load test's own arguments (serve/loadtest.py)
+    add_bench_args(p)
     p.set_defaults(func=cmd_bench_serve)
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    """bench-serve's arguments (the load test itself is serve/loadtest.py)."""
+    p.add_argument("model", nargs="?", help="start a server on this model (or give --url)")
+    p.add_argument("--url", default=None, help="target a running server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model-name", default="bench", help="the server's model id (with --url)")
+    p.add_argument("--api-key", default=os.environ.get("LEANFORMER_API_KEY"))
+    p.add_argument("--requests", type=ck.positive_int, default=16)
+    p.add_argument("--concurrency", type=ck.positive_int, default=16)
+    p.add_argument(
+        "--max-tokens", type=ck.positive_int, default=128, help="tokens generated per request (EOS ignored)"
+    )
+    p.add_argument("--baseline", action="store_true", help="also send the requests one at a time")
+    p.add_argument("--max-batch", type=ck.positive_int, default=16, help="for the server bench-serve starts")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--json", default=None, help="also write the report here")
 
 
 def cmd_serve(args) -> None:
@@ -95,6 +127,9 @@ def cmd_serve(args) -> None:
 
 
 def cmd_bench_serve(args) -> None:
+    from leanformer.outputs import check_output_file
     from leanformer.serve.loadtest import bench_serve
 
+    if args.json:  # before minutes of load, not after
+        check_output_file(args.json, [])
     bench_serve(args)

@@ -6,12 +6,11 @@ output tokens/s is what continuous batching buys. Every request asks for exactly
 (greedy, `ignore_eos`), so runs are comparable. Given a model instead of `--url`, a server is started
 in a child process (so the load generator does not share its GIL) on a free loopback port.
 
-    python -m leanformer.serve.loadtest smollm2 --requests 16 --concurrency 16 --max-tokens 128 --baseline
+    leanformer bench-serve smollm2 --requests 16 --concurrency 16 --max-tokens 128 --baseline
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -147,22 +146,8 @@ def server_process(model: str, serve_args: list[str], timeout: float = 300):
             proc.kill()
 
 
-def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", help="start a server on this model (or give --url)")
-    p.add_argument("--url", default=None, help="target a running server, e.g. http://127.0.0.1:8000")
-    p.add_argument("--model-name", default="bench", help="the server's model id (with --url)")
-    p.add_argument("--api-key", default=os.environ.get("LEANFORMER_API_KEY"))
-    p.add_argument("--requests", type=int, default=16)
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (EOS ignored)")
-    p.add_argument("--baseline", action="store_true", help="also send the requests one at a time")
-    p.add_argument("--max-batch", type=int, default=16, help="for the server bench-serve starts")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--json", default=None, help="also write the report here")
-
-
 def bench_serve(args) -> dict:
-    """The bench-serve command (args from add_bench_args); prints a table, returns the report."""
+    """The bench-serve command (args from cli/serve.py's bench-serve parser); prints a table, returns the report."""
     texts = prompts(args.requests)
     serve_args = ["--max-batch", str(args.max_batch), "--dtype", args.dtype]
     if args.api_key:
@@ -214,20 +199,3 @@ def _print(report: dict) -> None:
     console.print(t)
     if "speedup_output_tok_s" in report:
         print(f"output tokens/s, concurrent vs one at a time: {report['speedup_output_tok_s']:.2f}×")
-
-
-def main(argv: list[str] | None = None) -> int:
-
-    parser = argparse.ArgumentParser(prog="python -m leanformer.serve.loadtest", description=__doc__)
-    add_bench_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        bench_serve(args)
-    except LeanformerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
