@@ -258,7 +258,7 @@ def test_lowrank_whitening_beats_plain_svd_and_reloads(stories, tmp_path):
     with pytest.raises(LeanformerError, match="leaves rank 0"):
         apply(base, LowRank(ratio=0.1, multiple=64))  # checked before asking for calibration
     model, tok = lf.load(path, fast=False)
-    apply(model, LowRank(ratio=0.9, multiple=8, targets=["mlp.*"]), calib, progress=False)
+    apply(model, LowRank(ratio=0.9, multiple=8, targets=["mlp.*"], keep="smaller"), calib, progress=False)
     lr = model.model.layers[0].mlp.gate_up_proj
     assert isinstance(lr, LowRankLinear) and lr.rank == 48  # 0.9 * 344 * 64 / 408 -> 48
     ppl = evaluate(model, heldout, 256, progress=False).perplexity
@@ -269,6 +269,50 @@ def test_lowrank_whitening_beats_plain_svd_and_reloads(stories, tmp_path):
     assert torch.equal(model(ids), again(ids))
     apply(again, Int8WeightOnly())
     assert isinstance(again.model.layers[0].mlp.down_proj.up, Int8Linear)
+
+
+def test_lowrank_speed_gate_keeps_slow_layers_dense_and_reloads_the_same(stories, tmp_path, monkeypatch):
+    """keep="faster" (the default) factorises only Linears whose factorised form timed faster; the
+    others stay dense and are named in the saved recipe's ignore, so a reload rebuilds the same model;
+    when none wins, one line says so. Plain SVD (whiten=False) is the baseline whitening must beat."""
+    from leanformer.compress import LowRank, lowrank
+    from leanformer.compress.lowrank import LowRankLinear
+
+    path, calib, heldout, base = stories
+    with pytest.raises(LeanformerError, match="keep must be"):
+        apply(base, LowRank(keep="fastest"))
+    timed = []
+
+    def fake_timing(lin, rank):  # deterministic: the wide gate_up (N > K) "wins", down_proj does not
+        timed.append((lin.out_features, lin.in_features))
+        return lin.out_features > lin.in_features, 1.5 if lin.out_features > lin.in_features else 0.8
+
+    monkeypatch.setattr(lowrank, "faster_when_factorised", fake_timing)
+    model, tok = lf.load(path, fast=False)
+    cfg = LowRank(ratio=0.5, multiple=8, targets=["mlp.*"])
+    apply(model, cfg, calib, progress=False)
+    assert len(timed) == 2  # one timing per distinct shape, not per layer
+    mlp = [(n, m) for n, m in model.named_modules() if n.endswith(("gate_up_proj", "down_proj"))]
+    assert all(isinstance(m, LowRankLinear) == n.endswith("gate_up_proj") for n, m in mlp)
+    assert all(n in cfg.ignore for n, _ in mlp if n.endswith("down_proj"))
+    lf.save(model, tok, tmp_path / "gated")
+    again, _ = lf.load(tmp_path / "gated")
+    ids = torch.tensor([heldout[:64]])
+    assert torch.equal(model(ids), again(ids))
+    monkeypatch.setattr(lowrank, "faster_when_factorised", lambda lin, rank: (False, 0.7))
+    with pytest.raises(LeanformerError, match=r"no targeted Linear runs faster.*0\.70x.*keep='smaller'"):
+        apply(lf.load(path, fast=False)[0], LowRank(ratio=0.5, multiple=8), calib, progress=False)
+    ppl = {}
+    for whiten in (True, False):
+        m, _ = lf.load(path, fast=False)
+        apply(
+            m,
+            LowRank(ratio=0.5, multiple=8, targets=["mlp.*"], keep="smaller", whiten=whiten),
+            calib,
+            progress=False,
+        )
+        ppl[whiten] = evaluate(m, heldout, 256, progress=False).perplexity
+    assert ppl[True] < ppl[False]
 
 
 def test_cli_rejects_a_bad_recipe_file_before_loading(tmp_path, capsys):

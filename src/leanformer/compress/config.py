@@ -303,12 +303,18 @@ class LowRank(QuantConfig):
     """Activation-aware low-rank factorisation (whitened SVD, as SVD-LLM): each targeted Linear W [N, K]
     becomes up(down(x)) with rank r = `ratio` * N K / (N + K) rounded down to a multiple of `multiple`
     (so `ratio` is the fraction of the Linear's parameters kept); the truncation minimizes the output
-    error on calibration inputs. Speeds up only where r (N + K) < N K by enough to beat a second call."""
+    error on calibration inputs. Speeds up only where r (N + K) < N K by enough to beat a second call, so
+    keep="faster" times each shape (dense vs factorised, batch 1) and leaves a Linear dense unless its
+    factorised form is measurably faster (the kept-dense names join `ignore`, so a reload rebuilds the
+    same modules); keep="smaller" factorises every target. whiten=False is plain SVD (a baseline: it
+    spends the rank on directions the inputs never excite)."""
 
     ratio: float = 0.5
     multiple: int = 32
     damp: float = 0.01
     batch_size: int = 8
+    keep: str = "faster"
+    whiten: bool = True
     needs_calibration: ClassVar[bool] = True
 
     def validate(self) -> None:
@@ -319,3 +325,7 @@ class LowRank(QuantConfig):
             raise LeanformerError(f"LowRank: multiple must be a positive integer, got {self.multiple!r}")
         if not 0 <= self.damp < 1:
             raise LeanformerError(f"LowRank: damp must be in [0, 1), got {self.damp}")
+        if self.keep not in ("faster", "smaller"):
+            raise LeanformerError(f"LowRank: keep must be 'faster' or 'smaller', got {self.keep!r}")
+        if not isinstance(self.whiten, bool):
+            raise LeanformerError(f"LowRank: whiten must be true or false, got {self.whiten!r}")

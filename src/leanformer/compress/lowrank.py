@@ -8,6 +8,9 @@ Plain SVD (S = I) would spend the rank on directions the inputs never excite.
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 from torch import nn
 
@@ -60,10 +63,14 @@ def empty_lowrank(lin: nn.Linear, rank: int) -> LowRankLinear:
 
 @torch.no_grad()
 def factorize(
-    w: torch.Tensor, gram: torch.Tensor, rank: int, damp: float
+    w: torch.Tensor, gram: torch.Tensor | None, rank: int, damp: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K], gram [K, K] -> (up [N, r], down [r, K]) minimizing ||X (w - up @ down)^T||."""
+    """w [N, K], gram [K, K] -> (up [N, r], down [r, K]) minimizing ||X (w - up @ down)^T||; gram None:
+    plain truncated SVD (minimizes ||w - up @ down||, blind to the inputs)."""
     w = w.float()
+    if gram is None:
+        u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
+        return u[:, :rank] * sigma[:rank], vh[:rank]
     k = gram.shape[0]
     mean_diag = torch.diagonal(gram).mean().clamp_min(1e-8)
     for factor in (1.0, 10.0, 100.0, 1000.0):  # more damping if G is (numerically) singular
@@ -79,16 +86,67 @@ def factorize(
     return up, down
 
 
+def _median_call_s(fn, x: torch.Tensor, calls: int = 50, repeats: int = 7) -> float:
+    for _ in range(5):
+        fn(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn(x)
+        times.append((time.perf_counter() - t0) / calls)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def faster_when_factorised(lin: nn.Linear, rank: int, margin: float = 0.95) -> tuple[bool, float]:
+    """Times y = x W^T against y = (x D^T) U^T for one decode row x [1, K] (random factors: speed does
+    not depend on the values); factorised wins only if below `margin` × dense. Returns (wins, speed-up)."""
+    lr = empty_lowrank(lin, rank)
+    x = torch.randn(1, lin.in_features, dtype=lin.weight.dtype, device=lin.weight.device)
+    dense, factored = _median_call_s(lin, x), _median_call_s(lr, x)
+    return factored < margin * dense, dense / factored
+
+
+def speed_gate(model: nn.Module, cfg: LowRank, rank_of: dict[str, int]) -> dict[str, float]:
+    """keep="faster": drop from `rank_of` every Linear whose factorised form is not faster at batch 1,
+    adding its name to cfg.ignore (the saved recipe then rebuilds the same modules on reload). One timing
+    per (shape, rank, dtype): layers of one model repeat a few shapes. Returns name -> measured speed-up."""
+    by_shape: dict[tuple, tuple[bool, float]] = {}
+    speedup = {}
+    for name in list(rank_of):
+        lin = model.get_submodule(name)
+        key = (lin.out_features, lin.in_features, rank_of[name], lin.weight.dtype, lin.bias is not None)
+        if key not in by_shape:
+            by_shape[key] = faster_when_factorised(lin, rank_of[name])
+        wins, speedup[name] = by_shape[key]
+        if not wins:
+            del rank_of[name]
+    if not rank_of:
+        best = max(speedup.values())
+        raise LeanformerError(
+            f"LowRank: no targeted Linear runs faster factorised at ratio {cfg.ratio} on this CPU "
+            f"(best {best:.2f}x dense at batch 1); lower ratio, or keep='smaller' to factorise for size"
+        )
+    cfg.ignore.extend(n for n in speedup if n not in rank_of)
+    return speedup
+
+
 @torch.no_grad()
 def lowrank_(
     model: nn.Module, cfg: LowRank, rank_of: dict[str, int], calibration: Calibration, progress: bool = True
-) -> None:
-    """Replace each Linear in `rank_of` by its calibrated factorisation, block by block."""
+) -> dict[str, float]:
+    """Replace each Linear in `rank_of` by its calibrated factorisation, block by block (only those that
+    measure faster when cfg.keep == "faster"). Returns name -> measured batch-1 speed-up (keep="faster")."""
+    speedup = speed_gate(model, cfg, rank_of) if cfg.keep == "faster" else {}
     for scope in iter_scopes(model, list(rank_of), calibration, cfg.batch_size, progress, desc="LowRank"):
         for st in collect_stats(model, scope):
             for name in st.names:
+                if name not in rank_of:
+                    continue
                 lin = model.get_submodule(name)
-                up, down = factorize(lin.weight, st.gram, rank_of[name], cfg.damp)
+                gram = st.gram if cfg.whiten else None
+                up, down = factorize(lin.weight, gram, rank_of[name], cfg.damp)
                 new = empty_lowrank(lin, rank_of[name])
                 new.up.weight.copy_(up)
                 new.down.weight.copy_(down)
@@ -97,3 +155,4 @@ def lowrank_(
                 new.down, new.up = rebuilt_like(lin, new.down), rebuilt_like(lin, new.up)
                 set_module(model, name, new)
             del st.gram
+    return speedup
