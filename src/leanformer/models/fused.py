@@ -118,6 +118,9 @@ class DecodePlan:
             and x.dtype == torch.float32
             and x.is_cpu
             and not torch.is_grad_enabled()
+            and getattr(
+                cache, "fused_layout", True
+            )  # a paged cache (models/paged_cache.py) is not [slot, h, pos]
             and cache.dtype == torch.float32
             and cache.k[0].is_cpu
             and not kernels.tracing()
