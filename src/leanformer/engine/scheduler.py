@@ -62,11 +62,14 @@ class Scheduler:
         max_seq: int,
         prefill_chunk: int = 256,
         max_waiting: int = 256,
+        cache=None,
     ) -> None:
         if n_slots < 1:
             raise LeanformerError("the KV cache needs at least one slot")
         self.model, self.tok = model, tok
-        self.cache = KVCache.for_model(model, n_slots, max_seq)
+        # `cache`: another cache with KVCache's interface (engine/paged.py's PagedScheduler gives its own)
+        self.cache = KVCache.for_model(model, n_slots, max_seq) if cache is None else cache
+        n_slots = self.cache.n_slots
         self.max_seq = self.cache.max_seq
         self.vocab = model.args.vocab_size
         self.prefill_chunk = max(1, prefill_chunk)
@@ -173,19 +176,39 @@ class Scheduler:
             with self._lock:
                 if not self.waiting:
                     return
-                req = self.waiting.popleft()
+                req = self.waiting[0]  # only this thread removes from `waiting`: still first below
             self.free.sort()
-            slot = self.free.pop(0)
-            try:  # e.g. a seed torch refuses: that request fails, its slot goes back
+            slot = self.free[0]
+            try:  # e.g. a seed torch refuses: that request fails, its slot stays free
                 self.cache.reset(torch.tensor([slot]))
                 seq = SeqState(req, slot, self.tok, self.vocab)
+                if not self._claim(seq):
+                    return  # its KV memory is not free yet: it waits, first in line
             except Exception as e:
-                self.free.append(slot)
+                with self._lock:
+                    self.waiting.popleft()
                 self.errors["admit"] += 1
                 log.exception("could not admit request %s", req.id)
                 self._emit_final(req, "error", 0, _message(e))
                 continue
+            with self._lock:
+                self.waiting.popleft()
+            self.free.pop(0)
             self.prefilling.append(seq)
+
+    # ---- KV memory hooks: a slot is all a request needs here; engine/paged.py gives out blocks ----
+    def _claim(self, seq: SeqState) -> bool:
+        """Take the KV memory `seq` needs (setting seq.prefilled to what is already cached), or False."""
+        return True
+
+    def _grow(self, seqs: list[SeqState], lengths: list[int]) -> None:
+        """Make room for each sequence's first `lengths` tokens before a forward writes them."""
+
+    def _computed(self, seqs: list[SeqState]) -> None:
+        """A forward put these sequences' tokens in the cache (lengths already moved)."""
+
+    def _release(self, seq: SeqState) -> None:
+        """The sequence ended: give its KV memory back."""
 
     def _prefill(self) -> None:
         """One padded forward over the next prompt chunk of as many new requests as the budget allows.
@@ -225,8 +248,10 @@ class Scheduler:
             ids[row, :n] = torch.tensor(s.req.prompt[s.prefilled : s.prefilled + n])
         slots = torch.tensor([s.slot for s, _ in batch])
         counts = torch.tensor([n for _, n in batch])
+        self._grow([s for s, _ in batch], [s.prefilled + n for s, n in batch])
         logits = self.model(ids, cache=self.cache, slots=slots, logits_at=counts - 1)[:, -1].float()
         self.cache.set_length(slots, torch.tensor([s.prefilled for s, _ in batch]) + counts)
+        self._computed([s for s, _ in batch])
         return logits
 
     def _decode(self) -> None:
@@ -239,8 +264,10 @@ class Scheduler:
     def _decode_forward(self, seqs: list[SeqState]) -> torch.Tensor:
         tokens = torch.tensor([[s.next_token] for s in seqs])  # [B, 1]
         slots = torch.tensor([s.slot for s in seqs])
+        self._grow(seqs, (self.cache.lengths[slots] + 1).tolist())
         logits = self.model(tokens, cache=self.cache, slots=slots)[:, -1].float()  # [B, V]
         self.cache.advance(slots, 1)
+        self._computed(seqs)
         return logits
 
     def _isolated(self, items: list, forward: Callable[[list], torch.Tensor], stage: str):
@@ -335,6 +362,10 @@ class Scheduler:
         if s in self.prefilling:
             self.prefilling.remove(s)
         self.free.append(s.slot)
+        try:
+            self._release(s)
+        except Exception:  # never let bookkeeping keep a request from ending
+            log.exception("could not release the KV memory of request %s", s.req.id)
         if reason in ("length", "stop") and s.detok is not None:
             try:
                 text += s.detok.flush()  # what was held back (after a stop string: nothing)
