@@ -370,7 +370,12 @@ def test_cli_serve_process_answers_and_stops_on_sigterm(shared, tmp_path):
             proc.kill()
             proc.wait()
     out = log.read_text()
-    assert "KV cache: 2 slots" in out and "Finished server process" in out and "Traceback" not in out
+    assert (
+        "KV cache: 16 blocks × 16 tokens" in out
+        and "up to 2 requests" in out
+        and "Finished server process" in out
+        and "Traceback" not in out
+    )
 
 
 def test_bench_serve_starts_its_own_server(shared):

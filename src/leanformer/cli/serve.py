@@ -26,16 +26,38 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=ck.int_range(0, 65536), default=8000, help="0..65535")
     p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: MODEL)")
     p.add_argument(
-        "--max-batch", type=ck.positive_int, default=16, help="KV-cache slots: requests decoded together"
+        "--max-batch",
+        type=ck.positive_int,
+        default=16,
+        help="requests decoded together (KV slots with --kv-cache slots)",
     )
     p.add_argument(
-        "--max-seq", type=ck.int_range(2), default=2048, help="tokens per slot: prompt + max_tokens"
+        "--max-seq", type=ck.int_range(2), default=2048, help="tokens per request: prompt + max_tokens"
     )
     p.add_argument(
         "--kv-budget-mb",
         type=ck.positive_float,
         default=2048,
-        help="KV-cache memory cap; fewer slots if it is exceeded",
+        help="KV-cache memory cap: fewer blocks (paged) or slots if it is exceeded",
+    )
+    p.add_argument(
+        "--kv-cache",
+        default="paged",
+        choices=["paged", "slots"],
+        help="paged: KV blocks given out by need, with prefix caching (default); slots: one max-seq slot "
+        "per request, the fused C++ decode step",
+    )
+    p.add_argument("--block-size", type=ck.int_range(1, 1025), default=16, help="tokens per KV block (paged)")
+    p.add_argument(
+        "--kv-blocks",
+        type=ck.positive_int,
+        default=None,
+        help="KV blocks to allocate (paged; default: what --kv-budget-mb holds, ≤ max-batch × max-seq)",
+    )
+    p.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="paged: do not reuse the KV blocks of prompt prefixes seen before",
     )
     p.add_argument(
         "--prefill-chunk", type=ck.positive_int, default=256, help="prompt tokens per step, between decodes"
@@ -104,6 +126,7 @@ def cmd_serve(args) -> None:
         raise LeanformerError(
             f"serving needs FastAPI and uvicorn: pip install 'leanformer[serve]' ({e})"
         ) from None
+    _check_kv_args(args)
     path = resolve_model(args.model)
     serve(
         path,
@@ -116,6 +139,10 @@ def cmd_serve(args) -> None:
         max_batch=args.max_batch,
         max_seq=args.max_seq,
         kv_budget_mb=args.kv_budget_mb,
+        kv_cache=args.kv_cache,
+        block_size=args.block_size,
+        kv_blocks=args.kv_blocks,
+        prefix_caching=not args.no_prefix_cache,
         prefill_chunk=args.prefill_chunk,
         max_queue=args.max_queue,
         api_key=args.api_key,
@@ -124,6 +151,18 @@ def cmd_serve(args) -> None:
         max_body_mb=args.max_body_mb,
         stall_timeout=args.stall_timeout,
     )
+
+
+def _check_kv_args(args) -> None:
+    """The KV-cache flags that only make sense together, checked before the model loads."""
+    if args.kv_cache == "slots" and (args.kv_blocks is not None or args.no_prefix_cache):
+        raise LeanformerError("--kv-blocks and --no-prefix-cache apply to --kv-cache paged only; drop them")
+    if args.kv_blocks is not None and args.kv_blocks * args.block_size < args.max_seq:
+        raise LeanformerError(
+            f"--kv-blocks {args.kv_blocks} × --block-size {args.block_size} = "
+            f"{args.kv_blocks * args.block_size} tokens cannot hold one request of --max-seq {args.max_seq}: "
+            "raise --kv-blocks or lower --max-seq"
+        )
 
 
 def cmd_bench_serve(args) -> None:

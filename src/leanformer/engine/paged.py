@@ -167,6 +167,6 @@ def describe(s: Scheduler) -> str:
         return f"KV cache: {s.cache.n_slots} slots × {s.max_seq} tokens = {mb:.0f} MB"
     c, prefix = s.cache, "on" if s.blocks.prefix_caching else "off"
     return (
-        f"KV cache: {c.num_blocks} blocks × {c.block_size} tokens = {mb:.0f} MB (paged), up to "
+        f"KV cache: {c.num_blocks} blocks × {c.block_size} tokens = {mb:.1f} MB (paged), up to "
         f"{c.n_slots} requests of ≤ {s.max_seq} tokens, prefix caching {prefix}"
     )

@@ -122,7 +122,7 @@ class PagedKVCache:
         read = self._rows(tables, torch.arange(key_len).expand(len(slots), key_len))  # [B, n_kv, S]
         return PagedStep(
             slots.to(self.device), positions.to(self.device), key_len, mask, is_causal, None,
-            write.reshape(-1).to(self.device), read.reshape(-1).to(self.device),
+            write_rows=write.reshape(-1).to(self.device), read_rows=read.reshape(-1).to(self.device),
         )  # fmt: skip
 
     def _rows(self, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from leanformer.engine.cache import plan_cache
 from leanformer.engine.generate import encode_chat, eos_ids
+from leanformer.engine.paged import build_scheduler, describe
 from leanformer.engine.runner import Engine
 from leanformer.engine.sampling import SEED_LIMIT, SamplingParams
 from leanformer.engine.scheduler import Output, QueueFull, Request, Scheduler, ShuttingDown
@@ -63,6 +63,12 @@ class ServeConfig:
     shutdown_timeout: float = 10.0
     max_body_mb: float = 4.0  # larger request bodies get 413 (a 2048-token prompt is ~10 kB of JSON)
     stall_timeout: float = 120.0  # one engine step running longer than this: /health says 503
+    # "paged": KV blocks shared out by need, with prefix caching (engine/paged.py); "slots": one
+    # max_seq-token slot per request (engine/scheduler.py), the C++ fused decode step
+    kv_cache: str = "paged"
+    block_size: int = 16  # tokens per KV block
+    kv_blocks: int | None = None  # blocks to allocate; None: what kv_budget_mb holds (≤ max_batch × max_seq)
+    prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix seen before
 
     def __post_init__(self) -> None:
         key = self.api_key
@@ -77,6 +83,10 @@ class ServeConfig:
             )
         if not self.max_body_mb > 0:
             raise LeanformerError(f"--max-body-mb must be > 0, got {self.max_body_mb}")
+        if self.kv_cache not in ("paged", "slots"):
+            raise LeanformerError(f"--kv-cache must be paged or slots, got {self.kv_cache!r}")
+        if not 1 <= self.block_size <= 1024 or (self.kv_blocks is not None and self.kv_blocks < 1):
+            raise LeanformerError("--block-size must be in 1..1024 and --kv-blocks ≥ 1")
 
 
 class _State:
@@ -86,8 +96,10 @@ class _State:
         self.scheduler: Scheduler | None = None
         self.engine: Engine | None = None
         if not self.is_encoder:
-            n_slots, max_seq = plan_cache(model, cfg.max_batch, cfg.max_seq, cfg.kv_budget_mb)
-            self.scheduler = Scheduler(model, tok, n_slots, max_seq, cfg.prefill_chunk, cfg.max_queue)
+            self.scheduler = build_scheduler(
+                model, tok, cfg.kv_cache, cfg.max_batch, cfg.max_seq, cfg.kv_budget_mb, cfg.kv_blocks,
+                cfg.block_size, cfg.prefix_caching, cfg.prefill_chunk, cfg.max_queue,
+            )  # fmt: skip
             self.engine = Engine(self.scheduler)
         self.metrics = Metrics()
         self.text_of = TokenText(tok)
@@ -370,8 +382,7 @@ def serve(
     app = create_app(model, tok, cfg)
     s = app.state.lf.scheduler
     if s is not None:
-        mb = s.cache.nbytes() / 2**20
-        print(f"KV cache: {s.cache.n_slots} slots × {s.max_seq} tokens = {mb:.0f} MB", flush=True)
+        print(describe(s), flush=True)
     _server(app, host, port, log_level).run()
 
 

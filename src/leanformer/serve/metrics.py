@@ -80,6 +80,9 @@ class Metrics:
             lines += _gauge("leanformer_running_requests", "Requests holding a slot.", s.n_running)
             lines += _gauge("leanformer_kv_slots", "KV-cache slots (the batch limit).", s.cache.n_slots)
             lines += _gauge("leanformer_kv_cache_bytes", "KV-cache memory.", s.cache.nbytes())
+            blocks = getattr(s, "blocks", None)  # a paged KV cache (engine/paged.py)
+            if blocks is not None:
+                lines += _blocks(blocks)
             batch = Histogram("leanformer_batch_size", "Requests per decode step.", (1, 2, 4, 8, 16, 32, 64))
             for size, n in list(s.batch_sizes.items()):
                 batch.observe(size, n)
@@ -87,6 +90,29 @@ class Metrics:
         for h in (self.ttft, self.itl, self.e2e):
             lines += h.render()
         return "\n".join(lines) + "\n"
+
+
+def _blocks(bm) -> list[str]:
+    """Paged KV cache: block usage and prefix-cache hits (in tokens, as vLLM counts them)."""
+    lines = _gauge("leanformer_kv_blocks_total", "KV-cache blocks.", bm.num_blocks)
+    lines += _gauge("leanformer_kv_blocks_used", "KV blocks held by running requests.", bm.n_used)
+    lines += _gauge("leanformer_kv_blocks_free", "KV blocks no request holds (some cached).", bm.n_free)
+    lines += _gauge(
+        "leanformer_kv_blocks_reserved", "Free KV blocks promised to running requests.", bm.reserved
+    )
+    lines += _gauge("leanformer_kv_blocks_cached", "KV blocks findable by prefix.", bm.n_cached)
+    lines += _gauge("leanformer_kv_block_size", "Tokens per KV block.", bm.block_size)
+    lines += _counter(
+        "leanformer_prefix_cache_queries_total",
+        "Prompt tokens looked up in the prefix cache.",
+        bm.query_tokens,
+    )
+    lines += _counter(
+        "leanformer_prefix_cache_hits_total",
+        "Prompt tokens found in the prefix cache (not prefilled).",
+        bm.hit_tokens,
+    )
+    return lines
 
 
 def _counter(name: str, help: str, value: float) -> list[str]:
