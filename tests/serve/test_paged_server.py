@@ -83,3 +83,20 @@ def test_smollm2_chat_with_a_cached_system_prompt(smollm2):
                 model, tok, messages, max_new_tokens=8
             )
         assert metric(url, "leanformer_prefix_cache_hits_total") >= 32  # the system prompt's blocks
+
+
+def test_load_test_reports_in_flight_and_first_ttft(shared):
+    """bench-serve's load: mixed lengths and a shared prefix; in-flight requests sampled from /metrics."""
+    import asyncio
+
+    from leanformer.serve.loadtest import max_tokens_of, prompts, run_load
+
+    texts = prompts(4, prefix_words=30, mixed=True)
+    assert len({t[:100] for t in texts}) == 1 and len({len(t) for t in texts}) == 4
+    assert [max_tokens_of(i, 8, True) for i in range(4)] == [2, 8, 6, 4]
+    model, tok = load_stories(shared)
+    app = create_app(model, tok, ServeConfig(model_id=MODEL, max_batch=4, max_seq=256))
+    with running(app) as url:
+        report = asyncio.run(run_load(url, MODEL, texts, 8, 4, mixed=True))
+    assert report["failed"] == 0 and report["output_tokens"] == 2 + 8 + 6 + 4
+    assert 1 <= report["in_flight_max"] <= 4 and report["ttft_ms_first"] > 0

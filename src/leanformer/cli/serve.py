@@ -6,6 +6,7 @@ bench-serve starts its server in a child process as `python -m leanformer.cli.ma
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from pathlib import Path
 
@@ -91,6 +92,14 @@ def add_parser(sub) -> None:
         help="seconds in-flight requests get on shutdown",
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--replicas",
+        type=ck.positive_int,
+        default=None,
+        metavar="N",
+        help="serve N copies of the model as a Ray Serve deployment (requests spread over them; joins "
+        "the Ray cluster at $RAY_ADDRESS, else starts a local one); needs pip install 'leanformer[ray]'",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
@@ -115,6 +124,23 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=ck.positive_int, default=16, help="for the server bench-serve starts")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--json", default=None, help="also write the report here")
+    p.add_argument(
+        "--prefix-words",
+        type=ck.non_negative_int,
+        default=0,
+        help="start every prompt with the same system prompt of this many words (prefix caching)",
+    )
+    p.add_argument(
+        "--mixed",
+        action="store_true",
+        help="mixed lengths: prompts 1-8x long, max_tokens 1/4..1 of --max-tokens",
+    )
+    p.add_argument(
+        "--serve-args",
+        default=[],
+        type=str.split,
+        help="more flags for the server bench-serve starts, as one string: --serve-args='--kv-cache slots --max-seq 1024'",
+    )
 
 
 def cmd_serve(args) -> None:
@@ -128,6 +154,10 @@ def cmd_serve(args) -> None:
         ) from None
     _check_kv_args(args)
     path = resolve_model(args.model)
+    if args.replicas is not None:
+        from leanformer.serve.replicas import serve_replicas as serve  # noqa: F811 (same keywords)
+
+        serve = functools.partial(serve, replicas=args.replicas)
     serve(
         path,
         host=args.host,

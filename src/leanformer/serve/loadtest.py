@@ -33,8 +33,29 @@ TOPICS = [
 ]  # fmt: skip
 
 
-def prompts(n: int) -> list[str]:
-    return [f"Write a short story about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
+SYSTEM = (
+    "You are a careful storyteller. Keep every story kind, clear and short, with a beginning, a middle "
+    "and an end, and name the main character in the first sentence. "
+)
+
+
+def prompts(n: int, prefix_words: int = 0, mixed: bool = False) -> list[str]:
+    """n prompts; prefix_words > 0: all start with the same system prompt of about that many words
+    (what prefix caching reuses); mixed: prompts of 1×..8× the plain length (some detail repeated)."""
+    words = SYSTEM.split()
+    prefix = " ".join(words[i % len(words)] for i in range(prefix_words)) + "\n\n" if prefix_words else ""
+    out = []
+    for i in range(n):
+        text = f"Write a short story about {TOPICS[i % len(TOPICS)]}."
+        if mixed:
+            text += " Make it vivid and detailed." * (2 ** (i % 4) - 1)
+        out.append(prefix + text)
+    return out
+
+
+def max_tokens_of(i: int, max_tokens: int, mixed: bool) -> int:
+    """Request i's max_tokens: all the same, or (mixed) max_tokens × 1/4, 1/2, 3/4, 1 in turn."""
+    return max(1, max_tokens * (1 + (i * 3) % 4) // 4) if mixed else max_tokens
 
 
 async def _one(client, url: str, body: dict, headers: dict) -> dict:
@@ -64,26 +85,51 @@ async def _one(client, url: str, body: dict, headers: dict) -> dict:
     }
 
 
+async def _poll_running(client, url: str, headers: dict, seen: list[float], done: asyncio.Event) -> None:
+    """Sample the server's running-request gauge (requests holding KV memory) until `done`."""
+    while not done.is_set():
+        try:
+            r = await client.get(url + "/metrics", headers=headers)
+            for line in r.text.splitlines():
+                if line.startswith("leanformer_running_requests "):
+                    seen.append(float(line.split()[1]))
+        except Exception:  # a server without /metrics (not leanformer): no in-flight figures
+            return
+        await asyncio.sleep(0.05)
+
+
 async def run_load(
-    url: str, model_id: str, texts: list[str], max_tokens: int, concurrency: int, api_key: str | None = None
+    url: str,
+    model_id: str,
+    texts: list[str],
+    max_tokens: int,
+    concurrency: int,
+    api_key: str | None = None,
+    mixed: bool = False,
 ) -> dict:
-    """Send every prompt (at most `concurrency` in flight); → summary figures."""
+    """Send every prompt (at most `concurrency` in flight, in order); → summary figures."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     gate = asyncio.Semaphore(concurrency)
-    base = {"model": model_id, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    base = {"model": model_id, "temperature": 0, "stream": True}
     base |= {"ignore_eos": True, "stream_options": {"include_usage": True}}
 
-    async def limited(client, text: str) -> dict:
+    async def limited(client, i: int, text: str) -> dict:
         async with gate:
-            return await _one(client, url, base | {"prompt": text}, headers)
+            body = base | {"prompt": text, "max_tokens": max_tokens_of(i, max_tokens, mixed)}
+            return await _one(client, url, body, headers)
 
     limits = httpx.Limits(max_connections=concurrency + 4)
+    running: list[float] = []
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        done = asyncio.Event()
+        poller = asyncio.create_task(_poll_running(client, url, headers, running, done))
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(limited(client, t) for t in texts))
+        results = await asyncio.gather(*(limited(client, i, t) for i, t in enumerate(texts)))
         wall = time.perf_counter() - t0
+        done.set()
+        await poller
     ok = [r for r in results if "error" not in r]
     ttft = [r["ttft"] for r in ok]
     itl = [x for r in ok for x in r["itl"]]
@@ -105,6 +151,10 @@ async def run_load(
         "ttft_ms_p99": pct(ttft, 99),
         "itl_ms_p50": pct(itl, 50),
         "itl_ms_p99": pct(itl, 99),
+        "ttft_ms_first": ttft[0] * 1000 if ok and ok[0] is results[0] else float("nan"),
+        "ttft_ms_rest_p50": pct(ttft[1:], 50),
+        "in_flight_max": max(running, default=float("nan")),  # requests holding KV memory at once
+        "in_flight_mean": float(np.mean(running)) if running else float("nan"),
     }
 
 
@@ -148,17 +198,19 @@ def server_process(model: str, serve_args: list[str], timeout: float = 300):
 
 def bench_serve(args) -> dict:
     """The bench-serve command (args from cli/serve.py's bench-serve parser); prints a table, returns the report."""
-    texts = prompts(args.requests)
-    serve_args = ["--max-batch", str(args.max_batch), "--dtype", args.dtype]
+    texts = prompts(args.requests, args.prefix_words, args.mixed)
+    serve_args = ["--max-batch", str(args.max_batch), "--dtype", args.dtype, *args.serve_args]
     if args.api_key:
         serve_args += ["--api-key", args.api_key]
 
     def measure(url: str, model_id: str) -> list[dict]:
         runs = []
-        asyncio.run(run_load(url, model_id, texts[:2], 8, 2, args.api_key))  # warm-up
-        runs.append(run_load(url, model_id, texts, args.max_tokens, args.concurrency, args.api_key))
+        asyncio.run(run_load(url, model_id, prompts(2), 8, 2, args.api_key))  # warm-up, no shared prefix
+        runs.append(
+            run_load(url, model_id, texts, args.max_tokens, args.concurrency, args.api_key, args.mixed)
+        )
         if args.baseline:
-            runs.append(run_load(url, model_id, texts, args.max_tokens, 1, args.api_key))
+            runs.append(run_load(url, model_id, texts, args.max_tokens, 1, args.api_key, args.mixed))
         return [asyncio.run(r) for r in runs]
 
     if args.url:
@@ -186,8 +238,10 @@ def _print(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    keys = ["requests_per_s", "output_tok_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99"]
-    heads = ["req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"]
+    keys = ["requests_per_s", "output_tok_s", "ttft_ms_first", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50"]
+    keys += ["itl_ms_p99", "in_flight_max", "in_flight_mean"]
+    heads = ["req/s", "out tok/s", "TTFT 1st ms", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"]
+    heads += ["in flight max", "in flight mean"]
     t = Table(title=f"bench-serve {report['model']}: {report['max_tokens']} tokens per request")
     for h in ["clients", "requests", "failed", *heads]:
         t.add_column(h)
