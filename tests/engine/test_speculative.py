@@ -12,7 +12,15 @@ import torch
 import leanformer as lf
 from leanformer.engine.generate import GenerationStats
 from leanformer.engine.sampling import SamplingParams, probabilities
-from leanformer.engine.speculative import Controller, DraftModel, PromptLookup, lookup, verify
+from leanformer.engine.speculative import (
+    Controller,
+    DraftModel,
+    LayerSkip,
+    PromptLookup,
+    early_exit,
+    lookup,
+    verify,
+)
 from leanformer.errors import LeanformerError
 from leanformer.models.kv_cache import KVCache
 
@@ -30,7 +38,7 @@ def stories(shared):
 
 
 @pytest.mark.parametrize("kv", [None, "int8"])
-@pytest.mark.parametrize("which", ["lookup", "draft-self", "draft-small"])
+@pytest.mark.parametrize("which", ["lookup", "draft-self", "draft-small", "layer-skip"])
 def test_greedy_identical_to_plain_stories260k(stories, kv, which):
     model, tok = stories
     model.kv_cache_dtype = kv  # what quantize_(model, KVCache(dtype="int8")) sets: KVCache.for_model reads it
@@ -39,6 +47,7 @@ def test_greedy_identical_to_plain_stories260k(stories, kv, which):
             "lookup": PromptLookup(max_draft=8, ngram=2),
             "draft-self": DraftModel(model, max_draft=5),  # always right: exercises long accepted runs
             "draft-small": DraftModel(_truncated(model, 2), max_draft=4),  # often wrong: rollbacks
+            "layer-skip": LayerSkip(layers=3, max_draft=4),  # the target's own first 3 of 5 layers
         }[which]
         plain = lf.generate(model, tok, STORY, max_new_tokens=120, ignore_eos=True)
         stats = GenerationStats()
@@ -49,7 +58,7 @@ def test_greedy_identical_to_plain_stories260k(stories, kv, which):
         assert stats.new_tokens == 120 and stats.drafted > 0
         if which == "draft-self":
             assert stats.accepted == stats.drafted  # the target drafting for itself is never rejected
-        if which == "draft-small":
+        if which in ("draft-small", "layer-skip"):
             assert stats.accepted < stats.drafted  # rejections happened, so rollback was exercised
     finally:
         model.kv_cache_dtype = None
@@ -61,6 +70,20 @@ def _truncated(model, n_layers: int, **changes):
     if not changes:
         draft.load_state_dict(model.state_dict(), strict=False)  # layers >= n are left out
     return draft
+
+
+def test_early_exit_view_shares_every_weight_and_leaves_the_model_whole(stories):
+    model, _ = stories
+    draft = early_exit(model, 2)
+    ids = torch.tensor([[1, 50, 60, 70]])
+    assert len(draft.model.layers) == 2 and len(model.model.layers) == 5 and model.args.num_hidden_layers == 5
+    assert {p.data_ptr() for p in draft.parameters()} <= {p.data_ptr() for p in model.parameters()}
+    assert torch.allclose(draft(ids), _truncated(model, 2)(ids), atol=1e-6)
+    for bad in (LayerSkip(5), "layer-skip:5"):
+        with pytest.raises(LeanformerError, match=r"layers must be in 1\.\.4"):
+            lf.generate(model, None, [1, 2], max_new_tokens=2, speculative=bad)
+    with pytest.raises(LeanformerError, match="positive integer"):
+        LayerSkip(layers=-1)
 
 
 def test_stream_generate_speculative_equals_plain(stories):

@@ -1,6 +1,6 @@
 """Speculative decoding on the real SmolLM2-135M-Instruct, kept as int4 (the GGUF's own Q4_1 blocks) and
 with the int8 KV cache: greedy output equals plain decoding token for token, for prompt lookup and for a
-draft model, on an input-grounded prompt where drafts are really accepted and rejected."""
+draft model and for self-speculation (its first 15 layers draft), on an input-grounded prompt where drafts are really accepted and rejected."""
 
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ def test_smollm2_int4_greedy_identical(smol):
         stats = GenerationStats()
         looked = lf.generate(model, tok, chat, max_new_tokens=32, speculative=PromptLookup(), stats=stats)
         drafted = lf.generate(model, tok, chat, max_new_tokens=12, speculative=DraftModel(model, max_draft=3))
+        skipped = lf.generate(model, tok, chat, max_new_tokens=12, speculative="layer-skip:15")
     finally:
         model.kv_cache_dtype = None
     assert looked == plain
-    assert drafted == lf.generate(model, tok, chat, max_new_tokens=12)
+    assert drafted == skipped == lf.generate(model, tok, chat, max_new_tokens=12)
     assert stats.drafted > 0  # the passage was really copied from: drafts were proposed and checked

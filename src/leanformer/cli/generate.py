@@ -81,7 +81,8 @@ def cmd_chat(args) -> None:
 
 SPECULATIVE_HELP = (
     "speculative decoding, same output as plain greedy decoding: prompt-lookup (copies spans of the "
-    "prompt; no second model) or draft:PATH (a smaller model with the same vocabulary; a GGUF stays int)"
+    "prompt; no second model), layer-skip:N (the model's first N layers draft) or draft:PATH (a smaller "
+    "model with the same vocabulary; a GGUF stays int)"
 )
 
 
@@ -92,11 +93,15 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_sampling(p)
-    p.add_argument("--speculative", default=None, metavar="prompt-lookup|draft:PATH", help=SPECULATIVE_HELP)
+    p.add_argument(
+        "--speculative", default=None, metavar="prompt-lookup|layer-skip:N|draft:PATH", help=SPECULATIVE_HELP
+    )
     p.set_defaults(func=cmd_generate)
 
     p = model_command(sub, "chat", "interactive chat using the model's chat template")
     p.add_argument("--system", default=None)
     add_sampling(p)
-    p.add_argument("--speculative", default=None, metavar="prompt-lookup|draft:PATH", help=SPECULATIVE_HELP)
+    p.add_argument(
+        "--speculative", default=None, metavar="prompt-lookup|layer-skip:N|draft:PATH", help=SPECULATIVE_HELP
+    )
     p.set_defaults(func=cmd_chat)

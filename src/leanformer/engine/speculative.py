@@ -21,6 +21,8 @@ probe rounds.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -74,18 +76,58 @@ class DraftModel:
             raise LeanformerError("DraftModel needs a loaded decoder model (lf.load(...)[0])")
 
 
-Speculative = PromptLookup | DraftModel
+@dataclass(frozen=True)
+class LayerSkip:
+    """Self-speculation: the target's first `layers` blocks + its final norm and head draft (no second
+    model, no extra weights; the draft keeps only its own small KV cache). A model not trained for early
+    exit drafts less well than a real small model, so the cost model often falls back to plain steps."""
+
+    layers: int
+    max_draft: int = 4
+
+    def __post_init__(self) -> None:
+        _check_draft(self.max_draft)
+        if isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 1:
+            raise LeanformerError(f"LayerSkip: layers must be a positive integer, got {self.layers!r}")
+
+
+Speculative = PromptLookup | DraftModel | LayerSkip
+
+
+def early_exit(model: nn.Module, n_layers: int) -> nn.Module:
+    """A view of a Llama-family `model` running only its first n_layers blocks, sharing every weight
+    (embeddings, blocks, norm, head): the module tables are copied, the parameters are not."""
+    backbone = getattr(model, "model", None)
+    if not isinstance(getattr(backbone, "layers", None), nn.ModuleList) or not hasattr(backbone, "norm"):
+        raise LeanformerError("LayerSkip works on Llama-family decoders (Llama, Qwen2, Mistral, SmolLM)")
+    total = len(backbone.layers)
+    if not 1 <= n_layers < total:
+        raise LeanformerError(f"LayerSkip: layers must be in 1..{total - 1} for this {total}-layer model")
+    view = copy.copy(backbone)
+    view._modules = dict(backbone._modules)
+    view.layers = nn.ModuleList(list(backbone.layers)[:n_layers])
+    draft = copy.copy(model)
+    draft._modules = dict(model._modules)
+    draft.model = view
+    draft.args = dataclasses.replace(model.args, num_hidden_layers=n_layers)
+    if hasattr(model, "_decode_plan"):
+        draft._decode_plan = type(model._decode_plan)()  # its own fused stack over the first n blocks
+    return draft
 
 
 def resolve_speculative(spec: Speculative | str | None, model: nn.Module) -> Speculative | None:
     """`speculative=` argument → a config, checked against the target before any work."""
     if spec is None or isinstance(spec, PromptLookup):
         return spec
+    if isinstance(spec, LayerSkip):
+        return DraftModel(early_exit(model, spec.layers), spec.max_draft)
     if isinstance(spec, str):
         if spec == "prompt-lookup":
             return PromptLookup()
+        if spec.startswith("layer-skip:") and spec[len("layer-skip:") :].isdigit():
+            return resolve_speculative(LayerSkip(int(spec[len("layer-skip:") :])), model)
         raise LeanformerError(
-            f"unknown speculative method {spec!r}; use 'prompt-lookup', PromptLookup(...) or DraftModel(...)"
+            f"unknown speculative method {spec!r}; use 'prompt-lookup', 'layer-skip:N', PromptLookup(...), DraftModel(...) or LayerSkip(...)"
         )
     if isinstance(spec, DraftModel):
         ours, theirs = model.args.vocab_size, spec.model.args.vocab_size
@@ -95,7 +137,7 @@ def resolve_speculative(spec: Speculative | str | None, model: nn.Module) -> Spe
             )
         return spec
     raise LeanformerError(
-        f"speculative must be 'prompt-lookup', PromptLookup or DraftModel, got {type(spec).__name__}"
+        f"speculative must be 'prompt-lookup', PromptLookup, DraftModel or LayerSkip, got {type(spec).__name__}"
     )
 
 

@@ -80,10 +80,12 @@ def parse_method(text: str, load_draft) -> tuple[str, object]:
 
     if text == "prompt-lookup":
         return text, text
+    if text.startswith("layer-skip:") and text[len("layer-skip:") :].isdigit():
+        return text, text  # checked against the model's depth when generation starts
     if text.startswith("draft:") and len(text) > len("draft:"):
         path = text[len("draft:") :]
         return f"draft {Path(path).name}", DraftModel(load_draft(path))
-    raise LeanformerError(f"--speculative {text!r}: use prompt-lookup or draft:PATH")
+    raise LeanformerError(f"--speculative {text!r}: use prompt-lookup, layer-skip:N or draft:PATH")
 
 
 def _one(model, tok, prompt, new_tokens: int, spec) -> dict:
