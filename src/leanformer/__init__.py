@@ -31,7 +31,7 @@ from leanformer.encoders.probe import train_probe
 from leanformer.encoders.prune_heads import head_importance, prune_heads_, prune_heads_auto_
 from leanformer.engine.generate import GenerationStats, generate, stream_generate
 from leanformer.engine.sampling import SamplingParams
-from leanformer.engine.speculative import DraftModel, PromptLookup
+from leanformer.engine.speculative import DraftModel, LayerSkip, PromptLookup
 from leanformer.errors import LeanformerError
 from leanformer.export.decoder import export_decoder_onnx, load_onnx_decoder
 from leanformer.export.encoder import export_onnx, load_onnx_encoder
@@ -63,8 +63,9 @@ __all__ = [
     "load",
     "save",
     "stream_generate",
-    # speculative decoding (exact): prompt lookup or a draft model
+    # speculative decoding (exact): prompt lookup, a draft model, or the model's own first layers
     "DraftModel",
+    "LayerSkip",
     "PromptLookup",
     # one model across processes (torch.distributed): tensor / pipeline parallel
     "parallelize_",
