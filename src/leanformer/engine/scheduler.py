@@ -10,7 +10,8 @@ Three parts with narrow interfaces (vLLM's split, kept small):
 - `Engine` (engine/runner.py): one thread that calls `step()` while there is work.
 
 Memory: the KV cache is allocated once (n_slots × max_seq tokens), so its budget is fixed at start and
-can never be exceeded: a request waits in a bounded queue for a free slot. Capacity is n_slots +
+can never be exceeded: a request waits in a bounded queue for a free slot. engine/paged.py's
+PagedScheduler fills the KV-memory hooks (_claim / _grow / _computed / _release) with blocks instead. Capacity is n_slots +
 max_waiting requests in flight (waiting or holding a slot): counting only the queue refused requests
 that arrived together while slots were free but not yet claimed by the engine thread.
 Isolation: an exception while admitting, prefilling, decoding or sampling one request ends that
