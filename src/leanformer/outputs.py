@@ -125,6 +125,32 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
     return p
 
 
+def write_file_atomic(path: str | os.PathLike, data: bytes | str | Callable[[Path], None]) -> Path:
+    """Write `data` (bytes, text, or a function that writes the given temp path) to `path` through a
+    temp file in the same folder and a rename: a reader never sees half a file, a failure leaves the
+    old one."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_file():  # /dev/stdout and the like: nothing to rename over
+        if callable(data):
+            data(p)
+        else:
+            p.write_bytes(data.encode() if isinstance(data, str) else data)
+        return p
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        if callable(data):
+            data(Path(tmp))
+        else:
+            Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
 def _umask() -> int:
     try:  # Linux >= 4.7 reports it without the set-and-restore race of os.umask
         for line in Path("/proc/self/status").read_text().splitlines():

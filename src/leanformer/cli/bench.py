@@ -13,7 +13,7 @@ from leanformer.cli.common import (
     print_table,
 )
 from leanformer.hub import resolve_model
-from leanformer.outputs import check_output_file
+from leanformer.outputs import check_output_file, write_file_atomic
 
 
 def cmd_speculative(args) -> None:
@@ -37,12 +37,54 @@ def cmd_speculative(args) -> None:
         )
 
 
+def peers_arg(text: str) -> list[str]:
+    """--peers: comma-separated peer names, checked at parse time."""
+    import argparse
+
+    from leanformer.errors import LeanformerError
+    from leanformer.measure.bench.peers import parse_peers
+
+    try:
+        return parse_peers(text)
+    except LeanformerError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+METRICS = {"prefill_tok_s": "prefill tokens/s", "ttft_ms": "time to first token (ms)"}
+
+
+def bench_table(rows: list[dict], batches: list[int]) -> tuple[list[str], list[list[str]]]:
+    """Header and body of the bench table: one column per row (a failed peer's column is all "—"),
+    then leanformer / reference ratios, the reference being the first peer that ran, else row 0."""
+    labels = dict(METRICS) | {f"decode_tok_s_b{b}": f"decode tokens/s, batch {b}" for b in batches}
+    labels |= {"ceiling_tok_s": "bandwidth ceiling, tokens/s (b=1)"}
+    if 1 in batches:
+        for r in rows:
+            if "error" not in r:
+                r["ceiling_pct"] = 100 * r["decode_tok_s_b1"] / r["ceiling_tok_s"]
+        labels |= {"ceiling_pct": "decode b=1, % of that ceiling"}
+    labels |= {"peak_rss_mb": "peak RSS (MB)", "size_mb": "weights (MB)", "load_s": "load time (s)"}
+    ok = [r for r in rows if "error" not in r]
+    ref = next((r for r in ok if r["engine"] != "leanformer"), ok[0] if ok else None)
+    ours = [r for r in ok if r["engine"] == "leanformer" and r is not ref]
+    # each column names its variant: the label carries the recipe, the dtype is the activation precision
+    header = ["metric", *(f"{r['label']} ({r.get('activation_dtype', r['dtype'])})" for r in rows)]
+    header += [f"{r['label']} / {ref['label']}" for r in ours]
+    body = []
+    for key, label in labels.items():
+        cells = [f"{r[key]:.1f}" if key in r else "—" for r in rows]
+        body.append([label, *cells, *(f"{r[key] / ref[key]:.2f}×" for r in ours)])
+    return header, body
+
+
 def cmd_bench(args) -> None:
     import dataclasses
 
     if args.speculative:
         return cmd_speculative(args)
 
+    from leanformer.measure.bench.machine import cpu_info, describe, kernel_isa
+    from leanformer.measure.bench.peers import run_peer
     from leanformer.measure.bench.runner import BenchConfig, run_engine
 
     if args.json:
@@ -58,40 +100,39 @@ def cmd_bench(args) -> None:
             if name != "none":
                 load_recipe(name)  # a bad name fails here, before minutes of benchmarking
     runs = [("leanformer", None if r == "none" else r) for r in (args.recipe or ["none"])]
-    runs += [(engine, None) for engine in args.compare or []]
+    peers = list(dict.fromkeys([*(args.compare or []), *(args.peers or [])]))
     rows = []
     for engine, recipe in runs:
         label = engine + (" keep-quantized" if engine == "leanformer" and cfg.keep_quantized else "")
         label += f" +{recipe}" if recipe else ""
         print(f"benchmarking {label} ...", file=sys.stderr, flush=True)
         rows.append(run_engine(dataclasses.replace(cfg, recipe=recipe), engine) | {"label": label})
-    labels = {"prefill_tok_s": "prefill tokens/s", "ttft_ms": "time to first token (ms)"}
-    labels |= {f"decode_tok_s_b{b}": f"decode tokens/s, batch {b}" for b in cfg.batches}
-    labels |= {"ceiling_tok_s": "bandwidth ceiling, tokens/s (b=1)"}
-    if 1 in cfg.batches:
-        for r in rows:
-            r["ceiling_pct"] = 100 * r["decode_tok_s_b1"] / r["ceiling_tok_s"]
-        labels |= {"ceiling_pct": "decode b=1, % of that ceiling"}
-    labels |= {"peak_rss_mb": "peak RSS (MB)", "size_mb": "weights (MB)", "load_s": "load time (s)"}
-    # ratios against the peer when there is one, else against the first (uncompressed) row
-    ref = next((r for r in rows if r["engine"] != "leanformer"), rows[0])
-    ours = [r for r in rows if r["engine"] == "leanformer" and r is not ref]
-    # each column names its variant: the label carries the recipe, the dtype is the activation precision
-    header = ["metric", *(f"{r['label']} ({r.get('activation_dtype', r['dtype'])})" for r in rows)]
-    header += [f"{r['label']} / {ref['label']}" for r in ours]
-    body = []
-    for key, label in labels.items():
-        ratios = [f"{r[key] / ref[key]:.2f}×" for r in ours]
-        body.append([label, *(f"{r[key]:.1f}" for r in rows), *ratios])
+    for peer in peers:
+        print(f"benchmarking {peer} (converting, then its own process) ...", file=sys.stderr, flush=True)
+        rows.append(run_peer(cfg, peer))
+    machine = {"cpu": cpu_info(), "kernel_isa": kernel_isa()}
+    header, body = bench_table(rows, cfg.batches)
     title = f"bench {args.model}: {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens"
+    print(f"CPU: {describe(machine['cpu'], machine['kernel_isa'])}")
     print_table(title, header, body)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['label']}: not measured: {r['error']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": vars(cfg), "results": rows}, indent=2))
+        doc = {"config": vars(cfg), "machine": machine, "results": rows}
+        write_file_atomic(args.json, json.dumps(doc, indent=2))
 
 
 def add_parser(sub) -> None:
     p = model_command(sub, "bench", "prefill / decode speed, TTFT, peak RSS, size")
-    p.add_argument("--compare", action="append", choices=["transformers"], help="peer to run in the same run")
+    p.add_argument(
+        "--compare", action="append", choices=["transformers"], help="same as --peers transformers"
+    )
+    p.add_argument(
+        "--peers", type=peers_arg, default=None, metavar="NAME[,NAME...]",
+        help="peer engines on the same weights, each in its own process, same run: llama.cpp (MODEL a .gguf), "
+        "onnxruntime[:int8], ctranslate2[:int8], transformers; a missing or failing peer is a row with the reason",
+    )  # fmt: skip
     p.add_argument(
         "--recipe", nargs="+", default=None,
         help="compression recipes (preset names or files) to bench, one row each; 'none' = uncompressed",

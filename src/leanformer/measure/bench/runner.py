@@ -38,8 +38,10 @@ class BenchConfig:
 
 
 def _prompts(vocab: int, batch: int, length: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1234)
-    return torch.randint(10, vocab, (batch, length), generator=g)
+    """The random prompt ids every engine gets, peers included (peer_worker.py has no torch)."""
+    from leanformer.measure.bench.peer_worker import prompts
+
+    return torch.tensor(prompts(vocab, batch, length))
 
 
 def _median_time(fn, repeats: int) -> float:

@@ -1,0 +1,177 @@
+"""Peer engines in `leanformer bench --peers ...`: the same weights in each peer's format, each peer
+measured in its own process, in the same run as leanformer.
+
+    llama.cpp           the GGUF file itself (MODEL must be a .gguf), via llama-cpp-python's C API
+    onnxruntime[:int8]  our decoder exporter (export/decoder.py) → ONNX Runtime; :int8 = its dynamic quantization
+    ctranslate2[:int8]  HF transformers folder of the same weights → CTranslate2's converter
+    transformers        HF transformers on the same weights (measure/reference.py)
+
+Conversion runs in a process of its own (it loads torch and the model), measurement in another
+(peer_worker.py, which imports neither torch nor leanformer, so peak RSS is the peer's own). A peer
+whose package is missing, whose conversion fails or whose process crashes becomes a row with the
+reason; the run goes on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from leanformer.errors import LeanformerError
+
+PACKAGES = {"llama.cpp": "llama_cpp", "onnxruntime": "onnxruntime", "ctranslate2": "ctranslate2"}
+PACKAGES["transformers"] = "transformers"
+PIP = {"llama.cpp": "llama-cpp-python", "onnxruntime": "onnxruntime", "ctranslate2": "ctranslate2"}
+PIP["transformers"] = "transformers"
+VARIANTS = {"llama.cpp": [""], "onnxruntime": ["", "int8"], "ctranslate2": ["", "int8"], "transformers": [""]}
+WORKER = Path(__file__).with_name("peer_worker.py")
+TIMEOUT_S = 1800  # one peer: conversion or measurement; a hung peer must not hang the run
+
+
+def parse_peers(text: str) -> list[str]:
+    """'llama.cpp,onnxruntime:int8' → ['llama.cpp', 'onnxruntime:int8']; unknown names refused."""
+    out = []
+    for spec in (s.strip() for s in text.split(",")):
+        name, _, variant = spec.partition(":")
+        if name not in VARIANTS or variant not in VARIANTS[name]:
+            known = ", ".join(f"{n}:{v}" if v else n for n in VARIANTS for v in VARIANTS[n])
+            raise LeanformerError(f"unknown peer {spec!r}; known: {known}")
+        if spec not in out:
+            out.append(spec)
+    if not out:
+        raise LeanformerError("--peers needs at least one peer name")
+    return out
+
+
+def missing(peer: str) -> str | None:
+    """Why the peer cannot run here (its package is not installed), or None."""
+    name = peer.partition(":")[0]
+    if importlib.util.find_spec(PACKAGES[name]) is None:
+        return f"not installed (pip install {PIP[name]}, or leanformer[peers])"
+    return None
+
+
+def gguf_kind(path: Path) -> str:
+    """The GGUF's most common 2-D tensor type (Q4_0, Q8_0, F32, ...): what llama.cpp runs."""
+    import collections
+
+    import gguf
+
+    reader = gguf.GGUFReader(path, "r")
+    kinds = collections.Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) == 2)
+    return kinds.most_common(1)[0][0] if kinds else "?"
+
+
+def convert(peer: str, model: str, work: str) -> str:
+    """The peer's model for MODEL, written under `work`; returns its path. Runs in its own process."""
+    name, _, variant = peer.partition(":")
+    src, out = Path(model), Path(work)
+    if name == "llama.cpp":
+        if src.suffix != ".gguf":
+            raise LeanformerError(
+                "llama.cpp runs GGUF files: give MODEL as a .gguf (llama.cpp's convert_hf_to_gguf.py makes one)"
+            )
+        return str(src)
+    if name == "onnxruntime":
+        from leanformer.export.decoder import ONNX_FILE, export_decoder_onnx
+        from leanformer.loading import load
+
+        model_, _ = load(src)
+        export_decoder_onnx(model_, out / "fp32")
+        if not variant:
+            return str(out / "fp32" / ONNX_FILE)
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        (out / "int8").mkdir()
+        (out / "int8" / "config.json").write_text((out / "fp32" / "config.json").read_text())
+        quantize_dynamic(out / "fp32" / ONNX_FILE, out / "int8" / ONNX_FILE, weight_type=QuantType.QInt8)
+        return str(out / "int8" / ONNX_FILE)
+    if name == "ctranslate2":
+        import ctranslate2
+
+        from leanformer.measure.reference import load_hf_reference
+
+        hf, tok = load_hf_reference(src)
+        hf.save_pretrained(out / "hf")
+        if tok is not None and hasattr(tok, "save_pretrained"):
+            tok.save_pretrained(out / "hf")  # the converter reads the vocabulary from the tokenizer
+        del hf
+        conv = ctranslate2.converters.TransformersConverter(str(out / "hf"))
+        return conv.convert(str(out / "ct2"), quantization=variant or "float32")
+    raise LeanformerError(f"no converter for peer {peer!r}")
+
+
+def _last_line(text: str) -> str:
+    """The last non-blank line (progress bars redraw with \r: the last redraw counts)."""
+    lines = [ln.split("\r")[-1] for ln in text.strip().splitlines()]
+    lines = [ln for ln in lines if ln.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def _subprocess(argv: list[str], what: str) -> str:
+    """stdout of a child; its last stderr line (or the signal) as the error when it fails."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{what} took more than {TIMEOUT_S} s") from None
+    if proc.returncode != 0:
+        how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else _last_line(proc.stderr)[:300]
+        raise RuntimeError(f"{what} failed: {how}")
+    return proc.stdout
+
+
+def _convert_in_child(peer: str, model: str, work: str) -> str:
+    code = (
+        "import sys; from leanformer.measure.bench.peers import convert; "
+        "print(convert(sys.argv[1], sys.argv[2], sys.argv[3]))"
+    )
+    out = _subprocess([sys.executable, "-c", code, peer, model, work], "conversion")
+    return _last_line(out)
+
+
+def _label(peer: str, model: str) -> str:
+    name, _, variant = peer.partition(":")
+    if name == "llama.cpp" and model.endswith(".gguf"):
+        try:
+            return gguf_kind(Path(model))
+        except Exception:
+            return "GGUF"
+    return variant or "float32"
+
+
+def run_peer(cfg, peer: str, worker: Path = WORKER) -> dict:
+    """One peer's row: its figures, or {"error": reason} with the name and variant; never raises."""
+    from dataclasses import asdict
+
+    row = {"engine": peer, "label": peer, "dtype": _label(peer, cfg.model)}
+    reason = missing(peer)
+    if reason:
+        return row | {"error": reason}
+    if peer == "transformers":
+        from leanformer.measure.bench.runner import run_engine
+
+        try:
+            return run_engine(cfg, "transformers") | {"label": peer}
+        except Exception as e:
+            return row | {"error": str(e)}
+    with tempfile.TemporaryDirectory(prefix="leanformer-peer-") as work:
+        try:
+            path = _convert_in_child(peer, cfg.model, work)
+            conf = json.dumps(asdict(cfg))
+            raw = _subprocess(
+                [sys.executable, str(worker), peer.partition(":")[0], path, conf], "measurement"
+            )
+            figures = json.loads(_last_line(raw))
+        except Exception as e:  # a crash, a timeout, unreadable output: the row says so
+            return row | {"error": str(e)}
+    if "error" in figures:
+        return row | figures
+    from leanformer.measure.bench.runner import _bandwidth_ceiling_tok_s
+
+    # the ceiling is measured here, the same torch sum as for our rows (the worker has no torch)
+    figures["ceiling_tok_s"] = _bandwidth_ceiling_tok_s(int(figures["size_mb"] * 2**20), cfg.repeats)
+    return row | figures
