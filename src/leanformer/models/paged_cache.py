@@ -12,8 +12,12 @@ and memory is spent only on the blocks a sequence really holds. Which block a ta
 block manager's business (engine/block_manager.py); blocks holding a shared prompt prefix appear in
 several tables at once and are only ever read (writes land at positions ≥ the cached prefix).
 
-`fused_layout = False` keeps models/fused.py's C++ decode step (which indexes [slot, head, position]
-tensors) off this cache: the module path gathers each row's blocks per layer instead.
+The fused C++ decode step (models/fused.py) indexes [slot, head, position] tensors. For a one-token
+step whose keys fit `FUSED_VIEW_BYTES`, this cache offers it exactly that: `k`, `v` (and the int8
+scales), read on first use, are every layer's visible keys gathered into [B, n_kv, S, D] (row b = batch
+row b); the C++ step writes each row's new K/V there and `advance()` copies those rows back into their
+blocks. The module path never reads `k`: it writes and reads the pool through `update()`.
+Measured on SmolLM2 (docs/BENCHMARKS.md): the view's gather costs far less than the module path.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ class PagedStep(Step):
 class PagedKVCache:
     """storage="int8": K and V as int8 with one scale per (block, head, position), as KVCache does."""
 
-    fused_layout = False  # models/fused.py: this cache cannot take the one-call C++ decode step
+    FUSED_VIEW_BYTES = 128 * 2**20  # largest gathered view offered to the fused decode step
 
     def __init__(
         self,
@@ -67,8 +71,11 @@ class PagedKVCache:
         self.quantized = storage == "int8"
         n_scales = n_layers if self.quantized else 0
         scale_shape = (*shape[:3], 1)
-        self.k_scale = [torch.zeros(scale_shape, dtype=dtype, device=device) for _ in range(n_scales)]
-        self.v_scale = [torch.zeros(scale_shape, dtype=dtype, device=device) for _ in range(n_scales)]
+        self.k_scale_pool = [torch.zeros(scale_shape, dtype=dtype, device=device) for _ in range(n_scales)]
+        self.v_scale_pool = [torch.zeros(scale_shape, dtype=dtype, device=device) for _ in range(n_scales)]
+        self._step: PagedStep | None = None  # the last begin()'s step, while a fused view may be taken
+        self._views: dict[str, list[torch.Tensor]] | None = None
+        self.fused_ok = True  # False once a model did not take the fused step on an offered view
         self.dtype, self.device = dtype, torch.device(device)
         self.n_kv, self.head_dim = n_kv_heads, head_dim
         self.max_seq, self.n_slots = max_seq, n_slots
@@ -92,7 +99,8 @@ class PagedKVCache:
 
     def nbytes(self) -> int:
         return sum(
-            t.numel() * t.element_size() for t in self.k_pool + self.v_pool + self.k_scale + self.v_scale
+            t.numel() * t.element_size()
+            for t in self.k_pool + self.v_pool + self.k_scale_pool + self.v_scale_pool
         )
 
     def block_nbytes(self) -> int:
@@ -120,10 +128,69 @@ class PagedKVCache:
         tables = self.block_tables[slots]  # [B, max_blocks]
         write = self._rows(tables, positions)  # [B, n_kv, T]
         read = self._rows(tables, torch.arange(key_len).expand(len(slots), key_len))  # [B, n_kv, S]
-        return PagedStep(
-            slots.to(self.device), positions.to(self.device), key_len, mask, is_causal, None,
+        # row b of the step is row b of a fused view (slots index nothing else here: update() uses rows)
+        step = PagedStep(
+            torch.arange(len(slots), device=self.device), positions.to(self.device), key_len, mask, is_causal, None,
             write_rows=write.reshape(-1).to(self.device), read_rows=read.reshape(-1).to(self.device),
         )  # fmt: skip
+        self._views = None
+        self._step = (
+            step
+            if self.fused_ok and n_new == 1 and self._view_bytes(len(slots), key_len) <= self.FUSED_VIEW_BYTES
+            else None
+        )
+        return step
+
+    # ---- the fused decode step's view ----
+    def _view_bytes(self, rows: int, key_len: int) -> int:
+        per_token = self.nbytes() // ((self.num_blocks + 1) * self.block_size)  # all layers, K + V (+ scales)
+        return rows * key_len * per_token
+
+    @property
+    def fused_layout(self) -> bool:
+        """models/fused.py: whether this step may run as the C++ decode step (on the gathered views)."""
+        return self._step is not None
+
+    def _view(self, name: str) -> list[torch.Tensor]:
+        if self._step is None:
+            raise LeanformerError("the paged KV cache offers a fused view only during a one-token step")
+        if self._views is None:
+            st = self._step
+            b = len(st.slots)
+
+            def gather(pools: list[torch.Tensor]) -> list[torch.Tensor]:  # → [B, n_kv, S, D or 1] each
+                return [
+                    p.view(-1, p.shape[-1]).index_select(0, st.read_rows).view(b, self.n_kv, st.key_len, -1)
+                    for p in pools
+                ]
+
+            self._views = {"k": gather(self.k_pool), "v": gather(self.v_pool)}
+            self._views |= {"k_scale": gather(self.k_scale_pool), "v_scale": gather(self.v_scale_pool)}
+        return self._views[name]
+
+    k = property(lambda self: self._view("k"))
+    v = property(lambda self: self._view("v"))
+    k_scale = property(lambda self: self._view("k_scale"))
+    v_scale = property(lambda self: self._view("v_scale"))
+
+    def _copy_back(self) -> None:
+        """After a fused step: each row's new K/V (written into the views at its position) → its block."""
+        st, views, s = self._step, self._views, self._step.key_len
+        heads = torch.arange(self.n_kv, device=self.device)
+        rows = ((st.slots[:, None] * self.n_kv + heads[None, :]) * s + st.positions[:, :1]).reshape(
+            -1
+        )  # [B*n_kv]
+        pools = (self.k_pool, self.v_pool, self.k_scale_pool, self.v_scale_pool)
+        for name, pool in zip(("k", "v", "k_scale", "v_scale"), pools):
+            for view, p in zip(views[name], pool):
+                new = view.view(-1, view.shape[-1]).index_select(0, rows)  # [B*n_kv, D or 1], order (b, h)
+                p.view(-1, p.shape[-1]).index_copy_(0, st.write_rows, new)
+
+    def _settle(self) -> None:
+        """The step's tokens are in: copy them from the fused views when the fused step wrote them."""
+        if self._views is not None and self._step is not None:
+            self._copy_back()
+        self._step, self._views = None, None
 
     def _rows(self, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tables [B, max_blocks], positions [B, T] → pool rows [B, n_kv, T] of the flat [N*n_kv*bs, D] view."""
@@ -136,12 +203,15 @@ class PagedKVCache:
         self, layer: int, step: PagedStep, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, n_kv, T, D] into their blocks; return all visible keys/values [B, n_kv, S, D]."""
+        if self._views is not None:  # a view was gathered, yet the module path runs: the model cannot fuse
+            self.fused_ok = False  # (another Linear type, ...): stop offering views
+        self._step, self._views = None, None  # nothing to copy back
         if not self.quantized:
             return self._put_get(self.k_pool[layer], step, k), self._put_get(self.v_pool[layer], step, v)
         out = []
         for store, scales, x in (
-            (self.k_pool[layer], self.k_scale[layer], k),
-            (self.v_pool[layer], self.v_scale[layer], v),
+            (self.k_pool[layer], self.k_scale_pool[layer], k),
+            (self.v_pool[layer], self.v_scale_pool[layer], v),
         ):
             # the same rounding as KVCache's int8 storage, so both caches give the same outputs
             scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127  # [B, n_kv, T, 1]
@@ -157,9 +227,11 @@ class PagedKVCache:
         return flat.index_select(0, step.read_rows).view(b, n_kv, step.key_len, d)
 
     def advance(self, slots: torch.Tensor, n: torch.Tensor | int) -> None:
+        self._settle()
         self.lengths[slots] += n
 
     def set_length(self, slots: torch.Tensor, lengths: torch.Tensor) -> None:
+        self._settle()
         self.lengths[slots] = lengths
 
     def reset(self, slots: torch.Tensor | None = None) -> None:
