@@ -8,10 +8,10 @@ import warnings
 from pathlib import Path
 
 from leanformer.cli import args as ck
-from leanformer.cli import bench, compress, encoders, evaluate, generate, serve
+from leanformer.cli import bench, compress, encoders, evaluate, generate, optimize, report, serve
 from leanformer.errors import LeanformerError
 
-COMMAND_GROUPS = (generate, evaluate, bench, compress, serve, encoders)
+COMMAND_GROUPS = (generate, evaluate, bench, compress, serve, encoders, report, optimize)
 
 
 def cmd_pull(args) -> None:
