@@ -78,7 +78,8 @@ def load(
     dtype: str = "float32",
     device: str = "cpu",
     fast: bool = True,
-    keep_quantized: bool = False,
+    keep_quantized: bool = True,
+    lazy: bool = False,
 ):
     """Load a model and its tokenizer (None when the folder has no tokenizer files).
 
@@ -88,10 +89,14 @@ def load(
     of each weight for prefill-sized inputs and, for fp32, leanformer's GEMV kernel for decode-sized
     ones (kernels/; built once per machine, torch fallback where it cannot be built). Encoders
     (BERT family) pack for oneDNN only on CPUs where it pays (encoders.build.onednn_pays).
-    keep_quantized: GGUF only: load Q4_0 / Q4_1 / Q4_K tensors straight into int4 modules and Q8_0 /
-    Q5_0 / Q6_K into int8 ones (exactly the file's values, no float copy of the model); other tensors
-    are dequantized to float
-    (compress/gguf_quant.py).
+    keep_quantized (default): a GGUF's Q4_0 / Q4_1 / Q4_K tensors load straight into int4 modules and
+    Q8_0 / Q5_0 / Q6_K into int8 ones (exactly the file's values, no float copy of the model); other
+    tensors are dequantized to float (compress/gguf_quant.py). False dequantizes every tensor to
+    `dtype`. No effect on other formats.
+    lazy: build the model's structure only and read no weights yet (HF safetensors, GGUF, llama2.c or
+    a leanformer save; Llama family): `apply` / `quantize_` then stream it one decoder layer at a
+    time, so the float model is never whole in memory (compress/stream.py); `materialize_(model)`
+    reads the weights without compressing. A GGUF is read dequantized.
     """
     if dtype not in DTYPES:
         raise LeanformerError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -100,12 +105,12 @@ def load(
         raise LeanformerError(
             f"model path not found: {p} (give an HF folder, a .gguf file or a llama2.c .bin)"
         )
-    if keep_quantized:  # GGUF blocks -> int modules (see formats/gguf_quant.py)
-        from leanformer.compress.gguf_quant import read_gguf_quantized
+    if lazy:
+        return _load_lazy(p, DTYPES[dtype], device, fast)
+    gguf_files = [p] if p.suffix == ".gguf" else sorted(p.glob("*.gguf")) if p.is_dir() else []
+    if keep_quantized and gguf_files and not (p / "config.json").exists():
+        from leanformer.compress.gguf_quant import read_gguf_quantized  # GGUF blocks -> int modules
 
-        gguf_files = [p] if p.suffix == ".gguf" else sorted(p.glob("*.gguf")) if p.is_dir() else []
-        if not gguf_files:
-            raise LeanformerError(f"keep_quantized=True needs a .gguf file (or a folder with one); got {p}")
         config, state_dict, tok = read_gguf_quantized(gguf_files[0])
     else:
         config, state_dict, tok = read_any(p)
@@ -114,6 +119,33 @@ def load(
     builder = BUILDERS.get(family, build_decoder)
     model = builder(config, state_dict, p if p.is_dir() else None, DTYPES[dtype], device, fast, source)
     model.loaded_from = str(p.resolve())  # `save` never writes over the folder a model came from
+    return model, tok
+
+
+def _load_lazy(p: Path, dtype: torch.dtype, device: str, fast: bool) -> tuple[nn.Module, object]:
+    """The model's structure on the meta device + a tensor source (compress/stream.py reads it)."""
+    from leanformer.compress.stream import LazyWeights
+    from leanformer.formats.lazy import open_source
+
+    config, tensors, tok = open_source(p)
+    source = str(p / "config.json") if config is None else str(p)
+    if config is None:
+        config, tok = read_config(p / "config.json"), load_tokenizer(p)
+    family, args, model, meta = skeleton(config, source, dtype)
+    if family.__name__ != "leanformer.models.llama":
+        raise LeanformerError(
+            f"{source}: layer-by-layer (lazy) loading serves the Llama family (Llama, Qwen2, Mistral, "
+            f"SmolLM), not {family.__name__.rsplit('.', 1)[-1]}; load it whole (lazy=False / --in-memory)"
+        )
+    sanitize = (lambda sd: sd) if meta else (lambda sd: family.sanitize(sd, args))
+    shapes = sanitize({n: torch.empty(s, device="meta") for n, s in tensors.shapes.items()})
+    check_weights(model, shapes)  # names and shapes, before a single tensor is read
+    model.lazy = LazyWeights(
+        tensors, sanitize, dtype, device, speed_up_linears_ if fast and device == "cpu" else None,
+        _exact_names(model) if meta else set(),
+    )  # fmt: skip
+    finish(model, config, meta, family, device)
+    model.loaded_from = str(p.resolve())
     return model, tok
 
 
@@ -184,7 +216,10 @@ def read_any(p: Path) -> tuple[dict, dict[str, torch.Tensor], object]:
 
 
 def read_hf_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor], object]:
-    path = folder / "config.json"
+    return read_config(folder / "config.json"), read_weights(folder), load_tokenizer(folder)
+
+
+def read_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -195,7 +230,7 @@ def read_hf_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor], object]
         raise LeanformerError(f"cannot read {path} ({e.strerror})") from None
     if not isinstance(config, dict):
         raise LeanformerError(f"{path} is not a JSON object of config keys")
-    return config, read_weights(folder), load_tokenizer(folder)
+    return config
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -272,6 +307,37 @@ def build(
     """
     state_dict, taken = dict(state_dict), state_dict
     taken.clear()
+    family, args, model, meta = skeleton(config, source, dtype)
+    if not meta:  # our own saves already use our names
+        state_dict = family.sanitize(state_dict, args)
+    tied, embedding = check_weights(model, state_dict)
+    keep = _exact_names(model) if meta else set()  # quantized modules' scales: never rounded to dtype
+    non_finite = []
+    for n in list(state_dict):  # one tensor at a time, so the old one is freed before the next copy
+        t = state_dict.pop(n)
+        cast = t.is_floating_point() and n not in keep
+        state_dict[n] = (t.to(dtype) if cast else t).to(device)
+        # after the cast: fp32 values beyond fp16's range become inf there
+        if state_dict[n].is_floating_point() and not bool(torch.isfinite(state_dict[n]).all()):
+            non_finite.append(n)
+        del t
+    if non_finite:
+        warnings.warn(
+            f"{len(non_finite)} weight tensor(s) hold NaN or infinite values (e.g. {non_finite[0]!r}): "
+            "the model's outputs will be meaningless; is the file corrupt?",
+            stacklevel=2,
+        )
+    if tied:
+        state_dict["lm_head.weight"] = state_dict[embedding]
+    model.load_state_dict(state_dict, assign=True, strict=True)
+    if tied:  # assign=True made two Parameters over one tensor: make them one again
+        model.lm_head.weight = model.get_parameter(embedding)
+    return finish(model, config, meta, family, device)
+
+
+def skeleton(config: dict, source: str, dtype: torch.dtype) -> tuple[ModuleType, object, nn.Module, dict]:
+    """(family module, ModelArgs, the model on the meta device with any saved layout / recipe structure
+    re-applied, config["leanformer"])."""
     family = family_of(config, source)
     meta = config.get("leanformer", {})
     with bad_config(source):
@@ -288,8 +354,11 @@ def build(
             from leanformer.compress import apply
 
             apply(model, meta["recipe"], structure_only=True)
-    if not meta:  # our own saves already use our names
-        state_dict = family.sanitize(state_dict, args)
+    return family, args, model, meta
+
+
+def check_weights(model: nn.Module, state_dict: dict) -> tuple[bool, str | None]:
+    """One-line errors for missing, unexpected or misshapen tensors; (LM head tied?, embedding name)."""
     expected = model.state_dict()
     embedding = _embedding_name(expected)
     head = getattr(model, "lm_head", None)
@@ -310,32 +379,14 @@ def build(
             "does config.json belong to these weights?"
         )
     for name, tensor in state_dict.items():
-        if name in expected and tuple(expected[name].shape) != tuple(tensor.shape):
+        if tuple(expected[name].shape) != tuple(tensor.shape):
             raise LeanformerError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)} but the config implies {tuple(expected[name].shape)}"
             )
-    keep = _exact_names(model) if meta else set()  # quantized modules' scales: never rounded to dtype
-    non_finite = []
-    for n in list(state_dict):  # one tensor at a time, so the old one is freed before the next copy
-        t = state_dict.pop(n)
-        if n in expected:
-            cast = t.is_floating_point() and n not in keep
-            state_dict[n] = (t.to(dtype) if cast else t).to(device)
-            # after the cast: fp32 values beyond fp16's range become inf there
-            if state_dict[n].is_floating_point() and not bool(torch.isfinite(state_dict[n]).all()):
-                non_finite.append(n)
-        del t
-    if non_finite:
-        warnings.warn(
-            f"{len(non_finite)} weight tensor(s) hold NaN or infinite values (e.g. {non_finite[0]!r}): "
-            "the model's outputs will be meaningless; is the file corrupt?",
-            stacklevel=2,
-        )
-    if tied:
-        state_dict["lm_head.weight"] = state_dict[embedding]
-    model.load_state_dict(state_dict, assign=True, strict=True)
-    if tied:  # assign=True made two Parameters over one tensor: make them one again
-        model.lm_head.weight = model.get_parameter(embedding)
+    return tied, embedding
+
+
+def finish(model: nn.Module, config: dict, meta: dict, family: ModuleType, device: str) -> nn.Module:
     for m in model.modules():
         if isinstance(m, Rotary):
             m.build()

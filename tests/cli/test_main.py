@@ -111,7 +111,8 @@ def test_generate_keep_quantized_gguf(smollm2, capsys):
     assert "Paris" in capsys.readouterr().out
 
 
-def test_keep_quantized_needs_gguf(shared, capsys):
+def test_keep_quantized_is_an_accepted_no_op(shared, capsys):
+    """--keep-quantized is the default now: still accepted (old commands), a no-op for other formats."""
     args = ["generate", str(shared / "models/stories260K"), "--keep-quantized", "--max-new-tokens", "2"]
-    assert main(args) == 2
-    assert "gguf" in capsys.readouterr().err.lower()
+    assert main([*args, "--prompt", "Once"]) == 0
+    assert main([*args[:2], "--dequantize", "--max-new-tokens", "2", "--prompt", "Once"]) == 0

@@ -23,7 +23,7 @@ def _kld(model, wins: torch.Tensor, ref: list[torch.Tensor]) -> float:
 
 
 def test_smollm2_int8_and_calibrated_int4(smollm2, shared):
-    model, tok = lf.load(smollm2, fast=False)
+    model, tok = lf.load(smollm2, fast=False, keep_quantized=False)
     text = (shared / "data/wikitext-2-raw/wiki.test.raw").read_text().replace("\r\n", "\n")
     wins = torch.tensor(tok.encode(text[:20000], add_special_tokens=False))[: 2 * 512].reshape(2, 512)
     calib = torch.tensor(tok.encode(text[300000:360000], add_special_tokens=False))[: 8 * 512].reshape(8, 512)
@@ -36,7 +36,7 @@ def test_smollm2_int8_and_calibrated_int4(smollm2, shared):
         ("gptq", GPTQ(group_size=64)),
         ("awq", AWQ(group_size=64)),
     ]:
-        m, _ = lf.load(smollm2, fast=False)
+        m, _ = lf.load(smollm2, fast=False, keep_quantized=False)
         quantize_(m, cfg, calib, progress=False)
         kld[name] = _kld(m, wins, ref)
     assert kld["int8"] < 0.01, kld

@@ -83,7 +83,7 @@ def pair(request, tmp_path_factory):
             q, _ = lf.load(path, keep_quantized=True)
     else:
         q, _ = lf.load(path, keep_quantized=True)
-    f, _ = lf.load(path)
+    f, _ = lf.load(path, keep_quantized=False)
     return request.param, q, f
 
 

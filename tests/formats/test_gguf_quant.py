@@ -13,7 +13,6 @@ from torch import nn
 import leanformer as lf
 from leanformer.compress import Int4Linear, Int8Linear, qbase
 from leanformer.compress.layout import QuantEmbedding
-from leanformer.errors import LeanformerError
 from tests.formats.test_gguf import tiny_config
 from tests.formats.tiny_gguf import hf_llama_state_dict, write_gguf
 
@@ -62,7 +61,7 @@ def load_both(path):
     """(keep_quantized model, float model); the Q5_1 case must warn that it was dequantized."""
     with pytest.warns(UserWarning, match="Q5_1") if "untied-mixed" in path.name else nullcontext():
         q, _ = lf.load(path, keep_quantized=True)
-    f, _ = lf.load(path)
+    f, _ = lf.load(path, keep_quantized=False)
     return q, f
 
 
@@ -121,9 +120,13 @@ def test_save_reload_and_bf16(tiny, tmp_path, fp32_prefill):
         assert out.dtype == torch.bfloat16 and rel(out.float(), ref) < 0.1
 
 
-def test_keep_quantized_needs_gguf(tmp_path):
-    with pytest.raises(LeanformerError, match="keep_quantized=True needs a .gguf"):
-        lf.load(tmp_path, keep_quantized=True)
+def test_keep_quantized_is_the_default_and_a_no_op_for_other_formats(shared):
+    """keep_quantized=True is the default now: for a checkpoint that is not a GGUF it changes nothing."""
+    path = shared / "models/stories260K"
+    a, _ = lf.load(path, keep_quantized=True, fast=False)
+    b, _ = lf.load(path, keep_quantized=False, fast=False)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(t, b.state_dict()[n]) for n, t in a.state_dict().items())
 
 
 # --- the real SmolLM2-135M-Instruct Q4_1 file ------------------------------------------------------
@@ -132,7 +135,7 @@ def test_keep_quantized_needs_gguf(tmp_path):
 @pytest.fixture(scope="module")
 def smollm2_pair(smollm2):
     q, tok = lf.load(smollm2, keep_quantized=True)
-    f, _ = lf.load(smollm2)
+    f, _ = lf.load(smollm2, keep_quantized=False)
     return q, f, tok
 
 

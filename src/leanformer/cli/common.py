@@ -11,8 +11,9 @@ from leanformer.cli import args as ck
 from leanformer.errors import LeanformerError
 from leanformer.hub import resolve_model
 
-KEEP_QUANTIZED_HELP = (
-    "GGUF: Q4_0/Q4_1/Q4_K tensors load straight into int4, Q8_0/Q5_0/Q6_K into int8 modules (no float copy)"
+DEQUANTIZE_HELP = (
+    "GGUF: dequantize every tensor to --dtype (default: keep the file's quantization: Q4_0/Q4_1/Q4_K "
+    "tensors load straight into int4, Q8_0/Q5_0/Q6_K into int8 modules, no float copy)"
 )
 # commands that run the model in this process, so a sharded model works as is (bench runs each engine
 # in its own process, compress would save one rank's shard, serve has no rank-0-only front yet)
@@ -28,15 +29,22 @@ TP_HELP = (
 
 
 def model_command(sub, name: str, help: str) -> argparse.ArgumentParser:
-    """A sub-command that takes MODEL (a path or a known name), --dtype and --keep-quantized."""
+    """A sub-command that takes MODEL (a path or a known name), --dtype and --dequantize."""
     p = sub.add_parser(name, help=help)
     p.add_argument("model", help="path (HF folder, .gguf, llama2.c .bin) or a known name, e.g. smollm2")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--keep-quantized", action="store_true", help=KEEP_QUANTIZED_HELP)
+    add_quantized_flags(p)
     if name in TP_COMMANDS:
         p.add_argument("--tp", type=ck.positive_int, default=1, metavar="N", help=TP_HELP)
         p.add_argument("--pp", type=ck.positive_int, default=1, metavar="N", help=PP_HELP)
     return p
+
+
+def add_quantized_flags(p: argparse.ArgumentParser) -> None:
+    """--dequantize (GGUF to float); --keep-quantized, the default now, still accepted (old commands)."""
+    p.add_argument("--dequantize", dest="keep_quantized", action="store_false", help=DEQUANTIZE_HELP)
+    p.add_argument("--keep-quantized", dest="keep_quantized", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(keep_quantized=True)
 
 
 def load_model(args):
@@ -59,7 +67,7 @@ def load_model(args):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
         if hasattr(args, "seed"):
             args.seed = shared_seed(args.seed)
-    keep = getattr(args, "keep_quantized", False)
+    keep = getattr(args, "keep_quantized", True)
     model, tok = load(resolve_model(args.model), dtype=args.dtype, keep_quantized=keep)
     if tp > 1:
         from leanformer.distributed import check_tp, parallelize_

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -34,12 +36,52 @@ def decode_speed(model, vocab: int, new_tokens: int = 32) -> float:
     return decode_rate([leanformer_decode_steps(model, [prompt], new_tokens) for _ in range(2)], 1)
 
 
+def check_disk(output: str, nbytes: int) -> None:
+    """One line before any work when the saved model (about `nbytes`) cannot fit the free space."""
+    parent = Path(output).expanduser().resolve()
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    need = int(nbytes * 1.05) + (16 << 20)  # + tokenizer / config files and filesystem slack
+    if need > free:
+        raise LeanformerError(
+            f"the compressed model needs about {need / 2**20:.0f} MB but {parent} has {free / 2**20:.0f} MB "
+            "free; free some space or choose another --output"
+        )
+
+
+def open_model(args, path: str, recipe) -> tuple:
+    """(model, tokenizer, float size in bytes, streamed?): the model lazily (read layer by layer while
+    it is compressed) where streaming can serve it, else whole; --stream / --in-memory force one."""
+    import leanformer as lf
+    from leanformer.compress.stream import compressed_bytes, plan_stages, state_bytes
+
+    skeleton, why = None, None
+    if not args.in_memory:
+        try:
+            skeleton, tok = lf.load(path, dtype=args.dtype, lazy=True)
+            plan_stages(skeleton, recipe.stages)
+        except LeanformerError as e:
+            if args.stream:
+                raise
+            skeleton, why = None, str(e)
+    if skeleton is not None:
+        check_disk(args.output, compressed_bytes(skeleton, recipe.stages))
+        return skeleton, tok, state_bytes(skeleton), True
+    if why:
+        print(f"compressing in memory: {why}", file=sys.stderr)
+    model, tok = lf.load(path, dtype=args.dtype, keep_quantized=False)
+    check_disk(args.output, state_bytes(model))  # an upper bound: no cheap estimate without a skeleton
+    return model, tok, state_bytes(model), False
+
+
 def cmd_compress(args) -> None:
     import leanformer as lf
     from leanformer.cli.common import print_table
     from leanformer.compress import apply, load_recipe
+    from leanformer.compress.stream import state_bytes
     from leanformer.hub import resolve_model
-    from leanformer.measure.bench.runner import _nbytes
+    from leanformer.measure.bench.runner import _rss_mb
     from leanformer.measure.evaluate import evaluate, read_text, tokenize
     from leanformer.outputs import check_output_dir
 
@@ -49,26 +91,31 @@ def cmd_compress(args) -> None:
     for flag, name in (("--calibration", args.calibration), ("--eval-data", args.eval_data)):
         if name and not Path(name).expanduser().is_file():  # read only after compressing: check now
             raise LeanformerError(f"{flag} file not found: {name}")
+    needs_calibration = [type(c).__name__ for c in recipe.stages if c.needs_calibration]
+    if needs_calibration and not args.calibration:
+        raise LeanformerError(
+            f"this recipe ({', '.join(needs_calibration)}) needs --calibration FILE (plain text, e.g. a wiki dump)"
+        )
     path = resolve_model(args.model)
     # the output rules before minutes of loading and GPTQ: never the model's own folder, and only an
     # earlier leanformer save is replaced without --overwrite (outputs.py)
     check_output_dir(args.output, args.overwrite, inputs=[path])
-    model, tok = lf.load(path, dtype=args.dtype)
-    original = copy.deepcopy(model)
-    needs_calibration = [type(c).__name__ for c in recipe.stages if c.needs_calibration]
+    model, tok, before, streamed = open_model(args, path, recipe)
+    compare = bool(args.eval_data) or not args.no_speed
+    original = copy.deepcopy(model) if compare and not streamed else None
     calibration = None
     if args.calibration:
         calibration = calibration_ids(tok, args.calibration, args.calibration_samples, args.calibration_len)
-    elif needs_calibration:
-        raise LeanformerError(
-            f"this recipe ({', '.join(needs_calibration)}) needs --calibration FILE (plain text, e.g. a wiki dump)"
-        )
     apply(model, recipe, calibration=calibration)
     out = lf.save(model, tok, args.output, overwrite=args.overwrite)
+    peak = _rss_mb()  # before any comparison loads the original again
     rows = [
         ("saved to", str(out)),
-        ("weights before → after (MB)", f"{_nbytes(original) / 2**20:.1f} → {_nbytes(model) / 2**20:.1f}"),
+        ("weights before → after (MB)", f"{before / 2**20:.1f} → {state_bytes(model) / 2**20:.1f}"),
+        (f"peak RSS {'layer by layer' if streamed else 'in memory'} (MB)", f"{peak:.0f}"),
     ]
+    if compare and original is None:  # streamed: the float original only now, for the comparison
+        original, _ = lf.load(path, dtype=args.dtype, keep_quantized=False)
     if args.eval_data:
         ids = tokenize(tok, read_text(args.eval_data, args.eval_chars))
         r = evaluate(model, ids, args.window, reference=original, progress=True)
@@ -115,4 +162,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-chars", type=ck.positive_int, default=20_000)
     p.add_argument("--window", type=ck.int_range(2), default=512, help="eval window, at least 2 tokens")
     p.add_argument("--no-speed", action="store_true", help="skip the decode speed before/after")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
+        "--stream", action="store_true",
+        help="read and compress one decoder layer at a time (the default where it can serve the model "
+        "and recipe); fail in one line where it cannot",
+    )  # fmt: skip
+    how.add_argument(
+        "--in-memory", action="store_true",
+        help="load the whole float model first (needed for GPT-2 / BERT, pytorch_model.bin and pruning / low-rank stages)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_compress)

@@ -15,14 +15,12 @@ from leanformer.errors import LeanformerError
 
 
 def add_parser(sub) -> None:
+    from leanformer.cli.common import add_quantized_flags
+
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     p.add_argument("model", help="path (HF folder, .gguf, llama2.c .bin, leanformer save) or a known name")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument(
-        "--keep-quantized",
-        action="store_true",
-        help="GGUF: Q4_0/Q4_1/Q4_K tensors stay int4, Q8_0/Q5_0/Q6_K int8 in memory",
-    )
+    add_quantized_flags(p)  # GGUF kept quantized by default; --dequantize
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=ck.int_range(0, 65536), default=8000, help="0..65535")
     p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: MODEL)")

@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanformer.compress import kernels as K
-from leanformer.compress.calibrate import Calibration, InputStats, Scope, collect_stats, iter_scopes
+from leanformer.compress.calibrate import (
+    BlockHooks,
+    Calibration,
+    InputStats,
+    Scope,
+    collect_stats,
+    iter_scopes,
+)
 from leanformer.compress.gptq import gptq_quantize_weight
 from leanformer.compress.quant import AWQ, Int4Linear, Int8Linear, set_module
 
@@ -127,10 +134,16 @@ def _quantize_group(model: nn.Module, st: InputStats, cfg: AWQ, s: torch.Tensor 
 
 @torch.no_grad()
 def awq_quantize(
-    model: nn.Module, cfg: AWQ, names: list[str], calibration: Calibration, progress: bool = True
+    model: nn.Module,
+    cfg: AWQ,
+    names: list[str],
+    calibration: Calibration,
+    progress: bool = True,
+    hooks: BlockHooks | None = None,
 ) -> nn.Module:
-    """Quantize the Linears `names` of `model` in place, block by block (sequentially)."""
-    for scope in iter_scopes(model, names, calibration, cfg.batch_size, progress, desc="AWQ"):
+    """Quantize the Linears `names` of `model` in place, block by block (sequentially); `hooks` stream
+    the blocks' weights in and out (compress/stream.py)."""
+    for scope in iter_scopes(model, names, calibration, cfg.batch_size, progress, "AWQ", hooks):
         stats = collect_stats(model, scope, producers=True)
         ref = scope.run_first()  # float output before any transform, to verify folds
         plans = []

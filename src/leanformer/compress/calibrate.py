@@ -1,15 +1,20 @@
 """Calibration plumbing shared by GPTQ and AWQ: batches of token ids, running the model, walking its
 repeated blocks in order, and per-Linear input statistics gathered with forward hooks.
 
-Sequential walk: one full forward (original model) records each block's inputs; then block by block,
-the algorithm gathers statistics by replaying that block on the cached hidden states, quantizes it,
-and the block is replayed once more so the next block sees the outputs of the *quantized* block
-(what GPTQ calls sequential quantization: later layers correct for earlier layers' errors).
+Sequential walk: one forward per batch, stopped at the first targeted block, records the hidden
+state entering it and that block's other arguments (positions, rotary tables, masks: the same for
+every block); then block by block, the algorithm gathers statistics by replaying that block on the
+cached hidden states, quantizes it, and the block is replayed once more so the next block sees the
+outputs of the *quantized* block (what GPTQ calls sequential quantization: later layers correct for
+earlier layers' errors). Nothing after the current block is needed, so streaming compression
+(compress/stream.py) runs this same walk with `BlockHooks` that read each block's weights just
+before it and free its float copy after: the float model is never whole.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -39,7 +44,8 @@ def to_batches(calibration: Calibration, batch_size: int, device: torch.device) 
 
 
 def model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
+    """Where the weights are (a lazily loaded model's layers not read yet are on "meta": skipped)."""
+    p = next((p for p in model.parameters() if not p.is_meta), None)
     return p.device if p is not None else torch.device("cpu")
 
 
@@ -51,6 +57,25 @@ def run_model(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class BlockHooks:
+    """Streaming (compress/stream.py): `before(j)` makes block j's weights real (and applies recipe
+    stages that come before this one), `after(j)` runs once the hidden states have passed through it
+    (later stages). With hooks every block is walked, from block 0."""
+
+    before: Callable[[int], None]
+    after: Callable[[int], None]
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, MB (for progress bars; peaks are measured elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 @dataclass
@@ -93,24 +118,31 @@ def iter_scopes(
     batch_size: int,
     progress: bool = True,
     desc: str = "quantize",
+    hooks: BlockHooks | None = None,
 ) -> Iterator[Scope]:
     """Yield scopes in forward order. Resuming the generator after a scope's Linears were replaced
     advances the cached hidden states through the (now quantized) block."""
     batches = to_batches(calibration, batch_size, model_device(model))
     found = _find_blocks(model, names)
+    if hooks is not None and found is None:
+        raise LeanformerError("streaming calibration needs the model's decoder layers to hold the targets")
     remaining = list(names)
     if found is not None:
         pre, blocks = found
         owned = [
             [n for n in names if n == f"{pre}{i}" or n.startswith(f"{pre}{i}.")] for i in range(len(blocks))
         ]
-        start = next(i for i, o in enumerate(owned) if o)
-        stop = max(i for i, o in enumerate(owned) if o) + 1
-        hidden, calls = _capture_block_inputs(model, blocks[start:stop], batches)
-        for j in tqdm(range(start, stop), desc=desc, unit="layer", disable=not progress):
-            block, rec = blocks[j], calls[j - start]
+        start = 0 if hooks else next(i for i, o in enumerate(owned) if o)
+        stop = len(blocks) if hooks else max(i for i, o in enumerate(owned) if o) + 1
+        hidden, rec = _capture_block_inputs(model, blocks[start], batches)
+        bar = tqdm(range(start, stop), desc=desc, unit="layer", disable=not progress)
+        for j in bar:
+            block = blocks[j]
+            if hooks:
+                hooks.before(j)
+                block = blocks[j]  # the hook may have swapped modules inside; the block is the same
 
-            def replay(b: int, block=block, rec=rec, hidden=hidden) -> torch.Tensor:
+            def replay(b: int, block=block) -> torch.Tensor:
                 args, kwargs, key = rec[b]
                 if key is None:
                     return _first(block(hidden[b], *args, **kwargs))
@@ -123,7 +155,11 @@ def iter_scopes(
             if owned[j]:
                 yield Scope(block, owned[j], run_all, lambda replay=replay: replay(0))
             with torch.no_grad():
-                hidden[:] = [replay(b) for b in range(len(batches))]  # in place: replay holds the list
+                for b in range(len(batches)):  # one batch at a time: no second copy of all of them
+                    hidden[b] = replay(b)
+            if hooks:
+                hooks.after(j)
+            bar.set_postfix(rss=f"{rss_mb():.0f} MB", refresh=False)
         remaining = [n for n in names if not any(n in o for o in owned)]
     if remaining:  # Linears outside the blocks (or no blocks found): one scope over the whole model
 
@@ -135,47 +171,42 @@ def iter_scopes(
 
 
 def _capture_block_inputs(
-    model: nn.Module, blocks: list[nn.Module], batches: list[torch.Tensor]
-) -> tuple[list[torch.Tensor], list[list[tuple]]]:
-    """One full forward per batch with pre-hooks on every block: the hidden state entering blocks[0],
-    and for every block its other args/kwargs (masks, positions, rotary tables), as (args, kwargs, key):
-    key None means the hidden state is the first positional argument, else the kwarg name."""
+    model: nn.Module, block: nn.Module, batches: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[tuple]]:
+    """One forward per batch, stopped by a pre-hook on `block`: the hidden state entering it and its
+    other args/kwargs (masks, positions, rotary tables) as (args, kwargs, key) per batch: key None means
+    the hidden state is the first positional argument, else the kwarg name. Every block of a decoder
+    stack is called with the same other arguments, so they serve all the blocks after it."""
     hidden: list[torch.Tensor] = []
-    calls: list[list[tuple]] = [[] for _ in blocks]
+    calls: list[tuple] = []
 
-    def make_hook(j: int):
-        def hook(_mod, args, kwargs):
-            if args:
-                h, rec = args[0], (args[1:], kwargs, None)
-            else:
-                key = next((k for k in ("hidden_states", "x", "hidden", "input") if k in kwargs), None)
-                if key is None:
-                    raise LeanformerError(
-                        "cannot find the hidden-state argument of a model block for calibration"
-                    )
-                h, rec = kwargs[key], ((), {k: v for k, v in kwargs.items() if k != key}, key)
-            for k in _CACHE_KWARGS:  # replaying must not append to (or attend over) a KV cache
-                if rec[1].get(k) is not None:
-                    rec = (rec[0], {**rec[1], k: None}, rec[2])
-            if rec[1].get("use_cache"):
-                rec = (rec[0], {**rec[1], "use_cache": False}, rec[2])
-            calls[j].append(rec)
-            if j == 0:
-                hidden.append(h.detach())
-            if j == len(blocks) - 1:
-                raise _Stop  # nothing after the last targeted block is needed
+    def hook(_mod, args, kwargs):
+        if args:
+            h, rec = args[0], (args[1:], kwargs, None)
+        else:
+            key = next((k for k in ("hidden_states", "x", "hidden", "input") if k in kwargs), None)
+            if key is None:
+                raise LeanformerError(
+                    "cannot find the hidden-state argument of a model block for calibration"
+                )
+            h, rec = kwargs[key], ((), {k: v for k, v in kwargs.items() if k != key}, key)
+        for k in _CACHE_KWARGS:  # replaying must not append to (or attend over) a KV cache
+            if rec[1].get(k) is not None:
+                rec = (rec[0], {**rec[1], k: None}, rec[2])
+        if rec[1].get("use_cache"):
+            rec = (rec[0], {**rec[1], "use_cache": False}, rec[2])
+        calls.append(rec)
+        hidden.append(h.detach())
+        raise _Stop  # nothing from this block on is needed
 
-        return hook
-
-    handles = [blk.register_forward_pre_hook(make_hook(j), with_kwargs=True) for j, blk in enumerate(blocks)]
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             for ids in batches:
                 with contextlib.suppress(_Stop):
                     run_model(model, ids)
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
     if len(hidden) != len(batches):
         raise LeanformerError("model blocks were not called once per forward; cannot calibrate sequentially")
     return hidden, calls

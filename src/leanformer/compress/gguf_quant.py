@@ -29,7 +29,6 @@ is the table, so the matrix is stored once.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from leanformer.errors import LeanformerError
 from leanformer.formats.gguf import (
     CODE_OFFSET,
     GGUFTensor,
+    drop_file_pages,
     load_gguf_tokenizer,
     read_gguf_raw,
     unpack_blocks,
@@ -105,17 +105,6 @@ def quantized_form(parts: list[GGUFTensor]) -> tuple[dict | None, dict[str, torc
     return None, {"weight": _cat([p.dequantize() for p in parts])}
 
 
-def _drop_file_pages(raw: dict[str, GGUFTensor]) -> None:
-    """Let the kernel drop the file pages read so far from this process's resident set (they stay in
-    the page cache): otherwise the whole file (read once, never again) adds to the loading peak."""
-    import mmap
-
-    m = next((mm for t in raw.values() if (mm := getattr(t.data, "_mmap", None)) is not None), None)
-    if m is not None and hasattr(mmap, "MADV_DONTNEED"):
-        with contextlib.suppress(OSError, ValueError):  # best effort: e.g. a map closed meanwhile
-            m.madvise(mmap.MADV_DONTNEED)
-
-
 def read_gguf_quantized(
     path: str | Path, with_tokenizer: bool = True
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any | None]:
@@ -149,7 +138,7 @@ def read_gguf_quantized(
             spec = place(p + ours, tuple(p + t for t in theirs))
             if spec:
                 layout[p + ours] = spec
-        _drop_file_pages(raw)
+        drop_file_pages(raw)
     if "lm_head.weight" in left:  # untied head
         spec = place("lm_head", ("lm_head",))
         if spec:
@@ -174,7 +163,7 @@ def read_gguf_quantized(
             "those tensors were dequantized to float",
             stacklevel=2,
         )
-    _drop_file_pages(raw)
+    drop_file_pages(raw)
     config["leanformer"] = {LAYOUT_KEY: layout}
     tokenizer = load_gguf_tokenizer(path) if with_tokenizer else None
     return config, state, tokenizer

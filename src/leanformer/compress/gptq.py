@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from leanformer.compress import kernels as K
-from leanformer.compress.calibrate import Calibration, collect_stats, iter_scopes
+from leanformer.compress.calibrate import BlockHooks, Calibration, collect_stats, iter_scopes
 from leanformer.compress.quant import GPTQ, Int4Linear, Int8Linear, set_module
 from leanformer.errors import LeanformerError
 
@@ -107,10 +107,16 @@ def gptq_quantize_weight(
 
 @torch.no_grad()
 def gptq_quantize(
-    model: nn.Module, cfg: GPTQ, names: list[str], calibration: Calibration, progress: bool = True
+    model: nn.Module,
+    cfg: GPTQ,
+    names: list[str],
+    calibration: Calibration,
+    progress: bool = True,
+    hooks: BlockHooks | None = None,
 ) -> nn.Module:
-    """Quantize the Linears `names` of `model` in place, block by block (sequentially)."""
-    for scope in iter_scopes(model, names, calibration, cfg.batch_size, progress, desc="GPTQ"):
+    """Quantize the Linears `names` of `model` in place, block by block (sequentially); `hooks` stream
+    the blocks' weights in and out (compress/stream.py)."""
+    for scope in iter_scopes(model, names, calibration, cfg.batch_size, progress, "GPTQ", hooks):
         for st in collect_stats(model, scope):
             hess = st.hessian
             for name in st.names:

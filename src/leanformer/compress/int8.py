@@ -53,10 +53,16 @@ class Int8Linear(QuantLinear):
             linear.weight.device,
             linear.weight.dtype,
         )
-        if q is None:
-            q, scales = K.int8_symmetric(linear.weight.detach())
-        m.weight_int8.copy_(q)
-        m.scales.copy_(scales)
+        if q is None:  # rows are independent: in slices of ~16M weights, so the temporaries of a
+            # [128256, 3072] LM head stay ~64 MB instead of three full fp32 copies
+            w, rows = linear.weight.detach(), max(1, (1 << 24) // max(linear.in_features, 1))
+            for r in range(0, w.shape[0], rows):
+                q, scales = K.int8_symmetric(w[r : r + rows])
+                m.weight_int8[r : r + rows].copy_(q)
+                m.scales[r : r + rows].copy_(scales)
+        else:
+            m.weight_int8.copy_(q)
+            m.scales.copy_(scales)
         if linear.bias is not None:
             m.bias.data.copy_(linear.bias.detach())
         return m

@@ -94,7 +94,10 @@ def quantize_(
     """Swap the targeted nn.Linear modules of `model` (in place) for quantized ones; returns `model`.
     GPTQ and AWQ need `calibration` (token ids [n, T] or a list of them) unless `structure_only`.
     A model carrying an HF-style `config` dict gets the config appended to
-    config["leanformer"]["recipe"], so `save` writes it and `load` can rebuild the structure."""
+    config["leanformer"]["recipe"], so `save` writes it and `load` can rebuild the structure.
+    A model loaded with `load(..., lazy=True)` is compressed one decoder layer at a time (stream.py)."""
+    if getattr(model, "lazy", None) is not None and not structure_only:
+        return apply(model, [config], calibration, progress=progress)
     _quantize(model, config, calibration, structure_only, progress)
     if not structure_only and isinstance(getattr(model, "config", None), dict):
         recipe = model.config.setdefault("leanformer", {}).setdefault("recipe", Recipe().to_dict())
@@ -147,19 +150,24 @@ def _quantize(
         model.train(was_training)
         _share_quantized_tables(model, tied)
         return
-    with torch.no_grad():
-        for n in names:
-            lin = model.get_submodule(n)
-            if isinstance(config, Int8WeightOnly):
-                new = Int8Linear.from_linear(lin)
-            elif isinstance(config, Int4WeightOnly):
-                new = Int4Linear.from_linear(lin, config.group_size, scale_bits=config.scale_bits)
-            elif isinstance(config, Int8Dynamic):
-                new = Int8DynamicLinear.from_linear(lin, config.min_tokens)
-            else:
-                raise LeanformerError(f"quantize_ cannot apply {type(config).__name__}")
-            set_module(model, n, new)
+    quantize_linears(model, config, names)
     _share_quantized_tables(model, tied)
+
+
+@torch.no_grad()
+def quantize_linears(model: nn.Module, config: QuantConfig, names: list[str]) -> None:
+    """Round-to-nearest swap of the Linears `names` (each on its own: the order does not matter)."""
+    for n in names:
+        lin = model.get_submodule(n)
+        if isinstance(config, Int8WeightOnly):
+            new = Int8Linear.from_linear(lin)
+        elif isinstance(config, Int4WeightOnly):
+            new = Int4Linear.from_linear(lin, config.group_size, scale_bits=config.scale_bits)
+        elif isinstance(config, Int8Dynamic):
+            new = Int8DynamicLinear.from_linear(lin, config.min_tokens)
+        else:
+            raise LeanformerError(f"quantize_ cannot apply {type(config).__name__}")
+        set_module(model, n, new)
 
 
 def _prune(
@@ -371,7 +379,13 @@ def apply(
     structure_only: bool = False,
     progress: bool = True,
 ) -> nn.Module:
-    """Apply each stage of the recipe in order (in place); returns `model`."""
+    """Apply each stage of the recipe in order (in place); returns `model`. A model loaded with
+    `load(..., lazy=True)` is read and compressed one decoder layer at a time (compress/stream.py),
+    with the same result as compressing it whole."""
+    if getattr(model, "lazy", None) is not None and not structure_only:
+        from leanformer.compress.stream import stream_apply
+
+        return stream_apply(model, as_recipe(recipe).stages, calibration, progress=progress)
     for cfg in as_recipe(recipe).stages:
         quantize_(model, cfg, calibration, structure_only=structure_only, progress=progress)
     return model

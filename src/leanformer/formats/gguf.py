@@ -12,6 +12,7 @@ the quantized bytes as well: `read_gguf_raw` hands out HF-layout rows without de
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -295,6 +296,17 @@ def _config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
         if token_id is not None:
             config[f"{name}_token_id"] = int(token_id)
     return config
+
+
+def drop_file_pages(raw: dict[str, GGUFTensor]) -> None:
+    """Let the kernel drop the file pages read so far from this process's resident set (they stay in
+    the page cache): otherwise the whole file (read once, never again) adds to the loading peak."""
+    import mmap
+
+    m = next((mm for t in raw.values() if (mm := getattr(t.data, "_mmap", None)) is not None), None)
+    if m is not None and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):  # best effort: e.g. a map closed meanwhile
+            m.madvise(mmap.MADV_DONTNEED)
 
 
 def read_gguf_raw(path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:

@@ -1,0 +1,217 @@
+"""Streaming compression: a model bigger than the spare memory, compressed one decoder layer at a time.
+
+`load(path, lazy=True)` builds the model on the meta device and attaches a `LazyWeights` (a tensor
+source from formats/lazy.py that reads one tensor at a time). `apply` / `quantize_` on such a model
+come here: the embedding, final norm and LM head are read first, then for each decoder layer its
+float weights are read (a bf16 file stays 2 bytes until then), cast to the load dtype, sped up the way
+`load` does, compressed, and only the compressed modules are kept; the float copy is freed before the
+next layer is read. Calibrated methods (GPTQ, AWQ) run their usual sequential walk
+(calibrate.iter_scopes) with `BlockHooks` that read each layer just before it is calibrated, so the
+calibration activations pass from one layer to the next and the float model is never whole.
+
+Same result as compressing in memory, bit for bit: each stage meets every Linear in the state the
+in-memory order gives it (stages before the calibrated one are applied to a layer before its
+statistics, stages after it once the hidden states have passed through it), and the calibration
+forward is the same walk with the same arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from leanformer.compress.calibrate import BlockHooks, Calibration, rss_mb
+from leanformer.compress.config import LowRank, PruneConfig, PruneFFN, PruneLayers
+from leanformer.compress.quant import AWQ, GPTQ, KVCache, QuantConfig
+from leanformer.errors import LeanformerError
+
+LAYERS = "model.layers."
+
+
+@dataclass
+class LazyWeights:
+    """What a lazily loaded model still has to read (loading._load_lazy fills it)."""
+
+    source: object  # formats.lazy.TensorSource: shapes + get(name) + release()
+    sanitize: Callable[[dict], dict]  # file names -> ours for any subset (q|k|v and gate|up fused)
+    dtype: torch.dtype
+    device: str
+    speed_up: Callable[[nn.Module], nn.Module] | None  # loading.speed_up_linears_ when fast on CPU
+    keep: set[str]  # a save's quantized tensors (scales, codes): never cast to dtype
+
+    def read_into(self, model: nn.Module, names: list[str]) -> None:
+        """Read the file tensors `names`, convert them as `load` would, assign them into `model`."""
+        state = self.sanitize({n: self.source.get(n) for n in names})
+        for n in list(state):  # one at a time: the file-dtype tensor is freed before the next cast
+            t = state.pop(n)
+            cast = t.is_floating_point() and n not in self.keep
+            state[n] = (t.to(self.dtype) if cast else t).to(self.device)
+            del t
+        model.load_state_dict(state, strict=False, assign=True)
+        self.source.release()
+
+
+def _layer_of(name: str) -> int | None:
+    return int(name[len(LAYERS) :].split(".", 1)[0]) if name.startswith(LAYERS) else None
+
+
+def plan_stages(model: nn.Module, stages: list[QuantConfig]) -> list[list[str]]:
+    """Every stage's target Linears in the in-memory order (a structure-only run on a meta copy):
+    also every check `apply` makes (targets match, group sizes divide) before any weight is read."""
+    from leanformer.compress.recipe import _quantize, select_linears
+
+    for c in stages:
+        if isinstance(c, (PruneConfig, PruneFFN, PruneLayers, LowRank)):
+            raise LeanformerError(
+                f"{type(c).__name__} cannot run layer by layer yet: load the model whole "
+                "(lazy=False; `leanformer compress --in-memory`)"
+            )
+    calibrated = [c for c in stages if c.needs_calibration]
+    if len(calibrated) > 1:
+        raise LeanformerError(
+            f"streaming runs one calibrated stage, this recipe has {len(calibrated)} "
+            f"({', '.join(type(c).__name__ for c in calibrated)}); load the model whole (--in-memory)"
+        )
+    dry = copy.deepcopy(model, memo={id(model.lazy): None})  # no copy of the tensor source
+    names = []
+    for c in stages:
+        c.validate()
+        names.append([] if isinstance(c, KVCache) else select_linears(dry, c))
+        _quantize(dry, c, None, structure_only=True, progress=False)
+        outside = [n for n in names[-1] if _layer_of(n) is None]
+        if c.needs_calibration and outside:
+            raise LeanformerError(
+                f"{type(c).__name__} targets {outside[0]}, outside the decoder layers: streaming calibrates "
+                "layer by layer; add it to `ignore` (the presets do) or load the model whole (--in-memory)"
+            )
+    return names
+
+
+def _rtn(model: nn.Module, cfg: QuantConfig, names: list[str]) -> None:
+    """A non-calibrated stage on some of its Linears (a tied embedding follows a quantized head)."""
+    from leanformer.compress.recipe import _share_quantized_tables, _tied_embeddings, quantize_linears
+
+    if isinstance(cfg, KVCache):
+        model.kv_cache_dtype = cfg.dtype
+        return
+    if names:
+        tied = _tied_embeddings(model, names)
+        quantize_linears(model, cfg, names)
+        _share_quantized_tables(model, tied)
+
+
+def stream_apply(
+    model: nn.Module,
+    stages: list[QuantConfig],
+    calibration: Calibration | None = None,
+    *,
+    progress: bool = True,
+) -> nn.Module:
+    """Read and compress a lazily loaded model layer by layer (see the module doc); returns `model`,
+    now whole (compressed) and runnable. No stages: just read the weights (`materialize_`)."""
+    lazy: LazyWeights = model.lazy
+    names = plan_stages(model, stages)
+    cal = next((k for k, c in enumerate(stages) if c.needs_calibration), None)
+    if cal is not None and calibration is None:
+        raise LeanformerError(
+            f"{type(stages[cal]).__name__} needs calibration token ids [n_samples, seq_len]"
+        )
+    layers = model.model.layers
+    by_layer: list[list[str]] = [[] for _ in layers]
+    rest = []
+    for n in lazy.source.shapes:
+        j = _layer_of(n)
+        (rest if j is None else by_layer[j]).append(n)
+
+    def stage_on(k: int, j: int | None) -> None:
+        _rtn(model, stages[k], [n for n in names[k] if _layer_of(n) == j])
+
+    def read_layer(j: int, before: range) -> None:
+        lazy.read_into(model, by_layer[j])
+        if lazy.speed_up is not None:
+            lazy.speed_up(layers[j])  # as `load` leaves it: the calibration forward runs the same kernels
+        for k in before:
+            stage_on(k, j)
+
+    # the rest first (embedding, final norm, head): read as float; the calibration capture needs it
+    head = getattr(model, "lm_head", None)
+    tied = head is not None and getattr(head, "weight", None) is model.model.embed_tokens.weight
+    lazy.read_into(model, rest)
+    if tied:  # assign=True gave the embedding a new Parameter: tie the head again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    del head  # no reference may outlive the float table once a quantized head replaces it
+    before = range(cal if cal is not None else len(stages))
+    after = range(cal + 1, len(stages)) if cal is not None else range(0)
+    for k in before:
+        stage_on(k, None)
+    if cal is None:
+        bar = tqdm(range(len(layers)), desc="compress", unit="layer", disable=not progress)
+        for j in bar:
+            read_layer(j, before)
+            bar.set_postfix(rss=f"{rss_mb():.0f} MB", refresh=False)
+    else:
+        hooks = BlockHooks(
+            before=lambda j: read_layer(j, before), after=lambda j: [stage_on(k, j) for k in after]
+        )
+        _calibrated(model, stages[cal], names[cal], calibration, progress, hooks)
+        for k in after:
+            stage_on(k, None)
+    if lazy.speed_up is not None:
+        lazy.speed_up(model)  # float Linears left outside the layers (a float LM head)
+    model.lazy = None
+    if isinstance(getattr(model, "config", None), dict):
+        from leanformer.compress.recipe import Recipe
+
+        recipe = model.config.setdefault("leanformer", {}).setdefault("recipe", Recipe().to_dict())
+        recipe["stages"].extend(c.to_dict() for c in stages)
+    return model
+
+
+def _calibrated(model, cfg, names, calibration, progress, hooks) -> None:
+    was_training = model.training
+    model.eval()
+    if isinstance(cfg, GPTQ):
+        from leanformer.compress.gptq import gptq_quantize
+
+        gptq_quantize(model, cfg, names, calibration, progress, hooks)
+    elif isinstance(cfg, AWQ):
+        from leanformer.compress.awq import awq_quantize
+
+        awq_quantize(model, cfg, names, calibration, progress, hooks)
+    else:
+        raise LeanformerError(f"{type(cfg).__name__} cannot run layer by layer yet (--in-memory)")
+    model.train(was_training)
+
+
+def materialize_(model: nn.Module, progress: bool = True) -> nn.Module:
+    """Read every weight of a lazily loaded model (no compression); a no-op for a loaded model."""
+    if getattr(model, "lazy", None) is not None:
+        stream_apply(model, [], progress=progress)
+    return model
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's tensors, a tied matrix counted once (works on the meta device too)."""
+    seen: set[int] = set()
+    total = 0
+    for t in model.state_dict(keep_vars=True).values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def compressed_bytes(model: nn.Module, stages: list[QuantConfig]) -> int:
+    """Size of the weights `stages` would leave (a structure-only run on a meta copy of a lazily
+    loaded model): for the disk-space check before any work."""
+    from leanformer.compress.recipe import _quantize
+
+    dry = copy.deepcopy(model, memo={id(getattr(model, "lazy", None)): None})
+    for c in stages:
+        _quantize(dry, c, None, structure_only=True, progress=False)
+    return state_bytes(dry)

@@ -1,0 +1,151 @@
+"""Tensor sources that read one weight at a time, for streaming compression (compress/stream.py).
+
+A source lists a checkpoint's tensors (HF names, or our own names for a leanformer save) with their
+shapes, and `get(name)` reads just that tensor into a fresh CPU tensor in the file's dtype: a bf16 /
+fp16 weight stays 2 bytes until the layer that owns it is processed. Nothing else of the file is held.
+- safetensors (one file or an HF index of shards): the header is parsed once (every entry checked
+  before anything is allocated, as in safetensors_io), then each tensor is read with one readinto.
+- GGUF: the file is memory-mapped by the gguf package; each tensor is dequantized on request and the
+  pages read are dropped from the resident set (`release`).
+- llama2.c: a small flat checkpoint, read whole (these files are tiny), served from memory.
+pytorch_model.bin (a pickle) cannot be read tensor by tensor: `open_source` refuses it in one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from leanformer.errors import LeanformerError
+from leanformer.formats.hf_weights import shard_files
+from leanformer.formats.safetensors_io import SafetensorsFormatError, _read_header, _spec
+
+
+class TensorSource(Protocol):
+    """Named tensors read on demand. `shapes` lists every tensor (file order)."""
+
+    shapes: dict[str, tuple[int, ...]]
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def release(self) -> None: ...
+
+
+@dataclass
+class SafetensorsSource:
+    """Tensors of one or more .safetensors files, each read on request (no memory map is kept)."""
+
+    files: list[Path]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    _where: dict[str, tuple[Path, int, int]] = field(default_factory=dict)  # name -> (file, offset, bytes)
+
+    def __post_init__(self) -> None:
+        for fp in self.files:
+            try:
+                with open(fp, "rb", buffering=0) as f:
+                    header, base, size = _read_header(f)
+                    header.pop("__metadata__", None)
+                    for name, spec in header.items():
+                        dtype, shape, start, nbytes = _spec(name, spec, base, size)
+                        self.shapes[name], self.dtypes[name] = tuple(shape), dtype
+                        self._where[name] = (fp, base + start, nbytes)
+            except (SafetensorsFormatError, OSError) as e:
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise LeanformerError(f"corrupt or truncated weights file {fp}: {msg}") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        fp, offset, nbytes = self._where[name]
+        t = torch.empty(self.shapes[name], dtype=self.dtypes[name])
+        if nbytes:
+            with open(fp, "rb", buffering=0) as f:
+                f.seek(offset)
+                if f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != nbytes:
+                    raise LeanformerError(f"weights file {fp}: tensor {name}: short read (truncated?)")
+        return t
+
+    def release(self) -> None:
+        return None
+
+
+@dataclass
+class GGUFSource:
+    """A GGUF file's tensors under HF names, dequantized to fp32 one at a time."""
+
+    raw: dict[str, Any]  # HF name -> formats.gguf.GGUFTensor over the file's memory map
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.shapes = {n: tuple(t.shape) for n, t in self.raw.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.raw[name].dequantize()
+
+    def release(self) -> None:
+        from leanformer.formats.gguf import drop_file_pages
+
+        drop_file_pages(self.raw)
+
+
+@dataclass
+class MemorySource:
+    """A state dict already in memory (llama2.c checkpoints); `get` hands each tensor over once."""
+
+    tensors: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.shapes = {n: tuple(t.shape) for n, t in self.tensors.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors.pop(name)
+
+    def release(self) -> None:
+        return None
+
+
+_PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def hf_source(folder: Path) -> SafetensorsSource:
+    """The safetensors weights of an HF (or leanformer) folder; a pickled checkpoint is refused."""
+    if (folder / "model.safetensors").is_file():
+        return SafetensorsSource([folder / "model.safetensors"])
+    if (folder / "model.safetensors.index.json").is_file():
+        files = [folder / f for f in shard_files(folder, "model.safetensors.index.json")]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise LeanformerError(f"weight shard {missing[0]} listed in the index is missing")
+        return SafetensorsSource(files)
+    if any((folder / n).exists() for n in _PICKLED):
+        raise LeanformerError(
+            f"{folder}: pytorch_model.bin is a pickle and cannot be read layer by layer; convert it to "
+            "safetensors (transformers: save_pretrained(..., safe_serialization=True)) or compress in "
+            "memory (--in-memory / lazy=False)"
+        )
+    raise LeanformerError(f"no weights in {folder}: expected model.safetensors or its index")
+
+
+def open_source(path: Path) -> tuple[dict | None, TensorSource, Any | None]:
+    """(config or None when it is the folder's config.json, source, tokenizer or None) for a GGUF file,
+    a llama2.c .bin or an HF / leanformer folder (whose config and tokenizer loading reads itself)."""
+    gguf = [path] if path.suffix == ".gguf" else sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if path.is_dir() and (path / "config.json").exists():
+        return None, hf_source(path), None
+    if gguf:
+        from leanformer.formats.gguf import load_gguf_tokenizer, read_gguf_raw
+
+        config, raw = read_gguf_raw(gguf[0])
+        return config, GGUFSource(raw), load_gguf_tokenizer(gguf[0])
+    if path.suffix == ".bin" or path.is_dir() and list(path.glob("*.bin")):
+        from leanformer.formats.llama2c import read_llama2c
+
+        config, state, tok = read_llama2c(path)
+        return config, MemorySource(state), tok
+    raise LeanformerError(
+        f"cannot stream {path}: expected an HF folder with config.json and safetensors, a .gguf file "
+        "or a llama2.c .bin"
+    )
