@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "serve": 8,
     "measure": 7,
     "export": 6,
+    "train": 6,
     "encoders": 5,
     "distributed": 5,
     "loading": 4,

@@ -1,5 +1,5 @@
 """`leanformer` command line: generate | chat | eval | bench | compress | serve | bench-serve | embed |
-train-probe | prune-heads | export | pull | demo. One module per command group; this one assembles them."""
+train-probe | prune-heads | export | distill | pull | demo. One module per command group; this one assembles them."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import warnings
 from pathlib import Path
 
 from leanformer.cli import args as ck
-from leanformer.cli import bench, compress, encoders, evaluate, generate, optimize, report, serve
+from leanformer.cli import bench, compress, distill, encoders, evaluate, generate, optimize, report, serve
 from leanformer.errors import LeanformerError
 
-COMMAND_GROUPS = (generate, evaluate, bench, compress, serve, encoders, report, optimize)
+COMMAND_GROUPS = (generate, evaluate, bench, compress, serve, encoders, distill, report, optimize)
 
 
 def cmd_pull(args) -> None:
