@@ -35,9 +35,28 @@ def outputs(model, n_new: int = 12) -> dict:
     block = model.model.layers[0]
     down = getattr(block, "layers", [block])[0].mlp.down_proj  # a pipeline Stage holds its blocks
     kind = type(getattr(down, "linear", down)).__name__  # the module doing the math (inside AllReduceLinear)
-    return {"full": full, "step": step, "greedy": greedy, "cache_heads": heads, "cache_layers": layers} | {
-        "kind": kind
-    }
+    return (
+        {"full": full, "step": step, "greedy": greedy, "cache_heads": heads, "cache_layers": layers}
+        | {"kind": kind}
+        | batched(model)
+    )
+
+
+def batched(model) -> dict:
+    """Three rows at once (pipeline parallel runs them as micro-batches): a forward without a cache
+    [3, T, V], and one decode step [3, 1, V] over slots at three different lengths, in slot order
+    2, 0, 1 (the indexed cache path, per-row masks)."""
+    from leanformer.models.kv_cache import KVCache
+
+    rows = torch.tensor([PROMPT, PROMPT[::-1], [3] * len(PROMPT)])
+    cache = KVCache.for_model(model, 3, 64)
+    with torch.no_grad():
+        full = model(rows)
+        for slot, n in ((0, 8), (1, 5), (2, 3)):
+            model(rows[slot : slot + 1, :n], cache, torch.tensor([slot]))
+            cache.advance(torch.tensor([slot]), n)
+        step = model(torch.tensor([[4], [5], [6]]), cache, torch.tensor([2, 0, 1]))
+    return {"batch_full": full, "batch_step": step}
 
 
 def load_as(path: str, dtype: str = "float32"):

@@ -18,6 +18,8 @@ def _same(ref: dict, got: dict, kv_heads: int, size: int, tol: float = 1e-4) -> 
     assert "error" not in got, got.get("error")
     assert (got["full"] - ref["full"]).abs().max() < tol
     assert (got["step"] - ref["step"]).abs().max() < tol
+    assert (got["batch_full"] - ref["batch_full"]).abs().max() < tol
+    assert (got["batch_step"] - ref["batch_step"]).abs().max() < tol
     assert got["greedy"] == ref["greedy"]
     assert got["cache_heads"] == kv_heads // size  # each rank caches only its KV heads
 

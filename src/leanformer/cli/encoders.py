@@ -25,6 +25,10 @@ from leanformer.outputs import (
 )
 
 BACKENDS = ("torch", "onnxruntime")
+RAY_HELP = (
+    "split the input over Ray workers, one per CPU of the Ray cluster ($RAY_ADDRESS, else a local "
+    "one); the same result as one process, in input order; needs pip install 'leanformer[ray]'"
+)
 OVERWRITE_HELP = (
     "replace the output folder even when it is not empty and not an earlier output of this command "
     "(never the model's own folder, a folder above it, the current or home folder)"
@@ -107,11 +111,22 @@ def cmd_embed(args) -> None:
 
     if args.output:  # before reading stdin and loading the model
         check_output_file(args.output, _existing(args.model))
+    if args.ray:
+        from leanformer.distributed.ray_jobs import require_ray
+
+        require_ray()
+        if args.backend != "torch":
+            raise LeanformerError("--ray runs the torch backend on every worker; drop --backend onnxruntime")
     texts = _read_lines(args.input)
     if not texts:
         raise LeanformerError(f"no text to embed in {args.input} (one text per non-empty line)")
     model, tok = load(args.model, args.backend)
-    emb = embed(model, tok, texts, args.batch_size, normalize=args.normalize)  # [N, D] float32
+    if args.ray:  # the same batches, spread over Ray workers: the same numbers, in input order
+        from leanformer.measure.ray_split import embed_ray
+
+        emb = embed_ray(_resolve(args.model), model, tok, texts, args.batch_size, args.normalize)
+    else:
+        emb = embed(model, tok, texts, args.batch_size, normalize=args.normalize)  # [N, D] float32
     if args.output and args.output.endswith(".npy"):
         np.save(args.output, emb)
     else:
@@ -275,6 +290,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--normalize", action=argparse.BooleanOptionalAction, default=None, help="default: as the model"
     )
+    p.add_argument("--ray", action="store_true", help=RAY_HELP)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("train-probe", help="fit a logistic-regression probe on frozen embeddings")

@@ -29,23 +29,32 @@ def cmd_eval(args) -> None:
         raise LeanformerError(f"data file not found: {args.data}")
     if args.stride is not None and args.stride > args.window:
         raise LeanformerError(f"--stride ({args.stride}) must not exceed --window ({args.window})")
+    if args.ray:
+        _check_ray(args)
     if is_onnx_export(resolve_model(args.model)):  # an exported encoder, run by ONNX Runtime
-        return eval_encoder(args)
+        return eval_encoder(args) if not args.ray else _no_ray_for_encoders()
     model, tok = load_model(args)
     if getattr(model, "family", "") == "bert":  # STS-B / SST-2 / cosine to --reference
-        return eval_encoder(args, model, tok)
+        return eval_encoder(args, model, tok) if not args.ray else _no_ray_for_encoders()
     if not args.data:
         raise LeanformerError("--data FILE is required for decoder models (e.g. wiki.test.raw)")
     if args.per_layer and not args.reference:
         raise LeanformerError("--per-layer needs --reference ORIGINAL (the model before compression)")
     reference = None
-    if args.reference:
+    if args.reference and not args.ray:  # with --ray only the workers load it
         reference, _ = lf.load(resolve_model(args.reference), dtype="float32")
     ids = tokenize(tok, read_text(args.data, args.max_chars))
-    result = evaluate(model, ids, args.window, args.stride, reference, args.batch_size)
+    if args.ray:  # the same windows and batches, spread over Ray workers; the sums added in order
+        from leanformer.measure.ray_split import evaluate_ray
+
+        ref = resolve_model(args.reference) if args.reference else None
+        how = (resolve_model(args.model), args.dtype, args.keep_quantized, ref)
+        result = evaluate_ray(model, ids, how, args.window, args.stride, args.batch_size)
+    else:
+        result = evaluate(model, ids, args.window, args.stride, reference, args.batch_size)
     rows = [("perplexity", f"{result.perplexity:.4f}"), ("scored tokens", str(result.scored_tokens))]
     rows.append(("windows × size / stride", f"{result.windows} × {result.window} / {result.stride}"))
-    if reference is not None:
+    if result.reference_perplexity is not None:
         delta = 100 * (result.perplexity / result.reference_perplexity - 1)
         rows += [("reference perplexity", f"{result.reference_perplexity:.4f}"), ("ΔPPL", f"{delta:+.2f}%")]
         rows += [
@@ -58,6 +67,21 @@ def cmd_eval(args) -> None:
         report["per_layer"] = _per_layer(args, model, reference, ids)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def _check_ray(args) -> None:
+    """eval --ray: Ray installed, and no option it cannot split, before anything loads."""
+    from leanformer.distributed.ray_jobs import require_ray
+
+    require_ray()
+    if args.per_layer:
+        raise LeanformerError("--per-layer runs in one process; drop --ray")
+    if args.tp > 1 or args.pp > 1:
+        raise LeanformerError("--ray runs whole models on Ray workers; drop --tp / --pp")
+
+
+def _no_ray_for_encoders() -> None:
+    raise LeanformerError("eval --ray splits a decoder's perplexity windows; for encoders use embed --ray")
 
 
 def _per_layer(args, model, reference, ids: list[int]) -> list[dict]:
@@ -101,5 +125,10 @@ def add_parser(sub) -> None:
     p.add_argument("--per-layer-top", type=ck.positive_int, default=10, help="layers attributed end to end")
     from leanformer.cli.encoders import add_encoder_eval_arguments
 
+    p.add_argument(
+        "--ray", action="store_true",
+        help="decoders: split the windows over Ray workers, one per CPU of the Ray cluster ($RAY_ADDRESS, "
+        "else a local one); the same figures as one process; needs pip install 'leanformer[ray]'",
+    )  # fmt: skip
     add_encoder_eval_arguments(p)  # encoder models: --tasks, --stsb, --sst2, --backend
     p.set_defaults(func=cmd_eval)
