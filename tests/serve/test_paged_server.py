@@ -100,3 +100,4 @@ def test_load_test_reports_in_flight_and_first_ttft(shared):
         report = asyncio.run(run_load(url, MODEL, texts, 8, 4, mixed=True))
     assert report["failed"] == 0 and report["output_tokens"] == 2 + 8 + 6 + 4
     assert 1 <= report["in_flight_max"] <= 4 and report["ttft_ms_first"] > 0
+    assert report["prompt_tokens_mean"] > 30

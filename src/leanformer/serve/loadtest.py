@@ -61,7 +61,7 @@ def max_tokens_of(i: int, max_tokens: int, mixed: bool) -> int:
 async def _one(client, url: str, body: dict, headers: dict) -> dict:
     t0 = time.perf_counter()
     times: list[float] = []
-    tokens, error = 0, None
+    tokens, prompt_tokens, error = 0, 0, None
     async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
         if r.status_code != 200:
             return {"error": f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}"}
@@ -75,12 +75,14 @@ async def _one(client, url: str, body: dict, headers: dict) -> dict:
                 times.append(time.perf_counter())
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
+                prompt_tokens = event["usage"]["prompt_tokens"]
     if error or not times:
         return {"error": error or "no tokens"}
     return {
         "ttft": times[0] - t0,
         "itl": list(np.diff(times)),
         "tokens": tokens,
+        "prompt_tokens": prompt_tokens,
         "latency": times[-1] - t0,
     }
 
@@ -146,6 +148,7 @@ async def run_load(
         "wall_s": wall,
         "requests_per_s": len(ok) / wall,
         "output_tokens": out_tokens,
+        "prompt_tokens_mean": float(np.mean([r["prompt_tokens"] for r in ok])) if ok else float("nan"),
         "output_tok_s": out_tokens / wall,
         "ttft_ms_p50": pct(ttft, 50),
         "ttft_ms_p99": pct(ttft, 99),
