@@ -16,8 +16,9 @@ DEQUANTIZE_HELP = (
     "tensors load straight into int4, Q8_0/Q5_0/Q6_K into int8 modules, no float copy)"
 )
 # commands that run the model in this process, so a sharded model works as is (bench runs each engine
-# in its own process, compress would save one rank's shard, serve has no rank-0-only front yet)
-TP_COMMANDS = ("generate", "eval")  # chat reads stdin, which every rank would race for
+# in its own process, compress would save one rank's shard, serve has no rank-0-only front yet);
+# chat's stdin is read by rank 0 and broadcast (distributed.launch.SharedStdin)
+TP_COMMANDS = ("generate", "eval", "chat")
 PP_HELP = (
     "pipeline parallel over N processes (Llama family; layers split, each rank holds 1/N of them; "
     "one stream is not faster): torchrun --standalone --nproc-per-node N --no-python leanformer %(prog)s MODEL --pp N ..."
@@ -60,11 +61,13 @@ def load_model(args):
     size = max(tp, pp)
     if size > 1:
         from leanformer.distributed import join, shared_seed
+        from leanformer.distributed.launch import SharedStdin
 
         rank, _ = join(size, "--tp" if tp > 1 else "--pp")  # before loading: fails in a second
         if rank != 0:
             # the other ranks compute the same text; one copy of the output is wanted
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
+        sys.stdin = SharedStdin(sys.stdin)  # chat: every rank gets rank 0's lines
         if hasattr(args, "seed"):
             args.seed = shared_seed(args.seed)
     keep = getattr(args, "keep_quantized", True)

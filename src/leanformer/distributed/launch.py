@@ -7,6 +7,7 @@ torchrun gives each process its rank and the rendezvous address; `init_process_g
 from __future__ import annotations
 
 import atexit
+import io
 
 import torch
 import torch.distributed as dist
@@ -56,3 +57,25 @@ def shared_seed(seed: int | None) -> int | None:
     )
     dist.broadcast(t, src=0)
     return int(t)
+
+
+class SharedStdin(io.TextIOBase):
+    """stdin as every rank of a torchrun job sees it under `chat --tp N`: rank 0 reads each line from
+    the real stdin and broadcasts it, so `input()` returns the same line (or EOF) on every rank.
+
+    `input()` falls back to `sys.stdin.readline()` for an object without a file number, so the chat
+    loop needs no change; every rank calls readline the same number of times (the same program).
+    """
+
+    def __init__(self, real, group=None) -> None:
+        super().__init__()
+        self.real, self.group = real, group
+
+    def readable(self) -> bool:
+        return True
+
+    def readline(self, size: int = -1) -> str:
+        root = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+        box = [self.real.readline() if dist.get_rank(self.group) == 0 else None]
+        dist.broadcast_object_list(box, src=root, group=self.group)
+        return box[0]
