@@ -103,7 +103,9 @@ def cmd_bench(args) -> None:
     peers = list(dict.fromkeys([*(args.compare or []), *(args.peers or [])]))
     rows = []
     for engine, recipe in runs:
-        label = engine + (" keep-quantized" if engine == "leanformer" and cfg.keep_quantized else "")
+        # GGUF blocks kept quantized (the default) is the only case --dequantize changes
+        kept = cfg.keep_quantized and Path(cfg.model).suffix == ".gguf"
+        label = engine + (" keep-quantized" if engine == "leanformer" and kept else "")
         label += f" +{recipe}" if recipe else ""
         print(f"benchmarking {label} ...", file=sys.stderr, flush=True)
         rows.append(run_engine(dataclasses.replace(cfg, recipe=recipe), engine) | {"label": label})

@@ -35,7 +35,7 @@ def cmd_optimize(args) -> None:
     if args.json:
         check_output_file(args.json, input_paths(args))
     model_path = resolve_model(args.model)
-    base, tok = load(model_path)
+    base, tok = load(model_path, keep_quantized=False)  # a GGUF dequantized: the float baseline
     ids = eval_ids(tok, args.data, args.max_chars or None, args.window)
     search = Search(base, ids, args.max_ppl_increase, args.objective, args.window, args.top, args.rounds)
     torch.manual_seed(0)

@@ -89,7 +89,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     from leanformer.measure.bench.runner import BenchConfig, run_engine
 
     check_recipes(cfg.recipes)
-    base, tok = load(cfg.model)
+    base, tok = load(cfg.model, keep_quantized=False)  # the float baseline: recipes quantize it
     ids = eval_ids(tok, cfg.data, cfg.max_chars, cfg.window)
     bench = BenchConfig(cfg.model, "float32", cfg.prompt_tokens, cfg.new_tokens, cfg.batches, cfg.repeats)
     rows, base_ppl = [], None

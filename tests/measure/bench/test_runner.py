@@ -109,5 +109,6 @@ def test_variant_names(tmp_path):
     assert runner.variant_name(BenchConfig("m", recipe="int8"), "leanformer") == "int8"
     assert runner.variant_name(BenchConfig("m", recipe=str(recipe)), "leanformer") == "my-recipe"
     assert runner.variant_name(BenchConfig("m", "bfloat16", recipe="int8"), "leanformer") == "bfloat16 int8"
-    assert runner.variant_name(BenchConfig("m", keep_quantized=True), "leanformer") == "GGUF blocks"
+    assert runner.variant_name(BenchConfig("m.gguf", keep_quantized=True), "leanformer") == "GGUF blocks"
+    assert runner.variant_name(BenchConfig("folder", keep_quantized=True), "leanformer") == "float32"
     assert runner.variant_name(BenchConfig("m", recipe="int8"), "transformers") == "float32"  # ours only

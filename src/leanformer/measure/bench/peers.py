@@ -35,7 +35,7 @@ TIMEOUT_S = 1800  # one peer: conversion or measurement; a hung peer must not ha
 def parse_peers(text: str) -> list[str]:
     """'llama.cpp,onnxruntime:int8' → ['llama.cpp', 'onnxruntime:int8']; unknown names refused."""
     out = []
-    for spec in (s.strip() for s in text.split(",")):
+    for spec in (s.strip() for s in text.split(",") if s.strip()):
         name, _, variant = spec.partition(":")
         if name not in VARIANTS or variant not in VARIANTS[name]:
             known = ", ".join(f"{n}:{v}" if v else n for n in VARIANTS for v in VARIANTS[n])

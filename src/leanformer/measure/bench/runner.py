@@ -89,7 +89,8 @@ def _runs_of_steps(fn: Callable[[], list[float]], repeats: int) -> list[list[flo
 def variant_name(cfg: BenchConfig, engine: str) -> str:
     """What a bench column measured: the recipe (by name) or the GGUF's own blocks when one applies to
     this engine, else the float dtype, so compressed columns are not all labelled "float32"."""
-    if engine != "leanformer" or not (cfg.recipe or cfg.keep_quantized):
+    kept = cfg.keep_quantized and Path(cfg.model).suffix == ".gguf"  # it changes nothing elsewhere
+    if engine != "leanformer" or not (cfg.recipe or kept):
         return cfg.dtype
     name = Path(cfg.recipe).stem if cfg.recipe and Path(cfg.recipe).is_file() else cfg.recipe
     name = name or "GGUF blocks"
