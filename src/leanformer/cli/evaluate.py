@@ -29,6 +29,7 @@ def cmd_eval(args) -> None:
         raise LeanformerError(f"data file not found: {args.data}")
     if args.stride is not None and args.stride > args.window:
         raise LeanformerError(f"--stride ({args.stride}) must not exceed --window ({args.window})")
+    policy = _long_policy(args)  # --long's flags fail here, before the model loads
     if args.ray:
         _check_ray(args)
     if is_onnx_export(resolve_model(args.model)):  # an exported encoder, run by ONNX Runtime
@@ -36,6 +37,8 @@ def cmd_eval(args) -> None:
     model, tok = load_model(args)
     if getattr(model, "family", "") == "bert":  # STS-B / SST-2 / cosine to --reference
         return eval_encoder(args, model, tok) if not args.ray else _no_ray_for_encoders()
+    if args.long:
+        return _eval_long(args, model, tok, policy)
     if not args.data:
         raise LeanformerError("--data FILE is required for decoder models (e.g. wiki.test.raw)")
     if args.per_layer and not args.reference:
@@ -82,6 +85,70 @@ def _check_ray(args) -> None:
 
 def _no_ray_for_encoders() -> None:
     raise LeanformerError("eval --ray splits a decoder's perplexity windows; for encoders use embed --ray")
+
+
+SHAKESPEARE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def _long_policy(args):
+    """--long: SinkWindow(--sinks, --window), or with --kv-budget the eviction policies to compare."""
+    from leanformer.cli.generate import kv_policy
+
+    long_only = [
+        f for f in ("sinks", "kv_budget", "evict", "tokens", "needles") if getattr(args, f) is not None
+    ]
+    if not args.long:
+        if long_only:
+            raise LeanformerError(f"--{long_only[0].replace('_', '-')} goes with --long")
+        return None
+    if args.reference or args.per_layer or args.ray:
+        raise LeanformerError("--long does not combine with --reference / --per-layer / --ray")
+    if not args.data and not SHAKESPEARE.is_file():
+        raise LeanformerError(f"--long reads --data FILE (default {SHAKESPEARE}, which is missing)")
+    if args.kv_budget is None:
+        return kv_policy(args)  # --window W: the sliding window
+    saved, args.window = args.window, None
+    try:
+        return kv_policy(args)
+    finally:
+        args.window = saved
+
+
+def _eval_long(args, model, tok, policy) -> None:
+    from leanformer.measure.evaluate import read_text, tokenize
+    from leanformer.measure.long_context import run_eviction, run_window
+    from leanformer.models.kv_policy import HeavyHitters, SinkWindow, SnapKV
+
+    data = args.data or SHAKESPEARE
+    ids = tokenize(tok, read_text(data, args.max_chars))[: args.tokens]
+    if len(ids) < 2:
+        raise LeanformerError(f"{data} holds fewer than 2 tokens")
+    if isinstance(policy, SinkWindow):
+        if policy.capacity() > model.args.max_position_embeddings:
+            raise LeanformerError(
+                f"--window {policy.window} (+ sinks and an eviction chunk of {policy.step}) exceeds the "
+                f"model's context of {model.args.max_position_embeddings}"
+            )
+        rows, points, report = run_window(model, ids, policy, args.chunk)
+        header = ["attention", "tokens", f"ppl (first {report['fit_tokens']})", "ppl (all)", "KV MB"]
+        print_table(f"eval --long {args.model} on {data}", header, rows)
+        print_table("decode checkpoints (sinks + window)", ["position", "tok/s", "RSS MB"], points)
+    else:
+        prompt_len = min(args.prompt_len, model.args.max_position_embeddings - args.score_len)
+        if args.evict is None:  # both, side by side
+            both = {
+                "h2o": HeavyHitters(policy.budget, policy.sinks),
+                "snapkv": SnapKV(policy.budget, policy.sinks),
+            }
+        else:
+            both = {args.evict: policy}
+        needles = 10 if args.needles is None else args.needles
+        rows, report = run_eviction(model, tok, ids, both, prompt_len, args.score_len, args.blocks, needles)
+        header = ["KV", "ppl", "ΔPPL", f"needles ({needles})"]
+        title = f"eval --long {args.model}: {prompt_len}-token prompts at KV budget {policy.budget}"
+        print_table(title, header, rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
 
 
 def _per_layer(args, model, reference, ids: list[int]) -> list[dict]:
@@ -131,4 +198,30 @@ def add_parser(sub) -> None:
         "else a local one); the same figures as one process; needs pip install 'leanformer[ray]'",
     )  # fmt: skip
     add_encoder_eval_arguments(p)  # encoder models: --tasks, --stsb, --sst2, --backend
+    _add_long_arguments(p)
     p.set_defaults(func=cmd_eval)
+
+
+def _add_long_arguments(p) -> None:
+    from leanformer.cli.generate import add_kv_policy
+
+    p.add_argument(
+        "--long", action="store_true",
+        help="decoders: perplexity of a long text (default: tiny shakespeare, whole) streamed through a KV "
+        "policy: --window W (sliding window; with --sinks), or --kv-budget B (eviction on long prompts)",
+    )  # fmt: skip
+    add_kv_policy(p, window=False)
+    g = p.add_argument_group("--long")
+    g.add_argument("--tokens", type=ck.int_range(2), default=None, help="stream only the first N tokens")
+    g.add_argument(
+        "--chunk", type=ck.positive_int, default=1,
+        help="tokens per forward when streaming (1: every token is a decode step)",
+    )  # fmt: skip
+    g.add_argument("--prompt-len", type=ck.int_range(16), default=2048, help="--kv-budget: prompt tokens")
+    g.add_argument(
+        "--score-len", type=ck.positive_int, default=256, help="--kv-budget: tokens scored after it"
+    )
+    g.add_argument("--blocks", type=ck.positive_int, default=4, help="--kv-budget: prompts scored")
+    g.add_argument(
+        "--needles", type=ck.non_negative_int, default=None, help="--kv-budget: pass-key trials (10)"
+    )

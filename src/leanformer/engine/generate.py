@@ -18,6 +18,7 @@ from leanformer.engine.sampling import SamplingParams, sample
 from leanformer.engine.speculative import Speculative, resolve_speculative, speculative_decode
 from leanformer.errors import LeanformerError
 from leanformer.models.kv_cache import KVCache
+from leanformer.models.kv_policy import Policy, PolicyCache, SinkWindow, observe_queries
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -106,11 +107,14 @@ def decode(
     stop_ids: set[int] = frozenset(),
     stats: GenerationStats | None = None,
     speculative: Speculative | str | None = None,
+    kv_policy: Policy | None = None,
 ) -> Iterator[dict[int, int]]:
     """Yield {row: new_token} for the rows still running, one step at a time.
 
     speculative (engine/speculative.py) applies to one prompt without repetition penalty; a batch of
     prompts, or a repetition penalty (it rescores every drafted position differently), decodes plainly.
+    kv_policy (models/kv_policy.py): SinkWindow (generation past the context in bounded memory),
+    HeavyHitters or SnapKV (a KV budget; a share of the longest prompt when given as a float).
     """
     spec = resolve_speculative(speculative, model)
     vocab = model.args.vocab_size
@@ -119,15 +123,43 @@ def decode(
         return
     context = model.args.max_position_embeddings
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > context:
+    check_policy(kv_policy, context, longest + max_new_tokens, spec)
+    if longest + max_new_tokens > context and not isinstance(kv_policy, SinkWindow):
         raise LeanformerError(
             f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's context of {context}"
+            "; --sinks/--window (a sliding window) generates past it"
         )
     if spec is not None and len(prompts) == 1 and params.repetition_penalty == 1.0:
         yield from speculative_decode(model, prompts[0], max_new_tokens, params, spec, stop_ids, stats)
         return
     n = len(prompts)
-    cache = KVCache.for_model(model, n, longest + max_new_tokens)
+    if kv_policy is None:
+        cache = KVCache.for_model(model, n, longest + max_new_tokens)
+    else:
+        cache = PolicyCache.for_model(model, n, kv_policy, longest + max_new_tokens, longest)
+    with observe_queries(model, cache):
+        yield from _decode_loop(model, cache, prompts, max_new_tokens, params, stop_ids, stats)
+
+
+def check_policy(policy: Policy | None, context: int, total: int, spec) -> None:
+    """A window whose cache would outgrow the model's positions, or a policy with speculative decoding,
+    fails before any work."""
+    if policy is None:
+        return
+    if spec is not None:
+        raise LeanformerError(
+            "speculative decoding does not combine with a KV policy (sinks/window, eviction)"
+        )
+    if isinstance(policy, SinkWindow) and min(total, policy.capacity()) > context:
+        raise LeanformerError(
+            f"sinks {policy.sinks} + window {policy.window} + eviction chunk {policy.step} exceed the "
+            f"model's context of {context}: the cache positions must stay inside it; lower --window"
+        )
+
+
+def _decode_loop(model, cache, prompts, max_new_tokens, params, stop_ids, stats) -> Iterator[dict[int, int]]:
+    n, vocab = len(prompts), model.args.vocab_size
+    longest = max(len(p) for p in prompts)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     seen = None
     if params.repetition_penalty != 1.0:
@@ -139,8 +171,11 @@ def decode(
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = torch.tensor(p)
     t0 = time.perf_counter()
-    logits = model(ids, cache=cache, slots=torch.arange(n), logits_at=lengths - 1)[:, -1].float()
-    cache.set_length(torch.arange(n), lengths)
+    if getattr(cache, "may_evict", False):  # prompts longer than the cache: each in pieces that fit
+        logits = torch.cat([_prefill_pieces(model, cache, p, i) for i, p in enumerate(prompts)])
+    else:
+        logits = model(ids, cache=cache, slots=torch.arange(n), logits_at=lengths - 1)[:, -1].float()
+        cache.set_length(torch.arange(n), lengths)
     if not bool(torch.isfinite(logits).all()):  # once, on the first step: NaN weights decode to nothing
         warnings.warn(
             "the model's logits hold NaN or inf: its output is meaningless (NaN/inf weights? a bad file?)",
@@ -172,6 +207,16 @@ def decode(
         cache.advance(rows, 1)
     if stats is not None:
         stats.decode_s += time.perf_counter() - t1
+
+
+def _prefill_pieces(model, cache: PolicyCache, prompt: list[int], slot: int) -> torch.Tensor:
+    """Prefill one prompt into `slot` in pieces the policy cache can take → last logits [1, V]."""
+    slots = torch.tensor([slot])
+    for lo in range(0, len(prompt), cache.piece):
+        piece = torch.tensor(prompt[lo : lo + cache.piece])[None]  # [1, T]
+        out = model(piece, cache=cache, slots=slots, logits_at=torch.tensor([piece.shape[1] - 1]))
+        cache.advance(slots, piece.shape[1])
+    return out[:, -1].float()
 
 
 def _texts_or_ids(tok, prompt):
@@ -208,11 +253,13 @@ def generate(
     ignore_eos: bool = False,
     stats: GenerationStats | None = None,
     speculative: Speculative | str | None = None,
+    kv_policy: Policy | None = None,
 ):
     """Generate a continuation for one prompt or a batch of prompts (text, token ids, or a chat).
 
     Returns text for text/chat prompts (a list for a batch), new token ids for id prompts.
     speculative: "prompt-lookup", PromptLookup(...) or DraftModel(model) (engine/speculative.py).
+    kv_policy: SinkWindow(sinks=4, window=512), HeavyHitters(budget) or SnapKV(budget) (models/kv_policy.py).
     """
     resolve_speculative(speculative, model)  # a bad argument fails before the prompt is encoded
     batch, was_batch, wants_text = _texts_or_ids(tok, prompt)
@@ -224,7 +271,7 @@ def generate(
     stop_ids = set() if ignore_eos else eos_ids(model, tok)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    for new in decode(model, prompts, max_new_tokens, params, stop_ids, stats, speculative):
+    for new in decode(model, prompts, max_new_tokens, params, stop_ids, stats, speculative, kv_policy):
         for row, token in new.items():
             if done[row]:
                 continue
@@ -255,6 +302,7 @@ def stream_generate(
     ignore_eos: bool = False,
     speculative: Speculative | str | None = None,
     stats: GenerationStats | None = None,
+    kv_policy: Policy | None = None,
     **sampling,
 ):
     """Yield the continuation of one prompt as text pieces (token ids when there is no tokenizer)."""
@@ -265,7 +313,7 @@ def stream_generate(
     stop_ids = set() if ignore_eos else eos_ids(model, tok)
     out: list[int] = []
     sent = ""
-    for new in decode(model, [ids], max_new_tokens, params, stop_ids, stats, speculative):
+    for new in decode(model, [ids], max_new_tokens, params, stop_ids, stats, speculative, kv_policy):
         token = new[0]
         if token in stop_ids:
             return

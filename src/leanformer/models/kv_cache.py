@@ -24,6 +24,9 @@ class Step:
     mask: torch.Tensor | None  # [B, 1, T, S] bool, None when plain causal/full attention is exact
     is_causal: bool  # True when mask is None and the step is a fresh prefill (S == T)
     contiguous: int | None  # slots are 0..B-1 and all rows share one start: the start, else None
+    # [B, T] RoPE positions when they differ from the cache positions (models/kv_policy.py: a slot
+    # that evicted tokens keeps its true positions); None: the same as positions
+    rope_positions: torch.Tensor | None = None
 
 
 class KVCache:

@@ -149,7 +149,8 @@ class Model(nn.Module):
         else:
             slots = torch.arange(b) if slots is None else slots
             step = cache.begin(slots, t)
-            positions = step.positions
+            # a KV policy that evicted tokens keeps their true RoPE positions (models/kv_policy.py)
+            positions = step.positions if step.rope_positions is None else step.rope_positions
         x = self.model.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
         fused = None
