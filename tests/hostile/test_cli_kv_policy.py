@@ -2,36 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from leanformer.cli.main import main
-
-
-@pytest.fixture
-def fake_model(tmp_path) -> Path:
-    d = tmp_path / "models" / "m"
-    d.mkdir(parents=True)
-    (d / "config.json").write_text("{}")
-    (d / "model.safetensors").write_bytes(b"weights")
-    return d
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    def loaded(*args, **kwargs):
-        raise AssertionError("a model was loaded before the bad argument was reported")
-
-    for target in ("leanformer.load", "leanformer.loading.load"):
-        monkeypatch.setattr(target, loaded)
-
-
-def one_error_line(capsys, fragment: str) -> None:
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err and fragment in err, err
-
+from tests.hostile.test_cli import fake_model, no_loading, one_error_line  # noqa: F401 (fixtures)
 
 CASES = [
     (["generate", "M", "--window", "0"], "--window must be at least 1"),
@@ -57,7 +31,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(("argv", "fragment"), CASES)
-def test_bad_kv_policy_flags_are_one_line(argv, fragment, fake_model, no_loading, capsys):
+def test_bad_kv_policy_flags_are_one_line(argv, fragment, fake_model, no_loading, capsys):  # noqa: F811
     argv = [str(fake_model) if a == "M" else a for a in argv]
     assert main(argv) == 2
     one_error_line(capsys, fragment)
