@@ -155,9 +155,9 @@ def cmd_distill(args) -> None:
     evals = ([before] if before else []) + result.evals
     history = {"teacher": baseline, "evals": evals, "losses": result.losses, "tokens": result.tokens,
                "seconds": result.seconds, "resumed_from": result.resumed_from}  # fmt: skip
-    from leanformer.train.checkpoint import write_atomic
+    from leanformer.outputs import write_file_atomic
 
-    write_atomic(out / "distill.json", lambda tmp: Path(tmp).write_text(json.dumps(history, indent=2)))
+    write_file_atomic(out / "distill.json", json.dumps(history, indent=2))
     if args.plot:
         plot_curve(args.plot, evals, baseline, encoder)
     rows = [
@@ -250,7 +250,7 @@ def plot_curve(path: str, evals: list[dict], baseline: dict, encoder: bool) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from leanformer.train.checkpoint import write_atomic
+    from leanformer.outputs import write_file_atomic
 
     key = "stsb_spearman" if encoder else "ppl"
     points = [(e["step"], e[key]) for e in evals if key in e]
@@ -269,5 +269,5 @@ def plot_curve(path: str, evals: list[dict], baseline: dict, encoder: bool) -> N
         ax.axhline(0, ls="--", c="gray")
     ax.set_title("distillation: " + ("STS-B" if encoder else "ΔPPL on the held-out protocol text"))
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    write_file_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

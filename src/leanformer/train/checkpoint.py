@@ -8,12 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from leanformer.errors import LeanformerError
+from leanformer.outputs import write_file_atomic
 
 FORMAT = "leanformer-distill-checkpoint-1"
 
@@ -35,22 +35,6 @@ def data_hash(data) -> str:
     return h.hexdigest()[:16]
 
 
-def write_atomic(path: str | os.PathLike, write) -> Path:
-    """Call write(temp path) for a temp file in path's folder, then rename it over `path`: a reader (or
-    a resume after a crash) never sees half a file, and a failure leaves the previous one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def weights_hash(model) -> str:
     """A hash of a strided sample of every tensor of the model (its starting point; cheap for 100M+)."""
     h = hashlib.sha256()
@@ -61,8 +45,10 @@ def weights_hash(model) -> str:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
-    """Write `state` (+ format tag) to `path` atomically."""
-    return write_atomic(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
+    """Write `state` (+ format tag) to `path` atomically (temp file in the same folder, then rename): a
+    resume after a crash never reads half a checkpoint, and a failed write leaves the previous one."""
+    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return write_file_atomic(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike, run: str) -> dict:
