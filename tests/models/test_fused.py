@@ -9,6 +9,7 @@ import torch
 
 import leanformer as lf
 from leanformer import kernels
+from leanformer.models.fused import set_decode_activations
 from leanformer.models.kv_cache import KVCache
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="leanformer kernels unavailable here")
@@ -70,6 +71,7 @@ def test_fp32_matches_module_path(arch, tiny_dirs):
 def test_quantized_matches_module_path(config, tiny_dirs):
     model, _ = lf.load(tiny_dirs["qwen2"])
     lf.quantize_(model, config)
+    set_decode_activations(model, "fp32")  # the module path's math (int8 activations: test_fused_int8.py)
     assert_fused_matches(model)
 
 
@@ -97,6 +99,7 @@ def test_int8_kv_cache_matches_module_path(tiny_dirs):
 def test_awq_input_scale_is_applied(tiny_dirs):
     model, _ = lf.load(tiny_dirs["llama"])
     lf.quantize_(model, lf.Int8WeightOnly())
+    set_decode_activations(model, "fp32")
     down = model.model.layers[1].mlp.down_proj
     down.set_input_scale(torch.linspace(0.5, 2.0, down.in_features))
     assert_fused_matches(model)
@@ -104,6 +107,7 @@ def test_awq_input_scale_is_applied(tiny_dirs):
 
 def test_rebuilt_after_quantize_and_moves(tiny_dirs):
     model, _ = lf.load(tiny_dirs["llama"])
+    set_decode_activations(model, "fp32")
     prompt = [5, 6, 7, 8]
     fp32 = lf.generate(model, None, prompt, max_new_tokens=8, ignore_eos=True)
     first = model._decode_plan.stack
@@ -126,6 +130,7 @@ def test_rebuilt_after_quantize_and_moves(tiny_dirs):
 
 def test_real_smollm2_greedy_identical(smollm2):
     model, tok = lf.load(smollm2, keep_quantized=True)  # int4 g32 + Q8_0 embedding/head
+    set_decode_activations(model, "fp32")
     prompt = "The capital of France is"
     fused = lf.generate(model, tok, prompt, max_new_tokens=24)
     model.fused_decode = False
@@ -137,6 +142,7 @@ def test_real_smollm2_greedy_identical(smollm2):
 def test_avx2_kernels_match_too(tiny_dirs):
     model, _ = lf.load(tiny_dirs["llama"])
     lf.quantize_(model, lf.Int4WeightOnly(group_size=32))
+    set_decode_activations(model, "fp32")
     kernels.set_isa("avx2")
     try:
         assert_fused_matches(model)

@@ -33,6 +33,10 @@ Ops (x may have leading dims; all math is fp32 with fp32 accumulation):
   128) and the in-place rescale + bias (+ GELU, + residual) pass around Int8DynamicLinear's oneDNN GEMM.
 - ``layer_norm_(x, w=None, b=None, eps=1e-5, residual=None)`` (compiled only, layer_norm.cpp): in place
   over x fp32 [M, K]: x = LayerNorm(x + residual) * w + b; the encoders' norms (models/bert.py).
+- ``linear_q4_i8`` / ``linear_q8_i8`` / ``quantize_act`` (compiled only, gemv_i8.cpp + the VNNI files):
+  the same products on int8 activations (per block of 32) with integer dot products; references in
+  int8_act.py, instruction set (avx2 / avx_vnni / avx512_vnni) in cpu.py. ``cpu_info()`` /
+  ``describe()`` (cpu.py): the CPU and the path each op takes.
 
 Instruction set: the ``linear_*`` ops and ``attention`` run AVX-512 loops (gemv_avx512.cpp,
 attention_avx512.cpp) on CPUs with AVX-512 F/BW/VL/DQ and the AVX2 ones elsewhere, chosen at run time in
@@ -82,6 +86,9 @@ _SOURCES = [
     _DIR / "attention_avx512.cpp",
     _DIR / "int8_rows.cpp",
     _DIR / "layer_norm.cpp",
+    _DIR / "gemv_i8.cpp",
+    _DIR / "gemv_avxvnni.cpp",
+    _DIR / "gemv_avx512vnni.cpp",
 ]
 _HEADERS = [
     _DIR / "common.h",
@@ -89,6 +96,8 @@ _HEADERS = [
     _DIR / "vec8.h",
     _DIR / "attention.h",
     _DIR / "attention_impl.h",
+    _DIR / "int8_act.h",
+    _DIR / "gemv_i8_impl.h",
 ]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
@@ -400,3 +409,8 @@ def linear_q4(
         _f32(x.reshape(-1, x.shape[-1])), wq, _f32(scales), _f32(zeros), group_size, _f32(bias)
     )
     return y.to(x.dtype).reshape(*x.shape[:-1], wq.shape[0])
+
+
+# cpu.py reads this module's isa() / ext(): imported last
+from leanformer.kernels.cpu import cpu_info as cpu_info  # noqa: E402
+from leanformer.kernels.cpu import describe as describe  # noqa: E402

@@ -174,10 +174,20 @@ struct DecodeLinear {
 
   int64_t out_features() const { return w.size(0); }
 
-  at::Tensor operator()(at::Tensor x) const {  // x [M, K] fp32 contiguous -> [M, N]
+  // Whether the int8-activation kernels (gemv_i8.cpp) can run this Linear: integer weights whose
+  // scale groups are whole 32-column activation blocks.
+  bool int8_capable() const {
+    if (kind == Kind::q8) return group % 32 == 0;
+    return kind == Kind::q4 && group % 32 == 0 && k_padded % group == 0;
+  }
+
+  // x [M, K] fp32 contiguous -> [M, N]; int8_act: quantize x per block of 32 and use integer dot products
+  at::Tensor operator()(at::Tensor x, bool int8_act = false) const {
     if (input_scale.has_value()) x = x.mul(*input_scale);
     if (kind == Kind::f32) return linear_f32(x, w, bias);
-    if (kind == Kind::q8) return linear_q8(x, w, *scales, bias, group);
+    const bool i8 = int8_act && int8_capable();
+    if (kind == Kind::q8) return i8 ? linear_q8_i8(x, w, *scales, bias, group) : linear_q8(x, w, *scales, bias, group);
+    if (i8) return linear_q4_i8(x, w, *scales, *zeros, group, bias);  // pads x to k_padded itself
     if (k_padded > x.size(1)) x = at::constant_pad_nd(x, {0, k_padded - x.size(1)});
     return linear_q4(x, w, *scales, *zeros, group, bias);
   }
@@ -260,16 +270,16 @@ struct DecodeLayer {
   }
 
   void forward(at::Tensor& x, const float* cos, const float* sin, const at::Tensor& kc, const at::Tensor& vc,
-               const at::Tensor& ks, const at::Tensor& vs, const int64_t* slots, const int64_t* pos) const {
+               const at::Tensor& ks, const at::Tensor& vs, const int64_t* slots, const int64_t* pos, bool i8) const {
     const int64_t M = x.size(0);
-    at::Tensor qkv_out = qkv(rms_norm(x, norm1, eps1));
+    at::Tensor qkv_out = qkv(rms_norm(x, norm1, eps1), i8);  // q, k and v share one quantized input
     at::Tensor attn = at::empty({M, n_heads * head_dim}, x.options());
     if (kc.scalar_type() == at::kChar)
       attend<int8_t>(qkv_out, cos, sin, kc, vc, ks, vs, slots, pos, attn);
     else
       attend<float>(qkv_out, cos, sin, kc, vc, ks, vs, slots, pos, attn);
-    add_(x, o(attn));
-    at::Tensor gu = gate_up(rms_norm(x, norm2, eps2));  // [M, 2I]: gate then up
+    add_(x, o(attn, i8));
+    at::Tensor gu = gate_up(rms_norm(x, norm2, eps2), i8);  // [M, 2I]: gate then up
     const int64_t I = gu.size(1) / 2;
     at::Tensor act = at::empty({M, I}, x.options());
     const float* g = gu.data_ptr<float>();
@@ -286,7 +296,7 @@ struct DecodeLayer {
       }
       for (; i < I; ++i) am[i] = gm[i] / (1.f + exp1(-gm[i])) * gm[I + i];
     }
-    add_(x, down(act));
+    add_(x, down(act, i8));
   }
 
   static void add_(at::Tensor& x, const at::Tensor& y) {
@@ -302,6 +312,7 @@ struct DecodeLayer {
 // The decoder layers of one model, run in order: x [M, hidden] -> x after the last layer.
 struct DecodeStack {
   std::vector<DecodeLayer> layers;
+  bool int8_act = false;  // int4/int8 Linears on int8 activations (gemv_i8.cpp); fp32 activations otherwise
 
   void add(at::Tensor norm1, double eps1, DecodeLinear qkv, DecodeLinear o, at::Tensor norm2, double eps2,
            DecodeLinear gate_up, DecodeLinear down, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim) {
@@ -343,7 +354,7 @@ struct DecodeStack {
                     "slot or position outside the KV cache");
       const at::Tensor none;
       layers[i].forward(x, cos.data_ptr<float>(), sin.data_ptr<float>(), kc, v[i], q8 ? k_scale[i] : none,
-                        q8 ? v_scale[i] : none, slots.data_ptr<int64_t>(), pos.data_ptr<int64_t>());
+                        q8 ? v_scale[i] : none, slots.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), int8_act);
     }
     return x;
   }
@@ -363,6 +374,14 @@ void bind_decode(pybind11::module_& m) {
            py::arg("norm2"), py::arg("eps2"), py::arg("gate_up"), py::arg("down"), py::arg("n_heads"),
            py::arg("n_kv_heads"), py::arg("head_dim"))
       .def("__len__", [](const DecodeStack& s) { return s.layers.size(); })
+      .def_readwrite("int8_act", &DecodeStack::int8_act,
+                     "run int4/int8 Linears on int8 activations (per block of 32) instead of fp32")
+      .def("int8_linears", [](const DecodeStack& s) {
+             int64_t n = 0;
+             for (const auto& l : s.layers)
+               for (const DecodeLinear* d : {&l.qkv, &l.o, &l.gate_up, &l.down}) n += d->int8_capable();
+             return n;
+           }, "how many Linears the int8-activation kernels can run")
       .def("forward", &DecodeStack::forward, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("k"),
            py::arg("v"), py::arg("k_scale"), py::arg("v_scale"), py::arg("slots"), py::arg("positions"),
            py::call_guard<py::gil_scoped_release>());

@@ -280,6 +280,7 @@ void bind_decode(pybind11::module_& m);  // decode.cpp
 void bind_attention(pybind11::module_& m);  // attention.cpp
 void bind_int8_rows(pybind11::module_& m);  // int8_rows.cpp
 void bind_layer_norm(pybind11::module_& m);  // layer_norm.cpp
+void bind_int8_act(pybind11::module_& m);  // gemv_i8.cpp
 
 }  // namespace leanformer
 
@@ -308,4 +309,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   leanformer::bind_attention(m);
   leanformer::bind_int8_rows(m);
   leanformer::bind_layer_norm(m);
+  leanformer::bind_int8_act(m);
 }

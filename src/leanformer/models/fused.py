@@ -9,6 +9,12 @@ attention and the residuals in between, so results match the module path to floa
 `DecodePlan.get(model)` builds the C++ stack from the modules once and rebuilds it when a module or a
 tensor was swapped (quantize_, pruning, load_state_dict(assign=True)) or the model moved (.to()). Layers it cannot
 run (another Linear type, non-fp32 weights, ...) make the model keep the module path.
+
+Activations of the quantized Linears: `model.decode_activations` (set it with `set_decode_activations`)
+is "fp32" (fp32 activations, the module path's math), "int8" (each Linear input quantized to int8 per
+block of 32 columns once, q/k/v and gate/up sharing it as one fused Linear, then integer dot products:
+kernels/gemv_i8.cpp) or "auto" (the default: `AUTO_INT8` says where int8 was measured faster at equal
+quality). fp32 Linears (unquantized layers) always take fp32 activations.
 """
 
 from __future__ import annotations
@@ -17,7 +23,37 @@ import torch
 from torch import nn
 
 from leanformer import kernels
+from leanformer.errors import LeanformerError
 from leanformer.kernels.modules import MAX_ROWS
+
+ACTIVATIONS = ("auto", "int8", "fp32")
+# Instruction sets of the int8-activation kernels (kernels.cpu.act_isa()) on which "auto" takes them:
+# only where measured faster than fp32 activations at a KLD far inside the int4 variant's own
+# (docs/BENCHMARKS.md; AVX2 EPYC). The VNNI paths pass their exactness tests but wait for a measurement.
+AUTO_INT8 = frozenset({"avx2"})
+
+
+def set_decode_activations(model: nn.Module, activations: str) -> None:
+    """Make the fused decode step run the model's int4/int8 Linears on "int8" or "fp32" activations,
+    or "auto" (int8 where AUTO_INT8 has this CPU's instruction set)."""
+    if activations not in ACTIVATIONS:
+        raise LeanformerError(
+            f"decode activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}"
+        )
+    model.decode_activations = activations
+
+
+def int8_activations(model: nn.Module) -> bool:
+    """Whether the fused step runs this model's quantized Linears on int8 activations now."""
+    mode = getattr(model, "decode_activations", "auto")
+    if mode not in ACTIVATIONS:
+        raise LeanformerError(
+            f"model.decode_activations must be one of {', '.join(ACTIVATIONS)}, got {mode!r}"
+            " (set it with leanformer.models.fused.set_decode_activations)"
+        )
+    if mode == "auto":
+        return kernels.available() and kernels.ext().act_isa() in AUTO_INT8
+    return mode == "int8"
 
 
 def _linear(module: nn.Module):
@@ -138,6 +174,7 @@ class DecodePlan:
         stack = self.get(model)
         if stack is None:
             return None
+        stack.int8_act = int8_activations(model)
         b = x.shape[0]
         cos, sin = rope  # [B, 1, 1, D] each
         y = stack.forward(

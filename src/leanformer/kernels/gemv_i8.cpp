@@ -1,0 +1,233 @@
+// int4 / int8 weights x int8 activations for small batches (decode): y = x @ W^T (+ bias), with x
+// quantized to int8 per block of 32 columns once per call and the dot products done in integers.
+//
+// Why: the fp32-activation kernels (gemv.cpp, gemv_q4.cpp) turn every weight into a float and spend
+// one FMA per weight and activation row, so at batch 1 int4/int8 decode is bound by that arithmetic,
+// not by memory. Here 32 weights meet 32 activations in one or two integer instructions
+// (AVX2 maddubs + madd, or one VNNI vpdpbusd), then one convert and one FMA per 32.
+//
+// Activations: x[m, k] ~ xq * d, d = max|x| over the block of 32 / 127, xq = round-half-even(x * (1/d))
+// in [-127, 127] (d = 0 for an all-zero block). Results equal, up to fp32 summation order, the float
+// product of those dequantized activations with the dequantized weights (kernels/int8_act.py holds that
+// reference). int4's zero points and the -8 of its codes only need each group's activation sum, which
+// is computed once per call.
+//
+// Instruction sets, chosen at run time (CPUID; set_act_isa for tests): "avx512_vnni" (vpdpbusd on
+// 256-bit vectors, gemv_avx512vnni.cpp), "avx_vnni" (gemv_avxvnni.cpp), "avx2" (this file).
+#include <torch/csrc/utils/pybind.h>
+
+#include <ATen/ops/constant_pad_nd.h>
+
+#include <atomic>
+#include <cmath>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+#include "int8_act.h"
+
+namespace leanformer {
+namespace {
+struct DotAvx2 {
+  static __m256i dot(__m256i u, __m256i s) { return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)); }
+  static __m256i dot2(__m256i u1, __m256i s1, __m256i u2, __m256i s2) {
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(u1, s1), _mm256_maddubs_epi16(u2, s2));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+  }
+};
+}  // namespace
+}  // namespace leanformer
+
+#define LF_I8_NS i8avx2
+#define LF_I8_DOT DotAvx2
+#include "gemv_i8_impl.h"
+
+namespace leanformer {
+
+// ------------------------------------------------------------------------------------------ ISA
+
+enum ActIsa : int { kAvx2 = 0, kAvxVnni = 1, kAvx512Vnni = 2 };
+
+bool cpu_has_act_isa(int isa) {
+  __builtin_cpu_init();
+  if (isa == kAvx512Vnni)
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512f");
+  if (isa == kAvxVnni) return __builtin_cpu_supports("avxvnni");
+  return true;
+}
+
+int best_act_isa() {
+  for (int i : {kAvx512Vnni, kAvxVnni})
+    if (cpu_has_act_isa(i)) return i;
+  return kAvx2;
+}
+
+std::atomic<int> g_act_isa{best_act_isa()};
+const char* const kActIsaNames[] = {"avx2", "avx_vnni", "avx512_vnni"};
+
+std::string act_isa() { return kActIsaNames[g_act_isa.load(std::memory_order_relaxed)]; }
+
+std::vector<std::string> act_isas() {
+  std::vector<std::string> out;
+  for (int i : {kAvx2, kAvxVnni, kAvx512Vnni})
+    if (cpu_has_act_isa(i)) out.push_back(kActIsaNames[i]);
+  return out;
+}
+
+void set_act_isa(const std::string& name) {
+  for (int i : {kAvx2, kAvxVnni, kAvx512Vnni})
+    if (name == kActIsaNames[i]) {
+      TORCH_CHECK(cpu_has_act_isa(i), "this CPU lacks ", name);
+      g_act_isa.store(i);
+      return;
+    }
+  TORCH_CHECK(false, "act isa must be 'avx2', 'avx_vnni' or 'avx512_vnni', got '", name, "'");
+}
+
+namespace {
+
+void run_rows(const I8Args& a, bool q4, int64_t row_bytes) {
+  const int isa = g_act_isa.load(std::memory_order_relaxed);
+  for_row_blocks(a.N, row_bytes, [&](int64_t n0, int64_t n1) {
+    if (isa == kAvx512Vnni)
+      q4 ? i8avx512vnni::q4_rows(a, n0, n1) : i8avx512vnni::q8_rows(a, n0, n1);
+    else if (isa == kAvxVnni)
+      q4 ? i8avxvnni::q4_rows(a, n0, n1) : i8avxvnni::q8_rows(a, n0, n1);
+    else
+      q4 ? i8avx2::q4_rows(a, n0, n1) : i8avx2::q8_rows(a, n0, n1);
+  });
+}
+
+// One row x [K] (zero past K, up to Kq = 32 * blocks) -> codes q [Kq] natural order, d [blocks].
+void quantize_row(const float* x, int64_t K, int64_t blocks, int8_t* q, float* d) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t k0 = 32 * b, k1 = std::min(K, k0 + 32);
+    float amax = 0.f;
+    for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[k]));
+    const float s = amax / 127.f, inv = amax > 0.f ? 1.f / s : 0.f;
+    for (int64_t k = k0; k < k0 + 32; ++k) q[k] = k < k1 ? static_cast<int8_t>(std::nearbyint(x[k] * inv)) : 0;
+    d[b] = s;
+  }
+}
+
+inline int32_t block_sum(const int8_t* q) {
+  int32_t t = 0;
+  for (int i = 0; i < 32; ++i) t += q[i];
+  return t;
+}
+
+}  // namespace
+
+// x [M, K] fp32 -> (codes int8 [M, Kq], d fp32 [M, Kq / 32]) with Kq = K rounded up to 32: the
+// activation quantization of these kernels, exposed for tests and for the reference.
+std::tuple<at::Tensor, at::Tensor> quantize_act(const at::Tensor& x_) {
+  check_x(x_);
+  const at::Tensor x = x_.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), blocks = (K + 31) / 32;
+  at::Tensor q = at::empty({M, 32 * blocks}, x.options().dtype(at::kChar));
+  at::Tensor d = at::empty({M, blocks}, x.options());
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row(x.data_ptr<float>() + m * K, K, blocks, q.data_ptr<int8_t>() + m * 32 * blocks,
+                 d.data_ptr<float>() + m * blocks);
+  return {q, d};
+}
+
+at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_, const at::Tensor& zeros_,
+                        int64_t group_size, const std::optional<at::Tensor>& bias) {
+  check_x(x_);
+  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kByte, "Wq must be uint8 [N, Kp/2]");
+  const int64_t M = x_.size(0), K = x_.size(1), N = w_.size(0), Kp = 2 * w_.size(1);
+  TORCH_CHECK(group_size % 32 == 0 && group_size > 0 && Kp % group_size == 0 && K <= Kp,
+              "int8-activation int4 needs group_size a multiple of 32 dividing the codes' columns (", Kp,
+              ") and x with at most that many columns, got group ", group_size, ", K ", K);
+  const int64_t G = Kp / group_size;
+  for (const at::Tensor* t : {&scales_, &zeros_})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == N && t->size(1) == G,
+                "scales/zeros must be float32 [N, Kp/group_size]");
+  const at::Tensor x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous(), zeros = zeros_.contiguous();
+  at::Tensor bh;
+  const float* b = bias_ptr(bias, N, bh);
+  const int64_t chunks = (Kp + 63) / 64, Kx = 64 * chunks, blocks = Kp / 32;
+  at::Tensor xq = at::empty({M, Kx}, x.options().dtype(at::kChar));
+  std::fill_n(xq.data_ptr<int8_t>(), M * Kx, int8_t{0});
+  at::Tensor fl = at::empty({M * (8 * chunks + G + blocks)}, x.options());
+  float *dv = fl.data_ptr<float>(), *xs = dv + M * 8 * chunks, *d = xs + M * G;
+  std::vector<int8_t> q(Kp);
+  for (int64_t m = 0; m < M; ++m) {
+    float* dm = d + m * blocks;
+    quantize_row(x.data_ptr<float>() + m * K, K, blocks, q.data(), dm);
+    int8_t* out = xq.data_ptr<int8_t>() + m * Kx;
+    for (int64_t c = 0; c < chunks; ++c) {
+      float* dvc = dv + m * 8 * chunks + 8 * c;
+      if (64 * c + 64 <= Kp) {  // evens then odds: the nibble order of 32 weight bytes
+        for (int j = 0; j < 32; ++j) out[64 * c + j] = q[64 * c + 2 * j], out[64 * c + 32 + j] = q[64 * c + 2 * j + 1];
+        for (int i = 0; i < 4; ++i) dvc[i] = dm[2 * c], dvc[4 + i] = dm[2 * c + 1];
+      } else {  // a last 32 columns: natural order
+        std::copy(q.begin() + 64 * c, q.begin() + 64 * c + 32, out + 64 * c);
+        for (int i = 0; i < 8; ++i) dvc[i] = dm[2 * c];
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {  // group sums of the dequantized activations
+      float s = 0.f;
+      for (int64_t bb = g * group_size / 32; bb < (g + 1) * group_size / 32; ++bb)
+        s += dm[bb] * static_cast<float>(block_sum(q.data() + 32 * bb));
+      xs[m * G + g] = s;
+    }
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, w.data_ptr<uint8_t>(),
+                   scales.data_ptr<float>(), zeros.data_ptr<float>(), b, y.data_ptr<float>() + m0 * N,
+                   std::min<int64_t>(kMaxRows, M - m0), N, Kp, Kx, group_size};
+    run_rows(a, true, Kp / 2 + 8 * G);
+  }
+  return y;
+}
+
+at::Tensor linear_q8_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
+                        const std::optional<at::Tensor>& bias, int64_t group_size) {
+  check_x(x_);
+  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kChar && w_.size(1) == x_.size(1),
+              "Wq must be int8 [N, K] matching x [M, K]");
+  const int64_t M = x_.size(0), K = x_.size(1), N = w_.size(0);
+  TORCH_CHECK(group_size >= 0 && group_size % 32 == 0,
+              "int8-activation int8 needs one scale per row (group_size 0) or groups of a multiple of 32 columns");
+  if (group_size == 0) {
+    TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.numel() == N, "scales must be float32 [N]");
+  } else {
+    TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.dim() == 2 && scales_.size(0) == N &&
+                    scales_.size(1) == (K + group_size - 1) / group_size,
+                "group-wise scales must be float32 [N, ceil(K/group_size)]");
+  }
+  const at::Tensor x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous();
+  at::Tensor bh;
+  const float* b = bias_ptr(bias, N, bh);
+  auto [xq, d] = quantize_act(x);
+  const int64_t Kx = xq.size(1);
+  at::Tensor y = at::empty({M, N}, x.options());
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, d.data_ptr<float>() + m0 * (Kx / 32), nullptr,
+                   w.data_ptr<int8_t>(), scales.data_ptr<float>(), nullptr, b, y.data_ptr<float>() + m0 * N,
+                   std::min<int64_t>(kMaxRows, M - m0), N, K, Kx, group_size};
+    run_rows(a, false, K);
+  }
+  return y;
+}
+
+void bind_int8_act(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("act_isa", &act_isa, "the instruction set of the int8-activation kernels: avx2, avx_vnni or avx512_vnni");
+  m.def("act_isas", &act_isas, "the int8-activation instruction sets this CPU can run");
+  m.def("set_act_isa", &set_act_isa, "use avx2 / avx_vnni / avx512_vnni for the int8-activation kernels",
+        py::arg("name"));
+  m.def("quantize_act", &quantize_act, "x [M,K] f32 -> (int8 codes [M, Kq], scales [M, Kq/32]) per block of 32",
+        py::arg("x"));
+  m.def("linear_q4_i8", &linear_q4_i8, "int8(x) [M,K] @ dequant_int4(Wq, scales, zeros, G)^T (+bias)", py::arg("x"),
+        py::arg("wq"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("bias") = py::none());
+  m.def("linear_q8_i8", &linear_q8_i8, "int8(x) [M,K] @ (Wq int8 * scales)^T (+bias)", py::arg("x"), py::arg("wq"),
+        py::arg("scales"), py::arg("bias") = py::none(), py::arg("group_size") = 0);
+}
+
+}  // namespace leanformer

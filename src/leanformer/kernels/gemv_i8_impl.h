@@ -1,0 +1,187 @@
+// The int8-activation GEMV loops, written once over a dot-product policy `D` and included by each
+// instruction-set translation unit (gemv_i8.cpp: AVX2, gemv_vnni.cpp: AVX-VNNI and AVX-512 VNNI).
+// Everything here has internal linkage (anonymous namespace), so no copy compiled for VNNI can be
+// picked by the linker for the AVX2 callers (see int8_act.h). Include <immintrin.h> (after the target
+// pragma, if any) and int8_act.h first; define LF_I8_NS to the namespace whose q4_rows / q8_rows to
+// emit and LF_I8_DOT to the policy type.
+//
+// The policy gives 8 int32 lanes, lane l = sum over bytes 4l..4l+3 of u8 * s8 products:
+//   dot(u, s)            one 32-byte pair
+//   dot2(u1, s1, u2, s2) two pairs summed
+// AVX2 builds it from maddubs (u8 x s8 -> int16 pair sums) + madd with ones; VNNI has it in one
+// instruction (vpdpbusd). Both are exact here: int4 codes 0..15 x |xq| <= 127 keep maddubs' int16 sums
+// (even two of them added) far from saturation, and int8 weights enter as |w| (u8, at most 128) with
+// the weight's sign moved onto the activation (sign_epi8), so 2 * 128 * 127 < 32767.
+//
+// Math per output: y = sum_blocks d_b * s_g * (sum_k xq_k q_k) + sum_g (z_g - 8 s_g) * xs_g for int4
+// (w = (q - 8) s + z: the -8 and the zero point only need the activation sum of the group), and
+// y = s_n * sum_b d_b * (sum_k xq_k w_k) (per row) or sum_b d_b s_g (...) (group-wise) for int8.
+
+namespace leanformer {
+namespace {
+
+inline float i8_hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline void i8_prefetch(const void* row, int64_t off) {
+  if (LF_PREFETCH > 0 && (off & 63) == 0) _mm_prefetch(static_cast<const char*>(row) + off + LF_PREFETCH, _MM_HINT_T0);
+}
+
+// Independent accumulator chains per activation row: one FMA per 32 or 64 weights on a single chain
+// would wait on the FMA latency (4-5 cycles) every step at M = 1.
+template <int M>
+constexpr int i8_chains() {
+  return M == 1 ? 4 : (M == 2 ? 2 : 1);
+}
+
+template <int M, class D>
+inline void q4_row(const I8Args& a, int64_t n, float* out) {
+  constexpr int A = i8_chains<M>();
+  const int64_t Kh = a.K / 2, G = a.K / a.group;
+  const uint8_t* __restrict w = static_cast<const uint8_t*>(a.w) + n * Kh;
+  const float* sc = a.scales + n * G;
+  const float* zr = a.zeros + n * G;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const bool g32 = a.group == 32;
+  const int64_t per_group = g32 ? 1 : a.group / 64;  // 64-column chunks per scale
+  const int64_t chunks = a.K / 64;
+  __m256 acc[M][A];
+  LF_UNROLL
+  for (int m = 0; m < M; ++m)
+    LF_UNROLL
+    for (int u = 0; u < A; ++u) acc[m][u] = _mm256_setzero_ps();
+  int64_t g = 0, left = per_group;
+  // one 64-column chunk (32 weight bytes) into chain u
+  auto chunk = [&](int64_t c, int u) __attribute__((always_inline)) {
+    i8_prefetch(w, 32 * c);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c));
+    const __m256i lo = _mm256_and_si256(v, mask);                        // even columns
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);  // odd columns
+    // group 32: int32 lanes 0-3 are block 2c = group 2c, lanes 4-7 group 2c+1
+    const __m256 ws = g32 ? _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(sc[2 * c])),
+                                                 _mm_set1_ps(sc[2 * c + 1]), 1)
+                          : _mm256_set1_ps(sc[g]);
+    LF_UNROLL
+    for (int m = 0; m < M; ++m) {
+      const int8_t* x = a.xq + m * a.Kx + 64 * c;
+      const __m256i s = D::dot2(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), hi,
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+      const __m256 d = _mm256_mul_ps(_mm256_loadu_ps(a.dv + m * a.Kx / 8 + 8 * c), ws);
+      acc[m][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[m][u]);
+    }
+    if (--left == 0) ++g, left = per_group;
+  };
+  int64_t c = 0;
+  for (; c + A <= chunks; c += A) {
+    LF_UNROLL
+    for (int u = 0; u < A; ++u) chunk(c + u, u);
+  }
+  for (; c < chunks; ++c) chunk(c, 0);
+  LF_UNROLL
+  for (int m = 0; m < M; ++m) {
+    __m256 t8 = acc[m][0];
+    LF_UNROLL
+    for (int u = 1; u < A; ++u) t8 = _mm256_add_ps(t8, acc[m][u]);
+    float r = i8_hsum(t8);
+    if (a.K % 64) {  // a last 32 columns (group 32 only), natural order: scalar, exact in int
+      const int64_t b0 = 32 * chunks;
+      const int8_t* x = a.xq + m * a.Kx + 2 * b0;
+      int32_t t = 0;
+      for (int64_t j = 0; j < 16; ++j) t += x[2 * j] * (w[b0 + j] & 15) + x[2 * j + 1] * (w[b0 + j] >> 4);
+      r += static_cast<float>(t) * a.dv[m * a.Kx / 8 + 8 * chunks] * sc[G - 1];
+    }
+    const float* xs = a.xs + m * G;
+    for (int64_t j = 0; j < G; ++j) r += (zr[j] - 8.f * sc[j]) * xs[j];
+    out[m] = r;
+  }
+}
+
+template <int M, class D>
+inline void q8_row(const I8Args& a, int64_t n, float* out) {
+  constexpr int A = i8_chains<M>();
+  const int8_t* __restrict w = static_cast<const int8_t*>(a.w) + n * a.K;
+  const int64_t blocks = a.K / 32, nb = a.Kx / 32;
+  const bool grouped = a.group > 0;
+  const int64_t per_group = grouped ? a.group / 32 : 1;
+  const float* sc = a.scales + (grouped ? n * ((a.K + a.group - 1) / a.group) : n);
+  __m256 acc[M][A];
+  LF_UNROLL
+  for (int m = 0; m < M; ++m)
+    LF_UNROLL
+    for (int u = 0; u < A; ++u) acc[m][u] = _mm256_setzero_ps();
+  int64_t g = 0, left = per_group;
+  auto block = [&](int64_t b, int u) __attribute__((always_inline)) {
+    i8_prefetch(w, 32 * b);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b));
+    const __m256i av = _mm256_abs_epi8(v);  // -128 -> 0x80 = 128 as u8
+    const __m256 ws = _mm256_set1_ps(grouped ? sc[g] : 1.f);
+    LF_UNROLL
+    for (int m = 0; m < M; ++m) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + m * a.Kx + 32 * b));
+      const __m256i s = D::dot(av, _mm256_sign_epi8(x, v));
+      const __m256 d = _mm256_set1_ps(a.dv[m * nb + b]);
+      acc[m][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), grouped ? _mm256_mul_ps(d, ws) : d, acc[m][u]);
+    }
+    if (--left == 0) ++g, left = per_group;
+  };
+  int64_t b = 0;
+  for (; b + A <= blocks; b += A) {
+    LF_UNROLL
+    for (int u = 0; u < A; ++u) block(b + u, u);
+  }
+  for (; b < blocks; ++b) block(b, 0);
+  LF_UNROLL
+  for (int m = 0; m < M; ++m) {
+    __m256 t8 = acc[m][0];
+    LF_UNROLL
+    for (int u = 1; u < A; ++u) t8 = _mm256_add_ps(t8, acc[m][u]);
+    float r = i8_hsum(t8);
+    if (a.K % 32) {  // partial last block: scalar, exact in int
+      const int8_t* x = a.xq + m * a.Kx;
+      int32_t t = 0;
+      for (int64_t k = 32 * blocks; k < a.K; ++k) t += x[k] * w[k];
+      r += static_cast<float>(t) * a.dv[m * nb + blocks] * (grouped ? sc[(32 * blocks) / a.group] : 1.f);
+    }
+    out[m] = grouped ? r : r * sc[0];
+  }
+}
+
+template <int M, class D, bool kQ4>
+inline void rows_m(const I8Args& a, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    float out[M];
+    if constexpr (kQ4)
+      q4_row<M, D>(a, n, out);
+    else
+      q8_row<M, D>(a, n, out);
+    LF_UNROLL
+    for (int m = 0; m < M; ++m) a.y[m * a.N + n] = out[m] + (a.bias ? a.bias[n] : 0.f);
+  }
+}
+
+template <class D, bool kQ4>
+inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
+  switch (a.M) {
+    case 1: return rows_m<1, D, kQ4>(a, n0, n1);
+    case 2: return rows_m<2, D, kQ4>(a, n0, n1);
+    case 3: return rows_m<3, D, kQ4>(a, n0, n1);
+    case 4: return rows_m<4, D, kQ4>(a, n0, n1);
+    case 5: return rows_m<5, D, kQ4>(a, n0, n1);
+    case 6: return rows_m<6, D, kQ4>(a, n0, n1);
+    case 7: return rows_m<7, D, kQ4>(a, n0, n1);
+    default: return rows_m<8, D, kQ4>(a, n0, n1);
+  }
+}
+
+}  // namespace
+
+namespace LF_I8_NS {
+void q4_rows(const I8Args& a, int64_t n0, int64_t n1) { rows<LF_I8_DOT, true>(a, n0, n1); }
+void q8_rows(const I8Args& a, int64_t n0, int64_t n1) { rows<LF_I8_DOT, false>(a, n0, n1); }
+}  // namespace LF_I8_NS
+
+}  // namespace leanformer

@@ -1,0 +1,48 @@
+// Interface of the int8-activation GEMV kernels (gemv_i8.cpp: AVX2 maddubs + quantization + threading;
+// gemv_vnni.cpp: the same loops with AVX-VNNI / AVX-512 VNNI dot products, compiled for those ISAs).
+//
+// Like avx512.h this header holds only a plain struct and declarations: the VNNI translation units are
+// compiled for instruction sets the AVX2 files must never execute, so they share no inline code with
+// them (every helper lives in gemv_i8_impl.h inside an anonymous namespace: one private copy per file).
+#pragma once
+
+#include <cstdint>
+
+namespace leanformer {
+
+// One call's operands, at most 8 activation rows. Activations are int8 per block of 32 columns:
+// x[m, k] ~ xq[m, k] * d[m, k / 32], d = max|x over the block| / 127, xq in [-127, 127].
+struct I8Args {
+  const int8_t* xq;  // [M, Kx] codes. q4: per 64-column chunk the 32 even columns then the 32 odd ones
+                     // (the nibble order of 32 weight bytes); a last 32-column chunk in natural order.
+                     // q8: natural order, zero past K.
+  const float* dv;   // q4: [M, 8 * n_chunks], chunk c: d of block 2c in lanes 0-3, of block 2c+1 in 4-7
+                     // (a last half chunk: its d in all 8); q8: [M, n_blocks] d per block.
+  const float* xs;   // q4: [M, n_groups] sum of the dequantized activations over each weight group
+  const void* w;     // q4: uint8 [N, K/2] nibbles (low = even column); q8: int8 [N, K]
+  const float* scales;  // q4: [N, n_groups]; q8: [N] (group 0) or [N, n_groups]
+  const float* zeros;   // q4: [N, n_groups]
+  const float* bias;    // [N] or null
+  float* y;             // [M, N]
+  int64_t M, N;
+  int64_t K;      // q4: code columns (a multiple of 32 and of group); q8: columns
+  int64_t Kx;     // row stride of xq (and 8 * n_chunks / n_blocks for dv)
+  int64_t group;  // q4: columns per scale (32..256); q8: 0 (per row) or a multiple of 32
+};
+
+// y[:, n] for weight rows n in [n0, n1), per instruction set. Call the VNNI ones only where the CPU has
+// them (gemv_i8.cpp checks CPUID).
+namespace i8avx2 {
+void q4_rows(const I8Args& a, int64_t n0, int64_t n1);
+void q8_rows(const I8Args& a, int64_t n0, int64_t n1);
+}  // namespace i8avx2
+namespace i8avxvnni {
+void q4_rows(const I8Args& a, int64_t n0, int64_t n1);
+void q8_rows(const I8Args& a, int64_t n0, int64_t n1);
+}  // namespace i8avxvnni
+namespace i8avx512vnni {
+void q4_rows(const I8Args& a, int64_t n0, int64_t n1);
+void q8_rows(const I8Args& a, int64_t n0, int64_t n1);
+}  // namespace i8avx512vnni
+
+}  // namespace leanformer

@@ -1,0 +1,115 @@
+"""The int8-activation GEMV kernels (kernels/gemv_i8.cpp) against the float64 reference of the same
+quantized math (kernels/int8_act.py), on every instruction set this CPU offers (AVX2 maddubs always;
+AVX-VNNI and AVX-512 VNNI where present, skipped with the reason elsewhere). Integer accumulation is
+exact, so only fp32 summation order separates them: tolerance 1e-5 of the sum of |terms|."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leanformer import kernels as K
+from leanformer.kernels import cpu
+from leanformer.kernels.int8_act import (
+    ref_dequantize_act,
+    ref_linear_q4_i8,
+    ref_linear_q8_i8,
+    ref_quantize_act,
+)
+
+pytestmark = pytest.mark.skipif(not K.available(), reason="GEMV kernels unavailable on this machine")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=["avx2", "avx_vnni", "avx512_vnni"])
+def act_isa(request):
+    if request.param not in cpu.act_isas():
+        pytest.skip(f"this CPU lacks {request.param} (has {cpu.act_isas()})")
+    cpu.set_act_isa(request.param)
+    yield request.param
+    cpu.set_act_isa(None)
+
+
+def close(y: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor) -> None:
+    """|y - ref| <= 1e-5 * (sum_k |x_k w_k| + 1): fp32 rounding of the per-block partial sums only."""
+    assert y.shape == ref.shape
+    err = float(((y.double() - ref).abs() / (scale + 1)).max())
+    assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("k", [576, 100, 31, 1])
+def test_quantize_act_is_bit_exact(k):
+    x = torch.randn(5, k) * torch.logspace(-3, 3, k)  # blocks of very different ranges
+    x[1] = 0  # all-zero blocks: scale 0, codes 0
+    q, d = K.ext().quantize_act(x)
+    rq, rd = ref_quantize_act(x)
+    assert torch.equal(q, rq) and torch.equal(d, rd)
+    assert q.abs().max() <= 127 and q.shape[1] % 32 == 0
+
+
+@pytest.mark.parametrize("rows", [1, 3, 11])  # 11: two chunks of at most 8 rows
+@pytest.mark.parametrize(("group", "k"), [(32, 576), (32, 96), (64, 576), (64, 100), (128, 256), (256, 512)])
+def test_q4(act_isa, rows, group, k):
+    kp = -(-k // group) * group  # codes padded to whole groups; x stays k wide (the fused step's k_padded)
+    n = 67
+    wq = K.pack_int4(torch.randint(0, 16, (n, kp), dtype=torch.uint8))
+    scales, zeros, bias = torch.rand(n, kp // group) + 0.05, torch.randn(n, kp // group), torch.randn(n)
+    x = torch.randn(rows, k) * 3
+    y = K.ext().linear_q4_i8(x, wq, scales, zeros, group, bias)
+    ref = ref_linear_q4_i8(x, wq, scales, zeros, group, bias)
+    w = K.dequant_int4(wq, scales, zeros, group, kp).double()
+    close(y, ref, torch.nn.functional.pad(ref_dequantize_act(x), (0, kp - k)).abs() @ w.abs().T)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 9])
+@pytest.mark.parametrize(("group", "k"), [(0, 576), (0, 100), (0, 7), (32, 576), (32, 100), (64, 192)])
+def test_q8(act_isa, rows, group, k):
+    n = 45
+    wq = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    wq[0] = -128  # |w| = 128 takes the sign trick's edge case
+    scales = torch.rand(n) if group == 0 else torch.rand(n, -(-k // group))
+    x = torch.randn(rows, k)
+    y = K.ext().linear_q8_i8(x, wq, scales, None, group)
+    ref = ref_linear_q8_i8(x, wq, scales, None, group)
+    close(y, ref, ref_dequantize_act(x).abs() @ K.dequant_int8(wq, scales, group or None).double().abs().T)
+
+
+def test_close_to_fp32_activations():
+    """The int8 activations cost little: relative error vs the fp32-activation kernel ~1%."""
+    x, wq = torch.randn(4, 576), K.pack_int4(torch.randint(0, 16, (300, 576), dtype=torch.uint8))
+    s, z = torch.rand(300, 9) * 0.02, torch.randn(300, 9) * 0.01
+    y8, y32 = K.ext().linear_q4_i8(x, wq, s, z, 64), K.ext().linear_q4(x, wq, s, z, 64)
+    assert float((y8 - y32).norm() / y32.norm()) < 0.02
+
+
+def test_rejects_what_it_cannot_run():
+    x = torch.randn(1, 96)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        K.ext().linear_q8_i8(x, torch.zeros(4, 96, dtype=torch.int8), torch.ones(4, 2), None, 48)
+    with pytest.raises(RuntimeError, match="group_size"):
+        K.ext().linear_q4_i8(torch.randn(1, 130), torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 4),
+                             torch.ones(4, 4), 32)  # fmt: skip
+    with pytest.raises(ValueError, match="unavailable"):
+        cpu.set_act_isa("sse2")
+
+
+def test_describe_names_cpu_and_paths():
+    d = K.describe()
+    assert d["cpu"]["flags"]["avx2"] and set(d["cpu"]["flags"]) >= {"avx512_vnni", "avx_vnni", "amx_int8"}
+    assert d["paths"]["linear int8 / int4, int8 activations (decode)"] == cpu.act_isa()
+    assert d["threads"] >= 1 and d["recommended_threads"] >= 1
+    assert K.cpu_info()["model"] in cpu.summary()
+
+
+def test_physical_cores_counts_smt_siblings_once(monkeypatch):
+    text = "".join(
+        f"processor\t: {i}\nphysical id\t: 0\ncore id\t\t: {i % 2}\n\n" for i in range(4)
+    )  # 4 logical CPUs on 2 cores
+    monkeypatch.setattr(cpu, "_usable_cpus", lambda: {0, 1, 2, 3})
+    assert cpu.physical_cores(text) == 2
+    monkeypatch.setattr(cpu, "_usable_cpus", lambda: {0})
+    assert cpu.physical_cores(text) == 1

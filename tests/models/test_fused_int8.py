@@ -1,0 +1,68 @@
+"""The fused decode step with int8 activations (model.decode_activations = "int8"): close to the
+fp32-activation step on quantized models, the option validated, fp32 Linears untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import leanformer as lf
+from leanformer import kernels
+from leanformer.errors import LeanformerError
+from leanformer.models.fused import int8_activations, set_decode_activations
+from leanformer.models.kv_cache import KVCache
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="leanformer kernels unavailable here")
+
+TOKENS = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79], [32, 38, 46, 26, 43, 38, 32, 79]])  # [B, T]
+
+
+def logits_for(model, activations: str) -> torch.Tensor:
+    """Teacher-forced decode steps (one token per row per step, the fused path from position 0), so a
+    near tie flipping a greedy choice cannot send the two runs down different texts: -> [T, B, V]."""
+    set_decode_activations(model, activations)
+    b, t = TOKENS.shape
+    cache = KVCache.for_model(model, b, 16)
+    out = []
+    with torch.inference_mode():
+        for i in range(t):
+            out.append(model(TOKENS[:, i : i + 1], cache=cache)[:, 0])
+            cache.advance(torch.arange(b), 1)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        lf.Int4WeightOnly(group_size=32),
+        lf.Int4WeightOnly(group_size=64, pad=True),  # down_proj K = 96: codes padded to 128 columns
+        lf.Int8WeightOnly(),
+    ],
+    ids=repr,
+)
+def test_int8_activations_close_to_fp32(config, tiny_dirs):
+    model, _ = lf.load(tiny_dirs["qwen2"])
+    lf.quantize_(model, config)
+    ref = logits_for(model, "fp32")
+    got = logits_for(model, "int8")
+    assert model._decode_plan.stack.int8_act and model._decode_plan.stack.int8_linears() > 0
+    assert not torch.equal(got, ref)  # the integer kernels really ran
+    assert float((got - ref).norm() / ref.norm()) < 0.03  # int8 rounding of every Linear input
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8  # random tiny weights: near ties
+
+
+def test_fp32_linears_ignore_the_option(tiny_dirs):
+    model, _ = lf.load(tiny_dirs["llama"])
+    assert torch.equal(logits_for(model, "int8"), logits_for(model, "fp32"))
+    assert model._decode_plan.stack.int8_linears() == 0
+
+
+def test_option_is_validated(tiny_dirs):
+    model, _ = lf.load(tiny_dirs["llama"])
+    with pytest.raises(LeanformerError, match="auto, int8, fp32"):
+        set_decode_activations(model, "int4")
+    model.decode_activations = "bf16"  # set by hand: caught at the next step, one line
+    with pytest.raises(LeanformerError, match="decode_activations"):
+        int8_activations(model)
+    set_decode_activations(model, "auto")
+    assert int8_activations(model) in (True, False)
