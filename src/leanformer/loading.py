@@ -419,8 +419,7 @@ def save(model: nn.Module, tok, out_dir: str | os.PathLike, overwrite: bool = Fa
     folders get the permissions the umask gives. A model split across processes (parallelize_ /
     pipeline_) holds one shard only: it is refused.
     """
-    from safetensors.torch import save_file
-
+    from leanformer.formats.safetensors_io import write_safetensors
     from leanformer.outputs import check_output_dir, new_temp_dir, replace_dir
 
     if getattr(model, "tp", None) or getattr(model, "pp", None):
@@ -434,11 +433,11 @@ def save(model: nn.Module, tok, out_dir: str | os.PathLike, overwrite: bool = Fa
     except OSError as e:
         raise LeanformerError(f"cannot save to {out} ({e.strerror})") from None
     try:
-        state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
+        state = {n: t.detach().cpu() for n, t in model.state_dict().items()}  # written one at a time
         head, embedding = getattr(model, "lm_head", None), _embedding_name(state)
         if head is not None and embedding and getattr(head, "weight", None) is model.get_parameter(embedding):
             state.pop("lm_head.weight", None)
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt", "producer": "leanformer"})
+        write_safetensors(tmp / "model.safetensors", state, {"format": "pt", "producer": "leanformer"})
         config = dict(model.config)
         config.setdefault("leanformer", {})["family"] = model.family
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))

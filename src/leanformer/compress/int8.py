@@ -53,9 +53,9 @@ class Int8Linear(QuantLinear):
             linear.weight.device,
             linear.weight.dtype,
         )
-        if q is None:  # rows are independent: in slices of ~16M weights, so the temporaries of a
-            # [128256, 3072] LM head stay ~64 MB instead of three full fp32 copies
-            w, rows = linear.weight.detach(), max(1, (1 << 24) // max(linear.in_features, 1))
+        if q is None:  # rows are independent: in slices of ~4M weights, so the temporaries of a
+            # [128256, 3072] LM head stay ~16 MB each instead of three full fp32 copies
+            w, rows = linear.weight.detach(), max(1, (1 << 22) // max(linear.in_features, 1))
             for r in range(0, w.shape[0], rows):
                 q, scales = K.int8_symmetric(w[r : r + rows])
                 m.weight_int8[r : r + rows].copy_(q)

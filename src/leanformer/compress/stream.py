@@ -133,14 +133,16 @@ def stream_apply(
 
     def read_layer(j: int, before: range) -> None:
         lazy.read_into(model, by_layer[j])
-        if lazy.speed_up is not None:
-            lazy.speed_up(layers[j])  # as `load` leaves it: the calibration forward runs the same kernels
+        if lazy.speed_up is not None and cal is not None:  # as `load` leaves it: the calibration
+            lazy.speed_up(layers[j])  # forward runs the same kernels (round-to-nearest reads W only)
         for k in before:
             stage_on(k, j)
 
     # the rest first (embedding, final norm, head): read as float; the calibration capture needs it
     head = getattr(model, "lm_head", None)
-    tied = head is not None and getattr(head, "weight", None) is model.model.embed_tokens.weight
+    table = getattr(model.model.embed_tokens, "weight", None)  # None: a saved QuantEmbedding
+    tied = table is not None and getattr(head, "weight", None) is table
+    del table
     lazy.read_into(model, rest)
     if tied:  # assign=True gave the embedding a new Parameter: tie the head again
         model.lm_head.weight = model.model.embed_tokens.weight

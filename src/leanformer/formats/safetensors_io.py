@@ -105,3 +105,29 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
                     raise SafetensorsFormatError(f"tensor {name}: short read (truncated?)")
             out[name] = t
     return out
+
+
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a standard .safetensors file one tensor at a time (safetensors' own save_file first
+    flattens every tensor into bytes: a second copy of the whole model at the end of a lean
+    compression). Tensors are contiguous CPU tensors; the header is padded to 8 bytes with spaces."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))

@@ -1,0 +1,65 @@
+"""Memory figures for docs/BENCHMARKS.md (issue #12), each measured in a fresh child process.
+
+    python scripts/rss_check.py load MODEL            # load (GGUF kept quantized) + generate 16 tokens
+    python scripts/rss_check.py gptq FOLDER OUT N T   # lazy load, GPTQ int4 on N random sequences of T
+                                                      # tokens, layer by layer, save to OUT
+
+Prints the weights' size, RSS after loading, and the child's peak RSS (VmHWM) at the end.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def vm(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(mode: str, args: list[str]) -> None:
+    import torch
+
+    import leanformer as lf
+    from leanformer.compress.stream import state_bytes
+
+    if mode == "load":
+        import transformers  # noqa: F401  (imported by every load for the tokenizer: runtime, not weights)
+
+        before = vm("VmRSS")
+        model, tok = lf.load(args[0])
+        weights = state_bytes(model) / 2**20
+        after_load = vm("VmRSS")
+        ids = torch.randint(0, model.args.vocab_size, (1, 16)).tolist()[0]
+        from leanformer.engine.generate import decode
+        from leanformer.engine.sampling import SamplingParams
+
+        decode(model, [ids], 16, SamplingParams())
+        file_mb = Path(args[0]).stat().st_size / 2**20 if Path(args[0]).is_file() else float("nan")
+        print(
+            f"file {file_mb:.0f} MB, weights {weights:.0f} MB, RSS before load (runtime) {before:.0f} MB, "
+            f"after load {after_load:.0f} MB (+{after_load - before:.0f}), "
+            f"peak after generating 16 tokens {vm('VmHWM'):.0f} MB"
+        )
+    elif mode == "gptq":
+        from leanformer.compress import GPTQ, Int8WeightOnly, apply
+
+        folder, out, n, t = args[0], args[1], int(args[2]), int(args[3])
+        model, tok = lf.load(folder, lazy=True)
+        calib = torch.randint(0, model.args.vocab_size, (n, t), generator=torch.Generator().manual_seed(0))
+        apply(model, [GPTQ(bits=4, group_size=32), Int8WeightOnly(targets=["lm_head"], ignore=[])], calib)
+        lf.save(model, tok, out, overwrite=True)
+        print(
+            f"GPTQ {n} x {t} tokens: weights {state_bytes(model) / 2**20:.0f} MB, peak RSS {vm('VmHWM'):.0f} MB"
+        )
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3:])
+    else:
+        sys.exit(subprocess.call([sys.executable, __file__, "--child", *sys.argv[1:]]))
