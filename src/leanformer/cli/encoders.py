@@ -1,5 +1,5 @@
 """Encoder commands for the `leanformer` CLI: embed | train-probe | export (encoders and decoder LMs) |
-prune-heads | eval-encoder, and the encoder branch of `leanformer eval` (eval_encoder, with the options of
+prune-heads | prune-encoder | eval-encoder, and the encoder branch of `leanformer eval` (eval_encoder, with the options of
 add_encoder_eval_arguments). main.py calls add_parser(subparsers)."""
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def cmd_embed(args) -> None:
         require_ray()
         if args.backend != "torch":
             raise LeanformerError("--ray runs the torch backend on every worker; drop --backend onnxruntime")
+    long = _long_options(args)  # before reading stdin and loading the model
     texts = _read_lines(args.input)
     if not texts:
         raise LeanformerError(f"no text to embed in {args.input} (one text per non-empty line)")
@@ -126,7 +127,7 @@ def cmd_embed(args) -> None:
 
         emb = embed_ray(_resolve(args.model), model, tok, texts, args.batch_size, args.normalize)
     else:
-        emb = embed(model, tok, texts, args.batch_size, normalize=args.normalize)  # [N, D] float32
+        emb = embed(model, tok, texts, args.batch_size, normalize=args.normalize, **long)  # [N, D] float32
     if args.output and args.output.endswith(".npy"):
         np.save(args.output, emb)
     else:
@@ -135,6 +136,23 @@ def cmd_embed(args) -> None:
                 out.write(json.dumps({"text": text, "embedding": [round(float(v), 7) for v in e]}) + "\n")
     if args.output:
         print(f"wrote {len(texts)} embeddings of dim {emb.shape[1]} to {args.output}", file=sys.stderr)
+
+
+def _long_options(args) -> dict:
+    """embed()'s attention keywords from --attention / --window / --bucket-size / --hashes / --max-length /
+    --positions (models/bert_attention.py); checked before any work."""
+    attention = getattr(args, "attention", "dense")
+    if attention != "dense" or args.max_length:
+        if args.backend != "torch":
+            raise LeanformerError("--attention local/lsh and --max-length run on --backend torch only")
+        if getattr(args, "ray", False):
+            raise LeanformerError("--attention local/lsh and --max-length run in one process: drop --ray")
+    out: dict = {"attention": attention, "max_length": args.max_length, "positions": args.positions}
+    if attention == "local":
+        out["window"] = args.window
+    if attention == "lsh":
+        out |= {"bucket_size": args.bucket_size, "hashes": args.hashes}
+    return out
 
 
 def cmd_train_probe(args) -> None:
@@ -235,6 +253,39 @@ def cmd_prune_heads(args) -> None:
         print(f"saved to {save(model, tok, args.output, overwrite=args.overwrite)}")
 
 
+def cmd_prune_encoder(args) -> None:
+    from leanformer.encoders.build import load_encoder
+    from leanformer.encoders.prune_encoder import prune_encoder_
+    from leanformer.encoders.quality import eval_stsb, glue_path, read_tsv
+
+    if args.output:  # before loading and pruning
+        check_output_dir(args.output, args.overwrite, _existing(args.model))
+    if args.calibration and not Path(args.calibration).expanduser().is_file():
+        raise LeanformerError(f"--calibration file not found: {args.calibration}")
+    model, tok = load_encoder(_resolve(args.model))
+    if args.calibration:
+        texts = _read_lines(args.calibration)[: args.limit]
+    else:
+        texts = [r["sentence"] for r in read_tsv(glue_path("sst2", "train"), args.limit)]
+    before = eval_stsb(model, tok)["stsb_spearman"] if args.eval else None
+    r = prune_encoder_(
+        model, tok, texts, args.fraction, args.head_fraction, args.multiple, args.method, args.steps,
+        refit=not args.no_refit,
+    )  # fmt: skip
+    print(
+        f"removed {r['removed_fraction']:.1%} of the block weights ({r['block_params_before']:,} → "
+        f"{r['block_params_after']:,}); heads per layer {r['heads_per_layer']}; "
+        f"FFN widths {r['intermediate_sizes']}"
+    )
+    if args.eval:
+        after = eval_stsb(model, tok)["stsb_spearman"]
+        print(f"STS-B Spearman: {before:.4f} → {after:.4f} ({after - before:+.4f})")
+    if args.output:
+        from leanformer.loading import save
+
+        print(f"saved to {save(model, tok, args.output, overwrite=args.overwrite)}")
+
+
 def add_encoder_eval_arguments(p: argparse.ArgumentParser) -> None:
     """Options the encoder branch of `leanformer eval` reads (all optional)."""
     p.add_argument(
@@ -278,7 +329,7 @@ def eval_encoder(args, model=None, tok=None) -> dict:
 
 
 def add_parser(sub) -> None:
-    """Register embed | train-probe | export | prune-heads | eval-encoder on the CLI's subparsers."""
+    """Register embed | train-probe | export | prune-heads | prune-encoder | eval-encoder on the CLI's subparsers."""
     p = sub.add_parser("embed", help="sentence embeddings for lines of text (encoder models)")
     p.add_argument("model", help="HF / sentence-transformers folder, export folder, or a known name")
     p.add_argument("--input", default="-", help="text file, one text per line; - = stdin (default)")
@@ -291,6 +342,21 @@ def add_parser(sub) -> None:
         "--normalize", action=argparse.BooleanOptionalAction, default=None, help="default: as the model"
     )
     p.add_argument("--ray", action="store_true", help=RAY_HELP)
+    p.add_argument(
+        "--attention", choices=["dense", "local", "lsh"], default="dense",
+        help="local: sliding window (--window); lsh: Reformer-style buckets (--bucket-size, --hashes)",
+    )  # fmt: skip
+    p.add_argument("--window", type=ck.positive_int, default=256, help="local: keys this far on each side")
+    p.add_argument("--bucket-size", type=ck.positive_int, default=64, help="lsh: tokens per chunk")
+    p.add_argument("--hashes", type=ck.int_range(1, 17), default=2, help="lsh: hash rounds (1-16)")
+    p.add_argument(
+        "--max-length", type=ck.int_range(2), default=None,
+        help="tokens kept per text (default: the model's limit); longer than its positions: see --positions",
+    )  # fmt: skip
+    p.add_argument(
+        "--positions", choices=["interpolate", "repeat"], default="interpolate",
+        help="past the position table: interpolate it (default) or repeat it",
+    )  # fmt: skip
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("train-probe", help="fit a logistic-regression probe on frozen embeddings")
@@ -341,6 +407,29 @@ def add_parser(sub) -> None:
     p.add_argument("--output", default=None, help="save the pruned model here (reloads pruned)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_prune_heads)
+
+    p = sub.add_parser(
+        "prune-encoder", help="remove a share of the block weights: attention heads + FFN channels"
+    )
+    p.add_argument("model")
+    p.add_argument(
+        "--fraction", type=ck.float_range(0.0, 1.0, high_open=True), default=0.3,
+        help="share of the attention + FFN weights to remove, in [0, 1) (default 0.3)",
+    )  # fmt: skip
+    p.add_argument(
+        "--head-fraction", type=ck.float_range(0.0, 1.0, high_open=True), default=None,
+        help="share of the heads to remove (default: --fraction); the FFN gives the rest",
+    )  # fmt: skip
+    p.add_argument("--multiple", type=ck.positive_int, default=32, help="FFN widths a multiple of this")
+    p.add_argument("--method", choices=["taylor", "norm"], default="taylor", help="head importance")
+    p.add_argument("--steps", type=ck.positive_int, default=4, help="head pruning rounds")
+    p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of the outputs")
+    p.add_argument("--calibration", default=None, help="text file (default: 512 SST-2 train sentences)")
+    p.add_argument("--limit", type=ck.positive_int, default=512)
+    p.add_argument("--eval", action="store_true", help="report STS-B Spearman before and after")
+    p.add_argument("--output", default=None, help="save the pruned model here (reloads pruned)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.set_defaults(func=cmd_prune_encoder)
 
     p = sub.add_parser("eval-encoder", help="STS-B / SST-2 / cosine-to-reference for an encoder")
     p.add_argument("model")

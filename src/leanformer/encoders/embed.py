@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from leanformer.errors import LeanformerError
+from leanformer.models.bert_attention import LongAttention
 
 
 def _tokenize(tok, texts: list[str], max_length: int) -> list[list[int]]:
@@ -32,8 +33,9 @@ def _tokenize(tok, texts: list[str], max_length: int) -> list[list[int]]:
     return ids
 
 
-def length_sorted_batches(model, tok, texts: list[str], batch_size: int):
-    """Yield (positions in `texts`, input_ids [B, T], attention_mask [B, T]), longest batch first."""
+def length_sorted_batches(model, tok, texts: list[str], batch_size: int, max_length: int | None = None):
+    """Yield (positions in `texts`, input_ids [B, T], attention_mask [B, T]), longest batch first.
+    max_length: tokens kept per text (default: the model's limit)."""
     if isinstance(texts, str):
         texts = [texts]
     if batch_size < 1:
@@ -43,7 +45,7 @@ def length_sorted_batches(model, tok, texts: list[str], batch_size: int):
     bad = next((t for t in texts if not isinstance(t, str)), None)
     if bad is not None:
         raise LeanformerError(f"texts must be strings, got a {type(bad).__name__}")
-    ids = _tokenize(tok, list(texts), model.args.max_length)
+    ids = _tokenize(tok, list(texts), max_length or model.args.max_length)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # by tokens, not characters
     pad = tok.pad_token_id if tok.pad_token_id is not None else model.args.pad_token_id
     for s in range(0, len(order), batch_size):
@@ -58,19 +60,34 @@ def length_sorted_batches(model, tok, texts: list[str], batch_size: int):
 
 
 def embed(
-    model, tok, texts: list[str], batch_size: int = 32, normalize: bool | None = None, numpy: bool = True
+    model,
+    tok,
+    texts: list[str],
+    batch_size: int = 32,
+    normalize: bool | None = None,
+    numpy: bool = True,
+    *,
+    attention: str | LongAttention | None = None,
+    max_length: int | None = None,
+    **attention_options,
 ):
     """Texts → sentence embeddings [N, D] (np.ndarray, or torch.Tensor with numpy=False), input order.
 
     normalize: None follows the model (sentence-transformers' Normalize module); True/False forces it.
     `model` is a models.bert.Model or an export.OrtEncoder (ONNX Runtime); both expose .embed and .args.
+    attention: "dense" (default) | "local" (window=256: keys within that distance) | "lsh" (bucket_size=64,
+    hashes=2, seed=0) or a LongAttention (models/bert_attention.py); torch models only.
+    max_length: tokens kept per text (default: the model's trained limit). Longer than the position table,
+    positions= "interpolate" (default) or "repeat" says how positions past its end are read.
     """
+    long = _long_attention(model, attention, max_length, attention_options)
     texts = [texts] if isinstance(texts, str) else list(texts)
     unique = list(dict.fromkeys(texts))  # a repeated text is embedded once (exact: same ids, same math)
     out: torch.Tensor | None = None
     with torch.inference_mode():
-        for idx, ids, mask in length_sorted_batches(model, tok, unique, batch_size):
-            e = model.embed(ids, mask, normalize=normalize).float()  # [B, D]
+        for idx, ids, mask in length_sorted_batches(model, tok, unique, batch_size, max_length):
+            kw = {} if long is None else {"attention": long}
+            e = model.embed(ids, mask, normalize=normalize, **kw).float()  # [B, D]
             if out is None:
                 out = torch.empty((len(unique), e.shape[1]))
             out[idx] = e
@@ -81,6 +98,21 @@ def embed(
         row = {t: i for i, t in enumerate(unique)}
         out = out[torch.tensor([row[t] for t in texts])]
     return out.numpy() if numpy else out
+
+
+def _long_attention(model, attention, max_length: int | None, options: dict) -> LongAttention | None:
+    """The LongAttention embed() runs with (None: plain dense within the trained length), checked first."""
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)):
+        raise LeanformerError(f"max_length must be a whole number of tokens, got {max_length!r}")
+    if max_length is not None and max_length < 2:
+        raise LeanformerError(f"max_length must be at least 2 tokens, got {max_length}")
+    long = LongAttention.make(attention, **options)
+    beyond = max_length is not None and max_length > model.args.max_length
+    if long.kind == "dense" and not beyond and not options and not isinstance(attention, LongAttention):
+        return None
+    if not hasattr(model, "layers"):  # an ONNX Runtime graph: its attention is baked in
+        raise LeanformerError("local / LSH attention and longer inputs run on the torch backend only")
+    return long
 
 
 def classify(model, tok, texts: list[str], batch_size: int = 32) -> list[dict]:

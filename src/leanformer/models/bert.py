@@ -24,6 +24,7 @@ from torch import nn
 
 from leanformer import kernels
 from leanformer.errors import LeanformerError
+from leanformer.models.bert_attention import LongAttention, long_attention, lookup, position_ids
 
 ARCHITECTURES = tuple(
     f"{family}{kind}"
@@ -66,6 +67,8 @@ class ModelArgs:
     pad_token_id: int = 0
     # head pruning: layer → removed heads, as indices into the original heads (HF's `pruned_heads`)
     pruned_heads: dict[int, list[int]] = field(default_factory=dict)
+    # FFN channel pruning (encoders/prune_encoder.py): one width per layer; None = intermediate_size everywhere
+    intermediate_sizes: list[int] | None = None
     head: str | None = None  # classifier head kind: "bert" | "roberta" | "distilbert"; None = bare encoder
     num_labels: int = 0
     id2label: dict[int, str] = field(default_factory=dict)
@@ -78,6 +81,9 @@ class ModelArgs:
     def heads_per_layer(self) -> list[int]:
         h = self.num_attention_heads
         return [h - len(self.pruned_heads.get(i, ())) for i in range(self.num_hidden_layers)]
+
+    def ffn_size(self, layer: int) -> int:
+        return self.intermediate_sizes[layer] if self.intermediate_sizes else self.intermediate_size
 
     @property
     def head_dim(self) -> int:
@@ -116,6 +122,13 @@ class ModelArgs:
             raise LeanformerError(
                 f"activation {cfg['hidden_act']!r} unsupported; supported: {', '.join(_ACTS)}"
             )
+        sizes = cfg.get("intermediate_sizes")
+        if sizes is not None and (
+            not isinstance(sizes, list)
+            or len(sizes) != layers
+            or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in sizes)
+        ):
+            raise LeanformerError(f"intermediate_sizes must list one positive width per layer ({layers})")
         pooling = extra.get("pooling") or ["mean"]
         if any(p not in POOLING_MODES for p in pooling):
             raise LeanformerError(f"pooling {pooling} not supported; supported: {', '.join(POOLING_MODES)}")
@@ -132,6 +145,7 @@ class ModelArgs:
             hidden_act=cfg.get("hidden_act", "gelu"),
             pad_token_id=cfg.get("pad_token_id") if cfg.get("pad_token_id") is not None else 0,
             pruned_heads=pruned,
+            intermediate_sizes=list(sizes) if sizes else None,
             head=head,
             num_labels=len(id2label) if head else 0,
             id2label=id2label if head else {},
@@ -152,18 +166,42 @@ class Embeddings(nn.Module):
             self.token_type_embeddings = nn.Embedding(a.type_vocab_size, a.hidden_size)
         self.LayerNorm = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
 
-    def forward(self, ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        """ids [B, T] → [B, T, hidden]."""
+    def forward(self, ids: torch.Tensor, token_type_ids: torch.Tensor | None, long=None, mask=None):
+        """ids [B, T] → [B, T, hidden]. Rows longer than the position table need `long` (a LongAttention):
+        its `positions` rule reads the table past its end (models/bert_attention.py); mask [B, T] or None."""
         if self.a.family == "roberta":  # fairseq: pad_id + 1 + index for real tokens, pad_id for pads
             real = ids.ne(self.a.pad_token_id).int()
             pos = (torch.cumsum(real, dim=1) * real).long() + self.a.pad_token_id
         else:
             pos = torch.arange(ids.shape[1], device=ids.device)[None]
-        x = self.word_embeddings(ids) + self.position_embeddings(pos)
+        if int(pos.max()) >= self.a.max_position_embeddings:
+            pos_emb = self._extended(ids, pos, long, mask)
+        else:
+            pos_emb = self.position_embeddings(pos)
+        x = self.word_embeddings(ids) + pos_emb
         if self.a.type_vocab_size:
             tt = self.token_type_embeddings
             x = x + (tt.weight[0] if token_type_ids is None else tt(token_type_ids))
         return _norm_(self.LayerNorm, x)  # x: the sum above, ours to overwrite
+
+    def _extended(self, ids, pos, long: LongAttention | None, mask) -> torch.Tensor:
+        """Position vectors [B, T, hidden] for rows that run past the table (interpolated or repeated)."""
+        first = self.a.pad_token_id + 1 if self.a.family == "roberta" else 0  # RoBERTa's table offset
+        if long is None:
+            raise LeanformerError(
+                f"input of {ids.shape[1]} tokens is longer than the model's "
+                f"{self.a.max_position_embeddings - first} positions: "
+                "truncate it, or pass attention options (positions='interpolate' or 'repeat')"
+            )
+        table = self.position_embeddings.weight[first:]  # [P, hidden]
+        real = torch.ones_like(ids) if mask is None else mask
+        index = position_ids((pos - first).clamp(min=0), real.sum(1), table.shape[0], long.positions)
+        out = lookup(table, index)
+        if first:  # RoBERTa's pads keep the pad position's vector
+            out = torch.where(
+                pos[..., None] < first, self.position_embeddings.weight[self.a.pad_token_id], out
+            )
+        return out
 
 
 def _linear(mod: nn.Linear, x: torch.Tensor, act=None, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -241,7 +279,7 @@ def _linear_add_norm(mod: nn.Module, x: torch.Tensor, residual: torch.Tensor, no
 class Layer(nn.Module):
     """Post-LayerNorm Transformer block: x = LN(x + attn(x)); x = LN(x + ffn(x))."""
 
-    def __init__(self, a: ModelArgs, heads: int) -> None:
+    def __init__(self, a: ModelArgs, heads: int, ffn: int | None = None) -> None:
         super().__init__()
         self.heads, self.head_dim, self.act = heads, a.head_dim, _ACTS[a.hidden_act]
         inner = heads * a.head_dim
@@ -250,12 +288,16 @@ class Layer(nn.Module):
             self.qkv = nn.Linear(a.hidden_size, 3 * inner)  # rows: [q heads | k heads | v heads]
             self.attn_out = nn.Linear(inner, a.hidden_size)
         self.attn_norm = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
-        self.ffn_in = nn.Linear(a.hidden_size, a.intermediate_size)
-        self.ffn_out = nn.Linear(a.intermediate_size, a.hidden_size)
+        ffn = ffn or a.intermediate_size  # FFN channels (fewer after encoders/prune_encoder.py)
+        self.ffn_in = nn.Linear(a.hidden_size, ffn)
+        self.ffn_out = nn.Linear(ffn, a.hidden_size)
         self.ffn_norm = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, head_mask: torch.Tensor | None = None):
-        """x [B, T, hidden]; mask [B, 1, 1, T] bool (True = attend) or None; head_mask [heads] scales heads."""
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, head_mask: torch.Tensor | None = None, long=None
+    ):
+        """x [B, T, hidden]; mask [B, 1, 1, T] bool (True = attend) or None; head_mask [heads] scales heads;
+        long: a LongAttention (local / LSH attention) or None (dense)."""
         b, t, hidden = x.shape
         h, d = self.heads, self.head_dim
         x = x.reshape(b * t, hidden)  # the matmuls see [B*T, features]
@@ -263,7 +305,11 @@ class Layer(nn.Module):
             x = _norm_(self.attn_norm, x + self.attn_out.bias)
         else:
             q, k, v = _linear(self.qkv, x).view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)  # each [B, H, T, D]
-            o = _attention(q, k, v, mask)  # [B, H, T, D]
+            if long is None or long.kind == "dense":
+                o = _attention(q, k, v, mask)  # [B, H, T, D]
+            else:
+                key_mask = None if mask is None else mask.reshape(b, t)
+                o = long_attention(q, k, v, key_mask, long, lambda *qkv: _attention(*qkv, mask))
             del q, k, v  # the [B*T, 3*H*D] qkv output goes back to the allocator before the FFN's
             if head_mask is not None:
                 o = o * head_mask.view(1, h, 1, 1)
@@ -325,18 +371,23 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.embeddings = Embeddings(args)
-        self.layers = nn.ModuleList(Layer(args, h) for h in args.heads_per_layer)
+        self.layers = nn.ModuleList(
+            Layer(args, h, args.ffn_size(i)) for i, h in enumerate(args.heads_per_layer)
+        )
         self.head = Head(args) if args.head else None
         labels = len(args.probe_labels)
         self.probe = nn.Linear(args.hidden_size * len(args.pooling), labels) if labels else None
         self.config: dict = {}  # the HF-style config dict; the loader sets it
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, head_mask=None) -> torch.Tensor:
+    def forward(
+        self, input_ids, attention_mask=None, token_type_ids=None, head_mask=None, attention=None
+    ) -> torch.Tensor:
         """input_ids [B, T], attention_mask [B, T] (1 = token) → last hidden state [B, T, hidden].
 
         head_mask: optional list of per-layer [heads] tensors multiplying each head's output (importance).
+        attention: a models.bert_attention.LongAttention (local / LSH attention, positions past the table).
         """
-        x = self.embeddings(input_ids, token_type_ids)
+        x = self.embeddings(input_ids, token_type_ids, attention, attention_mask)
         # No mask when nothing is padded lets SDPA take its fastest kernel (common after length sorting);
         # graph capture (ONNX export, torch.compile) must keep the mask: the test depends on data.
         mask = None
@@ -344,7 +395,7 @@ class Model(nn.Module):
         if attention_mask is not None and (tracing or not bool(attention_mask.all())):
             mask = attention_mask.bool()[:, None, None, :]
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, None if head_mask is None else head_mask[i])
+            x = layer(x, mask, None if head_mask is None else head_mask[i], attention)
         return x
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, normalize: bool | None = None):
@@ -365,9 +416,10 @@ class Model(nn.Module):
         normalize = self.args.normalize if normalize is None else normalize
         return F.normalize(out, p=2, dim=-1) if normalize else out
 
-    def embed(self, input_ids, attention_mask=None, token_type_ids=None, normalize: bool | None = None):
+    def embed(self, input_ids, attention_mask=None, token_type_ids=None, normalize=None, attention=None):
         """Token ids → pooled (and, per the folder's Normalize module, L2-normalized) embeddings [B, D]."""
-        return self.pool(self(input_ids, attention_mask, token_type_ids), attention_mask, normalize)
+        hidden = self(input_ids, attention_mask, token_type_ids, attention=attention)
+        return self.pool(hidden, attention_mask, normalize)
 
     def logits(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         """[B, labels] from the classification head, or from the linear probe on the sentence embedding."""

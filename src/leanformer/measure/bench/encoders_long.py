@@ -1,0 +1,170 @@
+"""Long-input encoder benchmark: local / LSH attention vs dense on 2,048-token (and longer) inputs.
+
+    python -m leanformer.measure.bench.encoders_long [MODEL] [--docs 12] [--lengths 2048,4096]
+        [--json bench-results/encoders_long.json]
+
+Inputs: consecutive stretches of wikitext-2 (test) of exactly `length` tokens. all-MiniLM-L6-v2 has 512
+learned positions, so every long run reads them past the end (positions="interpolate", and "repeat" for
+comparison); "chunks" is the usual alternative: 510-token pieces embedded within the trained length and
+their mean-pooled embeddings averaged by token count.
+Measured per mode: seconds per document (median of `repeats`, one thread, modes interleaved), cosine of
+the document embedding to dense attention's with the same positions, and a retrieval check that needs
+the far end of the document: a 128-token passage from the document's last quarter (embedded within the
+trained length) must find its document among `docs` (top-1 accuracy, MRR). Within the trained length:
+STS-B Spearman with local windows and LSH buckets vs dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leanformer.encoders.embed import embed
+from leanformer.encoders.quality import _shared_data, eval_stsb, glue_path, read_tsv, spearman
+from leanformer.models.bert_attention import LongAttention
+
+LONG_MODES = {  # name → LongAttention keywords (None: chunks of the trained length)
+    "dense": dict(attention="dense"),
+    "local w=256": dict(attention="local", window=256),
+    "local w=128": dict(attention="local", window=128),
+    "lsh b=64 x1": dict(attention="lsh", bucket_size=64, hashes=1),
+    "lsh b=64 x2": dict(attention="lsh", bucket_size=64, hashes=2),
+    "dense, repeat positions": dict(attention="dense", positions="repeat"),
+    "local w=256, repeat positions": dict(attention="local", window=256, positions="repeat"),
+    "chunks of 510": None,
+}
+STS_MODES = {
+    "dense": dict(attention="dense"),
+    "local w=128": dict(attention="local", window=128),
+    "local w=64": dict(attention="local", window=64),
+    "local w=16": dict(attention="local", window=16),
+    "local w=8": dict(attention="local", window=8),
+    "lsh b=16 x1": dict(attention="lsh", bucket_size=16, hashes=1),
+    "lsh b=8 x2": dict(attention="lsh", bucket_size=8, hashes=2),
+}
+
+
+def wikitext_docs(tok, count: int, length: int) -> list[list[int]]:
+    """`count` consecutive stretches of wikitext-2 test, `length` token ids each (no special tokens)."""
+    text = (_shared_data() / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    body = length - 2  # [CLS] ... [SEP]
+    if len(ids) < count * body:
+        raise SystemExit(f"wikitext-2 test has {len(ids)} tokens: fewer than {count} x {body}")
+    return [ids[i * body : (i + 1) * body] for i in range(count)]
+
+
+def _embed_ids(model, tok, docs: list[list[int]], mode: dict | None) -> np.ndarray:
+    """Embed token-id documents [N, D] (normalized). mode None: chunks of the trained length, averaged."""
+    cls, sep = tok.cls_token_id, tok.sep_token_id
+    out = []
+    with torch.inference_mode():
+        for body in docs:
+            if mode is None:
+                step = model.args.max_length - 2
+                pieces = [body[i : i + step] for i in range(0, len(body), step)]
+                embs = [model.embed(torch.tensor([[cls, *p, sep]]), normalize=False)[0] for p in pieces]
+                weights = torch.tensor([len(p) + 2.0 for p in pieces])
+                e = (torch.stack(embs) * weights[:, None]).sum(0) / weights.sum()
+            else:
+                e = model.embed(torch.tensor([[cls, *body, sep]]), normalize=False, attention=_spec(mode))[0]
+            out.append(torch.nn.functional.normalize(e, dim=-1).numpy())
+    return np.stack(out)
+
+
+def _spec(mode: dict) -> LongAttention:
+    kw = dict(mode)
+    return LongAttention.make(kw.pop("attention"), **kw)
+
+
+def bench_long(model, tok, docs: int, lengths: list[int], repeats: int) -> dict:
+    results: dict = {}
+    for length in lengths:
+        bodies = wikitext_docs(tok, docs, length)
+        # queries: a 128-token passage from each document's last quarter, embedded within 512 tokens
+        queries = [b[len(b) * 3 // 4 : len(b) * 3 // 4 + 128] for b in bodies]
+        q = _embed_ids(model, tok, queries, dict(attention="dense"))
+        embs, secs = {}, {name: [] for name in LONG_MODES}
+        for name, mode in LONG_MODES.items():  # warm-up and the embeddings
+            embs[name] = _embed_ids(model, tok, bodies, mode)
+        for _ in range(repeats):  # interleaved: other processes' load hits every mode alike
+            for name, mode in LONG_MODES.items():
+                t0 = time.perf_counter()
+                _embed_ids(model, tok, bodies[:2], mode)
+                secs[name].append((time.perf_counter() - t0) / 2)
+        rows = {}
+        for name in LONG_MODES:
+            ref = embs["dense, repeat positions" if "repeat" in name else "dense"]
+            sims = q @ embs[name].T  # [docs, docs]: query i against every document
+            rank = (sims > np.diag(sims)[:, None]).sum(1)  # 0 = its own document first
+            rows[name] = {
+                "seconds_per_doc": statistics.median(secs[name]),
+                "cosine_to_dense": float((embs[name] * ref).sum(1).mean()),
+                "cosine_to_dense_min": float((embs[name] * ref).sum(1).min()),
+                "retrieval_top1": float((rank == 0).mean()),
+                "retrieval_mrr": float((1.0 / (rank + 1)).mean()),
+            }
+            rows[name]["speedup_vs_dense"] = rows["dense"]["seconds_per_doc"] / rows[name]["seconds_per_doc"]
+        results[str(length)] = rows
+    return results
+
+
+def bench_stsb(model, tok) -> dict:
+    rows = read_tsv(glue_path("stsb"))
+    s1, s2 = [r["sentence1"] for r in rows], [r["sentence2"] for r in rows]
+    gold = np.array([float(r["score"]) for r in rows])
+    out = {"dense": eval_stsb(model, tok)["stsb_spearman"]}
+    for name, mode in STS_MODES.items():
+        if name == "dense":
+            continue
+        e = embed(model, tok, s1 + s2, 32, normalize=True, attention=_spec(mode))
+        out[name] = spearman((e[: len(rows)] * e[len(rows) :]).sum(-1), gold)
+    lens = [len(x) for x in tok(s1 + s2)["input_ids"]]
+    out["tokens_mean"], out["tokens_max"] = float(np.mean(lens)), int(max(lens))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from leanformer.encoders.build import load_encoder
+    from leanformer.hub import resolve_model
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", nargs="?", default="all-minilm-l6-v2")
+    p.add_argument("--docs", type=int, default=12)
+    p.add_argument("--lengths", default="2048,4096")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-stsb", action="store_true")
+    p.add_argument("--json", default="bench-results/encoders_long.json")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    model, tok = load_encoder(resolve_model(a.model))
+    report = {"model": a.model, "threads": a.threads, "loadavg_before": Path("/proc/loadavg").read_text()}
+    report["long"] = bench_long(model, tok, a.docs, [int(x) for x in a.lengths.split(",")], a.repeats)
+    if not a.no_stsb:
+        report["stsb"] = bench_stsb(model, tok)
+    report["loadavg_after"] = Path("/proc/loadavg").read_text()
+    for length, rows in report["long"].items():
+        print(f"\n{length} tokens: mode | s/doc | x dense | cos to dense (min) | top-1 | MRR")
+        for name, r in rows.items():
+            print(
+                f"  {name:30s} {r['seconds_per_doc']:7.3f} {r['speedup_vs_dense']:5.2f}x "
+                f"{r['cosine_to_dense']:.4f} ({r['cosine_to_dense_min']:.4f}) "
+                f"{r['retrieval_top1']:.3f} {r['retrieval_mrr']:.3f}"
+            )
+    for name, v in report.get("stsb", {}).items():
+        print(f"STS-B {name:14s} {v:.4f}" if isinstance(v, float) else f"STS-B {name} {v}")
+    print("load:", report["loadavg_before"].strip(), "->", report["loadavg_after"].strip())
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
