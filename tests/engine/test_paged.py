@@ -62,6 +62,16 @@ def test_paged_greedy_equals_generate(model, chunk, view_limit, monkeypatch):
     assert_no_leak(sched)
 
 
+def test_decode_in_chunks_of_rows_equals_generate(stories):
+    """decode_rows=2: five running requests decode as forwards of 2, 2 and 1 rows, outputs unchanged."""
+    sched = PagedScheduler(stories, None, max_batch=5, max_seq=64, num_blocks=40, block_size=4)
+    sched.decode_rows = 2
+    got = serve_all(sched, PROMPTS[:5], [7] * 5)
+    assert got == [lf.generate(stories, None, p, max_new_tokens=7, ignore_eos=True) for p in PROMPTS[:5]]
+    assert set(sched.batch_sizes) <= {1, 2} and sched.batch_sizes[2] > 0
+    assert_no_leak(sched)
+
+
 def test_prefix_hit_prefills_only_the_rest(stories):
     system = [1] + list(range(30, 70))  # 41 tokens: 10 full blocks of 4 before the last token
     a, b = system + [80, 81], system + [90, 91, 92]

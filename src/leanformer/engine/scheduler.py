@@ -74,6 +74,7 @@ class Scheduler:
         self.max_seq = self.cache.max_seq
         self.vocab = model.args.vocab_size
         self.prefill_chunk = max(1, prefill_chunk)
+        self.decode_rows: int | None = None  # None: every running row in one decode forward
         self.max_waiting = max_waiting
         self.free = list(range(n_slots))  # lowest slot first keeps the batch's slots compact
         self.waiting: deque[Request] = deque()
@@ -256,11 +257,15 @@ class Scheduler:
         return logits
 
     def _decode(self) -> None:
-        seqs, logits = self._isolated(list(self.running), self._decode_forward, "decode")
-        if seqs:
-            self.steps_total += 1
-            self.batch_sizes[len(seqs)] += 1
-            self._sample_and_emit(seqs, logits)
+        # rows per forward: the fused C++ decode step takes at most MAX_ROWS; more rows in one forward
+        # would fall back to the module path (measured slower than two fused forwards, BENCHMARKS.md)
+        running, rows = list(self.running), self.decode_rows or len(self.running)
+        for i in range(0, len(running), rows):
+            seqs, logits = self._isolated(running[i : i + rows], self._decode_forward, "decode")
+            if seqs:
+                self.steps_total += 1
+                self.batch_sizes[len(seqs)] += 1
+                self._sample_and_emit(seqs, logits)
 
     def _decode_forward(self, seqs: list[SeqState]) -> torch.Tensor:
         tokens = torch.tensor([[s.next_token] for s in seqs])  # [B, 1]
