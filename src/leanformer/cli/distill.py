@@ -145,14 +145,13 @@ def cmd_distill(args) -> None:
         device=args.device, weights=weights,
     )  # fmt: skip
     evaluate, baseline = _evaluator(args, teacher, tok, encoder, eval_text)
-    before = {"step": 0, **evaluate(student)} if evaluate else None  # a resumed run too: same start
     result = distill(
         teacher, student, tok, data, args.steps, config=cfg, mapping=mapping, checkpoint=checkpoint_path(args),
         resume=args.resume, evaluate=evaluate, student_tok=student_tok,
     )  # fmt: skip
     student.cpu()
     out = lf.save(student, student_tok or tok, args.output, overwrite=args.overwrite)
-    evals = ([before] if before else []) + result.evals
+    evals = result.evals  # step 0 (before training), every --eval-every steps, the last step
     history = {"teacher": baseline, "evals": evals, "losses": result.losses, "tokens": result.tokens,
                "seconds": result.seconds, "resumed_from": result.resumed_from}  # fmt: skip
     from leanformer.outputs import write_file_atomic
@@ -244,7 +243,8 @@ def embeddings_per_second(teacher_path, student_path, stsb=None, repeats: int = 
 
 
 def plot_curve(path: str, evals: list[dict], baseline: dict, encoder: bool) -> None:
-    """ΔPPL (student - teacher) or STS-B vs training steps, written atomically."""
+    """ΔPPL (student - teacher) or STS-B, and the held-out KL / cosine to the teacher, vs training steps;
+    written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,21 +253,26 @@ def plot_curve(path: str, evals: list[dict], baseline: dict, encoder: bool) -> N
     from leanformer.outputs import write_file_atomic
 
     key = "stsb_spearman" if encoder else "ppl"
+    held = "held_out_cosine" if encoder else "held_out_kl"
     points = [(e["step"], e[key]) for e in evals if key in e]
     if not points:
         raise LeanformerError("--plot needs evaluations: pass --eval-data (and --eval-every K)")
-    steps = [s for s, _ in points]
-    values = [v if encoder else v - baseline[key] for _, v in points]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, values, marker="o")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax.plot([s for s, _ in points], [v if encoder else v - baseline[key] for _, v in points], marker="o")
     ax.set_xlabel("training steps")
-    ax.set_ylabel("STS-B Spearman" if encoder else "ΔPPL vs teacher")
+    ax.set_ylabel("STS-B Spearman" if encoder else "ΔPPL vs teacher (evaluation text)")
     if encoder:
         ax.axhline(baseline[key], ls="--", c="gray", label="teacher")
         ax.legend()
     else:
         ax.axhline(0, ls="--", c="gray")
-    ax.set_title("distillation: " + ("STS-B" if encoder else "ΔPPL on the held-out protocol text"))
+    held_points = [(e["step"], e[held]) for e in evals if held in e]
+    ax2.plot([s for s, _ in held_points], [v for _, v in held_points], marker="o", c="tab:orange")
+    ax2.set_xlabel("training steps")
+    ax2.set_ylabel(
+        "cosine to the teacher (held-out)" if encoder else "KL(teacher ‖ student), held-out windows"
+    )
+    fig.suptitle("distillation: " + ("STS-B" if encoder else "ΔPPL and KL to the teacher"))
     fig.tight_layout()
     write_file_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

@@ -260,6 +260,11 @@ def distill(
                 },
             )
 
+    if start == 0:  # the starting point of every curve (a resumed run has it in its checkpoint)
+        result.evals.append(
+            {"step": 0, **_evaluate(evaluate, teacher, student, tok, ds, weights, cfg, device)}
+        )
+        student.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     step_fn = _encoder_loss if encoder else _decoder_loss
     bar = tqdm(
