@@ -224,25 +224,35 @@ def cmd_export(args) -> None:
     )
 
 
-def cmd_prune_heads(args) -> None:
+def _load_for_pruning(args):
+    """prune-heads / prune-encoder: output and --calibration checked first, then (model, tok)."""
     from leanformer.encoders.build import load_encoder
-    from leanformer.encoders.prune_heads import prune_heads_, prune_heads_auto_
-    from leanformer.encoders.quality import eval_stsb, read_tsv
 
     if args.output:  # before loading and pruning
         check_output_dir(args.output, args.overwrite, _existing(args.model))
     if args.calibration and not Path(args.calibration).expanduser().is_file():
         raise LeanformerError(f"--calibration file not found: {args.calibration}")
-    model, tok = load_encoder(_resolve(args.model))
+    return load_encoder(_resolve(args.model))
+
+
+def _calibration_texts(args) -> list[str]:
+    """--calibration lines, or the first --limit SST-2 train sentences."""
+    from leanformer.encoders.quality import glue_path, read_tsv
+
+    if args.calibration:
+        return _read_lines(args.calibration)[: args.limit]
+    return [r["sentence"] for r in read_tsv(glue_path("sst2", "train"), args.limit)]
+
+
+def cmd_prune_heads(args) -> None:
+    from leanformer.encoders.prune_heads import prune_heads_, prune_heads_auto_
+    from leanformer.encoders.quality import eval_stsb
+
+    model, tok = _load_for_pruning(args)
     if args.heads:
         prune_heads_(model, args.heads)  # already {layer: [heads]} (cli_args.heads_json)
     else:
-        if args.calibration:
-            texts = _read_lines(args.calibration)[: args.limit]
-        else:
-            from leanformer.encoders.quality import glue_path
-
-            texts = [r["sentence"] for r in read_tsv(glue_path("sst2", "train"), args.limit)]
+        texts = _calibration_texts(args)
         prune_heads_auto_(model, tok, texts, args.fraction, method=args.method, steps=args.steps)
     print(f"heads per layer: {model.args.heads_per_layer}; pruned: {model.config.get('pruned_heads')}")
     if args.eval:
@@ -254,19 +264,11 @@ def cmd_prune_heads(args) -> None:
 
 
 def cmd_prune_encoder(args) -> None:
-    from leanformer.encoders.build import load_encoder
     from leanformer.encoders.prune_encoder import prune_encoder_
-    from leanformer.encoders.quality import eval_stsb, glue_path, read_tsv
+    from leanformer.encoders.quality import eval_stsb
 
-    if args.output:  # before loading and pruning
-        check_output_dir(args.output, args.overwrite, _existing(args.model))
-    if args.calibration and not Path(args.calibration).expanduser().is_file():
-        raise LeanformerError(f"--calibration file not found: {args.calibration}")
-    model, tok = load_encoder(_resolve(args.model))
-    if args.calibration:
-        texts = _read_lines(args.calibration)[: args.limit]
-    else:
-        texts = [r["sentence"] for r in read_tsv(glue_path("sst2", "train"), args.limit)]
+    model, tok = _load_for_pruning(args)
+    texts = _calibration_texts(args)
     before = eval_stsb(model, tok)["stsb_spearman"] if args.eval else None
     r = prune_encoder_(
         model, tok, texts, args.fraction, args.head_fraction, args.multiple, args.method, args.steps,
