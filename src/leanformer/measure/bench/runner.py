@@ -12,7 +12,6 @@ Prefill and time to first token are the median of `repeats` whole runs after a w
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+# shared with the peers' own processes (peer_worker.py imports neither torch nor leanformer)
+from leanformer.measure.bench.peer_worker import _median_time
+from leanformer.measure.bench.peer_worker import rss_mb as _rss_mb
 
 
 @dataclass
@@ -42,16 +45,6 @@ def _prompts(vocab: int, batch: int, length: int) -> torch.Tensor:
     from leanformer.measure.bench.peer_worker import prompts
 
     return torch.tensor(prompts(vocab, batch, length))
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def decode_rate(step_times: Sequence[Sequence[float]], batch: int) -> float:
@@ -101,18 +94,6 @@ def _nbytes(model: torch.nn.Module) -> int:
     """Bytes of the weights as saved (tied tensors counted once)."""
     tensors = {t.data_ptr(): t for t in model.state_dict().values()}
     return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _rss_mb() -> float:
-    """Peak RSS of this process, MB. VmHWM where /proc has it: getrusage's ru_maxrss survives exec, so
-    a child started by a big parent (the demo holds models) would report the parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(cfg: BenchConfig, engine: str) -> dict:
