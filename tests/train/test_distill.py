@@ -86,6 +86,21 @@ def test_distilled_student_saves_and_loads(teacher, tmp_path):
     assert again.config["num_hidden_layers"] == 2
 
 
+def test_student_of_a_fast_loaded_teacher_runs_its_trained_weights(teacher_dir):
+    """load()'s default fast Linears keep a packed weight copy: the trained student must not use a stale one."""
+    fast_teacher = load(teacher_dir)[0]
+    student, _ = make_student(fast_teacher, "layers=0,2")
+    distill(fast_teacher, student, None, windows(), 2, **SETTINGS)
+    ids = windows(2, 12)
+    assert all(type(m) is torch.nn.Linear for m in student.modules() if isinstance(m, torch.nn.Linear))
+    save(student, None, teacher_dir.parent / "fast-student")
+    again = load(teacher_dir.parent / "fast-student")[
+        0
+    ]  # fast kernels again, packed from the trained weights
+    with torch.inference_mode():
+        assert torch.allclose(again(ids), student(ids), atol=1e-4)
+
+
 def test_pruned_student_from_a_preset(teacher):
     student, mapping = make_student(teacher, "drop=1", calibration=windows(4, 16), progress=False)
     assert len(student.model.layers) == 3 and len(mapping) == 3 and len(set(mapping)) == 3

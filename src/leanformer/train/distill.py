@@ -35,7 +35,7 @@ from leanformer.train.data import (
     sentence_split,
     token_windows,
 )
-from leanformer.train.student import check_pair, default_mapping, is_encoder
+from leanformer.train.student import check_pair, default_mapping, is_encoder, plain_linears_
 
 
 @dataclass
@@ -226,7 +226,7 @@ def distill(
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = native_bf16(device) if cfg.bf16 is None else cfg.bf16
     teacher.to(device).eval().requires_grad_(False)
-    student.to(device).train().requires_grad_(True)
+    plain_linears_(student).to(device).train().requires_grad_(True)
     params = [p for p in student.parameters() if p.is_floating_point()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     warmup = cfg.warmup if cfg.warmup is not None else max(1, cfg.steps // 20)

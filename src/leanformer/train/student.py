@@ -104,6 +104,24 @@ def make_student(
     return student, mapping
 
 
+def plain_linears_(model: nn.Module) -> nn.Module:
+    """Replace leanformer's fast Linears (PackedLinear / FastLinear: a packed copy of the weight made at
+    load time) with nn.Linears sharing the same Parameters, for good: training changes the weights, and
+    a packed copy would go stale. `save` → `load` brings the fast kernels back."""
+    from leanformer.kernels.modules import FastLinear
+    from leanformer.kernels.packed import PackedLinear
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (PackedLinear, FastLinear)):
+                plain = nn.Linear(
+                    child.in_features, child.out_features, bias=child.bias is not None, device="meta"
+                )
+                plain.weight, plain.bias = child.weight, child.bias
+                setattr(parent, name, plain)
+    return model
+
+
 def default_mapping(student: nn.Module, teacher: nn.Module) -> list[int]:
     return layer_mapping(len(blocks(student)), len(blocks(teacher)))
 
