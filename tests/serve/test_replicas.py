@@ -88,3 +88,46 @@ def test_without_ray_replicas_is_one_line(shared, monkeypatch, capsys):
     assert main(["serve", stories, "--replicas", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --replicas needs Ray, which is not installed: pip install 'leanformer[ray]'"
+
+
+@pytest.mark.slow
+def test_cli_replicas_serve_and_stop_on_sigterm(shared):
+    """`leanformer serve MODEL --replicas 1` as a user runs it: answers, then SIGTERM stops Serve and the
+    local Ray cluster it started (exit status 0)."""
+    pytest.importorskip("ray")
+    import signal
+    import subprocess
+    import time
+
+    import httpx
+
+    port = _free_port()
+    stories = str(shared / "models" / "stories260K" / "stories260K.bin")
+    cmd = [
+        sys.executable,
+        "-m",
+        "leanformer.cli.main",
+        "serve",
+        stories,
+        "--replicas",
+        "1",
+        "--port",
+        str(port),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        body = {"model": "stories260K", "prompt": PROMPT, "max_tokens": 4}
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out[-2000:]
+        assert "with 1 Ray Serve replicas" in out
+    finally:
+        proc.kill()

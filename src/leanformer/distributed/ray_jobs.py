@@ -36,7 +36,11 @@ def connect(what: str = "--ray", num_cpus: int | None = None):
     """
     ray = require_ray(what)
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        except Exception as e:  # e.g. "The current node timed out during startup" on an overloaded host
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise LeanformerError(f"{what}: Ray could not start or join a cluster: {why}") from None
     return ray
 
 
@@ -58,12 +62,14 @@ class _Worker:
         return work(self.state, item)
 
 
-def _unwrap(ray, e: Exception) -> Exception:
-    """A worker's LeanformerError comes back wrapped in a RayTaskError: give the caller the one line."""
+def _unwrap(e: Exception) -> LeanformerError:
+    """A worker's LeanformerError comes back wrapped in a RayTaskError: give the caller its one line;
+    any other Ray failure (a worker killed for memory, a lost node) becomes one line too."""
     cause = getattr(e, "cause", None)
-    if isinstance(e, ray.exceptions.RayError) and isinstance(cause, LeanformerError):
+    if isinstance(cause, LeanformerError):
         return LeanformerError(str(cause))
-    return e
+    why = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return LeanformerError(f"a Ray worker failed: {why}")
 
 
 def ordered_map(
@@ -95,7 +101,7 @@ def ordered_map(
     try:
         return list(tqdm(results, total=len(items), desc=f"{desc} ({n} Ray workers)", unit="item"))
     except ray.exceptions.RayError as e:
-        raise _unwrap(ray, e) from None
+        raise _unwrap(e) from None
     finally:
         for a in actors:  # their models' memory is freed now, not when the driver exits
             ray.kill(a)

@@ -14,6 +14,7 @@ compete for the same cores, and continuous batching already fills one engine: ex
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -115,12 +116,19 @@ def serve_replicas(
         log_level=log_level,
     )
     print(f"serving {cfg.model_id} on {url} with {replicas} Ray Serve replicas (Ctrl-C stops)", flush=True)
+    import ray
     from ray import serve
 
+    def stop(signum, frame):  # SIGTERM (systemd, Kubernetes, `kill`) stops it as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         serve.shutdown()  # each replica's lifespan drains its engine
+        ray.shutdown()  # a local cluster started for this server stops; a joined one is left running
