@@ -33,7 +33,7 @@ def block_params(model) -> dict[str, int]:
 
 
 def input_grams(model, tok, texts: list[str], names: tuple[str, ...], batch_size: int = 32) -> dict:
-    """Per layer and Linear name ("ffn_out" / "attn_out"): G = x^T x [in, in] (float64) over the real
+    """Per layer and Linear name ("ffn_out" / "attn_out"): G = x^T x [in, in] (float64 sum) over the real
     (not padding) tokens of the calibration texts, x the Linear's input [N, in]."""
     from leanformer.encoders.embed import length_sorted_batches
 
@@ -42,8 +42,8 @@ def input_grams(model, tok, texts: list[str], names: tuple[str, ...], batch_size
 
     def hook(key):
         def fn(_mod, inputs):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1])[real[0]].double()  # [N, in]
-            g = x.T @ x
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])[real[0]].float()  # [N, in]
+            g = (x.T @ x).double()  # fp32 per batch (~4x faster than fp64), summed in fp64
             grams[key] = g if grams[key] is None else grams[key] + g
 
         return fn
