@@ -83,8 +83,7 @@ def cmd_bench(args) -> None:
     if args.speculative:
         return cmd_speculative(args)
 
-    from leanformer.measure.bench.machine import cpu_info, describe, kernel_isa
-    from leanformer.measure.bench.peers import run_peer
+    from leanformer.measure.bench.peers import machine, run_peer
     from leanformer.measure.bench.runner import BenchConfig, run_engine
 
     if args.json:
@@ -112,16 +111,16 @@ def cmd_bench(args) -> None:
     for peer in peers:
         print(f"benchmarking {peer} (converting, then its own process) ...", file=sys.stderr, flush=True)
         rows.append(run_peer(cfg, peer))
-    machine = {"cpu": cpu_info(), "kernel_isa": kernel_isa()}
+    where = machine()
     header, body = bench_table(rows, cfg.batches)
     title = f"bench {args.model}: {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens"
-    print(f"CPU: {describe(machine['cpu'], machine['kernel_isa'])}")
+    print(f"CPU: {where['summary']}")
     print_table(title, header, body)
     for r in rows:
         if "error" in r:
             print(f"{r['label']}: not measured: {r['error']}")
     if args.json:
-        doc = {"config": vars(cfg), "machine": machine, "results": rows}
+        doc = {"config": vars(cfg), "machine": where, "results": rows}
         write_file_atomic(args.json, json.dumps(doc, indent=2))
 
 

@@ -106,11 +106,14 @@ def markdown(results: dict) -> str:
         for i in pareto_front([(r.get("decode_tok_s_b1", math.nan), r["delta_ppl_pct"]) for r in ok])
     }
     cpu = machine["cpu"]
+    flags = cpu["flags"] if isinstance(cpu["flags"], list) else [f for f, on in cpu["flags"].items() if on]
+    where = (
+        machine.get("summary") or f"{cpu['model']} [{','.join(flags)}]; kernels {machine.get('kernel_isa')}"
+    )
     lines = [
         f"# leanformer report: {Path(cfg['model']).name}",
         "",
-        f"CPU: {cpu['model']}, {cpu['cores']} cores; {' '.join(cpu['flags'])}; leanformer kernels: "
-        f"{machine['kernel_isa']}. Load average at the start: {results.get('loadavg', '?')}.",
+        f"CPU: {where}. Load average at the start: {results.get('loadavg', '?')}.",
         "",
         f"Quality: {cfg['data']} (first {cfg['max_chars'] or 'all'} characters, {cfg.get('eval_tokens', '?')} "
         f"tokens), non-overlapping windows of {cfg['window']}, each recipe against the uncompressed model "

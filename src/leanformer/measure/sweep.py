@@ -84,8 +84,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     """{"config", "machine", "recipes": [row per recipe], "peers": [bench rows]}; rows carry the
     quality keys of quality() and bench's speed / memory keys (or "error")."""
     from leanformer.loading import load
-    from leanformer.measure.bench.machine import cpu_info, kernel_isa
-    from leanformer.measure.bench.peers import run_peer
+    from leanformer.measure.bench.peers import machine, run_peer
     from leanformer.measure.bench.runner import BenchConfig, run_engine
 
     check_recipes(cfg.recipes)
@@ -110,11 +109,10 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     peer_rows = []
     for peer in tqdm(cfg.peers, desc="peers", unit="peer", disable=not progress or not cfg.peers):
         peer_rows.append(run_peer(bench, peer))
-    machine = {"cpu": cpu_info(), "kernel_isa": kernel_isa()}
     n_tokens = len(ids)
     return {
         "config": dataclasses.asdict(cfg) | {"eval_tokens": n_tokens, "base_ppl": base_ppl},
-        "machine": machine,
+        "machine": machine(),
         "recipes": rows,
         "peers": peer_rows,
     }

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from leanformer.errors import LeanformerError
-from leanformer.measure.bench import machine, peers, runner
+from leanformer.measure.bench import peers, runner
 from leanformer.measure.bench.peer_worker import prompts
 from leanformer.measure.bench.runner import BenchConfig
 
@@ -104,13 +104,9 @@ def test_same_prompts_for_every_engine():
     assert runner._prompts(1000, 2, 5).tolist() == prompts(1000, 2, 5)
 
 
-def test_cpu_info_reads_model_and_flags():
-    text = "processor\t: 0\nmodel name\t: Intel Xeon X\nflags\t\t: fpu avx2 fma avx512f amx_tile\n"
-    info = machine.cpu_info(text)
-    assert info["model"] == "Intel Xeon X" and info["flags"] == ["avx2", "fma", "avx512f", "amx_tile"]
-    assert machine.describe(info, "avx512").startswith(
-        "Intel Xeon X, "
-    ) and "kernels: avx512" in machine.describe(info, "avx512")
+def test_machine_is_the_kernels_description():
+    where = peers.machine()
+    assert where["summary"].startswith(where["cpu"]["model"]) and "paths" in where
 
 
 @pytest.mark.slow

@@ -32,6 +32,14 @@ WORKER = Path(__file__).with_name("peer_worker.py")
 TIMEOUT_S = 1800  # one peer: conversion or measurement; a hung peer must not hang the run
 
 
+def machine() -> dict:
+    """Where a bench ran: kernels.cpu.describe() (CPU model, ISA flags, the path of each op, threads)
+    and its one-line summary, stored with every bench / report result."""
+    from leanformer.kernels import cpu
+
+    return cpu.describe() | {"summary": cpu.summary()}
+
+
 def parse_peers(text: str) -> list[str]:
     """'llama.cpp,onnxruntime:int8' → ['llama.cpp', 'onnxruntime:int8']; unknown names refused."""
     out = []
