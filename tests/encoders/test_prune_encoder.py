@@ -108,3 +108,24 @@ def test_real_minilm_30_percent(tmp_path):
     r = prune_encoder_(model, tok, calib, 0.3)
     assert r["removed_fraction"] >= 0.3
     assert eval_stsb(model, tok)["stsb_spearman"] > base - 0.03  # measured -0.017 with the refit
+
+
+def test_cli_prune_encoder_and_long_embed(tmp_path, capsys):
+    from leanformer.cli.main import main
+
+    folder = tiny_encoder_dir(tmp_path / "enc", "BertModel", pooling=["mean"])
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(CALIB))
+    out = tmp_path / "pruned"
+    argv = ["prune-encoder", str(folder), "--calibration", str(calib), "--multiple", "16", "--method", "norm"]
+    assert main([*argv, "--steps", "1", "--output", str(out)]) in (0, None)
+    assert "of the block weights" in capsys.readouterr().out
+    model, _ = load_encoder(out, fast=False)
+    assert sum(model.args.heads_per_layer) < 8 and all(w % 16 == 0 for w in model.args.intermediate_sizes)
+    texts = tmp_path / "texts.txt"
+    texts.write_text(" ".join(SENTENCES * 3) + "\n" + SENTENCES[0] + "\n")
+    npy = tmp_path / "e.npy"
+    argv = ["embed", str(out), "--input", str(texts), "--output", str(npy), "--attention", "local"]
+    assert main([*argv, "--window", "8", "--max-length", "80", "--positions", "repeat"]) in (0, None)
+    e = np.load(npy)
+    assert e.shape == (2, 64) and np.isfinite(e).all()
