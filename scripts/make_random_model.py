@@ -110,7 +110,11 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--shard-mb", type=int, default=1000)
+    p.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the real model")
     a = p.parse_args()
+    if a.layers:
+        s = SHAPES[a.shape]
+        SHAPES[a.shape] = (s[0], a.layers, *s[2:])
     print(write(a.shape, a.dtype, Path(a.output), a.shard_mb))
 
 

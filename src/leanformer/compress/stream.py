@@ -17,7 +17,9 @@ forward is the same walk with the same arguments.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +56,13 @@ class LazyWeights:
             del t
         model.load_state_dict(state, strict=False, assign=True)
         self.source.release()
+
+
+def _trim() -> None:
+    """Hand the freed float copy of a layer back to the OS: glibc keeps freed heap pages in its
+    arenas (measured: RSS grew ~10 MB per layer beyond the compressed bytes without this)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _layer_of(name: str) -> int | None:
@@ -137,6 +146,7 @@ def stream_apply(
             lazy.speed_up(layers[j])  # forward runs the same kernels (round-to-nearest reads W only)
         for k in before:
             stage_on(k, j)
+        _trim()
 
     # the rest first (embedding, final norm, head): read as float; the calibration capture needs it
     head = getattr(model, "lm_head", None)
@@ -157,9 +167,13 @@ def stream_apply(
             read_layer(j, before)
             bar.set_postfix(rss=f"{rss_mb():.0f} MB", refresh=False)
     else:
-        hooks = BlockHooks(
-            before=lambda j: read_layer(j, before), after=lambda j: [stage_on(k, j) for k in after]
-        )
+
+        def finish_layer(j: int) -> None:
+            for k in after:
+                stage_on(k, j)
+            _trim()
+
+        hooks = BlockHooks(before=lambda j: read_layer(j, before), after=finish_layer)
         _calibrated(model, stages[cal], names[cal], calibration, progress, hooks)
         for k in after:
             stage_on(k, None)
