@@ -23,6 +23,7 @@ def test_report_from_results(tmp_path, capsys):
     assert main(["report", "smollm2", "--from", str(out), "-o", str(out)]) == 0
 
 
+@pytest.mark.slow  # ~11 recipes evaluated and timed: minutes on the shared 2-core machine
 def test_optimize_saves_the_winner(shared, tmp_path, capsys):
     """stories260K: its 172-wide MLP refuses every int4 group (skipped, said why); the int8 family wins."""
     import leanformer as lf
