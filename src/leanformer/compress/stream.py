@@ -173,10 +173,14 @@ def stream_apply(
                 stage_on(k, j)
             _trim()
 
-        hooks = BlockHooks(before=lambda j: read_layer(j, before), after=finish_layer)
+        def start_layer(j: int) -> None:
+            if j == 0:  # the inputs are captured: the walk never reads the embedding or head again,
+                for k in after:  # so their later stages run now and the float table is freed early
+                    stage_on(k, None)
+            read_layer(j, before)
+
+        hooks = BlockHooks(before=start_layer, after=finish_layer)
         _calibrated(model, stages[cal], names[cal], calibration, progress, hooks)
-        for k in after:
-            stage_on(k, None)
     if lazy.speed_up is not None:
         lazy.speed_up(model)  # float Linears left outside the layers (a float LM head)
     model.lazy = None
