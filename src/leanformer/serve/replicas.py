@@ -14,7 +14,6 @@ compete for the same cores, and continuous batching already fills one engine: ex
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -119,16 +118,13 @@ def serve_replicas(
     import ray
     from ray import serve
 
-    def stop(signum, frame):  # SIGTERM (systemd, Kubernetes, `kill`) stops it as Ctrl-C does
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    # Ctrl-C drains the replicas' engines; SIGTERM is Ray's own (its driver aborts, the local cluster
+    # goes down with it, in-flight requests are cut)
     try:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
         serve.shutdown()  # each replica's lifespan drains its engine
         ray.shutdown()  # a local cluster started for this server stops; a joined one is left running
