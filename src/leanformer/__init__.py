@@ -36,6 +36,8 @@ from leanformer.errors import LeanformerError
 from leanformer.export.decoder import export_decoder_onnx, load_onnx_decoder
 from leanformer.export.encoder import export_onnx, load_onnx_encoder
 from leanformer.loading import load, save
+from leanformer.models.kv_policy import HeavyHitters, SinkWindow, SnapKV
+from leanformer.train import DistillConfig, LossWeights, distill, make_student
 
 __all__ = [
     "AWQ",
@@ -67,6 +69,15 @@ __all__ = [
     "DraftModel",
     "LayerSkip",
     "PromptLookup",
+    # long sequences: KV-cache policies for generate / stream_generate
+    "HeavyHitters",
+    "SinkWindow",
+    "SnapKV",
+    # knowledge distillation: a smaller student, or healing a pruned model
+    "DistillConfig",
+    "LossWeights",
+    "distill",
+    "make_student",
     # one model across processes (torch.distributed): tensor / pipeline parallel
     "parallelize_",
     "pipeline_",
