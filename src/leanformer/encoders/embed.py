@@ -108,7 +108,7 @@ def _long_attention(model, attention, max_length: int | None, options: dict) -> 
         raise LeanformerError(f"max_length must be at least 2 tokens, got {max_length}")
     long = LongAttention.make(attention, **options)
     beyond = max_length is not None and max_length > model.args.max_length
-    if long.kind == "dense" and not beyond and not options and not isinstance(attention, LongAttention):
+    if long.kind == "dense" and not beyond:  # plain dense within the trained length: any backend
         return None
     if not hasattr(model, "layers"):  # an ONNX Runtime graph: its attention is baked in
         raise LeanformerError("local / LSH attention and longer inputs run on the torch backend only")

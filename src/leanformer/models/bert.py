@@ -163,7 +163,8 @@ class Embeddings(nn.Module):
             pos = (torch.cumsum(real, dim=1) * real).long() + self.a.pad_token_id
         else:
             pos = torch.arange(ids.shape[1], device=ids.device)[None]
-        if int(pos.max()) >= self.a.max_position_embeddings:
+        # past the table only outside graph capture (exporters see the plain lookup: no data-dependent branch)
+        if not kernels.tracing() and int(pos.max()) >= self.a.max_position_embeddings:
             pos_emb = self._extended(ids, pos, long, mask)
         else:
             pos_emb = self.position_embeddings(pos)
