@@ -382,10 +382,8 @@ def apply(
     """Apply each stage of the recipe in order (in place); returns `model`. A model loaded with
     `load(..., lazy=True)` is read and compressed one decoder layer at a time (compress/stream.py),
     with the same result as compressing it whole."""
-    if getattr(model, "lazy", None) is not None and not structure_only:
-        from leanformer.compress.stream import stream_apply
-
-        return stream_apply(model, as_recipe(recipe).stages, calibration, progress=progress)
+    if getattr(model, "lazy", None) is not None and not structure_only:  # stream.LazyWeights
+        return model.lazy.stream(model, as_recipe(recipe).stages, calibration, progress)
     for cfg in as_recipe(recipe).stages:
         quantize_(model, cfg, calibration, structure_only=structure_only, progress=progress)
     return model

@@ -57,6 +57,10 @@ class LazyWeights:
         model.load_state_dict(state, strict=False, assign=True)
         self.source.release()
 
+    def stream(self, model: nn.Module, stages: list, calibration: Calibration | None, progress: bool):
+        """What `apply` calls on a lazily loaded model (recipe.py does not import this module)."""
+        return stream_apply(model, stages, calibration, progress=progress)
+
 
 def _trim() -> None:
     """Hand the freed float copy of a layer back to the OS: glibc keeps freed heap pages in its
