@@ -107,7 +107,7 @@ def test_real_minilm_30_percent(tmp_path):
     calib = [r["sentence"] for r in read_tsv(glue_path("sst2", "train"), 512)]
     r = prune_encoder_(model, tok, calib, 0.3)
     assert r["removed_fraction"] >= 0.3
-    assert eval_stsb(model, tok)["stsb_spearman"] > base - 0.03  # measured -0.017 with the refit
+    assert eval_stsb(model, tok)["stsb_spearman"] > base - 0.01  # measured -0.0034 (heads 15%, refit)
 
 
 def test_cli_prune_encoder_and_long_embed(tmp_path, capsys):

@@ -420,7 +420,7 @@ def add_parser(sub) -> None:
     )  # fmt: skip
     p.add_argument(
         "--head-fraction", type=ck.float_range(0.0, 1.0, high_open=True), default=None,
-        help="share of the heads to remove (default: --fraction); the FFN gives the rest",
+        help="share of the heads to remove (default: half of --fraction); the FFN gives the rest",
     )  # fmt: skip
     p.add_argument("--multiple", type=ck.positive_int, default=32, help="FFN widths a multiple of this")
     p.add_argument("--method", choices=["taylor", "norm"], default="taylor", help="head importance")

@@ -1,7 +1,8 @@
 """Structured pruning of BERT-family encoders to a share of the block parameters: attention heads and FFN
 channels, physically removed (smaller matmuls), widths kept kernel-friendly.
 
-Budget: `fraction` of the block weights (qkv, attn_out, ffn_in, ffn_out). `head_fraction` of all heads
+Budget: `fraction` of the block weights (qkv, attn_out, ffn_in, ffn_out). `head_fraction` (default
+fraction / 2: heads cost more STS-B per weight than FFN channels on MiniLM) of all heads
 go first (encoders/prune_heads.py: Taylor importance on calibration text, in rounds); the FFN then loses
 as many channels as the rest of the budget needs, the same number in every layer, each layer's width a
 multiple of `multiple` (32: a whole number of AVX-512 / AVX2 register tiles in every matmul).
@@ -140,7 +141,9 @@ def prune_encoder_(
     """
     if not 0 <= fraction < 1:
         raise LeanformerError(f"fraction must be in [0, 1), got {fraction}")
-    head_fraction = fraction if head_fraction is None else head_fraction
+    # default: half the budget's share from the heads, the FFN gives the rest. Measured on
+    # all-MiniLM-L6-v2 at 30%: heads 15% → STS-B -0.003; heads 30% (the same share) → -0.017
+    head_fraction = fraction / 2 if head_fraction is None else head_fraction
     if not 0 <= head_fraction < 1:
         raise LeanformerError(f"head_fraction must be in [0, 1), got {head_fraction}")
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
