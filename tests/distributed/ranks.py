@@ -72,7 +72,7 @@ def load_as(path: str, dtype: str = "float32"):
         return quantize_(model, config)
 
     # plain Linears for float64: the oneDNN packed copies of the fast path are fp32-only
-    model, _ = load(path, fast=dtype == "float32")
+    model, _ = load(path, fast=dtype == "float32", keep_quantized=False)  # a GGUF as float weights
     return model.to(getattr(torch, dtype))
 
 
