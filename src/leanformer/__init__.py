@@ -28,6 +28,7 @@ from leanformer.distributed import parallelize_, pipeline_
 from leanformer.encoders.build import load_encoder
 from leanformer.encoders.embed import classify, embed
 from leanformer.encoders.probe import train_probe
+from leanformer.encoders.prune_encoder import prune_encoder_
 from leanformer.encoders.prune_heads import head_importance, prune_heads_, prune_heads_auto_
 from leanformer.engine.generate import GenerationStats, generate, stream_generate
 from leanformer.engine.sampling import SamplingParams
@@ -86,6 +87,7 @@ __all__ = [
     "embed",
     "head_importance",
     "load_encoder",
+    "prune_encoder_",
     "prune_heads_",
     "prune_heads_auto_",
     "train_probe",
