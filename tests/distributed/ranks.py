@@ -67,8 +67,13 @@ def load_as(path: str, dtype: str = "float32"):
     from leanformer.loading import load
 
     if dtype in ("int8", "int4"):
+        from leanformer.models.fused import set_decode_activations
+
         model, _ = load(path)
         config = Int8WeightOnly() if dtype == "int8" else Int4WeightOnly(group_size=32)
+        # split models decode on the module path (fp32 activations); the one-process reference's fused
+        # step would otherwise quantize activations to int8 where that is the default (AVX2)
+        set_decode_activations(model, "fp32")
         return quantize_(model, config)
 
     # plain Linears for float64: the oneDNN packed copies of the fast path are fp32-only

@@ -109,7 +109,7 @@ def test_failure_while_writing_keeps_the_old_save(model, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr("safetensors.torch.save_file", broken)
+    monkeypatch.setattr("leanformer.formats.safetensors_io.write_safetensors", broken)
     with pytest.raises(lf.LeanformerError, match="cannot save"):
         lf.save(model, None, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -77,6 +77,6 @@ def test_run_sweep_on_real_weights(shared, monkeypatch):
     none, int8 = res["recipes"]
     assert none["delta_ppl_pct"] == pytest.approx(0, abs=1e-6) and none["kld"] == pytest.approx(0, abs=1e-6)
     assert 0 < int8["kld"] < 0.05 and int8["size_mb"] < none["size_mb"] and int8["decode_tok_s_b1"] > 0
-    assert res["config"]["eval_tokens"] >= 128 and res["machine"]["cpu"]["cores"] >= 1
+    assert res["config"]["eval_tokens"] >= 128 and res["machine"]["cpu"]["physical_cores"] >= 1
     with pytest.raises(LeanformerError, match="no-such-preset"):
         sweep.check_recipes(["int8", "no-such-preset"])
