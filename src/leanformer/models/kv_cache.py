@@ -14,6 +14,24 @@ import torch
 from leanformer.errors import LeanformerError
 
 
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] → (int8 codes [..., D], scale [..., 1]): one scale per (row, head, position). Every
+    cache that stores int8 K/V rounds with this, so they all give the same outputs."""
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127
+    return torch.round(x / scale).to(torch.int8), scale
+
+
+def step_mask(
+    starts: torch.Tensor, positions: torch.Tensor, n_new: int, key_len: int, device
+) -> tuple[torch.Tensor | None, bool]:
+    """(mask [B, 1, T, S] or None, is_causal) for new tokens at `positions` [B, T] after `starts` [B]."""
+    if bool((starts == starts[0]).all()) and (n_new == 1 or int(starts[0]) == 0):
+        # One query per row over all keys, or a fresh prefill: no explicit mask is needed.
+        return None, n_new > 1
+    keys = torch.arange(key_len)
+    return (keys[None, None, None, :] <= positions[:, None, :, None]).to(device), False
+
+
 @dataclass
 class Step:
     """What one forward call needs to know about the cache; computed once, used by every layer."""
@@ -95,13 +113,7 @@ class KVCache:
         b = len(slots)
         contiguous = int(starts[0]) if same_start and bool((slots == torch.arange(b)).all()) else None
         device = self.k[0].device
-        if same_start and (n_new == 1 or int(starts[0]) == 0):
-            # One query per row over all keys, or a fresh prefill: no explicit mask is needed.
-            mask, is_causal = None, n_new > 1
-        else:
-            keys = torch.arange(key_len)
-            mask = (keys[None, None, None, :] <= positions[:, None, :, None]).to(device)
-            is_causal = False
+        mask, is_causal = step_mask(starts, positions, n_new, key_len, device)
         return Step(slots.to(device), positions.to(device), key_len, mask, is_causal, contiguous)
 
     def update(
@@ -115,8 +127,7 @@ class KVCache:
             (self.k[layer], self.k_scale[layer], k),
             (self.v[layer], self.v_scale[layer], v),
         ):
-            scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127  # [B, n_kv, T, 1]
-            q = torch.round(x / scale).to(torch.int8)
+            q, scale = quantize_kv(x)  # [B, n_kv, T, D] int8, [B, n_kv, T, 1]
             out.append(self._put_get(store, step, q).to(self.dtype) * self._put_get(scales, step, scale))
         return out[0], out[1]
 

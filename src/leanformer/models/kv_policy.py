@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from leanformer.errors import LeanformerError
-from leanformer.models.kv_cache import KVCache, Step
+from leanformer.models.kv_cache import KVCache, Step, quantize_kv
 from leanformer.models.layers import Attention, apply_rotary
 
 
@@ -291,9 +291,8 @@ class PolicyCache(KVCache):
                 k = k.to(self.dtype) * self.k_scale[i][slot, :, src:length]
             k = self._rotate(k, -delta)
             if self.quantized:
-                scale = k.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127
+                k, scale = quantize_kv(k)
                 self.k_scale[i][slot, :, sinks : sinks + keep] = scale
-                k = torch.round(k / scale).to(torch.int8)
             self.k[i][slot, :, sinks : sinks + keep] = k
         self.lengths[slot] = sinks + keep
 

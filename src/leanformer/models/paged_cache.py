@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from leanformer.errors import LeanformerError
-from leanformer.models.kv_cache import Step
+from leanformer.models.kv_cache import Step, quantize_kv, step_mask
 
 
 @dataclass
@@ -119,12 +119,7 @@ class PagedKVCache:
                 "use a shorter prompt or fewer new tokens"
             )
         positions = starts[:, None] + torch.arange(n_new)[None, :]  # [B, T]
-        if bool((starts == starts[0]).all()) and (n_new == 1 or int(starts[0]) == 0):
-            mask, is_causal = None, n_new > 1  # as KVCache: no explicit mask is needed
-        else:
-            keys = torch.arange(key_len)
-            mask = (keys[None, None, None, :] <= positions[:, None, :, None]).to(self.device)
-            is_causal = False
+        mask, is_causal = step_mask(starts, positions, n_new, key_len, self.device)
         tables = self.block_tables[slots]  # [B, max_blocks]
         write = self._rows(tables, positions)  # [B, n_kv, T]
         read = self._rows(tables, torch.arange(key_len).expand(len(slots), key_len))  # [B, n_kv, S]
@@ -213,9 +208,7 @@ class PagedKVCache:
             (self.k_pool[layer], self.k_scale_pool[layer], k),
             (self.v_pool[layer], self.v_scale_pool[layer], v),
         ):
-            # the same rounding as KVCache's int8 storage, so both caches give the same outputs
-            scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127  # [B, n_kv, T, 1]
-            q = torch.round(x / scale).to(torch.int8)
+            q, scale = quantize_kv(x)  # the same rounding as KVCache's int8 storage
             out.append(self._put_get(store, step, q).to(self.dtype) * self._put_get(scales, step, scale))
         return out[0], out[1]
 
