@@ -367,7 +367,7 @@ def serve(
     port: int = 8000,
     *,
     dtype: str = "float32",
-    keep_quantized: bool = False,
+    keep_quantized: bool = True,
     model_id: str | None = None,
     log_level: str = "info",
     **config,

@@ -66,7 +66,7 @@ def deploy(
     port: int = 8000,
     *,
     dtype: str = "float32",
-    keep_quantized: bool = False,
+    keep_quantized: bool = True,
     cfg: ServeConfig | None = None,
     log_level: str = "warning",
 ) -> str:
@@ -97,7 +97,7 @@ def serve_replicas(
     port: int = 8000,
     *,
     dtype: str = "float32",
-    keep_quantized: bool = False,
+    keep_quantized: bool = True,
     model_id: str | None = None,
     log_level: str = "info",
     **config,
