@@ -21,6 +21,21 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / scale).to(torch.int8), scale
 
 
+def step_positions(
+    lengths: torch.Tensor, slots: torch.Tensor, n_new: int, max_seq: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(starts [B], positions [B, T], key_len S) of a step appending n_new tokens to each slot, checked
+    against the cache's capacity."""
+    starts = lengths[slots]
+    key_len = int(starts.max()) + n_new
+    if key_len > max_seq:
+        raise LeanformerError(
+            f"sequence of {key_len} tokens exceeds the cache/context size {max_seq}; "
+            "use a shorter prompt or fewer new tokens"
+        )
+    return starts, starts[:, None] + torch.arange(n_new)[None, :], key_len
+
+
 def step_mask(
     starts: torch.Tensor, positions: torch.Tensor, n_new: int, key_len: int, device
 ) -> tuple[torch.Tensor | None, bool]:
@@ -101,14 +116,7 @@ class KVCache:
 
     def begin(self, slots: torch.Tensor, n_new: int) -> Step:
         """Plan a step that appends n_new tokens to each slot in `slots` [B]."""
-        starts = self.lengths[slots]  # [B]
-        key_len = int(starts.max()) + n_new
-        if key_len > self.max_seq:
-            raise LeanformerError(
-                f"sequence of {key_len} tokens exceeds the cache/context size {self.max_seq}; "
-                "use a shorter prompt or fewer new tokens"
-            )
-        positions = starts[:, None] + torch.arange(n_new)[None, :]  # [B, T]
+        starts, positions, key_len = step_positions(self.lengths, slots, n_new, self.max_seq)
         same_start = bool((starts == starts[0]).all())
         b = len(slots)
         contiguous = int(starts[0]) if same_start and bool((slots == torch.arange(b)).all()) else None

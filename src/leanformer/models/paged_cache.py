@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from leanformer.errors import LeanformerError
-from leanformer.models.kv_cache import Step, quantize_kv, step_mask
+from leanformer.models.kv_cache import Step, quantize_kv, step_mask, step_positions
 
 
 @dataclass
@@ -111,14 +111,7 @@ class PagedKVCache:
     def begin(self, slots: torch.Tensor, n_new: int) -> PagedStep:
         """Plan a step that appends n_new tokens to each slot in `slots` [B]; the caller has given every
         row blocks up to its length + n_new (positions past that fall on the trash block)."""
-        starts = self.lengths[slots]  # [B]
-        key_len = int(starts.max()) + n_new
-        if key_len > self.max_seq:
-            raise LeanformerError(
-                f"sequence of {key_len} tokens exceeds the cache/context size {self.max_seq}; "
-                "use a shorter prompt or fewer new tokens"
-            )
-        positions = starts[:, None] + torch.arange(n_new)[None, :]  # [B, T]
+        starts, positions, key_len = step_positions(self.lengths, slots, n_new, self.max_seq)
         mask, is_causal = step_mask(starts, positions, n_new, key_len, self.device)
         tables = self.block_tables[slots]  # [B, max_blocks]
         write = self._rows(tables, positions)  # [B, n_kv, T]
