@@ -8,10 +8,32 @@ import warnings
 from pathlib import Path
 
 from leanformer.cli import args as ck
-from leanformer.cli import bench, compress, distill, encoders, evaluate, generate, optimize, report, serve
+from leanformer.cli import (
+    bench,
+    compress,
+    distill,
+    encoders,
+    evaluate,
+    generate,
+    optimize,
+    prune_encoders,
+    report,
+    serve,
+)
 from leanformer.errors import LeanformerError
 
-COMMAND_GROUPS = (generate, evaluate, bench, compress, serve, encoders, distill, report, optimize)
+COMMAND_GROUPS = (
+    generate,
+    evaluate,
+    bench,
+    compress,
+    serve,
+    encoders,
+    prune_encoders,
+    distill,
+    report,
+    optimize,
+)
 
 
 def cmd_pull(args) -> None:
