@@ -22,6 +22,8 @@ from leanformer.cli import (
 )
 from leanformer.errors import LeanformerError
 
+DESCRIPTION = "Make Transformer models fast and small on the CPU you have, and measure what it costs."
+
 COMMAND_GROUPS = (
     generate,
     evaluate,
@@ -55,7 +57,7 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> ck.OneLineParser:
-    parser = ck.OneLineParser(prog="leanformer", description=__doc__)
+    parser = ck.OneLineParser(prog="leanformer", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for group in COMMAND_GROUPS:
         group.add_parser(sub)
