@@ -93,3 +93,26 @@ def test_torchrun_eval_tp2_prints_the_single_process_perplexity(shared, capsys):
     run = subprocess.run([*_torchrun(2), *args, "--tp", "2"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout == single
+
+
+def test_torchrun_bench_tp2_prints_one_table(shared, tmp_path):
+    """bench --tp 2: rank 0 prints the table once, every rank timed (figures > 0, JSON written by rank 0)."""
+    out = tmp_path / "bench.json"
+    args = ["bench", _stories(shared), "--prompt-tokens", "16", "--new-tokens", "4", "--batch", "1", "2"]
+    args += ["--repeats", "1", "--json", str(out), "--tp", "2"]
+    run = subprocess.run([*_torchrun(2), *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("decode tokens/s, batch 2") == 1 and "leanformer tp2" in run.stdout
+    assert "all 2 ranks together" in run.stdout
+    import json
+
+    row = json.loads(out.read_text())["results"][0]
+    assert row["tp"] == 2 and row["decode_tok_s_b1"] > 0 and row["decode_tok_s_b2"] > 0
+    assert row["size_mb_all_ranks"] > row["size_mb"] > 0  # each rank holds a shard, not the model
+
+
+@pytest.mark.parametrize("extra", [["--peers", "transformers"], ["--recipe", "int8"]])
+def test_bench_tp_refuses_other_engines(shared, capsys, extra):
+    assert main(["bench", _stories(shared), "--tp", "2", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: bench --tp measures MODEL split") and extra[0] in err and "\n" not in err

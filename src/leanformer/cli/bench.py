@@ -8,6 +8,7 @@ from pathlib import Path
 
 from leanformer.cli import args as ck
 from leanformer.cli.common import (
+    TP_HELP,
     input_paths,
     model_command,
     print_table,
@@ -80,6 +81,10 @@ def bench_table(rows: list[dict], batches: list[int]) -> tuple[list[str], list[l
 def cmd_bench(args) -> None:
     import dataclasses
 
+    if args.tp > 1:  # under torchrun: the split model measured in place (cli/bench_tp.py)
+        from leanformer.cli.bench_tp import cmd_bench_tp
+
+        return cmd_bench_tp(args)
     if args.speculative:
         return cmd_speculative(args)
 
@@ -152,5 +157,6 @@ def add_parser(sub) -> None:
         "input-grounded and an open-ended workload; uses --new-tokens, --repeats (rounds), --prompts, --passages",
     )
     p.add_argument("--prompts", type=ck.positive_int, default=3, help="--speculative: prompts per workload")
+    p.add_argument("--tp", type=ck.positive_int, default=1, metavar="N", help=TP_HELP)
     p.add_argument("--passages", default=None, help="--speculative: text file whose paragraphs are rewritten")
     p.set_defaults(func=cmd_bench)
