@@ -8,8 +8,6 @@ Weights and peak RSS are per rank (the largest); the footnote gives all the rank
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 
 import torch
@@ -54,7 +52,11 @@ def measure_split(model, cfg, load_s: float) -> dict:
     def run(ids: torch.Tensor, n: int) -> None:
         generate(model, None, ids.tolist(), max_new_tokens=n, ignore_eos=True)
 
-    out: dict = {"engine": "leanformer", "dtype": variant_name(cfg, "leanformer"), "activation_dtype": cfg.dtype}
+    out: dict = {
+        "engine": "leanformer",
+        "dtype": variant_name(cfg, "leanformer"),
+        "activation_dtype": cfg.dtype,
+    }
     out |= {"load_s": slowest([load_s])[0], "tp": dist.get_world_size()}
     one = _prompts(vocab, 1, cfg.prompt_tokens)
     out["prefill_ms"] = 1000 * median_timed(lambda: prefill(one), cfg.repeats)
@@ -64,7 +66,9 @@ def measure_split(model, cfg, load_s: float) -> dict:
     for b in cfg.batches:
         ids = _prompts(vocab, b, cfg.prompt_tokens).tolist()
         leanformer_decode_steps(model, ids, n)  # warm-up
-        runs = [timed_steps(lambda: leanformer_decode_steps(model, ids, n)) for _ in range(cfg.repeats)]
+        runs = [
+            timed_steps(lambda ids=ids: leanformer_decode_steps(model, ids, n)) for _ in range(cfg.repeats)
+        ]
         out[f"decode_tok_s_b{b}"] = decode_rate(runs, b)
         out[f"decode_step_ms_b{b}"] = 1000 * b / out[f"decode_tok_s_b{b}"]
     rss = torch.tensor([_rss_mb(), size / 2**20], dtype=torch.float64)
@@ -79,13 +83,13 @@ def measure_split(model, cfg, load_s: float) -> dict:
     return out
 
 
-def cmd_bench_tp(args) -> None:
-    from leanformer.cli.bench import bench_table
-    from leanformer.cli.common import input_paths, load_model, print_table
+def run_split(args):
+    """Load MODEL split over the torchrun ranks and measure it on every rank → (BenchConfig, row) on
+    rank 0, None on the others (cli/bench.py prints rank 0's table)."""
+    from leanformer.cli.common import input_paths, load_model
     from leanformer.hub import resolve_model
-    from leanformer.measure.bench.peers import machine
     from leanformer.measure.bench.runner import BenchConfig
-    from leanformer.outputs import check_output_file, write_file_atomic
+    from leanformer.outputs import check_output_file
 
     check_args(args)
     if args.json:
@@ -98,19 +102,16 @@ def cmd_bench_tp(args) -> None:
     model, _ = load_model(args)  # joins the torchrun group and splits; ranks > 0 print nothing
     row = measure_split(model, cfg, time.perf_counter() - t0)
     if dist.get_rank() != 0:
-        return
+        return None
     kept = cfg.keep_quantized and cfg.model.endswith(".gguf")
     row["label"] = f"leanformer tp{args.tp}" + (" keep-quantized" if kept else "")
-    where = machine()
-    header, body = bench_table([row], cfg.batches)
-    title = f"bench {args.model} --tp {args.tp}: {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens"
-    print(f"CPU: {where['summary']}")
-    print_table(title, header, body)
-    print(
-        f"tp {args.tp}: times are the slowest rank's; weights and peak RSS are per rank (the largest); "
-        f"all {args.tp} ranks together: weights {row['size_mb_all_ranks']:.1f} MB, "
+    return cfg, row
+
+
+def footnote(row: dict) -> str:
+    n = row["tp"]
+    return (
+        f"tp {n}: times are the slowest rank's; weights and peak RSS are per rank (the largest); "
+        f"all {n} ranks together: weights {row['size_mb_all_ranks']:.1f} MB, "
         f"peak RSS {row['peak_rss_mb_all_ranks']:.1f} MB"
     )
-    if args.json:
-        doc = {"config": dataclasses.asdict(cfg) | {"tp": args.tp}, "machine": where, "results": [row]}
-        write_file_atomic(args.json, json.dumps(doc, indent=2))
