@@ -174,3 +174,14 @@ def test_real_minilm_local_and_lsh_covering_equal_dense_at_300_tokens():
     np.testing.assert_allclose(got, dense, atol=2e-6)
     local = embed(model, tok, [text], max_length=n, attention="local", window=64)
     assert 0.5 < float((local * dense).sum()) < 0.999  # a window of 64 changes it (measured 0.84)
+
+
+def test_plain_matmul_fallback_matches_the_flash_kernel():
+    """With autograd (or without torch's private flash op) the same attention runs as plain matmuls."""
+    q, k, v, mask = _qkv()
+    for fn in (lambda *x: local_attention(*x, mask, 8), lambda *x: lsh_attention(*x, mask, 8, 2, 1)):
+        flash = fn(q, k, v)
+        with torch.enable_grad():
+            plain = fn(q.requires_grad_(), k, v).detach()
+        q.requires_grad_(False)
+        _close_on_real(plain, flash, mask, tol=1e-5)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -159,6 +160,7 @@ class PolicyCache(KVCache):
         self.scored, self.replaying = False, False
         self.pending: list[dict[int, int]] = [{} for _ in range(self.n_slots)]
         self.replay = None
+        self.replay_s = 0.0  # seconds spent replaying (what H2O on the fused step costs)
 
     @classmethod
     def for_model(cls, model, n_slots: int, policy: Policy, total: int, prompt_len: int) -> PolicyCache:
@@ -236,7 +238,9 @@ class PolicyCache(KVCache):
         items = sorted((p, t) for p, t in self.pending[slot].items() if p < length)
         self.pending[slot].clear()
         if items and self.replay is not None:
+            t0 = time.perf_counter()
             self.replay(slot, [p for p, _ in items], [t for _, t in items])
+            self.replay_s += time.perf_counter() - t0
 
     def score(self, layer: int, step: Step, q: torch.Tensor, k: torch.Tensor) -> None:
         """Add this step's attention probabilities per key to the scores. q [B, H, T, D], k [B, KV, S, D]."""
