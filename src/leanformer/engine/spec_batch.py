@@ -11,7 +11,7 @@ request's tokens stay independent of what shares its batch) and the cache is rol
 mask and overwritten by the next step (rows of different acceptance in one batch each keep their own).
 
 Greedy output equals non-speculative serving up to float rounding (a T-token verification sums in a
-different order than a one-token decode step, ~1e-6 on the logits): tests/engine/test_spec_batch.py.
+different order than a one-token decode step, ~1e-6 on the logits): tests/engine/test_scheduler_spec.py.
 
 Never much slower: per request, the share of drafts that survive is tracked (decayed counts; while it
 takes plain steps a greedy request still learns it for free by checking what lookup would have
