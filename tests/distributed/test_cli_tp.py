@@ -95,6 +95,60 @@ def test_torchrun_eval_tp2_prints_the_single_process_perplexity(shared, capsys):
     assert run.stdout == single
 
 
+def _bench_worker(rank: int, init: str, path: str, out: str) -> None:
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from leanformer.cli.bench_tp import measure_split
+    from leanformer.distributed import parallelize_
+    from leanformer.loading import load
+    from leanformer.measure.bench.runner import BenchConfig
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    try:
+        model, _ = load(path)
+        parallelize_(model)
+        cfg = BenchConfig(path, prompt_tokens=8, new_tokens=3, batches=[1, 2], repeats=1)
+        torch.save(measure_split(model, cfg, 0.5 + rank), f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bench_figures_are_the_slowest_ranks(shared, tmp_path):
+    """measure_split on 2 forked ranks: every figure is reduced over the ranks (both report the same
+    numbers; load time is the slower rank's), weights are one rank's shard, the ceiling is positive."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from leanformer.loading import load
+
+    load(_stories(shared))  # first: the forked ranks inherit what building a model imports
+    mp.start_processes(
+        _bench_worker,
+        args=(str(tmp_path / "rdv"), _stories(shared), str(tmp_path)),
+        nprocs=2,
+        start_method="fork",
+    )
+    rows = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
+    for key in (
+        "prefill_tok_s",
+        "ttft_ms",
+        "decode_tok_s_b1",
+        "decode_tok_s_b2",
+        "ceiling_tok_s",
+        "peak_rss_mb",
+    ):
+        assert rows[0][key] == rows[1][key] > 0, key
+    assert rows[0]["load_s"] == 1.5 and rows[0]["tp"] == 2
+    assert rows[0]["size_mb_all_ranks"] > rows[0]["size_mb"] > 0
+
+
+@pytest.mark.slow
 def test_torchrun_bench_tp2_prints_one_table(shared, tmp_path):
     """bench --tp 2: rank 0 prints the table once, every rank timed (figures > 0, JSON written by rank 0)."""
     out = tmp_path / "bench.json"
