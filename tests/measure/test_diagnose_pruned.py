@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from leanformer.compress import LowRank, Magnitude, PruneFFN, PruneLayers, prune_, quantize_
+from leanformer.compress.config import matches
 from leanformer.errors import LeanformerError
 from leanformer.loading import load
-from leanformer.measure.diagnose import per_layer_errors
+from leanformer.measure.diagnose import ignore_pattern, per_layer_errors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BAD = "model.layers.0.mlp.gate_up_proj"
@@ -49,6 +50,10 @@ def test_lowrank_and_structured_ffn_units(tiny_dirs):
     assert kinds["model.layers.1.mlp"].endswith("% params)")  # the MLP block, not its resized Linears
     assert not any(n.endswith(("gate_up_proj", "down_proj")) for n in kinds)
     assert len(rows) == 4 and all(r.kld_alone > 0 and r.local_rel_error > 0 for r in rows)
+    # the ignore suggestion for a block reaches the Linears PruneFFN selects
+    block = next(r for r in rows if r.name == "model.layers.1.mlp")
+    assert matches("model.layers.1.mlp.down_proj", [ignore_pattern(block)])
+    assert ignore_pattern(next(r for r in rows if r.kind == "LowRankLinear")).endswith("o_proj")
 
 
 def test_removed_layers_fail_in_one_line(tiny_dirs):

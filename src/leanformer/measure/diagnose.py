@@ -29,6 +29,12 @@ class LayerError:
     kind: str  # the compressed module's class, e.g. Int4Linear
     local_rel_error: float
     kld_alone: float | None = None  # KL(original ‖ original with only this layer compressed)
+    block: bool = False  # an MLP / attention block (structured pruning), not one Linear
+
+
+def ignore_pattern(row: LayerError) -> str:
+    """What to put in a recipe's `ignore` to leave this layer uncompressed (a block: its Linears)."""
+    return f"{row.name}.*" if row.block else row.name
 
 
 def _params(m: nn.Module) -> int:
@@ -131,7 +137,8 @@ def per_layer_errors(
         for h in handles:
             h.remove()
     rows = [
-        LayerError(n, kind, (sq_err[n] / max(sq_ref[n], 1e-30)) ** 0.5) for n, (_, _, kind) in changed.items()
+        LayerError(n, kind, (sq_err[n] / max(sq_ref[n], 1e-30)) ** 0.5, block=not isinstance(ref, nn.Linear))
+        for n, (_, ref, kind) in changed.items()
     ]
     rows.sort(key=lambda r: -r.local_rel_error)
 
