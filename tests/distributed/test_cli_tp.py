@@ -56,10 +56,12 @@ def test_tp_without_torchrun_is_one_line(shared, capsys):
     assert err.startswith("error: --tp 2 needs 2 processes") and "torchrun" in err and "\n" not in err
 
 
-@pytest.mark.parametrize("bad", ["0", "-1", "two"])
-def test_bad_tp_values_are_refused(shared, capsys, bad):
-    assert main(["generate", _stories(shared), "--tp", bad]) == 2
-    assert "--tp" in capsys.readouterr().err
+@pytest.mark.parametrize("command", ["generate", "bench", "serve"])
+@pytest.mark.parametrize("bad", ["0", "-1", "two", "1e9"])
+def test_bad_tp_values_are_refused(shared, capsys, bad, command):
+    assert main([command, _stories(shared), "--tp", bad]) == 2
+    err = capsys.readouterr().err
+    assert "--tp" in err and "Traceback" not in err
 
 
 def test_tp_and_pp_together_are_refused(shared, capsys):
