@@ -98,3 +98,13 @@ def test_fused_h2o_generates_what_the_module_path_does(tiny_dirs, spies):
     model.fused_decode = False
     modules = generate(model, None, prompt, max_new_tokens=50, ignore_eos=True, kv_policy=policy)
     assert fused == modules
+
+
+def test_fused_h2o_batch_of_unequal_prompts(tiny_dirs, spies):
+    """Rows evict at different steps; each slot replays only its own unscored tokens."""
+    model = lf.load(tiny_dirs["llama"])[0]
+    prompts, policy = [ids(50, 8), ids(37, 9)], HeavyHitters(0.4, sinks=2, chunk=4)
+    fused = generate(model, None, prompts, max_new_tokens=30, ignore_eos=True, kv_policy=policy)
+    assert spies["replays"] > 0
+    model.fused_decode = False
+    assert generate(model, None, prompts, max_new_tokens=30, ignore_eos=True, kv_policy=policy) == fused
