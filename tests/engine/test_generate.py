@@ -144,3 +144,20 @@ def test_non_finite_logits_warn(model):
         lf.generate(broken, None, [1, 2, 3], max_new_tokens=3, ignore_eos=True)
     with pytest.warns(UserWarning, match="logits hold NaN or inf"):
         list(lf.stream_generate(broken, None, [1, 2, 3], max_new_tokens=3, ignore_eos=True))
+
+
+def test_decode_seconds_counted_when_generation_stops_at_eos(model):
+    """generate() stops iterating the decode loop at EOS; the decode time must already be counted."""
+    from leanformer.engine.generate import GenerationStats
+
+    first = lf.generate(model, None, [1, 2, 3], max_new_tokens=6, ignore_eos=True)
+    eos = next(t for t in first if first.index(t) > 0)  # a token that is not the first one: decode ran
+    model.config["eos_token_id"] = eos
+    try:
+        for spec in (None, "prompt-lookup"):
+            stats = GenerationStats()
+            lf.generate(model, None, [1, 2, 3], max_new_tokens=6, stats=stats, speculative=spec)
+            assert stats.new_tokens == first.index(eos) + 1 < 6  # stopped at EOS (counted)
+            assert stats.decode_s > 0 and stats.prefill_s > 0, spec
+    finally:
+        model.config.pop("eos_token_id")

@@ -16,8 +16,10 @@ from leanformer.engine.speculative import (
     Controller,
     DraftModel,
     LayerSkip,
+    NgramIndex,
     PromptLookup,
     early_exit,
+    greedy_accept,
     lookup,
     verify,
 )
@@ -146,6 +148,27 @@ def test_lookup_proposes_latest_continuation():
     assert lookup(seq, 2, 3, 1) == [7, 8]  # the latest earlier "1 2 3" is followed by 7 8
     assert lookup([5, 6, 7], 4, 3, 1) == []
     assert lookup([4, 5, 4], 3, 2, 2) == []  # "5 4" never occurred before; 1-grams not allowed
+
+
+def test_ngram_index_proposes_what_lookup_does():
+    """The incremental index gives lookup()'s drafts (and the n that matched) at every length."""
+    gen = torch.Generator().manual_seed(0)
+    for ngram, min_ngram in ((3, 1), (2, 2), (4, 2)):
+        seq = torch.randint(0, 5, (300,), generator=gen).tolist()  # small alphabet: many repeats
+        index = NgramIndex(ngram, min_ngram)
+        for i, t in enumerate(seq):
+            index.extend([t])
+            drafts, n = index.propose(4)
+            assert drafts == lookup(seq[: i + 1], 4, ngram, min_ngram)
+            assert (n > 0) == bool(drafts) and (not n or seq[i + 1 - n : i + 1] == seq[: i + 1][-n:])
+
+
+def test_greedy_accept_stops_at_a_near_tie():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 0.0, 4.0], [2.0, 2.0005, 0.0], [9.0, 0.0, 0.0]])
+    assert greedy_accept(logits, [1, 2, 0], margin=0.0) == (2, 1)  # plain argmax rule: 2 kept, then 1
+    assert greedy_accept(logits, [1, 2, 0], margin=1e-3) == (2, None)  # row 2 is a tie: recomputed
+    assert greedy_accept(logits, [1, 0, 0], margin=1e-3) == (1, 2)  # a clear rejection
+    assert greedy_accept(logits[:1], [], margin=1e-3) == (0, 1)
 
 
 def test_sampling_keeps_target_distribution():

@@ -186,7 +186,7 @@ def _decode_loop(model, cache, prompts, max_new_tokens, params, stop_ids, stats)
         stats.prompt_tokens += int(lengths.sum())
         stats.prefill_s += time.perf_counter() - t0
         stats.per_row = [0] * n
-    t1 = time.perf_counter()
+    t1 = time.perf_counter()  # start of the step being timed (the first token comes from the prefill)
     for step in range(max_new_tokens):
         tokens = sample(logits, params, generator, None if seen is None else seen[rows])
         if seen is not None:
@@ -194,19 +194,20 @@ def _decode_loop(model, cache, prompts, max_new_tokens, params, stop_ids, stats)
         if stats is not None:
             if step == 0:
                 stats.first_token_s = time.perf_counter() - t0
+            else:  # per step, consumer's time excluded: right however early the caller stops (EOS, stop)
+                stats.decode_s += time.perf_counter() - t1
             stats.new_tokens += len(rows)
             stats.steps += 1
             for r in rows.tolist():
                 stats.per_row[r] += 1
         yield dict(zip(rows.tolist(), tokens.tolist()))
+        t1 = time.perf_counter()
         keep = torch.tensor([t not in stop_ids for t in tokens.tolist()], dtype=torch.bool)
         if step == max_new_tokens - 1 or not keep.any():
             break
         rows, tokens = rows[keep], tokens[keep]
         logits = model(tokens[:, None], cache=cache, slots=rows)[:, -1].float()
         cache.advance(rows, 1)
-    if stats is not None:
-        stats.decode_s += time.perf_counter() - t1
 
 
 def _prefill_pieces(model, cache: PolicyCache, prompt: list[int], slot: int) -> torch.Tensor:
