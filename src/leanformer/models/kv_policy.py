@@ -178,7 +178,8 @@ class PolicyCache(KVCache):
 
     @property
     def observing(self) -> bool:
-        """Whether forwards must run the module path so the queries are seen (H2O that may evict)."""
+        """Whether every step's queries must reach the scores (H2O that may evict): seen by the hooks on
+        the module path, replayed after the fused step (models/kv_replay.py)."""
         return isinstance(self.policy, HeavyHitters) and self.may_evict
 
     @property
