@@ -22,6 +22,7 @@ from leanformer.compress.calibrate import (
     Scope,
     collect_stats,
     iter_scopes,
+    lean_batch_size,
 )
 from leanformer.compress.gptq import gptq_quantize_weight
 from leanformer.compress.quant import AWQ, Int4Linear, Int8Linear, set_module
@@ -143,7 +144,8 @@ def awq_quantize(
 ) -> nn.Module:
     """Quantize the Linears `names` of `model` in place, block by block (sequentially); `hooks` stream
     the blocks' weights in and out (compress/stream.py)."""
-    for scope in iter_scopes(model, names, calibration, cfg.batch_size, progress, "AWQ", hooks):
+    batch = lean_batch_size(cfg.batch_size, calibration)  # activations, not weights, set the peak
+    for scope in iter_scopes(model, names, calibration, batch, progress, "AWQ", hooks):
         stats = collect_stats(model, scope, producers=True)
         ref = scope.run_first()  # float output before any transform, to verify folds
         plans = []

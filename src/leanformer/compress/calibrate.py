@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from leanformer.compress.spill import SpilledStates
 from leanformer.errors import LeanformerError
 
 Calibration = torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]
@@ -41,6 +42,21 @@ def to_batches(calibration: Calibration, batch_size: int, device: torch.device) 
     if not out:
         raise LeanformerError("this config needs calibration data: token ids [n_samples, seq_len]")
     return out
+
+
+FORWARD_TOKENS = 1024  # calibration tokens per block forward in GPTQ / AWQ (see lean_batch_size)
+
+
+def lean_batch_size(batch_size: int, calibration: Calibration, tokens: int = FORWARD_TOKENS) -> int:
+    """`batch_size` capped so one forward holds at most `tokens` tokens (at least one sequence).
+
+    A block's activations, not its weights, set the calibration peak: 8 sequences of 512 tokens
+    through a Qwen2.5-0.5B MLP are [4096, 9728] fp32 (160 MB) for gate_up alone, plus the SiLU
+    product and the |x| of each input for the statistics. Sums over fewer tokens at a time reach
+    the same statistics (up to float summation order)."""
+    items = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration or [])
+    seq = max((t.shape[-1] for t in items if isinstance(t, torch.Tensor) and t.dim()), default=1)
+    return max(1, min(batch_size, tokens // max(seq, 1)))
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -134,7 +150,10 @@ def iter_scopes(
         ]
         start = 0 if hooks else next(i for i, o in enumerate(owned) if o)
         stop = len(blocks) if hooks else max(i for i, o in enumerate(owned) if o) + 1
-        hidden, rec = _capture_block_inputs(model, blocks[start], batches)
+        # streaming keeps the hidden states in a temporary file (compress/spill.py): with the weights
+        # read a layer at a time they were the largest item left (235 MB for Qwen2.5-0.5B, 128 x 512)
+        spill = hooks is not None and batches[0].device.type == "cpu"
+        hidden, rec = _capture_block_inputs(model, blocks[start], batches, SpilledStates() if spill else [])
         bar = tqdm(range(start, stop), desc=desc, unit="layer", disable=not progress)
         for j in bar:
             block = blocks[j]
@@ -160,6 +179,8 @@ def iter_scopes(
             if hooks:
                 hooks.after(j)
             bar.set_postfix(rss=f"{rss_mb():.0f} MB", refresh=False)
+        if isinstance(hidden, SpilledStates):
+            hidden.close()
         remaining = [n for n in names if not any(n in o for o in owned)]
     if remaining:  # Linears outside the blocks (or no blocks found): one scope over the whole model
 
@@ -171,13 +192,13 @@ def iter_scopes(
 
 
 def _capture_block_inputs(
-    model: nn.Module, block: nn.Module, batches: list[torch.Tensor]
-) -> tuple[list[torch.Tensor], list[tuple]]:
+    model: nn.Module, block: nn.Module, batches: list[torch.Tensor], hidden: list | SpilledStates
+) -> tuple[list[torch.Tensor] | SpilledStates, list[tuple]]:
     """One forward per batch, stopped by a pre-hook on `block`: the hidden state entering it and its
     other args/kwargs (masks, positions, rotary tables) as (args, kwargs, key) per batch: key None means
     the hidden state is the first positional argument, else the kwarg name. Every block of a decoder
-    stack is called with the same other arguments, so they serve all the blocks after it."""
-    hidden: list[torch.Tensor] = []
+    stack is called with the same other arguments, so they serve all the blocks after it. The hidden
+    states go into `hidden` (a list, or a SpilledStates file)."""
     calls: list[tuple] = []
 
     def hook(_mod, args, kwargs):

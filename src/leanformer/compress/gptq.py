@@ -13,21 +13,34 @@ import torch
 from torch import nn
 
 from leanformer.compress import kernels as K
-from leanformer.compress.calibrate import BlockHooks, Calibration, collect_stats, iter_scopes
+from leanformer.compress.calibrate import (
+    BlockHooks,
+    Calibration,
+    collect_stats,
+    iter_scopes,
+    lean_batch_size,
+)
 from leanformer.compress.quant import GPTQ, Int4Linear, Int8Linear, set_module
 from leanformer.errors import LeanformerError
 
 
-def _inverse_hessian_chol(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 after dampening (more damping if H is not positive definite)."""
-    k = h.shape[0]
-    mean_diag = torch.diagonal(h).mean().clamp_min(1e-8)
+def _inverse_hessian_chol(h: torch.Tensor, damp: float, overwrite: bool = False) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 after dampening (more damping if H is not positive definite).
+    overwrite: h is dampened in place (the caller's copy, no longer needed): one [K, K] fewer."""
+    # At most three [K, K] matrices live at once (h, the factor, its inverse): for a down_proj with
+    # K = 4864 each is 95 MB, and eye() + the dampened sum + the factors used to hold six.
+    diag = torch.diagonal(h).clone()
+    mean_diag = diag.mean().clamp_min(1e-8)
     for factor in (1.0, 10.0, 100.0, 1000.0):
-        hd = h + torch.eye(k, device=h.device) * (max(damp, 1e-6) * factor * mean_diag)
+        hd = h if overwrite else h.clone()
+        hd.diagonal().copy_(diag).add_(max(damp, 1e-6) * factor * mean_diag)  # = h + eye * d exactly
         chol, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if int(info) == 0:
             hinv = torch.cholesky_inverse(chol)
+            del chol
             chol_inv, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0:
                 return chol_inv
     raise LeanformerError(
@@ -44,6 +57,7 @@ def gptq_quantize_weight(
     damp: float = 0.01,
     act_order: bool = False,
     block_size: int = 128,
+    own_h: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """w [N, K], h [K, K] -> (codes, scales, zeros).
     bits=4: codes uint8 [N, K] in [0, 15], scales/zeros [N, G] (w ≈ (q - 8) * s + z per group).
@@ -52,7 +66,7 @@ def gptq_quantize_weight(
     front on the original column groups ("static groups"), so the result fits the group-wise kernels."""
     w = w.detach().float().clone()
     n, k = w.shape
-    h = h.float().clone()
+    h = h.float() if own_h else h.float().clone()  # own_h: the caller's h may be overwritten
     dead = torch.diagonal(h) == 0  # inputs that were always zero: their weights cannot matter
     h[dead, dead] = 1
     w[:, dead] = 0
@@ -70,7 +84,8 @@ def gptq_quantize_weight(
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
-    hinv = _inverse_hessian_chol(h, damp)
+    hinv = _inverse_hessian_chol(h, damp, overwrite=True)  # h is this function's copy
+    del h
 
     codes = torch.zeros(n, k, dtype=torch.int8 if bits == 8 else torch.uint8, device=w.device)
     # Blocks are whole groups so a group's lazily computed parameters see its updated columns.
@@ -116,18 +131,21 @@ def gptq_quantize(
 ) -> nn.Module:
     """Quantize the Linears `names` of `model` in place, block by block (sequentially); `hooks` stream
     the blocks' weights in and out (compress/stream.py)."""
-    for scope in iter_scopes(model, names, calibration, cfg.batch_size, progress, "GPTQ", hooks):
+    batch = lean_batch_size(cfg.batch_size, calibration)  # activations, not weights, set the peak
+    for scope in iter_scopes(model, names, calibration, batch, progress, "GPTQ", hooks):
         for st in collect_stats(model, scope):
-            hess = st.hessian
+            hess = st.gram.mul_(2.0 / max(st.count, 1))  # st.hessian, in place: no second [K, K]
+            del st.gram
             for name in st.names:
                 lin = model.get_submodule(name)
                 codes, scales, zeros = gptq_quantize_weight(
-                    lin.weight, hess, cfg.bits, cfg.group_size, cfg.damp, cfg.act_order, cfg.block_size
-                )
+                    lin.weight, hess, cfg.bits, cfg.group_size, cfg.damp, cfg.act_order, cfg.block_size,
+                    own_h=len(st.names) == 1,  # the last user of this Hessian may overwrite it
+                )  # fmt: skip
                 if cfg.bits == 8:
                     new = Int8Linear.from_linear(lin, codes, scales)
                 else:
                     new = Int4Linear.from_linear(lin, cfg.group_size, codes, scales, zeros)
                 set_module(model, name, new)
-            del st.gram
+            del hess
     return model

@@ -12,6 +12,8 @@ from leanformer.compress import kernels as K
 from leanformer.compress.qbase import QuantLinear
 from leanformer.errors import LeanformerError
 
+ROWS_ELEMS = 1 << 22  # weights rounded per slice (16 MB of fp32 temporaries each)
+
 
 class Int4Linear(QuantLinear):
     """y = x @ dequant(W).T + b, W int4 group-wise: w = (q - 8) * scale + zero per [row, group].
@@ -86,28 +88,43 @@ class Int4Linear(QuantLinear):
             w.dtype,
             scale_bits,
         )
+        # Round-to-nearest works on slices of ~4M weights (rows are independent): the fp32
+        # temporaries of int4_params / int4_codes stay ~16 MB each instead of five copies of W.
+        step = max(1, ROWS_ELEMS // max(linear.in_features, 1))
+        parts = [slice(r, r + step) for r in range(0, w.shape[0], step)]
         if scale_bits is not None:
             if codes is not None:
                 raise LeanformerError("int4 scale_bits=8 is for round-to-nearest (no given codes)")
-            m.set_coded_scales(*DQ.encode(*K.int4_params(w, group_size, bf16=False)))
-            codes = K.int4_codes(w, m.scales, m.zeros, group_size)
+            params = [K.int4_params(w[p], group_size, bf16=False) for p in parts]
+            m.set_coded_scales(
+                *DQ.encode(torch.cat([s for s, _ in params]), torch.cat([z for _, z in params]))
+            )
+            del params
+            for p in parts:
+                m.set_codes(K.int4_codes(w[p], m.scales[p], m.zeros[p], group_size), p)
+        elif codes is None:
+            for p in parts:
+                m.scales[p], m.zeros[p] = K.int4_params(w[p], group_size)
+                m.set_codes(K.int4_codes(w[p], m.scales[p], m.zeros[p], group_size), p)
         else:
-            if codes is None:
-                scales, zeros = K.int4_params(w, group_size)
-                codes = K.int4_codes(w, scales, zeros, group_size)
             m.scales.copy_(scales)
             m.zeros.copy_(zeros)
+            m.set_codes(codes)
         if linear.bias is not None:
             m.bias.data.copy_(linear.bias.detach())
-        m.set_codes(codes)
         return m
 
-    def set_codes(self, codes: torch.Tensor) -> None:
-        """codes uint8 [N, K or Kp] in 0..15 -> qweight (columns past K padded with code 8)."""
+    def set_codes(self, codes: torch.Tensor, rows: slice | None = None) -> None:
+        """codes uint8 [N, K or Kp] in 0..15 -> qweight (columns past K padded with code 8); with
+        `rows`, codes [R, ...] of those rows only, written into the existing qweight."""
         n, k = codes.shape
         if k != self.k_padded:
             codes = F.pad(codes, (0, self.k_padded - k), value=8)
-        self.qweight = K.pack_nibbles(codes.to(self.qweight.device)).contiguous()
+        packed = K.pack_nibbles(codes.to(self.qweight.device))
+        if rows is None:
+            self.qweight = packed.contiguous()
+        else:
+            self.qweight[rows] = packed
         self._drop_caches()
 
     def set_coded_scales(

@@ -29,10 +29,12 @@ from tqdm.auto import tqdm
 
 from leanformer.compress.calibrate import BlockHooks, Calibration, rss_mb
 from leanformer.compress.config import LowRank, PruneConfig, PruneFFN, PruneLayers
-from leanformer.compress.quant import AWQ, GPTQ, KVCache, QuantConfig
+from leanformer.compress.quant import AWQ, GPTQ, KVCache, QuantConfig, set_module
+from leanformer.compress.stream_rows import FileEmbedding, row_heads, rows_quantized
 from leanformer.errors import LeanformerError
 
 LAYERS = "model.layers."
+EMBEDDING = "model.embed_tokens"
 
 
 @dataclass
@@ -56,6 +58,10 @@ class LazyWeights:
             del t
         model.load_state_dict(state, strict=False, assign=True)
         self.source.release()
+
+    def cast(self, t: torch.Tensor) -> torch.Tensor:
+        """A float tensor from the file as `read_into` converts it (to the load dtype and device)."""
+        return t.to(self.dtype).to(self.device)
 
     def stream(self, model: nn.Module, stages: list, calibration: Calibration | None, progress: bool):
         """What `apply` calls on a lazily loaded model (recipe.py does not import this module)."""
@@ -141,8 +147,20 @@ def stream_apply(
         j = _layer_of(n)
         (rest if j is None else by_layer[j]).append(n)
 
+    # an LM head rounded per row (int8 per channel, int4 without coded scales) is read in row slices
+    # from the file: the [vocab, hidden] float table (545 MB fp32 for Qwen2.5-0.5B) is never whole
+    head = getattr(model, "lm_head", None)
+    table = getattr(model.model.embed_tokens, "weight", None)  # None: a saved QuantEmbedding
+    tied = table is not None and getattr(head, "weight", None) is table
+    del table
+    by_rows = row_heads(model, stages, names, lazy.source.shapes, tied)  # name -> (stage, file tensor)
+    rest = [n for n in rest if n not in {f for _, f in by_rows.values()}]
+
     def stage_on(k: int, j: int | None) -> None:
-        _rtn(model, stages[k], [n for n in names[k] if _layer_of(n) == j])
+        todo = [n for n in names[k] if _layer_of(n) == j]
+        for n in [n for n in todo if n in by_rows]:
+            rows_quantized(model, stages[k], n, by_rows[n][1], lazy, EMBEDDING if tied else None)
+        _rtn(model, stages[k], [n for n in todo if n not in by_rows])
 
     def read_layer(j: int, before: range) -> None:
         lazy.read_into(model, by_layer[j])
@@ -153,16 +171,15 @@ def stream_apply(
         _trim()
 
     # the rest first (embedding, final norm, head): read as float; the calibration capture needs it
-    head = getattr(model, "lm_head", None)
-    table = getattr(model.model.embed_tokens, "weight", None)  # None: a saved QuantEmbedding
-    tied = table is not None and getattr(head, "weight", None) is table
-    del table
     lazy.read_into(model, rest)
-    if tied:  # assign=True gave the embedding a new Parameter: tie the head again
+    table_by_rows = tied and "lm_head" in by_rows
+    if tied and not table_by_rows:  # assign=True gave the embedding a new Parameter: tie the head again
         model.lm_head.weight = model.model.embed_tokens.weight
     del head  # no reference may outlive the float table once a quantized head replaces it
     before = range(cal if cal is not None else len(stages))
     after = range(cal + 1, len(stages)) if cal is not None else range(0)
+    if table_by_rows and by_rows["lm_head"][0] not in before:  # the capture looks rows up in the file
+        set_module(model, EMBEDDING, FileEmbedding(lazy, by_rows["lm_head"][1], *model.lm_head.weight.shape))
     for k in before:
         stage_on(k, None)
     if cal is None:

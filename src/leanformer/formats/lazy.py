@@ -13,6 +13,7 @@ pytorch_model.bin (a pickle) cannot be read tensor by tensor: `open_source` refu
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +31,11 @@ class TensorSource(Protocol):
     shapes: dict[str, tuple[int, ...]]
 
     def get(self, name: str) -> torch.Tensor: ...
+
+    def rows(self, name: str, which: slice | torch.Tensor) -> torch.Tensor:
+        """Rows `which` (a slice, or sorted unique int64 indices) of a tensor of two or more dims:
+        a table or LM head is rounded / looked up in slices, never read whole."""
+        ...
 
     def release(self) -> None: ...
 
@@ -67,6 +73,36 @@ class SafetensorsSource:
                     raise LeanformerError(f"weights file {fp}: tensor {name}: short read (truncated?)")
         return t
 
+    def rows(self, name: str, which: slice | torch.Tensor) -> torch.Tensor:
+        fp, offset, nbytes = self._where[name]
+        n, rest = self.shapes[name][0], self.shapes[name][1:]
+        row = nbytes // max(n, 1)  # bytes per row
+        if isinstance(which, slice):
+            a, b, _ = which.indices(n)
+            runs = [(a, max(b - a, 0))]
+        else:  # runs of consecutive indices: one read each
+            idx = which.tolist()
+            runs = []
+            for i in idx:
+                if runs and runs[-1][0] + runs[-1][1] == i:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+                else:
+                    runs.append((i, 1))
+        total = sum(c for _, c in runs)
+        t = torch.empty((total, *rest), dtype=self.dtypes[name])
+        buf = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        fd = os.open(fp, os.O_RDONLY)
+        try:
+            at = 0
+            for start, count in runs:
+                want = count * row
+                if os.preadv(fd, [buf[at : at + want]], offset + start * row) != want:
+                    raise LeanformerError(f"weights file {fp}: tensor {name}: short read (truncated?)")
+                at += want
+        finally:
+            os.close(fd)
+        return t
+
     def release(self) -> None:
         return None
 
@@ -83,6 +119,15 @@ class GGUFSource:
 
     def get(self, name: str) -> torch.Tensor:
         return self.raw[name].dequantize()
+
+    def rows(self, name: str, which: slice | torch.Tensor) -> torch.Tensor:
+        from leanformer.formats.gguf import GGUFTensor
+
+        t = self.raw[name]  # data: float [rows, ...] or block-quantized uint8 [rows, bytes per row]
+        part = t.data[which] if isinstance(which, slice) else t.data[which.numpy()]
+        if part.shape[0] == 0:  # gguf's dequantizers cannot reshape zero blocks
+            return torch.empty((0, *t.shape[1:]), dtype=torch.float32)
+        return GGUFTensor(t.name, t.ggml_type, (part.shape[0], *t.shape[1:]), part).dequantize()
 
     def release(self) -> None:
         from leanformer.formats.gguf import drop_file_pages
@@ -102,6 +147,9 @@ class MemorySource:
 
     def get(self, name: str) -> torch.Tensor:
         return self.tensors.pop(name)
+
+    def rows(self, name: str, which: slice | torch.Tensor) -> torch.Tensor:
+        return self.tensors[name][which].clone()
 
     def release(self) -> None:
         return None
