@@ -11,7 +11,7 @@ import leanformer as lf
 from leanformer.engine.paged import PagedScheduler
 from leanformer.engine.sampling import SamplingParams
 from leanformer.engine.scheduler import Scheduler
-from leanformer.engine.spec_batch import SpecDecoder, check_method
+from leanformer.engine.spec_batch import SpecDecoder, _Cost, check_method
 from leanformer.errors import LeanformerError
 from tests.engine.test_scheduler import make, run
 
@@ -106,6 +106,29 @@ def test_logprobs_with_speculation(stories):
         lb = [lp for o in b.outs for lp in (o.logprobs or [])]
         assert [x.token_id for x in la] == [x.token_id for x in lb] and len(la) == 30
         assert all(abs(x.logprob - y.logprob) < 1e-4 for x, y in zip(la, lb))
+
+
+def test_chains_on_the_module_path_equal_plain(tiny_dirs):
+    """GPT-2 (no fused step): the chained rows run through the modules on the paged cache."""
+    model = lf.load(tiny_dirs["gpt2"])[0]
+    prompts = [[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2], [7, 8, 9, 7, 8, 9, 7, 8], [3, 3, 3, 3]]
+    spec_s = PagedScheduler(model, None, 3, 96, 40, 4)
+    got, _ = _serve(spec_s, prompts, [30] * 3)
+    assert spec_s.spec.drafted_total > 0
+    assert got == [lf.generate(model, None, p, max_new_tokens=30, ignore_eos=True) for p in prompts]
+
+
+def test_cost_model_learns_rows_and_prices_a_draft():
+    cost = _Cost()
+    assert cost.draft_cost(4) == 0.3  # nothing timed yet
+    for rows in [4, 4, 6, 4, 9, 4, 12]:
+        cost.add(rows, 0.035 + 0.018 * rows)  # SmolLM2 int4 on AVX2: ~a + b × rows
+    assert cost.draft_cost(4) == pytest.approx(0.018 / (0.035 / 4 + 0.018))  # ≈ 0.67
+    assert cost.last == pytest.approx((0.035, 0.018))
+    assert cost.draft_cost(1) < cost.draft_cost(4)  # one stream: drafts are cheaper
+    for _ in range(500):
+        cost.add(4, 0.107)  # only plain steps of 4 rows since: the last fit is kept
+    assert cost.draft_cost(4) == pytest.approx(0.018 / (0.035 / 4 + 0.018), rel=0.05)
 
 
 def test_check_method():

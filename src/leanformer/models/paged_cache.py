@@ -36,6 +36,9 @@ class PagedStep(Step):
 
     write_rows: torch.Tensor | None = None  # [B * n_kv * T] rows for the new k/v, order (b, h, t)
     read_rows: torch.Tensor | None = None  # [B * n_kv * S] rows of the visible keys, order (b, h, s)
+    # rows of the fused view when they are not read_rows: [G * n_kv * S], one view row per sequence and
+    # `slots` naming each step row's view row (engine/spec_batch.py: several rows chained in one sequence)
+    view_rows: torch.Tensor | None = None
 
 
 class PagedKVCache:
@@ -144,11 +147,12 @@ class PagedKVCache:
             raise LeanformerError("the paged KV cache offers a fused view only during a one-token step")
         if self._views is None:
             st = self._step
-            b = len(st.slots)
+            rows = st.read_rows if st.view_rows is None else st.view_rows
+            b = rows.numel() // (self.n_kv * st.key_len)
 
             def gather(pools: list[torch.Tensor]) -> list[torch.Tensor]:  # → [B, n_kv, S, D or 1] each
                 return [
-                    p.view(-1, p.shape[-1]).index_select(0, st.read_rows).view(b, self.n_kv, st.key_len, -1)
+                    p.view(-1, p.shape[-1]).index_select(0, rows).view(b, self.n_kv, st.key_len, -1)
                     for p in pools
                 ]
 

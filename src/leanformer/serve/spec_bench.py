@@ -1,7 +1,8 @@
 """`bench-serve --speculative prompt-lookup`: concurrent streams with speculation on vs off, one server.
 
-The same requests run with the request field "speculative" set to "off" and to the method, alternately,
-round after round, on one server (so both see the same machine load and caches); the report gives, per
+The same requests run with the request field "speculative" set to "off" and to the method, alternately
+(the order flips every round), on one server after a warm-up over every prompt (so both find the
+prompts in the prefix cache and see the same machine load); the report gives, per
 workload, the median output tokens/s of each and their ratio, and the server's acceptance rate
 (from /metrics) over the speculative runs. Workloads (measure/bench/speculative.py's prompts):
 input-grounded (rewrite a passage: the reply copies the prompt, where prompt lookup helps) and
@@ -62,11 +63,12 @@ def measure(url: str, model_id: str, args) -> dict:
     method = args.speculative
     out = {}
     for name, texts in loads.items():
-        asyncio.run(run_load(url, model_id, texts[:2], 8, 2, args.api_key))  # warm-up
+        # warm-up over every prompt: both sides then find the prompts in the prefix cache alike
+        asyncio.run(run_load(url, model_id, texts, 2, args.concurrency, args.api_key))
         speeds: dict[str, list[float]] = {"off": [], method: []}
         drafted = accepted = 0.0
-        for _ in range(args.rounds):
-            for mode in ("off", method):
+        for i in range(args.rounds):
+            for mode in ("off", method) if i % 2 == 0 else (method, "off"):  # neither always goes first
                 before = _speculation_counters(url, headers)
                 r = asyncio.run(
                     run_load(url, model_id, texts, args.max_tokens, args.concurrency, args.api_key,
