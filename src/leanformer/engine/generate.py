@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from leanformer.engine import spec_rows
 from leanformer.engine.sampling import SamplingParams, sample
 from leanformer.engine.speculative import Speculative, resolve_speculative, speculative_decode
 from leanformer.errors import LeanformerError
@@ -111,8 +112,10 @@ def decode(
 ) -> Iterator[dict[int, int]]:
     """Yield {row: new_token} for the rows still running, one step at a time.
 
-    speculative (engine/speculative.py) applies to one prompt without repetition penalty; a batch of
-    prompts, or a repetition penalty (it rescores every drafted position differently), decodes plainly.
+    speculative (engine/speculative.py) applies to one prompt without repetition penalty, and to a
+    batch of prompts with greedy prompt lookup (engine/spec_rows.py: each row drafts and accepts on its
+    own, one verification forward for all); other batches, or a repetition penalty (it rescores every
+    drafted position differently), decode plainly.
     kv_policy (models/kv_policy.py): SinkWindow (generation past the context in bounded memory),
     HeavyHitters or SnapKV (a KV budget; a share of the longest prompt when given as a float).
     """
@@ -131,6 +134,9 @@ def decode(
         )
     if spec is not None and len(prompts) == 1 and params.repetition_penalty == 1.0:
         yield from speculative_decode(model, prompts[0], max_new_tokens, params, spec, stop_ids, stats)
+        return
+    if spec is not None and spec_rows.supports(spec, len(prompts), params):
+        yield from spec_rows.speculative_rows(model, prompts, max_new_tokens, params, spec, stop_ids, stats)
         return
     n = len(prompts)
     if kv_policy is None:

@@ -7,7 +7,8 @@ Methods run alternately, prompt after prompt, round after round, and each method
 the median over prompts and rounds of its tokens/s divided by plain decoding's on the same prompt in
 the same round, so a shared machine's drift lands on both sides of each ratio.
 
-    python -m leanformer.measure.bench.speculative smollm2 --keep-quantized --speculative prompt-lookup
+    python -m leanformer.measure.bench.speculative smollm2 --keep-quantized --speculative prompt-lookup \
+        --passages ../shared/data/wikitext-2-raw/wiki.test.raw --threads 1
 """
 
 from __future__ import annotations
@@ -175,14 +176,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompts", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = p.parse_args(argv)
+    import torch
+
     from leanformer.hub import resolve_model
     from leanformer.loading import load
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LeanformerError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     model, tok = load(resolve_model(args.model), keep_quantized=args.keep_quantized)
     cfg = SpecBenchConfig(args.new_tokens, args.rounds, args.prompts, args.passages)
     cfg.methods = dict(parse_method(m, lambda path: load_draft(path)) for m in args.speculative)
     rows = run(model, tok, cfg)
+    load_avg = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else "?"
+    print(f"# {torch.get_num_threads()} torch threads, load average after the run: {' '.join(load_avg)}")
     for r in table_rows(rows):
         print(" | ".join(r))
     return rows
