@@ -50,7 +50,7 @@ def test_window_server_runs_past_the_context_and_equals_generate(shared):
             url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "speculative": "prompt-lookup"}
         )
         assert r.status_code == 400 and r.json()["error"]["param"] == "speculative"
-        assert "sliding window" in r.json()["error"]["message"] and "\n" not in r.json()["error"]["message"]
+        assert "--window" in r.json()["error"]["message"] and "\n" not in r.json()["error"]["message"]
     policy = SinkWindow(4, 48)
     for (prompt, n, _), reply in zip(jobs, got):
         assert reply["usage"]["completion_tokens"] == n

@@ -242,4 +242,6 @@ def cmd_bench_serve(args) -> None:
 
     if args.json:  # before minutes of load, not after
         check_output_file(args.json, [])
+    if args.speculative:  # speculation on vs off on one server (serve/spec_bench.py)
+        from leanformer.serve.spec_bench import bench_speculative as bench_serve  # noqa: F811
     bench_serve(args)

@@ -207,10 +207,6 @@ def server_process(model: str, serve_args: list[str], timeout: float = 300):
 
 def bench_serve(args) -> dict:
     """The bench-serve command (args from cli/serve.py's bench-serve parser); prints a table, returns the report."""
-    if getattr(args, "speculative", None):
-        from leanformer.serve.spec_bench import bench_speculative
-
-        return bench_speculative(args)
     texts = prompts(args.requests, args.prefix_words, args.mixed)
     serve_args = ["--max-batch", str(args.max_batch), "--dtype", args.dtype, *args.serve_args]
     if args.api_key:

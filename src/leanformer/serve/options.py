@@ -34,8 +34,11 @@ def kv_policy(window: int | None, sinks: int | None) -> SinkWindow | None:
 
 
 def attach_speculation(sched, policy) -> None:
-    """Requests may ask for speculation unless the server slides a window (its slots move under drafts)."""
-    if policy is None:
+    """Requests may ask for speculation unless the server slides a window (its slots move under drafts)
+    or mirrors its forwards to tensor-parallel ranks (serve/tp.py: they follow slot and paged steps only)."""
+    from leanformer.distributed.mirror import Leader
+
+    if policy is None and not isinstance(sched.model, Leader):
         sched.spec = SpecDecoder()
 
 
@@ -48,7 +51,7 @@ def request_speculation(body, default: str | None, sched) -> str | None:
             return None
         raise ApiError(
             400,
-            "speculative decoding does not combine with this server's sliding window (--window)",
+            "speculative decoding is off on this server: it does not combine with --window or --tp",
             "speculative",
             "invalid_value",
         )
