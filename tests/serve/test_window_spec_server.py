@@ -62,6 +62,14 @@ def test_window_larger_than_the_context_fails_at_start(shared):
     model, tok = load_stories(shared)
     with pytest.raises(LeanformerError, match="exceed the model's context"):
         create_app(model, tok, ServeConfig(model_id=MODEL, window=600))
+    for bad, fragment in [
+        ({"window": 0}, "--window must be an integer ≥ 1"),
+        ({"sinks": 2}, "--sinks goes with --window"),
+        ({"speculative": "draft"}, "prompt-lookup or off"),
+        ({"window": 64, "speculative": "prompt-lookup"}, "does not combine with --window"),
+    ]:
+        with pytest.raises(LeanformerError, match=fragment):
+            ServeConfig(model_id=MODEL, **bad)
 
 
 def test_speculative_server_equals_plain_and_counts(shared):
