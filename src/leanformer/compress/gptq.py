@@ -24,25 +24,34 @@ from leanformer.compress.quant import GPTQ, Int4Linear, Int8Linear, set_module
 from leanformer.errors import LeanformerError
 
 
-def _inverse_hessian_chol(h: torch.Tensor, damp: float, overwrite: bool = False) -> torch.Tensor:
+def _inverse_hessian_chol(h: torch.Tensor | list[torch.Tensor], damp: float) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 after dampening (more damping if H is not positive definite).
-    overwrite: h is dampened in place (the caller's copy, no longer needed): one [K, K] fewer."""
-    # At most three [K, K] matrices live at once (h, the factor, its inverse): for a down_proj with
-    # K = 4864 each is 95 MB, and eye() + the dampened sum + the factors used to hold six.
+
+    h: H, left as it is; or [H] (a list holding the only other reference), which is dampened in place
+    and freed as soon as it is factored. At most two [K, K] matrices then live at once (a down_proj
+    with K = 4864: 95 MB each; eye() + the dampened sum + the factors used to hold six)."""
+    owned = isinstance(h, list)
+    h = h.pop() if isinstance(h, list) else h
     diag = torch.diagonal(h).clone()
     mean_diag = diag.mean().clamp_min(1e-8)
     for factor in (1.0, 10.0, 100.0, 1000.0):
-        hd = h if overwrite else h.clone()
+        hd = h if owned else h.clone()
         hd.diagonal().copy_(diag).add_(max(damp, 1e-6) * factor * mean_diag)  # = h + eye * d exactly
         chol, info = torch.linalg.cholesky_ex(hd)
         del hd
         if int(info) == 0:
+            if owned:
+                del h
             hinv = torch.cholesky_inverse(chol)
             del chol
             chol_inv, info = torch.linalg.cholesky_ex(hinv, upper=True)
             del hinv
             if int(info) == 0:
                 return chol_inv
+            if owned:  # H itself is gone (the memory it saves); never seen: H^-1 of a factored H
+                raise LeanformerError(
+                    f"GPTQ: the inverse Hessian lost positive definiteness; raise damp above {damp}"
+                )
     raise LeanformerError(
         "GPTQ: Hessian is not positive definite even after dampening; check calibration data"
     )
@@ -51,22 +60,24 @@ def _inverse_hessian_chol(h: torch.Tensor, damp: float, overwrite: bool = False)
 @torch.no_grad()
 def gptq_quantize_weight(
     w: torch.Tensor,
-    h: torch.Tensor,
+    h: torch.Tensor | list[torch.Tensor],
     bits: int = 4,
     group_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
     block_size: int = 128,
-    own_h: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """w [N, K], h [K, K] -> (codes, scales, zeros).
+    """w [N, K], h [K, K] (or [h]: handed over, overwritten and freed here) -> (codes, scales, zeros).
     bits=4: codes uint8 [N, K] in [0, 15], scales/zeros [N, G] (w ≈ (q - 8) * s + z per group).
     bits=8: codes int8 [N, K], scales [N] (w ≈ q * s), zeros None.
     With act_order, columns go in order of decreasing H diagonal but group parameters are computed up
     front on the original column groups ("static groups"), so the result fits the group-wise kernels."""
     w = w.detach().float().clone()
     n, k = w.shape
-    h = h.float() if own_h else h.float().clone()  # own_h: the caller's h may be overwritten
+    if isinstance(h, list):  # handed over: the list held the caller's only reference
+        h = h.pop().float()
+    else:
+        h = h.float().clone()
     dead = torch.diagonal(h) == 0  # inputs that were always zero: their weights cannot matter
     h[dead, dead] = 1
     w[:, dead] = 0
@@ -84,8 +95,9 @@ def gptq_quantize_weight(
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
-    hinv = _inverse_hessian_chol(h, damp, overwrite=True)  # h is this function's copy
+    box = [h]  # this function's copy: freed inside once factored
     del h
+    hinv = _inverse_hessian_chol(box, damp)
 
     codes = torch.zeros(n, k, dtype=torch.int8 if bits == 8 else torch.uint8, device=w.device)
     # Blocks are whole groups so a group's lazily computed parameters see its updated columns.
@@ -134,18 +146,18 @@ def gptq_quantize(
     batch = lean_batch_size(cfg.batch_size, calibration)  # activations, not weights, set the peak
     for scope in iter_scopes(model, names, calibration, batch, progress, "GPTQ", hooks):
         for st in collect_stats(model, scope):
-            hess = st.gram.mul_(2.0 / max(st.count, 1))  # st.hessian, in place: no second [K, K]
+            hess = [st.gram.mul_(2.0 / max(st.count, 1))]  # st.hessian, in place: no second [K, K]
             del st.gram
-            for name in st.names:
+            for i, name in enumerate(st.names):
                 lin = model.get_submodule(name)
+                last = i == len(st.names) - 1  # the last user takes the Hessian over and frees it
                 codes, scales, zeros = gptq_quantize_weight(
-                    lin.weight, hess, cfg.bits, cfg.group_size, cfg.damp, cfg.act_order, cfg.block_size,
-                    own_h=len(st.names) == 1,  # the last user of this Hessian may overwrite it
+                    lin.weight, hess if last else hess[0], cfg.bits, cfg.group_size, cfg.damp,
+                    cfg.act_order, cfg.block_size,
                 )  # fmt: skip
                 if cfg.bits == 8:
                     new = Int8Linear.from_linear(lin, codes, scales)
                 else:
                     new = Int4Linear.from_linear(lin, cfg.group_size, codes, scales, zeros)
                 set_module(model, name, new)
-            del hess
     return model
