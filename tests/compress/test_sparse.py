@@ -100,6 +100,16 @@ def _greedy(model, prompt: list[int], n: int = 12) -> list[int]:
     return [step[0] for step in decode(model, [prompt], n, SamplingParams())]
 
 
+def test_bf16_reloads_identical(stories, tmp_path):
+    model, tok = load(stories, dtype="bfloat16")
+    apply(model, [Magnitude(sparsity=0.5), SparseStorage()], progress=False)
+    save(model, tok, tmp_path / "s")
+    back, _ = load(tmp_path / "s", dtype="bfloat16")
+    assert next(m for m in back.modules() if isinstance(m, SparseStoredLinear)).weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(_logits(back, ids), _logits(model, ids))
+
+
 def test_int8_codes_stored_sparse(stories, tmp_path):
     model, tok = load(stories)
     apply(model, [Magnitude(sparsity=0.5), Int8WeightOnly(), SparseStorage()], progress=False)

@@ -170,10 +170,13 @@ class SparseStoredLinear(_PackedState, FastLinear):
 
     def _pack_for_prefill(self) -> None:
         w = self.weight
-        if not w.is_meta and can_pack(w.dtype, w.device):  # like loading's oneDNN copy for prefill
-            self.register_buffer(
-                "packed_weight", torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1), persistent=False
-            )
+        if w.is_meta or not can_pack(w.dtype, w.device):
+            return
+        try:  # like loading's oneDNN copy for prefill
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+        except RuntimeError:  # no oneDNN kernel for this dtype on this CPU (bf16 without AVX-512)
+            return
+        self.register_buffer("packed_weight", packed, persistent=False)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", stored sparse ({self.capacity} of {self.in_features} per row)"
