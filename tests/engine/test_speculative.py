@@ -150,6 +150,16 @@ def test_lookup_proposes_latest_continuation():
     assert lookup([4, 5, 4], 3, 2, 2) == []  # "5 4" never occurred before; 1-grams not allowed
 
 
+def test_lookup_drafts_from_the_prompt(stories):
+    """16 tokens into the story's repeated opening, drafts come from the prompt (not only from the few
+    tokens generated so far) and are kept."""
+    model, tok = stories
+    stats = GenerationStats()
+    spec = PromptLookup(max_draft=8, ngram=2)
+    lf.generate(model, tok, STORY, max_new_tokens=16, ignore_eos=True, speculative=spec, stats=stats)
+    assert stats.accepted > 0
+
+
 def test_ngram_index_proposes_what_lookup_does():
     """The incremental index gives lookup()'s drafts (and the n that matched) at every length."""
     gen = torch.Generator().manual_seed(0)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -267,16 +268,18 @@ class Controller:
     k = 0 (a plain step) when no k beats plain decoding. `a` is kept per key: prompt lookup keys it by
     the length of the n-gram that matched (a 3-gram match in a passage being rewritten is kept far more
     often than a 1-gram one: on SmolLM2 rewrites of wikitext paragraphs the next token matched 88% of
-    3-gram, 63% of 2-gram and 29% of 1-gram lookups). `a` and `row` are smoothed
-    estimates (the machine may be shared); while plain, prompt lookup still learns `a` for free
-    (observe), a draft model re-probes with one draft after 16, 32, 64, ... plain steps."""
+    3-gram, 63% of 2-gram and 29% of 1-gram lookups). `a` is a decayed count; `plain` and `row` are
+    medians of recent samples (the machine may be shared). While plain, prompt lookup still learns `a`
+    for free (observe); a draft model re-probes with one draft after 16, 32, 64, ... plain steps."""
 
-    DECAY, PROBE, FIRST_PAUSE, MAX_PAUSE = 0.9, 3, 16, 256
+    DECAY, PROBE, FIRST_PAUSE, MAX_PAUSE, WINDOW = 0.9, 3, 16, 256, 15
 
     def __init__(self, max_draft: int) -> None:
         self.max_draft = max_draft
-        self.plain_s: float | None = None  # smoothed seconds per plain step
-        self.row_s: float | None = None  # smoothed extra seconds per verified draft
+        self.plain_s: float | None = None  # seconds per plain step (median of recent ones)
+        self.row_s: float | None = None  # extra seconds per verified draft (median of recent ones)
+        self._plain: list[float] = []
+        self._row: list[float] = []
         self.counts: dict = {}  # key -> [decayed drafts kept, decayed drafts judged]
         self.plain_steps = 0
         self.idle = 0  # plain steps since speculation last paid
@@ -318,13 +321,17 @@ class Controller:
             return 1
         return 0
 
-    def _ema(self, old: float | None, new: float) -> float:
-        return new if old is None else old + (1 - self.DECAY) * (new - old)
+    def _median(self, window: list[float], new: float) -> float:
+        """Median of the last WINDOW samples: on a shared machine a step the OS preempted takes several
+        times as long, and one such sample must not switch speculation off (a mean would let it)."""
+        window.append(new)
+        del window[: -self.WINDOW]
+        return statistics.median(window)
 
     def plain(self, seconds: float) -> None:
         self.plain_steps += 1
         if self.plain_steps > 1:  # the very first step may build the fused decode stack
-            self.plain_s = self._ema(self.plain_s, seconds)
+            self.plain_s = self._median(self._plain, seconds)
 
     def observe(self, kept: int, judged: int, key=None) -> None:
         c = self._counts(key)
@@ -335,7 +342,7 @@ class Controller:
         # each kept draft is a success; the first rejected one (if any) a failure: the MLE of a
         self.observe(accepted, accepted + (accepted < k), key)
         if self.plain_s is not None:
-            self.row_s = self._ema(self.row_s, max(0.0, seconds - self.plain_s) / k)
+            self.row_s = self._median(self._row, max(0.0, seconds - self.plain_s) / k)
 
 
 @torch.inference_mode()
@@ -355,6 +362,8 @@ def speculative_decode(
     gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     runner = _DraftRunner(spec.model, len(prompt) + max_new_tokens) if isinstance(spec, DraftModel) else None
     index = None if runner is not None else NgramIndex(spec.ngram, spec.min_ngram)
+    if index is not None:
+        index.extend(prompt)  # drafts come from the prompt and the text so far
     control = Controller(spec.max_draft)
     margin = tie_margin(model) if params.greedy else 0.0
     one = torch.tensor([0])
