@@ -56,13 +56,18 @@ class Leader:
     def __getattr__(self, name: str):
         return getattr(self.model, name)  # only reached for names Leader itself lacks
 
-    def __call__(self, input_ids, cache=None, slots=None, logits_at=None):
+    @staticmethod
+    def check_cache(cache) -> None:
+        """One line unless `cache` is one whose state the followers receive (lengths, block tables)."""
         if cache is not None and type(cache) not in (KVCache, PagedKVCache):
             # other caches (KV policies, chained speculative rows) keep state the followers lack
             raise LeanformerError(
                 f"serve --tp mirrors the slot and paged KV caches, not a {type(cache).__name__}; "
                 "serve this model without --tp for that feature"
             )
+
+    def __call__(self, input_ids, cache=None, slots=None, logits_at=None):
+        self.check_cache(cache)
         with self._lock:
             if self._stopped.is_set():
                 raise LeanformerError("the tensor-parallel ranks were stopped")
@@ -108,6 +113,7 @@ class Leader:
             self._stopped.set()
             try:
                 self._send(_STOP)
+                dist.barrier(self.group)  # every rank leaves together (then tears its group down)
             except Exception as e:
                 log.warning("could not reach the other tensor-parallel ranks to stop them: %s", e)
 
@@ -125,6 +131,7 @@ def follow(model, cache, group=None) -> int:
         dist.broadcast(header, src=root, group=group)
         op, b, t, flags, n_slots, max_blocks, _ = header.tolist()
         if op == _STOP:
+            dist.barrier(group)
             return steps
         if op == _IDLE:
             continue

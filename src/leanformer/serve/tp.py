@@ -34,6 +34,8 @@ def serve_tp(
     **config,
 ) -> None:
     """serve() with the model split over the `tp` ranks torchrun started (run on every rank)."""
+    import torch.distributed as dist
+
     from leanformer.distributed import check_tp, join, parallelize_
     from leanformer.distributed.mirror import Leader, follow
     from leanformer.engine.paged import describe
@@ -52,6 +54,7 @@ def serve_tp(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         follow(model, create_app(model, tok, cfg).state.lf.scheduler.cache)
+        dist.destroy_process_group()  # now, with rank 0, not at interpreter exit
         return
     if host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use it", host)
@@ -61,10 +64,12 @@ def serve_tp(
     leader = Leader(model)
     try:
         app = create_app(leader, tok, cfg)
+        leader.check_cache(app.state.lf.scheduler.cache)  # e.g. a sliding window: refused before serving
         print(f"{describe(app.state.lf.scheduler)}; tensor parallel over {tp} ranks", flush=True)
         _server(app, host, port, log_level).run()
     finally:
         leader.stop()
+        dist.destroy_process_group()
 
 
 def _exit(signum, frame) -> None:
