@@ -220,11 +220,15 @@ def lsh_attention(q, k, v, key_mask, bucket_size: int, hashes: int, seed: int) -
                 at_q = torch.gather(cq, 2, q_idx.flatten(2)).view(b, h, n, c, 1).to(torch.int16)
                 at_k = torch.gather(ck, 2, key_idx.flatten(2)).view(b, h, n, 1, 3 * c).to(torch.int16)
                 meets = (at_q - at_k).abs_() <= 1
-                count = meets.to(torch.uint8) if count is None else count.add_(meets)
-            dup = torch.zeros(count.shape, dtype=q.dtype)  # log(1 + count), by value (log and
-            for m in range(1, hashes):  # table lookups over the largest tensor here measured slower)
-                dup.masked_fill_(count == m, math.log(1 + m))
-            bias = dup.neg_().add_(bias)  # in place: [B, H, n, c, 3c]
+                if hashes > 2:
+                    count = meets.to(torch.uint8) if count is None else count.add_(meets)
+            if hashes == 2:  # count is 0 or 1: one pass over the largest tensor here
+                bias = torch.where(meets, bias - math.log(2), bias)  # [B, H, n, c, 3c]
+            else:  # log(1 + count) by value: log and table lookups over it measured slower
+                dup = torch.zeros(count.shape, dtype=q.dtype)
+                for m in range(1, hashes):
+                    dup.masked_fill_(count == m, math.log(1 + m))
+                bias = dup.neg_().add_(bias)  # in place: [B, H, n, c, 3c]
         bias = bias.reshape(b, h * n, bias.shape[3], 3 * c)
         out, lse = _attend(qs, kb, vb, bias, lse=hashes > 1)  # [B, H·n, c, D], [B, H·n, c]
         inv = torch.empty_like(oq).scatter_(-1, oq, pos.expand_as(oq))  # token → sorted slot
