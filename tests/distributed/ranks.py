@@ -84,33 +84,43 @@ def load_as(path: str, dtype: str = "float32"):
     return model.to(getattr(torch, dtype))
 
 
-def _worker(rank: int, size: int, init: str, jobs: list[tuple], out: str) -> None:
+def _worker(rank: int, jobs: list[tuple], out: str) -> None:
     from leanformer.distributed import parallelize_, pipeline_
     from leanformer.errors import LeanformerError
 
+    for name, path, dtype, split in jobs:
+        model = load_as(path, dtype)
+        try:
+            (parallelize_ if split == "tp" else pipeline_)(model)
+        except LeanformerError as e:
+            torch.save({"error": str(e)}, Path(out) / f"{name}-{rank}.pt")
+            continue
+        torch.save(outputs(model), Path(out) / f"{name}-{rank}.pt")
+
+
+def _joined(rank: int, size: int, init: str, fn, args: tuple) -> None:
     torch.set_num_threads(1)  # N ranks share the machine's cores
     dist.init_process_group(
         "gloo", init_method=f"file://{init}", rank=rank, world_size=size, timeout=timedelta(seconds=60)
     )
     try:
-        for name, path, dtype, split in jobs:
-            model = load_as(path, dtype)
-            try:
-                (parallelize_ if split == "tp" else pipeline_)(model)
-            except LeanformerError as e:
-                torch.save({"error": str(e)}, Path(out) / f"{name}-{rank}.pt")
-                continue
-            torch.save(outputs(model), Path(out) / f"{name}-{rank}.pt")
+        fn(rank, *args)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def run_ranks(size: int, jobs: list[tuple], tmp: Path) -> dict[str, list[dict]]:
-    """name → [rank 0's results, rank 1's, ...] for every (name, model path, dtype, "tp" | "pp") job."""
+def on_ranks(size: int, tmp: Path, fn, *args) -> None:
+    """Run fn(rank, *args) on `size` forked local ranks, each in the gloo group of all of them."""
     tmp.mkdir(parents=True, exist_ok=True)
     # fork, not spawn: the children inherit the imported torch and leanformer (spawning re-imported
     # them: ~9 s per run on this shared 2-core machine, the job itself well under a second); as in
     # DataLoader workers, each child sets one intra-op thread before its first op
-    args = (size, str(tmp / "rendezvous"), jobs, str(tmp))
-    mp.start_processes(_worker, args=args, nprocs=size, join=True, start_method="fork")
+    init = str(tmp / "rendezvous")
+    mp.start_processes(_joined, args=(size, init, fn, args), nprocs=size, join=True, start_method="fork")
+
+
+def run_ranks(size: int, jobs: list[tuple], tmp: Path) -> dict[str, list[dict]]:
+    """name → [rank 0's results, rank 1's, ...] for every (name, model path, dtype, "tp" | "pp") job."""
+    on_ranks(size, tmp, _worker, jobs, str(tmp))
     return {job[0]: [torch.load(tmp / f"{job[0]}-{r}.pt") for r in range(size)] for job in jobs}

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from leanformer.cli.main import main
+from tests.distributed.ranks import on_ranks
 
 ARGS = ["--prompt", "Once upon a time", "--max-new-tokens", "24"]
 
@@ -97,45 +98,29 @@ def test_torchrun_eval_tp2_prints_the_single_process_perplexity(shared, capsys):
     assert run.stdout == single
 
 
-def _bench_worker(rank: int, init: str, path: str, out: str) -> None:
-    from datetime import timedelta
-
+def _bench_worker(rank: int, path: str, out: str) -> None:
     import torch
-    import torch.distributed as dist
 
     from leanformer.cli.bench_tp import measure_split
     from leanformer.distributed import parallelize_
     from leanformer.loading import load
     from leanformer.measure.bench.runner import BenchConfig
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
-    )
-    try:
-        model, _ = load(path)
-        parallelize_(model)
-        cfg = BenchConfig(path, prompt_tokens=8, new_tokens=3, batches=[1, 2], repeats=1)
-        torch.save(measure_split(model, cfg, 0.5 + rank), f"{out}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    model, _ = load(path)
+    parallelize_(model)
+    cfg = BenchConfig(path, prompt_tokens=8, new_tokens=3, batches=[1, 2], repeats=1)
+    torch.save(measure_split(model, cfg, 0.5 + rank), f"{out}/{rank}.pt")
 
 
 def test_bench_figures_are_the_slowest_ranks(shared, tmp_path):
     """measure_split on 2 forked ranks: every figure is reduced over the ranks (both report the same
     numbers; load time is the slower rank's), weights are one rank's shard, the ceiling is positive."""
     import torch
-    import torch.multiprocessing as mp
 
     from leanformer.loading import load
 
     load(_stories(shared))  # first: the forked ranks inherit what building a model imports
-    mp.start_processes(
-        _bench_worker,
-        args=(str(tmp_path / "rdv"), _stories(shared), str(tmp_path)),
-        nprocs=2,
-        start_method="fork",
-    )
+    on_ranks(2, tmp_path, _bench_worker, _stories(shared), str(tmp_path))
     rows = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
     for key in (
         "prefill_tok_s",
