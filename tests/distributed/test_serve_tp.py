@@ -89,10 +89,17 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def test_serve_tp_and_replicas_together_are_refused(shared, capsys):
-    assert main(["serve", _stories(shared), "--tp", "2", "--replicas", "2"]) == 2
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--replicas", "2"], "use --tp or --replicas, not both"),
+        (["--window", "64"], "--window does not combine"),
+    ],
+)
+def test_serve_tp_refuses_what_it_cannot_mirror(shared, capsys, extra, message):
+    assert main(["serve", _stories(shared), "--tp", "2", *extra]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: use --tp or --replicas, not both") and "\n" not in err
+    assert err.startswith(f"error: {message}") and "\n" not in err
 
 
 def test_serve_tp_without_torchrun_is_one_line(shared, capsys):

@@ -41,6 +41,8 @@ def serve_tp(
     from leanformer.engine.paged import describe
     from leanformer.loading import load
 
+    if config.get("window") is not None:  # the followers mirror slot and paged steps only
+        raise LeanformerError("--window does not combine with --tp (serve a sliding window in one process)")
     cfg = ServeConfig(model_id=model_id or Path(model_path).stem, **config)  # bad flags: before the group
     rank, _ = join(tp)
     model, tok = load(model_path, dtype=dtype, keep_quantized=keep_quantized)
