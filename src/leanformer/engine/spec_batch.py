@@ -18,7 +18,7 @@ Never (much) slower: the forward's cost is learnt online as a + b × rows (least
 steps seen, decayed), so one more verified row costs c = b / (a / B + b) of a plain token in a batch
 of B; per request, the share of drafts that survive (alpha, decayed counts; while taking plain steps it
 is still learnt by checking what lookup would have guessed) gives its i-th draft a chance alpha^i to be
-kept. A request drafts while alpha^i > c, so on a CPU where every row costs nearly as much as a token
+kept. A request drafts while alpha^i > 1.25 c (a margin: see _draft_len), so on a CPU where every row costs nearly as much as a token
 (int4 GEMV on AVX2) it drafts only when its drafts nearly always survive, and on one where extra rows
 are almost free (memory-bound fp32) it drafts freely.
 """
@@ -146,6 +146,8 @@ class _Chain:
 class SpecDecoder:
     """Speculation for the scheduler's decode step; the counters are read by /metrics."""
 
+    MARGIN = 1.25  # a draft must be expected to pay 1.25× its cost
+
     def __init__(self, config: PromptLookup | None = None) -> None:
         self.config = config or PromptLookup(max_draft=min(8, MAX_ROWS - 1))
         self.cost = _Cost()
@@ -155,9 +157,10 @@ class SpecDecoder:
         self.fallbacks_total = 0  # times a request stopped drafting (acceptance too low)
 
     def _draft_len(self, row: _Row, c: float) -> int:
-        """Drafts worth verifying: the i-th survives with alpha^i and costs c."""
+        """Drafts worth verifying: the i-th survives with alpha^i and costs c; MARGIN because a request
+        drafts right after its estimate rose (selection bias: measured acceptance falls short of it)."""
         k, a = 0, row.alpha
-        while k < self.config.max_draft and a ** (k + 1) > c:
+        while k < self.config.max_draft and a ** (k + 1) > self.MARGIN * c:
             k += 1
         if k == 0 and row.spec:
             self.fallbacks_total += 1
