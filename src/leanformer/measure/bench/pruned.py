@@ -5,7 +5,7 @@
 
 BASE is the original (a folder or a known name such as smollm2, read dequantized to fp32), each FOLDER a
 `leanformer compress` output. For each: the weight file's bytes; the peak RSS of a fresh process that
-only loads it (`ru_maxrss`, load-independent); greedy decode tokens/s at batch 1 (64-token prompt,
+only loads it (`ru_maxrss`, load-independent) and its RSS once loaded (VmRSS); greedy decode tokens/s at batch 1 (64-token prompt,
 median timed step), every model in one process, interleaved over `rounds` rounds, reported as the
 ratio to BASE in the same round (median over rounds) with /proc/loadavg before and after.
 --sparse-memory also runs each folder holding a SparseStorage with memory "sparse" (compress/sparse.py);
@@ -30,7 +30,9 @@ import resource, sys
 from leanformer.loading import load
 from leanformer.hub import resolve_model
 model, _ = load(resolve_model(sys.argv[1]), keep_quantized=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+import gc; gc.collect()
+now = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmRSS"))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, now)
 """
 
 
@@ -54,13 +56,14 @@ def sparse_view(folder: Path, into: Path) -> Path:
     return into
 
 
-def peak_rss_mb(model: str) -> float:
-    """Peak RSS (MB) of a fresh one-thread process that loads `model` and nothing else."""
+def peak_rss_mb(model: str) -> tuple[float, float]:
+    """(peak RSS, RSS once loaded) in MB of a fresh one-thread process that loads `model` only."""
     out = subprocess.run(
         [sys.executable, "-c", RSS_SNIPPET, model],
         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    peak, now = out.stdout.strip().splitlines()[-1].split()
+    return int(peak) / 1024, int(now) / 1024
 
 
 def _load(name: str):
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         key = f"{name} [{memory}]"
         rows[key] = {"file_mb": _file_mb(Path(resolve_model(name)))}
         if not args.no_rss and memory != "module path":  # the same load as dense
-            rows[key]["peak_rss_mb"] = peak_rss_mb(path)
+            rows[key]["peak_rss_mb"], rows[key]["rss_loaded_mb"] = peak_rss_mb(path)
         print(key, rows[key], flush=True)
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     models = {f"{n} [{m}]": _load(path) for n, m, path in variants}
@@ -120,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         rows[k] |= {"decode_tok_s": statistics.median(rates[k]), "vs_base": statistics.median(ratios)}
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     print(f"load average before {' '.join(load_before)}, after {' '.join(load_after)}")
-    print("| model | memory | file MB | peak RSS after load MB | decode tok/s | vs base |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| model | memory | file MB | peak RSS of the load MB | RSS once loaded MB | decode tok/s | vs base |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for k, row in rows.items():
         name, memory = k.rsplit(" [", 1)
         fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
         print(
-            f"| {name} | {memory[:-1]} | {fmt(row['file_mb'], '.1f')} | {fmt(row.get('peak_rss_mb'), '.0f')} "
+            f"| {name} | {memory[:-1]} | {fmt(row['file_mb'], '.1f')} | {fmt(row.get('peak_rss_mb'), '.0f')} | {fmt(row.get('rss_loaded_mb'), '.0f')} "
             f"| {row['decode_tok_s']:.1f} | {row['vs_base']:.2f}x |"
         )
     if args.json:
