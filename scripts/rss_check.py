@@ -1,6 +1,8 @@
 """Memory figures for docs/BENCHMARKS.md (issue #12), each measured in a fresh child process.
 
-    python scripts/rss_check.py load MODEL            # load (GGUF kept quantized) + generate 16 tokens
+    python scripts/rss_check.py load MODEL            # load (GGUF kept quantized) + generate 16 tokens:
+                                                      # RSS over the runtime (torch, meta device, kernels),
+                                                      # the tokenizer measured apart
     python scripts/rss_check.py gptq FOLDER OUT N T   # lazy load, GPTQ int4 on N random sequences of T
                                                       # tokens, layer by layer, save to OUT
 
@@ -30,6 +32,20 @@ def child(mode: str, args: list[str]) -> None:
     if mode == "load":
         import transformers  # noqa: F401  (imported by every load for the tokenizer: runtime, not weights)
 
+        from leanformer import kernels
+        from leanformer.formats.gguf import load_gguf_tokenizer
+        from leanformer.loading import load_tokenizer
+
+        start = vm("VmRSS")
+        with torch.device("meta"):  # torch's meta-device init machinery: ~60 MB of code and tables
+            torch.nn.Embedding(8, 8)  # that the first model skeleton loads once, whatever its size
+        if kernels.available():
+            kernels.ext()
+        runtime = vm("VmRSS")
+        path = Path(args[0])
+        tok = load_gguf_tokenizer(path) if path.suffix == ".gguf" else load_tokenizer(path)
+        tokenizer = vm("VmRSS") - runtime  # measured alone, then freed: the load makes its own
+        del tok
         before = vm("VmRSS")
         model, tok = lf.load(args[0])
         weights = state_bytes(model) / 2**20
@@ -39,11 +55,14 @@ def child(mode: str, args: list[str]) -> None:
         from leanformer.engine.sampling import SamplingParams
 
         decode(model, [ids], 16, SamplingParams())
-        file_mb = Path(args[0]).stat().st_size / 2**20 if Path(args[0]).is_file() else float("nan")
+        file_mb = path.stat().st_size / 2**20 if path.is_file() else float("nan")
+        grown = after_load - before
         print(
-            f"file {file_mb:.0f} MB, weights {weights:.0f} MB, RSS before load (runtime) {before:.0f} MB, "
-            f"after load {after_load:.0f} MB (+{after_load - before:.0f}), "
-            f"peak after generating 16 tokens {vm('VmHWM'):.0f} MB"
+            f"file {file_mb:.0f} MB, weights {weights:.0f} MB; RSS: python + torch {start:.0f} MB, "
+            f"runtime (meta device, kernels) {runtime:.0f} MB, tokenizer {tokenizer:.0f} MB; after load "
+            f"{after_load:.0f} MB = +{grown:.0f} over the runtime (+{grown - tokenizer:.0f} without the "
+            f"tokenizer: {(grown - tokenizer) / file_mb:.2f}x the file, {(grown - tokenizer) / weights:.2f}x "
+            f"the weights); peak after generating 16 tokens {vm('VmHWM'):.0f} MB"
         )
     elif mode == "gptq":
         from leanformer.compress import GPTQ, Int8WeightOnly, apply

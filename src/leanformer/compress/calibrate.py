@@ -14,6 +14,7 @@ before it and free its float copy after: the float model is never whole.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -83,6 +84,14 @@ class BlockHooks:
 
     before: Callable[[int], None]
     after: Callable[[int], None]
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS: glibc keeps freed chunks below its mmap threshold in its
+    arenas, so a layer's transient float copies and GPTQ's temporaries would stay resident (measured:
+    RSS grew ~10 MB per layer beyond the compressed bytes without this when streaming)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def rss_mb() -> float:

@@ -19,6 +19,7 @@ from leanformer.compress.calibrate import (
     collect_stats,
     iter_scopes,
     lean_batch_size,
+    trim_heap,
 )
 from leanformer.compress.quant import GPTQ, Int4Linear, Int8Linear, set_module
 from leanformer.errors import LeanformerError
@@ -160,4 +161,6 @@ def gptq_quantize(
                 else:
                     new = Int4Linear.from_linear(lin, cfg.group_size, codes, scales, zeros)
                 set_module(model, name, new)
+                del lin, new, codes, scales, zeros
+                trim_heap()  # this Linear's float weight and GPTQ temporaries: off the resident set
     return model

@@ -17,9 +17,7 @@ forward is the same walk with the same arguments.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from leanformer.compress.calibrate import BlockHooks, Calibration, rss_mb
+from leanformer.compress.calibrate import BlockHooks, Calibration, rss_mb, trim_heap
 from leanformer.compress.config import LowRank, PruneConfig, PruneFFN, PruneLayers
 from leanformer.compress.quant import AWQ, GPTQ, KVCache, QuantConfig, set_module
 from leanformer.compress.stream_rows import FileEmbedding, row_heads, rows_quantized
@@ -66,13 +64,6 @@ class LazyWeights:
     def stream(self, model: nn.Module, stages: list, calibration: Calibration | None, progress: bool):
         """What `apply` calls on a lazily loaded model (recipe.py does not import this module)."""
         return stream_apply(model, stages, calibration, progress=progress)
-
-
-def _trim() -> None:
-    """Hand the freed float copy of a layer back to the OS: glibc keeps freed heap pages in its
-    arenas (measured: RSS grew ~10 MB per layer beyond the compressed bytes without this)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _layer_of(name: str) -> int | None:
@@ -156,9 +147,10 @@ def stream_apply(
     by_rows = row_heads(model, stages, names, lazy.source.shapes, tied)  # name -> (stage, file tensor)
     rest = [n for n in rest if n not in {f for _, f in by_rows.values()}]
 
-    def stage_on(k: int, j: int | None) -> None:
+    def stage_on(k: int, j: int | None, rows: bool = True) -> None:
+        """Stage k on layer j's Linears (None: those outside the layers; `rows`: with the head)."""
         todo = [n for n in names[k] if _layer_of(n) == j]
-        for n in [n for n in todo if n in by_rows]:
+        for n in [n for n in todo if n in by_rows and rows]:
             rows_quantized(model, stages[k], n, by_rows[n][1], lazy, EMBEDDING if tied else None)
         _rtn(model, stages[k], [n for n in todo if n not in by_rows])
 
@@ -168,7 +160,7 @@ def stream_apply(
             lazy.speed_up(layers[j])  # forward runs the same kernels (round-to-nearest reads W only)
         for k in before:
             stage_on(k, j)
-        _trim()
+        trim_heap()
 
     # the rest first (embedding, final norm, head): read as float; the calibration capture needs it
     lazy.read_into(model, rest)
@@ -192,16 +184,19 @@ def stream_apply(
         def finish_layer(j: int) -> None:
             for k in after:
                 stage_on(k, j)
-            _trim()
+            trim_heap()
 
         def start_layer(j: int) -> None:
             if j == 0:  # the inputs are captured: the walk never reads the embedding or head again,
-                for k in after:  # so their later stages run now and the float table is freed early
-                    stage_on(k, None)
+                for k in after:  # so their later stages run now and a float table is freed early;
+                    stage_on(k, None, rows=False)  # one read by rows waits for the end (off the peak)
             read_layer(j, before)
 
         hooks = BlockHooks(before=start_layer, after=finish_layer)
         _calibrated(model, stages[cal], names[cal], calibration, progress, hooks)
+        for k in after:
+            for n in [n for n in names[k] if n in by_rows]:
+                rows_quantized(model, stages[k], n, by_rows[n][1], lazy, EMBEDDING if tied else None)
     if lazy.speed_up is not None:
         lazy.speed_up(model)  # float Linears left outside the layers (a float LM head)
     model.lazy = None
