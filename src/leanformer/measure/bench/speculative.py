@@ -177,6 +177,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument(
+        "--activations", choices=["auto", "int8", "fp32"], default="auto",
+        help="the fused decode step's activations for int4/int8 Linears (models/fused.py)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     import torch
 
@@ -189,6 +193,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
 
     model, tok = load(resolve_model(args.model), keep_quantized=args.keep_quantized)
+    from leanformer.models.fused import set_decode_activations
+
+    set_decode_activations(model, args.activations)
     cfg = SpecBenchConfig(args.new_tokens, args.rounds, args.prompts, args.passages)
     cfg.methods = dict(parse_method(m, lambda path: load_draft(path)) for m in args.speculative)
     rows = run(model, tok, cfg)
