@@ -18,13 +18,13 @@ DEQUANTIZE_HELP = (
 # commands that run the model in this process, so a sharded model works as is (bench runs each engine
 # in its own process, compress would save one rank's shard, serve has no rank-0-only front yet);
 # chat's stdin is read by rank 0 and broadcast (distributed.launch.SharedStdin)
-TP_COMMANDS = ("generate", "eval", "chat")
+TP_COMMANDS = ("generate", "eval", "chat")  # --tp/--pp added here; bench and serve add --tp themselves
 PP_HELP = (
     "pipeline parallel over N processes (Llama family; layers split, each rank holds 1/N of them; "
     "one stream is not faster): torchrun --standalone --nproc-per-node N --no-python leanformer %(prog)s MODEL --pp N ..."
 )
 TP_HELP = (
-    "tensor parallel over N processes (Llama family; N must divide the KV heads): "
+    "tensor parallel over N processes (Llama family and GPT-2; N must divide the KV heads): "
     "torchrun --standalone --nproc-per-node N --no-python leanformer %(prog)s MODEL --tp N ..."
 )
 
