@@ -15,10 +15,10 @@ DEQUANTIZE_HELP = (
     "GGUF: dequantize every tensor to --dtype (default: keep the file's quantization: Q4_0/Q4_1/Q4_K "
     "tensors load straight into int4, Q8_0/Q5_0/Q6_K into int8 modules, no float copy)"
 )
-# commands that run the model in this process, so a sharded model works as is (bench runs each engine
-# in its own process, compress would save one rank's shard, serve has no rank-0-only front yet);
-# chat's stdin is read by rank 0 and broadcast (distributed.launch.SharedStdin)
-TP_COMMANDS = ("generate", "eval", "chat")  # --tp/--pp added here; bench and serve add --tp themselves
+# commands that run the model in this process, so a sharded model works as is; chat's stdin is read by
+# rank 0 and broadcast (distributed.launch.SharedStdin). bench and serve add --tp themselves (bench_tp,
+# serve/tp.py); compress would save one rank's shard, so it has none.
+TP_COMMANDS = ("generate", "eval", "chat")
 PP_HELP = (
     "pipeline parallel over N processes (Llama family; layers split, each rank holds 1/N of them; "
     "one stream is not faster): torchrun --standalone --nproc-per-node N --no-python leanformer %(prog)s MODEL --pp N ..."
