@@ -14,8 +14,8 @@ acceptance share the forward); their K/V lie past the length, never read, overwr
 Sampled requests take plain steps: their draft lengths would depend on the batch, and a seeded request's
 tokens must not.
 
-Never (much) slower: the forward's cost is learnt online as a + b × rows (least squares over the
-steps seen, decayed), so one more verified row costs c = b / (a / B + b) of a plain token in a batch
+Never (much) slower: the forward's cost is learnt online as a + b × rows (a line through the median
+time of each row count seen), so one more verified row costs c = b / (a / B + b) of a plain token in a batch
 of B; per request, the share of drafts that survive (alpha, decayed counts; while taking plain steps it
 is still learnt by checking what lookup would have guessed) gives its i-th draft a chance alpha^i to be
 kept. A request drafts while alpha^i > 1.25 c (a margin: see _draft_len), so on a CPU where every row costs nearly as much as a token
@@ -26,7 +26,9 @@ are almost free (memory-bound fp32) it drafts freely.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -71,33 +73,33 @@ class _Row:
 
 
 class _Cost:
-    """Seconds per decode forward as a + b × rows, fitted by decayed least squares over the steps seen."""
+    """Seconds per decode forward as a + b × rows: a line through the median time of each row count
+    (the last WINDOW forwards of each), so a shared machine's spikes do not bend it."""
 
-    DECAY = 0.98
+    WINDOW, FLOOR = 15, 0.1  # FLOOR: the least a verified row is taken to cost, in plain tokens
 
     def __init__(self) -> None:
-        self.n = self.x = self.y = self.xx = self.xy = 0.0
-        self.last = (0.0, 0.0)  # (a, b) of the last fit that saw two batch sizes
+        self.times: dict[int, deque[float]] = {}
+        self.last = (0.0, 0.0)  # (a, b) of the last fit that saw two row counts
         self.fitted = False
 
     def add(self, rows: int, seconds: float) -> None:
-        d = self.DECAY
-        self.n, self.x, self.y = d * self.n + 1, d * self.x + rows, d * self.y + seconds
-        self.xx, self.xy = d * self.xx + rows * rows, d * self.xy + rows * seconds
+        self.times.setdefault(rows, deque(maxlen=self.WINDOW)).append(seconds)
 
     def draft_cost(self, batch: int) -> float:
-        """c: one more verified row's cost, in plain tokens of a batch of `batch` rows; until two batch
-        sizes have been timed, 0.3 (drafts surviving 1 time in 2 are tried, which times other sizes)."""
-        if self.n >= 3:
-            mx, my = self.x / self.n, self.y / self.n
-            var = self.xx / self.n - mx * mx
-            if var > 0.1:  # else every recent step had (nearly) the same rows: keep the last fit
-                b = max((self.xy / self.n - mx * my) / var, 0.0)
-                self.last, self.fitted = (max(my - b * mx, 0.0), b), True
+        """c: one more verified row's cost, in plain tokens of a batch of `batch` rows; until two row
+        counts have been timed 3 times, 0.3 (drafts surviving 1 time in 2 are tried: that times others)."""
+        pts = [(r, statistics.median(t)) for r, t in self.times.items() if len(t) >= 3]
+        if len(pts) >= 2:
+            mx, my = statistics.fmean(r for r, _ in pts), statistics.fmean(y for _, y in pts)
+            var = statistics.fmean((r - mx) ** 2 for r, _ in pts)
+            b = max(statistics.fmean((r - mx) * (y - my) for r, y in pts) / var, 0.0)
+            self.last, self.fitted = (max(my - b * mx, 0.0), b), True
         if not self.fitted:
             return 0.3
         a, b = self.last
-        return b / (a / max(batch, 1) + b) if b > 0 else 0.0
+        c = b / (a / max(batch, 1) + b) if b > 0 else 0.0
+        return max(c, self.FLOOR)
 
 
 class _Chain:
