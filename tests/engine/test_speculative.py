@@ -150,6 +150,20 @@ def test_lookup_proposes_latest_continuation():
     assert lookup([4, 5, 4], 3, 2, 2) == []  # "5 4" never occurred before; 1-grams not allowed
 
 
+def test_layer_skip_draft_shares_the_target_cache(stories):
+    """A LayerSkip draft reads and writes the target's cache tensors of its layers (no prefill, no
+    catch-up); a draft model of its own keeps its own cache."""
+    from leanformer.engine.speculative import _DraftRunner
+
+    model, _ = stories
+    cache = KVCache.for_model(model, 1, 32)
+    shared = _DraftRunner(early_exit(model, 3), 32, model, cache)
+    assert shared.shared and len(shared.cache.k) == 3
+    assert all(a is b for a, b in zip(shared.cache.k + shared.cache.v, cache.k[:3] + cache.v[:3]))
+    own = _DraftRunner(_truncated(model, 3), 32, model, cache)
+    assert not own.shared and own.cache.k[0] is not cache.k[0]
+
+
 def test_lookup_drafts_from_the_prompt(stories):
     """16 tokens into the story's repeated opening, drafts come from the prompt (not only from the few
     tokens generated so far) and are kept."""

@@ -124,6 +124,7 @@ def early_exit(model: nn.Module, n_layers: int) -> nn.Module:
     draft._modules = dict(model._modules)
     draft.model = view
     draft.args = dataclasses.replace(model.args, num_hidden_layers=n_layers)
+    draft.early_exit_layers = n_layers  # speculative decoding shares the target's cache for these
     if hasattr(model, "_decode_plan"):
         draft._decode_plan = type(model._decode_plan)()  # its own fused stack over the first n blocks
     return draft
@@ -156,18 +157,45 @@ def resolve_speculative(spec: Speculative | str | None, model: nn.Module) -> Spe
 
 
 class _DraftRunner:
-    """The draft model's own cache; it holds seq[:length] and catches up before each proposal."""
+    """The draft model's cache; it holds seq[:length] and catches up before each proposal.
 
-    def __init__(self, draft: nn.Module, max_seq: int) -> None:
+    A LayerSkip draft (early_exit's view of the target's first n blocks) shares the target's cache for
+    those layers instead: whatever the target wrote there is what the draft would have computed (same
+    blocks, same tokens), so it never prefills or catches up (a catch-up of many tokens runs the int4
+    prefill path, ~10x a decode step per token batch); what it writes past the target's length (its
+    drafts) is overwritten by the verification forward before the target reads it."""
+
+    def __init__(self, draft: nn.Module, max_seq: int, target: nn.Module, target_cache: KVCache) -> None:
         self.model = draft
-        self.cache = KVCache.for_model(draft, 1, max_seq)
+        n = getattr(draft, "early_exit_layers", 0)
+        ours, theirs = getattr(draft.model, "layers", ()), getattr(target.model, "layers", ())
+        self.shared = n > 0 and all(a is b for a, b in zip(ours, list(theirs)[:n])) and len(ours) == n
+        if self.shared:
+            self.target_cache = target_cache
+            self.cache = copy.copy(target_cache)  # the first n layers' tensors, its own lengths
+            self.cache.k, self.cache.v = target_cache.k[:n], target_cache.v[:n]
+            self.cache.k_scale, self.cache.v_scale = target_cache.k_scale[:n], target_cache.v_scale[:n]
+            self.cache.lengths = target_cache.lengths.clone()
+        else:
+            self.cache = KVCache.for_model(draft, 1, max_seq)
         self.length = 0
+
+    def prefill(self, prompt: list[int]) -> None:
+        """Run the prompt through a draft with its own cache (with the target's prefill, not in decode)."""
+        if not self.shared:
+            self.model(torch.tensor([prompt]), cache=self.cache, slots=torch.tensor([0]))
+            self.cache.advance(torch.tensor([0]), len(prompt))
+            self.length = len(prompt)
 
     def propose(
         self, seq: list[int], k: int, params: SamplingParams, gen
     ) -> tuple[list[int], torch.Tensor | None]:
         """k drafts and, when sampling, their distributions q [k, V]."""
-        # 1 token, 2 after a round that accepted every draft, more after plain steps, the prompt at first
+        # 1 token, 2 after a round that accepted every draft, more after plain steps; a shared cache
+        # holds all but the last token already (the target's own cache invariant)
+        if self.shared:
+            self.length = int(self.target_cache.lengths[0])
+            self.cache.lengths[0] = self.length
         new = seq[self.length :]
         logits = self.model(torch.tensor([new]), cache=self.cache, slots=torch.tensor([0]))[:, -1]
         self.cache.advance(torch.tensor([0]), len(new))
@@ -189,8 +217,9 @@ class _DraftRunner:
 
     def rollback(self, seq_len: int, k: int, accepted: int) -> None:
         """After a round from a seq of seq_len tokens: the cache holds seq + drafts 1..k-1; keep the accepted."""
-        self.length = seq_len + min(accepted, k - 1)
-        self.cache.truncate(0, self.length)
+        if not self.shared:  # a shared cache re-reads the target's length at the next proposal
+            self.length = seq_len + min(accepted, k - 1)
+            self.cache.truncate(0, self.length)
 
 
 class Controller:
@@ -294,7 +323,8 @@ def speculative_decode(
     stats.decode_s grows after every step, so it is right however early the caller stops iterating."""
     cache = KVCache.for_model(model, 1, len(prompt) + max_new_tokens)
     gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-    runner = _DraftRunner(spec.model, len(prompt) + max_new_tokens) if isinstance(spec, DraftModel) else None
+    draft = isinstance(spec, DraftModel)
+    runner = _DraftRunner(spec.model, len(prompt) + max_new_tokens, model, cache) if draft else None
     index = None if runner is not None else NgramIndex(spec.ngram, spec.min_ngram)
     if index is not None:
         index.extend(prompt)  # drafts come from the prompt and the text so far
@@ -304,6 +334,8 @@ def speculative_decode(
     t0 = time.perf_counter()
     logits = model(torch.tensor([prompt]), cache=cache)[:, -1].float()
     cache.advance(one, len(prompt))
+    if runner is not None:
+        runner.prefill(prompt)
     seq = list(prompt)
     token = int(sample(logits, params, gen, None)[0])
     if stats is not None:
