@@ -159,8 +159,7 @@ class PolicyCache(KVCache):
         self.step_ids: torch.Tensor | None = None
         self.scored, self.replaying = False, False
         self.pending: list[dict[int, int]] = [{} for _ in range(self.n_slots)]
-        self.replay = None
-        self.replay_s = 0.0  # seconds spent replaying (what H2O on the fused step costs)
+        self.replay, self.replay_s = None, 0.0  # and the seconds spent replaying (H2O's fused-step cost)
 
     @classmethod
     def for_model(cls, model, n_slots: int, policy: Policy, total: int, prompt_len: int) -> PolicyCache:
