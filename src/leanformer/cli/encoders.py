@@ -286,9 +286,11 @@ def add_parser(sub) -> None:
     p.add_argument("--ray", action="store_true", help=RAY_HELP)
     p.add_argument(
         "--attention", choices=["dense", "local", "lsh"], default="dense",
-        help="local: sliding window (--window); lsh: Reformer-style buckets (--bucket-size, --hashes)",
+        help="local: block-local attention (blocks of --window tokens see their own and the neighbouring blocks); lsh: Reformer-style buckets (--bucket-size, --hashes)",
     )  # fmt: skip
-    p.add_argument("--window", type=ck.positive_int, default=256, help="local: keys this far on each side")
+    p.add_argument(
+        "--window", type=ck.positive_int, default=256, help="local: block length; every key within it is seen"
+    )
     p.add_argument("--bucket-size", type=ck.positive_int, default=64, help="lsh: tokens per chunk")
     p.add_argument("--hashes", type=ck.int_range(1, 17), default=2, help="lsh: hash rounds (1-16)")
     p.add_argument(
