@@ -2,12 +2,13 @@
 
 The same requests run with the request field "speculative" set to "off" and to the method, alternately
 (the order flips every round), on one server after a warm-up over every prompt (so both find the
-prompts in the prefix cache and see the same machine load); the report gives, per
-workload, the median output tokens/s of each and their ratio, and the server's acceptance rate
-(from /metrics) over the speculative runs. Workloads (measure/bench/speculative.py's prompts):
-input-grounded (rewrite a passage: the reply copies the prompt, where prompt lookup helps) and
-open-ended (write a story: little to copy; speculation must not cost much). A model with a chat
-template gets chat requests (/v1/chat/completions), one without gets the text as a completion prompt.
+prompts in the prefix cache and see the same machine load). The report gives, per workload, the median
+output tokens/s of each, the median over rounds of on / off (each round's two runs are back to back),
+and the server's acceptance rate (from /metrics) over the speculative runs. Workloads
+(measure/bench/speculative.py's prompts): input-grounded (rewrite a passage: the reply copies the
+prompt, where prompt lookup helps) and open-ended (write a story: little to copy; speculation must not
+cost much). A model with a chat template gets chat requests (/v1/chat/completions), one without gets
+the text as a completion prompt.
 
     leanformer bench-serve smollm2 --speculative prompt-lookup --concurrency 4 --requests 8 --max-tokens 128
 """
@@ -81,11 +82,14 @@ def measure(url: str, model_id: str, args) -> dict:
                 if mode != "off":
                     drafted += after[0] - before[0]
                     accepted += after[1] - before[1]
-        off, on = statistics.median(speeds["off"]), statistics.median(speeds[method])
+        # paired by round (the two runs of a round are adjacent in time): the machine's drift lands on
+        # both sides of each ratio
+        ratios = [on / off for on, off in zip(speeds[method], speeds["off"])]
         out[name] = {
             "off_tok_s": speeds["off"],
             "on_tok_s": speeds[method],
-            "speedup": on / off,
+            "ratios": ratios,
+            "speedup": statistics.median(ratios),
             "acceptance": accepted / drafted if drafted else 0.0,
             "drafted": drafted,
         }
@@ -118,7 +122,8 @@ def bench_speculative(args) -> dict:
     for name, r in results.items():
         print(
             f"{name}: {args.concurrency} streams, output tokens/s off {statistics.median(r['off_tok_s']):.1f}, "
-            f"{args.speculative} {statistics.median(r['on_tok_s']):.1f} ({r['speedup']:.2f}×), "
+            f"{args.speculative} {statistics.median(r['on_tok_s']):.1f}; per-round ratio median "
+            f"{r['speedup']:.2f}× ({', '.join(f'{x:.2f}' for x in r['ratios'])}), "
             f"acceptance {r['acceptance']:.2f} of {r['drafted']:.0f} drafted"
         )
     if args.json:
