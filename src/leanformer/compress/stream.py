@@ -70,6 +70,29 @@ def _layer_of(name: str) -> int | None:
     return int(name[len(LAYERS) :].split(".", 1)[0]) if name.startswith(LAYERS) else None
 
 
+def _module_groups(file_names: list[str]) -> list[list[str]]:
+    """A layer's file tensors grouped by the module they load into: q/k/v (fused into qkv_proj) and
+    gate/up (gate_up_proj) together, every other module on its own, in file order."""
+    groups: dict[str, list[str]] = {}
+    for n in file_names:
+        module = n.rsplit(".", 1)[0]
+        for parts, fused in (
+            ((".q_proj", ".k_proj", ".v_proj"), ".qkv"),
+            ((".gate_proj", ".up_proj"), ".gate_up"),
+        ):
+            for part in parts:
+                if module.endswith(part):
+                    module = module[: -len(part)] + fused
+        groups.setdefault(module, []).append(n)
+    return list(groups.values())
+
+
+def _read(model: nn.Module, name: str) -> bool:
+    """Whether the Linear `name` holds read (not meta) float weights, i.e. is ready to round."""
+    w = getattr(model.get_submodule(name), "weight", None)
+    return isinstance(w, torch.Tensor) and not w.is_meta
+
+
 def plan_stages(model: nn.Module, stages: list[QuantConfig]) -> list[list[str]]:
     """Every stage's target Linears in the in-memory order (a structure-only run on a meta copy):
     also every check `apply` makes (targets match, group sizes divide) before any weight is read."""
@@ -155,9 +178,16 @@ def stream_apply(
         _rtn(model, stages[k], [n for n in todo if n not in by_rows])
 
     def read_layer(j: int, before: range) -> None:
+        if cal is None:  # round-to-nearest: one Linear (q|k|v, gate|up fused) read and rounded at a
+            for group in _module_groups(by_layer[j]):  # time, so a layer is never whole in float
+                lazy.read_into(model, group)
+                for k in before:
+                    _rtn(model, stages[k], [n for n in names[k] if _layer_of(n) == j and _read(model, n)])
+                trim_heap()  # the float copy just rounded, before the next is read
+            return
         lazy.read_into(model, by_layer[j])
-        if lazy.speed_up is not None and cal is not None:  # as `load` leaves it: the calibration
-            lazy.speed_up(layers[j])  # forward runs the same kernels (round-to-nearest reads W only)
+        if lazy.speed_up is not None:  # as `load` leaves it: the calibration forward runs the same
+            lazy.speed_up(layers[j])  # kernels (round-to-nearest reads W only)
         for k in before:
             stage_on(k, j)
         trim_heap()
