@@ -9,6 +9,12 @@ next layer is read. Calibrated methods (GPTQ, AWQ) run their usual sequential wa
 (calibrate.iter_scopes) with `BlockHooks` that read each layer just before it is calibrated, so the
 calibration activations pass from one layer to the next and the float model is never whole.
 
+What stays off the peak: round-to-nearest reads and rounds one module at a time (q|k|v, gate|up); an LM
+head rounded per row (int8, plain int4), tied table included, is read from the file in row slices
+(stream_rows.py; calibration looks its rows up in the file meanwhile) and, with calibration, built
+after the walk; the walk's hidden states live in a temporary file (spill.py); the heap is trimmed
+after every module. Measured peaks: docs/BENCHMARKS.md (issue #12).
+
 Same result as compressing in memory, bit for bit: each stage meets every Linear in the state the
 in-memory order gives it (stages before the calibrated one are applied to a layer before its
 statistics, stages after it once the hidden states have passed through it), and the calibration
