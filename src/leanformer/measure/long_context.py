@@ -268,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     import json
     from pathlib import Path
 
-    import leanformer as lf
     from leanformer.hub import resolve_model
+    from leanformer.loading import load
     from leanformer.measure.evaluate import read_text, tokenize
     from leanformer.models.kv_policy import HeavyHitters
 
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="bench-results/h2o_decode.json")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    model, tok = lf.load(resolve_model(a.model))
+    model, tok = load(resolve_model(a.model))
     prompt = tokenize(tok, read_text(a.data, 40 * a.prompt_len))[: a.prompt_len]
     modes = {
         "full cache": None,
