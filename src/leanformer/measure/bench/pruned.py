@@ -66,6 +66,16 @@ def peak_rss_mb(model: str) -> tuple[float, float]:
     return int(peak) / 1024, int(now) / 1024
 
 
+def decode_speed(model, vocab: int, new_tokens: int) -> float:
+    """Batch-1 greedy decode tokens/s (64-token prompt; median timed step of 2 runs after a warm-up),
+    as `leanformer compress` measures it."""
+    from leanformer.measure.bench.runner import decode_rate, leanformer_decode_steps
+
+    prompt = torch.randint(10, vocab, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    leanformer_decode_steps(model, [prompt], 4)
+    return decode_rate([leanformer_decode_steps(model, [prompt], new_tokens) for _ in range(2)], 1)
+
+
 def _load(name: str):
     from leanformer.hub import resolve_model
     from leanformer.loading import load
@@ -74,7 +84,6 @@ def _load(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from leanformer.cli.compress import decode_speed
     from leanformer.hub import resolve_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
