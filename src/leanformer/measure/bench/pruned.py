@@ -6,7 +6,8 @@
 BASE is the original (a folder or a known name such as smollm2, read dequantized to fp32), each FOLDER a
 `leanformer compress` output. For each: the weight file's bytes; the peak RSS of a fresh process that
 only loads it (`ru_maxrss`, load-independent) and its RSS once loaded (VmRSS); greedy decode tokens/s at batch 1 (64-token prompt,
-median timed step), every model in one process, interleaved over `rounds` rounds, reported as the
+median timed step), every model in one process, interleaved over `rounds` rounds (each round starting
+one model later: the first of a round measured slower), reported as the
 ratio to BASE in the same round (median over rounds) with /proc/loadavg before and after.
 --sparse-memory also runs each folder holding a SparseStorage with memory "sparse" (compress/sparse.py);
 --module-path each folder without the fused C++ decode step (what a LowRankLinear cost before it fused).
@@ -122,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         model.fused_decode = not key.endswith("[module path]")
     vocab = next(iter(models.values())).args.vocab_size
     rates: dict[str, list[float]] = {k: [] for k in models}
+    keys = list(models)
     for r in range(args.rounds):
-        for k, model in models.items():
-            rates[k].append(decode_speed(model, vocab, args.new_tokens))
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:  # each round starts one model later:
+            rates[k].append(decode_speed(models[k], vocab, args.new_tokens))  # the first runs slower
         print(f"round {r + 1}: " + ", ".join(f"{v[-1]:.1f}" for v in rates.values()), flush=True)
     base = next(iter(rates))
     for k in rates:
