@@ -24,6 +24,7 @@ from leanformer.compress import (
     prune_,
     quantize_,
 )
+from leanformer.compress.sparse import SparseStorage
 from leanformer.distributed import parallelize_, pipeline_
 from leanformer.encoders.build import load_encoder
 from leanformer.encoders.embed import classify, embed
@@ -58,6 +59,7 @@ __all__ = [
     "PruneFFN",
     "PruneLayers",
     "SparseGPT",
+    "SparseStorage",
     "Wanda",
     "prune_",
     "LeanformerError",
