@@ -66,3 +66,25 @@ def test_option_is_validated(tiny_dirs):
         int8_activations(model)
     set_decode_activations(model, "auto")
     assert int8_activations(model) in (True, False)
+
+
+def test_symmetric_int4_skips_zeros_until_they_change(tiny_dirs):
+    """All-zero zero points (GGUF Q4_0's symmetric blocks) make the int4 kernel skip reading them; an
+    in-place write to the zeros after the step was built must bring them back (decode.cpp q4_zeros)."""
+    model, _ = lf.load(tiny_dirs["qwen2"])
+    lf.quantize_(model, lf.Int4WeightOnly(group_size=32))
+    int4 = [m for m in model.modules() if hasattr(m, "zeros") and hasattr(m, "decode_operands")]
+    with torch.no_grad():
+        for m in int4:
+            m.zeros.zero_()
+    sym = logits_for(model, "int8")  # the plan is built here, with every zero point 0
+    assert float((sym - logits_for(model, "fp32")).norm() / sym.norm()) < 0.03
+    stack = model._decode_plan.stack
+    with torch.no_grad():
+        for m in int4:
+            m.zeros.add_(0.01)  # same tensors: the plan is not rebuilt
+    shifted = logits_for(model, "int8")
+    assert model._decode_plan.stack is stack
+    model._decode_plan.reset()  # a fresh plan sees nonzero zeros from the start
+    assert torch.equal(shifted, logits_for(model, "int8"))
+    assert not torch.equal(shifted, sym)
