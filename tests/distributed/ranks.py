@@ -32,8 +32,11 @@ def outputs(model, n_new: int = 12) -> dict:
         step = model(prefill[:, -1:].argmax(-1), cache, slots)
     greedy = generate(model, None, PROMPT, max_new_tokens=n_new, ignore_eos=True)
     heads, layers = cache.k[0].shape[1], len(cache.k)
-    block = model.model.layers[0]
-    down = getattr(block, "layers", [block])[0].mlp.down_proj  # a pipeline Stage holds its blocks
+    from leanformer.distributed.tensor_parallel import blocks_of
+
+    block = blocks_of(model)[0]
+    mlp = getattr(block, "layers", [block])[0].mlp  # a pipeline Stage holds its blocks
+    down = getattr(mlp, "down_proj", None) or mlp.c_proj  # Llama / GPT-2
     kind = type(getattr(down, "linear", down)).__name__  # the module doing the math (inside AllReduceLinear)
     return (
         {"full": full, "step": step, "greedy": greedy, "cache_heads": heads, "cache_layers": layers}

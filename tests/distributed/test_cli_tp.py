@@ -56,10 +56,12 @@ def test_tp_without_torchrun_is_one_line(shared, capsys):
     assert err.startswith("error: --tp 2 needs 2 processes") and "torchrun" in err and "\n" not in err
 
 
-@pytest.mark.parametrize("bad", ["0", "-1", "two"])
-def test_bad_tp_values_are_refused(shared, capsys, bad):
-    assert main(["generate", _stories(shared), "--tp", bad]) == 2
-    assert "--tp" in capsys.readouterr().err
+@pytest.mark.parametrize("command", ["generate", "bench", "serve"])
+@pytest.mark.parametrize("bad", ["0", "-1", "two", "1e9"])
+def test_bad_tp_values_are_refused(shared, capsys, bad, command):
+    assert main([command, _stories(shared), "--tp", bad]) == 2
+    err = capsys.readouterr().err
+    assert "--tp" in err and "Traceback" not in err
 
 
 def test_tp_and_pp_together_are_refused(shared, capsys):
@@ -93,3 +95,80 @@ def test_torchrun_eval_tp2_prints_the_single_process_perplexity(shared, capsys):
     run = subprocess.run([*_torchrun(2), *args, "--tp", "2"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout == single
+
+
+def _bench_worker(rank: int, init: str, path: str, out: str) -> None:
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from leanformer.cli.bench_tp import measure_split
+    from leanformer.distributed import parallelize_
+    from leanformer.loading import load
+    from leanformer.measure.bench.runner import BenchConfig
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    try:
+        model, _ = load(path)
+        parallelize_(model)
+        cfg = BenchConfig(path, prompt_tokens=8, new_tokens=3, batches=[1, 2], repeats=1)
+        torch.save(measure_split(model, cfg, 0.5 + rank), f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bench_figures_are_the_slowest_ranks(shared, tmp_path):
+    """measure_split on 2 forked ranks: every figure is reduced over the ranks (both report the same
+    numbers; load time is the slower rank's), weights are one rank's shard, the ceiling is positive."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from leanformer.loading import load
+
+    load(_stories(shared))  # first: the forked ranks inherit what building a model imports
+    mp.start_processes(
+        _bench_worker,
+        args=(str(tmp_path / "rdv"), _stories(shared), str(tmp_path)),
+        nprocs=2,
+        start_method="fork",
+    )
+    rows = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
+    for key in (
+        "prefill_tok_s",
+        "ttft_ms",
+        "decode_tok_s_b1",
+        "decode_tok_s_b2",
+        "ceiling_tok_s",
+        "peak_rss_mb",
+    ):
+        assert rows[0][key] == rows[1][key] > 0, key
+    assert rows[0]["load_s"] == 1.5 and rows[0]["tp"] == 2
+    assert rows[0]["size_mb_all_ranks"] > rows[0]["size_mb"] > 0
+
+
+@pytest.mark.slow
+def test_torchrun_bench_tp2_prints_one_table(shared, tmp_path):
+    """bench --tp 2: rank 0 prints the table once, every rank timed (figures > 0, JSON written by rank 0)."""
+    out = tmp_path / "bench.json"
+    args = ["bench", _stories(shared), "--prompt-tokens", "16", "--new-tokens", "4", "--batch", "1", "2"]
+    args += ["--repeats", "1", "--json", str(out), "--tp", "2"]
+    run = subprocess.run([*_torchrun(2), *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("decode tokens/s, batch 2") == 1 and "leanformer tp2" in run.stdout
+    assert "all 2 ranks together" in run.stdout
+    import json
+
+    row = json.loads(out.read_text())["results"][0]
+    assert row["tp"] == 2 and row["decode_tok_s_b1"] > 0 and row["decode_tok_s_b2"] > 0
+    assert row["size_mb_all_ranks"] > row["size_mb"] > 0  # each rank holds a shard, not the model
+
+
+@pytest.mark.parametrize("extra", [["--peers", "transformers"], ["--recipe", "int8"]])
+def test_bench_tp_refuses_other_engines(shared, capsys, extra):
+    assert main(["bench", _stories(shared), "--tp", "2", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: bench --tp measures MODEL split") and extra[0] in err and "\n" not in err

@@ -35,11 +35,13 @@ def test_two_ranks_match_one_process(tiny_dirs, shared, tmp_path):
         "qwen2": tiny_dirs["qwen2"],  # qkv bias, tied embeddings
         "stories260K": stories,  # 8 heads, 4 KV heads, 172 MLP channels
         "mistral": tiny_dirs["mistral"],  # 1 KV head: cannot be split in 2
+        "gpt2": tiny_dirs["gpt2"],  # 4 heads (MHA), c_fc / c_proj with biases, learned positions
     }
     jobs = [(k, str(v), "float32", "tp") for k, v in models.items()]
     # quantized shards: int8 per channel (columns keep their row scales), int4 cut at group boundaries
     # (the tiny llama's 96 MLP channels in groups of 32: 64 + 32)
     quantized = {"llama-int8": "llama", "llama-int4": "llama", "stories260K-int8": "stories260K"}
+    quantized |= {"gpt2-int8": "gpt2", "gpt2-int4": "gpt2"}  # GPT-2's 256 MLP channels: 128 + 128
     jobs += [(k, str(models[v]), k.rsplit("-", 1)[1], "tp") for k, v in quantized.items()]
     results = run_ranks(2, jobs, tmp_path / "out")
     for name, path in [*models.items(), *((k, models[v]) for k, v in quantized.items())]:
@@ -97,3 +99,16 @@ def test_sharded_cache_is_smaller(shared):
     model, _ = load(shared / "models" / "stories260K" / "stories260K.bin")
     model.args = dataclasses.replace(model.args, num_key_value_heads=2)
     assert KVCache.for_model(model, 1, 16).k[0].shape == torch.Size([1, 2, 16, 8])
+
+
+@pytest.mark.slow
+def test_gpt2_real_weights_two_ranks(shared, tmp_path):
+    """A real GPT-2 (an HF folder under ../shared/models whose name has gpt2), when there is one: 12
+    heads split 6 + 6, 3072 MLP channels 1536 + 1536; fp32 over 12 layers, so 1e-3 as for SmolLM2."""
+    found = sorted(p for p in (shared / "models").glob("*gpt2*") if (p / "config.json").exists())
+    if not found:
+        pytest.skip("no GPT-2 weights in ../shared/models")
+    results = run_ranks(2, [("gpt2", str(found[0]), "float32", "tp")], tmp_path / "out")
+    ref = outputs(load_as(str(found[0])))
+    for got in results["gpt2"]:
+        _same(ref, got, ref["cache_heads"], 2, 1e-3)

@@ -295,10 +295,13 @@ def test_real_minilm_sst2_probe(tmp_path):
 
 def test_cli_train_probe_export_prune(tmp_path, tiny, capsys):
     from leanformer.cli.encoders import add_parser as add_encoder_commands
+    from leanformer.cli.prune_encoders import add_parser as add_prune_commands
 
     d = tiny[0]
     parser = argparse.ArgumentParser()
-    add_encoder_commands(parser.add_subparsers())
+    commands = parser.add_subparsers()
+    add_encoder_commands(commands)
+    add_prune_commands(commands)
     data = tmp_path / "train.tsv"
     data.write_text("sentence\tlabel\n" + "".join(f"{s}\t{i % 2}\n" for i, s in enumerate(SENTENCES)))
     out = tmp_path / "with-probe"

@@ -117,14 +117,26 @@ def test_too_long_for_the_pool_is_refused_and_waiting_is_fifo(stories):
     sched = PagedScheduler(stories, None, max_batch=4, max_seq=64, num_blocks=6, block_size=4)
     with pytest.raises(LeanformerError, match="KV cache holds 24 tokens"):
         sched.check(make([1, 2, 3], 30)[0])
-    jobs = [make([1, 2 + i, 3], 12) for i in range(3)]  # 4 blocks each: one at a time
+    jobs = [make([1, 2 + i] + [3] * 15, 4) for i in range(3)]  # prompt + first token: 5 blocks each
     for req, _ in jobs:
         sched.submit(req)
     sched.step()
     assert sched.n_running == 1 and sched.n_waiting == 2
     run(sched)
-    assert all(s.reason == "length" and len(s.tokens) == 12 for _, s in jobs)
+    assert all(s.reason == "length" and len(s.tokens) == 4 for _, s in jobs)
     assert_no_leak(sched)
+
+
+def test_preemption_many_long_requests_in_few_blocks(stories):
+    """Blocks are taken as tokens come: 6 requests are admitted on 2 blocks each, run out of blocks,
+    and the newest are preempted and recomputed; every output equals the request served alone."""
+    prompts = [[1, 9 + i, 30 + i, 7] for i in range(6)]
+    sched = PagedScheduler(stories, None, max_batch=6, max_seq=64, num_blocks=16, block_size=4)
+    got = serve_all(sched, prompts, [40] * 6)
+    assert sched.preemptions_total > 0
+    assert got == [lf.generate(stories, None, p, max_new_tokens=40, ignore_eos=True) for p in prompts]
+    assert_no_leak(sched)
+    assert not sched.preempted
 
 
 def test_block_manager_lru_refcounts_and_exact_keys():
@@ -143,7 +155,7 @@ def test_block_manager_lru_refcounts_and_exact_keys():
     t3 = bm.admit([5, 6, 7, 8, 9], 8)  # needs every block: the cached ones are evicted
     bm.grow(t3, 8)
     assert bm.n_cached == 0 and bm._lookup([1, 2, 3, 4, 5]) == []
-    with pytest.raises(LeanformerError, match="outgrew"):
+    with pytest.raises(LeanformerError, match="no free KV block"):  # the scheduler preempts first
         bm.grow(t3, 9)
 
 

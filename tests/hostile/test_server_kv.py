@@ -27,6 +27,12 @@ BAD = [
         "2048",
         "cannot hold one request of --max-seq 2048",
     ],
+    ["--window", "0", "--window must be at least 1"],
+    ["--window", "8.5", "expects an integer"],
+    ["--sinks", "-1", "--sinks must be at least 0"],
+    ["--sinks", "4", "--sinks goes with --window"],
+    ["--speculative", "ngram", "invalid choice"],
+    ["--window", "64", "--speculative", "prompt-lookup", "does not combine with --window"],
 ]
 
 
@@ -42,3 +48,5 @@ def test_kv_flag_edges_are_accepted():
     args = p.parse_args(["serve", M, "--block-size", "1", "--kv-blocks", "1", "--no-prefix-cache"])
     assert (args.block_size, args.kv_blocks, args.no_prefix_cache, args.kv_cache) == (1, 1, True, "paged")
     assert p.parse_args(["serve", M, "--kv-cache", "slots", "--block-size", "1024"]).kv_cache == "slots"
+    args = p.parse_args(["serve", M, "--window", "1", "--sinks", "0", "--speculative", "off"])
+    assert (args.window, args.sinks, args.speculative) == (1, 0, "off")

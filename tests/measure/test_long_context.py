@@ -6,7 +6,13 @@ import pytest
 import torch
 
 import leanformer as lf
-from leanformer.measure.long_context import needle_prompt, prompt_perplexity, run_window, stream_perplexity
+from leanformer.measure.long_context import (
+    decode_rate,
+    needle_prompt,
+    prompt_perplexity,
+    run_window,
+    stream_perplexity,
+)
 from leanformer.models.kv_policy import HeavyHitters, SinkWindow, SnapKV
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,3 +60,11 @@ def test_needle_prompt_holds_the_key_at_its_depth(shared):
     text = tok.decode(p)
     assert "12345" in text and text.rstrip().endswith("The pass key is")
     assert 0.3 < text.index("12345") / len(text) < 0.7
+
+
+def test_decode_rate_times_h2o_replays_on_the_fused_step(llama):
+    x = ids(120)
+    full = decode_rate(llama, x, None, 30)
+    h2o = decode_rate(llama, x, HeavyHitters(30, sinks=2, chunk=8), 30)
+    assert full["tok_s"] > 0 and full["replay_s"] == 0
+    assert h2o["replay_s"] > 0 and h2o["kv_mb"] < full["kv_mb"]  # evicted 3 times, replayed first

@@ -37,20 +37,35 @@ def _close_on_real(got, want, mask, tol=2e-6):
     assert (got - want)[real].abs().max() < tol
 
 
-@pytest.mark.parametrize("window", [49, 50, 64, 200])
-def test_local_window_covering_the_input_equals_dense(window):
+@pytest.mark.parametrize("window", [25, 26, 50, 64, 200])
+def test_local_with_blocks_covering_the_input_equals_dense(window):
+    """Two blocks or fewer: each query's own and neighbouring blocks hold every key."""
     q, k, v, mask = _qkv()
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
     _close_on_real(local_attention(q, k, v, mask, window), want, mask)
 
 
-@pytest.mark.parametrize("window", [1, 5, 17])
-def test_local_equals_dense_with_the_band_mask(window):
+def _block_band(t: int, window: int) -> torch.Tensor:
+    """[T, T] reference mask of block-local attention: key j is seen by query i when their blocks of
+    `window` are the same or adjacent."""
+    block = torch.arange(t) // window
+    return (block[:, None] - block[None, :]).abs() <= 1
+
+
+@pytest.mark.parametrize("window", [1, 5, 8, 17])
+def test_local_equals_dense_with_the_block_band_mask(window):
     q, k, v, mask = _qkv()
-    i = torch.arange(q.shape[2])
-    band = (i[:, None] - i[None, :]).abs() <= window  # [T, T]: |i - j| <= window
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=band & mask[:, None, None, :])
+    allowed = _block_band(q.shape[2], window) & mask[:, None, None, :]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
     _close_on_real(local_attention(q, k, v, mask, window), want, mask)
+    i = torch.arange(q.shape[2])
+    assert _block_band(q.shape[2], window)[(i[:, None] - i[None, :]).abs() <= window].all()  # ⊇ window
+
+
+def test_local_is_finite_where_a_block_is_all_padding():
+    q, k, v, mask = _qkv(pad_from=10)  # row 1: blocks 3.. of 4 tokens hold padding only
+    out = local_attention(q, k, v, mask, 4)
+    assert torch.isfinite(out).all()
 
 
 def test_lsh_one_chunk_equals_dense():
@@ -159,3 +174,14 @@ def test_real_minilm_local_and_lsh_covering_equal_dense_at_300_tokens():
     np.testing.assert_allclose(got, dense, atol=2e-6)
     local = embed(model, tok, [text], max_length=n, attention="local", window=64)
     assert 0.5 < float((local * dense).sum()) < 0.999  # a window of 64 changes it (measured 0.84)
+
+
+def test_plain_matmul_fallback_matches_the_flash_kernel():
+    """With autograd (or without torch's private flash op) the same attention runs as plain matmuls."""
+    q, k, v, mask = _qkv()
+    for fn in (lambda *x: local_attention(*x, mask, 8), lambda *x: lsh_attention(*x, mask, 8, 2, 1)):
+        flash = fn(q, k, v)
+        with torch.enable_grad():
+            plain = fn(q.requires_grad_(), k, v).detach()
+        q.requires_grad_(False)
+        _close_on_real(plain, flash, mask, tol=1e-5)

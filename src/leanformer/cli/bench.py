@@ -8,6 +8,7 @@ from pathlib import Path
 
 from leanformer.cli import args as ck
 from leanformer.cli.common import (
+    TP_HELP,
     input_paths,
     model_command,
     print_table,
@@ -80,10 +81,16 @@ def bench_table(rows: list[dict], batches: list[int]) -> tuple[list[str], list[l
 def cmd_bench(args) -> None:
     import dataclasses
 
+    if getattr(args, "tp", 1) > 1:  # under torchrun: the split model measured in place (cli/bench_tp.py)
+        from leanformer.cli.bench_tp import footnote, run_split
+
+        if (done := run_split(args)) is not None:  # rank 0
+            _report(args, *done, [footnote(done[1])])
+        return None
     if args.speculative:
         return cmd_speculative(args)
 
-    from leanformer.measure.bench.peers import machine, run_peer
+    from leanformer.measure.bench.peers import run_peer
     from leanformer.measure.bench.runner import BenchConfig, run_engine
 
     if args.json:
@@ -111,16 +118,24 @@ def cmd_bench(args) -> None:
     for peer in peers:
         print(f"benchmarking {peer} (converting, then its own process) ...", file=sys.stderr, flush=True)
         rows.append(run_peer(cfg, peer))
+    _report(args, cfg, rows, [f"{r['label']}: not measured: {r['error']}" for r in rows if "error" in r])
+
+
+def _report(args, cfg, rows: list[dict] | dict, notes: list[str]) -> None:
+    """The table (and --json) of one bench run; `notes` printed under it."""
+    from leanformer.measure.bench.peers import machine
+
+    rows = [rows] if isinstance(rows, dict) else rows
     where = machine()
     header, body = bench_table(rows, cfg.batches)
-    title = f"bench {args.model}: {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens"
+    tp = f" --tp {args.tp}" if getattr(args, "tp", 1) > 1 else ""
+    title = f"bench {args.model}{tp}: {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens"
     print(f"CPU: {where['summary']}")
     print_table(title, header, body)
-    for r in rows:
-        if "error" in r:
-            print(f"{r['label']}: not measured: {r['error']}")
+    for note in notes:
+        print(note)
     if args.json:
-        doc = {"config": vars(cfg), "machine": where, "results": rows}
+        doc = {"config": vars(cfg) | ({"tp": args.tp} if tp else {}), "machine": where, "results": rows}
         write_file_atomic(args.json, json.dumps(doc, indent=2))
 
 
@@ -152,5 +167,6 @@ def add_parser(sub) -> None:
         "input-grounded and an open-ended workload; uses --new-tokens, --repeats (rounds), --prompts, --passages",
     )
     p.add_argument("--prompts", type=ck.positive_int, default=3, help="--speculative: prompts per workload")
+    p.add_argument("--tp", type=ck.positive_int, default=1, metavar="N", help=TP_HELP)
     p.add_argument("--passages", default=None, help="--speculative: text file whose paragraphs are rewritten")
     p.set_defaults(func=cmd_bench)

@@ -1,5 +1,5 @@
 """Encoder commands for the `leanformer` CLI: embed | train-probe | export (encoders and decoder LMs) |
-prune-heads | prune-encoder | eval-encoder, and the encoder branch of `leanformer eval` (eval_encoder, with the options of
+eval-encoder, and the encoder branch of `leanformer eval` (eval_encoder, with the options of
 add_encoder_eval_arguments). main.py calls add_parser(subparsers)."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ OVERWRITE_HELP = (
 )
 
 
-def _resolve(name_or_path: str) -> str:
+def resolve_encoder(name_or_path: str) -> str:
     try:  # known names (e.g. all-minilm-l6-v2) come from the lead's hub
         from leanformer.hub import resolve_model
 
@@ -60,7 +60,7 @@ def load(model: str, backend: str = "torch", loaded: tuple | None = None):
     from leanformer.encoders.build import load_encoder
     from leanformer.export.encoder import export_onnx, load_onnx_encoder
 
-    path = Path(_resolve(model)).expanduser()
+    path = Path(resolve_encoder(model)).expanduser()
     if not path.exists():
         raise LeanformerError(f"model path not found: {path}")
     if is_onnx_export(path):
@@ -80,7 +80,7 @@ def _fmt_diffs(report: dict) -> str:
     return ", ".join(f"{k} {v:.2e}" for k, v in report["max_abs_diff"].items())
 
 
-def _read_lines(src: str) -> list[str]:
+def read_lines(src: str) -> list[str]:
     if src == "-":
         return [line.rstrip("\n") for line in sys.stdin if line.strip()]
     p = Path(src)
@@ -89,9 +89,9 @@ def _read_lines(src: str) -> list[str]:
     return [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _existing(model: str) -> list[str]:
+def existing_paths(model: str) -> list[str]:
     """The input model's path when it is one: outputs must never overwrite it."""
-    path = Path(_resolve(model)).expanduser()
+    path = Path(resolve_encoder(model)).expanduser()
     return [str(path)] if path.exists() else []
 
 
@@ -110,7 +110,7 @@ def cmd_embed(args) -> None:
     from leanformer.encoders.embed import embed
 
     if args.output:  # before reading stdin and loading the model
-        check_output_file(args.output, _existing(args.model))
+        check_output_file(args.output, existing_paths(args.model))
     if args.ray:
         from leanformer.distributed.ray_jobs import require_ray
 
@@ -118,14 +118,14 @@ def cmd_embed(args) -> None:
         if args.backend != "torch":
             raise LeanformerError("--ray runs the torch backend on every worker; drop --backend onnxruntime")
     long = _long_options(args)  # before reading stdin and loading the model
-    texts = _read_lines(args.input)
+    texts = read_lines(args.input)
     if not texts:
         raise LeanformerError(f"no text to embed in {args.input} (one text per non-empty line)")
     model, tok = load(args.model, args.backend)
     if args.ray:  # the same batches, spread over Ray workers: the same numbers, in input order
         from leanformer.measure.ray_split import embed_ray
 
-        emb = embed_ray(_resolve(args.model), model, tok, texts, args.batch_size, args.normalize)
+        emb = embed_ray(resolve_encoder(args.model), model, tok, texts, args.batch_size, args.normalize)
     else:
         emb = embed(model, tok, texts, args.batch_size, normalize=args.normalize, **long)  # [N, D] float32
     if args.output and args.output.endswith(".npy"):
@@ -165,7 +165,7 @@ def cmd_train_probe(args) -> None:
         raise LeanformerError(
             f"{data} needs a header with columns {args.text_column!r} and {args.label_column!r}"
         )
-    src = Path(_resolve(args.model)).expanduser()
+    src = Path(resolve_encoder(args.model)).expanduser()
     out = Path(args.output).expanduser() if args.output else src
     in_place = out.resolve() == src.resolve()  # the default: probe files added beside the model's
     if not in_place:  # a copy of the model folder with the probe, replacing only an earlier one
@@ -201,8 +201,12 @@ def cmd_export(args) -> None:
     given = args.out or args.output
     if not given:
         raise LeanformerError("give the output folder: `leanformer export MODEL OUT` (or --output OUT)")
-    out = check_output_dir(given, args.overwrite, _existing(args.model), ours=_is_export, kind="ONNX export")
-    model, tok = load_model(_resolve(args.model), fast=False)  # plain Linears: what the exporter traces
+    out = check_output_dir(
+        given, args.overwrite, existing_paths(args.model), ours=_is_export, kind="ONNX export"
+    )
+    model, tok = load_model(
+        resolve_encoder(args.model), fast=False
+    )  # plain Linears: what the exporter traces
     bert = getattr(model, "family", "") == "bert"
     if args.legacy_exporter and not bert:
         raise LeanformerError("--legacy-exporter is for encoders: decoders need the dynamo exporter (GQA)")
@@ -224,70 +228,6 @@ def cmd_export(args) -> None:
     )
 
 
-def _load_for_pruning(args):
-    """prune-heads / prune-encoder: output and --calibration checked first, then (model, tok)."""
-    from leanformer.encoders.build import load_encoder
-
-    if args.output:  # before loading and pruning
-        check_output_dir(args.output, args.overwrite, _existing(args.model))
-    if args.calibration and not Path(args.calibration).expanduser().is_file():
-        raise LeanformerError(f"--calibration file not found: {args.calibration}")
-    return load_encoder(_resolve(args.model))
-
-
-def _calibration_texts(args) -> list[str]:
-    """--calibration lines, or the first --limit SST-2 train sentences."""
-    from leanformer.encoders.quality import glue_path, read_tsv
-
-    if args.calibration:
-        return _read_lines(args.calibration)[: args.limit]
-    return [r["sentence"] for r in read_tsv(glue_path("sst2", "train"), args.limit)]
-
-
-def cmd_prune_heads(args) -> None:
-    from leanformer.encoders.prune_heads import prune_heads_, prune_heads_auto_
-    from leanformer.encoders.quality import eval_stsb
-
-    model, tok = _load_for_pruning(args)
-    if args.heads:
-        prune_heads_(model, args.heads)  # already {layer: [heads]} (cli_args.heads_json)
-    else:
-        texts = _calibration_texts(args)
-        prune_heads_auto_(model, tok, texts, args.fraction, method=args.method, steps=args.steps)
-    print(f"heads per layer: {model.args.heads_per_layer}; pruned: {model.config.get('pruned_heads')}")
-    if args.eval:
-        print(f"STS-B Spearman: {eval_stsb(model, tok)['stsb_spearman']:.4f}")
-    if args.output:
-        from leanformer.loading import save
-
-        print(f"saved to {save(model, tok, args.output, overwrite=args.overwrite)}")
-
-
-def cmd_prune_encoder(args) -> None:
-    from leanformer.encoders.prune_encoder import prune_encoder_
-    from leanformer.encoders.quality import eval_stsb
-
-    model, tok = _load_for_pruning(args)
-    texts = _calibration_texts(args)
-    before = eval_stsb(model, tok)["stsb_spearman"] if args.eval else None
-    r = prune_encoder_(
-        model, tok, texts, args.fraction, args.head_fraction, args.multiple, args.method, args.steps,
-        refit=not args.no_refit,
-    )  # fmt: skip
-    print(
-        f"removed {r['removed_fraction']:.1%} of the block weights ({r['block_params_before']:,} → "
-        f"{r['block_params_after']:,}); heads per layer {r['heads_per_layer']}; "
-        f"FFN widths {r['intermediate_sizes']}"
-    )
-    if args.eval:
-        after = eval_stsb(model, tok)["stsb_spearman"]
-        print(f"STS-B Spearman: {before:.4f} → {after:.4f} ({after - before:+.4f})")
-    if args.output:
-        from leanformer.loading import save
-
-        print(f"saved to {save(model, tok, args.output, overwrite=args.overwrite)}")
-
-
 def add_encoder_eval_arguments(p: argparse.ArgumentParser) -> None:
     """Options the encoder branch of `leanformer eval` reads (all optional)."""
     p.add_argument(
@@ -306,7 +246,7 @@ def eval_encoder(args, model=None, tok=None) -> dict:
 
     backend = getattr(args, "backend", "torch")
     if getattr(args, "json", None):  # before the evaluation, not after
-        check_output_file(args.json, _existing(args.model))
+        check_output_file(args.json, existing_paths(args.model))
     if model is None or backend != "torch":
         model, tok = load(args.model, backend, None if model is None else (model, tok))
     # cli's eval --batch-size defaults to 1 for decoders; encoders batch 32 unless told otherwise
@@ -386,52 +326,6 @@ def add_parser(sub) -> None:
         "--legacy-exporter", action="store_true", help="encoders: TorchScript exporter instead of dynamo"
     )
     p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("prune-heads", help="remove attention heads (by importance on calibration text)")
-    p.add_argument("model")
-    p.add_argument(
-        "--fraction", type=ck.float_range(0.0, 1.0, high_open=True), default=0.25,
-        help="share of all heads to remove, in [0, 1)",
-    )  # fmt: skip
-    p.add_argument("--method", choices=["taylor", "norm"], default="taylor")
-    p.add_argument(
-        "--steps", type=ck.positive_int, default=4, help="prune in N rounds, re-ranking after each"
-    )
-    p.add_argument(
-        "--heads",
-        type=ck.heads_json,
-        default=None,
-        help='explicit JSON {"layer": [heads]} instead of --fraction',
-    )
-    p.add_argument("--calibration", default=None, help="text file (default: 512 SST-2 train sentences)")
-    p.add_argument("--limit", type=ck.positive_int, default=512)
-    p.add_argument("--eval", action="store_true", help="report STS-B Spearman after pruning")
-    p.add_argument("--output", default=None, help="save the pruned model here (reloads pruned)")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.set_defaults(func=cmd_prune_heads)
-
-    p = sub.add_parser(
-        "prune-encoder", help="remove a share of the block weights: attention heads + FFN channels"
-    )
-    p.add_argument("model")
-    p.add_argument(
-        "--fraction", type=ck.float_range(0.0, 1.0, high_open=True), default=0.3,
-        help="share of the attention + FFN weights to remove, in [0, 1) (default 0.3)",
-    )  # fmt: skip
-    p.add_argument(
-        "--head-fraction", type=ck.float_range(0.0, 1.0, high_open=True), default=None,
-        help="share of the heads to remove (default: half of --fraction); the FFN gives the rest",
-    )  # fmt: skip
-    p.add_argument("--multiple", type=ck.positive_int, default=32, help="FFN widths a multiple of this")
-    p.add_argument("--method", choices=["taylor", "norm"], default="taylor", help="head importance")
-    p.add_argument("--steps", type=ck.positive_int, default=4, help="head pruning rounds")
-    p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of the outputs")
-    p.add_argument("--calibration", default=None, help="text file (default: 512 SST-2 train sentences)")
-    p.add_argument("--limit", type=ck.positive_int, default=512)
-    p.add_argument("--eval", action="store_true", help="report STS-B Spearman before and after")
-    p.add_argument("--output", default=None, help="save the pruned model here (reloads pruned)")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.set_defaults(func=cmd_prune_encoder)
 
     p = sub.add_parser("eval-encoder", help="STS-B / SST-2 / cosine-to-reference for an encoder")
     p.add_argument("model")

@@ -156,14 +156,14 @@ def _per_layer(args, model, reference, ids: list[int]) -> list[dict]:
 
     import torch
 
-    from leanformer.measure.diagnose import per_layer_errors, table_rows
+    from leanformer.measure.diagnose import ignore_pattern, per_layer_errors, table_rows
 
     n = min(args.per_layer_windows, len(ids) // args.window)
     windows = torch.tensor(ids[: n * args.window]).view(n, args.window)
     rows = per_layer_errors(model, reference, windows, top=args.per_layer_top)
     header = ["layer", "module", "local rel. error", "KLD with only this layer compressed"]
     print_table(f"per-layer error ({n} windows; worst first)", header, table_rows(rows))
-    worst = [r.name for r in rows[:3] if r.kld_alone]
+    worst = [ignore_pattern(r) for r in rows[:3] if r.kld_alone]
     if worst:
         print(f"to keep the worst layers in full precision, add to the recipe's ignore list: {worst}")
     return [dataclasses.asdict(r) for r in rows]

@@ -8,10 +8,34 @@ import warnings
 from pathlib import Path
 
 from leanformer.cli import args as ck
-from leanformer.cli import bench, compress, distill, encoders, evaluate, generate, optimize, report, serve
+from leanformer.cli import (
+    bench,
+    compress,
+    distill,
+    encoders,
+    evaluate,
+    generate,
+    optimize,
+    prune_encoders,
+    report,
+    serve,
+)
 from leanformer.errors import LeanformerError
 
-COMMAND_GROUPS = (generate, evaluate, bench, compress, serve, encoders, distill, report, optimize)
+DESCRIPTION = "Make Transformer models fast and small on the CPU you have, and measure what it costs."
+
+COMMAND_GROUPS = (
+    generate,
+    evaluate,
+    bench,
+    compress,
+    serve,
+    encoders,
+    prune_encoders,
+    distill,
+    report,
+    optimize,
+)
 
 
 def cmd_pull(args) -> None:
@@ -33,7 +57,7 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> ck.OneLineParser:
-    parser = ck.OneLineParser(prog="leanformer", description=__doc__)
+    parser = ck.OneLineParser(prog="leanformer", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for group in COMMAND_GROUPS:
         group.add_parser(sub)

@@ -98,6 +98,15 @@ def add_parser(sub) -> None:
         help="serve N copies of the model as a Ray Serve deployment (requests spread over them; joins "
         "the Ray cluster at $RAY_ADDRESS, else starts a local one); needs pip install 'leanformer[ray]'",
     )
+    p.add_argument(
+        "--tp",
+        type=ck.positive_int,
+        default=1,
+        metavar="N",
+        help="tensor parallel over N processes (rank 0 serves HTTP, every rank runs each forward): "
+        "torchrun --standalone --nproc-per-node N -m leanformer serve MODEL --tp N",
+    )
+    add_window_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
@@ -105,6 +114,21 @@ def add_parser(sub) -> None:
     )
     add_bench_args(p)
     p.set_defaults(func=cmd_bench_serve)
+
+
+def add_window_flags(p: argparse.ArgumentParser) -> None:
+    """serve's --window / --sinks (engine/windowed.py) and --speculative (engine/spec_batch.py)."""
+    p.add_argument(
+        "--window", type=ck.positive_int, default=None, metavar="W",
+        help="sliding window: each request keeps its --sinks first tokens and newest W, and may run past "
+        "the model's context up to --max-seq tokens in bounded memory (static slots)",
+    )  # fmt: skip
+    p.add_argument("--sinks", type=ck.non_negative_int, default=None, help="with --window: sinks kept (4)")
+    p.add_argument(
+        "--speculative", choices=["prompt-lookup", "off"], default=None,
+        help='default of the request field "speculative": prompt-lookup drafts for greedy requests, '
+        "verified in the batch",
+    )  # fmt: skip
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -134,6 +158,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         help="mixed lengths: prompts 1-8x long, max_tokens 1/4..1 of --max-tokens",
     )
     p.add_argument(
+        "--speculative", choices=["prompt-lookup"], default=None,
+        help="compare speculation on vs off (request field) on input-grounded and open-ended prompts",
+    )  # fmt: skip
+    p.add_argument("--rounds", type=ck.positive_int, default=2, help="--speculative: on/off rounds")
+    p.add_argument("--passages", default=None, help="--speculative: text file whose paragraphs are rewritten")
+    p.add_argument(
         "--serve-args",
         default=[],
         type=str.split,
@@ -146,16 +176,26 @@ def cmd_serve(args) -> None:
 
     try:
         from leanformer.serve.app import serve
+        from leanformer.serve.options import check_options
     except ImportError as e:
         raise LeanformerError(
             f"serving needs FastAPI and uvicorn: pip install 'leanformer[serve]' ({e})"
         ) from None
     _check_kv_args(args)
+    check_options(args.window, args.sinks, args.speculative)  # before the model loads
     path = resolve_model(args.model)
     if args.replicas is not None:
         from leanformer.serve.replicas import serve_replicas as serve  # noqa: F811 (same keywords)
 
         serve = functools.partial(serve, replicas=args.replicas)
+    if args.tp > 1:  # under torchrun: rank 0 serves, the others mirror its forwards (serve/tp.py)
+        if args.replicas is not None:
+            raise LeanformerError(
+                "use --tp or --replicas, not both (replicas of a split model are not supported)"
+            )
+        from leanformer.serve.tp import serve_tp
+
+        serve = functools.partial(serve_tp, tp=args.tp)
     serve(
         path,
         host=args.host,
@@ -178,6 +218,9 @@ def cmd_serve(args) -> None:
         shutdown_timeout=args.shutdown_timeout,
         max_body_mb=args.max_body_mb,
         stall_timeout=args.stall_timeout,
+        window=args.window,
+        sinks=args.sinks,
+        speculative=args.speculative,
     )
 
 

@@ -103,6 +103,7 @@ def faster_when_factorised(lin: nn.Linear, rank: int, margin: float = 0.95) -> t
     """Times y = x W^T against y = (x D^T) U^T for one decode row x [1, K] (random factors: speed does
     not depend on the values); factorised wins only if below `margin` × dense. Returns (wins, speed-up)."""
     lr = empty_lowrank(lin, rank)
+    lr.down, lr.up = rebuilt_like(lin, lr.down), rebuilt_like(lin, lr.up)  # the factors' real class (GEMV)
     x = torch.randn(1, lin.in_features, dtype=lin.weight.dtype, device=lin.weight.device)
     dense, factored = _median_call_s(lin, x), _median_call_s(lr, x)
     return factored < margin * dense, dense / factored

@@ -1,4 +1,5 @@
-"""Tensor parallel for a built Llama-family model (models/llama.py) over torch.distributed.
+"""Tensor parallel for a built Llama-family model (models/llama.py) or GPT-2 (models/gpt2.py) over
+torch.distributed.
 
 Megatron-style, two all-reduces per layer, nothing in models/ knows about it:
 
@@ -6,9 +7,11 @@ Megatron-style, two all-reduces per layer, nothing in models/ knows about it:
   that attend to them (GQA maps q head i to kv head i // (H/kv), so both are contiguous chunks):
   its rows of qkv_proj and its columns of o_proj. Its KV cache then holds only kv/N heads.
 - the MLP is split by channels: rank r keeps channels [lo, hi) of gate and of up (rows of
-  gate_up_proj) and the same columns of down_proj (SiLU(gate) * up is per channel, so no exchange).
-- o_proj and down_proj become `AllReduceLinear`: the local partial product [B, T, hidden] is summed
-  over the ranks, then the bias is added once.
+  gate_up_proj) and the same columns of down_proj (SiLU(gate) * up is per channel, so no exchange);
+  GPT-2: rows [lo, hi) of c_fc (with its bias) and columns of c_proj (GELU is per channel too).
+- o_proj and down_proj / c_proj become `AllReduceLinear`: the local partial product [B, T, hidden]
+  is summed over the ranks, then the bias is added once. GPT-2 has one head per KV head (MHA), so
+  its attention splits by heads; its learned positions and LayerNorms stay replicated.
 
 Embedding, norms and the LM head stay replicated, so every rank holds the same logits and samples
 the same token: no broadcast of tokens is needed (sampling with a temperature needs the same seed on
@@ -87,39 +90,51 @@ def check_tp(n_kv_heads: int, size: int, name: str = "tensor parallel size") -> 
         )
 
 
+# the projections parallelize_ slices (Llama: *_proj; GPT-2: c_fc, c_proj as well as qkv / o)
+_SHARDED = ("_proj", "c_fc", "c_proj")
+
+
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks: model.model.layers (Llama family) or model.transformer.h (GPT-2)."""
+    return model.transformer.h if getattr(model, "family", None) == "gpt2" else model.model.layers
+
+
 def _check_linears(model: nn.Module) -> None:
-    for name, module in model.model.layers.named_modules():
-        if name.endswith("_proj") and not (isinstance(module, nn.Linear) or is_quantized(module)):
+    for name, module in blocks_of(model).named_modules():
+        if name.endswith(_SHARDED) and not (isinstance(module, nn.Linear) or is_quantized(module)):
             raise LeanformerError(
                 f"tensor parallel shards float, int8 and int4 Linears; {name} is a {type(module).__name__}"
             )
 
 
-def check_splittable(model: nn.Module, kind: str) -> None:
-    """One-line errors before any split: no process group, not a Llama-family model, already split."""
+def check_splittable(model: nn.Module, kind: str, families: tuple[str, ...] = ("llama",)) -> None:
+    """One-line errors before any split: no process group, not a family in `families`, already split."""
     if not dist.is_available() or not dist.is_initialized():
         raise LeanformerError(
             f"{kind} needs a process group: run under torchrun and call "
             "torch.distributed.init_process_group first"
         )
-    if getattr(model, "family", None) != "llama" or not hasattr(model, "model"):
+    family = getattr(model, "family", None)
+    if family not in families or not hasattr(model, "transformer" if family == "gpt2" else "model"):
+        names = "the Llama family (Llama, Mistral, Qwen2, SmolLM)" + (
+            " and GPT-2" if "gpt2" in families else ""
+        )
         raise LeanformerError(
-            f"{kind} supports the Llama family (Llama, Mistral, Qwen2, SmolLM); "
-            f"this model is {getattr(model, 'family', type(model).__name__)!r}"
+            f"{kind} supports {names}; this model is {getattr(model, 'family', type(model).__name__)!r}"
         )
     if getattr(model, "tp", None) is not None or getattr(model, "pp", None) is not None:
         raise LeanformerError("this model is already split (parallelize_ / pipeline_ ran); load it again")
 
 
 def parallelize_(model: nn.Module, group=None) -> nn.Module:
-    """Shard a built Llama-family model in place over `group` (default: the whole world); returns it.
+    """Shard a built Llama-family or GPT-2 model in place over `group` (default: the whole world); returns it.
 
     Every rank of the group must call this on the same model. Afterwards `model.args` reports this
     rank's head counts (so KVCache.for_model sizes the cache [slots, kv/N, seq, head_dim]) and
     `model.tp = (rank, size)`. The fused C++ decode step is turned off: it runs every layer in one
     call and has no place for the all-reduces; decode takes the module path.
     """
-    check_splittable(model, "tensor parallel")
+    check_splittable(model, "tensor parallel", ("llama", "gpt2"))
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     a = model.args
     check_tp(a.num_key_value_heads, size)
@@ -131,17 +146,23 @@ def parallelize_(model: nn.Module, group=None) -> nn.Module:
     v0 = k0 + a.num_key_value_heads * d
     v_rows = (v0 + rank * kv * d, v0 + (rank + 1) * kv * d)
     with torch.no_grad():
-        for block in model.model.layers:
-            attn, mlp = block.self_attn, block.mlp
+        for block in blocks_of(model):
+            attn, mlp = getattr(block, "self_attn", None) or block.attn, block.mlp
             attn.qkv_proj = _rows(attn.qkv_proj, [q_rows, k_rows, v_rows])
             attn.o_proj = _cols(attn.o_proj, *q_rows, group)  # o_proj's inputs are the q heads' outputs
             attn.n_heads, attn.n_kv_heads = h, kv
+            if model.family == "gpt2":
+                lo, hi = _share(mlp.c_fc.out_features, rank, size, column_unit(mlp.c_proj))
+                mlp.c_fc, mlp.c_proj = _rows(mlp.c_fc, [(lo, hi)]), _cols(mlp.c_proj, lo, hi, group)
+                continue
             lo, hi = _share(mlp.inter, rank, size, column_unit(mlp.down_proj))
             # gate_up_proj rows: gate [inter] | up [inter]
             mlp.gate_up_proj = _rows(mlp.gate_up_proj, [(lo, hi), (mlp.inter + lo, mlp.inter + hi)])
             mlp.down_proj = _cols(mlp.down_proj, lo, hi, group)
             mlp.inter = hi - lo
-    model.args = dataclasses.replace(a, num_attention_heads=h, num_key_value_heads=kv)
+    # GPT-2's args derive the KV heads from the heads (a property, not a field)
+    local = {"num_attention_heads": h} | ({"num_key_value_heads": kv} if model.family == "llama" else {})
+    model.args = dataclasses.replace(a, **local)
     model.fused_decode = False
     model.tp = (rank, size)
     return model

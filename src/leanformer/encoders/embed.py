@@ -75,8 +75,9 @@ def embed(
 
     normalize: None follows the model (sentence-transformers' Normalize module); True/False forces it.
     `model` is a models.bert.Model or an export.OrtEncoder (ONNX Runtime); both expose .embed and .args.
-    attention: "dense" (default) | "local" (window=256: keys within that distance) | "lsh" (bucket_size=64,
-    hashes=2, seed=0) or a LongAttention (models/bert_attention.py); torch models only.
+    attention: "dense" (default) | "local" (window=256: blocks of that many tokens, each seeing its own and
+    the neighbouring blocks, so every key within `window`) | "lsh" (bucket_size=64, hashes=2, seed=0) or a
+    LongAttention (models/bert_attention.py); torch models only.
     max_length: tokens kept per text (default: the model's trained limit). Longer than the position table,
     positions= "interpolate" (default) or "repeat" says how positions past its end are read.
     """

@@ -10,10 +10,11 @@ key id is a number given once per registered block and never reused, so a block'
 prefix, a lookup walks the prompt block by block, and no hash collision can hand one request another
 prompt's KV (vLLM hashes the same chain; equality on the token tuple makes it exact).
 
-Admission by blocks: a request reserves, when admitted, every block its prompt + max_tokens can need
-(less the blocks it finds cached). A request whose blocks are not free waits in the queue, first come
-first served; nothing is ever preempted or recomputed, and a running sequence can always grow. Blocks
-are taken lazily (as positions are written), so reserved blocks keep serving prefix hits until used.
+Admission by blocks: a request reserves, when admitted, the blocks its prompt and first generated
+token need (less the blocks it finds cached); it waits in the queue, first come first served, while they
+are not free. Later tokens take free blocks as they are written (`grow`); when none is left the
+scheduler preempts a request (engine/paged.py) to make room. Blocks are taken lazily (as positions are
+written), so reserved blocks keep serving prefix hits until used.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ class BlockManager:
     @property
     def n_used(self) -> int:
         return self.num_blocks - len(self.free)
+
+    @property
+    def spare(self) -> int:
+        """Free blocks nobody has been promised."""
+        return len(self.free) - self.reserved
 
     @property
     def n_cached(self) -> int:
@@ -110,13 +116,14 @@ class BlockManager:
         """Give `table` blocks for its first n_tokens positions → [(index in table, block)] added."""
         added = []
         while len(table.blocks) * self.block_size < n_tokens:
-            if table.reserved < 1:
-                raise LeanformerError("a sequence outgrew the blocks it reserved (a scheduler bug)")
+            if table.reserved > 0:
+                table.reserved -= 1
+                self.reserved -= 1
+            elif self.spare < 1:
+                raise LeanformerError("no free KV block left (a scheduler bug: it should have preempted)")
             block, _ = self.free.popitem(last=False)  # the least recently freed
             self._uncache(block)
             self.refs[block] = 1
-            table.reserved -= 1
-            self.reserved -= 1
             added.append((len(table.blocks), block))
             table.blocks.append(block)
         return added

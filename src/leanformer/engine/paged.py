@@ -2,9 +2,15 @@
 
 PagedScheduler is the Scheduler (engine/scheduler.py) with its KV-memory hooks filled in by a
 BlockManager (engine/block_manager.py) over a PagedKVCache (models/paged_cache.py):
-- admission is by free blocks, not by slots × max_seq: a request reserves the blocks its prompt +
-  max_tokens can need, minus the blocks of its prompt already cached, and waits (first in line) until
-  they are free; a running request therefore never runs out and nothing is preempted;
+- admission is by free blocks, not by slots × max_seq: a request reserves the blocks of its prompt and
+  first generated token, minus the blocks of its prompt already cached, and waits (first in line)
+  until they are free; later tokens take blocks as they come (a request without max_tokens no longer
+  holds a whole context);
+- preemption (vLLM's "recompute"): when the running requests' next tokens need more blocks than are
+  free, the newest request is preempted: its blocks are freed (the full ones stay in the prefix cache)
+  and it goes back to the front of the queue with its tokens so far; readmitted, it prefills
+  prompt + generated tokens (mostly prefix hits) and goes on where it stopped, its next token already
+  chosen, its sampler and detokenizer state kept, so its output is what it would have been;
 - a request whose prompt starts with cached full blocks (same system prompt, same few-shot examples,
   the earlier turns of a chat) reads their KV and prefills only the rest;
 - every block a sequence fills (prompt or generated) is offered to the prefix cache as it fills.
@@ -16,12 +22,16 @@ up to float rounding of a differently shaped prefill (tests/engine/test_paged.py
 
 from __future__ import annotations
 
+import time
+from collections import deque
+
 import torch
 
 from leanformer.engine.block_manager import BlockManager
 from leanformer.engine.cache import plan_cache
 from leanformer.engine.request import SeqState
 from leanformer.engine.scheduler import Scheduler
+from leanformer.engine.windowed import WindowScheduler, describe_window, window_scheduler
 from leanformer.errors import LeanformerError
 from leanformer.kernels.modules import MAX_ROWS
 from leanformer.models.paged_cache import PagedKVCache
@@ -95,6 +105,9 @@ class PagedScheduler(Scheduler):
         cache = PagedKVCache.for_model(model, max_batch, max_seq, num_blocks, block_size)
         super().__init__(model, tok, max_batch, max_seq, prefill_chunk, max_waiting, cache=cache)
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.preempted: deque[SeqState] = deque()  # readmitted before any waiting request
+        self.preemptions_total = 0
+        self._admitted = 0  # admission counter: the newest request is preempted first
 
     def check(self, req) -> None:
         super().check(req)
@@ -108,10 +121,12 @@ class PagedScheduler(Scheduler):
             )
 
     def _claim(self, seq: SeqState) -> bool:
-        req = seq.req
-        table = self.blocks.admit(req.prompt, len(req.prompt) + req.max_tokens)
+        table = self.blocks.admit(seq.fill, len(seq.fill) + 1)
         if table is None:
             return False
+        if getattr(seq, "order", None) is None:  # a readmitted request keeps its place
+            seq.order = self._admitted
+            self._admitted += 1
         seq.table = table
         n = len(table.blocks)
         if n:
@@ -132,6 +147,70 @@ class PagedScheduler(Scheduler):
             if n // bs > s.table.registered:  # a block just filled: worth building the token list
                 self.blocks.register(s.table, s.req.prompt + s.out, n)
 
+    # ---- preemption ----
+    def has_work(self) -> bool:
+        return bool(self.preempted) or super().has_work()
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self.waiting) + len(self.preempted)
+
+    def _need(self, s: SeqState, extra: int) -> int:
+        """Blocks s must still take to hold `extra` more tokens (beyond what it holds or reserved)."""
+        have = len(s.table.blocks) + s.table.reserved
+        return max(0, self.blocks.blocks_for(int(self.cache.lengths[s.slot]) + extra) - have)
+
+    def spare_blocks(self) -> int:
+        """Free blocks left once every running request has room for its next token (for drafts)."""
+        return self.blocks.spare - sum(self._need(s, 1) for s in self.running)
+
+    def _decode(self) -> None:
+        while self.running and self.spare_blocks() < 0:
+            self._preempt(max(self.running + self.prefilling, key=lambda s: s.order))
+        super()._decode()
+
+    def _preempt(self, s: SeqState) -> None:
+        """Free s's blocks and slot; it comes back first in line with prompt + its tokens to recompute."""
+        (self.running if s in self.running else self.prefilling).remove(s)
+        self._release(s)
+        self.free.append(s.slot)
+        s.fill = s.req.prompt + s.out[:-1] if s.out else s.req.prompt
+        s.resumed, s.prefilled = bool(s.out), 0  # resumed: s.next_token (= out[-1]) is already chosen
+        self.preempted.append(s)
+        self.preemptions_total += 1
+
+    def _admit(self) -> None:
+        while self.preempted and self.free:
+            self.free.sort()
+            s = self.preempted[0]
+            s.slot = self.free[0]
+            self.cache.reset(_tensor([s.slot]))
+            if not self._claim(s):
+                return  # new requests wait behind the preempted ones
+            self.preempted.popleft()
+            self.free.pop(0)
+            self.prefilling.append(s)
+        if not self.preempted:
+            super()._admit()
+
+    def _retire_cancelled(self) -> None:
+        super()._retire_cancelled()
+        now = time.monotonic()
+        for s in list(self.preempted):
+            r = s.req
+            why = "cancelled" if r.cancelled else None
+            if why is None and r.timeout is not None and now - r.submitted > r.timeout:
+                why = "timeout"
+            if why:
+                self.preempted.remove(s)
+                self._emit_final(r, why, len(s.out))
+
+    def abort_all(self, reason: str = "abort") -> None:
+        while self.preempted:
+            s = self.preempted.popleft()
+            self._emit_final(s.req, reason, len(s.out))
+        super().abort_all(reason)
+
     def _release(self, seq: SeqState) -> None:
         table = getattr(seq, "table", None)
         if table is not None:
@@ -147,10 +226,16 @@ def _tensor(xs: list[int]) -> torch.Tensor:
 def build_scheduler(
     model, tok, kv_cache: str, max_batch: int, max_seq: int, kv_budget_mb: float | None,
     kv_blocks: int | None, block_size: int, prefix_caching: bool, prefill_chunk: int, max_waiting: int,
+    kv_policy=None,
 ) -> Scheduler:  # fmt: skip
     """The server's scheduler: kv_cache "paged" (blocks, prefix caching) or "slots" (one static slot
-    of max_seq tokens per request, as many as kv_budget_mb holds, the fused C++ decode step)."""
-    if kv_cache == "slots":
+    of max_seq tokens per request, as many as kv_budget_mb holds, the fused C++ decode step).
+    kv_policy SinkWindow(...): sliding-window slots whatever kv_cache says (engine/windowed.py)."""
+    if kv_policy is not None:
+        sched = window_scheduler(
+            model, tok, kv_policy, max_batch, max_seq, kv_budget_mb, prefill_chunk, max_waiting
+        )
+    elif kv_cache == "slots":
         n_slots, max_seq = plan_cache(model, max_batch, max_seq, kv_budget_mb)
         sched = Scheduler(model, tok, n_slots, max_seq, prefill_chunk, max_waiting)
     elif kv_cache == "paged":
@@ -168,6 +253,8 @@ def build_scheduler(
 
 def describe(s: Scheduler) -> str:
     """One line for the server's start-up: what the KV cache holds."""
+    if isinstance(s, WindowScheduler):
+        return describe_window(s)
     mb = s.cache.nbytes() / 2**20
     if not isinstance(s, PagedScheduler):
         return f"KV cache: {s.cache.n_slots} slots × {s.max_seq} tokens = {mb:.0f} MB"

@@ -61,6 +61,7 @@ class Request:
     timeout: float | None = None  # seconds from submission to the last token; None: no limit
     emit: Callable[[Output], None] = _ignore  # called on the engine thread: must not block
     index: int = 0
+    speculative: str | None = None  # "prompt-lookup": drafts verified in the batch (engine/spec_batch.py)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cancelled: bool = False  # set from any thread (Engine.cancel); acted on at the next step
     submitted: float = 0.0
@@ -72,7 +73,11 @@ class SeqState:
 
     def __init__(self, req: Request, slot: int, tok, vocab: int) -> None:
         self.req, self.slot = req, slot
-        self.prefilled = 0  # prompt tokens already in the cache
+        # tokens to prefill: the prompt, or after a preemption (engine/paged.py) the prompt + all but
+        # the last generated token, recomputed; `resumed` then says the next token is already chosen
+        self.fill: list[int] = req.prompt
+        self.resumed = False
+        self.prefilled = 0  # tokens of `fill` already in the cache
         self.out: list[int] = []
         self.next_token: int | None = None  # sampled, not yet fed to the model
         self.generator = None

@@ -75,6 +75,8 @@ class Scheduler:
         self.vocab = model.args.vocab_size
         self.prefill_chunk = max(1, prefill_chunk)
         self.decode_rows: int | None = None  # None: every running row in one decode forward
+        self.row_chunk: int | None = None  # most prompt tokens of one row per prefill (None: the budget)
+        self.spec = None  # engine/spec_batch.py's SpecDecoder: per-request speculative decoding
         self.max_waiting = max_waiting
         self.free = list(range(n_slots))  # lowest slot first keeps the batch's slots compact
         self.waiting: deque[Request] = deque()
@@ -223,10 +225,10 @@ class Scheduler:
         batch: list[tuple[SeqState, int]] = []
         width = 0
         for s in self.prefilling:
-            n = min(len(s.req.prompt) - s.prefilled, budget)
+            n = min(len(s.fill) - s.prefilled, budget, self.row_chunk or budget)
             w = max(width, n)
-            starts = [b.prefilled for b, _ in batch] + [s.prefilled]
-            if batch and ((len(batch) + 1) * w > budget or max(starts) + w > self.max_seq):
+            starts = [int(self.cache.lengths[b.slot]) for b, _ in batch] + [int(self.cache.lengths[s.slot])]
+            if batch and ((len(batch) + 1) * w > budget or max(starts) + w > self.cache.max_seq):
                 break
             batch.append((s, n))
             width = w
@@ -235,31 +237,38 @@ class Scheduler:
         for row, (s, n) in enumerate(batch):
             s.prefilled += n
             self.prompt_tokens_total += n
-            if s.prefilled == len(s.req.prompt):
+            if s.prefilled == len(s.fill):
                 done_rows.append(row)
         done = [batch[r][0] for r in done_rows]
         self.prefilling = [s for s in self.prefilling if s not in done]
         self.running.extend(done)
-        if done:
-            self._sample_and_emit(done, logits[done_rows])
+        fresh = [r for r in done_rows if not batch[r][0].resumed]
+        for r in done_rows:  # a resumed request's next token was chosen before its preemption
+            batch[r][0].resumed = False
+        if fresh:
+            self._sample_and_emit([batch[r][0] for r in fresh], logits[fresh])
 
     def _prefill_forward(self, batch: list[tuple[SeqState, int]]) -> torch.Tensor:
         width = max(n for _, n in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)  # [B, T]
         for row, (s, n) in enumerate(batch):
-            ids[row, :n] = torch.tensor(s.req.prompt[s.prefilled : s.prefilled + n])
+            ids[row, :n] = torch.tensor(s.fill[s.prefilled : s.prefilled + n])
         slots = torch.tensor([s.slot for s, _ in batch])
         counts = torch.tensor([n for _, n in batch])
-        self._grow([s for s, _ in batch], [s.prefilled + n for s, n in batch])
+        self._grow([s for s, _ in batch], (self.cache.lengths[slots] + counts).tolist())
         logits = self.model(ids, cache=self.cache, slots=slots, logits_at=counts - 1)[:, -1].float()
-        self.cache.set_length(slots, torch.tensor([s.prefilled for s, _ in batch]) + counts)
+        # advance, not set: a window cache (engine/windowed.py) may have slid the row in begin()
+        self.cache.advance(slots, counts)
         self._computed([s for s, _ in batch])
         return logits
 
     def _decode(self) -> None:
         # rows per forward: the fused C++ decode step takes at most MAX_ROWS; more rows in one forward
         # would fall back to the module path (measured slower than two fused forwards, BENCHMARKS.md)
-        running, rows = list(self.running), self.decode_rows or len(self.running)
+        running = list(self.running)
+        if self.spec is not None:  # rows with drafts are verified (and emitted) there; the rest step plainly
+            running = self.spec.decode(self, running)
+        rows = self.decode_rows or max(1, len(running))
         for i in range(0, len(running), rows):
             seqs, logits = self._isolated(running[i : i + rows], self._decode_forward, "decode")
             if seqs:

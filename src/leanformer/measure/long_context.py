@@ -6,6 +6,8 @@
   decode tok/s at checkpoints. Memory is sampled from /proc (current RSS) and getrusage (peak).
 - prompt_perplexity: blocks of `prompt_len` tokens compressed by an eviction policy, then the next
   `score_len` tokens scored through the compressed cache: ΔPPL next to the full cache on the same blocks.
+- decode_rate: greedy decode tok/s after a long prompt through a policy's cache (H2O on the fused step
+  with its replays, or on the module path), `python -m leanformer.measure.long_context`.
 - needle_rate: "The pass key is NNNNN" hidden at a random depth in filler text; greedy answer after
   "What is the pass key? The pass key is"; the share of trials that return the number.
 """
@@ -232,3 +234,94 @@ def run_eviction(
         rows.append((name, f"{ppl:.3f}", delta, "-" if rate is None else f"{rate:.0%}"))
         report["runs"][name] = {"perplexity": ppl, "needle_rate": rate, "policy": repr(policy)}
     return rows, report
+
+
+@torch.inference_mode()
+def decode_rate(model, prompt: list[int], policy: Policy | None, new_tokens: int) -> dict:
+    """Greedy decode speed after `prompt` (prefilled untimed, in the pieces the cache takes) through
+    `policy`'s cache (None: the full cache) → {"tok_s", "replay_s" (H2O's replays, inside the timed
+    decode), "kv_mb"}."""
+    total = len(prompt) + new_tokens
+    cache = _cache(model, policy, total, len(prompt))
+    slots = torch.zeros(1, dtype=torch.long)
+    piece = getattr(cache, "piece", total)
+    with observe_queries(model, cache):
+        for lo in range(0, len(prompt), piece):
+            x = torch.tensor([prompt[lo : lo + piece]])
+            logits = model(x, cache=cache, slots=slots, logits_at=torch.tensor([x.shape[1] - 1]))
+            cache.advance(slots, x.shape[1])
+        replay_before = getattr(cache, "replay_s", 0.0)
+        token = logits[0, -1].argmax()
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            logits = model(token.view(1, 1), cache=cache, slots=slots)
+            cache.advance(slots, 1)
+            token = logits[0, -1].argmax()
+        seconds = time.perf_counter() - t0
+    replay_s = getattr(cache, "replay_s", 0.0) - replay_before
+    return {"tok_s": new_tokens / seconds, "replay_s": replay_s, "kv_mb": cache.nbytes() / 2**20}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Decode tok/s with H2O (fused step + replay, and the module path) vs the full cache, interleaved."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    import leanformer as lf
+    from leanformer.hub import resolve_model
+    from leanformer.measure.evaluate import read_text, tokenize
+    from leanformer.models.kv_policy import HeavyHitters
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("model", nargs="?", default="smollm2")
+    p.add_argument(
+        "--data", default=str(Path(__file__).resolve().parents[4] / "shared/data/tinyshakespeare/input.txt")
+    )
+    p.add_argument("--prompt-len", type=int, default=2048)
+    p.add_argument("--budget", type=float, default=0.25)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default="bench-results/h2o_decode.json")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    model, tok = lf.load(resolve_model(a.model))
+    prompt = tokenize(tok, read_text(a.data, 40 * a.prompt_len))[: a.prompt_len]
+    modes = {
+        "full cache": None,
+        "h2o, fused step + replay": HeavyHitters(a.budget),
+        "h2o, module path": HeavyHitters(a.budget),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in modes}
+    load = [Path("/proc/loadavg").read_text().strip()]
+    for _ in tqdm(range(a.repeats), desc="repeats"):
+        for name, policy in modes.items():  # interleaved: the load hits every mode alike
+            model.fused_decode = name != "h2o, module path"
+            runs[name].append(decode_rate(model, prompt, policy, a.new_tokens))
+    model.fused_decode = True
+    load.append(Path("/proc/loadavg").read_text().strip())
+    full = statistics.median(r["tok_s"] for r in runs["full cache"])
+    report = {
+        "model": a.model,
+        "prompt_len": len(prompt),
+        "budget": a.budget,
+        "new_tokens": a.new_tokens,
+        "loadavg": load,
+        "runs": runs,
+    }
+    print(
+        f"{a.model}, {len(prompt)}-token prompt, {a.new_tokens} new tokens, KV budget {a.budget}, load {load}"
+    )
+    for name, rs in runs.items():
+        tok_s = statistics.median(r["tok_s"] for r in rs)
+        share = statistics.median(r["replay_s"] * r["tok_s"] / a.new_tokens for r in rs)
+        print(
+            f"  {name:26s} {tok_s:6.1f} tok/s  {tok_s / full:5.2f}x full  replay {share:5.1%} of decode  KV {rs[0]['kv_mb']:.1f} MB"
+        )
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

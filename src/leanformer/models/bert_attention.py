@@ -1,17 +1,20 @@
 """Sparse attention for long encoder inputs (inference only): sliding-window and LSH-bucketed attention,
 and position tables stretched past the length an encoder was trained on.
 
-- local (sliding window, Longformer-style without global tokens): token i attends to the keys j with
-  |i - j| <= window. Queries go in blocks of `window`; each block reads one band of keys
-  [block start - window, block end + window) out of the padded keys (a strided view, no copy), so the
-  cost is T x 3·window instead of T x T. window >= T - 1 is dense attention.
+- local (block-local, as BigBird's sliding blocks without global tokens): the input is cut into blocks
+  of `window` tokens and each block's queries attend to the keys of their own block and of the block on
+  either side. Every key within `window` positions of a query is seen, and some up to 2·window - 1 away
+  (a query at a block's start sees one block back, at its end one block ahead). The cost is
+  T x 3·window instead of T x T, as one SDPA call over [B, H·n, window, D] queries against
+  [B, H·n, 3·window, D] keys (no [T, T] mask). Two blocks or fewer (window >= T / 2) is dense attention.
 - lsh (Reformer, Kitaev et al. 2020, angular LSH): each round draws a random rotation R [D, n/2] and
   hashes the unit-normalised queries and keys (a pretrained BERT has separate Q and K, unlike Reformer's
   shared QK, so both are hashed with the same R) to bucket argmax([xR, -xR]); queries and keys are
   sorted by (bucket, position) and cut into chunks of `bucket_size`; query chunk c attends to key chunks
-  c - 1, c, c + 1. Several rounds are merged by their log-sum-exp weights; a key that falls in a query's
-  chunks in r rounds gets its score lowered by log(r) in each (Reformer's duplicate correction), so the
-  merge is softmax over the union of the rounds' keys, each key once.
+  c - 1, c, c + 1 (one flash-attention call per round, as for local). Several rounds are merged by
+  their log-sum-exp weights; a key that falls in a query's chunks in r rounds gets its score lowered
+  by log(r) in each (Reformer's duplicate correction), so the merge is softmax over the union of the
+  rounds' keys, each key once.
 - positions past the position table: "interpolate" (a row longer than the table reads the table at
   fractional positions p·(P-1)/(len-1), linearly interpolated; a row that fits is unchanged) or "repeat"
   (position p reads row p mod P). Per row, never per batch: a text embeds the same in any batch.
@@ -21,6 +24,7 @@ Shapes: q, k, v [B, H, T, D]; key_mask [B, T] bool (True = real token) or None; 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -30,9 +34,6 @@ from leanformer.errors import LeanformerError
 
 KINDS = ("dense", "local", "lsh")
 POSITIONS = ("interpolate", "repeat")
-# local: queries per block. Smaller blocks read fewer keys outside the band (c + 2·window per block for
-# 2·window + 1 used) at more, smaller matmuls; 64 measured fastest at window 128-256 (AVX2, T = 2048).
-QUERY_BLOCK = 64
 _NEG = torch.finfo(torch.float32).min  # finite: a row with every key masked gives a uniform softmax, not NaN
 
 
@@ -41,7 +42,7 @@ class LongAttention:
     """How an encoder attends: kind dense | local | lsh, and how positions past the table are read."""
 
     kind: str = "dense"
-    window: int = 256  # local: keys within this distance on either side
+    window: int = 256  # local: block length; every key within this distance is seen (some to 2x)
     bucket_size: int = 64  # lsh: chunk length after sorting by bucket (each query sees 3 chunks)
     hashes: int = 2  # lsh: hash rounds
     seed: int = 0  # lsh: the random rotations (fixed: the same text embeds the same every call)
@@ -91,53 +92,69 @@ def lookup(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def long_attention(q, k, v, key_mask: torch.Tensor | None, spec: LongAttention, dense) -> torch.Tensor:
     """spec's attention over q/k/v [B, H, T, D] → [B, H, T, D]; `dense(q, k, v)` for the dense case."""
     t = q.shape[-2]
-    if spec.kind == "local" and spec.window < t - 1:
+    # two blocks / chunks or fewer: every query's own and neighbouring blocks hold every key — dense
+    if spec.kind == "local" and -(-t // spec.window) > 2:
         return local_attention(q, k, v, key_mask, spec.window)
-    if spec.kind == "lsh" and spec.bucket_size < t:
+    if spec.kind == "lsh" and -(-t // spec.bucket_size) > 2:
         return lsh_attention(q, k, v, key_mask, spec.bucket_size, spec.hashes, spec.seed)
-    return dense(q, k, v)  # the window / one chunk covers the whole input: exactly dense attention
+    return dense(q, k, v)
 
 
-def _bands(x: torch.Tensor, before: int, size: int, step: int, n: int, value=0.0) -> torch.Tensor:
-    """x [..., T, D] padded with `before` rows in front (and enough behind) → n bands of `size` rows
-    starting every `step` rows: [..., n, D, size] (unfold's layout: a strided view of the padded copy)."""
-    t = x.shape[-2]
-    after = (n - 1) * step + size - before - t
-    xp = F.pad(x, (0, 0, before, max(0, after)), value=value)
-    return xp.unfold(-2, size, step)
+def _neighbours(x: torch.Tensor, c: int, value=0.0) -> torch.Tensor:
+    """x [B, H, n·c(, D)] in n blocks of c → each block's previous, own and next block side by side
+    [B, H, n, 3c(, D)] (one copy; `value` fills the missing blocks at both ends)."""
+    tail = x.shape[3:]
+    b, h, n = x.shape[0], x.shape[1], x.shape[2] // c
+    xp = F.pad(x, (0, 0) * len(tail) + (c, c), value=value).view(b, h, n + 2, c, *tail)
+    return torch.cat([xp[:, :, :-2], xp[:, :, 1:-1], xp[:, :, 2:]], dim=3)
 
 
-def _softmax_av(scores: torch.Tensor, v_band: torch.Tensor) -> torch.Tensor:
-    """scores [..., c, L] (masked already), v_band [..., D, L] → out [..., c, D]. torch's fused softmax:
-    measured ~2.5x faster than logsumexp + exp on [12, 8, 256, 768] (AVX2, one thread)."""
-    return torch.matmul(torch.softmax(scores, dim=-1), v_band.transpose(-1, -2))
+def _attend(q, k, v, bias, lse: bool):
+    """softmax(q k^T / sqrt(D) + bias) v for q [B, G, c, D], k/v [B, G, L, D], bias broadcastable to
+    [B, G, c, L] → (out [B, G, c, D], log-sum-exp of the scores [B, G, c] or None). torch's CPU flash
+    kernel, which returns the log-sum-exp too (LSH merges its rounds by it); the plain matmuls where
+    that private op is missing."""
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if q.device.type != "cpu" or q.requires_grad or flash is None:
+        scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)) + bias  # [B, G, c, L]
+        out = torch.matmul(torch.softmax(scores, -1), v)
+        return out, (torch.logsumexp(scores, -1) if lse else None)
+    if not lse:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias), None
+    out, log_sum = flash(q, k, v, 0.0, False, attn_mask=bias.expand(*q.shape[:2], *bias.shape[2:]))
+    return out, log_sum
+
+
+def _key_bias(valid: torch.Tensor) -> torch.Tensor:
+    """valid [...] bool → additive score bias [...]: 0 where True, a finite -max where False (a query
+    whose keys are all padding gets a uniform softmax, not NaN)."""
+    return torch.zeros(valid.shape).masked_fill_(~valid, _NEG)
 
 
 def local_attention(q, k, v, key_mask: torch.Tensor | None, window: int) -> torch.Tensor:
-    """Sliding-window attention: query i sees keys j with |i - j| <= window (see the module docstring)."""
+    """Block-local attention: blocks of `window` queries attend to their own block and the blocks on
+    either side (see the module docstring). One SDPA call over [B, H·n, window, D] queries and
+    [B, H·n, 3·window, D] keys; the only mask is padding and the two missing blocks at the ends."""
     b, h, t, d = q.shape
-    c = min(QUERY_BLOCK, window, t)  # query block length
+    c = window
     n = -(-t // c)  # blocks
-    span = c + 2 * window  # keys a block reads
-    qb = F.pad(q, (0, 0, 0, n * c - t)).view(b, h, n, c, d)
-    kb = _bands(k, window, span, c, n)  # [B, H, n, D, span]
-    vb = _bands(v, window, span, c, n)
+    pad = n * c - t
+    qb = F.pad(q, (0, 0, 0, pad)).reshape(b, h * n, c, d)
+    kb = _neighbours(F.pad(k, (0, 0, 0, pad)), c).view(b, h * n, 3 * c, d)
+    vb = _neighbours(F.pad(v, (0, 0, 0, pad)), c).view(b, h * n, 3 * c, d)
     real = torch.ones(b, t, dtype=torch.bool) if key_mask is None else key_mask.bool()
-    valid = _bands(real[:, None, :, None].float(), window, span, c, n, 0.0)[
-        :, :, :, 0
-    ].bool()  # [B, 1, n, span]
-    r = torch.arange(c)[:, None]
-    s = torch.arange(span)[None, :]
-    band = (s - r >= 0) & (s - r <= 2 * window)  # [c, span]: |i - j| <= window in block coordinates
-    allowed = band & valid[:, :, :, None, :]  # [B, 1, n, c, span]
-    scores = torch.matmul(qb * d**-0.5, kb).masked_fill_(~allowed, _NEG)  # [B, H, n, c, span]
-    out = _softmax_av(scores, vb)  # [B, H, n, c, D]
-    return out.reshape(b, h, n * c, d)[:, :, :t]
+    valid = _neighbours(F.pad(real, (0, pad))[:, None], c, False)  # [B, 1, n, 3c]
+    bias = _key_bias(valid).expand(b, h, n, 3 * c).reshape(b, h * n, 1, 3 * c)
+    out, _ = _attend(qb, kb, vb, bias, lse=False)  # [B, H·n, c, D]
+    return out.view(b, h, n * c, d)[:, :, :t]
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D], idx [B, H, N] → x's rows at idx [B, H, N, D]."""
-    return torch.gather(x, 2, idx[..., None].expand(*idx.shape, x.shape[-1]))
+    """x [B, H, T, D], idx [B, H, N] → x's rows at idx [B, H, N, D]. index_select over the flat rows
+    copies whole rows; gather with an index expanded over D measured ~5x slower."""
+    b, h, t, d = x.shape
+    base = (torch.arange(b * h, device=idx.device) * t).view(b, h, 1)
+    return x.reshape(b * h * t, d).index_select(0, (idx + base).flatten()).view(*idx.shape, d)
 
 
 def _bucket(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
@@ -174,7 +191,8 @@ def lsh_rounds(q, k, key_mask, bucket_size: int, hashes: int, seed: int) -> list
 
 def lsh_attention(q, k, v, key_mask, bucket_size: int, hashes: int, seed: int) -> torch.Tensor:
     """Reformer-style LSH attention with separate Q and K (see the module docstring): query i attends to
-    the union over rounds of the keys whose chunk is within one of its own."""
+    the union over rounds of the keys whose chunk is within one of its own. Per round one flash-attention
+    call over the sorted chunks [B, H·n, c, D] against their neighbourhoods [B, H·n, 3c, D]."""
     b, h, t, d = q.shape
     c = bucket_size
     n = -(-t // c)  # chunks
@@ -184,34 +202,35 @@ def lsh_attention(q, k, v, key_mask, bucket_size: int, hashes: int, seed: int) -
     rounds = lsh_rounds(q, k, key_mask, bucket_size, hashes, seed)
     outs, lses = [], []
     for r, (oq, ok, _, _) in enumerate(rounds):
-        qs = F.pad(_gather_rows(q, oq), (0, 0, 0, pad)).view(b, h, n, c, d)
-        ks, vs = _gather_rows(k, ok), _gather_rows(v, ok)  # [B, H, T, D] in sorted order
-        kb = _bands(ks, c, 3 * c, c, n)  # chunks c-1, c, c+1: [B, H, n, D, 3c]
-        vb = _bands(vs, c, 3 * c, c, n)
-        key_idx = _bands(ok[..., None].float(), c, 3 * c, c, n, -1.0)[..., 0, :].long()  # [B, H, n, 3c]
+        qs = F.pad(_gather_rows(q, oq), (0, 0, 0, pad)).view(b, h * n, c, d)
+        kb = _neighbours(F.pad(_gather_rows(k, ok), (0, 0, 0, pad)), c).view(b, h * n, 3 * c, d)
+        vb = _neighbours(F.pad(_gather_rows(v, ok), (0, 0, 0, pad)), c).view(b, h * n, 3 * c, d)
+        key_idx = _neighbours(F.pad(ok, (0, pad), value=-1), c, -1)  # [B, H, n, 3c]: token, -1 = none
         valid = key_idx >= 0
         key_idx = key_idx.clamp(min=0)
         valid &= torch.gather(real[:, None, :].expand(b, h, t), 2, key_idx.flatten(2)).view_as(valid)
-        q_idx = F.pad(oq, (0, pad)).view(b, h, n, c)  # padding slots read token 0; dropped below
-        scores = torch.matmul(qs * d**-0.5, kb)  # [B, H, n, c, 3c]
+        bias = _key_bias(valid)[:, :, :, None, :]  # [B, H, n, 1, 3c]
         if hashes > 1:  # in how many rounds each (query, key) pair meets: log(count) off each score
-            extra = torch.zeros(scores.shape, dtype=torch.uint8)  # rounds other than this one
+            q_idx = F.pad(oq, (0, pad)).view(b, h, n, c)  # padding slots read token 0; dropped below
+            count = None  # [B, H, n, c, 3c] uint8: the other rounds in which the pair meets
             for r2, (_, _, cq, ck) in enumerate(rounds):
                 if r2 == r:  # here every (query, key in its chunks) pair meets by construction
                     continue
                 # int16 chunk ids: the [.., c, 3c] broadcast compares run ~4x faster than int64's
                 at_q = torch.gather(cq, 2, q_idx.flatten(2)).view(b, h, n, c, 1).to(torch.int16)
                 at_k = torch.gather(ck, 2, key_idx.flatten(2)).view(b, h, n, 1, 3 * c).to(torch.int16)
-                diff = at_q - at_k
-                extra += (diff >= -1) & (diff <= 1)
-            log_count = torch.log(torch.arange(1, hashes + 1, dtype=scores.dtype))  # [R]: log(1 + extra)
-            scores -= log_count[extra.long()]
-        scores.masked_fill_(~valid[:, :, :, None, :], _NEG)
-        out = _softmax_av(scores, vb)  # [B, H, n, c, D]
-        lse = torch.logsumexp(scores, dim=-1) if hashes > 1 else out[..., 0]  # [B, H, n, c]
+                meets = (at_q - at_k).abs_() <= 1
+                count = meets.to(torch.uint8) if count is None else count.add_(meets)
+            dup = torch.zeros(count.shape, dtype=q.dtype)  # log(1 + count), by value (log and
+            for m in range(1, hashes):  # table lookups over the largest tensor here measured slower)
+                dup.masked_fill_(count == m, math.log(1 + m))
+            bias = dup.neg_().add_(bias)  # in place: [B, H, n, c, 3c]
+        bias = bias.reshape(b, h * n, bias.shape[3], 3 * c)
+        out, lse = _attend(qs, kb, vb, bias, lse=hashes > 1)  # [B, H·n, c, D], [B, H·n, c]
         inv = torch.empty_like(oq).scatter_(-1, oq, pos.expand_as(oq))  # token → sorted slot
         outs.append(_gather_rows(out.reshape(b, h, n * c, d), inv))  # back to token order [B, H, T, D]
-        lses.append(torch.gather(lse.reshape(b, h, n * c), 2, inv))  # [B, H, T]
+        if hashes > 1:
+            lses.append(torch.gather(lse.reshape(b, h, n * c), 2, inv))  # [B, H, T]
     if hashes == 1:
         return outs[0]
     w = torch.softmax(torch.stack(lses), dim=0)[..., None]  # [R, B, H, T, 1]: each round's share

@@ -126,6 +126,57 @@ def _build(model: nn.Module):
     return stack
 
 
+class _Segment:
+    """Layers [start, end) of a model that fuses only in part (e.g. LowRankLinear MLPs): a C++ stack
+    whose last layer may carry a zero MLP (`mlp_block`: that block's real MLP then runs in torch), or
+    (stack None) one block on the module path."""
+
+    def __init__(self, stack, start: int, block: nn.Module | None = None) -> None:
+        self.stack, self.start, self.end, self.mlp_block = stack, start, start + 1, None
+        self.block = block  # the module-path block when stack is None
+
+
+def _zero_mlp(hidden: int) -> tuple:
+    """gate_up / down DecodeLinears of width 1 and all zeros: silu(0) * 0 = 0, so the C++ layer adds
+    exactly 0 and the real MLP runs in torch after it."""
+    ext = kernels.ext()
+    return (
+        ext.DecodeLinear("f32", torch.zeros(2, hidden), None, None, None, None, 0, 0),
+        ext.DecodeLinear("f32", torch.zeros(hidden, 1), None, None, None, None, 0, 0),
+    )
+
+
+def _segments(model: nn.Module) -> list[_Segment] | None:
+    """The layers in runs the C++ step can take: whole layers, or the attention half of a layer whose
+    MLP it cannot run (LowRankLinear, ...), the MLP then in torch; other layers on the module path.
+    None when no layer's attention can be fused."""
+    a, out, open_run = model.args, [], None
+    for i, block in enumerate(model.model.layers):
+        n1, qkv, o, n2, gate_up, down = _layer_modules(block)
+        attn = [_linear(m) for m in (qkv, o)]
+        if any(lin is None for lin in attn) or any(
+            w.dtype != torch.float32 or not w.is_cpu for w in (n1.weight, n2.weight)
+        ):
+            out.append(_Segment(None, i, block))
+            open_run = None
+            continue
+        mlp = [_linear(m) for m in (gate_up, down)]
+        torch_mlp = any(lin is None for lin in mlp)
+        if torch_mlp:
+            mlp = _zero_mlp(a.hidden_size)
+        if open_run is None:
+            open_run = _Segment(kernels.ext().DecodeStack(), i)
+            out.append(open_run)
+        open_run.stack.add(
+            n1.weight.detach(), n1.eps, attn[0], attn[1], n2.weight.detach(), n2.eps, mlp[0], mlp[1],
+            a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+        )  # fmt: skip
+        open_run.end = i + 1
+        if torch_mlp:
+            open_run.mlp_block, open_run = block, None
+    return out if any(seg.stack is not None for seg in out) else None
+
+
 class DecodePlan:
     """A model's built C++ decode stack and the key it was built for. Not copied by deepcopy/pickle
     (the C++ object holds the model's tensors): a copy builds its own on first use."""
@@ -133,10 +184,11 @@ class DecodePlan:
     def __init__(self) -> None:
         self.identity: list[tuple[dict, str, object]] | None = None
         self.stack = None
+        self.segments: list[_Segment] | None = None  # when only part of the model fuses
 
     def reset(self) -> None:
         """Forget the stack (Model._apply calls this: .to() swaps tensor storage under the same objects)."""
-        self.identity, self.stack = None, None
+        self.identity, self.stack, self.segments = None, None, None
 
     def __deepcopy__(self, memo: dict) -> DecodePlan:
         return DecodePlan()
@@ -167,13 +219,14 @@ class DecodePlan:
         """The C++ stack for the model as it is now, or None if some layer cannot be fused."""
         if self.identity is None or not all(d.get(k) is v for d, k, v in self.identity):
             self.stack, self.identity = _build(model), _identity(model)
+            self.segments = _segments(model) if self.stack is None else None
         return self.stack
 
     def run(self, model: nn.Module, x: torch.Tensor, rope, cache, step) -> torch.Tensor | None:
         """All layers for x [B, 1, hidden] -> [B, 1, hidden], or None to use the module path."""
         stack = self.get(model)
         if stack is None:
-            return None
+            return None if self.segments is None else self._run_segments(model, x, rope, cache, step)
         stack.int8_act = int8_activations(model)
         b = x.shape[0]
         cos, sin = rope  # [B, 1, 1, D] each
@@ -182,3 +235,24 @@ class DecodePlan:
             step.slots, step.positions.view(-1),
         )  # fmt: skip
         return y.view(b, 1, -1)
+
+    def _run_segments(self, model: nn.Module, x: torch.Tensor, rope, cache, step) -> torch.Tensor:
+        """run() for a model that fuses in part: each run of layers in its own C++ call on its slice of
+        the cache, the rest through the modules, in layer order."""
+        b, int8 = x.shape[0], int8_activations(model)
+        cos, sin = (t.reshape(b, -1) for t in rope)
+        pos = step.positions.view(-1)
+        for seg in self.segments:
+            if seg.stack is None:
+                x = seg.block(x, rope, cache, step)
+                continue
+            seg.stack.int8_act = int8
+            ks, vs = cache.k_scale[seg.start : seg.end], cache.v_scale[seg.start : seg.end]
+            y = seg.stack.forward(
+                x.reshape(b, -1), cos, sin, cache.k[seg.start : seg.end], cache.v[seg.start : seg.end], ks, vs,
+                step.slots, pos,
+            )  # fmt: skip
+            x = y.view(b, 1, -1)
+            if seg.mlp_block is not None:  # the MLP the C++ layer left out (zero there)
+                x = x + seg.mlp_block.mlp(seg.mlp_block.post_attention_layernorm(x))
+        return x

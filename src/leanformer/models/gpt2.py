@@ -27,14 +27,16 @@ class ModelArgs:
     num_attention_heads: int
     max_position_embeddings: int
     layer_norm_eps: float = 1e-5
+    # hidden_size // num_attention_heads unless given: a tensor-parallel shard reports its own head
+    # count (distributed/tensor_parallel.py) and must keep the head width
+    head_dim: int = 0
+
+    def __post_init__(self) -> None:
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
 
     @property
     def num_key_value_heads(self) -> int:
         return self.num_attention_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> ModelArgs:

@@ -17,15 +17,21 @@
 H2O and SnapKV keep each key's original position (its rotation is left alone); new tokens continue at
 their true position, cache index + tokens evicted from that slot (Step.rope_positions), so the
 sequence must fit the model's context. Scoring needs the queries: `observe_queries(model, cache)`
-hooks each attention's qkv projection, and an H2O cache that may evict makes the model skip the fused
-decode step (Model.forward checks `cache.observing`). With a budget (or window) that holds the whole
-sequence nothing is evicted or observed and the output is the plain cache's, token for token.
+hooks each attention's qkv projection. Decode steps may take the fused C++ step, which shows no
+queries: an H2O cache records their tokens and replays them through the module path right before its
+next eviction (models/kv_replay.py), so the scores, and the eviction decisions, are the module path's
+at one batched forward of `chunk` tokens per eviction. Without the replay (a model with no Llama-style
+embed_tokens / layers) an H2O cache that may evict keeps the module path (`fused_layout`). With a
+budget (or window) that holds the whole sequence nothing is evicted or observed and the output is the
+plain cache's, token for token.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +39,7 @@ import torch.nn.functional as F
 
 from leanformer.errors import LeanformerError
 from leanformer.models.kv_cache import KVCache, Step, quantize_kv
+from leanformer.models.kv_replay import replay
 from leanformer.models.layers import Attention, apply_rotary
 
 
@@ -146,6 +153,14 @@ class PolicyCache(KVCache):
         self.scores = [torch.zeros(self.k[0].shape[:3], dtype=torch.float32) for _ in range(n)]
         self.queries: dict[int, torch.Tensor] = {}  # layer → this step's rotated queries [B, H, T, D]
         self.last_step: Step | None = None
+        # H2O on the fused decode step (models/kv_replay.py): this step's input ids [B, T] (recorded by
+        # observe_queries), whether its queries reached the scores, and per slot the unscored tokens
+        # {cache position: token id}, replayed by `replay(slot, positions, ids)` before an eviction
+        self.step_ids: torch.Tensor | None = None
+        self.scored, self.replaying = False, False
+        self.pending: list[dict[int, int]] = [{} for _ in range(self.n_slots)]
+        self.replay = None
+        self.replay_s = 0.0  # seconds spent replaying (what H2O on the fused step costs)
 
     @classmethod
     def for_model(cls, model, n_slots: int, policy: Policy, total: int, prompt_len: int) -> PolicyCache:
@@ -168,10 +183,12 @@ class PolicyCache(KVCache):
 
     @property
     def fused_layout(self) -> bool:
-        """models/fused.py takes the C++ decode step only when True: that step never shows its queries."""
-        return not self.observing
+        """models/fused.py takes the C++ decode step only when True: that step never shows its queries,
+        so H2O needs the replay (observe_queries installs it for Llama-family models)."""
+        return not self.observing or self.replay is not None
 
     def begin(self, slots: torch.Tensor, n_new: int) -> Step:
+        self._settle()
         for s in slots.tolist():
             length = int(self.lengths[s])
             if isinstance(self.policy, SnapKV):
@@ -181,21 +198,51 @@ class PolicyCache(KVCache):
                 if isinstance(self.policy, SinkWindow):
                     self._slide(s, length, n_new)
                 else:
+                    self._catch_up(s, length)
                     self._compress(s, length, self._h2o_keep(s, length, n_new))
         step = super().begin(slots, n_new)
         step.rope_positions = step.positions + self.offsets[slots].to(step.positions.device)[:, None]
-        self.last_step, self.queries = step, {}
+        self.last_step, self.queries, self.step_ids, self.scored = step, {}, None, False
         return step
+
+    def reset(self, slots: torch.Tensor | None = None) -> None:
+        super().reset(slots)
+        for s in range(self.n_slots) if slots is None else torch.as_tensor(slots).view(-1).tolist():
+            self.pending[s].clear()
 
     def update(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor):
         k_all, v_all = super().update(layer, step, k, v)
         q = self.queries.pop(layer, None)
         if q is not None and self.scores:
-            self._score(layer, step, q, k_all)
+            self.score(layer, step, q, k_all)
+            self.scored = True
         return k_all, v_all
 
     # --- scoring -------------------------------------------------------------------------------
-    def _score(self, layer: int, step: Step, q: torch.Tensor, k: torch.Tensor) -> None:
+    def _settle(self) -> None:
+        """The last step ran without showing its queries (the fused step): keep its tokens for replay."""
+        step, ids = self.last_step, self.step_ids
+        if self.observing and step is not None and not self.scored and ids is not None:
+            for row, slot in enumerate(step.slots.tolist()):
+                self.pending[slot].update(zip(step.positions[row].tolist(), ids[row].tolist()))
+        self.step_ids = None
+
+    def catch_up(self) -> None:
+        """Score now the decode steps the fused step ran (an eviction does this for its slot first)."""
+        self._settle()
+        for s in range(self.n_slots):
+            self._catch_up(s, int(self.lengths[s]))
+
+    def _catch_up(self, slot: int, length: int) -> None:
+        """Score the slot's unscored tokens (those now in the cache) before the scores are read."""
+        items = sorted((p, t) for p, t in self.pending[slot].items() if p < length)
+        self.pending[slot].clear()
+        if items and self.replay is not None:
+            t0 = time.perf_counter()
+            self.replay(slot, [p for p, _ in items], [t for _, t in items])
+            self.replay_s += time.perf_counter() - t0
+
+    def score(self, layer: int, step: Step, q: torch.Tensor, k: torch.Tensor) -> None:
         """Add this step's attention probabilities per key to the scores. q [B, H, T, D], k [B, KV, S, D]."""
         b, h, t, d = q.shape
         kv, s = k.shape[1], k.shape[2]
@@ -315,10 +362,11 @@ def observe_queries(model, cache):
         return
     rotary = getattr(model, "rotary", None)
     armed: dict[int, bool] = {}
-    ropes: dict[int, tuple] = {}
+    ropes: dict = {}  # the last step's (cos, sin)
 
     def arm(module, args):
-        armed[module.layer_idx] = len(args) > 2 and args[2] is cache
+        target = args[2] if len(args) > 2 else None  # the cache, or a replay's view of it
+        armed[module.layer_idx] = target is cache or getattr(target, "base", None) is cache
 
     def grab(attn, out):
         if not armed.pop(attn.layer_idx, False):
@@ -327,19 +375,27 @@ def observe_queries(model, cache):
         b, t, _ = out.shape
         q = out[..., : attn.n_heads * attn.head_dim].reshape(b, t, attn.n_heads, attn.head_dim)
         if rotary is not None:
-            if id(step) not in ropes:
-                ropes.clear()
-                ropes[id(step)] = rotary(step.rope_positions, q.dtype)
-            q = apply_rotary(q, *ropes[id(step)])
+            if ropes.get("step") is not step:  # the step object itself: an id() may be reused
+                ropes.update(step=step, rope=rotary(step.rope_positions, q.dtype))
+            q = apply_rotary(q, *ropes["rope"])
         cache.queries[attn.layer_idx] = q.transpose(1, 2)
+
+    def record(module, args):
+        if not cache.replaying:
+            cache.step_ids = args[0]  # [B, T] input ids of the step begun
 
     handles = []
     for m in model.modules():
         if isinstance(m, Attention):
             handles.append(m.register_forward_pre_hook(arm))
             handles.append(m.qkv_proj.register_forward_hook(lambda mod, i, o, a=m: grab(a, o)))
+    backbone = getattr(model, "model", None)
+    if cache.observing and hasattr(backbone, "embed_tokens") and hasattr(backbone, "layers"):
+        handles.append(backbone.embed_tokens.register_forward_pre_hook(record))
+        cache.replay = functools.partial(replay, model, cache)
     try:
         yield
     finally:
+        cache.replay = None
         for h in handles:
             h.remove()

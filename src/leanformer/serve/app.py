@@ -30,6 +30,7 @@ from leanformer.engine.scheduler import Output, QueueFull, Request, Scheduler, S
 from leanformer.errors import LeanformerError
 from leanformer.serve.gate import Gate
 from leanformer.serve.metrics import Metrics
+from leanformer.serve.options import attach_speculation, check_options, kv_policy, request_speculation
 from leanformer.serve.schemas import (
     ApiError,
     ChatRequest,
@@ -69,6 +70,9 @@ class ServeConfig:
     block_size: int = 16  # tokens per KV block
     kv_blocks: int | None = None  # blocks to allocate; None: what kv_budget_mb holds (≤ max_batch × max_seq)
     prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix seen before
+    window: int | None = None  # sliding window + sinks per request (serve/options.py); None: off
+    sinks: int | None = None  # with window: first tokens kept (None: 4)
+    speculative: str | None = None  # default of the request field "speculative" ("prompt-lookup")
 
     def __post_init__(self) -> None:
         key = self.api_key
@@ -87,6 +91,7 @@ class ServeConfig:
             raise LeanformerError(f"--kv-cache must be paged or slots, got {self.kv_cache!r}")
         if not 1 <= self.block_size <= 1024 or (self.kv_blocks is not None and self.kv_blocks < 1):
             raise LeanformerError("--block-size must be in 1..1024 and --kv-blocks ≥ 1")
+        check_options(self.window, self.sinks, self.speculative)
 
 
 class _State:
@@ -96,10 +101,12 @@ class _State:
         self.scheduler: Scheduler | None = None
         self.engine: Engine | None = None
         if not self.is_encoder:
+            policy = kv_policy(cfg.window, cfg.sinks)
             self.scheduler = build_scheduler(
                 model, tok, cfg.kv_cache, cfg.max_batch, cfg.max_seq, cfg.kv_budget_mb, cfg.kv_blocks,
-                cfg.block_size, cfg.prefix_caching, cfg.prefill_chunk, cfg.max_queue,
+                cfg.block_size, cfg.prefix_caching, cfg.prefill_chunk, cfg.max_queue, policy,
             )  # fmt: skip
+            attach_speculation(self.scheduler, policy)
             self.engine = Engine(self.scheduler)
         self.metrics = Metrics()
         self.text_of = TokenText(tok)
@@ -260,6 +267,7 @@ def _submit(
         loop.call_soon_threadsafe(queue.put_nowait, out)
 
     sched, reqs = state.scheduler, []
+    speculative = request_speculation(body, state.cfg.speculative, sched)
     if len(prompts) * body.n > sched.capacity:
         raise ApiError(400, f"prompts × n must be ≤ {sched.capacity}", "n")
     for p_i, prompt in enumerate(prompts):
@@ -277,7 +285,7 @@ def _submit(
                 req = Request(
                     prompt, wanted, params, stop, stop_ids, logprobs, state.cfg.request_timeout, emit
                 )
-                req.index = p_i * body.n + j
+                req.index, req.speculative = p_i * body.n + j, speculative
                 sched.check(req)
             except LeanformerError as e:
                 param = "max_tokens" if len(prompt) < sched.max_seq and max_tokens is not None else None

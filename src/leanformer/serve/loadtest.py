@@ -62,7 +62,9 @@ async def _one(client, url: str, body: dict, headers: dict) -> dict:
     t0 = time.perf_counter()
     times: list[float] = []
     tokens, prompt_tokens, error = 0, 0, None
-    async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+    chat = "messages" in body
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    async with client.stream("POST", url + path, json=body, headers=headers) as r:
         if r.status_code != 200:
             return {"error": f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}"}
         async for line in r.aiter_lines():
@@ -71,7 +73,8 @@ async def _one(client, url: str, body: dict, headers: dict) -> dict:
             event = json.loads(line[6:])
             if "error" in event:
                 error = event["error"]["message"]
-            if event.get("choices") and event["choices"][0].get("text"):
+            choice = (event.get("choices") or [{}])[0]
+            if choice.get("delta", {}).get("content") if chat else choice.get("text"):
                 times.append(time.perf_counter())
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
@@ -108,8 +111,10 @@ async def run_load(
     concurrency: int,
     api_key: str | None = None,
     mixed: bool = False,
+    extra: dict | None = None,
 ) -> dict:
-    """Send every prompt (at most `concurrency` in flight, in order); → summary figures."""
+    """Send every prompt (at most `concurrency` in flight, in order); → summary figures. A prompt that is
+    a list of messages goes to /v1/chat/completions; `extra`: more body fields (e.g. "speculative")."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -119,7 +124,8 @@ async def run_load(
 
     async def limited(client, i: int, text: str) -> dict:
         async with gate:
-            body = base | {"prompt": text, "max_tokens": max_tokens_of(i, max_tokens, mixed)}
+            body = base | {"max_tokens": max_tokens_of(i, max_tokens, mixed)} | (extra or {})
+            body |= {"messages": text} if isinstance(text, list) else {"prompt": text}
             return await _one(client, url, body, headers)
 
     limits = httpx.Limits(max_connections=concurrency + 4)
@@ -201,6 +207,10 @@ def server_process(model: str, serve_args: list[str], timeout: float = 300):
 
 def bench_serve(args) -> dict:
     """The bench-serve command (args from cli/serve.py's bench-serve parser); prints a table, returns the report."""
+    if getattr(args, "speculative", None):
+        from leanformer.serve.spec_bench import bench_speculative
+
+        return bench_speculative(args)
     texts = prompts(args.requests, args.prefix_words, args.mixed)
     serve_args = ["--max-batch", str(args.max_batch), "--dtype", args.dtype, *args.serve_args]
     if args.api_key:

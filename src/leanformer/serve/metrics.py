@@ -83,6 +83,13 @@ class Metrics:
             blocks = getattr(s, "blocks", None)  # a paged KV cache (engine/paged.py)
             if blocks is not None:
                 lines += _blocks(blocks)
+                lines += _counter(
+                    "leanformer_preemptions_total",
+                    "Requests preempted for KV blocks (freed, recomputed later).",
+                    getattr(s, "preemptions_total", 0),
+                )
+            if getattr(s, "spec", None) is not None:
+                lines += _speculation(s.spec)
             batch = Histogram("leanformer_batch_size", "Requests per decode step.", (1, 2, 4, 8, 16, 32, 64))
             for size, n in list(s.batch_sizes.items()):
                 batch.observe(size, n)
@@ -112,6 +119,29 @@ def _blocks(bm) -> list[str]:
         "Prompt tokens found in the prefix cache (not prefilled).",
         bm.hit_tokens,
     )
+    return lines
+
+
+def _speculation(spec) -> list[str]:
+    """Per-request speculative decoding (engine/spec_batch.py): drafts verified and kept."""
+    lines = _counter(
+        "leanformer_spec_draft_tokens_total",
+        "Draft tokens verified (speculative decoding).",
+        spec.drafted_total,
+    )
+    lines += _counter(
+        "leanformer_spec_accepted_tokens_total", "Draft tokens the model kept.", spec.accepted_total
+    )
+    lines += _counter(
+        "leanformer_spec_verifications_total", "Verifications (one request, one step).", spec.rounds_total
+    )
+    lines += _counter(
+        "leanformer_spec_fallbacks_total",
+        "Times a request stopped drafting (acceptance too low for drafts to pay).",
+        spec.fallbacks_total,
+    )
+    rate = spec.accepted_total / spec.drafted_total if spec.drafted_total else 0.0
+    lines += _gauge("leanformer_spec_acceptance_rate", "Accepted / drafted tokens so far.", round(rate, 6))
     return lines
 
 

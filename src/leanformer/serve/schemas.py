@@ -77,6 +77,7 @@ class _Sampling(BaseModel):
     top_k: StrictInt = Field(0, ge=0)
     repetition_penalty: float = _real(1.0, gt=0)
     ignore_eos: StrictBool = False
+    speculative: Literal["prompt-lookup", "off"] | None = None  # engine/spec_batch.py; None: the server's
 
 
 _TokenIds = list[StrictInt]

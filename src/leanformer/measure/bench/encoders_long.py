@@ -1,7 +1,7 @@
 """Long-input encoder benchmark: local / LSH attention vs dense on 2,048-token (and longer) inputs.
 
     python -m leanformer.measure.bench.encoders_long [MODEL] [--docs 12] [--lengths 2048,4096]
-        [--json bench-results/encoders_long.json]
+        [--attention-repeats 5] [--json bench-results/encoders_long.json]
 
 Inputs: consecutive stretches of wikitext-2 (test) of exactly `length` tokens. all-MiniLM-L6-v2 has 512
 learned positions, so every long run reads them past the end (positions="interpolate", and "repeat" for
@@ -12,7 +12,9 @@ Measured per mode: seconds per document (median over the documents, one thread, 
 the document embedding to dense attention's with the same positions, and a retrieval check that needs
 the far end of the document: a 128-token passage from the document's last quarter (embedded within the
 trained length) must find its document among `docs` (top-1 accuracy, MRR). Within the trained length:
-STS-B Spearman with local windows and LSH buckets vs dense.
+STS-B Spearman with local windows and LSH buckets vs dense. The attention alone (--attention-repeats):
+ms per call at the model's heads and head size, batch 1, random q/k/v, modes interleaved: what the
+attention kind changes, without the Linears every mode shares.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import torch
 
 from leanformer.encoders.embed import embed
 from leanformer.encoders.quality import _shared_data, eval_stsb, glue_path, read_tsv, spearman
-from leanformer.models.bert_attention import LongAttention
+from leanformer.models.bert import _attention
+from leanformer.models.bert_attention import LongAttention, long_attention
 
 LONG_MODES = {  # name → LongAttention keywords (None: chunks of the trained length)
     "dense": dict(attention="dense"),
@@ -127,6 +130,31 @@ def bench_long(model, tok, docs: int, lengths: list[int], repeats: int, modes: l
     return results
 
 
+def bench_attention(model, lengths: list[int], modes: list[str], repeats: int) -> dict:
+    """{length: {mode: {"ms", "speedup_vs_dense"}}}: one attention call [1, H, T, D] per mode (medians of
+    `repeats`, modes interleaved); dense is the model's own path (the fused C++ kernel)."""
+    a = model.args
+    g = torch.Generator().manual_seed(0)
+    out: dict = {}
+    for length in lengths:
+        q, k, v = (torch.randn(1, a.num_attention_heads, length, a.head_dim, generator=g) for _ in range(3))
+        specs = {n: _spec(LONG_MODES[n]) for n in modes if LONG_MODES[n] and "repeat" not in n}
+        secs: dict[str, list[float]] = {n: [] for n in specs}
+        with torch.inference_mode():
+            for i in range(repeats + 1):  # the first round warms up
+                for name, spec in specs.items():
+                    t0 = time.perf_counter()
+                    long_attention(q, k, v, None, spec, lambda *x: _attention(*x, None))
+                    if i:
+                        secs[name].append(time.perf_counter() - t0)
+        dense = statistics.median(secs["dense"])
+        out[str(length)] = {
+            n: {"ms": 1e3 * statistics.median(s), "speedup_vs_dense": dense / statistics.median(s)}
+            for n, s in secs.items()
+        }
+    return out
+
+
 def bench_stsb(model, tok) -> dict:
     rows = read_tsv(glue_path("stsb"))
     s1, s2 = [r["sentence1"] for r in rows], [r["sentence2"] for r in rows]
@@ -154,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default=",".join(LONG_MODES), help=f"comma list of: {', '.join(LONG_MODES)}")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-stsb", action="store_true")
+    p.add_argument(
+        "--attention-repeats", type=int, default=5, help="timings of the attention alone (0: none)"
+    )
     p.add_argument("--json", default="bench-results/encoders_long.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -161,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"model": a.model, "threads": a.threads, "loadavg_before": Path("/proc/loadavg").read_text()}
     modes = ["dense", *(m for m in a.modes.split(",") if m != "dense")]
     lengths = [int(x) for x in a.lengths.split(",")]
-    report["long"] = bench_long(model, tok, a.docs, lengths, a.repeats, modes)
+    if a.attention_repeats > 0:
+        report["attention"] = bench_attention(model, lengths, modes, a.attention_repeats)
+    report["long"] = bench_long(model, tok, a.docs, lengths, a.repeats, modes) if a.docs > 0 else {}
     if not a.no_stsb:
         report["stsb"] = bench_stsb(model, tok)
     report["loadavg_after"] = Path("/proc/loadavg").read_text()
@@ -173,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['cosine_to_dense']:.4f} ({r['cosine_to_dense_min']:.4f}) "
                 f"{r['retrieval_top1']:.3f} {r['retrieval_mrr']:.3f}"
             )
+    for length, rows in report.get("attention", {}).items():
+        print(f"\nattention alone, {length} tokens: mode | ms per call | x dense")
+        for name, r in rows.items():
+            print(f"  {name:30s} {r['ms']:9.1f} {r['speedup_vs_dense']:5.2f}x")
     for name, v in report.get("stsb", {}).items():
         print(f"STS-B {name:14s} {v:.4f}" if isinstance(v, float) else f"STS-B {name} {v}")
     print("load:", report["loadavg_before"].strip(), "->", report["loadavg_after"].strip())

@@ -1,0 +1,124 @@
+"""Encoder pruning commands for the `leanformer` CLI: prune-heads | prune-encoder (structured: attention
+heads, and heads + FFN channels with a least-squares refit). main.py calls add_parser(subparsers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from leanformer.cli import args as ck
+from leanformer.cli.encoders import OVERWRITE_HELP, existing_paths, read_lines, resolve_encoder
+from leanformer.errors import LeanformerError
+from leanformer.outputs import check_output_dir
+
+
+def _load_for_pruning(args):
+    """prune-heads / prune-encoder: output and --calibration checked first, then (model, tok)."""
+    from leanformer.encoders.build import load_encoder
+
+    if args.output:  # before loading and pruning
+        check_output_dir(args.output, args.overwrite, existing_paths(args.model))
+    if args.calibration and not Path(args.calibration).expanduser().is_file():
+        raise LeanformerError(f"--calibration file not found: {args.calibration}")
+    return load_encoder(resolve_encoder(args.model))
+
+
+def _calibration_texts(args) -> list[str]:
+    """--calibration lines, or the first --limit SST-2 train sentences."""
+    from leanformer.encoders.quality import glue_path, read_tsv
+
+    if args.calibration:
+        return read_lines(args.calibration)[: args.limit]
+    return [r["sentence"] for r in read_tsv(glue_path("sst2", "train"), args.limit)]
+
+
+def cmd_prune_heads(args) -> None:
+    from leanformer.encoders.prune_heads import prune_heads_, prune_heads_auto_
+    from leanformer.encoders.quality import eval_stsb
+
+    model, tok = _load_for_pruning(args)
+    if args.heads:
+        prune_heads_(model, args.heads)  # already {layer: [heads]} (cli_args.heads_json)
+    else:
+        texts = _calibration_texts(args)
+        prune_heads_auto_(model, tok, texts, args.fraction, method=args.method, steps=args.steps)
+    print(f"heads per layer: {model.args.heads_per_layer}; pruned: {model.config.get('pruned_heads')}")
+    if args.eval:
+        print(f"STS-B Spearman: {eval_stsb(model, tok)['stsb_spearman']:.4f}")
+    if args.output:
+        from leanformer.loading import save
+
+        print(f"saved to {save(model, tok, args.output, overwrite=args.overwrite)}")
+
+
+def cmd_prune_encoder(args) -> None:
+    from leanformer.encoders.prune_encoder import prune_encoder_
+    from leanformer.encoders.quality import eval_stsb
+
+    model, tok = _load_for_pruning(args)
+    texts = _calibration_texts(args)
+    before = eval_stsb(model, tok)["stsb_spearman"] if args.eval else None
+    r = prune_encoder_(
+        model, tok, texts, args.fraction, args.head_fraction, args.multiple, args.method, args.steps,
+        refit=not args.no_refit,
+    )  # fmt: skip
+    print(
+        f"removed {r['removed_fraction']:.1%} of the block weights ({r['block_params_before']:,} → "
+        f"{r['block_params_after']:,}); heads per layer {r['heads_per_layer']}; "
+        f"FFN widths {r['intermediate_sizes']}"
+    )
+    if args.eval:
+        after = eval_stsb(model, tok)["stsb_spearman"]
+        print(f"STS-B Spearman: {before:.4f} → {after:.4f} ({after - before:+.4f})")
+    if args.output:
+        from leanformer.loading import save
+
+        print(f"saved to {save(model, tok, args.output, overwrite=args.overwrite)}")
+
+
+def add_parser(sub) -> None:
+    """prune-heads and prune-encoder."""
+    p = sub.add_parser("prune-heads", help="remove attention heads (by importance on calibration text)")
+    p.add_argument("model")
+    p.add_argument(
+        "--fraction", type=ck.float_range(0.0, 1.0, high_open=True), default=0.25,
+        help="share of all heads to remove, in [0, 1)",
+    )  # fmt: skip
+    p.add_argument("--method", choices=["taylor", "norm"], default="taylor")
+    p.add_argument(
+        "--steps", type=ck.positive_int, default=4, help="prune in N rounds, re-ranking after each"
+    )
+    p.add_argument(
+        "--heads",
+        type=ck.heads_json,
+        default=None,
+        help='explicit JSON {"layer": [heads]} instead of --fraction',
+    )
+    p.add_argument("--calibration", default=None, help="text file (default: 512 SST-2 train sentences)")
+    p.add_argument("--limit", type=ck.positive_int, default=512)
+    p.add_argument("--eval", action="store_true", help="report STS-B Spearman after pruning")
+    p.add_argument("--output", default=None, help="save the pruned model here (reloads pruned)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.set_defaults(func=cmd_prune_heads)
+
+    p = sub.add_parser(
+        "prune-encoder", help="remove a share of the block weights: attention heads + FFN channels"
+    )
+    p.add_argument("model")
+    p.add_argument(
+        "--fraction", type=ck.float_range(0.0, 1.0, high_open=True), default=0.3,
+        help="share of the attention + FFN weights to remove, in [0, 1) (default 0.3)",
+    )  # fmt: skip
+    p.add_argument(
+        "--head-fraction", type=ck.float_range(0.0, 1.0, high_open=True), default=None,
+        help="share of the heads to remove (default: half of --fraction); the FFN gives the rest",
+    )  # fmt: skip
+    p.add_argument("--multiple", type=ck.positive_int, default=32, help="FFN widths a multiple of this")
+    p.add_argument("--method", choices=["taylor", "norm"], default="taylor", help="head importance")
+    p.add_argument("--steps", type=ck.positive_int, default=4, help="head pruning rounds")
+    p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of the outputs")
+    p.add_argument("--calibration", default=None, help="text file (default: 512 SST-2 train sentences)")
+    p.add_argument("--limit", type=ck.positive_int, default=512)
+    p.add_argument("--eval", action="store_true", help="report STS-B Spearman before and after")
+    p.add_argument("--output", default=None, help="save the pruned model here (reloads pruned)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.set_defaults(func=cmd_prune_encoder)
