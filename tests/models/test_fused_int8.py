@@ -88,3 +88,23 @@ def test_symmetric_int4_skips_zeros_until_they_change(tiny_dirs):
     model._decode_plan.reset()  # a fresh plan sees nonzero zeros from the start
     assert torch.equal(shifted, logits_for(model, "int8"))
     assert not torch.equal(shifted, sym)
+
+
+def test_int8_head_follows_the_layers(tiny_dirs):
+    """An Int8Linear LM head takes the activations the fused step's layers take (int8 or fp32)."""
+    from leanformer.compress.int8 import Int8Linear
+
+    model, _ = lf.load(tiny_dirs["qwen2"])
+    lf.quantize_(model, lf.Int8WeightOnly(ignore=[]))
+    assert isinstance(model.lm_head, Int8Linear)
+    ref = logits_for(model, "fp32")
+    assert not model.lm_head.int8_activations
+    got = logits_for(model, "int8")
+    assert model.lm_head.int8_activations
+    assert float((got - ref).norm() / ref.norm()) < 0.03
+    head, x = model.lm_head, torch.randn(1, model.lm_head.in_features)  # one decode row
+    with torch.inference_mode():
+        y8 = head(x)
+        head.int8_activations = False
+        y32 = head(x)
+    assert not torch.equal(y8, y32) and float((y8 - y32).norm() / y32.norm()) < 0.03
