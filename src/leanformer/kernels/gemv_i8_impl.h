@@ -1,5 +1,6 @@
 // The int8-activation GEMV loops, written once over a dot-product policy `D` and included by each
-// instruction-set translation unit (gemv_i8.cpp: AVX2, gemv_vnni.cpp: AVX-VNNI and AVX-512 VNNI).
+// instruction-set translation unit (gemv_i8.cpp: AVX2; gemv_avxvnni.cpp / gemv_avx512vnni.cpp, through
+// gemv_vnni.h: AVX-VNNI / AVX-512 VNNI).
 // Everything here has internal linkage (anonymous namespace), so no copy compiled for VNNI can be
 // picked by the linker for the AVX2 callers (see int8_act.h). Include <immintrin.h> (after the target
 // pragma, if any) and int8_act.h first; define LF_I8_NS to the namespace whose q4_rows / q8_rows to
@@ -38,6 +39,32 @@ constexpr int i8_chains() {
   return M == 1 ? 4 : (M == 2 ? 2 : 1);
 }
 
+// The loop both kernels share: acc = 0, then step(i, u) for i in [0, n) in order, step i feeding
+// chain u = i % A (the remainder all into chain 0); i8_chain_sum adds the chains up. Always inlined:
+// GCC keeps acc in registers only where every index is a constant (see LF_UNROLL).
+template <int M, int A, class Step>
+__attribute__((always_inline)) inline void i8_run_chains(int64_t n, __m256 (&acc)[M][A], const Step& step) {
+  LF_UNROLL
+  for (int m = 0; m < M; ++m)
+    LF_UNROLL
+    for (int u = 0; u < A; ++u) acc[m][u] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + A <= n; i += A) {
+    LF_UNROLL
+    for (int u = 0; u < A; ++u) step(i + u, u);
+  }
+  for (; i < n; ++i) step(i, 0);
+}
+
+// sum over the chains of row m
+template <int M, int A>
+__attribute__((always_inline)) inline __m256 i8_chain_sum(const __m256 (&acc)[M][A], int m) {
+  __m256 t = acc[m][0];
+  LF_UNROLL
+  for (int u = 1; u < A; ++u) t = _mm256_add_ps(t, acc[m][u]);
+  return t;
+}
+
 // How the weight groups fall on 64-column chunks (one chunk = blocks 2c and 2c+1 of 32 columns).
 enum class Groups { k32, k64n, kOther };  // group 32 | a multiple of 64 | an odd multiple of 32 >= 96
 
@@ -47,7 +74,8 @@ template <Groups S>
 inline __m256 i8_chunk_scales(const float* sc, int64_t c, int64_t g, int64_t bpg) {
   if constexpr (S == Groups::k32) {  // one 8-byte load and a lane permute
     const __m128d two = _mm_load_sd(reinterpret_cast<const double*>(sc + 2 * c));
-    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(two)), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(two)), lanes);
   } else if constexpr (S == Groups::k64n) {
     return _mm256_set1_ps(sc[g]);
   } else {  // rare group sizes (96, 160, ...): a chunk may straddle two groups
@@ -65,10 +93,6 @@ inline void q4_row(const I8Args& a, int64_t n, float* out) {
   const __m256i mask = _mm256_set1_epi8(0x0F);
   const int64_t chunks = a.K / 64;
   __m256 acc[M][A];
-  LF_UNROLL
-  for (int m = 0; m < M; ++m)
-    LF_UNROLL
-    for (int u = 0; u < A; ++u) acc[m][u] = _mm256_setzero_ps();
   int64_t g = 0, left = cpg;  // k64n: the group of the next chunk, its chunks still ahead
   // one 64-column chunk (32 weight bytes) into chain u
   auto chunk = [&](int64_t c, int u) __attribute__((always_inline)) {
@@ -87,21 +111,14 @@ inline void q4_row(const I8Args& a, int64_t n, float* out) {
     }
     if (S == Groups::k64n && --left == 0) ++g, left = cpg;
   };
-  int64_t c = 0;
-  for (; c + A <= chunks; c += A) {
-    LF_UNROLL
-    for (int u = 0; u < A; ++u) chunk(c + u, u);
-  }
-  for (; c < chunks; ++c) chunk(c, 0);
+  i8_run_chains<M, A>(chunks, acc, chunk);
   // The -8 of the codes and the zero points: sum_g (z_g - 8 s_g) * xs_g, eight groups per vector. (A
   // scalar loop here was one serial FMA chain per row, ~4 cycles per group: it measured a third of the
   // time of a 576-column row.)
   const __m256 minus8 = _mm256_set1_ps(-8.f);
   LF_UNROLL
   for (int m = 0; m < M; ++m) {
-    __m256 t8 = acc[m][0];
-    LF_UNROLL
-    for (int u = 1; u < A; ++u) t8 = _mm256_add_ps(t8, acc[m][u]);
+    __m256 t8 = i8_chain_sum<M, A>(acc, m);
     const float* xs = a.xs + m * G;
     int64_t j = 0;
     for (; j + 8 <= G; j += 8) {
@@ -131,10 +148,6 @@ inline void q8_row(const I8Args& a, int64_t n, float* out) {
   const int64_t per_group = grouped ? a.group / 32 : 1;
   const float* sc = a.scales + (grouped ? n * ((a.K + a.group - 1) / a.group) : n);
   __m256 acc[M][A];
-  LF_UNROLL
-  for (int m = 0; m < M; ++m)
-    LF_UNROLL
-    for (int u = 0; u < A; ++u) acc[m][u] = _mm256_setzero_ps();
   int64_t g = 0, left = per_group;
   auto block = [&](int64_t b, int u) __attribute__((always_inline)) {
     i8_prefetch(w, 32 * b);
@@ -150,18 +163,10 @@ inline void q8_row(const I8Args& a, int64_t n, float* out) {
     }
     if (--left == 0) ++g, left = per_group;
   };
-  int64_t b = 0;
-  for (; b + A <= blocks; b += A) {
-    LF_UNROLL
-    for (int u = 0; u < A; ++u) block(b + u, u);
-  }
-  for (; b < blocks; ++b) block(b, 0);
+  i8_run_chains<M, A>(blocks, acc, block);
   LF_UNROLL
   for (int m = 0; m < M; ++m) {
-    __m256 t8 = acc[m][0];
-    LF_UNROLL
-    for (int u = 1; u < A; ++u) t8 = _mm256_add_ps(t8, acc[m][u]);
-    float r = i8_hsum(t8);
+    float r = i8_hsum(i8_chain_sum<M, A>(acc, m));
     if (a.K % 32) {  // partial last block: scalar, exact in int
       const int8_t* x = a.xq + m * a.Kx;
       int32_t t = 0;
