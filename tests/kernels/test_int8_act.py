@@ -41,7 +41,7 @@ def close(y: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor) -> None:
     assert err < 1e-5, err
 
 
-@pytest.mark.parametrize("k", [576, 100, 31, 1])
+@pytest.mark.parametrize("k", [576, 100, 31, 1, 64, 1000])
 def test_quantize_act_is_bit_exact(k):
     x = torch.randn(5, k) * torch.logspace(-3, 3, k)  # blocks of very different ranges
     x[1] = 0  # all-zero blocks: scale 0, codes 0
@@ -52,14 +52,23 @@ def test_quantize_act_is_bit_exact(k):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 11])  # 11: two chunks of at most 8 rows
-@pytest.mark.parametrize(("group", "k"), [(32, 576), (32, 96), (64, 576), (64, 100), (128, 256), (256, 512)])
-def test_q4(act_isa, rows, group, k):
+@pytest.mark.parametrize(
+    ("group", "k"),
+    [(32, 576), (32, 96), (32, 1000), (64, 576), (64, 100), (96, 288), (160, 480), (128, 256), (256, 512)],
+)  # 96 / 160: groups that end mid 64-column chunk; 1000: a partial last block
+@pytest.mark.parametrize("symmetric", [False, True])  # True: zeros=None, w = (code - 8) * scale
+def test_q4(act_isa, rows, group, k, symmetric):
     kp = -(-k // group) * group  # codes padded to whole groups; x stays k wide (the fused step's k_padded)
     n = 67
     wq = K.pack_int4(torch.randint(0, 16, (n, kp), dtype=torch.uint8))
     scales, zeros, bias = torch.rand(n, kp // group) + 0.05, torch.randn(n, kp // group), torch.randn(n)
     x = torch.randn(rows, k) * 3
-    y = K.ext().linear_q4_i8(x, wq, scales, zeros, group, bias)
+    if symmetric:
+        zeros = torch.zeros_like(scales)
+        y = K.ext().linear_q4_i8(x, wq, scales, None, group, bias)
+        assert torch.equal(y, K.ext().linear_q4_i8(x, wq, scales, zeros, group, bias))
+    else:
+        y = K.ext().linear_q4_i8(x, wq, scales, zeros, group, bias)
     ref = ref_linear_q4_i8(x, wq, scales, zeros, group, bias)
     w = K.dequant_int4(wq, scales, zeros, group, kp).double()
     close(y, ref, torch.nn.functional.pad(ref_dequantize_act(x), (0, kp - k)).abs() @ w.abs().T)

@@ -66,3 +66,45 @@ def test_option_is_validated(tiny_dirs):
         int8_activations(model)
     set_decode_activations(model, "auto")
     assert int8_activations(model) in (True, False)
+
+
+def test_symmetric_int4_skips_zeros_until_they_change(tiny_dirs):
+    """All-zero zero points (GGUF Q4_0's symmetric blocks) make the int4 kernel skip reading them; an
+    in-place write to the zeros after the step was built must bring them back (decode.cpp q4_zeros)."""
+    model, _ = lf.load(tiny_dirs["qwen2"])
+    lf.quantize_(model, lf.Int4WeightOnly(group_size=32))
+    int4 = [m for m in model.modules() if hasattr(m, "zeros") and hasattr(m, "decode_operands")]
+    with torch.no_grad():
+        for m in int4:
+            m.zeros.zero_()
+    sym = logits_for(model, "int8")  # the plan is built here, with every zero point 0
+    assert float((sym - logits_for(model, "fp32")).norm() / sym.norm()) < 0.03
+    stack = model._decode_plan.stack
+    with torch.no_grad():
+        for m in int4:
+            m.zeros.add_(0.01)  # same tensors: the plan is not rebuilt
+    shifted = logits_for(model, "int8")
+    assert model._decode_plan.stack is stack
+    model._decode_plan.reset()  # a fresh plan sees nonzero zeros from the start
+    assert torch.equal(shifted, logits_for(model, "int8"))
+    assert not torch.equal(shifted, sym)
+
+
+def test_int8_head_follows_the_layers(tiny_dirs):
+    """An Int8Linear LM head takes the activations the fused step's layers take (int8 or fp32)."""
+    from leanformer.compress.int8 import Int8Linear
+
+    model, _ = lf.load(tiny_dirs["qwen2"])
+    lf.quantize_(model, lf.Int8WeightOnly(ignore=[]))
+    assert isinstance(model.lm_head, Int8Linear)
+    ref = logits_for(model, "fp32")
+    assert not model.lm_head.int8_activations
+    got = logits_for(model, "int8")
+    assert model.lm_head.int8_activations
+    assert float((got - ref).norm() / ref.norm()) < 0.03
+    head, x = model.lm_head, torch.randn(1, model.lm_head.in_features)  # one decode row
+    with torch.inference_mode():
+        y8 = head(x)
+        head.int8_activations = False
+        y32 = head(x)
+    assert not torch.equal(y8, y32) and float((y8 - y32).norm() / y32.norm()) < 0.03

@@ -21,6 +21,10 @@ class Int8Linear(QuantLinear):
 
     EXACT = ("scales", "input_scale")
     COMPACT = ("scales",)
+    # Set by the fused decode step (models/fused.py) for the LM head to the activations its layers use:
+    # True runs the kernel on int8 activations per block of 32 (kernels/gemv_i8.cpp), like llama.cpp's
+    # Q8_0 head; the prefill / dequantize paths are unaffected.
+    int8_activations: bool = False
 
     def __init__(
         self,
@@ -68,6 +72,8 @@ class Int8Linear(QuantLinear):
         return m
 
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.int8_activations and (self.group_size or 0) % 32 == 0:
+            return lk.ext().linear_q8_i8(x, self.weight_int8, self.scales, bias, self.group_size or 0)
         return lk.ext().linear_q8(x, self.weight_int8, self.scales, bias, self.group_size or 0)
 
     def decode_operands(self) -> tuple:

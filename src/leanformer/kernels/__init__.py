@@ -34,7 +34,8 @@ Ops (x may have leading dims; all math is fp32 with fp32 accumulation):
 - ``layer_norm_(x, w=None, b=None, eps=1e-5, residual=None)`` (compiled only, layer_norm.cpp): in place
   over x fp32 [M, K]: x = LayerNorm(x + residual) * w + b; the encoders' norms (models/bert.py).
 - ``linear_q4_i8`` / ``linear_q8_i8`` / ``quantize_act`` (compiled only, gemv_i8.cpp + the VNNI files):
-  the same products on int8 activations (per block of 32) with integer dot products; references in
+  the same products on int8 activations (per block of 32) with integer dot products (``zeros=None``:
+  symmetric int4, w = (code - 8) * scale, as GGUF Q4_0, with no zero point read); references in
   int8_act.py, instruction set (avx2 / avx_vnni / avx512_vnni) in cpu.py. ``cpu_info()`` /
   ``describe()`` (cpu.py): the CPU and the path each op takes.
 
@@ -98,6 +99,7 @@ _HEADERS = [
     _DIR / "attention_impl.h",
     _DIR / "int8_act.h",
     _DIR / "gemv_i8_impl.h",
+    _DIR / "gemv_vnni.h",
 ]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

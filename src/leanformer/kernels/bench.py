@@ -3,7 +3,8 @@
     python -m leanformer.kernels.bench [--rows 1 8] [--repeats 7] [--threads 2] [--isa avx2 avx512]
 
 A "chain" is the 121 matmuls of one decode step: 30 layers x [qkv 960x576, o 576x576, gate_up 3072x576,
-down 576x1536] + lm_head 49152x576 (134.5 M weights). Every variant is timed in alternating rounds in
+down 576x1536] + lm_head 49152x576 (134.5 M weights). Variants ending in "i8-x" quantize the
+activations to int8 per block of 32 (gemv_i8.cpp); "sym" is GGUF Q4_0's symmetric int4 (no zeros). Every variant is timed in alternating rounds in
 one process, so machine noise hits all of them alike; the table reports medians. The leanformer
 variants run once per instruction set in --isa (default: every one this CPU has).
 """
@@ -79,6 +80,22 @@ def build_variants(m: int, layers: int, groups: tuple[int, ...]) -> dict[str, Ch
             v[f"int4 g{gs} leanformer"].append(
                 lambda x=x, wq=wq, sc=sc, zc=zc, gs=gs, e=e: e.linear_q4(x, wq, sc, zc, gs, None)
             )
+            # int8 activations (gemv_i8.cpp) need codes of whole groups: padded like the fused step's k_padded
+            wp = pack_int4(F.pad(codes, (0, ng * gs - k), value=8))
+            v.setdefault(f"int4 g{gs} leanformer i8-x", []).append(
+                lambda x=x, wp=wp, sc=sc, zc=zc, gs=gs, e=e: e.linear_q4_i8(x, wp, sc, zc, gs, None)
+            )
+        # GGUF Q4_0 / Q8_0 as they load: symmetric int4 (no zeros read) and int8, scales per 32 columns
+        c4, s32 = (
+            pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)),
+            s8[:, None].repeat(1, k // 32),
+        )
+        v.setdefault("int4 g32 sym leanformer i8-x", []).append(
+            lambda x=x, c4=c4, s32=s32, e=e: e.linear_q4_i8(x, c4, s32, None, 32, None)
+        )
+        v.setdefault("int8 g32 leanformer i8-x", []).append(
+            lambda x=x, q8=q8, s32=s32, e=e: e.linear_q8_i8(x, q8, s32, None, 32)
+        )
     return v
 
 
@@ -147,11 +164,14 @@ def weight_mb(name: str, layers: int) -> float:
     n_rows = sum(n for n, _ in shapes(layers))
     if name.startswith("f32"):
         return n_w * 4 / 1e6
+    if name.startswith("int8 g32"):
+        return (n_w + n_w // 32 * 4) / 1e6  # codes + an fp32 scale per 32
     if name.startswith("int8"):
         return (n_w + 4 * n_rows) / 1e6
     gs = int(name.split()[1][1:])
     n_groups = sum(n * -(-k // gs) for n, k in shapes(layers))
-    return (n_w / 2 + n_groups * 8) / 1e6  # codes + fp32 scale & zero per group
+    per_group = 4 if " sym " in name else 8  # fp32 scale (& zero) per group
+    return (n_w / 2 + n_groups * per_group) / 1e6
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,11 +196,11 @@ def main(argv: list[str] | None = None) -> None:
         res = run_chains(m, a.repeats, a.layers, tuple(a.groups), set(a.skip), isa_list)
         base = res.get("f32 oneDNN packed", next(iter(res.values())))
         print(f"\nM={m}: {a.layers}-layer SmolLM2-135M chain, median of {a.repeats}")
-        print(f"| {'variant':31} | {'ms':>7} | {'GB/s':>6} | {'vs oneDNN f32':>13} |")
-        print(f"|{'-' * 33}|{'-' * 9}|{'-' * 8}|{'-' * 15}|")
+        print(f"| {'variant':34} | {'ms':>7} | {'GB/s':>6} | {'vs oneDNN f32':>13} |")
+        print(f"|{'-' * 36}|{'-' * 9}|{'-' * 8}|{'-' * 15}|")
         for name, ms in res.items():
             gbs = weight_mb(name, a.layers) / ms
-            print(f"| {name:31} | {ms:7.2f} | {gbs:6.1f} | {base / ms:12.2f}x |")
+            print(f"| {name:34} | {ms:7.2f} | {gbs:6.1f} | {base / ms:12.2f}x |")
     print("\nper-call overhead at 64x64, M=1 (µs):")
     for name, us in overhead_us().items():
         print(f"  {name:24} {us:6.1f}")

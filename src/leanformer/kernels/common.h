@@ -107,8 +107,9 @@ at::Tensor dequant_q4(const at::Tensor& w, const at::Tensor& scales, const at::T
 at::Tensor dequant_q8(const at::Tensor& w, const at::Tensor& scales, int64_t group_size, bool bf16);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 // int8-activation kernels (gemv_i8.cpp)
-at::Tensor linear_q4_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
-                        int64_t group_size, const std::optional<at::Tensor>& bias);
+at::Tensor linear_q4_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& zeros, int64_t group_size,
+                        const std::optional<at::Tensor>& bias);  // zeros null: symmetric (code - 8) * scale
 at::Tensor linear_q8_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                         const std::optional<at::Tensor>& bias, int64_t group_size);
 

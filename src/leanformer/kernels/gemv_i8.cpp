@@ -100,22 +100,80 @@ void run_rows(const I8Args& a, bool q4, int64_t row_bytes) {
   });
 }
 
-// One row x [K] (zero past K, up to Kq = 32 * blocks) -> codes q [Kq] natural order, d [blocks].
-void quantize_row(const float* x, int64_t K, int64_t blocks, int8_t* q, float* d) {
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t k0 = 32 * b, k1 = std::min(K, k0 + 32);
-    float amax = 0.f;
-    for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[k]));
-    const float s = amax / 127.f, inv = amax > 0.f ? 1.f / s : 0.f;
-    for (int64_t k = k0; k < k0 + 32; ++k) q[k] = k < k1 ? static_cast<int8_t>(std::nearbyint(x[k] * inv)) : 0;
-    d[b] = s;
-  }
+// 32 activations -> 32 int8 codes (natural order), d = max|x| / 127 (0 for an all-zero block) and the
+// codes' sum. round-half-even(x * (1 / d)) as the reference: cvtps_epi32 rounds to nearest even.
+inline __m256i quantize_block(const float* x, float* d, int32_t* sum) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4];
+  for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + 8 * i);
+  const __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float amax = _mm_cvtss_f32(m), s = amax / 127.f, inv = amax > 0.f ? 1.f / s : 0.f;
+  *d = s;
+  const __m256 vi = _mm256_set1_ps(inv);
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vi));
+  const __m256i t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  __m128i h = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(1, 0, 3, 2)));
+  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(2, 3, 0, 1)));
+  *sum = _mm_cvtsi128_si32(h);
+  // packs work per 128-bit lane: int8 lanes come out as 8-column runs in the order 0 2 4 6 1 3 5 7
+  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  return _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-inline int32_t block_sum(const int8_t* q) {
-  int32_t t = 0;
-  for (int i = 0; i < 32; ++i) t += q[i];
-  return t;
+// Block b of row x [K] (zero past K): a partial last block goes through a zero-padded copy.
+inline __m256i quantize_block_at(const float* x, int64_t K, int64_t b, float* d, int32_t* sum) {
+  const int64_t k0 = 32 * b;
+  if (k0 + 32 <= K) return quantize_block(x + k0, d, sum);
+  alignas(32) float tmp[32] = {};
+  if (k0 < K) std::copy(x + k0, x + K, tmp);
+  return quantize_block(tmp, d, sum);
+}
+
+// One row x [K] (zero past K, up to Kq = 32 * blocks) -> codes q [Kq] natural order, d [blocks].
+void quantize_row(const float* x, int64_t K, int64_t blocks, int8_t* q, float* d) {
+  int32_t sum;
+  for (int64_t b = 0; b < blocks; ++b)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * b), quantize_block_at(x, K, b, d + b, &sum));
+}
+
+// One row x [K] (zero past K, up to Kp codes) -> the int4 kernel's operands (int8_act.h I8Args): codes
+// out [Kx] per 64-column chunk evens then odds, dv [8 * chunks], xs [Kp / group] group sums of the
+// dequantized activations.
+void quantize_row_q4(const float* x, int64_t K, int64_t Kp, int64_t group, int8_t* out, float* dv, float* xs) {
+  const __m256i evens_odds = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,  //
+                                              0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const int64_t blocks = Kp / 32, bpg = group / 32;
+  float dsum = 0.f;  // sum over the current group of d_b * (sum of block b's codes)
+  auto add_sum = [&](int64_t b, float d, int32_t sum) {
+    dsum += d * static_cast<float>(sum);
+    if ((b + 1) % bpg == 0) xs[b / bpg] = dsum, dsum = 0.f;
+  };
+  for (int64_t b = 0; b < blocks; b += 2) {
+    float da, db;
+    int32_t sa, sb;
+    const __m256i A = quantize_block_at(x, K, b, &da, &sa);
+    add_sum(b, da, sa);
+    float* dvc = dv + 4 * b;
+    if (b + 1 == blocks) {  // a last 32 columns: natural order
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * b), A);
+      _mm256_storeu_ps(dvc, _mm256_set1_ps(da));
+      break;
+    }
+    const __m256i B = quantize_block_at(x, K, b + 1, &db, &sb);
+    add_sum(b + 1, db, sb);
+    // per lane [8 evens | 8 odds], then the qwords as [evens 0-31 | odds 0-31] of each block
+    const __m256i a2 = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(A, evens_odds), _MM_SHUFFLE(3, 1, 2, 0));
+    const __m256i b2 = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(B, evens_odds), _MM_SHUFFLE(3, 1, 2, 0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * b), _mm256_permute2x128_si256(a2, b2, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * b + 32), _mm256_permute2x128_si256(a2, b2, 0x31));
+    _mm256_storeu_ps(dvc, _mm256_set_m128(_mm_set1_ps(db), _mm_set1_ps(da)));
+  }
 }
 
 }  // namespace
@@ -134,8 +192,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_act(const at::Tensor& x_) {
   return {q, d};
 }
 
-at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_, const at::Tensor& zeros_,
-                        int64_t group_size, const std::optional<at::Tensor>& bias) {
+at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
+                        const std::optional<at::Tensor>& zeros_, int64_t group_size,
+                        const std::optional<at::Tensor>& bias) {
   check_x(x_);
   TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kByte, "Wq must be uint8 [N, Kp/2]");
   const int64_t M = x_.size(0), K = x_.size(1), N = w_.size(0), Kp = 2 * w_.size(1);
@@ -143,45 +202,27 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
               "int8-activation int4 needs group_size a multiple of 32 dividing the codes' columns (", Kp,
               ") and x with at most that many columns, got group ", group_size, ", K ", K);
   const int64_t G = Kp / group_size;
-  for (const at::Tensor* t : {&scales_, &zeros_})
+  const bool has_zeros = zeros_.has_value() && zeros_->defined();
+  for (const at::Tensor* t : {&scales_, has_zeros ? &*zeros_ : &scales_})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == N && t->size(1) == G,
                 "scales/zeros must be float32 [N, Kp/group_size]");
-  const at::Tensor x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous(), zeros = zeros_.contiguous();
+  const at::Tensor x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous();
+  const at::Tensor zeros = has_zeros ? zeros_->contiguous() : at::Tensor();
   at::Tensor bh;
   const float* b = bias_ptr(bias, N, bh);
-  const int64_t chunks = (Kp + 63) / 64, Kx = 64 * chunks, blocks = Kp / 32;
-  at::Tensor xq = at::empty({M, Kx}, x.options().dtype(at::kChar));
-  std::fill_n(xq.data_ptr<int8_t>(), M * Kx, int8_t{0});
-  at::Tensor fl = at::empty({M * (8 * chunks + G + blocks)}, x.options());
-  float *dv = fl.data_ptr<float>(), *xs = dv + M * 8 * chunks, *d = xs + M * G;
-  std::vector<int8_t> q(Kp);
-  for (int64_t m = 0; m < M; ++m) {
-    float* dm = d + m * blocks;
-    quantize_row(x.data_ptr<float>() + m * K, K, blocks, q.data(), dm);
-    int8_t* out = xq.data_ptr<int8_t>() + m * Kx;
-    for (int64_t c = 0; c < chunks; ++c) {
-      float* dvc = dv + m * 8 * chunks + 8 * c;
-      if (64 * c + 64 <= Kp) {  // evens then odds: the nibble order of 32 weight bytes
-        for (int j = 0; j < 32; ++j) out[64 * c + j] = q[64 * c + 2 * j], out[64 * c + 32 + j] = q[64 * c + 2 * j + 1];
-        for (int i = 0; i < 4; ++i) dvc[i] = dm[2 * c], dvc[4 + i] = dm[2 * c + 1];
-      } else {  // a last 32 columns: natural order
-        std::copy(q.begin() + 64 * c, q.begin() + 64 * c + 32, out + 64 * c);
-        for (int i = 0; i < 8; ++i) dvc[i] = dm[2 * c];
-      }
-    }
-    for (int64_t g = 0; g < G; ++g) {  // group sums of the dequantized activations
-      float s = 0.f;
-      for (int64_t bb = g * group_size / 32; bb < (g + 1) * group_size / 32; ++bb)
-        s += dm[bb] * static_cast<float>(block_sum(q.data() + 32 * bb));
-      xs[m * G + g] = s;
-    }
-  }
+  const int64_t chunks = (Kp + 63) / 64, Kx = 64 * chunks;
+  at::Tensor xq = at::empty({M, Kx}, x.options().dtype(at::kChar));  // past Kp: never read
+  at::Tensor fl = at::empty({M * (8 * chunks + G)}, x.options());
+  float *dv = fl.data_ptr<float>(), *xs = dv + M * 8 * chunks;
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row_q4(x.data_ptr<float>() + m * K, K, Kp, group_size, xq.data_ptr<int8_t>() + m * Kx,
+                    dv + m * 8 * chunks, xs + m * G);
   at::Tensor y = at::empty({M, N}, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, w.data_ptr<uint8_t>(),
-                   scales.data_ptr<float>(), zeros.data_ptr<float>(), b, y.data_ptr<float>() + m0 * N,
-                   std::min<int64_t>(kMaxRows, M - m0), N, Kp, Kx, group_size};
-    run_rows(a, true, Kp / 2 + 8 * G);
+                   scales.data_ptr<float>(), has_zeros ? zeros.data_ptr<float>() : nullptr, b,
+                   y.data_ptr<float>() + m0 * N, std::min<int64_t>(kMaxRows, M - m0), N, Kp, Kx, group_size};
+    run_rows(a, true, Kp / 2 + (has_zeros ? 8 : 4) * G);
   }
   return y;
 }
@@ -226,6 +267,7 @@ void bind_int8_act(pybind11::module_& m) {
         py::arg("x"));
   m.def("linear_q4_i8", &linear_q4_i8, "int8(x) [M,K] @ dequant_int4(Wq, scales, zeros, G)^T (+bias)", py::arg("x"),
         py::arg("wq"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("bias") = py::none());
+  // zeros=None: symmetric codes, w = (code - 8) * scale (GGUF Q4_0), without reading a zero per group
   m.def("linear_q8_i8", &linear_q8_i8, "int8(x) [M,K] @ (Wq int8 * scales)^T (+bias)", py::arg("x"), py::arg("wq"),
         py::arg("scales"), py::arg("bias") = py::none(), py::arg("group_size") = 0);
 }

@@ -1,5 +1,6 @@
 // Interface of the int8-activation GEMV kernels (gemv_i8.cpp: AVX2 maddubs + quantization + threading;
-// gemv_vnni.cpp: the same loops with AVX-VNNI / AVX-512 VNNI dot products, compiled for those ISAs).
+// gemv_avxvnni.cpp / gemv_avx512vnni.cpp, through gemv_vnni.h: the same loops with AVX-VNNI / AVX-512
+// VNNI dot products, compiled for those ISAs).
 //
 // Like avx512.h this header holds only a plain struct and declarations: the VNNI translation units are
 // compiled for instruction sets the AVX2 files must never execute, so they share no inline code with

@@ -14,7 +14,8 @@ Activations of the quantized Linears: `model.decode_activations` (set it with `s
 is "fp32" (fp32 activations, the module path's math), "int8" (each Linear input quantized to int8 per
 block of 32 columns once, q/k/v and gate/up sharing it as one fused Linear, then integer dot products:
 kernels/gemv_i8.cpp) or "auto" (the default: `AUTO_INT8` says where int8 was measured faster at equal
-quality). fp32 Linears (unquantized layers) always take fp32 activations.
+quality). fp32 Linears (unquantized layers) always take fp32 activations. An Int8Linear LM head (GGUF
+Q8_0's tied embedding, head-int8 recipes) follows the same choice for the rows the fused step decodes.
 """
 
 from __future__ import annotations
@@ -225,8 +226,13 @@ class DecodePlan:
     def run(self, model: nn.Module, x: torch.Tensor, rope, cache, step) -> torch.Tensor | None:
         """All layers for x [B, 1, hidden] -> [B, 1, hidden], or None to use the module path."""
         stack = self.get(model)
+        if stack is None and self.segments is None:
+            return None
+        head = getattr(model, "lm_head", None)
+        if hasattr(head, "int8_activations"):  # an Int8Linear head follows the layers' activations
+            head.int8_activations = int8_activations(model)
         if stack is None:
-            return None if self.segments is None else self._run_segments(model, x, rope, cache, step)
+            return self._run_segments(model, x, rope, cache, step)
         stack.int8_act = int8_activations(model)
         b = x.shape[0]
         cos, sin = rope  # [B, 1, 1, D] each
