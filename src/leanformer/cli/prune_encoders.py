@@ -75,6 +75,15 @@ def cmd_prune_encoder(args) -> None:
         print(f"saved to {save(model, tok, args.output, overwrite=args.overwrite)}")
 
 
+def _add_calibration_and_output(p, eval_help: str) -> None:
+    """The options both pruning commands share: calibration text, --eval, where to save."""
+    p.add_argument("--calibration", default=None, help="text file (default: 512 SST-2 train sentences)")
+    p.add_argument("--limit", type=ck.positive_int, default=512)
+    p.add_argument("--eval", action="store_true", help=eval_help)
+    p.add_argument("--output", default=None, help="save the pruned model here (reloads pruned)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
 def add_parser(sub) -> None:
     """prune-heads and prune-encoder."""
     p = sub.add_parser("prune-heads", help="remove attention heads (by importance on calibration text)")
@@ -93,11 +102,7 @@ def add_parser(sub) -> None:
         default=None,
         help='explicit JSON {"layer": [heads]} instead of --fraction',
     )
-    p.add_argument("--calibration", default=None, help="text file (default: 512 SST-2 train sentences)")
-    p.add_argument("--limit", type=ck.positive_int, default=512)
-    p.add_argument("--eval", action="store_true", help="report STS-B Spearman after pruning")
-    p.add_argument("--output", default=None, help="save the pruned model here (reloads pruned)")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    _add_calibration_and_output(p, eval_help="report STS-B Spearman after pruning")
     p.set_defaults(func=cmd_prune_heads)
 
     p = sub.add_parser(
@@ -116,9 +121,5 @@ def add_parser(sub) -> None:
     p.add_argument("--method", choices=["taylor", "norm"], default="taylor", help="head importance")
     p.add_argument("--steps", type=ck.positive_int, default=4, help="head pruning rounds")
     p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of the outputs")
-    p.add_argument("--calibration", default=None, help="text file (default: 512 SST-2 train sentences)")
-    p.add_argument("--limit", type=ck.positive_int, default=512)
-    p.add_argument("--eval", action="store_true", help="report STS-B Spearman before and after")
-    p.add_argument("--output", default=None, help="save the pruned model here (reloads pruned)")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    _add_calibration_and_output(p, eval_help="report STS-B Spearman before and after")
     p.set_defaults(func=cmd_prune_encoder)
