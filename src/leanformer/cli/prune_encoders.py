@@ -1,8 +1,10 @@
 """Encoder pruning commands for the `leanformer` CLI: prune-heads | prune-encoder (structured: attention
-heads, and heads + FFN channels with a least-squares refit). main.py calls add_parser(subparsers)."""
+heads, and heads + FFN channels with a least-squares refit) | prune-weights (unstructured / N:M zeros:
+Magnitude, Wanda, SparseGPT; then int8 and sparse storage). main.py calls add_parser(subparsers)."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from leanformer.cli import args as ck
@@ -75,6 +77,70 @@ def cmd_prune_encoder(args) -> None:
         print(f"saved to {save(model, tok, args.output, overwrite=args.overwrite)}")
 
 
+METHODS = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
+
+
+def nm_pattern(text: str) -> str:
+    """--pattern: "unstructured" or "N:M" with 0 < N < M, checked when parsed."""
+    from leanformer.compress.config import parse_pattern
+
+    try:
+        parse_pattern(text, "--pattern")
+    except LeanformerError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--pattern: ")) from None
+    return text
+
+
+def _weights_config(args):
+    """The pruning config of prune-weights, validated (sparsity vs pattern) before anything loads."""
+    from leanformer.compress import config as cc
+
+    if args.int8 == "dynamic" and args.sparse_storage:
+        raise LeanformerError(
+            "--sparse-storage stores float or --int8 weights codes, not --int8 dynamic; "
+            "choose one (dynamic: fastest, weights + --sparse-storage: smallest)"
+        )
+    nm = cc.parse_pattern(args.pattern, "--pattern")
+    sparsity = args.sparsity if args.sparsity is not None else (1 - nm[0] / nm[1] if nm else 0.5)
+    if nm and abs(sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+        raise LeanformerError(
+            f"--pattern {args.pattern} means sparsity {1 - nm[0] / nm[1]:g}; drop --sparsity {args.sparsity:g}"
+        )
+    if sparsity == 0:
+        raise LeanformerError("--sparsity 0 prunes nothing; give a value in (0, 1)")
+    cfg = getattr(cc, METHODS[args.method])(sparsity=sparsity, pattern=args.pattern)
+    cfg.validate()
+    return cfg
+
+
+def cmd_prune_weights(args) -> None:
+    from leanformer.compress import Int8Dynamic, Int8WeightOnly, quantize_
+    from leanformer.compress.sparse import SparseStorage
+    from leanformer.encoders.prune_weights import prune_weights_
+    from leanformer.encoders.quality import eval_stsb
+
+    cfg = _weights_config(args)
+    model, tok = _load_for_pruning(args)
+    before = eval_stsb(model, tok)["stsb_spearman"] if args.eval else None
+    texts = _calibration_texts(args) if cfg.needs_calibration else None
+    zeros = prune_weights_(model, tok, texts, cfg)
+    share = sum(zeros.values()) / len(zeros)
+    print(f"{type(cfg).__name__} {cfg.pattern}: {len(zeros)} Linears, {share:.1%} of their weights zero")
+    if args.int8:
+        quantize_(model, Int8Dynamic() if args.int8 == "dynamic" else Int8WeightOnly(), progress=False)
+    if args.sparse_storage:
+        quantize_(model, SparseStorage(), progress=False)
+    if args.eval:
+        after = eval_stsb(model, tok)["stsb_spearman"]
+        print(f"STS-B Spearman: {before:.4f} → {after:.4f} ({after - before:+.4f})")
+    if args.output:
+        from leanformer.loading import save
+
+        out = save(model, tok, args.output, overwrite=args.overwrite)
+        size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+        print(f"saved to {out} ({size / 2**20:.1f} MiB of weights)")
+
+
 def _add_calibration_and_output(p, eval_help: str) -> None:
     """The options both pruning commands share: calibration text, --eval, where to save."""
     p.add_argument("--calibration", default=None, help="text file (default: 512 SST-2 train sentences)")
@@ -123,3 +189,27 @@ def add_parser(sub) -> None:
     p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of the outputs")
     _add_calibration_and_output(p, eval_help="report STS-B Spearman before and after")
     p.set_defaults(func=cmd_prune_encoder)
+
+    p = sub.add_parser(
+        "prune-weights", help="zero a share of the block weights (Magnitude / Wanda / SparseGPT, N:M)"
+    )
+    p.add_argument("model")
+    p.add_argument("--method", choices=list(METHODS), default="wanda")
+    p.add_argument(
+        "--sparsity", type=ck.float_range(0.0, 1.0, high_open=True), default=None,
+        help="share of each row's weights to zero, in [0, 1) (default 0.5; implied by an N:M --pattern)",
+    )  # fmt: skip
+    p.add_argument(
+        "--pattern", type=nm_pattern, default="unstructured", help='"unstructured" or N:M, e.g. 2:4'
+    )
+    p.add_argument(
+        "--int8", choices=["dynamic", "weights"], default=None,
+        help="then quantize: dynamic = int8 matmuls (fastest), weights = int8 weights (smallest with "
+        "--sparse-storage)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sparse-storage", action="store_true",
+        help="save the zeros as bitmask + values (smaller files; same speed and outputs)",
+    )  # fmt: skip
+    _add_calibration_and_output(p, eval_help="report STS-B Spearman before and after")
+    p.set_defaults(func=cmd_prune_weights)
