@@ -14,7 +14,7 @@ import time
 import torch
 from torch import nn
 
-from leanformer.compress.calibrate import Calibration, collect_stats, iter_scopes
+from leanformer.compress.calibrate import BlockHooks, Calibration, collect_stats, iter_scopes
 from leanformer.compress.config import LowRank
 from leanformer.compress.qbase import set_module
 from leanformer.compress.structured import rebuilt_like
@@ -135,12 +135,21 @@ def speed_gate(model: nn.Module, cfg: LowRank, rank_of: dict[str, int]) -> dict[
 
 @torch.no_grad()
 def lowrank_(
-    model: nn.Module, cfg: LowRank, rank_of: dict[str, int], calibration: Calibration, progress: bool = True
+    model: nn.Module,
+    cfg: LowRank,
+    rank_of: dict[str, int],
+    calibration: Calibration,
+    progress: bool = True,
+    hooks: BlockHooks | None = None,
+    gated: bool = False,
 ) -> dict[str, float]:
     """Replace each Linear in `rank_of` by its calibrated factorisation, block by block (only those that
-    measure faster when cfg.keep == "faster"). Returns name -> measured batch-1 speed-up (keep="faster")."""
-    speedup = speed_gate(model, cfg, rank_of) if cfg.keep == "faster" else {}
-    for scope in iter_scopes(model, list(rank_of), calibration, cfg.batch_size, progress, desc="LowRank"):
+    measure faster when cfg.keep == "faster"). Returns name -> measured batch-1 speed-up (keep="faster").
+    `hooks` stream the blocks in and out (compress/stream.py); `gated`: `rank_of` already passed the
+    speed gate (streaming times it before any weight is read)."""
+    speedup = speed_gate(model, cfg, rank_of) if cfg.keep == "faster" and not gated else {}
+    scopes = iter_scopes(model, list(rank_of), calibration, cfg.batch_size, progress, "LowRank", hooks)
+    for scope in scopes:
         for st in collect_stats(model, scope):
             for name in st.names:
                 if name not in rank_of:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from leanformer.compress.calibrate import Calibration, collect_stats, iter_scopes
+from leanformer.compress.calibrate import BlockHooks, Calibration, collect_stats, iter_scopes
 from leanformer.compress.config import Magnitude, PruneConfig, SparseGPT, Wanda, matches, parse_pattern
 from leanformer.compress.gptq import _inverse_hessian_chol
 from leanformer.errors import LeanformerError
@@ -127,8 +127,10 @@ def prune_linears(
     sparsities: dict[str, float],
     calibration: Calibration | None,
     progress: bool = True,
+    hooks: BlockHooks | None = None,
 ) -> None:
-    """Prune each Linear name -> its sparsity in place (names already selected and shape-checked)."""
+    """Prune each Linear name -> its sparsity in place (names already selected and shape-checked);
+    `hooks` stream the blocks' weights in and out (compress/stream.py)."""
     nm = parse_pattern(cfg.pattern, type(cfg).__name__)
     if isinstance(cfg, Magnitude):
         for name in tqdm(list(sparsities), desc="Magnitude", unit="linear", disable=not progress):
@@ -142,7 +144,8 @@ def prune_linears(
     if calibration is None:
         raise LeanformerError(f"{type(cfg).__name__} needs calibration token ids [n_samples, seq_len]")
     desc = type(cfg).__name__
-    for scope in iter_scopes(model, list(sparsities), calibration, cfg.batch_size, progress, desc=desc):
+    scopes = iter_scopes(model, list(sparsities), calibration, cfg.batch_size, progress, desc, hooks)
+    for scope in scopes:
         for st in collect_stats(model, scope):
             for name in st.names:
                 lin = model.get_submodule(name)

@@ -5,9 +5,10 @@ source from formats/lazy.py that reads one tensor at a time). `apply` / `quantiz
 come here: the embedding, final norm and LM head are read first, then for each decoder layer its
 float weights are read (a bf16 file stays 2 bytes until then), cast to the load dtype, sped up the way
 `load` does, compressed, and only the compressed modules are kept; the float copy is freed before the
-next layer is read. Calibrated methods (GPTQ, AWQ) run their usual sequential walk
-(calibrate.iter_scopes) with `BlockHooks` that read each layer just before it is calibrated, so the
-calibration activations pass from one layer to the next and the float model is never whole.
+next layer is read. Calibrated methods (GPTQ, AWQ; Wanda, SparseGPT, LowRank, PruneFFN: see
+stream_prune.py) run their usual sequential walk (calibrate.iter_scopes) with `BlockHooks` that read
+each layer just before it is calibrated, so the calibration activations pass from one layer to the next
+and the float model is never whole. Magnitude zeros each Linear as it is read.
 
 What stays off the peak: round-to-nearest reads and rounds one module at a time (q|k|v, gate|up); an LM
 head rounded per row (int8, plain int4), tied table included, is read from the file in row slices
@@ -32,8 +33,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from leanformer.compress.calibrate import BlockHooks, Calibration, rss_mb, trim_heap
-from leanformer.compress.config import LowRank, PruneConfig, PruneFFN, PruneLayers
-from leanformer.compress.quant import AWQ, GPTQ, KVCache, QuantConfig, set_module
+from leanformer.compress.config import PruneConfig
+from leanformer.compress.quant import KVCache, QuantConfig, set_module
+from leanformer.compress.stream_prune import (
+    STRUCTURE,
+    check_streamable,
+    magnitude,
+    plan_structure,
+    run_calibrated,
+    shrink_plan,
+    trailing_storage,
+)
 from leanformer.compress.stream_rows import FileEmbedding, row_heads, rows_quantized
 from leanformer.errors import LeanformerError
 
@@ -104,30 +114,21 @@ def plan_stages(model: nn.Module, stages: list[QuantConfig]) -> list[list[str]]:
     also every check `apply` makes (targets match, group sizes divide) before any weight is read."""
     from leanformer.compress.recipe import _quantize, select_linears
 
-    for c in stages:
-        if isinstance(c, (PruneConfig, PruneFFN, PruneLayers, LowRank)):
-            raise LeanformerError(
-                f"{type(c).__name__} cannot run layer by layer yet: load the model whole "
-                "(lazy=False; `leanformer compress --in-memory`)"
-            )
-    calibrated = [c for c in stages if c.needs_calibration]
-    if len(calibrated) > 1:
-        raise LeanformerError(
-            f"streaming runs one calibrated stage, this recipe has {len(calibrated)} "
-            f"({', '.join(type(c).__name__ for c in calibrated)}); load the model whole (--in-memory)"
-        )
+    check_streamable(stages)
     dry = copy.deepcopy(model, memo={id(model.lazy): None})  # no copy of the tensor source
     names = []
-    for c in stages:
+    for c in stages[: trailing_storage(stages)]:  # SparseStorage packs after the walk: no plan
         c.validate()
         names.append([] if isinstance(c, KVCache) else select_linears(dry, c))
-        _quantize(dry, c, None, structure_only=True, progress=False)
+        if isinstance(c, STRUCTURE):
+            names[-1] = plan_structure(dry, c, names[-1], model.lazy)
         outside = [n for n in names[-1] if _layer_of(n) is None]
-        if c.needs_calibration and outside:
+        if (c.needs_calibration or isinstance(c, STRUCTURE)) and outside:
             raise LeanformerError(
-                f"{type(c).__name__} targets {outside[0]}, outside the decoder layers: streaming calibrates "
+                f"{type(c).__name__} targets {outside[0]}, outside the decoder layers: streaming works "
                 "layer by layer; add it to `ignore` (the presets do) or load the model whole (--in-memory)"
             )
+        _quantize(dry, c, None, structure_only=True, progress=False)
     return names
 
 
@@ -138,7 +139,9 @@ def _rtn(model: nn.Module, cfg: QuantConfig, names: list[str]) -> None:
     if isinstance(cfg, KVCache):
         model.kv_cache_dtype = cfg.dtype
         return
-    if names:
+    if isinstance(cfg, PruneConfig) and names:  # Magnitude (the calibrated ones are walked)
+        magnitude(model, cfg, names)
+    elif names:
         tied = _tied_embeddings(model, names)
         quantize_linears(model, cfg, names)
         _share_quantized_tables(model, tied)
@@ -155,6 +158,7 @@ def stream_apply(
     now whole (compressed) and runnable. No stages: just read the weights (`materialize_`)."""
     lazy: LazyWeights = model.lazy
     names = plan_stages(model, stages)
+    stages, storage = stages[: len(names)], stages[len(names) :]  # SparseStorage: after the walk
     cal = next((k for k, c in enumerate(stages) if c.needs_calibration), None)
     if cal is not None and calibration is None:
         raise LeanformerError(
@@ -185,10 +189,15 @@ def stream_apply(
 
     def read_layer(j: int, before: range) -> None:
         if cal is None:  # round-to-nearest: one Linear (q|k|v, gate|up fused) read and rounded at a
-            for group in _module_groups(by_layer[j]):  # time, so a layer is never whole in float
+            done: set[tuple[int, str]] = set()  # time, so a layer is never whole in float
+            for group in _module_groups(by_layer[j]):
                 lazy.read_into(model, group)
                 for k in before:
-                    _rtn(model, stages[k], [n for n in names[k] if _layer_of(n) == j and _read(model, n)])
+                    todo = [
+                        n for n in names[k] if _layer_of(n) == j and (k, n) not in done and _read(model, n)
+                    ]
+                    done.update((k, n) for n in todo)  # a pruned Linear stays float: zeroed once
+                    _rtn(model, stages[k], todo)
                 trim_heap()  # the float copy just rounded, before the next is read
             return
         lazy.read_into(model, by_layer[j])
@@ -229,13 +238,16 @@ def stream_apply(
             read_layer(j, before)
 
         hooks = BlockHooks(before=start_layer, after=finish_layer)
-        _calibrated(model, stages[cal], names[cal], calibration, progress, hooks)
+        run_calibrated(model, stages[cal], names[cal], calibration, progress, hooks)
         for k in after:
             for n in [n for n in names[k] if n in by_rows]:
                 rows_quantized(model, stages[k], n, by_rows[n][1], lazy, EMBEDDING if tied else None)
     if lazy.speed_up is not None:
         lazy.speed_up(model)  # float Linears left outside the layers (a float LM head)
     model.lazy = None
+    for c in storage:  # the zeros packed, from the pruned weights (capacities filled here)
+        _quantize_whole(model, c)
+    stages = stages + storage
     if isinstance(getattr(model, "config", None), dict):
         from leanformer.compress.recipe import Recipe
 
@@ -244,20 +256,10 @@ def stream_apply(
     return model
 
 
-def _calibrated(model, cfg, names, calibration, progress, hooks) -> None:
-    was_training = model.training
-    model.eval()
-    if isinstance(cfg, GPTQ):
-        from leanformer.compress.gptq import gptq_quantize
+def _quantize_whole(model: nn.Module, cfg: QuantConfig) -> None:
+    from leanformer.compress.recipe import _quantize
 
-        gptq_quantize(model, cfg, names, calibration, progress, hooks)
-    elif isinstance(cfg, AWQ):
-        from leanformer.compress.awq import awq_quantize
-
-        awq_quantize(model, cfg, names, calibration, progress, hooks)
-    else:
-        raise LeanformerError(f"{type(cfg).__name__} cannot run layer by layer yet (--in-memory)")
-    model.train(was_training)
+    _quantize(model, cfg, None, structure_only=False, progress=False)
 
 
 def materialize_(model: nn.Module, progress: bool = True) -> nn.Module:
@@ -281,9 +283,16 @@ def state_bytes(model: nn.Module) -> int:
 def compressed_bytes(model: nn.Module, stages: list[QuantConfig]) -> int:
     """Size of the weights `stages` would leave (a structure-only run on a meta copy of a lazily
     loaded model): for the disk-space check before any work."""
-    from leanformer.compress.recipe import _quantize
+    from leanformer.compress.config import PruneFFN
+    from leanformer.compress.recipe import _quantize, select_linears
+    from leanformer.compress.sparse import SparseStorage
+    from leanformer.compress.structured import ffn_targets
 
     dry = copy.deepcopy(model, memo={id(getattr(model, "lazy", None)): None})
     for c in stages:
+        if isinstance(c, SparseStorage) and not c.capacity:
+            continue  # its capacities come from the pruned weights: the dense size is the bound
+        if isinstance(c, PruneFFN):  # the smaller widths (a structure-only run leaves them whole)
+            shrink_plan(dry, c, ffn_targets(dry, select_linears(dry, c)))
         _quantize(dry, c, None, structure_only=True, progress=False)
     return state_bytes(dry)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from leanformer.compress.calibrate import (
+    BlockHooks,
     Calibration,
     collect_stats,
     iter_scopes,
@@ -92,11 +93,17 @@ def shrink_mlp(mlp: nn.Module, gram: torch.Tensor, keep: int, refit: bool, damp:
 
 
 def prune_ffn(
-    model: nn.Module, cfg: PruneFFN, names: list[str], calibration: Calibration, progress: bool = True
+    model: nn.Module,
+    cfg: PruneFFN,
+    names: list[str],
+    calibration: Calibration,
+    progress: bool = True,
+    hooks: BlockHooks | None = None,
 ) -> None:
-    """Shrink the MLPs owning the down_proj `names`, then record every layer's width in the config."""
+    """Shrink the MLPs owning the down_proj `names`, then record every layer's width in the config;
+    `hooks` stream the blocks in and out (compress/stream.py)."""
     targets = ffn_targets(model, names)
-    for scope in iter_scopes(model, targets, calibration, cfg.batch_size, progress, desc="PruneFFN"):
+    for scope in iter_scopes(model, targets, calibration, cfg.batch_size, progress, "PruneFFN", hooks):
         for st in collect_stats(model, scope):
             for name in st.names:
                 mlp = model.get_submodule(name.rsplit(".", 1)[0])

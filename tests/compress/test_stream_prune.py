@@ -1,0 +1,108 @@
+"""Streaming compression of pruning / low-rank recipes (compress/stream_prune.py): bit for bit the
+in-memory result on stories260K, a quantization stage after the calibrated one, SparseStorage packed
+after the walk and saved, and one-line refusals for what cannot stream."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import leanformer as lf
+from leanformer.compress import apply
+from leanformer.compress.config import LowRank, Magnitude, PruneFFN, PruneLayers, SparseGPT, Wanda
+from leanformer.compress.lowrank import LowRankLinear
+from leanformer.compress.quant import GPTQ, Int4WeightOnly, Int8WeightOnly
+from leanformer.compress.sparse import SparseStorage
+from leanformer.compress.stream import compressed_bytes, plan_stages, state_bytes
+from leanformer.errors import LeanformerError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+INT4 = Int4WeightOnly(group_size=32, pad=True)  # stories260K's FFN width 172 is no multiple of 32
+RECIPES = {
+    "magnitude-2:4+int4": [Magnitude(pattern="2:4"), INT4],
+    "wanda-50+int4": [Wanda(sparsity=0.5), INT4],
+    "sparsegpt-2:4": [SparseGPT(pattern="2:4")],
+    "svd-smaller+int8": [LowRank(ratio=0.5, multiple=8, keep="smaller"), Int8WeightOnly()],
+    "plain-svd": [LowRank(ratio=0.4, multiple=8, keep="smaller", whiten=False)],
+    "ffn-33+int4": [PruneFFN(sparsity=1 / 3), Int4WeightOnly(group_size=32)],
+    "wanda-50+sparse": [Wanda(sparsity=0.5), SparseStorage()],
+}
+
+
+def same(a: torch.nn.Module, b: torch.nn.Module, vocab: int) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert [n for n in sa if not torch.equal(sa[n], sb[n])] == []
+    assert a.config.get("leanformer") == b.config.get("leanformer")
+    assert a.config.get("intermediate_sizes") == b.config.get("intermediate_sizes")
+    ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a(ids), b(ids))
+
+
+def _both(path, recipe, calib):
+    import copy
+
+    whole, _ = lf.load(path)
+    apply(whole, copy.deepcopy(recipe), calib, progress=False)
+    lazy, _ = lf.load(path, lazy=True)
+    assert all(p.is_meta for p in lazy.model.layers.parameters())  # nothing read yet
+    stages = copy.deepcopy(recipe)
+    estimate = compressed_bytes(lazy, stages)
+    apply(lazy, stages, calib, progress=False)
+    return whole, lazy, estimate
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_stories260k_pruning_streamed_equals_in_memory(shared, name):
+    path = shared / "models/stories260K"
+    calib = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    whole, lazy, estimate = _both(path, RECIPES[name], calib)
+    same(whole, lazy, 512)
+    if name.startswith("svd"):
+        assert isinstance(lazy.model.layers[0].mlp.down_proj, LowRankLinear)
+    if name.startswith("ffn"):
+        assert lazy.model.layers[0].mlp.inter == 128 and estimate == state_bytes(lazy)
+
+
+def test_streamed_sparse_storage_saves_and_reloads(shared, tmp_path):
+    path = shared / "models/stories260K"
+    calib = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    lazy, _ = lf.load(path, lazy=True)
+    apply(lazy, [Wanda(sparsity=0.5), SparseStorage()], calib, progress=False)
+    assert lazy.config["leanformer"]["recipe"]["stages"][-1]["capacity"]  # filled from the weights
+    saved = lf.save(lazy, None, tmp_path / "out")
+    again, _ = lf.load(saved)
+    ids = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(again(ids), lazy(ids))
+
+
+def test_lowrank_faster_gate_runs_before_reading(shared):
+    """keep="faster" is decided on random Linears of the load dtype before any weight is read: the
+    kept-dense names join `ignore`, and a later stage's plan targets the modules that will exist."""
+    lazy, _ = lf.load(shared / "models/stories260K", lazy=True)
+    svd = LowRank(ratio=0.25, multiple=4)
+    try:
+        names = plan_stages(lazy, [svd, Int8WeightOnly()])
+    except LeanformerError as e:  # on this CPU no shape may win: the in-memory message, before work
+        assert "faster factorised" in str(e)
+        return
+    assert all(p.is_meta for p in lazy.model.layers.parameters())
+    assert set(names[0]).isdisjoint(svd.ignore)
+    for n in names[0]:  # the int8 stage rounds the factors of each factorised Linear
+        assert {f"{n}.up", f"{n}.down"} <= set(names[1])
+
+
+def test_refusals_name_the_stage(shared):
+    lazy, _ = lf.load(shared / "models/stories260K", lazy=True)
+    for stages, words in (
+        ([PruneLayers(n_layers=1)], "PruneLayers scores every layer"),
+        ([Wanda(sparsity=0.5), GPTQ(bits=8)], "one calibrated stage"),
+        ([Wanda(sparsity=0.5), SparseStorage(), Int8WeightOnly()], "SparseStorage"),
+        ([Magnitude(sparsity=0.5, targets=["lm_head"], ignore=[])], "outside the decoder layers"),
+        ([PruneFFN(sparsity=0.5, multiple=8), Int4WeightOnly(group_size=32)], "group"),
+    ):
+        with pytest.raises(LeanformerError, match=words) as e:
+            plan_stages(lazy, stages)
+        assert "\n" not in str(e.value)
+    assert all(p.is_meta for p in lazy.model.layers.parameters())  # refused before any read
