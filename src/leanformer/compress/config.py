@@ -299,6 +299,47 @@ class PruneLayers(QuantConfig):
 
 @_register
 @dataclass
+class PruneHeads(QuantConfig):
+    """Structured pruning of a Llama-family decoder's attention heads, respecting GQA: `sparsity` of the
+    query heads of every KV group (each group of a layer keeps the same number, at least one, so the
+    query/KV ratio stays integral), and `kv_sparsity` of the KV groups (a KV head with all its query
+    heads: the KV cache shrinks too; the same count in every layer, so the cache keeps one shape).
+    Fractions round to whole heads; `heads` / `kv_heads` give the kept counts per layer instead.
+    Ranked by each head's calibration output energy ||W_o[:, h] a_h||_2 (what it adds to the residual
+    stream); with `refit`, o_proj is least-squares refitted on the kept heads to the dense output.
+    `targets`/`ignore` select o_proj Linears (which layers lose query heads; KV groups go in every layer)."""
+
+    sparsity: float = 0.0
+    kv_sparsity: float = 0.0
+    heads: int | None = None
+    kv_heads: int | None = None
+    refit: bool = True
+    damp: float = 0.01
+    batch_size: int = 8
+    needs_calibration: ClassVar[bool] = True
+
+    def validate(self) -> None:
+        super().validate()
+        _check_fraction(self.sparsity, "PruneHeads", "sparsity")
+        _check_fraction(self.kv_sparsity, "PruneHeads", "kv_sparsity")
+        for what in ("heads", "kv_heads"):
+            v = getattr(self, what)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise LeanformerError(
+                    f"PruneHeads: {what} must be a positive integer (heads kept per layer), got {v!r}"
+                )
+        if not 0 <= self.damp < 1:
+            raise LeanformerError(f"PruneHeads: damp must be in [0, 1), got {self.damp}")
+        if not isinstance(self.refit, bool):
+            raise LeanformerError(f"PruneHeads: refit must be true or false, got {self.refit!r}")
+        if self.sparsity == 0 and self.kv_sparsity == 0 and self.heads is None and self.kv_heads is None:
+            raise LeanformerError(
+                "PruneHeads: nothing to prune; set sparsity, kv_sparsity, heads or kv_heads"
+            )
+
+
+@_register
+@dataclass
 class LowRank(QuantConfig):
     """Activation-aware low-rank factorisation (whitened SVD, as SVD-LLM): each targeted Linear W [N, K]
     becomes up(down(x)) with rank r = `ratio` * N K / (N + K) rounded down to a multiple of `multiple`

@@ -21,6 +21,7 @@ from leanformer.compress.config import (
     Magnitude,
     PruneConfig,
     PruneFFN,
+    PruneHeads,
     PruneLayers,
     SparseGPT,
     Wanda,
@@ -121,7 +122,7 @@ def _quantize(
     if isinstance(config, KVCache):  # a setting of the engine's cache, not a module swap
         model.kv_cache_dtype = config.dtype
         return
-    if isinstance(config, (PruneConfig, PruneFFN, PruneLayers)):
+    if isinstance(config, (PruneConfig, PruneFFN, PruneHeads, PruneLayers)):
         _prune(model, config, calibration, structure_only, progress)
         return
     if isinstance(config, LowRank):
@@ -176,7 +177,7 @@ def quantize_linears(model: nn.Module, config: QuantConfig, names: list[str]) ->
 
 def _prune(
     model: nn.Module,
-    config: PruneConfig | PruneFFN | PruneLayers,
+    config: PruneConfig | PruneFFN | PruneHeads | PruneLayers,
     calibration: Calibration | None,
     structure_only: bool,
     progress: bool,
@@ -193,6 +194,11 @@ def _prune(
         prune.check_prunable(model, sparsities, config)
     elif isinstance(config, PruneFFN):
         names = structured.ffn_targets(model, select_linears(model, config))
+    elif isinstance(config, PruneHeads):
+        from leanformer.compress import prune_heads
+
+        names = prune_heads.head_targets(model, select_linears(model, config))
+        prune_heads.plan_counts(model, config, names)
     else:
         structured.check_prunable_layers(model, config)
     if config.needs_calibration and calibration is None:
@@ -203,6 +209,8 @@ def _prune(
         prune.prune_linears(model, config, sparsities, calibration, progress)
     elif isinstance(config, PruneFFN):
         structured.prune_ffn(model, config, names, calibration, progress)
+    elif isinstance(config, PruneHeads):
+        prune_heads.prune_heads(model, config, names, calibration, progress)
     else:
         structured.prune_layers(model, config, calibration)
     model.train(was_training)
@@ -231,7 +239,7 @@ def _lowrank(
 
 def prune_(
     model: nn.Module,
-    config: PruneConfig | PruneFFN | PruneLayers,
+    config: PruneConfig | PruneFFN | PruneHeads | PruneLayers,
     calibration: Calibration | None = None,
     *,
     progress: bool = True,
@@ -239,9 +247,9 @@ def prune_(
     """Prune `model` in place (Magnitude / Wanda / SparseGPT zeros, PruneFFN smaller MLPs, PruneLayers
     fewer layers); returns it. All but Magnitude need `calibration` token ids. Recorded in the recipe
     like quantize_."""
-    if not isinstance(config, (PruneConfig, PruneFFN, PruneLayers)):
+    if not isinstance(config, (PruneConfig, PruneFFN, PruneHeads, PruneLayers)):
         raise LeanformerError(
-            f"prune_ expects Magnitude, Wanda, SparseGPT, PruneFFN or PruneLayers, got {type(config).__name__}; "
+            f"prune_ expects Magnitude, Wanda, SparseGPT, PruneFFN, PruneHeads or PruneLayers, got {type(config).__name__}; "
             "use quantize_ for quantization"
         )
     return quantize_(model, config, calibration, progress=progress)
@@ -360,6 +368,18 @@ PRESETS: dict[str, list[QuantConfig]] = {
     "ffn-33": [PruneFFN(sparsity=1 / 3)],
     "ffn-33+int4-g32-dq8+head-int8": [
         PruneFFN(sparsity=1 / 3),
+        Int4WeightOnly(group_size=32, scale_bits=8),
+        Int8WeightOnly(targets=["lm_head"], ignore=[]),
+    ],
+    # attention heads, GQA-safe (SmolLM2: 9 query heads in 3 KV groups of 3): heads-33 keeps 2 query heads
+    # per group (6 of 9); heads-kv-33 drops 1 of 3 KV groups with its query heads (KV cache 2/3)
+    "heads-33": [PruneHeads(sparsity=1 / 3)],
+    "heads-kv-33": [PruneHeads(kv_sparsity=1 / 3)],
+    # heads + FFN channels: 25.0% of SmolLM2's block parameters (6.25% from heads, 18.75% from the FFN)
+    "heads-33+ffn-25": [PruneHeads(sparsity=1 / 3), PruneFFN(sparsity=0.25)],
+    "heads-33+ffn-25+int4-g32-dq8+head-int8": [
+        PruneHeads(sparsity=1 / 3),
+        PruneFFN(sparsity=0.25),
         Int4WeightOnly(group_size=32, scale_bits=8),
         Int8WeightOnly(targets=["lm_head"], ignore=[]),
     ],

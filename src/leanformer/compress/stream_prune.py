@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from leanformer.compress.calibrate import BlockHooks, Calibration
-from leanformer.compress.config import LowRank, PruneConfig, PruneFFN, PruneLayers
+from leanformer.compress.config import LowRank, PruneConfig, PruneFFN, PruneHeads, PruneLayers
 from leanformer.compress.quant import AWQ, GPTQ, QuantConfig
 from leanformer.errors import LeanformerError
 
@@ -38,6 +38,11 @@ def check_streamable(stages: list[QuantConfig]) -> None:
             raise LeanformerError(
                 "PruneLayers scores every layer before it drops any, so it cannot run layer by layer: "
                 "load the model whole (lazy=False; `leanformer compress --in-memory`)"
+            )
+        if isinstance(c, PruneHeads):  # not walked layer by layer yet (compress/prune_heads.py)
+            raise LeanformerError(
+                "PruneHeads cannot run layer by layer yet: load the model whole "
+                "(lazy=False; `leanformer compress --in-memory`)"
             )
         if isinstance(c, SparseStorage) and any(not isinstance(s, SparseStorage) for s in stages[k + 1 :]):
             raise LeanformerError(

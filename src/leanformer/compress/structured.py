@@ -124,6 +124,33 @@ def record_widths(model: nn.Module) -> None:
         model.args.intermediate_sizes = sizes
     if isinstance(getattr(model, "config", None), dict):
         model.config["intermediate_sizes"] = sizes
+    record_heads(model)
+
+
+def record_heads(model: nn.Module) -> None:
+    """Per-layer query-head counts and the KV head count (compress/prune_heads.py) into model.args /
+    model.config, when they differ from what the config says: equal counts in every layer stay a plain
+    HF config (num_attention_heads, num_key_value_heads, head_dim); unequal ones add
+    num_attention_heads_per_layer, which models/llama.py reads."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    args = getattr(model, "args", None)
+    if layers is None or not hasattr(args, "num_attention_heads_per_layer"):
+        return
+    heads = [int(layer.self_attn.n_heads) for layer in layers]
+    kv = int(layers[0].self_attn.n_kv_heads)
+    per_layer = None if len(set(heads)) == 1 else heads
+    now = (args.num_attention_heads, args.num_key_value_heads, args.num_attention_heads_per_layer)
+    if now == (max(heads), kv, per_layer):
+        return
+    args.num_attention_heads = max(heads)
+    args.num_key_value_heads, args.num_attention_heads_per_layer = kv, per_layer
+    cfg = getattr(model, "config", None)
+    if isinstance(cfg, dict):
+        cfg.update(num_attention_heads=max(heads), num_key_value_heads=kv, head_dim=args.head_dim)
+        if per_layer is None:
+            cfg.pop("num_attention_heads_per_layer", None)
+        else:
+            cfg["num_attention_heads_per_layer"] = per_layer
 
 
 @torch.no_grad()
@@ -183,4 +210,5 @@ def prune_layers(model: nn.Module, cfg: PruneLayers, calibration: Calibration) -
         model.config["num_hidden_layers"] = len(kept)
     if getattr(getattr(model, "args", None), "intermediate_sizes", None):
         record_widths(model)  # the per-layer widths of the layers that remain
+    record_heads(model)  # and head counts (a per-layer list follows the layers that remain)
     return drop

@@ -109,8 +109,14 @@ def _identity(model: nn.Module) -> list[tuple[dict, str, object]]:
     return out
 
 
+def _heads(block: nn.Module) -> tuple[int, int, int]:
+    """(query heads, KV heads, head_dim) of one layer: per layer, since head pruning
+    (compress/prune_heads.py) leaves layers with different query-head counts."""
+    attn = block.self_attn
+    return attn.n_heads, attn.n_kv_heads, attn.head_dim
+
+
 def _build(model: nn.Module):
-    a = model.args
     stack = kernels.ext().DecodeStack()
     for block in model.model.layers:
         n1, qkv, o, n2, gate_up, down = _layer_modules(block)
@@ -122,7 +128,7 @@ def _build(model: nn.Module):
             return None
         stack.add(
             n1.weight.detach(), n1.eps, linears[0], linears[1], n2.weight.detach(), n2.eps, linears[2], linears[3],
-            a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+            *_heads(block),
         )  # fmt: skip
     return stack
 
@@ -170,7 +176,7 @@ def _segments(model: nn.Module) -> list[_Segment] | None:
             out.append(open_run)
         open_run.stack.add(
             n1.weight.detach(), n1.eps, attn[0], attn[1], n2.weight.detach(), n2.eps, mlp[0], mlp[1],
-            a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+            *_heads(block),
         )  # fmt: skip
         open_run.end = i + 1
         if torch_mlp:

@@ -39,9 +39,17 @@ class ModelArgs:
     mlp_bias: bool = False
     # per-layer FFN widths after structured pruning (compress/structured.py); None: all intermediate_size
     intermediate_sizes: list[int] | None = None
+    # per-layer query-head counts after head pruning (compress/prune_heads.py), each a multiple of
+    # num_key_value_heads (same for every layer: the KV cache has one shape); None: all num_attention_heads
+    num_attention_heads_per_layer: list[int] | None = None
 
     def ffn_width(self, idx: int) -> int:
         return self.intermediate_sizes[idx] if self.intermediate_sizes else self.intermediate_size
+
+    def heads(self, idx: int) -> int:
+        """Query heads of layer idx."""
+        per = self.num_attention_heads_per_layer
+        return per[idx] if per else self.num_attention_heads
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> ModelArgs:
@@ -58,13 +66,26 @@ class ModelArgs:
             or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes)
         ):
             raise ValueError("intermediate_sizes must list one positive width per layer")
+        kv = cfg.get("num_key_value_heads") or heads
+        per_layer = cfg.get("num_attention_heads_per_layer")
+        if per_layer is not None and (
+            not isinstance(per_layer, list)
+            or len(per_layer) != cfg["num_hidden_layers"]
+            or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0 and n % kv == 0 for n in per_layer
+            )
+        ):
+            raise ValueError(
+                f"num_attention_heads_per_layer must list one head count per layer, each a positive multiple of "
+                f"num_key_value_heads ({kv})"
+            )
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
             num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            num_key_value_heads=kv,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
@@ -75,6 +96,7 @@ class ModelArgs:
             o_bias=(not is_qwen2) and cfg.get("attention_bias", False),
             mlp_bias=cfg.get("mlp_bias", False),
             intermediate_sizes=sizes,
+            num_attention_heads_per_layer=per_layer,
         )
 
 
@@ -95,7 +117,7 @@ class Block(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.self_attn = Attention(
-            a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.qkv_bias, a.o_bias, idx
+            a.hidden_size, a.heads(idx), a.num_key_value_heads, a.head_dim, a.qkv_bias, a.o_bias, idx
         )
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = MLP(a.hidden_size, a.ffn_width(idx), a.mlp_bias)
