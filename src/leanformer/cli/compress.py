@@ -170,6 +170,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     how.add_argument(
         "--in-memory", action="store_true",
-        help="load the whole float model first (needed for GPT-2 / BERT, pytorch_model.bin and pruning / low-rank stages)",
+        help="load the whole float model first (needed for GPT-2 / BERT, pre-zip .bin pickles, PruneLayers and recipes with two calibrated stages)",
     )  # fmt: skip
     p.set_defaults(func=cmd_compress)

@@ -47,10 +47,12 @@ def shard_files(folder: Path, index_name: str) -> list[str]:
     return files
 
 
-def torch_weights(fp: Path) -> dict[str, torch.Tensor]:
-    """pytorch_model.bin: tensors only (weights_only=True: a pickle's code is refused, never run)."""
+def torch_weights(fp: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """pytorch_model.bin: tensors only (weights_only=True: a pickle's code is refused, never run).
+    `mmap`: the tensors stay in a private memory map of the file (pages read only when touched; the
+    zip layout torch.save has written since PyTorch 1.6), so nothing is read yet."""
     try:
-        state = torch.load(fp, map_location="cpu", weights_only=True)
+        state = torch.load(fp, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # garbage bytes, or objects/code weights_only does not allow
         boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -58,7 +60,14 @@ def torch_weights(fp: Path) -> dict[str, torch.Tensor]:
         raise LeanformerError(
             f"{fp}: not a PyTorch file of plain tensors; refused without running any of it ({detail})"
         ) from None
-    except Exception as e:  # RuntimeError (bad zip), EOFError, OSError, ...: a corrupt or truncated file
+    except RuntimeError as e:
+        if mmap and "_use_new_zipfile_serialization" in str(e):  # a pre-1.6 (non-zip) pickle
+            raise LeanformerError(
+                f"{fp}: a legacy (pre-zip) PyTorch file cannot be read tensor by tensor; re-save it with "
+                "torch.save (or as safetensors), or compress in memory (--in-memory / lazy=False)"
+            ) from None
+        raise LeanformerError(f"{fp}: corrupt or truncated PyTorch weights file ({first_line(e)})") from None
+    except Exception as e:  # EOFError, OSError, ...: a corrupt or truncated file
         raise LeanformerError(f"{fp}: corrupt or truncated PyTorch weights file ({first_line(e)})") from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()

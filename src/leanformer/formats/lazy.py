@@ -7,8 +7,11 @@ fp16 weight stays 2 bytes until the layer that owns it is processed. Nothing els
   before anything is allocated, as in safetensors_io), then each tensor is read with one readinto.
 - GGUF: the file is memory-mapped by the gguf package; each tensor is dequantized on request and the
   pages read are dropped from the resident set (`release`).
+- pytorch_model.bin (one file or an HF index of shards, the zip layout of torch.save): loaded with
+  torch.load(mmap=True, weights_only=True), so every tensor is a view of a private memory map of the
+  file and nothing is read until `get` copies one out; `release` drops the pages read from the resident
+  set, as for GGUF. A pre-1.6 (non-zip) pickle cannot be mapped: refused in one line.
 - llama2.c: a small flat checkpoint, read whole (these files are tiny), served from memory.
-pytorch_model.bin (a pickle) cannot be read tensor by tensor: `open_source` refuses it in one line.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from leanformer.errors import LeanformerError
-from leanformer.formats.hf_weights import shard_files
+from leanformer.formats.hf_weights import shard_files, torch_weights
 from leanformer.formats.safetensors_io import SafetensorsFormatError, _read_header, _spec
 
 
@@ -155,26 +158,67 @@ class MemorySource:
         return None
 
 
-_PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+@dataclass
+class TorchBinSource:
+    """Tensors of one or more pytorch_model.bin files, each a view of a private memory map of its file
+    (torch.load(mmap=True, weights_only=True)): `get` copies one out, `release` drops the pages read."""
+
+    files: list[Path]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    _maps: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for fp in self.files:
+            self._maps.update(torch_weights(fp, mmap=True))
+        self.shapes = {n: tuple(t.shape) for n, t in self._maps.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._maps[name].clone(memory_format=torch.contiguous_format)
+
+    def rows(self, name: str, which: slice | torch.Tensor) -> torch.Tensor:
+        t = self._maps[name]
+        return (t[which] if isinstance(which, slice) else t.index_select(0, which)).clone()
+
+    def release(self) -> None:
+        """MADV_DONTNEED over each file's mapped tensors: the pages read so far leave the resident set
+        (a private map that was never written reads them from the file again if touched)."""
+        import ctypes
+        import mmap
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        page = mmap.PAGESIZE
+        spans: dict[int, tuple[int, int]] = {}  # storage pointer -> (start, end)
+        for t in self._maps.values():
+            s = t.untyped_storage()
+            if s.nbytes():
+                spans[s.data_ptr()] = (s.data_ptr(), s.data_ptr() + s.nbytes())
+        for start, end in spans.values():
+            lo, hi = start // page * page, -(-end // page) * page
+            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
 
 
-def hf_source(folder: Path) -> SafetensorsSource:
-    """The safetensors weights of an HF (or leanformer) folder; a pickled checkpoint is refused."""
+def _shards(folder: Path, index: str) -> list[Path]:
+    files = [folder / f for f in shard_files(folder, index)]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise LeanformerError(f"weight shard {missing[0]} listed in the index is missing")
+    return files
+
+
+def hf_source(folder: Path) -> SafetensorsSource | TorchBinSource:
+    """The weights of an HF (or leanformer) folder, in the order `load` looks for them: safetensors,
+    then pytorch_model.bin (each one file or an index of shards)."""
     if (folder / "model.safetensors").is_file():
         return SafetensorsSource([folder / "model.safetensors"])
     if (folder / "model.safetensors.index.json").is_file():
-        files = [folder / f for f in shard_files(folder, "model.safetensors.index.json")]
-        missing = [f for f in files if not f.is_file()]
-        if missing:
-            raise LeanformerError(f"weight shard {missing[0]} listed in the index is missing")
-        return SafetensorsSource(files)
-    if any((folder / n).exists() for n in _PICKLED):
-        raise LeanformerError(
-            f"{folder}: pytorch_model.bin is a pickle and cannot be read layer by layer; convert it to "
-            "safetensors (transformers: save_pretrained(..., safe_serialization=True)) or compress in "
-            "memory (--in-memory / lazy=False)"
-        )
-    raise LeanformerError(f"no weights in {folder}: expected model.safetensors or its index")
+        return SafetensorsSource(_shards(folder, "model.safetensors.index.json"))
+    if (folder / "pytorch_model.bin").is_file():
+        return TorchBinSource([folder / "pytorch_model.bin"])
+    if (folder / "pytorch_model.bin.index.json").is_file():
+        return TorchBinSource(_shards(folder, "pytorch_model.bin.index.json"))
+    raise LeanformerError(
+        f"no weights in {folder}: expected model.safetensors, pytorch_model.bin or an index of shards"
+    )
 
 
 def open_source(path: Path) -> tuple[dict | None, TensorSource, Any | None]:
@@ -194,6 +238,7 @@ def open_source(path: Path) -> tuple[dict | None, TensorSource, Any | None]:
         config, state, tok = read_llama2c(path)
         return config, MemorySource(state), tok
     raise LeanformerError(
-        f"cannot stream {path}: expected an HF folder with config.json and safetensors, a .gguf file "
+        f"cannot stream {path}: expected an HF folder with config.json and safetensors or "
+        "pytorch_model.bin, a .gguf file "
         "or a llama2.c .bin"
     )
