@@ -201,3 +201,18 @@ def test_refit_beats_dropping_on_stories260k(shared):
         ppl[refit] = evaluate(model, held, 256, progress=False).perplexity
     assert [layer.self_attn.n_heads for layer in model.model.layers] == [4] * 5
     assert ppl[True] < 0.85 * ppl[False], ppl
+
+
+def test_eval_per_layer_ranks_the_pruned_attention_blocks(tiny_dirs):
+    """measure/diagnose (eval --per-layer) on a head-pruned model: each shrunk attention is ranked as
+    one block (its Linears changed shape), with whole KV groups gone too."""
+    from leanformer.measure.diagnose import per_layer_errors
+
+    reference, _ = lf.load(tiny_dirs["llama"])
+    model, _ = lf.load(tiny_dirs["llama"])
+    calib = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(2))
+    prune_(model, PruneHeads(kv_sparsity=0.5), calib, progress=False)  # whole KV groups: every layer
+    prune_(model, PruneHeads(sparsity=0.5, targets=["model.layers.1.*"]), calib, progress=False)  # then one
+    rows = per_layer_errors(model, reference, calib, top=4, progress=False)
+    assert {r.name for r in rows} == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
+    assert all(r.kld_alone > 0 and r.local_rel_error > 0 for r in rows)
