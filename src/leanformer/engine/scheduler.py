@@ -8,6 +8,8 @@ Three parts with narrow interfaces (vLLM's split, kept small):
   batched decode step for every running request. A request leaves the batch the step it finishes, so a
   short request never waits for a long one.
 - `Engine` (engine/runner.py): one thread that calls `step()` while there is work.
+engine/finishing.py holds the Scheduler's other half: accepting a chosen token, emitting outputs and
+ending a request exactly once (the `Finishing` mixin).
 
 Memory: the KV cache is allocated once (n_slots × max_seq tokens), so its budget is fixed at start and
 can never be exceeded: a request waits in a bounded queue for a free slot. engine/paged.py's
@@ -32,6 +34,7 @@ from collections.abc import Callable
 
 import torch
 
+from leanformer.engine.finishing import Finishing, _message
 from leanformer.engine.request import (
     Output,
     QueueFull,
@@ -39,7 +42,6 @@ from leanformer.engine.request import (
     SeqState,
     ShuttingDown,
     TokenLogprob,
-    one,
     token_logprob,
 )
 from leanformer.engine.sampling import greedy_tokens, sample
@@ -52,7 +54,7 @@ __all__ = ["Output", "QueueFull", "Request", "Scheduler", "ShuttingDown", "Token
 log = logging.getLogger("leanformer.engine")
 
 
-class Scheduler:
+class Scheduler(Finishing):
     """Continuous batching on one model and one KVCache. Not thread-safe except `submit`/`n_waiting`."""
 
     def __init__(
@@ -333,96 +335,6 @@ class Scheduler:
                 self._accept(s, tokens[i], lp)
             except Exception as e:
                 self._fail(s, "output", e)
-
-    def _accept(self, s: SeqState, token: int, lp: TokenLogprob | None) -> None:
-        req = s.req
-        s.out.append(token)
-        s.next_token = token
-        self.generation_tokens_total += 1
-        if s.seen is not None:
-            s.seen[token] = True
-        if token in req.stop_ids:
-            return self._finish(s, "stop")
-        text, stopped = s.detok.add(token) if s.detok is not None else ("", False)
-        reason = "stop" if stopped else ("length" if len(s.out) >= req.max_tokens else None)
-        if reason is None:
-            self._safe_emit(
-                req,
-                Output(req.id, req.index, [token], text, one(lp), None, len(req.prompt), len(s.out)),
-            )
-        else:
-            self._finish(s, reason, [token], text, one(lp))
-
-    def _fail(self, s: SeqState, stage: str, e: BaseException) -> None:
-        if s.req.ended:
-            return
-        self.errors[stage] += 1
-        log.error("request %s failed in %s", s.req.id, stage, exc_info=e)
-        self._finish(s, "error", error=_message(e))
-
-    def _finish(
-        self,
-        s: SeqState,
-        reason: str,
-        tokens: list[int] = (),
-        text: str = "",
-        lps: list[TokenLogprob] | None = None,
-        error: str | None = None,
-    ) -> None:
-        """Free the slot now and send the request's last output (once: a second call does nothing)."""
-        if s.req.ended:
-            return
-        if s in self.running:
-            self.running.remove(s)
-        if s in self.prefilling:
-            self.prefilling.remove(s)
-        self.free.append(s.slot)
-        try:
-            self._release(s)
-        except Exception:  # never let bookkeeping keep a request from ending
-            log.exception("could not release the KV memory of request %s", s.req.id)
-        if reason in ("length", "stop") and s.detok is not None:
-            try:
-                text += s.detok.flush()  # what was held back (after a stop string: nothing)
-            except Exception:
-                log.exception("could not flush the text of request %s", s.req.id)
-        self._emit_final(s.req, reason, len(s.out), error, list(tokens), text, lps)
-
-    def _emit_final(
-        self,
-        req: Request,
-        reason: str,
-        n_out: int,
-        error: str | None = None,
-        tokens: list[int] | None = None,
-        text: str = "",
-        lps: list[TokenLogprob] | None = None,
-    ) -> None:
-        if req.ended:
-            return
-        req.ended = True
-        with self._lock:
-            self._in_flight -= 1
-        self.finished[reason] += 1
-        out = Output(req.id, req.index, tokens or [], text, lps, reason, len(req.prompt), n_out, error)
-        self._safe_emit(req, out)
-
-    def _safe_emit(self, req: Request, out: Output) -> None:
-        try:
-            req.emit(out)
-        except Exception:  # the receiver is gone (e.g. its event loop closed): stop working for it
-            log.exception("could not deliver output of request %s; cancelling it", req.id)
-            req.cancelled = True
-
-    def fail_all(self, message: str) -> None:
-        """After an unexpected error outside any one request: end every admitted request with it."""
-        for s in self.prefilling + self.running:
-            self.errors["step"] += 1
-            self._finish(s, "error", error=message)
-
-
-def _message(e: BaseException) -> str:
-    return f"internal error: {type(e).__name__}: {e}"
 
 
 def _seq_of(item) -> SeqState:
