@@ -66,6 +66,7 @@ def test_a_hand_edited_config_that_breaks_the_ratio_fails_to_load(tiny_dirs, tmp
     assert "\n" not in str(e.value)
 
 
+@torch.no_grad()  # as the engine decodes (the fused step needs it)
 def _greedy_cached(model, cache, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
     """Greedy decode of one row through `cache` (prefill, then one token per step): ids, logits [n, V]."""
     slots = torch.tensor([0])
@@ -87,6 +88,7 @@ def _check_cached_equals_recompute(model, prompt: list[int], n: int = 12) -> lis
     the no-cache forward over the whole sequence (fp32 to rounding; int8 KV within its quantization)."""
     with torch.no_grad():
         ids, got = _greedy_cached(model, KVCache.for_model(model, 1, 64), prompt, n)
+        assert model._decode_plan.stack is not None  # the fused C++ step ran, per-layer heads and all
         full = model(torch.tensor([prompt + ids]))[0, len(prompt) - 1 : -1]  # [n, V], no cache
         torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)
         model.fused_decode = False
@@ -138,7 +140,8 @@ def test_pruned_model_decodes_saves_reloads_and_quantizes(tiny, tmp_path, cfg, h
     q, _ = lf.load(tmp_path / "q")
     assert [layer.self_attn.o_proj.in_features for layer in q.model.layers] == [h * 16 for h in heads]
     assert torch.equal(q(x), again(x))
-    _greedy_cached(q, KVCache.for_model(q, 1, 64), prompt, 4)  # the fused int4 step runs
+    _greedy_cached(q, KVCache.for_model(q, 1, 64), prompt, 4)
+    assert q._decode_plan.stack is not None  # the fused int4 step runs
 
 
 def test_uniform_pruning_saves_a_plain_hf_config(tiny_dirs, tmp_path):
