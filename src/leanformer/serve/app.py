@@ -3,6 +3,8 @@
 Handlers turn JSON into engine `Request`s and engine `Output`s back into JSON or server-sent events;
 they never see a tensor. The engine runs on its own thread (engine/scheduler.py); outputs cross back
 to the event loop with `call_soon_threadsafe` onto one asyncio queue per HTTP call.
+This module: the routes (create_app) and running them (uvicorn); serve/config.py: ServeConfig and the
+server's state; serve/generation.py: completions / chat turned into engine requests and back.
 """
 
 from __future__ import annotations
@@ -13,111 +15,38 @@ import logging
 import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from leanformer.engine.generate import encode_chat, eos_ids
-from leanformer.engine.paged import build_scheduler, describe
-from leanformer.engine.runner import Engine
-from leanformer.engine.sampling import SEED_LIMIT, SamplingParams
-from leanformer.engine.scheduler import Output, QueueFull, Request, Scheduler, ShuttingDown
+from leanformer.engine.generate import encode_chat
+from leanformer.engine.paged import describe
 from leanformer.errors import LeanformerError
+from leanformer.serve.config import ServeConfig, ServerState
 from leanformer.serve.gate import Gate
-from leanformer.serve.metrics import Metrics
-from leanformer.serve.options import attach_speculation, check_options, kv_policy, request_speculation
+from leanformer.serve.generation import check_generation, check_model, run_generation
 from leanformer.serve.schemas import (
     ApiError,
     ChatRequest,
     CompletionRequest,
     EmbeddingRequest,
-    Formatter,
-    Job,
-    TokenText,
     chat_messages,
-    collect,
     completion_prompts,
-    new_id,
-    stream_events,
-    unsupported,
     validation_error,
 )
+
+__all__ = ["ServeConfig", "ServerState", "create_app", "running", "serve"]  # ServeConfig: re-exported
 
 log = logging.getLogger("leanformer.serve.app")
 
 
-@dataclass
-class ServeConfig:
-    model_id: str = "leanformer"
-    max_batch: int = 16  # KV-cache slots = requests decoded together (fewer if kv_budget_mb says so)
-    max_seq: int = 2048  # tokens per slot: prompt + max_tokens of one request
-    kv_budget_mb: float | None = 2048.0
-    prefill_chunk: int = 256  # prompt tokens per engine step (padded), interleaved with decode steps
-    max_queue: int = 256  # requests waiting for a slot (beyond the max_batch running) before 429
-    api_key: str | None = None  # None: open; an empty key is refused (it would let `Bearer ` in)
-    request_timeout: float = 600.0  # seconds from arrival to the last token
-    shutdown_timeout: float = 10.0
-    max_body_mb: float = 4.0  # larger request bodies get 413 (a 2048-token prompt is ~10 kB of JSON)
-    stall_timeout: float = 120.0  # one engine step running longer than this: /health says 503
-    # "paged": KV blocks shared out by need, with prefix caching (engine/paged.py); "slots": one
-    # max_seq-token slot per request (engine/scheduler.py), the C++ fused decode step
-    kv_cache: str = "paged"
-    block_size: int = 16  # tokens per KV block
-    kv_blocks: int | None = None  # blocks to allocate; None: what kv_budget_mb holds (≤ max_batch × max_seq)
-    prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix seen before
-    window: int | None = None  # sliding window + sinks per request (serve/options.py); None: off
-    sinks: int | None = None  # with window: first tokens kept (None: 4)
-    speculative: str | None = None  # default of the request field "speculative" ("prompt-lookup")
-
-    def __post_init__(self) -> None:
-        key = self.api_key
-        if key is not None and not key.strip():
-            raise LeanformerError(
-                "the API key is empty (--api-key '' or LEANFORMER_API_KEY=''): "
-                "give a real key, or unset it to serve without one"
-            )
-        if key is not None and key != key.strip():
-            raise LeanformerError(
-                "the API key starts or ends with whitespace, which HTTP headers cannot carry"
-            )
-        if not self.max_body_mb > 0:
-            raise LeanformerError(f"--max-body-mb must be > 0, got {self.max_body_mb}")
-        if self.kv_cache not in ("paged", "slots"):
-            raise LeanformerError(f"--kv-cache must be paged or slots, got {self.kv_cache!r}")
-        if not 1 <= self.block_size <= 1024 or (self.kv_blocks is not None and self.kv_blocks < 1):
-            raise LeanformerError("--block-size must be in 1..1024 and --kv-blocks ≥ 1")
-        check_options(self.window, self.sinks, self.speculative)
-
-
-class _State:
-    def __init__(self, model, tok, cfg: ServeConfig) -> None:
-        self.model, self.tok, self.cfg = model, tok, cfg
-        self.is_encoder = getattr(model, "family", "") == "bert"
-        self.scheduler: Scheduler | None = None
-        self.engine: Engine | None = None
-        if not self.is_encoder:
-            policy = kv_policy(cfg.window, cfg.sinks)
-            self.scheduler = build_scheduler(
-                model, tok, cfg.kv_cache, cfg.max_batch, cfg.max_seq, cfg.kv_budget_mb, cfg.kv_blocks,
-                cfg.block_size, cfg.prefix_caching, cfg.prefill_chunk, cfg.max_queue, policy,
-            )  # fmt: skip
-            attach_speculation(self.scheduler, policy)
-            self.engine = Engine(self.scheduler)
-        self.metrics = Metrics()
-        self.text_of = TokenText(tok)
-        self.eos = frozenset(eos_ids(model, tok))
-        self.embed_lock = threading.Lock()
-        self.closing = False
-
-
 def create_app(model, tok, cfg: ServeConfig | None = None) -> FastAPI:
     cfg = cfg or ServeConfig()
-    state = _State(model, tok, cfg)
+    state = ServerState(model, tok, cfg)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -172,13 +101,13 @@ def create_app(model, tok, cfg: ServeConfig | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HttpRequest):
-        _check_generation(state, body)
+        check_generation(state, body)
         prompts = completion_prompts(state.tok, state.model.args.vocab_size, body.prompt)
-        return await _run(state, http, body, prompts, chat=False, max_tokens=body.max_tokens or 16)
+        return await run_generation(state, http, body, prompts, chat=False, max_tokens=body.max_tokens or 16)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http: HttpRequest):
-        _check_generation(state, body)
+        check_generation(state, body)
         messages = chat_messages(body)  # (its ApiError names the content part: not the template's error)
         try:
             prompt = encode_chat(state.tok, messages)
@@ -187,11 +116,11 @@ def create_app(model, tok, cfg: ServeConfig | None = None) -> FastAPI:
         except Exception as e:  # the template itself refused (e.g. roles must alternate)
             raise ApiError(400, f"the chat template failed: {e}", "messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await _run(state, http, body, [prompt], chat=True, max_tokens=max_tokens)
+        return await run_generation(state, http, body, [prompt], chat=True, max_tokens=max_tokens)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
-        _check_model(state, body.model)
+        check_model(state, body.model)
         if not state.is_encoder:
             raise ApiError(
                 400,
@@ -228,123 +157,6 @@ def create_app(model, tok, cfg: ServeConfig | None = None) -> FastAPI:
         }
 
     return app
-
-
-def _check_model(state: _State, name: str) -> None:
-    if name != state.cfg.model_id:
-        raise ApiError(
-            404,
-            f"model {name!r} not found: this server serves {state.cfg.model_id!r}",
-            "model",
-            "model_not_found",
-        )
-
-
-def _check_generation(state: _State, body) -> None:
-    _check_model(state, body.model)
-    if state.engine is None:
-        raise ApiError(
-            400, "this model is an encoder: it gives embeddings (/v1/embeddings), not text", "model"
-        )
-    if state.closing:
-        raise ApiError(503, "the server is shutting down", code="shutting_down")
-    if state.engine.dead:
-        raise ApiError(503, "the engine stopped; the server must be restarted", code="engine_dead")
-    if err := unsupported(body):
-        raise err
-
-
-def _submit(
-    state: _State, body, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None
-) -> Job:
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if stop and state.tok is None:
-        raise ApiError(400, "stop strings need a tokenizer; this model has none", "stop")
-    stop_ids = frozenset() if body.ignore_eos else state.eos
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-
-    def emit(out: Output) -> None:  # engine thread → event loop
-        loop.call_soon_threadsafe(queue.put_nowait, out)
-
-    sched, reqs = state.scheduler, []
-    speculative = request_speculation(body, state.cfg.speculative, sched)
-    if len(prompts) * body.n > sched.capacity:
-        raise ApiError(400, f"prompts × n must be ≤ {sched.capacity}", "n")
-    for p_i, prompt in enumerate(prompts):
-        # OpenAI's chat default: whatever the context leaves
-        wanted = max_tokens if max_tokens is not None else max(1, sched.max_seq - len(prompt))
-        for j in range(body.n):
-            seed = None if body.seed is None else (body.seed + j) % SEED_LIMIT  # choice j: its own seed
-            try:  # the schema already bounds these: this only names a field the schema let through
-                params = SamplingParams(
-                    body.temperature, body.top_k, body.top_p, body.repetition_penalty, seed
-                )
-            except LeanformerError as e:
-                raise ApiError(400, str(e), str(e).split()[0], "invalid_value") from None
-            try:
-                req = Request(
-                    prompt, wanted, params, stop, stop_ids, logprobs, state.cfg.request_timeout, emit
-                )
-                req.index, req.speculative = p_i * body.n + j, speculative
-                sched.check(req)
-            except LeanformerError as e:
-                param = "max_tokens" if len(prompt) < sched.max_seq and max_tokens is not None else None
-                raise ApiError(
-                    400,
-                    str(e),
-                    param or ("messages" if hasattr(body, "messages") else "prompt"),
-                    "context_length_exceeded",
-                ) from None
-            reqs.append(req)
-    submitted: list[Request] = []
-    try:
-        for r in reqs:
-            state.engine.submit(r)
-            submitted.append(r)
-    except (QueueFull, ShuttingDown) as e:
-        for r in submitted:
-            state.engine.cancel(r)
-        if isinstance(e, QueueFull):
-            raise ApiError(
-                429, f"{e}; retry later", code="queue_full", headers={"Retry-After": "1"}
-            ) from None
-        raise ApiError(503, str(e), code="shutting_down") from None
-    return Job(reqs, queue, state.engine, state.metrics, state.cfg.request_timeout + 30)
-
-
-async def _run(state: _State, http: HttpRequest, body, prompts, chat: bool, max_tokens: int | None):
-    if chat:
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    else:
-        logprobs = body.logprobs
-    job = _submit(state, body, prompts, max_tokens, logprobs)
-    rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
-    head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created}
-    head["model"] = state.cfg.model_id
-    fmt = Formatter(
-        chat, logprobs is not None, state.text_of, sum(len(p) for p in prompts), state.tok is None
-    )
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = stream_events(job, fmt, head, include_usage)
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
-    watcher = asyncio.create_task(_cancel_on_disconnect(http, job))
-    try:
-        return await collect(job, fmt, head)
-    finally:
-        watcher.cancel()
-        job.cancel()  # no-op for finished requests; frees the others' slots after an error
-
-
-async def _cancel_on_disconnect(http: HttpRequest, job: Job) -> None:
-    """Non-streaming calls: the body is read, so the next ASGI message is the client going away."""
-    while True:
-        message = await http.receive()
-        if message["type"] == "http.disconnect":
-            job.cancel()
-            return
 
 
 @contextmanager
@@ -400,7 +212,7 @@ def _server(app: FastAPI, host: str, port: int, log_level: str):
     [DONE] rather than a cut connection), then let uvicorn close the connections."""
     import uvicorn
 
-    state: _State = app.state.lf
+    state: ServerState = app.state.lf
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:
