@@ -14,7 +14,7 @@ import time
 import torch
 from torch import nn
 
-from leanformer.compress.calibrate import BlockHooks, Calibration, collect_stats, iter_scopes
+from leanformer.compress.calibrate import BlockHooks, Calibration, collect_stats, iter_scopes, lean_batch_size
 from leanformer.compress.config import LowRank
 from leanformer.compress.qbase import set_module
 from leanformer.compress.structured import rebuilt_like
@@ -148,7 +148,8 @@ def lowrank_(
     `hooks` stream the blocks in and out (compress/stream.py); `gated`: `rank_of` already passed the
     speed gate (streaming times it before any weight is read)."""
     speedup = speed_gate(model, cfg, rank_of) if cfg.keep == "faster" and not gated else {}
-    scopes = iter_scopes(model, list(rank_of), calibration, cfg.batch_size, progress, "LowRank", hooks)
+    batch = lean_batch_size(cfg.batch_size, calibration)  # activations, not weights, set the peak
+    scopes = iter_scopes(model, list(rank_of), calibration, batch, progress, "LowRank", hooks)
     for scope in scopes:
         for st in collect_stats(model, scope):
             for name in st.names:

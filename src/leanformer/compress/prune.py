@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from leanformer.compress.calibrate import BlockHooks, Calibration, collect_stats, iter_scopes
+from leanformer.compress.calibrate import BlockHooks, Calibration, collect_stats, iter_scopes, lean_batch_size
 from leanformer.compress.config import Magnitude, PruneConfig, SparseGPT, Wanda, matches, parse_pattern
 from leanformer.compress.gptq import _inverse_hessian_chol
 from leanformer.errors import LeanformerError
@@ -144,7 +144,8 @@ def prune_linears(
     if calibration is None:
         raise LeanformerError(f"{type(cfg).__name__} needs calibration token ids [n_samples, seq_len]")
     desc = type(cfg).__name__
-    scopes = iter_scopes(model, list(sparsities), calibration, cfg.batch_size, progress, desc, hooks)
+    batch = lean_batch_size(cfg.batch_size, calibration)  # activations, not weights, set the peak
+    scopes = iter_scopes(model, list(sparsities), calibration, batch, progress, desc, hooks)
     for scope in scopes:
         for st in collect_stats(model, scope):
             for name in st.names:

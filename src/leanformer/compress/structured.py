@@ -20,6 +20,7 @@ from leanformer.compress.calibrate import (
     Calibration,
     collect_stats,
     iter_scopes,
+    lean_batch_size,
     model_device,
     run_model,
     to_batches,
@@ -103,7 +104,8 @@ def prune_ffn(
     """Shrink the MLPs owning the down_proj `names`, then record every layer's width in the config;
     `hooks` stream the blocks in and out (compress/stream.py)."""
     targets = ffn_targets(model, names)
-    for scope in iter_scopes(model, targets, calibration, cfg.batch_size, progress, "PruneFFN", hooks):
+    batch = lean_batch_size(cfg.batch_size, calibration)  # activations, not weights, set the peak
+    for scope in iter_scopes(model, targets, calibration, batch, progress, "PruneFFN", hooks):
         for st in collect_stats(model, scope):
             for name in st.names:
                 mlp = model.get_submodule(name.rsplit(".", 1)[0])
