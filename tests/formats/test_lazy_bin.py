@@ -78,3 +78,26 @@ def test_legacy_and_hostile_bins_fail_in_one_line(tmp_path):
         with pytest.raises(LeanformerError, match=words) as e:
             open_source(folder)
         assert "\n" not in str(e.value)
+
+
+def test_what_cannot_stream_names_itself(tiny_dirs, tmp_path):
+    """Issue #12 item 4: every format / architecture the layer walk cannot serve fails before any read
+    in one line naming it and the way out (--in-memory)."""
+    from transformers import BertConfig, BertModel
+
+    bert = tmp_path / "bert"
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=16)  # fmt: skip
+    BertModel(cfg).save_pretrained(bert)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((tiny_dirs["llama"] / "config.json").read_text())
+    for folder, words in (
+        (tiny_dirs["gpt2"], "Llama family.*not gpt2.*--in-memory"),
+        (bert, "Llama family.*not bert.*--in-memory"),
+        (empty, "no weights in .*pytorch_model.bin"),
+        (tmp_path / "model.onnx", "not found|cannot stream"),
+    ):
+        with pytest.raises(LeanformerError, match=words) as e:
+            lf.load(folder, lazy=True)
+        assert "\n" not in str(e.value)
