@@ -3,6 +3,7 @@
     python -m leanformer.measure.bench.encoders_sparsity [MODEL] [--points 0.3 0.5 0.7 2:4]
         [--methods magnitude wanda sparsegpt] [--json bench-results/encoders_sparsity.json]
         [--plot docs/encoder_pruning_stsb.png]
+    python -m leanformer.measure.bench.encoders_sparsity --merge A.json B.json ... --json ALL.json --plot P.png
 
 Each method prunes a copy of the model at each point (a sparsity, or an N:M pattern) of the block
 Linears, calibrated on 512 SST-2 train sentences (never the STS-B data it is scored on). Per point:
@@ -101,7 +102,8 @@ def plot(results: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.axhline(results["dense"]["stsb_fp32"], color="gray", ls="--", label="dense fp32")
     for i, (method, rows) in enumerate(results["methods"].items()):
-        pts = sorted((r["sparsity"], r["stsb_fp32"]) for p, r in rows.items() if ":" not in p)
+        pts = [(0.0, results["dense"]["stsb_fp32"])]  # every line starts at the dense model
+        pts += sorted((r["sparsity"], r["stsb_fp32"]) for p, r in rows.items() if ":" not in p)
         ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=f"{method} (unstructured)")
         for p, r in rows.items():
             if ":" in p:
@@ -110,12 +112,49 @@ def plot(results: dict, path: str) -> None:
                             textcoords="offset points", fontsize=7, color=f"C{i}")  # fmt: skip
     ax.set_xlabel("sparsity of the block Linears")
     ax.set_ylabel("STS-B dev Spearman (higher is better)")
-    ax.set_title(f"{Path(results['model']).name}: weight pruning, fp32", fontsize=10)
+    ax.set_title(f"{results['settings']['model']}: weight pruning of the block Linears, fp32", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     write_file_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
+
+
+def table(results: dict) -> str:
+    """A markdown table: one row per method and point, dense first."""
+    d = results["dense"]
+    head = (
+        "| method | point | sparsity | STS-B fp32 | STS-B int8 dyn | STS-B int8 w | MB fp32 sparse | "
+        "MB int8 w sparse | MB int8 dyn | emb/s fp32 (x dense) | emb/s int8 dyn (x dense) | load |\n"
+        + "|---" * 12
+        + "|\n"
+    )
+    rows = [
+        f"| dense | - | 0 | {d['stsb_fp32']:.4f} | {d['stsb_int8_dynamic']:.4f} | - | {d['mb_fp32']:.1f} "
+        f"(dense) | - | {d['mb_int8_dynamic']:.1f} | {d['emb_per_s']['dense']:.0f} | "
+        f"{d['emb_per_s']['int8_dynamic']:.0f} ({d['emb_per_s']['int8_dynamic'] / d['emb_per_s']['dense']:.2f}x)"
+        f" | {d['loadavg']} |"
+    ]
+    for method, points in results["methods"].items():
+        for point, r in points.items():
+            e = r["emb_per_s"]
+            rows.append(
+                f"| {method} | {point} | {r['sparsity']:.3f} | {r['stsb_fp32']:.4f} | "
+                f"{r['stsb_int8_dynamic']:.4f} | {r['stsb_int8_weights']:.4f} | {r['mb_fp32_sparse']:.1f} | "
+                f"{r['mb_int8_weights_sparse']:.1f} | {r['mb_int8_dynamic']:.1f} | "
+                f"{e['fp32']:.0f} ({r['fp32_vs_dense']:.2f}x) | {e['int8_dynamic']:.0f} "
+                f"({r['int8_dynamic_vs_dense']:.2f}x) | {r['loadavg']} |"
+            )
+    return head + "\n".join(rows)
+
+
+def merge(paths: list[str]) -> dict:
+    """Results of runs with different --methods (same model) as one: the first run's dense row."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    out = {**runs[0], "methods": {}, "runs": [r["settings"] for r in runs]}
+    for r in runs:
+        out["methods"].update(r["methods"])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default="bench-results/encoders_sparsity.json")
     p.add_argument("--plot", default=None, help="write the STS-B vs sparsity PNG here")
+    p.add_argument("--merge", nargs="+", default=None, help="JSONs of earlier runs: merge, table, plot")
     a = p.parse_args(argv)
+    if a.merge:
+        results = merge(a.merge)
+        write_file_atomic(a.json, json.dumps(results, indent=2))
+        print(table(results))
+        if a.plot:
+            plot(results, a.plot)
+        return 0
     torch.set_num_threads(a.threads)
     base, tok = load_encoder(resolve_model(a.model))
     calib = [r["sentence"] for r in read_tsv(glue_path("sst2", "train"), a.limit)]
@@ -157,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             print(method, point, json.dumps(row), flush=True)
             Path(a.json).parent.mkdir(parents=True, exist_ok=True)
             write_file_atomic(a.json, json.dumps(results, indent=2))  # partial results survive a stop
+    print(table(results))
     if a.plot:
         plot(results, a.plot)
     return 0
