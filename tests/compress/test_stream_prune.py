@@ -106,3 +106,14 @@ def test_refusals_name_the_stage(shared):
             plan_stages(lazy, stages)
         assert "\n" not in str(e.value)
     assert all(p.is_meta for p in lazy.model.layers.parameters())  # refused before any read
+
+
+@pytest.mark.slow  # ~3-5 min on 2 loaded cores: the GGUF dequantized twice, 30 layers calibrated twice
+def test_smollm2_wanda_int8_sparse_streamed_equals_in_memory(smollm2):
+    calib = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(0))
+    recipe = [Wanda(sparsity=0.5), Int8WeightOnly(), SparseStorage()]
+    whole, _ = lf.load(smollm2, keep_quantized=False)
+    apply(whole, recipe, calib, progress=False)
+    lazy, _ = lf.load(smollm2, lazy=True)
+    apply(lazy, [Wanda(sparsity=0.5), Int8WeightOnly(), SparseStorage()], calib, progress=False)
+    same(whole, lazy, 49152)
