@@ -151,7 +151,7 @@ def _add_calibration_and_output(p, eval_help: str) -> None:
 
 
 def add_parser(sub) -> None:
-    """prune-heads and prune-encoder."""
+    """prune-heads, prune-encoder and prune-weights."""
     p = sub.add_parser("prune-heads", help="remove attention heads (by importance on calibration text)")
     p.add_argument("model")
     p.add_argument(
