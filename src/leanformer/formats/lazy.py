@@ -161,7 +161,7 @@ class MemorySource:
 @dataclass
 class TorchBinSource:
     """Tensors of one or more pytorch_model.bin files, each a view of a private memory map of its file
-    (torch.load(mmap=True, weights_only=True)): `get` copies one out, `release` drops the pages read."""
+    (torch.load(mmap=True, weights_only=True)): `get` / `rows` copy out and drop the pages they read."""
 
     files: list[Path]
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -173,28 +173,34 @@ class TorchBinSource:
         self.shapes = {n: tuple(t.shape) for n, t in self._maps.items()}
 
     def get(self, name: str) -> torch.Tensor:
-        return self._maps[name].clone(memory_format=torch.contiguous_format)
+        t = self._maps[name]
+        out = t.clone(memory_format=torch.contiguous_format)
+        _drop_pages(t)
+        return out
 
     def rows(self, name: str, which: slice | torch.Tensor) -> torch.Tensor:
         t = self._maps[name]
-        return (t[which] if isinstance(which, slice) else t.index_select(0, which)).clone()
+        out = (t[which] if isinstance(which, slice) else t.index_select(0, which)).clone()
+        _drop_pages(t)  # a table read in row slices never becomes resident whole
+        return out
 
     def release(self) -> None:
-        """MADV_DONTNEED over each file's mapped tensors: the pages read so far leave the resident set
-        (a private map that was never written reads them from the file again if touched)."""
-        import ctypes
-        import mmap
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        page = mmap.PAGESIZE
-        spans: dict[int, tuple[int, int]] = {}  # storage pointer -> (start, end)
         for t in self._maps.values():
-            s = t.untyped_storage()
-            if s.nbytes():
-                spans[s.data_ptr()] = (s.data_ptr(), s.data_ptr() + s.nbytes())
-        for start, end in spans.values():
-            lo, hi = start // page * page, -(-end // page) * page
-            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+            _drop_pages(t)
+
+
+def _drop_pages(t: torch.Tensor) -> None:
+    """MADV_DONTNEED over the mapped storage of `t`: the file pages read leave the resident set (a
+    private map never written reads them from the file again if touched). Best effort."""
+    import ctypes
+    import mmap
+
+    s = t.untyped_storage()
+    if not s.nbytes() or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    lo, hi = s.data_ptr() // page * page, -(-(s.data_ptr() + s.nbytes()) // page) * page
+    ctypes.CDLL(None).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
 
 
 def _shards(folder: Path, index: str) -> list[Path]:
