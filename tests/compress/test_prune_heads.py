@@ -219,3 +219,12 @@ def test_eval_per_layer_ranks_the_pruned_attention_blocks(tiny_dirs):
     rows = per_layer_errors(model, reference, calib, top=4, progress=False)
     assert {r.name for r in rows} == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
     assert all(r.kld_alone > 0 and r.local_rel_error > 0 for r in rows)
+
+
+def test_streaming_refuses_in_one_line(tiny_dirs):
+    """A lazily loaded model (`compress` streams by default) says to load whole, before any work; the
+    CLI then falls back to compressing in memory."""
+    lazy, _ = lf.load(tiny_dirs["llama"], lazy=True)
+    with pytest.raises(LeanformerError, match="PruneHeads cannot run layer by layer.*--in-memory") as e:
+        apply(lazy, PruneHeads(sparsity=0.5), torch.zeros(1, 8, dtype=torch.long), progress=False)
+    assert "\n" not in str(e.value)

@@ -388,7 +388,7 @@ PRESETS: dict[str, list[QuantConfig]] = {
 
 def load_recipe(path_or_name: str | Path) -> Recipe:
     """A recipe file (.json / .yaml) or a preset name (int8, int4, w8a8, gptq-int4, awq-int4, wanda-50,
-    ...). Presets whose stages say `needs_calibration` (GPTQ, AWQ, Wanda, SparseGPT, PruneFFN) need
+    ...). Presets whose stages say `needs_calibration` (GPTQ, AWQ, Wanda, SparseGPT, PruneFFN, PruneHeads) need
     calibration when applied."""
     if str(path_or_name) in PRESETS:
         return Recipe([copy.deepcopy(c) for c in PRESETS[str(path_or_name)]])
