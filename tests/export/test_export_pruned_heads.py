@@ -9,8 +9,7 @@ import torch
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.slow  # ~40 s on 2 loaded cores (load 8), as the PruneFFN export test: torch.onnx tracing
-def test_head_pruned_decoder_exports_with_parity(tiny_dirs, tmp_path):
+def test_head_pruned_decoder_exports_with_parity(tiny_dirs, tmp_path):  # ~20 s at load 3 (torch.onnx)
     pytest.importorskip("onnxruntime")
     import leanformer as lf
     from leanformer.compress.config import PruneHeads
