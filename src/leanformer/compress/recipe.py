@@ -372,7 +372,8 @@ PRESETS: dict[str, list[QuantConfig]] = {
         Int8WeightOnly(targets=["lm_head"], ignore=[]),
     ],
     # attention heads, GQA-safe (SmolLM2: 9 query heads in 3 KV groups of 3): heads-33 keeps 2 query heads
-    # per group (6 of 9); heads-kv-33 drops 1 of 3 KV groups with its query heads (KV cache 2/3)
+    # per group (6 of 9; 6.25% of block parameters, +23% PPL); heads-kv-33 drops 1 of 3 KV groups with its
+    # query heads (8.3%, KV cache 2/3, +70% PPL). docs/BENCHMARKS.md
     "heads-33": [PruneHeads(sparsity=1 / 3)],
     "heads-kv-33": [PruneHeads(kv_sparsity=1 / 3)],
     # heads + FFN channels: 25.0% of SmolLM2's block parameters (6.25% from heads, 18.75% from the FFN)
