@@ -228,3 +228,26 @@ def test_streaming_refuses_in_one_line(tiny_dirs):
     with pytest.raises(LeanformerError, match="PruneHeads cannot run layer by layer.*--in-memory") as e:
         apply(lazy, PruneHeads(sparsity=0.5), torch.zeros(1, 8, dtype=torch.long), progress=False)
     assert "\n" not in str(e.value)
+
+
+def test_student_layers_and_tensor_parallel_respect_per_layer_counts(tiny, tmp_path):
+    """distill's keep_layers_ keeps the per-layer head list in step with the layers it keeps; tensor
+    parallel refuses an unevenly head-pruned model in one line instead of splitting it wrong."""
+    import torch.distributed as dist
+
+    from leanformer.distributed.tensor_parallel import parallelize_
+    from leanformer.train.student import keep_layers_
+
+    model, calib = tiny
+    prune_(model, PruneHeads(sparsity=0.5, targets=["model.layers.0.*"]), calib, progress=False)
+    assert model.config["num_attention_heads_per_layer"] == [2, 4]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(LeanformerError, match="same attention-head count in every layer") as e:
+            parallelize_(model)
+    finally:
+        dist.destroy_process_group()
+    assert "\n" not in str(e.value)
+    student = keep_layers_(model, [1, 0])
+    assert [layer.self_attn.n_heads for layer in student.model.layers] == [4, 2]
+    assert student.config["num_attention_heads_per_layer"] == [4, 2]

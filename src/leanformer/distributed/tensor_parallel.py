@@ -124,6 +124,11 @@ def check_splittable(model: nn.Module, kind: str, families: tuple[str, ...] = ("
         )
     if getattr(model, "tp", None) is not None or getattr(model, "pp", None) is not None:
         raise LeanformerError("this model is already split (parallelize_ / pipeline_ ran); load it again")
+    if getattr(getattr(model, "args", None), "num_attention_heads_per_layer", None):
+        raise LeanformerError(
+            f"{kind} needs the same attention-head count in every layer; this model was head-pruned unevenly "
+            "(num_attention_heads_per_layer in its config): run it in one process"
+        )
 
 
 def parallelize_(model: nn.Module, group=None) -> nn.Module:

@@ -11,7 +11,7 @@ from torch import nn
 
 from leanformer.compress.config import PruneLayers
 from leanformer.compress.recipe import PRESETS, apply, load_recipe
-from leanformer.compress.structured import record_widths
+from leanformer.compress.structured import record_heads, record_widths
 from leanformer.errors import LeanformerError
 from leanformer.train.losses import blocks, layer_mapping
 
@@ -63,6 +63,8 @@ def keep_layers_(model: nn.Module, idx: list[int]) -> nn.Module:
         model.model.layers = kept
         if getattr(model.args, "intermediate_sizes", None):
             record_widths(model)
+        if getattr(model.args, "num_attention_heads_per_layer", None):
+            record_heads(model)  # the head-pruned layers that remain, in their new order
     model.args.num_hidden_layers = len(idx)
     if isinstance(getattr(model, "config", None), dict):
         model.config["num_hidden_layers"] = len(idx)
