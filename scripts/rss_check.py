@@ -5,6 +5,9 @@
                                                       # the tokenizer measured apart
     python scripts/rss_check.py gptq FOLDER OUT N T   # lazy load, GPTQ int4 on N random sequences of T
                                                       # tokens, layer by layer, save to OUT
+    python scripts/rss_check.py apply FOLDER RECIPE.json stream|memory N T
+                                                      # compress with a recipe file on N random sequences
+                                                      # of T tokens, read lazily (stream) or whole
 
 Prints the weights' size, RSS after loading, and the child's peak RSS (VmHWM) at the end.
 """
@@ -74,6 +77,23 @@ def child(mode: str, args: list[str]) -> None:
         lf.save(model, tok, out, overwrite=True)
         print(
             f"GPTQ {n} x {t} tokens: weights {state_bytes(model) / 2**20:.0f} MB, peak RSS {vm('VmHWM'):.0f} MB"
+        )
+    elif mode == "apply":
+        import json
+
+        from leanformer.compress import apply
+        from leanformer.compress.recipe import Recipe
+
+        torch.set_num_threads(1)
+        folder, recipe, how, n, t = args[0], Path(args[1]), args[2], int(args[3]), int(args[4])
+        stages = Recipe.from_dict(json.loads(recipe.read_text())).stages
+        model, _ = lf.load(folder, lazy=how == "stream")
+        before = state_bytes(model) / 2**20
+        ids = torch.randint(0, model.args.vocab_size, (n, t), generator=torch.Generator().manual_seed(0))
+        apply(model, stages, ids, progress=False)
+        print(
+            f"{how} {recipe.stem}: weights {before:.0f} -> {state_bytes(model) / 2**20:.0f} MB, "
+            f"peak RSS {vm('VmHWM'):.0f} MB"
         )
 
 
