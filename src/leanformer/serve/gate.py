@@ -20,7 +20,7 @@ ENDPOINTS = (
 
 
 class Gate:
-    """`state` is app.py's _State: reads cfg.api_key, cfg.max_body_mb and writes metrics.requests."""
+    """`state` is serve/config.py's ServerState: reads cfg.api_key, cfg.max_body_mb and writes metrics.requests."""
 
     def __init__(self, app, state) -> None:
         self.app, self.state = app, state
