@@ -44,9 +44,9 @@ def test_prune_weights_flags_are_validated(argv, fake_model, no_encoder_loading,
 def test_prune_weights_combinations_refused_before_loading(
     args,
     fragment,
-    fake_model,
-    no_encoder_loading,
-    capsys,  # noqa: F811
+    fake_model,  # noqa: F811
+    no_encoder_loading,  # noqa: F811
+    capsys,
 ):
     assert main(["prune-weights", str(fake_model), *args]) == 2
     one_error_line(capsys, fragment)
