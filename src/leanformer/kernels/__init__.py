@@ -100,6 +100,7 @@ _HEADERS = [
     _DIR / "int8_act.h",
     _DIR / "gemv_i8_impl.h",
     _DIR / "gemv_vnni.h",
+    _DIR / "q4_codes.h",
 ]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
