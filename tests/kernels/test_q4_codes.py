@@ -11,7 +11,8 @@ import torch
 
 from leanformer import kernels as K
 from leanformer.compress import double_quant as DQ
-from leanformer.kernels import cpu
+from tests.kernels.test_gemv import isa  # noqa: F401  (fixture: each linear_* ISA)
+from tests.kernels.test_int8_act import act_isa  # noqa: F401  (fixture: each int8-activation ISA)
 
 pytestmark = pytest.mark.skipif(not K.available(), reason="GEMV kernels unavailable on this machine")
 
@@ -39,27 +40,9 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(params=["avx2", "avx512"])
-def isa(request):
-    if request.param == "avx512" and not K.ext().has_avx512():
-        pytest.skip("this CPU lacks AVX-512")
-    K.set_isa(request.param)
-    yield request.param
-    K.set_isa(None)
-
-
-@pytest.fixture(params=["avx2", "avx_vnni", "avx512_vnni"])
-def act_isa(request):
-    if request.param not in cpu.act_isas():
-        pytest.skip(f"this CPU lacks {request.param} (has {cpu.act_isas()})")
-    cpu.set_act_isa(request.param)
-    yield request.param
-    cpu.set_act_isa(None)
-
-
 @pytest.mark.parametrize("n,k,kp,group", SHAPES)
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_linear_q4_codes_equal_fp32_arrays(isa, n, k, kp, group, rows):
+def test_linear_q4_codes_equal_fp32_arrays(isa, n, k, kp, group, rows):  # noqa: F811
     wq, sc, zc, lut, s, z = _operands(n, kp, group)
     x = torch.randn(rows, kp)
     bias = torch.randn(n)
@@ -69,7 +52,7 @@ def test_linear_q4_codes_equal_fp32_arrays(isa, n, k, kp, group, rows):
 
 @pytest.mark.parametrize("n,k,kp,group", SHAPES)
 @pytest.mark.parametrize("rows", [1, 2, 5, 11])
-def test_linear_q4_i8_codes_equal_fp32_arrays(act_isa, n, k, kp, group, rows):
+def test_linear_q4_i8_codes_equal_fp32_arrays(act_isa, n, k, kp, group, rows):  # noqa: F811
     wq, sc, zc, lut, s, z = _operands(n, kp, group)
     x = torch.randn(rows, k)
     e = K.ext()
