@@ -4,7 +4,7 @@
 //
 // Why codes: fp32 scales + zeros cost 8 bytes per group, i.e. 2 bits per weight at group 32, on top of
 // the 4.5 bits the model file holds; decoding them once at load made an int4-g32-dq8 model take 1.55x
-// its weights in RAM. The kernels instead decode a chunk of rows' scales into a small buffer (<= 16 KB,
+// its weights in RAM. The kernels instead decode a chunk of rows' scales into a small buffer (<= 4 KB,
 // L1-resident) right before those rows run, so every inner loop stays as it is and reads exactly the
 // fp32 values the decoded arrays held (the table is built by the same torch expression; zero = offset *
 // scale is one fp32 multiply), i.e. results are bit-identical to the fp32-array path.
@@ -79,16 +79,16 @@ struct Q4Scales {
 
   // Runs fn(c0, c1, s, z) over rows [n0, n1) in consecutive chunks [c0, c1), with s / z pointing at
   // row c0's G scales / zeros (row c0 + i at + i * G; z null when there are none). fp32 arrays: one
-  // chunk pointing into them; codes: chunks of <= 2048 scales decoded into a buffer.
+  // chunk pointing into them; codes: chunks of <= 512 scales decoded into a buffer.
   template <class Fn>
   void chunks(int64_t n0, int64_t n1, const Fn& fn) const {
     if (!coded()) return fn(n0, n1, s + n0 * G, z ? z + n0 * G : nullptr);
-    constexpr int64_t kFloats = 4096;  // 16 KB: scales then zeros of the chunk
+    constexpr int64_t kFloats = 1024;  // 4 KB: scales then zeros of the chunk, kept in L1 beside the weights
     const int64_t rows = std::max<int64_t>(1, kFloats / (2 * G));
     float stack[kFloats];
     std::vector<float> heap;
     float* buf = stack;
-    if (2 * rows * G > kFloats) heap.resize(2 * rows * G), buf = heap.data();  // G > 2048: one row
+    if (2 * rows * G > kFloats) heap.resize(2 * rows * G), buf = heap.data();  // G > 512: one row
     for (int64_t c0 = n0; c0 < n1; c0 += rows) {
       const int64_t c1 = std::min(n1, c0 + rows);
       decode(c0, c1, buf, buf + rows * G);
