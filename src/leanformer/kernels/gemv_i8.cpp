@@ -26,6 +26,7 @@
 
 #include "common.h"
 #include "int8_act.h"
+#include "q4_codes.h"
 
 namespace leanformer {
 namespace {
@@ -88,15 +89,27 @@ void set_act_isa(const std::string& name) {
 
 namespace {
 
-void run_rows(const I8Args& a, bool q4, int64_t row_bytes) {
+void rows_isa(int isa, const I8Args& a, bool q4, int64_t n0, int64_t n1) {
+  if (isa == kAvx512Vnni)
+    q4 ? i8avx512vnni::q4_rows(a, n0, n1) : i8avx512vnni::q8_rows(a, n0, n1);
+  else if (isa == kAvxVnni)
+    q4 ? i8avxvnni::q4_rows(a, n0, n1) : i8avxvnni::q8_rows(a, n0, n1);
+  else
+    q4 ? i8avx2::q4_rows(a, n0, n1) : i8avx2::q8_rows(a, n0, n1);
+}
+
+// q4: a.w / scales / zeros / bias / y are taken from `qs` chunk by chunk (8-bit scale codes are
+// decoded per chunk of rows, q4_codes.h), the row functions seeing rows [0, c1 - c0) of a shifted view.
+void run_rows(const I8Args& a, bool q4, int64_t row_bytes, const Q4Scales* qs = nullptr) {
   const int isa = g_act_isa.load(std::memory_order_relaxed);
   for_row_blocks(a.N, row_bytes, [&](int64_t n0, int64_t n1) {
-    if (isa == kAvx512Vnni)
-      q4 ? i8avx512vnni::q4_rows(a, n0, n1) : i8avx512vnni::q8_rows(a, n0, n1);
-    else if (isa == kAvxVnni)
-      q4 ? i8avxvnni::q4_rows(a, n0, n1) : i8avxvnni::q8_rows(a, n0, n1);
-    else
-      q4 ? i8avx2::q4_rows(a, n0, n1) : i8avx2::q8_rows(a, n0, n1);
+    if (!q4) return rows_isa(isa, a, false, n0, n1);
+    qs->chunks(n0, n1, [&](int64_t c0, int64_t c1, const float* s, const float* z) {
+      I8Args b = a;
+      b.w = static_cast<const uint8_t*>(a.w) + c0 * (a.K / 2);
+      b.scales = s, b.zeros = z, b.y = a.y + c0, b.bias = a.bias ? a.bias + c0 : nullptr;
+      rows_isa(isa, b, true, 0, c1 - c0);
+    });
   });
 }
 
@@ -194,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_act(const at::Tensor& x_) {
 
 at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
                         const std::optional<at::Tensor>& zeros_, int64_t group_size,
-                        const std::optional<at::Tensor>& bias) {
+                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lut) {
   check_x(x_);
   TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kByte, "Wq must be uint8 [N, Kp/2]");
   const int64_t M = x_.size(0), K = x_.size(1), N = w_.size(0), Kp = 2 * w_.size(1);
@@ -202,12 +215,8 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
               "int8-activation int4 needs group_size a multiple of 32 dividing the codes' columns (", Kp,
               ") and x with at most that many columns, got group ", group_size, ", K ", K);
   const int64_t G = Kp / group_size;
-  const bool has_zeros = zeros_.has_value() && zeros_->defined();
-  for (const at::Tensor* t : {&scales_, has_zeros ? &*zeros_ : &scales_})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == N && t->size(1) == G,
-                "scales/zeros must be float32 [N, Kp/group_size]");
-  const at::Tensor x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous();
-  const at::Tensor zeros = has_zeros ? zeros_->contiguous() : at::Tensor();
+  const Q4Scales qs(scales_, zeros_, lut, N, G, /*zeros_optional=*/true);
+  const at::Tensor x = x_.contiguous(), w = w_.contiguous();
   at::Tensor bh;
   const float* b = bias_ptr(bias, N, bh);
   const int64_t chunks = (Kp + 63) / 64, Kx = 64 * chunks;
@@ -220,9 +229,9 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   at::Tensor y = at::empty({M, N}, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, w.data_ptr<uint8_t>(),
-                   scales.data_ptr<float>(), has_zeros ? zeros.data_ptr<float>() : nullptr, b,
-                   y.data_ptr<float>() + m0 * N, std::min<int64_t>(kMaxRows, M - m0), N, Kp, Kx, group_size};
-    run_rows(a, true, Kp / 2 + (has_zeros ? 8 : 4) * G);
+                   nullptr, nullptr, b, y.data_ptr<float>() + m0 * N, std::min<int64_t>(kMaxRows, M - m0), N, Kp, Kx,
+                   group_size};
+    run_rows(a, true, Kp / 2 + (qs.coded() ? 2 : qs.z ? 8 : 4) * G, &qs);
   }
   return y;
 }
@@ -266,7 +275,9 @@ void bind_int8_act(pybind11::module_& m) {
   m.def("quantize_act", &quantize_act, "x [M,K] f32 -> (int8 codes [M, Kq], scales [M, Kq/32]) per block of 32",
         py::arg("x"));
   m.def("linear_q4_i8", &linear_q4_i8, "int8(x) [M,K] @ dequant_int4(Wq, scales, zeros, G)^T (+bias)", py::arg("x"),
-        py::arg("wq"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("bias") = py::none());
+        py::arg("wq"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("bias") = py::none(),
+        py::arg("lut") = py::none());
+  // scales/zeros uint8 [N, G] with lut fp32 [512]: 8-bit scale codes (q4_codes.h), decoded per chunk of rows
   // zeros=None: symmetric codes, w = (code - 8) * scale (GGUF Q4_0), without reading a zero per group
   m.def("linear_q8_i8", &linear_q8_i8, "int8(x) [M,K] @ (Wq int8 * scales)^T (+bias)", py::arg("x"), py::arg("wq"),
         py::arg("scales"), py::arg("bias") = py::none(), py::arg("group_size") = 0);

@@ -33,10 +33,16 @@ inline void i8_prefetch(const void* row, int64_t off) {
 }
 
 // Independent accumulator chains per activation row: one FMA per 32 or 64 weights on a single chain
-// would wait on the FMA latency (4-5 cycles) every step at M = 1.
+// would wait on the FMA latency (4-5 cycles) every step at M = 1. The same count for every M, so a
+// row's float sum order, hence its result bit for bit, does not depend on how many rows the call has
+// (speculative verification runs k+1 rows through the GEMV plain decoding runs one row at a time:
+// greedy identity needs equal logits). 2 chains x at most kPassRows rows = 8 accumulators stay in
+// registers; more rows run as further passes over the same weight row while it is in L1.
+constexpr int kI8Chains = 2;
+constexpr int kPassRows = 4;
 template <int M>
 constexpr int i8_chains() {
-  return M == 1 ? 4 : (M == 2 ? 2 : 1);
+  return kI8Chains;
 }
 
 // The loop both kernels share: acc = 0, then step(i, u) for i in [0, n) in order, step i feeding
@@ -177,14 +183,29 @@ inline void q8_row(const I8Args& a, int64_t n, float* out) {
   }
 }
 
+// Activation rows [m0, m0 + P) of one weight row n into out[m0..]: a view of a shifted by m0 rows.
+template <int P, class D, bool kQ4, Groups S>
+__attribute__((always_inline)) inline void row_pass(const I8Args& a, int64_t n, int m0, float* out) {
+  I8Args b = a;
+  if (m0) {
+    const int64_t G = kQ4 ? a.K / a.group : 0;
+    b.xq = a.xq + m0 * a.Kx;
+    b.dv = a.dv + m0 * (kQ4 ? a.Kx / 8 : a.Kx / 32);
+    b.xs = kQ4 ? a.xs + m0 * G : a.xs;
+  }
+  if constexpr (kQ4)
+    q4_row<P, D, S>(b, n, out + m0);
+  else
+    q8_row<P, D>(b, n, out + m0);
+}
+
 template <int M, class D, bool kQ4, Groups S>
 inline void rows_m(const I8Args& a, int64_t n0, int64_t n1) {
+  constexpr int P = M < kPassRows ? M : kPassRows;  // rows of the first pass; M > 4: a second pass
   for (int64_t n = n0; n < n1; ++n) {
     float out[M];
-    if constexpr (kQ4)
-      q4_row<M, D, S>(a, n, out);
-    else
-      q8_row<M, D>(a, n, out);
+    row_pass<P, D, kQ4, S>(a, n, 0, out);
+    if constexpr (M > kPassRows) row_pass<M - kPassRows, D, kQ4, S>(a, n, kPassRows, out);
     LF_UNROLL
     for (int m = 0; m < M; ++m) a.y[m * a.N + n] = out[m] + (a.bias ? a.bias[n] : 0.f);
   }
