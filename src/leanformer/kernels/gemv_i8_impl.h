@@ -3,7 +3,7 @@
 // gemv_vnni.h: AVX-VNNI / AVX-512 VNNI).
 // Everything here has internal linkage (anonymous namespace), so no copy compiled for VNNI can be
 // picked by the linker for the AVX2 callers (see int8_act.h). Include <immintrin.h> (after the target
-// pragma, if any) and int8_act.h first; define LF_I8_NS to the namespace whose q4_rows / q8_rows to
+// pragma, if any) and int8_act.h first; define LF_I8_NS to the namespace whose q4_rows / q8_rows / q5_rows to
 // emit and LF_I8_DOT to the policy type.
 //
 // The policy gives 8 int32 lanes, lane l = sum over bytes 4l..4l+3 of u8 * s8 products:
@@ -177,6 +177,101 @@ inline void q8_row(const I8Args& a, int64_t n, float* out) {
   }
 }
 
+// 32 bits -> 32 bytes, byte j = 16 if bit j is set, else 0 (the 5th bit of int5 codes, as a value).
+inline __m256i i8_bits16(uint32_t bits) {
+  // byte j of the result looks at byte j / 8 of the word, then at its bit j % 8
+  const __m256i pick = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)), pick);
+  const __m256i all_but = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);  // byte j: every bit except j % 8
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_or_si256(b, all_but), _mm256_set1_epi64x(-1));
+  return _mm256_and_si256(set, _mm256_set1_epi8(16));
+}
+
+// int5 (GGUF Q5_0, compress/int5.py): w = (q - 16) * s per 32 columns, q = low nibble | 16 * high bit,
+// 0..31. Nibbles as int4's (a.w, two per byte, low = even column); a.high: per 64-column chunk c two
+// words, 2c the high bits of its 32 even columns, 2c+1 of its odd ones (bit j: the j-th of them), so
+// each expands straight onto the nibble bytes; a last half chunk: one word in natural column order.
+// Exact: maddubs pairs of 31 * 127 products, two pairs summed (dot2) stay below 32767. The -16 enters
+// like int4's -8, through the activation group sums xs.
+template <int M, class D>
+inline void q5_row(const I8Args& a, int64_t n, float* out) {
+  constexpr int A = i8_chains<M>();
+  const int64_t G = a.K / 32;
+  const uint8_t* __restrict w = static_cast<const uint8_t*>(a.w) + n * (a.K / 2);
+  const uint32_t* hb = a.high + n * G;
+  const float* sc = a.scales + n * G;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const int64_t chunks = a.K / 64;
+  __m256 acc[M][A];
+  auto chunk = [&](int64_t c, int u) __attribute__((always_inline)) {
+    i8_prefetch(w, 32 * c);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c));
+    const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, mask), i8_bits16(hb[2 * c]));
+    const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), i8_bits16(hb[2 * c + 1]));
+    const __m256 ws = i8_chunk_scales<Groups::k32>(sc, c, 0, 1);
+    LF_UNROLL
+    for (int m = 0; m < M; ++m) {
+      const int8_t* x = a.xq + m * a.Kx + 64 * c;
+      const __m256i s = D::dot2(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), hi,
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+      const __m256 d = _mm256_mul_ps(_mm256_loadu_ps(a.dv + m * a.Kx / 8 + 8 * c), ws);
+      acc[m][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[m][u]);
+    }
+  };
+  i8_run_chains<M, A>(chunks, acc, chunk);
+  const __m256 minus16 = _mm256_set1_ps(-16.f);
+  LF_UNROLL
+  for (int m = 0; m < M; ++m) {
+    __m256 t8 = i8_chain_sum<M, A>(acc, m);
+    const float* xs = a.xs + m * G;
+    int64_t j = 0;
+    for (; j + 8 <= G; j += 8) t8 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + j), minus16), _mm256_loadu_ps(xs + j), t8);
+    float r = i8_hsum(t8);
+    for (; j < G; ++j) r += -16.f * sc[j] * xs[j];
+    if (a.K % 64) {  // a last 32 columns, natural order: scalar, exact in int
+      const int64_t b0 = 32 * chunks;
+      const int8_t* x = a.xq + m * a.Kx + 2 * b0;
+      const uint32_t h = hb[G - 1];
+      int32_t t = 0;
+      for (int64_t k = 0; k < 16; ++k) {
+        const int even = (w[b0 + k] & 15) | static_cast<int>(((h >> (2 * k)) & 1) << 4);
+        const int odd = (w[b0 + k] >> 4) | static_cast<int>(((h >> (2 * k + 1)) & 1) << 4);
+        t += x[2 * k] * even + x[2 * k + 1] * odd;
+      }
+      r += static_cast<float>(t) * a.dv[m * a.Kx / 8 + 8 * chunks] * sc[G - 1];
+    }
+    out[m] = r;
+  }
+}
+
+template <int M>
+struct I8Rows {  // M as a type, for the lambda below (no <type_traits> in the VNNI files: int8_act.h)
+  static constexpr int value = M;
+};
+
+template <class D>
+inline void q5_any(const I8Args& a, int64_t n0, int64_t n1) {
+  auto run = [&](auto rows) {
+    constexpr int M = decltype(rows)::value;
+    for (int64_t n = n0; n < n1; ++n) {
+      float out[M];
+      q5_row<M, D>(a, n, out);
+      LF_UNROLL
+      for (int m = 0; m < M; ++m) a.y[m * a.N + n] = out[m] + (a.bias ? a.bias[n] : 0.f);
+    }
+  };
+  switch (a.M) {
+    case 1: return run(I8Rows<1>());
+    case 2: return run(I8Rows<2>());
+    case 3: return run(I8Rows<3>());
+    case 4: return run(I8Rows<4>());
+    case 5: return run(I8Rows<5>());
+    case 6: return run(I8Rows<6>());
+    case 7: return run(I8Rows<7>());
+    default: return run(I8Rows<8>());
+  }
+}
+
 template <int M, class D, bool kQ4, Groups S>
 inline void rows_m(const I8Args& a, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
@@ -216,6 +311,7 @@ inline void q4_any(const I8Args& a, int64_t n0, int64_t n1) {
 namespace LF_I8_NS {
 void q4_rows(const I8Args& a, int64_t n0, int64_t n1) { q4_any<LF_I8_DOT>(a, n0, n1); }
 void q8_rows(const I8Args& a, int64_t n0, int64_t n1) { rows<LF_I8_DOT, false>(a, n0, n1); }
+void q5_rows(const I8Args& a, int64_t n0, int64_t n1) { q5_any<LF_I8_DOT>(a, n0, n1); }
 }  // namespace LF_I8_NS
 
 }  // namespace leanformer
