@@ -19,10 +19,9 @@ from leanformer.compress.int8 import Int8Linear
 from leanformer.formats.gguf import GGUFTensor, read_gguf_raw
 from leanformer.kernels import cpu
 from leanformer.kernels.int8_act import ref_dequantize_act
-from leanformer.models.fused import set_decode_activations
-from leanformer.models.kv_cache import KVCache
 from tests.formats.test_gguf import tiny_config
 from tests.formats.tiny_gguf import hf_llama_state_dict, write_gguf
+from tests.models.test_fused_int8 import TOKENS, logits_for
 
 Q = gguf.GGMLQuantizationType
 needs_kernels = pytest.mark.skipif(not lk.available(), reason="GEMV kernels unavailable on this machine")
@@ -87,6 +86,20 @@ def test_kernel_matches_reference(act_isa, rows, k):
         assert torch.equal(m(x), y)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 9])
+@pytest.mark.parametrize("k", [1536, 576, 100, 120])  # 100 / 120: a last block of 4 / 24 columns
+def test_int8_group16_kernel(act_isa, rows, k):
+    """Int8Linear group 16 (GGUF Q6_K) on int8 activations: two scales per 32-column block."""
+    n = 37
+    wq = torch.randint(-32, 32, (n, k), dtype=torch.int8)
+    scales = torch.rand(n, -(-k // 16))
+    x = torch.randn(rows, k)
+    y = lk.ext().linear_q8_i8(x, wq, scales, None, 16)
+    xd, w = ref_dequantize_act(x), lk.dequant_int8(wq, scales, 16).double()
+    err = ((y.double() - xd @ w.T).abs() / (xd.abs() @ w.abs().T + 1)).max()
+    assert float(err) < 1e-5
+
+
 @needs_kernels
 def test_kernel_rejects_bad_operands():
     m = random_module(4, 64)
@@ -139,8 +152,6 @@ def test_real_smollm2_weights_as_q5_0(smollm2):
 
 # --- a whole model: tiny GGUF with Q5_0 layers -----------------------------------------------------
 
-TOKENS = torch.tensor([[3, 14, 15, 92, 65, 35], [32, 38, 46, 26, 43, 38]])  # [B, T]
-
 
 @pytest.fixture(scope="module")
 def q5_gguf(tmp_path_factory):
@@ -150,19 +161,6 @@ def q5_gguf(tmp_path_factory):
     qtypes = {"embed": Q.Q8_0, "up_proj": Q.Q4_0, "down": Q.Q4_0, "": Q.Q5_0}
     write_gguf(path, cfg, hf_llama_state_dict(cfg, seed=3), qtypes=qtypes)
     return path
-
-
-def teacher_forced(model, activations: str) -> torch.Tensor:
-    """Decode steps one token per row from position 0 (the fused step where kernels exist): [T, B, V]."""
-    set_decode_activations(model, activations)
-    b, t = TOKENS.shape
-    cache = KVCache.for_model(model, b, 16)
-    out = []
-    with torch.inference_mode():
-        for i in range(t):
-            out.append(model(TOKENS[:, i : i + 1], cache=cache)[:, 0])
-            cache.advance(torch.arange(b), 1)
-    return torch.stack(out)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -184,9 +182,9 @@ def test_model_loads_int5_and_matches_float(q5_gguf, tmp_path, monkeypatch):
         prefill = q(ids)
         assert rel(prefill, f(ids)) < 1e-5  # dequantize + GEMM
         assert rel(q(ids[:1, :3]), f(ids[:1, :3])) < 1e-5  # decode-sized module calls
-    ref = teacher_forced(f, "fp32")
-    assert rel(teacher_forced(q, "fp32"), ref) < 1e-5  # fused step, fp32 activations: exact weights
-    got = teacher_forced(q, "int8")
+    ref = logits_for(f, "fp32")
+    assert rel(logits_for(q, "fp32"), ref) < 1e-5  # fused step, fp32 activations: exact weights
+    got = logits_for(q, "int8")
     if lk.available():
         stack = q._decode_plan.stack
         assert stack is not None and stack.int8_act and stack.int8_linears() == 4 * 2

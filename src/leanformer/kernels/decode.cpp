@@ -194,7 +194,7 @@ struct DecodeLinear {
   // Whether the int8-activation kernels (gemv_i8.cpp) can run this Linear: integer weights whose
   // scale groups are whole 32-column activation blocks.
   bool int8_capable() const {
-    if (kind == Kind::q8) return group % 32 == 0;
+    if (kind == Kind::q8) return group % 32 == 0 || group == 16;  // 16: GGUF Q6_K
     if (kind == Kind::q5) return true;
     return kind == Kind::q4 && group % 32 == 0 && k_padded % group == 0;
   }

@@ -233,8 +233,8 @@ at::Tensor linear_q8_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kChar && w_.size(1) == x_.size(1),
               "Wq must be int8 [N, K] matching x [M, K]");
   const int64_t M = x_.size(0), K = x_.size(1), N = w_.size(0);
-  TORCH_CHECK(group_size >= 0 && group_size % 32 == 0,
-              "int8-activation int8 needs one scale per row (group_size 0) or groups of a multiple of 32 columns");
+  TORCH_CHECK(group_size >= 0 && (group_size % 32 == 0 || group_size == 16),
+              "int8-activation int8 needs one scale per row (group_size 0) or groups of 16 or a multiple of 32 columns");
   if (group_size == 0) {
     TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.numel() == N, "scales must be float32 [N]");
   } else {
@@ -342,8 +342,10 @@ at::Tensor dequant_q5(const at::Tensor& w_, const at::Tensor& high_, const at::T
         _mm256_store_si256(reinterpret_cast<__m256i*>(q), _mm256_permute2x128_si256(a, b, 0x20));
         _mm256_store_si256(reinterpret_cast<__m256i*>(q + 32), _mm256_permute2x128_si256(a, b, 0x31));
         for (int i = 0; i < 8; ++i) {
-          const __m256 code = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i))));
-          _mm256_storeu_ps(o + 64 * c + 8 * i, _mm256_mul_ps(_mm256_sub_ps(code, v16), _mm256_set1_ps(sr[2 * c + i / 4])));
+          const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i));
+          const __m256 code = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight));
+          const __m256 s = _mm256_set1_ps(sr[2 * c + i / 4]);
+          _mm256_storeu_ps(o + 64 * c + 8 * i, _mm256_mul_ps(_mm256_sub_ps(code, v16), s));
         }
       }
       if (Kp % 64) {  // a last 32 columns: high bits in natural order

@@ -139,7 +139,8 @@ inline void q4_row(const I8Args& a, int64_t n, float* out) {
   }
 }
 
-template <int M, class D>
+// kG16: one scale per 16 columns (GGUF Q6_K as Int8Linear group 16), two per 32-column block
+template <int M, class D, bool kG16 = false>
 inline void q8_row(const I8Args& a, int64_t n, float* out) {
   constexpr int A = i8_chains<M>();
   const int8_t* __restrict w = static_cast<const int8_t*>(a.w) + n * a.K;
@@ -153,7 +154,7 @@ inline void q8_row(const I8Args& a, int64_t n, float* out) {
     i8_prefetch(w, 32 * b);
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b));
     const __m256i av = _mm256_abs_epi8(v);  // -128 -> 0x80 = 128 as u8
-    const __m256 ws = _mm256_set1_ps(grouped ? sc[g] : 1.f);
+    const __m256 ws = kG16 ? i8_chunk_scales<Groups::k32>(sc, b, 0, 1) : _mm256_set1_ps(grouped ? sc[g] : 1.f);
     LF_UNROLL
     for (int m = 0; m < M; ++m) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + m * a.Kx + 32 * b));
@@ -169,9 +170,11 @@ inline void q8_row(const I8Args& a, int64_t n, float* out) {
     float r = i8_hsum(i8_chain_sum<M, A>(acc, m));
     if (a.K % 32) {  // partial last block: scalar, exact in int
       const int8_t* x = a.xq + m * a.Kx;
-      int32_t t = 0;
-      for (int64_t k = 32 * blocks; k < a.K; ++k) t += x[k] * w[k];
-      r += static_cast<float>(t) * a.dv[m * nb + blocks] * (grouped ? sc[(32 * blocks) / a.group] : 1.f);
+      int32_t t = 0, t2 = 0;  // t2: kG16's columns past the block's first 16
+      for (int64_t k = 32 * blocks; k < a.K; ++k) (kG16 && k >= 32 * blocks + 16 ? t2 : t) += x[k] * w[k];
+      const float s = kG16 ? sc[2 * blocks] : (grouped ? sc[(32 * blocks) / a.group] : 1.f);
+      const float s2 = kG16 && t2 ? sc[2 * blocks + 1] : 0.f;
+      r += (static_cast<float>(t) * s + static_cast<float>(t2) * s2) * a.dv[m * nb + blocks];
     }
     out[m] = grouped ? r : r * sc[0];
   }
@@ -225,7 +228,8 @@ inline void q5_row(const I8Args& a, int64_t n, float* out) {
     __m256 t8 = i8_chain_sum<M, A>(acc, m);
     const float* xs = a.xs + m * G;
     int64_t j = 0;
-    for (; j + 8 <= G; j += 8) t8 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + j), minus16), _mm256_loadu_ps(xs + j), t8);
+    for (; j + 8 <= G; j += 8)
+      t8 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + j), minus16), _mm256_loadu_ps(xs + j), t8);
     float r = i8_hsum(t8);
     for (; j < G; ++j) r += -16.f * sc[j] * xs[j];
     if (a.K % 64) {  // a last 32 columns, natural order: scalar, exact in int
@@ -244,33 +248,6 @@ inline void q5_row(const I8Args& a, int64_t n, float* out) {
   }
 }
 
-template <int M>
-struct I8Rows {  // M as a type, for the lambda below (no <type_traits> in the VNNI files: int8_act.h)
-  static constexpr int value = M;
-};
-
-template <class D>
-inline void q5_any(const I8Args& a, int64_t n0, int64_t n1) {
-  auto run = [&](auto rows) {
-    constexpr int M = decltype(rows)::value;
-    for (int64_t n = n0; n < n1; ++n) {
-      float out[M];
-      q5_row<M, D>(a, n, out);
-      LF_UNROLL
-      for (int m = 0; m < M; ++m) a.y[m * a.N + n] = out[m] + (a.bias ? a.bias[n] : 0.f);
-    }
-  };
-  switch (a.M) {
-    case 1: return run(I8Rows<1>());
-    case 2: return run(I8Rows<2>());
-    case 3: return run(I8Rows<3>());
-    case 4: return run(I8Rows<4>());
-    case 5: return run(I8Rows<5>());
-    case 6: return run(I8Rows<6>());
-    case 7: return run(I8Rows<7>());
-    default: return run(I8Rows<8>());
-  }
-}
 
 template <int M, class D, bool kQ4, Groups S>
 inline void rows_m(const I8Args& a, int64_t n0, int64_t n1) {
@@ -299,6 +276,46 @@ inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
   }
 }
 
+template <int M>
+struct I8Rows {  // M as a type (no <type_traits> in the VNNI files: int8_act.h)
+  static constexpr int value = M;
+};
+
+// y[:, n0:n1] + bias with row(I8Rows<M>, n, out) computing out[M] for weight row n, M = a.M (1..8)
+template <class Row>
+inline void i8_rows_with(const I8Args& a, int64_t n0, int64_t n1, const Row& row) {
+  auto run = [&](auto rows) {
+    constexpr int M = decltype(rows)::value;
+    for (int64_t n = n0; n < n1; ++n) {
+      float out[M];
+      row(rows, n, out);
+      LF_UNROLL
+      for (int m = 0; m < M; ++m) a.y[m * a.N + n] = out[m] + (a.bias ? a.bias[n] : 0.f);
+    }
+  };
+  switch (a.M) {
+    case 1: return run(I8Rows<1>());
+    case 2: return run(I8Rows<2>());
+    case 3: return run(I8Rows<3>());
+    case 4: return run(I8Rows<4>());
+    case 5: return run(I8Rows<5>());
+    case 6: return run(I8Rows<6>());
+    case 7: return run(I8Rows<7>());
+    default: return run(I8Rows<8>());
+  }
+}
+
+template <class D>
+inline void q5_any(const I8Args& a, int64_t n0, int64_t n1) {
+  i8_rows_with(a, n0, n1, [&](auto rows, int64_t n, float* out) { q5_row<decltype(rows)::value, D>(a, n, out); });
+}
+
+template <class D>
+inline void q8_any(const I8Args& a, int64_t n0, int64_t n1) {
+  if (a.group != 16) return rows<D, false>(a, n0, n1);
+  i8_rows_with(a, n0, n1, [&](auto rows, int64_t n, float* out) { q8_row<decltype(rows)::value, D, true>(a, n, out); });
+}
+
 template <class D>
 inline void q4_any(const I8Args& a, int64_t n0, int64_t n1) {
   if (a.group == 32) return rows<D, true, Groups::k32>(a, n0, n1);
@@ -310,7 +327,7 @@ inline void q4_any(const I8Args& a, int64_t n0, int64_t n1) {
 
 namespace LF_I8_NS {
 void q4_rows(const I8Args& a, int64_t n0, int64_t n1) { q4_any<LF_I8_DOT>(a, n0, n1); }
-void q8_rows(const I8Args& a, int64_t n0, int64_t n1) { rows<LF_I8_DOT, false>(a, n0, n1); }
+void q8_rows(const I8Args& a, int64_t n0, int64_t n1) { q8_any<LF_I8_DOT>(a, n0, n1); }
 void q5_rows(const I8Args& a, int64_t n0, int64_t n1) { q5_any<LF_I8_DOT>(a, n0, n1); }
 }  // namespace LF_I8_NS
 
