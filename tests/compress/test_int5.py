@@ -195,3 +195,28 @@ def test_model_loads_int5_and_matches_float(q5_gguf, tmp_path, monkeypatch):
     assert again.model.layers[0].self_attn.o_proj.scales.dtype == torch.float32
     with torch.no_grad():  # (before the fused runs: they leave the Int8Linear head on int8 activations)
         assert torch.equal(again(ids), prefill)
+
+
+@pytest.mark.slow
+def test_smollm2_q4_k_m_file(smollm2, tmp_path):
+    """The Q4_K_M file scripts/make_q4km_gguf.py makes (~1 min): every Q5_0 module int5 and bit-exact
+    with the float load, and it still answers."""
+    from scripts.make_q4km_gguf import q4_k_m
+
+    from tests.formats.kquants import requantize_gguf
+
+    path = tmp_path / "q4km.gguf"
+    requantize_gguf(smollm2, path, q4_k_m)
+    q, tok = lf.load(path, keep_quantized=True)
+    f, _ = lf.load(path, keep_quantized=False)
+    int5 = {n: m for n, m in q.named_modules() if isinstance(m, Int5Linear)}
+    assert len(int5) == 75  # o and gate_up everywhere, qkv where v is Q5_0 too (odd layers)
+    floats = dict(f.named_parameters())
+    for name, m in int5.items():
+        assert torch.equal(m.dequantize(), floats[f"{name}.weight"]), name
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert "Paris" in lf.generate(q, tok, prompt, max_new_tokens=12)

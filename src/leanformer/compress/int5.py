@@ -19,33 +19,42 @@ from leanformer.errors import LeanformerError
 GROUP = 32  # columns per scale: Q5_0's block
 
 
+def _chunk_bit_columns() -> np.ndarray:
+    """[64]: the column of a 64-column chunk whose 5th bit is bit b of the chunk's 64 (its two int32
+    words, low first): the order kernels/gemv_i8_impl.h (i8_high16) expands with two shifts. Bit
+    8p + 4 + Q holds even column 2 (8Q + p), bit 8p + Q odd column 2 (8Q + p) + 1 (p < 8, Q < 4)."""
+    p, r = np.divmod(np.arange(64), 8)
+    return np.where(r >= 4, 2 * (8 * (r - 4) + p), 2 * (8 * r + p) + 1)
+
+
+CHUNK_BIT_COLUMNS = _chunk_bit_columns()
+
+
 def pack_high_bits(codes: torch.Tensor) -> torch.Tensor:
-    """codes uint8 [N, Kp] in 0..31 (Kp a multiple of 32) -> their 5th bits as int32 [N, Kp/32], in
-    the order the GEMV kernel expands them onto int4's nibble bytes (kernels/gemv_i8_impl.h q5_row):
-    per 64-column chunk c, word 2c holds the even columns 64c + 2j at bit j, word 2c + 1 the odd
-    columns 64c + 2j + 1; a last 32-column block, one word with column 32b + j at bit j.
-    Temporaries are uint8 [N, Kp] (numpy's packbits): wider ones, freed in a loop over a model's
-    matrices, measured +360 MB of fragmented heap in RSS after loading SmolLM2."""
+    """codes uint8 [N, Kp] in 0..31 (Kp a multiple of 32) -> their 5th bits as int32 [N, Kp/32]: per
+    64-column chunk two words in CHUNK_BIT_COLUMNS' order; a last 32-column block, one word with
+    column j at bit j. Temporaries are uint8 [N, Kp] (numpy's packbits): int64 ones, freed in a loop
+    over a model's matrices, measured +360 MB of fragmented heap in RSS after loading SmolLM2."""
     n, kp = codes.shape
     if kp % GROUP:
         raise LeanformerError(f"int5 codes need a multiple of {GROUP} columns, got {kp}")
     full = kp // 64 * 64
     bits = (codes.cpu() >> 4).numpy()  # [N, Kp] 0/1
-    # [N, chunks, 32 pairs, (even, odd)] -> [N, 2 chunks, 32]: per chunk the evens' word, then the odds'
-    words = [bits[:, :full].reshape(n, -1, 32, 2).transpose(0, 1, 3, 2).reshape(n, -1, 32)]
+    parts = [bits[:, :full].reshape(n, -1, 64)[:, :, CHUNK_BIT_COLUMNS].reshape(n, -1)]  # bit order
     if kp > full:
-        words.append(bits[:, full:].reshape(n, 1, 32))
-    packed = np.packbits(np.concatenate(words, 1), axis=-1, bitorder="little")  # [N, G, 4] bytes
-    return torch.from_numpy(packed.view("<i4").reshape(n, -1)).to(codes.device)
+        parts.append(bits[:, full:])
+    packed = np.packbits(np.concatenate(parts, 1), axis=-1, bitorder="little")  # [N, Kp/8] bytes
+    return torch.from_numpy(np.ascontiguousarray(packed).view("<i4")).to(codes.device)
 
 
 def unpack_high_bits(high: torch.Tensor, kp: int) -> torch.Tensor:
     """pack_high_bits' inverse: int32 [N, Kp/32] -> uint8 [N, Kp] 0/1 in column order."""
     n, full = high.shape[0], kp // 64 * 64
     shifts = torch.arange(32, dtype=torch.int64, device=high.device)
-    bits = ((high.to(torch.int64) & 0xFFFFFFFF)[..., None] >> shifts) & 1  # [N, G, 32]
-    head = bits[:, : full // 32].reshape(n, -1, 2, 32).transpose(2, 3).reshape(n, full)
-    return torch.cat([head, bits[:, full // 32 :].reshape(n, -1)], 1).to(torch.uint8)
+    bits = (((high.to(torch.int64) & 0xFFFFFFFF)[..., None] >> shifts) & 1).to(torch.uint8)  # [N, G, 32]
+    head = torch.empty(n, full // 64, 64, dtype=torch.uint8, device=high.device)
+    head[:, :, torch.from_numpy(CHUNK_BIT_COLUMNS)] = bits[:, : full // 32].reshape(n, -1, 64)
+    return torch.cat([head.reshape(n, full), bits[:, full // 32 :].reshape(n, -1)], 1)
 
 
 class Int5Linear(QuantLinear):

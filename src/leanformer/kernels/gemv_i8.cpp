@@ -335,8 +335,10 @@ at::Tensor dequant_q5(const at::Tensor& w_, const at::Tensor& high_, const at::T
       float* o = op + r * Kp;
       for (int64_t c = 0; c < chunks; ++c) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 32 * c));
-        const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, mask), i8_bits16(hr[2 * c]));
-        const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), i8_bits16(hr[2 * c + 1]));
+        __m256i lo, hi;
+        i8_high16(hr, c, lo, hi);
+        lo = _mm256_or_si256(_mm256_and_si256(v, mask), lo);
+        hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), hi);
         // byte j of lo / hi is column 2j / 2j + 1: interleave (per 128-bit lane), then put the lanes in order
         const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);
         _mm256_store_si256(reinterpret_cast<__m256i*>(q), _mm256_permute2x128_si256(a, b, 0x20));

@@ -181,19 +181,20 @@ inline void q8_row(const I8Args& a, int64_t n, float* out) {
 }
 
 // 32 bits -> 32 bytes, byte j = 16 if bit j is set, else 0 (the 5th bit of int5 codes, as a value).
-inline __m256i i8_bits16(uint32_t bits) {
-  // byte j of the result looks at byte j / 8 of the word, then at its bit j % 8
-  const __m256i pick = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
-  const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)), pick);
-  const __m256i all_but = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);  // byte j: every bit except j % 8
-  const __m256i set = _mm256_cmpeq_epi8(_mm256_or_si256(b, all_but), _mm256_set1_epi64x(-1));
-  return _mm256_and_si256(set, _mm256_set1_epi8(16));
+// The 5th bits of 64-column chunk c as bytes 16 / 0 on the nibble bytes: lo over its 32 even columns,
+// hi over its 32 odd ones. H = the chunk's 64 bits (words 2c, 2c + 1); byte p of qword lane Q of lo
+// is bit 4 of byte p of H >> Q (H's bit 8p + 4 + Q), of hi bit 4 of H << (4 - Q) (bit 8p + Q): one
+// broadcast, two variable shifts and two ands per 64 weights (compress/int5.py packs that order).
+inline void i8_high16(const uint32_t* hb, int64_t c, __m256i& lo, __m256i& hi) {
+  const __m256i h = _mm256_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(hb + 2 * c)));
+  const __m256i bit4 = _mm256_set1_epi8(16);
+  lo = _mm256_and_si256(_mm256_srlv_epi64(h, _mm256_setr_epi64x(0, 1, 2, 3)), bit4);
+  hi = _mm256_and_si256(_mm256_sllv_epi64(h, _mm256_setr_epi64x(4, 3, 2, 1)), bit4);
 }
 
 // int5 (GGUF Q5_0, compress/int5.py): w = (q - 16) * s per 32 columns, q = low nibble | 16 * high bit,
-// 0..31. Nibbles as int4's (a.w, two per byte, low = even column); a.high: per 64-column chunk c two
-// words, 2c the high bits of its 32 even columns, 2c+1 of its odd ones (bit j: the j-th of them), so
-// each expands straight onto the nibble bytes; a last half chunk: one word in natural column order.
+// 0..31. Nibbles as int4's (a.w, two per byte, low = even column); a.high: per 64-column chunk two
+// words in i8_high16's bit order; a last half chunk: one word in natural column order.
 // Exact: maddubs pairs of 31 * 127 products, two pairs summed (dot2) stay below 32767. The -16 enters
 // like int4's -8, through the activation group sums xs.
 template <int M, class D>
@@ -209,8 +210,10 @@ inline void q5_row(const I8Args& a, int64_t n, float* out) {
   auto chunk = [&](int64_t c, int u) __attribute__((always_inline)) {
     i8_prefetch(w, 32 * c);
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c));
-    const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, mask), i8_bits16(hb[2 * c]));
-    const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), i8_bits16(hb[2 * c + 1]));
+    __m256i lo, hi;
+    i8_high16(hb, c, lo, hi);
+    lo = _mm256_or_si256(_mm256_and_si256(v, mask), lo);
+    hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), hi);
     const __m256 ws = i8_chunk_scales<Groups::k32>(sc, c, 0, 1);
     LF_UNROLL
     for (int m = 0; m < M; ++m) {
@@ -313,7 +316,8 @@ inline void q5_any(const I8Args& a, int64_t n0, int64_t n1) {
 template <class D>
 inline void q8_any(const I8Args& a, int64_t n0, int64_t n1) {
   if (a.group != 16) return rows<D, false>(a, n0, n1);
-  i8_rows_with(a, n0, n1, [&](auto rows, int64_t n, float* out) { q8_row<decltype(rows)::value, D, true>(a, n, out); });
+  i8_rows_with(a, n0, n1,
+               [&](auto rows, int64_t n, float* out) { q8_row<decltype(rows)::value, D, true>(a, n, out); });
 }
 
 template <class D>
