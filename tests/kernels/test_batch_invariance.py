@@ -71,6 +71,41 @@ def test_q8_i8_rows_equal_one_row_calls(act_isa, group, k):  # noqa: F811
         assert torch.equal(fn(x[:m]), alone[:m]), m
 
 
+def test_q8_group16_i8_rows_equal_one_row_calls(act_isa):  # noqa: F811
+    """GGUF Q6_K as Int8Linear group 16: two scales per 32-column block."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randint(-128, 128, (53, 576), dtype=torch.int8, generator=gen)
+    scales = torch.rand(53, 576 // 16, generator=gen)
+    x = torch.randn(max(ROWS), 576)
+
+    def fn(rows):
+        return K.ext().linear_q8_i8(rows, w, scales, None, 16)
+
+    alone = _each_row_alone(fn, x)
+    for m in ROWS:
+        assert torch.equal(fn(x[:m]), alone[:m]), m
+
+
+@pytest.mark.parametrize("k", [576, 96])  # 96: a last half chunk
+def test_q5_i8_rows_equal_one_row_calls(act_isa, k):  # noqa: F811
+    """GGUF Q5_0 as Int5Linear (compress/int5.py)."""
+    from leanformer.compress.int5 import Int5Linear
+
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 32, (41, k), dtype=torch.uint8, generator=gen)
+    m5 = Int5Linear.from_codes(
+        codes, torch.rand(41, k // 32, generator=gen) - 0.5, torch.randn(41, generator=gen)
+    )
+    x = torch.randn(max(ROWS), k)
+
+    def fn(rows):
+        return K.ext().linear_q5_i8(rows, m5.qweight, m5.qhigh, m5.scales, m5.bias)
+
+    alone = _each_row_alone(fn, x)
+    for m in ROWS:
+        assert torch.equal(fn(x[:m]), alone[:m]), m
+
+
 @pytest.mark.parametrize("group", [32, 64])
 def test_q4_fp32_rows_equal_one_row_calls_to_rounding(isa, group):  # noqa: F811
     wq, scales, zeros = _q4(77, 576, group)

@@ -3,7 +3,7 @@
 // gemv_vnni.h: AVX-VNNI / AVX-512 VNNI).
 // Everything here has internal linkage (anonymous namespace), so no copy compiled for VNNI can be
 // picked by the linker for the AVX2 callers (see int8_act.h). Include <immintrin.h> (after the target
-// pragma, if any) and int8_act.h first; define LF_I8_NS to the namespace whose q4_rows / q8_rows to
+// pragma, if any) and int8_act.h first; define LF_I8_NS to the namespace whose q4_rows / q8_rows / q5_rows to
 // emit and LF_I8_DOT to the policy type.
 //
 // The policy gives 8 int32 lanes, lane l = sum over bytes 4l..4l+3 of u8 * s8 products:
@@ -145,7 +145,8 @@ inline void q4_row(const I8Args& a, int64_t n, float* out) {
   }
 }
 
-template <int M, class D>
+// kG16: one scale per 16 columns (GGUF Q6_K as Int8Linear group 16), two per 32-column block
+template <int M, class D, bool kG16 = false>
 inline void q8_row(const I8Args& a, int64_t n, float* out) {
   constexpr int A = i8_chains<M>();
   const int8_t* __restrict w = static_cast<const int8_t*>(a.w) + n * a.K;
@@ -159,7 +160,7 @@ inline void q8_row(const I8Args& a, int64_t n, float* out) {
     i8_prefetch(w, 32 * b);
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b));
     const __m256i av = _mm256_abs_epi8(v);  // -128 -> 0x80 = 128 as u8
-    const __m256 ws = _mm256_set1_ps(grouped ? sc[g] : 1.f);
+    const __m256 ws = kG16 ? i8_chunk_scales<Groups::k32>(sc, b, 0, 1) : _mm256_set1_ps(grouped ? sc[g] : 1.f);
     LF_UNROLL
     for (int m = 0; m < M; ++m) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + m * a.Kx + 32 * b));
@@ -175,68 +176,155 @@ inline void q8_row(const I8Args& a, int64_t n, float* out) {
     float r = i8_hsum(i8_chain_sum<M, A>(acc, m));
     if (a.K % 32) {  // partial last block: scalar, exact in int
       const int8_t* x = a.xq + m * a.Kx;
-      int32_t t = 0;
-      for (int64_t k = 32 * blocks; k < a.K; ++k) t += x[k] * w[k];
-      r += static_cast<float>(t) * a.dv[m * nb + blocks] * (grouped ? sc[(32 * blocks) / a.group] : 1.f);
+      int32_t t = 0, t2 = 0;  // t2: kG16's columns past the block's first 16
+      for (int64_t k = 32 * blocks; k < a.K; ++k) (kG16 && k >= 32 * blocks + 16 ? t2 : t) += x[k] * w[k];
+      const float s = kG16 ? sc[2 * blocks] : (grouped ? sc[(32 * blocks) / a.group] : 1.f);
+      const float s2 = kG16 && t2 ? sc[2 * blocks + 1] : 0.f;
+      r += (static_cast<float>(t) * s + static_cast<float>(t2) * s2) * a.dv[m * nb + blocks];
     }
     out[m] = grouped ? r : r * sc[0];
   }
 }
 
-// Activation rows [m0, m0 + P) of one weight row n into out[m0..]: a view of a shifted by m0 rows.
-template <int P, class D, bool kQ4, Groups S>
-__attribute__((always_inline)) inline void row_pass(const I8Args& a, int64_t n, int m0, float* out) {
-  I8Args b = a;
-  if (m0) {
-    const int64_t G = kQ4 ? a.K / a.group : 0;
-    b.xq = a.xq + m0 * a.Kx;
-    b.dv = a.dv + m0 * (kQ4 ? a.Kx / 8 : a.Kx / 32);
-    b.xs = kQ4 ? a.xs + m0 * G : a.xs;
-  }
-  if constexpr (kQ4)
-    q4_row<P, D, S>(b, n, out + m0);
-  else
-    q8_row<P, D>(b, n, out + m0);
+// 32 bits -> 32 bytes, byte j = 16 if bit j is set, else 0 (the 5th bit of int5 codes, as a value).
+// The 5th bits of 64-column chunk c as bytes 16 / 0 on the nibble bytes: lo over its 32 even columns,
+// hi over its 32 odd ones. H = the chunk's 64 bits (words 2c, 2c + 1); byte p of qword lane Q of lo
+// is bit 4 of byte p of H >> Q (H's bit 8p + 4 + Q), of hi bit 4 of H << (4 - Q) (bit 8p + Q): one
+// broadcast, two variable shifts and two ands per 64 weights (compress/int5.py packs that order).
+inline void i8_high16(const uint32_t* hb, int64_t c, __m256i& lo, __m256i& hi) {
+  const __m256i h = _mm256_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(hb + 2 * c)));
+  const __m256i bit4 = _mm256_set1_epi8(16);
+  lo = _mm256_and_si256(_mm256_srlv_epi64(h, _mm256_setr_epi64x(0, 1, 2, 3)), bit4);
+  hi = _mm256_and_si256(_mm256_sllv_epi64(h, _mm256_setr_epi64x(4, 3, 2, 1)), bit4);
 }
 
-template <int M, class D, bool kQ4, Groups S>
+// int5 (GGUF Q5_0, compress/int5.py): w = (q - 16) * s per 32 columns, q = low nibble | 16 * high bit,
+// 0..31. Nibbles as int4's (a.w, two per byte, low = even column); a.high: per 64-column chunk two
+// words in i8_high16's bit order; a last half chunk: one word in natural column order.
+// Exact: maddubs pairs of 31 * 127 products, two pairs summed (dot2) stay below 32767. The -16 enters
+// like int4's -8, through the activation group sums xs.
+template <int M, class D>
+inline void q5_row(const I8Args& a, int64_t n, float* out) {
+  constexpr int A = i8_chains<M>();
+  const int64_t G = a.K / 32;
+  const uint8_t* __restrict w = static_cast<const uint8_t*>(a.w) + n * (a.K / 2);
+  const uint32_t* hb = a.high + n * G;
+  const float* sc = a.scales + n * G;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const int64_t chunks = a.K / 64;
+  __m256 acc[M][A];
+  auto chunk = [&](int64_t c, int u) __attribute__((always_inline)) {
+    i8_prefetch(w, 32 * c);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c));
+    __m256i lo, hi;
+    i8_high16(hb, c, lo, hi);
+    lo = _mm256_or_si256(_mm256_and_si256(v, mask), lo);
+    hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), hi);
+    const __m256 ws = i8_chunk_scales<Groups::k32>(sc, c, 0, 1);
+    LF_UNROLL
+    for (int m = 0; m < M; ++m) {
+      const int8_t* x = a.xq + m * a.Kx + 64 * c;
+      const __m256i s = D::dot2(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), hi,
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+      const __m256 d = _mm256_mul_ps(_mm256_loadu_ps(a.dv + m * a.Kx / 8 + 8 * c), ws);
+      acc[m][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[m][u]);
+    }
+  };
+  i8_run_chains<M, A>(chunks, acc, chunk);
+  const __m256 minus16 = _mm256_set1_ps(-16.f);
+  LF_UNROLL
+  for (int m = 0; m < M; ++m) {
+    __m256 t8 = i8_chain_sum<M, A>(acc, m);
+    const float* xs = a.xs + m * G;
+    int64_t j = 0;
+    for (; j + 8 <= G; j += 8)
+      t8 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + j), minus16), _mm256_loadu_ps(xs + j), t8);
+    float r = i8_hsum(t8);
+    for (; j < G; ++j) r += -16.f * sc[j] * xs[j];
+    if (a.K % 64) {  // a last 32 columns, natural order: scalar, exact in int
+      const int64_t b0 = 32 * chunks;
+      const int8_t* x = a.xq + m * a.Kx + 2 * b0;
+      const uint32_t h = hb[G - 1];
+      int32_t t = 0;
+      for (int64_t k = 0; k < 16; ++k) {
+        const int even = (w[b0 + k] & 15) | static_cast<int>(((h >> (2 * k)) & 1) << 4);
+        const int odd = (w[b0 + k] >> 4) | static_cast<int>(((h >> (2 * k + 1)) & 1) << 4);
+        t += x[2 * k] * even + x[2 * k + 1] * odd;
+      }
+      r += static_cast<float>(t) * a.dv[m * a.Kx / 8 + 8 * chunks] * sc[G - 1];
+    }
+    out[m] = r;
+  }
+}
+
+// Which row function a call runs: int4 (group layout S), int8 (per row / per group, or kG16: Q6_K's two
+// scales per 32-column block), int5.
+enum class Kind { q4, q8, q8g16, q5 };
+
+// Activation rows [m0, m0 + P) of one weight row n into out[m0..]: a view of a shifted by m0 rows.
+template <int P, class D, Kind K, Groups S>
+__attribute__((always_inline)) inline void row_pass(const I8Args& a, int64_t n, int m0, float* out) {
+  constexpr bool chunked = K == Kind::q4 || K == Kind::q5;  // dv per 64-column chunk, xs per group
+  I8Args b = a;
+  if (m0) {
+    const int64_t G = chunked ? a.K / (K == Kind::q5 ? 32 : a.group) : 0;
+    b.xq = a.xq + m0 * a.Kx;
+    b.dv = a.dv + m0 * (chunked ? a.Kx / 8 : a.Kx / 32);
+    b.xs = chunked ? a.xs + m0 * G : a.xs;
+  }
+  if constexpr (K == Kind::q4)
+    q4_row<P, D, S>(b, n, out + m0);
+  else if constexpr (K == Kind::q5)
+    q5_row<P, D>(b, n, out + m0);
+  else
+    q8_row<P, D, K == Kind::q8g16>(b, n, out + m0);
+}
+
+template <int M, class D, Kind K, Groups S>
 inline void rows_m(const I8Args& a, int64_t n0, int64_t n1) {
   constexpr int P = M < kPassRows ? M : kPassRows;  // rows of the first pass; M > 4: a second pass
   for (int64_t n = n0; n < n1; ++n) {
     float out[M];
-    row_pass<P, D, kQ4, S>(a, n, 0, out);
-    if constexpr (M > kPassRows) row_pass<M - kPassRows, D, kQ4, S>(a, n, kPassRows, out);
+    row_pass<P, D, K, S>(a, n, 0, out);
+    if constexpr (M > kPassRows) row_pass<M - kPassRows, D, K, S>(a, n, kPassRows, out);
     LF_UNROLL
     for (int m = 0; m < M; ++m) a.y[m * a.N + n] = out[m] + (a.bias ? a.bias[n] : 0.f);
   }
 }
 
-template <class D, bool kQ4, Groups S = Groups::k32>
+template <class D, Kind K, Groups S = Groups::k32>
 inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
   switch (a.M) {
-    case 1: return rows_m<1, D, kQ4, S>(a, n0, n1);
-    case 2: return rows_m<2, D, kQ4, S>(a, n0, n1);
-    case 3: return rows_m<3, D, kQ4, S>(a, n0, n1);
-    case 4: return rows_m<4, D, kQ4, S>(a, n0, n1);
-    case 5: return rows_m<5, D, kQ4, S>(a, n0, n1);
-    case 6: return rows_m<6, D, kQ4, S>(a, n0, n1);
-    case 7: return rows_m<7, D, kQ4, S>(a, n0, n1);
-    default: return rows_m<8, D, kQ4, S>(a, n0, n1);
+    case 1: return rows_m<1, D, K, S>(a, n0, n1);
+    case 2: return rows_m<2, D, K, S>(a, n0, n1);
+    case 3: return rows_m<3, D, K, S>(a, n0, n1);
+    case 4: return rows_m<4, D, K, S>(a, n0, n1);
+    case 5: return rows_m<5, D, K, S>(a, n0, n1);
+    case 6: return rows_m<6, D, K, S>(a, n0, n1);
+    case 7: return rows_m<7, D, K, S>(a, n0, n1);
+    default: return rows_m<8, D, K, S>(a, n0, n1);
   }
 }
 
 template <class D>
+inline void q8_any(const I8Args& a, int64_t n0, int64_t n1) {
+  if (a.group == 16) return rows<D, Kind::q8g16>(a, n0, n1);
+  rows<D, Kind::q8>(a, n0, n1);
+}
+
+template <class D>
 inline void q4_any(const I8Args& a, int64_t n0, int64_t n1) {
-  if (a.group == 32) return rows<D, true, Groups::k32>(a, n0, n1);
-  if (a.group % 64 == 0) return rows<D, true, Groups::k64n>(a, n0, n1);
-  rows<D, true, Groups::kOther>(a, n0, n1);
+  if (a.group == 32) return rows<D, Kind::q4, Groups::k32>(a, n0, n1);
+  if (a.group % 64 == 0) return rows<D, Kind::q4, Groups::k64n>(a, n0, n1);
+  rows<D, Kind::q4, Groups::kOther>(a, n0, n1);
 }
 
 }  // namespace
 
 namespace LF_I8_NS {
 void q4_rows(const I8Args& a, int64_t n0, int64_t n1) { q4_any<LF_I8_DOT>(a, n0, n1); }
-void q8_rows(const I8Args& a, int64_t n0, int64_t n1) { rows<LF_I8_DOT, false>(a, n0, n1); }
+void q8_rows(const I8Args& a, int64_t n0, int64_t n1) { q8_any<LF_I8_DOT>(a, n0, n1); }
+void q5_rows(const I8Args& a, int64_t n0, int64_t n1) { rows<LF_I8_DOT, Kind::q5>(a, n0, n1); }
 }  // namespace LF_I8_NS
 
 }  // namespace leanformer
