@@ -71,14 +71,30 @@ __attribute__((always_inline)) inline __m256 i8_chain_sum(const __m256 (&acc)[M]
   return t;
 }
 
-// How the weight groups fall on 64-column chunks (one chunk = blocks 2c and 2c+1 of 32 columns).
-enum class Groups { k32, k64n, kOther };  // group 32 | a multiple of 64 | an odd multiple of 32 >= 96
+// How the weight groups fall on 64-column chunks (one chunk = blocks 2c and 2c+1 of 32 columns):
+// group 32 | a multiple of 64 | an odd multiple of 32 >= 96; the *Coded twins take 8-bit scale codes
+// (I8Args::sc / zc / lut) and look the table up inside q4_row's loops, with the same fp32 values and
+// roundings as the fp32-array path (bit-identical results). Used from 32 groups per row up (gemv_i8.cpp
+// kLookupMinGroups), where it measured 0.87-0.93x the time of q4_codes.h's decode pass over chunks of
+// rows; a decode of each row into an L1 buffer before its loops measured no faster than that pass.
+enum class Groups { k32, k64n, kOther, k32Coded, k64nCoded, kOtherCoded };
+constexpr bool coded(Groups S) { return S >= Groups::k32Coded; }
+constexpr Groups layout(Groups S) { return coded(S) ? Groups(int(S) - 3) : S; }
 
 // The weight scales of chunk c as 8 lanes: block 2c's in lanes 0-3, block 2c+1's in lanes 4-7.
 // g: the group of chunk c (k64n only, counted by the caller: a division per chunk measured ~20% slower).
+// Coded: the same fp32 values, lut[codes[group]].
 template <Groups S>
-inline __m256 i8_chunk_scales(const float* sc, int64_t c, int64_t g, int64_t bpg) {
-  if constexpr (S == Groups::k32) {  // one 8-byte load and a lane permute
+inline __m256 i8_chunk_scales(const float* sc, const uint8_t* codes, const float* lut, int64_t c, int64_t g,
+                              int64_t bpg) {
+  if constexpr (S == Groups::k32Coded) {  // two table loads as broadcasts, blended
+    return _mm256_blend_ps(_mm256_broadcast_ss(lut + codes[2 * c]), _mm256_broadcast_ss(lut + codes[2 * c + 1]), 0xF0);
+  } else if constexpr (S == Groups::k64nCoded) {
+    return _mm256_broadcast_ss(lut + codes[g]);
+  } else if constexpr (S == Groups::kOtherCoded) {
+    return _mm256_blend_ps(_mm256_broadcast_ss(lut + codes[(2 * c) / bpg]),
+                           _mm256_broadcast_ss(lut + codes[(2 * c + 1) / bpg]), 0xF0);
+  } else if constexpr (S == Groups::k32) {  // one 8-byte load and a lane permute
     const __m128d two = _mm_load_sd(reinterpret_cast<const double*>(sc + 2 * c));
     const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(two)), lanes);
@@ -89,13 +105,33 @@ inline __m256 i8_chunk_scales(const float* sc, int64_t c, int64_t g, int64_t bpg
   }
 }
 
+// t[codes[0..7]] as 8 lanes: a table load per lane as a broadcast (a load-port op) merged by immediate
+// blends. Measured on Zen 3 (a 576 x 576 microbenchmark): the AVX2 gather ~1.2x and lane inserts
+// (_mm256_setr_ps: shuffle-port bound) ~1.1x the time of this.
+inline __m256 i8_lut8(const float* t, const uint8_t* codes) {
+  const auto at = [&](int i) { return _mm256_broadcast_ss(t + codes[i]); };
+  __m256 v = at(0);
+  v = _mm256_blend_ps(v, at(1), 0x02);
+  v = _mm256_blend_ps(v, at(2), 0x04);
+  v = _mm256_blend_ps(v, at(3), 0x08);
+  v = _mm256_blend_ps(v, at(4), 0x10);
+  v = _mm256_blend_ps(v, at(5), 0x20);
+  v = _mm256_blend_ps(v, at(6), 0x40);
+  return _mm256_blend_ps(v, at(7), 0x80);
+}
+
 template <int M, class D, Groups S>
 inline void q4_row(const I8Args& a, int64_t n, float* out) {
   constexpr int A = i8_chains<M>();
   const int64_t Kh = a.K / 2, G = a.K / a.group, bpg = a.group / 32, cpg = a.group / 64;
   const uint8_t* __restrict w = static_cast<const uint8_t*>(a.w) + n * Kh;
-  const float* sc = a.scales + n * G;
-  const float* zr = a.zeros ? a.zeros + n * G : nullptr;  // null: symmetric codes (GGUF Q4_0), no zero point
+  constexpr bool kCoded = coded(S);
+  const float* sc = kCoded ? nullptr : a.scales + n * G;
+  const float* zr = !kCoded && a.zeros ? a.zeros + n * G : nullptr;  // null: symmetric codes (GGUF Q4_0)
+  const uint8_t* scc = kCoded ? a.sc + n * G : nullptr;              // coded: the row's codes [G]
+  const uint8_t* zcc = kCoded ? a.zc + n * G : nullptr;
+  const float* lut = a.lut;
+  auto scale = [&](int64_t j) { return kCoded ? lut[scc[j]] : sc[j]; };
   const __m256i mask = _mm256_set1_epi8(0x0F);
   const int64_t chunks = a.K / 64;
   __m256 acc[M][A];
@@ -106,7 +142,7 @@ inline void q4_row(const I8Args& a, int64_t n, float* out) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c));
     const __m256i lo = _mm256_and_si256(v, mask);                        // even columns
     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);  // odd columns
-    const __m256 ws = i8_chunk_scales<S>(sc, c, g, bpg);
+    const __m256 ws = i8_chunk_scales<S>(sc, scc, lut, c, g, bpg);
     LF_UNROLL
     for (int m = 0; m < M; ++m) {
       const int8_t* x = a.xq + m * a.Kx + 64 * c;
@@ -115,7 +151,7 @@ inline void q4_row(const I8Args& a, int64_t n, float* out) {
       const __m256 d = _mm256_mul_ps(_mm256_loadu_ps(a.dv + m * a.Kx / 8 + 8 * c), ws);
       acc[m][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[m][u]);
     }
-    if (S == Groups::k64n && --left == 0) ++g, left = cpg;
+    if (layout(S) == Groups::k64n && --left == 0) ++g, left = cpg;
   };
   i8_run_chains<M, A>(chunks, acc, chunk);
   // The -8 of the codes and the zero points: sum_g (z_g - 8 s_g) * xs_g, eight groups per vector. (A
@@ -128,18 +164,31 @@ inline void q4_row(const I8Args& a, int64_t n, float* out) {
     const float* xs = a.xs + m * G;
     int64_t j = 0;
     for (; j + 8 <= G; j += 8) {
-      __m256 off = _mm256_mul_ps(_mm256_loadu_ps(sc + j), minus8);
-      if (zr) off = _mm256_add_ps(off, _mm256_loadu_ps(zr + j));
+      __m256 off;
+      if constexpr (kCoded) {  // exactly as the fp32 arrays were made: z = lut[256 + zc] * s, stored as fp32
+        const __m256 s8 = i8_lut8(lut, scc + j);
+        __m256 z8 = _mm256_mul_ps(i8_lut8(lut + 256, zcc + j), s8);
+        asm("" : "+x"(z8));  // z rounded to fp32 (no FMA contraction into the add)
+        off = _mm256_add_ps(_mm256_mul_ps(s8, minus8), z8);
+      } else {
+        off = _mm256_mul_ps(_mm256_loadu_ps(sc + j), minus8);
+        if (zr) off = _mm256_add_ps(off, _mm256_loadu_ps(zr + j));
+      }
       t8 = _mm256_fmadd_ps(off, _mm256_loadu_ps(xs + j), t8);
     }
     float r = i8_hsum(t8);
-    for (; j < G; ++j) r += ((zr ? zr[j] : 0.f) - 8.f * sc[j]) * xs[j];
+    for (; j < G; ++j) {
+      const float s = scale(j);
+      float z = kCoded ? lut[256 + zcc[j]] * s : zr ? zr[j] : 0.f;
+      asm("" : "+x"(z));  // as above
+      r += (z - 8.f * s) * xs[j];
+    }
     if (a.K % 64) {  // a last 32 columns (in the last group), natural order: scalar, exact in int
       const int64_t b0 = 32 * chunks;
       const int8_t* x = a.xq + m * a.Kx + 2 * b0;
       int32_t t = 0;
       for (int64_t k = 0; k < 16; ++k) t += x[2 * k] * (w[b0 + k] & 15) + x[2 * k + 1] * (w[b0 + k] >> 4);
-      r += static_cast<float>(t) * a.dv[m * a.Kx / 8 + 8 * chunks] * sc[G - 1];
+      r += static_cast<float>(t) * a.dv[m * a.Kx / 8 + 8 * chunks] * scale(G - 1);
     }
     out[m] = r;
   }
@@ -160,7 +209,7 @@ inline void q8_row(const I8Args& a, int64_t n, float* out) {
     i8_prefetch(w, 32 * b);
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b));
     const __m256i av = _mm256_abs_epi8(v);  // -128 -> 0x80 = 128 as u8
-    const __m256 ws = kG16 ? i8_chunk_scales<Groups::k32>(sc, b, 0, 1) : _mm256_set1_ps(grouped ? sc[g] : 1.f);
+    const __m256 ws = kG16 ? i8_chunk_scales<Groups::k32>(sc, nullptr, nullptr, b, 0, 1) : _mm256_set1_ps(grouped ? sc[g] : 1.f);
     LF_UNROLL
     for (int m = 0; m < M; ++m) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + m * a.Kx + 32 * b));
@@ -220,7 +269,7 @@ inline void q5_row(const I8Args& a, int64_t n, float* out) {
     i8_high16(hb, c, lo, hi);
     lo = _mm256_or_si256(_mm256_and_si256(v, mask), lo);
     hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), hi);
-    const __m256 ws = i8_chunk_scales<Groups::k32>(sc, c, 0, 1);
+    const __m256 ws = i8_chunk_scales<Groups::k32>(sc, nullptr, nullptr, c, 0, 1);
     LF_UNROLL
     for (int m = 0; m < M; ++m) {
       const int8_t* x = a.xq + m * a.Kx + 64 * c;
@@ -314,6 +363,11 @@ inline void q8_any(const I8Args& a, int64_t n0, int64_t n1) {
 
 template <class D>
 inline void q4_any(const I8Args& a, int64_t n0, int64_t n1) {
+  if (a.lut) {  // 8-bit scale codes
+    if (a.group == 32) return rows<D, Kind::q4, Groups::k32Coded>(a, n0, n1);
+    if (a.group % 64 == 0) return rows<D, Kind::q4, Groups::k64nCoded>(a, n0, n1);
+    return rows<D, Kind::q4, Groups::kOtherCoded>(a, n0, n1);
+  }
   if (a.group == 32) return rows<D, Kind::q4, Groups::k32>(a, n0, n1);
   if (a.group % 64 == 0) return rows<D, Kind::q4, Groups::k64n>(a, n0, n1);
   rows<D, Kind::q4, Groups::kOther>(a, n0, n1);
