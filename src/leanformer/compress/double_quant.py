@@ -33,7 +33,8 @@ def encode(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, tor
     lo, hi = float(log_s.min()), float(log_s.max())
     span = max(hi - lo, 1e-12)
     scale_codes = torch.round((log_s - lo) / span * SCALE_LEVELS).clamp_(0, SCALE_LEVELS)
-    s_q = torch.exp(lo + scale_codes * (span / SCALE_LEVELS))
+    ranges = torch.tensor([lo, span, 0.0, 1.0], dtype=torch.float32)
+    s_q = lut(ranges)[scale_codes.long()]  # the decoded scales, as `decode` gives them
     offset = zeros.float() / s_q  # the zero in units of the (rounded) scale
     zlo, zhi = float(offset.min()), float(offset.max())
     zspan = max(zhi - zlo, 1e-12)
@@ -42,13 +43,27 @@ def encode(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, tor
     return scale_codes.to(torch.uint8), zero_codes.to(torch.uint8), ranges
 
 
-def decode(
-    scale_codes: torch.Tensor, zero_codes: torch.Tensor, ranges: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """→ (scales, zeros) fp32 [N, G], exactly the values `encode` chose the weight codes against."""
+def lut(ranges: torch.Tensor) -> torch.Tensor:
+    """fp32 [512]: the scale of each scale code (0..255), then the zero offset (in units of the scale)
+    of each zero code: scale = lut[sc], zero = lut[256 + zc] * scale. The int4 kernels decode the codes
+    with it (kernels/q4_codes.h), so `decode` below reads the same table: one set of fp32 values."""
     lo, span, zlo, zspan = (float(v) for v in ranges)
-    scales = torch.exp(lo + scale_codes.float() * (span / SCALE_LEVELS))
-    zeros = (zlo + zero_codes.float() * (zspan / SCALE_LEVELS)) * scales
+    c = torch.arange(SCALE_LEVELS + 1, dtype=torch.float32)
+    return torch.cat([torch.exp(lo + c * (span / SCALE_LEVELS)), zlo + c * (zspan / SCALE_LEVELS)])
+
+
+def decode(
+    scale_codes: torch.Tensor,
+    zero_codes: torch.Tensor,
+    ranges: torch.Tensor,
+    table: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """→ (scales, zeros) fp32 [N, G], exactly the values `encode` chose the weight codes against
+    (`table`: lut(ranges), if already built)."""
+    t = lut(ranges) if table is None else table
+    t = t.to(scale_codes.device)
+    scales = t[scale_codes.long()]
+    zeros = t[SCALE_LEVELS + 1 + zero_codes.long()] * scales
     return scales, zeros
 
 

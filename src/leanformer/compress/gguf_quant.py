@@ -1,4 +1,4 @@
-"""GGUF block-quantized weights straight into int8 / int4 modules: `load(path, keep_quantized=True)`.
+"""GGUF block-quantized weights straight into int8 / int5 / int4 modules: `load(path, keep_quantized=True)`.
 
 No full-precision copy of the model is made: each tensor's blocks are split into codes and scales
 (`unpack_blocks`, one tensor at a time) and repacked in our module layout. The mappings are exact
@@ -13,14 +13,17 @@ No full-precision copy of the model is made: each tensor's blocks are split into
   this is Q4_1's case with m = -dmin m_j: bit-identical while zero is exact in fp32, i.e. unless
   d sc_j and dmin m_j are ~2^7 apart in magnitude; otherwise within one fp32 rounding of zero.
 - Q8_0, w = d * q        -> Int8Linear with one scale per 32 columns (the GEMV kernel reads them).
-- Q5_0, w = d * (q - 16) -> Int8Linear group 32, codes q - 16 in -16..15.
+- Q5_0, w = d * (q - 16) -> Int5Linear (compress/int5.py): codes q, scale d, 24 bytes per 32 weights
+  (the file's 22) where int8 would take 36. A fused module whose parts are Q5_0 and Q4_0 is int5 too:
+  w = d * (q - 8) = d * ((q + 8) - 16). Q5_0 mixed with Q8_0 / Q6_K (llama.cpp's Q4_K_M does it for
+  qkv where v is Q8_0) goes to Int8Linear group 32, codes q - 16 in -16..15.
 - Q6_K, w = (d sc_g) (q - 32) per 16 columns -> Int8Linear group 16, codes q - 32, scale d sc_g
   (exact: 11-bit times 8-bit).
 Q5_K (w = (d sc_j) q - dmin m_j with 5-bit q) fits neither form: int4 has 4-bit codes and int8 no zero
 point, so it is dequantized to float, like Q5_1, Q2_K / Q3_K and the IQ types.
 Fused modules (qkv_proj = q|k|v, gate_up_proj = gate|up, as models/llama.sanitize fuses) keep that
-form when their parts agree: all of Q4_0 / Q4_1 / Q4_K -> int4; all of Q8_0 / Q4_0 / Q5_0 / Q6_K ->
-int8 (group 16 if any part is Q6_K: a 32-column scale is two equal 16-column ones). Anything else
+form when their parts agree: all of Q4_0 / Q4_1 / Q4_K -> int4; Q5_0 with Q4_0 -> int5; all of
+Q8_0 / Q4_0 / Q5_0 / Q6_K -> int8 (group 16 if any part is Q6_K: a 32-column scale is two equal 16-column ones). Anything else
 (F32/F16 tensors, unmapped types, Q4_1 or Q4_K mixed with an int8 type) becomes an ordinary float
 Linear, dequantized one tensor at a time. A quantized token embedding becomes a QuantEmbedding: rows
 dequantized on lookup, and when the file ties it to the LM head (no output.weight) the head's module
@@ -50,6 +53,7 @@ GROUP = 32  # int4 group: the block width of Q4_0 / Q4_1 and the sub-block width
 INT4_TYPES = {"Q4_0", "Q4_1", "Q4_K"}
 INT8_GROUP = {"Q8_0": 32, "Q4_0": 32, "Q5_0": 32, "Q6_K": 16}  # columns per scale in the int8 form
 INT8_TYPES = set(INT8_GROUP)
+INT5_TYPES = {"Q5_0", "Q4_0"}  # Q4_0's codes shift into Q5_0's: q + 8
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 FUSED = {  # our module -> the HF modules whose rows it stacks (models/llama.py's sanitize)
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -83,6 +87,13 @@ def _int8(t: GGUFTensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(q), torch.from_numpy(scales)
 
 
+def _int5(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> codes uint8 [N, K] in 0..31 (w = d * (q - 16)), scales fp32 [N, K/32]."""
+    b = unpack_blocks(t)
+    q = b["q"] + np.uint8(16 - CODE_OFFSET[t.ggml_type])  # Q4_0: 0..15 -> 8..23
+    return torch.from_numpy(q), torch.from_numpy(b["scale"].astype(np.float32))
+
+
 def _cat(ts: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
     """Row-stack; a single part is handed over as is (no second copy of a 49152-row embedding)."""
     return ts[0] if len(ts) == 1 else torch.cat(ts)
@@ -90,6 +101,7 @@ def _cat(ts: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
 
 def quantized_form(parts: list[GGUFTensor]) -> tuple[dict | None, dict[str, torch.Tensor]]:
     """Rows of `parts` stacked into one module: (layout spec or None for float, its weight tensors)."""
+    from leanformer.compress.int5 import pack_high_bits
     from leanformer.compress.kernels import pack_nibbles
 
     kinds = {p.ggml_type for p in parts}
@@ -97,6 +109,11 @@ def quantized_form(parts: list[GGUFTensor]) -> tuple[dict | None, dict[str, torc
         codes, scales, zeros = zip(*(_int4(p) for p in parts))
         tensors = {"qweight": pack_nibbles(_cat(codes)), "scales": _cat(scales)}
         return {"type": "Int4Linear", "group_size": GROUP}, tensors | {"zeros": _cat(zeros)}
+    if "Q5_0" in kinds and kinds <= INT5_TYPES:
+        codes, scales = zip(*(_int5(p) for p in parts))
+        q = _cat(codes)
+        tensors = {"qweight": pack_nibbles(q & 15), "qhigh": pack_high_bits(q), "scales": _cat(scales)}
+        return {"type": "Int5Linear", "group_size": GROUP}, tensors
     if kinds <= INT8_TYPES:
         group = min(INT8_GROUP[k] for k in kinds)
         q, scales = zip(*(_int8(p, group) for p in parts))
@@ -110,6 +127,7 @@ def read_gguf_quantized(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any | None]:
     """Config (with config["leanformer"]["quantized_modules"], the layout `loading.build` rebuilds),
     state dict in our module names (fused, quantized modules' buffers) and tokenizer."""
+    from leanformer.compress.calibrate import trim_heap
     from leanformer.compress.layout import LAYOUT_KEY
 
     config, raw = read_gguf_raw(path)
@@ -122,7 +140,9 @@ def read_gguf_quantized(
         parts = [left.pop(f"{n}.weight") for n in hf_names]
         spec, tensors = quantized_form(parts)
         unsupported.update(
-            p.ggml_type for p in parts if p.ggml_type not in INT4_TYPES | INT8_TYPES | FLOAT_TYPES
+            p.ggml_type
+            for p in parts
+            if p.ggml_type not in INT4_TYPES | INT5_TYPES | INT8_TYPES | FLOAT_TYPES
         )
         state.update({f"{prefix or name}.{k}": v for k, v in tensors.items()})
         biases = [left.pop(f"{n}.bias", None) for n in hf_names]
@@ -139,6 +159,7 @@ def read_gguf_quantized(
             if spec:
                 layout[p + ours] = spec
         drop_file_pages(raw)
+        trim_heap()  # the layer's numpy / torch temporaries: measured 25-35 MB left resident otherwise
     if "lm_head.weight" in left:  # untied head
         spec = place("lm_head", ("lm_head",))
         if spec:
@@ -164,6 +185,7 @@ def read_gguf_quantized(
             stacklevel=2,
         )
     drop_file_pages(raw)
+    trim_heap()
     config["leanformer"] = {LAYOUT_KEY: layout}
     tokenizer = load_gguf_tokenizer(path) if with_tokenizer else None
     return config, state, tokenizer

@@ -24,9 +24,11 @@ class Int4Linear(QuantLinear):
     and `zeros` fp32 [N, G]. Saved scales/zeros take the smallest exact float dtype: bf16 for our
     quantizers (the format of older saves), fp32 for GGUF Q4_1 (zero = min + 8 * scale).
 
-    With `scale_bits=8` the state dict holds `scale_codes` / `zero_codes` uint8 [N, G] and
-    `scale_ranges` fp32 [4] instead (compress/double_quant.py: 4.5 bits per weight at group 32), and
-    `scales` / `zeros` are their fp32 decoding, a runtime-only buffer."""
+    With `scale_bits=8` the module holds `scale_codes` / `zero_codes` uint8 [N, G] and `scale_ranges`
+    fp32 [4] instead (compress/double_quant.py: 4.5 bits per weight at group 32) and no fp32 [N, G]
+    scales/zeros at all: the kernels read the codes through a 512-entry fp32 table (`lut()`, rebuilt
+    from scale_ranges when needed), and the torch paths decode only the rows they work on
+    (`group_params`), so the model takes its file size in RAM."""
 
     EXACT = ("scales", "zeros", "input_scale", "scale_ranges")
     COMPACT = ("scales", "zeros")
@@ -53,18 +55,15 @@ class Int4Linear(QuantLinear):
         self.register_buffer(
             "qweight", torch.full((out_features, self.k_padded // 2), 0x88, dtype=torch.uint8, device=device)
         )
-        coded = scale_bits is not None  # then scales/zeros are decoded from codes, not saved
-        self.register_buffer(
-            "scales", torch.ones(out_features, g, dtype=torch.float32, device=device), persistent=not coded
-        )
-        self.register_buffer(
-            "zeros", torch.zeros(out_features, g, dtype=torch.float32, device=device), persistent=not coded
-        )
-        if coded:
+        if scale_bits is None:
+            self.register_buffer("scales", torch.ones(out_features, g, dtype=torch.float32, device=device))
+            self.register_buffer("zeros", torch.zeros(out_features, g, dtype=torch.float32, device=device))
+        else:
             for name in ("scale_codes", "zero_codes"):
                 self.register_buffer(name, torch.zeros(out_features, g, dtype=torch.uint8, device=device))
             self.register_buffer("scale_ranges", torch.zeros(4, dtype=torch.float32, device=device))
         self._cuda: tuple[torch.Tensor, torch.Tensor, int] | None = None  # torch's CUDA layout, lazily
+        self._lut: torch.Tensor | None = None  # scale_bits=8: DQ.lut(scale_ranges), lazily
 
     @classmethod
     def from_linear(
@@ -101,7 +100,7 @@ class Int4Linear(QuantLinear):
             )
             del params
             for p in parts:
-                m.set_codes(K.int4_codes(w[p], m.scales[p], m.zeros[p], group_size), p)
+                m.set_codes(K.int4_codes(w[p], *m.group_params(p), group_size), p)
         elif codes is None:
             for p in parts:
                 m.scales[p], m.zeros[p] = K.int4_params(w[p], group_size)
@@ -130,20 +129,31 @@ class Int4Linear(QuantLinear):
     def set_coded_scales(
         self, scale_codes: torch.Tensor, zero_codes: torch.Tensor, ranges: torch.Tensor
     ) -> None:
-        """8-bit scale/zero codes (double_quant.encode) -> buffers, and their fp32 decoding."""
+        """8-bit scale/zero codes (double_quant.encode) -> buffers."""
         self.scale_codes.copy_(scale_codes)
         self.zero_codes.copy_(zero_codes)
         self.scale_ranges.copy_(ranges)
-        self._decode_scales()
+        self._drop_caches()
 
-    def _decode_scales(self) -> None:
-        scales, zeros = DQ.decode(self.scale_codes, self.zero_codes, self.scale_ranges)
-        self.scales, self.zeros = scales.contiguous(), zeros.contiguous()
+    def lut(self) -> torch.Tensor:
+        """scale_bits=8: fp32 [512] decoding table of the codes (DQ.lut), built once per load / move."""
+        if self._lut is None:
+            self._lut = DQ.lut(self.scale_ranges.cpu())
+        return self._lut
 
-    def _tidy(self) -> None:
-        super()._tidy()
-        if self.scale_bits is not None and not self.scale_codes.is_meta:
-            self._decode_scales()  # after a load: the runtime scales come from the saved codes
+    def group_params(self, rows: slice | torch.Tensor = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (scales, zeros) [R, G] of `rows`: the buffers, or (scale_bits=8) the rows' codes decoded
+        with lut(), the same values the kernels use."""
+        if self.scale_bits is None:
+            return self.scales[rows], self.zeros[rows]
+        return DQ.decode(self.scale_codes[rows], self.zero_codes[rows], self.scale_ranges, self.lut())
+
+    def _kernel_scales(self, rows: slice = slice(None)) -> tuple:
+        """(scales, zeros, lut) as the C++ int4 kernels take them: fp32 [R, G] twice and None, or the
+        uint8 codes [R, G] twice and their table (kernels/q4_codes.h)."""
+        if self.scale_bits is None:
+            return self.scales[rows], self.zeros[rows], None
+        return self.scale_codes[rows], self.zero_codes[rows], self.lut()
 
     def codes(self) -> torch.Tensor:
         """Codes uint8 [N, Kp]."""
@@ -151,29 +161,35 @@ class Int4Linear(QuantLinear):
 
     def _drop_caches(self) -> None:
         self._cuda = None
+        self._lut = None
 
     # -------------------------------------------------------------------------------- compute
 
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.k_padded != self.in_features:  # the kernel's K must match the codes' Kp
             x = F.pad(x, (0, self.k_padded - self.in_features))
-        return lk.ext().linear_q4(x, self.qweight, self.scales, self.zeros, self.group_size, bias)
+        s, z, lut = self._kernel_scales()
+        return lk.ext().linear_q4(x, self.qweight, s, z, self.group_size, bias, lut)
 
     def decode_operands(self) -> tuple:
-        return ("q4", self.qweight, self.scales, self.zeros, self.group_size, self.k_padded)
+        s, z, lut = self._kernel_scales()
+        return ("q4", self.qweight, s, z, self.group_size, self.k_padded) + (
+            (lut,) if lut is not None else ()
+        )
 
     def dequantize_rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
         """fp32 [R, K]; rows a slice or an index tensor. Same arithmetic as K.int4_dequant."""
         q = self.qweight[rows]  # [R, Kp/2]
         n = q.shape[0]
         c = torch.stack((q & 0xF, q >> 4), dim=-1).view(n, -1, self.group_size).float()  # [R, G, g]
-        w = c.sub_(8).mul_(self.scales[rows][:, :, None]).add_(self.zeros[rows][:, :, None])
+        s, z = self.group_params(rows)  # fp32 [R, G]
+        w = c.sub_(8).mul_(s[:, :, None]).add_(z[:, :, None])
         w = w.view(n, self.k_padded)
         return w if self.k_padded == self.in_features else w[:, : self.in_features]
 
     def _dequant_native(self, rows: slice | torch.Tensor, bf16: bool) -> torch.Tensor:
-        q, s, z = self.qweight[rows], self.scales[rows], self.zeros[rows]
-        return lk.ext().dequant_q4(q, s, z, self.group_size, self.in_features, bf16)
+        s, z, lut = self._kernel_scales(rows)
+        return lk.ext().dequant_q4(self.qweight[rows], s, z, self.group_size, self.in_features, bf16, lut)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cuda" and not lk.tracing():
@@ -187,8 +203,9 @@ class Int4Linear(QuantLinear):
             K.require_kernel("aten::_weight_int4pack_mm", x.device, "int4 matmul")
             pad = -self.out_features % K.INT4_N_MULTIPLE
             codes = F.pad(self.codes(), (0, 0, 0, pad), value=8)
-            s = F.pad(self.scales, (0, 0, 0, pad), value=1.0).to(torch.bfloat16)
-            z = F.pad(self.zeros, (0, 0, 0, pad)).to(torch.bfloat16)
+            scales, zeros = self.group_params()
+            s = F.pad(scales, (0, 0, 0, pad), value=1.0).to(torch.bfloat16)
+            z = F.pad(zeros, (0, 0, 0, pad)).to(torch.bfloat16)
             sz = torch.stack([s.t(), z.t()], dim=-1).contiguous()
             self._cuda = (K.int4_pack(codes, x.device), sz, pad)
         packed, sz, _ = self._cuda

@@ -72,7 +72,7 @@ class Int8Linear(QuantLinear):
         return m
 
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.int8_activations and (self.group_size or 0) % 32 == 0:
+        if self.int8_activations and ((self.group_size or 0) % 32 == 0 or self.group_size == 16):
             return lk.ext().linear_q8_i8(x, self.weight_int8, self.scales, bias, self.group_size or 0)
         return lk.ext().linear_q8(x, self.weight_int8, self.scales, bias, self.group_size or 0)
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from leanformer.compress.int4 import Int4Linear
+from leanformer.compress.int5 import Int5Linear
 from leanformer.compress.int8 import Int8Linear
 from leanformer.compress.qbase import QuantLinear, set_module
 from leanformer.errors import LeanformerError
@@ -60,6 +61,8 @@ def _empty_linear(spec: dict, in_features: int, out_features: int, bias: bool, d
     kind = spec.get("type")
     if kind == "Int4Linear":
         return Int4Linear(in_features, out_features, spec["group_size"], bias, device, dtype)
+    if kind == "Int5Linear":
+        return Int5Linear(in_features, out_features, spec["group_size"], bias, device, dtype)
     if kind == "Int8Linear":
         return Int8Linear(in_features, out_features, bias, device, dtype, spec.get("group_size"))
     raise LeanformerError(f"unknown quantized module type {kind!r} in {LAYOUT_KEY}")

@@ -16,7 +16,10 @@ Ops (x may have leading dims; all math is fp32 with fp32 accumulation):
   per byte (low nibble = even column k, high nibble = odd column k+1; see ``pack_int4``), scales/zeros
   [N, ceil(K/group_size)]; w = (code - 8) * scale + zero, leanformer's int4 convention
   (compress/kernels.py). group_size must be even; K need not be a multiple of it. Group sizes 32 and
-  multiples of 64 take the fast decoder, others a slower generic one.
+  multiples of 64 take the fast decoder, others a slower generic one. The compiled ``ext().linear_q4``,
+  ``linear_q4_i8`` and ``dequant_q4`` (and ``DecodeLinear``) also take 8-bit scale/zero codes: scales /
+  zeros uint8 [N, G] plus ``lut`` fp32 [512] (compress/double_quant.py ``lut``), decoded per chunk of
+  rows (q4_codes.h), bit-identical to passing the decoded fp32 arrays.
 
 - ``dequant_q8(wq, scales, group_size=0, bf16=False)`` / ``dequant_q4(wq, scales, zeros, group_size, k,
   bf16=False)`` (compiled only, ``ext()``): rows of codes -> fp32 or bf16 [R, K] in one pass, what the
@@ -100,6 +103,7 @@ _HEADERS = [
     _DIR / "int8_act.h",
     _DIR / "gemv_i8_impl.h",
     _DIR / "gemv_vnni.h",
+    _DIR / "q4_codes.h",
 ]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

@@ -100,17 +100,24 @@ inline const float* bias_ptr(const std::optional<at::Tensor>& bias, int64_t N, a
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
 at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                      const std::optional<at::Tensor>& bias, int64_t group_size);
+// int4: scales/zeros fp32 [N, G], or uint8 codes [N, G] with lut fp32 [512] (q4_codes.h)
 at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
-                     int64_t group_size, const std::optional<at::Tensor>& bias);
+                     int64_t group_size, const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& lut = std::nullopt);
 at::Tensor dequant_q4(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros, int64_t group_size,
-                      int64_t K, bool bf16);
+                      int64_t K, bool bf16, const std::optional<at::Tensor>& lut = std::nullopt);
 at::Tensor dequant_q8(const at::Tensor& w, const at::Tensor& scales, int64_t group_size, bool bf16);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 // int8-activation kernels (gemv_i8.cpp)
 at::Tensor linear_q4_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                         const std::optional<at::Tensor>& zeros, int64_t group_size,
-                        const std::optional<at::Tensor>& bias);  // zeros null: symmetric (code - 8) * scale
+                        const std::optional<at::Tensor>& bias,  // zeros null: symmetric (code - 8) * scale
+                        const std::optional<at::Tensor>& lut = std::nullopt);
 at::Tensor linear_q8_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                         const std::optional<at::Tensor>& bias, int64_t group_size);
+// int5 codes (GGUF Q5_0, compress/int5.py): int8-activation GEMV and dequantization to fp32 [R, Kp]
+at::Tensor linear_q5_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& high, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& bias);
+at::Tensor dequant_q5(const at::Tensor& w, const at::Tensor& high, const at::Tensor& scales);
 
 }  // namespace leanformer

@@ -149,10 +149,12 @@ inline void quantize_row(const float* x, int64_t D, int8_t* q, float* scale) {
 
 // One Linear's operands, as the module holds them (see models/fused.py for who provides what).
 struct DecodeLinear {
-  enum class Kind { f32, q8, q4 };
-  Kind kind;  // "f32": w fp32 [N, K]; "q8": w int8 [N, K] + scales; "q4": w uint8 [N, Kp/2] + scales/zeros
+  enum class Kind { f32, q8, q4, q5 };
+  Kind kind;  // "f32": w fp32 [N, K]; "q8": w int8 [N, K] + scales; "q4": w uint8 [N, Kp/2] + scales/zeros;
+              // "q5": w uint8 [N, Kp/2] nibbles + scales [N, Kp/32], `zeros` the int32 high bits [N, Kp/32]
   at::Tensor w;
   std::optional<at::Tensor> scales, zeros, bias, input_scale;
+  std::optional<at::Tensor> lut;  // q4 with uint8 scale/zero codes: their fp32 table [512] (q4_codes.h)
   int64_t group = 0;     // q8: 0 (per row) or columns per scale; q4: group size
   int64_t k_padded = 0;  // q4: the codes' column count (input zero-padded up to it)
   bool zeros_all_zero = false;  // q4: every zero point 0 when built (see q4_zeros)
@@ -160,13 +162,15 @@ struct DecodeLinear {
 
   DecodeLinear(std::string kind_, at::Tensor w_, std::optional<at::Tensor> scales_, std::optional<at::Tensor> zeros_,
                std::optional<at::Tensor> bias_, std::optional<at::Tensor> input_scale_, int64_t group_,
-               int64_t k_padded_)
+               int64_t k_padded_, std::optional<at::Tensor> lut_)
       : kind(parse(kind_)), w(std::move(w_)), scales(std::move(scales_)), zeros(std::move(zeros_)),
-        bias(std::move(bias_)), input_scale(std::move(input_scale_)), group(group_), k_padded(k_padded_) {
+        bias(std::move(bias_)), input_scale(std::move(input_scale_)), lut(std::move(lut_)), group(group_),
+        k_padded(k_padded_) {
     TORCH_CHECK(kind == Kind::f32 || scales.has_value(), "quantized DecodeLinear needs scales");
     TORCH_CHECK(kind != Kind::q4 || zeros.has_value(), "q4 DecodeLinear needs zeros");
+    TORCH_CHECK(kind != Kind::q5 || (zeros.has_value() && group == 32), "q5 DecodeLinear needs high bits, group 32");
     if (kind == Kind::q4) {
-      zeros_all_zero = !zeros->any().item<bool>();
+      zeros_all_zero = !lut.has_value() && !zeros->any().item<bool>();  // codes 0 are not zero points
       zeros_version = zeros->is_inference() ? -1 : zeros->_version();
     }
   }
@@ -182,7 +186,8 @@ struct DecodeLinear {
   static Kind parse(const std::string& name) {
     if (name == "f32") return Kind::f32;
     if (name == "q8") return Kind::q8;
-    TORCH_CHECK(name == "q4", "DecodeLinear kind must be f32, q8 or q4, got '", name, "'");
+    if (name == "q5") return Kind::q5;
+    TORCH_CHECK(name == "q4", "DecodeLinear kind must be f32, q8, q4 or q5, got '", name, "'");
     return Kind::q4;
   }
 
@@ -191,7 +196,8 @@ struct DecodeLinear {
   // Whether the int8-activation kernels (gemv_i8.cpp) can run this Linear: integer weights whose
   // scale groups are whole 32-column activation blocks.
   bool int8_capable() const {
-    if (kind == Kind::q8) return group % 32 == 0;
+    if (kind == Kind::q8) return group % 32 == 0 || group == 16;  // 16: GGUF Q6_K
+    if (kind == Kind::q5) return true;
     return kind == Kind::q4 && group % 32 == 0 && k_padded % group == 0;
   }
 
@@ -201,9 +207,14 @@ struct DecodeLinear {
     if (kind == Kind::f32) return linear_f32(x, w, bias);
     const bool i8 = int8_act && int8_capable();
     if (kind == Kind::q8) return i8 ? linear_q8_i8(x, w, *scales, bias, group) : linear_q8(x, w, *scales, bias, group);
-    if (i8) return linear_q4_i8(x, w, *scales, q4_zeros(), group, bias);  // pads x to k_padded itself
+    if (kind == Kind::q5) {  // fp32 activations: no fp32 GEMV for int5, so the dequantized weight (exact)
+      if (i8) return linear_q5_i8(x, w, *zeros, *scales, bias);
+      if (k_padded > x.size(1)) x = at::constant_pad_nd(x, {0, k_padded - x.size(1)});
+      return linear_f32(x, dequant_q5(w, *zeros, *scales), bias);
+    }
+    if (i8) return linear_q4_i8(x, w, *scales, q4_zeros(), group, bias, lut);  // pads x to k_padded itself
     if (k_padded > x.size(1)) x = at::constant_pad_nd(x, {0, k_padded - x.size(1)});
-    return linear_q4(x, w, *scales, *zeros, group, bias);
+    return linear_q4(x, w, *scales, *zeros, group, bias, lut);
   }
 };
 
@@ -378,10 +389,11 @@ void bind_decode(pybind11::module_& m) {
   namespace py = pybind11;
   py::class_<DecodeLinear>(m, "DecodeLinear", py::module_local(), "one Linear's operands for DecodeStack (see models/fused.py)")
       .def(py::init<std::string, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>,
-                    std::optional<at::Tensor>, std::optional<at::Tensor>, int64_t, int64_t>(),
+                    std::optional<at::Tensor>, std::optional<at::Tensor>, int64_t, int64_t,
+                    std::optional<at::Tensor>>(),
            py::arg("kind"), py::arg("w"), py::arg("scales") = py::none(), py::arg("zeros") = py::none(),
            py::arg("bias") = py::none(), py::arg("input_scale") = py::none(), py::arg("group") = 0,
-           py::arg("k_padded") = 0);
+           py::arg("k_padded") = 0, py::arg("lut") = py::none());
   py::class_<DecodeStack>(m, "DecodeStack", py::module_local(), "a Llama-family decoder stack's decode step in one call")
       .def(py::init<>())
       .def("add", &DecodeStack::add, py::arg("norm1"), py::arg("eps1"), py::arg("qkv"), py::arg("o"),

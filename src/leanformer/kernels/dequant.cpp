@@ -6,6 +6,7 @@
 // (code - 8) * s + z, multiply then add (with bf16/fp16 scales the product is exact, so even a
 // contracted FMA rounds identically). bf16 output rounds to nearest even, like torch's .to(bfloat16).
 #include "common.h"
+#include "q4_codes.h"
 
 #include <ATen/ops/empty.h>
 
@@ -41,31 +42,37 @@ void rows_parallel(int64_t R, int64_t K, const Fn& fn) {
 }
 
 template <class T>
-void q4_dequant(const uint8_t* w, const float* scales, const float* zeros, T* out, int64_t R, int64_t K,
-                int64_t row_bytes, int64_t G, int64_t group_size) {
-  rows_parallel(R, K, [&](int64_t r) {
-    const uint8_t* wr = w + r * row_bytes;
-    T* o = out + r * K;
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    for (int64_t g = 0; g < G; ++g) {
-      const float s = scales[r * G + g], z = zeros[r * G + g];
-      const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z), v8 = _mm256_set1_ps(8.f);
-      int64_t k = g * group_size;  // even (group_size is): a byte boundary
-      const int64_t k1 = std::min(K, k + group_size);
-      for (; k + 16 <= k1; k += 16) {
-        const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + k / 2));
-        // bytes j: low nibble = column 2j, high = 2j + 1 -> interleave into column order
-        const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(v, mask), _mm_and_si128(_mm_srli_epi16(v, 4), mask));
-        const __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
-        const __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
-        store8(o + k, _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(c0, v8), vs), vz));
-        store8(o + k + 8, _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(c1, v8), vs), vz));
+void q4_dequant(const uint8_t* w, const Q4Scales& qs, T* out, int64_t R, int64_t K, int64_t row_bytes, int64_t G,
+                int64_t group_size) {
+  // rows in parallel, each task at least ~64K weights; 8-bit scale codes decoded per chunk of rows
+  at::parallel_for(0, R, std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K)), [&](int64_t r0, int64_t r1) {
+    qs.chunks(r0, r1, [&](int64_t c0, int64_t c1, const float* sc, const float* zc) {
+      for (int64_t r = c0; r < c1; ++r) {
+        const uint8_t* wr = w + r * row_bytes;
+        const float *scales = sc + (r - c0) * G, *zeros = zc + (r - c0) * G;
+        T* o = out + r * K;
+        const __m128i mask = _mm_set1_epi8(0x0F);
+        for (int64_t g = 0; g < G; ++g) {
+          const float s = scales[g], z = zeros[g];
+          const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z), v8 = _mm256_set1_ps(8.f);
+          int64_t k = g * group_size;  // even (group_size is): a byte boundary
+          const int64_t k1 = std::min(K, k + group_size);
+          for (; k + 16 <= k1; k += 16) {
+            const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + k / 2));
+            // bytes j: low nibble = column 2j, high = 2j + 1 -> interleave into column order
+            const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(v, mask), _mm_and_si128(_mm_srli_epi16(v, 4), mask));
+            const __m256 c0v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
+            const __m256 c1v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
+            store8(o + k, _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(c0v, v8), vs), vz));
+            store8(o + k + 8, _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(c1v, v8), vs), vz));
+          }
+          for (; k < k1; ++k) {
+            const int code = (k % 2 == 0) ? (wr[k / 2] & 15) : (wr[k / 2] >> 4);
+            store1(o + k, static_cast<float>(code - 8) * s + z);
+          }
+        }
       }
-      for (; k < k1; ++k) {
-        const int code = (k % 2 == 0) ? (wr[k / 2] & 15) : (wr[k / 2] >> 4);
-        store1(o + k, static_cast<float>(code - 8) * s + z);
-      }
-    }
+    });
   });
 }
 
@@ -96,24 +103,21 @@ at::Tensor output(int64_t R, int64_t K, bool bf16) {
 }  // namespace
 
 at::Tensor dequant_q4(const at::Tensor& w_, const at::Tensor& scales_, const at::Tensor& zeros_,
-                      int64_t group_size, int64_t K, bool bf16) {
+                      int64_t group_size, int64_t K, bool bf16, const std::optional<at::Tensor>& lut) {
   TORCH_CHECK(group_size > 0 && group_size % 2 == 0, "group_size must be positive and even");
   const int64_t G = (K + group_size - 1) / group_size;
   // rows may be longer than ceil(K/2) bytes: Int4Linear's rows span K rounded up to a group multiple
   TORCH_CHECK(w_.device().is_cpu() && w_.dim() == 2 && w_.scalar_type() == at::kByte && w_.size(1) * 2 >= K,
               "Wq must be uint8 [R, >= ceil(K/2)] (two 4-bit codes per byte)");
   const int64_t R = w_.size(0), row_bytes = w_.size(1);
-  for (const at::Tensor* t : {&scales_, &zeros_})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == R && t->size(1) == G,
-                "scales/zeros must be float32 [R, ceil(K/group_size)]");
-  const at::Tensor w = w_.contiguous(), scales = scales_.contiguous(), zeros = zeros_.contiguous();
+  const Q4Scales qs(scales_, zeros_, lut, R, G, /*zeros_optional=*/false);
+  const at::Tensor w = w_.contiguous();
   at::Tensor out = output(R, K, bf16);
   if (bf16)
-    q4_dequant(w.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(),
-               reinterpret_cast<uint16_t*>(out.data_ptr()), R, K, row_bytes, G, group_size);
+    q4_dequant(w.data_ptr<uint8_t>(), qs, reinterpret_cast<uint16_t*>(out.data_ptr()), R, K, row_bytes, G,
+               group_size);
   else
-    q4_dequant(w.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), out.data_ptr<float>(), R,
-               K, row_bytes, G, group_size);
+    q4_dequant(w.data_ptr<uint8_t>(), qs, out.data_ptr<float>(), R, K, row_bytes, G, group_size);
   return out;
 }
 

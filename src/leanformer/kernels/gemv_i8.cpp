@@ -26,6 +26,7 @@
 
 #include "common.h"
 #include "int8_act.h"
+#include "q4_codes.h"
 
 namespace leanformer {
 namespace {
@@ -88,15 +89,34 @@ void set_act_isa(const std::string& name) {
 
 namespace {
 
-void run_rows(const I8Args& a, bool q4, int64_t row_bytes) {
+void rows_isa(int isa, const I8Args& a, bool q4, int64_t n0, int64_t n1) {
+  if (isa == kAvx512Vnni)
+    q4 ? i8avx512vnni::q4_rows(a, n0, n1) : i8avx512vnni::q8_rows(a, n0, n1);
+  else if (isa == kAvxVnni)
+    q4 ? i8avxvnni::q4_rows(a, n0, n1) : i8avxvnni::q8_rows(a, n0, n1);
+  else
+    q4 ? i8avx2::q4_rows(a, n0, n1) : i8avx2::q8_rows(a, n0, n1);
+}
+
+// 8-bit scale codes of rows with at least this many groups are looked up inside the row loops
+// (gemv_i8_impl.h, a.lut set); fewer: decoded per chunk of rows by `qs` (q4_codes.h). Measured per call,
+// one thread, Zen 3 (scripts/dq8_gemv_ratio.py): in-loop lookups take 0.87-0.93x the decode pass's time
+// at K = 1024-8192 (group 32), but 1.08-1.10x at K = 576 (18 groups: the zero-point loop is then mostly
+// its scalar tail).
+constexpr int64_t kLookupMinGroups = 32;
+
+// q4 with `qs`: a.w / scales / zeros / bias / y are taken from it chunk by chunk (8-bit scale codes
+// decoded per chunk of rows, q4_codes.h), the row functions seeing rows [0, c1 - c0) of a shifted view.
+void run_rows(const I8Args& a, bool q4, int64_t row_bytes, const Q4Scales* qs = nullptr) {
   const int isa = g_act_isa.load(std::memory_order_relaxed);
   for_row_blocks(a.N, row_bytes, [&](int64_t n0, int64_t n1) {
-    if (isa == kAvx512Vnni)
-      q4 ? i8avx512vnni::q4_rows(a, n0, n1) : i8avx512vnni::q8_rows(a, n0, n1);
-    else if (isa == kAvxVnni)
-      q4 ? i8avxvnni::q4_rows(a, n0, n1) : i8avxvnni::q8_rows(a, n0, n1);
-    else
-      q4 ? i8avx2::q4_rows(a, n0, n1) : i8avx2::q8_rows(a, n0, n1);
+    if (!qs) return rows_isa(isa, a, q4, n0, n1);
+    qs->chunks(n0, n1, [&](int64_t c0, int64_t c1, const float* s, const float* z) {
+      I8Args b = a;
+      b.w = static_cast<const uint8_t*>(a.w) + c0 * (a.K / 2);
+      b.scales = s, b.zeros = z, b.y = a.y + c0, b.bias = a.bias ? a.bias + c0 : nullptr;
+      rows_isa(isa, b, true, 0, c1 - c0);
+    });
   });
 }
 
@@ -194,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_act(const at::Tensor& x_) {
 
 at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
                         const std::optional<at::Tensor>& zeros_, int64_t group_size,
-                        const std::optional<at::Tensor>& bias) {
+                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lut) {
   check_x(x_);
   TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kByte, "Wq must be uint8 [N, Kp/2]");
   const int64_t M = x_.size(0), K = x_.size(1), N = w_.size(0), Kp = 2 * w_.size(1);
@@ -202,12 +222,8 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
               "int8-activation int4 needs group_size a multiple of 32 dividing the codes' columns (", Kp,
               ") and x with at most that many columns, got group ", group_size, ", K ", K);
   const int64_t G = Kp / group_size;
-  const bool has_zeros = zeros_.has_value() && zeros_->defined();
-  for (const at::Tensor* t : {&scales_, has_zeros ? &*zeros_ : &scales_})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == N && t->size(1) == G,
-                "scales/zeros must be float32 [N, Kp/group_size]");
-  const at::Tensor x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous();
-  const at::Tensor zeros = has_zeros ? zeros_->contiguous() : at::Tensor();
+  const Q4Scales qs(scales_, zeros_, lut, N, G, /*zeros_optional=*/true);
+  const at::Tensor x = x_.contiguous(), w = w_.contiguous();
   at::Tensor bh;
   const float* b = bias_ptr(bias, N, bh);
   const int64_t chunks = (Kp + 63) / 64, Kx = 64 * chunks;
@@ -218,11 +234,13 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
     quantize_row_q4(x.data_ptr<float>() + m * K, K, Kp, group_size, xq.data_ptr<int8_t>() + m * Kx,
                     dv + m * 8 * chunks, xs + m * G);
   at::Tensor y = at::empty({M, N}, x.options());
+  const bool lookup = qs.coded() && G >= kLookupMinGroups;  // else: fp32 arrays, or codes decoded by qs
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, w.data_ptr<uint8_t>(),
-                   scales.data_ptr<float>(), has_zeros ? zeros.data_ptr<float>() : nullptr, b,
-                   y.data_ptr<float>() + m0 * N, std::min<int64_t>(kMaxRows, M - m0), N, Kp, Kx, group_size};
-    run_rows(a, true, Kp / 2 + (has_zeros ? 8 : 4) * G);
+    I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, w.data_ptr<uint8_t>(),
+             qs.s, qs.z, b, y.data_ptr<float>() + m0 * N, std::min<int64_t>(kMaxRows, M - m0), N, Kp, Kx,
+             group_size};
+    if (lookup) a.sc = qs.sc, a.zc = qs.zc, a.lut = qs.lut;
+    run_rows(a, true, Kp / 2 + (qs.coded() ? 2 : qs.z ? 8 : 4) * G, qs.coded() && !lookup ? &qs : nullptr);
   }
   return y;
 }
@@ -233,8 +251,8 @@ at::Tensor linear_q8_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kChar && w_.size(1) == x_.size(1),
               "Wq must be int8 [N, K] matching x [M, K]");
   const int64_t M = x_.size(0), K = x_.size(1), N = w_.size(0);
-  TORCH_CHECK(group_size >= 0 && group_size % 32 == 0,
-              "int8-activation int8 needs one scale per row (group_size 0) or groups of a multiple of 32 columns");
+  TORCH_CHECK(group_size >= 0 && (group_size % 32 == 0 || group_size == 16),
+              "int8-activation int8 needs one scale per row (group_size 0) or groups of 16 or a multiple of 32 columns");
   if (group_size == 0) {
     TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.numel() == N, "scales must be float32 [N]");
   } else {
@@ -257,6 +275,112 @@ at::Tensor linear_q8_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   return y;
 }
 
+// ------------------------------------------------------------------------------------ int5 (Q5_0)
+
+namespace {
+
+void run_rows_q5(const I8Args& a) {
+  const int isa = g_act_isa.load(std::memory_order_relaxed);
+  for_row_blocks(a.N, a.K / 2 + a.K / 4, [&](int64_t n0, int64_t n1) {  // nibbles + high bits + scales
+    if (isa == kAvx512Vnni)
+      i8avx512vnni::q5_rows(a, n0, n1);
+    else if (isa == kAvxVnni)
+      i8avxvnni::q5_rows(a, n0, n1);
+    else
+      i8avx2::q5_rows(a, n0, n1);
+  });
+}
+
+// w uint8 [N, Kp/2], high int32 [N, Kp/32], scales fp32 [N, Kp/32] (compress/int5.py's buffers) -> Kp
+void check_q5(const at::Tensor& w, const at::Tensor& high, const at::Tensor& scales) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.scalar_type() == at::kByte && w.size(1) % 16 == 0,
+              "int5 Wq must be uint8 [N, Kp/2] with Kp a multiple of 32");
+  const int64_t N = w.size(0), G = w.size(1) / 16;
+  TORCH_CHECK(high.scalar_type() == at::kInt && high.dim() == 2 && high.size(0) == N && high.size(1) == G,
+              "int5 high bits must be int32 [N, Kp/32]");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 2 && scales.size(0) == N && scales.size(1) == G,
+              "int5 scales must be float32 [N, Kp/32]");
+}
+
+}  // namespace
+
+at::Tensor linear_q5_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& high_,
+                        const at::Tensor& scales_, const std::optional<at::Tensor>& bias) {
+  check_x(x_);
+  check_q5(w_, high_, scales_);
+  const int64_t M = x_.size(0), K = x_.size(1), N = w_.size(0), Kp = 2 * w_.size(1), G = Kp / 32;
+  TORCH_CHECK(K <= Kp, "x has more columns (", K, ") than the int5 codes (", Kp, ")");
+  const at::Tensor x = x_.contiguous(), w = w_.contiguous(), high = high_.contiguous(), scales = scales_.contiguous();
+  at::Tensor bh;
+  const float* b = bias_ptr(bias, N, bh);
+  const int64_t chunks = (Kp + 63) / 64, Kx = 64 * chunks;
+  at::Tensor xq = at::empty({M, Kx}, x.options().dtype(at::kChar));  // the int4 kernel's activation layout
+  at::Tensor fl = at::empty({M * (8 * chunks + G)}, x.options());
+  float *dv = fl.data_ptr<float>(), *xs = dv + M * 8 * chunks;
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row_q4(x.data_ptr<float>() + m * K, K, Kp, 32, xq.data_ptr<int8_t>() + m * Kx, dv + m * 8 * chunks,
+                    xs + m * G);
+  at::Tensor y = at::empty({M, N}, x.options());
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, w.data_ptr<uint8_t>(),
+             scales.data_ptr<float>(), nullptr, b, y.data_ptr<float>() + m0 * N,
+             std::min<int64_t>(kMaxRows, M - m0), N, Kp, Kx, 32};
+    a.high = reinterpret_cast<const uint32_t*>(high.data_ptr<int32_t>());
+    run_rows_q5(a);
+  }
+  return y;
+}
+
+// The same codes -> fp32 [R, Kp], w = (q - 16) * s: the int5 module's prefill / fp32 path (the product
+// of a small integer and an fp16 scale is exact, so this equals GGUF's dequantization bit for bit).
+at::Tensor dequant_q5(const at::Tensor& w_, const at::Tensor& high_, const at::Tensor& scales_) {
+  check_q5(w_, high_, scales_);
+  const at::Tensor w = w_.contiguous(), high = high_.contiguous(), scales = scales_.contiguous();
+  const int64_t R = w.size(0), Kp = 2 * w.size(1), G = Kp / 32, chunks = Kp / 64;
+  at::Tensor out = at::empty({R, Kp}, at::TensorOptions().dtype(at::kFloat));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint32_t* hp = reinterpret_cast<const uint32_t*>(high.data_ptr<int32_t>());
+  const float* sp = scales.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, R, std::max<int64_t>(1, (64 << 10) / Kp), [&](int64_t r0, int64_t r1) {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256 v16 = _mm256_set1_ps(16.f);
+    alignas(32) uint8_t q[64];
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* wr = wp + r * Kp / 2;
+      const uint32_t* hr = hp + r * G;
+      const float* sr = sp + r * G;
+      float* o = op + r * Kp;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 32 * c));
+        __m256i lo, hi;
+        i8_high16(hr, c, lo, hi);
+        lo = _mm256_or_si256(_mm256_and_si256(v, mask), lo);
+        hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), hi);
+        // byte j of lo / hi is column 2j / 2j + 1: interleave (per 128-bit lane), then put the lanes in order
+        const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q), _mm256_permute2x128_si256(a, b, 0x20));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q + 32), _mm256_permute2x128_si256(a, b, 0x31));
+        for (int i = 0; i < 8; ++i) {
+          const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i));
+          const __m256 code = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight));
+          const __m256 s = _mm256_set1_ps(sr[2 * c + i / 4]);
+          _mm256_storeu_ps(o + 64 * c + 8 * i, _mm256_mul_ps(_mm256_sub_ps(code, v16), s));
+        }
+      }
+      if (Kp % 64) {  // a last 32 columns: high bits in natural order
+        const int64_t b0 = 64 * chunks;  // its first column
+        for (int64_t k = 0; k < 32; ++k) {
+          const int nib = (k % 2 == 0) ? (wr[b0 / 2 + k / 2] & 15) : (wr[b0 / 2 + k / 2] >> 4);
+          const int high = static_cast<int>((hr[G - 1] >> k) & 1);
+          o[b0 + k] = static_cast<float>((nib | (high << 4)) - 16) * sr[G - 1];
+        }
+      }
+    }
+  });
+  return out;
+}
+
 void bind_int8_act(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("act_isa", &act_isa, "the instruction set of the int8-activation kernels: avx2, avx_vnni or avx512_vnni");
@@ -266,8 +390,14 @@ void bind_int8_act(pybind11::module_& m) {
   m.def("quantize_act", &quantize_act, "x [M,K] f32 -> (int8 codes [M, Kq], scales [M, Kq/32]) per block of 32",
         py::arg("x"));
   m.def("linear_q4_i8", &linear_q4_i8, "int8(x) [M,K] @ dequant_int4(Wq, scales, zeros, G)^T (+bias)", py::arg("x"),
-        py::arg("wq"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("bias") = py::none());
+        py::arg("wq"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("bias") = py::none(),
+        py::arg("lut") = py::none());
+  // scales/zeros uint8 [N, G] with lut fp32 [512]: 8-bit scale codes (q4_codes.h; see kLookupMinGroups)
   // zeros=None: symmetric codes, w = (code - 8) * scale (GGUF Q4_0), without reading a zero per group
+  m.def("linear_q5_i8", &linear_q5_i8, "int8(x) [M,K] @ dequant_int5(Wq, high, scales)^T (+bias), GGUF Q5_0 codes",
+        py::arg("x"), py::arg("wq"), py::arg("high"), py::arg("scales"), py::arg("bias") = py::none());
+  m.def("dequant_q5", &dequant_q5, "int5 Wq, high bits, scales [R, Kp/32] -> [R, Kp] fp32: (q - 16) * scale",
+        py::arg("wq"), py::arg("high"), py::arg("scales"));
   m.def("linear_q8_i8", &linear_q8_i8, "int8(x) [M,K] @ (Wq int8 * scales)^T (+bias)", py::arg("x"), py::arg("wq"),
         py::arg("scales"), py::arg("bias") = py::none(), py::arg("group_size") = 0);
 }

@@ -15,6 +15,7 @@
 //  * generic (any even group size, and the tail of a row that is not a whole number of blocks): table
 //    lookup to signed q - 8, sign-extend, convert.
 #include "common.h"
+#include "q4_codes.h"
 
 namespace leanformer {
 namespace {
@@ -172,14 +173,24 @@ inline void q4_row(const Q4Args& a, int64_t n, float* out) {
     out[m] = hsum(tot[m]) + zero_terms(zr, sc, a.xs + m * a.n_groups, a.xf + m * a.n_groups, a.n_groups);
 }
 
+// Rows [c0, c1) whose scales / zeros start at s / z (q4_codes.h: the arrays, or a decoded chunk).
 template <int M>
-void q4_rows(const Q4Args& a) {
-  // bytes streamed per row include the fp32 scale and zero of each group
-  for_rows(a.N, a.Kh + 8 * a.n_groups, [&](int64_t n) {
+void q4_chunk_rows(const Q4Args& a, int64_t c0, int64_t c1, const float* s, const float* z) {
+  Q4Args b = a;
+  b.w = a.w + c0 * a.Kh, b.scales = s, b.zeros = z;
+  for (int64_t n = 0; n < c1 - c0; ++n) {
     float out[M];
-    q4_row<M>(a, n, out);
+    q4_row<M>(b, n, out);
     LF_UNROLL
-    for (int m = 0; m < M; ++m) a.y[m * a.N + n] = out[m] + (a.bias ? a.bias[n] : 0.f);
+    for (int m = 0; m < M; ++m) a.y[m * a.N + c0 + n] = out[m] + (a.bias ? a.bias[c0 + n] : 0.f);
+  }
+}
+
+template <int M>
+void q4_rows(const Q4Args& a, const Q4Scales& qs) {
+  // bytes streamed per row include the scale and zero of each group (fp32, or 8-bit codes)
+  for_row_blocks(a.N, a.Kh + (qs.coded() ? 2 : 8) * a.n_groups, [&](int64_t n0, int64_t n1) {
+    qs.chunks(n0, n1, [&](int64_t c0, int64_t c1, const float* s, const float* z) { q4_chunk_rows<M>(a, c0, c1, s, z); });
   });
 }
 
@@ -228,7 +239,7 @@ void prepare_x(const float* x, int64_t M, int64_t K, int64_t group_size, bool fa
 }  // namespace
 
 at::Tensor linear_q4(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_, const at::Tensor& zeros_,
-                     int64_t group_size, const std::optional<at::Tensor>& bias) {
+                     int64_t group_size, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lut) {
   check_x(x_);
   const int64_t M = x_.size(0), K = x_.size(1), Kh = (K + 1) / 2;
   TORCH_CHECK(group_size > 0 && group_size % 2 == 0, "group_size must be positive and even");
@@ -236,23 +247,27 @@ at::Tensor linear_q4(const at::Tensor& x_, const at::Tensor& w_, const at::Tenso
   TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kByte && w_.size(1) == Kh,
               "Wq must be uint8 [N, ceil(K/2)] (two 4-bit codes per byte)");
   const int64_t N = w_.size(0);
-  for (const at::Tensor* t : {&scales_, &zeros_})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == N && t->size(1) == n_groups,
-                "scales/zeros must be float32 [N, ceil(K/group_size)]");
-  const at::Tensor x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous(),
-                   zeros = zeros_.contiguous();
+  const Q4Scales qs(scales_, zeros_, lut, N, n_groups, /*zeros_optional=*/false);
+  const at::Tensor x = x_.contiguous(), w = w_.contiguous();
   at::Tensor bh;
   const float* b = bias_ptr(bias, N, bh);
   at::Tensor y = at::empty({M, N}, x.options());
+  const int64_t row_bytes = Kh + (qs.coded() ? 2 : 8) * n_groups;
   if (use_avx512()) {  // decodes by table lookup: needs only the even/odd columns of x
     at::Tensor prep = at::empty({2 * M * Kh}, x.options());
     float *xe = prep.data_ptr<float>(), *xo = xe + M * Kh;
     split_x(x.data_ptr<float>(), M, K, xe, xo);
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-      const KernelArgs a{xe + m0 * Kh, xo + m0 * Kh, w.data_ptr<uint8_t>(), scales.data_ptr<float>(),
-                         zeros.data_ptr<float>(), b, y.data_ptr<float>() + m0 * N,
-                         std::min<int64_t>(kMaxRows, M - m0), N, Kh, group_size / 2};
-      for_row_blocks(N, Kh + 8 * n_groups, [&](int64_t n0, int64_t n1) { avx512::q4_rows(a, n0, n1); });
+      const KernelArgs a{xe + m0 * Kh, xo + m0 * Kh, w.data_ptr<uint8_t>(), nullptr, nullptr, b,
+                         y.data_ptr<float>() + m0 * N, std::min<int64_t>(kMaxRows, M - m0), N, Kh, group_size / 2};
+      for_row_blocks(N, row_bytes, [&](int64_t n0, int64_t n1) {
+        qs.chunks(n0, n1, [&](int64_t c0, int64_t c1, const float* s, const float* z) {
+          KernelArgs c = a;  // rows [c0, c1) as rows [0, c1 - c0) of a shifted view
+          c.w = w.data_ptr<uint8_t>() + c0 * Kh, c.scales = s, c.zeros = z, c.y = a.y + c0;
+          c.bias = b ? b + c0 : nullptr;
+          avx512::q4_rows(c, 0, c1 - c0);
+        });
+      });
     }
     return y;
   }
@@ -263,9 +278,9 @@ at::Tensor linear_q4(const at::Tensor& x_, const at::Tensor& w_, const at::Tenso
   prepare_x(x.data_ptr<float>(), M, K, group_size, fast, xe, xo, xp, xs, xf);
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const Q4Args a{xe + m0 * Kh, xo + m0 * Kh, xp + m0 * 2 * Kh, xs + m0 * n_groups, xf + m0 * n_groups,
-                   w.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), b,
-                   y.data_ptr<float>() + m0 * N, N, Kh, n_groups, group_size / 2, fast};
-    dispatch_rows(std::min<int64_t>(kMaxRows, M - m0), [&](auto mc) { q4_rows<decltype(mc)::value>(a); });
+                   w.data_ptr<uint8_t>(), nullptr, nullptr, b, y.data_ptr<float>() + m0 * N, N, Kh, n_groups,
+                   group_size / 2, fast};
+    dispatch_rows(std::min<int64_t>(kMaxRows, M - m0), [&](auto mc) { q4_rows<decltype(mc)::value>(a, qs); });
   }
   return y;
 }

@@ -19,7 +19,7 @@ struct I8Args {
                      // q8: natural order, zero past K.
   const float* dv;   // q4: [M, 8 * n_chunks], chunk c: d of block 2c in lanes 0-3, of block 2c+1 in 4-7
                      // (a last half chunk: its d in all 8); q8: [M, n_blocks] d per block.
-  const float* xs;   // q4: [M, n_groups] sum of the dequantized activations over each weight group
+  const float* xs;   // q4 / q5: [M, n_groups] sum of the dequantized activations over each weight group
   const void* w;     // q4: uint8 [N, K/2] nibbles (low = even column); q8: int8 [N, K]
   const float* scales;  // q4: [N, n_groups]; q8: [N] (group 0) or [N, n_groups]
   const float* zeros;   // q4: [N, n_groups]
@@ -29,6 +29,12 @@ struct I8Args {
   int64_t K;      // q4: code columns (a multiple of 32 and of group); q8: columns
   int64_t Kx;     // row stride of xq (and 8 * n_chunks / n_blocks for dv)
   int64_t group;  // q4: columns per scale (32..256); q8: 0 (per row) or a multiple of 32
+  const uint32_t* high = nullptr;  // q5: [N, K/32] 5th bits of the codes (layout: gemv_i8_impl.h q5_row)
+  // q4 with 8-bit scale codes (q4_codes.h), read in place of scales / zeros (then null): scale =
+  // lut[sc], zero = lut[256 + zc] * scale; [N, n_groups] codes, lut [512]. Null: fp32 scales / zeros.
+  const uint8_t* sc = nullptr;
+  const uint8_t* zc = nullptr;
+  const float* lut = nullptr;
 };
 
 // y[:, n] for weight rows n in [n0, n1), per instruction set. Call the VNNI ones only where the CPU has
@@ -36,14 +42,17 @@ struct I8Args {
 namespace i8avx2 {
 void q4_rows(const I8Args& a, int64_t n0, int64_t n1);
 void q8_rows(const I8Args& a, int64_t n0, int64_t n1);
+void q5_rows(const I8Args& a, int64_t n0, int64_t n1);
 }  // namespace i8avx2
 namespace i8avxvnni {
 void q4_rows(const I8Args& a, int64_t n0, int64_t n1);
 void q8_rows(const I8Args& a, int64_t n0, int64_t n1);
+void q5_rows(const I8Args& a, int64_t n0, int64_t n1);
 }  // namespace i8avxvnni
 namespace i8avx512vnni {
 void q4_rows(const I8Args& a, int64_t n0, int64_t n1);
 void q8_rows(const I8Args& a, int64_t n0, int64_t n1);
+void q5_rows(const I8Args& a, int64_t n0, int64_t n1);
 }  // namespace i8avx512vnni
 
 }  // namespace leanformer

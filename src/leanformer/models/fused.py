@@ -67,9 +67,9 @@ def _linear(module: nn.Module):
         ops = operands()
         if ops is None or ops[1].device.type != "cpu":
             return None
-        kind, codes, scales, zeros, group, k_padded = ops
+        kind, codes, scales, zeros, group, k_padded, *lut = ops  # lut: int4 with 8-bit scale codes
         scale = module.input_scale
-        return ext.DecodeLinear(kind, codes, scales, zeros, bias, scale, group, k_padded)
+        return ext.DecodeLinear(kind, codes, scales, zeros, bias, scale, group, k_padded, *lut)
     w = getattr(module, "weight", None)
     if not isinstance(module, nn.Linear) or w is None or w.dtype != torch.float32 or w.device.type != "cpu":
         return None

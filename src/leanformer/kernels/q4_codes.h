@@ -1,0 +1,101 @@
+// int4 group scales / zeros as the int4 kernels receive them: fp32 arrays [N, G], or 8-bit codes [N, G]
+// with a 512-entry fp32 lookup table (compress/double_quant.py, "dq8": scale = lut[sc], zero =
+// lut[256 + zc] * scale).
+//
+// Why codes: fp32 scales + zeros cost 8 bytes per group, i.e. 2 bits per weight at group 32, on top of
+// the 4.5 bits the model file holds; decoding them once at load made an int4-g32-dq8 model take 1.55x
+// its weights in RAM. The kernels instead decode a chunk of rows' scales into a small buffer (<= 4 KB,
+// L1-resident) right before those rows run, so every inner loop stays as it is and reads exactly the
+// fp32 values the decoded arrays held (the table is built by the same torch expression; zero = offset *
+// scale is one fp32 multiply), i.e. results are bit-identical to the fp32-array path. (The int8-
+// activation GEMV instead looks the codes up inside its loops for rows of >= 32 groups: gemv_i8.cpp.)
+//
+// AVX2 side only (includes ATen): the AVX-512 / VNNI translation units receive plain pointers to the
+// decoded chunk through their Args structs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace leanformer {
+
+struct Q4Scales {
+  const float* s = nullptr;  // fp32 [N, G] (null when coded)
+  const float* z = nullptr;  // fp32 [N, G]; null: symmetric codes (no zero point) or coded
+  const uint8_t* sc = nullptr;  // coded: scale codes [N, G]
+  const uint8_t* zc = nullptr;  // coded: zero codes [N, G]
+  const float* lut = nullptr;   // coded: [512] scale per code, then zero offset (in scale units) per code
+  int64_t G = 0;
+  at::Tensor hold[3];  // contiguous copies the pointers point into
+
+  bool coded() const { return sc != nullptr; }
+
+  // Validates and wraps scales / zeros [N, G]: both fp32 (zeros optional when `zeros_optional`), or
+  // both uint8 codes with lut fp32 [512].
+  Q4Scales(const at::Tensor& scales, const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& lut_,
+           int64_t N, int64_t G_, bool zeros_optional)
+      : G(G_) {
+    const bool has_z = zeros.has_value() && zeros->defined();
+    TORCH_CHECK(has_z || zeros_optional, "int4 kernels need zeros");
+    const bool is_coded = scales.scalar_type() == at::kByte;
+    const auto want = is_coded ? at::kByte : at::kFloat;
+    for (const at::Tensor* t : {&scales, has_z ? &*zeros : &scales})
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == want && t->dim() == 2 && t->size(0) == N &&
+                      t->size(1) == G,
+                  "int4 scales/zeros must be both float32 or both uint8 codes, shaped [N, n_groups] = [", N, ", ",
+                  G, "], got ", t->scalar_type(), " ", t->sizes());
+    hold[0] = scales.contiguous();
+    if (has_z) hold[1] = zeros->contiguous();
+    if (!is_coded) {
+      TORCH_CHECK(!(lut_.has_value() && lut_->defined()), "a lut goes with uint8 scale codes only");
+      s = hold[0].data_ptr<float>();
+      z = has_z ? hold[1].data_ptr<float>() : nullptr;
+      return;
+    }
+    TORCH_CHECK(has_z, "uint8 scale codes need uint8 zero codes");
+    TORCH_CHECK(lut_.has_value() && lut_->defined() && lut_->device().is_cpu() && lut_->scalar_type() == at::kFloat &&
+                    lut_->numel() == 512,
+                "uint8 scale codes need lut float32 [512] (256 scales, then 256 zero offsets)");
+    hold[2] = lut_->contiguous();
+    sc = hold[0].data_ptr<uint8_t>();
+    zc = hold[1].data_ptr<uint8_t>();
+    lut = hold[2].data_ptr<float>();
+  }
+
+  // Rows [r0, r1) decoded into s_out / z_out [r1 - r0, G].
+  void decode(int64_t r0, int64_t r1, float* __restrict s_out, float* __restrict z_out) const {
+    const uint8_t* a = sc + r0 * G;
+    const uint8_t* b = zc + r0 * G;
+    const float* off = lut + 256;
+    for (int64_t i = 0, n = (r1 - r0) * G; i < n; ++i) {
+      const float v = lut[a[i]];
+      s_out[i] = v;
+      z_out[i] = off[b[i]] * v;  // one fp32 multiply, as torch's (zlo + zc * zspan / 255) * scale
+    }
+  }
+
+  // Runs fn(c0, c1, s, z) over rows [n0, n1) in consecutive chunks [c0, c1), with s / z pointing at
+  // row c0's G scales / zeros (row c0 + i at + i * G; z null when there are none). fp32 arrays: one
+  // chunk pointing into them; codes: chunks of <= 512 scales decoded into a buffer.
+  template <class Fn>
+  void chunks(int64_t n0, int64_t n1, const Fn& fn) const {
+    if (!coded()) return fn(n0, n1, s + n0 * G, z ? z + n0 * G : nullptr);
+    constexpr int64_t kFloats = 1024;  // 4 KB: scales then zeros of the chunk, kept in L1 beside the weights
+    const int64_t rows = std::max<int64_t>(1, kFloats / (2 * G));
+    float stack[kFloats];
+    std::vector<float> heap;
+    float* buf = stack;
+    if (2 * rows * G > kFloats) heap.resize(2 * rows * G), buf = heap.data();  // G > 512: one row
+    for (int64_t c0 = n0; c0 < n1; c0 += rows) {
+      const int64_t c1 = std::min(n1, c0 + rows);
+      decode(c0, c1, buf, buf + rows * G);
+      fn(c0, c1, static_cast<const float*>(buf), static_cast<const float*>(buf + rows * G));
+    }
+  }
+};
+
+}  // namespace leanformer
