@@ -112,3 +112,24 @@ def test_gpt2_real_weights_two_ranks(shared, tmp_path):
     ref = outputs(load_as(str(found[0])))
     for got in results["gpt2"]:
         _same(ref, got, ref["cache_heads"], 2, 1e-3)
+
+
+def test_int5_linears_are_refused_in_one_line(tiny_dirs, tmp_path):
+    """GGUF Q5_0 kept 5-bit (Int5Linear) packs its 5th bits per 64-column chunk: the column slicer cannot
+    cut it, so parallelize_ refuses it before splitting anything."""
+    import torch.distributed as dist
+
+    from leanformer.compress.int5 import Int5Linear
+
+    model, _ = load(tiny_dirs["llama"])
+    proj = model.model.layers[0].self_attn.o_proj
+    n, k = proj.weight.shape
+    codes = torch.randint(0, 32, (n, k), dtype=torch.uint8)
+    model.model.layers[0].self_attn.o_proj = Int5Linear.from_codes(codes, torch.rand(n, -(-k // 32)), None)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(LeanformerError, match="o_proj is a Int5Linear") as e:
+            parallelize_(model)
+    finally:
+        dist.destroy_process_group()
+    assert "\n" not in str(e.value)

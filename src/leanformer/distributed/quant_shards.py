@@ -23,7 +23,9 @@ _GROUPED = ("scales", "zeros", "scale_codes", "zero_codes")  # [N, G] (int8 per-
 
 
 def is_quantized(module: nn.Module) -> bool:
-    return any(name in module._buffers for name in _CODES)
+    """An int8 / int4 module these slicers can cut (not int5: its 5th-bit plane `qhigh` is packed per
+    64-column chunk, so tensor parallel refuses it in one line)."""
+    return any(name in module._buffers for name in _CODES) and "qhigh" not in module._buffers
 
 
 def column_unit(module: nn.Module) -> int:
