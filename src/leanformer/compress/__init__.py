@@ -15,6 +15,7 @@ from leanformer.compress.config import (
     SparseGPT,
     Wanda,
 )
+from leanformer.compress.int5 import Int5Linear
 from leanformer.compress.quant import (
     AWQ,
     CONFIG_TYPES,
@@ -46,6 +47,7 @@ __all__ = [
     "PruneLayers",
     "GPTQ",
     "Int4Linear",
+    "Int5Linear",
     "Int4WeightOnly",
     "Int8Dynamic",
     "Int8DynamicLinear",
