@@ -130,3 +130,13 @@ def test_bad_configs_fail_in_one_line(tiny_lm):
     assert isinstance(QuantConfig.from_dict({"type": "SparseStorage", "memory": "sparse"}), SparseStorage)
     with pytest.raises(LeanformerError, match="no SparseStorage stage"):
         set_memory_(tiny_lm, "sparse")
+
+
+def test_quantized_forms_it_cannot_pack_are_named(tiny_lm):
+    """int4 (or Int8Dynamic) weights: the one line says which form and where SparseStorage goes instead."""
+    from leanformer.compress.config import Int4WeightOnly
+
+    apply(tiny_lm, [Magnitude(sparsity=0.5), Int4WeightOnly(group_size=32)], progress=False)
+    with pytest.raises(LeanformerError, match="the targets are Int4Linear: put SparseStorage on int8") as e:
+        apply(tiny_lm, SparseStorage())
+    assert "\n" not in str(e.value)

@@ -340,6 +340,19 @@ def store_(model: nn.Module, cfg: SparseStorage) -> dict[str, int]:
         if smaller_when_packed(*w.shape, c, w.element_size()):
             cfg.capacity[n] = c
     if not cfg.capacity:
+        others = sorted(
+            {
+                type(m).__name__
+                for n, m in model.named_modules()
+                if n and matches(n, cfg.targets) and _kind(m) is None
+            }
+            & {"Int4Linear", "Int5Linear", "Int8DynamicLinear"}
+        )
+        if not names and others:  # the targets are quantized into a form that cannot be packed
+            raise LeanformerError(
+                f"SparseStorage packs fp32 / bf16 Linears and Int8Linear; the targets are {', '.join(others)}: "
+                "put SparseStorage on int8 weights (Int8WeightOnly) or on the float model"
+            )
         raise LeanformerError(
             "SparseStorage: no targeted Linear has enough zeros to be stored smaller; prune it first "
             "(Magnitude / Wanda / SparseGPT, e.g. the preset wanda-50)"
