@@ -1,5 +1,5 @@
 """load(gguf, keep_quantized=True) for llama.cpp's K-quant mixes: Q4_K -> int4 group 32, Q6_K -> int8
-group 16, Q5_0 -> int8 group 32, exactly the weights a float load dequantizes; Q5_K stays float.
+group 16, Q5_0 -> int5 (alone or with Q4_0; with an int8 type: int8 group 32), exactly the weights a float load dequantizes; Q5_K stays float.
 
 K-quant rows need in_features % 256 == 0, hence the wider tiny model (hidden 256, intermediate 512).
 """

@@ -30,13 +30,21 @@ def _operands(n: int, kp: int, group: int, seed: int = 0):
 
 
 # n = 301 rows: several decode chunks (<= 2048 scales each) and a partial one; k = 8192 at group 32:
-# 256 groups, 8 rows per chunk; 100 / 1000: padded codes (Kp > K)
+# 256 groups, 8 rows per chunk; 100 / 1000: padded codes (Kp > K); 800 / 1440 (codes decoded per chunk
+# of rows) and 2080 / 3360 / 4160 (>= 32 groups: codes looked up in the int8-activation loops): a last
+# half chunk of 32 columns, a group count that is not a multiple of 8, group 96: chunks straddling two
+# groups
 SHAPES = [
     (301, 576, 576, 32),
     (301, 576, 576, 64),
     (37, 8192, 8192, 32),
     (45, 100, 128, 32),
     (45, 1000, 1024, 128),
+    (13, 800, 800, 32),
+    (13, 1440, 1440, 96),
+    (13, 2080, 2080, 32),
+    (13, 3360, 3360, 96),
+    (13, 4160, 4160, 64),
 ]
 
 

@@ -98,12 +98,19 @@ void rows_isa(int isa, const I8Args& a, bool q4, int64_t n0, int64_t n1) {
     q4 ? i8avx2::q4_rows(a, n0, n1) : i8avx2::q8_rows(a, n0, n1);
 }
 
-// q4: a.w / scales / zeros / bias / y are taken from `qs` chunk by chunk (8-bit scale codes are
+// 8-bit scale codes of rows with at least this many groups are looked up inside the row loops
+// (gemv_i8_impl.h, a.lut set); fewer: decoded per chunk of rows by `qs` (q4_codes.h). Measured per call,
+// one thread, Zen 3 (scripts/dq8_gemv_ratio.py): in-loop lookups take 0.87-0.93x the decode pass's time
+// at K = 1024-8192 (group 32), but 1.08-1.10x at K = 576 (18 groups: the zero-point loop is then mostly
+// its scalar tail).
+constexpr int64_t kLookupMinGroups = 32;
+
+// q4 with `qs`: a.w / scales / zeros / bias / y are taken from it chunk by chunk (8-bit scale codes
 // decoded per chunk of rows, q4_codes.h), the row functions seeing rows [0, c1 - c0) of a shifted view.
 void run_rows(const I8Args& a, bool q4, int64_t row_bytes, const Q4Scales* qs = nullptr) {
   const int isa = g_act_isa.load(std::memory_order_relaxed);
   for_row_blocks(a.N, row_bytes, [&](int64_t n0, int64_t n1) {
-    if (!q4) return rows_isa(isa, a, false, n0, n1);
+    if (!qs) return rows_isa(isa, a, q4, n0, n1);
     qs->chunks(n0, n1, [&](int64_t c0, int64_t c1, const float* s, const float* z) {
       I8Args b = a;
       b.w = static_cast<const uint8_t*>(a.w) + c0 * (a.K / 2);
@@ -227,11 +234,13 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
     quantize_row_q4(x.data_ptr<float>() + m * K, K, Kp, group_size, xq.data_ptr<int8_t>() + m * Kx,
                     dv + m * 8 * chunks, xs + m * G);
   at::Tensor y = at::empty({M, N}, x.options());
+  const bool lookup = qs.coded() && G >= kLookupMinGroups;  // else: fp32 arrays, or codes decoded by qs
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, w.data_ptr<uint8_t>(),
-                   nullptr, nullptr, b, y.data_ptr<float>() + m0 * N, std::min<int64_t>(kMaxRows, M - m0), N, Kp, Kx,
-                   group_size};
-    run_rows(a, true, Kp / 2 + (qs.coded() ? 2 : qs.z ? 8 : 4) * G, &qs);
+    I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, w.data_ptr<uint8_t>(),
+             qs.s, qs.z, b, y.data_ptr<float>() + m0 * N, std::min<int64_t>(kMaxRows, M - m0), N, Kp, Kx,
+             group_size};
+    if (lookup) a.sc = qs.sc, a.zc = qs.zc, a.lut = qs.lut;
+    run_rows(a, true, Kp / 2 + (qs.coded() ? 2 : qs.z ? 8 : 4) * G, qs.coded() && !lookup ? &qs : nullptr);
   }
   return y;
 }
@@ -383,7 +392,7 @@ void bind_int8_act(pybind11::module_& m) {
   m.def("linear_q4_i8", &linear_q4_i8, "int8(x) [M,K] @ dequant_int4(Wq, scales, zeros, G)^T (+bias)", py::arg("x"),
         py::arg("wq"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("bias") = py::none(),
         py::arg("lut") = py::none());
-  // scales/zeros uint8 [N, G] with lut fp32 [512]: 8-bit scale codes (q4_codes.h), decoded per chunk of rows
+  // scales/zeros uint8 [N, G] with lut fp32 [512]: 8-bit scale codes (q4_codes.h; see kLookupMinGroups)
   // zeros=None: symmetric codes, w = (code - 8) * scale (GGUF Q4_0), without reading a zero per group
   m.def("linear_q5_i8", &linear_q5_i8, "int8(x) [M,K] @ dequant_int5(Wq, high, scales)^T (+bias), GGUF Q5_0 codes",
         py::arg("x"), py::arg("wq"), py::arg("high"), py::arg("scales"), py::arg("bias") = py::none());

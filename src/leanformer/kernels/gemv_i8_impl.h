@@ -93,14 +93,30 @@ constexpr int i8_nr() {  // measured: 2 rows at M = 3 (6 chains) is slower than 
   return M == 1 ? 4 : M == 2 ? 2 : 1;
 }
 
-// How the weight groups fall on 64-column chunks (one chunk = blocks 2c and 2c+1 of 32 columns).
-enum class Groups { k32, k64n, kOther };  // group 32 | a multiple of 64 | an odd multiple of 32 >= 96
+// How the weight groups fall on 64-column chunks (one chunk = blocks 2c and 2c+1 of 32 columns):
+// group 32 | a multiple of 64 | an odd multiple of 32 >= 96; the *Coded twins take 8-bit scale codes
+// (I8Args::sc / zc / lut) and look the table up inside nib_rows' loops, with the same fp32 values and
+// roundings as the fp32-array path (bit-identical results). Used from 32 groups per row up (gemv_i8.cpp
+// kLookupMinGroups), where it measured 0.87-0.93x the time of q4_codes.h's decode pass over chunks of
+// rows; a decode of each row into an L1 buffer before its loops measured no faster than that pass.
+enum class Groups { k32, k64n, kOther, k32Coded, k64nCoded, kOtherCoded };
+constexpr bool coded(Groups S) { return S >= Groups::k32Coded; }
+constexpr Groups layout(Groups S) { return coded(S) ? Groups(int(S) - 3) : S; }
 
 // The weight scales of chunk c as 8 lanes: block 2c's in lanes 0-3, block 2c+1's in lanes 4-7.
 // g: the group of chunk c (k64n only, counted by the caller: a division per chunk measured ~20% slower).
+// Coded: the same fp32 values, lut[codes[group]].
 template <Groups S>
-inline __m256 i8_chunk_scales(const float* sc, int64_t c, int64_t g, int64_t bpg) {
-  if constexpr (S == Groups::k32) {  // one 8-byte load and a lane permute
+inline __m256 i8_chunk_scales(const float* sc, const uint8_t* codes, const float* lut, int64_t c, int64_t g,
+                              int64_t bpg) {
+  if constexpr (S == Groups::k32Coded) {  // two table loads as broadcasts, blended
+    return _mm256_blend_ps(_mm256_broadcast_ss(lut + codes[2 * c]), _mm256_broadcast_ss(lut + codes[2 * c + 1]), 0xF0);
+  } else if constexpr (S == Groups::k64nCoded) {
+    return _mm256_broadcast_ss(lut + codes[g]);
+  } else if constexpr (S == Groups::kOtherCoded) {
+    return _mm256_blend_ps(_mm256_broadcast_ss(lut + codes[(2 * c) / bpg]),
+                           _mm256_broadcast_ss(lut + codes[(2 * c + 1) / bpg]), 0xF0);
+  } else if constexpr (S == Groups::k32) {  // one 8-byte load and a lane permute
     const __m128d two = _mm_load_sd(reinterpret_cast<const double*>(sc + 2 * c));
     const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(two)), lanes);
@@ -109,6 +125,21 @@ inline __m256 i8_chunk_scales(const float* sc, int64_t c, int64_t g, int64_t bpg
   } else {  // rare group sizes (96, 160, ...): a chunk may straddle two groups
     return _mm256_set_m128(_mm_set1_ps(sc[(2 * c + 1) / bpg]), _mm_set1_ps(sc[(2 * c) / bpg]));
   }
+}
+
+// t[codes[0..7]] as 8 lanes: a table load per lane as a broadcast (a load-port op) merged by immediate
+// blends. Measured on Zen 3 (a 576 x 576 microbenchmark): the AVX2 gather ~1.2x and lane inserts
+// (_mm256_setr_ps: shuffle-port bound) ~1.1x the time of this.
+inline __m256 i8_lut8(const float* t, const uint8_t* codes) {
+  const auto at = [&](int i) { return _mm256_broadcast_ss(t + codes[i]); };
+  __m256 v = at(0);
+  v = _mm256_blend_ps(v, at(1), 0x02);
+  v = _mm256_blend_ps(v, at(2), 0x04);
+  v = _mm256_blend_ps(v, at(3), 0x08);
+  v = _mm256_blend_ps(v, at(4), 0x10);
+  v = _mm256_blend_ps(v, at(5), 0x20);
+  v = _mm256_blend_ps(v, at(6), 0x40);
+  return _mm256_blend_ps(v, at(7), 0x80);
 }
 
 // 32 bits -> 32 bytes, byte j = 16 if bit j is set, else 0 (the 5th bit of int5 codes, as a value).
@@ -134,17 +165,24 @@ template <int NR, int M, class D, Groups S, bool kQ5>
 inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR][M]) {
   const int64_t group = kQ5 ? 32 : a.group;
   const int64_t Kh = a.K / 2, G = a.K / group, bpg = group / 32, cpg = group / 64;
+  constexpr bool kCoded = coded(S);
   const uint8_t* __restrict w[NR];
   const float* sc[NR];
   const float* zr[NR];  // null: symmetric codes (GGUF Q4_0, int5), no zero point
+  const uint8_t* scc[NR];  // coded: the row's scale / zero codes [G]
+  const uint8_t* zcc[NR];
   const uint32_t* hb[NR];
   LF_UNROLL
   for (int r = 0; r < NR; ++r) {
     w[r] = static_cast<const uint8_t*>(a.w) + (n + r) * Kh;
-    sc[r] = a.scales + (n + r) * G;
-    zr[r] = !kQ5 && a.zeros ? a.zeros + (n + r) * G : nullptr;
+    sc[r] = kCoded ? nullptr : a.scales + (n + r) * G;
+    zr[r] = !kQ5 && !kCoded && a.zeros ? a.zeros + (n + r) * G : nullptr;
+    scc[r] = kCoded ? a.sc + (n + r) * G : nullptr;
+    zcc[r] = kCoded ? a.zc + (n + r) * G : nullptr;
     hb[r] = kQ5 ? a.high + (n + r) * G : nullptr;
   }
+  const float* lut = a.lut;
+  auto scale = [&](int r, int64_t j) { return kCoded ? lut[scc[r][j]] : sc[r][j]; };
   constexpr bool kP = M >= kPackRows;
   const int8_t* xr[M];  // activation row m's codes and chunk scales (hoisted: the loop recomputed m * Kx / 8)
   const float* dr[M];
@@ -171,7 +209,7 @@ inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR
         lo = _mm256_or_si256(lo, lo5);
         hi = _mm256_or_si256(hi, hi5);
       }
-      const __m256 ws = i8_chunk_scales<S>(sc[r], c, g, bpg);
+      const __m256 ws = i8_chunk_scales<S>(sc[r], scc[r], lut, c, g, bpg);
       LF_UNROLL
       for (int m = 0; m < M; ++m) {
         const int8_t* x = xr[m] + (kP ? 64 * M : 64) * c;
@@ -181,7 +219,7 @@ inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR
         acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[r][m]);
       }
     }
-    if (S == Groups::k64n && --left == 0) ++g, left = cpg;
+    if (layout(S) == Groups::k64n && --left == 0) ++g, left = cpg;
   }
   // The -8 (-16) of the codes and the zero points: sum_g (z_g - 8 s_g) * xs_g, eight groups per vector.
   // (A scalar loop here was one serial FMA chain per row, ~4 cycles per group: it measured a third of
@@ -196,12 +234,25 @@ inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR
       const float* xs = a.xs + m * G;
       int64_t j = 0;
       for (; j + 8 <= G; j += 8) {
-        __m256 off = _mm256_mul_ps(_mm256_loadu_ps(sc[r] + j), minus8);
-        if (zr[r]) off = _mm256_add_ps(off, _mm256_loadu_ps(zr[r] + j));
+        __m256 off;
+        if constexpr (kCoded) {  // exactly as the fp32 arrays were made: z = lut[256 + zc] * s, stored as fp32
+          const __m256 s8 = i8_lut8(lut, scc[r] + j);
+          __m256 z8 = _mm256_mul_ps(i8_lut8(lut + 256, zcc[r] + j), s8);
+          asm("" : "+x"(z8));  // z rounded to fp32 (no FMA contraction into the add)
+          off = _mm256_add_ps(_mm256_mul_ps(s8, minus8), z8);
+        } else {
+          off = _mm256_mul_ps(_mm256_loadu_ps(sc[r] + j), minus8);
+          if (zr[r]) off = _mm256_add_ps(off, _mm256_loadu_ps(zr[r] + j));
+        }
         t8 = _mm256_fmadd_ps(off, _mm256_loadu_ps(xs + j), t8);
       }
       float y = i8_hsum(t8);
-      for (; j < G; ++j) y += ((zr[r] ? zr[r][j] : 0.f) + off0 * sc[r][j]) * xs[j];
+      for (; j < G; ++j) {
+        const float s = scale(r, j);
+        float z = kCoded ? lut[256 + zcc[r][j]] * s : zr[r] ? zr[r][j] : 0.f;
+        asm("" : "+x"(z));  // as above
+        y += (z + off0 * s) * xs[j];
+      }
       if (a.K % 64) {  // a last 32 columns (in the last group), natural order: scalar, exact in int
         const int64_t b0 = 32 * chunks;
         const int8_t* x = a.xq + m * a.Kx + 2 * b0;
@@ -212,7 +263,7 @@ inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR
           const int odd = (w[r][b0 + k] >> 4) | static_cast<int>(((h >> (2 * k + 1)) & 1) << 4);
           t += x[2 * k] * even + x[2 * k + 1] * odd;
         }
-        y += static_cast<float>(t) * a.dv[m * (a.Kx / 8) + 8 * chunks] * sc[r][G - 1];
+        y += static_cast<float>(t) * a.dv[m * (a.Kx / 8) + 8 * chunks] * scale(r, G - 1);
       }
       out[r][m] = y;
     }
@@ -251,7 +302,7 @@ inline void q8_rows_nr(const I8Args& a, const XPack& p, int64_t n, float (&out)[
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + 32 * b));
       const __m256i av = _mm256_abs_epi8(v);  // -128 -> 0x80 = 128 as u8
       const __m256 ws =
-          kG16 ? i8_chunk_scales<Groups::k32>(sc[r], b, 0, 1) : _mm256_set1_ps(grouped ? sc[r][g] : 1.f);
+          kG16 ? i8_chunk_scales<Groups::k32>(sc[r], nullptr, nullptr, b, 0, 1) : _mm256_set1_ps(grouped ? sc[r][g] : 1.f);
       LF_UNROLL
       for (int m = 0; m < M; ++m) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + (kP ? 32 * M : 32) * b));
@@ -332,6 +383,11 @@ inline void q8_any(const I8Args& a, int64_t n0, int64_t n1) {
 
 template <class D>
 inline void q4_any(const I8Args& a, int64_t n0, int64_t n1) {
+  if (a.lut) {  // 8-bit scale codes
+    if (a.group == 32) return rows<D, Kind::q4, Groups::k32Coded>(a, n0, n1);
+    if (a.group % 64 == 0) return rows<D, Kind::q4, Groups::k64nCoded>(a, n0, n1);
+    return rows<D, Kind::q4, Groups::kOtherCoded>(a, n0, n1);
+  }
   if (a.group == 32) return rows<D, Kind::q4, Groups::k32>(a, n0, n1);
   if (a.group % 64 == 0) return rows<D, Kind::q4, Groups::k64n>(a, n0, n1);
   rows<D, Kind::q4, Groups::kOther>(a, n0, n1);

@@ -30,6 +30,11 @@ struct I8Args {
   int64_t Kx;     // row stride of xq (and 8 * n_chunks / n_blocks for dv)
   int64_t group;  // q4: columns per scale (32..256); q8: 0 (per row) or a multiple of 32
   const uint32_t* high = nullptr;  // q5: [N, K/32] 5th bits of the codes (layout: gemv_i8_impl.h q5_row)
+  // q4 with 8-bit scale codes (q4_codes.h), read in place of scales / zeros (then null): scale =
+  // lut[sc], zero = lut[256 + zc] * scale; [N, n_groups] codes, lut [512]. Null: fp32 scales / zeros.
+  const uint8_t* sc = nullptr;
+  const uint8_t* zc = nullptr;
+  const float* lut = nullptr;
 };
 
 // y[:, n] for weight rows n in [n0, n1), per instruction set. Call the VNNI ones only where the CPU has

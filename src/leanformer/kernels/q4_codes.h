@@ -7,7 +7,8 @@
 // its weights in RAM. The kernels instead decode a chunk of rows' scales into a small buffer (<= 4 KB,
 // L1-resident) right before those rows run, so every inner loop stays as it is and reads exactly the
 // fp32 values the decoded arrays held (the table is built by the same torch expression; zero = offset *
-// scale is one fp32 multiply), i.e. results are bit-identical to the fp32-array path.
+// scale is one fp32 multiply), i.e. results are bit-identical to the fp32-array path. (The int8-
+// activation GEMV instead looks the codes up inside its loops for rows of >= 32 groups: gemv_i8.cpp.)
 //
 // AVX2 side only (includes ATen): the AVX-512 / VNNI translation units receive plain pointers to the
 // decoded chunk through their Args structs.
