@@ -42,12 +42,13 @@ inline void i8_prefetch(const void* row, int64_t off) {
 // From kPackRows activation rows on, rows_m first interleaves the activations per chunk ([chunk][m]
 // instead of [m][chunk], XPack) so the loop reads them at constant offsets from one pointer: with M
 // row pointers for the codes and M for the scales the loop ran out of registers and reloaded them
-// from the stack (measured 8-11% faster at M = 5..8 on SmolLM2's shapes, 0-4% at M = 3..4).
+// from the stack (measured 8-11% faster at M = 5..8 on SmolLM2's shapes, 0-4% at M = 3..4). The
+// int4 / int5 loops only: int8's measured faster unpacked (its scales are one float per block).
 constexpr int kPackRows = 3;
 
-// The loop's activation operands: row m's unit c (q4 / q5: a 64-column chunk, 64 codes and 8 scales;
-// q8: a 32-column block, 32 codes and 1 scale) at x + c * U + m * a.Kx (d + c * DU + m * dv's row
-// stride), or packed (M >= kPackRows) at x + (c * M + m) * U (d + (c * M + m) * DU).
+// The nibble loop's activation operands: row m's 64-column chunk c (64 codes, 8 scales) at
+// x + 64 c + m a.Kx (d + 8 c + m a.Kx / 8), or packed (M >= kPackRows) at x + 64 (c M + m)
+// (d + 8 (c M + m)).
 struct XPack {
   const int8_t* x;
   const float* d;
@@ -63,34 +64,33 @@ struct I8Buf {
   ~I8Buf() { delete[] p; }
 };
 
-// Rows [0, M) of a's units (U codes, DU scales each; dv row stride ds) as the loop reads them.
-template <int M, int U, int DU>
-inline XPack i8_pack(const I8Args& a, int64_t units, int64_t ds, I8Buf& buf) {
+// Rows [0, M) of a's chunks as the nibble loop reads them.
+template <int M>
+inline XPack i8_pack(const I8Args& a, I8Buf& buf) {
   if constexpr (M < kPackRows) {
     return {a.xq, a.dv};
   } else {
-    static_assert(U % 32 == 0 && (DU == 8 || DU == 1));
-    buf.p = new int8_t[units * M * (U + 4 * DU)];
+    const int64_t chunks = a.K / 64;
+    buf.p = new int8_t[chunks * M * (64 + 32)];
     int8_t* xb = buf.p;
-    float* db = reinterpret_cast<float*>(buf.p + units * M * U);  // 4-byte aligned: U * units * M % 4 == 0
-    for (int64_t c = 0; c < units; ++c)
+    float* db = reinterpret_cast<float*>(buf.p + chunks * M * 64);
+    for (int64_t c = 0; c < chunks; ++c)
       LF_UNROLL
       for (int m = 0; m < M; ++m) {
-        for (int i = 0; i < U; i += 32)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + (c * M + m) * U + i),
-                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + m * a.Kx + U * c + i)));
-        if constexpr (DU == 8)
-          _mm256_storeu_ps(db + (c * M + m) * 8, _mm256_loadu_ps(a.dv + m * ds + 8 * c));
-        else
-          db[c * M + m] = a.dv[m * ds + c];
+        const int8_t* x = a.xq + m * a.Kx + 64 * c;
+        int8_t* to = xb + (c * M + m) * 64;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + 32),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+        _mm256_storeu_ps(db + (c * M + m) * 8, _mm256_loadu_ps(a.dv + m * (a.Kx / 8) + 8 * c));
       }
     return {xb, db};
   }
 }
 
-template <int M>
-constexpr int i8_nr() {  // measured: 2 rows at M = 3 (6 chains) is slower than 1 (3 chains)
-  return M == 1 ? 4 : M == 2 ? 2 : 1;
+template <int M, bool kNib>
+constexpr int i8_nr() {  // measured: int4 at M = 3: 2 rows (6 chains) slower than 1; int8: faster (not at M = 4)
+  return M == 1 ? 4 : M == 2 || (!kNib && M == 3) ? 2 : 1;
 }
 
 // How the weight groups fall on 64-column chunks (one chunk = blocks 2c and 2c+1 of 32 columns):
@@ -273,7 +273,7 @@ inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR
 // int8 weights, rows n..n+NR-1 into out[r][m]. kG16: one scale per 16 columns (GGUF Q6_K as
 // Int8Linear group 16), two per 32-column block.
 template <int NR, int M, class D, bool kG16 = false>
-inline void q8_rows_nr(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR][M]) {
+inline void q8_rows_nr(const I8Args& a, int64_t n, float (&out)[NR][M]) {
   const int64_t blocks = a.K / 32, nb = a.Kx / 32;
   const bool grouped = a.group > 0;
   const int64_t per_group = grouped ? a.group / 32 : 1;
@@ -284,11 +284,10 @@ inline void q8_rows_nr(const I8Args& a, const XPack& p, int64_t n, float (&out)[
     w[r] = static_cast<const int8_t*>(a.w) + (n + r) * a.K;
     sc[r] = a.scales + (grouped ? (n + r) * ((a.K + a.group - 1) / a.group) : n + r);
   }
-  constexpr bool kP = M >= kPackRows;
   const int8_t* xr[M];  // activation row m's codes and block scales
   const float* dr[M];
   LF_UNROLL
-  for (int m = 0; m < M; ++m) xr[m] = kP ? p.x + 32 * m : p.x + m * a.Kx, dr[m] = kP ? p.d + m : p.d + m * nb;
+  for (int m = 0; m < M; ++m) xr[m] = a.xq + m * a.Kx, dr[m] = a.dv + m * nb;
   __m256 acc[NR][M];
   LF_UNROLL
   for (int r = 0; r < NR; ++r)
@@ -305,9 +304,9 @@ inline void q8_rows_nr(const I8Args& a, const XPack& p, int64_t n, float (&out)[
           kG16 ? i8_chunk_scales<Groups::k32>(sc[r], nullptr, nullptr, b, 0, 1) : _mm256_set1_ps(grouped ? sc[r][g] : 1.f);
       LF_UNROLL
       for (int m = 0; m < M; ++m) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + (kP ? 32 * M : 32) * b));
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + 32 * b));
         const __m256i s = D::dot(av, _mm256_sign_epi8(x, v));
-        const __m256 d = _mm256_set1_ps(dr[m][(kP ? M : 1) * b]);
+        const __m256 d = _mm256_set1_ps(dr[m][b]);
         acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), grouped ? _mm256_mul_ps(d, ws) : d, acc[r][m]);
       }
     }
@@ -342,7 +341,7 @@ __attribute__((always_inline)) inline void rows_nr(const I8Args& a, const XPack&
   if constexpr (K == Kind::q4 || K == Kind::q5)
     nib_rows<NR, M, D, S, K == Kind::q5>(a, p, n, out);
   else
-    q8_rows_nr<NR, M, D, K == Kind::q8g16>(a, p, n, out);
+    q8_rows_nr<NR, M, D, K == Kind::q8g16>(a, n, out);
   LF_UNROLL
   for (int r = 0; r < NR; ++r)
     LF_UNROLL
@@ -351,10 +350,9 @@ __attribute__((always_inline)) inline void rows_nr(const I8Args& a, const XPack&
 
 template <int M, class D, Kind K, Groups S>
 inline void rows_m(const I8Args& a, int64_t n0, int64_t n1) {
-  constexpr int NR = i8_nr<M>();
-  constexpr bool nib = K == Kind::q4 || K == Kind::q5;
+  constexpr int NR = i8_nr<M, K == Kind::q4 || K == Kind::q5>();
   I8Buf buf;
-  const XPack p = nib ? i8_pack<M, 64, 8>(a, a.K / 64, a.Kx / 8, buf) : i8_pack<M, 32, 1>(a, a.K / 32, a.Kx / 32, buf);
+  const XPack p = K == Kind::q4 || K == Kind::q5 ? i8_pack<M>(a, buf) : XPack{a.xq, a.dv};
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) rows_nr<NR, M, D, K, S>(a, p, n);
   if constexpr (NR > 1)  // the last rows one at a time: same chains, same results
