@@ -101,3 +101,22 @@ def test_load_test_reports_in_flight_and_first_ttft(shared):
     assert report["failed"] == 0 and report["output_tokens"] == 2 + 8 + 6 + 4
     assert 1 <= report["in_flight_max"] <= 4 and report["ttft_ms_first"] > 0
     assert report["prompt_tokens_mean"] > 30
+
+
+def test_head_pruned_model_serves_like_generate(shared):
+    """A decoder with per-layer head counts (PruneHeads on one layer) serves through the paged cache and
+    the fused step with replies equal to generate()."""
+    import torch
+
+    from leanformer.compress.config import PruneHeads
+    from leanformer.compress.recipe import prune_
+
+    model, tok = load_stories(shared)
+    calib = torch.randint(0, model.args.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    prune_(model, PruneHeads(sparsity=0.5, targets=["model.layers.1.*"]), calib, progress=False)
+    assert len({layer.self_attn.n_heads for layer in model.model.layers}) == 2  # really per-layer counts
+    prompts = [SYSTEM + "One day", SYSTEM + "She saw a"]
+    cfg = ServeConfig(model_id=MODEL, max_batch=4, max_seq=256, kv_cache="paged", block_size=8)
+    with running(create_app(model, tok, cfg)) as url:
+        replies = [complete(url, p) for p in prompts]
+    assert replies == [lf.generate(model, tok, p, max_new_tokens=12, ignore_eos=True) for p in prompts]
