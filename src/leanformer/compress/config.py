@@ -196,6 +196,13 @@ def _check_fraction(value: object, who: str, what: str) -> None:
         raise LeanformerError(f"{who}: {what} must be a number in [0, 1), got {value!r}")
 
 
+def _check_count(value: object, who: str, what: str, meaning: str = "") -> None:
+    """A positive int (bools refused); `meaning` is added in brackets to the error."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        note = f" ({meaning})" if meaning else ""
+        raise LeanformerError(f"{who}: {what} must be a positive integer{note}, got {value!r}")
+
+
 @dataclass
 class PruneConfig(QuantConfig):
     """Base of the unstructured / N:M pruning configs: the targeted Linears stay float nn.Linear with
@@ -275,8 +282,7 @@ class PruneFFN(QuantConfig):
     def validate(self) -> None:
         super().validate()
         _check_fraction(self.sparsity, "PruneFFN", "sparsity")
-        if isinstance(self.multiple, bool) or not isinstance(self.multiple, int) or self.multiple < 1:
-            raise LeanformerError(f"PruneFFN: multiple must be a positive integer, got {self.multiple!r}")
+        _check_count(self.multiple, "PruneFFN", "multiple")
         if not 0 <= self.damp < 1:
             raise LeanformerError(f"PruneFFN: damp must be in [0, 1), got {self.damp}")
 
@@ -293,8 +299,7 @@ class PruneLayers(QuantConfig):
     needs_calibration: ClassVar[bool] = True
 
     def validate(self) -> None:
-        if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 1:
-            raise LeanformerError(f"PruneLayers: n_layers must be a positive integer, got {self.n_layers!r}")
+        _check_count(self.n_layers, "PruneLayers", "n_layers")
 
 
 @_register
@@ -323,11 +328,8 @@ class PruneHeads(QuantConfig):
         _check_fraction(self.sparsity, "PruneHeads", "sparsity")
         _check_fraction(self.kv_sparsity, "PruneHeads", "kv_sparsity")
         for what in ("heads", "kv_heads"):
-            v = getattr(self, what)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise LeanformerError(
-                    f"PruneHeads: {what} must be a positive integer (heads kept per layer), got {v!r}"
-                )
+            if getattr(self, what) is not None:
+                _check_count(getattr(self, what), "PruneHeads", what, "heads kept per layer")
         if not 0 <= self.damp < 1:
             raise LeanformerError(f"PruneHeads: damp must be in [0, 1), got {self.damp}")
         if not isinstance(self.refit, bool):
@@ -362,8 +364,7 @@ class LowRank(QuantConfig):
         super().validate()
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
             raise LeanformerError(f"LowRank: ratio must be in (0, 1), got {self.ratio!r}")
-        if isinstance(self.multiple, bool) or not isinstance(self.multiple, int) or self.multiple < 1:
-            raise LeanformerError(f"LowRank: multiple must be a positive integer, got {self.multiple!r}")
+        _check_count(self.multiple, "LowRank", "multiple")
         if not 0 <= self.damp < 1:
             raise LeanformerError(f"LowRank: damp must be in [0, 1), got {self.damp}")
         if self.keep not in ("faster", "smaller"):
