@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.export.test_export import assert_reloads_and_exports
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -14,19 +16,10 @@ def test_head_pruned_decoder_exports_with_parity(tiny_dirs, tmp_path):  # ~20 s 
     import leanformer as lf
     from leanformer.compress.config import PruneHeads
     from leanformer.compress.recipe import prune_
-    from leanformer.export.decoder import export_decoder_onnx, load_onnx_decoder
 
     model, _ = lf.load(tiny_dirs["qwen2"])
     ids = torch.randint(0, model.args.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     prune_(model, PruneHeads(kv_sparsity=0.5), ids, progress=False)  # whole KV groups: every layer
     prune_(model, PruneHeads(sparsity=0.5, targets=["model.layers.1.*"]), ids, progress=False)  # then one
     assert [m.self_attn.n_heads for m in model.model.layers] == [2, 1]
-    lf.save(model, None, tmp_path / "pruned")
-    again, _ = lf.load(tmp_path / "pruned")
-    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8]]
-    want = lf.generate(model, None, prompts, max_new_tokens=8, ignore_eos=True)
-    assert lf.generate(again, None, prompts, max_new_tokens=8, ignore_eos=True) == want
-    report = export_decoder_onnx(again, tmp_path / "onnx")
-    assert max(report["max_abs_diff"].values()) < 1e-4
-    runner, _ = load_onnx_decoder(tmp_path / "onnx")
-    assert runner.generate(prompts, 8, stop_ids=()) == want
+    assert_reloads_and_exports(model, tmp_path)
