@@ -221,13 +221,21 @@ def test_eval_per_layer_ranks_the_pruned_attention_blocks(tiny_dirs):
     assert all(r.kld_alone > 0 and r.local_rel_error > 0 for r in rows)
 
 
-def test_streaming_refuses_in_one_line(tiny_dirs):
-    """A lazily loaded model (`compress` streams by default) says to load whole, before any work; the
-    CLI then falls back to compressing in memory."""
-    lazy, _ = lf.load(tiny_dirs["llama"], lazy=True)
-    with pytest.raises(LeanformerError, match="PruneHeads cannot run layer by layer.*--in-memory") as e:
-        apply(lazy, PruneHeads(sparsity=0.5), torch.zeros(1, 8, dtype=torch.long), progress=False)
-    assert "\n" not in str(e.value)
+@pytest.mark.parametrize("cfg", [PruneHeads(sparsity=0.5), PruneHeads(kv_heads=1)])
+def test_streaming_equals_in_memory(tiny_dirs, cfg):
+    """A lazily loaded model (`compress` streams by default) prunes heads on the layer walk (qkv bias,
+    KV groups too), bit for bit as in memory (compress/stream.py; stories260K in test_stream_prune)."""
+    import copy
+
+    whole, _ = lf.load(tiny_dirs["qwen2"])
+    ids = torch.randint(0, whole.args.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    apply(whole, copy.deepcopy(cfg), ids, progress=False)
+    lazy, _ = lf.load(tiny_dirs["qwen2"], lazy=True)
+    apply(lazy, copy.deepcopy(cfg), ids, progress=False)
+    a, b = whole.state_dict(), lazy.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert whole.config == lazy.config
+    assert torch.equal(whole(ids[:1]), lazy(ids[:1]))
 
 
 def test_student_layers_and_tensor_parallel_respect_per_layer_counts(tiny, tmp_path):

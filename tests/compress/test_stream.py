@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import leanformer as lf
 from leanformer.compress import apply, load_recipe
-from leanformer.compress.config import PruneLayers
+from leanformer.compress.config import PruneLayers, Wanda
 from leanformer.compress.quant import AWQ, GPTQ, Int4WeightOnly, Int8WeightOnly
 from leanformer.compress.stream import compressed_bytes, materialize_, state_bytes
 from leanformer.errors import LeanformerError
@@ -99,10 +99,15 @@ def test_refusals_name_the_way_out(tmp_path, tiny_dirs, shared):
     with pytest.raises(LeanformerError, match="Llama family.*gpt2.*--in-memory"):
         lf.load(tiny_dirs["gpt2"], lazy=True)
     lazy, _ = lf.load(shared / "models/stories260K", lazy=True)
-    with pytest.raises(LeanformerError, match="PruneLayers.*cannot run layer by layer.*--in-memory"):
-        apply(lazy, PruneLayers(n_layers=1), torch.zeros(1, 8, dtype=torch.long), progress=False)
+    with pytest.raises(LeanformerError, match="PruneLayers: n_layers 99 must be below"):  # the plan checks it
+        apply(
+            lazy,
+            [GPTQ(bits=8), PruneLayers(n_layers=99)],
+            torch.zeros(1, 8, dtype=torch.long),
+            progress=False,
+        )
     with pytest.raises(LeanformerError, match="outside the decoder layers"):
         apply(lazy, GPTQ(bits=8, ignore=[]), torch.zeros(1, 8, dtype=torch.long), progress=False)
-    with pytest.raises(LeanformerError, match="one calibrated stage"):
-        apply(lazy, [GPTQ(bits=8), AWQ(bits=8)], torch.zeros(1, 8, dtype=torch.long), progress=False)
+    with pytest.raises(LeanformerError, match="Wanda needs calibration"):  # before the first walk reads
+        apply(lazy, [Wanda(sparsity=0.5), GPTQ(bits=8)], None, progress=False)
     assert all(p.is_meta for p in lazy.model.layers.parameters())  # refused before reading anything

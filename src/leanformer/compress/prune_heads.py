@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanformer.compress.calibrate import Calibration, collect_stats, iter_scopes
+from leanformer.compress.calibrate import BlockHooks, Calibration, collect_stats, iter_scopes
 from leanformer.compress.config import PruneHeads
 from leanformer.compress.structured import rebuilt_like, record_widths
 from leanformer.errors import LeanformerError
@@ -142,12 +142,18 @@ def shrink_attention(
 
 
 def prune_heads(
-    model: nn.Module, cfg: PruneHeads, names: list[str], calibration: Calibration, progress: bool = True
+    model: nn.Module,
+    cfg: PruneHeads,
+    names: list[str],
+    calibration: Calibration,
+    progress: bool = True,
+    hooks: BlockHooks | None = None,
 ) -> None:
     """Shrink the attention layers owning the o_proj `names` (plan_counts checked first), then record
-    every layer's head counts in the config."""
+    every layer's head counts in the config; `hooks` stream the blocks in and out (compress/stream.py)."""
     per_group, kv_keep = plan_counts(model, cfg, names)
-    for scope in iter_scopes(model, names, calibration, cfg.batch_size, progress, desc="PruneHeads"):
+    scopes = iter_scopes(model, names, calibration, cfg.batch_size, progress, "PruneHeads", hooks)
+    for scope in scopes:
         for st in collect_stats(model, scope):
             for name in st.names:
                 attn = model.get_submodule(name.rsplit(".", 1)[0])

@@ -33,14 +33,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from leanformer.compress.calibrate import BlockHooks, Calibration, rss_mb, trim_heap
-from leanformer.compress.config import PruneConfig
+from leanformer.compress.config import PruneConfig, PruneLayers
 from leanformer.compress.quant import KVCache, QuantConfig, set_module
+from leanformer.compress.spill import SpilledLayers
 from leanformer.compress.stream_prune import (
     STRUCTURE,
     check_streamable,
     magnitude,
+    plan_drop,
     plan_structure,
     run_calibrated,
+    shrink_heads_plan,
     shrink_plan,
     trailing_storage,
 )
@@ -119,7 +122,9 @@ def plan_stages(model: nn.Module, stages: list[QuantConfig]) -> list[list[str]]:
     names = []
     for c in stages[: trailing_storage(stages)]:  # SparseStorage packs after the walk: no plan
         c.validate()
-        names.append([] if isinstance(c, KVCache) else select_linears(dry, c))
+        names.append([] if isinstance(c, (KVCache, PruneLayers)) else select_linears(dry, c))
+        if isinstance(c, PruneLayers):  # which layers go is known after the scoring walk: the plan
+            plan_drop(dry, c)  # drops the last ones (the later stages' names follow the new numbering)
         if isinstance(c, STRUCTURE):
             names[-1] = plan_structure(dry, c, names[-1], model.lazy)
         outside = [n for n in names[-1] if _layer_of(n) is None]
@@ -159,10 +164,10 @@ def stream_apply(
     lazy: LazyWeights = model.lazy
     names = plan_stages(model, stages)
     stages, storage = stages[: len(names)], stages[len(names) :]  # SparseStorage: after the walk
-    cal = next((k for k, c in enumerate(stages) if c.needs_calibration), None)
-    if cal is not None and calibration is None:
+    cals = [k for k, c in enumerate(stages) if c.needs_calibration]  # one walk each, in order
+    if cals and calibration is None:
         raise LeanformerError(
-            f"{type(stages[cal]).__name__} needs calibration token ids [n_samples, seq_len]"
+            f"{type(stages[cals[0]]).__name__} needs calibration token ids [n_samples, seq_len]"
         )
     layers = model.model.layers
     by_layer: list[list[str]] = [[] for _ in layers]
@@ -187,8 +192,13 @@ def stream_apply(
             rows_quantized(model, stages[k], n, by_rows[n][1], lazy, EMBEDDING if tied else None)
         _rtn(model, stages[k], [n for n in todo if n not in by_rows])
 
+    def heads_by_rows(ks: range) -> None:
+        for k in ks:
+            for n in [n for n in names[k] if n in by_rows]:
+                rows_quantized(model, stages[k], n, by_rows[n][1], lazy, EMBEDDING if tied else None)
+
     def read_layer(j: int, before: range) -> None:
-        if cal is None:  # round-to-nearest: one Linear (q|k|v, gate|up fused) read and rounded at a
+        if not cals:  # round-to-nearest: one Linear (q|k|v, gate|up fused) read and rounded at a
             done: set[tuple[int, str]] = set()  # time, so a layer is never whole in float
             for group in _module_groups(by_layer[j]):
                 lazy.read_into(model, group)
@@ -213,35 +223,18 @@ def stream_apply(
     if tied and not table_by_rows:  # assign=True gave the embedding a new Parameter: tie the head again
         model.lm_head.weight = model.model.embed_tokens.weight
     del head  # no reference may outlive the float table once a quantized head replaces it
-    before = range(cal if cal is not None else len(stages))
-    after = range(cal + 1, len(stages)) if cal is not None else range(0)
+    before = range(cals[0] if cals else len(stages))
     if table_by_rows and by_rows["lm_head"][0] not in before:  # the capture looks rows up in the file
         set_module(model, EMBEDDING, FileEmbedding(lazy, by_rows["lm_head"][1], *model.lm_head.weight.shape))
     for k in before:
         stage_on(k, None)
-    if cal is None:
+    if not cals:
         bar = tqdm(range(len(layers)), desc="compress", unit="layer", disable=not progress)
         for j in bar:
             read_layer(j, before)
             bar.set_postfix(rss=f"{rss_mb():.0f} MB", refresh=False)
     else:
-
-        def finish_layer(j: int) -> None:
-            for k in after:
-                stage_on(k, j)
-            trim_heap()
-
-        def start_layer(j: int) -> None:
-            if j == 0:  # the inputs are captured: the walk never reads the embedding or head again,
-                for k in after:  # so their later stages run now and a float table is freed early;
-                    stage_on(k, None, rows=False)  # one read by rows waits for the end (off the peak)
-            read_layer(j, before)
-
-        hooks = BlockHooks(before=start_layer, after=finish_layer)
-        run_calibrated(model, stages[cal], names[cal], calibration, progress, hooks)
-        for k in after:
-            for n in [n for n in names[k] if n in by_rows]:
-                rows_quantized(model, stages[k], n, by_rows[n][1], lazy, EMBEDDING if tied else None)
+        _walks(model, stages, names, cals, calibration, progress, read_layer, stage_on, heads_by_rows)
     if lazy.speed_up is not None:
         lazy.speed_up(model)  # float Linears left outside the layers (a float LM head)
     model.lazy = None
@@ -254,6 +247,61 @@ def stream_apply(
         recipe = model.config.setdefault("leanformer", {}).setdefault("recipe", Recipe().to_dict())
         recipe["stages"].extend(c.to_dict() for c in stages)
     return model
+
+
+def _walks(model, stages, names, cals, calibration, progress, read_layer, stage_on, heads_by_rows) -> None:
+    """One sequential walk per calibrated stage, as in memory (stage 2 calibrates on the outputs of
+    layers stage 1 already changed). Walk 0 reads each layer from the file; between walks the layers
+    wait in a temporary file (spill.SpilledLayers), so one layer at a time is in memory. Stages between
+    two calibrated ones run on a layer as the next walk takes it back; those after the last, as the
+    last walk leaves it. A PruneLayers walk only scores: the kept layers are renumbered, and the
+    stages after it are applied in a last pass over the parked layers."""
+    scores_last = isinstance(stages[cals[-1]], PruneLayers)
+    spill = SpilledLayers() if len(cals) > 1 or scores_last else None
+    bounds = [*cals, len(stages)]
+    for w, cal in enumerate(cals):
+        last = w == len(cals) - 1
+        pre, nxt = range(cals[w - 1] + 1 if w else 0, cal), range(cal + 1, bounds[w + 1])
+        keep = last and not scores_last  # the last walk keeps its layers (unless it only scores)
+        if w:  # a head rounded by rows between two walks: before this walk's capture reads a tied table
+            heads_by_rows(pre)
+
+        def start_layer(j: int, w=w, pre=pre, nxt=nxt) -> None:
+            if j == 0:  # the inputs are captured: the walk never reads the embedding or head again,
+                for k in nxt:  # so their later stages run now and a float table is freed early;
+                    stage_on(k, None, rows=False)  # one read by rows waits (off the peak)
+            if w == 0:
+                read_layer(j, pre)
+                return
+            spill.restore(j, model.model.layers[j])
+            for k in pre:
+                stage_on(k, j)
+            trim_heap()
+
+        def finish_layer(j: int, nxt=nxt, keep=keep) -> None:
+            if keep:
+                for k in nxt:
+                    stage_on(k, j)
+            else:
+                spill.put(j, model.model.layers[j])
+            trim_heap()
+
+        hooks = BlockHooks(before=start_layer, after=finish_layer)
+        drop = run_calibrated(model, stages[cal], names[cal], calibration, progress, hooks)
+        if isinstance(stages[cal], PruneLayers):
+            spill.renumber([i for i in range(len(drop) + len(model.model.layers)) if i not in drop])
+        if last and scores_last:  # parked -> the stages after the last walk
+            bar = tqdm(range(len(model.model.layers)), desc="compress", unit="layer", disable=not progress)
+            for j in bar:
+                spill.restore(j, model.model.layers[j])
+                for k in nxt:
+                    stage_on(k, j)
+                trim_heap()
+                bar.set_postfix(rss=f"{rss_mb():.0f} MB", refresh=False)
+        if last:
+            heads_by_rows(nxt)
+    if spill is not None:
+        spill.close()
 
 
 def _quantize_whole(model: nn.Module, cfg: QuantConfig) -> None:
@@ -283,7 +331,8 @@ def state_bytes(model: nn.Module) -> int:
 def compressed_bytes(model: nn.Module, stages: list[QuantConfig]) -> int:
     """Size of the weights `stages` would leave (a structure-only run on a meta copy of a lazily
     loaded model): for the disk-space check before any work."""
-    from leanformer.compress.config import PruneFFN
+    from leanformer.compress.config import PruneFFN, PruneHeads
+    from leanformer.compress.prune_heads import head_targets
     from leanformer.compress.recipe import _quantize, select_linears
     from leanformer.compress.sparse import SparseStorage
     from leanformer.compress.structured import ffn_targets
@@ -294,5 +343,9 @@ def compressed_bytes(model: nn.Module, stages: list[QuantConfig]) -> int:
             continue  # its capacities come from the pruned weights: the dense size is the bound
         if isinstance(c, PruneFFN):  # the smaller widths (a structure-only run leaves them whole)
             shrink_plan(dry, c, ffn_targets(dry, select_linears(dry, c)))
+        if isinstance(c, PruneHeads):  # the fewer heads
+            shrink_heads_plan(dry, c, head_targets(dry, select_linears(dry, c)))
+        if isinstance(c, PruneLayers):  # the fewer layers
+            plan_drop(dry, c)
         _quantize(dry, c, None, structure_only=True, progress=False)
     return state_bytes(dry)

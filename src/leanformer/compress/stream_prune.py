@@ -2,18 +2,20 @@
 structure-only plan, and the calibrated walk with the streaming hooks.
 
 - Magnitude needs no calibration: it zeros each Linear as it is read, like round-to-nearest.
-- Wanda / SparseGPT / LowRank / PruneFFN are sequential per-block methods (calibrate.iter_scopes), so
-  they run the same walk as GPTQ / AWQ, each block read just before its statistics are gathered.
+- Wanda / SparseGPT / LowRank / PruneFFN / PruneHeads are sequential per-block methods
+  (calibrate.iter_scopes), so they run the same walk as GPTQ / AWQ, each block read just before its
+  statistics are gathered.
 - LowRank keep="faster" times each shape before any weight is read, on random Linears of the load
   dtype made as fast as `load` makes them (speed does not depend on the values): the kept-dense names
   join `ignore` before the plan, so a later stage targets the modules that will exist. The gate is a
   timing, so on a busy machine it may decide a borderline shape differently from an in-memory run;
   keep="smaller" is bit-identical to in memory.
-- PruneFFN's smaller widths are applied to the plan too, so a later int4 stage's group-size check sees
-  the real widths before any work.
+- PruneFFN's smaller widths and PruneHeads' head counts are applied to the plan too, so a later int4
+  stage's group-size check sees the real shapes before any work.
 - SparseStorage packs the zeros once the walk is done (the streamed model is whole then, compressed):
   its capacities come from the pruned weights, so it must be the last stage.
-- PruneLayers scores every layer before dropping any: refused (load the model whole).
+- Several calibrated stages: one walk each (stream_walks.py); PruneLayers: a scoring walk first
+  (stream_layers.py).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from leanformer.compress.config import LowRank, PruneConfig, PruneFFN, PruneHead
 from leanformer.compress.quant import AWQ, GPTQ, QuantConfig
 from leanformer.errors import LeanformerError
 
-STRUCTURE = (PruneConfig, PruneFFN, LowRank)
+STRUCTURE = (PruneConfig, PruneFFN, LowRank, PruneHeads)
 
 
 def check_streamable(stages: list[QuantConfig]) -> None:
@@ -34,27 +36,11 @@ def check_streamable(stages: list[QuantConfig]) -> None:
     from leanformer.compress.sparse import SparseStorage
 
     for k, c in enumerate(stages):
-        if isinstance(c, PruneLayers):
-            raise LeanformerError(
-                "PruneLayers scores every layer before it drops any, so it cannot run layer by layer: "
-                "load the model whole (lazy=False; `leanformer compress --in-memory`)"
-            )
-        if isinstance(c, PruneHeads):  # not walked layer by layer yet (compress/prune_heads.py)
-            raise LeanformerError(
-                "PruneHeads cannot run layer by layer yet: load the model whole "
-                "(lazy=False; `leanformer compress --in-memory`)"
-            )
         if isinstance(c, SparseStorage) and any(not isinstance(s, SparseStorage) for s in stages[k + 1 :]):
             raise LeanformerError(
                 "streaming applies SparseStorage once every layer is pruned: make it the last stage, "
                 "or load the model whole (--in-memory)"
             )
-    calibrated = [c for c in stages if c.needs_calibration]
-    if len(calibrated) > 1:
-        raise LeanformerError(
-            f"streaming runs one calibrated stage, this recipe has {len(calibrated)} "
-            f"({', '.join(type(c).__name__ for c in calibrated)}); load the model whole (--in-memory)"
-        )
 
 
 def trailing_storage(stages: list[QuantConfig]) -> int:
@@ -70,7 +56,7 @@ def trailing_storage(stages: list[QuantConfig]) -> int:
 def plan_structure(dry: nn.Module, cfg: QuantConfig, names: list[str], lazy) -> list[str]:
     """Checks of a pruning / low-rank stage on the meta plan `dry` (as `apply` makes them in memory,
     before any weight is read); returns the stage's targets and leaves `dry` with its new shapes."""
-    from leanformer.compress import lowrank, prune, structured
+    from leanformer.compress import lowrank, prune, prune_heads, structured
 
     if isinstance(cfg, PruneConfig):
         sparsities = prune.layer_sparsities(names, cfg)
@@ -79,6 +65,10 @@ def plan_structure(dry: nn.Module, cfg: QuantConfig, names: list[str], lazy) -> 
     if isinstance(cfg, PruneFFN):
         targets = structured.ffn_targets(dry, names)
         shrink_plan(dry, cfg, targets)
+        return targets
+    if isinstance(cfg, PruneHeads):
+        targets = prune_heads.head_targets(dry, names)
+        shrink_heads_plan(dry, cfg, targets)
         return targets
     if isinstance(cfg, LowRank) and cfg.keep == "faster":
         lowrank.speed_gate(_Probes(dry, lazy), cfg, lowrank.ranks(dry, names, cfg))
@@ -98,6 +88,34 @@ def shrink_plan(dry: nn.Module, cfg: PruneFFN, targets: list[str]) -> None:
         mlp.gate_up_proj = nn.Linear(gu.in_features, 2 * keep, bias=gu.bias is not None, **kw)
         mlp.down_proj = nn.Linear(keep, dn.out_features, bias=dn.bias is not None, **kw)
         mlp.inter = keep
+    record_widths(dry)
+
+
+def plan_drop(dry: nn.Module, cfg: PruneLayers) -> None:
+    """The meta plan without cfg.n_layers layers (the last ones: which go is decided by the scoring
+    walk; the layers of a decoder have the same shapes, so the plan's checks and sizes hold)."""
+    from leanformer.compress.structured import check_prunable_layers, drop_layers
+
+    check_prunable_layers(dry, cfg)
+    n = len(dry.model.layers)
+    drop_layers(dry, list(range(n - cfg.n_layers, n)))
+
+
+def shrink_heads_plan(dry: nn.Module, cfg: PruneHeads, targets: list[str]) -> None:
+    """The meta plan's attention at the head counts prune_heads will leave (qkv [(H' + 2 KV') D, hidden],
+    o_proj [hidden, H' D]); plan_counts makes the in-memory checks."""
+    from leanformer.compress.prune_heads import plan_counts
+    from leanformer.compress.structured import record_widths
+
+    per_group, kv_keep = plan_counts(dry, cfg, targets)
+    for n in targets:
+        attn = dry.get_submodule(n.rsplit(".", 1)[0])
+        qkv, o, d = attn.qkv_proj, attn.o_proj, attn.head_dim
+        heads = per_group * kv_keep
+        kw = {"device": "meta", "dtype": qkv.weight.dtype}
+        attn.qkv_proj = nn.Linear(qkv.in_features, (heads + 2 * kv_keep) * d, bias=qkv.bias is not None, **kw)
+        attn.o_proj = nn.Linear(heads * d, o.out_features, bias=o.bias is not None, **kw)
+        attn.n_heads, attn.n_kv_heads = heads, kv_keep
     record_widths(dry)
 
 
@@ -135,8 +153,10 @@ def run_calibrated(
     calibration: Calibration,
     progress: bool,
     hooks: BlockHooks,
-) -> None:
-    """The one calibrated stage's sequential walk, with `hooks` reading each block just before it."""
+) -> list[int]:
+    """A calibrated stage's sequential walk, with `hooks` reading each block just before it; returns
+    the layers PruneLayers dropped (none for the others)."""
+    drop: list[int] = []
     was_training = model.training
     model.eval()
     if isinstance(cfg, GPTQ):
@@ -159,6 +179,15 @@ def run_calibrated(
         from leanformer.compress.structured import prune_ffn
 
         prune_ffn(model, cfg, names, calibration, progress, hooks)
+    elif isinstance(cfg, PruneHeads):
+        from leanformer.compress.prune_heads import prune_heads
+
+        prune_heads(model, cfg, names, calibration, progress, hooks)
+    elif isinstance(cfg, PruneLayers):
+        from leanformer.compress.structured import prune_layers
+
+        drop = prune_layers(model, cfg, calibration, hooks, progress)
     else:
         raise LeanformerError(f"{type(cfg).__name__} cannot run layer by layer yet (--in-memory)")
     model.train(was_training)
+    return drop

@@ -156,10 +156,17 @@ def record_heads(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def block_influence(model: nn.Module, calibration: Calibration, batch_size: int) -> torch.Tensor:
+def block_influence(
+    model: nn.Module,
+    calibration: Calibration,
+    batch_size: int,
+    hooks: BlockHooks | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """[n_layers] 1 - mean over calibration tokens of cos(layer input, layer output) (ShortGPT's BI):
     a layer that barely turns the residual stream is the cheapest to remove. One plain forward per
-    batch with a hook on every layer."""
+    batch with a hook on every layer; with `hooks` (streaming, compress/stream.py) the sequential walk
+    calls each layer on the same inputs instead, one layer at a time."""
     layers = _decoder_layers(model)
     total = torch.zeros(len(layers))
     count = [0]
@@ -175,8 +182,13 @@ def block_influence(model: nn.Module, calibration: Calibration, batch_size: int)
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
-        for ids in to_batches(calibration, batch_size, model_device(model)):
-            run_model(model, ids)
+        if hooks is not None:
+            names = [f"model.layers.{i}" for i in range(len(layers))]
+            for _scope in iter_scopes(model, names, calibration, batch_size, progress, "PruneLayers", hooks):
+                pass  # the walk itself runs every layer once per batch
+        else:
+            for ids in to_batches(calibration, batch_size, model_device(model)):
+                run_model(model, ids)
     finally:
         for h in handles:
             h.remove()
@@ -197,11 +209,24 @@ def check_prunable_layers(model: nn.Module, cfg: PruneLayers) -> None:
 
 
 @torch.no_grad()
-def prune_layers(model: nn.Module, cfg: PruneLayers, calibration: Calibration) -> list[int]:
-    """Remove the cfg.n_layers lowest-influence layers in place; returns their original indices."""
-    layers = _decoder_layers(model)
-    bi = block_influence(model, calibration, cfg.batch_size)
+def prune_layers(
+    model: nn.Module,
+    cfg: PruneLayers,
+    calibration: Calibration,
+    hooks: BlockHooks | None = None,
+    progress: bool = False,
+) -> list[int]:
+    """Remove the cfg.n_layers lowest-influence layers in place; returns their original indices.
+    `hooks`: scored by the streaming walk (compress/stream.py), which then renumbers what it holds."""
+    bi = block_influence(model, calibration, cfg.batch_size, hooks, progress)
     drop = sorted(torch.topk(bi, cfg.n_layers, largest=False).indices.tolist())
+    drop_layers(model, drop)
+    return drop
+
+
+def drop_layers(model: nn.Module, drop: list[int]) -> None:
+    """Remove the decoder layers at indices `drop` in place; the config follows."""
+    layers = _decoder_layers(model)
     kept = [layer for i, layer in enumerate(layers) if i not in drop]
     for i, layer in enumerate(kept):  # KV cache slots are indexed by position in the stack
         layer.self_attn.layer_idx = i
@@ -213,4 +238,3 @@ def prune_layers(model: nn.Module, cfg: PruneLayers, calibration: Calibration) -
     if getattr(getattr(model, "args", None), "intermediate_sizes", None):
         record_widths(model)  # the per-layer widths of the layers that remain
     record_heads(model)  # and head counts (a per-layer list follows the layers that remain)
-    return drop
