@@ -150,3 +150,19 @@ def test_smollm2_wanda_int8_sparse_streamed_equals_in_memory(smollm2):
     lazy, _ = lf.load(smollm2, lazy=True)
     apply(lazy, [Wanda(sparsity=0.5), Int8WeightOnly(), SparseStorage()], calib, progress=False)
     same(whole, lazy, 49152)
+
+
+def test_parked_layers_need_temp_space(shared, monkeypatch):
+    """Two calibrated walks park the layers in the temporary directory: too little space there is one
+    line before any weight is read."""
+    import shutil
+
+    from leanformer.compress import spill
+
+    monkeypatch.setattr(spill.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(1, 1, 0))
+    lazy, _ = lf.load(shared / "models/stories260K", lazy=True)
+    calib = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(LeanformerError, match="parks the decoder layers.*--in-memory") as e:
+        apply(lazy, [Wanda(sparsity=0.5), GPTQ(bits=8)], calib, progress=False)
+    assert "\n" not in str(e.value)
+    assert all(p.is_meta for p in lazy.model.layers.parameters())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 
 import torch
@@ -65,6 +66,17 @@ class SpilledStates:
 
     def close(self) -> None:
         self._file.close()
+
+
+def check_space(nbytes: int, what: str) -> None:
+    """One line before any work when the temporary directory cannot hold `nbytes` (what goes there)."""
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    if nbytes > free:
+        raise LeanformerError(
+            f"streaming parks {what} ({nbytes / 2**30:.1f} GB) in {tempfile.gettempdir()}, which has "
+            f"{free / 2**30:.1f} GB free: free some space there, set TMPDIR to a larger disk, or "
+            "compress in memory (--in-memory)"
+        )
 
 
 class SpilledLayers:

@@ -5,10 +5,13 @@ source from formats/lazy.py that reads one tensor at a time). `apply` / `quantiz
 come here: the embedding, final norm and LM head are read first, then for each decoder layer its
 float weights are read (a bf16 file stays 2 bytes until then), cast to the load dtype, sped up the way
 `load` does, compressed, and only the compressed modules are kept; the float copy is freed before the
-next layer is read. Calibrated methods (GPTQ, AWQ; Wanda, SparseGPT, LowRank, PruneFFN: see
-stream_prune.py) run their usual sequential walk (calibrate.iter_scopes) with `BlockHooks` that read
-each layer just before it is calibrated, so the calibration activations pass from one layer to the next
-and the float model is never whole. Magnitude zeros each Linear as it is read.
+next layer is read. Calibrated methods (GPTQ, AWQ; Wanda, SparseGPT, LowRank, PruneFFN, PruneHeads:
+see stream_prune.py) run their usual sequential walk (calibrate.iter_scopes) with `BlockHooks` that
+read each layer just before it is calibrated, so the calibration activations pass from one layer to the
+next and the float model is never whole. Magnitude zeros each Linear as it is read. A recipe with
+several calibrated stages walks once per stage, as in memory (stage 2 calibrates on the outputs of the
+layers stage 1 changed): between walks the layers wait in a temporary file (spill.SpilledLayers).
+PruneLayers is such a walk that only scores (block influence); the kept layers are renumbered after it.
 
 What stays off the peak: round-to-nearest reads and rounds one module at a time (q|k|v, gate|up); an LM
 head rounded per row (int8, plain int4), tied table included, is read from the file in row slices
@@ -25,6 +28,7 @@ forward is the same walk with the same arguments.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,7 +39,7 @@ from tqdm.auto import tqdm
 from leanformer.compress.calibrate import BlockHooks, Calibration, rss_mb, trim_heap
 from leanformer.compress.config import PruneConfig, PruneLayers
 from leanformer.compress.quant import KVCache, QuantConfig, set_module
-from leanformer.compress.spill import SpilledLayers
+from leanformer.compress.spill import SpilledLayers, check_space
 from leanformer.compress.stream_prune import (
     STRUCTURE,
     check_streamable,
@@ -175,6 +179,10 @@ def stream_apply(
     for n in lazy.source.shapes:
         j = _layer_of(n)
         (rest if j is None else by_layer[j]).append(n)
+    if len(cals) > 1 or any(isinstance(stages[k], PruneLayers) for k in cals):  # layers parked between walks
+        size = torch.empty((), dtype=lazy.dtype).element_size()
+        floats = sum(math.prod(lazy.source.shapes[n]) * size for names_j in by_layer for n in names_j)
+        check_space(floats, "the decoder layers between calibration walks")
 
     # an LM head rounded per row (int8 per channel, int4 without coded scales) is read in row slices
     # from the file: the [vocab, hidden] float table (545 MB fp32 for Qwen2.5-0.5B) is never whole
