@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -90,10 +91,11 @@ def child(mode: str, args: list[str]) -> None:
         model, _ = lf.load(folder, lazy=how == "stream")
         before = state_bytes(model) / 2**20
         ids = torch.randint(0, model.args.vocab_size, (n, t), generator=torch.Generator().manual_seed(0))
+        start = time.perf_counter()
         apply(model, stages, ids, progress=False)
         print(
             f"{how} {recipe.stem}: weights {before:.0f} -> {state_bytes(model) / 2**20:.0f} MB, "
-            f"peak RSS {vm('VmHWM'):.0f} MB"
+            f"peak RSS {vm('VmHWM'):.0f} MB, {time.perf_counter() - start:.0f} s"
         )
 
 
