@@ -39,3 +39,44 @@ class NgramIndex:
             if start is not None:
                 return seq[start + n : start + n + k], n
         return [], 0
+
+
+class SuffixIndex(NgramIndex):
+    """NgramIndex that also measures how long the match is: among the latest RECENT occurrences of the
+    last `ngram` tokens, the one whose match extends furthest back (up to cap tokens; the latest on a
+    tie) gives the drafts, and that length L is returned. Longer matches are kept more often (on
+    SmolLM2 rewrites: 33% at L = 1, 70% at 2, ~90% from 3 on), which spec_policy.LookupPolicy uses."""
+
+    RECENT = 8
+
+    def __init__(self, ngram: int, min_ngram: int, cap: int = 8) -> None:
+        super().__init__(ngram, min_ngram)
+        self.cap = cap
+        self.starts: dict[
+            tuple[int, ...], list[int]
+        ] = {}  # every start of each ngram-gram with a continuation
+
+    def extend(self, tokens: list[int]) -> None:
+        n = self.ngram
+        for t in tokens:
+            j = len(self.seq)
+            if j >= n:
+                self.starts.setdefault(tuple(self.seq[j - n : j]), []).append(j - n)
+            super().extend([t])
+
+    def propose_longest(self, k: int) -> tuple[list[int], int]:
+        """(up to k drafts, L: the length of the suffix match they continue; 0: none)."""
+        seq, n = self.seq, self.ngram
+        last = len(seq) - 1
+        starts = self.starts.get(tuple(seq[-n:])) if len(seq) > n else None
+        if not starts:  # no ngram-long match: the shorter n's latest match is also the longest
+            return self.propose(k)
+        best_len, best_end = 0, 0
+        for s in reversed(starts[-self.RECENT :]):
+            end = s + n - 1  # the match ends at `end`; its drafts start at end + 1
+            length = n
+            while length < self.cap and end - length >= 0 and seq[end - length] == seq[last - length]:
+                length += 1
+            if length > best_len:
+                best_len, best_end = length, end
+        return seq[best_end + 1 : best_end + 1 + k], best_len

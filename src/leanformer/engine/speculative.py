@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,8 +41,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from leanformer.engine.ngram import NgramIndex, lookup  # noqa: F401 (lookup: engine/spec_batch.py imports it here)
+from leanformer.engine.ngram import NgramIndex, SuffixIndex, lookup  # noqa: F401 (lookup: engine/spec_batch.py imports it here)
 from leanformer.engine.sampling import SamplingParams, greedy_tokens, probabilities, sample
+from leanformer.engine.spec_policy import Controller, LookupPolicy, verify_costs
 from leanformer.engine.verify import TIE_MARGIN, greedy_accept, tie_margin, verify  # noqa: F401 (re-exported)
 from leanformer.errors import LeanformerError
 from leanformer.kernels.modules import MAX_ROWS
@@ -222,92 +222,6 @@ class _DraftRunner:
             self.cache.truncate(0, self.length)
 
 
-class Controller:
-    """Draft length from a cost model measured on this request, so speculation runs only where it pays.
-
-    A verification of k drafts costs plain + k * row seconds (the decode kernels are partly compute
-    bound: on SmolLM2 int4 8 rows cost ~4x one row, not ~1x) and yields (1 - a^(k+1)) / (1 - a) tokens
-    on average when each draft survives with probability a. The k with the most tokens per second wins;
-    k = 0 (a plain step) when no k beats plain decoding. `a` is kept per key: prompt lookup keys it by
-    the length of the n-gram that matched (a 3-gram match in a passage being rewritten is kept far more
-    often than a 1-gram one: on SmolLM2 rewrites of wikitext paragraphs the next token matched 88% of
-    3-gram, 63% of 2-gram and 29% of 1-gram lookups). `a` is a decayed count; `plain` and `row` are
-    medians of recent samples (the machine may be shared). While plain, prompt lookup still learns `a`
-    for free (observe); a draft model re-probes with one draft after 16, 32, 64, ... plain steps."""
-
-    DECAY, PROBE, FIRST_PAUSE, MAX_PAUSE, WINDOW = 0.9, 3, 16, 256, 15
-
-    def __init__(self, max_draft: int) -> None:
-        self.max_draft = max_draft
-        self.plain_s: float | None = None  # seconds per plain step (median of recent ones)
-        self.row_s: float | None = None  # extra seconds per verified draft (median of recent ones)
-        self._plain: list[float] = []
-        self._row: list[float] = []
-        self.counts: dict = {}  # key -> [decayed drafts kept, decayed drafts judged]
-        self.plain_steps = 0
-        self.idle = 0  # plain steps since speculation last paid
-        self.next_probe = self.FIRST_PAUSE
-        self.fallbacks = 0  # times speculation switched off for this request
-
-    def _counts(self, key) -> list[float]:
-        return self.counts.setdefault(key, [1.0, 2.0])  # prior a = 0.5
-
-    def alpha_of(self, key=None) -> float:
-        hits, trials = self._counts(key)
-        return min(hits / trials, 0.999)
-
-    @property
-    def alpha(self) -> float:
-        return self.alpha_of(None)
-
-    def rate(self, k: int, key=None) -> float:
-        """Expected tokens per second with k drafts."""
-        a = self.alpha_of(key)
-        return (1 - a ** (k + 1)) / (1 - a) / (self.plain_s + self.row_s * k)
-
-    def draft_len(self, key=None, limit: int | None = None) -> int:
-        """0: take a plain step. limit: drafts available (prompt lookup's match may be short)."""
-        top = self.max_draft if limit is None else min(limit, self.max_draft)
-        if self.plain_s is None or self.plain_steps < self.PROBE or top < 1:
-            return 0
-        if self.row_s is None:
-            return min(2, top)  # measure what a verified row costs
-        best = max(range(top + 1), key=lambda k: self.rate(k, key))
-        if best > 0:
-            self.idle = 0
-            return best
-        if self.idle == 0:
-            self.fallbacks += 1
-        self.idle += 1
-        if self.idle % self.next_probe == 0:
-            self.next_probe = min(self.MAX_PAUSE, 2 * self.next_probe)
-            return 1
-        return 0
-
-    def _median(self, window: list[float], new: float) -> float:
-        """Median of the last WINDOW samples: on a shared machine a step the OS preempted takes several
-        times as long, and one such sample must not switch speculation off (a mean would let it)."""
-        window.append(new)
-        del window[: -self.WINDOW]
-        return statistics.median(window)
-
-    def plain(self, seconds: float) -> None:
-        self.plain_steps += 1
-        if self.plain_steps > 1:  # the very first step may build the fused decode stack
-            self.plain_s = self._median(self._plain, seconds)
-
-    def observe(self, kept: int, judged: int, key=None) -> None:
-        c = self._counts(key)
-        c[0] = self.DECAY * c[0] + kept
-        c[1] = self.DECAY * c[1] + judged
-
-    def round(self, k: int, accepted: int, seconds: float, key=None) -> None:
-        # each kept draft is a success; the first rejected one (if any) a failure: the MLE of a
-        self.observe(accepted, accepted + (accepted < k), key)
-        if self.plain_s is not None:
-            self.row_s = self._median(self._row, max(0.0, seconds - self.plain_s) / k)
-
-
 @torch.inference_mode()
 def speculative_decode(
     model: nn.Module,
@@ -325,10 +239,13 @@ def speculative_decode(
     gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     draft = isinstance(spec, DraftModel)
     runner = _DraftRunner(spec.model, len(prompt) + max_new_tokens, model, cache) if draft else None
-    index = None if runner is not None else NgramIndex(spec.ngram, spec.min_ngram)
+    index = None if runner is not None else SuffixIndex(spec.ngram, spec.min_ngram)
     if index is not None:
         index.extend(prompt)  # drafts come from the prompt and the text so far
-    control = Controller(spec.max_draft)
+        # timed once per model and setting (spec_policy.verify_costs), outside this request's timings
+        control = LookupPolicy(spec.max_draft, verify_costs(model, spec.max_draft + 1))
+    else:
+        control = Controller(spec.max_draft)
     margin = tie_margin(model) if params.greedy else 0.0
     one = torch.tensor([0])
     t0 = time.perf_counter()
@@ -366,7 +283,7 @@ def speculative_decode(
             if k > 0:
                 drafts, q = runner.propose(seq, k, params, gen)
         else:
-            found, key = index.propose(spec.max_draft)
+            found, key = index.propose_longest(spec.max_draft)  # key: the match's length
             k = control.draft_len(key, min(len(found), room)) if found else 0
             drafts = found[:k]
         recheck = False
@@ -374,9 +291,10 @@ def speculative_decode(
             logits = model(torch.tensor([[seq[-1]]]), cache=cache, slots=one)[:, -1].float()
             cache.advance(one, 1)
             emitted = [int(sample(logits, params, gen, None)[0])]
-            control.plain(time.perf_counter() - t1)
-            if index is not None and found and params.greedy:  # would lookup have guessed it? (free to know)
-                control.observe(int(found[0] == emitted[0]), 1, key)
+            if index is None:
+                control.plain(time.perf_counter() - t1)
+            elif found and params.greedy:  # would lookup have guessed it? (free to know)
+                control.observe(key, found[0] == emitted[0])
         else:
             rows = torch.tensor([seq[-1], *drafts])[:, None]  # [k+1, 1]: one chain in slot 0
             logits = model(rows, cache=cache.chain(0), slots=torch.zeros(len(rows), dtype=torch.long))
@@ -392,7 +310,10 @@ def speculative_decode(
                 runner.rollback(len(seq), len(drafts), accepted)
             emitted = drafts[:accepted] + ([] if nxt is None else [nxt])
             recheck = nxt is None
-            control.round(len(drafts), accepted, time.perf_counter() - t1, key)
+            if index is None:
+                control.round(len(drafts), accepted, time.perf_counter() - t1)
+            else:
+                control.round(key, len(drafts), accepted)
             if stats is not None:
                 stats.drafted += len(drafts)
                 stats.accepted += accepted

@@ -15,7 +15,7 @@ def verify(
     """Target logits [k+1, V] at [last, d1..dk] → (drafts accepted, the token after them)."""
     k = len(drafts)
     if params.greedy:
-        target = greedy_tokens(logits).tolist()
+        target = fast_argmax(logits.contiguous())
         n = 0
         while n < k and drafts[n] == target[n]:
             n += 1
@@ -36,21 +36,42 @@ def verify(
     return k, int(torch.multinomial(p[k : k + 1], 1, generator=gen)[0, 0])
 
 
+def fast_argmax(logits: torch.Tensor) -> list[int]:
+    """greedy_tokens(logits).tolist() for logits [R, V], ~30x faster on CPU: torch's argmax over a
+    49,152-entry row takes ~130 µs here, numpy's ~4 µs (both return the first maximum; a NaN, which both
+    take for the maximum, goes the slow path that cleans it)."""
+    if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2:
+        best = logits.numpy().argmax(-1).tolist()
+        if not any(v != v for v in logits[torch.arange(len(best)), best].tolist()):
+            return best
+    return greedy_tokens(logits).tolist()
+
+
 def greedy_accept(logits: torch.Tensor, drafts: list[int], margin: float) -> tuple[int, int | None]:
     """Greedy verification with a tie guard: logits [k+1, V] at [last, d1..dk] → (drafts accepted, the
     token after them, or None when that row's top-2 gap is under `margin`).
 
     The verification rows run the decode kernels at k+1 rows, which sum in another order than the one-row
-    step of plain decoding; on int8 activations a rounding flip in one activation code moves SmolLM2's
-    logits by up to ~0.8 (fp32 activations: ~1e-4). Where the target's top two are closer than that, the
-    multi-row argmax may not be plain decoding's: such a row is not trusted (None), and the caller
-    recomputes it with a one-row step, as plain decoding would."""
-    top = logits.topk(2, dim=-1)  # values / indices [k+1, 2]
-    best, gap = top.indices[:, 0].tolist(), (top.values[:, 0] - top.values[:, 1]).tolist()
+    step of plain decoding; on fp32 activations SmolLM2's logits move by ~1e-4 (the int8-activation GEMV
+    is batch-invariant: margin 0). Where the target's top two are closer than `margin`, the multi-row
+    argmax may not be plain decoding's: such a row is not trusted (None), and the caller recomputes it
+    with a one-row step, as plain decoding would."""
+    logits = logits.contiguous()
+    best = fast_argmax(logits)
     n = 0
-    while n < len(drafts) and drafts[n] == best[n] and gap[n] >= margin:
+    while n < len(drafts) and drafts[n] == best[n]:
         n += 1
-    return n, (best[n] if gap[n] >= margin else None)
+    if margin <= 0:
+        return n, best[n]
+    rows = torch.arange(n + 1)  # only rows 0..n are read: the gaps of the accepted ones and row n
+    top = logits[rows, best[: n + 1]]
+    rest = logits[: n + 1].clone()
+    rest[rows, best[: n + 1]] = float("-inf")
+    gap = (top - rest.amax(-1)).tolist()  # [n + 1]
+    for i in range(n + 1):
+        if gap[i] < margin:
+            return i, None
+    return n, best[n]
 
 
 # Top-2 logit gap under which a verification row is recomputed by a one-row step (greedy_accept).

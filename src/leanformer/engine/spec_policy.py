@@ -1,0 +1,208 @@
+"""Prompt lookup's draft policy for one sequence: how many drafts to verify in the next forward.
+
+Two measured quantities decide it:
+- what a verification forward of m chained rows costs relative to a one-row step (`verify_costs`:
+  timed once per model and setting, then reused by every request). On SmolLM2 int4, AVX2, 1 thread the
+  int8-activation GEMV is compute bound past one row: ~1.1x at 2 rows, ~1.4x at 3, ~2x at 5, ~3.6x at
+  9, so 8 drafts pay only when nearly all of them survive;
+- how likely each draft is to survive (LookupPolicy): a draft continues a match of the text's last L
+  tokens (L: the longest suffix that occurred before, ngram.SuffixIndex), and once j drafts survived,
+  the (j+1)-th continues a match of L + j tokens. Survival is therefore kept per match length
+  (1..CAP), learnt per request as decayed counts (prior 1 in 2). On SmolLM2 rewrites of wikitext
+  paragraphs: 33% at L = 1, 70% at L = 2, ~90% from L = 3 on; on open-ended stories 21% at L = 1.
+
+The k (0 = a plain step) with the most expected tokens per unit of cost wins:
+    E(k) = 1 + sum_{j=1..k} prod_{i<j} a(L + i),   rate(k) = E(k) / cost(k + 1),   cost(1) = 1.
+While plain, the policy still learns a(L) for free: the caller reports whether the first draft would
+have been the token the plain step chose.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from leanformer.models.kv_cache import KVCache
+
+CAP = 8  # match lengths past this behave alike (~90% survival on rewrites)
+
+
+class LookupPolicy:
+    """Draft length per step from calibrated costs and per-match-length survival (module docstring)."""
+
+    DECAY = 0.9
+
+    def __init__(self, max_draft: int, costs: list[float]) -> None:
+        self.max_draft = max_draft
+        self.costs = costs  # costs[m - 1]: a forward of m rows, in one-row steps (costs[0] == 1)
+        self.counts = {n: [1.0, 2.0] for n in range(1, CAP + 1)}  # L -> [decayed kept, decayed judged]
+        self.fallbacks = 0  # times drafting stopped paying for this request
+        self._drafting = False
+
+    def alpha(self, n: int) -> float:
+        hits, trials = self.counts[min(max(n, 1), CAP)]
+        return min(hits / trials, 0.999)
+
+    def draft_len(self, n: int, available: int) -> int:
+        """Drafts to verify after a match of n tokens with `available` drafts (0: a plain step)."""
+        top = min(available, self.max_draft, len(self.costs) - 1)
+        best_k, best, expected, survive = 0, 1.0, 1.0, 1.0
+        for k in range(1, top + 1):
+            survive *= self.alpha(n + k - 1)
+            expected += survive
+            rate = expected / self.costs[k]
+            if rate > best:
+                best_k, best = k, rate
+        if self._drafting and best_k == 0:
+            self.fallbacks += 1
+        self._drafting = best_k > 0
+        return best_k
+
+    def _judge(self, n: int, kept: bool) -> None:
+        c = self.counts[min(max(n, 1), CAP)]
+        c[0] = self.DECAY * c[0] + kept
+        c[1] = self.DECAY * c[1] + 1
+
+    def observe(self, n: int, first_draft_kept: bool) -> None:
+        """A plain step after a match of n tokens: would its first draft have been kept?"""
+        self._judge(n, first_draft_kept)
+
+    def round(self, n: int, k: int, accepted: int) -> None:
+        """A verification of k drafts after a match of n tokens kept `accepted` of them: draft j (0-based)
+        was judged at match length n + j, up to the first rejected one."""
+        for j in range(min(accepted + 1, k)):
+            self._judge(n + j, j < accepted)
+
+
+@torch.inference_mode()
+def verify_costs(model: nn.Module, rows: int, repeats: int = 8, context: int = 128) -> list[float]:
+    """Cost of a decode forward of 1..rows chained rows in one-row steps, timed once per model, thread
+    count, activation and KV setting (kept on the model; ~1 s for SmolLM2 at 9 rows).
+
+    Row counts 1, 2, 3, 5, 9, 16 (up to `rows`, and `rows` itself) are timed `repeats` times round-robin,
+    each keeping its fastest time (a step the OS preempted on a shared machine is slower, never faster);
+    the counts between are interpolated and the costs made non-decreasing. The scratch cache's keys are
+    zeros at positions 0..context: attention reads as much as a short prompt's."""
+    key = (
+        torch.get_num_threads(),
+        getattr(model, "decode_activations", "auto"),
+        getattr(model, "kv_cache_dtype", None),
+        getattr(model, "fused_decode", None),
+    )
+    known = model.__dict__.setdefault("_verify_costs", {})
+    if key in known and len(known[key]) >= rows:
+        return known[key][:rows]
+    cache = KVCache.for_model(model, 1, context + rows + 1)
+    context = min(context, cache.max_seq - rows)
+    one = torch.tensor([0])
+    timed = sorted({m for m in (1, 2, 3, 5, 9, 16) if m < rows} | {rows})
+    best = dict.fromkeys(timed, float("inf"))
+    for rep in range(repeats + 1):
+        for m in timed:
+            cache.set_length(one, torch.tensor([context]))
+            ids = torch.zeros(m, 1, dtype=torch.long)
+            t = time.perf_counter()
+            if m == 1:  # a plain step's own path
+                model(ids, cache=cache, slots=one)
+            else:
+                model(ids, cache=cache.chain(0), slots=torch.zeros(m, dtype=torch.long))
+            if rep > 0:  # the first pass builds the fused decode stack
+                best[m] = min(best[m], time.perf_counter() - t)
+    costs, top = [], 0.0
+    for m in range(1, rows + 1):
+        lo = max(x for x in timed if x <= m)
+        hi = min(x for x in timed if x >= m)
+        s = best[lo] if hi == lo else best[lo] + (best[hi] - best[lo]) * (m - lo) / (hi - lo)
+        top = max(top, s / best[1])
+        costs.append(top)
+    known[key] = costs
+    return costs
+
+
+class Controller:
+    """Draft length from a cost model measured on this request, so speculation runs only where it pays.
+
+    A verification of k drafts costs plain + k * row seconds (the decode kernels are partly compute
+    bound: on SmolLM2 int4 8 rows cost ~4x one row, not ~1x) and yields (1 - a^(k+1)) / (1 - a) tokens
+    on average when each draft survives with probability a. The k with the most tokens per second wins;
+    k = 0 (a plain step) when no k beats plain decoding. `a` is kept per key: prompt lookup keys it by
+    the length of the n-gram that matched (a 3-gram match in a passage being rewritten is kept far more
+    often than a 1-gram one: on SmolLM2 rewrites of wikitext paragraphs the next token matched 88% of
+    3-gram, 63% of 2-gram and 29% of 1-gram lookups). `a` is a decayed count; `plain` and `row` are
+    medians of recent samples (the machine may be shared). While plain, prompt lookup still learns `a`
+    for free (observe); a draft model re-probes with one draft after 16, 32, 64, ... plain steps."""
+
+    DECAY, PROBE, FIRST_PAUSE, MAX_PAUSE, WINDOW = 0.9, 3, 16, 256, 15
+
+    def __init__(self, max_draft: int) -> None:
+        self.max_draft = max_draft
+        self.plain_s: float | None = None  # seconds per plain step (median of recent ones)
+        self.row_s: float | None = None  # extra seconds per verified draft (median of recent ones)
+        self._plain: list[float] = []
+        self._row: list[float] = []
+        self.counts: dict = {}  # key -> [decayed drafts kept, decayed drafts judged]
+        self.plain_steps = 0
+        self.idle = 0  # plain steps since speculation last paid
+        self.next_probe = self.FIRST_PAUSE
+        self.fallbacks = 0  # times speculation switched off for this request
+
+    def _counts(self, key) -> list[float]:
+        return self.counts.setdefault(key, [1.0, 2.0])  # prior a = 0.5
+
+    def alpha_of(self, key=None) -> float:
+        hits, trials = self._counts(key)
+        return min(hits / trials, 0.999)
+
+    @property
+    def alpha(self) -> float:
+        return self.alpha_of(None)
+
+    def rate(self, k: int, key=None) -> float:
+        """Expected tokens per second with k drafts."""
+        a = self.alpha_of(key)
+        return (1 - a ** (k + 1)) / (1 - a) / (self.plain_s + self.row_s * k)
+
+    def draft_len(self, key=None, limit: int | None = None) -> int:
+        """0: take a plain step. limit: drafts available (prompt lookup's match may be short)."""
+        top = self.max_draft if limit is None else min(limit, self.max_draft)
+        if self.plain_s is None or self.plain_steps < self.PROBE or top < 1:
+            return 0
+        if self.row_s is None:
+            return min(2, top)  # measure what a verified row costs
+        best = max(range(top + 1), key=lambda k: self.rate(k, key))
+        if best > 0:
+            self.idle = 0
+            return best
+        if self.idle == 0:
+            self.fallbacks += 1
+        self.idle += 1
+        if self.idle % self.next_probe == 0:
+            self.next_probe = min(self.MAX_PAUSE, 2 * self.next_probe)
+            return 1
+        return 0
+
+    def _median(self, window: list[float], new: float) -> float:
+        """Median of the last WINDOW samples: on a shared machine a step the OS preempted takes several
+        times as long, and one such sample must not switch speculation off (a mean would let it)."""
+        window.append(new)
+        del window[: -self.WINDOW]
+        return statistics.median(window)
+
+    def plain(self, seconds: float) -> None:
+        self.plain_steps += 1
+        if self.plain_steps > 1:  # the very first step may build the fused decode stack
+            self.plain_s = self._median(self._plain, seconds)
+
+    def observe(self, kept: int, judged: int, key=None) -> None:
+        c = self._counts(key)
+        c[0] = self.DECAY * c[0] + kept
+        c[1] = self.DECAY * c[1] + judged
+
+    def round(self, k: int, accepted: int, seconds: float, key=None) -> None:
+        # each kept draft is a success; the first rejected one (if any) a failure: the MLE of a
+        self.observe(accepted, accepted + (accepted < k), key)
+        if self.plain_s is not None:
+            self.row_s = self._median(self._row, max(0.0, seconds - self.plain_s) / k)

@@ -1,0 +1,104 @@
+"""Prompt lookup's draft policy: the longest-suffix index against a brute-force scan, the cost-model
+policy drafting only where it pays, the calibrated verification costs, and the fast argmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leanformer.engine.ngram import SuffixIndex
+from leanformer.engine.sampling import greedy_tokens
+from leanformer.engine.spec_policy import CAP, LookupPolicy, verify_costs
+from leanformer.engine.verify import fast_argmax, greedy_accept
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _longest(seq: list[int], cap: int) -> int:
+    """Brute force: the longest suffix of seq (up to cap) that also ends earlier, with a token after it."""
+    best = 0
+    for end in range(len(seq) - 1):
+        n = 0
+        while n < cap and end - n >= 0 and seq[end - n] == seq[len(seq) - 1 - n]:
+            n += 1
+        best = max(best, n)
+    return best
+
+
+def test_suffix_index_finds_the_longest_recent_match():
+    gen = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, 4, (400,), generator=gen).tolist()  # small alphabet: many repeats
+    index = SuffixIndex(3, 1, cap=8)
+    for i, t in enumerate(seq):
+        index.extend([t])
+        drafts, n = index.propose_longest(5)
+        text, longest = seq[: i + 1], _longest(seq[: i + 1], 8)
+        # the longest match below ngram (3), at least ngram tokens above it (only RECENT starts compared)
+        assert n == longest if longest < 3 else 3 <= n <= longest
+        if n == 0:
+            assert drafts == []
+            continue
+        assert any(  # the drafts are what followed an earlier match of those n tokens
+            text[e + 1 - n : e + 1] == text[-n:] and text[e + 1 : e + 1 + 5] == drafts
+            for e in range(n - 1, len(text) - 1)
+        )
+
+
+def test_suffix_index_prefers_the_longer_match_over_the_later_one():
+    # "1 2 3" occurs after "9 9" (a 5-token match with the end) and later after "7 7" (3 tokens only)
+    seq = [9, 9, 1, 2, 3, 40, 41, 7, 7, 1, 2, 3, 50, 9, 9, 1, 2, 3]
+    index = SuffixIndex(3, 1)
+    index.extend(seq)
+    assert index.propose_longest(2) == ([40, 41], 5)
+    assert index.propose(2) == ([50, 9], 3)  # NgramIndex: the latest 3-gram, whatever came before
+
+
+def test_lookup_policy_drafts_only_where_it_pays():
+    costs = [1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.4, 2.6]  # a forward of m rows, in one-row steps
+    p = LookupPolicy(8, costs)
+    assert p.draft_len(3, 8) == 1  # prior 1 in 2: E(1) = 1.5 / 1.2 beats 1, E(2) = 1.75 / 1.4 does not
+    for _ in range(30):
+        p.round(3, 8, 8)  # long matches always kept
+    assert p.draft_len(3, 8) == 8
+    assert p.draft_len(3, 2) == 2  # never more than the match offers
+    for _ in range(30):
+        p.observe(1, False)  # 1-token matches never kept
+    assert p.draft_len(1, 8) == 0
+    assert p.fallbacks == 1
+    p.round(1, 1, 0)
+    assert p.alpha(1) < 0.1 and p.alpha(CAP + 5) == p.alpha(CAP)
+
+
+def test_lookup_policy_counts_each_draft_at_its_own_match_length():
+    p = LookupPolicy(8, [1.0] * 9)
+    p.round(2, 4, 1)  # draft 0 kept at L = 2, draft 1 rejected at L = 3, drafts 2..3 never judged
+    assert p.counts[2] == [0.9 * 1 + 1, 0.9 * 2 + 1]
+    assert p.counts[3] == [0.9 * 1, 0.9 * 2 + 1]
+    assert p.counts[4] == [1.0, 2.0]
+
+
+def test_verify_costs_are_calibrated_once_and_non_decreasing(shared):
+    import leanformer as lf
+
+    model, _ = lf.load(shared / "models" / "stories260K")
+    costs = verify_costs(model, 6, repeats=2)
+    assert len(costs) == 6 and costs[0] == 1.0
+    assert all(a <= b for a, b in zip(costs, costs[1:]))
+    assert verify_costs(model, 4) == costs[:4]  # cached on the model: not timed again
+    assert len(model._verify_costs) == 1
+
+
+def test_fast_argmax_is_greedy_tokens():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 1000, generator=gen)
+    logits[1, 7] = logits[1, 9] = 100.0  # a tie: the first maximum, as torch's argmax
+    logits[3, 4] = float("nan")  # a NaN row goes through greedy_tokens' cleaning
+    assert fast_argmax(logits) == greedy_tokens(logits).tolist()
+    assert fast_argmax(logits.double()) == greedy_tokens(logits.double()).tolist()
+
+
+def test_greedy_accept_checks_the_gap_of_every_row_it_keeps():
+    logits = torch.tensor([[0.0, 5.0, 0.0], [0.0, 3.0, 2.9995], [0.0, 0.0, 4.0]])
+    assert greedy_accept(logits, [1, 1], margin=1e-3) == (1, None)  # row 1's top two tie
+    assert greedy_accept(logits, [1, 1], margin=0.0) == (2, 2)
+    assert greedy_accept(logits, [0, 1], margin=1e-3) == (0, 1)
