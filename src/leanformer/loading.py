@@ -133,10 +133,11 @@ def _load_lazy(p: Path, dtype: torch.dtype, device: str, fast: bool) -> tuple[nn
     if config is None:
         config, tok = read_config(p / "config.json"), load_tokenizer(p)
     family, args, model, meta = skeleton(config, source, dtype)
-    if family.__name__ != "leanformer.models.llama":
+    if family.__name__ not in ("leanformer.models.llama", "leanformer.models.gpt2"):
         raise LeanformerError(
             f"{source}: layer-by-layer (lazy) loading serves the Llama family (Llama, Qwen2, Mistral, "
-            f"SmolLM), not {family.__name__.rsplit('.', 1)[-1]}; load it whole (lazy=False / --in-memory)"
+            f"SmolLM) and GPT-2, not {family.__name__.rsplit('.', 1)[-1]}; load it whole "
+            "(lazy=False / --in-memory)"
         )
     sanitize = (lambda sd: sd) if meta else (lambda sd: family.sanitize(sd, args))
     shapes = sanitize({n: torch.empty(s, device="meta") for n, s in tensors.shapes.items()})

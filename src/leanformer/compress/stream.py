@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,8 +55,9 @@ from leanformer.compress.stream_prune import (
 from leanformer.compress.stream_rows import FileEmbedding, row_heads, rows_quantized
 from leanformer.errors import LeanformerError
 
-LAYERS = "model.layers."
-EMBEDDING = "model.embed_tokens"
+# a decoder layer's tensors, in the file or in the model: Llama family (model.layers.N.) or GPT-2
+# (h.N. in HF files, transformer.h.N. in ours)
+LAYER = re.compile(r"^(?:model\.layers|(?:transformer\.)?h)\.(\d+)\.")
 
 
 @dataclass
@@ -90,7 +92,17 @@ class LazyWeights:
 
 
 def _layer_of(name: str) -> int | None:
-    return int(name[len(LAYERS) :].split(".", 1)[0]) if name.startswith(LAYERS) else None
+    m = LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Llama-family model or of GPT-2."""
+    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+
+
+def _embedding(model: nn.Module) -> str:
+    return "transformer.wte" if hasattr(model, "transformer") else "model.embed_tokens"
 
 
 def _module_groups(file_names: list[str]) -> list[list[str]]:
@@ -173,7 +185,7 @@ def stream_apply(
         raise LeanformerError(
             f"{type(stages[cals[0]]).__name__} needs calibration token ids [n_samples, seq_len]"
         )
-    layers = model.model.layers
+    layers, embedding = decoder_layers(model), _embedding(model)
     by_layer: list[list[str]] = [[] for _ in layers]
     rest = []
     for n in lazy.source.shapes:
@@ -187,23 +199,25 @@ def stream_apply(
     # an LM head rounded per row (int8 per channel, int4 without coded scales) is read in row slices
     # from the file: the [vocab, hidden] float table (545 MB fp32 for Qwen2.5-0.5B) is never whole
     head = getattr(model, "lm_head", None)
-    table = getattr(model.model.embed_tokens, "weight", None)  # None: a saved QuantEmbedding
+    table = getattr(model.get_submodule(embedding), "weight", None)  # None: a saved QuantEmbedding
     tied = table is not None and getattr(head, "weight", None) is table
     del table
-    by_rows = row_heads(model, stages, names, lazy.source.shapes, tied)  # name -> (stage, file tensor)
+    in_file = [f"{embedding}.weight", f"{embedding.removeprefix('transformer.')}.weight"]  # GPT-2: wte
+    table_file = next((n for n in in_file if n in lazy.source.shapes), None) if tied else None
+    by_rows = row_heads(model, stages, names, lazy.source.shapes, table_file)  # name -> (stage, file tensor)
     rest = [n for n in rest if n not in {f for _, f in by_rows.values()}]
 
     def stage_on(k: int, j: int | None, rows: bool = True) -> None:
         """Stage k on layer j's Linears (None: those outside the layers; `rows`: with the head)."""
         todo = [n for n in names[k] if _layer_of(n) == j]
         for n in [n for n in todo if n in by_rows and rows]:
-            rows_quantized(model, stages[k], n, by_rows[n][1], lazy, EMBEDDING if tied else None)
+            rows_quantized(model, stages[k], n, by_rows[n][1], lazy, embedding if tied else None)
         _rtn(model, stages[k], [n for n in todo if n not in by_rows])
 
     def heads_by_rows(ks: range) -> None:
         for k in ks:
             for n in [n for n in names[k] if n in by_rows]:
-                rows_quantized(model, stages[k], n, by_rows[n][1], lazy, EMBEDDING if tied else None)
+                rows_quantized(model, stages[k], n, by_rows[n][1], lazy, embedding if tied else None)
 
     def read_layer(j: int, before: range) -> None:
         if not cals:  # round-to-nearest: one Linear (q|k|v, gate|up fused) read and rounded at a
@@ -229,11 +243,11 @@ def stream_apply(
     lazy.read_into(model, rest)
     table_by_rows = tied and "lm_head" in by_rows
     if tied and not table_by_rows:  # assign=True gave the embedding a new Parameter: tie the head again
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.lm_head.weight = model.get_submodule(embedding).weight
     del head  # no reference may outlive the float table once a quantized head replaces it
     before = range(cals[0] if cals else len(stages))
     if table_by_rows and by_rows["lm_head"][0] not in before:  # the capture looks rows up in the file
-        set_module(model, EMBEDDING, FileEmbedding(lazy, by_rows["lm_head"][1], *model.lm_head.weight.shape))
+        set_module(model, embedding, FileEmbedding(lazy, by_rows["lm_head"][1], *model.lm_head.weight.shape))
     for k in before:
         stage_on(k, None)
     if not cals:
@@ -281,7 +295,7 @@ def _walks(model, stages, names, cals, calibration, progress, read_layer, stage_
             if w == 0:
                 read_layer(j, pre)
                 return
-            spill.restore(j, model.model.layers[j])
+            spill.restore(j, decoder_layers(model)[j])
             for k in pre:
                 stage_on(k, j)
             trim_heap()
@@ -291,17 +305,17 @@ def _walks(model, stages, names, cals, calibration, progress, read_layer, stage_
                 for k in nxt:
                     stage_on(k, j)
             else:
-                spill.put(j, model.model.layers[j])
+                spill.put(j, decoder_layers(model)[j])
             trim_heap()
 
         hooks = BlockHooks(before=start_layer, after=finish_layer)
         drop = run_calibrated(model, stages[cal], names[cal], calibration, progress, hooks)
         if isinstance(stages[cal], PruneLayers):
-            spill.renumber([i for i in range(len(drop) + len(model.model.layers)) if i not in drop])
+            spill.renumber([i for i in range(len(drop) + len(decoder_layers(model))) if i not in drop])
         if last and scores_last:  # parked -> the stages after the last walk
-            bar = tqdm(range(len(model.model.layers)), desc="compress", unit="layer", disable=not progress)
+            bar = tqdm(range(len(decoder_layers(model))), desc="compress", unit="layer", disable=not progress)
             for j in bar:
-                spill.restore(j, model.model.layers[j])
+                spill.restore(j, decoder_layers(model)[j])
                 for k in nxt:
                     stage_on(k, j)
                 trim_heap()

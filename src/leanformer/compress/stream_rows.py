@@ -27,16 +27,16 @@ def by_rows(cfg: object) -> bool:
 
 
 def row_heads(
-    model: nn.Module, stages: list, names: list[list[str]], shapes: dict, tied: bool
+    model: nn.Module, stages: list, names: list[list[str]], shapes: dict, table: str | None
 ) -> dict[str, tuple[int, str]]:
     """Linears outside the decoder layers that a per-row stage rounds: name -> (stage index, the
-    file tensor holding the weight: the embedding's table when tied). Only the LM head qualifies:
+    file tensor holding the weight: `table`, the embedding's, when tied). Only the LM head qualifies:
     other Linears outside the layers are small."""
     out: dict[str, tuple[int, str]] = {}
     for k, (cfg, targets) in enumerate(zip(stages, names)):
         if "lm_head" not in targets or not by_rows(cfg):
             continue
-        file_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        file_name = table or "lm_head.weight"
         if len(shapes.get(file_name, ())) == 2 and getattr(model.lm_head, "bias", None) is None:
             out["lm_head"] = (k, file_name)
     return out
