@@ -42,6 +42,7 @@ class SpecBenchConfig:
     prompts: int = 3  # per workload
     passages: str | None = None  # a text file; paragraphs of at least MIN_CHARS are used
     methods: dict = field(default_factory=dict)  # label → speculative argument ("plain" → None)
+    profile: bool = False  # time the target's forwards apart from everything else a step does
 
 
 MIN_CHARS = 300
@@ -88,14 +89,49 @@ def parse_method(text: str, load_draft) -> tuple[str, object]:
     raise LeanformerError(f"--speculative {text!r}: use prompt-lookup, layer-skip:N or draft:PATH")
 
 
-def _one(model, tok, prompt, new_tokens: int, spec) -> dict:
+class _ForwardTimer:
+    """Seconds and rows of each forward of `model` itself (hooks; a LayerSkip draft, which shares the
+    hook tables through early_exit's shallow copy, is not counted)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.calls = model, []  # calls: (rows, seconds)
+
+    def __enter__(self):
+        import time
+
+        def pre(m, args, kwargs):
+            if m is self.model:
+                m._bench_t0 = time.perf_counter()
+
+        def post(m, args, kwargs, out):
+            if m is self.model:
+                ids = args[0] if args else kwargs["input_ids"]
+                self.calls.append((ids.shape[0], time.perf_counter() - m._bench_t0))
+
+        self.hooks = [
+            self.model.register_forward_pre_hook(pre, with_kwargs=True),
+            self.model.register_forward_hook(post, with_kwargs=True),
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def _one(model, tok, prompt, new_tokens: int, spec, profile: bool = False) -> dict:
+    import contextlib
+
     from leanformer.engine.generate import GenerationStats, encode_prompt, generate
 
     # token ids in, token ids out: the chat template, tokenizing and detokenizing cost the same with or
     # without speculation, and on short answers they would dilute the ratio being measured
     ids = encode_prompt(tok, prompt) if tok is not None else prompt
     st = GenerationStats()
-    out = generate(model, tok, ids, max_new_tokens=new_tokens, stats=st, speculative=spec)  # ids back
+    timer = _ForwardTimer(model) if profile else None
+    with timer or contextlib.nullcontext():
+        out = generate(model, tok, ids, max_new_tokens=new_tokens, stats=st, speculative=spec)  # ids back
+    forwards = timer.calls[1:] if timer else []  # the first is the prefill
     # Decode speed = tokens after the first (which the prefill gives) over the decode steps' own time
     # (stats.decode_s: per step, so a stop at EOS counts too; prefill, setup and the caller's per-token
     # work are the same with or without speculation and stay out of the ratio)
@@ -104,6 +140,7 @@ def _one(model, tok, prompt, new_tokens: int, spec) -> dict:
         "tokens": st.new_tokens,
         "tok_s": (st.new_tokens - 1) / max(st.decode_s, 1e-9),
         "stats": st,
+        "forwards": forwards,
     }
 
 
@@ -112,14 +149,15 @@ def run(model, tok, cfg: SpecBenchConfig) -> list[dict]:
     methods = {"plain": None, **cfg.methods}
     rows = []
     for workload, prompts in workload_prompts(tok, cfg).items():
-        _one(model, tok, prompts[0], 8, None)  # warm-up: builds the fused decode stack
+        for m in methods.values():  # warm-up: builds the fused decode stack, times verification rows
+            _one(model, tok, prompts[0], 8, m)
         runs: dict[str, list[dict]] = {m: [] for m in methods}
         ratios: dict[str, list[float]] = {m: [] for m in methods}
         for r in range(cfg.rounds):
             for prompt in prompts:
                 order = list(methods)
                 order = order[r % len(order) :] + order[: r % len(order)]  # rotate who goes first
-                res = {m: _one(model, tok, prompt, cfg.new_tokens, methods[m]) for m in order}
+                res = {m: _one(model, tok, prompt, cfg.new_tokens, methods[m], cfg.profile) for m in order}
                 for m in methods:
                     runs[m].append(res[m] | {"same": res[m]["out"] == res["plain"]["out"]})
                     ratios[m].append(res[m]["tok_s"] / res["plain"]["tok_s"])
@@ -137,9 +175,26 @@ def run(model, tok, cfg: SpecBenchConfig) -> list[dict]:
                     "fallbacks": sum(s.fallbacks for s in st),
                     "identical": all(x["same"] for x in runs[m]),
                     "new_tokens": statistics.median(x["tokens"] for x in runs[m]),
+                    **(_profile(runs[m]) if cfg.profile else {}),
                 }
             )
     return rows
+
+
+def _profile(runs: list[dict]) -> dict:
+    """Per decode step: the target's forward vs everything else the step does (lookup, drafting,
+    verification, rollback, bookkeeping), and the median forward time per row count."""
+    steps = sum(x["stats"].steps for x in runs)
+    decode = sum(x["stats"].decode_s for x in runs)
+    fwd = [c for x in runs for c in x["forwards"]]
+    by_rows: dict[int, list[float]] = {}
+    for rows, sec in fwd:
+        by_rows.setdefault(rows, []).append(sec)
+    return {
+        "forward_ms": 1e3 * sum(s for _, s in fwd) / max(steps, 1),
+        "other_us": 1e6 * (decode - sum(s for _, s in fwd)) / max(steps, 1),
+        "rows": {r: (len(v), 1e3 * statistics.median(v)) for r, v in sorted(by_rows.items())},
+    }
 
 
 HEADER = [
@@ -177,6 +232,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--profile", action="store_true", help="per step: forward time vs everything else")
     p.add_argument(
         "--activations", choices=["auto", "int8", "fp32"], default="auto",
         help="the fused decode step's activations for int4/int8 Linears (models/fused.py)",
@@ -196,13 +252,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from leanformer.models.fused import set_decode_activations
 
     set_decode_activations(model, args.activations)
-    cfg = SpecBenchConfig(args.new_tokens, args.rounds, args.prompts, args.passages)
+    cfg = SpecBenchConfig(args.new_tokens, args.rounds, args.prompts, args.passages, profile=args.profile)
     cfg.methods = dict(parse_method(m, lambda path: load_draft(path)) for m in args.speculative)
     rows = run(model, tok, cfg)
     load_avg = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else "?"
     print(f"# {torch.get_num_threads()} torch threads, load average after the run: {' '.join(load_avg)}")
     for r in table_rows(rows):
         print(" | ".join(r))
+    for r in rows if args.profile else []:
+        per_rows = " ".join(f"{n}:{c}x{ms:.2f}" for n, (c, ms) in r["rows"].items())
+        print(
+            f"{r['workload']} | {r['method']} | forward {r['forward_ms']:.2f} ms/step | other "
+            f"{r['other_us']:.0f} µs/step | rows:count x median ms {per_rows}"
+        )
     return rows
 
 
