@@ -6,6 +6,8 @@ stream."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -65,8 +67,6 @@ def same(a: torch.nn.Module, b: torch.nn.Module, vocab: int) -> None:
 
 
 def _both(path, recipe, calib):
-    import copy
-
     whole, _ = lf.load(path)
     apply(whole, copy.deepcopy(recipe), calib, progress=False)
     lazy, _ = lf.load(path, lazy=True)
@@ -166,3 +166,17 @@ def test_parked_layers_need_temp_space(shared, monkeypatch):
         apply(lazy, [Wanda(sparsity=0.5), GPTQ(bits=8)], calib, progress=False)
     assert "\n" not in str(e.value)
     assert all(p.is_meta for p in lazy.model.layers.parameters())
+
+
+@pytest.mark.slow  # ~7 min on 2 loaded cores: 30 layers walked three times, and once more in memory
+def test_smollm2_heads_drop_gptq_streamed_equals_in_memory(smollm2):
+    """Three calibrated stages on real weights: PruneHeads, PruneLayers (scored by a walk of its own),
+    GPTQ; the layers parked between the walks."""
+    calib = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(0))
+    recipe = [PruneHeads(sparsity=1 / 3), PruneLayers(n_layers=2), GPTQ(bits=8), HEAD_INT8]
+    whole, _ = lf.load(smollm2, keep_quantized=False)
+    apply(whole, copy.deepcopy(recipe), calib, progress=False)
+    lazy, _ = lf.load(smollm2, lazy=True)
+    apply(lazy, copy.deepcopy(recipe), calib, progress=False)
+    assert len(lazy.model.layers) == 28 and lazy.model.layers[0].self_attn.n_heads == 6
+    same(whole, lazy, 49152)
