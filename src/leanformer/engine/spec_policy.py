@@ -92,11 +92,12 @@ def verify_costs(model: nn.Module, rows: int, repeats: int = 8, context: int = 1
         getattr(model, "kv_cache_dtype", None),
         getattr(model, "fused_decode", None),
     )
+    rows = min(rows, model.args.max_position_embeddings)  # very few positions: fewer drafts
     known = model.__dict__.setdefault("_verify_costs", {})
     if key in known and len(known[key]) >= rows:
         return known[key][:rows]
     cache = KVCache.for_model(model, 1, context + rows + 1)
-    context = min(context, cache.max_seq - rows)
+    context = max(0, min(context, cache.max_seq - rows))
     one = torch.tensor([0])
     timed = sorted({m for m in (1, 2, 3, 5, 9, 16) if m < rows} | {rows})
     best = dict.fromkeys(timed, float("inf"))

@@ -1,27 +1,25 @@
 """Speculative decoding for one sequence: propose k tokens cheaply, check them in ONE target forward.
 
-Proposers: prompt lookup (the continuation of the latest earlier occurrence of the last n tokens in
-prompt + text so far; no second model) and a draft model (any loaded model with the target's
-vocabulary, e.g. the int4 version of the target). Verification feeds [last token, draft 1..k] as k+1
-one-token rows of one cache slot (KVCache.chain): the target runs its plain decode kernels (fused
-C++ step, M-row GEMV) over all of them at once, which on a memory-bound CPU costs little more than
-one token. Rejected drafts are rolled back by setting the slot's length back.
+Proposers: prompt lookup (the continuation of the longest recent earlier occurrence of the text's
+last tokens in prompt + text so far; no second model) and a draft model (any loaded model with the
+target's vocabulary, e.g. the int4 version of the target). Verification feeds [last token, draft 1..k]
+as k+1 one-token rows of one cache slot (KVCache.chain): the target runs its plain decode kernels (fused
+C++ step, M-row GEMV) over all of them at once. Rejected drafts are rolled back by setting the slot's
+length back (no copy).
 
-Greedy: a draft is kept while it equals the target's argmax, so the output is plain decoding's up to
-float rounding: an M-row GEMV sums in a different order than a 1-row one (~1e-4 on SmolLM2's logits
-with fp32 activations; a row whose top two are closer than TIE_MARGIN is recomputed by a one-row
-step). With int8 activations (the fused step's default on AVX2) the int8 GEMV's row-count-dependent
-order makes verification rows differ by up to ~0.9 on the logits, so greedy output can differ from
-plain decoding there (see TIE_MARGIN).
+Greedy: a draft is kept while it equals the target's argmax. The int8-activation GEMV (the fused step's
+default on AVX2) is batch-invariant, so the output is plain decoding's token for token; on fp32
+activations an M-row GEMV sums in another order (~1e-4 on SmolLM2's logits), and a row whose top two
+are closer than TIE_MARGIN is recomputed by a one-row step.
 Sampling: the standard rejection scheme (accept with min(1, p/q), else resample from norm(max(0, p-q)));
 prompt lookup's q is a point mass. The output distribution is the target's; the random stream is not
 plain decoding's, so a seed reproduces speculative runs, not plain ones.
 
-Never slower: the draft length comes from a cost model measured on the request itself (Controller):
-seconds per plain step, extra seconds per verified draft, and how often drafts survive (for prompt
-lookup, per length of the n-gram that matched; NgramIndex finds matches in O(ngram) per step); when no
-draft length beats plain decoding the request takes plain steps, so an open-ended prompt pays only a
-few probe rounds.
+Never slower: prompt lookup's draft length comes from spec_policy.LookupPolicy: verification costs per
+row count timed once per model (verify_costs), draft survival learnt on the request per length of the
+suffix match a draft continues; k = 0 (a plain step) whenever no draft length is expected to beat
+it. A draft model's comes from spec_policy.Controller (its costs and survival measured on the request,
+with probes after plain steps).
 
 Verification path (profiled on SmolLM2 Q4_1 kept int4, 1 thread, AVX2): the fused C++ step on k+1
 chained rows is the cheapest there is: 1.35x a one-row step at 2 rows, 1.64x at 3, 2.5x at 5, 4.7x at
