@@ -82,9 +82,11 @@ def verify_costs(model: nn.Module, rows: int, repeats: int = 8, context: int = 1
     """Cost of a decode forward of 1..rows chained rows in one-row steps, timed once per model, thread
     count, activation and KV setting (kept on the model; ~1 s for SmolLM2 at 9 rows).
 
-    Row counts 1, 2, 3, 5, 9, 16 (up to `rows`, and `rows` itself) are timed `repeats` times round-robin,
-    each keeping its fastest time (a step the OS preempted on a shared machine is slower, never faster);
-    the counts between are interpolated and the costs made non-decreasing. The scratch cache's keys are
+    Row counts 1, 2, 3, 5, 9, 16 (up to `rows`, and `rows` itself) are timed in `repeats` passes; each
+    count's cost is the median over passes of its time over the same pass's one-row time (neighbours in
+    time share the machine's load; the median drops a pass the OS preempted, which on a shared machine
+    a fastest-time rule did not: 1.1-1.4x at 2 rows under load 7). The counts between are interpolated
+    and the costs made non-decreasing. The scratch cache's keys are
     zeros at positions 0..context: attention reads as much as a short prompt's."""
     key = (
         torch.get_num_threads(),
@@ -100,8 +102,9 @@ def verify_costs(model: nn.Module, rows: int, repeats: int = 8, context: int = 1
     context = max(0, min(context, cache.max_seq - rows))
     one = torch.tensor([0])
     timed = sorted({m for m in (1, 2, 3, 5, 9, 16) if m < rows} | {rows})
-    best = dict.fromkeys(timed, float("inf"))
+    ratios: dict[int, list[float]] = {m: [] for m in timed}
     for rep in range(repeats + 1):
+        seconds = {}
         for m in timed:
             cache.set_length(one, torch.tensor([context]))
             ids = torch.zeros(m, 1, dtype=torch.long)
@@ -110,14 +113,17 @@ def verify_costs(model: nn.Module, rows: int, repeats: int = 8, context: int = 1
                 model(ids, cache=cache, slots=one)
             else:
                 model(ids, cache=cache.chain(0), slots=torch.zeros(m, dtype=torch.long))
-            if rep > 0:  # the first pass builds the fused decode stack
-                best[m] = min(best[m], time.perf_counter() - t)
-    costs, top = [], 0.0
+            seconds[m] = time.perf_counter() - t
+        if rep > 0:  # the first pass builds the fused decode stack
+            for m in timed:
+                ratios[m].append(seconds[m] / seconds[1])
+    ratio = {m: statistics.median(r) for m, r in ratios.items()}
+    costs, top = [], 1.0
     for m in range(1, rows + 1):
         lo = max(x for x in timed if x <= m)
         hi = min(x for x in timed if x >= m)
-        s = best[lo] if hi == lo else best[lo] + (best[hi] - best[lo]) * (m - lo) / (hi - lo)
-        top = max(top, s / best[1])
+        c = ratio[lo] if hi == lo else ratio[lo] + (ratio[hi] - ratio[lo]) * (m - lo) / (hi - lo)
+        top = max(top, c)
         costs.append(top)
     known[key] = costs
     return costs
