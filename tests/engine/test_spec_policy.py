@@ -88,13 +88,20 @@ def test_verify_costs_are_calibrated_once_and_non_decreasing(shared):
     assert len(model._verify_costs) == 1
 
 
-def test_fast_argmax_is_greedy_tokens():
+def test_greedy_tokens_numpy_path_matches_torch_argmax():
+    """greedy_tokens takes numpy's argmax on CPU fp32: the same first maximum as torch's, a NaN row
+    cleaned, strided input, and the torch path for other dtypes."""
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 1000, generator=gen)
     logits[1, 7] = logits[1, 9] = 100.0  # a tie: the first maximum, as torch's argmax
-    logits[3, 4] = float("nan")  # a NaN row goes through greedy_tokens' cleaning
-    assert fast_argmax(logits) == greedy_tokens(logits).tolist()
-    assert fast_argmax(logits.double()) == greedy_tokens(logits.double()).tolist()
+    expected = logits.argmax(-1)
+    logits[3, 4] = float("nan")  # a NaN row goes through the cleaning: NaN is not picked
+    expected[3] = torch.nan_to_num(logits[3], nan=-float("inf")).argmax()
+    assert greedy_tokens(logits).tolist() == expected.tolist()
+    assert fast_argmax(logits) == expected.tolist()
+    assert greedy_tokens(logits.double()).tolist() == expected.tolist()
+    strided = torch.randn(1000, 5, generator=gen).t()  # [5, 1000], not contiguous
+    assert greedy_tokens(strided).tolist() == strided.argmax(-1).tolist()
 
 
 def test_greedy_accept_checks_the_gap_of_every_row_it_keeps():

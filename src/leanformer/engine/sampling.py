@@ -70,8 +70,14 @@ def clean_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] → argmax [B]. argmax picks a NaN when a row has one: only then clean the rows."""
-    tokens = logits.argmax(dim=-1)
+    """logits [B, V] → argmax [B]. argmax picks a NaN when a row has one: only then clean the rows.
+
+    On CPU fp32, numpy's argmax: torch's takes ~130 µs per 49,152-entry row here (~2% of a SmolLM2 decode
+    step at batch 1, ~10% at batch 8), numpy's ~5 µs; both return the first maximum."""
+    if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2:
+        tokens = torch.from_numpy(logits.detach().numpy().argmax(-1))
+    else:
+        tokens = logits.argmax(dim=-1)
     if bool(torch.isnan(logits.gather(-1, tokens[:, None])).any()):
         tokens = clean_logits(logits).argmax(dim=-1)
     return tokens
