@@ -14,8 +14,10 @@ from leanformer import kernels as lk
 from leanformer.compress import qbase
 from leanformer.compress.gguf_quant import quantized_form
 from leanformer.compress.int4 import Int4Linear
-from leanformer.compress.int5 import Int5Linear, pack_high_bits, unpack_high_bits
+from leanformer.compress.int5 import Int5Linear, pack_codes, unpack_codes
 from leanformer.compress.int8 import Int8Linear
+from leanformer.compress.kernels import pack_nibbles
+from leanformer.errors import LeanformerError
 from leanformer.formats.gguf import GGUFTensor, read_gguf_raw
 from leanformer.kernels import cpu
 from leanformer.kernels.int8_act import ref_dequantize_act
@@ -39,11 +41,30 @@ def act_isa(request):
     cpu.set_act_isa(None)
 
 
+def random_codes(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 32, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
 def random_module(n: int, k: int, seed: int = 0, bias: bool = True) -> Int5Linear:
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 32, (n, k), dtype=torch.uint8, generator=g)
+    g = torch.Generator().manual_seed(seed + 1)
     scales = (torch.rand(n, -(-k // 32), generator=g) - 0.5).half().float()  # fp16 values, as GGUF's d
-    return Int5Linear.from_codes(codes, scales, torch.randn(n, generator=g) if bias else None)
+    return Int5Linear.from_codes(
+        random_codes(n, k, seed), scales, torch.randn(n, generator=g) if bias else None
+    )
+
+
+def old_packing(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first int5 layout (saves made before `packing`): nibbles as Int4Linear's, 5th bits per 64-column
+    chunk at bit 8p + 4 + Q (even column 2 (8Q + p)) and 8p + Q (odd column 2 (8Q + p) + 1); a last 32
+    columns bit j for column j."""
+    n, kp = codes.shape
+    full = kp // 64 * 64
+    p, r = np.divmod(np.arange(64), 8)
+    order = np.where(r >= 4, 2 * (8 * (r - 4) + p), 2 * (8 * r + p) + 1)
+    bits = (codes.numpy() >> 4).astype(np.uint8)
+    parts = [bits[:, :full].reshape(n, -1, 64)[:, :, order].reshape(n, -1), bits[:, full:]]
+    high = np.packbits(np.concatenate(parts, 1), axis=-1, bitorder="little").view("<i4")
+    return pack_nibbles(codes & 15), torch.from_numpy(np.ascontiguousarray(high))
 
 
 @pytest.mark.parametrize("k", [576, 96, 32, 100, 1000])  # 96: a half chunk last; 100 / 1000: padded
@@ -53,7 +74,10 @@ def test_codes_round_trip_and_dequantize(k):
     codes = m.codes()
     assert codes.shape == (13, kp) and int(codes.max()) <= 31
     assert torch.all(codes[:, k:] == 16)  # padding: weight 0
-    assert torch.equal(unpack_high_bits(pack_high_bits(codes), kp), codes >> 4)
+    assert torch.equal(codes[:, :k], random_codes(13, k))
+    for seed in range(3):  # every code pattern's XOR chain through E, last half chunk included
+        c = random_codes(9, kp, seed)
+        assert torch.equal(unpack_codes(*pack_codes(c), kp), c)
     want = (codes[:, :k].float() - 16) * m.scales.repeat_interleave(32, 1)[:, :k]
     assert torch.equal(m.dequantize(), want)
 
@@ -99,6 +123,19 @@ def test_int8_group16_kernel(act_isa, rows, k):
     xd, w = ref_dequantize_act(x), lk.dequant_int8(wq, scales, 16).double()
     err = ((y.double() - xd @ w.T).abs() / (xd.abs() @ w.abs().T + 1)).max()
     assert float(err) < 1e-5
+
+
+@pytest.mark.parametrize("k", [576, 96])
+def test_first_layout_saves_repack_on_load(k):
+    """A state dict from before the XOR layout (no `packing`) loads as the same weights."""
+    m = random_module(7, k)
+    qweight, qhigh = old_packing(m.codes())
+    old = {n: t for n, t in m.state_dict().items() if n != "packing"} | {"qweight": qweight, "qhigh": qhigh}
+    again = Int5Linear(k, 7, bias=True)
+    again.load_state_dict(old)
+    assert torch.equal(again.dequantize(), m.dequantize())
+    with pytest.raises(LeanformerError, match="int5 layout 9"):
+        again.load_state_dict(m.state_dict() | {"packing": torch.tensor([9], dtype=torch.uint8)})
 
 
 @needs_kernels

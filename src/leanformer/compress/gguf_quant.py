@@ -101,7 +101,7 @@ def _cat(ts: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
 
 def quantized_form(parts: list[GGUFTensor]) -> tuple[dict | None, dict[str, torch.Tensor]]:
     """Rows of `parts` stacked into one module: (layout spec or None for float, its weight tensors)."""
-    from leanformer.compress.int5 import pack_high_bits
+    from leanformer.compress.int5 import PACKING, pack_codes
     from leanformer.compress.kernels import pack_nibbles
 
     kinds = {p.ggml_type for p in parts}
@@ -111,8 +111,9 @@ def quantized_form(parts: list[GGUFTensor]) -> tuple[dict | None, dict[str, torc
         return {"type": "Int4Linear", "group_size": GROUP}, tensors | {"zeros": _cat(zeros)}
     if "Q5_0" in kinds and kinds <= INT5_TYPES:
         codes, scales = zip(*(_int5(p) for p in parts))
-        q = _cat(codes)
-        tensors = {"qweight": pack_nibbles(q & 15), "qhigh": pack_high_bits(q), "scales": _cat(scales)}
+        qweight, qhigh = pack_codes(_cat(codes))
+        packing = torch.tensor([PACKING], dtype=torch.uint8)
+        tensors = {"qweight": qweight, "qhigh": qhigh, "scales": _cat(scales), "packing": packing}
         return {"type": "Int5Linear", "group_size": GROUP}, tensors
     if kinds <= INT8_TYPES:
         group = min(INT8_GROUP[k] for k in kinds)

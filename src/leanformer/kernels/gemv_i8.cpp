@@ -343,7 +343,6 @@ at::Tensor dequant_q5(const at::Tensor& w_, const at::Tensor& high_, const at::T
   const float* sp = scales.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, R, std::max<int64_t>(1, (64 << 10) / Kp), [&](int64_t r0, int64_t r1) {
-    const __m256i mask = _mm256_set1_epi8(0x0F);
     const __m256 v16 = _mm256_set1_ps(16.f);
     alignas(32) uint8_t q[64];
     for (int64_t r = r0; r < r1; ++r) {
@@ -354,9 +353,7 @@ at::Tensor dequant_q5(const at::Tensor& w_, const at::Tensor& high_, const at::T
       for (int64_t c = 0; c < chunks; ++c) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 32 * c));
         __m256i lo, hi;
-        i8_high16(hr, c, lo, hi);
-        lo = _mm256_or_si256(_mm256_and_si256(v, mask), lo);
-        hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), hi);
+        i8_q5_codes(v, hr, c, lo, hi);
         // byte j of lo / hi is column 2j / 2j + 1: interleave (per 128-bit lane), then put the lanes in order
         const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);
         _mm256_store_si256(reinterpret_cast<__m256i*>(q), _mm256_permute2x128_si256(a, b, 0x20));
@@ -368,12 +365,13 @@ at::Tensor dequant_q5(const at::Tensor& w_, const at::Tensor& high_, const at::T
           _mm256_storeu_ps(o + 64 * c + 8 * i, _mm256_mul_ps(_mm256_sub_ps(code, v16), s));
         }
       }
-      if (Kp % 64) {  // a last 32 columns: high bits in natural order
+      if (Kp % 64) {  // a last 32 columns (nib_rows' half-chunk layout)
         const int64_t b0 = 64 * chunks;  // its first column
-        for (int64_t k = 0; k < 32; ++k) {
-          const int nib = (k % 2 == 0) ? (wr[b0 / 2 + k / 2] & 15) : (wr[b0 / 2 + k / 2] >> 4);
-          const int high = static_cast<int>((hr[G - 1] >> k) & 1);
-          o[b0 + k] = static_cast<float>((nib | (high << 4)) - 16) * sr[G - 1];
+        for (int64_t k = 0; k < 16; ++k) {
+          const int b = wr[b0 / 2 + k];
+          const int odd = ((b >> 5) << 2) | static_cast<int>((hr[G - 1] >> (2 * k)) & 3);
+          o[b0 + 2 * k] = static_cast<float>((b & 31) - 16) * sr[G - 1];
+          o[b0 + 2 * k + 1] = static_cast<float>(odd - 16) * sr[G - 1];
         }
       }
     }
