@@ -34,6 +34,21 @@ def loadavg() -> str:
         return "n/a"
 
 
+def add_clock_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--clock", choices=("cpu", "wall"), default="cpu",
+        help="cpu (default): this thread's CPU time, which a busy machine's preemption does not inflate "
+        "(one thread only); wall: elapsed time",
+    )  # fmt: skip
+
+
+def use_clock(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.clock == "cpu":
+        if a.threads != 1:
+            p.error("--clock cpu counts the calling thread only: use --threads 1 or --clock wall")
+        CLOCK[0] = time.thread_time
+
+
 def load_so(path: str):
     name = Path(path).stem
     loader = importlib.machinery.ExtensionFileLoader(name, path)
@@ -109,16 +124,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--position", type=int, default=200)
     p.add_argument("--no-gemv", action="store_true", help="time only the fused step")
-    p.add_argument(
-        "--clock", choices=("cpu", "wall"), default="cpu",
-        help="cpu (default): this thread's CPU time, which a busy machine's preemption does not inflate "
-        "(one thread only); wall: elapsed time",
-    )  # fmt: skip
+    add_clock_arg(p)
     a = p.parse_args()
-    if a.clock == "cpu":
-        if a.threads != 1:
-            p.error("--clock cpu counts the calling thread only: use --threads 1 or --clock wall")
-        CLOCK[0] = time.thread_time
+    use_clock(p, a)
     torch.set_num_threads(a.threads)
     exts = {"old": load_so(a.old), "new": load_so(a.new)}
     model = None

@@ -19,31 +19,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from pathlib import Path
 
 import torch
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-CLOCK = [time.perf_counter]
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    clock = CLOCK[0]
-    for _ in range(repeats):
-        t = clock()
-        fn()
-        ts.append(clock() - t)
-    return statistics.median(ts) * 1e3
+from i8_rows_ab import _ms as _median_ms  # same directory: run as a script
+from i8_rows_ab import add_clock_arg, loadavg, use_clock
 
 
 def main() -> None:
@@ -54,16 +33,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--position", type=int, default=200)
-    p.add_argument(
-        "--clock", choices=("cpu", "wall"), default="cpu",
-        help="cpu (default): this thread's CPU time, which a busy machine's preemption does not inflate "
-        "(one thread only); wall: elapsed time",
-    )  # fmt: skip
+    add_clock_arg(p)
     a = p.parse_args()
-    if a.clock == "cpu":
-        if a.threads != 1:
-            p.error("--clock cpu counts the calling thread only: use --threads 1 or --clock wall")
-        CLOCK[0] = time.thread_time
+    use_clock(p, a)
 
     import leanformer as lf
     from leanformer import kernels
