@@ -17,7 +17,7 @@ from tests.kernels.test_int8_act import act_isa  # noqa: F401  (fixture: each in
 
 pytestmark = pytest.mark.skipif(not K.available(), reason="GEMV kernels unavailable on this machine")
 
-ROWS = list(range(1, 9)) + [11]  # 11: a call of 8 rows then 3
+ROWS = list(range(1, 17)) + [19]  # 9..16: one call in two halves, tile by tile; 19: 16 rows then 3
 
 
 def _each_row_alone(fn, x: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ def test_quantize_act_is_bit_exact(k):
     assert q.abs().max() <= 127 and q.shape[1] % 32 == 0
 
 
-@pytest.mark.parametrize("rows", [1, 3, 11])  # 11: two chunks of at most 8 rows
+@pytest.mark.parametrize("rows", [1, 3, 11, 19])  # 11: two halves of one call; 19: calls of 16 and 3
 @pytest.mark.parametrize(
     ("group", "k"),
     [(32, 576), (32, 96), (32, 1000), (64, 576), (64, 100), (96, 288), (160, 480), (128, 256), (256, 512)],

@@ -102,6 +102,7 @@ _HEADERS = [
     _DIR / "attention_impl.h",
     _DIR / "int8_act.h",
     _DIR / "gemv_i8_impl.h",
+    _DIR / "gemv_i8_nib.h",
     _DIR / "gemv_vnni.h",
     _DIR / "q4_codes.h",
 ]

@@ -17,6 +17,7 @@
 
 #include <ATen/ops/constant_pad_nd.h>
 
+#include <chrono>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -144,6 +145,24 @@ inline void quantize_row(const float* x, int64_t D, int8_t* q, float* scale) {
   for (int64_t i = 0; i < D; ++i) q[i] = static_cast<int8_t>(std::nearbyint(x[i] / s));
   *scale = s;
 }
+
+// Where a step's time goes (DecodeStack.profile): prof[k] += the milliseconds since the last lap, for
+// the phases of DecodeLayer::forward below; prof null: nothing timed.
+enum Phase { kPhaseNorms, kPhaseQkv, kPhaseAttention, kPhaseO, kPhaseGateUp, kPhaseSilu, kPhaseDown, kPhases };
+
+struct Laps {
+  double* prof;
+  std::chrono::steady_clock::time_point t;
+  explicit Laps(double* p) : prof(p) {
+    if (prof) t = std::chrono::steady_clock::now();
+  }
+  void operator()(Phase k) {
+    if (!prof) return;
+    const auto now = std::chrono::steady_clock::now();
+    prof[k] += std::chrono::duration<double, std::milli>(now - t).count();
+    t = now;
+  }
+};
 
 }  // namespace
 
@@ -295,16 +314,27 @@ struct DecodeLayer {
   }
 
   void forward(at::Tensor& x, const float* cos, const float* sin, const at::Tensor& kc, const at::Tensor& vc,
-               const at::Tensor& ks, const at::Tensor& vs, const int64_t* slots, const int64_t* pos, bool i8) const {
+               const at::Tensor& ks, const at::Tensor& vs, const int64_t* slots, const int64_t* pos, bool i8,
+               double* prof = nullptr) const {
     const int64_t M = x.size(0);
-    at::Tensor qkv_out = qkv(rms_norm(x, norm1, eps1), i8);  // q, k and v share one quantized input
+    Laps lap(prof);
+    at::Tensor h = rms_norm(x, norm1, eps1);
+    lap(kPhaseNorms);
+    at::Tensor qkv_out = qkv(h, i8);  // q, k and v share one quantized input
+    lap(kPhaseQkv);
     at::Tensor attn = at::empty({M, n_heads * head_dim}, x.options());
     if (kc.scalar_type() == at::kChar)
       attend<int8_t>(qkv_out, cos, sin, kc, vc, ks, vs, slots, pos, attn);
     else
       attend<float>(qkv_out, cos, sin, kc, vc, ks, vs, slots, pos, attn);
-    add_(x, o(attn, i8));
-    at::Tensor gu = gate_up(rms_norm(x, norm2, eps2), i8);  // [M, 2I]: gate then up
+    lap(kPhaseAttention);
+    at::Tensor o_out = o(attn, i8);
+    lap(kPhaseO);
+    add_(x, o_out);
+    h = rms_norm(x, norm2, eps2);
+    lap(kPhaseNorms);
+    at::Tensor gu = gate_up(h, i8);  // [M, 2I]: gate then up
+    lap(kPhaseGateUp);
     const int64_t I = gu.size(1) / 2;
     at::Tensor act = at::empty({M, I}, x.options());
     const float* g = gu.data_ptr<float>();
@@ -321,7 +351,11 @@ struct DecodeLayer {
       }
       for (; i < I; ++i) am[i] = gm[i] / (1.f + exp1(-gm[i])) * gm[I + i];
     }
-    add_(x, down(act, i8));
+    lap(kPhaseSilu);
+    at::Tensor d = down(act, i8);
+    lap(kPhaseDown);
+    add_(x, d);
+    lap(kPhaseNorms);
   }
 
   static void add_(at::Tensor& x, const at::Tensor& y) {
@@ -338,6 +372,10 @@ struct DecodeLayer {
 struct DecodeStack {
   std::vector<DecodeLayer> layers;
   bool int8_act = false;  // int4/int8 Linears on int8 activations (gemv_i8.cpp); fp32 activations otherwise
+  // Empty: no timing. kPhases entries: forward adds each phase's milliseconds (norms + residuals, qkv,
+  // attention (RoPE, cache write, softmax), o, gate_up, SiLU, down; a GEMV's phase includes its
+  // activation quantization and its thread fork / join) over all layers (scripts/profile_decode_rows.py).
+  mutable std::vector<double> profile;  // mutable: forward is const
 
   void add(at::Tensor norm1, double eps1, DecodeLinear qkv, DecodeLinear o, at::Tensor norm2, double eps2,
            DecodeLinear gate_up, DecodeLinear down, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim) {
@@ -379,7 +417,8 @@ struct DecodeStack {
                     "slot or position outside the KV cache");
       const at::Tensor none;
       layers[i].forward(x, cos.data_ptr<float>(), sin.data_ptr<float>(), kc, v[i], q8 ? k_scale[i] : none,
-                        q8 ? v_scale[i] : none, slots.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), int8_act);
+                        q8 ? v_scale[i] : none, slots.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), int8_act,
+                        profile.size() == kPhases ? profile.data() : nullptr);
     }
     return x;
   }
@@ -402,6 +441,9 @@ void bind_decode(pybind11::module_& m) {
       .def("__len__", [](const DecodeStack& s) { return s.layers.size(); })
       .def_readwrite("int8_act", &DecodeStack::int8_act,
                      "run int4/int8 Linears on int8 activations (per block of 32) instead of fp32")
+      .def_readwrite("profile", &DecodeStack::profile,
+                     "[] (off) or 7 zeros: forward then adds the ms of norms+residuals, qkv, attention, o, gate_up, "
+                     "silu, down")
       .def("int8_linears", [](const DecodeStack& s) {
              int64_t n = 0;
              for (const auto& l : s.layers)

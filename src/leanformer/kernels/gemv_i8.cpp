@@ -46,6 +46,10 @@ struct DotAvx2 {
 
 namespace leanformer {
 
+// Activation rows per kernel call: up to 16 in one pass over W (gemv_i8_impl.h rows: 8 rows and the
+// rest, tile by tile), so a 9..16-row verify or batch streams W from memory once.
+constexpr int64_t kI8Rows = 16;
+
 // ------------------------------------------------------------------------------------------ ISA
 
 enum ActIsa : int { kAvx2 = 0, kAvxVnni = 1, kAvx512Vnni = 2 };
@@ -235,9 +239,9 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
                     dv + m * 8 * chunks, xs + m * G);
   at::Tensor y = at::empty({M, N}, x.options());
   const bool lookup = qs.coded() && G >= kLookupMinGroups;  // else: fp32 arrays, or codes decoded by qs
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+  for (int64_t m0 = 0; m0 < M; m0 += kI8Rows) {
     I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, w.data_ptr<uint8_t>(),
-             qs.s, qs.z, b, y.data_ptr<float>() + m0 * N, std::min<int64_t>(kMaxRows, M - m0), N, Kp, Kx,
+             qs.s, qs.z, b, y.data_ptr<float>() + m0 * N, std::min<int64_t>(kI8Rows, M - m0), N, Kp, Kx,
              group_size};
     if (lookup) a.sc = qs.sc, a.zc = qs.zc, a.lut = qs.lut;
     run_rows(a, true, Kp / 2 + (qs.coded() ? 2 : qs.z ? 8 : 4) * G, qs.coded() && !lookup ? &qs : nullptr);
@@ -266,10 +270,10 @@ at::Tensor linear_q8_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   auto [xq, d] = quantize_act(x);
   const int64_t Kx = xq.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+  for (int64_t m0 = 0; m0 < M; m0 += kI8Rows) {
     const I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, d.data_ptr<float>() + m0 * (Kx / 32), nullptr,
                    w.data_ptr<int8_t>(), scales.data_ptr<float>(), nullptr, b, y.data_ptr<float>() + m0 * N,
-                   std::min<int64_t>(kMaxRows, M - m0), N, K, Kx, group_size};
+                   std::min<int64_t>(kI8Rows, M - m0), N, K, Kx, group_size};
     run_rows(a, false, K);
   }
   return y;
@@ -321,10 +325,10 @@ at::Tensor linear_q5_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
     quantize_row_q4(x.data_ptr<float>() + m * K, K, Kp, 32, xq.data_ptr<int8_t>() + m * Kx, dv + m * 8 * chunks,
                     xs + m * G);
   at::Tensor y = at::empty({M, N}, x.options());
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+  for (int64_t m0 = 0; m0 < M; m0 += kI8Rows) {
     I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, w.data_ptr<uint8_t>(),
              scales.data_ptr<float>(), nullptr, b, y.data_ptr<float>() + m0 * N,
-             std::min<int64_t>(kMaxRows, M - m0), N, Kp, Kx, 32};
+             std::min<int64_t>(kI8Rows, M - m0), N, Kp, Kx, 32};
     a.high = reinterpret_cast<const uint32_t*>(high.data_ptr<int32_t>());
     run_rows_q5(a);
   }

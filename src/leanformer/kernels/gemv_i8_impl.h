@@ -93,185 +93,13 @@ constexpr int i8_nr() {  // measured: int4 at M = 3: 2 rows (6 chains) slower th
   return M == 1 ? 4 : M == 2 || (!kNib && M == 3) ? 2 : 1;
 }
 
-// How the weight groups fall on 64-column chunks (one chunk = blocks 2c and 2c+1 of 32 columns):
-// group 32 | a multiple of 64 | an odd multiple of 32 >= 96; the *Coded twins take 8-bit scale codes
-// (I8Args::sc / zc / lut) and look the table up inside nib_rows' loops, with the same fp32 values and
-// roundings as the fp32-array path (bit-identical results). Used from 32 groups per row up (gemv_i8.cpp
-// kLookupMinGroups), where it measured 0.87-0.93x the time of q4_codes.h's decode pass over chunks of
-// rows; a decode of each row into an L1 buffer before its loops measured no faster than that pass.
-enum class Groups { k32, k64n, kOther, k32Coded, k64nCoded, kOtherCoded };
-constexpr bool coded(Groups S) { return S >= Groups::k32Coded; }
-constexpr Groups layout(Groups S) { return coded(S) ? Groups(int(S) - 3) : S; }
+}  // namespace
+}  // namespace leanformer
 
-// The weight scales of chunk c as 8 lanes: block 2c's in lanes 0-3, block 2c+1's in lanes 4-7.
-// g: the group of chunk c (k64n only, counted by the caller: a division per chunk measured ~20% slower).
-// Coded: the same fp32 values, lut[codes[group]].
-template <Groups S>
-inline __m256 i8_chunk_scales(const float* sc, const uint8_t* codes, const float* lut, int64_t c, int64_t g,
-                              int64_t bpg) {
-  if constexpr (S == Groups::k32Coded) {  // two table loads as broadcasts, blended
-    return _mm256_blend_ps(_mm256_broadcast_ss(lut + codes[2 * c]), _mm256_broadcast_ss(lut + codes[2 * c + 1]), 0xF0);
-  } else if constexpr (S == Groups::k64nCoded) {
-    return _mm256_broadcast_ss(lut + codes[g]);
-  } else if constexpr (S == Groups::kOtherCoded) {
-    return _mm256_blend_ps(_mm256_broadcast_ss(lut + codes[(2 * c) / bpg]),
-                           _mm256_broadcast_ss(lut + codes[(2 * c + 1) / bpg]), 0xF0);
-  } else if constexpr (S == Groups::k32) {  // one 8-byte load and a lane permute
-    const __m128d two = _mm_load_sd(reinterpret_cast<const double*>(sc + 2 * c));
-    const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(two)), lanes);
-  } else if constexpr (S == Groups::k64n) {
-    return _mm256_set1_ps(sc[g]);
-  } else {  // rare group sizes (96, 160, ...): a chunk may straddle two groups
-    return _mm256_set_m128(_mm_set1_ps(sc[(2 * c + 1) / bpg]), _mm_set1_ps(sc[(2 * c) / bpg]));
-  }
-}
+#include "gemv_i8_nib.h"  // Groups, nib_rows: the int4 / int5 loops
 
-// t[codes[0..7]] as 8 lanes: a table load per lane as a broadcast (a load-port op) merged by immediate
-// blends. Measured on Zen 3 (a 576 x 576 microbenchmark): the AVX2 gather ~1.2x and lane inserts
-// (_mm256_setr_ps: shuffle-port bound) ~1.1x the time of this.
-inline __m256 i8_lut8(const float* t, const uint8_t* codes) {
-  const auto at = [&](int i) { return _mm256_broadcast_ss(t + codes[i]); };
-  __m256 v = at(0);
-  v = _mm256_blend_ps(v, at(1), 0x02);
-  v = _mm256_blend_ps(v, at(2), 0x04);
-  v = _mm256_blend_ps(v, at(3), 0x08);
-  v = _mm256_blend_ps(v, at(4), 0x10);
-  v = _mm256_blend_ps(v, at(5), 0x20);
-  v = _mm256_blend_ps(v, at(6), 0x40);
-  return _mm256_blend_ps(v, at(7), 0x80);
-}
-
-// The int5 codes of 64-column chunk c (compress/int5.py packs them): 32 bytes A (v) and 64 bits E (words
-// 2c, 2c + 1 of hb). lo byte j (column 2j) = A_j & 31; hi byte j (column 2j + 1) = ((A_j >> 3) ^ S_j) & 31,
-// S_j = E >> (8p + 2Q) for byte j = 8Q + p (qword lane Q: one broadcast and one variable shift). The
-// packer chose E and A's top 3 bits so that XOR gives the code: 4 ops per 64 weights on top of the load
-// (int4 takes 3), where storing the 5th bits apart and OR-ing them in took 9 (measured 1.46x int4's time
-// on a 3072 x 576 GEMV at M = 1; this layout 1.14x).
-inline void i8_q5_codes(__m256i v, const uint32_t* hb, int64_t c, __m256i& lo, __m256i& hi) {
-  const __m256i e = _mm256_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(hb + 2 * c)));
-  const __m256i m31 = _mm256_set1_epi8(0x1F);
-  lo = _mm256_and_si256(v, m31);
-  const __m256i s = _mm256_srlv_epi64(e, _mm256_setr_epi64x(0, 2, 4, 6));
-  hi = _mm256_and_si256(_mm256_xor_si256(_mm256_srli_epi16(v, 3), s), m31);  // srli16: bits 5-7 masked off
-}
-
-// The nibble kernel: int4 (kQ5 false) and int5 (kQ5 true, GGUF Q5_0, compress/int5.py), weight rows
-// n..n+NR-1 against the M activation rows into out[r][m].
-// int4: w = (q - 8) s + z per group, q = the nibble. int5: w = (q - 16) s per 32 columns, q in 0..31,
-// per 64-column chunk 32 bytes of a.w and two words of a.high (i8_q5_codes' layout); a last half chunk
-// 16 bytes A_k (code 2k | bits 2-4 of code 2k + 1 << 5) and one word (bits 2k, 2k + 1: code 2k + 1's
-// bits 0-1). Exact:
-// maddubs pairs of 31 * 127 products, two pairs summed (dot2) stay below 32767. The -8 / -16 and the
-// zero points enter through the activation group sums xs.
-template <int NR, int M, class D, Groups S, bool kQ5>
-inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR][M]) {
-  const int64_t group = kQ5 ? 32 : a.group;
-  const int64_t Kh = a.K / 2, G = a.K / group, bpg = group / 32, cpg = group / 64;
-  constexpr bool kCoded = coded(S);
-  const uint8_t* __restrict w[NR];
-  const float* sc[NR];
-  const float* zr[NR];  // null: symmetric codes (GGUF Q4_0, int5), no zero point
-  const uint8_t* scc[NR];  // coded: the row's scale / zero codes [G]
-  const uint8_t* zcc[NR];
-  const uint32_t* hb[NR];
-  LF_UNROLL
-  for (int r = 0; r < NR; ++r) {
-    w[r] = static_cast<const uint8_t*>(a.w) + (n + r) * Kh;
-    sc[r] = kCoded ? nullptr : a.scales + (n + r) * G;
-    zr[r] = !kQ5 && !kCoded && a.zeros ? a.zeros + (n + r) * G : nullptr;
-    scc[r] = kCoded ? a.sc + (n + r) * G : nullptr;
-    zcc[r] = kCoded ? a.zc + (n + r) * G : nullptr;
-    hb[r] = kQ5 ? a.high + (n + r) * G : nullptr;
-  }
-  const float* lut = a.lut;
-  auto scale = [&](int r, int64_t j) { return kCoded ? lut[scc[r][j]] : sc[r][j]; };
-  constexpr bool kP = M >= kPackRows;
-  const int8_t* xr[M];  // activation row m's codes and chunk scales (hoisted: the loop recomputed m * Kx / 8)
-  const float* dr[M];
-  LF_UNROLL
-  for (int m = 0; m < M; ++m) xr[m] = kP ? p.x + 64 * m : p.x + m * a.Kx, dr[m] = kP ? p.d + 8 * m : p.d + m * (a.Kx / 8);
-  const __m256i mask = _mm256_set1_epi8(0x0F);
-  const int64_t chunks = a.K / 64;
-  __m256 acc[NR][M];
-  LF_UNROLL
-  for (int r = 0; r < NR; ++r)
-    LF_UNROLL
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
-  int64_t g = 0, left = cpg;  // k64n: the group of chunk c, its chunks still ahead
-  for (int64_t c = 0; c < chunks; ++c) {  // one 64-column chunk (32 weight bytes per row)
-    LF_UNROLL
-    for (int r = 0; r < NR; ++r) {
-      i8_prefetch(w[r], 32 * c);
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + 32 * c));
-      __m256i lo, hi;  // even / odd columns' codes
-      if constexpr (kQ5) {
-        i8_q5_codes(v, hb[r], c, lo, hi);
-      } else {
-        lo = _mm256_and_si256(v, mask);
-        hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-      }
-      const __m256 ws = i8_chunk_scales<S>(sc[r], scc[r], lut, c, g, bpg);
-      LF_UNROLL
-      for (int m = 0; m < M; ++m) {
-        const int8_t* x = xr[m] + (kP ? 64 * M : 64) * c;
-        const __m256i s = D::dot2(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), hi,
-                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
-        const __m256 d = _mm256_mul_ps(_mm256_loadu_ps(dr[m] + (kP ? 8 * M : 8) * c), ws);
-        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[r][m]);
-      }
-    }
-    if (layout(S) == Groups::k64n && --left == 0) ++g, left = cpg;
-  }
-  // The -8 (-16) of the codes and the zero points: sum_g (z_g - 8 s_g) * xs_g, eight groups per vector.
-  // (A scalar loop here was one serial FMA chain per row, ~4 cycles per group: it measured a third of
-  // the time of a 576-column row.)
-  const float off0 = kQ5 ? -16.f : -8.f;
-  const __m256 minus8 = _mm256_set1_ps(off0);
-  LF_UNROLL
-  for (int r = 0; r < NR; ++r) {
-    LF_UNROLL
-    for (int m = 0; m < M; ++m) {
-      __m256 t8 = acc[r][m];
-      const float* xs = a.xs + m * G;
-      int64_t j = 0;
-      for (; j + 8 <= G; j += 8) {
-        __m256 off;
-        if constexpr (kCoded) {  // exactly as the fp32 arrays were made: z = lut[256 + zc] * s, stored as fp32
-          const __m256 s8 = i8_lut8(lut, scc[r] + j);
-          __m256 z8 = _mm256_mul_ps(i8_lut8(lut + 256, zcc[r] + j), s8);
-          asm("" : "+x"(z8));  // z rounded to fp32 (no FMA contraction into the add)
-          off = _mm256_add_ps(_mm256_mul_ps(s8, minus8), z8);
-        } else {
-          off = _mm256_mul_ps(_mm256_loadu_ps(sc[r] + j), minus8);
-          if (zr[r]) off = _mm256_add_ps(off, _mm256_loadu_ps(zr[r] + j));
-        }
-        t8 = _mm256_fmadd_ps(off, _mm256_loadu_ps(xs + j), t8);
-      }
-      float y = i8_hsum(t8);
-      for (; j < G; ++j) {
-        const float s = scale(r, j);
-        float z = kCoded ? lut[256 + zcc[r][j]] * s : zr[r] ? zr[r][j] : 0.f;
-        asm("" : "+x"(z));  // as above
-        y += (z + off0 * s) * xs[j];
-      }
-      if (a.K % 64) {  // a last 32 columns (in the last group), natural order: scalar, exact in int
-        const int64_t b0 = 32 * chunks;
-        const int8_t* x = a.xq + m * a.Kx + 2 * b0;
-        const uint32_t h = kQ5 ? hb[r][G - 1] : 0;
-        int32_t t = 0;
-        for (int64_t k = 0; k < 16; ++k) {
-          const int b = w[r][b0 + k];  // int5: A_k = code 2k | code (2k+1) bits 2-4 << 5, bits 0-1 in h
-          const int even = kQ5 ? b & 31 : b & 15;
-          const int odd = kQ5 ? ((b >> 5) << 2) | static_cast<int>((h >> (2 * k)) & 3) : b >> 4;
-          t += x[2 * k] * even + x[2 * k + 1] * odd;
-        }
-        y += static_cast<float>(t) * a.dv[m * (a.Kx / 8) + 8 * chunks] * scale(r, G - 1);
-      }
-      out[r][m] = y;
-    }
-  }
-}
+namespace leanformer {
+namespace {
 
 // int8 weights, rows n..n+NR-1 into out[r][m]. kG16: one scale per 16 columns (GGUF Q6_K as
 // Int8Linear group 16), two per 32-column block.
@@ -351,28 +179,74 @@ __attribute__((always_inline)) inline void rows_nr(const I8Args& a, const XPack&
     for (int m = 0; m < M; ++m) a.y[m * a.N + n + r] = out[r][m] + (a.bias ? a.bias[n + r] : 0.f);
 }
 
+// Weight rows [n0, n1) against the M activation rows of a, p = i8_pack<M>(a) (int4 / int5).
 template <int M, class D, Kind K, Groups S>
-inline void rows_m(const I8Args& a, int64_t n0, int64_t n1) {
+inline void rows_mp(const I8Args& a, const XPack& p, int64_t n0, int64_t n1) {
   constexpr int NR = i8_nr<M, K == Kind::q4 || K == Kind::q5>();
-  I8Buf buf;
-  const XPack p = K == Kind::q4 || K == Kind::q5 ? i8_pack<M>(a, buf) : XPack{a.xq, a.dv};
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) rows_nr<NR, M, D, K, S>(a, p, n);
   if constexpr (NR > 1)  // the last rows one at a time: same chains, same results
     for (; n < n1; ++n) rows_nr<1, M, D, K, S>(a, p, n);
 }
 
+// One function per M, not inlined into `rows` (which would then hold every M's loops: the int8 head
+// measured ~10% slower at M = 4 and 8 that way). p null: pack a's rows here.
+template <int M, class D, Kind K, Groups S>
+__attribute__((noinline)) void rows_m(const I8Args& a, const XPack* p, int64_t n0, int64_t n1) {
+  I8Buf buf;
+  const XPack q = p ? *p : K == Kind::q4 || K == Kind::q5 ? i8_pack<M>(a, buf) : XPack{a.xq, a.dv};
+  rows_mp<M, D, K, S>(a, q, n0, n1);
+}
+
+template <int M>
+struct MRows {
+  static constexpr int value = M;
+};
+
+// fn(MRows<M>{}) with M = rows (1..8) as a compile-time constant.
+template <class Fn>
+inline void i8_with_rows(int64_t rows, const Fn& fn) {
+  switch (rows) {
+    case 1: return fn(MRows<1>{});
+    case 2: return fn(MRows<2>{});
+    case 3: return fn(MRows<3>{});
+    case 4: return fn(MRows<4>{});
+    case 5: return fn(MRows<5>{});
+    case 6: return fn(MRows<6>{});
+    case 7: return fn(MRows<7>{});
+    default: return fn(MRows<8>{});
+  }
+}
+
+// Up to 8 activation rows in one pass; 9..16 as 8 rows + the rest taken tile by tile over the weight
+// rows, so the second part reads each tile from L1 / L2 instead of streaming W from memory a second time
+// (two passes: 9 rows cost 4.7x one row on SmolLM2; the 49152 x 576 int8 head at 9 rows 0.78x that
+// time in one pass, load 7). Split 8 + rest, not in halves: 5 + 4 measured 1.16x 8 + 1 on the int4
+// blocks (the 8-row loop is the cheapest per row). Every (weight row, activation row) product runs
+// the same loop whatever part or tile it is in.
 template <class D, Kind K, Groups S = Groups::k32>
 inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
-  switch (a.M) {
-    case 1: return rows_m<1, D, K, S>(a, n0, n1);
-    case 2: return rows_m<2, D, K, S>(a, n0, n1);
-    case 3: return rows_m<3, D, K, S>(a, n0, n1);
-    case 4: return rows_m<4, D, K, S>(a, n0, n1);
-    case 5: return rows_m<5, D, K, S>(a, n0, n1);
-    case 6: return rows_m<6, D, K, S>(a, n0, n1);
-    case 7: return rows_m<7, D, K, S>(a, n0, n1);
-    default: return rows_m<8, D, K, S>(a, n0, n1);
+  constexpr bool kNib = K == Kind::q4 || K == Kind::q5;
+  if (a.M <= 8) {
+    return i8_with_rows(a.M, [&](auto t) { rows_m<decltype(t)::value, D, K, S>(a, nullptr, n0, n1); });
+  }
+  I8Args h[2] = {a, a};
+  h[0].M = 8, h[1].M = a.M - 8;
+  const int64_t m0 = h[0].M, groups = kNib ? a.K / (K == Kind::q5 ? 32 : a.group) : 0;
+  h[1].xq += m0 * a.Kx, h[1].dv += m0 * (kNib ? a.Kx / 8 : a.Kx / 32), h[1].y += m0 * a.N;
+  if (kNib) h[1].xs += m0 * groups;
+  I8Buf buf[2];
+  XPack p[2];
+  for (int i = 0; i < 2; ++i)
+    i8_with_rows(h[i].M, [&](auto t) { p[i] = kNib ? i8_pack<decltype(t)::value>(h[i], buf[i]) : XPack{h[i].xq, h[i].dv}; });
+  // ~16 KB of weights per tile (a row: K / 2 nibble bytes + scales, or K int8 bytes), a multiple of 8 rows
+  const int64_t row_bytes = kNib ? a.K / 2 + a.K / 8 : a.K + a.K / 8;
+  const int64_t fit = ((16 << 10) / (row_bytes > 0 ? row_bytes : 1)) & ~int64_t{7};  // no <algorithm> here: int8_act.h
+  const int64_t tile = fit > 8 ? fit : 8;
+  for (int64_t t0 = n0; t0 < n1; t0 += tile) {
+    const int64_t t1 = t0 + tile < n1 ? t0 + tile : n1;
+    for (int i = 0; i < 2; ++i)
+      i8_with_rows(h[i].M, [&](auto t) { rows_m<decltype(t)::value, D, K, S>(h[i], &p[i], t0, t1); });
   }
 }
 

@@ -11,7 +11,7 @@
 
 namespace leanformer {
 
-// One call's operands, at most 8 activation rows. Activations are int8 per block of 32 columns:
+// One call's operands, at most 16 activation rows (more than 8: gemv_i8_impl.h rows splits them). Activations are int8 per block of 32 columns:
 // x[m, k] ~ xq[m, k] * d[m, k / 32], d = max|x over the block| / 127, xq in [-127, 127].
 struct I8Args {
   const int8_t* xq;  // [M, Kx] codes. q4: per 64-column chunk the 32 even columns then the 32 odd ones

@@ -1,0 +1,178 @@
+"""Two builds of the kernel extension in ONE process, old vs new, at M activation rows (issue #16/#17).
+
+    python scripts/i8_rows_ab.py OLD.so NEW.so [--model /tmp/h17/smollm2-Q4_0.gguf] [--rows 1 2 3 5 8 9]
+        [--repeats 9] [--rounds 3] [--threads 1] [--position 200]
+
+OLD.so / NEW.so: built extensions (~/.cache/leanformer/kernels/<hash>/leanformer_gemv_<hash>.so; the
+hash of a source tree is what `leanformer.kernels` builds into). Timed in alternating rounds (medians,
+ms per call), so machine load hits both alike:
+  gemv   the 120 block Linears of SmolLM2-135M (int4 group 32, GGUF Q4_0 symmetric; random codes) +
+         the 49152 x 576 int8 group-32 head, each through linear_q4_i8 / linear_q8_i8
+  step   with --model: the fused decode step (DecodeStack) built from the GGUF's kept-quantized
+         modules by each build, M chained rows of one slot at positions P..P+M-1, + the head
+Prints each as ms and new / old, the step's verify cost (M rows vs 1 row), and /proc/loadavg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.machinery
+import importlib.util
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def add_clock_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--clock", choices=("cpu", "wall"), default="cpu",
+        help="cpu (default): this thread's CPU time, which a busy machine's preemption does not inflate "
+        "(one thread only); wall: elapsed time",
+    )  # fmt: skip
+
+
+def use_clock(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.clock == "cpu":
+        if a.threads != 1:
+            p.error("--clock cpu counts the calling thread only: use --threads 1 or --clock wall")
+        CLOCK[0] = time.thread_time
+
+
+def load_so(path: str):
+    name = Path(path).stem
+    loader = importlib.machinery.ExtensionFileLoader(name, path)
+    spec = importlib.util.spec_from_loader(name, loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+CLOCK = [time.perf_counter]
+
+
+def _ms(fn, repeats: int) -> float:
+    fn()
+    ts = []
+    clock = CLOCK[0]
+    for _ in range(repeats):
+        t = clock()
+        fn()
+        ts.append(clock() - t)
+    return statistics.median(ts) * 1e3
+
+
+def gemv_chain(e, m: int, g: torch.Generator):
+    calls = []
+    for n, k in LAYER * 30:
+        wq = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+        s = torch.rand(n, k // 32, generator=g) * 0.02
+        x = torch.randn(m, k, generator=g)
+        calls.append(lambda x=x, wq=wq, s=s: e.linear_q4_i8(x, wq, s, None, 32, None))
+    hw = torch.randint(-128, 128, (49152, 576), dtype=torch.int8, generator=g)
+    hs = torch.rand(49152, 18, generator=g) * 0.01
+    xh = torch.randn(m, 576, generator=g)
+    head = lambda: e.linear_q8_i8(xh, hw, hs, None, 32)  # noqa: E731
+
+    def blocks():
+        for c in calls:
+            c()
+
+    return blocks, head
+
+
+def build_stack(e, model):
+    stack = e.DecodeStack()
+    for block in model.model.layers:
+        lins = []
+        for mod in (
+            block.self_attn.qkv_proj,
+            block.self_attn.o_proj,
+            block.mlp.gate_up_proj,
+            block.mlp.down_proj,
+        ):
+            kind, codes, scales, zeros, group, k_padded, *lut = mod.decode_operands()
+            lins.append(e.DecodeLinear(kind, codes, scales, zeros, None, None, group, k_padded, *lut))
+        at = block.self_attn
+        stack.add(
+            block.input_layernorm.weight.detach(), block.input_layernorm.eps, lins[0], lins[1],
+            block.post_attention_layernorm.weight.detach(), block.post_attention_layernorm.eps, lins[2], lins[3],
+            at.n_heads, at.n_kv_heads, at.head_dim,
+        )  # fmt: skip
+    stack.int8_act = True
+    return stack
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("old")
+    p.add_argument("new")
+    p.add_argument("--model", default=None)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 5, 8, 9])
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--position", type=int, default=200)
+    p.add_argument("--no-gemv", action="store_true", help="time only the fused step")
+    add_clock_arg(p)
+    a = p.parse_args()
+    use_clock(p, a)
+    torch.set_num_threads(a.threads)
+    exts = {"old": load_so(a.old), "new": load_so(a.new)}
+    model = None
+    if a.model:
+        import leanformer as lf
+
+        model, _ = lf.load(a.model, keep_quantized=True)
+        stacks = {k: build_stack(e, model) for k, e in exts.items()}
+        hop = model.lm_head.decode_operands()
+        at0 = model.model.layers[0].self_attn
+        kv, d, layers = at0.n_kv_heads, at0.head_dim, len(model.model.layers)
+        cache = [[torch.zeros(1, kv, a.position + 32, d) for _ in range(layers)] for _ in range(2)]
+    t: dict[tuple[str, str, int], list[float]] = {}
+    before = loadavg()
+    for _ in range(a.rounds):
+        for m in a.rows:
+            for name, e in exts.items():
+                g = torch.Generator().manual_seed(m)
+                if not a.no_gemv:
+                    blocks, head = gemv_chain(e, m, g)
+                    t.setdefault(("blocks", name, m), []).append(_ms(blocks, a.repeats))
+                    t.setdefault(("head", name, m), []).append(_ms(head, a.repeats))
+                if model is not None:
+                    x = torch.randn(m, model.args.hidden_size, generator=g)
+                    cs = torch.randn(m, d, generator=g), torch.randn(m, d, generator=g)
+                    sl, pos = torch.zeros(m, dtype=torch.long), torch.arange(a.position, a.position + m)
+                    st = stacks[name]
+
+                    def step(st=st, x=x, cs=cs, sl=sl, pos=pos, e=e):
+                        y = st.forward(x, cs[0], cs[1], cache[0], cache[1], [], [], sl, pos)
+                        return e.linear_q8_i8(y, hop[1], hop[2], None, hop[4])
+
+                    t.setdefault(("step+head", name, m), []).append(_ms(step, a.repeats))
+    after = loadavg()
+    print(f"clock {a.clock}, threads {a.threads}; loadavg before {before}, after {after}")
+    print("| what | M | old ms | new ms | new / old | old xM=1 | new xM=1 |")
+    print("|---|---|---|---|---|---|---|")
+    for what in ("blocks", "head", "step+head"):
+        for m in a.rows:
+            if (what, "old", m) not in t:
+                continue
+            o, n = (statistics.median(t[(what, k, m)]) for k in ("old", "new"))
+            o1 = statistics.median(t[(what, "old", a.rows[0])])
+            n1 = statistics.median(t[(what, "new", a.rows[0])])
+            print(f"| {what} | {m} | {o:.2f} | {n:.2f} | {n / o:.3f} | {o / o1:.2f} | {n / n1:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
