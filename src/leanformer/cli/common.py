@@ -13,7 +13,7 @@ from leanformer.hub import resolve_model
 
 DEQUANTIZE_HELP = (
     "GGUF: dequantize every tensor to --dtype (default: keep the file's quantization: Q4_0/Q4_1/Q4_K "
-    "tensors load straight into int4, Q8_0/Q5_0/Q6_K into int8 modules, no float copy)"
+    "tensors load straight into int4, Q5_0 into int5, Q8_0/Q6_K into int8 modules, no float copy)"
 )
 # commands that run the model in this process, so a sharded model works as is; chat's stdin is read by
 # rank 0 and broadcast (distributed.launch.SharedStdin). bench and serve add --tp themselves (bench_tp,
