@@ -253,6 +253,24 @@ def test_controller_drafts_only_when_it_pays():
     assert c.draft_len() > 0
 
 
+def test_controller_spaces_reprobes_of_an_expensive_draft():
+    """A draft costing 0.8 of a plain step per token re-probes no sooner than 0.8 / 2% = 40 plain steps
+    after falling back (a cheap one after 16), so probes cost at most ~2% of the time."""
+    for row_cost, first_probe in ((0.008, 40), (0.001, 16)):
+        c = Controller(8)
+        for _ in range(Controller.PROBE):
+            c.draft_len()
+            c.plain(0.010)
+        for _ in range(12):
+            k = c.draft_len()
+            c.round(k, 0, 0.010 + row_cost * k) if k else c.plain(0.010)
+            if c.fallbacks:
+                break
+        assert c.fallbacks == 1
+        steps = 1 + next(i for i in range(1, 300) if c.draft_len() > 0)
+        assert steps == first_probe, (row_cost, steps)
+
+
 def test_bad_arguments_are_one_line_errors(stories):
     model, tok = stories
     for bad in ("lookup", 3):

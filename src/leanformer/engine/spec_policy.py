@@ -19,6 +19,7 @@ have been the token the plain step chose.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -143,6 +144,7 @@ class Controller:
     for free (observe); a draft model re-probes with one draft after 16, 32, 64, ... plain steps."""
 
     DECAY, PROBE, FIRST_PAUSE, MAX_PAUSE, WINDOW = 0.9, 3, 16, 256, 15
+    PROBE_BUDGET = 0.02  # re-probes may cost at most this share of the plain steps between them
 
     def __init__(self, max_draft: int) -> None:
         self.max_draft = max_draft
@@ -185,6 +187,10 @@ class Controller:
             return best
         if self.idle == 0:
             self.fallbacks += 1
+            # a rejected one-draft probe costs ~row_s more than a plain step: an expensive draft (layer
+            # skip: ~0.8 of a step per draft on SmolLM2) waits longer before its first re-probe
+            wait = math.ceil(self.row_s / (self.plain_s * self.PROBE_BUDGET))
+            self.next_probe = max(self.next_probe, min(self.MAX_PAUSE, wait))
         self.idle += 1
         if self.idle % self.next_probe == 0:
             self.next_probe = min(self.MAX_PAUSE, 2 * self.next_probe)
