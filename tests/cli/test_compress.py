@@ -40,7 +40,20 @@ def test_disk_space_is_checked_before_work(shared, tmp_path, capsys, monkeypatch
 
 
 def test_stream_refuses_what_it_cannot_serve(tiny_dirs, tmp_path, capsys):
-    args = ["compress", str(tiny_dirs["gpt2"]), "--recipe", "int8", "-o", str(tmp_path / "o"), "--no-speed"]
+    # streaming packs SparseStorage once every layer is pruned, so it must be the last stage
+    recipe = tmp_path / "sparse-then-int8.json"
+    recipe.write_text(
+        '[{"type": "Magnitude", "sparsity": 0.5}, {"type": "SparseStorage"}, {"type": "Int8WeightOnly"}]'
+    )
+    args = [
+        "compress",
+        str(tiny_dirs["gpt2"]),
+        "--recipe",
+        str(recipe),
+        "-o",
+        str(tmp_path / "o"),
+        "--no-speed",
+    ]
     assert main([*args, "--stream"]) == 2
     assert "--in-memory" in capsys.readouterr().err
     assert main(args) == 0  # without --stream: falls back to memory, saying why
