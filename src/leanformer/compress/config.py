@@ -129,8 +129,7 @@ class GPTQ(QuantConfig):
             raise LeanformerError(f"GPTQ: bits must be 4 or 8, got {self.bits}")
         if self.bits == 4:
             _check_int4(self)
-        if not 0 <= self.damp < 1:
-            raise LeanformerError(f"GPTQ: damp must be in [0, 1), got {self.damp}")
+        _check_damp(self.damp, "GPTQ")
 
 
 @_register
@@ -189,6 +188,12 @@ def parse_pattern(pattern: str, who: str) -> tuple[int, int] | None:
     if not 0 < n < m:
         raise LeanformerError(f"{who}: N:M pattern needs 0 < N < M (keep N of every M), got {pattern!r}")
     return n, m
+
+
+def _check_damp(value: float, who: str) -> None:
+    """The Hessian dampening fraction (GPTQ, SparseGPT, the least-squares refits, whitened SVD)."""
+    if not 0 <= value < 1:
+        raise LeanformerError(f"{who}: damp must be in [0, 1), got {value}")
 
 
 def _check_fraction(value: object, who: str, what: str) -> None:
@@ -257,8 +262,7 @@ class SparseGPT(PruneConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not 0 <= self.damp < 1:
-            raise LeanformerError(f"SparseGPT: damp must be in [0, 1), got {self.damp}")
+        _check_damp(self.damp, "SparseGPT")
         if self.block_size < 1:
             raise LeanformerError(f"SparseGPT: block_size must be >= 1, got {self.block_size}")
 
@@ -283,8 +287,7 @@ class PruneFFN(QuantConfig):
         super().validate()
         _check_fraction(self.sparsity, "PruneFFN", "sparsity")
         _check_count(self.multiple, "PruneFFN", "multiple")
-        if not 0 <= self.damp < 1:
-            raise LeanformerError(f"PruneFFN: damp must be in [0, 1), got {self.damp}")
+        _check_damp(self.damp, "PruneFFN")
 
 
 @_register
@@ -330,8 +333,7 @@ class PruneHeads(QuantConfig):
         for what in ("heads", "kv_heads"):
             if getattr(self, what) is not None:
                 _check_count(getattr(self, what), "PruneHeads", what, "heads kept per layer")
-        if not 0 <= self.damp < 1:
-            raise LeanformerError(f"PruneHeads: damp must be in [0, 1), got {self.damp}")
+        _check_damp(self.damp, "PruneHeads")
         if not isinstance(self.refit, bool):
             raise LeanformerError(f"PruneHeads: refit must be true or false, got {self.refit!r}")
         if self.sparsity == 0 and self.kv_sparsity == 0 and self.heads is None and self.kv_heads is None:
@@ -365,8 +367,7 @@ class LowRank(QuantConfig):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
             raise LeanformerError(f"LowRank: ratio must be in (0, 1), got {self.ratio!r}")
         _check_count(self.multiple, "LowRank", "multiple")
-        if not 0 <= self.damp < 1:
-            raise LeanformerError(f"LowRank: damp must be in [0, 1), got {self.damp}")
+        _check_damp(self.damp, "LowRank")
         if self.keep not in ("faster", "smaller"):
             raise LeanformerError(f"LowRank: keep must be 'faster' or 'smaller', got {self.keep!r}")
         if not isinstance(self.whiten, bool):
