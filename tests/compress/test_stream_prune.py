@@ -87,9 +87,11 @@ def test_stories260k_pruning_streamed_equals_in_memory(shared, name):
         assert isinstance(lazy.model.layers[0].mlp.down_proj, LowRankLinear)
     if name.startswith("ffn"):
         assert lazy.model.layers[0].mlp.inter == 128
-    if name.endswith("sparse"):  # SparseStorage's capacities come from the weights: the dense bound
+    # upper bounds: SparseStorage's capacities come from the pruned weights (the dense size is counted),
+    # and whether AWQ keeps a Linear's input scale depends on the data (counted for every target)
+    if name.endswith("sparse") or "awq" in name:
         assert estimate >= state_bytes(lazy)
-    elif "awq" not in name:  # AWQ's plan does not count its per-channel scales (an under-estimate)
+    else:
         assert estimate == state_bytes(lazy)
     if name.startswith("heads"):
         assert lazy.model.layers[0].self_attn.n_heads == 4  # stories260K: 8 heads, 4 KV heads

@@ -352,14 +352,18 @@ def state_bytes(model: nn.Module) -> int:
 
 def compressed_bytes(model: nn.Module, stages: list[QuantConfig]) -> int:
     """Size of the weights `stages` would leave (a structure-only run on a meta copy of a lazily
-    loaded model): for the disk-space check before any work."""
+    loaded model): for the disk-space check before any work. Exact, except for AWQ: whether a
+    Linear keeps an fp32 `input_scale` [in_features] (a scale it could not fold upstream) depends on
+    the calibration, so every AWQ target is counted with one (an upper bound)."""
     from leanformer.compress.config import PruneFFN, PruneHeads
     from leanformer.compress.prune_heads import head_targets
+    from leanformer.compress.quant import AWQ
     from leanformer.compress.recipe import _quantize, select_linears
     from leanformer.compress.sparse import SparseStorage
     from leanformer.compress.structured import ffn_targets
 
     dry = copy.deepcopy(model, memo={id(getattr(model, "lazy", None)): None})
+    input_scales = 0
     for c in stages:
         if isinstance(c, SparseStorage) and not c.capacity:
             continue  # its capacities come from the pruned weights: the dense size is the bound
@@ -369,5 +373,7 @@ def compressed_bytes(model: nn.Module, stages: list[QuantConfig]) -> int:
             shrink_heads_plan(dry, c, head_targets(dry, select_linears(dry, c)))
         if isinstance(c, PruneLayers):  # the fewer layers
             plan_drop(dry, c)
+        if isinstance(c, AWQ):
+            input_scales += sum(4 * dry.get_submodule(n).in_features for n in select_linears(dry, c))
         _quantize(dry, c, None, structure_only=True, progress=False)
-    return state_bytes(dry)
+    return state_bytes(dry) + input_scales
