@@ -189,6 +189,9 @@ def test_presets_and_load_recipe(tmp_path):
     assert set(PRESETS) >= {"int8", "int4", "w8a8", "gptq-int4", "awq-int4"}
     Recipe([Int8Dynamic()]).save(tmp_path / "r.yaml")
     assert load_recipe(tmp_path / "r.yaml").stages == [Int8Dynamic()]
+    Recipe([Int8WeightOnly()]).save(tmp_path / "r.yaml")  # replaced whole, no temp file left behind
+    assert load_recipe(tmp_path / "r.yaml").stages == [Int8WeightOnly()]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
     with pytest.raises(LeanformerError, match="presets: int8"):
         load_recipe("int5")
 

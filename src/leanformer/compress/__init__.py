@@ -16,6 +16,7 @@ from leanformer.compress.config import (
     Wanda,
 )
 from leanformer.compress.int5 import Int5Linear
+from leanformer.compress.presets import PRESETS
 from leanformer.compress.quant import (
     AWQ,
     CONFIG_TYPES,
@@ -30,7 +31,6 @@ from leanformer.compress.quant import (
     QuantConfig,
 )
 from leanformer.compress.recipe import (
-    PRESETS,
     Recipe,
     apply,
     as_recipe,

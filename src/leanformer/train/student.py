@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from leanformer.compress.config import PruneLayers
-from leanformer.compress.recipe import PRESETS, apply, load_recipe
+from leanformer.compress.presets import PRESETS
+from leanformer.compress.recipe import apply, load_recipe
 from leanformer.compress.structured import record_heads, record_widths
 from leanformer.errors import LeanformerError
 from leanformer.train.losses import blocks, layer_mapping
