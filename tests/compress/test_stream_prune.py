@@ -182,3 +182,18 @@ def test_smollm2_heads_drop_gptq_streamed_equals_in_memory(smollm2):
     apply(lazy, copy.deepcopy(recipe), calib, progress=False)
     assert len(lazy.model.layers) == 28 and lazy.model.layers[0].self_attn.n_heads == 6
     same(whole, lazy, 49152)
+
+
+def test_layer_drop_plan_is_an_upper_bound_for_uneven_layers(shared):
+    """PruneLayers' size plan (before the scoring walk says which layers go) drops the smallest layers:
+    with layer 1 made smaller, dropping it is what the plan assumes, not dropping the last layer."""
+    from leanformer.compress.stream_prune import plan_drop
+
+    model, _ = lf.load(shared / "models/stories260K")
+    mlp = model.model.layers[1].mlp
+    mlp.down_proj = torch.nn.Linear(8, mlp.down_proj.out_features, bias=False)  # a narrower layer 1
+    before = [sum(t.numel() for t in layer.state_dict().values()) for layer in model.model.layers]
+    plan = copy.deepcopy(model)
+    plan_drop(plan, PruneLayers(n_layers=1))
+    after = [sum(t.numel() for t in layer.state_dict().values()) for layer in plan.model.layers]
+    assert after == before[:1] + before[2:]  # the smallest went: any real choice leaves no more bytes

@@ -92,13 +92,17 @@ def shrink_plan(dry: nn.Module, cfg: PruneFFN, targets: list[str]) -> None:
 
 
 def plan_drop(dry: nn.Module, cfg: PruneLayers) -> None:
-    """The meta plan without cfg.n_layers layers (the last ones: which go is decided by the scoring
-    walk; the layers of a decoder have the same shapes, so the plan's checks and sizes hold)."""
+    """The meta plan without cfg.n_layers layers. Which go is decided later by the scoring walk, so the
+    plan drops the smallest ones: its size is an upper bound (exact when the layers have equal shapes,
+    as a decoder's do unless an earlier stage pruned them unevenly)."""
     from leanformer.compress.structured import check_prunable_layers, drop_layers
 
     check_prunable_layers(dry, cfg)
-    n = len(dry.model.layers)
-    drop_layers(dry, list(range(n - cfg.n_layers, n)))
+    size = [
+        sum(t.numel() * t.element_size() for t in layer.state_dict().values()) for layer in dry.model.layers
+    ]
+    smallest = sorted(range(len(size)), key=lambda i: (size[i], -i))[: cfg.n_layers]
+    drop_layers(dry, sorted(smallest))
 
 
 def shrink_heads_plan(dry: nn.Module, cfg: PruneHeads, targets: list[str]) -> None:
