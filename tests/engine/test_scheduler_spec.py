@@ -11,7 +11,7 @@ import leanformer as lf
 from leanformer.engine.paged import PagedScheduler
 from leanformer.engine.sampling import SamplingParams
 from leanformer.engine.scheduler import Scheduler
-from leanformer.engine.spec_batch import SpecDecoder, _Cost, check_method
+from leanformer.engine.spec_batch import SpecDecoder, check_method
 from leanformer.errors import LeanformerError
 from tests.engine.test_scheduler import make, run
 
@@ -30,8 +30,12 @@ def _prompts(tok) -> list[list[int]]:
     return [p, p + p[:12], p[:20], [1, 5, 7, 9, 11], p[5:] + p[5:30]]
 
 
-def _serve(sched, prompts, n, speculative="prompt-lookup", **kw):
+FLAT = ([1.0] * 16, [1.0] * 16)  # rows for free: every draft with a chance is verified (deterministic)
+
+
+def _serve(sched, prompts, n, speculative="prompt-lookup", costs=FLAT, **kw):
     sched.spec = SpecDecoder()
+    sched.spec.costs = costs  # None: timed on the model (spec_chain.batch_costs)
     jobs = [make(p, k, speculative=speculative, **kw) for p, k in zip(prompts, n)]
     for req, _ in jobs:
         sched.submit(req)
@@ -118,22 +122,29 @@ def test_chains_on_the_module_path_equal_plain(tiny_dirs):
     assert got == [lf.generate(model, None, p, max_new_tokens=30, ignore_eos=True) for p in prompts]
 
 
-def test_cost_model_learns_rows_and_prices_a_draft():
-    cost = _Cost()
-    assert cost.draft_cost(4) == 0.3  # nothing timed yet
-    for rows in [4, 6, 9, 12] * 3:
-        cost.add(rows, 0.035 + 0.018 * rows)  # SmolLM2 int4 on AVX2: ~a + b × rows
-    cost.add(6, 5.0)  # a spike (the machine is shared): the medians ignore it
-    assert cost.draft_cost(4) == pytest.approx(0.018 / (0.035 / 4 + 0.018))  # ≈ 0.67
-    assert cost.last == pytest.approx((0.035, 0.018))
-    assert cost.draft_cost(1) < cost.draft_cost(4)  # one stream: drafts are cheaper
-    for _ in range(50):
-        cost.add(4, 0.107)  # only plain steps of 4 rows since: the fit stands
-    assert cost.draft_cost(4) == pytest.approx(0.018 / (0.035 / 4 + 0.018))
-    flat = _Cost()
-    for rows in [4, 8] * 3:
-        flat.add(rows, 0.1)  # rows for free: a draft still costs FLOOR
-    assert flat.draft_cost(4) == _Cost.FLOOR
+@pytest.mark.parametrize("costs", ["flat", "timed"])
+@pytest.mark.parametrize("kind", ["slots", "paged"])
+def test_tight_limits_and_timed_costs_keep_greedy_outputs(stories, kind, costs):
+    """max_tokens of 1-3 and a cache that ends exactly where the longest request does (drafts must stop
+    at both), with every draft verified (flat costs) or costs timed on the model: outputs equal plain."""
+    model, tok = stories
+    prompts, n = _prompts(tok), [1, 3, 2, 45, 30]
+    max_seq = max(len(p) + k for p, k in zip(prompts, n))
+
+    def sched():
+        if kind == "slots":
+            return Scheduler(model, None, 3, max_seq)
+        return PagedScheduler(model, None, 3, max_seq, 3 * max_seq // 8 + 3, 8)
+
+    spec_s = sched()
+    got, _ = _serve(spec_s, prompts, n, costs=FLAT if costs == "flat" else None)
+    assert [len(t) for t in got] == n
+    assert got == [lf.generate(model, None, p, max_new_tokens=k, ignore_eos=True) for p, k in zip(prompts, n)]
+    if costs == "flat":
+        assert spec_s.spec.drafted_total > 0
+    else:
+        plain, chained = spec_s.spec.costs
+        assert len(plain) == 3 and len(chained) == 16 and chained[0] == 1.0
 
 
 def test_check_method():

@@ -40,6 +40,7 @@ def attach_speculation(sched, policy) -> None:
 
     if policy is None and not isinstance(sched.model, Leader):
         sched.spec = SpecDecoder()
+        sched.spec.calibrate(sched)  # the forward's cost per row count, timed now: no request waits for it
 
 
 def request_speculation(body, default: str | None, sched) -> str | None:

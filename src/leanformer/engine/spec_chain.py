@@ -1,0 +1,140 @@
+"""The server's verification forwards: chained rows of several requests in one decode forward (Chain),
+and what such a forward costs per row count (batch_costs, timed once per model and setting).
+
+engine/spec_batch.py runs B requests with k_i drafts each as ONE forward of B + sum(k_i) one-token rows;
+its draft policy (engine/spec_batch_policy.py) prices a draft by what the extra rows add to that forward.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from leanformer.errors import LeanformerError
+from leanformer.models.kv_cache import KVCache, Step
+from leanformer.models.paged_cache import PagedKVCache, PagedStep
+
+
+class Chain:
+    """A cache seen by a forward of one-token rows where row r is the token at position positions[r] of
+    slot slots[r] (several rows may chain in one slot). Everything but begin() is the cache's."""
+
+    def __init__(self, cache, slots: list[int], positions: list[int]) -> None:
+        self._cache = cache
+        self._slots, self._pos = torch.tensor(slots), torch.tensor(positions)
+
+    def __getattr__(self, name: str):
+        return getattr(self._cache, name)
+
+    def begin(self, slots: torch.Tensor, n_new: int) -> Step:
+        if n_new != 1:
+            raise LeanformerError("a chained cache step takes one token per row (input_ids [R, 1])")
+        c, rows = self._cache, len(self._slots)
+        key_len = int(self._pos.max()) + 1
+        if key_len > c.max_seq:
+            raise LeanformerError(f"sequence of {key_len} tokens exceeds the cache/context size {c.max_seq}")
+        positions = self._pos[:, None]  # [R, 1]
+        mask = torch.arange(key_len)[None, None, None, :] <= positions[:, None, :, None]  # [R, 1, 1, S]
+        if not isinstance(c, PagedKVCache):
+            dev = c.k[0].device
+            return Step(self._slots.to(dev), positions.to(dev), key_len, mask.to(dev), False, None)
+        # paged: rows read their sequence's blocks; a fused step works on one gathered view row per
+        # sequence (step.slots names it), so the rows of a chain see each other's new K/V there
+        seqs, group = torch.unique(self._slots, return_inverse=True)  # [G], [R]
+        tables = c.block_tables[seqs]  # [G, max_blocks]
+        keys = torch.arange(key_len)
+        write = c._rows(tables[group], positions)  # [R, n_kv, 1]
+        read = c._rows(tables[group], keys.expand(rows, key_len))  # [R, n_kv, S]
+        view = c._rows(tables, keys.expand(len(seqs), key_len))  # [G, n_kv, S]
+        dev = c.device
+        step = PagedStep(
+            group.to(dev), positions.to(dev), key_len, mask.to(dev), False, None,
+            write_rows=write.reshape(-1).to(dev), read_rows=read.reshape(-1).to(dev),
+            view_rows=view.reshape(-1).to(dev),
+        )  # fmt: skip
+        c._views = None
+        fits = c._view_bytes(len(seqs), key_len) <= c.FUSED_VIEW_BYTES
+        c._step = step if c.fused_ok and fits else None
+        return step
+
+
+def _interpolate(timed: dict[int, float], top: int) -> list[float]:
+    """Costs at 1..top from the timed counts: linear between them, non-decreasing."""
+    counts = sorted(timed)
+    out, best = [], 0.0
+    for m in range(1, top + 1):
+        lo = max((x for x in counts if x <= m), default=counts[0])
+        hi = min((x for x in counts if x >= m), default=counts[-1])
+        c = timed[lo] if hi == lo else timed[lo] + (timed[hi] - timed[lo]) * (m - lo) / (hi - lo)
+        best = max(best, c)
+        out.append(best)
+    return out
+
+
+def _layout(rows: int, slots: int, context: int) -> tuple[list[int], list[int]]:
+    """`rows` chained rows over min(rows, slots) slots, as even as can be: (slot, position) per row."""
+    s = min(rows, slots)
+    per = [rows // s + (i < rows % s) for i in range(s)]
+    slot_of = [i for i in range(s) for _ in range(per[i])]
+    pos = [context + j for i in range(s) for j in range(per[i])]
+    return slot_of, pos
+
+
+@torch.inference_mode()
+def batch_costs(
+    model: nn.Module, slots: int, rows: int, repeats: int = 6, context: int = 128
+) -> tuple[list[float], list[float]]:
+    """(plain, chained): what a decode forward costs, in one-row plain steps of the same pass.
+
+    plain[b - 1]: b requests, one row each, through the plain decode path (b = 1..slots).
+    chained[r - 1]: r rows through Chain, spread over min(r, slots) requests (r = 1..rows), the path
+    a verification forward takes. Timed once per model, thread count, activation and KV setting (kept
+    on the model): `repeats` passes after a warm-up pass (it builds the fused decode stacks), each
+    count's cost the median over passes of its time over the same pass's one-row time, so the load of
+    a shared machine falls on both sides of every ratio (spec_policy.verify_costs does the same for
+    one request). ~2-4 s for SmolLM2 at 4 slots and 16 rows. The scratch cache's keys are zeros at
+    positions 0..context; it is freed on return."""
+    key = (
+        torch.get_num_threads(),
+        getattr(model, "decode_activations", "auto"),
+        getattr(model, "kv_cache_dtype", None),
+        getattr(model, "fused_decode", None),
+        slots,
+        rows,
+    )
+    known = model.__dict__.setdefault("_batch_costs", {})
+    if key in known:
+        return known[key]
+    slots = max(1, min(slots, rows))
+    cache = KVCache.for_model(model, slots, context + rows + 1)
+    context = max(0, min(context, cache.max_seq - rows - 1))
+    plain_counts = sorted({m for m in (1, 2, 3, 4, 6, 8, 12, 16) if m <= slots} | {slots})
+    chain_counts = sorted({m for m in (2, 3, 4, 5, 6, 8, 10, 12, 16) if m <= rows} | {rows} - {1})
+    ratios: dict[tuple[str, int], list[float]] = {}
+    for rep in range(repeats + 1):
+        seconds: dict[tuple[str, int], float] = {}
+        for m in plain_counts:
+            ids = torch.arange(m)
+            cache.set_length(ids, torch.full((m,), context))
+            t = time.perf_counter()
+            model(torch.zeros(m, 1, dtype=torch.long), cache=cache, slots=ids)
+            seconds["plain", m] = time.perf_counter() - t
+        for m in chain_counts:
+            slot_of, pos = _layout(m, slots, context)
+            cache.set_length(torch.arange(slots), torch.full((slots,), context))
+            t = time.perf_counter()
+            model(
+                torch.zeros(m, 1, dtype=torch.long), cache=Chain(cache, slot_of, pos), slots=torch.arange(m)
+            )
+            seconds["chain", m] = time.perf_counter() - t
+        if rep > 0:  # the first pass builds the fused decode stacks
+            for k, s in seconds.items():
+                ratios.setdefault(k, []).append(s / seconds["plain", 1])
+    ratio = {k: statistics.median(r) for k, r in ratios.items()}
+    plain = _interpolate({m: ratio["plain", m] for m in plain_counts}, slots)
+    chained = _interpolate({1: 1.0, **{m: ratio["chain", m] for m in chain_counts}}, rows)
+    known[key] = (plain, chained)
+    return plain, chained
