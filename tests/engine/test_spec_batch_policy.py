@@ -12,7 +12,7 @@ import torch
 import leanformer as lf
 from leanformer.engine.ngram import SuffixIndex
 from leanformer.engine.spec_batch_policy import RequestDrafts, allocate
-from leanformer.engine.spec_chain import _layout, batch_costs
+from leanformer.engine.spec_chain import _layout, _line, batch_costs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,6 +87,16 @@ def test_request_drafts_index_is_incremental_and_learns_for_free():
 def test_layout_spreads_rows_over_slots():
     assert _layout(3, 4, 10) == ([0, 1, 2], [10, 10, 10])
     assert _layout(6, 4, 10) == ([0, 0, 1, 1, 2, 3], [10, 11, 10, 11, 10, 10])
+
+
+def test_cost_line_smooths_a_dip():
+    timed = {2: 1.5, 3: 2.06, 4: 2.06, 6: 2.27, 8: 3.9, 12: 5.09, 16: 8.92}  # SmolLM2 under load 5
+    costs = _line(timed, 16, 2, 0.05)
+    assert costs[0] == 1.0 and costs == sorted(costs)
+    steps = [b - a for a, b in zip(costs[1:], costs[2:])]
+    assert min(steps) == pytest.approx(max(steps)) and min(steps) > 0.4  # no row looks free
+    assert _line({2: 1.0, 4: 1.0}, 5, 2, 0.05)[3:] == pytest.approx([1.05, 1.1])  # rows never free: the floor
+    assert _line({}, 3, 2, 0.1) == pytest.approx([1.0, 1.1, 1.2])
 
 
 def test_batch_costs_on_a_real_model(shared):

@@ -73,6 +73,11 @@ class SpecDecoder:
         if self.costs is None:
             cap = self._cap(sched)
             self.costs = batch_costs(sched.model, min(sched.cache.n_slots, cap), cap)
+            plain, chained = self.costs
+            log.info(
+                "speculation: a decode forward costs %s (1..%d requests) and %s (1..%d chained rows) one-row steps",
+                " ".join(f"{c:.2f}" for c in plain), len(plain), " ".join(f"{c:.2f}" for c in chained), len(chained),
+            )  # fmt: skip
 
     def _state(self, s: SeqState) -> RequestDrafts | None:
         if s.req.speculative is None or not s.req.params.greedy or s.seen is not None:
