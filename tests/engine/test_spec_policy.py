@@ -8,7 +8,7 @@ import torch
 
 from leanformer.engine.ngram import SuffixIndex
 from leanformer.engine.sampling import greedy_tokens
-from leanformer.engine.spec_policy import CAP, LookupPolicy, verify_costs
+from leanformer.engine.spec_policy import CAP, DraftPolicy, LookupPolicy, draft_cost, verify_costs
 from leanformer.engine.verify import fast_argmax, greedy_accept
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,3 +109,48 @@ def test_greedy_accept_checks_the_gap_of_every_row_it_keeps():
     assert greedy_accept(logits, [1, 1], margin=1e-3) == (1, None)  # row 1's top two tie
     assert greedy_accept(logits, [1, 1], margin=0.0) == (2, 2)
     assert greedy_accept(logits, [0, 1], margin=1e-3) == (0, 1)
+
+
+COSTS = [1.0, 1.1, 1.3, 1.6, 1.9]  # a verification forward of m rows, in one-row steps
+
+
+def test_draft_policy_probes_at_once_then_spaces_rejected_probes():
+    """An expensive draft (0.55 of a step) that is always wrong: one probe at once, then a rejected probe
+    (wasting 0.55 + 1.1 - 1 = 0.65 steps) waits 0.65 / 2% = 33 plain steps, the next twice as long."""
+    p = DraftPolicy(4, COSTS, 0.55)
+    assert p.draft_len(100) == 1  # prior 1 in 2 does not pay (needs 0.65), but one probe learns
+    p.round(1, 0)
+    gaps = []
+    for _ in range(2):
+        gap = 1 + next(i for i in range(500) if p.draft_len(100) > 0)
+        p.round(1, 0)
+        gaps.append(gap)
+    assert gaps == [33, 66] and p.fallbacks == 0  # never drafted beyond probes: no fall-back counted
+    assert p.draft_len(0) == 0  # nothing left to emit: never a draft
+
+
+def test_draft_policy_follows_a_kept_probe_and_drafts_when_it_pays():
+    p = DraftPolicy(4, COSTS, 0.1)  # a cheap draft: the prior already pays for one draft
+    assert p.draft_len(100) >= 1
+    for _ in range(20):
+        p.round(p.draft_len(100), 4) if p._drafting else None
+        p.round(4, 4)
+    assert p.draft_len(100) == 4 and p.draft_len(2) == 2  # always kept: as many as allowed
+    for _ in range(60):
+        p.round(4, 0)
+    assert p.draft_len(100) == 0 and p.fallbacks == 1  # stopped paying: plain steps, probes
+    p.round(1, 0)
+    p2 = DraftPolicy(4, COSTS, 0.55)
+    assert p2.draft_len(100) == 1
+    p2.round(1, 1)  # the probe was kept (a gain): probe again at once
+    assert p2.draft_len(100) == 1
+
+
+def test_draft_cost_is_timed_once_per_target(shared):
+    import leanformer as lf
+    from leanformer.engine.speculative import early_exit
+
+    model, _ = lf.load(shared / "models" / "stories260K")
+    draft = early_exit(model, 2)
+    cost = draft_cost(model, draft, repeats=2)
+    assert 0 < cost < 10 and draft_cost(model, draft) == cost and len(draft._draft_costs) == 1

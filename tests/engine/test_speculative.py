@@ -164,6 +164,44 @@ def test_layer_skip_draft_shares_the_target_cache(stories):
     assert not own.shared and own.cache.k[0] is not cache.k[0]
 
 
+def test_layer_skip_view_is_kept_per_model_until_a_module_changes(stories):
+    """resolve_speculative keeps one early_exit view per model and depth (its fused stack and draft cost
+    are built once), and builds a new one once the model's modules are not the view's any more."""
+    from leanformer.engine.speculative import resolve_speculative
+
+    model, _ = stories
+    a = resolve_speculative(LayerSkip(3), model).model
+    assert resolve_speculative("layer-skip:3", model).model is a
+    assert resolve_speculative(LayerSkip(2), model).model is not a
+    old_head = model.lm_head
+    try:
+        model.lm_head = torch.nn.Linear(old_head.in_features, old_head.out_features, bias=False)
+        b = resolve_speculative(LayerSkip(3), model).model
+        assert b is not a and b.lm_head is model.lm_head
+    finally:
+        model.lm_head = old_head
+
+
+def test_draft_catches_up_in_chained_rows_as_a_prefill_would(stories):
+    """A draft with its own cache, a few tokens behind, feeds them as chained decode rows: the same next-
+    token logits as feeding them as one prompt."""
+    from leanformer.engine.speculative import _DraftRunner
+
+    model, _ = stories
+    draft = _truncated(model, 3)
+    cache = KVCache.for_model(model, 1, 64)
+    seq = list(range(10, 30))
+    runs = []
+    for behind in (5, 12):  # chained rows (<= CATCH_UP_ROWS), then a [1, n] forward
+        runner = _DraftRunner(draft, 64, model, cache)
+        runner.prefill(seq[: len(seq) - behind])
+        runs.append(runner.propose(seq, 3, SamplingParams(), None)[0])
+        assert runner.length == len(seq) and int(runner.cache.lengths[0]) == len(seq) + 2
+    fresh = _DraftRunner(draft, 64, model, cache)
+    fresh.prefill(seq[:-1])
+    assert runs[0] == runs[1] == fresh.propose(seq, 3, SamplingParams(), None)[0]
+
+
 def test_lookup_drafts_from_the_prompt(stories):
     """16 tokens into the story's repeated opening, drafts come from the prompt (not only from the few
     tokens generated so far) and are kept."""

@@ -130,6 +130,97 @@ def verify_costs(model: nn.Module, rows: int, repeats: int = 8, context: int = 1
     return costs
 
 
+class DraftPolicy:
+    """A draft model's length per step (speculative_decode, one request), priced in one-row target steps.
+
+    Costs are known before the request: verify_costs (a forward of m chained rows) and draft_cost (one
+    draft forward), both timed once per model; only the survival rate `a` is learnt (a decayed count,
+    prior 1 in 2). k drafts cost k * draft + costs[k] and yield E(k) = (1 - a^(k+1)) / (1 - a) tokens;
+    the k with the most tokens per step wins, k = 0 when none beats a plain step. An expensive draft
+    (layer skip: ~0.5 of a step per draft on SmolLM2, so a needs ~0.85 to pay) rarely drafts: then it
+    probes with one draft. The first probe comes at once; a kept probe is a gain (2 tokens for less than
+    2 steps) and is followed by another at once; a rejected one wastes draft + costs[1] - 1 steps, so the
+    next waits until that loss is at most PROBE_BUDGET of the plain steps between, and each further
+    rejection doubles the wait (open-ended SmolLM2 with layer-skip:10: probes at steps ~1, ~45 and ~130)."""
+
+    DECAY, PROBE_BUDGET, MAX_PAUSE = 0.9, 0.02, 1024
+
+    def __init__(self, max_draft: int, costs: list[float], draft: float) -> None:
+        self.max_draft = max_draft
+        self.costs = costs  # costs[m - 1]: a verification forward of m rows, in one-row steps
+        self.draft = draft  # one draft forward, in one-row target steps
+        self.counts = [1.0, 2.0]  # [decayed drafts kept, decayed drafts judged]
+        self.fallbacks = 0  # times drafting stopped paying for this request
+        self._drafting = False
+        self.loss = max(0.0, draft + costs[min(1, len(costs) - 1)] - 1)  # of a rejected probe, in steps
+        self.pause = 1  # plain steps before the next probe
+        self.idle = 0  # plain steps since the last draft
+        self._probe = False
+
+    @property
+    def alpha(self) -> float:
+        return min(self.counts[0] / self.counts[1], 0.999)
+
+    def draft_len(self, available: int) -> int:
+        """Drafts for the next step (0: a plain step); `available`: how many may still be emitted."""
+        top = min(available, self.max_draft, len(self.costs) - 1)
+        if top < 1:
+            return 0
+        a, best_k, best = self.alpha, 0, 1.0
+        for k in range(1, top + 1):
+            rate = (1 - a ** (k + 1)) / (1 - a) / (k * self.draft + self.costs[k])
+            if rate > best:
+                best_k, best = k, rate
+        self._probe = False
+        if best_k > 0:
+            self._drafting, self.idle = True, 0
+            return best_k
+        if self._drafting:
+            self.fallbacks += 1
+            self._drafting, self.pause = False, self._wait(1)
+        self.idle += 1
+        if self.idle < self.pause:
+            return 0
+        self.idle, self._probe = 0, True
+        return 1
+
+    def _wait(self, previous: int) -> int:
+        """Plain steps before the next probe after a rejection: loss / budget, doubling while rejected."""
+        return min(self.MAX_PAUSE, max(math.ceil(self.loss / self.PROBE_BUDGET), 2 * previous))
+
+    def round(self, k: int, accepted: int) -> None:
+        """k drafts were verified and `accepted` of them kept (the first rejected one, if any, is judged)."""
+        self.counts[0] = self.DECAY * self.counts[0] + accepted
+        self.counts[1] = self.DECAY * self.counts[1] + accepted + (accepted < k)
+        if self._probe:
+            self.pause = 1 if accepted == k else self._wait(self.pause if self.pause > 1 else 0)
+
+
+@torch.inference_mode()
+def draft_cost(model: nn.Module, draft: nn.Module, repeats: int = 8, context: int = 128) -> float:
+    """One draft forward over one target forward (both one-row decode steps on scratch caches at
+    `context`), the median over `repeats` alternating passes (~0.2 s for SmolLM2); kept on the draft per
+    target and setting (a LayerSkip view is kept per model: speculative.early_exit)."""
+    key = (id(model), torch.get_num_threads(), getattr(model, "decode_activations", "auto"))
+    known = draft.__dict__.setdefault("_draft_costs", {})
+    if key in known:
+        return known[key]
+    one, ids = torch.tensor([0]), torch.zeros(1, 1, dtype=torch.long)
+    caches = [KVCache.for_model(m, 1, context + 1) for m in (model, draft)]
+    ratios = []
+    for rep in range(repeats + 1):
+        seconds = []
+        for m, cache in zip((model, draft), caches):
+            cache.set_length(one, torch.tensor([min(context, cache.max_seq - 1)]))
+            t = time.perf_counter()
+            m(ids, cache=cache, slots=one)
+            seconds.append(time.perf_counter() - t)
+        if rep > 0:  # the first pass builds the fused decode stacks
+            ratios.append(seconds[1] / seconds[0])
+    known[key] = statistics.median(ratios)
+    return known[key]
+
+
 class Controller:
     """Draft length from a cost model measured on this request, so speculation runs only where it pays.
 

@@ -18,8 +18,10 @@ plain decoding's, so a seed reproduces speculative runs, not plain ones.
 Never slower: prompt lookup's draft length comes from spec_policy.LookupPolicy: verification costs per
 row count timed once per model (verify_costs), draft survival learnt on the request per length of the
 suffix match a draft continues; k = 0 (a plain step) whenever no draft length is expected to beat
-it. A draft model's comes from spec_policy.Controller (its costs and survival measured on the request,
-with probes after plain steps).
+it. A draft model's comes from spec_policy.DraftPolicy: the same verification costs and the draft's
+own cost (draft_cost, timed once per model), survival learnt on the request, one-draft probes after
+plain steps spaced so that rejected ones cost at most ~2% (plain steps in this loop run the plain
+loop's own code: one forward, one argmax).
 
 Verification path (profiled on SmolLM2 Q4_1 kept int4, 1 thread, AVX2): the fused C++ step on k+1
 chained rows is the cheapest there is: 1.35x a one-row step at 2 rows, 1.64x at 3, 2.5x at 5, 4.7x at
@@ -41,13 +43,17 @@ from torch import nn
 
 from leanformer.engine.ngram import NgramIndex, SuffixIndex, lookup  # noqa: F401 (lookup: engine/spec_batch.py imports it here)
 from leanformer.engine.sampling import SamplingParams, greedy_tokens, probabilities, sample
-from leanformer.engine.spec_policy import Controller, LookupPolicy, verify_costs
+from leanformer.engine.spec_policy import Controller, DraftPolicy, LookupPolicy, draft_cost, verify_costs  # noqa: F401 (Controller: spec_rows.py imports it here)
 from leanformer.engine.verify import TIE_MARGIN, greedy_accept, tie_margin, verify  # noqa: F401 (re-exported)
 from leanformer.errors import LeanformerError
 from leanformer.kernels.modules import MAX_ROWS
 from leanformer.models.kv_cache import KVCache
 
 MAX_DRAFT = MAX_ROWS - 1  # last token + drafts stay within the rows the decode kernels take at once
+# A draft model of its own catches up on the tokens it has not seen (2 after a round that kept every
+# draft, more after plain steps) as chained decode rows up to this many: a [1, n] forward would take the
+# prefill path (int4: dequantize + GEMM, ~10x a decode step); past it, the prefill's fixed cost is shared
+CATCH_UP_ROWS = 8
 
 
 def _check_draft(max_draft: int) -> None:
@@ -128,12 +134,32 @@ def early_exit(model: nn.Module, n_layers: int) -> nn.Module:
     return draft
 
 
+def _early_exit_view(model: nn.Module, n_layers: int) -> nn.Module:
+    """early_exit(model, n_layers), kept on the model: the view's fused decode stack is built once per
+    model, not once per request (~0.35 of a step on SmolLM2), and draft_cost times it once. A kept view
+    whose modules are no longer the model's (a Linear swapped since) is built again."""
+    views = model.__dict__.setdefault("_early_exit_views", {})
+    view = views.get(n_layers)
+    ours, theirs = getattr(view, "_modules", {}), model._modules
+    if view is not None and all(ours.get(k) is v for k, v in theirs.items() if k != "model"):
+        inner, backbone = view.model, model.model
+        same = all(inner._modules.get(k) is v for k, v in backbone._modules.items() if k != "layers")
+        if (
+            same
+            and len(inner.layers) < len(backbone.layers)
+            and all(a is b for a, b in zip(inner.layers, backbone.layers))
+        ):
+            return view
+    views[n_layers] = early_exit(model, n_layers)
+    return views[n_layers]
+
+
 def resolve_speculative(spec: Speculative | str | None, model: nn.Module) -> Speculative | None:
     """`speculative=` argument → a config, checked against the target before any work."""
     if spec is None or isinstance(spec, PromptLookup):
         return spec
     if isinstance(spec, LayerSkip):
-        return DraftModel(early_exit(model, spec.layers), spec.max_draft)
+        return DraftModel(_early_exit_view(model, spec.layers), spec.max_draft)
     if isinstance(spec, str):
         if spec == "prompt-lookup":
             return PromptLookup()
@@ -195,7 +221,14 @@ class _DraftRunner:
             self.length = int(self.target_cache.lengths[0])
             self.cache.lengths[0] = self.length
         new = seq[self.length :]
-        logits = self.model(torch.tensor([new]), cache=self.cache, slots=torch.tensor([0]))[:, -1]
+        if 1 < len(new) <= CATCH_UP_ROWS:  # a few tokens behind: chained decode rows, not a prefill
+            rows = torch.tensor(new)[:, None]  # [n, 1]: one chain in slot 0
+            logits = self.model(
+                rows, cache=self.cache.chain(0), slots=torch.zeros(len(new), dtype=torch.long)
+            )
+            logits = logits[-1:, -1]
+        else:
+            logits = self.model(torch.tensor([new]), cache=self.cache, slots=torch.tensor([0]))[:, -1]
         self.cache.advance(torch.tensor([0]), len(new))
         self.length = len(seq)
         drafts, qs = [], []
@@ -242,8 +275,9 @@ def speculative_decode(
         index.extend(prompt)  # drafts come from the prompt and the text so far
         # timed once per model and setting (spec_policy.verify_costs), outside this request's timings
         control = LookupPolicy(spec.max_draft, verify_costs(model, spec.max_draft + 1))
-    else:
-        control = Controller(spec.max_draft)
+    else:  # costs in one-row target steps, timed once per model (outside this request's timings)
+        costs = verify_costs(model, spec.max_draft + 1)
+        control = DraftPolicy(spec.max_draft, costs, draft_cost(model, spec.model))
     margin = tie_margin(model) if params.greedy else 0.0
     one = torch.tensor([0])
     t0 = time.perf_counter()
@@ -277,7 +311,7 @@ def speculative_decode(
         if recheck:  # the last verification ended on a near tie: one plain row decides it
             k = 0
         elif runner is not None:
-            k = min(control.draft_len(), room)
+            k = control.draft_len(room)
             if k > 0:
                 drafts, q = runner.propose(seq, k, params, gen)
         else:
@@ -289,9 +323,7 @@ def speculative_decode(
             logits = model(torch.tensor([[seq[-1]]]), cache=cache, slots=one)[:, -1].float()
             cache.advance(one, 1)
             emitted = [int(sample(logits, params, gen, None)[0])]
-            if index is None:
-                control.plain(time.perf_counter() - t1)
-            elif found and params.greedy:  # would lookup have guessed it? (free to know)
+            if found and params.greedy:  # would lookup have guessed it? (free to know)
                 control.observe(key, found[0] == emitted[0])
         else:
             rows = torch.tensor([seq[-1], *drafts])[:, None]  # [k+1, 1]: one chain in slot 0
@@ -309,7 +341,7 @@ def speculative_decode(
             emitted = drafts[:accepted] + ([] if nxt is None else [nxt])
             recheck = nxt is None
             if index is None:
-                control.round(len(drafts), accepted, time.perf_counter() - t1)
+                control.round(len(drafts), accepted)
             else:
                 control.round(key, len(drafts), accepted)
             if stats is not None:
