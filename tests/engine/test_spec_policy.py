@@ -8,7 +8,14 @@ import torch
 
 from leanformer.engine.ngram import SuffixIndex
 from leanformer.engine.sampling import greedy_tokens
-from leanformer.engine.spec_policy import CAP, DraftPolicy, LookupPolicy, draft_cost, verify_costs
+from leanformer.engine.spec_policy import (
+    CAP,
+    LOOKUP_PRIOR,
+    DraftPolicy,
+    LookupPolicy,
+    draft_cost,
+    verify_costs,
+)
 from leanformer.engine.verify import fast_argmax, greedy_accept
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,6 +74,17 @@ def test_lookup_policy_drafts_only_where_it_pays():
     assert p.fallbacks == 1
     p.round(1, 1, 0)
     assert p.alpha(1) < 0.1 and p.alpha(CAP + 5) == p.alpha(CAP)
+
+
+def test_lookup_policy_prior_by_match_length():
+    """Before any evidence: no draft after a 1-token match, drafts after long ones (flat 1 in 2 by default)."""
+    costs = [1.0, 1.13, 1.32, 1.6, 1.87, 2.23, 2.59, 2.95, 3.31]  # SmolLM2 int4, AVX2, 1 thread
+    p = LookupPolicy(8, costs, LOOKUP_PRIOR)
+    assert p.alpha(1) == pytest.approx(0.3) and p.alpha(2) == pytest.approx(0.6)
+    assert p.alpha(3) == p.alpha(CAP) == pytest.approx(0.8)
+    # 2 rows cost 1.13 steps: one draft at 30% already pays (1.3 / 1.13), more only after longer matches
+    assert p.draft_len(1, 8) == 1 and p.draft_len(5, 8) == 2
+    assert LookupPolicy(8, costs).alpha(1) == 0.5 == LookupPolicy(8, costs).alpha(CAP)
 
 
 def test_lookup_policy_counts_each_draft_at_its_own_match_length():
@@ -153,4 +171,5 @@ def test_draft_cost_is_timed_once_per_target(shared):
     model, _ = lf.load(shared / "models" / "stories260K")
     draft = early_exit(model, 2)
     cost = draft_cost(model, draft, repeats=2)
-    assert 0 < cost < 10 and draft_cost(model, draft) == cost and len(draft._draft_costs) == 1
+    # a ratio of two timings (a tiny model on a shared machine: no bound worth asserting but > 0)
+    assert cost > 0 and draft_cost(model, draft) == cost and len(draft._draft_costs) == 1

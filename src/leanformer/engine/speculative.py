@@ -43,7 +43,14 @@ from torch import nn
 
 from leanformer.engine.ngram import NgramIndex, SuffixIndex, lookup  # noqa: F401 (lookup: engine/spec_batch.py imports it here)
 from leanformer.engine.sampling import SamplingParams, greedy_tokens, probabilities, sample
-from leanformer.engine.spec_policy import Controller, DraftPolicy, LookupPolicy, draft_cost, verify_costs  # noqa: F401 (Controller: spec_rows.py imports it here)
+from leanformer.engine.spec_policy import (
+    LOOKUP_PRIOR,
+    Controller,  # noqa: F401 (spec_rows.py imports it here)
+    DraftPolicy,
+    LookupPolicy,
+    draft_cost,
+    verify_costs,
+)
 from leanformer.engine.verify import TIE_MARGIN, greedy_accept, tie_margin, verify  # noqa: F401 (re-exported)
 from leanformer.errors import LeanformerError
 from leanformer.kernels.modules import MAX_ROWS
@@ -274,7 +281,7 @@ def speculative_decode(
     if index is not None:
         index.extend(prompt)  # drafts come from the prompt and the text so far
         # timed once per model and setting (spec_policy.verify_costs), outside this request's timings
-        control = LookupPolicy(spec.max_draft, verify_costs(model, spec.max_draft + 1))
+        control = LookupPolicy(spec.max_draft, verify_costs(model, spec.max_draft + 1), LOOKUP_PRIOR)
     else:  # costs in one-row target steps, timed once per model (outside this request's timings)
         costs = verify_costs(model, spec.max_draft + 1)
         control = DraftPolicy(spec.max_draft, costs, draft_cost(model, spec.model))
