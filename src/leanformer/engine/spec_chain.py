@@ -63,21 +63,32 @@ class Chain:
         return step
 
 
-def _line(points: dict[int, float], top: int, first: int, floor: float) -> list[float]:
-    """Costs at 1..top: 1.0 at one row, then a least-squares line a + b·m through the timed medians at
-    m >= first (slope at least `floor`), made non-decreasing. A line, not point-to-point interpolation:
-    on a shared machine one count's median can still be off by 30%, and a dip there would make a draft
-    look free (measured under load 5: two chained-row counts timed alike, 2.06 and 2.06)."""
-    pts = [(m, c) for m, c in points.items() if m >= first]
+def _line(points: dict[int, float], top: int, first: int, floor: float, smooth: bool = True) -> list[float]:
+    """Costs at 1..top: 1.0 at one row; from m = first on, the larger of a least-squares line a + b·m
+    through the timed medians (slope at least `floor`) and the medians themselves (linear between the
+    timed counts), each row adding at least max(floor, half the slope). The line keeps one count's dip
+    from making a draft look free (on a shared machine a median can still be off by 30%: under load 5
+    three chained-row counts timed alike, 2.06); the medians keep the line from pricing the first rows
+    below what they were timed at (2 rows: the line said 1.00, the timing 1.3). Both err towards dear.
+    smooth=False: the medians alone, non-decreasing (plain steps: there a dip errs towards not drafting)."""
+    pts = sorted((m, c) for m, c in points.items() if m >= first)
     if not pts:
         return [1.0 + floor * m for m in range(top)]
     mx = sum(m for m, _ in pts) / len(pts)
     my = sum(c for _, c in pts) / len(pts)
     var = sum((m - mx) ** 2 for m, _ in pts)
     b = max(floor, sum((m - mx) * (c - my) for m, c in pts) / var) if var > 0 else floor
+    if not smooth:
+        mx, my, b, floor = 0.0, 0.0, 0.0, 0.0
     out, best = [1.0], 1.0
     for m in range(2, top + 1):
-        best = max(best, my + b * (m - mx))
+        c = my + b * (m - mx)
+        lo = [p for p in pts if p[0] <= m]
+        hi = [p for p in pts if p[0] >= m]
+        if lo and hi:  # within the timed counts: the medians, interpolated
+            (m0, c0), (m1, c1) = lo[-1], hi[0]
+            c = max(c, c0 if m1 == m0 else c0 + (c1 - c0) * (m - m0) / (m1 - m0))
+        best = max(c, best + max(floor, b / 2))  # no one row cheaper than half the line's slope
         out.append(best)
     return out[:top]
 
@@ -142,7 +153,7 @@ def batch_costs(
             for k, s in seconds.items():
                 ratios.setdefault(k, []).append(s / seconds["plain", 1])
     ratio = {k: statistics.median(r) for k, r in ratios.items()}
-    plain = _line({m: ratio["plain", m] for m in plain_counts}, slots, 1, 0.0)
+    plain = _line({m: ratio["plain", m] for m in plain_counts}, slots, 1, 0.0, smooth=False)
     chained = _line({m: ratio["chain", m] for m in chain_counts}, rows, 2, ROW_FLOOR)
     known[key] = (plain, chained)
     return plain, chained
