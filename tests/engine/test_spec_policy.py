@@ -134,7 +134,7 @@ COSTS = [1.0, 1.1, 1.3, 1.6, 1.9]  # a verification forward of m rows, in one-ro
 
 def test_draft_policy_probes_at_once_then_spaces_rejected_probes():
     """An expensive draft (0.55 of a step) that is always wrong: one probe at once, then a rejected probe
-    (wasting 0.55 + 1.1 - 1 = 0.65 steps) waits 0.65 / 2% = 33 plain steps, the next twice as long."""
+    (wasting 0.55 + 1.1 - 1 = 0.65 steps) waits 0.65 / 1.5% = 44 plain steps, the next twice as long."""
     p = DraftPolicy(4, COSTS, 0.55)
     assert p.draft_len(100) == 1  # prior 1 in 2 does not pay (needs 0.65), but one probe learns
     p.round(1, 0)
@@ -143,7 +143,7 @@ def test_draft_policy_probes_at_once_then_spaces_rejected_probes():
         gap = 1 + next(i for i in range(500) if p.draft_len(100) > 0)
         p.round(1, 0)
         gaps.append(gap)
-    assert gaps == [33, 66] and p.fallbacks == 0  # never drafted beyond probes: no fall-back counted
+    assert gaps == [44, 88] and p.fallbacks == 0  # never drafted beyond probes: no fall-back counted
     assert p.draft_len(0) == 0  # nothing left to emit: never a draft
 
 

@@ -20,7 +20,7 @@ row count timed once per model (verify_costs), draft survival learnt on the requ
 suffix match a draft continues; k = 0 (a plain step) whenever no draft length is expected to beat
 it. A draft model's comes from spec_policy.DraftPolicy: the same verification costs and the draft's
 own cost (draft_cost, timed once per model), survival learnt on the request, one-draft probes after
-plain steps spaced so that rejected ones cost at most ~2% (plain steps in this loop run the plain
+plain steps spaced so that rejected ones cost at most ~1.5% (plain steps in this loop run the plain
 loop's own code: one forward, one argmax).
 
 Verification path (profiled on SmolLM2 Q4_1 kept int4, 1 thread, AVX2): the fused C++ step on k+1
