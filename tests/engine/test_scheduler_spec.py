@@ -152,3 +152,18 @@ def test_check_method():
     assert check_method("off") is None and check_method(None) is None
     with pytest.raises(LeanformerError, match="prompt-lookup or off"):
         check_method("draft-model")
+
+
+def test_a_model_that_cannot_be_timed_never_drafts(stories, monkeypatch):
+    import leanformer.engine.spec_batch as spec_batch
+
+    def broken(*a, **k):
+        raise RuntimeError("no timing here")
+
+    monkeypatch.setattr(spec_batch, "batch_costs", broken)
+    model, tok = stories
+    prompts = _prompts(tok)
+    sched = Scheduler(model, None, 4, 160)
+    got, _ = _serve(sched, prompts, [30] * 5, costs=None)
+    assert sched.spec.drafted_total == 0
+    assert got == [lf.generate(model, None, p, max_new_tokens=30, ignore_eos=True) for p in prompts]

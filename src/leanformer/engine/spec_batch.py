@@ -72,7 +72,12 @@ class SpecDecoder:
         start, so no request waits for it)."""
         if self.costs is None:
             cap = self._cap(sched)
-            self.costs = batch_costs(sched.model, min(sched.cache.n_slots, cap), cap)
+            slots = min(sched.cache.n_slots, cap)
+            try:
+                self.costs = batch_costs(sched.model, slots, cap)
+            except Exception:  # never draft (a row as dear as a step) rather than fail every request
+                log.exception("could not time the decode forward: speculation stays off")
+                self.costs = ([1.0] * slots, [float(m) for m in range(1, cap + 1)])
             plain, chained = self.costs
             log.info(
                 "speculation: a decode forward costs %s (1..%d requests) and %s (1..%d chained rows) one-row steps",
