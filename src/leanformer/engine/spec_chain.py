@@ -110,14 +110,17 @@ def batch_costs(
 
     plain[b - 1]: b requests, one row each, through the plain decode path (b = 1..slots).
     chained[r - 1]: r rows through Chain, spread over min(r, slots) requests (r = 1..rows), the path
-    a verification forward takes. Timed once per model, thread count, activation and KV setting (kept
+    a verification forward takes. Timed once per model, activation and KV setting (kept
     on the model): `repeats` passes after a warm-up pass (it builds the fused decode stacks), each
-    count's cost the median over passes of its time over the same pass's one-row time, so the load of
-    a shared machine falls on both sides of every ratio (spec_policy.verify_costs does the same for
-    one request); then a line through those medians (_line). ~2-4 s for SmolLM2 at 4 slots and 16 rows. The scratch cache's keys are zeros at
+    count's cost the median over passes of its time over the same pass's one-row time; then a line
+    through those medians (_line). Timed on ONE thread by its CPU time (time.thread_time): wall-clock
+    ratios of a 2-thread server under load 5-8 swung from "rows are free" to "dear" between server
+    starts (bench-serve drafted 474 tokens in one run, 4,770 at 39% acceptance in the next), while a
+    thread's CPU time barely sees the other processes. One thread also errs towards dear rows: a
+    second thread speeds the compute-bound multi-row forwards up more than the one-row step.
+    ~6 s for SmolLM2 at 4 slots and 16 rows. The scratch cache's keys are zeros at
     positions 0..context; it is freed on return."""
     key = (
-        torch.get_num_threads(),
         getattr(model, "decode_activations", "auto"),
         getattr(model, "kv_cache_dtype", None),
         getattr(model, "fused_decode", None),
@@ -133,25 +136,29 @@ def batch_costs(
     plain_counts = sorted({m for m in (1, 2, 3, 4, 6, 8, 12, 16) if m <= slots} | {slots})
     chain_counts = sorted({m for m in (2, 3, 4, 6, 8, 12, 16) if m <= rows} | {rows} - {1})
     ratios: dict[tuple[str, int], list[float]] = {}
-    for rep in range(repeats + 1):
-        seconds: dict[tuple[str, int], float] = {}
-        for m in plain_counts:
-            ids = torch.arange(m)
-            cache.set_length(ids, torch.full((m,), context))
-            t = time.perf_counter()
-            model(torch.zeros(m, 1, dtype=torch.long), cache=cache, slots=ids)
-            seconds["plain", m] = time.perf_counter() - t
-        for m in chain_counts:
-            slot_of, pos = _layout(m, slots, context)
-            cache.set_length(torch.arange(slots), torch.full((slots,), context))
-            t = time.perf_counter()
-            model(
-                torch.zeros(m, 1, dtype=torch.long), cache=Chain(cache, slot_of, pos), slots=torch.arange(m)
-            )
-            seconds["chain", m] = time.perf_counter() - t
-        if rep > 0:  # the first pass builds the fused decode stacks
-            for k, s in seconds.items():
-                ratios.setdefault(k, []).append(s / seconds["plain", 1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # every kernel runs on this thread, so its CPU time is the forward's work
+    try:
+        for rep in range(repeats + 1):
+            seconds: dict[tuple[str, int], float] = {}
+            for m in plain_counts:
+                ids = torch.arange(m)
+                cache.set_length(ids, torch.full((m,), context))
+                t = time.thread_time()
+                model(torch.zeros(m, 1, dtype=torch.long), cache=cache, slots=ids)
+                seconds["plain", m] = time.thread_time() - t
+            for m in chain_counts:
+                slot_of, pos = _layout(m, slots, context)
+                cache.set_length(torch.arange(slots), torch.full((slots,), context))
+                chain, ids = Chain(cache, slot_of, pos), torch.zeros(m, 1, dtype=torch.long)
+                t = time.thread_time()
+                model(ids, cache=chain, slots=torch.arange(m))
+                seconds["chain", m] = time.thread_time() - t
+            if rep > 0:  # the first pass builds the fused decode stacks
+                for k, sec in seconds.items():
+                    ratios.setdefault(k, []).append(sec / seconds["plain", 1])
+    finally:
+        torch.set_num_threads(threads)
     ratio = {k: statistics.median(r) for k, r in ratios.items()}
     plain = _line({m: ratio["plain", m] for m in plain_counts}, slots, 1, 0.0, smooth=False)
     chained = _line({m: ratio["chain", m] for m in chain_counts}, rows, 2, ROW_FLOOR)
