@@ -173,3 +173,20 @@ def test_draft_cost_is_timed_once_per_target(shared):
     cost = draft_cost(model, draft, repeats=2)
     # a ratio of two timings (a tiny model on a shared machine: no bound worth asserting but > 0)
     assert cost > 0 and draft_cost(model, draft) == cost and len(draft._draft_costs) == 1
+
+
+def test_draft_policy_never_runs_a_draft_that_cannot_pay():
+    """A draft as dear as the target (SmolLM2 int4 for its fp32 dequantization on AVX2) never pays, even
+    always right: no probe at all. One that pays only at high survival follows a kept probe after a wait."""
+    p = DraftPolicy(4, COSTS, 1.0)
+    assert all(p.draft_len(100) == 0 for _ in range(300))
+    p = DraftPolicy(4, COSTS, 0.95)  # 4 drafts always kept: 5 tokens for 3.8 + 1.9 steps: never pays
+    assert p.hopeless
+    p = DraftPolicy(4, COSTS, 0.7)  # kept probes cost 0.7 + 1.1 = 1.8 steps for 2 tokens: a gain
+    assert p.draft_len(100) == 1
+    p.round(1, 1)
+    assert p.draft_len(100) >= 1
+    p = DraftPolicy(4, [1.0, 1.5, 1.6, 1.7, 1.8], 0.6)  # a kept probe costs 2.1 steps: 0.1 / 1.5% = 7
+    assert p.draft_len(100) == 1
+    p.round(1, 1)
+    assert 1 + next(i for i in range(100) if p.draft_len(100) > 0) == 7

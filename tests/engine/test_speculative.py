@@ -26,7 +26,18 @@ from leanformer.engine.speculative import (
 from leanformer.errors import LeanformerError
 from leanformer.models.kv_cache import KVCache
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "free_draft")
+
+
+@pytest.fixture
+def free_draft(monkeypatch):
+    """Draft models priced as free: on a 260K-parameter model a draft costs about a target step (Python
+    overhead), so the cost policy would rarely run it; these tests check verification, rollback and
+    the output distribution, which need drafts to run (spec_policy's tests check the policy)."""
+    from leanformer.engine import speculative
+
+    monkeypatch.setattr(speculative, "draft_cost", lambda model, draft: 0.0)
+
 
 STORY = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside with her ball. "

@@ -148,8 +148,8 @@ class DraftPolicy:
     prior 1 in 2). k drafts cost k * draft + costs[k] and yield E(k) = (1 - a^(k+1)) / (1 - a) tokens;
     the k with the most tokens per step wins, k = 0 when none beats a plain step. An expensive draft
     (layer skip: ~0.5 of a step per draft on SmolLM2, so a needs ~0.85 to pay) rarely drafts: then it
-    probes with one draft. The first probe comes at once; a kept probe is a gain (2 tokens for less than
-    2 steps) and is followed by another at once; a rejected one wastes draft + costs[1] - 1 steps, so the
+    probes with one draft. The first probe comes at once; a kept probe is usually a gain (2 tokens for
+    draft + costs[1] < 2 steps) and is followed by another at once; a rejected one wastes draft + costs[1] - 1 steps, so the
     next waits until that loss is at most PROBE_BUDGET of the plain steps between, and each further
     rejection doubles the wait. Open-ended SmolLM2 with layer-skip:10 (a draft 0.56 of a step, 2 rows
     1.09): a rejected probe wastes 0.65 steps, probes come at steps 1, ~45, ~135, ~310: ~1% of 128
@@ -164,7 +164,14 @@ class DraftPolicy:
         self.counts = [1.0, 2.0]  # [decayed drafts kept, decayed drafts judged]
         self.fallbacks = 0  # times drafting stopped paying for this request
         self._drafting = False
-        self.loss = max(0.0, draft + costs[min(1, len(costs) - 1)] - 1)  # of a rejected probe, in steps
+        two = costs[min(1, len(costs) - 1)]  # a one-draft verification
+        self.loss = max(0.0, draft + two - 1)  # steps a rejected probe wastes
+        self.kept_loss = max(0.0, draft + two - 2)  # and a kept one (> 0: the draft is too dear)
+        # a draft that cannot pay even when always right (k + 1 tokens for k drafts + k + 1 rows) is never
+        # run: e.g. SmolLM2 int4 drafting for its fp32 dequantization costs ~1 step per draft on AVX2
+        self.hopeless = all(
+            k + 1 <= k * draft + costs[k] for k in range(1, min(max_draft, len(costs) - 1) + 1)
+        )
         self.pause = 1  # plain steps before the next probe
         self.idle = 0  # plain steps since the last draft
         self._probe = False
@@ -176,7 +183,7 @@ class DraftPolicy:
     def draft_len(self, available: int) -> int:
         """Drafts for the next step (0: a plain step); `available`: how many may still be emitted."""
         top = min(available, self.max_draft, len(self.costs) - 1)
-        if top < 1:
+        if top < 1 or self.hopeless:
             return 0
         a, best_k, best = self.alpha, 0, 1.0
         for k in range(1, top + 1):
@@ -204,8 +211,12 @@ class DraftPolicy:
         """k drafts were verified and `accepted` of them kept (the first rejected one, if any, is judged)."""
         self.counts[0] = self.DECAY * self.counts[0] + accepted
         self.counts[1] = self.DECAY * self.counts[1] + accepted + (accepted < k)
-        if self._probe:
-            self.pause = 1 if accepted == k else self._wait(self.pause if self.pause > 1 else 0)
+        if not self._probe:
+            return
+        if accepted < k:
+            self.pause = self._wait(self.pause if self.pause > 1 else 0)
+        else:  # kept: probe again at once if that pays by itself, else after a budgeted wait
+            self.pause = max(1, math.ceil(self.kept_loss / self.PROBE_BUDGET))
 
 
 @torch.inference_mode()
