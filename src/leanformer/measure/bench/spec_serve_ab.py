@@ -1,0 +1,109 @@
+"""The server's scheduler with speculation on vs off, in one process, on a CPU-time clock.
+
+bench-serve --speculative (serve/spec_bench.py) measures what a client sees, in wall-clock time over
+HTTP; on a shared 2-core machine under load 5-13 its per-round ratios swung 0.5-2.4x even where both
+sides did the same work (open-ended, nothing drafted). This runs the same workloads through the same
+PagedScheduler + SpecDecoder the server uses, on one thread, timing the engine thread's CPU time
+(time.thread_time): the work speculation saves or costs, nearly blind to other processes. Rounds
+alternate which side goes first; the ratio is off's CPU time over on's, per round, and the median.
+
+    python -m leanformer.measure.bench.spec_serve_ab smollm2 --concurrency 4 --requests 8 --rounds 4 \
+        --passages ../shared/data/wikitext-2-raw/wiki.test.raw
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from leanformer.measure.bench.speculative import SpecBenchConfig, workload_prompts
+
+
+def _encode(tok, prompt) -> list[int]:
+    if isinstance(prompt, list):  # a chat
+        return tok.encode(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False))
+    return tok.encode(prompt)
+
+
+def _run(sched, prompts: list[list[int]], max_tokens: int, mode: str | None) -> float:
+    """CPU seconds of this thread to serve `prompts` (all submitted at once; the slots bound the batch)."""
+    from leanformer.engine.request import Request
+
+    for p in prompts:
+        sched.submit(Request(list(p), max_tokens, speculative=mode))
+    t = time.thread_time()
+    while sched.has_work():
+        sched.step()
+    return time.thread_time() - t
+
+
+@torch.inference_mode()
+def measure(model, tok, concurrency: int, requests: int, max_tokens: int, rounds: int, passages=None) -> dict:
+    """workload → {"ratios": off / on CPU time per round, "speedup": their median, "acceptance", "drafted"}."""
+    from leanformer.engine.paged import PagedScheduler
+    from leanformer.engine.spec_batch import SpecDecoder
+
+    cfg = SpecBenchConfig(prompts=requests, passages=passages)
+    loads = {w: [_encode(tok, p) for p in ps] for w, ps in workload_prompts(tok, cfg).items()}
+    longest = max(len(p) for ps in loads.values() for p in ps) + max_tokens
+    block = 16
+    sched = PagedScheduler(model, tok, concurrency, longest, concurrency * (longest // block + 2), block)
+    sched.spec = SpecDecoder()
+    sched.spec.calibrate(sched)
+    out = {}
+    for name, prompts in loads.items():
+        _run(sched, prompts, max_tokens, None)  # warm-up
+        d0, a0 = sched.spec.drafted_total, sched.spec.accepted_total
+        cpu: dict[str | None, list[float]] = {None: [], "prompt-lookup": []}
+        for i in range(rounds):
+            for mode in (None, "prompt-lookup") if i % 2 == 0 else ("prompt-lookup", None):
+                cpu[mode].append(_run(sched, prompts, max_tokens, mode))
+        ratios = [off / on for on, off in zip(cpu["prompt-lookup"], cpu[None])]
+        drafted = sched.spec.drafted_total - d0
+        out[name] = {
+            "ratios": ratios,
+            "speedup": statistics.median(ratios),
+            "acceptance": (sched.spec.accepted_total - a0) / drafted if drafted else 0.0,
+            "drafted": drafted,
+            "off_tok_per_cpu_s": requests * max_tokens / statistics.median(cpu[None]),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from leanformer.hub import resolve_model
+    from leanformer.loading import load
+
+    def positive_int(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+        return int(text)
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--concurrency", type=positive_int, default=4)
+    ap.add_argument("--requests", type=positive_int, default=8)
+    ap.add_argument("--max-tokens", type=positive_int, default=96)
+    ap.add_argument("--rounds", type=positive_int, default=4)
+    ap.add_argument("--passages", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # the CPU-time clock reads this thread only
+    model, tok = load(resolve_model(args.model))
+    avg = Path("/proc/loadavg")
+    loadavg = " ".join(avg.read_text().split()[:3]) if avg.exists() else "?"
+    res = measure(model, tok, args.concurrency, args.requests, args.max_tokens, args.rounds, args.passages)
+    for name, r in res.items():
+        print(
+            f"{name}: {args.concurrency} streams, CPU-time speed-up {r['speedup']:.2f}x (rounds "
+            f"{', '.join(f'{x:.2f}' for x in r['ratios'])}), acceptance {r['acceptance']:.2f} of "
+            f"{r['drafted']} drafted, off {r['off_tok_per_cpu_s']:.1f} tokens per CPU-second; load {loadavg}"
+        )
+    return res
+
+
+if __name__ == "__main__":
+    main()
