@@ -13,6 +13,9 @@ from leanformer.engine.speculative import TIE_MARGIN, DraftModel, PromptLookup
 from leanformer.models.fused import set_decode_activations
 from leanformer.models.kv_cache import KVCache
 
+# one intra-op thread: on the busy 2-core machine a second one made this module ~6 min instead of seconds
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PASSAGE = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
     "after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889."
@@ -24,7 +27,12 @@ def smol(smollm2):
     return lf.load(smollm2, keep_quantized=True)
 
 
-def test_smollm2_int4_greedy_identical(smol):
+def test_smollm2_int4_greedy_identical(smol, monkeypatch):
+    from leanformer.engine import speculative
+
+    # drafts priced as free, so the draft model and layer skip really draft (the policy would find the
+    # target drafting for itself hopeless); what is checked is verification and rollback
+    monkeypatch.setattr(speculative, "draft_cost", lambda model, draft: 0.0)
     model, tok = smol
     model.kv_cache_dtype = "int8"  # the fp32 cache is covered on stories260K; int8 storage is the harder case
     # fp32 activations: verification rows equal one-row steps to ~1e-4 (see the test below for int8)
