@@ -13,6 +13,7 @@ import leanformer as lf
 from leanformer.engine.ngram import SuffixIndex
 from leanformer.engine.spec_batch_policy import RequestDrafts, allocate
 from leanformer.engine.spec_chain import _layout, _line, batch_costs
+from leanformer.engine.spec_policy import LOOKUP_PRIOR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,7 +73,7 @@ def test_request_drafts_index_is_incremental_and_learns_for_free():
     st = RequestDrafts(4, 2, 1)
     text = [1, 2, 3, 4, 1, 2]
     chances = st.offer(text, [], 4)
-    assert st.found == [3, 4, 1, 2] and st.match == 2 and chances[0] == pytest.approx(0.5)
+    assert st.found == [3, 4, 1, 2] and st.match == 2 and chances[0] == pytest.approx(LOOKUP_PRIOR[2])
     assert chances == sorted(chances, reverse=True)
     assert st.chosen(0, []) == ([], False)  # a plain step: lookup guessed 3
     before = st.policy.alpha(2)

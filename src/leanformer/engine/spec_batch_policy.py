@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 
 from leanformer.engine.ngram import SuffixIndex
-from leanformer.engine.spec_policy import LookupPolicy
+from leanformer.engine.spec_policy import LOOKUP_PRIOR, LookupPolicy
 
 
 def _cost(costs: list[float], n: int) -> float:
@@ -69,7 +69,8 @@ class RequestDrafts:
 
     def __init__(self, max_draft: int, ngram: int, min_ngram: int) -> None:
         self.index = SuffixIndex(ngram, min_ngram)
-        self.policy = LookupPolicy(max_draft, [1.0])  # its survival counts only: costs are the batch's
+        # its survival counts only (costs are the batch's), from the per-match-length prior
+        self.policy = LookupPolicy(max_draft, [1.0], LOOKUP_PRIOR)
         self.max_draft = max_draft
         self.fed = 0  # tokens of prompt + out in the index
         self.found: list[int] = []  # this step's lookup drafts (up to the limit)
