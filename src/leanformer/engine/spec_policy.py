@@ -149,9 +149,10 @@ class DraftPolicy:
     the k with the most tokens per step wins, k = 0 when none beats a plain step. An expensive draft
     (layer skip: ~0.5 of a step per draft on SmolLM2, so a needs ~0.85 to pay) rarely drafts: then it
     probes with one draft. The first probe comes at once; a kept probe is usually a gain (2 tokens for
-    draft + costs[1] < 2 steps) and is followed by another at once; a rejected one wastes draft + costs[1] - 1 steps, so the
-    next waits until that loss is at most PROBE_BUDGET of the plain steps between, and each further
-    rejection doubles the wait. Open-ended SmolLM2 with layer-skip:10 (a draft 0.56 of a step, 2 rows
+    draft + costs[1] < 2 steps) and is followed by another at once; a rejected one wastes
+    draft + costs[1] - 1 steps, so the next waits until that loss is at most PROBE_BUDGET of the plain
+    steps between, and each further rejection doubles the wait. A draft that cannot pay even when
+    always right (`hopeless`) never runs. Open-ended SmolLM2 with layer-skip:10 (a draft 0.56 of a step, 2 rows
     1.09): a rejected probe wastes 0.65 steps, probes come at steps 1, ~45, ~135, ~310: ~1% of 128
     tokens, ~0.3% of 1000 (was a 2-draft probe after 3 timed plain steps, then 1-draft ones: ~2.4%)."""
 
