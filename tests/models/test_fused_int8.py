@@ -108,3 +108,28 @@ def test_int8_head_follows_the_layers(tiny_dirs):
         head.int8_activations = False
         y32 = head(x)
     assert not torch.equal(y8, y32) and float((y8 - y32).norm() / y32.norm()) < 0.03
+
+
+def test_prefill_logits_do_not_depend_on_an_earlier_decode(tiny_dirs):
+    """The head's int8 activations are for the fused step's rows only: a prefill (all positions, or
+    logits_at the last one) gives the same logits before and after the model has decoded (it used to
+    keep the int8 head once a decode step had run, so a second generate() could pick another token)."""
+    model, _ = lf.load(tiny_dirs["qwen2"])
+    lf.quantize_(model, lf.Int8WeightOnly(ignore=[]))
+    set_decode_activations(model, "int8")
+    prompt, last = TOKENS[:1], torch.tensor([TOKENS.shape[1] - 1])
+
+    def prefill() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            full = model(prompt)
+            cache = KVCache.for_model(model, 1, 16)
+            return full, model(prompt, cache=cache, logits_at=last)
+
+    full0, at0 = prefill()
+    decoded = logits_for(model, "int8")  # fused decode steps with the int8 head
+    assert model.lm_head.int8_activations
+    full1, at1 = prefill()
+    assert not model.lm_head.int8_activations
+    assert torch.equal(full0, full1) and torch.equal(at0, at1)
+    assert torch.allclose(at1[0, 0], full1[0, -1], atol=1e-4)
+    assert not torch.equal(decoded[-1, 0], full1[0, -1])  # the decode rows did take int8 activations

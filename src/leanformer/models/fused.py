@@ -57,6 +57,15 @@ def int8_activations(model: nn.Module) -> bool:
     return mode == "int8"
 
 
+def set_head_activations(model: nn.Module, fused: bool) -> None:
+    """Before the LM head runs: an Int8Linear / Int5Linear head takes the layers' int8 activations on the
+    rows the fused step just decoded, and fp32 activations everywhere else (prefill, scoring). Set on
+    every forward, so a prefill gives the same logits before and after the first decode step."""
+    head = getattr(model, "lm_head", None)
+    if hasattr(head, "int8_activations"):
+        head.int8_activations = fused and int8_activations(model)
+
+
 def _linear(module: nn.Module):
     """kernels' DecodeLinear for a Linear-like module, or None if the fused step cannot run it."""
     ext = kernels.ext()
@@ -234,9 +243,6 @@ class DecodePlan:
         stack = self.get(model)
         if stack is None and self.segments is None:
             return None
-        head = getattr(model, "lm_head", None)
-        if hasattr(head, "int8_activations"):  # an Int8Linear head follows the layers' activations
-            head.int8_activations = int8_activations(model)
         if stack is None:
             return self._run_segments(model, x, rope, cache, step)
         stack.int8_act = int8_activations(model)

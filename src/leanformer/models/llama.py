@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanformer.models.fused import DecodePlan
+from leanformer.models.fused import DecodePlan, set_head_activations
 from leanformer.models.kv_cache import KVCache
 from leanformer.models.layers import Attention, RMSNorm, Rotary
 
@@ -185,6 +185,7 @@ class Model(nn.Module):
                 x = layer(x, rope, cache, step)
         if logits_at is not None:
             x = x[torch.arange(b), logits_at.to(x.device)][:, None]
+        set_head_activations(self, fused is not None)
         return self.lm_head(self.model.norm(x))
 
 
