@@ -105,6 +105,7 @@ _HEADERS = [
     _DIR / "gemv_i8_nib.h",
     _DIR / "gemv_vnni.h",
     _DIR / "q4_codes.h",
+    _DIR / "decode_attention.h",
 ]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
