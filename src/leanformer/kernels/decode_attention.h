@@ -108,6 +108,7 @@ void tile_scores(const float* const* q, const T* K, const float* ks, int64_t s0,
       }
     }
     const int n = static_cast<int>(std::min<int64_t>(4, s1 - s));
+    LF_UNROLL  // constant indices: the accumulators stay in registers (a runtime r spills them every chunk)
     for (int r = 0; r < R; ++r) {
       alignas(16) float d[4];
       _mm_store_ps(d, hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
