@@ -125,30 +125,37 @@ def test_head_dims(D, int8):
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
-def test_chained_row_equals_the_row_alone(int8):
-    """At one thread a query's result depends only on its own keys: row m of a verify forward is bit
-    for bit the same row decoded alone (on the cache holding every row's write)."""
-    qkv, cos, sin, cache, slots, pos, out = _check(9, 3, 64, [0] * 6, list(range(100, 106)), int8)
-    _, written = _run(qkv, cos, sin, cache, slots, pos, 9)
-    for m in range(len(pos)):
-        alone, _ = _run(
-            qkv[m : m + 1], cos[m : m + 1], sin[m : m + 1], written, slots[m : m + 1], pos[m : m + 1], 9
-        )
-        assert torch.equal(alone[0], out[m])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_row_equals_the_row_alone(threads, int8):
+    """A query's result depends only on its own keys: each row of a verify forward (chained rows across
+    the 128-key ranges) and of a batch is bit for bit the same row decoded alone (on the cache holding
+    every row's write), at any thread count."""
+    torch.set_num_threads(threads)
+    try:
+        for slots, pos in (([0] * 6, list(range(250, 256))), ([0, 1, 2], [40, 300, 129])):
+            qkv, cos, sin, cache, slots_t, pos_t, out = _check(9, 3, 64, slots, pos, int8)
+            _, written = _run(qkv, cos, sin, cache, slots_t, pos_t, 9)
+            for m in range(len(pos)):
+                one = slice(m, m + 1)
+                alone, _ = _run(qkv[one], cos[one], sin[one], written, slots_t[one], pos_t[one], 9)
+                assert torch.equal(alone[0], out[m])
+    finally:
+        torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
 @pytest.mark.parametrize("layout", ["one row", "chained", "mixed"])
-def test_two_threads_split_long_contexts(layout, int8):
-    """Fewer tasks than 2 per thread: each slot's keys are split into ranges and merged."""
+def test_long_contexts_in_key_ranges(layout, int8):
+    """Contexts over 128 keys run as several key ranges (tasks) merged per query, on 1 or 2 threads."""
     slots, pos = LAYOUTS[layout]
-    long = [p + 300 for p in pos]  # >= 2 ranges of 64 keys
-    torch.set_num_threads(2)
-    try:
-        _check(9, 3, 64, slots, long, int8)
-        _check(2, 1, 20, slots, long, int8)
-    finally:
-        torch.set_num_threads(1)
+    long = [p + 300 for p in pos]
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            _check(9, 3, 64, slots, long, int8)
+            _check(2, 1, 20, slots, long, int8)
+        finally:
+            torch.set_num_threads(1)
 
 
 def test_rejects_bad_inputs():

@@ -4,15 +4,15 @@
 // Why this shape: a decode step's attention reads every cached K/V row of a slot, and on a GQA model
 // (SmolLM2: 9 query heads on 3 KV heads) every query head of a KV group, and in a speculative verify
 // forward every chained row of the slot (rows m = 0..M-1 at positions P..P+M-1), reads the same rows
-// again. One task here takes one (slot, KV head), optionally one range of its keys (split when there
-// are fewer tasks than 2 per thread), and runs all the queries of that group, in tiles of up to 3,
-// against each K/V chunk it loads: an int8 key is widened once for 3 queries, and the scores take 4
-// keys per pass with one transposing reduction (hsum4) instead of one horizontal sum per key.
+// again. One task here takes one (slot, KV head) and one range of up to 128 of its keys, and runs all
+// the queries of that group, in tiles of up to 3, against each K/V chunk it loads: an int8 key is
+// widened once for 3 queries, and the scores take 4 keys per pass with one transposing reduction
+// (hsum4) instead of one horizontal sum per key.
 //
 // Exactness: each score goes through the same FMA order and reduction tree, and each output element
-// accumulates its keys in order, however the queries are tiled; with one key range per task (one
-// thread, or enough tasks) a query's result depends only on its q, its keys and its length, so a
-// chained row gives bit for bit what the same row decoded alone gives.
+// accumulates its keys in order, however the queries are tiled, and key ranges sit at fixed offsets: a
+// query's result depends only on its q, its keys and its length, not on the batch or the thread count,
+// so a chained row gives bit for bit what the same row decoded alone gives.
 //
 // Shapes: qkv [M, (H + 2 KV) * D] (q heads, then k, then v); KV cache [slots, KV, max_seq, D] fp32,
 // or int8 with fp32 scales [slots, KV, max_seq, 1] (models/kv_cache.py); out [M, H * D].
@@ -265,7 +265,9 @@ inline void merge_ranges(const float* part, const float* stats, int64_t ranges, 
   for (int64_t i = 0; i < D; ++i) o[i] *= inv;
 }
 
-constexpr int64_t kMinRangeKeys = 64;  // a key range split off for another thread has at least this many
+// Keys per range (task) of a long context: small enough that 200 keys already make 2 tasks per KV head,
+// large enough that a range's setup and merge stay a few percent of its work.
+constexpr int64_t kRangeKeys = 128;
 
 // The attention of one layer for all rows: rotate q / k, write k / v into the cache (int8: quantized,
 // scales into ks / vs), then out [M, H * D] = softmax(q k^T / sqrt(D)) v per (row, head) over keys
@@ -328,42 +330,49 @@ void decode_attention(const at::Tensor& qkv_out, const float* cos, const float* 
             queries.push_back({qrp + (m * H + h) * D, op + (m * H + h) * D, pos[m] + 1});
     }
   first[G * KV] = static_cast<int64_t>(queries.size());
-  // Threads pay off from short contexts on; only tiny steps stay on this thread. Fewer than 2 tasks
-  // per thread (batch 1 on 2 threads: 3 KV heads): split each group's keys into ranges.
+  // One task per (group, KV head, range of kRangeKeys keys at the fixed offsets 0, 128, ...): long
+  // contexts spread over threads (batch 1 on 2 threads has only 3 KV heads), and a query's result depends
+  // on its own keys alone, never on the other rows or the thread count (ranges past its length merge in
+  // exact zeros; one range takes the direct path, which merging a single range reproduces bit for bit).
+  // Threads pay off from short contexts on; only tiny steps stay on this thread.
   const bool serial = work < (1 << 12);
-  const int64_t threads = serial ? 1 : at::get_num_threads(), base = G * KV;
-  int64_t ranges = 1;
-  if (threads > 1 && base < 2 * threads) {
-    const int64_t shortest = *std::min_element(longest.begin(), longest.end());
-    ranges = std::max<int64_t>(1, std::min((2 * threads + base - 1) / base, shortest / kMinRangeKeys));
+  const int64_t base = G * KV;
+  std::vector<int64_t> task_first(base + 1, 0), part_first(base + 1, 0);  // prefix sums over (group, KV head)
+  for (int64_t gj = 0; gj < base; ++gj) {
+    const int64_t n_ranges = (longest[gj / KV] + kRangeKeys - 1) / kRangeKeys;
+    task_first[gj + 1] = task_first[gj] + n_ranges;
+    part_first[gj + 1] = part_first[gj] + (n_ranges > 1 ? n_ranges * (first[gj + 1] - first[gj]) : 0);
   }
+  // partial results of the split groups: per (group, KV head) [ranges, its queries, D] / [.., .., 2]
+  std::vector<float> part(part_first[base] * D), stats(part_first[base] * 2);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const int64_t nq_all = first[G * KV];
-  std::vector<float> part(ranges > 1 ? nq_all * ranges * D : 0), stats(ranges > 1 ? nq_all * ranges * 2 : 0);
-  at::parallel_for(0, base * ranges, serial ? base * ranges : 1, [&](int64_t t0, int64_t t1) {
+  const int64_t tasks = task_first[base];
+  at::parallel_for(0, tasks, serial ? tasks : 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> buf;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t gj = t / ranges, c = t % ranges, g = gj / KV, j = gj % KV;
-      const int64_t base_row = (group_slot[g] * KV + j) * max_seq;
-      const int64_t step = (longest[g] + ranges - 1) / ranges, k0 = c * step, k1 = std::min(longest[g], k0 + step);
+      const int64_t gj = std::upper_bound(task_first.begin(), task_first.end(), t) - task_first.begin() - 1;
+      const int64_t c = t - task_first[gj], n_ranges = task_first[gj + 1] - task_first[gj];
+      const int64_t g = gj / KV, j = gj % KV, base_row = (group_slot[g] * KV + j) * max_seq;
+      const int64_t k0 = c * kRangeKeys, k1 = std::min(longest[g], k0 + kRangeKeys);
       const int64_t q0 = first[gj], nq = first[gj + 1] - q0;
-      float* pp = ranges > 1 ? part.data() + (q0 * ranges + c * nq) * D : nullptr;
-      float* sp = ranges > 1 ? stats.data() + (q0 * ranges + c * nq) * 2 : nullptr;
+      float* pp = n_ranges > 1 ? part.data() + (part_first[gj] + c * nq) * D : nullptr;
+      float* sp = n_ranges > 1 ? stats.data() + (part_first[gj] + c * nq) * 2 : nullptr;
       attend_group<T>(queries.data() + q0, nq, kp + base_row * D, vp + base_row * D, q8 ? ksp + base_row : nullptr,
                       q8 ? vsp + base_row : nullptr, k0, k1, D, scale, buf, pp, sp);
     }
   });
-  if (ranges == 1) return;
-  // part / stats of group gj: [ranges, nq, D] / [ranges, nq, 2] from q0 * ranges on
-  std::vector<float> pq(ranges * D), sq(ranges * 2);
+  std::vector<float> pq, sq;
   for (int64_t gj = 0; gj < base; ++gj) {
-    const int64_t q0 = first[gj], nq = first[gj + 1] - q0;
+    const int64_t n_ranges = task_first[gj + 1] - task_first[gj], q0 = first[gj], nq = first[gj + 1] - q0;
+    if (n_ranges == 1) continue;
+    pq.resize(n_ranges * D);
+    sq.resize(n_ranges * 2);
     for (int64_t r = 0; r < nq; ++r) {
-      for (int64_t c = 0; c < ranges; ++c) {
-        std::copy_n(part.data() + (q0 * ranges + c * nq + r) * D, D, pq.data() + c * D);
-        std::copy_n(stats.data() + (q0 * ranges + c * nq + r) * 2, 2, sq.data() + c * 2);
+      for (int64_t c = 0; c < n_ranges; ++c) {
+        std::copy_n(part.data() + (part_first[gj] + c * nq + r) * D, D, pq.data() + c * D);
+        std::copy_n(stats.data() + (part_first[gj] + c * nq + r) * 2, 2, sq.data() + c * 2);
       }
-      merge_ranges(pq.data(), sq.data(), ranges, D, queries[q0 + r].o);
+      merge_ranges(pq.data(), sq.data(), n_ranges, D, queries[q0 + r].o);
     }
   }
 }
