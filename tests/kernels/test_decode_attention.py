@@ -128,11 +128,11 @@ def test_head_dims(D, int8):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_row_equals_the_row_alone(threads, int8):
     """A query's result depends only on its own keys: each row of a verify forward (chained rows across
-    the 128-key ranges) and of a batch is bit for bit the same row decoded alone (on the cache holding
+    the 256-key ranges) and of a batch is bit for bit the same row decoded alone (on the cache holding
     every row's write), at any thread count."""
     torch.set_num_threads(threads)
     try:
-        for slots, pos in (([0] * 6, list(range(250, 256))), ([0, 1, 2], [40, 300, 129])):
+        for slots, pos in (([0] * 6, list(range(253, 259))), ([0, 1, 2], [40, 300, 129])):
             qkv, cos, sin, cache, slots_t, pos_t, out = _check(9, 3, 64, slots, pos, int8)
             _, written = _run(qkv, cos, sin, cache, slots_t, pos_t, 9)
             for m in range(len(pos)):
@@ -146,7 +146,7 @@ def test_a_row_equals_the_row_alone(threads, int8):
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
 @pytest.mark.parametrize("layout", ["one row", "chained", "mixed"])
 def test_long_contexts_in_key_ranges(layout, int8):
-    """Contexts over 128 keys run as several key ranges (tasks) merged per query, on 1 or 2 threads."""
+    """Contexts over 256 keys run as several key ranges (tasks) merged per query, on 1 or 2 threads."""
     slots, pos = LAYOUTS[layout]
     long = [p + 300 for p in pos]
     for threads in (1, 2):
