@@ -55,6 +55,30 @@ def test_q4_i8_rows_equal_one_row_calls(act_isa, group, variant, k):  # noqa: F8
         assert torch.equal(fn(x[:m]), alone[:m]), m
 
 
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("variant", ["asym", "sym", "dq8"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_q4_i8_row_equals_itself_among_other_rows(act_isa, group, variant, rows):  # noqa: F811
+    """The nibble loop takes weight rows four at a time (a last 1-3 repeat the last row), each in its own
+    lanes: a row's result must not depend on its neighbours, i.e. on where a thread's row block starts."""
+    k = 1000 if group == 32 else 576  # 1000: a last half chunk
+    kp = -(-k // group) * group
+    wq, scales, zeros = _q4(23, kp, group, seed=1)
+    lut = None
+    if variant == "dq8":
+        sc, zc, ranges = DQ.encode(scales, zeros)
+        scales, zeros, lut = sc, zc, DQ.lut(ranges)
+    elif variant == "sym":
+        zeros = None
+    x = torch.randn(rows, k)
+    full = K.ext().linear_q4_i8(x, wq, scales, zeros, group, None, lut)
+    for n0 in (1, 2, 3, 5):
+        part = K.ext().linear_q4_i8(
+            x, wq[n0:], scales[n0:], None if zeros is None else zeros[n0:], group, None, lut
+        )
+        assert torch.equal(part, full[:, n0:]), n0
+
+
 @pytest.mark.parametrize("group", [0, 32, 64])  # 0: one scale per row
 @pytest.mark.parametrize("k", [576, 100])  # 100: a partial last block
 def test_q8_i8_rows_equal_one_row_calls(act_isa, group, k):  # noqa: F811
