@@ -32,16 +32,9 @@ namespace leanformer {
 namespace {
 struct DotAvx2 {
   static __m256i dot(__m256i u, __m256i s) { return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)); }
-  static __m256i part2(__m256i u1, __m256i s1, __m256i u2, __m256i s2) {  // int16 pair sums, |.| <= 15748
-    return _mm256_add_epi16(_mm256_maddubs_epi16(u1, s1), _mm256_maddubs_epi16(u2, s2));
-  }
-  template <bool kQ5>  // int4: four int16 sums fit (<= 30480); int5: two (<= 31496), then int32
-  static __m256i sum4(__m256i p0, __m256i p1, __m256i p2, __m256i p3) {
-    const __m256i one = _mm256_set1_epi16(1);
-    if constexpr (kQ5)
-      return _mm256_hadd_epi32(_mm256_madd_epi16(_mm256_hadd_epi16(p0, p1), one),
-                               _mm256_madd_epi16(_mm256_hadd_epi16(p2, p3), one));
-    return _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p0, p1), _mm256_hadd_epi16(p2, p3)), one);
+  static __m256i dot2(__m256i u1, __m256i s1, __m256i u2, __m256i s2) {
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(u1, s1), _mm256_maddubs_epi16(u2, s2));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
   }
 };
 }  // namespace

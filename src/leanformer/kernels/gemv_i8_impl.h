@@ -8,13 +8,10 @@
 //
 // The policy gives 8 int32 lanes, lane l = sum over bytes 4l..4l+3 of u8 * s8 products:
 //   dot(u, s)            one 32-byte pair
-// and, for the nibble loop, four rows' products reduced to one int32 per row and 128-bit half:
-//   part2(u1, s1, u2, s2)  two pairs summed, in a partial form (AVX2: int16 pair sums; VNNI: int32)
-//   sum4<kQ5>(p0..p3)      lane r: the sum of p_r's low half, lane 4 + r: of its high half
+//   dot2(u1, s1, u2, s2) two pairs summed
 // AVX2 builds it from maddubs (u8 x s8 -> int16 pair sums) + madd with ones; VNNI has it in one
 // instruction (vpdpbusd). Both are exact here: int4 codes 0..15 x |xq| <= 127 keep maddubs' int16 sums
-// (two of them added: |.| <= 4 * 15 * 127 = 7620) far from saturation, so AVX2's sum4 adds four of those
-// in int16 (horizontal adds, <= 30480) before one madd (int5: two, then int32), and int8 weights enter as |w| (u8, at most 128) with
+// (even two of them added) far from saturation, and int8 weights enter as |w| (u8, at most 128) with
 // the weight's sign moved onto the activation (sign_epi8), so 2 * 128 * 127 < 32767.
 //
 // Math per output: y = sum_blocks d_b * s_g * (sum_k xq_k q_k) + sum_g (z_g - 8 s_g) * xs_g for int4
@@ -38,10 +35,10 @@ inline void i8_prefetch(const void* row, int64_t off) {
 // One float accumulator chain per (weight row n, activation row m), over the chunks in order: a row's
 // sum order, hence its result bit for bit, does not depend on how many rows the call has (speculative
 // verification runs k+1 rows through the GEMV plain decoding runs one row at a time: greedy identity
-// needs equal logits). int8: one 8-lane chain per (n, m); the instruction-level parallelism a single
-// chain lacks (one FMA per 32 weights would wait on the FMA latency at M = 1) comes from NR weight rows
-// processed together (i8_nr), each activation block loaded once for them. int4 / int5 (gemv_i8_nib.h):
-// four weight rows per pass, a chain being lanes r and 4 + r of one vector per m (D::sum4).
+// needs equal logits). The instruction-level parallelism a single chain lacks (one FMA per 64 weights
+// would wait on the FMA latency, 4-5 cycles, every step at M = 1) comes from NR weight rows processed
+// together instead: NR * M independent chains (4 rows at M = 1, 2 at M = 2, 1 from M = 3, M <= 8),
+// and at M <= 2 each activation chunk is loaded once for NR weight rows.
 // From kPackRows activation rows on, rows_m first interleaves the activations per chunk ([chunk][m]
 // instead of [m][chunk], XPack) so the loop reads them at constant offsets from one pointer: with M
 // row pointers for the codes and M for the scales the loop ran out of registers and reloaded them
@@ -51,63 +48,49 @@ constexpr int kPackRows = 3;
 
 // The nibble loop's activation operands: row m's 64-column chunk c (64 codes, 8 scales) at
 // x + 64 c + m a.Kx (d + 8 c + m a.Kx / 8), or packed (M >= kPackRows) at x + 64 (c M + m)
-// (d + 8 (c M + m)); with groups of 32 (kS8), s: the group sums a.xs as 8 lanes per chunk in d's layout
-// (xs of group 2c in lanes 0-3, of 2c + 1 in 4-7), at s + 8 c + m 8 chunks or packed s + 8 (c M + m).
+// (d + 8 (c M + m)).
 struct XPack {
   const int8_t* x;
   const float* d;
-  const float* s = nullptr;
 };
 
-// The packed copy's storage: 4 KB in place (a call over a chunk of rows with few columns, e.g. the
-// dq8-decoded rows of gemv_i8.cpp, then allocates nothing), else plain new[] / delete[] (no std::
-// container: the VNNI translation units include this file and must share no inline library code with
-// the AVX2 ones, see int8_act.h).
+// The packed copy's storage: plain new[] / delete[] (no std:: container: the VNNI translation units
+// include this file and must share no inline library code with the AVX2 ones, see int8_act.h).
 struct I8Buf {
-  alignas(32) int8_t local[4096];
-  int8_t* heap = nullptr;
+  int8_t* p = nullptr;
   I8Buf() = default;
   I8Buf(const I8Buf&) = delete;
   I8Buf& operator=(const I8Buf&) = delete;
-  ~I8Buf() { delete[] heap; }
-  int8_t* get(int64_t bytes) { return bytes <= int64_t{sizeof local} ? local : (heap = new int8_t[bytes]); }
+  ~I8Buf() { delete[] p; }
 };
 
-// Rows [0, M) of a's chunks as the nibble loop reads them (kS8: with the group sums spread, see XPack).
-template <int M, bool kS8>
+// Rows [0, M) of a's chunks as the nibble loop reads them.
+template <int M>
 inline XPack i8_pack(const I8Args& a, I8Buf& buf) {
-  constexpr bool kP = M >= kPackRows;
-  if constexpr (!kP && !kS8) {
+  if constexpr (M < kPackRows) {
     return {a.xq, a.dv};
   } else {
-    const int64_t chunks = a.K / 64, G = a.K / 32;
-    int8_t* xb = buf.get(chunks * M * ((kP ? 64 + 32 : 0) + (kS8 ? 32 : 0)));
-    float* db = reinterpret_cast<float*>(xb + (kP ? chunks * M * 64 : 0));
-    float* sb = db + (kP ? chunks * M * 8 : 0);
+    const int64_t chunks = a.K / 64;
+    buf.p = new int8_t[chunks * M * (64 + 32)];
+    int8_t* xb = buf.p;
+    float* db = reinterpret_cast<float*>(buf.p + chunks * M * 64);
     for (int64_t c = 0; c < chunks; ++c)
       LF_UNROLL
       for (int m = 0; m < M; ++m) {
-        if constexpr (kP) {
-          const int8_t* x = a.xq + m * a.Kx + 64 * c;
-          int8_t* to = xb + (c * M + m) * 64;
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + 32),
-                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
-          _mm256_storeu_ps(db + (c * M + m) * 8, _mm256_loadu_ps(a.dv + m * (a.Kx / 8) + 8 * c));
-        }
-        if constexpr (kS8) {
-          const float* xs = a.xs + m * G + 2 * c;
-          _mm256_storeu_ps(sb + (kP ? (c * M + m) * 8 : m * 8 * chunks + 8 * c),
-                           _mm256_set_m128(_mm_set1_ps(xs[1]), _mm_set1_ps(xs[0])));
-        }
+        const int8_t* x = a.xq + m * a.Kx + 64 * c;
+        int8_t* to = xb + (c * M + m) * 64;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + 32),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+        _mm256_storeu_ps(db + (c * M + m) * 8, _mm256_loadu_ps(a.dv + m * (a.Kx / 8) + 8 * c));
       }
-    return {kP ? xb : a.xq, kP ? db : a.dv, kS8 ? sb : nullptr};
+    return {xb, db};
   }
 }
 
-template <int M>
-constexpr int i8_nr() {  // int8 weight rows per pass (measured: M = 3 faster with 2 rows, M = 4 not)
-  return M == 1 ? 4 : M <= 3 ? 2 : 1;
+template <int M, bool kNib>
+constexpr int i8_nr() {  // measured: int4 at M = 3: 2 rows (6 chains) slower than 1; int8: faster (not at M = 4)
+  return M == 1 ? 4 : M == 2 || (!kNib && M == 3) ? 2 : 1;
 }
 
 }  // namespace
@@ -182,38 +165,28 @@ inline void q8_rows_nr(const I8Args& a, int64_t n, float (&out)[NR][M]) {
 // scales per 32-column block), int5.
 enum class Kind { q4, q8, q8g16, q5 };
 
-// Weight rows n..n+NR-1 against all M activation rows, into a.y (+ bias) (int8).
-template <int NR, int M, class D, Kind K>
-__attribute__((always_inline)) inline void rows_nr(const I8Args& a, int64_t n) {
+// Weight rows n..n+NR-1 against all M activation rows, into a.y (+ bias).
+template <int NR, int M, class D, Kind K, Groups S>
+__attribute__((always_inline)) inline void rows_nr(const I8Args& a, const XPack& p, int64_t n) {
   float out[NR][M];
-  q8_rows_nr<NR, M, D, K == Kind::q8g16>(a, n, out);
+  if constexpr (K == Kind::q4 || K == Kind::q5)
+    nib_rows<NR, M, D, S, K == Kind::q5>(a, p, n, out);
+  else
+    q8_rows_nr<NR, M, D, K == Kind::q8g16>(a, n, out);
   LF_UNROLL
   for (int r = 0; r < NR; ++r)
     LF_UNROLL
     for (int m = 0; m < M; ++m) a.y[m * a.N + n + r] = out[r][m] + (a.bias ? a.bias[n + r] : 0.f);
 }
 
-// Weight rows [n0, n1) against the M activation rows of a, p = i8_pack<M>(a) for int4 / int5.
+// Weight rows [n0, n1) against the M activation rows of a, p = i8_pack<M>(a) (int4 / int5).
 template <int M, class D, Kind K, Groups S>
 inline void rows_mp(const I8Args& a, const XPack& p, int64_t n0, int64_t n1) {
-  if constexpr (K == Kind::q4 || K == Kind::q5) {  // four rows per pass; a last 1-3 repeat the last row
-    for (int64_t n = n0; n < n1; n += 4) {
-      const int64_t last = n1 - 1;
-      const int64_t idx[4] = {n, n + 1 < last ? n + 1 : last, n + 2 < last ? n + 2 : last, n + 3 < last ? n + 3 : last};
-      float out[4][M];
-      nib_rows<M, D, S, K == Kind::q5>(a, p, idx, out);
-      const int64_t nr = n1 - n < 4 ? n1 - n : 4;
-      for (int64_t r = 0; r < nr; ++r)
-        LF_UNROLL
-        for (int m = 0; m < M; ++m) a.y[m * a.N + n + r] = out[r][m] + (a.bias ? a.bias[n + r] : 0.f);
-    }
-  } else {
-    constexpr int NR = i8_nr<M>();
-    int64_t n = n0;
-    for (; n + NR <= n1; n += NR) rows_nr<NR, M, D, K>(a, n);
-    if constexpr (NR > 1)  // the last rows one at a time: same chains, same results
-      for (; n < n1; ++n) rows_nr<1, M, D, K>(a, n);
-  }
+  constexpr int NR = i8_nr<M, K == Kind::q4 || K == Kind::q5>();
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) rows_nr<NR, M, D, K, S>(a, p, n);
+  if constexpr (NR > 1)  // the last rows one at a time: same chains, same results
+    for (; n < n1; ++n) rows_nr<1, M, D, K, S>(a, p, n);
 }
 
 // One function per M, not inlined into `rows` (which would then hold every M's loops: the int8 head
@@ -221,7 +194,7 @@ inline void rows_mp(const I8Args& a, const XPack& p, int64_t n0, int64_t n1) {
 template <int M, class D, Kind K, Groups S>
 __attribute__((noinline)) void rows_m(const I8Args& a, const XPack* p, int64_t n0, int64_t n1) {
   I8Buf buf;
-  const XPack q = p ? *p : K == Kind::q4 || K == Kind::q5 ? i8_pack<M, layout(S) == Groups::k32>(a, buf) : XPack{a.xq, a.dv};
+  const XPack q = p ? *p : K == Kind::q4 || K == Kind::q5 ? i8_pack<M>(a, buf) : XPack{a.xq, a.dv};
   rows_mp<M, D, K, S>(a, q, n0, n1);
 }
 
@@ -265,9 +238,7 @@ inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
   I8Buf buf[2];
   XPack p[2];
   for (int i = 0; i < 2; ++i)
-    i8_with_rows(h[i].M, [&](auto t) {
-      p[i] = kNib ? i8_pack<decltype(t)::value, layout(S) == Groups::k32>(h[i], buf[i]) : XPack{h[i].xq, h[i].dv};
-    });
+    i8_with_rows(h[i].M, [&](auto t) { p[i] = kNib ? i8_pack<decltype(t)::value>(h[i], buf[i]) : XPack{h[i].xq, h[i].dv}; });
   // ~16 KB of weights per tile (a row: K / 2 nibble bytes + scales, or K int8 bytes), a multiple of 8 rows
   const int64_t row_bytes = kNib ? a.K / 2 + a.K / 8 : a.K + a.K / 8;
   const int64_t fit = ((16 << 10) / (row_bytes > 0 ? row_bytes : 1)) & ~int64_t{7};  // no <algorithm> here: int8_act.h

@@ -68,41 +68,16 @@ inline void i8_q5_codes(__m256i v, const uint32_t* hb, int64_t c, __m256i& lo, _
   hi = _mm256_and_si256(_mm256_xor_si256(_mm256_srli_epi16(v, 3), s), m31);  // srli16: bits 5-7 masked off
 }
 
-// Chunk c's weight scales of four rows as 8 lanes: block 2c's of rows 0-3 in lanes 0-3, block 2c+1's
-// in lanes 4-7 (the layout D::sum4 leaves the four rows' block sums in). g, bpg: as i8_chunk_scales.
-template <Groups S>
-inline __m256 i8_chunk_scales4(const float* const (&sc)[4], const uint8_t* const (&codes)[4], const float* lut,
-                               int64_t c, int64_t g, int64_t bpg) {
-  if constexpr (S == Groups::k32) {  // four 8-byte loads [s(2c), s(2c+1)], transposed by 5 shuffles
-    const auto two = [&](int r) { return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sc[r] + 2 * c))); };
-    const __m128 t01 = _mm_unpacklo_ps(two(0), two(1)), t23 = _mm_unpacklo_ps(two(2), two(3));  // a0 a1 b0 b1
-    return _mm256_set_m128(_mm_movehl_ps(t23, t01), _mm_movelh_ps(t01, t23));
-  } else {
-    constexpr bool kC = coded(S);
-    const auto at = [&](int r, int64_t j) { return kC ? lut[codes[r][j]] : sc[r][j]; };
-    const int64_t ga = layout(S) == Groups::k32 ? 2 * c : layout(S) == Groups::k64n ? g : (2 * c) / bpg;
-    const int64_t gb = layout(S) == Groups::k32 ? 2 * c + 1 : layout(S) == Groups::k64n ? g : (2 * c + 1) / bpg;
-    return _mm256_setr_ps(at(0, ga), at(1, ga), at(2, ga), at(3, ga), at(0, gb), at(1, gb), at(2, gb), at(3, gb));
-  }
-}
-
-// The nibble kernel: int4 (kQ5 false) and int5 (kQ5 true, GGUF Q5_0, compress/int5.py), the four weight
-// rows n[0..3] (a repeated index for a last partial group: its lanes compute the same) against the M
-// activation rows into out[r][m].
+// The nibble kernel: int4 (kQ5 false) and int5 (kQ5 true, GGUF Q5_0, compress/int5.py), weight rows
+// n..n+NR-1 against the M activation rows into out[r][m].
 // int4: w = (q - 8) s + z per group, q = the nibble. int5: w = (q - 16) s per 32 columns, q in 0..31,
 // per 64-column chunk 32 bytes of a.w and two words of a.high (i8_q5_codes' layout); a last half chunk
 // 16 bytes A_k (code 2k | bits 2-4 of code 2k + 1 << 5) and one word (bits 2k, 2k + 1: code 2k + 1's
-// bits 0-1). The -8 / -16 and the zero points enter through the activation group sums xs.
-//
-// Per chunk and activation row, the four rows' integer products are reduced to one int32 per (row,
-// block) by D::sum4 (lane r: row r's block 2c, lane 4 + r: its block 2c + 1) and scaled and added with
-// one convert, multiply and FMA for all four. (One row at a time, with a madd, a convert, a multiply and
-// an FMA per row, measured ~1.5x the time per activation row on Zen 3, whose vector integer multiplies
-// share one pipe.) Every (row, activation row) pair thus takes the same float operations in its own
-// lanes, whichever group, tile or call it is in: results do not depend on how many rows share a call.
-template <int M, class D, Groups S, bool kQ5>
-inline void nib_rows(const I8Args& a, const XPack& p, const int64_t (&n)[4], float (&out)[4][M]) {
-  constexpr int NR = 4;
+// bits 0-1). Exact:
+// maddubs pairs of 31 * 127 products, two pairs summed (dot2) stay below 32767. The -8 / -16 and the
+// zero points enter through the activation group sums xs.
+template <int NR, int M, class D, Groups S, bool kQ5>
+inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR][M]) {
   const int64_t group = kQ5 ? 32 : a.group;
   const int64_t Kh = a.K / 2, G = a.K / group, bpg = group / 32, cpg = group / 64;
   constexpr bool kCoded = coded(S);
@@ -114,12 +89,12 @@ inline void nib_rows(const I8Args& a, const XPack& p, const int64_t (&n)[4], flo
   const uint32_t* hb[NR];
   LF_UNROLL
   for (int r = 0; r < NR; ++r) {
-    w[r] = static_cast<const uint8_t*>(a.w) + n[r] * Kh;
-    sc[r] = kCoded ? nullptr : a.scales + n[r] * G;
-    zr[r] = !kQ5 && !kCoded && a.zeros ? a.zeros + n[r] * G : nullptr;
-    scc[r] = kCoded ? a.sc + n[r] * G : nullptr;
-    zcc[r] = kCoded ? a.zc + n[r] * G : nullptr;
-    hb[r] = kQ5 ? a.high + n[r] * G : nullptr;
+    w[r] = static_cast<const uint8_t*>(a.w) + (n + r) * Kh;
+    sc[r] = kCoded ? nullptr : a.scales + (n + r) * G;
+    zr[r] = !kQ5 && !kCoded && a.zeros ? a.zeros + (n + r) * G : nullptr;
+    scc[r] = kCoded ? a.sc + (n + r) * G : nullptr;
+    zcc[r] = kCoded ? a.zc + (n + r) * G : nullptr;
+    hb[r] = kQ5 ? a.high + (n + r) * G : nullptr;
   }
   const float* lut = a.lut;
   auto scale = [&](int r, int64_t j) { return kCoded ? lut[scc[r][j]] : sc[r][j]; };
@@ -128,72 +103,51 @@ inline void nib_rows(const I8Args& a, const XPack& p, const int64_t (&n)[4], flo
   const float* dr[M];
   LF_UNROLL
   for (int m = 0; m < M; ++m) xr[m] = kP ? p.x + 64 * m : p.x + m * a.Kx, dr[m] = kP ? p.d + 8 * m : p.d + m * (a.Kx / 8);
-  // Groups of 32 (kS8): each chunk's two groups' offsets (z - 8 s) times the activation group sums enter
-  // the accumulators in the loop (p.s, i8_pack), one FMA per chunk and activation row for the four rows;
-  // other group sizes: after it, per row.
-  constexpr bool kS8 = layout(S) == Groups::k32;
-  const int64_t chunks = a.K / 64;
-  const float* sr[M];  // kS8: activation row m's group sums, 8 lanes per chunk
-  LF_UNROLL
-  for (int m = 0; m < M; ++m) sr[m] = !kS8 ? nullptr : kP ? p.s + 8 * m : p.s + m * 8 * chunks;
-  const float off0 = kQ5 ? -16.f : -8.f;
-  const __m256 minus8 = _mm256_set1_ps(off0);
   const __m256i mask = _mm256_set1_epi8(0x0F);
-  __m256 acc[M];
+  const int64_t chunks = a.K / 64;
+  __m256 acc[NR][M];
   LF_UNROLL
-  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  for (int r = 0; r < NR; ++r)
+    LF_UNROLL
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
   int64_t g = 0, left = cpg;  // k64n: the group of chunk c, its chunks still ahead
   for (int64_t c = 0; c < chunks; ++c) {  // one 64-column chunk (32 weight bytes per row)
-    __m256i lo[NR], hi[NR];  // even / odd columns' codes
     LF_UNROLL
     for (int r = 0; r < NR; ++r) {
       i8_prefetch(w[r], 32 * c);
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + 32 * c));
+      __m256i lo, hi;  // even / odd columns' codes
       if constexpr (kQ5) {
-        i8_q5_codes(v, hb[r], c, lo[r], hi[r]);
+        i8_q5_codes(v, hb[r], c, lo, hi);
       } else {
-        lo[r] = _mm256_and_si256(v, mask);
-        hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        lo = _mm256_and_si256(v, mask);
+        hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
       }
-    }
-    const __m256 ws = i8_chunk_scales4<S>(sc, scc, lut, c, g, bpg);
-    LF_UNROLL
-    for (int m = 0; m < M; ++m) {
-      const int8_t* x = xr[m] + (kP ? 64 * M : 64) * c;
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
-      const __m256i s = D::template sum4<kQ5>(D::part2(lo[0], x0, hi[0], x1), D::part2(lo[1], x0, hi[1], x1),
-                                               D::part2(lo[2], x0, hi[2], x1), D::part2(lo[3], x0, hi[3], x1));
-      const __m256 d = _mm256_mul_ps(_mm256_loadu_ps(dr[m] + (kP ? 8 * M : 8) * c), ws);
-      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[m]);
-    }
-    if constexpr (kS8) {
-      __m256 off = _mm256_mul_ps(ws, minus8);  // exact; z - 8 s as the per-row loop below computes it
-      if constexpr (kCoded) {
-        __m256 z = _mm256_mul_ps(i8_chunk_scales4<S>(sc, zcc, lut + 256, c, g, bpg), ws);
-        asm("" : "+x"(z));  // z rounded to fp32 (no FMA contraction into the add)
-        off = _mm256_add_ps(off, z);
-      } else if (zr[0]) {
-        off = _mm256_add_ps(off, i8_chunk_scales4<S>(zr, scc, lut, c, g, bpg));
-      }
+      const __m256 ws = i8_chunk_scales<S>(sc[r], scc[r], lut, c, g, bpg);
       LF_UNROLL
-      for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(off, _mm256_loadu_ps(sr[m] + (kP ? 8 * M : 8) * c), acc[m]);
+      for (int m = 0; m < M; ++m) {
+        const int8_t* x = xr[m] + (kP ? 64 * M : 64) * c;
+        const __m256i s = D::dot2(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), hi,
+                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+        const __m256 d = _mm256_mul_ps(_mm256_loadu_ps(dr[m] + (kP ? 8 * M : 8) * c), ws);
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[r][m]);
+      }
     }
     if (layout(S) == Groups::k64n && --left == 0) ++g, left = cpg;
   }
   // The -8 (-16) of the codes and the zero points: sum_g (z_g - 8 s_g) * xs_g, eight groups per vector.
   // (A scalar loop here was one serial FMA chain per row, ~4 cycles per group: it measured a third of
   // the time of a 576-column row.)
+  const float off0 = kQ5 ? -16.f : -8.f;
+  const __m256 minus8 = _mm256_set1_ps(off0);
   LF_UNROLL
-  for (int m = 0; m < M; ++m) {
-    alignas(32) float blk[8];  // lane r + 4 h: row r's sum over its blocks 2c + h
-    _mm256_store_ps(blk, acc[m]);
+  for (int r = 0; r < NR; ++r) {
     LF_UNROLL
-    for (int r = 0; r < NR; ++r) {
-      __m256 t8 = _mm256_setzero_ps();
+    for (int m = 0; m < M; ++m) {
+      __m256 t8 = acc[r][m];
       const float* xs = a.xs + m * G;
-      int64_t j = kS8 ? 2 * chunks : 0;  // kS8: all but a last half chunk's group done in the loop
-      for (; !kS8 && j + 8 <= G; j += 8) {
+      int64_t j = 0;
+      for (; j + 8 <= G; j += 8) {
         __m256 off;
         if constexpr (kCoded) {  // exactly as the fp32 arrays were made: z = lut[256 + zc] * s, stored as fp32
           const __m256 s8 = i8_lut8(lut, scc[r] + j);
@@ -206,8 +160,7 @@ inline void nib_rows(const I8Args& a, const XPack& p, const int64_t (&n)[4], flo
         }
         t8 = _mm256_fmadd_ps(off, _mm256_loadu_ps(xs + j), t8);
       }
-      float y = blk[r] + blk[r + 4];
-      if constexpr (!kS8) y += i8_hsum(t8);
+      float y = i8_hsum(t8);
       for (; j < G; ++j) {
         const float s = scale(r, j);
         float z = kCoded ? lut[256 + zcc[r][j]] * s : zr[r] ? zr[r][j] : 0.f;

@@ -26,12 +26,8 @@ namespace leanformer {
 namespace {
 struct DotVnni {  // 8 int32 lanes of u8 x s8 sums in one instruction per pair
   static __m256i dot(__m256i u, __m256i s) { return LF_VNNI_DPBUSD(_mm256_setzero_si256(), u, s); }
-  static __m256i part2(__m256i u1, __m256i s1, __m256i u2, __m256i s2) {
+  static __m256i dot2(__m256i u1, __m256i s1, __m256i u2, __m256i s2) {
     return LF_VNNI_DPBUSD(LF_VNNI_DPBUSD(_mm256_setzero_si256(), u1, s1), u2, s2);
-  }
-  template <bool kQ5>
-  static __m256i sum4(__m256i p0, __m256i p1, __m256i p2, __m256i p3) {
-    return _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
   }
 };
 }  // namespace
