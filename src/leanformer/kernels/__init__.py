@@ -28,8 +28,6 @@ Ops (x may have leading dims; all math is fp32 with fp32 accumulation):
 - ``DecodeLinear`` / ``DecodeStack`` (compiled only, decode.cpp): a Llama-family layer stack's whole
   decode step (norms, GEMVs, RoPE, KV-cache write, attention, SiLU, residuals) in one call;
   models/fused.py builds the stack from the modules (one ``DecodeLinear`` per f32/q8/q4 Linear).
-  Its attention (decode_attention.h) is also bound alone, for tests: ``decode_attention(qkv, cos, sin, k,
-  v, k_scale, v_scale, slots, positions, n_heads)`` -> [M, n_heads * head_dim], writing the cache.
 - ``attention(q, k, v, key_mask=None, scale=None)`` (compiled only, attention*.cpp): non-causal
   softmax attention, q/k/v fp32 [B, H, T, D] -> [B, T, H, D], key_mask bool [B, T] (True = attend);
   what models/bert.py's encoders use for CPU fp32 inference at every length.
@@ -107,7 +105,6 @@ _HEADERS = [
     _DIR / "gemv_i8_nib.h",
     _DIR / "gemv_vnni.h",
     _DIR / "q4_codes.h",
-    _DIR / "decode_attention.h",
 ]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
