@@ -35,10 +35,9 @@ def kv_policy(window: int | None, sinks: int | None) -> SinkWindow | None:
 
 def attach_speculation(sched, policy) -> None:
     """Requests may ask for speculation unless the server slides a window (its slots move under drafts)
-    or mirrors its forwards to tensor-parallel ranks (serve/tp.py: they follow slot and paged steps only)."""
-    from leanformer.distributed.mirror import Leader
-
-    if policy is None and not isinstance(sched.model, Leader):
+    or its model is split over tensor-parallel ranks (serve/tp.py: they follow slot and paged steps
+    only, and a forward timed by one rank alone would wait forever in its all-reduce)."""
+    if policy is None and getattr(sched.model, "tp", None) is None:
         sched.spec = SpecDecoder()
         sched.spec.calibrate(sched)  # the forward's cost per row count, timed now: no request waits for it
 
