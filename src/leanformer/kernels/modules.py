@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanformer.kernels import available, ext, tracing
+from leanformer.kernels.packed import PackedLinear, deepcopy_repacked, packed_ok
 
 MAX_ROWS = (
     16  # chunks of 8 rows re-read W, yet measured ahead of oneDNN up to 16 rows (even at 32, behind at 128)
@@ -44,8 +45,6 @@ class FastLinear(nn.Linear):
             self.register_buffer("packed_weight", packed, persistent=False)
 
     def __deepcopy__(self, memo: dict) -> FastLinear:
-        from leanformer.kernels.packed import deepcopy_repacked
-
         return deepcopy_repacked(self, memo)
 
     def _kernel_ok(self, x: torch.Tensor) -> bool:
@@ -69,7 +68,7 @@ class FastLinear(nn.Linear):
             y = ext().linear_f32(x.reshape(-1, shape[-1]), self.weight.detach(), bias)
             return y.view(*shape[:-1], self.out_features)
         packed = getattr(self, "packed_weight", None)
-        if packed is not None and not torch.is_grad_enabled():
+        if packed is not None and packed_ok(x, self.weight):
             bias = None if self.bias is None else self.bias.detach()
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), packed, bias, "none", [], "")
             return y.reshape(*shape[:-1], self.out_features)
@@ -84,8 +83,6 @@ def use_fast_linears_(model: nn.Module) -> nn.Module:
     """
     if not available():
         return model
-    from leanformer.kernels.packed import PackedLinear
-
     for name, child in list(model.named_children()):
         if (
             type(child) in (nn.Linear, PackedLinear)
@@ -102,8 +99,6 @@ def use_fast_linears_(model: nn.Module) -> nn.Module:
 def plain_linears(model: nn.Module):
     """Temporarily swap leanformer's fast Linears (oneDNN PackedLinear, GEMV FastLinear) for nn.Linears
     sharing their weights: autograd and the ONNX exporters need ordinary matmuls."""
-    from leanformer.kernels.packed import PackedLinear
-
     swapped = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -35,12 +35,25 @@ class PackedLinear(nn.Linear):
         self.register_buffer("packed_weight", packed, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not packed_ok(x, self.weight):
+            return nn.functional.linear(x, self.weight, self.bias)
         shape = x.shape
         bias = None if self.bias is None else self.bias.detach()
         y = torch.ops.mkldnn._linear_pointwise(
             x.reshape(-1, shape[-1]), self.packed_weight, bias, "none", [], ""
         )
         return y.reshape(*shape[:-1], self.out_features)
+
+
+def packed_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a call may run on the packed copy: no autograd, and x in the weight's dtype with no
+    autocast (a bf16 autocast region, e.g. distillation on a CPU with native bf16, hands fp32-packed
+    weights bf16 inputs that oneDNN has no primitive for; F.linear casts them)."""
+    return (
+        not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(x.device.type)
+        and x.dtype == weight.dtype
+    )
 
 
 def deepcopy_repacked(linear: nn.Linear, memo: dict) -> nn.Linear:

@@ -20,6 +20,7 @@ from torch import nn
 
 from leanformer import kernels
 from leanformer.errors import LeanformerError
+from leanformer.kernels.packed import packed_ok
 from leanformer.models.bert_attention import LongAttention, long_attention, lookup, position_ids
 from leanformer.models.bert_weights import encoder_extras, sanitize  # noqa: F401 (the family contract)
 
@@ -202,7 +203,13 @@ def _linear(mod: nn.Linear, x: torch.Tensor, act=None, residual: torch.Tensor | 
     Int8Dynamic Linears (compress/quant.py) do the same in their own epilogue (GELU erf form and residual).
     """
     packed = getattr(mod, "packed_weight", None)
-    if packed is not None and not torch.is_grad_enabled() and (act is None or act[1] is not None):
+    # hooks (calibration) must see the call
+    if (
+        packed is not None
+        and packed_ok(x, mod.weight)
+        and not _hooked(mod)
+        and (act is None or act[1] is not None)
+    ):
         bias = None if mod.bias is None else mod.bias.detach()
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
