@@ -85,8 +85,11 @@ def load_as(path: str, dtype: str = "float32"):
 
 
 def _worker(rank: int, jobs: list[tuple], out: str) -> None:
+    from leanformer.compress import qbase
     from leanformer.distributed import parallelize_, pipeline_
     from leanformer.errors import LeanformerError
+
+    qbase.PREFILL_BF16 = False  # as the tests' references: see test_two_ranks_match_one_process
 
     for name, path, dtype, split in jobs:
         model = load_as(path, dtype)
