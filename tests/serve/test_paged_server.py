@@ -4,6 +4,8 @@ request that needs more KV than the pool holds is a 400, not a hang."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -96,8 +98,14 @@ def test_load_test_reports_in_flight_and_first_ttft(shared):
     assert [max_tokens_of(i, 8, True) for i in range(4)] == [2, 8, 6, 4]
     model, tok = load_stories(shared)
     app = create_app(model, tok, ServeConfig(model_id=MODEL, max_batch=4, max_seq=256))
-    with running(app) as url:
-        report = asyncio.run(run_load(url, MODEL, texts, 8, 4, mixed=True))
+    # 20 ms per forward: the requests outlive the 50 ms /metrics polls (stories260K finishes them
+    # between two polls on a fast machine, or a loaded one that delays the poller)
+    slow = model.register_forward_pre_hook(lambda *_: time.sleep(0.02))
+    try:
+        with running(app) as url:
+            report = asyncio.run(run_load(url, MODEL, texts, 8, 4, mixed=True))
+    finally:
+        slow.remove()
     assert report["failed"] == 0 and report["output_tokens"] == 2 + 8 + 6 + 4
     assert 1 <= report["in_flight_max"] <= 4 and report["ttft_ms_first"] > 0
     assert report["prompt_tokens_mean"] > 30
