@@ -54,8 +54,20 @@ def test_quantize_act_is_bit_exact(k):
 @pytest.mark.parametrize("rows", [1, 3, 11, 19])  # 11: two halves of one call; 19: calls of 16 and 3
 @pytest.mark.parametrize(
     ("group", "k"),
-    [(32, 576), (32, 96), (32, 1000), (64, 576), (64, 100), (96, 288), (160, 480), (128, 256), (256, 512)],
-)  # 96 / 160: groups that end mid 64-column chunk; 1000: a partial last block
+    [
+        (32, 576),
+        (32, 96),
+        (32, 1000),
+        (64, 576),
+        (64, 100),
+        (96, 288),
+        (160, 480),
+        (128, 256),
+        (256, 512),
+        (192, 768),
+    ],
+)  # 96 / 160: groups that end mid 64-column chunk; 1000: a partial last block; 192: a group boundary
+#    inside a 128-column superchunk of the AVX-512 loops (gemv_i8_wide.h)
 @pytest.mark.parametrize("symmetric", [False, True])  # True: zeros=None, w = (code - 8) * scale
 def test_q4(act_isa, rows, group, k, symmetric):
     kp = -(-k // group) * group  # codes padded to whole groups; x stays k wide (the fused step's k_padded)

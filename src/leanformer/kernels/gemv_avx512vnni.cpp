@@ -5,4 +5,5 @@
 #define LF_VNNI_TARGET "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"
 #define LF_VNNI_DPBUSD _mm256_dpbusd_epi32
 #define LF_I8_NS i8avx512vnni
+#define LF_I8_WIDE  // int4 on 512-bit vectors as well (gemv_i8_wide.h)
 #include "gemv_vnni.h"

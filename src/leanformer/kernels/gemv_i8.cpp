@@ -200,6 +200,17 @@ void quantize_row_q4(const float* x, int64_t K, int64_t Kp, int64_t group, int8_
   }
 }
 
+// The chunk layout [E0 | O0 | E1 | O1] (32 bytes each: chunk 2s's even / odd columns, chunk 2s + 1's)
+// of every 128 columns -> [E0 | E1 | O0 | O1], the wide layout (gemv_i8_wide.h); an odd last chunk stays.
+void to_wide_layout(int8_t* row, int64_t chunks) {
+  for (int64_t c = 0; c + 1 < chunks; c += 2) {
+    __m256i* q = reinterpret_cast<__m256i*>(row + 64 * c);
+    const __m256i o0 = _mm256_loadu_si256(q + 1), e1 = _mm256_loadu_si256(q + 2);
+    _mm256_storeu_si256(q + 1, e1);
+    _mm256_storeu_si256(q + 2, o0);
+  }
+}
+
 }  // namespace
 
 // x [M, K] fp32 -> (codes int8 [M, Kq], d fp32 [M, Kq / 32]) with Kq = K rounded up to 32: the
@@ -234,16 +245,21 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   at::Tensor xq = at::empty({M, Kx}, x.options().dtype(at::kChar));  // past Kp: never read
   at::Tensor fl = at::empty({M * (8 * chunks + G)}, x.options());
   float *dv = fl.data_ptr<float>(), *xs = dv + M * 8 * chunks;
-  for (int64_t m = 0; m < M; ++m)
-    quantize_row_q4(x.data_ptr<float>() + m * K, K, Kp, group_size, xq.data_ptr<int8_t>() + m * Kx,
-                    dv + m * 8 * chunks, xs + m * G);
-  at::Tensor y = at::empty({M, N}, x.options());
   const bool lookup = qs.coded() && G >= kLookupMinGroups;  // else: fp32 arrays, or codes decoded by qs
+  const bool wide = g_act_isa.load(std::memory_order_relaxed) == kAvx512Vnni &&
+                    (group_size == 32 || group_size % 64 == 0);  // gemv_i8_wide.h's 512-bit loops
+  for (int64_t m = 0; m < M; ++m) {
+    int8_t* row = xq.data_ptr<int8_t>() + m * Kx;
+    quantize_row_q4(x.data_ptr<float>() + m * K, K, Kp, group_size, row, dv + m * 8 * chunks, xs + m * G);
+    if (wide) to_wide_layout(row, Kp / 64);  // whole 64-column chunks (a last 32 columns stay)
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kI8Rows) {
     I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, w.data_ptr<uint8_t>(),
              qs.s, qs.z, b, y.data_ptr<float>() + m0 * N, std::min<int64_t>(kI8Rows, M - m0), N, Kp, Kx,
              group_size};
     if (lookup) a.sc = qs.sc, a.zc = qs.zc, a.lut = qs.lut;
+    a.wide = wide;
     run_rows(a, true, Kp / 2 + (qs.coded() ? 2 : qs.z ? 8 : 4) * G, qs.coded() && !lookup ? &qs : nullptr);
   }
   return y;

@@ -97,6 +97,9 @@ constexpr int i8_nr() {  // measured: int4 at M = 3: 2 rows (6 chains) slower th
 }  // namespace leanformer
 
 #include "gemv_i8_nib.h"  // Groups, nib_rows: the int4 / int5 loops
+#ifdef LF_I8_WIDE
+#include "gemv_i8_wide.h"  // wide_rows: the int4 loop on 512-bit vectors (AVX-512 VNNI)
+#endif
 
 namespace leanformer {
 namespace {
@@ -163,12 +166,27 @@ inline void q8_rows_nr(const I8Args& a, int64_t n, float (&out)[NR][M]) {
 
 // Which row function a call runs: int4 (group layout S), int8 (per row / per group, or kG16: Q6_K's two
 // scales per 32-column block), int5.
-enum class Kind { q4, q8, q8g16, q5 };
+enum class Kind { q4, q8, q8g16, q5, q4w };  // q4w: int4 on the wide activation layout
+constexpr bool nibbles(Kind K) { return K == Kind::q4 || K == Kind::q5 || K == Kind::q4w; }
+
+// Rows [0, M) of a's activations as K's loop reads them (packed from kPackRows rows for the nibbles).
+template <int M, Kind K>
+inline XPack i8_pack_for(const I8Args& a, I8Buf& buf) {
+#ifdef LF_I8_WIDE
+  if constexpr (K == Kind::q4w) return i8_pack_wide<M>(a, buf);
+#endif
+  if constexpr (K == Kind::q4 || K == Kind::q5) return i8_pack<M>(a, buf);
+  return XPack{a.xq, a.dv};
+}
 
 // Weight rows n..n+NR-1 against all M activation rows, into a.y (+ bias).
 template <int NR, int M, class D, Kind K, Groups S>
 __attribute__((always_inline)) inline void rows_nr(const I8Args& a, const XPack& p, int64_t n) {
   float out[NR][M];
+#ifdef LF_I8_WIDE
+  if constexpr (K == Kind::q4w) wide_rows<NR, M, D, S>(a, p, n, out);
+  else
+#endif
   if constexpr (K == Kind::q4 || K == Kind::q5)
     nib_rows<NR, M, D, S, K == Kind::q5>(a, p, n, out);
   else
@@ -182,7 +200,7 @@ __attribute__((always_inline)) inline void rows_nr(const I8Args& a, const XPack&
 // Weight rows [n0, n1) against the M activation rows of a, p = i8_pack<M>(a) (int4 / int5).
 template <int M, class D, Kind K, Groups S>
 inline void rows_mp(const I8Args& a, const XPack& p, int64_t n0, int64_t n1) {
-  constexpr int NR = i8_nr<M, K == Kind::q4 || K == Kind::q5>();
+  constexpr int NR = i8_nr<M, nibbles(K)>();
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) rows_nr<NR, M, D, K, S>(a, p, n);
   if constexpr (NR > 1)  // the last rows one at a time: same chains, same results
@@ -194,7 +212,7 @@ inline void rows_mp(const I8Args& a, const XPack& p, int64_t n0, int64_t n1) {
 template <int M, class D, Kind K, Groups S>
 __attribute__((noinline)) void rows_m(const I8Args& a, const XPack* p, int64_t n0, int64_t n1) {
   I8Buf buf;
-  const XPack q = p ? *p : K == Kind::q4 || K == Kind::q5 ? i8_pack<M>(a, buf) : XPack{a.xq, a.dv};
+  const XPack q = p ? *p : i8_pack_for<M, K>(a, buf);
   rows_mp<M, D, K, S>(a, q, n0, n1);
 }
 
@@ -226,7 +244,7 @@ inline void i8_with_rows(int64_t rows, const Fn& fn) {
 // the same loop whatever part or tile it is in.
 template <class D, Kind K, Groups S = Groups::k32>
 inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
-  constexpr bool kNib = K == Kind::q4 || K == Kind::q5;
+  constexpr bool kNib = nibbles(K);
   if (a.M <= 8) {
     return i8_with_rows(a.M, [&](auto t) { rows_m<decltype(t)::value, D, K, S>(a, nullptr, n0, n1); });
   }
@@ -238,7 +256,7 @@ inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
   I8Buf buf[2];
   XPack p[2];
   for (int i = 0; i < 2; ++i)
-    i8_with_rows(h[i].M, [&](auto t) { p[i] = kNib ? i8_pack<decltype(t)::value>(h[i], buf[i]) : XPack{h[i].xq, h[i].dv}; });
+    i8_with_rows(h[i].M, [&](auto t) { p[i] = i8_pack_for<decltype(t)::value, K>(h[i], buf[i]); });
   // ~16 KB of weights per tile (a row: K / 2 nibble bytes + scales, or K int8 bytes), a multiple of 8 rows
   const int64_t row_bytes = kNib ? a.K / 2 + a.K / 8 : a.K + a.K / 8;
   const int64_t fit = ((16 << 10) / (row_bytes > 0 ? row_bytes : 1)) & ~int64_t{7};  // no <algorithm> here: int8_act.h
@@ -258,6 +276,12 @@ inline void q8_any(const I8Args& a, int64_t n0, int64_t n1) {
 
 template <class D>
 inline void q4_any(const I8Args& a, int64_t n0, int64_t n1) {
+#ifdef LF_I8_WIDE
+  if (a.wide) {  // set by gemv_i8.cpp for groups of 32 or 64n only
+    if (a.group == 32) return a.lut ? rows<D, Kind::q4w, Groups::k32Coded>(a, n0, n1) : rows<D, Kind::q4w, Groups::k32>(a, n0, n1);
+    return a.lut ? rows<D, Kind::q4w, Groups::k64nCoded>(a, n0, n1) : rows<D, Kind::q4w, Groups::k64n>(a, n0, n1);
+  }
+#endif
   if (a.lut) {  // 8-bit scale codes
     if (a.group == 32) return rows<D, Kind::q4, Groups::k32Coded>(a, n0, n1);
     if (a.group % 64 == 0) return rows<D, Kind::q4, Groups::k64nCoded>(a, n0, n1);

@@ -68,20 +68,14 @@ inline void i8_q5_codes(__m256i v, const uint32_t* hb, int64_t c, __m256i& lo, _
   hi = _mm256_and_si256(_mm256_xor_si256(_mm256_srli_epi16(v, 3), s), m31);  // srli16: bits 5-7 masked off
 }
 
-// The nibble kernel: int4 (kQ5 false) and int5 (kQ5 true, GGUF Q5_0, compress/int5.py), weight rows
-// n..n+NR-1 against the M activation rows into out[r][m].
-// int4: w = (q - 8) s + z per group, q = the nibble. int5: w = (q - 16) s per 32 columns, q in 0..31,
-// per 64-column chunk 32 bytes of a.w and two words of a.high (i8_q5_codes' layout); a last half chunk
-// 16 bytes A_k (code 2k | bits 2-4 of code 2k + 1 << 5) and one word (bits 2k, 2k + 1: code 2k + 1's
-// bits 0-1). Exact:
-// maddubs pairs of 31 * 127 products, two pairs summed (dot2) stay below 32767. The -8 / -16 and the
-// zero points enter through the activation group sums xs.
-template <int NR, int M, class D, Groups S, bool kQ5>
-inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR][M]) {
+// The end of a nibble row (nib_rows, and wide_rows of gemv_i8_wide.h): acc[r][m] holds the chunks'
+// sum; add the codes' offset and zero points, and a last 32 columns, into out[r][m].
+template <int NR, int M, Groups S, bool kQ5>
+inline void nib_finish(const I8Args& a, int64_t n, const __m256 (&acc)[NR][M], float (&out)[NR][M]) {
   const int64_t group = kQ5 ? 32 : a.group;
-  const int64_t Kh = a.K / 2, G = a.K / group, bpg = group / 32, cpg = group / 64;
+  const int64_t Kh = a.K / 2, G = a.K / group, chunks = a.K / 64;
   constexpr bool kCoded = coded(S);
-  const uint8_t* __restrict w[NR];
+  const uint8_t* w[NR];
   const float* sc[NR];
   const float* zr[NR];  // null: symmetric codes (GGUF Q4_0, int5), no zero point
   const uint8_t* scc[NR];  // coded: the row's scale / zero codes [G]
@@ -98,43 +92,6 @@ inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR
   }
   const float* lut = a.lut;
   auto scale = [&](int r, int64_t j) { return kCoded ? lut[scc[r][j]] : sc[r][j]; };
-  constexpr bool kP = M >= kPackRows;
-  const int8_t* xr[M];  // activation row m's codes and chunk scales (hoisted: the loop recomputed m * Kx / 8)
-  const float* dr[M];
-  LF_UNROLL
-  for (int m = 0; m < M; ++m) xr[m] = kP ? p.x + 64 * m : p.x + m * a.Kx, dr[m] = kP ? p.d + 8 * m : p.d + m * (a.Kx / 8);
-  const __m256i mask = _mm256_set1_epi8(0x0F);
-  const int64_t chunks = a.K / 64;
-  __m256 acc[NR][M];
-  LF_UNROLL
-  for (int r = 0; r < NR; ++r)
-    LF_UNROLL
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
-  int64_t g = 0, left = cpg;  // k64n: the group of chunk c, its chunks still ahead
-  for (int64_t c = 0; c < chunks; ++c) {  // one 64-column chunk (32 weight bytes per row)
-    LF_UNROLL
-    for (int r = 0; r < NR; ++r) {
-      i8_prefetch(w[r], 32 * c);
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + 32 * c));
-      __m256i lo, hi;  // even / odd columns' codes
-      if constexpr (kQ5) {
-        i8_q5_codes(v, hb[r], c, lo, hi);
-      } else {
-        lo = _mm256_and_si256(v, mask);
-        hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-      }
-      const __m256 ws = i8_chunk_scales<S>(sc[r], scc[r], lut, c, g, bpg);
-      LF_UNROLL
-      for (int m = 0; m < M; ++m) {
-        const int8_t* x = xr[m] + (kP ? 64 * M : 64) * c;
-        const __m256i s = D::dot2(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), hi,
-                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
-        const __m256 d = _mm256_mul_ps(_mm256_loadu_ps(dr[m] + (kP ? 8 * M : 8) * c), ws);
-        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[r][m]);
-      }
-    }
-    if (layout(S) == Groups::k64n && --left == 0) ++g, left = cpg;
-  }
   // The -8 (-16) of the codes and the zero points: sum_g (z_g - 8 s_g) * xs_g, eight groups per vector.
   // (A scalar loop here was one serial FMA chain per row, ~4 cycles per group: it measured a third of
   // the time of a 576-column row.)
@@ -183,6 +140,71 @@ inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR
       out[r][m] = y;
     }
   }
+}
+
+// The nibble kernel: int4 (kQ5 false) and int5 (kQ5 true, GGUF Q5_0, compress/int5.py), weight rows
+// n..n+NR-1 against the M activation rows into out[r][m].
+// int4: w = (q - 8) s + z per group, q = the nibble. int5: w = (q - 16) s per 32 columns, q in 0..31,
+// per 64-column chunk 32 bytes of a.w and two words of a.high (i8_q5_codes' layout); a last half chunk
+// 16 bytes A_k (code 2k | bits 2-4 of code 2k + 1 << 5) and one word (bits 2k, 2k + 1: code 2k + 1's
+// bits 0-1). Exact:
+// maddubs pairs of 31 * 127 products, two pairs summed (dot2) stay below 32767. The -8 / -16 and the
+// zero points enter through the activation group sums xs.
+template <int NR, int M, class D, Groups S, bool kQ5>
+inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR][M]) {
+  const int64_t group = kQ5 ? 32 : a.group;
+  const int64_t Kh = a.K / 2, G = a.K / group, bpg = group / 32, cpg = group / 64;
+  constexpr bool kCoded = coded(S);
+  const uint8_t* __restrict w[NR];
+  const float* sc[NR];
+  const uint8_t* scc[NR];  // coded: the row's scale codes [G]
+  const uint32_t* hb[NR];
+  LF_UNROLL
+  for (int r = 0; r < NR; ++r) {
+    w[r] = static_cast<const uint8_t*>(a.w) + (n + r) * Kh;
+    sc[r] = kCoded ? nullptr : a.scales + (n + r) * G;
+    scc[r] = kCoded ? a.sc + (n + r) * G : nullptr;
+    hb[r] = kQ5 ? a.high + (n + r) * G : nullptr;
+  }
+  const float* lut = a.lut;
+  constexpr bool kP = M >= kPackRows;
+  const int8_t* xr[M];  // activation row m's codes and chunk scales (hoisted: the loop recomputed m * Kx / 8)
+  const float* dr[M];
+  LF_UNROLL
+  for (int m = 0; m < M; ++m) xr[m] = kP ? p.x + 64 * m : p.x + m * a.Kx, dr[m] = kP ? p.d + 8 * m : p.d + m * (a.Kx / 8);
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const int64_t chunks = a.K / 64;
+  __m256 acc[NR][M];
+  LF_UNROLL
+  for (int r = 0; r < NR; ++r)
+    LF_UNROLL
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+  int64_t g = 0, left = cpg;  // k64n: the group of chunk c, its chunks still ahead
+  for (int64_t c = 0; c < chunks; ++c) {  // one 64-column chunk (32 weight bytes per row)
+    LF_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      i8_prefetch(w[r], 32 * c);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + 32 * c));
+      __m256i lo, hi;  // even / odd columns' codes
+      if constexpr (kQ5) {
+        i8_q5_codes(v, hb[r], c, lo, hi);
+      } else {
+        lo = _mm256_and_si256(v, mask);
+        hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+      }
+      const __m256 ws = i8_chunk_scales<S>(sc[r], scc[r], lut, c, g, bpg);
+      LF_UNROLL
+      for (int m = 0; m < M; ++m) {
+        const int8_t* x = xr[m] + (kP ? 64 * M : 64) * c;
+        const __m256i s = D::dot2(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), hi,
+                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+        const __m256 d = _mm256_mul_ps(_mm256_loadu_ps(dr[m] + (kP ? 8 * M : 8) * c), ws);
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[r][m]);
+      }
+    }
+    if (layout(S) == Groups::k64n && --left == 0) ++g, left = cpg;
+  }
+  nib_finish<NR, M, S, kQ5>(a, n, acc, out);
 }
 
 }  // namespace

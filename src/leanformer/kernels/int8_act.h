@@ -35,6 +35,9 @@ struct I8Args {
   const uint8_t* sc = nullptr;
   const uint8_t* zc = nullptr;
   const float* lut = nullptr;
+  // q4, AVX-512 VNNI only: xq in the wide layout (per 128 columns the 64 even then the 64 odd ones,
+  // gemv_i8_wide.h), read by 512-bit loops; groups of 32 or a multiple of 64, fp32 scales
+  bool wide = false;
 };
 
 // y[:, n] for weight rows n in [n0, n1), per instruction set. Call the VNNI ones only where the CPU has

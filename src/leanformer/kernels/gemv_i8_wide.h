@@ -1,0 +1,143 @@
+// The int4 nibble loop on 512-bit vectors (AVX-512 VNNI only: gemv_avx512vnni.cpp defines LF_I8_WIDE
+// and gemv_i8_impl.h includes this file after gemv_i8_nib.h). Needs XPack, I8Buf, kPackRows,
+// i8_chunk_scales and nib_finish.
+//
+// Why: at batch 1 the 256-bit loop spends ~14 instructions per 64 weights of a row (load, two masks, a
+// shift, the chunk's scales, two activation loads, two vpdpbusd, the block scales' load and product, a
+// convert, an FMA). One 512-bit register holds 128 nibbles, and when the activations of those 128
+// columns sit as [64 even columns | 64 odd columns] the same ~14 instructions cover 128 weights: int32
+// lane l of the two vpdpbusd sums is then columns 8l..8l+7, so lanes 4b..4b+3 are 32-column block b,
+// whose activation scale d_b the existing [d x4 | d x4] pairs of two chunks already give as 16 lanes.
+//
+// Activation layout ("wide", I8Args::wide): per 128-column superchunk the 64 even columns then the 64
+// odd ones (gemv_i8.cpp swaps the middle 32-byte quarters of the 64-column chunk layout); an odd last
+// 64-column chunk and a last 32 columns keep that layout's places, so dv, xs and nib_finish are shared.
+// Rows keep one accumulator chain each, in chunk order, so a row's result does not depend on the call's
+// row count (speculative verification). Weight groups: 32 or a multiple of 64, fp32 scales or 8-bit
+// scale codes (the same fp32 values: results bit-equal to the fp32 arrays'); others stay on nib_rows.
+
+namespace leanformer {
+namespace {
+
+// Rows [0, M) of a's superchunks as wide_rows reads them: unpacked, or (M >= kPackRows) per superchunk
+// [m][128 codes] then [m][16 scales], the odd last chunk after them as [m][64] and [m][8].
+template <int M>
+inline XPack i8_pack_wide(const I8Args& a, I8Buf& buf) {
+  if constexpr (M < kPackRows) {
+    return {a.xq, a.dv};
+  } else {
+    const int64_t chunks = a.K / 64;
+    buf.p = new int8_t[chunks * M * (64 + 32)];
+    int8_t* xb = buf.p;
+    float* db = reinterpret_cast<float*>(buf.p + chunks * M * 64);
+    for (int64_t c = 0; c + 1 < chunks; c += 2)
+      LF_UNROLL
+      for (int m = 0; m < M; ++m) {
+        const int8_t* x = a.xq + m * a.Kx + 64 * c;
+        int8_t* to = xb + (c * M + 2 * m) * 64;
+        _mm512_storeu_si512(to, _mm512_loadu_si512(x));
+        _mm512_storeu_si512(to + 64, _mm512_loadu_si512(x + 64));
+        _mm512_storeu_ps(db + (c * M + 2 * m) * 8, _mm512_loadu_ps(a.dv + m * (a.Kx / 8) + 8 * c));
+      }
+    if (chunks % 2) {
+      const int64_t c = chunks - 1;
+      LF_UNROLL
+      for (int m = 0; m < M; ++m) {
+        _mm512_storeu_si512(xb + (c * M + m) * 64, _mm512_loadu_si512(a.xq + m * a.Kx + 64 * c));
+        _mm256_storeu_ps(db + (c * M + m) * 8, _mm256_loadu_ps(a.dv + m * (a.Kx / 8) + 8 * c));
+      }
+    }
+    return {xb, db};
+  }
+}
+
+// Weight rows n..n+NR-1 against the M activation rows (wide layout), int4, into out[r][m].
+template <int NR, int M, class D, Groups S>
+inline void wide_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR][M]) {
+  static_assert(layout(S) == Groups::k32 || layout(S) == Groups::k64n, "the wide loop takes groups of 32 / 64n");
+  constexpr bool kCoded = coded(S);
+  const int64_t Kh = a.K / 2, G = a.K / a.group, cpg = a.group / 64, chunks = a.K / 64;
+  const uint8_t* __restrict w[NR];
+  const float* sc[NR];
+  const uint8_t* scc[NR];  // coded: the row's scale codes [G], looked up in a.lut
+  LF_UNROLL
+  for (int r = 0; r < NR; ++r) {
+    w[r] = static_cast<const uint8_t*>(a.w) + (n + r) * Kh;
+    sc[r] = kCoded ? nullptr : a.scales + (n + r) * G;
+    scc[r] = kCoded ? a.sc + (n + r) * G : nullptr;
+  }
+  const float* lut = a.lut;
+  auto scale = [&](int r, int64_t j) { return kCoded ? lut[scc[r][j]] : sc[r][j]; };
+  constexpr bool kP = M >= kPackRows;
+  const int8_t* xr[M];
+  const float* dr[M];
+  LF_UNROLL
+  for (int m = 0; m < M; ++m) xr[m] = kP ? p.x + 128 * m : p.x + m * a.Kx, dr[m] = kP ? p.d + 16 * m : p.d + m * (a.Kx / 8);
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  const __m512i quads = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  __m512 acc[NR][M];
+  LF_UNROLL
+  for (int r = 0; r < NR; ++r)
+    LF_UNROLL
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  int64_t g = 0, left = cpg;  // k64n: the group of chunk c, its chunks still ahead
+  int64_t c = 0;
+  for (; c + 1 < chunks; c += 2) {  // one 128-column superchunk: 64 weight bytes per row
+    int64_t g2 = g;  // k64n: the group of chunk c + 1
+    if (layout(S) == Groups::k64n && left == 1) g2 = g + 1;
+    LF_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      i8_prefetch(w[r], 32 * c);
+      const __m512i v = _mm512_loadu_si512(w[r] + 32 * c);
+      const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+      __m512 ws;  // blocks 2c .. 2c + 3's weight scales, each in 4 lanes
+      if constexpr (S == Groups::k32)
+        ws = _mm512_permutexvar_ps(quads, _mm512_castps128_ps512(_mm_loadu_ps(sc[r] + 2 * c)));
+      else if constexpr (S == Groups::k32Coded)
+        ws = _mm512_permutexvar_ps(quads, _mm512_castps128_ps512(_mm_setr_ps(
+                                              scale(r, 2 * c), scale(r, 2 * c + 1), scale(r, 2 * c + 2), scale(r, 2 * c + 3))));
+      else
+        ws = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(scale(r, g))),
+                                                 _mm256_castps_pd(_mm256_set1_ps(scale(r, g2))), 1));
+      LF_UNROLL
+      for (int m = 0; m < M; ++m) {
+        const int8_t* x = xr[m] + (kP ? 64 * M : 64) * c;
+        const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x)),
+                                              hi, _mm512_loadu_si512(x + 64));
+        const __m512 d = _mm512_mul_ps(_mm512_loadu_ps(dr[m] + (kP ? 8 * M : 8) * c), ws);
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[r][m]);
+      }
+    }
+    if (layout(S) == Groups::k64n)
+      for (int k = 0; k < 2; ++k)
+        if (--left == 0) ++g, left = cpg;
+  }
+  __m256 acc8[NR][M];  // the 16 lanes folded to nib_finish's 8 (lanes l and l + 8: the same block slot)
+  LF_UNROLL
+  for (int r = 0; r < NR; ++r)
+    LF_UNROLL
+    for (int m = 0; m < M; ++m)
+      acc8[r][m] = _mm256_add_ps(_mm512_castps512_ps256(acc[r][m]),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][m]), 1)));
+  if (c < chunks) {  // an odd last 64-column chunk: the 256-bit loop's step, in its layout
+    const __m256i mask8 = _mm256_set1_epi8(0x0F);
+    LF_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + 32 * c));
+      const __m256i lo = _mm256_and_si256(v, mask8), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask8);
+      const __m256 ws = i8_chunk_scales<S>(sc[r], scc[r], lut, c, g, a.group / 32);
+      LF_UNROLL
+      for (int m = 0; m < M; ++m) {
+        const int8_t* x = kP ? p.x + 64 * (c * M + m) : xr[m] + 64 * c;
+        const __m256i s = D::dot2(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), hi,
+                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+        const float* dp = kP ? p.d + 8 * (c * M + m) : dr[m] + 8 * c;
+        acc8[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(_mm256_loadu_ps(dp), ws), acc8[r][m]);
+      }
+    }
+  }
+  nib_finish<NR, M, S, false>(a, n, acc8, out);
+}
+
+}  // namespace
+}  // namespace leanformer
