@@ -1,12 +1,13 @@
-"""Decode tok/s of one model with each int8-activation instruction set, in ONE process, interleaved
-round by round (issue #17: the 512-bit int4 loops of AVX-512 VNNI against the 256-bit VNNI loops of
-the same CPU, the previous code path).
+"""Decode tok/s of one model kept quantized with fp32 activations and with int8 activations on each
+int8-activation instruction set, in ONE process, interleaved round by round (issue #17: where the
+fused step's "auto" should take int8 activations).
 
-    python scripts/isa_decode_ab.py /tmp/h17/smollm2-Q4_0.gguf [--isa avx_vnni avx512_vnni] [--batch 1 8]
-        [--rounds 7] [--threads 2] [--prompt-tokens 128] [--new-tokens 64]
+    python scripts/isa_decode_ab.py /tmp/h17/smollm2-Q4_0.gguf [--isa fp32 avx2 avx_vnni avx512_vnni]
+        [--batch 1 8] [--rounds 7] [--threads 2] [--prompt-tokens 128] [--new-tokens 64]
 
-Prints per batch size each ISA's median tok/s (`leanformer bench`'s decode figure: the median step of
-one generation) and the median over rounds of its ratio to the first ISA in the same round.
+--isa: "fp32" (fp32 activations) or an int8-activation instruction set (int8 activations on it).
+Prints per batch size each variant's median tok/s (`leanformer bench`'s decode figure: the median step
+of one generation) and the median over rounds of its ratio to the first variant in the same round.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
-    p.add_argument("--isa", nargs="+", default=["avx_vnni", "avx512_vnni"])
+    p.add_argument("--isa", nargs="+", default=["fp32", "avx512_vnni"])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
@@ -32,6 +33,7 @@ def main() -> None:
     from leanformer.kernels import cpu
     from leanformer.loading import load
     from leanformer.measure.bench.paired import decode_tok_s
+    from leanformer.models.fused import set_decode_activations
 
     torch.set_num_threads(args.threads)
     model, _ = load(args.model, keep_quantized=True)
@@ -52,7 +54,8 @@ def main() -> None:
             order = args.isa if r % 2 == 0 else args.isa[::-1]
             got = {}
             for isa in order:
-                cpu.set_act_isa(isa)
+                set_decode_activations(model, "fp32" if isa == "fp32" else "int8")
+                cpu.set_act_isa(None if isa == "fp32" else isa)
                 got[isa] = decode_tok_s(model, b, args.prompt_tokens, args.new_tokens)
             for isa in args.isa:
                 speeds[isa].append(got[isa])

@@ -30,8 +30,10 @@ from leanformer.kernels.modules import MAX_ROWS
 ACTIVATIONS = ("auto", "int8", "fp32")
 # Instruction sets of the int8-activation kernels (kernels.cpu.act_isa()) on which "auto" takes them:
 # only where measured faster than fp32 activations at a KLD far inside the int4 variant's own
-# (docs/BENCHMARKS.md; AVX2 EPYC). The VNNI paths pass their exactness tests but wait for a measurement.
-AUTO_INT8 = frozenset({"avx2"})
+# (docs/BENCHMARKS.md): AVX2 (EPYC Zen 3: 1.31x batch 1, 1.65x batch 8) and AVX-512 VNNI (EPYC Zen 5,
+# 512-bit int4 loops: batch 1 level with the AVX-512 fp32-activation GEMVs, batch 8 1.21x). AVX-VNNI
+# alone (256-bit, e.g. Alder Lake) waits for a measurement on such a CPU.
+AUTO_INT8 = frozenset({"avx2", "avx512_vnni"})
 
 
 def set_decode_activations(model: nn.Module, activations: str) -> None:
