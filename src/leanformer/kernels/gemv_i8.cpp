@@ -111,8 +111,9 @@ constexpr int64_t kLookupMinGroups = 32;
 
 // q4 with `qs`: a.w / scales / zeros / bias / y are taken from it chunk by chunk (8-bit scale codes
 // decoded per chunk of rows, q4_codes.h), the row functions seeing rows [0, c1 - c0) of a shifted view.
-void run_rows(const I8Args& a, bool q4, int64_t row_bytes, const Q4Scales* qs = nullptr) {
-  const int isa = g_act_isa.load(std::memory_order_relaxed);
+// isa: the instruction set the operands were laid out for (-1: the current one).
+void run_rows(const I8Args& a, bool q4, int64_t row_bytes, const Q4Scales* qs = nullptr, int isa = -1) {
+  if (isa < 0) isa = g_act_isa.load(std::memory_order_relaxed);
   for_row_blocks(a.N, row_bytes, [&](int64_t n0, int64_t n1) {
     if (!qs) return rows_isa(isa, a, q4, n0, n1);
     qs->chunks(n0, n1, [&](int64_t c0, int64_t c1, const float* s, const float* z) {
@@ -246,8 +247,9 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   at::Tensor fl = at::empty({M * (8 * chunks + G)}, x.options());
   float *dv = fl.data_ptr<float>(), *xs = dv + M * 8 * chunks;
   const bool lookup = qs.coded() && G >= kLookupMinGroups;  // else: fp32 arrays, or codes decoded by qs
-  const bool wide = g_act_isa.load(std::memory_order_relaxed) == kAvx512Vnni &&
-                    (group_size == 32 || group_size % 64 == 0);  // gemv_i8_wide.h's 512-bit loops
+  // read once: the activations' layout and the loops that read it must agree even if set_act_isa runs now
+  const int isa = g_act_isa.load(std::memory_order_relaxed);
+  const bool wide = isa == kAvx512Vnni && (group_size == 32 || group_size % 64 == 0);  // gemv_i8_wide.h
   for (int64_t m = 0; m < M; ++m) {
     int8_t* row = xq.data_ptr<int8_t>() + m * Kx;
     quantize_row_q4(x.data_ptr<float>() + m * K, K, Kp, group_size, row, dv + m * 8 * chunks, xs + m * G);
@@ -260,7 +262,7 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
              group_size};
     if (lookup) a.sc = qs.sc, a.zc = qs.zc, a.lut = qs.lut;
     a.wide = wide;
-    run_rows(a, true, Kp / 2 + (qs.coded() ? 2 : qs.z ? 8 : 4) * G, qs.coded() && !lookup ? &qs : nullptr);
+    run_rows(a, true, Kp / 2 + (qs.coded() ? 2 : qs.z ? 8 : 4) * G, qs.coded() && !lookup ? &qs : nullptr, isa);
   }
   return y;
 }
