@@ -47,7 +47,7 @@ def test_torchrun_prints_the_single_process_text(shared, capsys, flag, extra):
     assert single.startswith("Once upon a time") and len(single) > len("Once upon a time") + 20
     cmd = [*_torchrun(2), "generate", _stories(shared), *ARGS, *extra, flag, "2"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == 0, run.stderr[-8000:]  # the ranks' own tracebacks, not only torchrun's summary
     assert run.stdout == single  # one copy: only rank 0 prints
 
 
