@@ -166,7 +166,7 @@ inline void q8_rows_nr(const I8Args& a, int64_t n, float (&out)[NR][M]) {
 
 // Which row function a call runs: int4 (group layout S), int8 (per row / per group, or kG16: Q6_K's two
 // scales per 32-column block), int5.
-enum class Kind { q4, q8, q8g16, q5, q4w };  // q4w: int4 on the wide activation layout
+enum class Kind { q4, q8, q8g16, q5, q4w, q8w };  // q4w / q8w: the 512-bit loops (gemv_i8_wide.h)
 constexpr bool nibbles(Kind K) { return K == Kind::q4 || K == Kind::q5 || K == Kind::q4w; }
 
 // Rows [0, M) of a's activations as K's loop reads them (packed from kPackRows rows for the nibbles).
@@ -185,6 +185,7 @@ __attribute__((always_inline)) inline void rows_nr(const I8Args& a, const XPack&
   float out[NR][M];
 #ifdef LF_I8_WIDE
   if constexpr (K == Kind::q4w) wide_rows<NR, M, D, S>(a, p, n, out);
+  else if constexpr (K == Kind::q8w) a.group > 0 ? wide_q8_rows<NR, M, D, true>(a, n, out) : wide_q8_rows<NR, M, D, false>(a, n, out);
   else
 #endif
   if constexpr (K == Kind::q4 || K == Kind::q5)
@@ -271,6 +272,9 @@ inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
 template <class D>
 inline void q8_any(const I8Args& a, int64_t n0, int64_t n1) {
   if (a.group == 16) return rows<D, Kind::q8g16>(a, n0, n1);
+#ifdef LF_I8_WIDE
+  if (a.group == 0 || a.group == 32 || a.group % 64 == 0) return rows<D, Kind::q8w>(a, n0, n1);
+#endif
   rows<D, Kind::q8>(a, n0, n1);
 }
 

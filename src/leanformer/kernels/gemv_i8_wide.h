@@ -1,6 +1,6 @@
-// The int4 nibble loop on 512-bit vectors (AVX-512 VNNI only: gemv_avx512vnni.cpp defines LF_I8_WIDE
-// and gemv_i8_impl.h includes this file after gemv_i8_nib.h). Needs XPack, I8Buf, kPackRows,
-// i8_chunk_scales and nib_finish.
+// The int4 nibble loop and the int8 loop on 512-bit vectors (AVX-512 VNNI only: gemv_avx512vnni.cpp
+// defines LF_I8_WIDE and gemv_i8_impl.h includes this file after gemv_i8_nib.h). Needs XPack, I8Buf,
+// kPackRows, i8_chunk_scales, i8_hsum and nib_finish.
 //
 // Why: at batch 1 the 256-bit loop spends ~14 instructions per 64 weights of a row (load, two masks, a
 // shift, the chunk's scales, two activation loads, two vpdpbusd, the block scales' load and product, a
@@ -18,6 +18,17 @@
 
 namespace leanformer {
 namespace {
+
+// Lanes l and l + 8 of each 16-lane accumulator added: the 8-lane sums the 256-bit code finishes from.
+template <int NR, int M>
+inline void fold16(const __m512 (&acc)[NR][M], __m256 (&acc8)[NR][M]) {
+  LF_UNROLL
+  for (int r = 0; r < NR; ++r)
+    LF_UNROLL
+    for (int m = 0; m < M; ++m)
+      acc8[r][m] = _mm256_add_ps(_mm512_castps512_ps256(acc[r][m]),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][m]), 1)));
+}
 
 // Rows [0, M) of a's superchunks as wide_rows reads them: unpacked, or (M >= kPackRows) per superchunk
 // [m][128 codes] then [m][16 scales], the odd last chunk after them as [m][64] and [m][8].
@@ -113,12 +124,7 @@ inline void wide_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[N
         if (--left == 0) ++g, left = cpg;
   }
   __m256 acc8[NR][M];  // the 16 lanes folded to nib_finish's 8 (lanes l and l + 8: the same block slot)
-  LF_UNROLL
-  for (int r = 0; r < NR; ++r)
-    LF_UNROLL
-    for (int m = 0; m < M; ++m)
-      acc8[r][m] = _mm256_add_ps(_mm512_castps512_ps256(acc[r][m]),
-                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][m]), 1)));
+  fold16(acc, acc8);
   if (c < chunks) {  // an odd last 64-column chunk: the 256-bit loop's step, in its layout
     const __m256i mask8 = _mm256_set1_epi8(0x0F);
     LF_UNROLL
@@ -137,6 +143,88 @@ inline void wide_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[N
     }
   }
   nib_finish<NR, M, S, false>(a, n, acc8, out);
+}
+
+
+// int8 weights, rows n..n+NR-1 into out[r][m], 64 columns (two 32-column blocks) per 512-bit step:
+// the same sums as q8_rows_nr (|w| as u8 against x carrying w's sign; AVX-512 has no vpsignb, so a
+// mask of w's sign bits subtracts x from zero), lanes 0-7 block b, 8-15 block b + 1. kGrouped: a scale
+// per group of 32 or 64n columns; else one per row. An odd last block takes the 256-bit step, a
+// partial last block q8_rows_nr's scalar one.
+template <int NR, int M, class D, bool kGrouped>
+inline void wide_q8_rows(const I8Args& a, int64_t n, float (&out)[NR][M]) {
+  const int64_t blocks = a.K / 32, nb = a.Kx / 32;
+  const int64_t per_group = kGrouped ? a.group / 32 : 1, G = kGrouped ? (a.K + a.group - 1) / a.group : 1;
+  const int8_t* __restrict w[NR];
+  const float* sc[NR];
+  LF_UNROLL
+  for (int r = 0; r < NR; ++r) w[r] = static_cast<const int8_t*>(a.w) + (n + r) * a.K, sc[r] = a.scales + (kGrouped ? (n + r) * G : n + r);
+  const int8_t* xr[M];
+  const float* dr[M];
+  LF_UNROLL
+  for (int m = 0; m < M; ++m) xr[m] = a.xq + m * a.Kx, dr[m] = a.dv + m * nb;
+  const __m512i pairs = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i zero = _mm512_setzero_si512();
+  auto two = [&](const float* p) {  // p[0] in lanes 0-7, p[1] in lanes 8-15
+    return _mm512_permutexvar_ps(pairs, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)))));
+  };
+  __m512 acc[NR][M];
+  LF_UNROLL
+  for (int r = 0; r < NR; ++r)
+    LF_UNROLL
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  int64_t b = 0, g = 0, left = per_group;  // grouped: block b's group, its blocks still ahead
+  for (; b + 1 < blocks; b += 2) {
+    LF_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      i8_prefetch(w[r], 32 * b);
+      const __m512i v = _mm512_loadu_si512(w[r] + 32 * b);
+      const __m512i av = _mm512_abs_epi8(v);  // -128 -> 0x80 = 128 as u8
+      const __mmask64 neg = _mm512_movepi8_mask(v);
+      __m512 ws = _mm512_set1_ps(1.f);
+      if constexpr (kGrouped)
+        ws = per_group == 1 ? two(sc[r] + b)
+                            : _mm512_set1_ps(sc[r][g]);  // groups of 64n: both blocks in group g
+      LF_UNROLL
+      for (int m = 0; m < M; ++m) {
+        const __m512i x = _mm512_loadu_si512(xr[m] + 32 * b);
+        const __m512i s = _mm512_dpbusd_epi32(zero, av, _mm512_mask_sub_epi8(x, neg, zero, x));
+        const __m512 d = two(dr[m] + b);
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), kGrouped ? _mm512_mul_ps(d, ws) : d, acc[r][m]);
+      }
+    }
+    if (kGrouped && per_group > 1 && (left -= 2) == 0) ++g, left = per_group;
+  }
+  __m256 acc8[NR][M];
+  fold16(acc, acc8);
+  if (b < blocks) {  // an odd last block
+    LF_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + 32 * b));
+      const __m256i av = _mm256_abs_epi8(v);
+      const __m256 ws = _mm256_set1_ps(kGrouped ? sc[r][b / per_group] : 1.f);
+      LF_UNROLL
+      for (int m = 0; m < M; ++m) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + 32 * b));
+        const __m256i s = D::dot(av, _mm256_sign_epi8(x, v));
+        const __m256 d = _mm256_set1_ps(dr[m][b]);
+        acc8[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), kGrouped ? _mm256_mul_ps(d, ws) : d, acc8[r][m]);
+      }
+    }
+  }
+  LF_UNROLL
+  for (int r = 0; r < NR; ++r) {
+    LF_UNROLL
+    for (int m = 0; m < M; ++m) {
+      float y = i8_hsum(acc8[r][m]);
+      if (a.K % 32) {  // partial last block: scalar, exact in int
+        int32_t t = 0;
+        for (int64_t k = 32 * blocks; k < a.K; ++k) t += xr[m][k] * w[r][k];
+        y += static_cast<float>(t) * (kGrouped ? sc[r][(32 * blocks) / a.group] : 1.f) * dr[m][blocks];
+      }
+      out[r][m] = kGrouped ? y : y * sc[r][0];
+    }
+  }
 }
 
 }  // namespace
