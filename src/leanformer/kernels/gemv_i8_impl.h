@@ -64,8 +64,10 @@ struct I8Buf {
   ~I8Buf() { delete[] p; }
 };
 
-// Rows [0, M) of a's chunks as the nibble loop reads them.
-template <int M>
+// Rows [0, M) of a's chunks as the nibble loops read them: unpacked, or (M >= kPackRows) per group of
+// G chunks (1: nib_rows; 2: gemv_i8_wide.h's 128-column superchunks) [m][64 G codes], the scales after
+// all codes the same way ([m][8 G]); chunks past the last whole group one at a time.
+template <int M, int G = 1>
 inline XPack i8_pack(const I8Args& a, I8Buf& buf) {
   if constexpr (M < kPackRows) {
     return {a.xq, a.dv};
@@ -74,16 +76,24 @@ inline XPack i8_pack(const I8Args& a, I8Buf& buf) {
     buf.p = new int8_t[chunks * M * (64 + 32)];
     int8_t* xb = buf.p;
     float* db = reinterpret_cast<float*>(buf.p + chunks * M * 64);
-    for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t c = 0; c < chunks;) {
+      const int g = c + G <= chunks ? G : 1;
       LF_UNROLL
       for (int m = 0; m < M; ++m) {
         const int8_t* x = a.xq + m * a.Kx + 64 * c;
-        int8_t* to = xb + (c * M + m) * 64;
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + 32),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
-        _mm256_storeu_ps(db + (c * M + m) * 8, _mm256_loadu_ps(a.dv + m * (a.Kx / 8) + 8 * c));
+        const float* d = a.dv + m * (a.Kx / 8) + 8 * c;
+        int8_t* to = xb + (c * M + g * m) * 64;
+        float* dt = db + (c * M + g * m) * 8;
+        for (int i = 0; i < g; ++i) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + 64 * i),
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * i)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + 64 * i + 32),
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * i + 32)));
+          _mm256_storeu_ps(dt + 8 * i, _mm256_loadu_ps(d + 8 * i));
+        }
       }
+      c += g;
+    }
     return {xb, db};
   }
 }
@@ -173,7 +183,7 @@ constexpr bool nibbles(Kind K) { return K == Kind::q4 || K == Kind::q5 || K == K
 template <int M, Kind K>
 inline XPack i8_pack_for(const I8Args& a, I8Buf& buf) {
 #ifdef LF_I8_WIDE
-  if constexpr (K == Kind::q4w) return i8_pack_wide<M>(a, buf);
+  if constexpr (K == Kind::q4w) return i8_pack<M, 2>(a, buf);
 #endif
   if constexpr (K == Kind::q4 || K == Kind::q5) return i8_pack<M>(a, buf);
   return XPack{a.xq, a.dv};

@@ -1,6 +1,6 @@
 // The int4 nibble loop and the int8 loop on 512-bit vectors (AVX-512 VNNI only: gemv_avx512vnni.cpp
-// defines LF_I8_WIDE and gemv_i8_impl.h includes this file after gemv_i8_nib.h). Needs XPack, I8Buf,
-// kPackRows, i8_chunk_scales, i8_hsum and nib_finish.
+// defines LF_I8_WIDE and gemv_i8_impl.h includes this file after gemv_i8_nib.h). Needs XPack, kPackRows,
+// i8_chunk_scales, i8_hsum and nib_finish; its rows are packed by i8_pack<M, 2>.
 //
 // Why: at batch 1 the 256-bit loop spends ~14 instructions per 64 weights of a row (load, two masks, a
 // shift, the chunk's scales, two activation loads, two vpdpbusd, the block scales' load and product, a
@@ -28,38 +28,6 @@ inline void fold16(const __m512 (&acc)[NR][M], __m256 (&acc8)[NR][M]) {
     for (int m = 0; m < M; ++m)
       acc8[r][m] = _mm256_add_ps(_mm512_castps512_ps256(acc[r][m]),
                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][m]), 1)));
-}
-
-// Rows [0, M) of a's superchunks as wide_rows reads them: unpacked, or (M >= kPackRows) per superchunk
-// [m][128 codes] then [m][16 scales], the odd last chunk after them as [m][64] and [m][8].
-template <int M>
-inline XPack i8_pack_wide(const I8Args& a, I8Buf& buf) {
-  if constexpr (M < kPackRows) {
-    return {a.xq, a.dv};
-  } else {
-    const int64_t chunks = a.K / 64;
-    buf.p = new int8_t[chunks * M * (64 + 32)];
-    int8_t* xb = buf.p;
-    float* db = reinterpret_cast<float*>(buf.p + chunks * M * 64);
-    for (int64_t c = 0; c + 1 < chunks; c += 2)
-      LF_UNROLL
-      for (int m = 0; m < M; ++m) {
-        const int8_t* x = a.xq + m * a.Kx + 64 * c;
-        int8_t* to = xb + (c * M + 2 * m) * 64;
-        _mm512_storeu_si512(to, _mm512_loadu_si512(x));
-        _mm512_storeu_si512(to + 64, _mm512_loadu_si512(x + 64));
-        _mm512_storeu_ps(db + (c * M + 2 * m) * 8, _mm512_loadu_ps(a.dv + m * (a.Kx / 8) + 8 * c));
-      }
-    if (chunks % 2) {
-      const int64_t c = chunks - 1;
-      LF_UNROLL
-      for (int m = 0; m < M; ++m) {
-        _mm512_storeu_si512(xb + (c * M + m) * 64, _mm512_loadu_si512(a.xq + m * a.Kx + 64 * c));
-        _mm256_storeu_ps(db + (c * M + m) * 8, _mm256_loadu_ps(a.dv + m * (a.Kx / 8) + 8 * c));
-      }
-    }
-    return {xb, db};
-  }
 }
 
 // Weight rows n..n+NR-1 against the M activation rows (wide layout), int4, into out[r][m].
