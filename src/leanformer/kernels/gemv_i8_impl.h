@@ -28,8 +28,18 @@ inline float i8_hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// How far ahead of the loop the weight stream is prefetched. The AVX-512 VNNI build (512-bit loops)
+// consumes W about twice as fast per instruction, so like gemv_avx512.cpp it looks 4x as far: on Zen 5,
+// 2 threads, SmolLM2 Q4_0 (scripts/i8_rows_ab.py) the int8 head took 0.67x the time and the 120 int4
+// block GEMVs 0.82x at one row (2048 bytes left one core at ~17 GB/s of the ~40 a plain sum reads).
+#ifdef LF_I8_WIDE
+constexpr int64_t kI8Ahead = 4 * LF_PREFETCH;
+#else
+constexpr int64_t kI8Ahead = LF_PREFETCH;
+#endif
+
 inline void i8_prefetch(const void* row, int64_t off) {
-  if (LF_PREFETCH > 0 && (off & 63) == 0) _mm_prefetch(static_cast<const char*>(row) + off + LF_PREFETCH, _MM_HINT_T0);
+  if (kI8Ahead > 0 && (off & 63) == 0) _mm_prefetch(static_cast<const char*>(row) + off + kI8Ahead, _MM_HINT_T0);
 }
 
 // One float accumulator chain per (weight row n, activation row m), over the chunks in order: a row's
