@@ -101,13 +101,14 @@ def test_generated_blocks_are_cached_too(stories):
     assert out == lf.generate(stories, None, turn2, max_new_tokens=5, ignore_eos=True)
 
 
-def test_int8_kv_parity_with_static_slots(tiny_dirs):
+@pytest.mark.parametrize("kv,store", [("int8", torch.int8), ("fp16", torch.float16)])
+def test_stored_kv_parity_with_static_slots(tiny_dirs, kv, store):
     model, _ = lf.load(tiny_dirs["llama"])
-    lf.quantize_(model, lf.KVCache(dtype="int8"))
+    lf.quantize_(model, lf.KVCache(dtype=kv))
     prompts, n = PROMPTS[:4] + [PROMPTS[0] + [3, 3]], [8] * 5
     static = serve_all(Scheduler(model, None, n_slots=2, max_seq=64), prompts, n)
     sched = PagedScheduler(model, None, max_batch=3, max_seq=64, num_blocks=40, block_size=2)
-    assert sched.cache.quantized and sched.cache.k_pool[0].dtype == torch.int8
+    assert sched.cache.quantized == (kv == "int8") and sched.cache.k_pool[0].dtype == store
     assert serve_all(sched, prompts[:4], n[:4]) + serve_all(sched, prompts[4:], n[4:]) == static
     assert sched.blocks.hit_tokens == 4  # the 5th reads the 1st one's first two blocks
     assert_no_leak(sched)

@@ -88,12 +88,16 @@ def test_head_dims_with_long_context(head_dim, tmp_path):
     assert_fused_matches(model, prompts=long, steps=4)
     lf.quantize_(model, lf.KVCache(dtype="int8"))
     assert_fused_matches(model, prompts=long, steps=4, tol=1e-3)
+    lf.quantize_(model, lf.KVCache(dtype="fp16"))
+    assert_fused_matches(model, prompts=long, steps=4)
 
 
-def test_int8_kv_cache_matches_module_path(tiny_dirs):
+@pytest.mark.parametrize("kv", ["int8", "fp16"])
+def test_stored_kv_cache_matches_module_path(kv, tiny_dirs):
     model, _ = lf.load(tiny_dirs["llama"])
-    lf.quantize_(model, lf.KVCache(dtype="int8"))
-    assert_fused_matches(model, tol=1e-3)  # scales rounded in another order: a code may flip by one
+    lf.quantize_(model, lf.KVCache(dtype=kv))
+    # int8: scales rounded in another order, a code may flip by one; fp16: the same rounding (RNE)
+    assert_fused_matches(model, tol=1e-3 if kv == "int8" else 1e-5)
 
 
 def test_awq_input_scale_is_applied(tiny_dirs):

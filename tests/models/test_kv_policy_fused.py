@@ -68,11 +68,11 @@ def _stream(model, policy, prompt, tokens, fused: bool):
     return cache
 
 
-@pytest.mark.parametrize("name,storage", [("llama", None), ("qwen2", "int8")])
+@pytest.mark.parametrize("name,storage", [("llama", None), ("qwen2", "int8"), ("llama", "fp16")])
 def test_fused_h2o_scores_and_evicts_as_the_module_path(tiny_dirs, spies, name, storage):
     model = lf.load(tiny_dirs[name])[0]
     if storage:
-        lf.quantize_(model, lf.KVCache(dtype="int8"))
+        lf.quantize_(model, lf.KVCache(dtype=storage))
     policy = HeavyHitters(24, sinks=2, chunk=5)
     prompt, tokens = ids(60, 5), ids(40, 6)
     modules = _stream(model, policy, prompt, tokens, fused=False)

@@ -161,15 +161,15 @@ class AWQ(QuantConfig):
 @_register
 @dataclass
 class KVCache(QuantConfig):
-    """Store the generation KV cache as int8 (one scale per token and head): 4× less cache memory than
-    fp32. It quantizes no Linear; `targets`/`ignore` are unused. Evaluation scores such a model through
-    its cache, so perplexity shows the cost."""
+    """Store the generation KV cache as int8 (one scale per token and head: 4× less cache memory than
+    fp32) or fp16 (2× less; llama.cpp's default KV type). It quantizes no Linear; `targets`/`ignore`
+    are unused. Evaluation scores such a model through its cache, so perplexity shows the cost."""
 
     dtype: str = "int8"
 
     def validate(self) -> None:
-        if self.dtype != "int8":
-            raise LeanformerError(f"KVCache: dtype must be 'int8', got {self.dtype!r}")
+        if self.dtype not in ("int8", "fp16"):
+            raise LeanformerError(f"KVCache: dtype must be 'int8' or 'fp16', got {self.dtype!r}")
 
 
 # ------------------------------------------------------------------------------------------- pruning

@@ -32,6 +32,7 @@ PRESETS: dict[str, list[QuantConfig]] = {
     "awq-int4": [AWQ(bits=4, group_size=64)],
     "gptq-int8": [GPTQ(bits=8)],
     "kv-int8": [KVCache(dtype="int8")],
+    "kv-fp16": [KVCache(dtype="fp16")],
     "int8+kv-int8": [Int8WeightOnly(), KVCache(dtype="int8")],
     "magnitude-50": [Magnitude(sparsity=0.5)],
     "magnitude-2:4": [Magnitude(pattern="2:4")],

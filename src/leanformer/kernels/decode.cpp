@@ -9,8 +9,8 @@
 //
 // Shapes: x [M, hidden] (M decode rows, one new token each), qkv [M, (H + 2 KV) * D] with q heads
 // first, then k, then v (models/layers.Attention's layout); KV cache per layer [slots, KV, max_seq, D]
-// float32, or int8 with one fp32 scale per (slot, head, position) [slots, KV, max_seq, 1]
-// (models/kv_cache.py). Row m writes its token at positions[m] of slot slots[m] and attends to keys
+// float32, float16 (converted with F16C, round to nearest even as torch's .half()), or int8 with one
+// fp32 scale per (slot, head, position) [slots, KV, max_seq, 1] (models/kv_cache.py). Row m writes its token at positions[m] of slot slots[m] and attends to keys
 // 0..positions[m]. Arithmetic is fp32 throughout; results match the module path to float rounding
 // (summation order differs), which the tests check against a no-cache recompute.
 #include <torch/csrc/utils/pybind.h>
@@ -43,9 +43,22 @@ inline void rope(const float* x, const float* cos, const float* sin, float* y, i
   }
 }
 
+// KV entries as fp32: float, int8 codes (their scale applied by the caller) or fp16 bits (uint16_t)
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline float to_f32(float v) { return v; }
+inline float to_f32(int8_t v) { return static_cast<float>(v); }
+inline float to_f32(uint16_t v) { return _cvtsh_ss(v); }
+
+// fp32 -> fp16 bits, round to nearest even (torch's rounding, so both paths store the same cache)
+inline void store_half(const float* x, uint16_t* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) y[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
 }
 
 // dot(a, b) with b fp32 or int8 (a KV row; an int8 row's scale is applied by the caller)
@@ -55,7 +68,7 @@ inline float dot(const float* a, const T* b, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
   float s = hsum(acc);
-  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
+  for (; i < n; ++i) s += a[i] * to_f32(b[i]);
   return s;
 }
 
@@ -65,7 +78,7 @@ inline void axpy(float p, const T* row, float* out, int64_t n) {
   const __m256 vp = _mm256_set1_ps(p);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, load8(row + i), _mm256_loadu_ps(out + i)));
-  for (; i < n; ++i) out[i] += p * static_cast<float>(row[i]);
+  for (; i < n; ++i) out[i] += p * to_f32(row[i]);
 }
 
 // [sum(a[0]), ..., sum(a[7])]: eight horizontal sums in one transposing reduction
@@ -95,7 +108,7 @@ inline void scores(const float* q, const T* K, const float* ks, int64_t S, int64
       alignas(32) float tail[8];
       for (int k = 0; k < 8; ++k) {
         tail[k] = 0.f;
-        for (int64_t r = i; r < D; ++r) tail[k] += q[r] * static_cast<float>(K[(s + k) * D + r]);
+        for (int64_t r = i; r < D; ++r) tail[k] += q[r] * to_f32(K[(s + k) * D + r]);
       }
       d = _mm256_add_ps(d, _mm256_load_ps(tail));
     }
@@ -251,8 +264,8 @@ struct DecodeLayer {
     const int64_t M = qkv_out.size(0), H = n_heads, KV = n_kv_heads, D = head_dim;
     const int64_t max_seq = kc.size(2), row_len = (H + 2 * KV) * D;
     const float* src = qkv_out.data_ptr<float>();
-    T* kp = kc.data_ptr<T>();
-    T* vp = vc.data_ptr<T>();
+    T* kp = static_cast<T*>(kc.data_ptr());  // uint16_t: the bits of a float16 cache
+    T* vp = static_cast<T*>(vc.data_ptr());
     constexpr bool q8 = std::is_same_v<T, int8_t>;
     float* ksp = q8 ? ks.data_ptr<float>() : nullptr;
     float* vsp = q8 ? vs.data_ptr<float>() : nullptr;
@@ -270,6 +283,9 @@ struct DecodeLayer {
         if constexpr (q8) {
           quantize_row(krot.data(), D, kp + at_ * D, ksp + at_);
           quantize_row(v, D, vp + at_ * D, vsp + at_);
+        } else if constexpr (std::is_same_v<T, uint16_t>) {
+          store_half(krot.data(), kp + at_ * D, D);
+          store_half(v, vp + at_ * D, D);
         } else {
           std::copy(krot.begin(), krot.end(), kp + at_ * D);
           std::copy(v, v + D, vp + at_ * D);
@@ -325,6 +341,8 @@ struct DecodeLayer {
     at::Tensor attn = at::empty({M, n_heads * head_dim}, x.options());
     if (kc.scalar_type() == at::kChar)
       attend<int8_t>(qkv_out, cos, sin, kc, vc, ks, vs, slots, pos, attn);
+    else if (kc.scalar_type() == at::kHalf)
+      attend<uint16_t>(qkv_out, cos, sin, kc, vc, ks, vs, slots, pos, attn);
     else
       attend<float>(qkv_out, cos, sin, kc, vc, ks, vs, slots, pos, attn);
     lap(kPhaseAttention);
@@ -411,7 +429,9 @@ struct DecodeStack {
       TORCH_CHECK(kc.is_contiguous() && v[i].is_contiguous() && kc.dim() == 4 && kc.size(1) == layers[i].n_kv_heads &&
                       kc.size(3) == layers[i].head_dim,
                   "KV cache must be contiguous [slots, n_kv_heads, max_seq, head_dim]");
-      TORCH_CHECK(kc.scalar_type() == (q8 ? at::kChar : at::kFloat), "KV cache must be float32 (or int8 with scales)");
+      TORCH_CHECK(q8 ? kc.scalar_type() == at::kChar : kc.scalar_type() == at::kFloat || kc.scalar_type() == at::kHalf,
+                  "KV cache must be float32, float16 or int8 with scales");
+      TORCH_CHECK(v[i].scalar_type() == kc.scalar_type() && v[i].sizes() == kc.sizes(), "K and V caches must match");
       for (int64_t m = 0; m < M; ++m)
         TORCH_CHECK(slots.data_ptr<int64_t>()[m] < kc.size(0) && pos.data_ptr<int64_t>()[m] < kc.size(2),
                     "slot or position outside the KV cache");

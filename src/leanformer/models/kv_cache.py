@@ -13,6 +13,18 @@ import torch
 
 from leanformer.errors import LeanformerError
 
+STORAGES = ("int8", "fp16")  # besides None: K/V kept in the model's dtype
+
+
+def store_dtype(storage: str | None, dtype: torch.dtype) -> torch.dtype:
+    """The element type K/V are kept in: int8 codes (with scales), float16 (half the bytes of fp32
+    with ~3 decimal digits, llama.cpp's default KV type), or the model's dtype."""
+    if storage not in (None, *STORAGES):
+        raise LeanformerError(
+            f"unknown KV cache storage {storage!r}; choose {' or '.join(STORAGES)} or leave it unset"
+        )
+    return {"int8": torch.int8, "fp16": torch.float16}.get(storage, dtype)
+
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] → (int8 codes [..., D], scale [..., 1]): one scale per (row, head, position). Every
@@ -64,7 +76,8 @@ class Step:
 
 class KVCache:
     """storage="int8" keeps K and V as int8 with one scale per (slot, head, position): 4× less memory
-    than fp32 (2× vs bf16) for long contexts and big batches; keys/values are dequantized as read."""
+    than fp32 (2× vs bf16) for long contexts and big batches; keys/values are dequantized as read.
+    storage="fp16" keeps them as float16: half of fp32's memory and bandwidth, converted as read."""
 
     def __init__(
         self,
@@ -77,10 +90,8 @@ class KVCache:
         device: torch.device | str = "cpu",
         storage: str | None = None,
     ) -> None:
-        if storage not in (None, "int8"):
-            raise LeanformerError(f"unknown KV cache storage {storage!r}; choose int8 or leave it unset")
         shape = (n_slots, n_kv_heads, max_seq, head_dim)
-        store = torch.int8 if storage == "int8" else dtype
+        store = store_dtype(storage, dtype)
         self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
         scale_shape = (*shape[:3], 1)
@@ -128,8 +139,9 @@ class KVCache:
         self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, n_kv, T, D] for this step; return all visible keys/values [B, n_kv, S, D]."""
-        if not self.quantized:
-            return self._put_get(self.k[layer], step, k), self._put_get(self.v[layer], step, v)
+        if not self.quantized:  # fp16 storage: converted back as read (.to is free when the types match)
+            k, v = self._put_get(self.k[layer], step, k), self._put_get(self.v[layer], step, v)
+            return k.to(self.dtype), v.to(self.dtype)
         out = []
         for store, scales, x in (
             (self.k[layer], self.k_scale[layer], k),
@@ -154,7 +166,9 @@ class KVCache:
         flat = (step.slots[:, None, None] * n_kv + heads[None, :, None]) * max_seq + step.positions[
             :, None, :
         ]
-        buf.view(-1, d).index_copy_(0, flat.reshape(-1), x.reshape(-1, d))  # [B*n_kv*T] rows, order (b, h, t)
+        buf.view(-1, d).index_copy_(
+            0, flat.reshape(-1), x.reshape(-1, d).to(buf.dtype)
+        )  # [B*n_kv*T] rows, order (b, h, t)
         return buf[:, :, : step.key_len].index_select(0, step.slots)
 
     def advance(self, slots: torch.Tensor, n: torch.Tensor | int) -> None:

@@ -254,9 +254,9 @@ class PolicyCache(KVCache):
             for buf in (self.v, self.v_scale):
                 if buf:
                     buf[i][slot, :, sinks : sinks + keep] = buf[i][slot, :, src:length].clone()
-            k = self.k[i][slot, :, src:length]  # [KV, keep, D]
+            k = self.k[i][slot, :, src:length].to(self.dtype)  # [KV, keep, D]; int8 / fp16 storage
             if self.quantized:
-                k = k.to(self.dtype) * self.k_scale[i][slot, :, src:length]
+                k = k * self.k_scale[i][slot, :, src:length]
             k = self._rotate(k, -delta)
             if self.quantized:
                 k, scale = quantize_kv(k)

@@ -38,9 +38,10 @@ class ReplayView:
     def update(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor):
         c, s, n = self.base, self.slot, step.key_len
         keys, values = c.k[layer][s : s + 1, :, :n], c.v[layer][s : s + 1, :, :n]  # [1, KV, S, D]
+        keys, values = keys.to(c.dtype), values.to(c.dtype)  # int8 codes / fp16 storage
         if c.quantized:
-            keys = keys.to(c.dtype) * c.k_scale[layer][s : s + 1, :, :n]
-            values = values.to(c.dtype) * c.v_scale[layer][s : s + 1, :, :n]
+            keys = keys * c.k_scale[layer][s : s + 1, :, :n]
+            values = values * c.v_scale[layer][s : s + 1, :, :n]
         q = c.queries.pop(layer, None)  # [1, H, m, D], left by observe_queries' hook
         if q is not None:
             c.score(layer, step, q, keys)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from leanformer.errors import LeanformerError
-from leanformer.models.kv_cache import Step, quantize_kv, step_mask, step_positions
+from leanformer.models.kv_cache import Step, quantize_kv, step_mask, step_positions, store_dtype
 
 
 @dataclass
@@ -42,7 +42,8 @@ class PagedStep(Step):
 
 
 class PagedKVCache:
-    """storage="int8": K and V as int8 with one scale per (block, head, position), as KVCache does."""
+    """storage="int8": K and V as int8 with one scale per (block, head, position), as KVCache does;
+    storage="fp16": K and V as float16."""
 
     FUSED_VIEW_BYTES = 128 * 2**20  # largest gathered view offered to the fused decode step
 
@@ -59,8 +60,7 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
         storage: str | None = None,
     ) -> None:
-        if storage not in (None, "int8"):
-            raise LeanformerError(f"unknown KV cache storage {storage!r}; choose int8 or leave it unset")
+        store = store_dtype(storage, dtype)
         if num_blocks < 1 or block_size < 1 or n_slots < 1:
             raise LeanformerError(
                 "a paged KV cache needs at least one block of at least one token and one slot"
@@ -68,7 +68,6 @@ class PagedKVCache:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.trash = num_blocks  # the extra pool block that unassigned table entries point at
         shape = (num_blocks + 1, n_kv_heads, block_size, head_dim)
-        store = torch.int8 if storage == "int8" else dtype
         self.k_pool = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
         self.v_pool = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
         self.quantized = storage == "int8"
@@ -198,8 +197,9 @@ class PagedKVCache:
         if self._views is not None:  # a view was gathered, yet the module path runs: the model cannot fuse
             self.fused_ok = False  # (another Linear type, ...): stop offering views
         self._step, self._views = None, None  # nothing to copy back
-        if not self.quantized:
-            return self._put_get(self.k_pool[layer], step, k), self._put_get(self.v_pool[layer], step, v)
+        if not self.quantized:  # fp16 storage: converted back as read
+            k, v = self._put_get(self.k_pool[layer], step, k), self._put_get(self.v_pool[layer], step, v)
+            return k.to(self.dtype), v.to(self.dtype)
         out = []
         for store, scales, x in (
             (self.k_pool[layer], self.k_scale_pool[layer], k),
@@ -213,7 +213,7 @@ class PagedKVCache:
     def _put_get(pool: torch.Tensor, step: PagedStep, x: torch.Tensor) -> torch.Tensor:
         b, n_kv, _, d = x.shape
         flat = pool.view(-1, d)
-        flat.index_copy_(0, step.write_rows, x.reshape(-1, d))
+        flat.index_copy_(0, step.write_rows, x.reshape(-1, d).to(pool.dtype))
         return flat.index_select(0, step.read_rows).view(b, n_kv, step.key_len, d)
 
     def advance(self, slots: torch.Tensor, n: torch.Tensor | int) -> None:

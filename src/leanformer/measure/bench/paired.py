@@ -8,6 +8,8 @@ variant's speed *in the same round*.
 
     python -m leanformer.measure.bench.paired smollm2 --recipe none int8+head-int8 int4-g32-dq8+head-int8 \\
         --batch 1 8 --rounds 7
+    python -m leanformer.measure.bench.paired /tmp/h17/smollm2-Q4_0.gguf --keep-quantized \\
+        --recipe none kv-fp16 kv-int8 --batch 1 8 --new-tokens 64
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument(
+        "--keep-quantized", action="store_true", help="a GGUF's block-quantized tensors stay quantized"
+    )
     p.add_argument("--json")
     args = p.parse_args(argv)
 
@@ -53,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     recipes = {
         name: None if name == "none" else load_recipe(name) for name in args.recipe
     }  # bad names fail first
-    base, _ = load(resolve_model(args.model))
+    base, _ = load(resolve_model(args.model), keep_quantized=args.keep_quantized)
     variants = {}
     for name in args.recipe:
         model = base if recipes[name] is None else apply(copy.deepcopy(base), recipes[name])
