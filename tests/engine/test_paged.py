@@ -42,21 +42,24 @@ def assert_no_leak(sched: PagedScheduler) -> None:
     assert sorted(sched.free) == list(range(sched.cache.n_slots))
 
 
-@pytest.mark.parametrize("chunk, view_limit", [(256, None), (3, None), (256, 0)])
-def test_paged_greedy_equals_generate(model, chunk, view_limit, monkeypatch):
+@pytest.mark.parametrize("chunk, fused_decode", [(256, True), (3, True), (256, False)])
+def test_paged_greedy_equals_generate(model, chunk, fused_decode, monkeypatch):
     """More requests than blocks for all at once (some wait), unequal prompts, chunked prefill; decode
-    steps on the fused C++ step over gathered views (Llama) or (view_limit 0, GPT-2) the module path."""
+    steps on the fused C++ step reading the pools in place (Llama) or (GPT-2, fused_decode off) the
+    module path."""
     max_tokens = [6 + 3 * i for i in range(len(PROMPTS))]
     sched = PagedScheduler(
         model, None, max_batch=4, max_seq=64, num_blocks=14, block_size=4, prefill_chunk=chunk
     )
-    if view_limit is not None:
-        sched.cache.FUSED_VIEW_BYTES = view_limit
     fused = []
     run_fused = DecodePlan.run
     monkeypatch.setattr(DecodePlan, "run", lambda *a: fused.append(1) or run_fused(*a))
-    got = serve_all(sched, PROMPTS, max_tokens)
-    assert bool(fused) == (view_limit is None and model.family != "gpt2")
+    model.fused_decode = fused_decode
+    try:
+        got = serve_all(sched, PROMPTS, max_tokens)
+    finally:
+        model.fused_decode = True
+    assert bool(fused) == (fused_decode and model.family != "gpt2")
     for p, n, tokens in zip(PROMPTS, max_tokens, got):
         assert tokens == lf.generate(model, None, p, max_new_tokens=n, ignore_eos=True)
     assert_no_leak(sched)

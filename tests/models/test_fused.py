@@ -15,13 +15,15 @@ from leanformer.models.kv_cache import KVCache
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="leanformer kernels unavailable here")
 
 
-def decode_logits(model, fused: bool, prompts: list[list[int]], steps: int = 6, slots=None) -> torch.Tensor:
+def decode_logits(
+    model, fused: bool, prompts: list[list[int]], steps: int = 6, slots=None, cache=None
+) -> torch.Tensor:
     """Prefill each prompt into its own slot (unequal lengths), then `steps` batched decode steps
     feeding back the greedy token; -> logits of every decode step [steps, B, vocab]."""
     model.fused_decode = fused
     b = len(prompts)
     slots = torch.arange(b) if slots is None else torch.tensor(slots)
-    cache = KVCache.for_model(model, int(slots.max()) + 1, 64)
+    cache = KVCache.for_model(model, int(slots.max()) + 1, 64) if cache is None else cache
     out = []
     with torch.inference_mode():
         last = []
@@ -162,3 +164,37 @@ def test_extreme_activations(tiny_dirs):
             block.mlp.gate_up_proj.weight.mul_(60.0)
             block.self_attn.qkv_proj.weight.mul_(8.0)
     assert_fused_matches(model, tol=1e-4)
+
+
+@pytest.mark.parametrize("kv", [None, "int8", "fp16"])
+def test_paged_pools_read_in_place_match_module_path(kv, tiny_dirs):
+    """A paged cache (blocks of 4 from a shuffled pool): the C++ step reads and writes the pool rows
+    the cache lists (PagedKVCache.fused_rows), as the module path's update() does."""
+    from leanformer.models.paged_cache import PagedKVCache
+
+    model, _ = lf.load(tiny_dirs["llama"])
+    if kv:
+        lf.quantize_(model, lf.KVCache(dtype=kv))
+
+    def run(fused: bool) -> torch.Tensor:
+        cache = PagedKVCache.for_model(model, 3, 32, num_blocks=24, block_size=4)
+        order = torch.randperm(24, generator=torch.Generator().manual_seed(0))  # blocks out of order
+        cache.block_tables[:, :8] = order.view(3, 8)
+        return decode_logits(model, fused, PROMPTS, steps=5, cache=cache)
+
+    ref, got = run(False), run(True)
+    assert model._decode_plan.stack is not None
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= (1e-3 if kv == "int8" else 1e-5)
+
+
+def test_paged_rows_outside_the_pool_are_refused(tiny_dirs):
+    model, _ = lf.load(tiny_dirs["llama"])
+    stack = model._decode_plan.get(model)
+    a = model.args
+    pool = [torch.zeros(3, a.num_key_value_heads, 4, a.head_dim) for _ in range(a.num_hidden_layers)]
+    x, cs = torch.zeros(1, a.hidden_size), torch.zeros(1, a.head_dim)
+    read = torch.zeros(1, a.num_key_value_heads, 2, dtype=torch.long)
+    rows = 3 * a.num_key_value_heads * 4  # the pool seen as [rows, head_dim]: 0..rows-1
+    write = torch.full((1, a.num_key_value_heads), rows, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="KV rows outside the pool"):
+        stack.forward(x, cs, cs, pool, pool, [], [], torch.zeros(1), torch.ones(1), read, write)

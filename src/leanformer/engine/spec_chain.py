@@ -43,23 +43,17 @@ class Chain:
         if not isinstance(c, PagedKVCache):
             dev = c.k[0].device
             return Step(self._slots.to(dev), positions.to(dev), key_len, mask.to(dev), False, None)
-        # paged: rows read their sequence's blocks; a fused step works on one gathered view row per
-        # sequence (step.slots names it), so the rows of a chain see each other's new K/V there
-        seqs, group = torch.unique(self._slots, return_inverse=True)  # [G], [R]
-        tables = c.block_tables[seqs]  # [G, max_blocks]
-        keys = torch.arange(key_len)
-        write = c._rows(tables[group], positions)  # [R, n_kv, 1]
-        read = c._rows(tables[group], keys.expand(rows, key_len))  # [R, n_kv, S]
-        view = c._rows(tables, keys.expand(len(seqs), key_len))  # [G, n_kv, S]
+        # paged: each row reads its sequence's blocks and writes its own position there, so the rows of
+        # a chain see each other's new K/V (every row writes before any attends)
+        tables = c.block_tables[self._slots]  # [R, max_blocks]
+        write = c._rows(tables, positions)  # [R, n_kv, 1]
+        read = c._rows(tables, torch.arange(key_len).expand(rows, key_len))  # [R, n_kv, S]
         dev = c.device
         step = PagedStep(
-            group.to(dev), positions.to(dev), key_len, mask.to(dev), False, None,
+            torch.arange(rows, device=dev), positions.to(dev), key_len, mask.to(dev), False, None,
             write_rows=write.reshape(-1).to(dev), read_rows=read.reshape(-1).to(dev),
-            view_rows=view.reshape(-1).to(dev),
         )  # fmt: skip
-        c._views = None
-        fits = c._view_bytes(len(seqs), key_len) <= c.FUSED_VIEW_BYTES
-        c._step = step if c.fused_ok and fits else None
+        c._step = step
         return step
 
 

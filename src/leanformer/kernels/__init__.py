@@ -100,6 +100,7 @@ _HEADERS = [
     _DIR / "vec8.h",
     _DIR / "attention.h",
     _DIR / "attention_impl.h",
+    _DIR / "decode_kv.h",
     _DIR / "int8_act.h",
     _DIR / "gemv_i8_impl.h",
     _DIR / "gemv_i8_nib.h",

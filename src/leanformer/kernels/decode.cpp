@@ -9,8 +9,9 @@
 //
 // Shapes: x [M, hidden] (M decode rows, one new token each), qkv [M, (H + 2 KV) * D] with q heads
 // first, then k, then v (models/layers.Attention's layout); KV cache per layer [slots, KV, max_seq, D]
-// float32, float16 (converted with F16C, round to nearest even as torch's .half()), or int8 with one
-// fp32 scale per (slot, head, position) [slots, KV, max_seq, 1] (models/kv_cache.py). Row m writes its token at positions[m] of slot slots[m] and attends to keys
+// (or a paged pool, StepRows) float32, float16 (converted with F16C, rounded to nearest even as torch's
+// .half()), or int8 with one fp32 scale per (slot, head, position) [slots, KV, max_seq, 1]
+// (models/kv_cache.py). Row m writes its token at positions[m] of slot slots[m] and attends to keys
 // 0..positions[m]. Arithmetic is fp32 throughout; results match the module path to float rounding
 // (summation order differs), which the tests check against a no-cache recompute.
 #include <torch/csrc/utils/pybind.h>
@@ -23,141 +24,12 @@
 #include <vector>
 
 #include "common.h"
+#include "decode_kv.h"  // rope, KeyRows, scores, weighted_sum, KV-cache entry reads / writes
 #include "vec8.h"  // exp8, exp1
 
 namespace leanformer {
 
 namespace {
-
-// HF's rotate_half RoPE with the signed sin table of models/layers.Rotary: y = x * cos + swap_halves(x) * sin
-inline void rope(const float* x, const float* cos, const float* sin, float* y, int64_t D) {
-  const int64_t half = D / 2;
-  for (int part = 0; part < 2; ++part) {  // y[:half] pairs x[:half] with x[half:], y[half:] the reverse
-    const int64_t a = part * half, b = half - a;
-    int64_t i = 0;
-    for (; i + 8 <= half; i += 8) {
-      const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + a + i), _mm256_loadu_ps(cos + a + i));
-      _mm256_storeu_ps(y + a + i, _mm256_fmadd_ps(_mm256_loadu_ps(x + b + i), _mm256_loadu_ps(sin + a + i), v));
-    }
-    for (; i < half; ++i) y[a + i] = x[a + i] * cos[a + i] + x[b + i] * sin[a + i];
-  }
-}
-
-// KV entries as fp32: float, int8 codes (their scale applied by the caller) or fp16 bits (uint16_t)
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline float to_f32(float v) { return v; }
-inline float to_f32(int8_t v) { return static_cast<float>(v); }
-inline float to_f32(uint16_t v) { return _cvtsh_ss(v); }
-
-// fp32 -> fp16 bits, round to nearest even (torch's rounding, so both paths store the same cache)
-inline void store_half(const float* x, uint16_t* y, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
-  for (; i < n; ++i) y[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
-}
-
-// dot(a, b) with b fp32 or int8 (a KV row; an int8 row's scale is applied by the caller)
-template <class T>
-inline float dot(const float* a, const T* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
-  float s = hsum(acc);
-  for (; i < n; ++i) s += a[i] * to_f32(b[i]);
-  return s;
-}
-
-// out += p * row, row fp32 or int8
-template <class T>
-inline void axpy(float p, const T* row, float* out, int64_t n) {
-  const __m256 vp = _mm256_set1_ps(p);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, load8(row + i), _mm256_loadu_ps(out + i)));
-  for (; i < n; ++i) out[i] += p * to_f32(row[i]);
-}
-
-// [sum(a[0]), ..., sum(a[7])]: eight horizontal sums in one transposing reduction
-inline __m256 hsum8(const __m256 (&a)[8]) {
-  const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-  const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
-}
-
-// p[s] = (q . K[s]) * ks[s] * scale for s < S; K rows D apart (ks null: fp32 keys). Eight keys per pass
-// share each q load and one reduction.
-template <class T>
-inline void scores(const float* q, const T* K, const float* ks, int64_t S, int64_t D, float scale, float* p) {
-  int64_t s = 0;
-  for (; s + 8 <= S; s += 8) {
-    __m256 acc[8];
-    LF_UNROLL
-    for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= D; i += 8) {
-      const __m256 qv = _mm256_loadu_ps(q + i);
-      LF_UNROLL
-      for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(qv, load8(K + (s + k) * D + i), acc[k]);
-    }
-    __m256 d = hsum8(acc);
-    if (i < D) {
-      alignas(32) float tail[8];
-      for (int k = 0; k < 8; ++k) {
-        tail[k] = 0.f;
-        for (int64_t r = i; r < D; ++r) tail[k] += q[r] * to_f32(K[(s + k) * D + r]);
-      }
-      d = _mm256_add_ps(d, _mm256_load_ps(tail));
-    }
-    if (ks) d = _mm256_mul_ps(d, _mm256_loadu_ps(ks + s));
-    _mm256_storeu_ps(p + s, _mm256_mul_ps(d, _mm256_set1_ps(scale)));
-  }
-  for (; s < S; ++s) {
-    const float d = dot(q, K + s * D, D);
-    p[s] = (ks ? d * ks[s] : d) * scale;
-  }
-}
-
-// o = sum_s p[s] * vs[s] * V[s] with the D8 * 8 outputs in registers
-template <int D8, class T>
-inline void weighted_sum_fixed(const float* p, const T* V, const float* vs, int64_t S, float* o) {
-  __m256 acc[D8];
-  LF_UNROLL
-  for (int c = 0; c < D8; ++c) acc[c] = _mm256_setzero_ps();
-  for (int64_t s = 0; s < S; ++s) {
-    const __m256 w = _mm256_set1_ps(vs ? p[s] * vs[s] : p[s]);
-    const T* row = V + s * (8 * D8);
-    LF_UNROLL
-    for (int c = 0; c < D8; ++c) acc[c] = _mm256_fmadd_ps(w, load8(row + 8 * c), acc[c]);
-  }
-  LF_UNROLL
-  for (int c = 0; c < D8; ++c) _mm256_storeu_ps(o + 8 * c, acc[c]);
-}
-
-template <class T>
-inline void weighted_sum(const float* p, const T* V, const float* vs, int64_t S, int64_t D, float* o) {
-  switch (D) {
-    case 32: return weighted_sum_fixed<4>(p, V, vs, S, o);
-    case 64: return weighted_sum_fixed<8>(p, V, vs, S, o);
-    case 128: return weighted_sum_fixed<16>(p, V, vs, S, o);
-    default:
-      std::fill(o, o + D, 0.f);
-      for (int64_t s = 0; s < S; ++s) axpy(vs ? p[s] * vs[s] : p[s], V + s * D, o, D);
-  }
-}
-
-// The KV-cache writes as models/kv_cache.py's int8 storage does them: scale = max|x| / 127 (at least
-// 1e-8 / 127), code = round-half-even(x / scale).
-inline void quantize_row(const float* x, int64_t D, int8_t* q, float* scale) {
-  float amax = 0.f;
-  for (int64_t i = 0; i < D; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float s = std::max(amax, 1e-8f) / 127.f;
-  for (int64_t i = 0; i < D; ++i) q[i] = static_cast<int8_t>(std::nearbyint(x[i] / s));
-  *scale = s;
-}
 
 // Where a step's time goes (DecodeStack.profile): prof[k] += the milliseconds since the last lap, for
 // the phases of DecodeLayer::forward below; prof null: nothing timed.
@@ -250,6 +122,20 @@ struct DecodeLinear {
   }
 };
 
+// The rows of one step: row m's token sits at positions[m] and attends to keys 0..positions[m].
+// Slot-major caches [slots, KV, max_seq, D]: row m writes position positions[m] of slot slots[m].
+// Paged pools [blocks, KV, block_size, D] (models/paged_cache.py) seen as [rows, D]: `write` [M, KV] names
+// the pool row of each new K/V, `read` [M, KV, S] the rows of keys 0..S-1 (S > every position), so the
+// step reads each sequence's blocks where they lie (no gathered copy) and chained rows of one sequence
+// (speculative verification) see each other's K/V, all rows writing before any attends.
+struct StepRows {
+  const int64_t* slots;
+  const int64_t* pos;
+  const int64_t* read = nullptr;  // null: slot-major
+  const int64_t* write = nullptr;
+  int64_t S = 0;
+};
+
 struct DecodeLayer {
   at::Tensor norm1, norm2;  // RMSNorm weights fp32 [hidden]
   double eps1, eps2;
@@ -259,8 +145,9 @@ struct DecodeLayer {
   // attention for all rows: rotate q/k, write k/v into the cache, softmax(q k^T / sqrt(D)) v -> out [M, H*D]
   template <class T>
   void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const at::Tensor& kc,
-              const at::Tensor& vc, const at::Tensor& ks, const at::Tensor& vs, const int64_t* slots,
-              const int64_t* pos, at::Tensor& out) const {
+              const at::Tensor& vc, const at::Tensor& ks, const at::Tensor& vs, const StepRows& rows,
+              at::Tensor& out) const {
+    const int64_t *slots = rows.slots, *pos = rows.pos;
     const int64_t M = qkv_out.size(0), H = n_heads, KV = n_kv_heads, D = head_dim;
     const int64_t max_seq = kc.size(2), row_len = (H + 2 * KV) * D;
     const float* src = qkv_out.data_ptr<float>();
@@ -277,7 +164,8 @@ struct DecodeLayer {
       const float* r = src + m * row_len;
       for (int64_t h = 0; h < H; ++h) rope(r + h * D, cos + m * D, sin + m * D, qrp + (m * H + h) * D, D);
       for (int64_t j = 0; j < KV; ++j) {
-        const int64_t at_ = (slots[m] * KV + j) * max_seq + pos[m];  // row index into [slots*KV*max_seq, D]
+        // row index into the cache seen as [rows, D]
+        const int64_t at_ = rows.write ? rows.write[m * KV + j] : (slots[m] * KV + j) * max_seq + pos[m];
         rope(r + (H + j) * D, cos + m * D, sin + m * D, krot.data(), D);
         const float* v = r + (H + KV + j) * D;
         if constexpr (q8) {
@@ -303,11 +191,10 @@ struct DecodeLayer {
       std::vector<float> p;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t m = t / H, h = t % H, j = h / group, S = pos[m] + 1;
-        const int64_t base = (slots[m] * KV + j) * max_seq;
+        const KeyRows keys{rows.read ? rows.read + (m * KV + j) * rows.S : nullptr, (slots[m] * KV + j) * max_seq};
         const float* q = qrp + t * D;
         p.resize(S);
-        const float* kscale = q8 ? ksp + base : nullptr;
-        scores(q, kp + base * D, kscale, S, D, scale, p.data());
+        scores(q, kp, ksp, keys, S, D, scale, p.data());
         float mx = -INFINITY;
         for (int64_t s = 0; s < S; ++s) mx = std::max(mx, p[s]);
         float total = 0.f;
@@ -322,7 +209,7 @@ struct DecodeLayer {
         total = hsum(acc);
         for (; s < S; ++s) total += (p[s] = exp1(p[s] - mx));
         float* o = op + t * D;
-        weighted_sum(p.data(), vp + base * D, q8 ? vsp + base : nullptr, S, D, o);
+        weighted_sum(p.data(), vp, vsp, keys, S, D, o);
         const float inv = 1.0f / total;
         for (int64_t i = 0; i < D; ++i) o[i] *= inv;
       }
@@ -330,7 +217,7 @@ struct DecodeLayer {
   }
 
   void forward(at::Tensor& x, const float* cos, const float* sin, const at::Tensor& kc, const at::Tensor& vc,
-               const at::Tensor& ks, const at::Tensor& vs, const int64_t* slots, const int64_t* pos, bool i8,
+               const at::Tensor& ks, const at::Tensor& vs, const StepRows& rows, bool i8,
                double* prof = nullptr) const {
     const int64_t M = x.size(0);
     Laps lap(prof);
@@ -340,11 +227,11 @@ struct DecodeLayer {
     lap(kPhaseQkv);
     at::Tensor attn = at::empty({M, n_heads * head_dim}, x.options());
     if (kc.scalar_type() == at::kChar)
-      attend<int8_t>(qkv_out, cos, sin, kc, vc, ks, vs, slots, pos, attn);
+      attend<int8_t>(qkv_out, cos, sin, kc, vc, ks, vs, rows, attn);
     else if (kc.scalar_type() == at::kHalf)
-      attend<uint16_t>(qkv_out, cos, sin, kc, vc, ks, vs, slots, pos, attn);
+      attend<uint16_t>(qkv_out, cos, sin, kc, vc, ks, vs, rows, attn);
     else
-      attend<float>(qkv_out, cos, sin, kc, vc, ks, vs, slots, pos, attn);
+      attend<float>(qkv_out, cos, sin, kc, vc, ks, vs, rows, attn);
     lap(kPhaseAttention);
     at::Tensor o_out = o(attn, i8);
     lap(kPhaseO);
@@ -406,11 +293,12 @@ struct DecodeStack {
   }
 
   // x [M, hidden]; cos/sin [M, D]; k/v caches and (int8 storage) their scales, one per layer; slots and
-  // positions [M] int64.
+  // positions [M] int64; paged pools: read_rows [M, KV, S] and write_rows [M, KV] int64 (StepRows).
   at::Tensor forward(const at::Tensor& x_, const at::Tensor& cos_, const at::Tensor& sin_,
                      const std::vector<at::Tensor>& k, const std::vector<at::Tensor>& v,
                      const std::vector<at::Tensor>& k_scale, const std::vector<at::Tensor>& v_scale,
-                     const at::Tensor& slots_, const at::Tensor& positions_) const {
+                     const at::Tensor& slots_, const at::Tensor& positions_,
+                     const std::optional<at::Tensor>& read_rows, const std::optional<at::Tensor>& write_rows) const {
     check_x(x_);
     const int64_t M = x_.size(0);
     TORCH_CHECK(k.size() == layers.size() && v.size() == layers.size(), "one K and one V cache per layer");
@@ -423,21 +311,36 @@ struct DecodeStack {
                 "cos/sin must be float32 [M, head_dim]");
     const at::Tensor slots = slots_.to(at::kLong).contiguous(), pos = positions_.to(at::kLong).contiguous();
     TORCH_CHECK(slots.numel() == M && pos.numel() == M, "slots and positions must have one entry per row");
+    StepRows rows{slots.data_ptr<int64_t>(), pos.data_ptr<int64_t>()};
+    const bool paged = read_rows.has_value();
+    at::Tensor read, write;  // paged: checked once against the pools' row count
+    if (paged && !layers.empty()) {
+      TORCH_CHECK(write_rows.has_value(), "paged KV rows need both read_rows and write_rows");
+      const int64_t KV = layers[0].n_kv_heads;
+      read = read_rows->to(at::kLong).contiguous(), write = write_rows->to(at::kLong).contiguous();
+      TORCH_CHECK(read.dim() == 3 && read.size(0) == M && read.size(1) == KV && write.numel() == M * KV,
+                  "read_rows must be [M, n_kv_heads, S] and write_rows [M, n_kv_heads]");
+      const int64_t pool_rows = k[0].numel() / D, S = read.size(2);
+      for (int64_t m = 0; m < M; ++m) TORCH_CHECK(rows.pos[m] < S, "a row's position is past read_rows' keys");
+      TORCH_CHECK(read.numel() == 0 || (read.min().item<int64_t>() >= 0 && read.max().item<int64_t>() < pool_rows &&
+                                        write.min().item<int64_t>() >= 0 && write.max().item<int64_t>() < pool_rows),
+                  "KV rows outside the pool");
+      rows.read = read.data_ptr<int64_t>(), rows.write = write.data_ptr<int64_t>(), rows.S = S;
+    }
     at::Tensor x = x_.clone();
     for (size_t i = 0; i < layers.size(); ++i) {
       const at::Tensor& kc = k[i];
       TORCH_CHECK(kc.is_contiguous() && v[i].is_contiguous() && kc.dim() == 4 && kc.size(1) == layers[i].n_kv_heads &&
-                      kc.size(3) == layers[i].head_dim,
-                  "KV cache must be contiguous [slots, n_kv_heads, max_seq, head_dim]");
+                      kc.size(3) == layers[i].head_dim && (!paged || kc.sizes() == k[0].sizes()),
+                  "KV cache must be contiguous [slots, n_kv_heads, max_seq, head_dim] (paged: equal pools)");
       TORCH_CHECK(q8 ? kc.scalar_type() == at::kChar : kc.scalar_type() == at::kFloat || kc.scalar_type() == at::kHalf,
                   "KV cache must be float32, float16 or int8 with scales");
       TORCH_CHECK(v[i].scalar_type() == kc.scalar_type() && v[i].sizes() == kc.sizes(), "K and V caches must match");
-      for (int64_t m = 0; m < M; ++m)
-        TORCH_CHECK(slots.data_ptr<int64_t>()[m] < kc.size(0) && pos.data_ptr<int64_t>()[m] < kc.size(2),
-                    "slot or position outside the KV cache");
+      for (int64_t m = 0; !paged && m < M; ++m)
+        TORCH_CHECK(rows.slots[m] < kc.size(0) && rows.pos[m] < kc.size(2), "slot or position outside the KV cache");
       const at::Tensor none;
       layers[i].forward(x, cos.data_ptr<float>(), sin.data_ptr<float>(), kc, v[i], q8 ? k_scale[i] : none,
-                        q8 ? v_scale[i] : none, slots.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), int8_act,
+                        q8 ? v_scale[i] : none, rows, int8_act,
                         profile.size() == kPhases ? profile.data() : nullptr);
     }
     return x;
@@ -472,6 +375,7 @@ void bind_decode(pybind11::module_& m) {
            }, "how many Linears the int8-activation kernels can run")
       .def("forward", &DecodeStack::forward, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("k"),
            py::arg("v"), py::arg("k_scale"), py::arg("v_scale"), py::arg("slots"), py::arg("positions"),
+           py::arg("read_rows") = py::none(), py::arg("write_rows") = py::none(),
            py::call_guard<py::gil_scoped_release>());
 }
 

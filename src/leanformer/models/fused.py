@@ -195,6 +195,13 @@ def _segments(model: nn.Module) -> list[_Segment] | None:
     return out if any(seg.stack is not None for seg in out) else None
 
 
+def _pool_rows(cache) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A paged cache's (read, write) pool rows for this step (models/paged_cache.py); (None, None) for
+    slot-major caches, which the C++ step indexes by slot and position."""
+    rows = getattr(cache, "fused_rows", None)
+    return rows() if rows is not None else (None, None)
+
+
 class DecodePlan:
     """A model's built C++ decode stack and the key it was built for. Not copied by deepcopy/pickle
     (the C++ object holds the model's tensors): a copy builds its own on first use."""
@@ -224,9 +231,7 @@ class DecodePlan:
             and x.dtype == torch.float32
             and x.is_cpu
             and not torch.is_grad_enabled()
-            and getattr(
-                cache, "fused_layout", True
-            )  # a paged cache (models/paged_cache.py) is not [slot, h, pos]
+            and getattr(cache, "fused_layout", True)  # e.g. a paged cache's multi-token step
             and cache.dtype == torch.float32
             and cache.k[0].is_cpu
             and not kernels.tracing()
@@ -250,9 +255,10 @@ class DecodePlan:
         stack.int8_act = int8_activations(model)
         b = x.shape[0]
         cos, sin = rope  # [B, 1, 1, D] each
+        read, write = _pool_rows(cache)
         y = stack.forward(
             x.view(b, -1), cos.reshape(b, -1), sin.reshape(b, -1), cache.k, cache.v, cache.k_scale, cache.v_scale,
-            step.slots, step.positions.view(-1),
+            step.slots, step.positions.view(-1), read, write,
         )  # fmt: skip
         return y.view(b, 1, -1)
 
@@ -262,6 +268,7 @@ class DecodePlan:
         b, int8 = x.shape[0], int8_activations(model)
         cos, sin = (t.reshape(b, -1) for t in rope)
         pos = step.positions.view(-1)
+        read, write = _pool_rows(cache)
         for seg in self.segments:
             if seg.stack is None:
                 x = seg.block(x, rope, cache, step)
@@ -270,7 +277,7 @@ class DecodePlan:
             ks, vs = cache.k_scale[seg.start : seg.end], cache.v_scale[seg.start : seg.end]
             y = seg.stack.forward(
                 x.reshape(b, -1), cos, sin, cache.k[seg.start : seg.end], cache.v[seg.start : seg.end], ks, vs,
-                step.slots, pos,
+                step.slots, pos, read, write,
             )  # fmt: skip
             x = y.view(b, 1, -1)
             if seg.mlp_block is not None:  # the MLP the C++ layer left out (zero there)

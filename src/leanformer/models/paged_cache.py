@@ -12,12 +12,10 @@ and memory is spent only on the blocks a sequence really holds. Which block a ta
 block manager's business (engine/block_manager.py); blocks holding a shared prompt prefix appear in
 several tables at once and are only ever read (writes land at positions ≥ the cached prefix).
 
-The fused C++ decode step (models/fused.py) indexes [slot, head, position] tensors. For a one-token
-step whose keys fit `FUSED_VIEW_BYTES`, this cache offers it exactly that: `k`, `v` (and the int8
-scales), read on first use, are every layer's visible keys gathered into [B, n_kv, S, D] (row b = batch
-row b); the C++ step writes each row's new K/V there and `advance()` copies those rows back into their
-blocks. The module path never reads `k`: it writes and reads the pool through `update()`.
-Measured on SmolLM2 (docs/BENCHMARKS.md): the view's gather costs far less than the module path.
+The fused C++ decode step (models/fused.py, kernels/decode.cpp) reads and writes the pools in place
+for a one-token step: `fused_rows()` gives it the pool row of every visible key per (step row, head)
+and of every new K/V, the same rows `update()` uses. (It used to gather each step's keys into
+[B, n_kv, S, D] views and copy the new rows back: ~12% of the server's engine thread at 4 streams.)
 """
 
 from __future__ import annotations
@@ -36,16 +34,11 @@ class PagedStep(Step):
 
     write_rows: torch.Tensor | None = None  # [B * n_kv * T] rows for the new k/v, order (b, h, t)
     read_rows: torch.Tensor | None = None  # [B * n_kv * S] rows of the visible keys, order (b, h, s)
-    # rows of the fused view when they are not read_rows: [G * n_kv * S], one view row per sequence and
-    # `slots` naming each step row's view row (engine/spec_batch.py: several rows chained in one sequence)
-    view_rows: torch.Tensor | None = None
 
 
 class PagedKVCache:
     """storage="int8": K and V as int8 with one scale per (block, head, position), as KVCache does;
     storage="fp16": K and V as float16."""
-
-    FUSED_VIEW_BYTES = 128 * 2**20  # largest gathered view offered to the fused decode step
 
     def __init__(
         self,
@@ -75,9 +68,7 @@ class PagedKVCache:
         scale_shape = (*shape[:3], 1)
         self.k_scale_pool = [torch.zeros(scale_shape, dtype=dtype, device=device) for _ in range(n_scales)]
         self.v_scale_pool = [torch.zeros(scale_shape, dtype=dtype, device=device) for _ in range(n_scales)]
-        self._step: PagedStep | None = None  # the last begin()'s step, while a fused view may be taken
-        self._views: dict[str, list[torch.Tensor]] | None = None
-        self.fused_ok = True  # False once a model did not take the fused step on an offered view
+        self._step: PagedStep | None = None  # the last begin()'s step when one token per row (fused_rows)
         self.dtype, self.device = dtype, torch.device(device)
         self.n_kv, self.head_dim = n_kv_heads, head_dim
         self.max_seq, self.n_slots = max_seq, n_slots
@@ -118,70 +109,34 @@ class PagedKVCache:
         tables = self.block_tables[slots]  # [B, max_blocks]
         write = self._rows(tables, positions)  # [B, n_kv, T]
         read = self._rows(tables, torch.arange(key_len).expand(len(slots), key_len))  # [B, n_kv, S]
-        # row b of the step is row b of a fused view (slots index nothing else here: update() uses rows)
+        # slots index nothing here (update() and the fused step use the rows): the batch rows
         step = PagedStep(
             torch.arange(len(slots), device=self.device), positions.to(self.device), key_len, mask, is_causal, None,
             write_rows=write.reshape(-1).to(self.device), read_rows=read.reshape(-1).to(self.device),
         )  # fmt: skip
-        self._views = None
-        self._step = (
-            step
-            if self.fused_ok and n_new == 1 and self._view_bytes(len(slots), key_len) <= self.FUSED_VIEW_BYTES
-            else None
-        )
+        self._step = step if n_new == 1 else None
         return step
 
-    # ---- the fused decode step's view ----
-    def _view_bytes(self, rows: int, key_len: int) -> int:
-        per_token = self.nbytes() // ((self.num_blocks + 1) * self.block_size)  # all layers, K + V (+ scales)
-        return rows * key_len * per_token
-
+    # ---- the fused decode step ----
     @property
     def fused_layout(self) -> bool:
-        """models/fused.py: whether this step may run as the C++ decode step (on the gathered views)."""
+        """models/fused.py: whether this step may run as the C++ decode step (one token per row)."""
         return self._step is not None
 
-    def _view(self, name: str) -> list[torch.Tensor]:
-        if self._step is None:
-            raise LeanformerError("the paged KV cache offers a fused view only during a one-token step")
-        if self._views is None:
-            st = self._step
-            rows = st.read_rows if st.view_rows is None else st.view_rows
-            b = rows.numel() // (self.n_kv * st.key_len)
+    # the pools, as the fused step takes a cache's per-layer K/V (and int8 scales)
+    k = property(lambda self: self.k_pool)
+    v = property(lambda self: self.v_pool)
+    k_scale = property(lambda self: self.k_scale_pool)
+    v_scale = property(lambda self: self.v_scale_pool)
 
-            def gather(pools: list[torch.Tensor]) -> list[torch.Tensor]:  # → [B, n_kv, S, D or 1] each
-                return [
-                    p.view(-1, p.shape[-1]).index_select(0, rows).view(b, self.n_kv, st.key_len, -1)
-                    for p in pools
-                ]
-
-            self._views = {"k": gather(self.k_pool), "v": gather(self.v_pool)}
-            self._views |= {"k_scale": gather(self.k_scale_pool), "v_scale": gather(self.v_scale_pool)}
-        return self._views[name]
-
-    k = property(lambda self: self._view("k"))
-    v = property(lambda self: self._view("v"))
-    k_scale = property(lambda self: self._view("k_scale"))
-    v_scale = property(lambda self: self._view("v_scale"))
-
-    def _copy_back(self) -> None:
-        """After a fused step: each row's new K/V (written into the views at its position) → its block."""
-        st, views, s = self._step, self._views, self._step.key_len
-        heads = torch.arange(self.n_kv, device=self.device)
-        rows = ((st.slots[:, None] * self.n_kv + heads[None, :]) * s + st.positions[:, :1]).reshape(
-            -1
-        )  # [B*n_kv]
-        pools = (self.k_pool, self.v_pool, self.k_scale_pool, self.v_scale_pool)
-        for name, pool in zip(("k", "v", "k_scale", "v_scale"), pools):
-            for view, p in zip(views[name], pool):
-                new = view.view(-1, view.shape[-1]).index_select(0, rows)  # [B*n_kv, D or 1], order (b, h)
-                p.view(-1, p.shape[-1]).index_copy_(0, st.write_rows, new)
-
-    def _settle(self) -> None:
-        """The step's tokens are in: copy them from the fused views when the fused step wrote them."""
-        if self._views is not None and self._step is not None:
-            self._copy_back()
-        self._step, self._views = None, None
+    def fused_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(read [B, n_kv, S], write [B, n_kv]): the pool rows of this one-token step's visible keys and
+        of its new K/V, per step row and KV head (kernels/decode.cpp StepRows)."""
+        st = self._step
+        if st is None:
+            raise LeanformerError("the paged KV cache runs the fused step only for one token per row")
+        b = st.positions.shape[0]
+        return st.read_rows.view(b, self.n_kv, st.key_len), st.write_rows.view(b, self.n_kv)
 
     def _rows(self, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tables [B, max_blocks], positions [B, T] → pool rows [B, n_kv, T] of the flat [N*n_kv*bs, D] view."""
@@ -194,9 +149,6 @@ class PagedKVCache:
         self, layer: int, step: PagedStep, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, n_kv, T, D] into their blocks; return all visible keys/values [B, n_kv, S, D]."""
-        if self._views is not None:  # a view was gathered, yet the module path runs: the model cannot fuse
-            self.fused_ok = False  # (another Linear type, ...): stop offering views
-        self._step, self._views = None, None  # nothing to copy back
         if not self.quantized:  # fp16 storage: converted back as read
             k, v = self._put_get(self.k_pool[layer], step, k), self._put_get(self.v_pool[layer], step, v)
             return k.to(self.dtype), v.to(self.dtype)
@@ -217,11 +169,9 @@ class PagedKVCache:
         return flat.index_select(0, step.read_rows).view(b, n_kv, step.key_len, d)
 
     def advance(self, slots: torch.Tensor, n: torch.Tensor | int) -> None:
-        self._settle()
         self.lengths[slots] += n
 
     def set_length(self, slots: torch.Tensor, lengths: torch.Tensor) -> None:
-        self._settle()
         self.lengths[slots] = lengths
 
     def reset(self, slots: torch.Tensor | None = None) -> None:
