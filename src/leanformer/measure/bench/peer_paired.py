@@ -1,0 +1,125 @@
+"""Decode speed against llama.cpp in ONE process, interleaved round by round: the ratio per round.
+
+`leanformer bench --peers llama.cpp` measures each engine in its own process one after the other (right
+for peak RSS), so a shared VM's drift between the two processes lands in the ratio: on a 2-core Zen 5 VM
+our batch-1 figure moved 154-223 tok/s between three such runs minutes apart. Here both engines load
+once (llama.cpp through llama-cpp-python, as the peer worker drives it) and take turns, order alternating,
+on the same random prompts; each round's ratio is ours / llama.cpp's decode tok/s (the median step of a
+generation, as `bench` measures), and the table shows the median and range over rounds.
+
+    python -m leanformer.measure.bench.peer_paired /tmp/h17/smollm2-Q4_0.gguf --recipe kv-fp16 \\
+        --batch 1 8 --rounds 9
+
+The GGUF stays quantized on our side (Q4_0 → int4 modules, Q8_0 → int8); `--recipe kv-fp16` stores our
+KV cache as float16 like llama.cpp's default (its K and V are f16 unless told otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from leanformer.measure.bench.paired import decode_tok_s
+
+
+def _llama_cpp(path: str, batches: list[int], prompt_tokens: int, new_tokens: int, threads: int):
+    """llama.cpp's engine from bench's peer worker (loaded by file path there; imported here)."""
+    from leanformer.measure.bench import peer_worker
+
+    cfg = {"batches": batches, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": threads}
+    import llama_cpp
+
+    engine = peer_worker.LlamaCpp(path, cfg)
+    engine.version = llama_cpp.__version__
+    return engine, peer_worker.prompts
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", help="a .gguf file (both engines read it)")
+    p.add_argument("--recipe", help="applied to our side, e.g. kv-fp16 ('none' or unset: the file as is)")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--gap", type=float, default=0.2, help="seconds between engines (idle threads settle)")
+    args = p.parse_args(argv)
+
+    from leanformer.compress import apply, load_recipe
+    from leanformer.errors import LeanformerError
+    from leanformer.kernels import cpu
+    from leanformer.loading import load
+
+    if Path(args.model).suffix != ".gguf":
+        raise LeanformerError(f"{args.model}: llama.cpp reads .gguf files; give the model as one")
+    try:
+        peer, peer_prompts = _llama_cpp(
+            args.model, args.batch, args.prompt_tokens, args.new_tokens, args.threads
+        )
+    except ImportError as e:
+        raise LeanformerError(f"llama.cpp is not installed ({e}); pip install llama-cpp-python") from e
+    torch.set_num_threads(args.threads)
+    model, _ = load(args.model, keep_quantized=True)
+    if args.recipe and args.recipe != "none":
+        model = apply(model, load_recipe(args.recipe))
+    n = max(args.new_tokens, 2)
+
+    def theirs(b: int) -> float:
+        ids = peer_prompts(peer.vocab, b, args.prompt_tokens)
+        return b / statistics.median(peer.steps(ids, n))
+
+    def ours(b: int) -> float:
+        with torch.inference_mode():
+            return decode_tok_s(model, b, args.prompt_tokens, n)
+
+    for b in args.batch:  # warm-up: kernels, decode plans, llama.cpp's graphs
+        ours(b), theirs(b)
+    runs = {b: [] for b in args.batch}
+    for r in tqdm(range(args.rounds), desc="rounds"):
+        for b in args.batch:
+            got = {}
+            for name, fn in (
+                (("ours", ours), ("theirs", theirs)) if r % 2 == 0 else (("theirs", theirs), ("ours", ours))
+            ):
+                time.sleep(args.gap)
+                got[name] = fn(b)
+            runs[b].append((got["ours"], got["theirs"]))
+    from leanformer import kernels
+
+    isa = kernels.ext().act_isa() if kernels.available() else "no kernels"
+    recipe = f" + {args.recipe}" if args.recipe else ""
+    print(f"{cpu.cpu_info()['model']} ({isa}); {args.threads} threads; ours: {Path(args.model).name} kept")
+    print(f"quantized{recipe}; llama.cpp {peer.version}: the same file")
+    print("| batch | ours tok/s | llama.cpp tok/s | ours / llama.cpp, median (range) | rounds |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for b in args.batch:
+        ratios = [o / t for o, t in runs[b]]
+        row = {
+            "batch": b, "ours": statistics.median(o for o, _ in runs[b]),
+            "llama.cpp": statistics.median(t for _, t in runs[b]), "ratio": statistics.median(ratios),
+            "min": min(ratios), "max": max(ratios),
+        }  # fmt: skip
+        rows.append(row)
+        print(
+            f"| {b} | {row['ours']:.1f} | {row['llama.cpp']:.1f} | **{row['ratio']:.2f}×** "
+            f"({row['min']:.2f}–{row['max']:.2f}) | {len(ratios)} |"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    from leanformer.errors import LeanformerError
+
+    try:
+        main()
+    except LeanformerError as e:
+        sys.exit(f"error: {e}")
