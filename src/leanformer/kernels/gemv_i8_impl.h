@@ -218,12 +218,45 @@ __attribute__((always_inline)) inline void rows_nr(const I8Args& a, const XPack&
     for (int m = 0; m < M; ++m) a.y[m * a.N + n + r] = out[r][m] + (a.bias ? a.bias[n + r] : 0.f);
 }
 
+// Bytes per weight row, and per row of the scale stream beside it (fp32 scales or 8-bit codes; q8
+// with one scale per row: none worth prefetching).
+template <Kind K>
+inline int64_t i8_row_bytes(const I8Args& a) {
+  return nibbles(K) ? a.K / 2 : a.K;
+}
+inline int64_t i8_scale_row_bytes(const I8Args& a, bool nib) {
+  if (!nib && a.group == 0) return 0;
+  const int64_t g = nib ? a.K / (a.group > 0 ? a.group : 32) : (a.K + a.group - 1) / a.group;
+  return a.sc ? g : 4 * g;
+}
+
+// Prefetch `bytes` from p, a line at a time.
+inline void i8_prefetch_bytes(const void* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(static_cast<const char*>(p) + off, _MM_HINT_T0);
+}
+
 // Weight rows [n0, n1) against the M activation rows of a, p = i8_pack<M>(a) (int4 / int5).
+// The streams start at full speed: the loops prefetch the weights kI8Ahead bytes ahead, so the first
+// kI8Ahead bytes of this thread's rows are requested here at once (else they arrive as demand misses,
+// ~1 us per call and thread on the small per-layer matrices), and the scales, a second stream the
+// loops do not prefetch, are requested as many rows ahead.
 template <int M, class D, Kind K, Groups S>
 inline void rows_mp(const I8Args& a, const XPack& p, int64_t n0, int64_t n1) {
   constexpr int NR = i8_nr<M, nibbles(K)>();
+  const int64_t wrow = i8_row_bytes<K>(a), srow = i8_scale_row_bytes(a, nibbles(K));
+  const int64_t ahead = wrow > 0 ? (kI8Ahead + wrow - 1) / wrow : 0;  // rows
+  const char* w0 = static_cast<const char*>(a.w);
+  const char* s0 = a.sc ? reinterpret_cast<const char*>(a.sc) : reinterpret_cast<const char*>(a.scales);
+  if (kI8Ahead > 0) {
+    const int64_t first = (ahead < n1 - n0 ? ahead : n1 - n0);
+    i8_prefetch_bytes(w0 + n0 * wrow, first * wrow);
+    if (srow > 0) i8_prefetch_bytes(s0 + n0 * srow, first * srow);
+  }
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) rows_nr<NR, M, D, K, S>(a, p, n);
+  for (; n + NR <= n1; n += NR) {
+    if (kI8Ahead > 0 && srow > 0 && n + ahead + NR <= n1) i8_prefetch_bytes(s0 + (n + ahead) * srow, NR * srow);
+    rows_nr<NR, M, D, K, S>(a, p, n);
+  }
   if constexpr (NR > 1)  // the last rows one at a time: same chains, same results
     for (; n < n1; ++n) rows_nr<1, M, D, K, S>(a, p, n);
 }
