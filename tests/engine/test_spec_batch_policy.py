@@ -109,3 +109,23 @@ def test_batch_costs_on_a_real_model(shared):
     assert plain[0] == chained[0] == 1.0
     assert plain == sorted(plain) and chained == sorted(chained) and all(c > 0 for c in chained)
     assert batch_costs(model, 3, 9) is batch_costs(model, 3, 9)  # timed once per model and setting
+
+
+def test_request_drafts_back_off_while_nothing_is_drafted(monkeypatch):
+    st = RequestDrafts(4, 2, 1)
+    text = [1, 2, 3, 4, 1, 2]
+    looked = []
+    propose = st.index.propose_longest
+    monkeypatch.setattr(st.index, "propose_longest", lambda n: looked.append(1) or propose(n))
+    lookups = []
+    for _ in range(40):  # the policy never takes the drafts: every step is plain
+        before = len(looked)
+        st.offer(text, [], 4)
+        st.chosen(0, [])
+        lookups.append(len(looked) - before)
+    assert lookups[:4] == [1, 1, 1, 1] and sum(lookups[-12:]) == 3  # then one lookup in 4 steps
+    st.offer(text, [], 4)
+    while not st.looked:  # up to the next real lookup: drafts taken there end the back-off
+        st.chosen(0, [])
+        st.offer(text, [], 4)
+    assert st.found and st.chosen(2, [])[0] == st.found[:2] and st.misses == 0 and st.skip == 0
