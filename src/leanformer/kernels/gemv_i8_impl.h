@@ -242,7 +242,10 @@ inline void i8_prefetch_bytes(const void* p, int64_t bytes) {
 // loops do not prefetch, are requested as many rows ahead.
 template <int M, class D, Kind K, Groups S>
 inline void rows_mp(const I8Args& a, const XPack& p, int64_t n0, int64_t n1) {
-  constexpr int NR = i8_nr<M, nibbles(K)>();
+  // the 512-bit loops (32 vector registers): two weight rows per pass from 2 activation rows on (int4:
+  // up to 4; at 8 its 16 accumulators + both rows' nibbles spill), so each activation chunk and scale
+  // vector loaded serves both rows
+  constexpr int NR = K == Kind::q8w && M >= 2 ? 2 : K == Kind::q4w && M >= 2 && M <= 4 ? 2 : i8_nr<M, nibbles(K)>();
   const int64_t wrow = i8_row_bytes<K>(a), srow = i8_scale_row_bytes(a, nibbles(K));
   const int64_t ahead = wrow > 0 ? (kI8Ahead + wrow - 1) / wrow : 0;  // rows
   const char* w0 = static_cast<const char*>(a.w);
