@@ -9,14 +9,19 @@ from leanformer.measure.evaluate import evaluate
 from leanformer.models.kv_cache import KVCache
 
 
-def test_int8_cache_is_close_and_smaller(tiny_dirs):
-    model, _ = lf.load(tiny_dirs["llama"])
+def stored_kv_logits(model, kv: str):
+    """(logits without a cache, logits through a cache of `kv` storage, that cache) for fixed ids."""
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         exact = model(ids)
-        lf.quantize_(model, lf.KVCache(dtype="int8"))
+        lf.quantize_(model, lf.KVCache(dtype=kv))
         cache = KVCache.for_model(model, 1, 64)
-        approx = model(ids, cache=cache)
+        return exact, model(ids, cache=cache), cache
+
+
+def test_int8_cache_is_close_and_smaller(tiny_dirs):
+    model, _ = lf.load(tiny_dirs["llama"])
+    exact, approx, cache = stored_kv_logits(model, "int8")
     assert cache.quantized and cache.k[0].dtype == torch.int8
     full = KVCache(2, 1, 64, 2, 16, torch.float32)
     # int8 values + one fp32 scale per 16-value head row: (16 + 4) / 64 bytes of fp32 (0.27 at head_dim 64)
@@ -53,12 +58,7 @@ def test_int8_cache_generation_and_reload(tiny_dirs, tmp_path, monkeypatch):
 
 def test_fp16_cache_is_closer_and_half_the_bytes(tiny_dirs, tmp_path):
     model, _ = lf.load(tiny_dirs["llama"])
-    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        exact = model(ids)
-        lf.quantize_(model, lf.KVCache(dtype="fp16"))
-        cache = KVCache.for_model(model, 1, 64)
-        approx = model(ids, cache=cache)
+    exact, approx, cache = stored_kv_logits(model, "fp16")
     assert not cache.quantized and cache.k[0].dtype == torch.float16 and not cache.k_scale
     assert cache.nbytes() * 2 == KVCache(2, 1, 64, 2, 16, torch.float32).nbytes()
     rel = (approx - exact).abs().max() / exact.abs().max()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from leanformer.cli.main import main
@@ -50,3 +52,53 @@ def test_checks_before_any_model_load(tmp_path, capsys, no_loading):  # noqa: F8
     for argv, fragment in cases:
         assert main(argv) == 2, argv
         one_error_line(capsys, fragment)
+
+
+def test_peer_paired_bad_input_is_one_error_before_loading(tmp_path, monkeypatch):
+    """python -m leanformer.measure.bench.peer_paired: every bad value refused before llama.cpp or our
+    model loads (the loaders are replaced by ones that fail the test)."""
+    from leanformer.errors import LeanformerError
+    from leanformer.measure.bench import peer_paired
+
+    def never(*a, **k):
+        raise AssertionError("loaded a model before checking the input")
+
+    monkeypatch.setattr(peer_paired, "_llama_cpp", never)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    folder = tmp_path / "dir.gguf"
+    folder.mkdir()
+    cases = [
+        ([str(tmp_path / "m.bin")], ".gguf files"),
+        ([str(tmp_path / "absent.gguf")], "no such file"),
+        ([str(folder)], "no such file"),
+        ([str(gguf), "--rounds", "0"], "--rounds must be at least 1"),
+        ([str(gguf), "--rounds", "-3"], "--rounds must be at least 1"),
+        ([str(gguf), "--new-tokens", "1"], "--new-tokens must be at least 2"),
+        ([str(gguf), "--prompt-tokens", "0"], "--prompt-tokens must be at least 1"),
+        ([str(gguf), "--threads", "0"], "--threads must be at least 1"),
+        ([str(gguf), "--batch", "1", "0"], "--batch sizes must be at least 1"),
+        ([str(gguf), "--gap", "nan"], "--gap must be in"),
+        ([str(gguf), "--gap", "-1"], "--gap must be in"),
+        ([str(gguf), "--gap", "1e9"], "--gap must be in"),
+        ([str(gguf), "--recipe", "int9"], "no recipe file or preset"),
+    ]
+    for argv, fragment in cases:
+        with pytest.raises(LeanformerError, match=re.escape(fragment)):
+            peer_paired.main(argv)
+    with pytest.raises(SystemExit):  # a wrong type: argparse's usage line
+        peer_paired.main([str(gguf), "--rounds", "two"])
+
+
+def test_peer_paired_file_llama_cpp_cannot_load_is_one_line(tmp_path, monkeypatch):
+    from leanformer.errors import LeanformerError
+    from leanformer.measure.bench import peer_paired
+
+    def refuses(path, *a):
+        raise RuntimeError(f"llama.cpp could not load {path}")
+
+    monkeypatch.setattr(peer_paired, "_llama_cpp", refuses)
+    gguf = tmp_path / "garbage.gguf"
+    gguf.write_bytes(b"not a gguf at all")
+    with pytest.raises(LeanformerError, match="llama.cpp: llama.cpp could not load"):
+        peer_paired.main([str(gguf)])

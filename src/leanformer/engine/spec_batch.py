@@ -206,5 +206,3 @@ class SpecDecoder:
             slots = torch.tensor([s.slot for s, _ in live])
             sched.cache.advance(slots, torch.tensor([m for _, m in live]))
             sched._computed([s for s, _ in live])
-        elif moved:  # every row ended: the fused view (if any) has nothing left to copy back
-            sched.cache.advance(torch.tensor([], dtype=torch.long), 0)

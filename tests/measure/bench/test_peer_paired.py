@@ -26,6 +26,7 @@ def test_missing_llama_cpp_is_one_clear_error(tmp_path, monkeypatch):
         raise ImportError("No module named 'llama_cpp'")
 
     monkeypatch.setattr(peer_paired, "_llama_cpp", missing)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
     with pytest.raises(LeanformerError, match="pip install llama-cpp-python"):
         peer_paired.main([str(tmp_path / "m.gguf"), "--rounds", "1"])
 

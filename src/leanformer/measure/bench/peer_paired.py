@@ -29,14 +29,32 @@ from leanformer.measure.bench.paired import decode_tok_s
 
 def _llama_cpp(path: str, batches: list[int], prompt_tokens: int, new_tokens: int, threads: int):
     """llama.cpp's engine from bench's peer worker (loaded by file path there; imported here)."""
+    import llama_cpp
+
     from leanformer.measure.bench import peer_worker
 
     cfg = {"batches": batches, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": threads}
-    import llama_cpp
-
     engine = peer_worker.LlamaCpp(path, cfg)
     engine.version = llama_cpp.__version__
     return engine, peer_worker.prompts
+
+
+def _check(args, error) -> None:
+    """Bad input → one error before any model loads."""
+    path = Path(args.model)
+    if path.suffix != ".gguf":
+        raise error(f"{args.model}: llama.cpp reads .gguf files; give the model as one")
+    if not path.is_file():
+        raise error(f"{args.model}: no such file")
+    least = {"--rounds": (args.rounds, 1), "--prompt-tokens": (args.prompt_tokens, 1),
+             "--new-tokens": (args.new_tokens, 2), "--threads": (args.threads, 1)}  # fmt: skip
+    for flag, (value, low) in least.items():
+        if value < low:
+            raise error(f"{flag} must be at least {low}, got {value}")
+    if any(b < 1 for b in args.batch):
+        raise error(f"--batch sizes must be at least 1, got {args.batch}")
+    if not 0 <= args.gap < 60:  # also refuses nan
+        raise error(f"--gap must be in [0, 60) seconds, got {args.gap}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -56,18 +74,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from leanformer.kernels import cpu
     from leanformer.loading import load
 
-    if Path(args.model).suffix != ".gguf":
-        raise LeanformerError(f"{args.model}: llama.cpp reads .gguf files; give the model as one")
+    _check(args, LeanformerError)
+    recipe = load_recipe(args.recipe) if args.recipe and args.recipe != "none" else None  # bad names first
     try:
         peer, peer_prompts = _llama_cpp(
             args.model, args.batch, args.prompt_tokens, args.new_tokens, args.threads
         )
     except ImportError as e:
         raise LeanformerError(f"llama.cpp is not installed ({e}); pip install llama-cpp-python") from e
+    except RuntimeError as e:  # the peer worker's own one-line reasons (file it cannot load, ...)
+        raise LeanformerError(f"llama.cpp: {e}") from e
     torch.set_num_threads(args.threads)
     model, _ = load(args.model, keep_quantized=True)
-    if args.recipe and args.recipe != "none":
-        model = apply(model, load_recipe(args.recipe))
+    if recipe is not None:
+        model = apply(model, recipe)
     n = max(args.new_tokens, 2)
 
     def theirs(b: int) -> float:
@@ -93,9 +113,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from leanformer import kernels
 
     isa = kernels.ext().act_isa() if kernels.available() else "no kernels"
-    recipe = f" + {args.recipe}" if args.recipe else ""
+    label = f" + {args.recipe}" if recipe is not None else ""
     print(f"{cpu.cpu_info()['model']} ({isa}); {args.threads} threads; ours: {Path(args.model).name} kept")
-    print(f"quantized{recipe}; llama.cpp {peer.version}: the same file")
+    print(f"quantized{label}; llama.cpp {peer.version}: the same file")
     print("| batch | ours tok/s | llama.cpp tok/s | ours / llama.cpp, median (range) | rounds |")
     print("|---|---|---|---|---|")
     rows = []
