@@ -169,8 +169,10 @@ void quantize_row(const float* x, int64_t K, int64_t blocks, int8_t* q, float* d
 
 // One row x [K] (zero past K, up to Kp codes) -> the int4 kernel's operands (int8_act.h I8Args): codes
 // out [Kx] per 64-column chunk evens then odds, dv [8 * chunks], xs [Kp / group] group sums of the
-// dequantized activations.
-void quantize_row_q4(const float* x, int64_t K, int64_t Kp, int64_t group, int8_t* out, float* dv, float* xs) {
+// dequantized activations, xc [8 * chunks] the codes' offset `off` (-8 int4, -16 int5) times lane sums.
+void quantize_row_q4(const float* x, int64_t K, int64_t Kp, int64_t group, int8_t* out, float* dv, float* xs,
+                     int off, int32_t* xc) {
+  const __m256i ones = _mm256_set1_epi8(1), offs = _mm256_set1_epi16(static_cast<int16_t>(off));
   const __m256i evens_odds = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,  //
                                               0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
   const int64_t blocks = Kp / 32, bpg = group / 32;
@@ -188,6 +190,7 @@ void quantize_row_q4(const float* x, int64_t K, int64_t Kp, int64_t group, int8_
     if (b + 1 == blocks) {  // a last 32 columns: natural order
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * b), A);
       _mm256_storeu_ps(dvc, _mm256_set1_ps(da));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xc + 4 * b), _mm256_setzero_si256());  // not read
       break;
     }
     const __m256i B = quantize_block_at(x, K, b + 1, &db, &sb);
@@ -195,9 +198,13 @@ void quantize_row_q4(const float* x, int64_t K, int64_t Kp, int64_t group, int8_
     // per lane [8 evens | 8 odds], then the qwords as [evens 0-31 | odds 0-31] of each block
     const __m256i a2 = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(A, evens_odds), _MM_SHUFFLE(3, 1, 2, 0));
     const __m256i b2 = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(B, evens_odds), _MM_SHUFFLE(3, 1, 2, 0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * b), _mm256_permute2x128_si256(a2, b2, 0x20));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * b + 32), _mm256_permute2x128_si256(a2, b2, 0x31));
+    const __m256i evens = _mm256_permute2x128_si256(a2, b2, 0x20), odds = _mm256_permute2x128_si256(a2, b2, 0x31);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * b), evens);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * b + 32), odds);
     _mm256_storeu_ps(dvc, _mm256_set_m128(_mm_set1_ps(db), _mm_set1_ps(da)));
+    // lane l: off * (evens 4l..4l+3 + odds 4l..4l+3), what the loops' lane l sums (|int16| <= 4 * 127)
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(ones, evens), _mm256_maddubs_epi16(ones, odds));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xc + 4 * b), _mm256_madd_epi16(pairs, offs));
   }
 }
 
@@ -246,13 +253,15 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   at::Tensor xq = at::empty({M, Kx}, x.options().dtype(at::kChar));  // past Kp: never read
   at::Tensor fl = at::empty({M * (8 * chunks + G)}, x.options());
   float *dv = fl.data_ptr<float>(), *xs = dv + M * 8 * chunks;
+  at::Tensor xc = at::empty({M, 8 * chunks}, x.options().dtype(at::kInt));
   const bool lookup = qs.coded() && G >= kLookupMinGroups;  // else: fp32 arrays, or codes decoded by qs
   // read once: the activations' layout and the loops that read it must agree even if set_act_isa runs now
   const int isa = g_act_isa.load(std::memory_order_relaxed);
   const bool wide = isa == kAvx512Vnni && (group_size == 32 || group_size % 64 == 0);  // gemv_i8_wide.h
   for (int64_t m = 0; m < M; ++m) {
     int8_t* row = xq.data_ptr<int8_t>() + m * Kx;
-    quantize_row_q4(x.data_ptr<float>() + m * K, K, Kp, group_size, row, dv + m * 8 * chunks, xs + m * G);
+    quantize_row_q4(x.data_ptr<float>() + m * K, K, Kp, group_size, row, dv + m * 8 * chunks, xs + m * G, -8,
+                    xc.data_ptr<int32_t>() + m * 8 * chunks);
     if (wide) to_wide_layout(row, Kp / 64);  // whole 64-column chunks (a last 32 columns stay)
   }
   at::Tensor y = at::empty({M, N}, x.options());
@@ -262,6 +271,7 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
              group_size};
     if (lookup) a.sc = qs.sc, a.zc = qs.zc, a.lut = qs.lut;
     a.wide = wide;
+    a.xc = xc.data_ptr<int32_t>() + m0 * 8 * chunks;
     run_rows(a, true, Kp / 2 + (qs.coded() ? 2 : qs.z ? 8 : 4) * G, qs.coded() && !lookup ? &qs : nullptr, isa);
   }
   return y;
@@ -339,15 +349,17 @@ at::Tensor linear_q5_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   at::Tensor xq = at::empty({M, Kx}, x.options().dtype(at::kChar));  // the int4 kernel's activation layout
   at::Tensor fl = at::empty({M * (8 * chunks + G)}, x.options());
   float *dv = fl.data_ptr<float>(), *xs = dv + M * 8 * chunks;
+  at::Tensor xc = at::empty({M, 8 * chunks}, x.options().dtype(at::kInt));
   for (int64_t m = 0; m < M; ++m)
     quantize_row_q4(x.data_ptr<float>() + m * K, K, Kp, 32, xq.data_ptr<int8_t>() + m * Kx, dv + m * 8 * chunks,
-                    xs + m * G);
+                    xs + m * G, -16, xc.data_ptr<int32_t>() + m * 8 * chunks);
   at::Tensor y = at::empty({M, N}, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kI8Rows) {
     I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, w.data_ptr<uint8_t>(),
              scales.data_ptr<float>(), nullptr, b, y.data_ptr<float>() + m0 * N,
              std::min<int64_t>(kI8Rows, M - m0), N, Kp, Kx, 32};
     a.high = reinterpret_cast<const uint32_t*>(high.data_ptr<int32_t>());
+    a.xc = xc.data_ptr<int32_t>() + m0 * 8 * chunks;
     run_rows_q5(a);
   }
   return y;

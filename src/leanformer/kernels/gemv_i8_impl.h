@@ -56,55 +56,69 @@ inline void i8_prefetch(const void* row, int64_t off) {
 // int4 / int5 loops only: int8's measured faster unpacked (its scales are one float per block).
 constexpr int kPackRows = 3;
 
-// The nibble loop's activation operands: row m's 64-column chunk c (64 codes, 8 scales) at
-// x + 64 c + m a.Kx (d + 8 c + m a.Kx / 8), or packed (M >= kPackRows) at x + 64 (c M + m)
-// (d + 8 (c M + m)).
+// The nibble loop's activation operands: row m's 64-column chunk c (64 codes, 8 scales, 8 offset
+// lanes) at x + 64 c + m a.Kx (d, o: + 8 c + m a.Kx / 8), or packed (M >= kPackRows) at x + 64 (c M + m)
+// (d, o: + 8 (c M + m)).
 struct XPack {
   const int8_t* x;
   const float* d;
+  const int32_t* o;  // I8Args::xc
 };
 
 // The packed copy's storage: plain new[] / delete[] (no std:: container: the VNNI translation units
 // include this file and must share no inline library code with the AVX2 ones, see int8_act.h).
+// p: 64-byte aligned, so each 64-byte activation / scale load of the 512-bit loops is one cache line
+// (new[] gives 16: most loads then straddled two lines).
 struct I8Buf {
+  int8_t* raw = nullptr;
   int8_t* p = nullptr;
   I8Buf() = default;
   I8Buf(const I8Buf&) = delete;
   I8Buf& operator=(const I8Buf&) = delete;
-  ~I8Buf() { delete[] p; }
+  ~I8Buf() { delete[] raw; }
+  int8_t* alloc(int64_t bytes) {
+    raw = new int8_t[bytes + 63];
+    p = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t{63});
+    return p;
+  }
 };
 
 // Rows [0, M) of a's chunks as the nibble loops read them: unpacked, or (M >= kPackRows) per group of
-// G chunks (1: nib_rows; 2: gemv_i8_wide.h's 128-column superchunks) [m][64 G codes], the scales after
-// all codes the same way ([m][8 G]); chunks past the last whole group one at a time.
+// G chunks (1: nib_rows; 2: gemv_i8_wide.h's 128-column superchunks) [m][64 G codes], the scales and
+// then the offset lanes after all codes the same way ([m][8 G]); chunks past the last whole group one at
+// a time.
 template <int M, int G = 1>
 inline XPack i8_pack(const I8Args& a, I8Buf& buf) {
   if constexpr (M < kPackRows) {
-    return {a.xq, a.dv};
+    return {a.xq, a.dv, a.xc};
   } else {
     const int64_t chunks = a.K / 64;
-    buf.p = new int8_t[chunks * M * (64 + 32)];
-    int8_t* xb = buf.p;
-    float* db = reinterpret_cast<float*>(buf.p + chunks * M * 64);
+    int8_t* xb = buf.alloc(chunks * M * (64 + 32 + 32));
+    float* db = reinterpret_cast<float*>(xb + chunks * M * 64);
+    int32_t* ob = reinterpret_cast<int32_t*>(db + chunks * M * 8);
     for (int64_t c = 0; c < chunks;) {
       const int g = c + G <= chunks ? G : 1;
       LF_UNROLL
       for (int m = 0; m < M; ++m) {
         const int8_t* x = a.xq + m * a.Kx + 64 * c;
         const float* d = a.dv + m * (a.Kx / 8) + 8 * c;
+        const int32_t* o = a.xc + m * (a.Kx / 8) + 8 * c;
         int8_t* to = xb + (c * M + g * m) * 64;
         float* dt = db + (c * M + g * m) * 8;
+        int32_t* ot = ob + (c * M + g * m) * 8;
         for (int i = 0; i < g; ++i) {
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + 64 * i),
                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * i)));
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + 64 * i + 32),
                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * i + 32)));
           _mm256_storeu_ps(dt + 8 * i, _mm256_loadu_ps(d + 8 * i));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(ot + 8 * i),
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o + 8 * i)));
         }
       }
       c += g;
     }
-    return {xb, db};
+    return {xb, db, ob};
   }
 }
 
@@ -196,7 +210,7 @@ inline XPack i8_pack_for(const I8Args& a, I8Buf& buf) {
   if constexpr (K == Kind::q4w) return i8_pack<M, 2>(a, buf);
 #endif
   if constexpr (K == Kind::q4 || K == Kind::q5) return i8_pack<M>(a, buf);
-  return XPack{a.xq, a.dv};
+  return XPack{a.xq, a.dv, a.xc};
 }
 
 // Weight rows n..n+NR-1 against all M activation rows, into a.y (+ bias).
@@ -309,7 +323,7 @@ inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
   h[0].M = 8, h[1].M = a.M - 8;
   const int64_t m0 = h[0].M, groups = kNib ? a.K / (K == Kind::q5 ? 32 : a.group) : 0;
   h[1].xq += m0 * a.Kx, h[1].dv += m0 * (kNib ? a.Kx / 8 : a.Kx / 32), h[1].y += m0 * a.N;
-  if (kNib) h[1].xs += m0 * groups;
+  if (kNib) h[1].xs += m0 * groups, h[1].xc += m0 * (a.Kx / 8);
   I8Buf buf[2];
   XPack p[2];
   for (int i = 0; i < 2; ++i)

@@ -69,7 +69,8 @@ inline void i8_q5_codes(__m256i v, const uint32_t* hb, int64_t c, __m256i& lo, _
 }
 
 // The end of a nibble row (nib_rows, and wide_rows of gemv_i8_wide.h): acc[r][m] holds the chunks'
-// sum; add the codes' offset and zero points, and a last 32 columns, into out[r][m].
+// sum, the codes' -8 (-16) included (I8Args::xc); add the zero points and a last 32 columns into
+// out[r][m].
 template <int NR, int M, Groups S, bool kQ5>
 inline void nib_finish(const I8Args& a, int64_t n, const __m256 (&acc)[NR][M], float (&out)[NR][M]) {
   const int64_t group = kQ5 ? 32 : a.group;
@@ -92,38 +93,36 @@ inline void nib_finish(const I8Args& a, int64_t n, const __m256 (&acc)[NR][M], f
   }
   const float* lut = a.lut;
   auto scale = [&](int r, int64_t j) { return kCoded ? lut[scc[r][j]] : sc[r][j]; };
-  // The -8 (-16) of the codes and the zero points: sum_g (z_g - 8 s_g) * xs_g, eight groups per vector.
-  // (A scalar loop here was one serial FMA chain per row, ~4 cycles per group: it measured a third of
-  // the time of a 576-column row.)
-  const float off0 = kQ5 ? -16.f : -8.f;
-  const __m256 minus8 = _mm256_set1_ps(off0);
+  // The zero points: sum_g z_g * xs_g, eight groups per vector. (A scalar loop here was one serial FMA
+  // chain per row, ~4 cycles per group: it measured a third of the time of a 576-column row.) Symmetric
+  // codes (GGUF Q4_0, int5) have none: their rows end at the sum.
+  const int off0 = kQ5 ? -16 : -8;
   LF_UNROLL
   for (int r = 0; r < NR; ++r) {
+    const bool zeros = kCoded || zr[r];
     LF_UNROLL
     for (int m = 0; m < M; ++m) {
       __m256 t8 = acc[r][m];
       const float* xs = a.xs + m * G;
       int64_t j = 0;
-      for (; j + 8 <= G; j += 8) {
-        __m256 off;
-        if constexpr (kCoded) {  // exactly as the fp32 arrays were made: z = lut[256 + zc] * s, stored as fp32
-          const __m256 s8 = i8_lut8(lut, scc[r] + j);
-          __m256 z8 = _mm256_mul_ps(i8_lut8(lut + 256, zcc[r] + j), s8);
-          asm("" : "+x"(z8));  // z rounded to fp32 (no FMA contraction into the add)
-          off = _mm256_add_ps(_mm256_mul_ps(s8, minus8), z8);
-        } else {
-          off = _mm256_mul_ps(_mm256_loadu_ps(sc[r] + j), minus8);
-          if (zr[r]) off = _mm256_add_ps(off, _mm256_loadu_ps(zr[r] + j));
+      if (zeros)
+        for (; j + 8 <= G; j += 8) {
+          __m256 z8;
+          if constexpr (kCoded) {  // exactly as the fp32 arrays were made: z = lut[256 + zc] * s, stored as fp32
+            z8 = _mm256_mul_ps(i8_lut8(lut + 256, zcc[r] + j), i8_lut8(lut, scc[r] + j));
+            asm("" : "+x"(z8));  // z rounded to fp32 (no FMA contraction into the next one)
+          } else {
+            z8 = _mm256_loadu_ps(zr[r] + j);
+          }
+          t8 = _mm256_fmadd_ps(z8, _mm256_loadu_ps(xs + j), t8);
         }
-        t8 = _mm256_fmadd_ps(off, _mm256_loadu_ps(xs + j), t8);
-      }
       float y = i8_hsum(t8);
-      for (; j < G; ++j) {
-        const float s = scale(r, j);
-        float z = kCoded ? lut[256 + zcc[r][j]] * s : zr[r] ? zr[r][j] : 0.f;
-        asm("" : "+x"(z));  // as above
-        y += (z + off0 * s) * xs[j];
-      }
+      if (zeros)
+        for (; j < G; ++j) {
+          float z = kCoded ? lut[256 + zcc[r][j]] * scale(r, j) : zr[r][j];
+          asm("" : "+x"(z));  // as above
+          y += z * xs[j];
+        }
       if (a.K % 64) {  // a last 32 columns (in the last group), natural order: scalar, exact in int
         const int64_t b0 = 32 * chunks;
         const int8_t* x = a.xq + m * a.Kx + 2 * b0;
@@ -131,8 +130,8 @@ inline void nib_finish(const I8Args& a, int64_t n, const __m256 (&acc)[NR][M], f
         int32_t t = 0;
         for (int64_t k = 0; k < 16; ++k) {
           const int b = w[r][b0 + k];  // int5: A_k = code 2k | code (2k+1) bits 2-4 << 5, bits 0-1 in h
-          const int even = kQ5 ? b & 31 : b & 15;
-          const int odd = kQ5 ? ((b >> 5) << 2) | static_cast<int>((h >> (2 * k)) & 3) : b >> 4;
+          const int even = (kQ5 ? b & 31 : b & 15) + off0;
+          const int odd = (kQ5 ? ((b >> 5) << 2) | static_cast<int>((h >> (2 * k)) & 3) : b >> 4) + off0;
           t += x[2 * k] * even + x[2 * k + 1] * odd;
         }
         y += static_cast<float>(t) * a.dv[m * (a.Kx / 8) + 8 * chunks] * scale(r, G - 1);
@@ -148,8 +147,8 @@ inline void nib_finish(const I8Args& a, int64_t n, const __m256 (&acc)[NR][M], f
 // per 64-column chunk 32 bytes of a.w and two words of a.high (i8_q5_codes' layout); a last half chunk
 // 16 bytes A_k (code 2k | bits 2-4 of code 2k + 1 << 5) and one word (bits 2k, 2k + 1: code 2k + 1's
 // bits 0-1). Exact:
-// maddubs pairs of 31 * 127 products, two pairs summed (dot2) stay below 32767. The -8 / -16 and the
-// zero points enter through the activation group sums xs.
+// maddubs pairs of 31 * 127 products, two pairs summed (dot2) stay below 32767. The -8 / -16 starts
+// each chunk's integer sums (I8Args::xc), the zero points enter through the activation group sums xs.
 template <int NR, int M, class D, Groups S, bool kQ5>
 inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR][M]) {
   const int64_t group = kQ5 ? 32 : a.group;
@@ -168,10 +167,15 @@ inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR
   }
   const float* lut = a.lut;
   constexpr bool kP = M >= kPackRows;
-  const int8_t* xr[M];  // activation row m's codes and chunk scales (hoisted: the loop recomputed m * Kx / 8)
-  const float* dr[M];
+  const int8_t* xr[M];  // activation row m's codes, chunk scales and offset lanes (hoisted: the loop
+  const float* dr[M];   // recomputed m * Kx / 8)
+  const int32_t* orow[M];
   LF_UNROLL
-  for (int m = 0; m < M; ++m) xr[m] = kP ? p.x + 64 * m : p.x + m * a.Kx, dr[m] = kP ? p.d + 8 * m : p.d + m * (a.Kx / 8);
+  for (int m = 0; m < M; ++m) {
+    xr[m] = kP ? p.x + 64 * m : p.x + m * a.Kx;
+    dr[m] = kP ? p.d + 8 * m : p.d + m * (a.Kx / 8);
+    orow[m] = kP ? p.o + 8 * m : p.o + m * (a.Kx / 8);
+  }
   const __m256i mask = _mm256_set1_epi8(0x0F);
   const int64_t chunks = a.K / 64;
   __m256 acc[NR][M];
@@ -196,8 +200,9 @@ inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR
       LF_UNROLL
       for (int m = 0; m < M; ++m) {
         const int8_t* x = xr[m] + (kP ? 64 * M : 64) * c;
-        const __m256i s = D::dot2(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), hi,
-                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+        const __m256i o = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(orow[m] + (kP ? 8 * M : 8) * c));
+        const __m256i s = _mm256_add_epi32(o, D::dot2(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), hi,
+                                                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
         const __m256 d = _mm256_mul_ps(_mm256_loadu_ps(dr[m] + (kP ? 8 * M : 8) * c), ws);
         acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[r][m]);
       }

@@ -50,8 +50,13 @@ inline void wide_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[N
   constexpr bool kP = M >= kPackRows;
   const int8_t* xr[M];
   const float* dr[M];
+  const int32_t* orow[M];
   LF_UNROLL
-  for (int m = 0; m < M; ++m) xr[m] = kP ? p.x + 128 * m : p.x + m * a.Kx, dr[m] = kP ? p.d + 16 * m : p.d + m * (a.Kx / 8);
+  for (int m = 0; m < M; ++m) {
+    xr[m] = kP ? p.x + 128 * m : p.x + m * a.Kx;
+    dr[m] = kP ? p.d + 16 * m : p.d + m * (a.Kx / 8);
+    orow[m] = kP ? p.o + 16 * m : p.o + m * (a.Kx / 8);
+  }
   const __m512i mask = _mm512_set1_epi8(0x0F);
   const __m512i quads = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   __m512 acc[NR][M];
@@ -81,8 +86,9 @@ inline void wide_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[N
       LF_UNROLL
       for (int m = 0; m < M; ++m) {
         const int8_t* x = xr[m] + (kP ? 64 * M : 64) * c;
-        const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x)),
-                                              hi, _mm512_loadu_si512(x + 64));
+        // the chunks' offset lanes start the sums: lane l covers 8 columns, as xc's lanes of chunks c, c + 1
+        const __m512i o = _mm512_loadu_si512(orow[m] + (kP ? 8 * M : 8) * c);
+        const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(o, lo, _mm512_loadu_si512(x)), hi, _mm512_loadu_si512(x + 64));
         const __m512 d = _mm512_mul_ps(_mm512_loadu_ps(dr[m] + (kP ? 8 * M : 8) * c), ws);
         acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[r][m]);
       }
@@ -103,8 +109,10 @@ inline void wide_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[N
       LF_UNROLL
       for (int m = 0; m < M; ++m) {
         const int8_t* x = kP ? p.x + 64 * (c * M + m) : xr[m] + 64 * c;
-        const __m256i s = D::dot2(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), hi,
-                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+        const int32_t* op = kP ? p.o + 8 * (c * M + m) : orow[m] + 8 * c;
+        const __m256i s = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(op)),
+                                           D::dot2(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), hi,
+                                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
         const float* dp = kP ? p.d + 8 * (c * M + m) : dr[m] + 8 * c;
         acc8[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(_mm256_loadu_ps(dp), ws), acc8[r][m]);
       }

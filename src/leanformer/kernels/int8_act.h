@@ -20,6 +20,7 @@ struct I8Args {
   const float* dv;   // q4: [M, 8 * n_chunks], chunk c: d of block 2c in lanes 0-3, of block 2c+1 in 4-7
                      // (a last half chunk: its d in all 8); q8: [M, n_blocks] d per block.
   const float* xs;   // q4 / q5: [M, n_groups] sum of the dequantized activations over each weight group
+                     // (read for zero points only)
   const void* w;     // q4: uint8 [N, K/2] nibbles (low = even column); q8: int8 [N, K]
   const float* scales;  // q4: [N, n_groups]; q8: [N] (group 0) or [N, n_groups]
   const float* zeros;   // q4: [N, n_groups]
@@ -38,6 +39,11 @@ struct I8Args {
   // q4, AVX-512 VNNI only: xq in the wide layout (per 128 columns the 64 even then the 64 odd ones,
   // gemv_i8_wide.h), read by 512-bit loops; groups of 32 or a multiple of 64, fp32 scales
   bool wide = false;
+  // q4 / q5: [M, 8 * n_chunks] int32, per 64-column chunk lane l = off * (sum of the codes at bytes
+  // 4l..4l+3 of its 32 even and of its 32 odd columns), off = -8 (int4) / -16 (int5): the codes' offset
+  // as the integer sums' starting value, so sum_k (q_k + off) xq_k is exact and needs no float pass per
+  // group (a last 32 columns: not used)
+  const int32_t* xc = nullptr;
 };
 
 // y[:, n] for weight rows n in [n0, n1), per instruction set. Call the VNNI ones only where the CPU has
