@@ -68,13 +68,30 @@ inline void i8_q5_codes(__m256i v, const uint32_t* hb, int64_t c, __m256i& lo, _
   hi = _mm256_and_si256(_mm256_xor_si256(_mm256_srli_epi16(v, 3), s), m31);  // srli16: bits 5-7 masked off
 }
 
+// A last 32 columns of weight row w (K % 64 = 32, in the last group; natural order) against activation
+// row m: scalar, exact in int. h: int5's last word of 5th bits; s: the last group's scale.
+template <bool kQ5>
+inline float nib_tail(const I8Args& a, const uint8_t* w, uint32_t h, float s, int m) {
+  const int64_t b0 = 32 * (a.K / 64);
+  const int8_t* x = a.xq + m * a.Kx + 2 * b0;
+  const int off = kQ5 ? -16 : -8;
+  int32_t t = 0;
+  for (int64_t k = 0; k < 16; ++k) {
+    const int b = w[b0 + k];  // int5: A_k = code 2k | code (2k+1) bits 2-4 << 5, bits 0-1 in h
+    const int even = (kQ5 ? b & 31 : b & 15) + off;
+    const int odd = (kQ5 ? ((b >> 5) << 2) | static_cast<int>((h >> (2 * k)) & 3) : b >> 4) + off;
+    t += x[2 * k] * even + x[2 * k + 1] * odd;
+  }
+  return static_cast<float>(t) * a.dv[m * (a.Kx / 8) + 8 * (a.K / 64)] * s;
+}
+
 // The end of a nibble row (nib_rows, and wide_rows of gemv_i8_wide.h): acc[r][m] holds the chunks'
 // sum, the codes' -8 (-16) included (I8Args::xc); add the zero points and a last 32 columns into
 // out[r][m].
 template <int NR, int M, Groups S, bool kQ5>
 inline void nib_finish(const I8Args& a, int64_t n, const __m256 (&acc)[NR][M], float (&out)[NR][M]) {
   const int64_t group = kQ5 ? 32 : a.group;
-  const int64_t Kh = a.K / 2, G = a.K / group, chunks = a.K / 64;
+  const int64_t Kh = a.K / 2, G = a.K / group;
   constexpr bool kCoded = coded(S);
   const uint8_t* w[NR];
   const float* sc[NR];
@@ -96,7 +113,6 @@ inline void nib_finish(const I8Args& a, int64_t n, const __m256 (&acc)[NR][M], f
   // The zero points: sum_g z_g * xs_g, eight groups per vector. (A scalar loop here was one serial FMA
   // chain per row, ~4 cycles per group: it measured a third of the time of a 576-column row.) Symmetric
   // codes (GGUF Q4_0, int5) have none: their rows end at the sum.
-  const int off0 = kQ5 ? -16 : -8;
   LF_UNROLL
   for (int r = 0; r < NR; ++r) {
     const bool zeros = kCoded || zr[r];
@@ -123,19 +139,7 @@ inline void nib_finish(const I8Args& a, int64_t n, const __m256 (&acc)[NR][M], f
           asm("" : "+x"(z));  // as above
           y += z * xs[j];
         }
-      if (a.K % 64) {  // a last 32 columns (in the last group), natural order: scalar, exact in int
-        const int64_t b0 = 32 * chunks;
-        const int8_t* x = a.xq + m * a.Kx + 2 * b0;
-        const uint32_t h = kQ5 ? hb[r][G - 1] : 0;
-        int32_t t = 0;
-        for (int64_t k = 0; k < 16; ++k) {
-          const int b = w[r][b0 + k];  // int5: A_k = code 2k | code (2k+1) bits 2-4 << 5, bits 0-1 in h
-          const int even = (kQ5 ? b & 31 : b & 15) + off0;
-          const int odd = (kQ5 ? ((b >> 5) << 2) | static_cast<int>((h >> (2 * k)) & 3) : b >> 4) + off0;
-          t += x[2 * k] * even + x[2 * k + 1] * odd;
-        }
-        y += static_cast<float>(t) * a.dv[m * (a.Kx / 8) + 8 * chunks] * scale(r, G - 1);
-      }
+      if (a.K % 64) y += nib_tail<kQ5>(a, w[r], kQ5 ? hb[r][G - 1] : 0, scale(r, G - 1), m);
       out[r][m] = y;
     }
   }

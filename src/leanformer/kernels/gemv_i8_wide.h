@@ -30,6 +30,44 @@ inline void fold16(const __m512 (&acc)[NR][M], __m256 (&acc8)[NR][M]) {
                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][m]), 1)));
 }
 
+// Eight accumulators' lane sums in one pass, each by fold16 + i8_hsum's tree bit for bit (lanes l + l+8,
+// then i + i+4, then 0 + 2 and 1 + 3, then those two; a + b == b + a exactly): 24 shuffles and adds for
+// eight rows instead of ~7 dependent ops each. Returns sum(a[i]) in lane i.
+inline __m256 sum8(__m512 a0, __m512 a1, __m512 a2, __m512 a3, __m512 a4, __m512 a5, __m512 a6, __m512 a7) {
+  auto halves = [](__m512 a, __m512 b) {  // [a v0-3 | a v4-7 | b v0-3 | b v4-7], v_l = lane l + lane l+8
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  };
+  auto quarters = [](__m512 z, __m512 u) {  // quarter k: s_0..s_3 (s_i = v_i + v_(i+4)) of the k-th row
+    return _mm512_add_ps(_mm512_shuffle_f32x4(z, u, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(z, u, _MM_SHUFFLE(3, 1, 3, 1)));
+  };
+  const __m512 s = quarters(halves(a0, a1), halves(a2, a3)), s2 = quarters(halves(a4, a5), halves(a6, a7));
+  // quarter k: [s0 + s2, s1 + s3] of row k, then of row k + 4
+  const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(s, s2, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(s, s2, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 y = _mm512_add_ps(t, _mm512_shuffle_ps(t, t, _MM_SHUFFLE(2, 3, 0, 1)));  // lanes 4k, 4k + 2
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, y));
+}
+
+// out[r][m] = the lane sum of acc[r][m] (fold16 + i8_hsum's value), up to eight accumulators per sum8
+// (fewer: the first repeated, which the compiler merges).
+template <int NR, int M>
+inline void wide_sums(const __m512 (&acc)[NR][M], float (&out)[NR][M]) {
+  constexpr int T = NR * M;
+  if constexpr (T == 1) {
+    const __m512 v = acc[0][0];
+    out[0][0] = i8_hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+  } else {
+    LF_UNROLL
+    for (int i = 0; i < T; i += 8) {
+      auto at = [&](int j) { return i + j < T ? acc[(i + j) / M][(i + j) % M] : acc[i / M][i % M]; };
+      alignas(32) float y[8];
+      _mm256_store_ps(y, sum8(at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7)));
+      LF_UNROLL
+      for (int j = 0; j < 8 && i + j < T; ++j) out[(i + j) / M][(i + j) % M] = y[j];
+    }
+  }
+}
+
 // Weight rows n..n+NR-1 against the M activation rows (wide layout), int4, into out[r][m].
 template <int NR, int M, class D, Groups S>
 inline void wide_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR][M]) {
@@ -97,27 +135,39 @@ inline void wide_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[N
       for (int k = 0; k < 2; ++k)
         if (--left == 0) ++g, left = cpg;
   }
-  __m256 acc8[NR][M];  // the 16 lanes folded to nib_finish's 8 (lanes l and l + 8: the same block slot)
-  fold16(acc, acc8);
-  if (c < chunks) {  // an odd last 64-column chunk: the 256-bit loop's step, in its layout
-    const __m256i mask8 = _mm256_set1_epi8(0x0F);
+  if (c < chunks) {  // an odd last 64-column chunk, in the chunk layout: [lo | hi] x [evens | odds] in one step
+    const __m512i mask_hi = _mm512_set1_epi8(0x0F);
     LF_UNROLL
     for (int r = 0; r < NR; ++r) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + 32 * c));
-      const __m256i lo = _mm256_and_si256(v, mask8), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask8);
-      const __m256 ws = i8_chunk_scales<S>(sc[r], scc[r], lut, c, g, a.group / 32);
+      const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + 32 * c)));
+      const __m512i lohi = _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xFFFF0000u, v, 4), mask_hi);
+      const __m256 ws8 = i8_chunk_scales<S>(sc[r], scc[r], lut, c, g, a.group / 32);
+      const __m512 ws = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(ws8)),
+                                                            _mm256_castps_pd(ws8), 1));
       LF_UNROLL
       for (int m = 0; m < M; ++m) {
         const int8_t* x = kP ? p.x + 64 * (c * M + m) : xr[m] + 64 * c;
         const int32_t* op = kP ? p.o + 8 * (c * M + m) : orow[m] + 8 * c;
-        const __m256i s = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(op)),
-                                           D::dot2(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), hi,
-                                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
         const float* dp = kP ? p.d + 8 * (c * M + m) : dr[m] + 8 * c;
-        acc8[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(_mm256_loadu_ps(dp), ws), acc8[r][m]);
+        // lanes 0-7: evens x low nibbles + the offset lanes, 8-15: odds x high nibbles; the fold adds them
+        const __m512i o = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(op)));
+        const __m512i sum = _mm512_dpbusd_epi32(o, lohi, _mm512_loadu_si512(x));
+        const __m512 d = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(reinterpret_cast<const double*>(dp))));
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, ws), acc[r][m]);
       }
     }
   }
+  if (!kCoded && !a.zeros) {  // symmetric codes (GGUF Q4_0): the sums are the results, but a last 32 columns
+    wide_sums(acc, out);
+    if (a.K % 64)
+      LF_UNROLL
+      for (int r = 0; r < NR; ++r)
+        LF_UNROLL
+        for (int m = 0; m < M; ++m) out[r][m] += nib_tail<false>(a, w[r], 0, scale(r, G - 1), m);
+    return;
+  }
+  __m256 acc8[NR][M];  // the 16 lanes folded to nib_finish's 8 (lanes l and l + 8: the same block slot)
+  fold16(acc, acc8);
   nib_finish<NR, M, S, false>(a, n, acc8, out);
 }
 
