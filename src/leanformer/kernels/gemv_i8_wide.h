@@ -221,8 +221,13 @@ inline void wide_q8_rows(const I8Args& a, int64_t n, float (&out)[NR][M]) {
     }
     if (kGrouped && per_group > 1 && (left -= 2) == 0) ++g, left = per_group;
   }
+  float y[NR][M];
   __m256 acc8[NR][M];
-  fold16(acc, acc8);
+  if (b == blocks) {  // an even number of blocks: eight sums at a time
+    wide_sums(acc, y);
+  } else {
+    fold16(acc, acc8);
+  }
   if (b < blocks) {  // an odd last block
     LF_UNROLL
     for (int r = 0; r < NR; ++r) {
@@ -237,18 +242,21 @@ inline void wide_q8_rows(const I8Args& a, int64_t n, float (&out)[NR][M]) {
         acc8[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), kGrouped ? _mm256_mul_ps(d, ws) : d, acc8[r][m]);
       }
     }
+    LF_UNROLL
+    for (int r = 0; r < NR; ++r)
+      LF_UNROLL
+      for (int m = 0; m < M; ++m) y[r][m] = i8_hsum(acc8[r][m]);
   }
   LF_UNROLL
   for (int r = 0; r < NR; ++r) {
     LF_UNROLL
     for (int m = 0; m < M; ++m) {
-      float y = i8_hsum(acc8[r][m]);
       if (a.K % 32) {  // partial last block: scalar, exact in int
         int32_t t = 0;
         for (int64_t k = 32 * blocks; k < a.K; ++k) t += xr[m][k] * w[r][k];
-        y += static_cast<float>(t) * (kGrouped ? sc[r][(32 * blocks) / a.group] : 1.f) * dr[m][blocks];
+        y[r][m] += static_cast<float>(t) * (kGrouped ? sc[r][(32 * blocks) / a.group] : 1.f) * dr[m][blocks];
       }
-      out[r][m] = kGrouped ? y : y * sc[r][0];
+      out[r][m] = kGrouped ? y[r][m] : y[r][m] * sc[r][0];
     }
   }
 }
