@@ -16,8 +16,6 @@
 // (summation order differs), which the tests check against a no-cache recompute.
 #include <torch/csrc/utils/pybind.h>
 
-#include <ATen/ops/constant_pad_nd.h>
-
 #include <chrono>
 #include <cmath>
 #include <string>
@@ -25,6 +23,7 @@
 
 #include "common.h"
 #include "decode_kv.h"  // rope, KeyRows, scores, weighted_sum, KV-cache entry reads / writes
+#include "decode_linear.h"  // DecodeLinear
 #include "vec8.h"  // exp8, exp1
 
 namespace leanformer {
@@ -50,77 +49,6 @@ struct Laps {
 };
 
 }  // namespace
-
-// One Linear's operands, as the module holds them (see models/fused.py for who provides what).
-struct DecodeLinear {
-  enum class Kind { f32, q8, q4, q5 };
-  Kind kind;  // "f32": w fp32 [N, K]; "q8": w int8 [N, K] + scales; "q4": w uint8 [N, Kp/2] + scales/zeros;
-              // "q5": w uint8 [N, Kp/2] nibbles + scales [N, Kp/32], `zeros` the int32 high bits [N, Kp/32]
-  at::Tensor w;
-  std::optional<at::Tensor> scales, zeros, bias, input_scale;
-  std::optional<at::Tensor> lut;  // q4 with uint8 scale/zero codes: their fp32 table [512] (q4_codes.h)
-  int64_t group = 0;     // q8: 0 (per row) or columns per scale; q4: group size
-  int64_t k_padded = 0;  // q4: the codes' column count (input zero-padded up to it)
-  bool zeros_all_zero = false;  // q4: every zero point 0 when built (see q4_zeros)
-  int64_t zeros_version = -1;   // the zeros' version counter then (-1: an inference tensor, which has none)
-
-  DecodeLinear(std::string kind_, at::Tensor w_, std::optional<at::Tensor> scales_, std::optional<at::Tensor> zeros_,
-               std::optional<at::Tensor> bias_, std::optional<at::Tensor> input_scale_, int64_t group_,
-               int64_t k_padded_, std::optional<at::Tensor> lut_)
-      : kind(parse(kind_)), w(std::move(w_)), scales(std::move(scales_)), zeros(std::move(zeros_)),
-        bias(std::move(bias_)), input_scale(std::move(input_scale_)), lut(std::move(lut_)), group(group_),
-        k_padded(k_padded_) {
-    TORCH_CHECK(kind == Kind::f32 || scales.has_value(), "quantized DecodeLinear needs scales");
-    TORCH_CHECK(kind != Kind::q4 || zeros.has_value(), "q4 DecodeLinear needs zeros");
-    TORCH_CHECK(kind != Kind::q5 || (zeros.has_value() && group == 32), "q5 DecodeLinear needs high bits, group 32");
-    if (kind == Kind::q4) {
-      zeros_all_zero = !lut.has_value() && !zeros->any().item<bool>();  // codes 0 are not zero points
-      zeros_version = zeros->is_inference() ? -1 : zeros->_version();
-    }
-  }
-
-  // The zero points for the int8-activation int4 kernel: none when they are all zero (GGUF Q4_0's
-  // symmetric blocks), which saves reading 4 of every 20 bytes per 32 weights. Checked once here; an
-  // in-place write to the zeros since then (version counter) brings them back.
-  std::optional<at::Tensor> q4_zeros() const {
-    const bool unchanged = zeros_version < 0 || zeros->_version() == zeros_version;
-    return zeros_all_zero && unchanged ? std::nullopt : zeros;
-  }
-
-  static Kind parse(const std::string& name) {
-    if (name == "f32") return Kind::f32;
-    if (name == "q8") return Kind::q8;
-    if (name == "q5") return Kind::q5;
-    TORCH_CHECK(name == "q4", "DecodeLinear kind must be f32, q8, q4 or q5, got '", name, "'");
-    return Kind::q4;
-  }
-
-  int64_t out_features() const { return w.size(0); }
-
-  // Whether the int8-activation kernels (gemv_i8.cpp) can run this Linear: integer weights whose
-  // scale groups are whole 32-column activation blocks.
-  bool int8_capable() const {
-    if (kind == Kind::q8) return group % 32 == 0 || group == 16;  // 16: GGUF Q6_K
-    if (kind == Kind::q5) return true;
-    return kind == Kind::q4 && group % 32 == 0 && k_padded % group == 0;
-  }
-
-  // x [M, K] fp32 contiguous -> [M, N]; int8_act: quantize x per block of 32 and use integer dot products
-  at::Tensor operator()(at::Tensor x, bool int8_act = false) const {
-    if (input_scale.has_value()) x = x.mul(*input_scale);
-    if (kind == Kind::f32) return linear_f32(x, w, bias);
-    const bool i8 = int8_act && int8_capable();
-    if (kind == Kind::q8) return i8 ? linear_q8_i8(x, w, *scales, bias, group) : linear_q8(x, w, *scales, bias, group);
-    if (kind == Kind::q5) {  // fp32 activations: no fp32 GEMV for int5, so the dequantized weight (exact)
-      if (i8) return linear_q5_i8(x, w, *zeros, *scales, bias);
-      if (k_padded > x.size(1)) x = at::constant_pad_nd(x, {0, k_padded - x.size(1)});
-      return linear_f32(x, dequant_q5(w, *zeros, *scales), bias);
-    }
-    if (i8) return linear_q4_i8(x, w, *scales, q4_zeros(), group, bias, lut);  // pads x to k_padded itself
-    if (k_padded > x.size(1)) x = at::constant_pad_nd(x, {0, k_padded - x.size(1)});
-    return linear_q4(x, w, *scales, *zeros, group, bias, lut);
-  }
-};
 
 // The rows of one step: row m's token sits at positions[m] and attends to keys 0..positions[m].
 // Slot-major caches [slots, KV, max_seq, D]: row m writes position positions[m] of slot slots[m].
@@ -273,9 +201,23 @@ struct DecodeLayer {
   }
 };
 
+// What goes around the layers when a step runs from token ids to logits (DecodeStack.forward_tokens):
+// the token embedding (int8 rows with scales as kernels.dequant_q8 reads them, or fp32 rows), the final
+// RMSNorm and the LM head — the kernels the modules call, so the logits equal the module path's.
+struct DecodeEnds {
+  at::Tensor embed;                        // int8 or fp32 [vocab, hidden]
+  std::optional<at::Tensor> embed_scales;  // int8: fp32 [vocab] (group 0) or [vocab, groups]
+  int64_t embed_group;
+  at::Tensor norm;  // fp32 [hidden]
+  double eps;
+  DecodeLinear head;
+  bool head_int8;  // int8 activations for the head when the step has them (the module's own choice)
+};
+
 // The decoder layers of one model, run in order: x [M, hidden] -> x after the last layer.
 struct DecodeStack {
   std::vector<DecodeLayer> layers;
+  std::optional<DecodeEnds> ends;  // set_ends: forward_tokens can run
   bool int8_act = false;  // int4/int8 Linears on int8 activations (gemv_i8.cpp); fp32 activations otherwise
   // Empty: no timing. kPhases entries: forward adds each phase's milliseconds (norms + residuals, qkv,
   // attention (RoPE, cache write, softmax), o, gate_up, SiLU, down; a GEMV's phase includes its
@@ -290,6 +232,37 @@ struct DecodeStack {
       TORCH_CHECK(n->scalar_type() == at::kFloat && n->dim() == 1, "norm weights must be float32 [hidden]");
     layers.push_back(DecodeLayer{norm1.contiguous(), norm2.contiguous(), eps1, eps2, std::move(qkv), std::move(o),
                                  std::move(gate_up), std::move(down), n_heads, n_kv_heads, head_dim});
+  }
+
+  void set_ends(at::Tensor embed, std::optional<at::Tensor> embed_scales, int64_t embed_group, at::Tensor norm,
+                double eps, DecodeLinear head, bool head_int8) {
+    const bool q8 = embed.scalar_type() == at::kChar;
+    TORCH_CHECK(embed.dim() == 2 && (q8 == embed_scales.has_value()) && (q8 || embed.scalar_type() == at::kFloat),
+                "the embedding must be float32 [vocab, hidden], or int8 with its scales");
+    TORCH_CHECK(norm.scalar_type() == at::kFloat && norm.dim() == 1 && norm.size(0) == embed.size(1),
+                "the final norm weight must be float32 [hidden]");
+    ends = DecodeEnds{embed.contiguous(), std::move(embed_scales), embed_group, norm.contiguous(), eps, std::move(head),
+                      head_int8};
+  }
+
+  // forward from token ids [M] int64 to logits [M, vocab]: the embedding rows, the layers, the final norm
+  // and the head on int8 activations when int8_act (as the head module takes them after a fused step).
+  at::Tensor forward_tokens(const at::Tensor& ids_, const at::Tensor& cos, const at::Tensor& sin,
+                            const std::vector<at::Tensor>& k, const std::vector<at::Tensor>& v,
+                            const std::vector<at::Tensor>& k_scale, const std::vector<at::Tensor>& v_scale,
+                            const at::Tensor& slots, const at::Tensor& positions,
+                            const std::optional<at::Tensor>& read_rows,
+                            const std::optional<at::Tensor>& write_rows) const {
+    TORCH_CHECK(ends.has_value(), "this DecodeStack has no embedding / norm / head (set_ends)");
+    const DecodeEnds& e = *ends;
+    const at::Tensor ids = ids_.to(at::kLong).contiguous().view({-1});
+    const int64_t vocab = e.embed.size(0);
+    TORCH_CHECK(ids.numel() == 0 || (ids.min().item<int64_t>() >= 0 && ids.max().item<int64_t>() < vocab),
+                "token ids outside the vocabulary (", vocab, ")");
+    at::Tensor x = e.embed.index_select(0, ids);
+    if (e.embed_scales) x = dequant_q8(x, e.embed_scales->index_select(0, ids), e.embed_group, false);
+    x = forward(x, cos, sin, k, v, k_scale, v_scale, slots, positions, read_rows, write_rows);
+    return e.head(rms_norm(x, e.norm, e.eps), int8_act && e.head_int8);
   }
 
   // x [M, hidden]; cos/sin [M, D]; k/v caches and (int8 storage) their scales, one per layer; slots and
@@ -373,6 +346,13 @@ void bind_decode(pybind11::module_& m) {
                for (const DecodeLinear* d : {&l.qkv, &l.o, &l.gate_up, &l.down}) n += d->int8_capable();
              return n;
            }, "how many Linears the int8-activation kernels can run")
+      .def("set_ends", &DecodeStack::set_ends, py::arg("embed"), py::arg("embed_scales"), py::arg("embed_group"),
+           py::arg("norm"), py::arg("eps"), py::arg("head"), py::arg("head_int8"))
+      .def_property_readonly("has_ends", [](const DecodeStack& s) { return s.ends.has_value(); })
+      .def("forward_tokens", &DecodeStack::forward_tokens, py::arg("ids"), py::arg("cos"), py::arg("sin"),
+           py::arg("k"), py::arg("v"), py::arg("k_scale"), py::arg("v_scale"), py::arg("slots"),
+           py::arg("positions"), py::arg("read_rows") = py::none(), py::arg("write_rows") = py::none(),
+           py::call_guard<py::gil_scoped_release>())
       .def("forward", &DecodeStack::forward, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("k"),
            py::arg("v"), py::arg("k_scale"), py::arg("v_scale"), py::arg("slots"), py::arg("positions"),
            py::arg("read_rows") = py::none(), py::arg("write_rows") = py::none(),

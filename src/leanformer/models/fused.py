@@ -26,6 +26,7 @@ from torch import nn
 from leanformer import kernels
 from leanformer.errors import LeanformerError
 from leanformer.kernels.modules import MAX_ROWS
+from leanformer.models.layers import RMSNorm
 
 ACTIVATIONS = ("auto", "int8", "fp32")
 # Instruction sets of the int8-activation kernels (kernels.cpu.act_isa()) on which "auto" takes them:
@@ -117,7 +118,52 @@ def _identity(model: nn.Module) -> list[tuple[dict, str, object]]:
                 parent = child
             for store in (parent._parameters, parent._buffers):
                 out.extend((store, name, t) for name, t in store.items() if t is not None)
+    out += _module_entries(model.model._modules, "embed_tokens", model.model.embed_tokens)
+    out += _module_entries(model.model._modules, "norm", model.model.norm)
+    out += _module_entries(model._modules, "lm_head", model.lm_head)
     return out
+
+
+def _module_entries(container: dict, name: str, module: nn.Module) -> list[tuple[dict, str, object]]:
+    """_identity's entries for a module and every tensor it holds, its children's included."""
+    out: list[tuple[dict, str, object]] = [(container, name, module)]
+    for m in module.modules():
+        out.extend((m._modules, n, c) for n, c in m._modules.items())
+        for store in (m._parameters, m._buffers):
+            out.extend((store, n, t) for n, t in store.items() if t is not None)
+    return out
+
+
+def _ends(model: nn.Module) -> tuple | None:
+    """DecodeStack.set_ends' operands (embedding, its scales and group, final norm weight, eps, head,
+    whether the head takes int8 activations after a fused step), or None when one of them would not run
+    the kernel the module itself calls: an fp32 nn.Embedding or an int8 QuantEmbedding
+    (compress/layout.py), an RMSNorm with fp32 weights, a quantized head (an fp32 nn.Linear head goes
+    through F.linear, which the C++ step does not call)."""
+    emb, norm, head = model.model.embed_tokens, model.model.norm, model.lm_head
+    if not isinstance(norm, RMSNorm) or norm.weight.dtype != torch.float32 or not norm.weight.is_cpu:
+        return None
+    if isinstance(emb, nn.Embedding):
+        w = emb.weight
+        if w.dtype != torch.float32 or not w.is_cpu or emb.max_norm is not None:
+            return None
+        table = (w.detach(), None, 0)
+    else:
+        source, probe = getattr(emb, "source", None), getattr(emb, "_dtype_probe", None)
+        ops = getattr(source(), "decode_operands", lambda: None)() if source is not None else None
+        if (
+            ops is None
+            or probe is None
+            or probe.dtype != torch.float32
+            or ops[0] != "q8"
+            or not ops[1].is_cpu
+        ):
+            return None
+        table = (ops[1], ops[2], ops[4])
+    lin = _linear(head) if hasattr(head, "decode_operands") else None
+    if lin is None:
+        return None
+    return (*table, norm.weight.detach(), norm.eps, lin, hasattr(head, "int8_activations"))
 
 
 def _heads(block: nn.Module) -> tuple[int, int, int]:
@@ -141,6 +187,9 @@ def _build(model: nn.Module):
             n1.weight.detach(), n1.eps, linears[0], linears[1], n2.weight.detach(), n2.eps, linears[2], linears[3],
             *_heads(block),
         )  # fmt: skip
+    ends = _ends(model)
+    if ends is not None:
+        stack.set_ends(*ends)
     return stack
 
 
@@ -237,6 +286,41 @@ class DecodePlan:
             and not kernels.tracing()
             and kernels.available()
         )
+
+    @staticmethod
+    def usable_tokens(model: nn.Module, ids: torch.Tensor, cache) -> bool:
+        """Whether a forward of ids [B, 1] may run from ids to logits in one C++ call (run_tokens)."""
+        return (
+            model.fused_decode
+            and ids.dim() == 2
+            and ids.shape[1] == 1
+            and 0 < ids.shape[0] <= MAX_ROWS
+            and ids.is_cpu
+            and not torch.is_grad_enabled()
+            and getattr(cache, "fused_layout", True)
+            and cache.dtype == torch.float32
+            and cache.k[0].is_cpu
+            and not kernels.tracing()
+            and kernels.available()
+        )
+
+    def run_tokens(self, model: nn.Module, ids: torch.Tensor, rope, cache, step) -> torch.Tensor | None:
+        """Logits [B, 1, vocab] for ids [B, 1]: embedding, all layers, final norm and head in one C++
+        call (the same kernels as the module path, so the same logits), or None to take the other paths
+        (a model whose embedding, norm or head the stack does not hold, or that fuses only in part)."""
+        stack = self.get(model)
+        if stack is None or not stack.has_ends:
+            return None
+        stack.int8_act = int8_activations(model)
+        set_head_activations(model, True)  # what the head module would take on these rows (kept coherent)
+        b = ids.shape[0]
+        cos, sin = rope  # [B, 1, 1, D] each
+        read, write = _pool_rows(cache)
+        logits = stack.forward_tokens(
+            ids.view(-1), cos.reshape(b, -1), sin.reshape(b, -1), cache.k, cache.v, cache.k_scale, cache.v_scale,
+            step.slots, step.positions.view(-1), read, write,
+        )  # fmt: skip
+        return logits.view(b, 1, -1)
 
     def get(self, model: nn.Module):
         """The C++ stack for the model as it is now, or None if some layer cannot be fused."""

@@ -173,6 +173,14 @@ class Model(nn.Module):
             step = cache.begin(slots, t)
             # a KV policy that evicted tokens keeps their true RoPE positions (models/kv_policy.py)
             positions = step.positions if step.rope_positions is None else step.rope_positions
+        if cache is not None and DecodePlan.usable_tokens(self, input_ids, cache):
+            # one new token per row: ids to logits in one C++ call where the stack holds the embedding,
+            # final norm and head too (fused.py run_tokens; one row's logits, so logits_at changes nothing)
+            logits = self._decode_plan.run_tokens(
+                self, input_ids, self.rotary(positions, torch.float32), cache, step
+            )
+            if logits is not None:
+                return logits
         x = self.model.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
         fused = None

@@ -1,0 +1,85 @@
+// One Linear of the fused decode step (decode.cpp): its operands as the module holds them, and the GEMV
+// kernel call that applies them (fp32 activations, or int8 per block of 32 where the weights allow).
+#pragma once
+
+#include <ATen/ops/constant_pad_nd.h>
+
+#include <optional>
+#include <string>
+
+#include "common.h"
+
+namespace leanformer {
+
+// One Linear's operands, as the module holds them (see models/fused.py for who provides what).
+struct DecodeLinear {
+  enum class Kind { f32, q8, q4, q5 };
+  Kind kind;  // "f32": w fp32 [N, K]; "q8": w int8 [N, K] + scales; "q4": w uint8 [N, Kp/2] + scales/zeros;
+              // "q5": w uint8 [N, Kp/2] nibbles + scales [N, Kp/32], `zeros` the int32 high bits [N, Kp/32]
+  at::Tensor w;
+  std::optional<at::Tensor> scales, zeros, bias, input_scale;
+  std::optional<at::Tensor> lut;  // q4 with uint8 scale/zero codes: their fp32 table [512] (q4_codes.h)
+  int64_t group = 0;     // q8: 0 (per row) or columns per scale; q4: group size
+  int64_t k_padded = 0;  // q4: the codes' column count (input zero-padded up to it)
+  bool zeros_all_zero = false;  // q4: every zero point 0 when built (see q4_zeros)
+  int64_t zeros_version = -1;   // the zeros' version counter then (-1: an inference tensor, which has none)
+
+  DecodeLinear(std::string kind_, at::Tensor w_, std::optional<at::Tensor> scales_, std::optional<at::Tensor> zeros_,
+               std::optional<at::Tensor> bias_, std::optional<at::Tensor> input_scale_, int64_t group_,
+               int64_t k_padded_, std::optional<at::Tensor> lut_)
+      : kind(parse(kind_)), w(std::move(w_)), scales(std::move(scales_)), zeros(std::move(zeros_)),
+        bias(std::move(bias_)), input_scale(std::move(input_scale_)), lut(std::move(lut_)), group(group_),
+        k_padded(k_padded_) {
+    TORCH_CHECK(kind == Kind::f32 || scales.has_value(), "quantized DecodeLinear needs scales");
+    TORCH_CHECK(kind != Kind::q4 || zeros.has_value(), "q4 DecodeLinear needs zeros");
+    TORCH_CHECK(kind != Kind::q5 || (zeros.has_value() && group == 32), "q5 DecodeLinear needs high bits, group 32");
+    if (kind == Kind::q4) {
+      zeros_all_zero = !lut.has_value() && !zeros->any().item<bool>();  // codes 0 are not zero points
+      zeros_version = zeros->is_inference() ? -1 : zeros->_version();
+    }
+  }
+
+  // The zero points for the int8-activation int4 kernel: none when they are all zero (GGUF Q4_0's
+  // symmetric blocks), which saves reading 4 of every 20 bytes per 32 weights. Checked once here; an
+  // in-place write to the zeros since then (version counter) brings them back.
+  std::optional<at::Tensor> q4_zeros() const {
+    const bool unchanged = zeros_version < 0 || zeros->_version() == zeros_version;
+    return zeros_all_zero && unchanged ? std::nullopt : zeros;
+  }
+
+  static Kind parse(const std::string& name) {
+    if (name == "f32") return Kind::f32;
+    if (name == "q8") return Kind::q8;
+    if (name == "q5") return Kind::q5;
+    TORCH_CHECK(name == "q4", "DecodeLinear kind must be f32, q8, q4 or q5, got '", name, "'");
+    return Kind::q4;
+  }
+
+  int64_t out_features() const { return w.size(0); }
+
+  // Whether the int8-activation kernels (gemv_i8.cpp) can run this Linear: integer weights whose
+  // scale groups are whole 32-column activation blocks.
+  bool int8_capable() const {
+    if (kind == Kind::q8) return group % 32 == 0 || group == 16;  // 16: GGUF Q6_K
+    if (kind == Kind::q5) return true;
+    return kind == Kind::q4 && group % 32 == 0 && k_padded % group == 0;
+  }
+
+  // x [M, K] fp32 contiguous -> [M, N]; int8_act: quantize x per block of 32 and use integer dot products
+  at::Tensor operator()(at::Tensor x, bool int8_act = false) const {
+    if (input_scale.has_value()) x = x.mul(*input_scale);
+    if (kind == Kind::f32) return linear_f32(x, w, bias);
+    const bool i8 = int8_act && int8_capable();
+    if (kind == Kind::q8) return i8 ? linear_q8_i8(x, w, *scales, bias, group) : linear_q8(x, w, *scales, bias, group);
+    if (kind == Kind::q5) {  // fp32 activations: no fp32 GEMV for int5, so the dequantized weight (exact)
+      if (i8) return linear_q5_i8(x, w, *zeros, *scales, bias);
+      if (k_padded > x.size(1)) x = at::constant_pad_nd(x, {0, k_padded - x.size(1)});
+      return linear_f32(x, dequant_q5(w, *zeros, *scales), bias);
+    }
+    if (i8) return linear_q4_i8(x, w, *scales, q4_zeros(), group, bias, lut);  // pads x to k_padded itself
+    if (k_padded > x.size(1)) x = at::constant_pad_nd(x, {0, k_padded - x.size(1)});
+    return linear_q4(x, w, *scales, *zeros, group, bias, lut);
+  }
+};
+
+}  // namespace leanformer
