@@ -108,13 +108,14 @@ at::Tensor dequant_q4(const at::Tensor& w, const at::Tensor& scales, const at::T
                       int64_t K, bool bf16, const std::optional<at::Tensor>& lut = std::nullopt);
 at::Tensor dequant_q8(const at::Tensor& w, const at::Tensor& scales, int64_t group_size, bool bf16);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
-// int8-activation kernels (gemv_i8.cpp)
+// int8-activation kernels (gemv_i8.cpp); next: the weights the caller runs next (int8_act.h I8Next)
+struct I8Next;
 at::Tensor linear_q4_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                         const std::optional<at::Tensor>& zeros, int64_t group_size,
                         const std::optional<at::Tensor>& bias,  // zeros null: symmetric (code - 8) * scale
-                        const std::optional<at::Tensor>& lut = std::nullopt);
+                        const std::optional<at::Tensor>& lut = std::nullopt, const I8Next* next = nullptr);
 at::Tensor linear_q8_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                        const std::optional<at::Tensor>& bias, int64_t group_size);
+                        const std::optional<at::Tensor>& bias, int64_t group_size, const I8Next* next = nullptr);
 // int5 codes (GGUF Q5_0, compress/int5.py): int8-activation GEMV and dequantization to fp32 [R, Kp]
 at::Tensor linear_q5_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& high, const at::Tensor& scales,
                         const std::optional<at::Tensor>& bias);

@@ -145,13 +145,13 @@ struct DecodeLayer {
   }
 
   void forward(at::Tensor& x, const float* cos, const float* sin, const at::Tensor& kc, const at::Tensor& vc,
-               const at::Tensor& ks, const at::Tensor& vs, const StepRows& rows, bool i8,
+               const at::Tensor& ks, const at::Tensor& vs, const StepRows& rows, bool i8, const DecodeLinear* next,
                double* prof = nullptr) const {
     const int64_t M = x.size(0);
     Laps lap(prof);
     at::Tensor h = rms_norm(x, norm1, eps1);
     lap(kPhaseNorms);
-    at::Tensor qkv_out = qkv(h, i8);  // q, k and v share one quantized input
+    at::Tensor qkv_out = qkv(h, i8, &o);  // q, k and v share one quantized input
     lap(kPhaseQkv);
     at::Tensor attn = at::empty({M, n_heads * head_dim}, x.options());
     if (kc.scalar_type() == at::kChar)
@@ -161,12 +161,12 @@ struct DecodeLayer {
     else
       attend<float>(qkv_out, cos, sin, kc, vc, ks, vs, rows, attn);
     lap(kPhaseAttention);
-    at::Tensor o_out = o(attn, i8);
+    at::Tensor o_out = o(attn, i8, &gate_up);
     lap(kPhaseO);
     add_(x, o_out);
     h = rms_norm(x, norm2, eps2);
     lap(kPhaseNorms);
-    at::Tensor gu = gate_up(h, i8);  // [M, 2I]: gate then up
+    at::Tensor gu = gate_up(h, i8, &down);  // [M, 2I]: gate then up
     lap(kPhaseGateUp);
     const int64_t I = gu.size(1) / 2;
     at::Tensor act = at::empty({M, I}, x.options());
@@ -185,7 +185,7 @@ struct DecodeLayer {
       for (; i < I; ++i) am[i] = gm[i] / (1.f + exp1(-gm[i])) * gm[I + i];
     }
     lap(kPhaseSilu);
-    at::Tensor d = down(act, i8);
+    at::Tensor d = down(act, i8, next);
     lap(kPhaseDown);
     add_(x, d);
     lap(kPhaseNorms);
@@ -314,6 +314,7 @@ struct DecodeStack {
       const at::Tensor none;
       layers[i].forward(x, cos.data_ptr<float>(), sin.data_ptr<float>(), kc, v[i], q8 ? k_scale[i] : none,
                         q8 ? v_scale[i] : none, rows, int8_act,
+                        i + 1 < layers.size() ? &layers[i + 1].qkv : ends ? &ends->head : nullptr,
                         profile.size() == kPhases ? profile.data() : nullptr);
     }
     return x;

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common.h"
+#include "int8_act.h"  // I8Next
 
 namespace leanformer {
 
@@ -65,18 +66,29 @@ struct DecodeLinear {
     return kind == Kind::q4 && group % 32 == 0 && k_padded % group == 0;
   }
 
-  // x [M, K] fp32 contiguous -> [M, N]; int8_act: quantize x per block of 32 and use integer dot products
-  at::Tensor operator()(at::Tensor x, bool int8_act = false) const {
+  // The weight streams the int8-activation kernels read, for the call before this one to start (I8Next).
+  I8Next stream() const {
+    if (kind != Kind::q4 && kind != Kind::q8) return {};
+    const bool grouped = kind == Kind::q4 ? !lut.has_value() : group > 0;  // fp32 scales per group
+    return {static_cast<const char*>(w.data_ptr()), w.size(0), w.size(1) * w.element_size(),
+            grouped ? static_cast<const char*>(scales->data_ptr()) : nullptr, grouped ? scales->size(1) * 4 : 0};
+  }
+
+  // x [M, K] fp32 contiguous -> [M, N]; int8_act: quantize x per block of 32 and use integer dot products;
+  // next: the Linear the caller runs after this one (its weights requested ahead), or null
+  at::Tensor operator()(at::Tensor x, bool int8_act = false, const DecodeLinear* next = nullptr) const {
+    const I8Next nx = next && int8_act ? next->stream() : I8Next{};
+    const I8Next* np = nx.w ? &nx : nullptr;
     if (input_scale.has_value()) x = x.mul(*input_scale);
     if (kind == Kind::f32) return linear_f32(x, w, bias);
     const bool i8 = int8_act && int8_capable();
-    if (kind == Kind::q8) return i8 ? linear_q8_i8(x, w, *scales, bias, group) : linear_q8(x, w, *scales, bias, group);
+    if (kind == Kind::q8) return i8 ? linear_q8_i8(x, w, *scales, bias, group, np) : linear_q8(x, w, *scales, bias, group);
     if (kind == Kind::q5) {  // fp32 activations: no fp32 GEMV for int5, so the dequantized weight (exact)
       if (i8) return linear_q5_i8(x, w, *zeros, *scales, bias);
       if (k_padded > x.size(1)) x = at::constant_pad_nd(x, {0, k_padded - x.size(1)});
       return linear_f32(x, dequant_q5(w, *zeros, *scales), bias);
     }
-    if (i8) return linear_q4_i8(x, w, *scales, q4_zeros(), group, bias, lut);  // pads x to k_padded itself
+    if (i8) return linear_q4_i8(x, w, *scales, q4_zeros(), group, bias, lut, np);  // pads x to k_padded itself
     if (k_padded > x.size(1)) x = at::constant_pad_nd(x, {0, k_padded - x.size(1)});
     return linear_q4(x, w, *scales, *zeros, group, bias, lut);
   }

@@ -237,7 +237,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_act(const at::Tensor& x_) {
 
 at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
                         const std::optional<at::Tensor>& zeros_, int64_t group_size,
-                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lut) {
+                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lut,
+                        const I8Next* next) {
   check_x(x_);
   TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kByte, "Wq must be uint8 [N, Kp/2]");
   const int64_t M = x_.size(0), K = x_.size(1), N = w_.size(0), Kp = 2 * w_.size(1);
@@ -272,13 +273,14 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
     if (lookup) a.sc = qs.sc, a.zc = qs.zc, a.lut = qs.lut;
     a.wide = wide;
     a.xc = xc.data_ptr<int32_t>() + m0 * 8 * chunks;
+    if (next && m0 + kI8Rows >= M && !(qs.coded() && !lookup)) a.next = *next;  // the call's last part
     run_rows(a, true, Kp / 2 + (qs.coded() ? 2 : qs.z ? 8 : 4) * G, qs.coded() && !lookup ? &qs : nullptr, isa);
   }
   return y;
 }
 
 at::Tensor linear_q8_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
-                        const std::optional<at::Tensor>& bias, int64_t group_size) {
+                        const std::optional<at::Tensor>& bias, int64_t group_size, const I8Next* next) {
   check_x(x_);
   TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kChar && w_.size(1) == x_.size(1),
               "Wq must be int8 [N, K] matching x [M, K]");
@@ -299,9 +301,10 @@ at::Tensor linear_q8_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   const int64_t Kx = xq.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kI8Rows) {
-    const I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, d.data_ptr<float>() + m0 * (Kx / 32), nullptr,
-                   w.data_ptr<int8_t>(), scales.data_ptr<float>(), nullptr, b, y.data_ptr<float>() + m0 * N,
-                   std::min<int64_t>(kI8Rows, M - m0), N, K, Kx, group_size};
+    I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, d.data_ptr<float>() + m0 * (Kx / 32), nullptr,
+             w.data_ptr<int8_t>(), scales.data_ptr<float>(), nullptr, b, y.data_ptr<float>() + m0 * N,
+             std::min<int64_t>(kI8Rows, M - m0), N, K, Kx, group_size};
+    if (next && m0 + kI8Rows >= M) a.next = *next;
     run_rows(a, false, K);
   }
   return y;
@@ -421,7 +424,12 @@ void bind_int8_act(pybind11::module_& m) {
         py::arg("name"));
   m.def("quantize_act", &quantize_act, "x [M,K] f32 -> (int8 codes [M, Kq], scales [M, Kq/32]) per block of 32",
         py::arg("x"));
-  m.def("linear_q4_i8", &linear_q4_i8, "int8(x) [M,K] @ dequant_int4(Wq, scales, zeros, G)^T (+bias)", py::arg("x"),
+  m.def("linear_q4_i8",
+        [](const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const std::optional<at::Tensor>& z, int64_t g,
+           const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& lut) {
+          return linear_q4_i8(x, w, s, z, g, b, lut);
+        },
+        "int8(x) [M,K] @ dequant_int4(Wq, scales, zeros, G)^T (+bias)", py::arg("x"),
         py::arg("wq"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("bias") = py::none(),
         py::arg("lut") = py::none());
   // scales/zeros uint8 [N, G] with lut fp32 [512]: 8-bit scale codes (q4_codes.h; see kLookupMinGroups)
@@ -430,7 +438,10 @@ void bind_int8_act(pybind11::module_& m) {
         py::arg("x"), py::arg("wq"), py::arg("high"), py::arg("scales"), py::arg("bias") = py::none());
   m.def("dequant_q5", &dequant_q5, "int5 Wq, high bits, scales [R, Kp/32] -> [R, Kp] fp32: (q - 16) * scale",
         py::arg("wq"), py::arg("high"), py::arg("scales"));
-  m.def("linear_q8_i8", &linear_q8_i8, "int8(x) [M,K] @ (Wq int8 * scales)^T (+bias)", py::arg("x"), py::arg("wq"),
+  m.def("linear_q8_i8",
+        [](const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const std::optional<at::Tensor>& b,
+           int64_t g) { return linear_q8_i8(x, w, s, b, g); },
+        "int8(x) [M,K] @ (Wq int8 * scales)^T (+bias)", py::arg("x"), py::arg("wq"),
         py::arg("scales"), py::arg("bias") = py::none(), py::arg("group_size") = 0);
 }
 

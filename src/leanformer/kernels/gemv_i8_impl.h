@@ -276,6 +276,13 @@ inline void rows_mp(const I8Args& a, const XPack& p, int64_t n0, int64_t n1) {
   }
   if constexpr (NR > 1)  // the last rows one at a time: same chains, same results
     for (; n < n1; ++n) rows_nr<1, M, D, K, S>(a, p, n);
+  if (kI8Ahead > 0 && a.next.w && a.N > 0) {  // the same share of the next call's weights
+    const int64_t r0 = n0 * a.next.N / a.N, left = a.next.N - r0;
+    const int64_t rows_ahead = a.next.row_bytes > 0 ? (kI8Ahead + a.next.row_bytes - 1) / a.next.row_bytes : 0;
+    const int64_t r = rows_ahead < left ? rows_ahead : left;
+    i8_prefetch_bytes(a.next.w + r0 * a.next.row_bytes, r * a.next.row_bytes);
+    if (a.next.s) i8_prefetch_bytes(a.next.s + r0 * a.next.s_row_bytes, r * a.next.s_row_bytes);
+  }
 }
 
 // One function per M, not inlined into `rows` (which would then hold every M's loops: the int8 head
@@ -321,6 +328,7 @@ inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
   }
   I8Args h[2] = {a, a};
   h[0].M = 8, h[1].M = a.M - 8;
+  h[0].next = h[1].next = I8Next{};  // tile by tile: no single end to request the next weights from
   const int64_t m0 = h[0].M, groups = kNib ? a.K / (K == Kind::q5 ? 32 : a.group) : 0;
   h[1].xq += m0 * a.Kx, h[1].dv += m0 * (kNib ? a.Kx / 8 : a.Kx / 32), h[1].y += m0 * a.N;
   if (kNib) h[1].xs += m0 * groups, h[1].xc += m0 * (a.Kx / 8);

@@ -11,6 +11,16 @@
 
 namespace leanformer {
 
+// The weights of the GEMV that runs after this one (the fused step's order: qkv, o, gate_up, down, the next
+// layer's qkv or the head): each thread, done with its rows, requests the first bytes of its share of
+// them, so the next call starts on lines already on their way instead of a cold stream.
+struct I8Next {
+  const char* w = nullptr;  // null: none
+  int64_t N = 0, row_bytes = 0;
+  const char* s = nullptr;  // a second stream beside it (scales), or null
+  int64_t s_row_bytes = 0;
+};
+
 // One call's operands, at most 16 activation rows (more than 8: gemv_i8_impl.h rows splits them). Activations are int8 per block of 32 columns:
 // x[m, k] ~ xq[m, k] * d[m, k / 32], d = max|x over the block| / 127, xq in [-127, 127].
 struct I8Args {
@@ -44,6 +54,7 @@ struct I8Args {
   // as the integer sums' starting value, so sum_k (q_k + off) xq_k is exact and needs no float pass per
   // group (a last 32 columns: not used)
   const int32_t* xc = nullptr;
+  I8Next next;
 };
 
 // y[:, n] for weight rows n in [n0, n1), per instruction set. Call the VNNI ones only where the CPU has
