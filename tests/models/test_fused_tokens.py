@@ -101,3 +101,17 @@ def test_bad_token_ids_are_refused_in_one_line(tiny_dirs):
                 torch.tensor([500]), cos.reshape(1, -1), sin.reshape(1, -1), cache.k, cache.v, cache.k_scale,
                 cache.v_scale, torch.tensor([0]), torch.tensor([1]),
             )  # fmt: skip
+
+
+def test_hooks_on_the_ends_keep_the_module_path(tiny_dirs, monkeypatch):
+    """A forward hook on the head (e.g. a logits probe) must still run: such steps leave the C++ ends out."""
+    model, _ = lf.load(tiny_dirs["qwen2"])
+    lf.quantize_(model, lf.Int8WeightOnly(targets=["lm_head"], ignore=[]))
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(out.shape[0]))
+    try:
+        got = decode(model, monkeypatch, tokens_path=True)
+    finally:
+        handle.remove()
+    assert len(seen) == len(PROMPTS) + 5  # every prefill and every decode step went through the head
+    assert torch.equal(got, decode(model, monkeypatch, tokens_path=True))
