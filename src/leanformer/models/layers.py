@@ -64,7 +64,8 @@ class Rotary(nn.Module):
     doubling up to TABLE_POSITIONS (2 MB at head_dim 64) and filled by the same elementwise formula,
     so its rows equal a direct computation bit for bit: one index op instead of ~11 per token (each
     ~5 µs here, as every token streams the weights through the caches). Larger steps and positions past
-    the table compute directly, which keeps 128k-context configs from allocating hundreds of MB.
+    the table compute directly, which keeps 128k-context configs from allocating hundreds of MB; so do
+    traced / exported forwards (the table's size depends on the positions' values).
     """
 
     TABLE_POSITIONS = 4096
@@ -98,7 +99,7 @@ class Rotary(nn.Module):
         The sin table carries rotate_half's sign (−sin on the first half), so rotating is
         x * cos + swap_halves(x) * sin: three ops on q and k together instead of six on each.
         """
-        if positions.numel() <= self.TABLE_MAX_ROWS and not positions.is_cuda:
+        if positions.numel() <= self.TABLE_MAX_ROWS and not positions.is_cuda and not kernels.tracing():
             need = int(positions.max()) + 1 if positions.numel() else 0
             if need <= self.TABLE_POSITIONS:
                 table = self._table
