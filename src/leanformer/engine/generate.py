@@ -206,12 +206,15 @@ def _decode_loop(model, cache, prompts, max_new_tokens, params, stop_ids, stats)
             stats.steps += 1
             for r in rows.tolist():
                 stats.per_row[r] += 1
-        yield dict(zip(rows.tolist(), tokens.tolist()))
+        listed = tokens.tolist()
+        yield dict(zip(rows.tolist(), listed))
         t1 = time.perf_counter()
-        keep = torch.tensor([t not in stop_ids for t in tokens.tolist()], dtype=torch.bool)
-        if step == max_new_tokens - 1 or not keep.any():
+        stopped = [t in stop_ids for t in listed]
+        if step == max_new_tokens - 1 or all(stopped):
             break
-        rows, tokens = rows[keep], tokens[keep]
+        if any(stopped):  # most steps stop no row: no indexing then
+            keep = ~torch.tensor(stopped)
+            rows, tokens = rows[keep], tokens[keep]
         logits = model(tokens[:, None], cache=cache, slots=rows)[:, -1].float()
         cache.advance(rows, 1)
 
