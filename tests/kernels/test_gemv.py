@@ -50,6 +50,14 @@ def test_builds_where_supported():
     assert K.available()
 
 
+def test_build_hash_covers_every_kernel_file():
+    """Every .cpp / .h beside the kernels is compiled or hashed: an edit to a file the hash missed
+    would keep running the stale build cached under the old hash."""
+    listed = {p.name for p in (*K._SOURCES, *K._HEADERS)}
+    on_disk = {p.name for p in K._DIR.iterdir() if p.suffix in (".cpp", ".h")}
+    assert on_disk == listed
+
+
 @needs_kernels
 def test_isa_selection():
     """The best instruction set is the default; asking for a missing one raises and changes nothing."""

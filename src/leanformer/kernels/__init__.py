@@ -93,6 +93,7 @@ _SOURCES = [
     _DIR / "gemv_i8.cpp",
     _DIR / "gemv_avxvnni.cpp",
     _DIR / "gemv_avx512vnni.cpp",
+    _DIR / "decode_attn_avx512.cpp",
 ]
 _HEADERS = [
     _DIR / "common.h",
@@ -101,9 +102,12 @@ _HEADERS = [
     _DIR / "attention.h",
     _DIR / "attention_impl.h",
     _DIR / "decode_kv.h",
+    _DIR / "decode_linear.h",
+    _DIR / "decode_attn_avx512.h",
     _DIR / "int8_act.h",
     _DIR / "gemv_i8_impl.h",
     _DIR / "gemv_i8_nib.h",
+    _DIR / "gemv_i8_wide.h",
     _DIR / "gemv_vnni.h",
     _DIR / "q4_codes.h",
 ]
