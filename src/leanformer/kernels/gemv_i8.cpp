@@ -208,6 +208,24 @@ void quantize_row_q4(const float* x, int64_t K, int64_t Kp, int64_t group, int8_
   }
 }
 
+// One call's activations as the int4 / int5 loops read them, in one allocation (one per GEMV instead of
+// three: the fused step makes ~120 calls a token): codes xq [M, Kx] (Kx = 64 chunks, past Kp never read),
+// chunk scales dv [M, 8 chunks], group sums xs [M, G], offset lanes xc [M, 8 chunks] (I8Args).
+struct NibActs {
+  at::Tensor buf;
+  int8_t* xq;
+  float* dv;
+  float* xs;
+  int32_t* xc;
+  NibActs(int64_t M, int64_t chunks, int64_t G)
+      : buf(at::empty({M * 64 * chunks + 4 * M * (16 * chunks + G)}, at::TensorOptions().dtype(at::kChar))) {
+    xq = buf.data_ptr<int8_t>();
+    dv = reinterpret_cast<float*>(xq + M * 64 * chunks);  // 64-byte rows: dv stays aligned
+    xs = dv + M * 8 * chunks;
+    xc = reinterpret_cast<int32_t*>(xs + M * G);
+  }
+};
+
 // The chunk layout [E0 | O0 | E1 | O1] (32 bytes each: chunk 2s's even / odd columns, chunk 2s + 1's)
 // of every 128 columns -> [E0 | E1 | O0 | O1], the wide layout (gemv_i8_wide.h); an odd last chunk stays.
 void to_wide_layout(int8_t* row, int64_t chunks) {
@@ -251,28 +269,26 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   at::Tensor bh;
   const float* b = bias_ptr(bias, N, bh);
   const int64_t chunks = (Kp + 63) / 64, Kx = 64 * chunks;
-  at::Tensor xq = at::empty({M, Kx}, x.options().dtype(at::kChar));  // past Kp: never read
-  at::Tensor fl = at::empty({M * (8 * chunks + G)}, x.options());
-  float *dv = fl.data_ptr<float>(), *xs = dv + M * 8 * chunks;
-  at::Tensor xc = at::empty({M, 8 * chunks}, x.options().dtype(at::kInt));
+  const NibActs acts(M, chunks, G);
+  float *dv = acts.dv, *xs = acts.xs;
   const bool lookup = qs.coded() && G >= kLookupMinGroups;  // else: fp32 arrays, or codes decoded by qs
   // read once: the activations' layout and the loops that read it must agree even if set_act_isa runs now
   const int isa = g_act_isa.load(std::memory_order_relaxed);
   const bool wide = isa == kAvx512Vnni && (group_size == 32 || group_size % 64 == 0);  // gemv_i8_wide.h
   for (int64_t m = 0; m < M; ++m) {
-    int8_t* row = xq.data_ptr<int8_t>() + m * Kx;
+    int8_t* row = acts.xq + m * Kx;
     quantize_row_q4(x.data_ptr<float>() + m * K, K, Kp, group_size, row, dv + m * 8 * chunks, xs + m * G, -8,
-                    xc.data_ptr<int32_t>() + m * 8 * chunks);
+                    acts.xc + m * 8 * chunks);
     if (wide) to_wide_layout(row, Kp / 64);  // whole 64-column chunks (a last 32 columns stay)
   }
   at::Tensor y = at::empty({M, N}, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kI8Rows) {
-    I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, w.data_ptr<uint8_t>(),
+    I8Args a{acts.xq + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, w.data_ptr<uint8_t>(),
              qs.s, qs.z, b, y.data_ptr<float>() + m0 * N, std::min<int64_t>(kI8Rows, M - m0), N, Kp, Kx,
              group_size};
     if (lookup) a.sc = qs.sc, a.zc = qs.zc, a.lut = qs.lut;
     a.wide = wide;
-    a.xc = xc.data_ptr<int32_t>() + m0 * 8 * chunks;
+    a.xc = acts.xc + m0 * 8 * chunks;
     if (next && m0 + kI8Rows >= M && !(qs.coded() && !lookup)) a.next = *next;  // the call's last part
     run_rows(a, true, Kp / 2 + (qs.coded() ? 2 : qs.z ? 8 : 4) * G, qs.coded() && !lookup ? &qs : nullptr, isa);
   }
@@ -349,20 +365,18 @@ at::Tensor linear_q5_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   at::Tensor bh;
   const float* b = bias_ptr(bias, N, bh);
   const int64_t chunks = (Kp + 63) / 64, Kx = 64 * chunks;
-  at::Tensor xq = at::empty({M, Kx}, x.options().dtype(at::kChar));  // the int4 kernel's activation layout
-  at::Tensor fl = at::empty({M * (8 * chunks + G)}, x.options());
-  float *dv = fl.data_ptr<float>(), *xs = dv + M * 8 * chunks;
-  at::Tensor xc = at::empty({M, 8 * chunks}, x.options().dtype(at::kInt));
+  const NibActs acts(M, chunks, G);  // the int4 kernel's activation layout
+  float *dv = acts.dv, *xs = acts.xs;
   for (int64_t m = 0; m < M; ++m)
-    quantize_row_q4(x.data_ptr<float>() + m * K, K, Kp, 32, xq.data_ptr<int8_t>() + m * Kx, dv + m * 8 * chunks,
-                    xs + m * G, -16, xc.data_ptr<int32_t>() + m * 8 * chunks);
+    quantize_row_q4(x.data_ptr<float>() + m * K, K, Kp, 32, acts.xq + m * Kx, dv + m * 8 * chunks, xs + m * G, -16,
+                    acts.xc + m * 8 * chunks);
   at::Tensor y = at::empty({M, N}, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kI8Rows) {
-    I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, w.data_ptr<uint8_t>(),
+    I8Args a{acts.xq + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, w.data_ptr<uint8_t>(),
              scales.data_ptr<float>(), nullptr, b, y.data_ptr<float>() + m0 * N,
              std::min<int64_t>(kI8Rows, M - m0), N, Kp, Kx, 32};
     a.high = reinterpret_cast<const uint32_t*>(high.data_ptr<int32_t>());
-    a.xc = xc.data_ptr<int32_t>() + m0 * 8 * chunks;
+    a.xc = acts.xc + m0 * 8 * chunks;
     run_rows_q5(a);
   }
   return y;
