@@ -97,6 +97,7 @@ _SOURCES = [
 ]
 _HEADERS = [
     _DIR / "common.h",
+    _DIR / "act_quant.h",
     _DIR / "avx512.h",
     _DIR / "vec8.h",
     _DIR / "attention.h",

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common.h"
+#include "act_quant.h"  // quantize_row / quantize_row_q4, NibActs, to_wide_layout
 #include "int8_act.h"
 #include "q4_codes.h"
 
@@ -123,118 +124,6 @@ void run_rows(const I8Args& a, bool q4, int64_t row_bytes, const Q4Scales* qs = 
       rows_isa(isa, b, true, 0, c1 - c0);
     });
   });
-}
-
-// 32 activations -> 32 int8 codes (natural order), d = max|x| / 127 (0 for an all-zero block) and the
-// codes' sum. round-half-even(x * (1 / d)) as the reference: cvtps_epi32 rounds to nearest even.
-inline __m256i quantize_block(const float* x, float* d, int32_t* sum) {
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  __m256 v[4];
-  for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + 8 * i);
-  const __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
-                                  _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  const float amax = _mm_cvtss_f32(m), s = amax / 127.f, inv = amax > 0.f ? 1.f / s : 0.f;
-  *d = s;
-  const __m256 vi = _mm256_set1_ps(inv);
-  __m256i q[4];
-  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vi));
-  const __m256i t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-  __m128i h = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(1, 0, 3, 2)));
-  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(2, 3, 0, 1)));
-  *sum = _mm_cvtsi128_si32(h);
-  // packs work per 128-bit lane: int8 lanes come out as 8-column runs in the order 0 2 4 6 1 3 5 7
-  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-  return _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-}
-
-// Block b of row x [K] (zero past K): a partial last block goes through a zero-padded copy.
-inline __m256i quantize_block_at(const float* x, int64_t K, int64_t b, float* d, int32_t* sum) {
-  const int64_t k0 = 32 * b;
-  if (k0 + 32 <= K) return quantize_block(x + k0, d, sum);
-  alignas(32) float tmp[32] = {};
-  if (k0 < K) std::copy(x + k0, x + K, tmp);
-  return quantize_block(tmp, d, sum);
-}
-
-// One row x [K] (zero past K, up to Kq = 32 * blocks) -> codes q [Kq] natural order, d [blocks].
-void quantize_row(const float* x, int64_t K, int64_t blocks, int8_t* q, float* d) {
-  int32_t sum;
-  for (int64_t b = 0; b < blocks; ++b)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * b), quantize_block_at(x, K, b, d + b, &sum));
-}
-
-// One row x [K] (zero past K, up to Kp codes) -> the int4 kernel's operands (int8_act.h I8Args): codes
-// out [Kx] per 64-column chunk evens then odds, dv [8 * chunks], xs [Kp / group] group sums of the
-// dequantized activations, xc [8 * chunks] the codes' offset `off` (-8 int4, -16 int5) times lane sums.
-void quantize_row_q4(const float* x, int64_t K, int64_t Kp, int64_t group, int8_t* out, float* dv, float* xs,
-                     int off, int32_t* xc) {
-  const __m256i ones = _mm256_set1_epi8(1), offs = _mm256_set1_epi16(static_cast<int16_t>(off));
-  const __m256i evens_odds = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,  //
-                                              0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-  const int64_t blocks = Kp / 32, bpg = group / 32;
-  float dsum = 0.f;  // sum over the current group of d_b * (sum of block b's codes)
-  auto add_sum = [&](int64_t b, float d, int32_t sum) {
-    dsum += d * static_cast<float>(sum);
-    if ((b + 1) % bpg == 0) xs[b / bpg] = dsum, dsum = 0.f;
-  };
-  for (int64_t b = 0; b < blocks; b += 2) {
-    float da, db;
-    int32_t sa, sb;
-    const __m256i A = quantize_block_at(x, K, b, &da, &sa);
-    add_sum(b, da, sa);
-    float* dvc = dv + 4 * b;
-    if (b + 1 == blocks) {  // a last 32 columns: natural order
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * b), A);
-      _mm256_storeu_ps(dvc, _mm256_set1_ps(da));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xc + 4 * b), _mm256_setzero_si256());  // not read
-      break;
-    }
-    const __m256i B = quantize_block_at(x, K, b + 1, &db, &sb);
-    add_sum(b + 1, db, sb);
-    // per lane [8 evens | 8 odds], then the qwords as [evens 0-31 | odds 0-31] of each block
-    const __m256i a2 = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(A, evens_odds), _MM_SHUFFLE(3, 1, 2, 0));
-    const __m256i b2 = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(B, evens_odds), _MM_SHUFFLE(3, 1, 2, 0));
-    const __m256i evens = _mm256_permute2x128_si256(a2, b2, 0x20), odds = _mm256_permute2x128_si256(a2, b2, 0x31);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * b), evens);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * b + 32), odds);
-    _mm256_storeu_ps(dvc, _mm256_set_m128(_mm_set1_ps(db), _mm_set1_ps(da)));
-    // lane l: off * (evens 4l..4l+3 + odds 4l..4l+3), what the loops' lane l sums (|int16| <= 4 * 127)
-    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(ones, evens), _mm256_maddubs_epi16(ones, odds));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xc + 4 * b), _mm256_madd_epi16(pairs, offs));
-  }
-}
-
-// One call's activations as the int4 / int5 loops read them, in one allocation (one per GEMV instead of
-// three: the fused step makes ~120 calls a token): codes xq [M, Kx] (Kx = 64 chunks, past Kp never read),
-// chunk scales dv [M, 8 chunks], group sums xs [M, G], offset lanes xc [M, 8 chunks] (I8Args).
-struct NibActs {
-  at::Tensor buf;
-  int8_t* xq;
-  float* dv;
-  float* xs;
-  int32_t* xc;
-  NibActs(int64_t M, int64_t chunks, int64_t G)
-      : buf(at::empty({M * 64 * chunks + 4 * M * (16 * chunks + G)}, at::TensorOptions().dtype(at::kChar))) {
-    xq = buf.data_ptr<int8_t>();
-    dv = reinterpret_cast<float*>(xq + M * 64 * chunks);  // 64-byte rows: dv stays aligned
-    xs = dv + M * 8 * chunks;
-    xc = reinterpret_cast<int32_t*>(xs + M * G);
-  }
-};
-
-// The chunk layout [E0 | O0 | E1 | O1] (32 bytes each: chunk 2s's even / odd columns, chunk 2s + 1's)
-// of every 128 columns -> [E0 | E1 | O0 | O1], the wide layout (gemv_i8_wide.h); an odd last chunk stays.
-void to_wide_layout(int8_t* row, int64_t chunks) {
-  for (int64_t c = 0; c + 1 < chunks; c += 2) {
-    __m256i* q = reinterpret_cast<__m256i*>(row + 64 * c);
-    const __m256i o0 = _mm256_loadu_si256(q + 1), e1 = _mm256_loadu_si256(q + 2);
-    _mm256_storeu_si256(q + 1, e1);
-    _mm256_storeu_si256(q + 2, o0);
-  }
 }
 
 }  // namespace
