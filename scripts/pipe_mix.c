@@ -1,5 +1,5 @@
 // Which vector instructions share the pipes with vpdpbusd on this CPU (docs/BENCHMARKS.md session 12):
-// blocks of independent zmm ops timed on one thread. Build and run:
+// blocks of independent zmm ops timed on one thread (an AVX-512 VNNI CPU only). Build and run:
 //     gcc -O2 -march=native scripts/pipe_mix.c -o /tmp/pipe_mix && /tmp/pipe_mix
 // Prints ns and cycles (at an assumed 3.7 GHz) per block; compare a mix against its parts.
 #include <stdio.h>
