@@ -3,14 +3,7 @@
 import torch
 
 from leanformer.models.layers import Rotary
-
-LLAMA3 = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
+from tests.formats.test_gguf import LLAMA3
 
 
 def test_rotary_table_rows_equal_the_formula():

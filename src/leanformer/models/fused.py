@@ -313,12 +313,20 @@ class DecodePlan:
     def run_tokens(self, model: nn.Module, ids: torch.Tensor, rope, cache, step) -> torch.Tensor | None:
         """Logits [B, 1, vocab] for ids [B, 1]: embedding, all layers, final norm and head in one C++
         call (the same kernels as the module path, so the same logits), or None to take the other paths
-        (a model whose embedding, norm or head the stack does not hold, or that fuses only in part)."""
+        (a model whose embedding, norm or head the stack does not hold, or that fuses only in part).
+        A stack last built without ends is not re-checked here: the other path's get() does that once,
+        and a rebuilt stack with ends is taken from the next step on."""
+        if self.stack is None or not self.stack.has_ends:
+            return None
         stack = self.get(model)
         if stack is None or not stack.has_ends:
             return None
         stack.int8_act = int8_activations(model)
-        set_head_activations(model, True)  # what the head module would take on these rows (kept coherent)
+        head = (
+            model.lm_head
+        )  # what the head module would take on these rows (set_head_activations), kept coherent
+        if hasattr(head, "int8_activations"):
+            head.int8_activations = stack.int8_act
         b = ids.shape[0]
         cos, sin = rope  # [B, 1, 1, D] each
         read, write = _pool_rows(cache)
