@@ -30,6 +30,9 @@ def main() -> None:
     import leanformer as lf
 
     torch.set_num_threads(a.threads)
+    from leanformer.kernels import cpu
+
+    print(f"CPU: {cpu.cpu_info()['model']}")  # figures name the CPU they come from
     exts = {"old": load_so(a.old), "new": load_so(a.new)}
     model, _ = lf.load(a.model, keep_quantized=True)
     stacks = {k: build_stack(e, model) for k, e in exts.items()}

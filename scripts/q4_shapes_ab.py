@@ -28,6 +28,9 @@ def main() -> None:
     p.add_argument("--group", type=int, default=32)
     a = p.parse_args()
     torch.set_num_threads(1)
+    from leanformer.kernels import cpu
+
+    print(f"CPU: {cpu.cpu_info()['model']}")  # figures name the CPU they come from
     exts = {"old": load_so(a.old), "new": load_so(a.new)}
     g = torch.Generator().manual_seed(0)
     res: dict[tuple[int, int, str], list[float]] = {}

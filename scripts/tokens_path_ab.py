@@ -27,6 +27,9 @@ def main() -> None:
     from leanformer.models import fused
 
     torch.set_num_threads(a.threads)
+    from leanformer.kernels import cpu
+
+    print(f"CPU: {cpu.cpu_info()['model']}")  # figures name the CPU they come from
     model, _ = load(a.model, keep_quantized=True)
     on = fused.DecodePlan.usable_tokens
     off = staticmethod(lambda *args: False)
