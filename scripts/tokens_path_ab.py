@@ -9,28 +9,17 @@ alternating which path goes first; prints each path's median seconds per step an
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
+from engine_ab import setup  # same directory: run as a script
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("model")
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--new-tokens", type=int, default=48)
-    a = p.parse_args()
-    from leanformer.loading import load
+    a, model = setup(__doc__)
     from leanformer.measure.bench.runner import leanformer_decode_steps
     from leanformer.models import fused
 
-    torch.set_num_threads(a.threads)
-    from leanformer.kernels import cpu
-
-    print(f"CPU: {cpu.cpu_info()['model']}")  # figures name the CPU they come from
-    model, _ = load(a.model, keep_quantized=True)
     on = fused.DecodePlan.usable_tokens
     off = staticmethod(lambda *args: False)
     res: dict[tuple[int, str], list[float]] = {}

@@ -18,6 +18,7 @@ from leanformer.engine import spec_rows
 from leanformer.engine.sampling import SamplingParams, sample
 from leanformer.engine.speculative import Speculative, resolve_speculative, speculative_decode
 from leanformer.errors import LeanformerError
+from leanformer.models.fused_steps import FusedSteps
 from leanformer.models.kv_cache import KVCache
 from leanformer.models.kv_policy import Policy, PolicyCache, SinkWindow, observe_queries
 
@@ -109,8 +110,13 @@ def decode(
     stats: GenerationStats | None = None,
     speculative: Speculative | str | None = None,
     kv_policy: Policy | None = None,
+    fixed_model: bool = False,
 ) -> Iterator[dict[int, int]]:
     """Yield {row: new_token} for the rows still running, one step at a time.
+
+    fixed_model=True: the caller does not change the model between two steps (generate's own loop), so
+    plain decoding checks the fused C++ stack once for the loop instead of every step
+    (models/fused_steps.py); the default re-checks it each step.
 
     speculative (engine/speculative.py) applies to one prompt without repetition penalty, and to a
     batch of prompts with greedy prompt lookup (engine/spec_rows.py: each row drafts and accepts on its
@@ -144,7 +150,7 @@ def decode(
     else:
         cache = PolicyCache.for_model(model, n, kv_policy, longest + max_new_tokens, longest)
     with observe_queries(model, cache):
-        yield from _decode_loop(model, cache, prompts, max_new_tokens, params, stop_ids, stats)
+        yield from _decode_loop(model, cache, prompts, max_new_tokens, params, stop_ids, stats, fixed_model)
 
 
 def check_policy(policy: Policy | None, context: int, total: int, spec) -> None:
@@ -163,7 +169,9 @@ def check_policy(policy: Policy | None, context: int, total: int, spec) -> None:
         )
 
 
-def _decode_loop(model, cache, prompts, max_new_tokens, params, stop_ids, stats) -> Iterator[dict[int, int]]:
+def _decode_loop(
+    model, cache, prompts, max_new_tokens, params, stop_ids, stats, fixed_model: bool
+) -> Iterator[dict[int, int]]:
     n, vocab = len(prompts), model.args.vocab_size
     longest = max(len(p) for p in prompts)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -188,6 +196,7 @@ def _decode_loop(model, cache, prompts, max_new_tokens, params, stop_ids, stats)
             stacklevel=3,
         )
     rows = torch.arange(n)
+    steps = FusedSteps.start(model, cache) if fixed_model else None
     if stats is not None:
         stats.prompt_tokens += int(lengths.sum())
         stats.prefill_s += time.perf_counter() - t0
@@ -215,8 +224,10 @@ def _decode_loop(model, cache, prompts, max_new_tokens, params, stop_ids, stats)
         if any(stopped):  # most steps stop no row: no indexing then
             keep = ~torch.tensor(stopped)
             rows, tokens = rows[keep], tokens[keep]
-        logits = model(tokens[:, None], cache=cache, slots=rows)[:, -1].float()
-        cache.advance(rows, 1)
+        logits = steps(tokens, rows) if steps is not None else None
+        if logits is None:
+            logits = model(tokens[:, None], cache=cache, slots=rows)[:, -1].float()
+            cache.advance(rows, 1)
 
 
 def _prefill_pieces(model, cache: PolicyCache, prompt: list[int], slot: int) -> torch.Tensor:
@@ -281,7 +292,11 @@ def generate(
     stop_ids = set() if ignore_eos else eos_ids(model, tok)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    for new in decode(model, prompts, max_new_tokens, params, stop_ids, stats, speculative, kv_policy):
+    # fixed_model: nothing below changes the model between steps
+    steps = decode(
+        model, prompts, max_new_tokens, params, stop_ids, stats, speculative, kv_policy, fixed_model=True
+    )
+    for new in steps:
         for row, token in new.items():
             if done[row]:
                 continue

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from leanformer import kernels
 from leanformer.errors import LeanformerError
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample like argmax anyway; argmax is exact and cannot overflow
@@ -72,9 +73,13 @@ def clean_logits(logits: torch.Tensor) -> torch.Tensor:
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """logits [B, V] → argmax [B]. argmax picks a NaN when a row has one: only then clean the rows.
 
-    On CPU fp32, numpy's argmax: torch's takes ~130 µs per 49,152-entry row here (~2% of a SmolLM2 decode
-    step at batch 1, ~10% at batch 8), numpy's ~5 µs; both return the first maximum."""
-    if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2:
+    On CPU fp32, the kernels' `greedy` (clean_logits' rules in one threaded pass, kernels/argmax.cpp:
+    ~110 µs of a SmolLM2 decode step at batch 1 with numpy's argmax, which read the other core's half of
+    the logits), else numpy's argmax (torch's took ~130 µs per 49,152-entry row, numpy's ~5 µs warm);
+    all return the first maximum."""
+    if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1]:
+        if kernels.available():
+            return kernels.ext().greedy(logits.detach())
         tokens = torch.from_numpy(logits.detach().numpy().argmax(-1))
     else:
         tokens = logits.argmax(dim=-1)

@@ -94,6 +94,7 @@ _SOURCES = [
     _DIR / "gemv_avxvnni.cpp",
     _DIR / "gemv_avx512vnni.cpp",
     _DIR / "decode_attn_avx512.cpp",
+    _DIR / "argmax.cpp",
 ]
 _HEADERS = [
     _DIR / "common.h",

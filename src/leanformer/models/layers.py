@@ -93,6 +93,18 @@ class Rotary(nn.Module):
         sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1) * self.attn_factor
         return cos, sin
 
+    def table(self, positions: int) -> torch.Tensor | None:
+        """The decode table [L, 2, D] float32 (cos, signed sin of positions 0..L-1, L >= positions), or
+        None past TABLE_POSITIONS. Its rows are what forward returns for those positions."""
+        if positions > self.TABLE_POSITIONS:
+            return None
+        table = self._table
+        if table is None or table.shape[0] < positions or table.device != self.inv_freq.device:
+            size = max(256, 1 << (positions - 1).bit_length())
+            cos, sin = self.tables(torch.arange(size, device=self.inv_freq.device))
+            table = self._table = torch.stack((cos, sin), dim=-2)
+        return table
+
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] or [B, T] → (cos, signed sin), each [(B,) T, 1, D], computed once per step.
 
@@ -100,13 +112,8 @@ class Rotary(nn.Module):
         x * cos + swap_halves(x) * sin: three ops on q and k together instead of six on each.
         """
         if positions.numel() <= self.TABLE_MAX_ROWS and not positions.is_cuda and not kernels.tracing():
-            need = int(positions.max()) + 1 if positions.numel() else 0
-            if need <= self.TABLE_POSITIONS:
-                table = self._table
-                if table is None or table.shape[0] < need or table.device != self.inv_freq.device:
-                    size = max(256, 1 << (need - 1).bit_length())
-                    cos, sin = self.tables(torch.arange(size, device=self.inv_freq.device))
-                    table = self._table = torch.stack((cos, sin), dim=-2)
+            table = self.table(int(positions.max()) + 1 if positions.numel() else 0)
+            if table is not None:
                 rows = table[positions]  # [(B,) T, 2, D]
                 return rows[..., 0:1, :].to(dtype), rows[..., 1:2, :].to(dtype)
         cos, sin = self.tables(positions)

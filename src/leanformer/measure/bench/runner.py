@@ -64,12 +64,13 @@ def _step_times(stamps: list[float]) -> list[float]:
 
 def leanformer_decode_steps(model, prompts: list[list[int]], new_tokens: int) -> list[float]:
     """Seconds of each decode step of greedy generation, as `leanformer.generate` runs it: the engine's
-    `decode` yields once per step, so the gap between two yields is exactly one step."""
+    `decode` yields once per step, so the gap between two yields is exactly one step (fixed_model, as
+    generate passes it: this loop changes nothing between steps either)."""
     from leanformer.engine.generate import decode
     from leanformer.engine.sampling import SamplingParams
 
     stamps = []
-    for _ in decode(model, prompts, new_tokens, SamplingParams()):
+    for _ in decode(model, prompts, new_tokens, SamplingParams(), fixed_model=True):
         stamps.append(time.perf_counter())
     return _step_times(stamps)
 
