@@ -95,6 +95,7 @@ _SOURCES = [
     _DIR / "gemv_avx512vnni.cpp",
     _DIR / "decode_attn_avx512.cpp",
     _DIR / "argmax.cpp",
+    _DIR / "identity.cpp",
 ]
 _HEADERS = [
     _DIR / "common.h",
