@@ -58,6 +58,7 @@ def test_quantize_act_is_bit_exact(k):
         (32, 576),
         (32, 96),
         (32, 1000),
+        (32, 1568),
         (64, 576),
         (64, 100),
         (96, 288),
@@ -67,7 +68,8 @@ def test_quantize_act_is_bit_exact(k):
         (192, 768),
     ],
 )  # 96 / 160: groups that end mid 64-column chunk; 1000: a partial last block; 192: a group boundary
-#    inside a 128-column superchunk of the AVX-512 loops (gemv_i8_wide.h)
+#    inside a 128-column superchunk of the AVX-512 loops (gemv_i8_wide.h); 1568: three 512-column spans
+#    (span_rows) then a last 32 columns
 @pytest.mark.parametrize("symmetric", [False, True])  # True: zeros=None, w = (code - 8) * scale
 def test_q4(act_isa, rows, group, k, symmetric):
     kp = -(-k // group) * group  # codes padded to whole groups; x stays k wide (the fused step's k_padded)

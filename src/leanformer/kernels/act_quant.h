@@ -4,6 +4,8 @@
 // (int8_act.h I8Args).
 #pragma once
 
+#include <cstring>
+
 #include <algorithm>
 #include <cstdint>
 
@@ -98,18 +100,23 @@ void quantize_row_q4(const float* x, int64_t K, int64_t Kp, int64_t group, int8_
 // One call's activations as the int4 / int5 loops read them, in one allocation (one per GEMV instead of
 // three: the fused step makes ~120 calls a token): codes xq [M, Kx] (Kx = 64 chunks, past Kp never read),
 // chunk scales dv [M, 8 chunks], group sums xs [M, G], offset lanes xc [M, 8 chunks] (I8Args).
+// and, for the span loop (spans > 0), offset sums so and block scales sd [M, 16 spans] each.
 struct NibActs {
   at::Tensor buf;
   int8_t* xq;
   float* dv;
   float* xs;
   int32_t* xc;
-  NibActs(int64_t M, int64_t chunks, int64_t G)
-      : buf(at::empty({M * 64 * chunks + 4 * M * (16 * chunks + G)}, at::TensorOptions().dtype(at::kChar))) {
+  int32_t* so;
+  float* sd;
+  NibActs(int64_t M, int64_t chunks, int64_t G, int64_t spans = 0)
+      : buf(at::empty({M * 64 * chunks + 4 * M * (16 * chunks + G + 32 * spans)}, at::TensorOptions().dtype(at::kChar))) {
     xq = buf.data_ptr<int8_t>();
     dv = reinterpret_cast<float*>(xq + M * 64 * chunks);  // 64-byte rows: dv stays aligned
     xs = dv + M * 8 * chunks;
     xc = reinterpret_cast<int32_t*>(xs + M * G);
+    so = xc + M * 8 * chunks;
+    sd = reinterpret_cast<float*>(so + M * 16 * spans);
   }
 };
 
@@ -121,6 +128,32 @@ void to_wide_layout(int8_t* row, int64_t chunks) {
     const __m256i o0 = _mm256_loadu_si256(q + 1), e1 = _mm256_loadu_si256(q + 2);
     _mm256_storeu_si256(q + 1, e1);
     _mm256_storeu_si256(q + 2, o0);
+  }
+}
+
+// The first `spans` 512-column spans of a row in the chunk layout (quantize_row_q4, before
+// to_wide_layout) -> the span layout of gemv_i8_wide.h's span_rows: per span the vectors X[j] lo, X[j] hi
+// (j = 0..3, 64 bytes each, in that order), whose lane L = 4k + s holds block b = 4s + k of the span:
+// its columns 8j, 8j+2, 8j+4, 8j+6 (lo) or 8j+1, 8j+3, 8j+5, 8j+7 (hi) — the nibbles the weights' 4 x 4
+// dword transpose puts in that lane. so / sd [16 spans]: lane L's offset sum (xc's four lanes of block
+// b) and block b's d.
+void to_span_layout(int8_t* row, const float* dv, const int32_t* xc, int64_t spans, int32_t* so, float* sd) {
+  alignas(64) int8_t out[512];
+  for (int64_t sp = 0; sp < spans; ++sp) {
+    int8_t* src = row + 512 * sp;  // 8 chunks of [32 evens | 32 odds], block 2c then 2c + 1 in each half
+    for (int L = 0; L < 16; ++L) {
+      const int b = 4 * (L % 4) + L / 4, chunk = b / 2, half = b % 2;
+      const int8_t* evens = src + 64 * chunk + 16 * half;
+      for (int j = 0; j < 4; ++j) {
+        std::memcpy(out + 128 * j + 4 * L, evens + 4 * j, 4);
+        std::memcpy(out + 128 * j + 64 + 4 * L, evens + 32 + 4 * j, 4);
+      }
+      const int64_t c = 8 * sp + chunk;  // xc / dv: chunk c's lanes 0-3 are block 2c's, 4-7 block 2c + 1's
+      const int32_t* lanes = xc + 8 * c + 4 * half;
+      so[16 * sp + L] = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+      sd[16 * sp + L] = dv[8 * c + 4 * half];
+    }
+    std::memcpy(src, out, 512);
   }
 }
 

@@ -158,17 +158,21 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   at::Tensor bh;
   const float* b = bias_ptr(bias, N, bh);
   const int64_t chunks = (Kp + 63) / 64, Kx = 64 * chunks;
-  const NibActs acts(M, chunks, G);
-  float *dv = acts.dv, *xs = acts.xs;
-  const bool lookup = qs.coded() && G >= kLookupMinGroups;  // else: fp32 arrays, or codes decoded by qs
   // read once: the activations' layout and the loops that read it must agree even if set_act_isa runs now
   const int isa = g_act_isa.load(std::memory_order_relaxed);
   const bool wide = isa == kAvx512Vnni && (group_size == 32 || group_size % 64 == 0);  // gemv_i8_wide.h
+  // whole 512-column spans in span_rows (gemv_i8_wide.h): group 32 (zero points: nib_finish)
+  const int64_t spans = wide && group_size == 32 ? Kp / 512 : 0;
+  const NibActs acts(M, chunks, G, spans);
+  float *dv = acts.dv, *xs = acts.xs;
+  const bool lookup = qs.coded() && G >= kLookupMinGroups;  // else: fp32 arrays, or codes decoded by qs
   for (int64_t m = 0; m < M; ++m) {
     int8_t* row = acts.xq + m * Kx;
     quantize_row_q4(x.data_ptr<float>() + m * K, K, Kp, group_size, row, dv + m * 8 * chunks, xs + m * G, -8,
                     acts.xc + m * 8 * chunks);
-    if (wide) to_wide_layout(row, Kp / 64);  // whole 64-column chunks (a last 32 columns stay)
+    if (spans) to_span_layout(row, dv + m * 8 * chunks, acts.xc + m * 8 * chunks, spans, acts.so + m * 16 * spans,
+                              acts.sd + m * 16 * spans);
+    if (wide) to_wide_layout(row + 512 * spans, Kp / 64 - 8 * spans);  // whole 64-column chunks (a last 32 stay)
   }
   at::Tensor y = at::empty({M, N}, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kI8Rows) {
@@ -178,6 +182,7 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
     if (lookup) a.sc = qs.sc, a.zc = qs.zc, a.lut = qs.lut;
     a.wide = wide;
     a.xc = acts.xc + m0 * 8 * chunks;
+    a.spans = spans, a.so = acts.so + m0 * 16 * spans, a.sd = acts.sd + m0 * 16 * spans;
     if (next && m0 + kI8Rows >= M && !(qs.coded() && !lookup)) a.next = *next;  // the call's last part
     run_rows(a, true, Kp / 2 + (qs.coded() ? 2 : qs.z ? 8 : 4) * G, qs.coded() && !lookup ? &qs : nullptr, isa);
   }

@@ -332,6 +332,7 @@ inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
   const int64_t m0 = h[0].M, groups = kNib ? a.K / (K == Kind::q5 ? 32 : a.group) : 0;
   h[1].xq += m0 * a.Kx, h[1].dv += m0 * (kNib ? a.Kx / 8 : a.Kx / 32), h[1].y += m0 * a.N;
   if (kNib) h[1].xs += m0 * groups, h[1].xc += m0 * (a.Kx / 8);
+  if (a.spans) h[1].so += m0 * 16 * a.spans, h[1].sd += m0 * 16 * a.spans;
   I8Buf buf[2];
   XPack p[2];
   for (int i = 0; i < 2; ++i)

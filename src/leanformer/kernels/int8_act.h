@@ -54,6 +54,12 @@ struct I8Args {
   // as the integer sums' starting value, so sum_k (q_k + off) xq_k is exact and needs no float pass per
   // group (a last 32 columns: not used)
   const int32_t* xc = nullptr;
+  // q4 wide, group 32: the first `spans` 512-column spans of xq in the span
+  // layout (act_quant.h to_span_layout, gemv_i8_wide.h span_rows), with per span 16 lanes of offset sums
+  // so and block scales sd ([M, 16 * spans] each); 0: none
+  int64_t spans = 0;
+  const int32_t* so = nullptr;
+  const float* sd = nullptr;
   I8Next next;
 };
 
