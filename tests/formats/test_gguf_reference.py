@@ -67,8 +67,21 @@ def _transformers_tensors(reader, wanted_layers: list[int]) -> dict[str, torch.T
     return out
 
 
-def test_smollm2_tensors_match_transformers_gguf_reading(smollm2, reader, monkeypatch):
-    monkeypatch.setattr(ours, "_open", lambda path: reader)  # the same parse, not a second 3 s one
+def test_smollm2_index_equals_the_gguf_reader(smollm2, reader):
+    """formats/gguf_index.py (our one-pass parse) reads every metadata value and every tensor view the
+    way gguf.GGUFReader does, on the real file (its 49k-token vocabulary and merges included)."""
+    index = ours.GGUFIndex(smollm2)
+    assert list(index.fields) == [k for k in reader.fields if not k.startswith("GGUF.")]
+    for key, field in index.fields.items():
+        assert field == reader.fields[key].contents(), key
+    assert [t.name for t in index.tensors] == [t.name for t in reader.tensors]
+    for a, b in zip(index.tensors, reader.tensors):
+        assert a.tensor_type == b.tensor_type and np.array_equal(a.shape, b.shape), a.name
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape, a.name
+        assert np.array_equal(a.data, b.data), a.name
+
+
+def test_smollm2_tensors_match_transformers_gguf_reading(smollm2, reader):
     config, raw = read_gguf_raw(smollm2)
     last = config["num_hidden_layers"] - 1
     want = _transformers_tensors(reader, [0, last])

@@ -1,6 +1,7 @@
 """GGUF (llama.cpp) checkpoints → HF-style config, HF-named state dict and a transformers tokenizer.
 
-The `gguf` package parses the file and dequantizes; this module owns only what is specific to us:
+gguf_index.py reads the file's metadata and tensor table (the `gguf` package's reader took ~2 s to open a
+49k-token vocabulary); the `gguf` package dequantizes. This module owns only what is specific to us:
 GGUF tensor names → HF names, GGUF metadata → HF config keys, and undoing llama.cpp's q/k permutation.
 
 llama.cpp runs the `llama` architecture with interleaved-pair RoPE, so its converter permutes the rows of
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from leanformer.errors import LeanformerError
+from leanformer.formats.gguf_index import GGUFIndex
 from leanformer.formats.hf_weights import first_line
 
 # GGUF architecture → (HF architectures name, HF model_type, q/k rows permuted by llama.cpp's converter)
@@ -164,31 +166,25 @@ def unpack_blocks(tensor: GGUFTensor) -> dict[str, np.ndarray]:
     )
 
 
-def _open(path: Path) -> Any:
-    """A gguf.GGUFReader, with every parse failure turned into one readable line."""
-    import gguf
-
+def _open(path: Path) -> GGUFIndex:
+    """The file's metadata and tensor table (gguf_index.py), every parse failure as one readable line."""
     if not path.is_file():
         raise LeanformerError(f"{path}: no such GGUF file")
     try:
-        return gguf.GGUFReader(path, "r")
-    except Exception as e:  # the reader raises ValueError, struct/numpy errors, ... on bad files
+        return GGUFIndex(path)
+    except Exception as e:  # ValueError, struct / numpy / unicode errors, ... on bad files
         raise LeanformerError(
             f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})"
         ) from e
 
 
-def _metadata(reader: Any, skip_arrays_over: int = 64) -> dict[str, Any]:
+def _metadata(reader: GGUFIndex, skip_arrays_over: int = 64) -> dict[str, Any]:
     """Scalar and short-array metadata; the tokenizer's huge arrays are left for transformers to read."""
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if len(field.data) > skip_arrays_over:
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception as e:
-            raise LeanformerError(f"GGUF metadata field {key} is unreadable ({type(e).__name__}: {e})") from e
-    return meta
+    return {
+        key: value
+        for key, value in reader.fields.items()
+        if not (isinstance(value, list) and len(value) > skip_arrays_over)
+    }
 
 
 def _tidy_float(value: float) -> float:
@@ -323,7 +319,7 @@ def read_gguf_raw(path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTenso
         raise LeanformerError(f"{path}: malformed GGUF metadata or tensor info ({first_line(e)})") from None
 
 
-def _read_raw(path: Path, reader: Any) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
+def _read_raw(path: Path, reader: GGUFIndex) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
     meta = _metadata(reader)
     by_gguf_name = {t.name: t for t in reader.tensors}
     config = _config(meta, by_gguf_name)
@@ -369,9 +365,9 @@ def load_gguf_tokenizer(path: str | Path) -> Any | None:
         warnings.warn(f"{path.name}: no tokenizer from GGUF metadata ({errors[-1]})", stacklevel=2)
         return None
     if not getattr(tok, "chat_template", None):
-        field = _open(path).fields.get("tokenizer.chat_template")
-        if field is not None:
-            tok.chat_template = field.contents()
+        template = _open(path).fields.get("tokenizer.chat_template")
+        if isinstance(template, str):
+            tok.chat_template = template
     return tok
 
 

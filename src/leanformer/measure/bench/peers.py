@@ -67,10 +67,9 @@ def gguf_kind(path: Path) -> str:
     """The GGUF's most common 2-D tensor type (Q4_0, Q8_0, F32, ...): what llama.cpp runs."""
     import collections
 
-    import gguf
+    from leanformer.formats.gguf_index import GGUFIndex
 
-    reader = gguf.GGUFReader(path, "r")
-    kinds = collections.Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) == 2)
+    kinds = collections.Counter(t.tensor_type.name for t in GGUFIndex(path).tensors if len(t.shape) == 2)
     return kinds.most_common(1)[0][0] if kinds else "?"
 
 
