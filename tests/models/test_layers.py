@@ -42,3 +42,29 @@ def test_rotary_table_follows_dtype_changes():
     assert rot._table is None
     cos, _ = rot(torch.tensor([[3]]), torch.float32)
     assert cos.dtype == torch.float32
+
+
+def test_meta_construction_computes_nothing_on_meta():
+    """Embeddings and RoPE built on the meta device (loading.skeleton) skip meta arithmetic, whose first
+    use imports torch._dynamo (~1 s of a process's first load); the values are what CPU gives."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from leanformer.models.layers import Rotary, embedding\n"
+        "with torch.device('meta'):\n"
+        "    e, r = embedding(50, 8), Rotary(16, 10000.0, None)\n"
+        "assert e.weight.is_meta and r.inv_freq.is_meta\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+    cpu = Rotary(16, 10000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64})  # fmt: skip
+    with torch.device("meta"):
+        meta = Rotary(*cpu.spec)
+    assert meta.inv_freq.is_meta and meta.inv_freq.shape == cpu.inv_freq.shape
+    meta.to_empty(device="cpu")
+    meta.build()  # what the loader does after assigning the weights
+    assert torch.equal(meta.inv_freq, cpu.inv_freq)

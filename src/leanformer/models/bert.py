@@ -23,6 +23,7 @@ from leanformer.errors import LeanformerError
 from leanformer.kernels.packed import packed_ok
 from leanformer.models.bert_attention import LongAttention, long_attention, lookup, position_ids
 from leanformer.models.bert_weights import encoder_extras, sanitize  # noqa: F401 (the family contract)
+from leanformer.models.layers import embedding
 
 ARCHITECTURES = tuple(
     f"{family}{kind}"
@@ -150,10 +151,10 @@ class Embeddings(nn.Module):
     def __init__(self, a: ModelArgs) -> None:
         super().__init__()
         self.a = a
-        self.word_embeddings = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.position_embeddings = nn.Embedding(a.max_position_embeddings, a.hidden_size)
+        self.word_embeddings = embedding(a.vocab_size, a.hidden_size)
+        self.position_embeddings = embedding(a.max_position_embeddings, a.hidden_size)
         if a.type_vocab_size:
-            self.token_type_embeddings = nn.Embedding(a.type_vocab_size, a.hidden_size)
+            self.token_type_embeddings = embedding(a.type_vocab_size, a.hidden_size)
         self.LayerNorm = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
 
     def forward(self, ids: torch.Tensor, token_type_ids: torch.Tensor | None, long=None, mask=None):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanformer.models.kv_cache import KVCache
-from leanformer.models.layers import Attention
+from leanformer.models.layers import Attention, embedding
 
 ARCHITECTURES = ("GPT2LMHeadModel",)
 
@@ -79,8 +79,8 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, a: ModelArgs) -> None:
         super().__init__()
-        self.wte = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.wpe = nn.Embedding(a.max_position_embeddings, a.hidden_size)
+        self.wte = embedding(a.vocab_size, a.hidden_size)
+        self.wpe = embedding(a.max_position_embeddings, a.hidden_size)
         self.h = nn.ModuleList(Block(a, i) for i in range(a.num_hidden_layers))
         self.ln_f = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
 

@@ -12,6 +12,15 @@ from leanformer import kernels
 from leanformer.errors import LeanformerError
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding(num, dim); built on the meta device (loading.skeleton) without its normal_ init,
+    which has nothing to fill there and cost a 1.1-1.5 s import of torch._dynamo on a process's first
+    load (meta-tensor normal_ runs through torch._refs)."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -77,8 +86,12 @@ class Rotary(nn.Module):
         self.build()
 
     def build(self) -> None:
-        """(Re)compute inv_freq; the loader calls this after building the model on the meta device."""
-        inv_freq, self.attn_factor = rope_inv_freq(*self.spec)
+        """(Re)compute inv_freq; the loader calls this after building the model on the meta device.
+        Computed on the CPU and moved: arithmetic on meta tensors imports torch._dynamo (~1 s, once)."""
+        device = torch.get_default_device()
+        with torch.device("cpu"):
+            inv_freq, self.attn_factor = rope_inv_freq(*self.spec)
+        inv_freq = inv_freq.to(device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._table: torch.Tensor | None = None  # [L, 2, D]: cos, signed sin of positions 0..L-1
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from leanformer.models.fused import DecodePlan, set_head_activations
 from leanformer.models.kv_cache import KVCache
-from leanformer.models.layers import Attention, RMSNorm, Rotary
+from leanformer.models.layers import Attention, RMSNorm, Rotary, embedding
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -130,7 +130,7 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, a: ModelArgs) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.embed_tokens = embedding(a.vocab_size, a.hidden_size)
         self.layers = nn.ModuleList(Block(a, i) for i in range(a.num_hidden_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
