@@ -230,6 +230,24 @@ def test_garbage_gguf(tmp_path, blob):
         lf.load(path, keep_quantized=True)
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        struct.pack("<IIQQ", 0x46554747, 1, 0, 0),  # GGUF v1
+        struct.pack("<IIQQ", 0x46554747, 3 << 24, 0, 0),  # big-endian
+        struct.pack("<IIQQQ", 0x46554747, 3, 0, 1, 2**62),  # a key longer than the file
+        struct.pack("<IIQQQ", 0x46554747, 3, 0, 1, 1) + b"k" + struct.pack("<I", 99),  # unknown value type
+        struct.pack("<IIQQQ", 0x46554747, 3, 0, 1, 1) + b"k" + struct.pack("<IIQ", 9, 4, 2**61),  # huge array
+        struct.pack("<IIQQQ", 0x46554747, 3, 0, 1, 2) + b"\xff\xfe" + struct.pack("<IB", 0, 1),  # not UTF-8
+    ],
+)
+def test_malformed_gguf_header(tmp_path, header):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(header + bytes(64))
+    with pytest.raises(lf.LeanformerError, match="not a readable GGUF file"):
+        lf.load(path, keep_quantized=True)
+
+
 def test_truncated_gguf(tmp_path):
     from tests.formats.test_gguf import tiny_config
     from tests.formats.tiny_gguf import hf_llama_state_dict, write_gguf

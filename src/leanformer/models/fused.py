@@ -173,6 +173,15 @@ def _ends(model: nn.Module) -> tuple | None:
     return (*table, norm.weight.detach(), norm.eps, lin, hasattr(head, "int8_activations"))
 
 
+def arm_tokens(model: nn.Module, stack) -> None:
+    """Before ids-to-logits steps: the stack's int8 decision, and the head module told the same (what it
+    would take on these rows, set_head_activations), so the two stay coherent."""
+    stack.int8_act = int8_activations(model)
+    head = model.lm_head
+    if hasattr(head, "int8_activations"):
+        head.int8_activations = stack.int8_act
+
+
 def _heads(block: nn.Module) -> tuple[int, int, int]:
     """(query heads, KV heads, head_dim) of one layer: per layer, since head pruning
     (compress/prune_heads.py) leaves layers with different query-head counts."""
@@ -323,12 +332,7 @@ class DecodePlan:
         stack = self.get(model)
         if stack is None or not stack.has_ends:
             return None
-        stack.int8_act = int8_activations(model)
-        head = (
-            model.lm_head
-        )  # what the head module would take on these rows (set_head_activations), kept coherent
-        if hasattr(head, "int8_activations"):
-            head.int8_activations = stack.int8_act
+        arm_tokens(model, stack)
         b = ids.shape[0]
         cos, sin = rope  # [B, 1, 1, D] each
         read, write = _pool_rows(cache)

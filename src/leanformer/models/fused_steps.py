@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from leanformer.kernels.modules import MAX_ROWS
-from leanformer.models.fused import DecodePlan, int8_activations
+from leanformer.models.fused import DecodePlan, arm_tokens
 from leanformer.models.kv_cache import KVCache
 
 
@@ -54,10 +54,7 @@ class FusedSteps:
         table = model.rotary.table(cache.max_seq)
         if stack is None or not stack.has_ends or table is None:
             return None
-        stack.int8_act = int8_activations(model)
-        head = model.lm_head
-        if hasattr(head, "int8_activations"):  # what the head module takes on fused rows (fused.py)
-            head.int8_activations = stack.int8_act
+        arm_tokens(model, stack)
         return cls(model, cache, stack, table[:, 0].contiguous(), table[:, 1].contiguous())
 
     def __call__(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
