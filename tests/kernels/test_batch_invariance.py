@@ -56,7 +56,7 @@ def test_q4_i8_rows_equal_one_row_calls(act_isa, group, variant, k):  # noqa: F8
 
 
 @pytest.mark.parametrize("group", [0, 32, 64])  # 0: one scale per row
-@pytest.mark.parametrize("k", [576, 100])  # 100: a partial last block
+@pytest.mark.parametrize("k", [576, 100, 800])  # 100: a partial last block; 800: 3 spans + 32 (q8_span_rows)
 def test_q8_i8_rows_equal_one_row_calls(act_isa, group, k):  # noqa: F811
     gen = torch.Generator().manual_seed(1)
     w = torch.randint(-128, 128, (53, k), dtype=torch.int8, generator=gen)

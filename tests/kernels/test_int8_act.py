@@ -88,8 +88,12 @@ def test_q4(act_isa, rows, group, k, symmetric):
     close(y, ref, torch.nn.functional.pad(ref_dequantize_act(x), (0, kp - k)).abs() @ w.abs().T)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 9])
-@pytest.mark.parametrize(("group", "k"), [(0, 576), (0, 100), (0, 7), (32, 576), (32, 100), (64, 192)])
+@pytest.mark.parametrize("rows", [1, 2, 9, 17])  # 17: calls of 16 and 1
+@pytest.mark.parametrize(
+    ("group", "k"),
+    [(0, 576), (0, 100), (0, 7), (32, 576), (32, 100), (64, 192), (32, 256), (32, 64), (32, 800), (32, 1120)],
+)  # group 32 from 32-column multiples: AVX-512 VNNI's 256-column spans (gemv_i8_wide.h q8_span_rows):
+#    exactly one (256), a part of one (64), whole ones then 32 (800) or 96 (1120) columns
 def test_q8(act_isa, rows, group, k):
     n = 45
     wq = torch.randint(-128, 128, (n, k), dtype=torch.int8)

@@ -100,7 +100,7 @@ void quantize_row_q4(const float* x, int64_t K, int64_t Kp, int64_t group, int8_
 // One call's activations as the int4 / int5 loops read them, in one allocation (one per GEMV instead of
 // three: the fused step makes ~120 calls a token): codes xq [M, Kx] (Kx = 64 chunks, past Kp never read),
 // chunk scales dv [M, 8 chunks], group sums xs [M, G], offset lanes xc [M, 8 chunks] (I8Args).
-// and, for the span loop (spans > 0), offset sums so and block scales sd [M, 16 spans] each.
+// and, for the span loop (spans > 0), offset sums so, block scales sd and group sums sx [M, 16 spans] each.
 struct NibActs {
   at::Tensor buf;
   int8_t* xq;
@@ -109,14 +109,16 @@ struct NibActs {
   int32_t* xc;
   int32_t* so;
   float* sd;
+  float* sx;
   NibActs(int64_t M, int64_t chunks, int64_t G, int64_t spans = 0)
-      : buf(at::empty({M * 64 * chunks + 4 * M * (16 * chunks + G + 32 * spans)}, at::TensorOptions().dtype(at::kChar))) {
+      : buf(at::empty({M * 64 * chunks + 4 * M * (16 * chunks + G + 48 * spans)}, at::TensorOptions().dtype(at::kChar))) {
     xq = buf.data_ptr<int8_t>();
     dv = reinterpret_cast<float*>(xq + M * 64 * chunks);  // 64-byte rows: dv stays aligned
     xs = dv + M * 8 * chunks;
     xc = reinterpret_cast<int32_t*>(xs + M * G);
     so = xc + M * 8 * chunks;
     sd = reinterpret_cast<float*>(so + M * 16 * spans);
+    sx = sd + M * 16 * spans;
   }
 };
 
@@ -135,9 +137,10 @@ void to_wide_layout(int8_t* row, int64_t chunks) {
 // to_wide_layout) -> the span layout of gemv_i8_wide.h's span_rows: per span the vectors X[j] lo, X[j] hi
 // (j = 0..3, 64 bytes each, in that order), whose lane L = 4k + s holds block b = 4s + k of the span:
 // its columns 8j, 8j+2, 8j+4, 8j+6 (lo) or 8j+1, 8j+3, 8j+5, 8j+7 (hi) — the nibbles the weights' 4 x 4
-// dword transpose puts in that lane. so / sd [16 spans]: lane L's offset sum (xc's four lanes of block
-// b) and block b's d.
-void to_span_layout(int8_t* row, const float* dv, const int32_t* xc, int64_t spans, int32_t* so, float* sd) {
+// dword transpose puts in that lane. so / sd / sx [16 spans]: lane L's offset sum (xc's four lanes of
+// block b), block b's d and its group sum (xs: the zero points' factor).
+void to_span_layout(int8_t* row, const float* dv, const int32_t* xc, const float* xs, int64_t spans, int32_t* so,
+                    float* sd, float* sx) {
   alignas(64) int8_t out[512];
   for (int64_t sp = 0; sp < spans; ++sp) {
     int8_t* src = row + 512 * sp;  // 8 chunks of [32 evens | 32 odds], block 2c then 2c + 1 in each half
@@ -152,9 +155,27 @@ void to_span_layout(int8_t* row, const float* dv, const int32_t* xc, int64_t spa
       const int32_t* lanes = xc + 8 * c + 4 * half;
       so[16 * sp + L] = lanes[0] + lanes[1] + lanes[2] + lanes[3];
       sd[16 * sp + L] = dv[8 * c + 4 * half];
+      sx[16 * sp + L] = xs[16 * sp + b];
     }
     std::memcpy(src, out, 512);
   }
+}
+
+// An int8 GEMV's activation row (quantize_row: codes in natural order, d per 32-column block) -> the
+// span layout of gemv_i8_wide.h's q8_span_rows: `spans` = ceil(K / 256) spans of 256 columns, per span
+// the vectors X[j] (j = 0..3, 64 bytes each) whose lane L = 4k + s holds dword j (columns 4j..4j+3) of
+// the span's 16-column group g = 4s + k, the same place the weights' 4 x 4 dword transpose puts them,
+// each code + 128 (vpdpbusd's unsigned operand: the signed weights' 128 * sum is taken off in the loop);
+// sd [16 spans]: lane L's block scale d (block g / 2). Columns past K (a multiple of 32): code 0, d 0.
+void to_q8_span_layout(const int8_t* xq, const float* d, int64_t K, int64_t spans, uint8_t* out, float* sd) {
+  for (int64_t sp = 0; sp < spans; ++sp)
+    for (int L = 0; L < 16; ++L) {
+      const int64_t col = 256 * sp + 16 * (4 * (L % 4) + L / 4);
+      for (int j = 0; j < 4; ++j)
+        for (int i = 0; i < 4; ++i)
+          out[256 * sp + 64 * j + 4 * L + i] = static_cast<uint8_t>((col < K ? xq[col + 4 * j + i] : 0) ^ 0x80);
+      sd[16 * sp + L] = col < K ? d[col / 32] : 0.f;
+    }
 }
 
 }  // namespace

@@ -170,8 +170,9 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
     int8_t* row = acts.xq + m * Kx;
     quantize_row_q4(x.data_ptr<float>() + m * K, K, Kp, group_size, row, dv + m * 8 * chunks, xs + m * G, -8,
                     acts.xc + m * 8 * chunks);
-    if (spans) to_span_layout(row, dv + m * 8 * chunks, acts.xc + m * 8 * chunks, spans, acts.so + m * 16 * spans,
-                              acts.sd + m * 16 * spans);
+    if (spans)
+      to_span_layout(row, dv + m * 8 * chunks, acts.xc + m * 8 * chunks, xs + m * G, spans, acts.so + m * 16 * spans,
+                     acts.sd + m * 16 * spans, acts.sx + m * 16 * spans);
     if (wide) to_wide_layout(row + 512 * spans, Kp / 64 - 8 * spans);  // whole 64-column chunks (a last 32 stay)
   }
   at::Tensor y = at::empty({M, N}, x.options());
@@ -182,7 +183,7 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
     if (lookup) a.sc = qs.sc, a.zc = qs.zc, a.lut = qs.lut;
     a.wide = wide;
     a.xc = acts.xc + m0 * 8 * chunks;
-    a.spans = spans, a.so = acts.so + m0 * 16 * spans, a.sd = acts.sd + m0 * 16 * spans;
+    a.spans = spans, a.so = acts.so + m0 * 16 * spans, a.sd = acts.sd + m0 * 16 * spans, a.sx = acts.sx + m0 * 16 * spans;
     if (next && m0 + kI8Rows >= M && !(qs.coded() && !lookup)) a.next = *next;  // the call's last part
     run_rows(a, true, Kp / 2 + (qs.coded() ? 2 : qs.z ? 8 : 4) * G, qs.coded() && !lookup ? &qs : nullptr, isa);
   }
@@ -208,14 +209,29 @@ at::Tensor linear_q8_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   at::Tensor bh;
   const float* b = bias_ptr(bias, N, bh);
   auto [xq, d] = quantize_act(x);
-  const int64_t Kx = xq.size(1);
+  int64_t Kx = xq.size(1);
+  // read once: the activations' layout and the loops that read it must agree even if set_act_isa runs now
+  const int isa = g_act_isa.load(std::memory_order_relaxed);
+  // AVX-512 VNNI, group 32, whole blocks: 256-column spans (gemv_i8_wide.h q8_span_rows)
+  const int64_t spans = isa == kAvx512Vnni && group_size == 32 && K % 32 == 0 ? (K + 255) / 256 : 0;
+  at::Tensor xs, sd;
+  if (spans) {
+    xs = at::empty({M, 256 * spans}, xq.options());
+    sd = at::empty({M, 16 * spans}, x.options());
+    for (int64_t m = 0; m < M; ++m)
+      to_q8_span_layout(xq.data_ptr<int8_t>() + m * Kx, d.data_ptr<float>() + m * (Kx / 32), K, spans,
+                        reinterpret_cast<uint8_t*>(xs.data_ptr<int8_t>()) + m * 256 * spans,
+                        sd.data_ptr<float>() + m * 16 * spans);
+    xq = xs, Kx = 256 * spans;
+  }
   at::Tensor y = at::empty({M, N}, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kI8Rows) {
-    I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, d.data_ptr<float>() + m0 * (Kx / 32), nullptr,
+    I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, spans ? nullptr : d.data_ptr<float>() + m0 * (Kx / 32), nullptr,
              w.data_ptr<int8_t>(), scales.data_ptr<float>(), nullptr, b, y.data_ptr<float>() + m0 * N,
              std::min<int64_t>(kI8Rows, M - m0), N, K, Kx, group_size};
+    if (spans) a.spans = spans, a.sd = sd.data_ptr<float>() + m0 * 16 * spans;
     if (next && m0 + kI8Rows >= M) a.next = *next;
-    run_rows(a, false, K);
+    run_rows(a, false, K, nullptr, isa);
   }
   return y;
 }

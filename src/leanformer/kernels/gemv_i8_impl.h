@@ -200,7 +200,7 @@ inline void q8_rows_nr(const I8Args& a, int64_t n, float (&out)[NR][M]) {
 
 // Which row function a call runs: int4 (group layout S), int8 (per row / per group, or kG16: Q6_K's two
 // scales per 32-column block), int5.
-enum class Kind { q4, q8, q8g16, q5, q4w, q8w };  // q4w / q8w: the 512-bit loops (gemv_i8_wide.h)
+enum class Kind { q4, q8, q8g16, q5, q4w, q8w, q8s };  // q4w / q8w / q8s: the 512-bit loops (gemv_i8_wide.h)
 constexpr bool nibbles(Kind K) { return K == Kind::q4 || K == Kind::q5 || K == Kind::q4w; }
 
 // Rows [0, M) of a's activations as K's loop reads them (packed from kPackRows rows for the nibbles).
@@ -220,6 +220,7 @@ __attribute__((always_inline)) inline void rows_nr(const I8Args& a, const XPack&
 #ifdef LF_I8_WIDE
   if constexpr (K == Kind::q4w) wide_rows<NR, M, D, S>(a, p, n, out);
   else if constexpr (K == Kind::q8w) a.group > 0 ? wide_q8_rows<NR, M, D, true>(a, n, out) : wide_q8_rows<NR, M, D, false>(a, n, out);
+  else if constexpr (K == Kind::q8s) q8_span_rows<NR, M>(a, n, out);
   else
 #endif
   if constexpr (K == Kind::q4 || K == Kind::q5)
@@ -259,7 +260,8 @@ inline void rows_mp(const I8Args& a, const XPack& p, int64_t n0, int64_t n1) {
   // the 512-bit loops (32 vector registers): two weight rows per pass from 2 activation rows on (int4:
   // up to 4; at 8 its 16 accumulators + both rows' nibbles spill), so each activation chunk and scale
   // vector loaded serves both rows
-  constexpr int NR = K == Kind::q8w && M >= 2 ? 2 : K == Kind::q4w && M >= 2 && M <= 4 ? 2 : i8_nr<M, nibbles(K)>();
+  constexpr int NR = K == Kind::q8s ? (M <= 4 ? 2 : 1)
+                     : K == Kind::q8w && M >= 2 ? 2 : K == Kind::q4w && M >= 2 && M <= 4 ? 2 : i8_nr<M, nibbles(K)>();
   const int64_t wrow = i8_row_bytes<K>(a), srow = i8_scale_row_bytes(a, nibbles(K));
   const int64_t ahead = wrow > 0 ? (kI8Ahead + wrow - 1) / wrow : 0;  // rows
   const char* w0 = static_cast<const char*>(a.w);
@@ -330,9 +332,12 @@ inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
   h[0].M = 8, h[1].M = a.M - 8;
   h[0].next = h[1].next = I8Next{};  // tile by tile: no single end to request the next weights from
   const int64_t m0 = h[0].M, groups = kNib ? a.K / (K == Kind::q5 ? 32 : a.group) : 0;
-  h[1].xq += m0 * a.Kx, h[1].dv += m0 * (kNib ? a.Kx / 8 : a.Kx / 32), h[1].y += m0 * a.N;
+  h[1].xq += m0 * a.Kx, h[1].y += m0 * a.N;
+  if (a.dv) h[1].dv += m0 * (kNib ? a.Kx / 8 : a.Kx / 32);
   if (kNib) h[1].xs += m0 * groups, h[1].xc += m0 * (a.Kx / 8);
-  if (a.spans) h[1].so += m0 * 16 * a.spans, h[1].sd += m0 * 16 * a.spans;
+  if (a.so) h[1].so += m0 * 16 * a.spans;
+  if (a.sd) h[1].sd += m0 * 16 * a.spans;
+  if (a.sx) h[1].sx += m0 * 16 * a.spans;
   I8Buf buf[2];
   XPack p[2];
   for (int i = 0; i < 2; ++i)
@@ -352,6 +357,7 @@ template <class D>
 inline void q8_any(const I8Args& a, int64_t n0, int64_t n1) {
   if (a.group == 16) return rows<D, Kind::q8g16>(a, n0, n1);
 #ifdef LF_I8_WIDE
+  if (a.spans > 0) return rows<D, Kind::q8s>(a, n0, n1);  // set by gemv_i8.cpp: group 32, whole blocks
   if (a.group == 0 || a.group == 32 || a.group % 64 == 0) return rows<D, Kind::q8w>(a, n0, n1);
 #endif
   rows<D, Kind::q8>(a, n0, n1);

@@ -86,8 +86,8 @@ inline float nib_tail(const I8Args& a, const uint8_t* w, uint32_t h, float s, in
 }
 
 // The end of a nibble row (nib_rows, and wide_rows of gemv_i8_wide.h): acc[r][m] holds the chunks'
-// sum, the codes' -8 (-16) included (I8Args::xc); add the zero points and a last 32 columns into
-// out[r][m].
+// sum, the codes' -8 (-16) included (I8Args::xc); add the zero points (of the groups past the span
+// loop's, gemv_i8_wide.h span_rows: it adds its own) and a last 32 columns into out[r][m].
 template <int NR, int M, Groups S, bool kQ5>
 inline void nib_finish(const I8Args& a, int64_t n, const __m256 (&acc)[NR][M], float (&out)[NR][M]) {
   const int64_t group = kQ5 ? 32 : a.group;
@@ -120,7 +120,7 @@ inline void nib_finish(const I8Args& a, int64_t n, const __m256 (&acc)[NR][M], f
     for (int m = 0; m < M; ++m) {
       __m256 t8 = acc[r][m];
       const float* xs = a.xs + m * G;
-      int64_t j = 0;
+      int64_t j = 16 * a.spans;
       if (zeros)
         for (; j + 8 <= G; j += 8) {
           __m256 z8;

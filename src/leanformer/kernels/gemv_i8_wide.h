@@ -84,15 +84,19 @@ inline void wide_sums(const __m512 (&acc)[NR][M], float (&out)[NR][M]) {
 // 16-byte block, lane L = 4k + s <- block b = 4s + k (vector s, 128-bit lane k); the activations were
 // laid out to match (act_quant.h to_span_layout), with each lane's offset sum `so` and scale `sd`.
 // kCoded: the weight scales are 8-bit codes looked up in a.lut (the same fp32 values as the arrays).
+// Zero points (a.zeros, or codes): lane L's z * (its group's activation sum, a.sx), one FMA per row pair
+// and span, instead of nib_finish's pass over the groups after the loop (~a third of a 576-column row's
+// work per activation row).
 template <int NR, int M, bool kCoded>
-inline void span_rows(const I8Args& a, const uint8_t* __restrict const (&w)[NR], const float* const (&sc)[NR],
+inline void span_rows(const I8Args& a, int64_t n, const uint8_t* __restrict const (&w)[NR], const float* const (&sc)[NR],
                       const uint8_t* const (&scc)[NR], __m512 (&acc)[NR][M]) {
   const __m512i mask = _mm512_set1_epi8(0x0F);
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);  // b(L)
-  const int64_t stride = 16 * a.spans;  // so / sd row stride
+  const int64_t stride = 16 * a.spans, G = a.K / 32;  // so / sd / sx row stride; groups of a weight row
+  const bool zeros = kCoded || a.zeros;
   for (int64_t s = 0; s < a.spans; ++s) {
     __m512i lo[NR][4], hi[NR][4];
-    __m512 ws[NR];  // block b(L)'s weight scale in lane L
+    __m512 ws[NR], zs[NR];  // block b(L)'s weight scale, zero point in lane L
     LF_UNROLL
     for (int r = 0; r < NR; ++r) {
       const uint8_t* p = w[r] + 256 * s;
@@ -110,8 +114,13 @@ inline void span_rows(const I8Args& a, const uint8_t* __restrict const (&w)[NR],
       if constexpr (kCoded) {
         const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scc[r] + 16 * s)));
         ws[r] = _mm512_i32gather_ps(_mm512_permutexvar_epi32(order, codes), a.lut, 4);
+        // z = lut[256 + zc] * s rounded to fp32, as the fp32 arrays hold it (nib_finish)
+        const __m512i zc = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zc + (n + r) * G + 16 * s)));
+        zs[r] = _mm512_mul_ps(_mm512_i32gather_ps(_mm512_permutexvar_epi32(order, zc), a.lut + 256, 4), ws[r]);
+        asm("" : "+v"(zs[r]));  // no FMA contraction into the zero FMA below
       } else {
         ws[r] = _mm512_permutexvar_ps(order, _mm512_loadu_ps(sc[r] + 16 * s));
+        if (zeros) zs[r] = _mm512_permutexvar_ps(order, _mm512_loadu_ps(a.zeros + (n + r) * G + 16 * s));
       }
     }
     LF_UNROLL
@@ -133,6 +142,11 @@ inline void span_rows(const I8Args& a, const uint8_t* __restrict const (&w)[NR],
       LF_UNROLL
       for (int r = 0; r < NR; ++r)
         acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r])), _mm512_mul_ps(d, ws[r]), acc[r][m]);
+      if (zeros) {
+        const __m512 xs = _mm512_loadu_ps(a.sx + m * stride + 16 * s);
+        LF_UNROLL
+        for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(zs[r], xs, acc[r][m]);
+      }
     }
   }
 }
@@ -174,7 +188,7 @@ inline void wide_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[N
   int64_t g = 0, left = cpg;  // k64n: the group of chunk c, its chunks still ahead
   int64_t c = 0;
   if constexpr (layout(S) == Groups::k32)
-    if (a.spans > 0) span_rows<NR, M, kCoded>(a, w, sc, scc, acc), c = 8 * a.spans;  // the lanes' total: the same sum
+    if (a.spans > 0) span_rows<NR, M, kCoded>(a, n, w, sc, scc, acc), c = 8 * a.spans;  // the lanes' total: the same sum
   for (; c + 1 < chunks; c += 2) {  // one 128-column superchunk: 64 weight bytes per row
     int64_t g2 = g;  // k64n: the group of chunk c + 1
     if (layout(S) == Groups::k64n && left == 1) g2 = g + 1;
@@ -228,7 +242,9 @@ inline void wide_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[N
       }
     }
   }
-  if (!kCoded && !a.zeros) {  // symmetric codes (GGUF Q4_0): the sums are the results, but a last 32 columns
+  // symmetric codes (GGUF Q4_0), or zero points all taken in span_rows: the sums are the results, but a
+  // last 32 columns
+  if ((!kCoded && !a.zeros) || (layout(S) == Groups::k32 && 16 * a.spans == G)) {
     wide_sums(acc, out);
     if (a.K % 64)
       LF_UNROLL
@@ -330,6 +346,83 @@ inline void wide_q8_rows(const I8Args& a, int64_t n, float (&out)[NR][M]) {
       out[r][m] = kGrouped ? y[r][m] : y[r][m] * sc[r][0];
     }
   }
+}
+
+// int8 weights, group 32, K a multiple of 32 (I8Args::spans > 0: the activations in the span layout of
+// act_quant.h to_q8_span_layout), rows n..n+NR-1 into out[r][m], 256 columns per step.
+//
+// Why: wide_q8_rows spends, per weight row, activation row and 64 columns, a vpdpbusd, the sign moved
+// onto x, the two blocks' scale product, a convert and an FMA: at 8 rows the LM head (49152 x 576) cost
+// ~4x its one-row time, most of a verification row. Here a 4 x 4 dword transpose of the weight row's
+// four 64-byte vectors (once per weight row, shared by all activation rows) puts in lane L = 4k + s the
+// dwords of one 16-column group g = 4s + k (half a block): per activation row four vpdpbusd sum each
+// lane's group exactly, then one convert, one multiply and one FMA take 256 columns. vpdpbusd wants one
+// unsigned operand: the activations come as code + 128, and the weight row's 128 * sum per group
+// (4 vpdpbusd, shared by the rows) starts each sum negated. Columns past K load as zeros (weights) /
+// 128 (activations): nothing.
+template <int NR, int M>
+inline void q8_span_rows(const I8Args& a, int64_t n, float (&out)[NR][M]) {
+  const int64_t spans = a.spans, G = a.K / 32;
+  const int8_t* __restrict w[NR];
+  const float* sc[NR];
+  LF_UNROLL
+  for (int r = 0; r < NR; ++r) w[r] = static_cast<const int8_t*>(a.w) + (n + r) * a.K, sc[r] = a.scales + (n + r) * G;
+  const uint8_t* xu = reinterpret_cast<const uint8_t*>(a.xq);
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i block = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 1, 3, 5, 7, 1, 3, 5, 7);  // g(L) / 2
+  __m512 acc[NR][M];
+  LF_UNROLL
+  for (int r = 0; r < NR; ++r)
+    LF_UNROLL
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < spans; ++s) {
+    const int64_t left = a.K - 256 * s;  // columns of this span still in the row (a last span: < 256)
+    __m512i tr[NR][4], neg[NR];
+    __m512 ws[NR];
+    LF_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      const int8_t* p = w[r] + 256 * s;
+      __m512i v[4];
+      if (left >= 256) {
+        LF_UNROLL
+        for (int q = 0; q < 4; ++q) i8_prefetch(w[r], 256 * s + 64 * q), v[q] = _mm512_loadu_si512(p + 64 * q);
+        ws[r] = _mm512_permutexvar_ps(block, _mm512_castps256_ps512(_mm256_loadu_ps(sc[r] + 8 * s)));
+      } else {
+        LF_UNROLL
+        for (int q = 0; q < 4; ++q) {
+          const int64_t bytes = left - 64 * q;
+          const __mmask64 k = bytes >= 64 ? ~__mmask64{0} : bytes > 0 ? (__mmask64{1} << bytes) - 1 : 0;
+          v[q] = _mm512_maskz_loadu_epi8(k, p + 64 * q);
+        }
+        const __mmask8 k8 = static_cast<__mmask8>((1u << (left / 32)) - 1);
+        ws[r] = _mm512_permutexvar_ps(block, _mm512_castps256_ps512(_mm256_maskz_loadu_ps(k8, sc[r] + 8 * s)));
+      }
+      const __m512i t0 = _mm512_unpacklo_epi32(v[0], v[1]), t1 = _mm512_unpackhi_epi32(v[0], v[1]);
+      const __m512i t2 = _mm512_unpacklo_epi32(v[2], v[3]), t3 = _mm512_unpackhi_epi32(v[2], v[3]);
+      tr[r][0] = _mm512_unpacklo_epi64(t0, t2), tr[r][1] = _mm512_unpackhi_epi64(t0, t2);
+      tr[r][2] = _mm512_unpacklo_epi64(t1, t3), tr[r][3] = _mm512_unpackhi_epi64(t1, t3);
+      __m512i c = _mm512_setzero_si512();
+      LF_UNROLL
+      for (int j = 0; j < 4; ++j) c = _mm512_dpbusd_epi32(c, bias, tr[r][j]);
+      neg[r] = _mm512_sub_epi32(_mm512_setzero_si512(), c);
+    }
+    LF_UNROLL
+    for (int m = 0; m < M; ++m) {  // each activation vector loaded once for the NR weight rows
+      const uint8_t* x = xu + m * a.Kx + 256 * s;
+      __m512i xv[4];
+      LF_UNROLL
+      for (int j = 0; j < 4; ++j) xv[j] = _mm512_loadu_si512(x + 64 * j);
+      const __m512 d = _mm512_loadu_ps(a.sd + m * 16 * spans + 16 * s);
+      LF_UNROLL
+      for (int r = 0; r < NR; ++r) {
+        __m512i t = neg[r];
+        LF_UNROLL
+        for (int j = 0; j < 4; ++j) t = _mm512_dpbusd_epi32(t, xv[j], tr[r][j]);
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(d, ws[r]), acc[r][m]);
+      }
+    }
+  }
+  wide_sums(acc, out);
 }
 
 }  // namespace

@@ -56,10 +56,13 @@ struct I8Args {
   const int32_t* xc = nullptr;
   // q4 wide, group 32: the first `spans` 512-column spans of xq in the span
   // layout (act_quant.h to_span_layout, gemv_i8_wide.h span_rows), with per span 16 lanes of offset sums
-  // so and block scales sd ([M, 16 * spans] each); 0: none
+  // so and block scales sd ([M, 16 * spans] each); 0: none.
+  // q8, AVX-512 VNNI, group 32, K a multiple of 32: xq is [M, Kx = 256 * spans] codes + 128 in the q8
+  // span layout (act_quant.h to_q8_span_layout, gemv_i8_wide.h q8_span_rows), sd its lane scales, dv null
   int64_t spans = 0;
   const int32_t* so = nullptr;
   const float* sd = nullptr;
+  const float* sx = nullptr;  // q4 spans: lane L's group sum (xs) per span [M, 16 * spans], for zero points
   I8Next next;
 };
 
