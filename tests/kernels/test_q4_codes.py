@@ -33,7 +33,8 @@ def _operands(n: int, kp: int, group: int, seed: int = 0):
 # 256 groups, 8 rows per chunk; 100 / 1000: padded codes (Kp > K); 800 / 1440 (codes decoded per chunk
 # of rows) and 2080 / 3360 / 4160 (>= 32 groups: codes looked up in the int8-activation loops): a last
 # half chunk of 32 columns, a group count that is not a multiple of 8, group 96: chunks straddling two
-# groups
+# groups; 1088 at group 32 (>= 32 groups): two 512-column spans and one 64-column chunk, whose zero
+# points the AVX-512 VNNI loop takes in place (gemv_i8_wide.h)
 SHAPES = [
     (301, 576, 576, 32),
     (301, 576, 576, 64),
@@ -45,6 +46,7 @@ SHAPES = [
     (13, 2080, 2080, 32),
     (13, 3360, 3360, 96),
     (13, 4160, 4160, 64),
+    (13, 1088, 1088, 32),
 ]
 
 

@@ -220,8 +220,18 @@ inline void wide_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[N
       for (int k = 0; k < 2; ++k)
         if (--left == 0) ++g, left = cpg;
   }
+  // Zero points the loops take themselves: the spans' groups, and when the spans are followed by just one
+  // odd 64-column chunk (SmolLM2's 576 columns) its two groups too: then no nib_finish pass is left.
+  const bool zeros = kCoded || a.zeros;
+  const bool tail_zeros = layout(S) == Groups::k32 && zeros && a.spans > 0 && chunks == 8 * a.spans + 1 && a.K % 64 == 0;
+  const int64_t zeros_done = layout(S) == Groups::k32 ? 16 * a.spans + (tail_zeros ? 2 : 0) : 0;
   if (c < chunks) {  // an odd last 64-column chunk, in the chunk layout: [lo | hi] x [evens | odds] in one step
     const __m512i mask_hi = _mm512_set1_epi8(0x0F);
+    const __m512i pair = _mm512_setr_epi32(0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    // v[0], v[1] in lanes 0 and 4 (blocks 2c and 2c + 1: lanes 0-3 / 4-7 are theirs), zero elsewhere
+    auto two = [&](const float* v) {
+      return _mm512_maskz_permutexvar_ps(0x11, pair, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(v)))));
+    };
     LF_UNROLL
     for (int r = 0; r < NR; ++r) {
       const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + 32 * c)));
@@ -229,6 +239,16 @@ inline void wide_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[N
       const __m256 ws8 = i8_chunk_scales<S>(sc[r], scc[r], lut, c, g, a.group / 32);
       const __m512 ws = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(ws8)),
                                                             _mm256_castps_pd(ws8), 1));
+      __m512 zs = _mm512_setzero_ps();  // tail_zeros: z of blocks 2c, 2c + 1 in lanes 0, 4
+      if (tail_zeros) {
+        alignas(8) float z[2];
+        for (int k = 0; k < 2; ++k) {
+          float zk = kCoded ? lut[256 + a.zc[(n + r) * G + 2 * c + k]] * scale(r, 2 * c + k) : a.zeros[(n + r) * G + 2 * c + k];
+          asm("" : "+x"(zk));  // rounded to fp32 as the arrays hold it (nib_finish)
+          z[k] = zk;
+        }
+        zs = two(z);
+      }
       LF_UNROLL
       for (int m = 0; m < M; ++m) {
         const int8_t* x = kP ? p.x + 64 * (c * M + m) : xr[m] + 64 * c;
@@ -239,12 +259,13 @@ inline void wide_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[N
         const __m512i sum = _mm512_dpbusd_epi32(o, lohi, _mm512_loadu_si512(x));
         const __m512 d = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(reinterpret_cast<const double*>(dp))));
         acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, ws), acc[r][m]);
+        if (tail_zeros) acc[r][m] = _mm512_fmadd_ps(zs, two(a.xs + m * G + 2 * c), acc[r][m]);
       }
     }
   }
-  // symmetric codes (GGUF Q4_0), or zero points all taken in span_rows: the sums are the results, but a
-  // last 32 columns
-  if ((!kCoded && !a.zeros) || (layout(S) == Groups::k32 && 16 * a.spans == G)) {
+  // symmetric codes (GGUF Q4_0), or every zero point taken above: the sums are the results, but a last
+  // 32 columns
+  if (!zeros || zeros_done == G) {
     wide_sums(acc, out);
     if (a.K % 64)
       LF_UNROLL
