@@ -4,8 +4,12 @@ bench-serve --speculative (serve/spec_bench.py) measures what a client sees, in 
 HTTP; on a shared 2-core machine under load 5-13 its per-round ratios swung 0.5-2.4x even where both
 sides did the same work (open-ended, nothing drafted). This runs the same workloads through the same
 PagedScheduler + SpecDecoder the server uses, on one thread, timing the engine thread's CPU time
-(time.thread_time): the work speculation saves or costs, nearly blind to other processes. Rounds
-alternate which side goes first; the ratio is off's CPU time over on's, per round, and the median.
+(time.thread_time): the work speculation saves or costs, blind to preemption. The two sides run in
+lockstep: two schedulers, one with speculation on and one off, each serving the same requests, take
+their steps in turn (which one goes first alternates), each step timed on its side's clock. A VM's
+speed drifts by tens of percent within seconds (a neighbour's memory traffic, clocks): with whole rounds
+one after the other that drift landed between the sides (identical work read 0.78-1.15x per round);
+step by step it falls on both alike. The ratio is off's CPU time over on's, per round, and the median.
 
     python -m leanformer.measure.bench.spec_serve_ab smollm2 --concurrency 4 --requests 8 --rounds 4 \
         --passages ../shared/data/wikitext-2-raw/wiki.test.raw
@@ -29,16 +33,22 @@ def _encode(tok, prompt) -> list[int]:
     return tok.encode(prompt)
 
 
-def _run(sched, prompts: list[list[int]], max_tokens: int, mode: str | None) -> float:
-    """CPU seconds of this thread to serve `prompts` (all submitted at once; the slots bound the batch)."""
+def _run(scheds: list, prompts: list[list[int]], max_tokens: int, modes: list[str | None]) -> list[float]:
+    """CPU seconds of this thread each scheduler took to serve `prompts` (all submitted at once, the
+    slots bounding the batch), scheds[i] with speculative=modes[i], their steps taken in turn."""
     from leanformer.engine.request import Request
 
-    for p in prompts:
-        sched.submit(Request(list(p), max_tokens, speculative=mode))
-    t = time.thread_time()
-    while sched.has_work():
-        sched.step()
-    return time.thread_time() - t
+    for sched, mode in zip(scheds, modes):
+        for p in prompts:
+            sched.submit(Request(list(p), max_tokens, speculative=mode))
+    cpu = [0.0] * len(scheds)
+    while any(s.has_work() for s in scheds):
+        for i, sched in enumerate(scheds):
+            if sched.has_work():
+                t = time.thread_time()
+                sched.step()
+                cpu[i] += time.thread_time() - t
+    return cpu
 
 
 @torch.inference_mode()
@@ -51,23 +61,31 @@ def measure(model, tok, concurrency: int, requests: int, max_tokens: int, rounds
     loads = {w: [_encode(tok, p) for p in ps] for w, ps in workload_prompts(tok, cfg).items()}
     longest = max(len(p) for ps in loads.values() for p in ps) + max_tokens
     block = 16
-    sched = PagedScheduler(model, tok, concurrency, longest, concurrency * (longest // block + 2), block)
-    sched.spec = SpecDecoder()
-    sched.spec.calibrate(sched)
+
+    def scheduler():
+        sched = PagedScheduler(model, tok, concurrency, longest, concurrency * (longest // block + 2), block)
+        sched.spec = SpecDecoder()
+        sched.spec.calibrate(sched)  # once per model: both share the timing
+        return sched
+
+    on, off = scheduler(), scheduler()
     out = {}
     for name, prompts in loads.items():
-        _run(sched, prompts, max_tokens, None)  # warm-up
-        d0, a0 = sched.spec.drafted_total, sched.spec.accepted_total
+        _run([on, off], prompts, max_tokens, ["prompt-lookup", None])  # warm-up
+        d0, a0 = on.spec.drafted_total, on.spec.accepted_total
         cpu: dict[str | None, list[float]] = {None: [], "prompt-lookup": []}
         for i in range(rounds):
-            for mode in (None, "prompt-lookup") if i % 2 == 0 else ("prompt-lookup", None):
-                cpu[mode].append(_run(sched, prompts, max_tokens, mode))
-        ratios = [off / on for on, off in zip(cpu["prompt-lookup"], cpu[None])]
-        drafted = sched.spec.drafted_total - d0
+            pair = [(off, None), (on, "prompt-lookup")][:: 1 if i % 2 == 0 else -1]  # who steps first
+            for (_, mode), sec in zip(
+                pair, _run([s for s, _ in pair], prompts, max_tokens, [m for _, m in pair])
+            ):
+                cpu[mode].append(sec)
+        ratios = [off_s / on_s for on_s, off_s in zip(cpu["prompt-lookup"], cpu[None])]
+        drafted = on.spec.drafted_total - d0
         out[name] = {
             "ratios": ratios,
             "speedup": statistics.median(ratios),
-            "acceptance": (sched.spec.accepted_total - a0) / drafted if drafted else 0.0,
+            "acceptance": (on.spec.accepted_total - a0) / drafted if drafted else 0.0,
             "drafted": drafted,
             "off_tok_per_cpu_s": requests * max_tokens / statistics.median(cpu[None]),
         }
