@@ -4,8 +4,10 @@
         [--repeats 9] [--rounds 3] [--threads 1] [--position 200]
 
 OLD.so / NEW.so: built extensions (~/.cache/leanformer/kernels/<hash>/leanformer_gemv_<hash>.so; the
-hash of a source tree is what `leanformer.kernels` builds into). Timed in alternating rounds (medians,
-ms per call), so machine load hits both alike:
+hash of a source tree is what `leanformer.kernels` builds into). Timed call by call in lockstep (old,
+new, then new, old, ...): this VM's speed drifts by tens of percent within seconds, so blocks of calls
+one build after the other compared different machines; new / old is the median of the paired calls'
+ratios (ms: medians per call):
   gemv   the 120 block Linears of SmolLM2-135M (int4 group 32, GGUF Q4_0 symmetric; random codes) +
          the 49152 x 576 int8 group-32 head, each through linear_q4_i8 / linear_q8_i8
   step   with --model: the fused decode step (DecodeStack) built from the GGUF's kept-quantized
@@ -62,6 +64,7 @@ CLOCK = [time.perf_counter]
 
 
 def _ms(fn, repeats: int) -> float:
+    """The median ms of `repeats` calls of fn (after one warm-up call)."""
     fn()
     ts = []
     clock = CLOCK[0]
@@ -70,6 +73,20 @@ def _ms(fn, repeats: int) -> float:
         fn()
         ts.append(clock() - t)
     return statistics.median(ts) * 1e3
+
+
+def _paired_ms(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """{name: [ms per call]} for the callables in `fns`, one call of each in turn (the order alternating)."""
+    for fn in fns.values():
+        fn()
+    ts: dict[str, list[float]] = {name: [] for name in fns}
+    clock, order = CLOCK[0], list(fns)
+    for i in range(repeats):
+        for name in order if i % 2 == 0 else order[::-1]:
+            t = clock()
+            fns[name]()
+            ts[name].append((clock() - t) * 1e3)
+    return ts
 
 
 def gemv_chain(e, m: int, g: torch.Generator):
@@ -143,12 +160,11 @@ def main() -> None:
     before = loadavg()
     for _ in range(a.rounds):
         for m in a.rows:
+            fns: dict[str, dict] = {"blocks": {}, "head": {}, "step+head": {}}
             for name, e in exts.items():
                 g = torch.Generator().manual_seed(m)
                 if not a.no_gemv:
-                    blocks, head = gemv_chain(e, m, g)
-                    t.setdefault(("blocks", name, m), []).append(_ms(blocks, a.repeats))
-                    t.setdefault(("head", name, m), []).append(_ms(head, a.repeats))
+                    fns["blocks"][name], fns["head"][name] = gemv_chain(e, m, g)
                 if model is not None:
                     x = torch.randn(m, model.args.hidden_size, generator=g)
                     cs = torch.randn(m, d, generator=g), torch.randn(m, d, generator=g)
@@ -159,19 +175,24 @@ def main() -> None:
                         y = st.forward(x, cs[0], cs[1], cache[0], cache[1], [], [], sl, pos)
                         return e.linear_q8_i8(y, hop[1], hop[2], None, hop[4])
 
-                    t.setdefault(("step+head", name, m), []).append(_ms(step, a.repeats))
+                    fns["step+head"][name] = step
+            for what, pair in fns.items():
+                if pair:
+                    for name, ms in _paired_ms(pair, a.repeats).items():
+                        t.setdefault((what, name, m), []).extend(ms)
     after = loadavg()
     print(f"clock {a.clock}, threads {a.threads}; loadavg before {before}, after {after}")
-    print("| what | M | old ms | new ms | new / old | old xM=1 | new xM=1 |")
+    print("| what | M | old ms | new ms | new / old (paired calls) | old xM=1 | new xM=1 |")
     print("|---|---|---|---|---|---|---|")
     for what in ("blocks", "head", "step+head"):
         for m in a.rows:
             if (what, "old", m) not in t:
                 continue
             o, n = (statistics.median(t[(what, k, m)]) for k in ("old", "new"))
+            ratio = statistics.median(y / x for x, y in zip(t[(what, "old", m)], t[(what, "new", m)]))
             o1 = statistics.median(t[(what, "old", a.rows[0])])
             n1 = statistics.median(t[(what, "new", a.rows[0])])
-            print(f"| {what} | {m} | {o:.2f} | {n:.2f} | {n / o:.3f} | {o / o1:.2f} | {n / n1:.2f} |")
+            print(f"| {what} | {m} | {o:.2f} | {n:.2f} | {ratio:.3f} | {o / o1:.2f} | {n / n1:.2f} |")
 
 
 if __name__ == "__main__":
