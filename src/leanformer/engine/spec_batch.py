@@ -107,11 +107,14 @@ class SpecDecoder:
         """→ ([(s, drafts)] for one forward of `group`, spare blocks left)."""
         states = [self._state(s) for s in group]
         offers = [
-            st.offer(s.req.prompt, s.out, self._limit(sched, s, cap)) if st is not None else []
+            st.offer(s.req.prompt, s.out, lambda s=s: self._limit(sched, s, cap)) if st is not None else []
             for s, st in zip(group, states)
         ]
         plain, chained = self.costs
-        counts = allocate(offers, plain, chained, cap - len(group), self.MARGIN * len(group))
+        if any(offers):
+            counts = allocate(offers, plain, chained, cap - len(group), self.MARGIN * len(group))
+        else:  # nothing to draft this step (most steps of text that does not repeat)
+            counts = [0] * len(group)
         plan = []
         for s, st, k in zip(group, states, counts):
             drafts: list[int] = []

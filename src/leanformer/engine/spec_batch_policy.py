@@ -20,6 +20,7 @@ free: after a plain step it checks whether lookup's guess was the token chosen (
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 
 from leanformer.engine.ngram import SuffixIndex
 from leanformer.engine.spec_policy import LOOKUP_PRIOR, LookupPolicy
@@ -93,8 +94,9 @@ class RequestDrafts:
                 self.policy.observe(match, out[n] == guess)
             self.pending = None
 
-    def offer(self, prompt: list[int], out: list[int], limit: int) -> list[float]:
-        """Look up drafts (≤ limit) for the text so far → their survival chances (see allocate)."""
+    def offer(self, prompt: list[int], out: list[int], limit: int | Callable[[], int]) -> list[float]:
+        """Look up drafts (≤ limit; a callable is asked only when this step looks up) for the text so
+        far → their survival chances (see allocate)."""
         self.settle(out)
         total = len(prompt) + len(out)
         if self.fed < len(prompt):
@@ -103,7 +105,7 @@ class RequestDrafts:
         if self.fed < total:
             self.index.extend(out[self.fed - len(prompt) :])
             self.fed = total
-        self.looked = limit >= 1 and self.skip == 0
+        self.looked = self.skip == 0 and (limit := limit() if callable(limit) else limit) >= 1
         if not self.looked:
             self.skip = max(0, self.skip - 1)
             self.found, self.match = [], 0
