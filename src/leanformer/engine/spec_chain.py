@@ -112,7 +112,7 @@ def batch_costs(
     starts (bench-serve drafted 474 tokens in one run, 4,770 at 39% acceptance in the next), while a
     thread's CPU time barely sees the other processes. One thread also errs towards dear rows: a
     second thread speeds the compute-bound multi-row forwards up more than the one-row step.
-    ~6 s for SmolLM2 at 4 slots and 16 rows. The scratch cache's keys are zeros at
+    ~9 s for SmolLM2 at 4 slots and 16 rows. The scratch cache's keys are zeros at
     positions 0..context; it is freed on return."""
     key = (
         getattr(model, "decode_activations", "auto"),
@@ -128,7 +128,10 @@ def batch_costs(
     cache = KVCache.for_model(model, slots, context + rows + 1)
     context = max(0, min(context, cache.max_seq - rows - 1))
     plain_counts = sorted({m for m in (1, 2, 3, 4, 6, 8, 12, 16) if m <= slots} | {slots})
-    chain_counts = sorted({m for m in (2, 3, 4, 6, 8, 12, 16) if m <= rows} | {rows} - {1})
+    # every count up to 10: a forward of 9 rows runs the GEMVs as 8 rows + 1 (gemv_i8_impl.h rows), a
+    # step up in cost (SmolLM2 int4 in the server: 8 chained rows 1.41x a plain 4-row step, 9 rows
+    # 1.92x) that a line through 8 and 12 hid, so 9-12-row forwards were chosen at a loss
+    chain_counts = sorted({m for m in (*range(2, 11), 12, 16) if m <= rows} | {rows} - {1})
     ratios: dict[tuple[str, int], list[float]] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # every kernel runs on this thread, so its CPU time is the forward's work
