@@ -1,15 +1,16 @@
 """Two builds of the kernel extension in ONE process, old vs new, at M activation rows (issue #16/#17).
 
     python scripts/i8_rows_ab.py OLD.so NEW.so [--model /tmp/h17/smollm2-Q4_0.gguf] [--rows 1 2 3 5 8 9]
-        [--repeats 9] [--rounds 3] [--threads 1] [--position 200]
+        [--repeats 9] [--rounds 3] [--threads 1] [--position 200] [--blocks q4|q4z|q8]
 
 OLD.so / NEW.so: built extensions (~/.cache/leanformer/kernels/<hash>/leanformer_gemv_<hash>.so; the
 hash of a source tree is what `leanformer.kernels` builds into). Timed call by call in lockstep (old,
 new, then new, old, ...): this VM's speed drifts by tens of percent within seconds, so blocks of calls
 one build after the other compared different machines; new / old is the median of the paired calls'
 ratios (ms: medians per call):
-  gemv   the 120 block Linears of SmolLM2-135M (int4 group 32, GGUF Q4_0 symmetric; random codes) +
-         the 49152 x 576 int8 group-32 head, each through linear_q4_i8 / linear_q8_i8
+  gemv   the 120 block Linears of SmolLM2-135M (random codes, group 32; --blocks q4: int4 without zero
+         points as GGUF Q4_0, q4z: with zero points as Q4_1, q8: int8 as Q8_0) + the 49152 x 576 int8
+         group-32 head, each through linear_q4_i8 / linear_q8_i8
   step   with --model: the fused decode step (DecodeStack) built from the GGUF's kept-quantized
          modules by each build, M chained rows of one slot at positions P..P+M-1, + the head
 Prints each as ms and new / old, the step's verify cost (M rows vs 1 row), and /proc/loadavg.
@@ -89,13 +90,18 @@ def _paired_ms(fns: dict, repeats: int) -> dict[str, list[float]]:
     return ts
 
 
-def gemv_chain(e, m: int, g: torch.Generator):
+def gemv_chain(e, m: int, g: torch.Generator, blocks: str = "q4"):
     calls = []
     for n, k in LAYER * 30:
-        wq = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
         s = torch.rand(n, k // 32, generator=g) * 0.02
         x = torch.randn(m, k, generator=g)
-        calls.append(lambda x=x, wq=wq, s=s: e.linear_q4_i8(x, wq, s, None, 32, None))
+        if blocks == "q8":
+            w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+            calls.append(lambda x=x, w8=w8, s=s: e.linear_q8_i8(x, w8, s, None, 32))
+            continue
+        wq = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+        z = torch.randn(n, k // 32, generator=g) * 0.01 if blocks == "q4z" else None
+        calls.append(lambda x=x, wq=wq, s=s, z=z: e.linear_q4_i8(x, wq, s, z, 32, None))
     hw = torch.randint(-128, 128, (49152, 576), dtype=torch.int8, generator=g)
     hs = torch.rand(49152, 18, generator=g) * 0.01
     xh = torch.randn(m, 576, generator=g)
@@ -141,6 +147,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--position", type=int, default=200)
     p.add_argument("--no-gemv", action="store_true", help="time only the fused step")
+    p.add_argument("--blocks", choices=("q4", "q4z", "q8"), default="q4", help="the block GEMVs' weights")
     add_clock_arg(p)
     a = p.parse_args()
     use_clock(p, a)
@@ -164,7 +171,7 @@ def main() -> None:
             for name, e in exts.items():
                 g = torch.Generator().manual_seed(m)
                 if not a.no_gemv:
-                    fns["blocks"][name], fns["head"][name] = gemv_chain(e, m, g)
+                    fns["blocks"][name], fns["head"][name] = gemv_chain(e, m, g, a.blocks)
                 if model is not None:
                     x = torch.randn(m, model.args.hidden_size, generator=g)
                     cs = torch.randn(m, d, generator=g), torch.randn(m, d, generator=g)
