@@ -316,6 +316,22 @@ inline void i8_with_rows(int64_t rows, const Fn& fn) {
   }
 }
 
+// The same for 1..16 rows (the 512-bit loops that take 9-16 rows in one pass).
+template <class Fn>
+inline void i8_with_rows16(int64_t rows, const Fn& fn) {
+  if (rows <= 8) return i8_with_rows(rows, fn);
+  switch (rows) {
+    case 9: return fn(MRows<9>{});
+    case 10: return fn(MRows<10>{});
+    case 11: return fn(MRows<11>{});
+    case 12: return fn(MRows<12>{});
+    case 13: return fn(MRows<13>{});
+    case 14: return fn(MRows<14>{});
+    case 15: return fn(MRows<15>{});
+    default: return fn(MRows<16>{});
+  }
+}
+
 // Up to 8 activation rows in one pass; 9..16 as 8 rows + the rest taken tile by tile over the weight
 // rows, so the second part reads each tile from L1 / L2 instead of streaming W from memory a second time
 // (two passes: 9 rows cost 4.7x one row on SmolLM2; the 49152 x 576 int8 head at 9 rows 0.78x that
@@ -328,6 +344,14 @@ inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
   if (a.M <= 8) {
     return i8_with_rows(a.M, [&](auto t) { rows_m<decltype(t)::value, D, K, S>(a, nullptr, n0, n1); });
   }
+#ifdef LF_I8_WIDE
+  // The 512-bit int4 and int8-span loops keep 9-16 rows in one pass (one weight row per pass, so the
+  // 32 registers hold its unpacked codes and the rows' accumulators): the split below paid a second,
+  // compute-bound pass over every weight tile (SmolLM2 int4 in the server: 9 chained rows cost 1.36x
+  // 8 rows).
+  if constexpr (K == Kind::q4w || K == Kind::q8s)
+    return i8_with_rows16(a.M, [&](auto t) { rows_m<decltype(t)::value, D, K, S>(a, nullptr, n0, n1); });
+#endif
   I8Args h[2] = {a, a};
   h[0].M = 8, h[1].M = a.M - 8;
   h[0].next = h[1].next = I8Next{};  // tile by tile: no single end to request the next weights from
