@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from leanformer.engine.generate import encode_chat
 from leanformer.engine.paged import describe
+from leanformer.engine.startup import freeze_startup_objects
 from leanformer.errors import LeanformerError
 from leanformer.serve.config import ServeConfig, ServerState
 from leanformer.serve.gate import Gate
@@ -203,6 +204,7 @@ def serve(
     s = app.state.lf.scheduler
     if s is not None:
         print(describe(s), flush=True)
+    freeze_startup_objects()
     _server(app, host, port, log_level).run()
 
 

@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # the CPU-time clock reads this thread only
     model, tok = load(resolve_model(args.model))
+    from leanformer.engine.startup import freeze_startup_objects
+
+    freeze_startup_objects()  # as `leanformer serve` does after loading
     avg = Path("/proc/loadavg")
     loadavg = " ".join(avg.read_text().split()[:3]) if avg.exists() else "?"
     res = measure(model, tok, args.concurrency, args.requests, args.max_tokens, args.rounds, args.passages)
