@@ -301,34 +301,15 @@ struct MRows {
   static constexpr int value = M;
 };
 
-// fn(MRows<M>{}) with M = rows (1..8) as a compile-time constant.
-template <class Fn>
+// fn(MRows<M>{}) with M = rows (1..Max; more: Max) as a compile-time constant; Max 16 for the 512-bit
+// loops that take 9-16 rows in one pass.
+template <int Max, int M = 1, class Fn>
 inline void i8_with_rows(int64_t rows, const Fn& fn) {
-  switch (rows) {
-    case 1: return fn(MRows<1>{});
-    case 2: return fn(MRows<2>{});
-    case 3: return fn(MRows<3>{});
-    case 4: return fn(MRows<4>{});
-    case 5: return fn(MRows<5>{});
-    case 6: return fn(MRows<6>{});
-    case 7: return fn(MRows<7>{});
-    default: return fn(MRows<8>{});
-  }
-}
-
-// The same for 1..16 rows (the 512-bit loops that take 9-16 rows in one pass).
-template <class Fn>
-inline void i8_with_rows16(int64_t rows, const Fn& fn) {
-  if (rows <= 8) return i8_with_rows(rows, fn);
-  switch (rows) {
-    case 9: return fn(MRows<9>{});
-    case 10: return fn(MRows<10>{});
-    case 11: return fn(MRows<11>{});
-    case 12: return fn(MRows<12>{});
-    case 13: return fn(MRows<13>{});
-    case 14: return fn(MRows<14>{});
-    case 15: return fn(MRows<15>{});
-    default: return fn(MRows<16>{});
+  if constexpr (M == Max) {
+    return fn(MRows<M>{});
+  } else {
+    if (rows <= M) return fn(MRows<M>{});
+    return i8_with_rows<Max, M + 1>(rows, fn);
   }
 }
 
@@ -342,7 +323,7 @@ template <class D, Kind K, Groups S = Groups::k32>
 inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
   constexpr bool kNib = nibbles(K);
   if (a.M <= 8) {
-    return i8_with_rows(a.M, [&](auto t) { rows_m<decltype(t)::value, D, K, S>(a, nullptr, n0, n1); });
+    return i8_with_rows<8>(a.M, [&](auto t) { rows_m<decltype(t)::value, D, K, S>(a, nullptr, n0, n1); });
   }
 #ifdef LF_I8_WIDE
   // The 512-bit int4 and int8-span loops keep 9-16 rows in one pass (one weight row per pass, so the
@@ -350,7 +331,7 @@ inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
   // compute-bound pass over every weight tile (SmolLM2 int4 in the server: 9 chained rows cost 1.36x
   // 8 rows).
   if constexpr (K == Kind::q4w || K == Kind::q8s)
-    return i8_with_rows16(a.M, [&](auto t) { rows_m<decltype(t)::value, D, K, S>(a, nullptr, n0, n1); });
+    return i8_with_rows<16>(a.M, [&](auto t) { rows_m<decltype(t)::value, D, K, S>(a, nullptr, n0, n1); });
 #endif
   I8Args h[2] = {a, a};
   h[0].M = 8, h[1].M = a.M - 8;
@@ -365,7 +346,7 @@ inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
   I8Buf buf[2];
   XPack p[2];
   for (int i = 0; i < 2; ++i)
-    i8_with_rows(h[i].M, [&](auto t) { p[i] = i8_pack_for<decltype(t)::value, K>(h[i], buf[i]); });
+    i8_with_rows<8>(h[i].M, [&](auto t) { p[i] = i8_pack_for<decltype(t)::value, K>(h[i], buf[i]); });
   // ~16 KB of weights per tile (a row: K / 2 nibble bytes + scales, or K int8 bytes), a multiple of 8 rows
   const int64_t row_bytes = kNib ? a.K / 2 + a.K / 8 : a.K + a.K / 8;
   const int64_t fit = ((16 << 10) / (row_bytes > 0 ? row_bytes : 1)) & ~int64_t{7};  // no <algorithm> here: int8_act.h
@@ -373,7 +354,7 @@ inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
   for (int64_t t0 = n0; t0 < n1; t0 += tile) {
     const int64_t t1 = t0 + tile < n1 ? t0 + tile : n1;
     for (int i = 0; i < 2; ++i)
-      i8_with_rows(h[i].M, [&](auto t) { rows_m<decltype(t)::value, D, K, S>(h[i], &p[i], t0, t1); });
+      i8_with_rows<8>(h[i].M, [&](auto t) { rows_m<decltype(t)::value, D, K, S>(h[i], &p[i], t0, t1); });
   }
 }
 
