@@ -104,6 +104,7 @@ _HEADERS = [
     _DIR / "vec8.h",
     _DIR / "attention.h",
     _DIR / "attention_impl.h",
+    _DIR / "decode_attend.h",
     _DIR / "decode_kv.h",
     _DIR / "decode_linear.h",
     _DIR / "decode_attn_avx512.h",

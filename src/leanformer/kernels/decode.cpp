@@ -22,8 +22,7 @@
 #include <vector>
 
 #include "common.h"
-#include "decode_attn_avx512.h"  // avx512::scores / weighted_sum (AVX-512 CPUs)
-#include "decode_kv.h"  // rope, KeyRows, scores, weighted_sum, KV-cache entry reads / writes
+#include "decode_attend.h"  // StepRows, KeyGroups, attend
 #include "decode_linear.h"  // DecodeLinear
 #include "vec8.h"  // exp8, exp1
 
@@ -51,111 +50,15 @@ struct Laps {
 
 }  // namespace
 
-// The rows of one step: row m's token sits at positions[m] and attends to keys 0..positions[m].
-// Slot-major caches [slots, KV, max_seq, D]: row m writes position positions[m] of slot slots[m].
-// Paged pools [blocks, KV, block_size, D] (models/paged_cache.py) seen as [rows, D]: `write` [M, KV] names
-// the pool row of each new K/V, `read` [M, KV, S] the rows of keys 0..S-1 (S > every position), so the
-// step reads each sequence's blocks where they lie (no gathered copy) and chained rows of one sequence
-// (speculative verification) see each other's K/V, all rows writing before any attends.
-struct StepRows {
-  const int64_t* slots;
-  const int64_t* pos;
-  const int64_t* read = nullptr;  // null: slot-major
-  const int64_t* write = nullptr;
-  int64_t S = 0;
-};
-
 struct DecodeLayer {
   at::Tensor norm1, norm2;  // RMSNorm weights fp32 [hidden]
   double eps1, eps2;
   DecodeLinear qkv, o, gate_up, down;
   int64_t n_heads, n_kv_heads, head_dim;
 
-  // attention for all rows: rotate q/k, write k/v into the cache, softmax(q k^T / sqrt(D)) v -> out [M, H*D]
-  template <class T>
-  void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const at::Tensor& kc,
-              const at::Tensor& vc, const at::Tensor& ks, const at::Tensor& vs, const StepRows& rows,
-              at::Tensor& out) const {
-    const int64_t *slots = rows.slots, *pos = rows.pos;
-    const int64_t M = qkv_out.size(0), H = n_heads, KV = n_kv_heads, D = head_dim;
-    const int64_t max_seq = kc.size(2), row_len = (H + 2 * KV) * D;
-    const float* src = qkv_out.data_ptr<float>();
-    T* kp = static_cast<T*>(kc.data_ptr());  // uint16_t: the bits of a float16 cache
-    T* vp = static_cast<T*>(vc.data_ptr());
-    constexpr bool q8 = std::is_same_v<T, int8_t>;
-    float* ksp = q8 ? ks.data_ptr<float>() : nullptr;
-    float* vsp = q8 ? vs.data_ptr<float>() : nullptr;
-    at::Tensor qr = at::empty({M, H * D}, qkv_out.options());  // rotated queries
-    float* qrp = qr.data_ptr<float>();
-    std::vector<float> krot(D);
-    int64_t work = 0;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* r = src + m * row_len;
-      for (int64_t h = 0; h < H; ++h) rope(r + h * D, cos + m * D, sin + m * D, qrp + (m * H + h) * D, D);
-      for (int64_t j = 0; j < KV; ++j) {
-        // row index into the cache seen as [rows, D]
-        const int64_t at_ = rows.write ? rows.write[m * KV + j] : (slots[m] * KV + j) * max_seq + pos[m];
-        rope(r + (H + j) * D, cos + m * D, sin + m * D, krot.data(), D);
-        const float* v = r + (H + KV + j) * D;
-        if constexpr (q8) {
-          quantize_row(krot.data(), D, kp + at_ * D, ksp + at_);
-          quantize_row(v, D, vp + at_ * D, vsp + at_);
-        } else if constexpr (std::is_same_v<T, uint16_t>) {
-          store_half(krot.data(), kp + at_ * D, D);
-          store_half(v, vp + at_ * D, D);
-        } else {
-          std::copy(krot.begin(), krot.end(), kp + at_ * D);
-          std::copy(v, v + D, vp + at_ * D);
-        }
-      }
-      work += H * (pos[m] + 1) * D;
-    }
-    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-    float* op = out.data_ptr<float>();
-    const int64_t group = H / KV;
-    // one task per (row, q head): threads pay off from short contexts on (measured on SmolLM2 at 100
-    // keys: 0.28 vs 0.42 ms per token on 2 threads); only tiny steps stay on this thread
-    const int64_t grain = work < (1 << 12) ? M * H : 1;
-    const bool wide = use_avx512() && avx512::head_dim_ok(D);  // decode_attn_avx512.cpp: 16 columns a step
-    at::parallel_for(0, M * H, grain, [&](int64_t t0, int64_t t1) {
-      std::vector<float> p;
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t m = t / H, h = t % H, j = h / group, S = pos[m] + 1;
-        const KeyRows keys{rows.read ? rows.read + (m * KV + j) * rows.S : nullptr, (slots[m] * KV + j) * max_seq};
-        const float* q = qrp + t * D;
-        p.resize(S);
-        const avx512::KvRows kv{keys.idx, keys.base};
-        if (wide)
-          avx512::scores(q, kp, ksp, kv, S, D, scale, p.data());
-        else
-          scores(q, kp, ksp, keys, S, D, scale, p.data());
-        float mx = -INFINITY;
-        for (int64_t s = 0; s < S; ++s) mx = std::max(mx, p[s]);
-        float total = 0.f;
-        int64_t s = 0;
-        const __m256 vmx = _mm256_set1_ps(mx);
-        __m256 acc = _mm256_setzero_ps();
-        for (; s + 8 <= S; s += 8) {
-          const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.data() + s), vmx));
-          _mm256_storeu_ps(p.data() + s, e);
-          acc = _mm256_add_ps(acc, e);
-        }
-        total = hsum(acc);
-        for (; s < S; ++s) total += (p[s] = exp1(p[s] - mx));
-        float* o = op + t * D;
-        if (wide)
-          avx512::weighted_sum(p.data(), vp, vsp, kv, S, D, o);
-        else
-          weighted_sum(p.data(), vp, vsp, keys, S, D, o);
-        const float inv = 1.0f / total;
-        for (int64_t i = 0; i < D; ++i) o[i] *= inv;
-      }
-    });
-  }
-
   void forward(at::Tensor& x, const float* cos, const float* sin, const at::Tensor& kc, const at::Tensor& vc,
-               const at::Tensor& ks, const at::Tensor& vs, const StepRows& rows, bool i8, const DecodeLinear* next,
-               double* prof = nullptr) const {
+               const at::Tensor& ks, const at::Tensor& vs, const StepRows& rows, const KeyGroups& groups, bool i8,
+               const DecodeLinear* next, double* prof = nullptr) const {
     const int64_t M = x.size(0);
     Laps lap(prof);
     at::Tensor h = rms_norm(x, norm1, eps1);
@@ -164,11 +67,11 @@ struct DecodeLayer {
     lap(kPhaseQkv);
     at::Tensor attn = at::empty({M, n_heads * head_dim}, x.options());
     if (kc.scalar_type() == at::kChar)
-      attend<int8_t>(qkv_out, cos, sin, kc, vc, ks, vs, rows, attn);
+      attend<int8_t>(qkv_out, cos, sin, kc, vc, ks, vs, rows, groups, n_heads, n_kv_heads, head_dim, attn);
     else if (kc.scalar_type() == at::kHalf)
-      attend<uint16_t>(qkv_out, cos, sin, kc, vc, ks, vs, rows, attn);
+      attend<uint16_t>(qkv_out, cos, sin, kc, vc, ks, vs, rows, groups, n_heads, n_kv_heads, head_dim, attn);
     else
-      attend<float>(qkv_out, cos, sin, kc, vc, ks, vs, rows, attn);
+      attend<float>(qkv_out, cos, sin, kc, vc, ks, vs, rows, groups, n_heads, n_kv_heads, head_dim, attn);
     lap(kPhaseAttention);
     at::Tensor o_out = o(attn, i8, &gate_up);
     lap(kPhaseO);
@@ -309,6 +212,7 @@ struct DecodeStack {
                   "KV rows outside the pool");
       rows.read = read.data_ptr<int64_t>(), rows.write = write.data_ptr<int64_t>(), rows.S = S;
     }
+    const KeyGroups groups(rows, M, layers.empty() ? 0 : layers[0].n_kv_heads);
     at::Tensor x = x_.clone();
     for (size_t i = 0; i < layers.size(); ++i) {
       const at::Tensor& kc = k[i];
@@ -322,7 +226,7 @@ struct DecodeStack {
         TORCH_CHECK(rows.slots[m] < kc.size(0) && rows.pos[m] < kc.size(2), "slot or position outside the KV cache");
       const at::Tensor none;
       layers[i].forward(x, cos.data_ptr<float>(), sin.data_ptr<float>(), kc, v[i], q8 ? k_scale[i] : none,
-                        q8 ? v_scale[i] : none, rows, int8_act,
+                        q8 ? v_scale[i] : none, rows, groups, int8_act,
                         i + 1 < layers.size() ? &layers[i + 1].qkv : ends ? &ends->head : nullptr,
                         profile.size() == kPhases ? profile.data() : nullptr);
     }

@@ -47,81 +47,181 @@ inline __m256 sum8(const __m512 (&a)[8]) {
   return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, y));
 }
 
-// Eight keys per pass share each q load and one transposed reduction.
+// Query i's scores of 8 keys: the same FMAs, sum8 reduction and scaling whether one query or two
+// share the key loads (NQ), so a query's values do not depend on how many others read its keys.
+template <int NQ, class T>
+inline void score_block(const float* const (&q)[NQ], float* const (&out)[NQ], const T* const (&rows)[8],
+                        const __m256* kss, int64_t D, float scale) {
+  __m512 acc[NQ][8];
+  LF_UNROLL
+  for (int j = 0; j < NQ; ++j)
+    LF_UNROLL
+    for (int k = 0; k < 8; ++k) acc[j][k] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D; i += 16) {
+    __m512 kv[8];  // each key vector loaded (and converted) once for the NQ queries
+    LF_UNROLL
+    for (int k = 0; k < 8; ++k) kv[k] = load16(rows[k] + i);
+    LF_UNROLL
+    for (int j = 0; j < NQ; ++j) {
+      const __m512 qv = _mm512_loadu_ps(q[j] + i);
+      LF_UNROLL
+      for (int k = 0; k < 8; ++k) acc[j][k] = _mm512_fmadd_ps(qv, kv[k], acc[j][k]);
+    }
+  }
+  LF_UNROLL
+  for (int j = 0; j < NQ; ++j) {
+    __m256 d = sum8(acc[j]);
+    if (kss) d = _mm256_mul_ps(d, *kss);
+    _mm256_storeu_ps(out[j], _mm256_mul_ps(d, _mm256_set1_ps(scale)));
+  }
+}
+
+// Query i over keys 0..S[i]-1 into p + i * stride. Keys go outer, queries inner: one sequence's chained
+// rows (speculative verification) and the query heads of one KV head read each key block while it is
+// in L1, instead of each (row, head) streaming the keys again from L2 / L3 / memory.
 template <class T>
-void scores_t(const float* q, const T* K, const float* ks, KvRows r, int64_t S, int64_t D, float scale, float* p) {
+void scores_t(const float* const* q, const int64_t* S, int64_t Q, const T* K, const float* ks, KvRows r, int64_t D,
+              float scale, float* p, int64_t stride) {
+  int64_t smax = 0;
+  for (int64_t i = 0; i < Q; ++i) smax = S[i] > smax ? S[i] : smax;
   int64_t s = 0;
-  for (; s + 8 <= S; s += 8) {
+  for (; s + 8 <= smax; s += 8) {
     const T* rows[8];
     LF_UNROLL
     for (int k = 0; k < 8; ++k) rows[k] = K + row(r, s + k) * D;
-    __m512 acc[8];
-    LF_UNROLL
-    for (int k = 0; k < 8; ++k) acc[k] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < D; i += 16) {
-      const __m512 qv = _mm512_loadu_ps(q + i);
-      LF_UNROLL
-      for (int k = 0; k < 8; ++k) acc[k] = _mm512_fmadd_ps(qv, load16(rows[k] + i), acc[k]);
-    }
-    __m256 d = sum8(acc);
+    __m256 kss;
     if (ks) {
-      alignas(32) float kss[8];
-      for (int k = 0; k < 8; ++k) kss[k] = ks[row(r, s + k)];
-      d = _mm256_mul_ps(d, _mm256_load_ps(kss));
+      alignas(32) float v[8];
+      for (int k = 0; k < 8; ++k) v[k] = ks[row(r, s + k)];
+      kss = _mm256_load_ps(v);
     }
-    _mm256_storeu_ps(p + s, _mm256_mul_ps(d, _mm256_set1_ps(scale)));
+    int64_t first = -1;  // a query waiting for a partner
+    for (int64_t i = 0; i < Q; ++i) {
+      if (s + 8 > S[i]) continue;  // its last keys: one at a time below
+      if (first < 0) {
+        first = i;
+        continue;
+      }
+      const float* const qs[2] = {q[first], q[i]};
+      float* const outs[2] = {p + first * stride + s, p + i * stride + s};
+      score_block<2>(qs, outs, rows, ks ? &kss : nullptr, D, scale);
+      first = -1;
+    }
+    if (first >= 0) {
+      const float* const qs[1] = {q[first]};
+      float* const outs[1] = {p + first * stride + s};
+      score_block<1>(qs, outs, rows, ks ? &kss : nullptr, D, scale);
+    }
   }
-  for (; s < S; ++s) {
-    const T* k = K + row(r, s) * D;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(k + i), acc);
-    const float d = _mm512_reduce_add_ps(acc);
-    p[s] = (ks ? d * ks[row(r, s)] : d) * scale;
-  }
+  for (int64_t i = 0; i < Q; ++i)
+    for (int64_t t = S[i] / 8 * 8; t < S[i]; ++t) {
+      const T* k = K + row(r, t) * D;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < D; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q[i] + c), load16(k + c), acc);
+      const float d = _mm512_reduce_add_ps(acc);
+      p[i * stride + t] = (ks ? d * ks[row(r, t)] : d) * scale;
+    }
 }
 
-template <int D16, class T>
-void weighted_sum_t(const float* p, const T* V, const float* vs, KvRows r, int64_t S, float* o) {
-  __m512 acc[D16];
+template <bool B>
+struct All {
+  static constexpr bool kAll = B;
+};
+
+// QT queries' weighted sums of the same values (query i: keys 0..S[i]-1, weights p[i]): each value
+// vector loaded once for the tile, each query's D16 accumulators in key order as for one query alone,
+// and QT independent FMA chains instead of one waiting on the FMA latency every key.
+template <int D16, int QT, class T>
+inline void weighted_tile(const float* const* p, const int64_t* S, const T* V, const float* vs, KvRows r,
+                          float* const* o) {
+  __m512 acc[QT][D16];
   LF_UNROLL
-  for (int c = 0; c < D16; ++c) acc[c] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t at = row(r, s);
-    const __m512 w = _mm512_set1_ps(vs ? p[s] * vs[at] : p[s]);
-    const T* v = V + at * (16 * D16);
+  for (int j = 0; j < QT; ++j)
     LF_UNROLL
-    for (int c = 0; c < D16; ++c) acc[c] = _mm512_fmadd_ps(w, load16(v + 16 * c), acc[c]);
-  }
+    for (int c = 0; c < D16; ++c) acc[j][c] = _mm512_setzero_ps();
+  int64_t smin = S[0], smax = S[0];
   LF_UNROLL
-  for (int c = 0; c < D16; ++c) _mm512_storeu_ps(o + 16 * c, acc[c]);
+  for (int j = 1; j < QT; ++j) smin = S[j] < smin ? S[j] : smin, smax = S[j] > smax ? S[j] : smax;
+  auto key = [&](int64_t s, auto all) {  // all: every query of the tile takes key s
+    const int64_t at = row(r, s);
+    const T* v = V + at * (16 * D16);
+    __m512 x[D16];
+    LF_UNROLL
+    for (int c = 0; c < D16; ++c) x[c] = load16(v + 16 * c);
+    LF_UNROLL
+    for (int j = 0; j < QT; ++j) {
+      if (!decltype(all)::kAll && s >= S[j]) continue;
+      const __m512 w = _mm512_set1_ps(vs ? p[j][s] * vs[at] : p[j][s]);
+      LF_UNROLL
+      for (int c = 0; c < D16; ++c) acc[j][c] = _mm512_fmadd_ps(w, x[c], acc[j][c]);
+    }
+  };
+  int64_t s = 0;
+  for (; s < smin; ++s) key(s, All<true>{});
+  for (; s < smax; ++s) key(s, All<false>{});
+  LF_UNROLL
+  for (int j = 0; j < QT; ++j)
+    LF_UNROLL
+    for (int c = 0; c < D16; ++c) _mm512_storeu_ps(o[j] + 16 * c, acc[j][c]);
+}
+
+// Tiles of as many queries as the registers hold next to the value vectors (16 / D16 + ... : 8, 4, 2).
+template <int D16, class T>
+void weighted_d16(const float* p, int64_t stride, const int64_t* S, int64_t Q, const T* V, const float* vs,
+                  KvRows r, float* const* o) {
+  constexpr int kTile = D16 == 2 ? 8 : D16 == 4 ? 4 : 2;
+  const float* rows[kTile];
+  for (int64_t i0 = 0; i0 < Q; i0 += kTile) {
+    const int64_t n = Q - i0 < kTile ? Q - i0 : kTile;
+    for (int64_t j = 0; j < n; ++j) rows[j] = p + (i0 + j) * stride;
+    const int64_t* s = S + i0;
+    float* const* out = o + i0;
+    switch (n) {  // a tile of n queries: n accumulator sets, no idle ones
+      case 1: weighted_tile<D16, 1>(rows, s, V, vs, r, out); break;
+      case 2: weighted_tile<D16, 2>(rows, s, V, vs, r, out); break;
+      case 3: if constexpr (kTile >= 3) weighted_tile<D16, 3>(rows, s, V, vs, r, out); break;
+      case 4: if constexpr (kTile >= 4) weighted_tile<D16, 4>(rows, s, V, vs, r, out); break;
+      case 5: if constexpr (kTile >= 5) weighted_tile<D16, 5>(rows, s, V, vs, r, out); break;
+      case 6: if constexpr (kTile >= 6) weighted_tile<D16, 6>(rows, s, V, vs, r, out); break;
+      case 7: if constexpr (kTile >= 7) weighted_tile<D16, 7>(rows, s, V, vs, r, out); break;
+      default: if constexpr (kTile >= 8) weighted_tile<D16, 8>(rows, s, V, vs, r, out); break;
+    }
+  }
 }
 
 template <class T>
-void weighted_sum_d(const float* p, const T* V, const float* vs, KvRows r, int64_t S, int64_t D, float* o) {
-  if (D == 32) return weighted_sum_t<2>(p, V, vs, r, S, o);
-  if (D == 64) return weighted_sum_t<4>(p, V, vs, r, S, o);
-  weighted_sum_t<8>(p, V, vs, r, S, o);  // 128: head_dim_ok
+void weighted_t(const float* p, int64_t stride, const int64_t* S, int64_t Q, const T* V, const float* vs, KvRows r,
+                int64_t D, float* const* o) {
+  if (D == 32) return weighted_d16<2>(p, stride, S, Q, V, vs, r, o);
+  if (D == 64) return weighted_d16<4>(p, stride, S, Q, V, vs, r, o);
+  weighted_d16<8>(p, stride, S, Q, V, vs, r, o);  // 128: head_dim_ok
 }
 
 }  // namespace
 
-void scores(const float* q, const float* K, const float* ks, KvRows r, int64_t S, int64_t D, float scale, float* p) {
-  scores_t(q, K, ks, r, S, D, scale, p);
+void scores(const float* const* q, const int64_t* S, int64_t Q, const float* K, const float* ks, KvRows r, int64_t D,
+            float scale, float* p, int64_t stride) {
+  scores_t(q, S, Q, K, ks, r, D, scale, p, stride);
 }
-void scores(const float* q, const uint16_t* K, const float* ks, KvRows r, int64_t S, int64_t D, float scale, float* p) {
-  scores_t(q, K, ks, r, S, D, scale, p);
+void scores(const float* const* q, const int64_t* S, int64_t Q, const uint16_t* K, const float* ks, KvRows r, int64_t D,
+            float scale, float* p, int64_t stride) {
+  scores_t(q, S, Q, K, ks, r, D, scale, p, stride);
 }
-void scores(const float* q, const int8_t* K, const float* ks, KvRows r, int64_t S, int64_t D, float scale, float* p) {
-  scores_t(q, K, ks, r, S, D, scale, p);
+void scores(const float* const* q, const int64_t* S, int64_t Q, const int8_t* K, const float* ks, KvRows r, int64_t D,
+            float scale, float* p, int64_t stride) {
+  scores_t(q, S, Q, K, ks, r, D, scale, p, stride);
 }
-void weighted_sum(const float* p, const float* V, const float* vs, KvRows r, int64_t S, int64_t D, float* o) {
-  weighted_sum_d(p, V, vs, r, S, D, o);
+void weighted_sum(const float* p, int64_t stride, const int64_t* S, int64_t Q, const float* V, const float* vs,
+                  KvRows r, int64_t D, float* const* o) {
+  weighted_t(p, stride, S, Q, V, vs, r, D, o);
 }
-void weighted_sum(const float* p, const uint16_t* V, const float* vs, KvRows r, int64_t S, int64_t D, float* o) {
-  weighted_sum_d(p, V, vs, r, S, D, o);
+void weighted_sum(const float* p, int64_t stride, const int64_t* S, int64_t Q, const uint16_t* V, const float* vs,
+                  KvRows r, int64_t D, float* const* o) {
+  weighted_t(p, stride, S, Q, V, vs, r, D, o);
 }
-void weighted_sum(const float* p, const int8_t* V, const float* vs, KvRows r, int64_t S, int64_t D, float* o) {
-  weighted_sum_d(p, V, vs, r, S, D, o);
+void weighted_sum(const float* p, int64_t stride, const int64_t* S, int64_t Q, const int8_t* V, const float* vs,
+                  KvRows r, int64_t D, float* const* o) {
+  weighted_t(p, stride, S, Q, V, vs, r, D, o);
 }
 
 }  // namespace avx512

@@ -15,15 +15,24 @@ struct KvRows {
   int64_t base;
 };
 
-// p[s] = (q . K[row s]) * ks[row s] * scale for s < S; D a multiple of 16. Kind: fp32, fp16 bits, int8.
-void scores(const float* q, const float* K, const float* ks, KvRows r, int64_t S, int64_t D, float scale, float* p);
-void scores(const float* q, const uint16_t* K, const float* ks, KvRows r, int64_t S, int64_t D, float scale, float* p);
-void scores(const float* q, const int8_t* K, const float* ks, KvRows r, int64_t S, int64_t D, float scale, float* p);
+// Q queries against the same keys (one sequence's chained rows, a KV head's query heads): query i over
+// keys 0..S[i]-1, p + i * stride [S[i]] = (q[i] . K[row s]) * ks[row s] * scale; D a multiple of 16.
+// Each query's values are those it gets alone (Q = 1), bit for bit. Kind: fp32, fp16 bits, int8.
+void scores(const float* const* q, const int64_t* S, int64_t Q, const float* K, const float* ks, KvRows r, int64_t D,
+            float scale, float* p, int64_t stride);
+void scores(const float* const* q, const int64_t* S, int64_t Q, const uint16_t* K, const float* ks, KvRows r,
+            int64_t D, float scale, float* p, int64_t stride);
+void scores(const float* const* q, const int64_t* S, int64_t Q, const int8_t* K, const float* ks, KvRows r,
+            int64_t D, float scale, float* p, int64_t stride);
 
-// o[:D] = sum_s p[s] * vs[row s] * V[row s]; D one of 32, 64, 128 (weighted_sum_ok).
-void weighted_sum(const float* p, const float* V, const float* vs, KvRows r, int64_t S, int64_t D, float* o);
-void weighted_sum(const float* p, const uint16_t* V, const float* vs, KvRows r, int64_t S, int64_t D, float* o);
-void weighted_sum(const float* p, const int8_t* V, const float* vs, KvRows r, int64_t S, int64_t D, float* o);
+// o[i][:D] = sum_{s < S[i]} p[i * stride + s] * vs[row s] * V[row s]; D one of 32, 64, 128
+// (head_dim_ok); each query's sums as it gets them alone.
+void weighted_sum(const float* p, int64_t stride, const int64_t* S, int64_t Q, const float* V, const float* vs,
+                  KvRows r, int64_t D, float* const* o);
+void weighted_sum(const float* p, int64_t stride, const int64_t* S, int64_t Q, const uint16_t* V, const float* vs,
+                  KvRows r, int64_t D, float* const* o);
+void weighted_sum(const float* p, int64_t stride, const int64_t* S, int64_t Q, const int8_t* V, const float* vs,
+                  KvRows r, int64_t D, float* const* o);
 
 inline bool head_dim_ok(int64_t D) { return D == 32 || D == 64 || D == 128; }
 

@@ -1,0 +1,177 @@
+// The fused decode step's attention (decode.cpp includes this once): which rows read the same keys
+// (KeyGroups), and one layer's RoPE + KV-cache write + softmax(q k^T / sqrt(D)) v over each row's keys
+// (attend), the queries of each group of rows and KV head going through the keys together.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+#include "decode_attn_avx512.h"  // avx512::scores / weighted_sum (AVX-512 CPUs)
+#include "decode_kv.h"  // rope, KeyRows, scores, weighted_sum, KV-cache entry reads / writes
+#include "vec8.h"  // exp8, exp1
+
+namespace leanformer {
+namespace {
+
+// The rows of one step: row m's token sits at positions[m] and attends to keys 0..positions[m].
+// Slot-major caches [slots, KV, max_seq, D]: row m writes position positions[m] of slot slots[m].
+// Paged pools [blocks, KV, block_size, D] (models/paged_cache.py) seen as [rows, D]: `write` [M, KV] names
+// the pool row of each new K/V, `read` [M, KV, S] the rows of keys 0..S-1 (S > every position), so the
+// step reads each sequence's blocks where they lie (no gathered copy) and chained rows of one sequence
+// (speculative verification) see each other's K/V, all rows writing before any attends.
+struct StepRows {
+  const int64_t* slots;
+  const int64_t* pos;
+  const int64_t* read = nullptr;  // null: slot-major
+  const int64_t* write = nullptr;
+  int64_t S = 0;
+};
+
+// Runs of consecutive rows that read the same keys: a sequence's chained rows [next token, drafts...]
+// (speculative verification) at positions p, p + 1, ... Group g is rows start[g]..start[g + 1] - 1;
+// lead[g], its row with the most keys, lists them for all (every other row's keys are a prefix of its).
+// Found once per step: slot-major rows by slot; paged rows by comparing their key rows (a prefix cache
+// shares blocks between sequences, so equal first keys do not make one sequence).
+struct KeyGroups {
+  std::vector<int64_t> start, lead;
+
+  KeyGroups(const StepRows& rows, int64_t M, int64_t KV) {
+    for (int64_t m = 0; m < M; ++m) {
+      if (m > 0 && same_keys(rows, KV, lead.back(), m)) {
+        if (rows.pos[m] > rows.pos[lead.back()]) lead.back() = m;
+        continue;
+      }
+      start.push_back(m), lead.push_back(m);
+    }
+    start.push_back(M);
+  }
+  int64_t size() const { return static_cast<int64_t>(lead.size()); }
+
+ private:
+  static bool same_keys(const StepRows& rows, int64_t KV, int64_t a, int64_t b) {
+    if (!rows.read) return rows.slots[a] == rows.slots[b];
+    const int64_t n = std::min(rows.pos[a], rows.pos[b]) + 1;  // the shorter row's keys
+    for (int64_t j = 0; j < KV; ++j)
+      if (std::memcmp(rows.read + (a * KV + j) * rows.S, rows.read + (b * KV + j) * rows.S, n * sizeof(int64_t)))
+        return false;
+    return true;
+  }
+};
+
+// p[0..S) <- softmax weights before normalisation (e^(p - max)); returns their sum
+inline float softmax_unnormalised(float* p, int64_t S) {
+  __m256 vmax = _mm256_set1_ps(-INFINITY);
+  int64_t s = 0;
+  for (; s + 8 <= S; s += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(p + s));
+  float mx = hmax8(vmax);  // a max is exact in any order
+  for (; s < S; ++s) mx = std::max(mx, p[s]);
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  for (s = 0; s + 8 <= S; s += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), vmx));
+    _mm256_storeu_ps(p + s, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float total = hsum(acc);
+  for (; s < S; ++s) total += (p[s] = exp1(p[s] - mx));
+  return total;
+}
+
+// One layer's attention for all rows: rotate q/k, write k/v into the cache, then softmax(q k^T /
+// sqrt(D)) v -> out [M, H*D]. qkv_out [M, (H + 2 KV) * D]; T: float, uint16_t (fp16 bits), int8_t (with
+// per-row scales ks / vs). A task is (group of rows, KV head, its query heads or one of them): its
+// queries read each key and value once, together (avx512::scores / weighted_sum), and each query's
+// result is what it gets alone, bit for bit, so a verification row equals the plain step's row.
+template <class T>
+void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const at::Tensor& kc, const at::Tensor& vc,
+            const at::Tensor& ks, const at::Tensor& vs, const StepRows& rows, const KeyGroups& groups, int64_t H,
+            int64_t KV, int64_t D, at::Tensor& out) {
+  const int64_t* pos = rows.pos;
+  const int64_t M = qkv_out.size(0), max_seq = kc.size(2), row_len = (H + 2 * KV) * D;
+  const float* src = qkv_out.data_ptr<float>();
+  T* kp = static_cast<T*>(kc.data_ptr());
+  T* vp = static_cast<T*>(vc.data_ptr());
+  constexpr bool q8 = std::is_same_v<T, int8_t>;
+  float* ksp = q8 ? ks.data_ptr<float>() : nullptr;
+  float* vsp = q8 ? vs.data_ptr<float>() : nullptr;
+  at::Tensor qr = at::empty({M, H * D}, qkv_out.options());  // rotated queries
+  float* qrp = qr.data_ptr<float>();
+  std::vector<float> krot(D);
+  int64_t work = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = src + m * row_len;
+    for (int64_t h = 0; h < H; ++h) rope(r + h * D, cos + m * D, sin + m * D, qrp + (m * H + h) * D, D);
+    for (int64_t j = 0; j < KV; ++j) {
+      // row index into the cache seen as [rows, D]
+      const int64_t at_ = rows.write ? rows.write[m * KV + j] : (rows.slots[m] * KV + j) * max_seq + pos[m];
+      rope(r + (H + j) * D, cos + m * D, sin + m * D, krot.data(), D);
+      const float* v = r + (H + KV + j) * D;
+      if constexpr (q8) {
+        quantize_row(krot.data(), D, kp + at_ * D, ksp + at_);
+        quantize_row(v, D, vp + at_ * D, vsp + at_);
+      } else if constexpr (std::is_same_v<T, uint16_t>) {
+        store_half(krot.data(), kp + at_ * D, D);
+        store_half(v, vp + at_ * D, D);
+      } else {
+        std::copy(krot.begin(), krot.end(), kp + at_ * D);
+        std::copy(v, v + D, vp + at_ * D);
+      }
+    }
+    work += H * (pos[m] + 1) * D;
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  float* op = out.data_ptr<float>();
+  const int64_t group = H / KV, G = groups.size();
+  // A KV head's query heads in one task once there are tasks enough for the threads (their keys read
+  // once); else one task per query head (one row on 2 threads: 9 tasks split 5 / 4, where 3 would
+  // split 2 / 1). Threads pay off from short contexts on (SmolLM2 at 100 keys: 0.28 vs 0.42 ms per
+  // token on 2 threads); only tiny steps stay on this thread.
+  const int64_t heads = G * KV >= 4 * at::get_num_threads() ? group : 1;  // query heads per task
+  const int64_t per_kv = group / heads, tasks = G * KV * per_kv;
+  const int64_t grain = work < (1 << 12) ? tasks : 1;
+  const bool wide = use_avx512() && avx512::head_dim_ok(D);  // decode_attn_avx512.cpp: 16 columns a step
+  // task t: head subset t / G (KV head t / G / per_kv) of group t % G, so a long chain's tasks spread
+  // over the threads' contiguous ranges
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p;
+    std::vector<const float*> q;
+    std::vector<float*> o;
+    std::vector<int64_t> S;
+    std::vector<float> inv;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t % G, sub = t / G, j = sub / per_kv, h0 = j * group + (sub % per_kv) * heads;
+      const int64_t lead = groups.lead[g], stride = pos[lead] + 1;
+      q.clear(), o.clear(), S.clear();
+      for (int64_t m = groups.start[g]; m < groups.start[g + 1]; ++m)
+        for (int64_t h = h0; h < h0 + heads; ++h)
+          q.push_back(qrp + (m * H + h) * D), o.push_back(op + (m * H + h) * D), S.push_back(pos[m] + 1);
+      const int64_t Q = static_cast<int64_t>(q.size());
+      p.resize(Q * stride);
+      const KeyRows keys{rows.read ? rows.read + (lead * KV + j) * rows.S : nullptr,
+                         (rows.slots[lead] * KV + j) * max_seq};
+      const avx512::KvRows kv{keys.idx, keys.base};
+      if (wide) {
+        avx512::scores(q.data(), S.data(), Q, kp, ksp, kv, D, scale, p.data(), stride);
+      } else {
+        for (int64_t i = 0; i < Q; ++i) scores(q[i], kp, ksp, keys, S[i], D, scale, p.data() + i * stride);
+      }
+      inv.resize(Q);
+      for (int64_t i = 0; i < Q; ++i) inv[i] = 1.0f / softmax_unnormalised(p.data() + i * stride, S[i]);
+      if (wide) {
+        avx512::weighted_sum(p.data(), stride, S.data(), Q, vp, vsp, kv, D, o.data());
+      } else {
+        for (int64_t i = 0; i < Q; ++i) weighted_sum(p.data() + i * stride, vp, vsp, keys, S[i], D, o[i]);
+      }
+      for (int64_t i = 0; i < Q; ++i)
+        for (int64_t c = 0; c < D; ++c) o[i][c] *= inv[i];
+    }
+  });
+}
+
+}  // namespace
+}  // namespace leanformer

@@ -1,0 +1,85 @@
+"""The fused decode step's attention (kernels/decode_attend.h): rows that read the same keys (one
+sequence's chained rows, as speculative verification sends them) and the query heads of one KV head go
+through the keys together, and every row's logits equal, bit for bit, the same row's as a one-row step,
+on every KV storage, slot-major or paged, whatever the thread count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import leanformer as lf
+from leanformer import kernels
+from leanformer.engine.spec_chain import Chain
+from leanformer.models.kv_cache import KVCache
+from leanformer.models.paged_cache import PagedKVCache
+from tests.conftest import tiny_hf_model
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="leanformer kernels unavailable here")
+
+PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28, 84, 19, 71], [2, 7, 18, 28, 18],
+           [1, 41, 42, 13, 56, 23, 73, 9, 30, 8, 81, 2, 99, 100, 4, 5, 66, 7, 12, 101, 3, 9, 27, 44]]  # fmt: skip
+CHAINS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20], [30, 31, 32]]  # tokens fed to each slot, in order
+BLOCK = 4
+
+
+# head_dim 64 with 2 query heads per KV head, head_dim 128 with 3 (the AVX-512 loops' widths), 16 (AVX2)
+@pytest.fixture(scope="module", params=[(256, 4, 2), (384, 3, 1), (64, 4, 2)], ids=["d64", "d128", "d16"])
+def model(tmp_path_factory, request):
+    hidden, heads, kv = request.param
+    d = tmp_path_factory.mktemp(f"llama{hidden}")
+    cfg = dict(
+        hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads
+    )
+    tiny_hf_model("llama", **cfg).save_pretrained(d)
+    m, _ = lf.load(d)
+    assert m.args.head_dim == hidden // heads
+    # int4 blocks and an int8 head, as SmolLM2 is served: GEMVs whose rows equal one-row calls
+    lf.quantize_(m, lf.Int4WeightOnly(group_size=32))
+    lf.quantize_(m, lf.Int8WeightOnly(targets=["lm_head"], ignore=[]))
+    return m
+
+
+def new_cache(model, paged: bool):
+    if not paged:
+        return KVCache.for_model(model, len(PROMPTS), 64)
+    cache = PagedKVCache.for_model(model, len(PROMPTS), 64, num_blocks=48, block_size=BLOCK)
+    order = torch.randperm(48, generator=torch.Generator().manual_seed(0))  # blocks scattered over the pool
+    cache.block_tables[:, :16] = order.view(3, 16)
+    return cache
+
+
+def prefilled(model, paged: bool):
+    cache = new_cache(model, paged)
+    for s, p in enumerate(PROMPTS):
+        slot = torch.tensor([s])
+        model(torch.tensor([p]), cache=cache, slots=slot)
+        cache.advance(slot, len(p))
+    return cache
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("paged", [False, True], ids=["slots", "paged"])
+@pytest.mark.parametrize("kv", [None, "fp16", "int8"])
+@torch.inference_mode()
+def test_chained_rows_equal_one_row_steps(model, kv, paged, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    model.kv_cache_dtype = kv
+    try:
+        ref, cache = [], prefilled(model, paged)
+        assert model._decode_plan.get(model) is not None, "the fused decode step must run"
+        for s, toks in enumerate(CHAINS):
+            slot = torch.tensor([s])
+            for t in toks:
+                ref.append(model(torch.tensor([[t]]), cache=cache, slots=slot)[0, -1])
+                cache.advance(slot, 1)
+        cache = prefilled(model, paged)
+        slots = [s for s, toks in enumerate(CHAINS) for _ in toks]
+        positions = [len(PROMPTS[s]) + i for s, toks in enumerate(CHAINS) for i in range(len(toks))]
+        ids = torch.tensor([t for toks in CHAINS for t in toks])[:, None]
+        got = model(ids, cache=Chain(cache, slots, positions), slots=torch.arange(len(slots)))[:, -1]
+    finally:
+        model.kv_cache_dtype = None
+        torch.set_num_threads(before)
+    assert torch.equal(got, torch.stack(ref))
