@@ -103,8 +103,8 @@ class SpecDecoder:
         length = int(sched.cache.lengths[s.slot])
         return min(s.req.max_tokens - len(s.out) - 1, sched.cache.max_seq - length - 1, cap - 1)
 
-    def _plan(self, sched, group: list[SeqState], cap: int, spare: int | None):
-        """→ ([(s, drafts)] for one forward of `group`, spare blocks left)."""
+    def _plan(self, sched, group: list[SeqState], cap: int) -> list[tuple[SeqState, list[int]]]:
+        """→ [(s, drafts)] for one forward of `group`."""
         states = [self._state(s) for s in group]
         offers = [
             st.offer(s.req.prompt, s.out, lambda s=s: self._limit(sched, s, cap)) if st is not None else []
@@ -121,13 +121,21 @@ class SpecDecoder:
             if st is not None:
                 drafts, stopped = st.chosen(k, s.out)
                 self.fallbacks_total += stopped
-            if spare is not None and drafts:  # paged: drafts take only blocks no request needs next
-                length = int(sched.cache.lengths[s.slot])
-                blocks = len(s.table.blocks) + s.table.reserved + sched._need(s, 1) + spare
-                drafts = drafts[: max(0, blocks * sched.blocks.block_size - length - 1)]
-                spare -= sched._need(s, 1 + len(drafts)) - sched._need(s, 1)
             plan.append((s, drafts))
-        return plan, spare
+        return plan
+
+    @staticmethod
+    def _fit(sched, plans: list[list[tuple[SeqState, list[int]]]]) -> None:
+        """Paged: drafts take only blocks no request needs for its next token (cut in place)."""
+        spare = sched.spare_blocks()
+        for plan in plans:
+            for i, (s, drafts) in enumerate(plan):
+                if drafts:
+                    length = int(sched.cache.lengths[s.slot])
+                    blocks = len(s.table.blocks) + s.table.reserved + sched._need(s, 1) + spare
+                    drafts = drafts[: max(0, blocks * sched.blocks.block_size - length - 1)]
+                    spare -= sched._need(s, 1 + len(drafts)) - sched._need(s, 1)
+                    plan[i] = (s, drafts)
 
     def decode(self, sched, running: list[SeqState]) -> list[SeqState]:
         """Decode every running row (verifying drafts where there are some); → rows left for the
@@ -136,11 +144,11 @@ class SpecDecoder:
             return running
         self.calibrate(sched)
         cap = self._cap(sched)
-        spare = sched.spare_blocks() if hasattr(sched, "spare_blocks") else None
-        plans = []
-        for i in range(0, len(running), cap):
-            plan, spare = self._plan(sched, running[i : i + cap], cap, spare)
-            plans.append(plan)
+        plans = [self._plan(sched, running[i : i + cap], cap) for i in range(0, len(running), cap)]
+        if not any(d for plan in plans for _, d in plan):
+            return running
+        if hasattr(sched, "spare_blocks"):  # counted only when something is drafted (~20 µs a step)
+            self._fit(sched, plans)
         if not any(d for plan in plans for _, d in plan):
             return running
         for plan in plans:

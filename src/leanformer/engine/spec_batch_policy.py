@@ -98,6 +98,12 @@ class RequestDrafts:
         """Look up drafts (≤ limit; a callable is asked only when this step looks up) for the text so
         far → their survival chances (see allocate)."""
         self.settle(out)
+        self.looked = self.skip == 0 and (limit := limit() if callable(limit) else limit) >= 1
+        if not self.looked:
+            self.skip = max(0, self.skip - 1)
+            self.found, self.match = [], 0
+            return []
+        # the index is fed only when it is asked: a request backing off skips the calls, not the tokens
         total = len(prompt) + len(out)
         if self.fed < len(prompt):
             self.index.extend(prompt[self.fed :])
@@ -105,11 +111,6 @@ class RequestDrafts:
         if self.fed < total:
             self.index.extend(out[self.fed - len(prompt) :])
             self.fed = total
-        self.looked = self.skip == 0 and (limit := limit() if callable(limit) else limit) >= 1
-        if not self.looked:
-            self.skip = max(0, self.skip - 1)
-            self.found, self.match = [], 0
-            return []
         self.found, self.match = self.index.propose_longest(min(limit, self.max_draft))
         chances, p = [], 1.0
         for j in range(len(self.found)):
