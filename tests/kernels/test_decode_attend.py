@@ -29,7 +29,11 @@ def model(tmp_path_factory, request):
     hidden, heads, kv = request.param
     d = tmp_path_factory.mktemp(f"llama{hidden}")
     cfg = dict(
-        hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=hidden // heads,
+        max_position_embeddings=2048,
     )
     tiny_hf_model("llama", **cfg).save_pretrained(d)
     m, _ = lf.load(d)
@@ -40,22 +44,40 @@ def model(tmp_path_factory, request):
     return m
 
 
-def new_cache(model, paged: bool):
+def new_cache(model, paged: bool, max_seq: int = 64):
     if not paged:
-        return KVCache.for_model(model, len(PROMPTS), 64)
-    cache = PagedKVCache.for_model(model, len(PROMPTS), 64, num_blocks=48, block_size=BLOCK)
-    order = torch.randperm(48, generator=torch.Generator().manual_seed(0))  # blocks scattered over the pool
-    cache.block_tables[:, :16] = order.view(3, 16)
+        return KVCache.for_model(model, len(PROMPTS), max_seq)
+    per = max_seq // BLOCK  # blocks per slot, scattered over the pool
+    cache = PagedKVCache.for_model(model, len(PROMPTS), max_seq, num_blocks=3 * per, block_size=BLOCK)
+    order = torch.randperm(3 * per, generator=torch.Generator().manual_seed(0))
+    cache.block_tables[:, :per] = order.view(3, per)
     return cache
 
 
-def prefilled(model, paged: bool):
-    cache = new_cache(model, paged)
-    for s, p in enumerate(PROMPTS):
+def prefilled(model, paged: bool, prompts=PROMPTS, max_seq: int = 64):
+    cache = new_cache(model, paged, max_seq)
+    for s, p in enumerate(prompts):
         slot = torch.tensor([s])
         model(torch.tensor([p]), cache=cache, slots=slot)
         cache.advance(slot, len(p))
     return cache
+
+
+def one_row_steps_and_chains(model, paged: bool, prompts, max_seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits of CHAINS fed token by token, one-row steps; the same rows in one chained forward)."""
+    ref, cache = [], prefilled(model, paged, prompts, max_seq)
+    assert model._decode_plan.get(model) is not None, "the fused decode step must run"
+    for s, toks in enumerate(CHAINS):
+        slot = torch.tensor([s])
+        for t in toks:
+            ref.append(model(torch.tensor([[t]]), cache=cache, slots=slot)[0, -1])
+            cache.advance(slot, 1)
+    cache = prefilled(model, paged, prompts, max_seq)
+    slots = [s for s, toks in enumerate(CHAINS) for _ in toks]
+    positions = [len(prompts[s]) + i for s, toks in enumerate(CHAINS) for i in range(len(toks))]
+    ids = torch.tensor([t for toks in CHAINS for t in toks])[:, None]
+    got = model(ids, cache=Chain(cache, slots, positions), slots=torch.arange(len(slots)))[:, -1]
+    return torch.stack(ref), got
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -67,19 +89,49 @@ def test_chained_rows_equal_one_row_steps(model, kv, paged, threads):
     torch.set_num_threads(threads)
     model.kv_cache_dtype = kv
     try:
-        ref, cache = [], prefilled(model, paged)
-        assert model._decode_plan.get(model) is not None, "the fused decode step must run"
-        for s, toks in enumerate(CHAINS):
-            slot = torch.tensor([s])
-            for t in toks:
-                ref.append(model(torch.tensor([[t]]), cache=cache, slots=slot)[0, -1])
-                cache.advance(slot, 1)
-        cache = prefilled(model, paged)
-        slots = [s for s, toks in enumerate(CHAINS) for _ in toks]
-        positions = [len(PROMPTS[s]) + i for s, toks in enumerate(CHAINS) for i in range(len(toks))]
-        ids = torch.tensor([t for toks in CHAINS for t in toks])[:, None]
-        got = model(ids, cache=Chain(cache, slots, positions), slots=torch.arange(len(slots)))[:, -1]
+        ref, got = one_row_steps_and_chains(model, paged, PROMPTS, 64)
     finally:
         model.kv_cache_dtype = None
         torch.set_num_threads(before)
-    assert torch.equal(got, torch.stack(ref))
+    assert torch.equal(got, ref)
+
+
+# past 512 keys the keys go in chunks whose softmax partials are merged (kKeyChunk): slot 0's chain
+# crosses from one chunk to two, slot 2 reads three
+LONG = [[(7 * i) % 120 + 1 for i in range(505)], [2, 7, 18], [(5 * i) % 110 + 3 for i in range(1030)]]
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["slots", "paged"])
+@pytest.mark.parametrize("kv", [None, "int8"])
+@torch.inference_mode()
+def test_rows_across_key_chunks_equal_one_row_steps(model, kv, paged):
+    model.kv_cache_dtype = kv
+    try:
+        ref, got = one_row_steps_and_chains(model, paged, LONG, 1056)
+    finally:
+        model.kv_cache_dtype = None
+    assert torch.equal(got, ref)
+
+
+@torch.inference_mode()
+def test_key_chunks_merge_to_the_module_paths_attention(tmp_path):
+    """fp32 weights: the fused step (fp32 GEMVs, keys in chunks) against the modules' SDPA over all keys."""
+    d = tmp_path / "llama"
+    cfg = dict(
+        hidden_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=2048,
+    )
+    tiny_hf_model("llama", **cfg).save_pretrained(d)
+    m, _ = lf.load(d)
+    out = {}
+    for fused in (True, False):
+        m.fused_decode = fused
+        cache = KVCache.for_model(m, 1, 1100)
+        m(torch.tensor([LONG[2]]), cache=cache)
+        cache.advance(torch.tensor([0]), len(LONG[2]))
+        out[fused] = m(torch.tensor([[9]]), cache=cache, slots=torch.tensor([0]))[0, -1]
+    m.fused_decode = True
+    torch.testing.assert_close(out[True], out[False], atol=2e-4, rtol=0)

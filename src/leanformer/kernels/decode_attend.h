@@ -63,8 +63,8 @@ struct KeyGroups {
   }
 };
 
-// p[0..S) <- softmax weights before normalisation (e^(p - max)); returns their sum
-inline float softmax_unnormalised(float* p, int64_t S) {
+// p[0..S) <- softmax weights before normalisation (e^(p - max)); returns their sum, *max_out the max
+inline float softmax_unnormalised(float* p, int64_t S, float* max_out) {
   __m256 vmax = _mm256_set1_ps(-INFINITY);
   int64_t s = 0;
   for (; s + 8 <= S; s += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(p + s));
@@ -79,7 +79,33 @@ inline float softmax_unnormalised(float* p, int64_t S) {
   }
   float total = hsum(acc);
   for (; s < S; ++s) total += (p[s] = exp1(p[s] - mx));
+  *max_out = mx;
   return total;
+}
+
+// Keys go through attention in chunks of kKeyChunk (as flash-decoding does): a long context's keys
+// spread over the threads (one row, 3 KV heads, 2 threads: 6 tasks of 2,000 keys' halves instead of 9
+// head tasks re-reading their KV head's keys) and each chunk's softmax partials (max, sum, weighted
+// sum) are merged in chunk order. A query's chunks follow from its key count alone, so its result does
+// not depend on the step's rows or threads; with one chunk (up to kKeyChunk keys) nothing is merged.
+constexpr int64_t kKeyChunk = 512;
+
+inline int64_t key_chunks(int64_t S) { return (S + kKeyChunk - 1) / kKeyChunk; }
+
+// out[D] = the softmax-weighted sum over n chunk partials part[c] = [max, sum, o[D]] (unnormalised)
+inline void merge_chunks(const float* part, int64_t n, int64_t D, float* out) {
+  float mx = -INFINITY;
+  for (int64_t c = 0; c < n; ++c) mx = std::max(mx, part[c * (D + 2)]);
+  float total = 0.f;
+  std::fill(out, out + D, 0.f);
+  for (int64_t c = 0; c < n; ++c) {
+    const float* pc = part + c * (D + 2);
+    const float w = exp1(pc[0] - mx);
+    total += w * pc[1];
+    for (int64_t i = 0; i < D; ++i) out[i] += w * pc[2 + i];
+  }
+  const float inv = 1.0f / total;
+  for (int64_t i = 0; i < D; ++i) out[i] *= inv;
 }
 
 // One layer's attention for all rows: rotate q/k, write k/v into the cache, then softmax(q k^T /
@@ -127,50 +153,74 @@ void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   float* op = out.data_ptr<float>();
   const int64_t group = H / KV, G = groups.size();
+  int64_t chunks = 1;  // key chunks of the longest row
+  for (int64_t m = 0; m < M; ++m) chunks = std::max(chunks, key_chunks(pos[m] + 1));
   // A KV head's query heads in one task once there are tasks enough for the threads (their keys read
-  // once); else one task per query head (one row on 2 threads: 9 tasks split 5 / 4, where 3 would
-  // split 2 / 1). Threads pay off from short contexts on (SmolLM2 at 100 keys: 0.28 vs 0.42 ms per
-  // token on 2 threads); only tiny steps stay on this thread.
-  const int64_t heads = G * KV >= 4 * at::get_num_threads() ? group : 1;  // query heads per task
-  const int64_t per_kv = group / heads, tasks = G * KV * per_kv;
+  // once); else one task per query head (one row of 200 keys on 2 threads: 9 tasks split 5 / 4, where
+  // 3 would split 2 / 1). Threads pay off from short contexts on (SmolLM2 at 100 keys: 0.28 vs 0.42 ms
+  // per token on 2 threads); only tiny steps stay on this thread.
+  const int64_t heads = G * KV * chunks >= 4 * at::get_num_threads() ? group : 1;  // query heads per task
+  const int64_t per_kv = group / heads, tasks = G * KV * per_kv * chunks;
   const int64_t grain = work < (1 << 12) ? tasks : 1;
   const bool wide = use_avx512() && avx512::head_dim_ok(D);  // decode_attn_avx512.cpp: 16 columns a step
-  // task t: head subset t / G (KV head t / G / per_kv) of group t % G, so a long chain's tasks spread
-  // over the threads' contiguous ranges
+  // [M * H, chunks, D + 2]: each chunk's (max, sum, weighted sum) of queries with more than one chunk
+  std::vector<float> part(chunks > 1 ? M * H * chunks * (D + 2) : 0);
+  // task t: key chunk t % chunks of head subset t / chunks / G (KV head j) of group t / chunks % G, so a
+  // long chain's tasks spread over the threads' contiguous ranges
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> p;
     std::vector<const float*> q;
-    std::vector<float*> o;
+    std::vector<float*> o, sums;  // sums: where each query's (max, sum) go (multi-chunk queries)
     std::vector<int64_t> S;
-    std::vector<float> inv;
+    std::vector<float> total, mx;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t g = t % G, sub = t / G, j = sub / per_kv, h0 = j * group + (sub % per_kv) * heads;
-      const int64_t lead = groups.lead[g], stride = pos[lead] + 1;
-      q.clear(), o.clear(), S.clear();
-      for (int64_t m = groups.start[g]; m < groups.start[g + 1]; ++m)
-        for (int64_t h = h0; h < h0 + heads; ++h)
-          q.push_back(qrp + (m * H + h) * D), o.push_back(op + (m * H + h) * D), S.push_back(pos[m] + 1);
+      const int64_t c = t % chunks, g = t / chunks % G, sub = t / chunks / G;
+      const int64_t j = sub / per_kv, h0 = j * group + (sub % per_kv) * heads, first = c * kKeyChunk;
+      const int64_t lead = groups.lead[g], stride = std::min(pos[lead] + 1 - first, kKeyChunk);
+      if (stride <= 0) continue;  // the group's rows are all shorter than this chunk
+      q.clear(), o.clear(), sums.clear(), S.clear();
+      for (int64_t m = groups.start[g]; m < groups.start[g + 1]; ++m) {
+        const int64_t keys = pos[m] + 1, n = key_chunks(keys);
+        if (keys <= first) continue;
+        for (int64_t h = h0; h < h0 + heads; ++h) {
+          q.push_back(qrp + (m * H + h) * D), S.push_back(std::min(keys - first, kKeyChunk));
+          float* slot = n > 1 ? part.data() + ((m * H + h) * chunks + c) * (D + 2) : nullptr;
+          o.push_back(slot ? slot + 2 : op + (m * H + h) * D), sums.push_back(slot);
+        }
+      }
       const int64_t Q = static_cast<int64_t>(q.size());
       p.resize(Q * stride);
-      const KeyRows keys{rows.read ? rows.read + (lead * KV + j) * rows.S : nullptr,
-                         (rows.slots[lead] * KV + j) * max_seq};
+      const int64_t* idx = rows.read ? rows.read + (lead * KV + j) * rows.S + first : nullptr;
+      const KeyRows keys{idx, (rows.slots[lead] * KV + j) * max_seq + first};
       const avx512::KvRows kv{keys.idx, keys.base};
       if (wide) {
         avx512::scores(q.data(), S.data(), Q, kp, ksp, kv, D, scale, p.data(), stride);
       } else {
         for (int64_t i = 0; i < Q; ++i) scores(q[i], kp, ksp, keys, S[i], D, scale, p.data() + i * stride);
       }
-      inv.resize(Q);
-      for (int64_t i = 0; i < Q; ++i) inv[i] = 1.0f / softmax_unnormalised(p.data() + i * stride, S[i]);
+      total.resize(Q), mx.resize(Q);
+      for (int64_t i = 0; i < Q; ++i) total[i] = softmax_unnormalised(p.data() + i * stride, S[i], &mx[i]);
       if (wide) {
         avx512::weighted_sum(p.data(), stride, S.data(), Q, vp, vsp, kv, D, o.data());
       } else {
         for (int64_t i = 0; i < Q; ++i) weighted_sum(p.data() + i * stride, vp, vsp, keys, S[i], D, o[i]);
       }
-      for (int64_t i = 0; i < Q; ++i)
-        for (int64_t c = 0; c < D; ++c) o[i][c] *= inv[i];
+      for (int64_t i = 0; i < Q; ++i) {
+        if (sums[i]) {  // one chunk of several: merged below
+          sums[i][0] = mx[i], sums[i][1] = total[i];
+          continue;
+        }
+        const float inv = 1.0f / total[i];
+        for (int64_t d = 0; d < D; ++d) o[i][d] *= inv;
+      }
     }
   });
+  if (chunks > 1)
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t n = key_chunks(pos[m] + 1);
+      for (int64_t h = 0; n > 1 && h < H; ++h)
+        merge_chunks(part.data() + (m * H + h) * chunks * (D + 2), n, D, op + (m * H + h) * D);
+    }
 }
 
 }  // namespace
