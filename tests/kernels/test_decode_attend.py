@@ -23,10 +23,15 @@ CHAINS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20], [30, 31, 32]]  # tokens fed to 
 BLOCK = 4
 
 
-# head_dim 64 with 2 query heads per KV head, head_dim 128 with 3 (the AVX-512 loops' widths), 16 (AVX2)
-@pytest.fixture(scope="module", params=[(256, 4, 2), (384, 3, 1), (64, 4, 2)], ids=["d64", "d128", "d16"])
+# head_dim 64 with 2 query heads per KV head, head_dim 128 with 3 (the AVX-512 loops' widths), 16 (AVX2);
+# int4 blocks and an int8 head, as SmolLM2 is served, or fp32 weights (fp32 GEMVs, rows 2 at a time)
+@pytest.fixture(
+    scope="module",
+    params=[(256, 4, 2, "int4"), (384, 3, 1, "int4"), (64, 4, 2, "int4"), (256, 4, 2, "fp32")],
+    ids=["d64", "d128", "d16", "d64-fp32"],
+)
 def model(tmp_path_factory, request):
-    hidden, heads, kv = request.param
+    hidden, heads, kv, weights = request.param
     d = tmp_path_factory.mktemp(f"llama{hidden}")
     cfg = dict(
         hidden_size=hidden,
@@ -38,9 +43,9 @@ def model(tmp_path_factory, request):
     tiny_hf_model("llama", **cfg).save_pretrained(d)
     m, _ = lf.load(d)
     assert m.args.head_dim == hidden // heads
-    # int4 blocks and an int8 head, as SmolLM2 is served: GEMVs whose rows equal one-row calls
-    lf.quantize_(m, lf.Int4WeightOnly(group_size=32))
-    lf.quantize_(m, lf.Int8WeightOnly(targets=["lm_head"], ignore=[]))
+    if weights == "int4":
+        lf.quantize_(m, lf.Int4WeightOnly(group_size=32))
+        lf.quantize_(m, lf.Int8WeightOnly(targets=["lm_head"], ignore=[]))
     return m
 
 

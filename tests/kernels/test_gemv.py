@@ -187,6 +187,17 @@ def test_q4_convention_matches_compress_quantizer(isa):
 
 
 @needs_kernels
+@pytest.mark.parametrize("k", [7, 100, 576, 1000])
+def test_f32_rows_equal_one_row_calls(k, isa):
+    """A row's fp32 result does not depend on how many rows the call has (a speculative verify row of a
+    fp32 model or head must equal the plain step's row), bit for bit."""
+    x, w, b = torch.randn(17, k), torch.randn(70, k), torch.randn(70)
+    one = torch.cat([K.ext().linear_f32(x[i : i + 1], w, b) for i in range(17)])
+    for m in (2, 3, 4, 5, 8, 9, 16, 17):
+        assert torch.equal(K.ext().linear_f32(x[:m], w, b), one[:m]), m
+
+
+@needs_kernels
 def test_many_rows_and_leading_dims(isa):
     """M > 8 runs in chunks of 8; the wrappers flatten leading dims and keep the input dtype."""
     x, w, b = torch.randn(2, 9, 100), torch.randn(33, 100), torch.randn(33)

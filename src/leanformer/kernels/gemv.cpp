@@ -50,10 +50,11 @@ void set_isa(const std::string& name) {
 
 // ----------------------------------------------------------------------------------------- fp32
 
-// out[m] = dot(x[m], w) for one row w of W; x rows are K apart.
+// out[m] = dot(x[m], w) for one row w of W; x rows are K apart. Called for at most 2 rows at a time
+// with 4 chains each (f32_rows), so a row's sum does not depend on the call's row count.
 template <int M>
 inline void f32_row(const float* __restrict x, const float* __restrict w, int64_t K, float* out) {
-  constexpr int U = unroll<M>();
+  constexpr int U = 4;
   __m256 acc[M][U];
   LF_UNROLL
   for (int m = 0; m < M; ++m)
@@ -91,7 +92,9 @@ template <int M>
 void f32_rows(const float* x, const float* w, const float* bias, float* y, int64_t N, int64_t K) {
   for_rows(N, K * 4, [&](int64_t n) {
     float out[M];
-    f32_row<M>(x, w + n * K, K, out);
+    int m0 = 0;  // rows 2 at a time (the weight row from L1 after the first pair)
+    for (; m0 + 2 <= M; m0 += 2) f32_row<2>(x + m0 * K, w + n * K, K, out + m0);
+    if (m0 < M) f32_row<1>(x + m0 * K, w + n * K, K, out + m0);
     LF_UNROLL
     for (int m = 0; m < M; ++m) y[m * N + n] = out[m] + (bias ? bias[n] : 0.f);
   });

@@ -134,7 +134,7 @@ inline void dense_span(const float* x, int64_t K, const T* const (&w)[NR], int64
 // f32 (T = float, no scales), int8 per row (scale applied to the dot product) or per group (G > 0:
 // weights scaled per group before the FMA, so the accumulators run across groups).
 template <int NR, int M, int A, class T>
-inline void dense_tile(const KernelArgs& a, int64_t n, float (&out)[NR][M]) {
+inline void dense_tile(const KernelArgs& a, const float* x, int64_t n, float (&out)[NR][M]) {
   const int64_t K = a.K, G = a.group;
   const T* w[NR];
   __m512 s[NR];
@@ -143,13 +143,13 @@ inline void dense_tile(const KernelArgs& a, int64_t n, float (&out)[NR][M]) {
   __m512 acc[NR][M][A];
   zero(acc);
   if (G == 0) {
-    dense_span<NR, M, A, false>(a.x, K, w, 0, K, s, acc);
+    dense_span<NR, M, A, false>(x, K, w, 0, K, s, acc);
   } else {
     const int64_t n_groups = (K + G - 1) / G;
     for (int64_t g = 0; g < n_groups; ++g) {
       LF_UNROLL
       for (int r = 0; r < NR; ++r) s[r] = _mm512_set1_ps(a.scales[(n + r) * n_groups + g]);
-      dense_span<NR, M, A, true>(a.x, K, w, g * G, imin(K, (g + 1) * G), s, acc);
+      dense_span<NR, M, A, true>(x, K, w, g * G, imin(K, (g + 1) * G), s, acc);
     }
   }
   reduce(acc, out);
@@ -158,6 +158,22 @@ inline void dense_tile(const KernelArgs& a, int64_t n, float (&out)[NR][M]) {
     for (int r = 0; r < NR; ++r)
       LF_UNROLL
       for (int m = 0; m < M; ++m) out[r][m] *= a.scales[n + r];
+  }
+}
+
+// dense_tile over x rows M0.. in groups of Mg, each with A chains: a row's sum then depends on K and A
+// alone, never on how many rows the call has (a speculative verify row equals the plain step's row).
+template <int NR, int M, int A, int Mg, int M0, class T>
+inline void dense_groups(const KernelArgs& a, int64_t n, float (&out)[NR][M]) {
+  if constexpr (M0 < M) {
+    constexpr int Mc = M - M0 < Mg ? M - M0 : Mg;
+    float part[NR][Mc];
+    dense_tile<NR, Mc, A, T>(a, a.x + M0 * a.K, n, part);  // the weight rows: from L1 after the first group
+    LF_UNROLL
+    for (int r = 0; r < NR; ++r)
+      LF_UNROLL
+      for (int m = 0; m < Mc; ++m) out[r][M0 + m] = part[r][m];
+    dense_groups<NR, M, A, Mg, M0 + Mg, T>(a, n, out);
   }
 }
 
@@ -236,18 +252,20 @@ inline void q4_tile(const KernelArgs& a, int64_t n, float (&out)[NR][M]) {
 //  * int8 per-row scales at M = 1: 40 vs 20-27 G weights/s on the streamed 49152x576 lm_head (one
 //    row at a time keeps a single sequential stream); pairs win at M >= 2 and with group scales.
 //  * int4: pairs win everywhere (38 vs 32 G weights/s at M = 1 on the lm_head).
+//  * fp32: 2 chains per row whatever M (a fp32 row streams 64 bytes per FMA: two chains already outrun
+//    memory), so a row's result does not depend on M; up to 8 rows in one pass (16 accumulators).
 struct Dense32 {
   static bool pairs(const KernelArgs&) { return false; }
   template <int NR, int M>
   static void tile(const KernelArgs& a, int64_t n, float (&out)[NR][M]) {
-    dense_tile<NR, M, chains(1, M, 8), float>(a, n, out);
+    dense_groups<NR, M, 2, 8, 0, float>(a, n, out);
   }
 };
 struct Dense8 {
   static bool pairs(const KernelArgs& a) { return a.M > 1 || a.group > 0; }
   template <int NR, int M>
   static void tile(const KernelArgs& a, int64_t n, float (&out)[NR][M]) {
-    dense_tile<NR, M, chains(M == 1 ? 1 : 2, M, 8), int8_t>(a, n, out);
+    dense_tile<NR, M, chains(M == 1 ? 1 : 2, M, 8), int8_t>(a, a.x, n, out);
   }
 };
 struct Int4 {
