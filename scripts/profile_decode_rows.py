@@ -53,8 +53,9 @@ def main() -> None:
     attn0 = model.model.layers[0].self_attn
     kv, d = attn0.n_kv_heads, attn0.head_dim
     max_seq = a.position + 32
-    k = [torch.zeros(1, kv, max_seq, d) for _ in range(layers)]
-    v = [torch.zeros(1, kv, max_seq, d) for _ in range(layers)]
+    # random K / V: an untouched torch.zeros buffer maps every page to one zero page (cache-resident reads)
+    k = [torch.randn(1, kv, max_seq, d) for _ in range(layers)]
+    v = [torch.randn(1, kv, max_seq, d) for _ in range(layers)]
     head = model.lm_head
     head.int8_activations = True
     g = torch.Generator().manual_seed(0)

@@ -32,6 +32,16 @@ inline __m512 load16(const int8_t* p) {
 
 inline int64_t row(KvRows r, int64_t s) { return r.idx ? r.idx[s] : r.base + s; }
 
+// Keys (values) kAheadKeys rows ahead are requested while this block is computed: a lone query's pass
+// over a long context waits on memory otherwise (the stream prefetcher loses the rows of a paged pool
+// and restarts at every task's chunk).
+constexpr int64_t kAheadKeys = 32;
+template <class T>
+inline void prefetch_key(const T* base, KvRows r, int64_t s, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(base + row(r, s) * D);
+  for (int64_t off = 0; off < D * int64_t(sizeof(T)); off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
 // Eight 16-lane sums in one transposed pass: lane k of the result = sum of a[k]'s lanes.
 inline __m256 sum8(const __m512 (&a)[8]) {
   auto halves = [](__m512 x, __m512 y) {
@@ -86,6 +96,9 @@ void scores_t(const float* const* q, const int64_t* S, int64_t Q, const T* K, co
   for (int64_t i = 0; i < Q; ++i) smax = S[i] > smax ? S[i] : smax;
   int64_t s = 0;
   for (; s + 8 <= smax; s += 8) {
+    if (s + kAheadKeys + 8 <= smax)
+      LF_UNROLL
+      for (int k = 0; k < 8; ++k) prefetch_key(K, r, s + kAheadKeys + k, D);
     const T* rows[8];
     LF_UNROLL
     for (int k = 0; k < 8; ++k) rows[k] = K + row(r, s + k) * D;
@@ -143,6 +156,7 @@ inline void weighted_tile(const float* const* p, const int64_t* S, const T* V, c
   LF_UNROLL
   for (int j = 1; j < QT; ++j) smin = S[j] < smin ? S[j] : smin, smax = S[j] > smax ? S[j] : smax;
   auto key = [&](int64_t s, auto all) {  // all: every query of the tile takes key s
+    if (s + kAheadKeys < smax) prefetch_key(V, r, s + kAheadKeys, 16 * D16);
     const int64_t at = row(r, s);
     const T* v = V + at * (16 * D16);
     __m512 x[D16];
