@@ -33,14 +33,27 @@ def _encode(tok, prompt) -> list[int]:
     return tok.encode(prompt)
 
 
-def _run(scheds: list, prompts: list[list[int]], max_tokens: int, modes: list[str | None]) -> list[float]:
+def lengths(requests: int, max_tokens: int, stagger: bool) -> list[int]:
+    """Each request's max_tokens: all alike, or (stagger) spread evenly over 0.75-1.25x max_tokens, so
+    requests finish at different steps on both sides, as a server's do: with equal lengths the plain
+    side's requests all finish at one step and the next prompts prefill together in one forward, which
+    a kept draft (one request a step ahead) breaks on the speculative side."""
+    if not stagger or requests == 1:
+        return [max_tokens] * requests
+    return [max(1, round(max_tokens * (0.75 + 0.5 * i / (requests - 1)))) for i in range(requests)]
+
+
+def _run(
+    scheds: list, prompts: list[list[int]], max_tokens: list[int], modes: list[str | None]
+) -> list[float]:
     """CPU seconds of this thread each scheduler took to serve `prompts` (all submitted at once, the
-    slots bounding the batch), scheds[i] with speculative=modes[i], their steps taken in turn."""
+    slots bounding the batch; prompt i asks for max_tokens[i]), scheds[i] with speculative=modes[i],
+    their steps taken in turn."""
     from leanformer.engine.request import Request
 
     for sched, mode in zip(scheds, modes):
-        for p in prompts:
-            sched.submit(Request(list(p), max_tokens, speculative=mode))
+        for p, n in zip(prompts, max_tokens):
+            sched.submit(Request(list(p), n, speculative=mode))
     cpu = [0.0] * len(scheds)
     while any(s.has_work() for s in scheds):
         for i, sched in enumerate(scheds):
@@ -52,14 +65,24 @@ def _run(scheds: list, prompts: list[list[int]], max_tokens: int, modes: list[st
 
 
 @torch.inference_mode()
-def measure(model, tok, concurrency: int, requests: int, max_tokens: int, rounds: int, passages=None) -> dict:
+def measure(
+    model,
+    tok,
+    concurrency: int,
+    requests: int,
+    max_tokens: int,
+    rounds: int,
+    passages=None,
+    stagger: bool = False,
+) -> dict:
     """workload → {"ratios": off / on CPU time per round, "speedup": their median, "acceptance", "drafted"}."""
     from leanformer.engine.paged import PagedScheduler
     from leanformer.engine.spec_batch import SpecDecoder
 
     cfg = SpecBenchConfig(prompts=requests, passages=passages)
     loads = {w: [_encode(tok, p) for p in ps] for w, ps in workload_prompts(tok, cfg).items()}
-    longest = max(len(p) for ps in loads.values() for p in ps) + max_tokens
+    budget = lengths(requests, max_tokens, stagger)
+    longest = max(len(p) for ps in loads.values() for p in ps) + max(budget)
     block = 16
 
     def scheduler():
@@ -74,13 +97,13 @@ def measure(model, tok, concurrency: int, requests: int, max_tokens: int, rounds
     on, off = scheduler(), scheduler()
     out = {}
     for name, prompts in loads.items():
-        _run([on, off], prompts, max_tokens, ["prompt-lookup", None])  # warm-up
+        _run([on, off], prompts, budget, ["prompt-lookup", None])  # warm-up
         d0, a0 = on.spec.drafted_total, on.spec.accepted_total
         cpu: dict[str | None, list[float]] = {None: [], "prompt-lookup": []}
         for i in range(rounds):
             pair = [(off, None), (on, "prompt-lookup")][:: 1 if i % 2 == 0 else -1]  # who steps first
             for (_, mode), sec in zip(
-                pair, _run([s for s, _ in pair], prompts, max_tokens, [m for _, m in pair])
+                pair, _run([s for s, _ in pair], prompts, budget, [m for _, m in pair])
             ):
                 cpu[mode].append(sec)
         ratios = [off_s / on_s for on_s, off_s in zip(cpu["prompt-lookup"], cpu[None])]
@@ -90,7 +113,7 @@ def measure(model, tok, concurrency: int, requests: int, max_tokens: int, rounds
             "speedup": statistics.median(ratios),
             "acceptance": (on.spec.accepted_total - a0) / drafted if drafted else 0.0,
             "drafted": drafted,
-            "off_tok_per_cpu_s": requests * max_tokens / statistics.median(cpu[None]),
+            "off_tok_per_cpu_s": sum(budget) / statistics.median(cpu[None]),
         }
     return out
 
@@ -111,6 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-tokens", type=positive_int, default=96)
     ap.add_argument("--rounds", type=positive_int, default=4)
     ap.add_argument("--passages", default=None)
+    ap.add_argument(
+        "--stagger", action="store_true",
+        help="requests ask for 0.75-1.25x --max-tokens (spread evenly), so they do not all finish at one step",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # the CPU-time clock reads this thread only
     model, tok = load(resolve_model(args.model))
@@ -119,7 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     freeze_startup_objects()  # as `leanformer serve` does after loading
     avg = Path("/proc/loadavg")
     loadavg = " ".join(avg.read_text().split()[:3]) if avg.exists() else "?"
-    res = measure(model, tok, args.concurrency, args.requests, args.max_tokens, args.rounds, args.passages)
+    res = measure(
+        model, tok, args.concurrency, args.requests, args.max_tokens, args.rounds, args.passages, args.stagger
+    )
     for name, r in res.items():
         print(
             f"{name}: {args.concurrency} streams, CPU-time speed-up {r['speedup']:.2f}x (rounds "
