@@ -31,10 +31,11 @@ from leanformer.models.layers import RMSNorm
 ACTIVATIONS = ("auto", "int8", "fp32")
 # Instruction sets of the int8-activation kernels (kernels.cpu.act_isa()) on which "auto" takes them:
 # only where measured faster than fp32 activations at a KLD far inside the int4 variant's own
-# (docs/BENCHMARKS.md): AVX2 (EPYC Zen 3: 1.31x batch 1, 1.65x batch 8) and AVX-512 VNNI (EPYC Zen 5,
-# 512-bit int4 loops: batch 1 level with the AVX-512 fp32-activation GEMVs, batch 8 1.21x). AVX-VNNI
-# alone (256-bit, e.g. Alder Lake) waits for a measurement on such a CPU.
-AUTO_INT8 = frozenset({"avx2", "avx512_vnni"})
+# (docs/BENCHMARKS.md): AVX2 (EPYC Zen 3: 1.31x batch 1, 1.65x batch 8), AVX-512 VNNI (EPYC Zen 5,
+# 512-bit int4 loops: batch 1 level with the AVX-512 fp32-activation GEMVs, batch 8 1.21x) and AVX-VNNI
+# (the AVX2 loops with vpdpbusd, for 256-bit-only CPUs such as Alder Lake; measured on Zen 5 with the
+# fp32 GEMVs held to AVX2 as there: 1.45x batch 1, 1.85x batch 8, level with AVX2's int8 loops).
+AUTO_INT8 = frozenset({"avx2", "avx_vnni", "avx512_vnni"})
 
 
 def set_decode_activations(model: nn.Module, activations: str) -> None:
