@@ -102,3 +102,22 @@ def test_peer_paired_file_llama_cpp_cannot_load_is_one_line(tmp_path, monkeypatc
     gguf.write_bytes(b"not a gguf at all")
     with pytest.raises(LeanformerError, match="llama.cpp: llama.cpp could not load"):
         peer_paired.main([str(gguf)])
+
+
+def test_spec_serve_ab_bad_input_is_one_error(tmp_path, monkeypatch, capsys):
+    """python -m leanformer.measure.bench.spec_serve_ab: bad counts are argparse's usage line, a missing
+    passages file is refused before the model loads, an over-long request is the scheduler's one line."""
+    from leanformer.errors import LeanformerError
+    from leanformer.measure.bench import spec_serve_ab
+
+    def never(*a, **k):
+        raise AssertionError("loaded a model before checking the input")
+
+    monkeypatch.setattr("leanformer.loading.load", never)
+    for argv in (["m", "--max-tokens", "0"], ["m", "--requests", "-1"], ["m", "--rounds", "nan"],
+                 ["m", "--concurrency", "two"], ["m", "--stagger=yes"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            spec_serve_ab.main(argv)
+    for where in (tmp_path / "absent.txt", tmp_path):
+        with pytest.raises(LeanformerError, match="no such file"):
+            spec_serve_ab.main(["m", "--passages", str(where)])

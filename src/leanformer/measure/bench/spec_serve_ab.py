@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from leanformer.errors import LeanformerError
 from leanformer.measure.bench.speculative import SpecBenchConfig, workload_prompts
 
 
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="requests ask for 0.75-1.25x --max-tokens (spread evenly), so they do not all finish at one step",
     )  # fmt: skip
     args = ap.parse_args(argv)
+    if args.passages is not None and not Path(args.passages).expanduser().is_file():
+        raise LeanformerError(f"--passages {args.passages}: no such file")  # before the model loads
     torch.set_num_threads(1)  # the CPU-time clock reads this thread only
     model, tok = load(resolve_model(args.model))
     from leanformer.engine.startup import freeze_startup_objects
@@ -159,4 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    try:
+        main()
+    except LeanformerError as e:
+        sys.exit(f"error: {e}")
