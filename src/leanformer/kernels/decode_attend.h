@@ -108,6 +108,15 @@ inline void merge_chunks(const float* part, int64_t n, int64_t D, float* out) {
   for (int64_t i = 0; i < D; ++i) out[i] *= inv;
 }
 
+// One attention task's buffers: scores [Q, keys], query / output / (max, sum) pointers, key counts
+struct TaskScratch {
+  std::vector<float> p;
+  std::vector<const float*> q;
+  std::vector<float*> o, sums;  // sums: where each query's (max, sum) go (multi-chunk queries)
+  std::vector<int64_t> S;
+  std::vector<float> total, mx;
+};
+
 // One layer's attention for all rows: rotate q/k, write k/v into the cache, then softmax(q k^T /
 // sqrt(D)) v -> out [M, H*D]. qkv_out [M, (H + 2 KV) * D]; T: float, uint16_t (fp16 bits), int8_t (with
 // per-row scales ks / vs). A task is (group of rows, KV head, its query heads or one of them): its
@@ -168,11 +177,10 @@ void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const
   // task t: key chunk t % chunks of head subset t / chunks / G (KV head j) of group t / chunks % G, so a
   // long chain's tasks spread over the threads' contiguous ranges
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> p;
-    std::vector<const float*> q;
-    std::vector<float*> o, sums;  // sums: where each query's (max, sum) go (multi-chunk queries)
-    std::vector<int64_t> S;
-    std::vector<float> total, mx;
+    // a thread's scratch, kept from call to call (30 layers x 2 threads a step would otherwise allocate
+    // ~400 small vectors)
+    thread_local TaskScratch scratch;
+    auto& [p, q, o, sums, S, total, mx] = scratch;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t % chunks, g = t / chunks % G, sub = t / chunks / G;
       const int64_t j = sub / per_kv, h0 = j * group + (sub % per_kv) * heads, first = c * kKeyChunk;
