@@ -57,15 +57,11 @@ class SuffixIndex(NgramIndex):
         ] = {}  # every start of each ngram-gram with a continuation
 
     def extend(self, tokens: list[int]) -> None:
-        # NgramIndex.extend inlined (called for every new token of every speculating server request)
-        seq, latest, n = self.seq, self.latest, self.ngram
-        for t in tokens:
-            j = len(seq)
-            if j >= n:
-                self.starts.setdefault(tuple(seq[j - n : j]), []).append(j - n)
-            seq.append(t)
-            for m in range(1, min(n, j) + 1):
-                latest[m][tuple(seq[j - m : j])] = j - m
+        j0 = len(self.seq)
+        super().extend(tokens)
+        seq, n = self.seq, self.ngram
+        for j in range(max(j0, n), len(seq)):  # the new tokens j continue the ngram-gram ending at j - 1
+            self.starts.setdefault(tuple(seq[j - n : j]), []).append(j - n)
 
     def propose_longest(self, k: int) -> tuple[list[int], int]:
         """(up to k drafts, L: the length of the suffix match they continue; 0: none)."""
