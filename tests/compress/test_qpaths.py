@@ -91,9 +91,11 @@ def test_kernel_path_is_exact(kind, n, k, bias, awq, monkeypatch):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n,k,bias,awq", SHAPES)
 def test_prefill_path_fp32_and_bf16(kind, n, k, bias, awq, monkeypatch):
-    """More rows than the kernel takes: chunked dequantize + F.linear, fp32 (exact to rounding) or bf16
-    (where the CPU has native bf16; bf16 accuracy). Small chunks force several of them."""
+    """More rows than the kernel takes, fp32 activations: chunked dequantize + F.linear, fp32 (exact to
+    rounding) or bf16 (where the CPU has native bf16; bf16 accuracy). Small chunks force several of them.
+    (int8 activations: tests/kernels/test_gemm_q4_i8.py.)"""
     m = make(kind, n, k, bias, awq)
+    m.prefill_activations = "fp32"
     calls = _count_kernel_calls(m, monkeypatch)
     monkeypatch.setattr(qbase, "CHUNK_ELEMS", 16 * k)  # 16 rows per chunk
     x = torch.randn(40, k)

@@ -89,7 +89,9 @@ def pair(request, tmp_path_factory):
 
 @pytest.fixture
 def fp32_prefill(monkeypatch):
+    """The weights' own math in prefill: fp32 GEMMs on fp32 activations (not bf16, not the int8 GEMM)."""
     monkeypatch.setattr(qbase, "PREFILL_BF16", False)
+    monkeypatch.setattr(qbase.QuantLinear, "prefill_activations", "fp32")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -25,15 +25,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["avx2", "avx_vnni", "avx512_vnni"])
-def act_isa(request):
-    if request.param not in cpu.act_isas():
-        pytest.skip(f"this CPU lacks {request.param} (has {cpu.act_isas()})")
-    cpu.set_act_isa(request.param)
-    yield request.param
-    cpu.set_act_isa(None)
-
-
 def close(y: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor) -> None:
     """|y - ref| <= 1e-5 * (sum_k |x_k w_k| + 1): fp32 rounding of the per-block partial sums only."""
     assert y.shape == ref.shape

@@ -99,6 +99,7 @@ def cmd_bench(args) -> None:
         resolve_model(args.model), args.dtype, args.prompt_tokens, args.new_tokens, args.batch, args.repeats
     )
     cfg.keep_quantized = args.keep_quantized
+    cfg.activations = args.activations
     if args.recipe:
         from leanformer.compress import load_recipe
 

@@ -35,6 +35,11 @@ def model_command(sub, name: str, help: str) -> argparse.ArgumentParser:
     p.add_argument("model", help="path (HF folder, .gguf, llama2.c .bin) or a known name, e.g. smollm2")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     add_quantized_flags(p)
+    p.add_argument(
+        "--activations", default="auto", choices=["auto", "int8", "fp32"],
+        help="int4 / int8 Linears on int8 activations (the decode step, int4 prefill) or fp32; "
+        "auto (default): int8 where measured faster on this CPU's instruction set",
+    )  # fmt: skip
     if name in TP_COMMANDS:
         p.add_argument("--tp", type=ck.positive_int, default=1, metavar="N", help=TP_HELP)
         p.add_argument("--pp", type=ck.positive_int, default=1, metavar="N", help=PP_HELP)
@@ -72,6 +77,10 @@ def load_model(args):
             args.seed = shared_seed(args.seed)
     keep = getattr(args, "keep_quantized", True)
     model, tok = load(resolve_model(args.model), dtype=args.dtype, keep_quantized=keep)
+    if getattr(args, "activations", "auto") != "auto":
+        from leanformer.compress.qbase import set_activations
+
+        set_activations(model, args.activations)
     if tp > 1:
         from leanformer.distributed import check_tp, parallelize_
 

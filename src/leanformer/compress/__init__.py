@@ -17,6 +17,7 @@ from leanformer.compress.config import (
 )
 from leanformer.compress.int5 import Int5Linear
 from leanformer.compress.presets import PRESETS
+from leanformer.compress.qbase import set_activations, set_prefill_activations
 from leanformer.compress.quant import (
     AWQ,
     CONFIG_TYPES,
@@ -42,6 +43,8 @@ from leanformer.compress.recipe import (
 )
 
 __all__ = [
+    "set_activations",
+    "set_prefill_activations",
     "AWQ",
     "CONFIG_TYPES",
     "PruneLayers",

@@ -11,6 +11,7 @@ from leanformer.compress import double_quant as DQ
 from leanformer.compress import kernels as K
 from leanformer.compress.qbase import QuantLinear
 from leanformer.errors import LeanformerError
+from leanformer.kernels.cpu import int8_activations
 
 ROWS_ELEMS = 1 << 22  # weights rounded per slice (16 MB of fp32 temporaries each)
 
@@ -162,6 +163,8 @@ class Int4Linear(QuantLinear):
     def _drop_caches(self) -> None:
         self._cuda = None
         self._lut = None
+        self._zeros_key: tuple | None = None  # _nonzero's memo
+        self._zeros_any = True
 
     # -------------------------------------------------------------------------------- compute
 
@@ -194,7 +197,30 @@ class Int4Linear(QuantLinear):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cuda" and not lk.tracing():
             return self._cuda_matmul(x)
+        if self._int8_prefill(x):  # kernels/gemm_q4_i8.cpp: the codes as they are, int8 activations
+            s, z = self.group_params()
+            return lk.ext().gemm_q4_i8(x.float(), self.qweight, s, self._nonzero(z), self.group_size)
         return super()._matmul(x)
+
+    def _nonzero(self, zeros: torch.Tensor) -> torch.Tensor | None:
+        """The zero points, or None when all are zero (GGUF Q4_0): the GEMM then skips them. Checked
+        once per version of the buffer (an in-place write bumps it), not per call."""
+        if self.scale_bits is not None:
+            return zeros if zeros.any() else None
+        key = (zeros.data_ptr(), zeros._version)
+        if self._zeros_key != key:
+            self._zeros_key, self._zeros_any = key, bool(zeros.any())
+        return zeros if self._zeros_any else None
+
+    def _int8_prefill(self, x: torch.Tensor) -> bool:
+        return (
+            x.device.type == "cpu"
+            and not lk.tracing()
+            and self.group_size % 32 == 0
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and lk.available()
+            and int8_activations(self.prefill_activations)
+        )
 
     def _cuda_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """torch's int4 CUDA kernel (bf16 activations) on its own packed layout, built on first use:

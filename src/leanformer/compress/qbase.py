@@ -15,7 +15,17 @@ per byte, low nibble first), plus fp32 scales/zeros. Every path reads that layou
   native bf16, bf16 GEMMs and torch's bf16 kernels convert in software (the latter measured ~2x slower
   than fp32 GEMM at 128 rows), so fp32 it is there. `PREFILL_BF16` overrides the choice (False: fp32
   prefill everywhere, exact to fp32 rounding).
+- int4 prefill on CPU (more than DECODE_MAX_ROWS rows, group a multiple of 32): with int8 activations
+  (`prefill_activations`, below) the codes go straight into kernels/gemm_q4_i8.cpp, each input row
+  quantized per block of 32 columns as the fused decode step quantizes it, integer dot products
+  (AVX-512 VNNI / AVX-VNNI / AVX2): no dequantized copy at all, 1.7-2.3x the bf16 path above on an EPYC
+  Zen 5 at 17-256 rows (docs/BENCHMARKS.md).
 - other devices: dequantize at the input dtype (int4 on CUDA uses torch's packed kernel, see int4.py).
+
+Activations of the int4 prefill: `set_prefill_activations(model, mode)` sets each module's
+`prefill_activations`: "auto" (the default: int8 where kernels.cpu.AUTO_INT8 has this CPU's int8
+instruction set, as the fused decode step chooses), "int8" or "fp32" (the dequantized-weight path, the
+weights' own math: what `eval` compares when it isolates weight quantization error).
 
 Scales/zeros are fp32 in memory whatever dtype the model is cast to (`EXACT`), and saved in the
 smallest float dtype that holds them exactly (`COMPACT`): bf16 for the round-to-nearest / GPTQ / AWQ
@@ -30,6 +40,8 @@ from torch import nn
 
 from leanformer import kernels as lk
 from leanformer.compress import kernels as K
+from leanformer.errors import LeanformerError
+from leanformer.kernels.cpu import ACTIVATIONS
 from leanformer.kernels.modules import MAX_ROWS
 
 DECODE_MAX_ROWS = MAX_ROWS  # rows up to which the GEMV kernel beats dequantize + GEMM (kernels/modules.py)
@@ -63,6 +75,28 @@ def smallest_exact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def set_prefill_activations(model: nn.Module, activations: str) -> None:
+    """Make the model's int4 Linears prefill on "int8" or "fp32" activations, or "auto" (int8 where the
+    fused decode step takes int8 activations on this CPU). Set it after quantizing: new modules start
+    at "auto"."""
+    if activations not in ACTIVATIONS:
+        raise LeanformerError(
+            f"prefill activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}"
+        )
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.prefill_activations = activations
+
+
+def set_activations(model: nn.Module, activations: str) -> None:
+    """Both at once: the fused decode step's activations (models/fused.py set_decode_activations) and
+    the int4 prefill's (set_prefill_activations): "auto", "int8" or "fp32"."""
+    from leanformer.models.fused import set_decode_activations
+
+    set_prefill_activations(model, activations)  # validates the name first
+    set_decode_activations(model, activations)
+
+
 class QuantLinear(nn.Module):
     """Base: shapes, bias, optional AWQ input scale, reshaping [..., K] -> [M, K], path choice.
 
@@ -72,6 +106,7 @@ class QuantLinear(nn.Module):
     A quantized embedding table (layout.py) looks rows up through `dequantize_as` too."""
 
     EXACT: tuple[str, ...] = ("input_scale",)  # fp32 buffers that .to(dtype) must not round
+    prefill_activations: str = "auto"  # int4 prefill on int8 activations where "auto" says so (above)
     COMPACT: tuple[str, ...] = ()  # buffers saved in their smallest exact float dtype
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None):

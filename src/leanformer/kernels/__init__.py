@@ -39,7 +39,10 @@ Ops (x may have leading dims; all math is fp32 with fp32 accumulation):
 - ``linear_q4_i8`` / ``linear_q8_i8`` / ``quantize_act`` (compiled only, gemv_i8.cpp + the VNNI files):
   the same products on int8 activations (per block of 32) with integer dot products (``zeros=None``:
   symmetric int4, w = (code - 8) * scale, as GGUF Q4_0, with no zero point read); references in
-  int8_act.py, instruction set (avx2 / avx_vnni / avx512_vnni) in cpu.py. ``cpu_info()`` /
+  int8_act.py, instruction set (avx2 / avx_vnni / avx512_vnni) in cpu.py. ``gemm_q4_i8`` (compiled
+  only, gemm_q4_i8.cpp + gemm_q4_i8.h in the same three files): the int4 product for many rows
+  (prefill), activation rows in the vector lanes; a row's result does not depend on the row count.
+  ``cpu_info()`` /
   ``describe()`` (cpu.py): the CPU and the path each op takes.
 
 Instruction set: the ``linear_*`` ops and ``attention`` run AVX-512 loops (gemv_avx512.cpp,
@@ -91,6 +94,7 @@ _SOURCES = [
     _DIR / "int8_rows.cpp",
     _DIR / "layer_norm.cpp",
     _DIR / "gemv_i8.cpp",
+    _DIR / "gemm_q4_i8.cpp",
     _DIR / "gemv_avxvnni.cpp",
     _DIR / "gemv_avx512vnni.cpp",
     _DIR / "decode_attn_avx512.cpp",
@@ -112,6 +116,7 @@ _HEADERS = [
     _DIR / "gemv_i8_impl.h",
     _DIR / "gemv_i8_nib.h",
     _DIR / "gemv_i8_wide.h",
+    _DIR / "gemm_q4_i8.h",
     _DIR / "gemv_vnni.h",
     _DIR / "q4_codes.h",
 ]

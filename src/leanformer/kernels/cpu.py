@@ -31,6 +31,25 @@ FLAGS = {
 }
 
 
+# Instruction sets of the int8-activation kernels (act_isa()) on which "auto" takes them, for the fused
+# decode step (models/fused.py) and the int4 prefill GEMM (compress/int4.py): only where measured faster
+# than fp32 activations at a KLD far inside the int4 variant's own (docs/BENCHMARKS.md): AVX2 (EPYC Zen 3:
+# 1.31x batch 1, 1.65x batch 8), AVX-512 VNNI (EPYC Zen 5, 512-bit int4 loops: batch 1 level with the
+# AVX-512 fp32-activation GEMVs, batch 8 1.21x; prefill 1.7-2.3x the bf16 GEMM on dequantized weights) and
+# AVX-VNNI (the AVX2 loops with vpdpbusd, for 256-bit-only CPUs such as Alder Lake; measured on Zen 5 with
+# the fp32 GEMVs held to AVX2 as there: 1.45x batch 1, 1.85x batch 8, level with AVX2's int8 loops).
+AUTO_INT8 = frozenset({"avx2", "avx_vnni", "avx512_vnni"})
+ACTIVATIONS = ("auto", "int8", "fp32")
+
+
+def int8_activations(mode: str) -> bool:
+    """Whether activations `mode` ("auto", "int8" or "fp32") means int8 on this CPU now: "auto" where
+    AUTO_INT8 has the int8-activation kernels' instruction set (act_isa())."""
+    if mode == "auto":
+        return act_isa() in AUTO_INT8
+    return mode == "int8" and kernels.available()
+
+
 def _cpuinfo() -> str:
     try:
         return Path("/proc/cpuinfo").read_text()
@@ -111,6 +130,9 @@ def describe() -> dict:
         "linear int8 / int4, int8 activations (decode)": act_isa() or "unavailable",
         "encoder attention": fp,
         "quantized prefill GEMM": "oneDNN bf16" if _native_bf16() else "oneDNN fp32",
+        "int4 prefill GEMM (auto activations)": (
+            f"int8 activations ({act_isa()})" if int8_activations("auto") else "as above"
+        ),
     }
     return {
         "cpu": cpu_info(),

@@ -284,6 +284,7 @@ void bind_attention(pybind11::module_& m);  // attention.cpp
 void bind_int8_rows(pybind11::module_& m);  // int8_rows.cpp
 void bind_layer_norm(pybind11::module_& m);  // layer_norm.cpp
 void bind_int8_act(pybind11::module_& m);  // gemv_i8.cpp
+void bind_gemm_q4_i8(pybind11::module_& m);  // gemm_q4_i8.cpp
 void bind_argmax(pybind11::module_& m);  // argmax.cpp
 void bind_identity(pybind11::module_& m);  // identity.cpp
 
@@ -316,6 +317,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   leanformer::bind_int8_rows(m);
   leanformer::bind_layer_norm(m);
   leanformer::bind_int8_act(m);
+  leanformer::bind_gemm_q4_i8(m);
   leanformer::bind_argmax(m);
   leanformer::bind_identity(m);
 }

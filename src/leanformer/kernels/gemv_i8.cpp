@@ -44,6 +44,7 @@ struct DotAvx2 {
 #define LF_I8_NS i8avx2
 #define LF_I8_DOT DotAvx2
 #include "gemv_i8_impl.h"
+#include "gemm_q4_i8.h"
 
 namespace leanformer {
 
@@ -52,8 +53,6 @@ namespace leanformer {
 constexpr int64_t kI8Rows = 16;
 
 // ------------------------------------------------------------------------------------------ ISA
-
-enum ActIsa : int { kAvx2 = 0, kAvxVnni = 1, kAvx512Vnni = 2 };
 
 bool cpu_has_act_isa(int isa) {
   __builtin_cpu_init();
@@ -72,6 +71,8 @@ int best_act_isa() {
 
 std::atomic<int> g_act_isa{best_act_isa()};
 const char* const kActIsaNames[] = {"avx2", "avx_vnni", "avx512_vnni"};
+
+int act_isa_id() { return g_act_isa.load(std::memory_order_relaxed); }
 
 std::string act_isa() { return kActIsaNames[g_act_isa.load(std::memory_order_relaxed)]; }
 

@@ -35,6 +35,7 @@ struct DotVnni {  // 8 int32 lanes of u8 x s8 sums in one instruction per pair
 
 #define LF_I8_DOT DotVnni
 #include "gemv_i8_impl.h"
+#include "gemm_q4_i8.h"
 
 #if defined(__clang__)
 #pragma clang attribute pop

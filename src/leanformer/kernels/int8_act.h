@@ -11,6 +11,10 @@
 
 namespace leanformer {
 
+// The instruction set the int8-activation kernels use (gemv_i8.cpp: CPUID, or set_act_isa).
+enum ActIsa : int { kAvx2 = 0, kAvxVnni = 1, kAvx512Vnni = 2 };
+int act_isa_id();
+
 // The weights of the GEMV that runs after this one (the fused step's order: qkv, o, gate_up, down, the next
 // layer's qkv or the head): each thread, done with its rows, requests the first bytes of its share of
 // them, so the next call starts on lines already on their way instead of a cold stream.
@@ -66,20 +70,37 @@ struct I8Args {
   I8Next next;
 };
 
+// A prefill-sized int4 GEMM's operands (gemm_q4_i8.h): activations in tiles of L rows (L = 16 for
+// AVX-512 VNNI, else 8; rows past M zero), per tile and 32-column block b: the codes as 8 quads x L lanes
+// x 4 bytes (lane l = row 16t + l's columns 32b + 4q..+3), their d and the offset start -8 * sum(codes).
+struct GemmQ4Args {
+  const int8_t* xt;    // [T, B, 8, L, 4]
+  const float* dx;     // [T, B, L]
+  const int32_t* xo;   // [T, B, L]
+  const uint8_t* w;    // [N, K / 2] nibbles, low = even column
+  const float* scales; // [N, K / group]
+  float* yt;           // [N, T * L]: the output transposed
+  int64_t M, N, K, T;  // M activation rows in T tiles; K: code columns, a multiple of 32
+  int64_t group;       // columns per scale, a multiple of 32
+};
+
 // y[:, n] for weight rows n in [n0, n1), per instruction set. Call the VNNI ones only where the CPU has
 // them (gemv_i8.cpp checks CPUID).
 namespace i8avx2 {
 void q4_rows(const I8Args& a, int64_t n0, int64_t n1);
+void q4_gemm(const GemmQ4Args& a, int64_t n0, int64_t n1, uint8_t* codes);  // codes: 8 * K bytes scratch
 void q8_rows(const I8Args& a, int64_t n0, int64_t n1);
 void q5_rows(const I8Args& a, int64_t n0, int64_t n1);
 }  // namespace i8avx2
 namespace i8avxvnni {
 void q4_rows(const I8Args& a, int64_t n0, int64_t n1);
+void q4_gemm(const GemmQ4Args& a, int64_t n0, int64_t n1, uint8_t* codes);  // codes: 8 * K bytes scratch
 void q8_rows(const I8Args& a, int64_t n0, int64_t n1);
 void q5_rows(const I8Args& a, int64_t n0, int64_t n1);
 }  // namespace i8avxvnni
 namespace i8avx512vnni {
 void q4_rows(const I8Args& a, int64_t n0, int64_t n1);
+void q4_gemm(const GemmQ4Args& a, int64_t n0, int64_t n1, uint8_t* codes);  // codes: 8 * K bytes scratch
 void q8_rows(const I8Args& a, int64_t n0, int64_t n1);
 void q5_rows(const I8Args& a, int64_t n0, int64_t n1);
 }  // namespace i8avx512vnni

@@ -14,7 +14,7 @@ Activations of the quantized Linears: `model.decode_activations` (set it with `s
 is "fp32" (fp32 activations, the module path's math), "int8" (each Linear input quantized to int8 per
 block of 32 columns once, q/k/v and gate/up sharing it as one fused Linear, then integer dot products:
 kernels/gemv_i8.cpp) or "auto" (the default: `AUTO_INT8` says where int8 was measured faster at equal
-quality). fp32 Linears (unquantized layers) always take fp32 activations. An Int8Linear LM head (GGUF
+quality; kernels/cpu.py). fp32 Linears (unquantized layers) always take fp32 activations. An Int8Linear LM head (GGUF
 Q8_0's tied embedding, head-int8 recipes) follows the same choice for the rows the fused step decodes.
 """
 
@@ -25,17 +25,10 @@ from torch import nn
 
 from leanformer import kernels
 from leanformer.errors import LeanformerError
+from leanformer.kernels.cpu import ACTIVATIONS
+from leanformer.kernels.cpu import int8_activations as _int8_mode
 from leanformer.kernels.modules import MAX_ROWS
 from leanformer.models.layers import RMSNorm
-
-ACTIVATIONS = ("auto", "int8", "fp32")
-# Instruction sets of the int8-activation kernels (kernels.cpu.act_isa()) on which "auto" takes them:
-# only where measured faster than fp32 activations at a KLD far inside the int4 variant's own
-# (docs/BENCHMARKS.md): AVX2 (EPYC Zen 3: 1.31x batch 1, 1.65x batch 8), AVX-512 VNNI (EPYC Zen 5,
-# 512-bit int4 loops: batch 1 level with the AVX-512 fp32-activation GEMVs, batch 8 1.21x) and AVX-VNNI
-# (the AVX2 loops with vpdpbusd, for 256-bit-only CPUs such as Alder Lake; measured on Zen 5 with the
-# fp32 GEMVs held to AVX2 as there: 1.45x batch 1, 1.85x batch 8, level with AVX2's int8 loops).
-AUTO_INT8 = frozenset({"avx2", "avx_vnni", "avx512_vnni"})
 
 
 def set_decode_activations(model: nn.Module, activations: str) -> None:
@@ -56,9 +49,7 @@ def int8_activations(model: nn.Module) -> bool:
             f"model.decode_activations must be one of {', '.join(ACTIVATIONS)}, got {mode!r}"
             " (set it with leanformer.models.fused.set_decode_activations)"
         )
-    if mode == "auto":
-        return kernels.available() and kernels.ext().act_isa() in AUTO_INT8
-    return mode == "int8"
+    return _int8_mode(mode)
 
 
 def set_head_activations(model: nn.Module, fused: bool) -> None:

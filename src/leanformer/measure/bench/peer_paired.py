@@ -9,6 +9,12 @@ generation, as `bench` measures), and the table shows the median and range over 
 
     python -m leanformer.measure.bench.peer_paired /tmp/h17/smollm2-Q4_0.gguf --recipe kv-fp16 \\
         --batch 1 8 --rounds 9
+    python -m leanformer.measure.bench.peer_paired /tmp/h17/smollm2-Q4_0.gguf --batch 1 \\
+        --prefill 17 40 128 512 --rounds 9
+
+`--prefill N ...`: also the time to the first token of a batch-1 prompt of each length (prefill into the
+KV cache plus the first greedy token: our `generate(..., max_new_tokens=1)`, llama.cpp's llama_decode of
+the prompt and an argmax), as prompt tokens per second, in the same rounds.
 
 The GGUF stays quantized on our side (Q4_0 → int4 modules, Q8_0 → int8); `--recipe kv-fp16` stores our
 KV cache as float16 like llama.cpp's default (its K and V are f16 unless told otherwise).
@@ -24,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from leanformer.engine.generate import generate
 from leanformer.measure.bench.paired import decode_tok_s
 
 
@@ -53,6 +60,8 @@ def _check(args, error) -> None:
             raise error(f"{flag} must be at least {low}, got {value}")
     if any(b < 1 for b in args.batch):
         raise error(f"--batch sizes must be at least 1, got {args.batch}")
+    if any(n < 1 for n in args.prefill):
+        raise error(f"--prefill lengths must be at least 1, got {args.prefill}")
     if not 0 <= args.gap < 60:  # also refuses nan
         raise error(f"--gap must be in [0, 60) seconds, got {args.gap}")
 
@@ -67,6 +76,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--gap", type=float, default=0.2, help="seconds between engines (idle threads settle)")
+    p.add_argument("--prefill", nargs="*", type=int, default=[], help="prompt lengths to time prefill at")
     args = p.parse_args(argv)
 
     from leanformer.compress import apply, load_recipe
@@ -78,7 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     recipe = load_recipe(args.recipe) if args.recipe and args.recipe != "none" else None  # bad names first
     try:
         peer, peer_prompts = _llama_cpp(
-            args.model, args.batch, args.prompt_tokens, args.new_tokens, args.threads
+            args.model, args.batch, max([args.prompt_tokens, *args.prefill]), args.new_tokens, args.threads
         )
     except ImportError as e:
         raise LeanformerError(f"llama.cpp is not installed ({e}); pip install llama-cpp-python") from e
@@ -98,10 +108,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with torch.inference_mode():
             return decode_tok_s(model, b, args.prompt_tokens, n)
 
+    def prefill_ours(ids: list[int]) -> float:
+        t = time.perf_counter()
+        generate(model, None, ids, max_new_tokens=1, ignore_eos=True)
+        return len(ids) / (time.perf_counter() - t)
+
+    def prefill_theirs(ids: list[int]) -> float:
+        t = time.perf_counter()
+        peer.prefill([ids])
+        return len(ids) / (time.perf_counter() - t)
+
+    prompts = {n: peer_prompts(peer.vocab, 1, n)[0] for n in args.prefill}
     for b in args.batch:  # warm-up: kernels, decode plans, llama.cpp's graphs
         ours(b), theirs(b)
+    for ids in prompts.values():
+        prefill_ours(ids), prefill_theirs(ids)
     runs = {b: [] for b in args.batch}
+    prefills = {n: [] for n in args.prefill}
     for r in tqdm(range(args.rounds), desc="rounds"):
+        for n, ids in prompts.items():
+            pair = (prefill_ours, prefill_theirs) if r % 2 == 0 else (prefill_theirs, prefill_ours)
+            got = {}
+            for fn in pair:
+                time.sleep(args.gap)
+                got[fn] = fn(ids)
+            prefills[n].append((got[prefill_ours], got[prefill_theirs]))
         for b in args.batch:
             got = {}
             for name, fn in (
@@ -130,6 +161,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(
             f"| {b} | {row['ours']:.1f} | {row['llama.cpp']:.1f} | **{row['ratio']:.2f}×** "
             f"({row['min']:.2f}–{row['max']:.2f}) | {len(ratios)} |"
+        )
+    if prefills:
+        print(
+            "\n| prompt tokens | ours prefill tok/s | llama.cpp prefill tok/s | ours / llama.cpp, median (range) |"
+        )
+        print("|---|---|---|---|")
+    for n, pairs in prefills.items():
+        ratios = [o / t for o, t in pairs]
+        row = {
+            "prefill": n, "ours": statistics.median(o for o, _ in pairs),
+            "llama.cpp": statistics.median(t for _, t in pairs), "ratio": statistics.median(ratios),
+            "min": min(ratios), "max": max(ratios),
+        }  # fmt: skip
+        rows.append(row)
+        print(
+            f"| {n} | {row['ours']:.0f} | {row['llama.cpp']:.0f} | **{row['ratio']:.2f}×** "
+            f"({row['min']:.2f}–{row['max']:.2f}) |"
         )
     return rows
 

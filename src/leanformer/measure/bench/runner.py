@@ -38,6 +38,7 @@ class BenchConfig:
     threads: int | None = None
     recipe: str | None = None  # a compression recipe applied after loading (ours only)
     keep_quantized: bool = False  # GGUF blocks straight into int modules (ours only)
+    activations: str = "auto"  # int4 / int8 Linears on "int8" or "fp32" activations; "auto" (ours only)
 
 
 def _prompts(vocab: int, batch: int, length: int) -> torch.Tensor:
@@ -111,6 +112,10 @@ def measure(cfg: BenchConfig, engine: str) -> dict:
             from leanformer.compress import apply, load_recipe
 
             apply(model, load_recipe(cfg.recipe))
+        if cfg.activations != "auto":
+            from leanformer.compress.qbase import set_activations
+
+            set_activations(model, cfg.activations)
         vocab = model.args.vocab_size
         size = _nbytes(model)
 
