@@ -129,3 +129,17 @@ def test_keep_quantized_is_an_accepted_no_op(shared, capsys):
     args = ["generate", str(shared / "models/stories260K"), "--keep-quantized", "--max-new-tokens", "2"]
     assert main([*args, "--prompt", "Once"]) == 0
     assert main([*args[:2], "--dequantize", "--max-new-tokens", "2", "--prompt", "Once"]) == 0
+
+
+def test_activations_flag_reaches_the_model(smollm2):
+    """--activations sets both the fused decode step's and the int4 prefill's activations."""
+    import argparse
+
+    from leanformer.cli.common import load_model
+    from leanformer.compress.qbase import QuantLinear
+
+    args = argparse.Namespace(model=str(smollm2), dtype="float32", keep_quantized=True, activations="fp32")
+    model, _ = load_model(args)
+    assert model.decode_activations == "fp32"
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert linears and all(m.prefill_activations == "fp32" for m in linears)
