@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from leanformer.engine import spec_rows
+from leanformer.engine.prefill import prefill
 from leanformer.engine.sampling import SamplingParams, sample
 from leanformer.engine.speculative import Speculative, resolve_speculative, speculative_decode
 from leanformer.errors import LeanformerError
@@ -173,7 +174,6 @@ def _decode_loop(
     model, cache, prompts, max_new_tokens, params, stop_ids, stats, fixed_model: bool
 ) -> Iterator[dict[int, int]]:
     n, vocab = len(prompts), model.args.vocab_size
-    longest = max(len(p) for p in prompts)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     seen = None
     if params.repetition_penalty != 1.0:
@@ -181,15 +181,11 @@ def _decode_loop(
         for i, p in enumerate(prompts):
             seen[i, torch.tensor(p).clamp_max(vocab - 1)] = True
     lengths = torch.tensor([len(p) for p in prompts])
-    ids = torch.zeros(n, longest, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p)
     t0 = time.perf_counter()
     if getattr(cache, "may_evict", False):  # prompts longer than the cache: each in pieces that fit
         logits = torch.cat([_prefill_pieces(model, cache, p, i) for i, p in enumerate(prompts)])
     else:
-        logits = model(ids, cache=cache, slots=torch.arange(n), logits_at=lengths - 1)[:, -1].float()
-        cache.set_length(torch.arange(n), lengths)
+        logits = prefill(model, cache, prompts)  # engine/prefill.py
     if not bool(torch.isfinite(logits).all()):  # once, on the first step: NaN weights decode to nothing
         warnings.warn(
             "the model's logits hold NaN or inf: its output is meaningless (NaN/inf weights? a bad file?)",

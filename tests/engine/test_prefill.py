@@ -1,0 +1,99 @@
+"""engine/prefill.py: short prompts through the fused decode step as chained rows, against the padded
+forward; longer ones (or more rows in all than the step takes) through the padded forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import leanformer as lf
+from leanformer import kernels
+from leanformer.compress import Int4WeightOnly, quantize_, set_activations
+from leanformer.engine import prefill as P
+from leanformer.models.kv_cache import KVCache
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="the fused decode step needs the kernels")
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_dirs):
+    return lf.load(tiny_dirs["llama"])[0]
+
+
+def padded(model, prompts):
+    """The reference: one forward over right-padded prompts, logits at each last token."""
+    cache = KVCache.for_model(model, len(prompts), 64)
+    ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+    last = torch.tensor([len(p) - 1 for p in prompts])
+    with torch.inference_mode():
+        return model(ids, cache=cache, logits_at=last)[:, -1].float(), cache
+
+
+def chained(model, prompts, monkeypatch):
+    """P.prefill, and whether it took the fused step (its _chained gave logits)."""
+    taken, real = [], P._chained
+
+    def spy(*args):
+        out = real(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(P, "_chained", spy)
+    cache = KVCache.for_model(model, len(prompts), 64)
+    with torch.inference_mode():
+        logits = P.prefill(model, cache, prompts)
+    return logits, cache, taken
+
+
+@pytest.mark.parametrize("prompts", [[[3, 17, 42, 5]], [[3, 17, 42, 5, 99, 8, 1], [9, 2, 44]], [[7, 8]]])
+def test_chained_prefill_equals_padded_forward(llama, prompts, monkeypatch):
+    logits, cache, taken = chained(llama, prompts, monkeypatch)
+    ref, ref_cache = padded(llama, prompts)
+    assert taken == [True]
+    assert (logits - ref).abs().max() <= 1e-4 * ref.abs().max()
+    for i, p in enumerate(prompts):  # the K/V it left behind, and the lengths
+        assert int(cache.lengths[i]) == len(p)
+        assert torch.allclose(cache.k[1][i, :, : len(p)], ref_cache.k[1][i, :, : len(p)], atol=1e-5)
+
+
+def test_int4_model_fp32_activations_equal_and_int8_close(tiny_dirs, monkeypatch):
+    model = lf.load(tiny_dirs["llama"])[0]
+    quantize_(model, Int4WeightOnly(group_size=32))
+    prompts = [[3, 17, 42, 5, 99, 8, 1, 60, 61]]
+    set_activations(model, "fp32")
+    logits, _, taken = chained(model, prompts, monkeypatch)
+    ref, _ = padded(model, prompts)
+    assert taken == [True] and (logits - ref).abs().max() <= 1e-4 * ref.abs().max()
+    set_activations(model, "int8")
+    logits8, _, _ = chained(model, prompts, monkeypatch)
+    lp, lr = logits8.log_softmax(-1), ref.log_softmax(-1)
+    assert 0 < float((lr.exp() * (lr - lp)).sum()) < 0.05  # int8 activations: close, and really taken
+
+
+def test_one_prompt_in_several_steps(llama, monkeypatch):
+    prompt = [list(range(1, P.CHAIN_MAX + 1))]  # two fused steps: rows 0-15, then 16-31
+    logits, cache, taken = chained(llama, prompt, monkeypatch)
+    ref, ref_cache = padded(llama, prompt)
+    assert taken == [True] and (logits - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert torch.allclose(cache.k[0][0, :, : P.CHAIN_MAX], ref_cache.k[0][0, :, : P.CHAIN_MAX], atol=1e-5)
+
+
+def test_long_or_many_prompts_take_the_padded_forward(llama):
+    too_long = [list(range(1, P.CHAIN_MAX + 2))]
+    many = [list(range(1, 10)), list(range(20, 29))]  # 18 rows of two prompts
+    for prompts in (too_long, many):
+        cache = KVCache.for_model(llama, len(prompts), 64)
+        with torch.inference_mode():
+            assert P._chained(llama, cache, prompts) is None
+            logits = P.prefill(llama, cache, prompts)
+        ref, _ = padded(llama, prompts)
+        assert torch.equal(logits, ref)
+
+
+def test_generate_same_tokens_either_way(llama, monkeypatch):
+    prompt = [1, 5, 7, 9, 11]
+    out = lf.generate(llama, None, prompt, max_new_tokens=12, ignore_eos=True)
+    monkeypatch.setattr(P, "MAX_ROWS", 0)  # every prompt through the padded forward
+    assert lf.generate(llama, None, prompt, max_new_tokens=12, ignore_eos=True) == out
