@@ -32,15 +32,15 @@ def padded(model, prompts):
 
 
 def chained(model, prompts, monkeypatch):
-    """P.prefill, and whether it took the fused step (its _chained gave logits)."""
-    taken, real = [], P._chained
+    """P.prefill, and whether it took the fused step (its `chained` gave logits)."""
+    taken, real = [], P.chained
 
     def spy(*args):
         out = real(*args)
         taken.append(out is not None)
         return out
 
-    monkeypatch.setattr(P, "_chained", spy)
+    monkeypatch.setattr(P, "chained", spy)
     cache = KVCache.for_model(model, len(prompts), 64)
     with torch.inference_mode():
         logits = P.prefill(model, cache, prompts)
@@ -86,7 +86,7 @@ def test_long_or_many_prompts_take_the_padded_forward(llama):
     for prompts in (too_long, many):
         cache = KVCache.for_model(llama, len(prompts), 64)
         with torch.inference_mode():
-            assert P._chained(llama, cache, prompts) is None
+            assert P.chained(llama, cache, [(i, 0, p) for i, p in enumerate(prompts)]) is None
             logits = P.prefill(llama, cache, prompts)
         ref, _ = padded(llama, prompts)
         assert torch.equal(logits, ref)
@@ -97,3 +97,43 @@ def test_generate_same_tokens_either_way(llama, monkeypatch):
     out = lf.generate(llama, None, prompt, max_new_tokens=12, ignore_eos=True)
     monkeypatch.setattr(P, "MAX_ROWS", 0)  # every prompt through the padded forward
     assert lf.generate(llama, None, prompt, max_new_tokens=12, ignore_eos=True) == out
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_scheduler_prefills_short_chunks_chained(llama, paged, monkeypatch):
+    """The server's scheduler: prompt chunks of up to 16 rows in all go through the fused step as chained
+    rows at each sequence's own positions (prefix hits and chunking included); same tokens as padded."""
+    from leanformer.engine.paged import PagedScheduler
+    from leanformer.engine.scheduler import Scheduler
+    from tests.engine.test_scheduler import PROMPTS, make, run
+
+    def serve(chunk: int) -> tuple[list[list[int]], list[bool]]:
+        if paged:
+            sched = PagedScheduler(
+                llama, None, max_batch=3, max_seq=64, num_blocks=40, block_size=4, prefill_chunk=chunk
+            )
+        else:
+            sched = Scheduler(llama, None, n_slots=3, max_seq=64, prefill_chunk=chunk)
+        jobs = [make(p, 6) for p in PROMPTS]
+        for req, _ in jobs:
+            sched.submit(req)
+        run(sched)
+        return [sink.tokens for _, sink in jobs]
+
+    taken, real = [], P.chained
+
+    def spy(*args):
+        out = real(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr("leanformer.engine.scheduler.chained", spy)
+    for chunk in (256, 3):
+        taken.clear()
+        got = serve(chunk)
+        assert any(taken)
+        monkeypatch.setattr(P, "MAX_ROWS", 0)
+        monkeypatch.setattr(P, "CHAIN_MAX", 0)
+        assert serve(chunk) == got
+        monkeypatch.undo()
+        monkeypatch.setattr("leanformer.engine.scheduler.chained", spy)

@@ -21,6 +21,7 @@ from torch import nn
 from leanformer.engine.spec_chain import Chain
 from leanformer.models.fused import DecodePlan
 from leanformer.models.kv_cache import KVCache
+from leanformer.models.paged_cache import PagedKVCache
 
 MAX_ROWS = 16  # rows per fused step (its GEMVs read each weight once for up to 16 rows)
 CHAIN_MAX = 32  # one prompt of up to this many tokens, in fused steps of MAX_ROWS rows
@@ -31,7 +32,7 @@ def prefill(model: nn.Module, cache: KVCache, prompts: list[list[int]]) -> torch
     last token."""
     n = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts])
-    logits = _chained(model, cache, prompts)
+    logits = chained(model, cache, [(i, 0, p) for i, p in enumerate(prompts)])
     if logits is None:
         ids = torch.zeros(n, int(lengths.max()), dtype=torch.long)
         for i, p in enumerate(prompts):
@@ -41,27 +42,30 @@ def prefill(model: nn.Module, cache: KVCache, prompts: list[list[int]]) -> torch
     return logits.float()
 
 
-def _chained(model: nn.Module, cache: KVCache, prompts: list[list[int]]) -> torch.Tensor | None:
-    """The prompts as chained rows of fused steps → last-token logits [n, V], or None if they cannot:
-    several prompts in one step of at most MAX_ROWS rows, one prompt of up to CHAIN_MAX tokens in steps
-    of MAX_ROWS rows (each reads the keys the ones before it wrote)."""
-    rows = sum(len(p) for p in prompts)
-    plan = getattr(model, "_decode_plan", None)
-    if (
-        not 1 < rows <= (CHAIN_MAX if len(prompts) == 1 else MAX_ROWS)
-        or plan is None
-        or type(cache) is not KVCache  # policies, paged caches: their own prefill paths
-        or not DecodePlan.usable_tokens(model, torch.zeros(min(rows, MAX_ROWS), 1, dtype=torch.long), cache)
-        or plan.get(model) is None
+def chained(model: nn.Module, cache, pieces: list[tuple[int, int, list[int]]]) -> torch.Tensor | None:
+    """pieces (slot, first position, tokens) as chained rows of fused steps → the logits at each piece's
+    last token [n, V], or None if they cannot go that way: several pieces of at most MAX_ROWS tokens in
+    all in one step, or one of up to CHAIN_MAX tokens in steps of MAX_ROWS rows (each step reads the
+    keys the ones before it wrote). The cache's lengths are left to the caller."""
+    rows = sum(len(t) for _, _, t in pieces)
+    if not 1 < rows <= (CHAIN_MAX if len(pieces) == 1 else MAX_ROWS) or type(cache) not in (
+        KVCache,
+        PagedKVCache,
     ):
+        return None  # (KV policies, window caches: their own begin(), which Chain would bypass)
+    slots = [s for s, _, t in pieces for _ in t]
+    positions = [p0 + j for _, p0, t in pieces for j in range(len(t))]
+    ids = [x for _, _, t in pieces for x in t]
+    plan = getattr(model, "_decode_plan", None)
+    probe = torch.zeros(min(rows, MAX_ROWS), 1, dtype=torch.long)
+    if plan is None or not DecodePlan.usable_tokens(model, probe, Chain(cache, slots, positions)):
         return None
-    slots = [i for i, p in enumerate(prompts) for _ in p]
-    positions = [j for p in prompts for j in range(len(p))]
-    ids = [t for p in prompts for t in p]
+    if plan.get(model) is None:
+        return None
     for lo in range(0, rows, MAX_ROWS):
         piece = slice(lo, lo + MAX_ROWS)
         step = Chain(cache, slots[piece], positions[piece])
         out = model(torch.tensor(ids[piece])[:, None], cache=step, slots=torch.tensor(slots[piece]))
-    if len(prompts) == 1:
+    if len(pieces) == 1:
         return out[-1:, -1]  # [1, V]: the last row of the last step
-    return out[torch.tensor([len(p) for p in prompts]).cumsum(0) - 1, -1]
+    return out[torch.tensor([len(t) for _, _, t in pieces]).cumsum(0) - 1, -1]

@@ -35,6 +35,7 @@ from collections.abc import Callable
 import torch
 
 from leanformer.engine.finishing import Finishing, _message
+from leanformer.engine.prefill import chained
 from leanformer.engine.request import (
     Output,
     QueueFull,
@@ -258,7 +259,14 @@ class Scheduler(Finishing):
         slots = torch.tensor([s.slot for s, _ in batch])
         counts = torch.tensor([n for _, n in batch])
         self._grow([s for s, _ in batch], (self.cache.lengths[slots] + counts).tolist())
-        logits = self.model(ids, cache=self.cache, slots=slots, logits_at=counts - 1)[:, -1].float()
+        # short chunks: chained rows of the fused decode step (engine/prefill.py), else a padded forward
+        pieces = [
+            (s.slot, int(self.cache.lengths[s.slot]), s.fill[s.prefilled : s.prefilled + n]) for s, n in batch
+        ]
+        logits = chained(self.model, self.cache, pieces)
+        if logits is None:
+            logits = self.model(ids, cache=self.cache, slots=slots, logits_at=counts - 1)[:, -1]
+        logits = logits.float()
         # advance, not set: a window cache (engine/windowed.py) may have slid the row in begin()
         self.cache.advance(slots, counts)
         self._computed([s for s, _ in batch])

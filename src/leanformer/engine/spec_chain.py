@@ -28,6 +28,8 @@ class Chain:
         self._cache = cache
         self._slots, self._pos = torch.tensor(slots), torch.tensor(positions)
 
+    fused_layout = True  # one token per row: the fused step's layout, whatever the cache's last step was
+
     def __getattr__(self, name: str):
         return getattr(self._cache, name)
 
