@@ -137,3 +137,23 @@ def test_scheduler_prefills_short_chunks_chained(llama, paged, monkeypatch):
         assert serve(chunk) == got
         monkeypatch.undo()
         monkeypatch.setattr("leanformer.engine.scheduler.chained", spy)
+
+
+def test_long_prompt_one_step_on_the_gemm(tiny_dirs, monkeypatch):
+    """int4 model, int8 activations: a prompt past 16 tokens in ONE fused step whose Linears take the GEMM
+    (kernels/gemm_q4_i8), the head on its last row only; close to the padded forward (the same GEMM and
+    activation quantization, attention summed in another order)."""
+    model = lf.load(tiny_dirs["llama"])[0]
+    quantize_(model, Int4WeightOnly(group_size=32))
+    set_activations(model, "int8")
+    steps = []
+    real = P.Chain
+    monkeypatch.setattr(P, "Chain", lambda *a: steps.append(a) or real(*a))
+    prompts = [list(range(3, 43))]  # 40 tokens
+    logits, cache, taken = chained(model, prompts, monkeypatch)
+    ref, ref_cache = padded(model, prompts)
+    assert taken == [True] and len(steps) == 2  # the probe, then one step of 40 rows
+    assert steps[-1][3] == P.GEMM_CHAIN_MAX and steps[-1][4].tolist() == [39]
+    lp, lr = logits.log_softmax(-1), ref.log_softmax(-1)
+    assert float((lr.exp() * (lr - lp)).sum()) < 1e-3
+    assert torch.allclose(cache.k[1][0, :, :40], ref_cache.k[1][0, :, :40], atol=2e-2, rtol=2e-2)

@@ -19,12 +19,15 @@ import torch
 from torch import nn
 
 from leanformer.engine.spec_chain import Chain
-from leanformer.models.fused import DecodePlan
+from leanformer.models.fused import DecodePlan, int8_activations
 from leanformer.models.kv_cache import KVCache
 from leanformer.models.paged_cache import PagedKVCache
 
 MAX_ROWS = 16  # rows per fused step (its GEMVs read each weight once for up to 16 rows)
 CHAIN_MAX = 32  # one prompt of up to this many tokens, in fused steps of MAX_ROWS rows
+# rows of one fused step whose int4 Linears take the GEMM: 1.2-1.7x the padded forward at 17-1024 tokens,
+# 1.05x at 2048 (the step's attention, row by row, against SDPA's blocked kernel)
+GEMM_CHAIN_MAX = 1024
 
 
 def prefill(model: nn.Module, cache: KVCache, prompts: list[list[int]]) -> torch.Tensor:
@@ -44,28 +47,34 @@ def prefill(model: nn.Module, cache: KVCache, prompts: list[list[int]]) -> torch
 
 def chained(model: nn.Module, cache, pieces: list[tuple[int, int, list[int]]]) -> torch.Tensor | None:
     """pieces (slot, first position, tokens) as chained rows of fused steps → the logits at each piece's
-    last token [n, V], or None if they cannot go that way: several pieces of at most MAX_ROWS tokens in
-    all in one step, or one of up to CHAIN_MAX tokens in steps of MAX_ROWS rows (each step reads the
-    keys the ones before it wrote). The cache's lengths are left to the caller."""
+    last token [n, V], or None if they cannot go that way. Steps of MAX_ROWS rows (each reads the keys the
+    ones before it wrote): several pieces of MAX_ROWS tokens in all, or one of up to CHAIN_MAX; where every
+    Linear of the stack takes the int4 GEMM on int8 activations, one step of up to GEMM_CHAIN_MAX rows.
+    The cache's lengths are left to the caller."""
     rows = sum(len(t) for _, _, t in pieces)
-    if not 1 < rows <= (CHAIN_MAX if len(pieces) == 1 else MAX_ROWS) or type(cache) not in (
-        KVCache,
-        PagedKVCache,
-    ):
+    if rows < 2 or type(cache) not in (KVCache, PagedKVCache):
         return None  # (KV policies, window caches: their own begin(), which Chain would bypass)
+    plan = getattr(model, "_decode_plan", None)
+    stack = plan.get(model) if plan is not None else None
+    if stack is None:
+        return None
+    gemm = int8_activations(model) and stack.gemm_linears() == 4 * len(stack)
+    limit = GEMM_CHAIN_MAX if gemm else CHAIN_MAX if len(pieces) == 1 else MAX_ROWS
+    step_rows = GEMM_CHAIN_MAX if gemm else MAX_ROWS
     slots = [s for s, _, t in pieces for _ in t]
     positions = [p0 + j for _, p0, t in pieces for j in range(len(t))]
-    ids = [x for _, _, t in pieces for x in t]
-    plan = getattr(model, "_decode_plan", None)
-    probe = torch.zeros(min(rows, MAX_ROWS), 1, dtype=torch.long)
-    if plan is None or not DecodePlan.usable_tokens(model, probe, Chain(cache, slots, positions)):
+    probe = torch.zeros(min(rows, step_rows), 1, dtype=torch.long)
+    if rows > limit or not DecodePlan.usable_tokens(model, probe, Chain(cache, slots, positions, step_rows)):
         return None
-    if plan.get(model) is None:
-        return None
-    for lo in range(0, rows, MAX_ROWS):
-        piece = slice(lo, lo + MAX_ROWS)
-        step = Chain(cache, slots[piece], positions[piece])
-        out = model(torch.tensor(ids[piece])[:, None], cache=step, slots=torch.tensor(slots[piece]))
-    if len(pieces) == 1:
-        return out[-1:, -1]  # [1, V]: the last row of the last step
-    return out[torch.tensor([len(t) for _, _, t in pieces]).cumsum(0) - 1, -1]
+    ids = torch.tensor([x for _, _, t in pieces for x in t])
+    ends = (torch.tensor([len(t) for _, _, t in pieces]).cumsum(0) - 1).tolist()  # each piece's last row
+    out = []
+    for lo in range(0, rows, step_rows):
+        hi = min(lo + step_rows, rows)
+        keep = [e - lo for e in ends if lo <= e < hi] or [hi - lo - 1]  # the head on these rows only
+        view = Chain(cache, slots[lo:hi], positions[lo:hi], step_rows, torch.tensor(keep))
+        logits = model(ids[lo:hi, None], cache=view, slots=torch.tensor(slots[lo:hi]))
+        if logits.shape[0] != len(keep):  # the head ran in torch, on every row (a stack without ends)
+            logits = logits[torch.tensor(keep)]
+        out += [logits[i, -1] for i, e in enumerate(keep) if lo + e in ends]
+    return torch.stack(out)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from leanformer.errors import LeanformerError
+from leanformer.kernels.modules import MAX_ROWS
 from leanformer.models.kv_cache import KVCache, Step
 from leanformer.models.paged_cache import PagedKVCache, PagedStep
 
@@ -24,11 +25,18 @@ class Chain:
     """A cache seen by a forward of one-token rows where row r is the token at position positions[r] of
     slot slots[r] (several rows may chain in one slot). Everything but begin() is the cache's."""
 
-    def __init__(self, cache, slots: list[int], positions: list[int]) -> None:
+    fused_layout = True  # one token per row: the fused step's layout, whatever the cache's last step was
+
+    def __init__(
+        self, cache, slots: list[int], positions: list[int], max_fused_rows: int = MAX_ROWS,
+        logit_rows: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
+        """max_fused_rows: rows up to which the fused step takes this forward (models/fused.py; more for a
+        prefill, whose int4 Linears then take the GEMM); logit_rows: the fused step returns only these
+        rows' logits (a prefill's last tokens: engine/prefill.py), [len(logit_rows), 1, V]."""
         self._cache = cache
         self._slots, self._pos = torch.tensor(slots), torch.tensor(positions)
-
-    fused_layout = True  # one token per row: the fused step's layout, whatever the cache's last step was
+        self.max_fused_rows, self.logit_rows = max_fused_rows, logit_rows
 
     def __getattr__(self, name: str):
         return getattr(self._cache, name)

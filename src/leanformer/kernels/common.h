@@ -116,6 +116,9 @@ at::Tensor linear_q4_i8(const at::Tensor& x, const at::Tensor& w, const at::Tens
                         const std::optional<at::Tensor>& lut = std::nullopt, const I8Next* next = nullptr);
 at::Tensor linear_q8_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                         const std::optional<at::Tensor>& bias, int64_t group_size, const I8Next* next = nullptr);
+// int4 for many rows (prefill): activation rows in the vector lanes (gemm_q4_i8.cpp)
+at::Tensor gemm_q4_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& zeros, int64_t group, const std::optional<at::Tensor>& bias);
 // int5 codes (GGUF Q5_0, compress/int5.py): int8-activation GEMV and dequantization to fp32 [R, Kp]
 at::Tensor linear_q5_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& high, const at::Tensor& scales,
                         const std::optional<at::Tensor>& bias);

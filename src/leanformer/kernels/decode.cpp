@@ -164,7 +164,8 @@ struct DecodeStack {
                             const std::vector<at::Tensor>& k_scale, const std::vector<at::Tensor>& v_scale,
                             const at::Tensor& slots, const at::Tensor& positions,
                             const std::optional<at::Tensor>& read_rows,
-                            const std::optional<at::Tensor>& write_rows) const {
+                            const std::optional<at::Tensor>& write_rows,
+                            const std::optional<at::Tensor>& logit_rows) const {
     TORCH_CHECK(ends.has_value(), "this DecodeStack has no embedding / norm / head (set_ends)");
     const DecodeEnds& e = *ends;
     const at::Tensor ids = ids_.to(at::kLong).contiguous().view({-1});
@@ -174,6 +175,12 @@ struct DecodeStack {
     at::Tensor x = e.embed.index_select(0, ids);
     if (e.embed_scales) x = dequant_q8(x, e.embed_scales->index_select(0, ids), e.embed_group, false);
     x = forward(x, cos, sin, k, v, k_scale, v_scale, slots, positions, read_rows, write_rows);
+    if (logit_rows) {  // a prefill wants the logits of a few rows only (the head is the largest matmul)
+      const at::Tensor r = logit_rows->to(at::kLong);
+      TORCH_CHECK(r.numel() == 0 || (r.min().item<int64_t>() >= 0 && r.max().item<int64_t>() < x.size(0)),
+                  "logit_rows outside the step's rows");
+      x = x.index_select(0, r);
+    }
     return e.head(rms_norm(x, e.norm, e.eps), int8_act && e.head_int8);
   }
 
@@ -254,6 +261,13 @@ void bind_decode(pybind11::module_& m) {
       .def_readwrite("profile", &DecodeStack::profile,
                      "[] (off) or 7 zeros: forward then adds the ms of norms+residuals, qkv, attention, o, gate_up, "
                      "silu, down")
+      .def("gemm_linears", [](const DecodeStack& s) {
+             int64_t n = 0;
+             for (const auto& l : s.layers)
+               for (const DecodeLinear* d : {&l.qkv, &l.o, &l.gate_up, &l.down})
+                 n += d->kind == DecodeLinear::Kind::q4 && d->int8_capable() && !d->lut.has_value();
+             return n;
+           }, "how many Linears take the int4 GEMM past 16 rows on int8 activations (all 4 per layer: long chains pay)")
       .def("int8_linears", [](const DecodeStack& s) {
              int64_t n = 0;
              for (const auto& l : s.layers)
@@ -266,7 +280,7 @@ void bind_decode(pybind11::module_& m) {
       .def("forward_tokens", &DecodeStack::forward_tokens, py::arg("ids"), py::arg("cos"), py::arg("sin"),
            py::arg("k"), py::arg("v"), py::arg("k_scale"), py::arg("v_scale"), py::arg("slots"),
            py::arg("positions"), py::arg("read_rows") = py::none(), py::arg("write_rows") = py::none(),
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("logit_rows") = py::none(), py::call_guard<py::gil_scoped_release>())
       .def("forward", &DecodeStack::forward, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("k"),
            py::arg("v"), py::arg("k_scale"), py::arg("v_scale"), py::arg("slots"), py::arg("positions"),
            py::arg("read_rows") = py::none(), py::arg("write_rows") = py::none(),

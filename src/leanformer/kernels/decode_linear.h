@@ -12,6 +12,9 @@
 
 namespace leanformer {
 
+// Rows one int8-activation GEMV call reads the weights once for (gemv_i8.cpp kI8Rows).
+constexpr int64_t kGemvPassRows = 16;
+
 // One Linear's operands, as the module holds them (see models/fused.py for who provides what).
 struct DecodeLinear {
   enum class Kind { f32, q8, q4, q5 };
@@ -88,6 +91,8 @@ struct DecodeLinear {
       if (k_padded > x.size(1)) x = at::constant_pad_nd(x, {0, k_padded - x.size(1)});
       return linear_f32(x, dequant_q5(w, *zeros, *scales), bias);
     }
+    // more rows than one GEMV pass takes (a chained prefill, engine/prefill.py): the GEMM, weights read once
+    if (i8 && x.size(0) > kGemvPassRows && !lut.has_value()) return gemm_q4_i8(x, w, *scales, q4_zeros(), group, bias);
     if (i8) return linear_q4_i8(x, w, *scales, q4_zeros(), group, bias, lut, np);  // pads x to k_padded itself
     if (k_padded > x.size(1)) x = at::constant_pad_nd(x, {0, k_padded - x.size(1)});
     return linear_q4(x, w, *scales, *zeros, group, bias, lut);

@@ -284,7 +284,7 @@ class DecodePlan:
         return (
             model.fused_decode
             and x.shape[1] == 1
-            and x.shape[0] <= MAX_ROWS
+            and x.shape[0] <= getattr(cache, "max_fused_rows", MAX_ROWS)
             and x.dtype == torch.float32
             and x.is_cpu
             and not torch.is_grad_enabled()
@@ -302,7 +302,7 @@ class DecodePlan:
             model.fused_decode
             and ids.dim() == 2
             and ids.shape[1] == 1
-            and 0 < ids.shape[0] <= MAX_ROWS
+            and 0 < ids.shape[0] <= getattr(cache, "max_fused_rows", MAX_ROWS)
             and ids.is_cpu
             and not torch.is_grad_enabled()
             and getattr(cache, "fused_layout", True)
@@ -328,11 +328,12 @@ class DecodePlan:
         b = ids.shape[0]
         cos, sin = rope  # [B, 1, 1, D] each
         read, write = _pool_rows(cache)
+        keep = getattr(cache, "logit_rows", None)  # a chained prefill's view: only these rows' logits
         logits = stack.forward_tokens(
             ids.view(-1), cos.reshape(b, -1), sin.reshape(b, -1), cache.k, cache.v, cache.k_scale, cache.v_scale,
-            step.slots, step.positions.view(-1), read, write,
+            step.slots, step.positions.view(-1), read, write, keep,
         )  # fmt: skip
-        return logits.view(b, 1, -1)
+        return logits.view(logits.shape[0], 1, -1)
 
     def get(self, model: nn.Module):
         """The C++ stack for the model as it is now, or None if some layer cannot be fused."""
