@@ -37,10 +37,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     vocab = model.args.vocab_size
     prefix = torch.randint(vocab // 8, vocab - vocab // 8, (a.prefix,), generator=g).tolist()
-    limits = (P.MAX_ROWS, P.CHAIN_MAX)
+    limits = (P.MAX_ROWS, P.CHAIN_MAX, P.GEMM_CHAIN_MAX)
 
     def ttft(n: int, chained: bool) -> float:
-        P.MAX_ROWS, P.CHAIN_MAX = limits if chained else (0, 0)
+        P.MAX_ROWS, P.CHAIN_MAX, P.GEMM_CHAIN_MAX = limits if chained else (0, 0, 0)
         tail = torch.randint(vocab // 8, vocab - vocab // 8, (n,), generator=g).tolist()
         first: list[float] = []
         req = Request(
@@ -58,7 +58,7 @@ def main() -> None:
         for n in a.lengths:
             for mode in (True, False) if r % 2 == 0 else (False, True):
                 res[n][mode].append(ttft(n, mode))
-    P.MAX_ROWS, P.CHAIN_MAX = limits
+    P.MAX_ROWS, P.CHAIN_MAX, P.GEMM_CHAIN_MAX = limits
     print(f"{a.model}: {a.prefix}-token cached prefix + N new tokens, alone, {a.rounds} rounds")
     print(
         "| new tokens | chained rows, ms | padded forward, ms | speed-up, median (range) |\n|---|---|---|---|"

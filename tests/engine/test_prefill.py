@@ -95,7 +95,8 @@ def test_long_or_many_prompts_take_the_padded_forward(llama):
 def test_generate_same_tokens_either_way(llama, monkeypatch):
     prompt = [1, 5, 7, 9, 11]
     out = lf.generate(llama, None, prompt, max_new_tokens=12, ignore_eos=True)
-    monkeypatch.setattr(P, "MAX_ROWS", 0)  # every prompt through the padded forward
+    for limit in ("MAX_ROWS", "CHAIN_MAX", "GEMM_CHAIN_MAX"):  # every prompt through the padded forward
+        monkeypatch.setattr(P, limit, 0)
     assert lf.generate(llama, None, prompt, max_new_tokens=12, ignore_eos=True) == out
 
 
@@ -132,8 +133,8 @@ def test_scheduler_prefills_short_chunks_chained(llama, paged, monkeypatch):
         taken.clear()
         got = serve(chunk)
         assert any(taken)
-        monkeypatch.setattr(P, "MAX_ROWS", 0)
-        monkeypatch.setattr(P, "CHAIN_MAX", 0)
+        for limit in ("MAX_ROWS", "CHAIN_MAX", "GEMM_CHAIN_MAX"):
+            monkeypatch.setattr(P, limit, 0)
         assert serve(chunk) == got
         monkeypatch.undo()
         monkeypatch.setattr("leanformer.engine.scheduler.chained", spy)

@@ -1,16 +1,16 @@
-"""A batch's prompts into the KV cache → the logits at each prompt's last token (engine/generate.py).
+"""Prompts into the KV cache → the logits at each prompt's last token (engine/generate.py, and the
+schedulers' prefill chunks).
 
-Short prompts go through the fused decode step (kernels/decode.cpp) as chained one-token rows, every
-prompt token a row at its own position of its slot (engine/spec_chain.Chain, the shape speculative
-verification uses): one C++ call per 16 rows instead of ~1,400 module calls, with the decode step's
-GEMVs, which read each weight once for up to 16 rows. SmolLM2 Q4_0 on 2 Zen 5 cores, one forward: 4 / 9 /
-16 prompt tokens in 3.8 / 9.3 / 14.3 ms instead of 10.4 / 24.0 / 31.4; one prompt of 17-32 tokens in two
-steps 1.05-1.37x the padded forward's speed (0.94x at 40: 3 steps), so up to CHAIN_MAX (BENCHMARKS).
-The rows take the decode step's activations (int8 where `auto` says so, as the int4 prefill GEMM does for
-longer prompts); on fp32 activations the logits equal the padded forward's to fp32 rounding
-(tests/engine/test_prefill.py). Longer prompts, several prompts of more than MAX_ROWS tokens in all, a
-KV policy or paged cache, or a model the fused step cannot take: one forward over the right-padded
-prompts.
+Prompts go through the fused decode step (kernels/decode.cpp) as chained one-token rows, every prompt
+token a row at its own position of its slot (engine/spec_chain.Chain, the shape speculative verification
+uses): no module calls, the LM head only on the rows whose logits are wanted. Where every Linear of the
+stack is int4 on int8 activations, one step takes up to GEMM_CHAIN_MAX rows and its Linears run the
+int4 GEMM past 16 rows (kernels/decode_linear.h); otherwise steps of MAX_ROWS rows (the GEMVs read each
+weight once for up to 16), up to CHAIN_MAX tokens. SmolLM2 Q4_0 on 2 Zen 5 cores: time to the first
+token 1.2-2.7x the padded forward's at 9-512 tokens (docs/BENCHMARKS.md, Session 16). The rows take the
+decode step's activations; on fp32 activations the logits equal the padded forward's to fp32 rounding
+(tests/engine/test_prefill.py). Anything else (longer, a KV policy or window cache, a model the fused
+step cannot take): one forward over the right-padded prompts.
 """
 
 from __future__ import annotations
