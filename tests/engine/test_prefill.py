@@ -158,3 +158,10 @@ def test_long_prompt_one_step_on_the_gemm(tiny_dirs, monkeypatch):
     lp, lr = logits.log_softmax(-1), ref.log_softmax(-1)
     assert float((lr.exp() * (lr - lp)).sum()) < 1e-3
     assert torch.allclose(cache.k[1][0, :, :40], ref_cache.k[1][0, :, :40], atol=2e-2, rtol=2e-2)
+    # the head (fp32 here: the stack holds no ends) runs on the kept rows only, in torch too
+    view = real(KVCache.for_model(model, 1, 64), [0] * 40, list(range(40)), 64, torch.tensor([39, 7]))
+    with torch.inference_mode():
+        out = model(torch.tensor(prompts[0])[:, None], cache=view, slots=torch.zeros(40, dtype=torch.long))
+    assert out.shape == (2, 1, model.args.vocab_size) and torch.allclose(
+        out[0, 0].float(), logits[0], atol=1e-4
+    )

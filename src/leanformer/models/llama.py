@@ -188,6 +188,9 @@ class Model(nn.Module):
             fused = self._decode_plan.run(self, x, rope, cache, step)
         if fused is not None:
             x = fused
+            keep = getattr(cache, "logit_rows", None)  # a chained prefill wants a few rows' logits only
+            if keep is not None:
+                x = x[keep.to(x.device)]
         else:
             for layer in self.model.layers:
                 x = layer(x, rope, cache, step)
