@@ -22,6 +22,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import leanformer.engine.scheduler as scheduler_module  # noqa: E402
+from leanformer.engine.spec_chain import Chain  # noqa: E402
 from leanformer.serve.app import ServeConfig, create_app, running  # noqa: E402
 from tests.conftest import wait_until
 
@@ -262,11 +263,12 @@ def test_injected_engine_failure_fails_only_that_request(stories, monkeypatch):
     model, tok = stories
     app = create_app(model, tok, ServeConfig(model_id=MODEL, max_batch=4, max_seq=256))
     sched = app.state.lf.scheduler
-    marker = 300  # a prompt token whose prefill raises
+    marker = 300  # a prompt token whose prefill raises (engine/prefill.py: padded or chained rows)
     forward = model.forward
 
     def faulty(ids, *args, **kwargs):
-        if ids.shape[1] > 1 and bool((ids == marker).any()):
+        prefill = ids.shape[1] > 1 or isinstance(kwargs.get("cache"), Chain)  # padded, or chained rows
+        if prefill and bool((ids == marker).any()):
             raise RuntimeError("injected forward fault")
         time.sleep(0.01)
         return forward(ids, *args, **kwargs)

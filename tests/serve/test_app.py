@@ -400,3 +400,19 @@ def test_smollm2_chat_template(smollm2):
         assert c.chat.completions.create(**kw).choices[0].message.content == expected
         chunks = c.chat.completions.create(**kw, stream=True)
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == expected
+
+
+def test_activations_setting(tiny_dirs):
+    """ServeConfig(activations=...) reaches the model before the engine starts (decode and prefill);
+    a wrong name is refused with the choices."""
+    from leanformer.compress import Int4WeightOnly, quantize_
+    from leanformer.compress.qbase import QuantLinear
+    from leanformer.errors import LeanformerError
+
+    model, tok = lf.load(tiny_dirs["llama"])
+    quantize_(model, Int4WeightOnly(group_size=32))
+    create_app(model, tok, ServeConfig(model_id=MODEL, max_batch=2, max_seq=64, activations="fp32"))
+    assert model.decode_activations == "fp32"
+    assert all(m.prefill_activations == "fp32" for m in model.modules() if isinstance(m, QuantLinear))
+    with pytest.raises(LeanformerError, match="--activations must be one of auto, int8, fp32"):
+        ServeConfig(activations="int4")

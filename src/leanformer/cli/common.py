@@ -35,15 +35,19 @@ def model_command(sub, name: str, help: str) -> argparse.ArgumentParser:
     p.add_argument("model", help="path (HF folder, .gguf, llama2.c .bin) or a known name, e.g. smollm2")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     add_quantized_flags(p)
+    add_activations_flag(p)
+    if name in TP_COMMANDS:
+        p.add_argument("--tp", type=ck.positive_int, default=1, metavar="N", help=TP_HELP)
+        p.add_argument("--pp", type=ck.positive_int, default=1, metavar="N", help=PP_HELP)
+    return p
+
+
+def add_activations_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--activations", default="auto", choices=["auto", "int8", "fp32"],
         help="int4 / int8 Linears on int8 activations (the decode step, int4 prefill) or fp32; "
         "auto (default): int8 where measured faster on this CPU's instruction set",
     )  # fmt: skip
-    if name in TP_COMMANDS:
-        p.add_argument("--tp", type=ck.positive_int, default=1, metavar="N", help=TP_HELP)
-        p.add_argument("--pp", type=ck.positive_int, default=1, metavar="N", help=PP_HELP)
-    return p
 
 
 def add_quantized_flags(p: argparse.ArgumentParser) -> None:

@@ -15,12 +15,13 @@ from leanformer.errors import LeanformerError
 
 
 def add_parser(sub) -> None:
-    from leanformer.cli.common import add_quantized_flags
+    from leanformer.cli.common import add_activations_flag, add_quantized_flags
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     p.add_argument("model", help="path (HF folder, .gguf, llama2.c .bin, leanformer save) or a known name")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     add_quantized_flags(p)  # GGUF kept quantized by default; --dequantize
+    add_activations_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=ck.int_range(0, 65536), default=8000, help="0..65535")
     p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: MODEL)")
@@ -221,6 +222,7 @@ def cmd_serve(args) -> None:
         window=args.window,
         sinks=args.sinks,
         speculative=args.speculative,
+        activations=args.activations,
     )
 
 

@@ -54,17 +54,19 @@ def chained(model: nn.Module, cache, pieces: list[tuple[int, int, list[int]]]) -
     rows = sum(len(t) for _, _, t in pieces)
     if rows < 2 or type(cache) not in (KVCache, PagedKVCache):
         return None  # (KV policies, window caches: their own begin(), which Chain would bypass)
+    slots = [s for s, _, t in pieces for _ in t]
+    positions = [p0 + j for _, p0, t in pieces for j in range(len(t))]
     plan = getattr(model, "_decode_plan", None)
-    stack = plan.get(model) if plan is not None else None
+    probe = torch.zeros(min(rows, MAX_ROWS), 1, dtype=torch.long)  # whether the fused step may run at all
+    if plan is None or not DecodePlan.usable_tokens(model, probe, Chain(cache, slots, positions)):
+        return None  # (before get(): a split model's layers are not the stack's to build)
+    stack = plan.get(model)
     if stack is None:
         return None
     gemm = int8_activations(model) and stack.gemm_linears() == 4 * len(stack)
     limit = GEMM_CHAIN_MAX if gemm else CHAIN_MAX if len(pieces) == 1 else MAX_ROWS
     step_rows = GEMM_CHAIN_MAX if gemm else MAX_ROWS
-    slots = [s for s, _, t in pieces for _ in t]
-    positions = [p0 + j for _, p0, t in pieces for j in range(len(t))]
-    probe = torch.zeros(min(rows, step_rows), 1, dtype=torch.long)
-    if rows > limit or not DecodePlan.usable_tokens(model, probe, Chain(cache, slots, positions, step_rows)):
+    if rows > limit:
         return None
     ids = torch.tensor([x for _, _, t in pieces for x in t])
     ends = (torch.tensor([len(t) for _, _, t in pieces]).cumsum(0) - 1).tolist()  # each piece's last row

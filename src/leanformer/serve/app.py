@@ -47,6 +47,10 @@ log = logging.getLogger("leanformer.serve.app")
 
 def create_app(model, tok, cfg: ServeConfig | None = None) -> FastAPI:
     cfg = cfg or ServeConfig()
+    if cfg.activations != "auto":  # before the engine times or builds anything on the model
+        from leanformer.compress import set_activations
+
+        set_activations(model, cfg.activations)
     state = ServerState(model, tok, cfg)
 
     @asynccontextmanager

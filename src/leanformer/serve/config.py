@@ -12,6 +12,7 @@ from leanformer.engine.paged import build_scheduler
 from leanformer.engine.runner import Engine
 from leanformer.engine.scheduler import Scheduler
 from leanformer.errors import LeanformerError
+from leanformer.kernels.cpu import ACTIVATIONS
 from leanformer.serve.metrics import Metrics
 from leanformer.serve.options import attach_speculation, check_options, kv_policy
 from leanformer.serve.schemas import TokenText
@@ -39,6 +40,9 @@ class ServeConfig:
     window: int | None = None  # sliding window + sinks per request (serve/options.py); None: off
     sinks: int | None = None  # with window: first tokens kept (None: 4)
     speculative: str | None = None  # default of the request field "speculative" ("prompt-lookup")
+    activations: str = (
+        "auto"  # int4 / int8 Linears on "int8" or "fp32" activations (compress.set_activations)
+    )
 
     def __post_init__(self) -> None:
         key = self.api_key
@@ -57,6 +61,10 @@ class ServeConfig:
             raise LeanformerError(f"--kv-cache must be paged or slots, got {self.kv_cache!r}")
         if not 1 <= self.block_size <= 1024 or (self.kv_blocks is not None and self.kv_blocks < 1):
             raise LeanformerError("--block-size must be in 1..1024 and --kv-blocks ≥ 1")
+        if self.activations not in ACTIVATIONS:
+            raise LeanformerError(
+                f"--activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}"
+            )
         check_options(self.window, self.sinks, self.speculative)
 
 
