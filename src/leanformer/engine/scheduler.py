@@ -218,7 +218,8 @@ class Scheduler(Finishing):
         """The sequence ended: give its KV memory back."""
 
     def _prefill(self) -> None:
-        """One padded forward over the next prompt chunk of as many new requests as the budget allows.
+        """One forward over the next prompt chunk of as many new requests as the budget allows (chained
+        rows of the fused decode step where it takes them, engine/prefill.py; else padded).
 
         The budget counts padded tokens (rows × longest chunk), so a long prompt runs alone in chunks
         of `prefill_chunk` and short ones share a forward. Padding lands past a row's length in its own
@@ -259,7 +260,7 @@ class Scheduler(Finishing):
         slots = torch.tensor([s.slot for s, _ in batch])
         counts = torch.tensor([n for _, n in batch])
         self._grow([s for s, _ in batch], (self.cache.lengths[slots] + counts).tolist())
-        # short chunks: chained rows of the fused decode step (engine/prefill.py), else a padded forward
+        # chained rows of the fused decode step where it takes them (engine/prefill.py), else a padded forward
         pieces = [
             (s.slot, int(self.cache.lengths[s.slot]), s.fill[s.prefilled : s.prefilled + n]) for s, n in batch
         ]
