@@ -102,7 +102,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def theirs(b: int) -> float:
         ids = peer_prompts(peer.vocab, b, args.prompt_tokens)
-        return b / statistics.median(peer.steps(ids, n))
+        try:
+            return b / statistics.median(peer.steps(ids, n))
+        except RuntimeError as e:  # llama_decode refused: one line, not a traceback
+            hint = (
+                "; seen at --batch 8 beside --prefill 512 here: run them separately" if args.prefill else ""
+            )
+            raise LeanformerError(f"llama.cpp at batch {b}: {e}{hint}") from e
 
     def ours(b: int) -> float:
         with torch.inference_mode():
@@ -115,7 +121,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def prefill_theirs(ids: list[int]) -> float:
         t = time.perf_counter()
-        peer.prefill([ids])
+        try:
+            peer.prefill([ids])
+        except RuntimeError as e:
+            raise LeanformerError(f"llama.cpp prefill of {len(ids)} tokens: {e}") from e
         return len(ids) / (time.perf_counter() - t)
 
     prompts = {n: peer_prompts(peer.vocab, 1, n)[0] for n in args.prefill}
