@@ -4,6 +4,7 @@ process, modes alternating round by round: the median of the per-round ratios pe
 
     python scripts/prefill_ab.py /tmp/h17/smollm2-Q4_0.gguf --lengths 17 40 64 128 256 512 --rounds 9
     python scripts/prefill_ab.py FILE --act-isa avx2 --fp32-gemm   (an AVX2 CPU's two paths, emulated)
+    python scripts/prefill_ab.py smollm2 --recipe int8   (int8 weights: the GEMM on AVX-VNNI / AVX-512 VNNI)
 
 A prefill here is model(ids) with logits at the last position only, as `leanformer bench` times it.
 """
@@ -26,6 +27,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--act-isa", default=None, help="avx2 / avx_vnni / avx512_vnni for the int8 side")
     p.add_argument("--fp32-gemm", action="store_true", help="fp32 side in fp32 even with native bf16")
+    p.add_argument("--recipe", help="quantize the (dequantized) model with this recipe first, e.g. int8")
     a = p.parse_args()
 
     import leanformer as lf
@@ -38,7 +40,11 @@ def main() -> None:
         cpu.set_act_isa(a.act_isa)
     if a.fp32_gemm:
         qbase.PREFILL_BF16 = False
-    model, _ = lf.load(resolve_model(a.model), keep_quantized=True)
+    model, _ = lf.load(resolve_model(a.model), keep_quantized=a.recipe is None)
+    if a.recipe:
+        from leanformer.compress import apply, load_recipe
+
+        apply(model, load_recipe(a.recipe))
     vocab = model.args.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = {n: torch.randint(vocab // 8, vocab - vocab // 8, (1, n), generator=g) for n in a.lengths}

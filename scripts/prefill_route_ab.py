@@ -20,6 +20,7 @@ def main() -> None:
     p.add_argument("model")
     p.add_argument("--lengths", type=int, nargs="+", default=[9, 17, 32, 40, 64, 128, 256, 512])
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--recipe", help="quantize the (dequantized) model with this recipe first, e.g. int8")
     a = p.parse_args()
 
     import leanformer as lf
@@ -28,7 +29,11 @@ def main() -> None:
     from leanformer.hub import resolve_model
 
     torch.set_num_threads(2)
-    model, _ = lf.load(resolve_model(a.model), keep_quantized=True)
+    model, _ = lf.load(resolve_model(a.model), keep_quantized=a.recipe is None)
+    if a.recipe:
+        from leanformer.compress import apply, load_recipe
+
+        apply(model, load_recipe(a.recipe))
     vocab = model.args.vocab_size
     g = torch.Generator().manual_seed(0)
     limits = (P.MAX_ROWS, P.CHAIN_MAX, P.GEMM_CHAIN_MAX)

@@ -70,14 +70,15 @@ def load_as(path: str, dtype: str = "float32"):
     from leanformer.loading import load
 
     if dtype in ("int8", "int4"):
-        from leanformer.models.fused import set_decode_activations
+        from leanformer.compress import set_activations
 
         model, _ = load(path)
         config = Int8WeightOnly() if dtype == "int8" else Int4WeightOnly(group_size=32)
-        # split models decode on the module path (fp32 activations); the one-process reference's fused
-        # step would otherwise quantize activations to int8 where that is the default (AVX2)
-        set_decode_activations(model, "fp32")
-        return quantize_(model, config)
+        model = quantize_(model, config)
+        # fp32 activations on both sides: a split Linear's int8 activation blocks would not be the whole
+        # one's, and the one-process reference would otherwise take int8 where that is the default
+        set_activations(model, "fp32")
+        return model
 
     # plain Linears for float64: the oneDNN packed copies of the fast path are fp32-only
     model, _ = load(path, fast=dtype == "float32", keep_quantized=False)  # a GGUF as float weights

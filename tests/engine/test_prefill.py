@@ -165,3 +165,22 @@ def test_long_prompt_one_step_on_the_gemm(tiny_dirs, monkeypatch):
     assert out.shape == (2, 1, model.args.vocab_size) and torch.allclose(
         out[0, 0].float(), logits[0], atol=1e-4
     )
+
+
+def test_int8_model_one_gemm_step_where_vnni(tiny_dirs, monkeypatch):
+    """int8 weights: the chained GEMM step where the CPU has VNNI (the int8-weight GEMM), else 16-row steps."""
+    from leanformer.compress import Int8WeightOnly
+    from leanformer.kernels import cpu
+
+    model = lf.load(tiny_dirs["llama"])[0]
+    quantize_(model, Int8WeightOnly())
+    set_activations(model, "int8")
+    steps, real = [], P.Chain
+    monkeypatch.setattr(P, "Chain", lambda *a: steps.append(a) or real(*a))
+    prompts = [list(range(3, 27))]  # 24 tokens
+    logits, _, taken = chained(model, prompts, monkeypatch)
+    ref, _ = padded(model, prompts)
+    vnni = cpu.act_isa() in ("avx_vnni", "avx512_vnni")
+    assert taken == [True] and len(steps) == (2 if vnni else 3)  # the probe, then 1 step or 2 of 16 rows
+    lp, lr = logits.log_softmax(-1), ref.log_softmax(-1)
+    assert float((lr.exp() * (lr - lp)).sum()) < 1e-3

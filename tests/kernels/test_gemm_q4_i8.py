@@ -14,7 +14,7 @@ from leanformer.compress import Int4Linear
 from leanformer.compress.qbase import set_prefill_activations
 from leanformer.errors import LeanformerError
 from leanformer.kernels import cpu, dequant_int4
-from leanformer.kernels.int8_act import ref_linear_q4_i8
+from leanformer.kernels.int8_act import ref_linear_q4_i8, ref_linear_q8_i8
 
 pytestmark = pytest.mark.skipif(not K.available(), reason="GEMV kernels unavailable on this machine")
 
@@ -97,3 +97,21 @@ def test_auto_follows_the_decode_rule():
     assert q._int8_prefill(torch.randn(40, 64)) == want
     x = torch.randn(40, 64, requires_grad=True)  # autograd keeps the differentiable path
     assert not q._int8_prefill(x)
+
+
+@pytest.mark.parametrize(
+    ("rows", "k", "n", "group"), [(40, 576, 70, 32), (17, 64, 9, 0), (128, 1536, 33, 64)]
+)
+def test_int8_weight_gemm(act_isa, rows, k, n, group):
+    """The same loops on int8 weights (codes w + 128, offset 128): VNNI only, AVX2 refuses in one line."""
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    s = torch.rand(n) if group == 0 else torch.rand(n, k // group)
+    x, b = torch.randn(rows, k) * 2, torch.randn(n)
+    if act_isa == "avx2":
+        with pytest.raises(RuntimeError, match="needs AVX-VNNI or AVX-512 VNNI"):
+            K.ext().gemm_q8_i8(x, w, s, group, b)
+        return
+    y = K.ext().gemm_q8_i8(x, w, s, group, b)
+    ref = ref_linear_q8_i8(x, w, s, b, group)
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    assert torch.equal(K.ext().gemm_q8_i8(x[-1:].contiguous(), w, s, group, b)[0], y[-1])

@@ -10,6 +10,7 @@ from leanformer import kernels as lk
 from leanformer.compress import kernels as K
 from leanformer.compress.qbase import QuantLinear
 from leanformer.errors import LeanformerError
+from leanformer.kernels import cpu
 
 
 class Int8Linear(QuantLinear):
@@ -89,6 +90,26 @@ class Int8Linear(QuantLinear):
         if k % g == 0:  # [R, G, g] * [R, G, 1]: no repeated scale tensor
             return (q.view(n, -1, g).float() * s[:, :, None]).view(n, k)
         return q.float() * s.repeat_interleave(g, 1)[:, :k]
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self._int8_prefill(x):  # kernels/gemm_q4_i8.cpp's int8-weight GEMM: no dequantized copy
+            return lk.ext().gemm_q8_i8(x.float(), self.weight_int8, self.scales, self.group_size or 0)
+        return super()._matmul(x)
+
+    def _int8_prefill(self, x: torch.Tensor) -> bool:
+        """int8 activations for a prefill where the GEMM runs: AVX-VNNI / AVX-512 VNNI (AVX2's maddubs
+        would saturate on int8 x int8), K a multiple of 32, groups of 32 columns or one scale per row."""
+        k, g = self.in_features, self.group_size
+        return (
+            x.device.type == "cpu"
+            and k % 32 == 0
+            and (g is None or (g % 32 == 0 and k % g == 0))
+            and not lk.tracing()
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and lk.available()
+            and cpu.act_isa() in ("avx_vnni", "avx512_vnni")
+            and cpu.int8_activations(self.prefill_activations)
+        )
 
     def _dequant_native(self, rows: slice | torch.Tensor, bf16: bool) -> torch.Tensor:
         return lk.ext().dequant_q8(self.weight_int8[rows], self.scales[rows], self.group_size or 0, bf16)

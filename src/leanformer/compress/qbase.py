@@ -15,14 +15,15 @@ per byte, low nibble first), plus fp32 scales/zeros. Every path reads that layou
   native bf16, bf16 GEMMs and torch's bf16 kernels convert in software (the latter measured ~2x slower
   than fp32 GEMM at 128 rows), so fp32 it is there. `PREFILL_BF16` overrides the choice (False: fp32
   prefill everywhere, exact to fp32 rounding).
-- int4 prefill on CPU (more than DECODE_MAX_ROWS rows, group a multiple of 32): with int8 activations
+- int4 / int8 prefill on CPU (more than DECODE_MAX_ROWS rows, groups of 32 columns or more; int8 weights
+  on AVX-VNNI / AVX-512 VNNI only, per-row scales too): with int8 activations
   (`prefill_activations`, below) the codes go straight into kernels/gemm_q4_i8.cpp, each input row
   quantized per block of 32 columns as the fused decode step quantizes it, integer dot products
   (AVX-512 VNNI / AVX-VNNI / AVX2): no dequantized copy at all, 1.7-2.3x the bf16 path above on an EPYC
   Zen 5 at 17-256 rows (docs/BENCHMARKS.md).
 - other devices: dequantize at the input dtype (int4 on CUDA uses torch's packed kernel, see int4.py).
 
-Activations of the int4 prefill: `set_prefill_activations(model, mode)` sets each module's
+Activations of that prefill: `set_prefill_activations(model, mode)` sets each module's
 `prefill_activations`: "auto" (the default: int8 where kernels.cpu.AUTO_INT8 has this CPU's int8
 instruction set, as the fused decode step chooses), "int8" or "fp32" (the dequantized-weight path, the
 weights' own math: what `eval` compares when it isolates weight quantization error).
@@ -76,7 +77,7 @@ def smallest_exact(t: torch.Tensor) -> torch.Tensor:
 
 
 def set_prefill_activations(model: nn.Module, activations: str) -> None:
-    """Make the model's int4 Linears prefill on "int8" or "fp32" activations, or "auto" (int8 where the
+    """Make the model's int4 / int8 Linears prefill on "int8" or "fp32" activations, or "auto" (int8 where the
     fused decode step takes int8 activations on this CPU). Set it after quantizing: new modules start
     at "auto"."""
     if activations not in ACTIVATIONS:
@@ -106,7 +107,7 @@ class QuantLinear(nn.Module):
     A quantized embedding table (layout.py) looks rows up through `dequantize_as` too."""
 
     EXACT: tuple[str, ...] = ("input_scale",)  # fp32 buffers that .to(dtype) must not round
-    prefill_activations: str = "auto"  # int4 prefill on int8 activations where "auto" says so (above)
+    prefill_activations: str = "auto"  # int4 / int8 prefill on int8 activations where "auto" says so (above)
     COMPACT: tuple[str, ...] = ()  # buffers saved in their smallest exact float dtype
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None):

@@ -119,6 +119,8 @@ at::Tensor linear_q8_i8(const at::Tensor& x, const at::Tensor& w, const at::Tens
 // int4 for many rows (prefill): activation rows in the vector lanes (gemm_q4_i8.cpp)
 at::Tensor gemm_q4_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                       const std::optional<at::Tensor>& zeros, int64_t group, const std::optional<at::Tensor>& bias);
+at::Tensor gemm_q8_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t group,
+                      const std::optional<at::Tensor>& bias);  // int8 weights, AVX-VNNI / AVX-512 VNNI only
 // int5 codes (GGUF Q5_0, compress/int5.py): int8-activation GEMV and dequantization to fp32 [R, Kp]
 at::Tensor linear_q5_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& high, const at::Tensor& scales,
                         const std::optional<at::Tensor>& bias);

@@ -264,10 +264,9 @@ void bind_decode(pybind11::module_& m) {
       .def("gemm_linears", [](const DecodeStack& s) {
              int64_t n = 0;
              for (const auto& l : s.layers)
-               for (const DecodeLinear* d : {&l.qkv, &l.o, &l.gate_up, &l.down})
-                 n += d->kind == DecodeLinear::Kind::q4 && d->int8_capable() && !d->lut.has_value();
+               for (const DecodeLinear* d : {&l.qkv, &l.o, &l.gate_up, &l.down}) n += d->gemm_capable();
              return n;
-           }, "how many Linears take the int4 GEMM past 16 rows on int8 activations (all 4 per layer: long chains pay)")
+           }, "how many Linears take a GEMM past 16 rows on int8 activations (all 4 per layer: long chains pay)")
       .def("int8_linears", [](const DecodeStack& s) {
              int64_t n = 0;
              for (const auto& l : s.layers)

@@ -69,6 +69,16 @@ struct DecodeLinear {
     return kind == Kind::q4 && group % 32 == 0 && k_padded % group == 0;
   }
 
+  // Whether past 16 rows this Linear takes a GEMM (gemm_q4_i8.cpp) on int8 activations: int4 with fp32
+  // scales; int8 with groups of 32 or one scale per row, on AVX-VNNI / AVX-512 VNNI.
+  bool q8_gemm_capable() const {
+    return kind == Kind::q8 && act_isa_id() != kAvx2 && w.size(1) % 32 == 0 && (group == 0 || group % 32 == 0) &&
+           (group == 0 || w.size(1) % group == 0);
+  }
+  bool gemm_capable() const {
+    return (kind == Kind::q4 && int8_capable() && !lut.has_value()) || q8_gemm_capable();
+  }
+
   // The weight streams the int8-activation kernels read, for the call before this one to start (I8Next).
   I8Next stream() const {
     if (kind != Kind::q4 && kind != Kind::q8) return {};
@@ -85,6 +95,8 @@ struct DecodeLinear {
     if (input_scale.has_value()) x = x.mul(*input_scale);
     if (kind == Kind::f32) return linear_f32(x, w, bias);
     const bool i8 = int8_act && int8_capable();
+    if (kind == Kind::q8 && i8 && x.size(0) > kGemvPassRows && q8_gemm_capable())
+      return gemm_q8_i8(x, w, *scales, group, bias);  // a chained prefill: the GEMM (VNNI)
     if (kind == Kind::q8) return i8 ? linear_q8_i8(x, w, *scales, bias, group, np) : linear_q8(x, w, *scales, bias, group);
     if (kind == Kind::q5) {  // fp32 activations: no fp32 GEMV for int5, so the dequantized weight (exact)
       if (i8) return linear_q5_i8(x, w, *zeros, *scales, bias);

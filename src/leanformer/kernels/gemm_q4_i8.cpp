@@ -31,7 +31,8 @@ namespace {
 struct GemmActs {
   at::Tensor xt, dx, xo, xs;
 
-  GemmActs(const at::Tensor& x, int64_t Kp, int64_t group, int64_t L, bool sums) {
+  // offset: the weights' code offset (8 for int4, 128 for int8 as w + 128), started at -offset * sum
+  GemmActs(const at::Tensor& x, int64_t Kp, int64_t group, int64_t L, bool sums, int32_t offset) {
     const int64_t M = x.size(0), K = x.size(1), B = Kp / 32, T = (M + L - 1) / L;
     xt = at::empty({T * B * 32 * L}, x.options().dtype(at::kChar));
     dx = at::empty({T * B * L}, x.options());
@@ -56,7 +57,7 @@ struct GemmActs {
           _mm256_store_si256(reinterpret_cast<__m256i*>(q), codes);
           const int64_t tb = t * B + b;
           dp[tb * L + l] = d;
-          op[tb * L + l] = -8 * sum;
+          op[tb * L + l] = -offset * sum;
           int8_t* dst = tp + tb * 32 * L + 4 * l;
           for (int qd = 0; qd < 8; ++qd) std::memcpy(dst + qd * 4 * L, q + 4 * qd, 4);
           if (sp && m < M) sp[m * (Kp / group) + 32 * b / group] += d * static_cast<float>(sum);
@@ -66,31 +67,19 @@ struct GemmActs {
   }
 };
 
-}  // namespace
-
-// x [M, K] fp32, w uint8 [N, Kp/2] (K <= Kp), scales fp32 [N, Kp/group], zeros fp32 [N, Kp/group] or none
-// (w = (q - 8) * scale + zero) -> [M, N] fp32.
-at::Tensor gemm_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
-                      const std::optional<at::Tensor>& zeros_, int64_t group, const std::optional<at::Tensor>& bias) {
-  check_x(x_);
-  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kByte, "Wq must be uint8 [N, Kp/2]");
-  const int64_t M = x_.size(0), K = x_.size(1), N = w_.size(0), Kp = 2 * w_.size(1);
-  TORCH_CHECK(group > 0 && group % 32 == 0 && Kp % group == 0 && K <= Kp,
-              "the int8-activation int4 GEMM needs a group size that is a multiple of 32 dividing the codes' "
-              "columns (", Kp, ") and x with at most that many columns, got group ", group, ", K ", K);
-  const int64_t G = Kp / group;
-  TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.dim() == 2 && scales_.size(0) == N && scales_.size(1) == G,
-              "scales must be float32 [N, ", G, "]");
-  TORCH_CHECK(!zeros_ || (zeros_->scalar_type() == at::kFloat && zeros_->sizes() == scales_.sizes()),
-              "zeros must be float32 like the scales, or None");
-  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == N), "bias must be float32 [N]");
-  const at::Tensor x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous();
+// Both GEMMs past their checks: x [M, K] fp32 contiguous, w the codes (q4: nibbles [N, Kp/2]; q8: int8
+// [N, Kp]), scales fp32 [N, Kp / group] contiguous, zeros (q4 only) like them or none.
+at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& w, int64_t N, int64_t Kp, const at::Tensor& scales,
+                    const std::optional<at::Tensor>& zeros_, int64_t group, const std::optional<at::Tensor>& bias,
+                    bool q8) {
+  const int64_t M = x.size(0), G = Kp / group;
   const int isa = act_isa_id();
   const int64_t L = isa == kAvx512Vnni ? 16 : 8, T = (M + L - 1) / L;
-  const GemmActs acts(x, Kp, group, L, zeros_.has_value());
+  const GemmActs acts(x, Kp, group, L, zeros_.has_value(), q8 ? 128 : 8);
   at::Tensor yt = at::empty({N, T * L}, x.options()), y = at::empty({M, N}, x.options());
   const GemmQ4Args a{acts.xt.data_ptr<int8_t>(), acts.dx.data_ptr<float>(), acts.xo.data_ptr<int32_t>(),
-                     w.data_ptr<uint8_t>(), scales.data_ptr<float>(), yt.data_ptr<float>(), M, N, Kp, T, group};
+                     static_cast<const uint8_t*>(w.data_ptr()), scales.data_ptr<float>(), yt.data_ptr<float>(),
+                     M, N, Kp, T, group, q8};
   at::Tensor zt;  // [G, N]
   if (zeros_) zt = zeros_->t().contiguous();
   const float* zp = zeros_ ? zt.data_ptr<float>() : nullptr;
@@ -124,6 +113,45 @@ at::Tensor gemm_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tens
   return y;
 }
 
+}  // namespace
+
+// x [M, K] fp32, w uint8 [N, Kp/2] (K <= Kp), scales fp32 [N, Kp/group], zeros fp32 [N, Kp/group] or none
+// (w = (q - 8) * scale + zero) -> [M, N] fp32.
+at::Tensor gemm_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
+                      const std::optional<at::Tensor>& zeros_, int64_t group, const std::optional<at::Tensor>& bias) {
+  check_x(x_);
+  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kByte, "Wq must be uint8 [N, Kp/2]");
+  const int64_t K = x_.size(1), N = w_.size(0), Kp = 2 * w_.size(1);
+  TORCH_CHECK(group > 0 && group % 32 == 0 && Kp % group == 0 && K <= Kp,
+              "the int8-activation int4 GEMM needs a group size that is a multiple of 32 dividing the codes' "
+              "columns (", Kp, ") and x with at most that many columns, got group ", group, ", K ", K);
+  const int64_t G = Kp / group;
+  TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.dim() == 2 && scales_.size(0) == N && scales_.size(1) == G,
+              "scales must be float32 [N, ", G, "]");
+  TORCH_CHECK(!zeros_ || (zeros_->scalar_type() == at::kFloat && zeros_->sizes() == scales_.sizes()),
+              "zeros must be float32 like the scales, or None");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == N), "bias must be float32 [N]");
+  return run_gemm(x_.contiguous(), w_.contiguous(), N, Kp, scales_.contiguous(), zeros_, group, bias, false);
+}
+
+// x [M, K] fp32, w int8 [N, K] (K a multiple of 32), scales fp32 [N] (group 0: one per row) or
+// [N, K / group] -> [M, N] fp32. VNNI only (gemm_q4_i8.h: AVX2's maddubs would saturate).
+at::Tensor gemm_q8_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_, int64_t group,
+                      const std::optional<at::Tensor>& bias) {
+  check_x(x_);
+  TORCH_CHECK(act_isa_id() != kAvx2, "the int8-weight GEMM needs AVX-VNNI or AVX-512 VNNI (act_isa is avx2)");
+  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kChar && w_.size(1) == x_.size(1) && x_.size(1) % 32 == 0,
+              "Wq must be int8 [N, K] matching x [M, K], K a multiple of 32");
+  const int64_t K = x_.size(1), N = w_.size(0);
+  const int64_t g = group == 0 ? K : group;  // one scale per row: one group of K columns
+  TORCH_CHECK(g % 32 == 0 && K % g == 0, "int8 GEMM groups must be multiples of 32 dividing K, got ", group);
+  TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.numel() == N * (K / g), "scales must be float32 [N",
+              group ? ", K / group" : "", "]");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == N), "bias must be float32 [N]");
+  return run_gemm(x_.contiguous(), w_.contiguous(), N, K, scales_.reshape({N, K / g}).contiguous(), std::nullopt, g,
+                  bias, true);
+}
+
 void bind_gemm_q4_i8(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("gemm_q4_i8", &gemm_q4_i8,
@@ -131,6 +159,11 @@ void bind_gemm_q4_i8(pybind11::module_& m) {
         "per block of 32 as linear_q4_i8 does; zeros=None: w = (q - 8) * scale",
         py::arg("x"), py::arg("wq"), py::arg("scales"), py::arg("zeros") = py::none(), py::arg("group_size") = 32,
         py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("gemm_q8_i8", &gemm_q8_i8,
+        "int8(x) [M,K] @ (Wq int8 * scales)^T (+bias), for many rows (prefill), AVX-VNNI / AVX-512 VNNI only: x "
+        "quantized per block of 32 as linear_q8_i8 does; group_size 0: one scale per row",
+        py::arg("x"), py::arg("wq"), py::arg("scales"), py::arg("group_size") = 0, py::arg("bias") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace leanformer

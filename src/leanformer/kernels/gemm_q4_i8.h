@@ -10,10 +10,11 @@
 // is 8 of them, then one convert and one FMA per (weight row, L activation rows, block). NR weight rows
 // x TJ lane tiles of accumulators stay in registers across a whole row of blocks.
 //
-// Math, per output: y[m, n] = sum_b s[n, g(b)] * d[m, b] * (sum_{k in b} q[n, k] xq[m, k] - 8 sum_{k in b} xq[m, k])
-// with w = (q - 8) s (+ z, added by the driver), the -8 entering as the integer accumulator's start
-// value (xo = -8 * the block's code sum), so each block's integer sum is exact and its float step is one
-// FMA in block order: a row's result does not depend on M or on which lane it lands in.
+// Math, per output: y[m, n] = sum_b s[n, g(b)] * d[m, b] * (sum_{k in b} q[n, k] xq[m, k] - o sum_{k in b} xq[m, k])
+// with w = (q - o) s (+ z, added by the driver), the -o entering as the integer accumulator's start
+// value (xo = -o * the block's code sum), so each block's integer sum is exact and its float step is one
+// FMA in block order: a row's result does not depend on M or on which lane it lands in. int4: q the
+// nibble, o = 8. int8 (VNNI only: AVX2's maddubs would saturate on 255 x 127 pairs): q = w + 128, o = 128.
 
 namespace leanformer {
 namespace {
@@ -130,12 +131,23 @@ inline void gemm_unpack_row(const uint8_t* w, int64_t K, uint8_t* out) {
   }
 }
 
+// int8 weights (q8: w [N, K] int8) -> w + 128 as u8 codes, the 128 taken off by the offset start
+inline void gemm_offset_row(const uint8_t* w, int64_t K, uint8_t* out) {
+  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
+  for (int64_t i = 0; i < K; i += 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)), flip));
+}
+
 template <int NR>
 inline void gemm_rows(const GemmQ4Args& a, int64_t n, uint8_t* codes) {
   const float* srow[NR];
   float* yrow[NR];
   for (int r = 0; r < NR; ++r) {
-    gemm_unpack_row(a.w + (n + r) * (a.K / 2), a.K, codes + r * a.K);
+    if (a.q8)
+      gemm_offset_row(a.w + (n + r) * a.K, a.K, codes + r * a.K);
+    else
+      gemm_unpack_row(a.w + (n + r) * (a.K / 2), a.K, codes + r * a.K);
     srow[r] = a.scales + (n + r) * (a.K / a.group);
     yrow[r] = a.yt + (n + r) * a.T * GemmVec::L;
   }

@@ -77,11 +77,12 @@ struct GemmQ4Args {
   const int8_t* xt;    // [T, B, 8, L, 4]
   const float* dx;     // [T, B, L]
   const int32_t* xo;   // [T, B, L]
-  const uint8_t* w;    // [N, K / 2] nibbles, low = even column
+  const uint8_t* w;    // [N, K / 2] nibbles, low = even column; q8: int8 [N, K]
   const float* scales; // [N, K / group]
   float* yt;           // [N, T * L]: the output transposed
   int64_t M, N, K, T;  // M activation rows in T tiles; K: code columns, a multiple of 32
-  int64_t group;       // columns per scale, a multiple of 32
+  int64_t group;       // columns per scale, a multiple of 32 (q8 per row: K)
+  bool q8 = false;     // int8 weights (xo then holds -128 * the code sums)
 };
 
 // y[:, n] for weight rows n in [n0, n1), per instruction set. Call the VNNI ones only where the CPU has
