@@ -183,4 +183,5 @@ def test_int8_model_one_gemm_step_where_vnni(tiny_dirs, monkeypatch):
     vnni = cpu.act_isa() in ("avx_vnni", "avx512_vnni")
     assert taken == [True] and len(steps) == (2 if vnni else 3)  # the probe, then 1 step or 2 of 16 rows
     lp, lr = logits.log_softmax(-1), ref.log_softmax(-1)
-    assert float((lr.exp() * (lr - lp)).sum()) < 1e-3
+    # without VNNI the padded forward dequantizes (fp32 activations) while the chained rows take int8
+    assert float((lr.exp() * (lr - lp)).sum()) < (1e-3 if vnni else 1e-2)
