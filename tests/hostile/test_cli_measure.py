@@ -1,4 +1,5 @@
-"""Hostile input for bench --peers, report and optimize: one `error:` line, exit 2, before any work."""
+"""Hostile input for bench --peers, report, optimize and --activations: one `error:` line, exit 2, before
+any work."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ from tests.hostile.test_cli import no_loading, one_error_line  # noqa: F401 (fix
         (["report", "M", "-o", "out", "--window", "1"], "must be at least 2"),
         (["report", "M", "-o", "out", "--peers", "nope"], "unknown peer"),
         (["report", "M"], "-o/--output"),
+        (["generate", "M", "--prompt", "x", "--activations", "int4"], "invalid choice"),
+        (["eval", "M", "--data", "d", "--activations", ""], "invalid choice"),
+        (["bench", "M", "--activations", "FP32"], "invalid choice"),
+        (["serve", "M", "--activations", "nan"], "invalid choice"),
     ],
 )
 def test_parse_errors(argv, fragment, capsys):
@@ -82,12 +87,15 @@ def test_peer_paired_bad_input_is_one_error_before_loading(tmp_path, monkeypatch
         ([str(gguf), "--gap", "-1"], "--gap must be in"),
         ([str(gguf), "--gap", "1e9"], "--gap must be in"),
         ([str(gguf), "--recipe", "int9"], "no recipe file or preset"),
+        ([str(gguf), "--prefill", "0"], "--prefill lengths must be at least 1"),
+        ([str(gguf), "--prefill", "16", "-4"], "--prefill lengths must be at least 1"),
     ]
     for argv, fragment in cases:
         with pytest.raises(LeanformerError, match=re.escape(fragment)):
             peer_paired.main(argv)
-    with pytest.raises(SystemExit):  # a wrong type: argparse's usage line
-        peer_paired.main([str(gguf), "--rounds", "two"])
+    for wrong in (["--rounds", "two"], ["--prefill", "nan"], ["--prefill", "1.5"]):  # argparse's usage line
+        with pytest.raises(SystemExit):
+            peer_paired.main([str(gguf), *wrong])
 
 
 def test_peer_paired_file_llama_cpp_cannot_load_is_one_line(tmp_path, monkeypatch):

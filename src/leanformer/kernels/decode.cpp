@@ -146,6 +146,14 @@ struct DecodeStack {
                                  std::move(gate_up), std::move(down), n_heads, n_kv_heads, head_dim});
   }
 
+  // How many of the layers' Linears `is` holds for (e.g. &DecodeLinear::int8_capable).
+  int64_t count(bool (DecodeLinear::*is)() const) const {
+    int64_t n = 0;
+    for (const auto& l : layers)
+      for (const DecodeLinear* d : {&l.qkv, &l.o, &l.gate_up, &l.down}) n += (d->*is)();
+    return n;
+  }
+
   void set_ends(at::Tensor embed, std::optional<at::Tensor> embed_scales, int64_t embed_group, at::Tensor norm,
                 double eps, DecodeLinear head, bool head_int8) {
     const bool q8 = embed.scalar_type() == at::kChar;
@@ -261,18 +269,10 @@ void bind_decode(pybind11::module_& m) {
       .def_readwrite("profile", &DecodeStack::profile,
                      "[] (off) or 7 zeros: forward then adds the ms of norms+residuals, qkv, attention, o, gate_up, "
                      "silu, down")
-      .def("gemm_linears", [](const DecodeStack& s) {
-             int64_t n = 0;
-             for (const auto& l : s.layers)
-               for (const DecodeLinear* d : {&l.qkv, &l.o, &l.gate_up, &l.down}) n += d->gemm_capable();
-             return n;
-           }, "how many Linears take a GEMM past 16 rows on int8 activations (all 4 per layer: long chains pay)")
-      .def("int8_linears", [](const DecodeStack& s) {
-             int64_t n = 0;
-             for (const auto& l : s.layers)
-               for (const DecodeLinear* d : {&l.qkv, &l.o, &l.gate_up, &l.down}) n += d->int8_capable();
-             return n;
-           }, "how many Linears the int8-activation kernels can run")
+      .def("gemm_linears", [](const DecodeStack& s) { return s.count(&DecodeLinear::gemm_capable); },
+           "how many Linears take a GEMM past 16 rows on int8 activations (all 4 per layer: long chains pay)")
+      .def("int8_linears", [](const DecodeStack& s) { return s.count(&DecodeLinear::int8_capable); },
+           "how many Linears the int8-activation kernels can run")
       .def("set_ends", &DecodeStack::set_ends, py::arg("embed"), py::arg("embed_scales"), py::arg("embed_group"),
            py::arg("norm"), py::arg("eps"), py::arg("head"), py::arg("head_int8"))
       .def_property_readonly("has_ends", [](const DecodeStack& s) { return s.ends.has_value(); })
