@@ -164,7 +164,9 @@ def main() -> None:
         kv, d, layers = at0.n_kv_heads, at0.head_dim, len(model.model.layers)
         # random keys and values: an untouched torch.zeros buffer maps every page to the kernel's one
         # zero page, so attention would read cache-resident data (2,000 keys: ~3x faster than real K/V)
-        cache = [[torch.randn(1, kv, a.position + 32, d) for _ in range(layers)] for _ in range(2)]
+        cache = [
+            [torch.randn(1, kv, a.position + max(a.rows) + 16, d) for _ in range(layers)] for _ in range(2)
+        ]
     t: dict[tuple[str, str, int], list[float]] = {}
     before = loadavg()
     for _ in range(a.rounds):

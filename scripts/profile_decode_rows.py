@@ -52,7 +52,7 @@ def main() -> None:
     hidden, layers = args.hidden_size, len(model.model.layers)
     attn0 = model.model.layers[0].self_attn
     kv, d = attn0.n_kv_heads, attn0.head_dim
-    max_seq = a.position + 32
+    max_seq = a.position + max(a.rows) + 16
     # random K / V: an untouched torch.zeros buffer maps every page to one zero page (cache-resident reads)
     k = [torch.randn(1, kv, max_seq, d) for _ in range(layers)]
     v = [torch.randn(1, kv, max_seq, d) for _ in range(layers)]

@@ -68,20 +68,23 @@ def prefilled(model, paged: bool, prompts=PROMPTS, max_seq: int = 64):
     return cache
 
 
-def one_row_steps_and_chains(model, paged: bool, prompts, max_seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits of CHAINS fed token by token, one-row steps; the same rows in one chained forward)."""
+def one_row_steps_and_chains(
+    model, paged: bool, prompts, max_seq: int, chains=CHAINS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits of `chains` fed token by token, one-row steps; the same rows in one chained forward)."""
     ref, cache = [], prefilled(model, paged, prompts, max_seq)
     assert model._decode_plan.get(model) is not None, "the fused decode step must run"
-    for s, toks in enumerate(CHAINS):
+    for s, toks in enumerate(chains):
         slot = torch.tensor([s])
         for t in toks:
             ref.append(model(torch.tensor([[t]]), cache=cache, slots=slot)[0, -1])
             cache.advance(slot, 1)
     cache = prefilled(model, paged, prompts, max_seq)
-    slots = [s for s, toks in enumerate(CHAINS) for _ in toks]
-    positions = [len(prompts[s]) + i for s, toks in enumerate(CHAINS) for i in range(len(toks))]
-    ids = torch.tensor([t for toks in CHAINS for t in toks])[:, None]
-    got = model(ids, cache=Chain(cache, slots, positions), slots=torch.arange(len(slots)))[:, -1]
+    slots = [s for s, toks in enumerate(chains) for _ in toks]
+    positions = [len(prompts[s]) + i for s, toks in enumerate(chains) for i in range(len(toks))]
+    ids = torch.tensor([t for toks in chains for t in toks])[:, None]
+    chain = Chain(cache, slots, positions, max_fused_rows=len(slots))
+    got = model(ids, cache=chain, slots=torch.arange(len(slots)))[:, -1]
     return torch.stack(ref), got
 
 
@@ -101,8 +104,8 @@ def test_chained_rows_equal_one_row_steps(model, kv, paged, threads):
     assert torch.equal(got, ref)
 
 
-# past 512 keys the keys go in chunks whose softmax partials are merged (kKeyChunk): slot 0's chain
-# crosses from one chunk to two, slot 2 reads three
+# the keys go in chunks of 128 whose softmax partials are merged (kKeyChunk): slot 0's chain crosses
+# from 4 chunks to 5, slot 2 reads 9
 LONG = [[(7 * i) % 120 + 1 for i in range(505)], [2, 7, 18], [(5 * i) % 110 + 3 for i in range(1030)]]
 
 
@@ -115,6 +118,34 @@ def test_rows_across_key_chunks_equal_one_row_steps(model, kv, paged):
         ref, got = one_row_steps_and_chains(model, paged, LONG, 1056)
     finally:
         model.kv_cache_dtype = None
+    assert torch.equal(got, ref)
+
+
+# from 16 rows on, a sequence's chained rows go in row blocks whose tasks run all their key chunks and
+# merge them themselves (kRowBlock; a chained prefill's shape): the same logits as one-row steps, whose
+# chunks are separate tasks merged after them. 16 rows, the most whose Linears still take the GEMV pass
+# (past it the GEMM sums in another order): slot 0's cross from 4 key chunks to 5, slot 2's from 8 to 9.
+LONG_CHAINS = {
+    "slot0": [[(3 * i) % 97 + 2 for i in range(16)], [], []],
+    "slot2": [[], [], [(11 * i) % 89 + 5 for i in range(16)]],
+}
+
+
+@pytest.mark.parametrize("chains", list(LONG_CHAINS))
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("paged", [False, True], ids=["slots", "paged"])
+@pytest.mark.parametrize("kv", [None, "int8"])
+@torch.inference_mode()
+def test_row_block_tasks_equal_one_row_steps(model, kv, paged, threads, chains):
+    prompts = [LONG[0][:505], LONG[1], LONG[2][:1020]]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    model.kv_cache_dtype = kv
+    try:
+        ref, got = one_row_steps_and_chains(model, paged, prompts, 1056, LONG_CHAINS[chains])
+    finally:
+        model.kv_cache_dtype = None
+        torch.set_num_threads(before)
     assert torch.equal(got, ref)
 
 

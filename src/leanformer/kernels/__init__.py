@@ -119,6 +119,7 @@ _HEADERS = [
     _DIR / "gemm_q4_i8.h",
     _DIR / "gemv_vnni.h",
     _DIR / "q4_codes.h",
+    _DIR / "row_split.h",
 ]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

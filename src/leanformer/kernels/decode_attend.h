@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -83,12 +84,16 @@ inline float softmax_unnormalised(float* p, int64_t S, float* max_out) {
   return total;
 }
 
-// Keys go through attention in chunks of kKeyChunk (as flash-decoding does): a long context's keys
-// spread over the threads (one row, 3 KV heads, 2 threads: 6 tasks of 2,000 keys' halves instead of 9
-// head tasks re-reading their KV head's keys) and each chunk's softmax partials (max, sum, weighted
-// sum) are merged in chunk order. A query's chunks follow from its key count alone, so its result does
-// not depend on the step's rows or threads; with one chunk (up to kKeyChunk keys) nothing is merged.
-constexpr int64_t kKeyChunk = 512;
+// Keys go through attention in chunks of kKeyChunk (as flash-decoding does): a context's keys spread
+// over the threads, each chunk read once by all the query heads of its KV head, and each chunk's
+// softmax partials (max, sum, weighted sum) are merged in chunk order. A query's chunks follow from its
+// key count alone, so its result does not depend on the step's rows or threads; with one chunk (up to
+// kKeyChunk keys) nothing is merged. 128, not 512: one SmolLM2 row at 200 keys then makes 6 tasks (3
+// KV heads x 2 chunks, 3 per thread) instead of 9 single-head tasks split 5 / 4 in which the threads
+// read the middle KV head's keys twice and each query head streamed its keys alone; the whole step + head
+// took 0.977 / 0.923 / 0.896x the time at 200 / 600 / 1,000 keys, 4 chained rows 0.98-1.02x (Zen 5, 2
+// threads, scripts/i8_rows_ab.py).
+constexpr int64_t kKeyChunk = 128;
 
 inline int64_t key_chunks(int64_t S) { return (S + kKeyChunk - 1) / kKeyChunk; }
 
@@ -108,20 +113,36 @@ inline void merge_chunks(const float* part, int64_t n, int64_t D, float* out) {
   for (int64_t i = 0; i < D; ++i) out[i] *= inv;
 }
 
-// One attention task's buffers: scores [Q, keys], query / output / (max, sum) pointers, key counts
+// Rows of one key group a task takes together once the group has this many (a chained prefill): the
+// task reads each key chunk once for all their queries and merges their chunks itself, where one task
+// per (KV head, key chunk) over all the group's rows held a scores buffer of rows x 128 floats (1.5 MB
+// at 1,000 rows, past L2) and left rows x heads x chunks partials to a merge on one thread.
+constexpr int64_t kRowBlock = 16;
+
+// One attention task: rows [r0, r1) of key group g (all in the group's order), query heads h0..h0 +
+// heads - 1 of KV head j, key chunks [c0, c1). Chunk tasks (c1 = c0 + 1) leave a query with several
+// chunks its partial in the shared buffer, merged after all tasks; row-block tasks run every chunk of
+// their rows and merge them themselves. Either way a query's result is what it gets alone, bit for bit.
+struct AttnTask {
+  int64_t g, j, h0, r0, r1, c0, c1;
+  bool own_merge;
+};
+
+// One attention task's buffers: scores [Q, keys], query / output / (max, sum) pointers, key counts,
+// and a row-block task's partials [its queries, chunks, D + 2]
 struct TaskScratch {
   std::vector<float> p;
   std::vector<const float*> q;
   std::vector<float*> o, sums;  // sums: where each query's (max, sum) go (multi-chunk queries)
   std::vector<int64_t> S;
-  std::vector<float> total, mx;
+  std::vector<float> total, mx, part;
 };
 
 // One layer's attention for all rows: rotate q/k, write k/v into the cache, then softmax(q k^T /
 // sqrt(D)) v -> out [M, H*D]. qkv_out [M, (H + 2 KV) * D]; T: float, uint16_t (fp16 bits), int8_t (with
-// per-row scales ks / vs). A task is (group of rows, KV head, its query heads or one of them): its
-// queries read each key and value once, together (avx512::scores / weighted_sum), and each query's
-// result is what it gets alone, bit for bit, so a verification row equals the plain step's row.
+// per-row scales ks / vs). A task's queries read each key and value once, together (avx512::scores /
+// weighted_sum), and each query's result is what it gets alone, bit for bit, so a verification row
+// equals the plain step's row.
 template <class T>
 void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const at::Tensor& kc, const at::Tensor& vc,
             const at::Tensor& ks, const at::Tensor& vs, const StepRows& rows, const KeyGroups& groups, int64_t H,
@@ -136,67 +157,99 @@ void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const
   float* vsp = q8 ? vs.data_ptr<float>() : nullptr;
   at::Tensor qr = at::empty({M, H * D}, qkv_out.options());  // rotated queries
   float* qrp = qr.data_ptr<float>();
-  std::vector<float> krot(D);
   int64_t work = 0;
-  for (int64_t m = 0; m < M; ++m) {
-    const float* r = src + m * row_len;
-    for (int64_t h = 0; h < H; ++h) rope(r + h * D, cos + m * D, sin + m * D, qrp + (m * H + h) * D, D);
-    for (int64_t j = 0; j < KV; ++j) {
-      // row index into the cache seen as [rows, D]
-      const int64_t at_ = rows.write ? rows.write[m * KV + j] : (rows.slots[m] * KV + j) * max_seq + pos[m];
-      rope(r + (H + j) * D, cos + m * D, sin + m * D, krot.data(), D);
-      const float* v = r + (H + KV + j) * D;
-      if constexpr (q8) {
-        quantize_row(krot.data(), D, kp + at_ * D, ksp + at_);
-        quantize_row(v, D, vp + at_ * D, vsp + at_);
-      } else if constexpr (std::is_same_v<T, uint16_t>) {
-        store_half(krot.data(), kp + at_ * D, D);
-        store_half(v, vp + at_ * D, D);
-      } else {
-        std::copy(krot.begin(), krot.end(), kp + at_ * D);
-        std::copy(v, v + D, vp + at_ * D);
+  for (int64_t m = 0; m < M; ++m) work += H * (pos[m] + 1) * D;
+  // RoPE and the cache writes, row by row (rows write distinct cache rows: a long chain's spread over
+  // the threads)
+  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+    std::vector<float> krot(D);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* r = src + m * row_len;
+      for (int64_t h = 0; h < H; ++h) rope(r + h * D, cos + m * D, sin + m * D, qrp + (m * H + h) * D, D);
+      for (int64_t j = 0; j < KV; ++j) {
+        // row index into the cache seen as [rows, D]
+        const int64_t at_ = rows.write ? rows.write[m * KV + j] : (rows.slots[m] * KV + j) * max_seq + pos[m];
+        rope(r + (H + j) * D, cos + m * D, sin + m * D, krot.data(), D);
+        const float* v = r + (H + KV + j) * D;
+        if constexpr (q8) {
+          quantize_row(krot.data(), D, kp + at_ * D, ksp + at_);
+          quantize_row(v, D, vp + at_ * D, vsp + at_);
+        } else if constexpr (std::is_same_v<T, uint16_t>) {
+          store_half(krot.data(), kp + at_ * D, D);
+          store_half(v, vp + at_ * D, D);
+        } else {
+          std::copy(krot.begin(), krot.end(), kp + at_ * D);
+          std::copy(v, v + D, vp + at_ * D);
+        }
       }
     }
-    work += H * (pos[m] + 1) * D;
-  }
+  });
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   float* op = out.data_ptr<float>();
   const int64_t group = H / KV, G = groups.size();
   int64_t chunks = 1;  // key chunks of the longest row
   for (int64_t m = 0; m < M; ++m) chunks = std::max(chunks, key_chunks(pos[m] + 1));
-  // A KV head's query heads in one task once there are tasks enough for the threads (their keys read
-  // once); else one task per query head (one row of 200 keys on 2 threads: 9 tasks split 5 / 4, where
-  // 3 would split 2 / 1). Threads pay off from short contexts on (SmolLM2 at 100 keys: 0.28 vs 0.42 ms
-  // per token on 2 threads); only tiny steps stay on this thread.
-  const int64_t heads = G * KV * chunks >= 4 * at::get_num_threads() ? group : 1;  // query heads per task
-  const int64_t per_kv = group / heads, tasks = G * KV * per_kv * chunks;
-  const int64_t grain = work < (1 << 12) ? tasks : 1;
+  // Chunk tasks: a KV head's query heads in one task once there are tasks enough for the threads (their
+  // keys read once): 4 per thread, or a multiple of the thread count; else one task per query head (one
+  // row of 100 keys on 2 threads: 9 tasks split 5 / 4, where 3 would split 2 / 1). Threads pay off from
+  // short contexts on (SmolLM2 at 100 keys: 0.28 vs 0.42 ms per token on 2 threads); only tiny steps
+  // stay on this thread.
+  const int64_t kv_tasks = G * KV * chunks, threads = at::get_num_threads();
+  const int64_t heads = kv_tasks >= 4 * threads || (kv_tasks >= threads && kv_tasks % threads == 0) ? group : 1;
+  std::vector<AttnTask> tasks;
+  bool shared_merge = false;  // some chunk task leaves partials in `part`
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t b = groups.start[g], e = groups.start[g + 1], n = key_chunks(pos[groups.lead[g]] + 1);
+    if (e - b >= kRowBlock) {  // row blocks, all query heads of a KV head per task
+      for (int64_t r0 = b; r0 < e; r0 += kRowBlock)
+        for (int64_t j = 0; j < KV; ++j) {
+          const int64_t r1 = std::min(e, r0 + kRowBlock);
+          int64_t c1 = 0;
+          for (int64_t m = r0; m < r1; ++m) c1 = std::max(c1, key_chunks(pos[m] + 1));
+          tasks.push_back({g, j, j * group, r0, r1, 0, c1, true});
+        }
+      continue;
+    }
+    shared_merge = shared_merge || n > 1;
+    // a KV head's chunks one after the other: a thread's contiguous range of tasks then reads its keys
+    // as one stream (chunk c + 1 follows chunk c in the cache; chunks outermost measured 1.06x the time
+    // at 1,000 keys)
+    for (int64_t sub = 0; sub < KV * (group / heads); ++sub)
+      for (int64_t c = 0; c < n; ++c)
+        tasks.push_back({g, sub / (group / heads), (sub / (group / heads)) * group + (sub % (group / heads)) * heads, b,
+                         e, c, c + 1, false});
+  }
+  const int64_t qh = heads;  // query heads of a chunk task
   const bool wide = use_avx512() && avx512::head_dim_ok(D);  // decode_attn_avx512.cpp: 16 columns a step
-  // [M * H, chunks, D + 2]: each chunk's (max, sum, weighted sum) of queries with more than one chunk
-  std::vector<float> part(chunks > 1 ? M * H * chunks * (D + 2) : 0);
-  // task t: key chunk t % chunks of head subset t / chunks / G (KV head j) of group t / chunks % G, so a
-  // long chain's tasks spread over the threads' contiguous ranges
-  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+  // [M * H, chunks, D + 2]: each chunk's (max, sum, weighted sum) of chunk tasks' queries with several
+  std::vector<float> part(shared_merge ? M * H * chunks * (D + 2) : 0);
+  auto run = [&](const AttnTask& tk) {
     // a thread's scratch, kept from call to call (30 layers x 2 threads a step would otherwise allocate
     // ~400 small vectors)
     thread_local TaskScratch scratch;
-    auto& [p, q, o, sums, S, total, mx] = scratch;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t c = t % chunks, g = t / chunks % G, sub = t / chunks / G;
-      const int64_t j = sub / per_kv, h0 = j * group + (sub % per_kv) * heads, first = c * kKeyChunk;
-      const int64_t lead = groups.lead[g], stride = std::min(pos[lead] + 1 - first, kKeyChunk);
-      if (stride <= 0) continue;  // the group's rows are all shorter than this chunk
+    auto& [p, q, o, sums, S, total, mx, lp] = scratch;
+    const int64_t nh = tk.own_merge ? group : qh, lead = groups.lead[tk.g], j = tk.j;
+    const int64_t span = tk.c1 - tk.c0;  // a row-block task's chunks: its partial slots per query
+    if (tk.own_merge) lp.resize((tk.r1 - tk.r0) * nh * span * (D + 2));
+    for (int64_t c = tk.c0; c < tk.c1; ++c) {
+      const int64_t first = c * kKeyChunk;
       q.clear(), o.clear(), sums.clear(), S.clear();
-      for (int64_t m = groups.start[g]; m < groups.start[g + 1]; ++m) {
+      int64_t stride = 0;
+      for (int64_t m = tk.r0; m < tk.r1; ++m) {
         const int64_t keys = pos[m] + 1, n = key_chunks(keys);
         if (keys <= first) continue;
-        for (int64_t h = h0; h < h0 + heads; ++h) {
+        stride = std::max(stride, std::min(keys - first, kKeyChunk));
+        for (int64_t h = tk.h0; h < tk.h0 + nh; ++h) {
           q.push_back(qrp + (m * H + h) * D), S.push_back(std::min(keys - first, kKeyChunk));
-          float* slot = n > 1 ? part.data() + ((m * H + h) * chunks + c) * (D + 2) : nullptr;
+          float* slot = nullptr;
+          if (n > 1)
+            slot = tk.own_merge ? lp.data() + (((m - tk.r0) * nh + (h - tk.h0)) * span + c) * (D + 2)
+                                : part.data() + ((m * H + h) * chunks + c) * (D + 2);
           o.push_back(slot ? slot + 2 : op + (m * H + h) * D), sums.push_back(slot);
         }
       }
       const int64_t Q = static_cast<int64_t>(q.size());
+      if (Q == 0) continue;  // every row of the task is shorter than this chunk
       p.resize(Q * stride);
       const int64_t* idx = rows.read ? rows.read + (lead * KV + j) * rows.S + first : nullptr;
       const KeyRows keys{idx, (rows.slots[lead] * KV + j) * max_seq + first};
@@ -222,13 +275,40 @@ void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const
         for (int64_t d = 0; d < D; ++d) o[i][d] *= inv;
       }
     }
-  });
-  if (chunks > 1)
-    for (int64_t m = 0; m < M; ++m) {
-      const int64_t n = key_chunks(pos[m] + 1);
-      for (int64_t h = 0; n > 1 && h < H; ++h)
-        merge_chunks(part.data() + (m * H + h) * chunks * (D + 2), n, D, op + (m * H + h) * D);
-    }
+    if (tk.own_merge)
+      for (int64_t m = tk.r0; m < tk.r1; ++m) {
+        const int64_t n = key_chunks(pos[m] + 1);
+        for (int64_t h = tk.h0; n > 1 && h < tk.h0 + nh; ++h)
+          merge_chunks(lp.data() + ((m - tk.r0) * nh + (h - tk.h0)) * span * (D + 2), n, D, op + (m * H + h) * D);
+      }
+  };
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  const bool blocks = std::any_of(tasks.begin(), tasks.end(), [](const AttnTask& t) { return t.own_merge; });
+  if (work < (1 << 12) || n_tasks == 1 || threads == 1) {
+    for (const AttnTask& tk : tasks) run(tk);
+  } else if (!blocks) {  // tasks of about one size: a contiguous range each (taken in turn, the thread
+    // that forks first took 4 of 6 at one row and 200 keys while the other started)
+    at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) run(tasks[t]);
+    });
+  } else {
+    // Row-block tasks differ in length (later rows read more keys): the threads take tasks in turn,
+    // the longest first, instead of one contiguous range each.
+    std::stable_sort(tasks.begin(), tasks.end(), [](const AttnTask& x, const AttnTask& y) { return x.c1 > y.c1; });
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(threads, n_tasks), 1, [&](int64_t, int64_t) {
+      for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) run(tasks[t]);
+    });
+  }
+  if (shared_merge)  // the chunk tasks' queries with several chunks, over the threads
+    at::parallel_for(0, M * H, 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t m = i / H, n = key_chunks(pos[m] + 1);
+        const int64_t g = std::upper_bound(groups.start.begin(), groups.start.end(), m) - groups.start.begin() - 1;
+        if (n > 1 && groups.start[g + 1] - groups.start[g] < kRowBlock)
+          merge_chunks(part.data() + i * chunks * (D + 2), n, D, op + i * D);
+      }
+    });
 }
 
 }  // namespace

@@ -28,6 +28,7 @@
 #include "act_quant.h"  // quantize_row / quantize_row_q4, NibActs, to_wide_layout
 #include "int8_act.h"
 #include "q4_codes.h"
+#include "row_split.h"  // for_row_blocks_balanced
 
 namespace leanformer {
 namespace {
@@ -111,13 +112,29 @@ void rows_isa(int isa, const I8Args& a, bool q4, int64_t n0, int64_t n1) {
 // its scalar tail).
 constexpr int64_t kLookupMinGroups = 32;
 
+// Rows per block of for_row_blocks_balanced: a multiple of every loop's weight rows per pass.
+constexpr int64_t kBlockAlign = 16;
+
+// The row after the last block this thread ran (row_split.h blocks of one call follow each other on a
+// thread; a block starting there continues that stream). Reset by each call's first block (n0 == first).
+inline int64_t& last_end() {
+  thread_local int64_t end = -1;
+  return end;
+}
+
 // q4 with `qs`: a.w / scales / zeros / bias / y are taken from it chunk by chunk (8-bit scale codes
 // decoded per chunk of rows, q4_codes.h), the row functions seeing rows [0, c1 - c0) of a shifted view.
 // isa: the instruction set the operands were laid out for (-1: the current one).
 void run_rows(const I8Args& a, bool q4, int64_t row_bytes, const Q4Scales* qs = nullptr, int isa = -1) {
   if (isa < 0) isa = g_act_isa.load(std::memory_order_relaxed);
-  for_row_blocks(a.N, row_bytes, [&](int64_t n0, int64_t n1) {
-    if (!qs) return rows_isa(isa, a, q4, n0, n1);
+  for_row_blocks_balanced(a.N, row_bytes, kBlockAlign, [&](int64_t n0, int64_t n1, int64_t first, bool last) {
+    if (!qs) {
+      I8Args b = a;
+      b.warm = n0 > first && last_end() == n0;  // this thread's previous block ended here
+      last_end() = n1;
+      if (last) b.next.from = first; else b.next = I8Next{};
+      return rows_isa(isa, b, q4, n0, n1);
+    }
     qs->chunks(n0, n1, [&](int64_t c0, int64_t c1, const float* s, const float* z) {
       I8Args b = a;
       b.w = static_cast<const uint8_t*>(a.w) + c0 * (a.K / 2);

@@ -266,20 +266,21 @@ inline void rows_mp(const I8Args& a, const XPack& p, int64_t n0, int64_t n1) {
   const int64_t ahead = wrow > 0 ? (kI8Ahead + wrow - 1) / wrow : 0;  // rows
   const char* w0 = static_cast<const char*>(a.w);
   const char* s0 = a.sc ? reinterpret_cast<const char*>(a.sc) : reinterpret_cast<const char*>(a.scales);
-  if (kI8Ahead > 0) {
+  if (kI8Ahead > 0 && !a.warm) {
     const int64_t first = (ahead < n1 - n0 ? ahead : n1 - n0);
     i8_prefetch_bytes(w0 + n0 * wrow, first * wrow);
     if (srow > 0) i8_prefetch_bytes(s0 + n0 * srow, first * srow);
   }
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) {
-    if (kI8Ahead > 0 && srow > 0 && n + ahead + NR <= n1) i8_prefetch_bytes(s0 + (n + ahead) * srow, NR * srow);
+    // past n1 too (up to N): a thread's next block (row_split.h) usually follows, like the weights' prefetch
+    if (kI8Ahead > 0 && srow > 0 && n + ahead + NR <= a.N) i8_prefetch_bytes(s0 + (n + ahead) * srow, NR * srow);
     rows_nr<NR, M, D, K, S>(a, p, n);
   }
   if constexpr (NR > 1)  // the last rows one at a time: same chains, same results
     for (; n < n1; ++n) rows_nr<1, M, D, K, S>(a, p, n);
   if (kI8Ahead > 0 && a.next.w && a.N > 0) {  // the same share of the next call's weights
-    const int64_t r0 = n0 * a.next.N / a.N, left = a.next.N - r0;
+    const int64_t r0 = (a.next.from >= 0 ? a.next.from : n0) * a.next.N / a.N, left = a.next.N - r0;
     const int64_t rows_ahead = a.next.row_bytes > 0 ? (kI8Ahead + a.next.row_bytes - 1) / a.next.row_bytes : 0;
     const int64_t r = rows_ahead < left ? rows_ahead : left;
     i8_prefetch_bytes(a.next.w + r0 * a.next.row_bytes, r * a.next.row_bytes);

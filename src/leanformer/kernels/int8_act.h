@@ -23,6 +23,8 @@ struct I8Next {
   int64_t N = 0, row_bytes = 0;
   const char* s = nullptr;  // a second stream beside it (scales), or null
   int64_t s_row_bytes = 0;
+  int64_t from = -1;  // the first row of this thread's part of this call (its share of the next starts at
+                      // the same fraction); -1: the rows' own first
 };
 
 // One call's operands, at most 16 activation rows (more than 8: gemv_i8_impl.h rows splits them). Activations are int8 per block of 32 columns:
@@ -68,6 +70,9 @@ struct I8Args {
   const float* sd = nullptr;
   const float* sx = nullptr;  // q4 spans: lane L's group sum (xs) per span [M, 16 * spans], for zero points
   I8Next next;
+  // whether the thread's previous rows ended at this call's first row: their loop has requested the
+  // first bytes already (row_split.h blocks), so the stream is not started again
+  bool warm = false;
 };
 
 // A prefill-sized int4 GEMM's operands (gemm_q4_i8.h): activations in tiles of L rows (L = 16 for
