@@ -120,11 +120,11 @@ inline void merge_chunks(const float* part, int64_t n, int64_t D, float* out) {
 constexpr int64_t kRowBlock = 16;
 
 // One attention task: rows [r0, r1) of key group g (all in the group's order), query heads h0..h0 +
-// heads - 1 of KV head j, key chunks [c0, c1). Chunk tasks (c1 = c0 + 1) leave a query with several
+// heads - 1 (of KV head j), key chunks [c0, c1). Chunk tasks (c1 = c0 + 1) leave a query with several
 // chunks its partial in the shared buffer, merged after all tasks; row-block tasks run every chunk of
 // their rows and merge them themselves. Either way a query's result is what it gets alone, bit for bit.
 struct AttnTask {
-  int64_t g, j, h0, r0, r1, c0, c1;
+  int64_t g, j, h0, heads, r0, r1, c0, c1;
   bool own_merge;
 };
 
@@ -189,24 +189,28 @@ void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const
   const int64_t group = H / KV, G = groups.size();
   int64_t chunks = 1;  // key chunks of the longest row
   for (int64_t m = 0; m < M; ++m) chunks = std::max(chunks, key_chunks(pos[m] + 1));
-  // Chunk tasks: a KV head's query heads in one task once there are tasks enough for the threads (their
-  // keys read once): 4 per thread, or a multiple of the thread count; else one task per query head (one
-  // row of 100 keys on 2 threads: 9 tasks split 5 / 4, where 3 would split 2 / 1). Threads pay off from
-  // short contexts on (SmolLM2 at 100 keys: 0.28 vs 0.42 ms per token on 2 threads); only tiny steps
-  // stay on this thread.
-  const int64_t kv_tasks = G * KV * chunks, threads = at::get_num_threads();
-  const int64_t heads = kv_tasks >= 4 * threads || (kv_tasks >= threads && kv_tasks % threads == 0) ? group : 1;
+  // A KV head's query heads in one task once there are tasks enough for the threads (their keys read
+  // once): 4 per thread, or a multiple of the thread count; else one task per query head (one row of 100
+  // keys on 2 threads: 9 tasks split 5 / 4, where 3 would split 2 / 1). Threads pay off from short
+  // contexts on (SmolLM2 at 100 keys: 0.28 vs 0.42 ms per token on 2 threads); only tiny steps stay on
+  // this thread.
+  const int64_t threads = at::get_num_threads();
+  auto heads_per_task = [&](int64_t kv_tasks) {
+    return kv_tasks >= 4 * threads || (kv_tasks >= threads && kv_tasks % threads == 0) ? group : 1;
+  };
+  const int64_t heads = heads_per_task(G * KV * chunks);  // chunk tasks
   std::vector<AttnTask> tasks;
   bool shared_merge = false;  // some chunk task leaves partials in `part`
   for (int64_t g = 0; g < G; ++g) {
     const int64_t b = groups.start[g], e = groups.start[g + 1], n = key_chunks(pos[groups.lead[g]] + 1);
-    if (e - b >= kRowBlock) {  // row blocks, all query heads of a KV head per task
+    if (e - b >= kRowBlock) {  // row blocks
+      const int64_t rh = heads_per_task((e - b + kRowBlock - 1) / kRowBlock * KV), per = group / rh;
       for (int64_t r0 = b; r0 < e; r0 += kRowBlock)
-        for (int64_t j = 0; j < KV; ++j) {
+        for (int64_t sub = 0; sub < KV * per; ++sub) {
           const int64_t r1 = std::min(e, r0 + kRowBlock);
           int64_t c1 = 0;
           for (int64_t m = r0; m < r1; ++m) c1 = std::max(c1, key_chunks(pos[m] + 1));
-          tasks.push_back({g, j, j * group, r0, r1, 0, c1, true});
+          tasks.push_back({g, sub / per, (sub / per) * group + (sub % per) * rh, rh, r0, r1, 0, c1, true});
         }
       continue;
     }
@@ -216,10 +220,9 @@ void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const
     // at 1,000 keys)
     for (int64_t sub = 0; sub < KV * (group / heads); ++sub)
       for (int64_t c = 0; c < n; ++c)
-        tasks.push_back({g, sub / (group / heads), (sub / (group / heads)) * group + (sub % (group / heads)) * heads, b,
-                         e, c, c + 1, false});
+        tasks.push_back({g, sub / (group / heads), (sub / (group / heads)) * group + (sub % (group / heads)) * heads,
+                         heads, b, e, c, c + 1, false});
   }
-  const int64_t qh = heads;  // query heads of a chunk task
   const bool wide = use_avx512() && avx512::head_dim_ok(D);  // decode_attn_avx512.cpp: 16 columns a step
   // [M * H, chunks, D + 2]: each chunk's (max, sum, weighted sum) of chunk tasks' queries with several
   std::vector<float> part(shared_merge ? M * H * chunks * (D + 2) : 0);
@@ -228,7 +231,7 @@ void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const
     // ~400 small vectors)
     thread_local TaskScratch scratch;
     auto& [p, q, o, sums, S, total, mx, lp] = scratch;
-    const int64_t nh = tk.own_merge ? group : qh, lead = groups.lead[tk.g], j = tk.j;
+    const int64_t nh = tk.heads, lead = groups.lead[tk.g], j = tk.j;
     const int64_t span = tk.c1 - tk.c0;  // a row-block task's chunks: its partial slots per query
     if (tk.own_merge) lp.resize((tk.r1 - tk.r0) * nh * span * (D + 2));
     for (int64_t c = tk.c0; c < tk.c1; ++c) {
