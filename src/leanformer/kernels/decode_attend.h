@@ -224,8 +224,14 @@ void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const
                          heads, b, e, c, c + 1, false});
   }
   const bool wide = use_avx512() && avx512::head_dim_ok(D);  // decode_attn_avx512.cpp: 16 columns a step
-  // [M * H, chunks, D + 2]: each chunk's (max, sum, weighted sum) of chunk tasks' queries with several
-  std::vector<float> part(shared_merge ? M * H * chunks * (D + 2) : 0);
+  // [M * H, chunks, D + 2]: each chunk's (max, sum, weighted sum) of chunk tasks' queries with several.
+  // Kept by the calling thread from layer to layer: every slot a merge reads is written first, and a
+  // fresh vector zero-filled (and, past malloc's mmap threshold, page-faulted) its megabytes every
+  // layer at long contexts (16 rows x 32K keys: ~10 MB a layer).
+  thread_local std::vector<float> part_buf;
+  const int64_t part_size = shared_merge ? M * H * chunks * (D + 2) : 0;
+  if (static_cast<int64_t>(part_buf.size()) < part_size) part_buf.resize(part_size);
+  float* const part = part_buf.data();
   auto run = [&](const AttnTask& tk) {
     // a thread's scratch, kept from call to call (30 layers x 2 threads a step would otherwise allocate
     // ~400 small vectors)
@@ -247,7 +253,7 @@ void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const
           float* slot = nullptr;
           if (n > 1)
             slot = tk.own_merge ? lp.data() + (((m - tk.r0) * nh + (h - tk.h0)) * span + c) * (D + 2)
-                                : part.data() + ((m * H + h) * chunks + c) * (D + 2);
+                                : part + ((m * H + h) * chunks + c) * (D + 2);
           o.push_back(slot ? slot + 2 : op + (m * H + h) * D), sums.push_back(slot);
         }
       }
@@ -309,7 +315,7 @@ void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const
         const int64_t m = i / H, n = key_chunks(pos[m] + 1);
         const int64_t g = std::upper_bound(groups.start.begin(), groups.start.end(), m) - groups.start.begin() - 1;
         if (n > 1 && groups.start[g + 1] - groups.start[g] < kRowBlock)
-          merge_chunks(part.data() + i * chunks * (D + 2), n, D, op + i * D);
+          merge_chunks(part + i * chunks * (D + 2), n, D, op + i * D);
       }
     });
 }
