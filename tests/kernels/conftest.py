@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from leanformer import kernels as K
 from leanformer.kernels import cpu
 
 
@@ -15,3 +16,13 @@ def act_isa(request):
     cpu.set_act_isa(request.param)
     yield request.param
     cpu.set_act_isa(None)
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request):
+    """Runs the test with the GEMV / attention kernels forced to one instruction set, then restores the best."""
+    if request.param not in K.isas():
+        pytest.skip(f"no {request.param} kernels on this machine")
+    K.set_isa(request.param)
+    yield request.param
+    K.set_isa(None)

@@ -36,15 +36,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["avx2", "avx512"])
-def isa(request):
-    if request.param not in K.isas():
-        pytest.skip(f"no {request.param} kernels on this machine")
-    K.set_isa(request.param)
-    yield request.param
-    K.set_isa(None)
-
-
 def _qkv(b: int, h: int, t: int, d: int):
     """q, k, v [B, H, T, D] as views of one [B, T, 3, H, D] tensor, the way the encoder slices them."""
     qkv = torch.randn(b, t, 3, h, d) * 2

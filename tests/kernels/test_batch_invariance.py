@@ -12,7 +12,6 @@ import torch
 
 from leanformer import kernels as K
 from leanformer.compress import double_quant as DQ
-from tests.kernels.test_gemv import isa  # noqa: F401  (fixture: each linear_* ISA)
 
 pytestmark = pytest.mark.skipif(not K.available(), reason="GEMV kernels unavailable on this machine")
 

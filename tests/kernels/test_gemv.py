@@ -31,16 +31,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["avx2", "avx512"])
-def isa(request):
-    """Runs the test with the linear_* kernels forced to one instruction set, then restores the best."""
-    if request.param not in K.isas():
-        pytest.skip(f"no {request.param} kernels on this machine")
-    K.set_isa(request.param)
-    yield request.param
-    K.set_isa(None)
-
-
 def test_builds_where_supported():
     """A broken build must fail CI, not silently fall back: where the CPU and toolchain allow it, the
     extension has to load."""

@@ -115,13 +115,6 @@ constexpr int64_t kLookupMinGroups = 32;
 // Rows per block of for_row_blocks_balanced: a multiple of every loop's weight rows per pass.
 constexpr int64_t kBlockAlign = 16;
 
-// The row after the last block this thread ran (row_split.h blocks of one call follow each other on a
-// thread; a block starting there continues that stream). Reset by each call's first block (n0 == first).
-inline int64_t& last_end() {
-  thread_local int64_t end = -1;
-  return end;
-}
-
 // q4 with `qs`: a.w / scales / zeros / bias / y are taken from it chunk by chunk (8-bit scale codes
 // decoded per chunk of rows, q4_codes.h), the row functions seeing rows [0, c1 - c0) of a shifted view.
 // isa: the instruction set the operands were laid out for (-1: the current one).
@@ -131,13 +124,13 @@ void run_rows(const I8Args& a, bool q4, int64_t row_bytes, const Q4Scales* qs = 
   // packs the activations (int4 from kPackRows rows: 1.10x the time of the 120 SmolLM2 block GEMVs at 4
   // and 8 rows, one pack per block) or decodes 8-bit scale codes per chunk of rows (qs).
   if (!qs && !(q4 && a.M >= kPackRows)) {
-    for_row_blocks_balanced(a.N, row_bytes, kBlockAlign, [&](int64_t n0, int64_t n1, int64_t first, bool last) {
+    const auto block = [&](int64_t n0, int64_t n1, int64_t first, bool last, bool warm) {
       I8Args b = a;
-      b.warm = n0 > first && last_end() == n0;  // this thread's previous block ended here
-      last_end() = n1;
+      b.warm = warm;
       if (last) b.next.from = first; else b.next = I8Next{};
       rows_isa(isa, b, q4, n0, n1);
-    });
+    };
+    for_row_blocks_balanced(a.N, row_bytes, kBlockAlign, block);
     return;
   }
   for_row_blocks(a.N, row_bytes, [&](int64_t n0, int64_t n1) {

@@ -48,16 +48,17 @@ struct alignas(64) RowPart {
   }
 };
 
-// Runs fn(n0, n1, first, last) over rows [0, N) in blocks: first = the row the block's part starts
-// at, last = whether the block is its owner's final one of its own part (where a GEMV requests the
-// next call's weights, I8Next). Blocks are multiples of `align` rows (the kernels' rows per pass)
+// Runs fn(n0, n1, first, last, warm) over rows [0, N) in blocks: first = the row the block's part
+// starts at, last = whether the block is its owner's final one of its own part (where a GEMV requests
+// the next call's weights, I8Next), warm = whether it continues the same thread's previous block (its
+// owner's next one: that block's loop has already requested the first bytes). Blocks are multiples of `align` rows (the kernels' rows per pass)
 // except at a part's end. Parts as for_row_blocks: one per thread, >= kMinTaskBytes of weights each;
-// a single part (or a call from inside a parallel region) runs here as fn(0, N, 0, true).
+// a single part (or a call from inside a parallel region) runs here as fn(0, N, 0, true, false).
 template <class Fn>
 void for_row_blocks_balanced(int64_t N, int64_t row_bytes, int64_t align, const Fn& fn) {
   const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(1, row_bytes));
   const int64_t parts = std::min<int64_t>(at::get_num_threads(), (N + grain - 1) / grain);
-  if (parts <= 1 || at::in_parallel_region()) return fn(0, N, 0, true);
+  if (parts <= 1 || at::in_parallel_region()) return fn(0, N, 0, true, false);
   const int64_t block = std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, row_bytes) / align) * align;
   RowPart local[8];  // on the stack for up to 8 threads: this runs ~120 times a token
   std::unique_ptr<RowPart[]> heap(parts > 8 ? new RowPart[parts] : nullptr);
@@ -71,7 +72,7 @@ void for_row_blocks_balanced(int64_t N, int64_t row_bytes, int64_t align, const 
     const int64_t n0 = part[p].first + b * block, n1 = std::min(part[p].end, n0 + block);
     const uint64_t v = part[p].left.load(std::memory_order_relaxed);
     const bool last = own && (v & 0xFFFFFFFFu) >= (v >> 32);
-    fn(n0, n1, part[p].first, last);
+    fn(n0, n1, part[p].first, last, own && b > 0);
   };
   // at::parallel_for(0, parts, 1) runs task p on thread p (one each: parts <= threads)
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
