@@ -111,6 +111,7 @@ _HEADERS = [
     _DIR / "decode_attend.h",
     _DIR / "decode_kv.h",
     _DIR / "decode_linear.h",
+    _DIR / "team.h",
     _DIR / "decode_attn_avx512.h",
     _DIR / "int8_act.h",
     _DIR / "gemv_i8_impl.h",

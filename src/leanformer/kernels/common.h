@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "avx512.h"  // LF_UNROLL, LF_PREFETCH, KernelArgs
+#include "team.h"    // parallel_for: the fused step's team, or torch's pool
 
 namespace leanformer {
 
@@ -47,7 +48,8 @@ constexpr int unroll() {
   return M <= 2 ? 4 : (M <= 4 ? 2 : 1);
 }
 
-// Runs fn(n0, n1) over blocks of weight rows covering [0, N) on torch's thread pool, each thread taking
+// Runs fn(n0, n1) over blocks of weight rows covering [0, N) on torch's thread pool (or the fused step's
+// team, team.h), each thread taking
 // one contiguous block. Rows are processed one (or, on AVX-512, two) at a time on purpose: W is then
 // read as one or two sequential streams per thread, which the hardware prefetcher follows at full
 // speed (interleaving 4 rows measured ~25% slower on the 113 MB lm_head). The grain keeps each task at
@@ -55,7 +57,7 @@ constexpr int unroll() {
 template <class Fn>
 void for_row_blocks(int64_t N, int64_t row_bytes, const Fn& fn) {
   const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(1, row_bytes));
-  at::parallel_for(0, N, grain, fn);
+  parallel_for(0, N, grain, fn);
 }
 
 template <class Fn>
@@ -97,6 +99,15 @@ inline const float* bias_ptr(const std::optional<at::Tensor>& bias, int64_t N, a
   return holder.data_ptr<float>();
 }
 
+// y [M, N] fp32: *out when the caller passes a tensor of that shape (the fused step's buffers, reused
+// from layer to layer: decode.cpp StepBuffers), else a new one.
+inline at::Tensor output(const at::Tensor* out, int64_t M, int64_t N, const at::TensorOptions& options) {
+  if (out && out->defined() && out->dim() == 2 && out->size(0) == M && out->size(1) == N &&
+      out->scalar_type() == at::kFloat && out->is_contiguous())
+    return *out;
+  return at::empty({M, N}, options);
+}
+
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
 at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                      const std::optional<at::Tensor>& bias, int64_t group_size);
@@ -107,15 +118,17 @@ at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 at::Tensor dequant_q4(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros, int64_t group_size,
                       int64_t K, bool bf16, const std::optional<at::Tensor>& lut = std::nullopt);
 at::Tensor dequant_q8(const at::Tensor& w, const at::Tensor& scales, int64_t group_size, bool bf16);
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, const at::Tensor* out = nullptr);
 // int8-activation kernels (gemv_i8.cpp); next: the weights the caller runs next (int8_act.h I8Next)
 struct I8Next;
 at::Tensor linear_q4_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                         const std::optional<at::Tensor>& zeros, int64_t group_size,
                         const std::optional<at::Tensor>& bias,  // zeros null: symmetric (code - 8) * scale
-                        const std::optional<at::Tensor>& lut = std::nullopt, const I8Next* next = nullptr);
+                        const std::optional<at::Tensor>& lut = std::nullopt, const I8Next* next = nullptr,
+                        const at::Tensor* out = nullptr);  // out: see output()
 at::Tensor linear_q8_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                        const std::optional<at::Tensor>& bias, int64_t group_size, const I8Next* next = nullptr);
+                        const std::optional<at::Tensor>& bias, int64_t group_size, const I8Next* next = nullptr,
+                        const at::Tensor* out = nullptr);
 // int4 for many rows (prefill): activation rows in the vector lanes (gemm_q4_i8.cpp)
 at::Tensor gemm_q4_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                       const std::optional<at::Tensor>& zeros, int64_t group, const std::optional<at::Tensor>& bias);

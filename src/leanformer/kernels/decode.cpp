@@ -16,9 +16,11 @@
 // (summation order differs), which the tests check against a no-cache recompute.
 #include <torch/csrc/utils/pybind.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -50,6 +52,18 @@ struct Laps {
 
 }  // namespace
 
+// One step's intermediate tensors, reused from layer to layer: ~13 allocations a layer otherwise, each
+// ~0.3 us through the dispatcher on the calling thread while the others wait. A layer of other sizes
+// (a pruned model's) gets its own tensor (common.h output()).
+struct StepBuffers {
+  enum Slot { kNormed, kQkv, kAttn, kO, kGateUp, kAct, kDown, kSlots };
+  at::Tensor t[kSlots];
+  const at::Tensor* get(Slot s, int64_t M, int64_t N, const at::TensorOptions& options) {
+    t[s] = output(&t[s], M, N, options);
+    return &t[s];
+  }
+};
+
 struct DecodeLayer {
   at::Tensor norm1, norm2;  // RMSNorm weights fp32 [hidden]
   double eps1, eps2;
@@ -58,14 +72,17 @@ struct DecodeLayer {
 
   void forward(at::Tensor& x, const float* cos, const float* sin, const at::Tensor& kc, const at::Tensor& vc,
                const at::Tensor& ks, const at::Tensor& vs, const StepRows& rows, const KeyGroups& groups, bool i8,
-               const DecodeLinear* next, double* prof = nullptr) const {
-    const int64_t M = x.size(0);
+               const DecodeLinear* next, StepBuffers& buf, double* prof = nullptr) const {
+    const int64_t M = x.size(0), hidden = x.size(1);
+    const auto opt = x.options();
+    using B = StepBuffers;
     Laps lap(prof);
-    at::Tensor h = rms_norm(x, norm1, eps1);
+    at::Tensor h = rms_norm(x, norm1, eps1, buf.get(B::kNormed, M, hidden, opt));
     lap(kPhaseNorms);
-    at::Tensor qkv_out = qkv(h, i8, &o);  // q, k and v share one quantized input
+    // q, k and v share one quantized input
+    at::Tensor qkv_out = qkv(h, i8, &o, buf.get(B::kQkv, M, qkv.out_features(), opt));
     lap(kPhaseQkv);
-    at::Tensor attn = at::empty({M, n_heads * head_dim}, x.options());
+    at::Tensor attn = *buf.get(B::kAttn, M, n_heads * head_dim, opt);
     if (kc.scalar_type() == at::kChar)
       attend<int8_t>(qkv_out, cos, sin, kc, vc, ks, vs, rows, groups, n_heads, n_kv_heads, head_dim, attn);
     else if (kc.scalar_type() == at::kHalf)
@@ -73,20 +90,20 @@ struct DecodeLayer {
     else
       attend<float>(qkv_out, cos, sin, kc, vc, ks, vs, rows, groups, n_heads, n_kv_heads, head_dim, attn);
     lap(kPhaseAttention);
-    at::Tensor o_out = o(attn, i8, &gate_up);
+    at::Tensor o_out = o(attn, i8, &gate_up, buf.get(B::kO, M, o.out_features(), opt));
     lap(kPhaseO);
     add_(x, o_out);
-    h = rms_norm(x, norm2, eps2);
+    h = rms_norm(x, norm2, eps2, buf.get(B::kNormed, M, hidden, opt));
     lap(kPhaseNorms);
-    at::Tensor gu = gate_up(h, i8, &down);  // [M, 2I]: gate then up
+    at::Tensor gu = gate_up(h, i8, &down, buf.get(B::kGateUp, M, gate_up.out_features(), opt));  // [M, 2I]: gate, up
     lap(kPhaseGateUp);
     const int64_t I = gu.size(1) / 2;
-    at::Tensor act = at::empty({M, I}, x.options());
+    at::Tensor act = *buf.get(B::kAct, M, I, opt);
     const float* g = gu.data_ptr<float>();
     float* a = act.data_ptr<float>();
     // silu(gate) * up, silu(z) = z / (1 + e^-z) as torch computes it; rows over the threads from ~10
     // rows of 1,536 on (a chained prefill)
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(I, 1)), [&](int64_t m0, int64_t m1) {
+    parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(I, 1)), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         const float* gm = g + m * 2 * I;
         float* am = a + m * I;
@@ -101,7 +118,7 @@ struct DecodeLayer {
       }
     });
     lap(kPhaseSilu);
-    at::Tensor d = down(act, i8, next);
+    at::Tensor d = down(act, i8, next, buf.get(B::kDown, M, down.out_features(), opt));
     lap(kPhaseDown);
     add_(x, d);
     lap(kPhaseNorms);
@@ -243,18 +260,54 @@ struct DecodeStack {
       TORCH_CHECK(v[i].scalar_type() == kc.scalar_type() && v[i].sizes() == kc.sizes(), "K and V caches must match");
       for (int64_t m = 0; !paged && m < M; ++m)
         TORCH_CHECK(rows.slots[m] < kc.size(0) && rows.pos[m] < kc.size(2), "slot or position outside the KV cache");
-      const at::Tensor none;
-      layers[i].forward(x, cos.data_ptr<float>(), sin.data_ptr<float>(), kc, v[i], q8 ? k_scale[i] : none,
-                        q8 ? v_scale[i] : none, rows, groups, int8_act,
-                        i + 1 < layers.size() ? &layers[i + 1].qkv : ends ? &ends->head : nullptr,
-                        profile.size() == kPhases ? profile.data() : nullptr);
     }
+    StepBuffers buf;
+    const auto run_layers = [&] {
+      for (size_t i = 0; i < layers.size(); ++i) {
+        const at::Tensor none;
+        layers[i].forward(x, cos.data_ptr<float>(), sin.data_ptr<float>(), k[i], v[i], q8 ? k_scale[i] : none,
+                          q8 ? v_scale[i] : none, rows, groups, int8_act,
+                          i + 1 < layers.size() ? &layers[i + 1].qkv : ends ? &ends->head : nullptr, buf,
+                          profile.size() == kPhases ? profile.data() : nullptr);
+      }
+    };
+    // Rows one GEMV pass takes (a decode step, a verify): one parallel region for all the layers (team.h).
+    // More (a chained prefill): the GEMMs' own regions, each piece big enough to pay for its fork.
+    if (M <= kGemvPassRows)
+      Team::run(run_layers);
+    else
+      run_layers();
     return x;
   }
 };
 
+// What team.h's parallel_for hands out, for tests: (thread, begin, end) of each piece of [0, n) with
+// `grain`, run `times` times inside one Team::run (team: true) or by at::parallel_for; a piece starting
+// at throw_at throws (-1: none).
+std::vector<std::tuple<int64_t, int64_t, int64_t>> team_pieces(int64_t n, int64_t grain, int64_t times, bool team,
+                                                               int64_t throw_at) {
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> got(times * std::max<int64_t>(n, 1));
+  std::atomic<int64_t> count{0};
+  const auto pieces = [&] {
+    for (int64_t r = 0; r < times; ++r)
+      parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+        TORCH_CHECK(b != throw_at, "piece at ", b, " failed");
+        got[count.fetch_add(1)] = {at::get_thread_num(), b, e};
+      });
+  };
+  if (team)
+    Team::run(pieces);
+  else
+    pieces();
+  got.resize(count.load());
+  return got;
+}
+
 void bind_decode(pybind11::module_& m) {
   namespace py = pybind11;
+  m.def("team_pieces", &team_pieces, "(thread, begin, end) of parallel_for's pieces, in a Team or not (tests)",
+        py::arg("n"), py::arg("grain"), py::arg("times"), py::arg("team"), py::arg("throw_at") = -1,
+        py::call_guard<py::gil_scoped_release>());
   py::class_<DecodeLinear>(m, "DecodeLinear", py::module_local(), "one Linear's operands for DecodeStack (see models/fused.py)")
       .def(py::init<std::string, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>,
                     std::optional<at::Tensor>, std::optional<at::Tensor>, int64_t, int64_t,

@@ -155,13 +155,14 @@ void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const
   constexpr bool q8 = std::is_same_v<T, int8_t>;
   float* ksp = q8 ? ks.data_ptr<float>() : nullptr;
   float* vsp = q8 ? vs.data_ptr<float>() : nullptr;
-  at::Tensor qr = at::empty({M, H * D}, qkv_out.options());  // rotated queries
-  float* qrp = qr.data_ptr<float>();
+  thread_local std::vector<float> qr;  // rotated queries [M, H * D], kept by the calling thread
+  if (static_cast<int64_t>(qr.size()) < M * H * D) qr.resize(M * H * D);
+  float* qrp = qr.data();
   int64_t work = 0;
   for (int64_t m = 0; m < M; ++m) work += H * (pos[m] + 1) * D;
   // RoPE and the cache writes, row by row (rows write distinct cache rows: a long chain's spread over
   // the threads)
-  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+  parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
     std::vector<float> krot(D);
     for (int64_t m = m0; m < m1; ++m) {
       const float* r = src + m * row_len;
@@ -194,7 +195,7 @@ void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const
   // keys on 2 threads: 9 tasks split 5 / 4, where 3 would split 2 / 1). Threads pay off from short
   // contexts on (SmolLM2 at 100 keys: 0.28 vs 0.42 ms per token on 2 threads); only tiny steps stay on
   // this thread.
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = num_threads();
   auto heads_per_task = [&](int64_t kv_tasks) {
     return kv_tasks >= 4 * threads || (kv_tasks >= threads && kv_tasks % threads == 0) ? group : 1;
   };
@@ -297,7 +298,7 @@ void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const
     for (const AttnTask& tk : tasks) run(tk);
   } else if (!blocks) {  // tasks of about one size: a contiguous range each (taken in turn, the thread
     // that forks first took 4 of 6 at one row and 200 keys while the other started)
-    at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
+    parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) run(tasks[t]);
     });
   } else {
@@ -305,12 +306,12 @@ void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const
     // the longest first, instead of one contiguous range each.
     std::stable_sort(tasks.begin(), tasks.end(), [](const AttnTask& x, const AttnTask& y) { return x.c1 > y.c1; });
     std::atomic<int64_t> next{0};
-    at::parallel_for(0, std::min(threads, n_tasks), 1, [&](int64_t, int64_t) {
+    parallel_for(0, std::min(threads, n_tasks), 1, [&](int64_t, int64_t) {
       for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) run(tasks[t]);
     });
   }
   if (shared_merge)  // the chunk tasks' queries with several chunks, over the threads
-    at::parallel_for(0, M * H, 64, [&](int64_t i0, int64_t i1) {
+    parallel_for(0, M * H, 64, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t m = i / H, n = key_chunks(pos[m] + 1);
         const int64_t g = std::upper_bound(groups.start.begin(), groups.start.end(), m) - groups.start.begin() - 1;

@@ -9,6 +9,7 @@
 
 #include "common.h"
 #include "int8_act.h"  // I8Next
+#include "q4_codes.h"  // Q4I8, q4_i8
 
 namespace leanformer {
 
@@ -27,6 +28,8 @@ struct DecodeLinear {
   int64_t k_padded = 0;  // q4: the codes' column count (input zero-padded up to it)
   bool zeros_all_zero = false;  // q4: every zero point 0 when built (see q4_zeros)
   int64_t zeros_version = -1;   // the zeros' version counter then (-1: an inference tensor, which has none)
+  c10::VariableVersion zeros_counter{c10::VariableVersion::DISABLED};  // that counter, read without the tensor
+  std::optional<Q4I8> q4_i8_op;  // int8-capable q4: the GEMV's operands, checked once
 
   DecodeLinear(std::string kind_, at::Tensor w_, std::optional<at::Tensor> scales_, std::optional<at::Tensor> zeros_,
                std::optional<at::Tensor> bias_, std::optional<at::Tensor> input_scale_, int64_t group_,
@@ -40,15 +43,18 @@ struct DecodeLinear {
     if (kind == Kind::q4) {
       zeros_all_zero = !lut.has_value() && !zeros->any().item<bool>();  // codes 0 are not zero points
       zeros_version = zeros->is_inference() ? -1 : zeros->_version();
+      if (zeros_version >= 0) zeros_counter = zeros->unsafeGetTensorImpl()->version_counter();
+      if (int8_capable()) q4_i8_op = q4_i8_operands(w, *scales, zeros, group, bias, lut);
     }
+    stream_ = make_stream();
   }
 
   // The zero points for the int8-activation int4 kernel: none when they are all zero (GGUF Q4_0's
   // symmetric blocks), which saves reading 4 of every 20 bytes per 32 weights. Checked once here; an
   // in-place write to the zeros since then (version counter) brings them back.
-  std::optional<at::Tensor> q4_zeros() const {
-    const bool unchanged = zeros_version < 0 || zeros->_version() == zeros_version;
-    return zeros_all_zero && unchanged ? std::nullopt : zeros;
+  std::optional<at::Tensor> q4_zeros() const { return skip_zeros() ? std::nullopt : zeros; }
+  bool skip_zeros() const {
+    return zeros_all_zero && (zeros_version < 0 || zeros_counter.current_version() == zeros_version);
   }
 
   static Kind parse(const std::string& name) {
@@ -79,17 +85,25 @@ struct DecodeLinear {
     return (kind == Kind::q4 && int8_capable() && !lut.has_value()) || q8_gemm_capable();
   }
 
-  // The weight streams the int8-activation kernels read, for the call before this one to start (I8Next).
-  I8Next stream() const {
+  // The weight streams the int8-activation kernels read, for the call before this one to start (I8Next):
+  // found once (the tensors are held here; reading their pointers per call measured ~0.4 us).
+  const I8Next& stream() const { return stream_; }
+
+ private:
+  I8Next stream_;
+  I8Next make_stream() const {
     if (kind != Kind::q4 && kind != Kind::q8) return {};
     const bool grouped = kind == Kind::q4 ? !lut.has_value() : group > 0;  // fp32 scales per group
     return {static_cast<const char*>(w.data_ptr()), w.size(0), w.size(1) * w.element_size(),
             grouped ? static_cast<const char*>(scales->data_ptr()) : nullptr, grouped ? scales->size(1) * 4 : 0};
   }
 
+ public:
   // x [M, K] fp32 contiguous -> [M, N]; int8_act: quantize x per block of 32 and use integer dot products;
-  // next: the Linear the caller runs after this one (its weights requested ahead), or null
-  at::Tensor operator()(at::Tensor x, bool int8_act = false, const DecodeLinear* next = nullptr) const {
+  // next: the Linear the caller runs after this one (its weights requested ahead), or null; out: where
+  // the int8-activation GEMVs write when it is [M, N] (common.h output())
+  at::Tensor operator()(at::Tensor x, bool int8_act = false, const DecodeLinear* next = nullptr,
+                        const at::Tensor* out = nullptr) const {
     const I8Next nx = next && int8_act ? next->stream() : I8Next{};
     const I8Next* np = nx.w ? &nx : nullptr;
     if (input_scale.has_value()) x = x.mul(*input_scale);
@@ -97,7 +111,8 @@ struct DecodeLinear {
     const bool i8 = int8_act && int8_capable();
     if (kind == Kind::q8 && i8 && x.size(0) > kGemvPassRows && q8_gemm_capable())
       return gemm_q8_i8(x, w, *scales, group, bias);  // a chained prefill: the GEMM (VNNI)
-    if (kind == Kind::q8) return i8 ? linear_q8_i8(x, w, *scales, bias, group, np) : linear_q8(x, w, *scales, bias, group);
+    if (kind == Kind::q8)
+      return i8 ? linear_q8_i8(x, w, *scales, bias, group, np, out) : linear_q8(x, w, *scales, bias, group);
     if (kind == Kind::q5) {  // fp32 activations: no fp32 GEMV for int5, so the dequantized weight (exact)
       if (i8) return linear_q5_i8(x, w, *zeros, *scales, bias);
       if (k_padded > x.size(1)) x = at::constant_pad_nd(x, {0, k_padded - x.size(1)});
@@ -105,7 +120,12 @@ struct DecodeLinear {
     }
     // more rows than one GEMV pass takes (a chained prefill, engine/prefill.py): the GEMM, weights read once
     if (i8 && x.size(0) > kGemvPassRows && !lut.has_value()) return gemm_q4_i8(x, w, *scales, q4_zeros(), group, bias);
-    if (i8) return linear_q4_i8(x, w, *scales, q4_zeros(), group, bias, lut, np);  // pads x to k_padded itself
+    if (i8 && q4_i8_op && x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous()) {  // checked once
+      at::Tensor y = output(out, x.size(0), out_features(), x.options());
+      q4_i8(*q4_i8_op, x.data_ptr<float>(), x.size(0), x.size(1), y.data_ptr<float>(), np, !skip_zeros());
+      return y;
+    }
+    if (i8) return linear_q4_i8(x, w, *scales, q4_zeros(), group, bias, lut, np, out);  // pads x to k_padded itself
     if (k_padded > x.size(1)) x = at::constant_pad_nd(x, {0, k_padded - x.size(1)});
     return linear_q4(x, w, *scales, *zeros, group, bias, lut);
   }

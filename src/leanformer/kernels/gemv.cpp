@@ -310,7 +310,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_q8", &leanformer::dequant_q8,
         "Wq int8 [R, K] -> [R, K] fp32 (or bf16): q * scale, per row (group_size 0) or per group", py::arg("wq"),
         py::arg("scales"), py::arg("group_size") = 0, py::arg("bf16") = false);
-  m.def("rms_norm", &leanformer::rms_norm, "x [M,K] f32 -> x * rsqrt(mean(x^2) + eps) * w", py::arg("x"),
+  m.def("rms_norm", [](const at::Tensor& x, const at::Tensor& w, double eps) { return leanformer::rms_norm(x, w, eps); }, "x [M,K] f32 -> x * rsqrt(mean(x^2) + eps) * w", py::arg("x"),
         py::arg("w"), py::arg("eps"));
   leanformer::bind_decode(m);
   leanformer::bind_attention(m);

@@ -160,21 +160,27 @@ std::tuple<at::Tensor, at::Tensor> quantize_act(const at::Tensor& x_) {
   return {q, d};
 }
 
-at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
-                        const std::optional<at::Tensor>& zeros_, int64_t group_size,
-                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lut,
-                        const I8Next* next) {
-  check_x(x_);
+Q4I8 q4_i8_operands(const at::Tensor& w_, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                    int64_t group_size, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lut) {
   TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kByte, "Wq must be uint8 [N, Kp/2]");
-  const int64_t M = x_.size(0), K = x_.size(1), N = w_.size(0), Kp = 2 * w_.size(1);
-  TORCH_CHECK(group_size % 32 == 0 && group_size > 0 && Kp % group_size == 0 && K <= Kp,
+  const int64_t N = w_.size(0), Kp = 2 * w_.size(1);
+  TORCH_CHECK(group_size % 32 == 0 && group_size > 0 && Kp % group_size == 0,
               "int8-activation int4 needs group_size a multiple of 32 dividing the codes' columns (", Kp,
-              ") and x with at most that many columns, got group ", group_size, ", K ", K);
+              "), got group ", group_size);
   const int64_t G = Kp / group_size;
-  const Q4Scales qs(scales_, zeros_, lut, N, G, /*zeros_optional=*/true);
-  const at::Tensor x = x_.contiguous(), w = w_.contiguous();
-  at::Tensor bh;
-  const float* b = bias_ptr(bias, N, bh);
+  Q4I8 op{Q4Scales(scales, zeros, lut, N, G, /*zeros_optional=*/true), w_.contiguous(), at::Tensor(), nullptr,
+          nullptr, N, Kp, G, group_size};
+  op.w = op.w_hold.data_ptr<uint8_t>();
+  op.bias = bias_ptr(bias, N, op.bias_hold);
+  return op;
+}
+
+void q4_i8(const Q4I8& op, const float* x, int64_t M, int64_t K, float* y, const I8Next* next, bool zeros) {
+  const Q4Scales& qs = op.qs;
+  const int64_t N = op.N, Kp = op.Kp, G = op.G, group_size = op.group;
+  TORCH_CHECK(K <= Kp, "int8-activation int4 needs x with at most the codes' columns (", Kp, ", group_size ",
+              group_size, "), got K ", K);
+  const float* z = zeros ? qs.z : nullptr;
   const int64_t chunks = (Kp + 63) / 64, Kx = 64 * chunks;
   // read once: the activations' layout and the loops that read it must agree even if set_act_isa runs now
   const int isa = g_act_isa.load(std::memory_order_relaxed);
@@ -186,30 +192,40 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   const bool lookup = qs.coded() && G >= kLookupMinGroups;  // else: fp32 arrays, or codes decoded by qs
   for (int64_t m = 0; m < M; ++m) {
     int8_t* row = acts.xq + m * Kx;
-    quantize_row_q4(x.data_ptr<float>() + m * K, K, Kp, group_size, row, dv + m * 8 * chunks, xs + m * G, -8,
-                    acts.xc + m * 8 * chunks);
+    quantize_row_q4(x + m * K, K, Kp, group_size, row, dv + m * 8 * chunks, xs + m * G, -8, acts.xc + m * 8 * chunks);
     if (spans)
       to_span_layout(row, dv + m * 8 * chunks, acts.xc + m * 8 * chunks, xs + m * G, spans, acts.so + m * 16 * spans,
                      acts.sd + m * 16 * spans, acts.sx + m * 16 * spans);
     if (wide) to_wide_layout(row + 512 * spans, Kp / 64 - 8 * spans);  // whole 64-column chunks (a last 32 stay)
   }
-  at::Tensor y = at::empty({M, N}, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kI8Rows) {
-    I8Args a{acts.xq + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, w.data_ptr<uint8_t>(),
-             qs.s, qs.z, b, y.data_ptr<float>() + m0 * N, std::min<int64_t>(kI8Rows, M - m0), N, Kp, Kx,
-             group_size};
+    I8Args a{acts.xq + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, op.w, qs.s, z, op.bias, y + m0 * N,
+             std::min<int64_t>(kI8Rows, M - m0), N, Kp, Kx, group_size};
     if (lookup) a.sc = qs.sc, a.zc = qs.zc, a.lut = qs.lut;
     a.wide = wide;
     a.xc = acts.xc + m0 * 8 * chunks;
     a.spans = spans, a.so = acts.so + m0 * 16 * spans, a.sd = acts.sd + m0 * 16 * spans, a.sx = acts.sx + m0 * 16 * spans;
     if (next && m0 + kI8Rows >= M && !(qs.coded() && !lookup)) a.next = *next;  // the call's last part
-    run_rows(a, true, Kp / 2 + (qs.coded() ? 2 : qs.z ? 8 : 4) * G, qs.coded() && !lookup ? &qs : nullptr, isa);
+    run_rows(a, true, Kp / 2 + (qs.coded() ? 2 : z ? 8 : 4) * G, qs.coded() && !lookup ? &qs : nullptr, isa);
   }
+}
+
+at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& zeros, int64_t group_size,
+                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lut,
+                        const I8Next* next, const at::Tensor* out) {
+  check_x(x_);
+  const Q4I8 op = q4_i8_operands(w, scales, zeros, group_size, bias, lut);
+  const at::Tensor x = x_.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor y = output(out, M, op.N, x.options());
+  q4_i8(op, x.data_ptr<float>(), M, K, y.data_ptr<float>(), next, true);
   return y;
 }
 
 at::Tensor linear_q8_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
-                        const std::optional<at::Tensor>& bias, int64_t group_size, const I8Next* next) {
+                        const std::optional<at::Tensor>& bias, int64_t group_size, const I8Next* next,
+                        const at::Tensor* out) {
   check_x(x_);
   TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kChar && w_.size(1) == x_.size(1),
               "Wq must be int8 [N, K] matching x [M, K]");
@@ -242,7 +258,7 @@ at::Tensor linear_q8_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
                         sd.data_ptr<float>() + m * 16 * spans);
     xq = xs, Kx = 256 * spans;
   }
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = output(out, M, N, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kI8Rows) {
     I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, spans ? nullptr : d.data_ptr<float>() + m0 * (Kx / 32), nullptr,
              w.data_ptr<int8_t>(), scales.data_ptr<float>(), nullptr, b, y.data_ptr<float>() + m0 * N,
@@ -321,7 +337,7 @@ at::Tensor dequant_q5(const at::Tensor& w_, const at::Tensor& high_, const at::T
   const uint32_t* hp = reinterpret_cast<const uint32_t*>(high.data_ptr<int32_t>());
   const float* sp = scales.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, R, std::max<int64_t>(1, (64 << 10) / Kp), [&](int64_t r0, int64_t r1) {
+  parallel_for(0, R, std::max<int64_t>(1, (64 << 10) / Kp), [&](int64_t r0, int64_t r1) {
     const __m256 v16 = _mm256_set1_ps(16.f);
     alignas(32) uint8_t q[64];
     for (int64_t r = r0; r < r1; ++r) {

@@ -14,17 +14,17 @@
 
 namespace leanformer {
 
-at::Tensor rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps) {
+at::Tensor rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps, const at::Tensor* out) {
   TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kFloat && x_.device().is_cpu(), "x must be float32 [M, K] on CPU");
   TORCH_CHECK(w_.dim() == 1 && w_.scalar_type() == at::kFloat && w_.size(0) == x_.size(1), "w must be float32 [K]");
   const at::Tensor x = x_.contiguous(), w = w_.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor y = at::empty({M, K}, x.options());
+  at::Tensor y = output(out, M, K, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // rows over the threads from ~28 rows of 576 on (a chained prefill); a decode step's few stay here
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+  parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
     const float* r = xp + m * K;
     float* o = yp + m * K;

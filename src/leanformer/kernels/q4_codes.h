@@ -98,4 +98,22 @@ struct Q4Scales {
   }
 };
 
+// An int4 Linear's operands for the int8-activation GEMV (gemv_i8.cpp q4_i8), checked once: the fused
+// step keeps one per Linear (decode_linear.h). Read from their tensors on every call they cost ~1 us of
+// cache misses (TensorImpl, then storage, then data, one after another): a token streams every weight
+// through the caches, evicting the metadata before the next token needs it.
+struct Q4I8 {
+  Q4Scales qs;
+  at::Tensor w_hold, bias_hold;  // the contiguous tensors w / bias point into
+  const uint8_t* w;              // [N, Kp / 2] nibbles
+  const float* bias;             // [N] or null
+  int64_t N, Kp, G, group;
+};
+
+struct I8Next;
+Q4I8 q4_i8_operands(const at::Tensor& w, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                    int64_t group_size, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lut);
+// x [M, K] fp32 (K <= Kp; zero-padded) -> y [M, N]; zeros false: no zero points read (all zero, GGUF Q4_0)
+void q4_i8(const Q4I8& op, const float* x, int64_t M, int64_t K, float* y, const I8Next* next, bool zeros);
+
 }  // namespace leanformer

@@ -21,7 +21,7 @@
 #include <cstdint>
 #include <memory>
 
-#include "common.h"  // kMinTaskBytes
+#include "common.h"  // kMinTaskBytes, parallel_for / num_threads (team.h)
 
 namespace leanformer {
 
@@ -57,8 +57,8 @@ struct alignas(64) RowPart {
 template <class Fn>
 void for_row_blocks_balanced(int64_t N, int64_t row_bytes, int64_t align, const Fn& fn) {
   const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(1, row_bytes));
-  const int64_t parts = std::min<int64_t>(at::get_num_threads(), (N + grain - 1) / grain);
-  if (parts <= 1 || at::in_parallel_region()) return fn(0, N, 0, true, false);
+  const int64_t parts = std::min<int64_t>(num_threads(), (N + grain - 1) / grain);
+  if (parts <= 1 || (at::in_parallel_region() && !Team::current())) return fn(0, N, 0, true, false);
   const int64_t block = std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, row_bytes) / align) * align;
   RowPart local[8];  // on the stack for up to 8 threads: this runs ~120 times a token
   std::unique_ptr<RowPart[]> heap(parts > 8 ? new RowPart[parts] : nullptr);
@@ -74,8 +74,8 @@ void for_row_blocks_balanced(int64_t N, int64_t row_bytes, int64_t align, const 
     const bool last = own && (v & 0xFFFFFFFFu) >= (v >> 32);
     fn(n0, n1, part[p].first, last, own && b > 0);
   };
-  // at::parallel_for(0, parts, 1) runs task p on thread p (one each: parts <= threads)
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+  // parallel_for(0, parts, 1) runs task p on thread p (one each: parts <= threads)
+  parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t b; (b = part[p].claim(true)) >= 0;) run(p, b, true);
     for (int64_t i = 1; i < parts; ++i) {  // then the others' leftovers, from their backs
