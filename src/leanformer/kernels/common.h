@@ -129,6 +129,19 @@ at::Tensor linear_q4_i8(const at::Tensor& x, const at::Tensor& w, const at::Tens
 at::Tensor linear_q8_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                         const std::optional<at::Tensor>& bias, int64_t group_size, const I8Next* next = nullptr,
                         const at::Tensor* out = nullptr);
+// An int8 Linear's operands for the int8-activation GEMV, checked once (as Q4I8, q4_codes.h): the fused
+// step keeps one per Linear (decode_linear.h).
+struct Q8I8 {
+  at::Tensor w_hold, s_hold, bias_hold;  // the contiguous tensors the pointers point into
+  const int8_t* w;                        // [N, K]
+  const float* s;                         // [N] (group 0) or [N, ceil(K / group)]
+  const float* bias;                      // [N] or null
+  int64_t N, K, group;
+};
+Q8I8 q8_i8_operands(const at::Tensor& w, const at::Tensor& scales, const std::optional<at::Tensor>& bias,
+                    int64_t group_size);
+// x [M, K] fp32 -> y [M, N]
+void q8_i8(const Q8I8& op, const float* x, int64_t M, float* y, const I8Next* next);
 // int4 for many rows (prefill): activation rows in the vector lanes (gemm_q4_i8.cpp)
 at::Tensor gemm_q4_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                       const std::optional<at::Tensor>& zeros, int64_t group, const std::optional<at::Tensor>& bias);

@@ -29,7 +29,9 @@ struct DecodeLinear {
   bool zeros_all_zero = false;  // q4: every zero point 0 when built (see q4_zeros)
   int64_t zeros_version = -1;   // the zeros' version counter then (-1: an inference tensor, which has none)
   c10::VariableVersion zeros_counter{c10::VariableVersion::DISABLED};  // that counter, read without the tensor
-  std::optional<Q4I8> q4_i8_op;  // int8-capable q4: the GEMV's operands, checked once
+  std::optional<Q4I8> q4_i8_op;  // int8-capable q4 / q8: the GEMV's operands, checked once
+  std::optional<Q8I8> q8_i8_op;
+  int64_t n_out = 0;
 
   DecodeLinear(std::string kind_, at::Tensor w_, std::optional<at::Tensor> scales_, std::optional<at::Tensor> zeros_,
                std::optional<at::Tensor> bias_, std::optional<at::Tensor> input_scale_, int64_t group_,
@@ -38,6 +40,7 @@ struct DecodeLinear {
         bias(std::move(bias_)), input_scale(std::move(input_scale_)), lut(std::move(lut_)), group(group_),
         k_padded(k_padded_) {
     TORCH_CHECK(kind == Kind::f32 || scales.has_value(), "quantized DecodeLinear needs scales");
+    n_out = w.size(0);
     TORCH_CHECK(kind != Kind::q4 || zeros.has_value(), "q4 DecodeLinear needs zeros");
     TORCH_CHECK(kind != Kind::q5 || (zeros.has_value() && group == 32), "q5 DecodeLinear needs high bits, group 32");
     if (kind == Kind::q4) {
@@ -46,6 +49,7 @@ struct DecodeLinear {
       if (zeros_version >= 0) zeros_counter = zeros->unsafeGetTensorImpl()->version_counter();
       if (int8_capable()) q4_i8_op = q4_i8_operands(w, *scales, zeros, group, bias, lut);
     }
+    if (kind == Kind::q8 && int8_capable()) q8_i8_op = q8_i8_operands(w, *scales, bias, group);
     stream_ = make_stream();
   }
 
@@ -65,7 +69,7 @@ struct DecodeLinear {
     return Kind::q4;
   }
 
-  int64_t out_features() const { return w.size(0); }
+  int64_t out_features() const { return n_out; }  // held here: the weight tensor is cold during a step
 
   // Whether the int8-activation kernels (gemv_i8.cpp) can run this Linear: integer weights whose
   // scale groups are whole 32-column activation blocks.
@@ -111,6 +115,12 @@ struct DecodeLinear {
     const bool i8 = int8_act && int8_capable();
     if (kind == Kind::q8 && i8 && x.size(0) > kGemvPassRows && q8_gemm_capable())
       return gemm_q8_i8(x, w, *scales, group, bias);  // a chained prefill: the GEMM (VNNI)
+    const bool plain = x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous();
+    if (kind == Kind::q8 && i8 && q8_i8_op && plain && x.size(1) == q8_i8_op->K) {  // the operands checked once
+      at::Tensor y = output(out, x.size(0), out_features(), x.options());
+      q8_i8(*q8_i8_op, x.data_ptr<float>(), x.size(0), y.data_ptr<float>(), np);
+      return y;
+    }
     if (kind == Kind::q8)
       return i8 ? linear_q8_i8(x, w, *scales, bias, group, np, out) : linear_q8(x, w, *scales, bias, group);
     if (kind == Kind::q5) {  // fp32 activations: no fp32 GEMV for int5, so the dequantized weight (exact)
@@ -120,7 +130,7 @@ struct DecodeLinear {
     }
     // more rows than one GEMV pass takes (a chained prefill, engine/prefill.py): the GEMM, weights read once
     if (i8 && x.size(0) > kGemvPassRows && !lut.has_value()) return gemm_q4_i8(x, w, *scales, q4_zeros(), group, bias);
-    if (i8 && q4_i8_op && x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous()) {  // checked once
+    if (i8 && q4_i8_op && plain) {  // the operands checked once
       at::Tensor y = output(out, x.size(0), out_features(), x.options());
       q4_i8(*q4_i8_op, x.data_ptr<float>(), x.size(0), x.size(1), y.data_ptr<float>(), np, !skip_zeros());
       return y;

@@ -223,13 +223,10 @@ at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w, const at::Ten
   return y;
 }
 
-at::Tensor linear_q8_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
-                        const std::optional<at::Tensor>& bias, int64_t group_size, const I8Next* next,
-                        const at::Tensor* out) {
-  check_x(x_);
-  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kChar && w_.size(1) == x_.size(1),
-              "Wq must be int8 [N, K] matching x [M, K]");
-  const int64_t M = x_.size(0), K = x_.size(1), N = w_.size(0);
+Q8I8 q8_i8_operands(const at::Tensor& w_, const at::Tensor& scales_, const std::optional<at::Tensor>& bias,
+                    int64_t group_size) {
+  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kChar, "Wq must be int8 [N, K]");
+  const int64_t N = w_.size(0), K = w_.size(1);
   TORCH_CHECK(group_size >= 0 && (group_size % 32 == 0 || group_size == 16),
               "int8-activation int8 needs one scale per row (group_size 0) or groups of 16 or a multiple of 32 columns");
   if (group_size == 0) {
@@ -239,34 +236,57 @@ at::Tensor linear_q8_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
                     scales_.size(1) == (K + group_size - 1) / group_size,
                 "group-wise scales must be float32 [N, ceil(K/group_size)]");
   }
-  const at::Tensor x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous();
-  at::Tensor bh;
-  const float* b = bias_ptr(bias, N, bh);
-  auto [xq, d] = quantize_act(x);
-  int64_t Kx = xq.size(1);
+  Q8I8 op{w_.contiguous(), scales_.contiguous(), at::Tensor(), nullptr, nullptr, nullptr, N, K, group_size};
+  op.w = op.w_hold.data_ptr<int8_t>();
+  op.s = op.s_hold.data_ptr<float>();
+  op.bias = bias_ptr(bias, N, op.bias_hold);
+  return op;
+}
+
+void q8_i8(const Q8I8& op, const float* x, int64_t M, float* y, const I8Next* next) {
+  const int64_t N = op.N, K = op.K, blocks = (K + 31) / 32;
   // read once: the activations' layout and the loops that read it must agree even if set_act_isa runs now
   const int isa = g_act_isa.load(std::memory_order_relaxed);
   // AVX-512 VNNI, group 32, whole blocks: 256-column spans (gemv_i8_wide.h q8_span_rows)
-  const int64_t spans = isa == kAvx512Vnni && group_size == 32 && K % 32 == 0 ? (K + 255) / 256 : 0;
-  at::Tensor xs, sd;
+  const int64_t spans = isa == kAvx512Vnni && op.group == 32 && K % 32 == 0 ? (K + 255) / 256 : 0;
+  // the codes [M, 32 blocks], d [M, blocks], then (spans) the span layout [M, 256 spans] and its lane
+  // scales [M, 16 spans], in the calling thread's buffer (as NibActs)
+  // each part on a 64-byte boundary (the loops' 512-bit loads then never straddle two lines)
+  const auto up = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
+  const int64_t at_d = up(M * 32 * blocks), at_span = at_d + up(4 * M * blocks), at_sd = at_span + up(M * 256 * spans);
+  thread_local std::vector<int8_t> buf;
+  const int64_t bytes = at_sd + 4 * M * 16 * spans + 64;
+  if (static_cast<int64_t>(buf.size()) < bytes) buf.resize(bytes);
+  int8_t* codes = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
+  float* d = reinterpret_cast<float*>(codes + at_d);
+  uint8_t* span_codes = reinterpret_cast<uint8_t*>(codes + at_span);
+  float* sd = reinterpret_cast<float*>(codes + at_sd);
+  for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, K, blocks, codes + m * 32 * blocks, d + m * blocks);
+  const int8_t* xq = codes;
+  int64_t Kx = 32 * blocks;
   if (spans) {
-    xs = at::empty({M, 256 * spans}, xq.options());
-    sd = at::empty({M, 16 * spans}, x.options());
     for (int64_t m = 0; m < M; ++m)
-      to_q8_span_layout(xq.data_ptr<int8_t>() + m * Kx, d.data_ptr<float>() + m * (Kx / 32), K, spans,
-                        reinterpret_cast<uint8_t*>(xs.data_ptr<int8_t>()) + m * 256 * spans,
-                        sd.data_ptr<float>() + m * 16 * spans);
-    xq = xs, Kx = 256 * spans;
+      to_q8_span_layout(codes + m * Kx, d + m * blocks, K, spans, span_codes + m * 256 * spans, sd + m * 16 * spans);
+    xq = reinterpret_cast<const int8_t*>(span_codes), Kx = 256 * spans;
   }
-  at::Tensor y = output(out, M, N, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kI8Rows) {
-    I8Args a{xq.data_ptr<int8_t>() + m0 * Kx, spans ? nullptr : d.data_ptr<float>() + m0 * (Kx / 32), nullptr,
-             w.data_ptr<int8_t>(), scales.data_ptr<float>(), nullptr, b, y.data_ptr<float>() + m0 * N,
-             std::min<int64_t>(kI8Rows, M - m0), N, K, Kx, group_size};
-    if (spans) a.spans = spans, a.sd = sd.data_ptr<float>() + m0 * 16 * spans;
+    I8Args a{xq + m0 * Kx, spans ? nullptr : d + m0 * blocks, nullptr, op.w, op.s, nullptr, op.bias, y + m0 * N,
+             std::min<int64_t>(kI8Rows, M - m0), N, K, Kx, op.group};
+    if (spans) a.spans = spans, a.sd = sd + m0 * 16 * spans;
     if (next && m0 + kI8Rows >= M) a.next = *next;
     run_rows(a, false, K, nullptr, isa);
   }
+}
+
+at::Tensor linear_q8_i8(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& bias, int64_t group_size, const I8Next* next,
+                        const at::Tensor* out) {
+  check_x(x_);
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x_.size(1), "Wq must be int8 [N, K] matching x [M, K]");
+  const Q8I8 op = q8_i8_operands(w, scales, bias, group_size);
+  const at::Tensor x = x_.contiguous();
+  at::Tensor y = output(out, x.size(0), op.N, x.options());
+  q8_i8(op, x.data_ptr<float>(), x.size(0), y.data_ptr<float>(), next);
   return y;
 }
 
