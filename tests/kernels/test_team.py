@@ -1,6 +1,7 @@
 """kernels/team.h: the fused decode step's one parallel region. Inside a Team, parallel_for hands each
 thread the same pieces at::parallel_for would, a failing piece raises on the caller (from the driving
-thread or from a waiting one) and leaves nothing waiting, and a region runs thousands of pieces."""
+thread or from a waiting one) and leaves nothing waiting, and a region runs thousands of pieces, also
+with more threads than CPUs."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def pieces(n: int, grain: int, team: bool, times: int = 1, throw_at: int = -1) -
 
 @pytest.fixture(params=[1, 2, 3])
 def threads(request):
+    """1: no team; 2: a team (on 2+ CPUs); 3: a team of 3, or on fewer CPUs torch's own regions (team.h
+    steps aside when threads would outnumber the CPUs) — the same pieces either way."""
     before = torch.get_num_threads()
     torch.set_num_threads(request.param)
     yield request.param
