@@ -4,7 +4,8 @@
 //
 // Why: a SmolLM2 decode step runs ~150 parallel pieces of 2-20 us each. Opening a region for each costs
 // ~0.5 us on the calling thread, and the worker starts ~0.6 us after it (traced on 2 Zen 5 cores,
-// docs/BENCHMARKS.md session 17) — ~5% of a token. Inside one region a piece is posted by bumping one
+// docs/BENCHMARKS.md sessions 17-18) — ~5% of a token. Torch's OpenMP pool only: it runs every thread of
+// a region at once, which members waiting for each other need. Inside one region a piece is posted by bumping one
 // counter the waiting threads poll (one cache line each way).
 //
 // How the kernels use it: `parallel_for` and `num_threads` below stand in for at::parallel_for and
@@ -15,6 +16,7 @@
 // slower, never wrong.
 #pragma once
 
+#include <ATen/Config.h>  // AT_PARALLEL_OPENMP
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <sched.h>
@@ -46,6 +48,9 @@ class Team {
   // single thread, or a call from inside a parallel region, runs body() alone.
   template <class Body>
   static void run(const Body& body) {
+#if !AT_PARALLEL_OPENMP
+    return body();  // another pool need not run all its tasks at once: members could wait forever
+#endif
     const int64_t threads = at::get_num_threads();
     // more threads than CPUs to run them (a user's set_num_threads): waiting threads would take the
     // CPUs of the ones they wait for (3 threads on 2 cores: 1.25x the time of one region per piece)
