@@ -102,6 +102,15 @@ void quantize_row_q4(const float* x, int64_t K, int64_t Kp, int64_t group, int8_
 // three: the fused step makes ~120 calls a token): codes xq [M, Kx] (Kx = 64 chunks, past Kp never read),
 // chunk scales dv [M, 8 chunks], group sums xs [M, G], offset lanes xc [M, 8 chunks] (I8Args).
 // and, for the span loop (spans > 0), offset sums so, block scales sd and group sums sx [M, 16 spans] each.
+// `bytes` of the calling thread's scratch for one call's quantized activations, 64-byte aligned, grown
+// as needed and kept: a decode step quantizes ~120 inputs, and a tensor per call cost ~0.3 us through
+// the dispatcher. Valid until the thread's next call (NibActs, gemv_i8.cpp q8_i8).
+inline int8_t* activation_scratch(int64_t bytes) {
+  thread_local std::vector<int8_t> buf;
+  if (static_cast<int64_t>(buf.size()) < bytes + 64) buf.resize(bytes + 64);
+  return reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
+}
+
 struct NibActs {
   int8_t* xq;
   float* dv;
@@ -110,13 +119,9 @@ struct NibActs {
   int32_t* so;
   float* sd;
   float* sx;
-  // In the calling thread's buffer, grown as needed and kept (a decode step quantizes ~120 inputs, and
-  // a tensor per call cost ~0.3 us through the dispatcher): valid until the thread's next NibActs.
+  // In the calling thread's scratch (activation_scratch): valid until its next use on this thread.
   NibActs(int64_t M, int64_t chunks, int64_t G, int64_t spans = 0) {
-    thread_local std::vector<int8_t> buf;
-    const size_t bytes = M * 64 * chunks + 4 * M * (16 * chunks + G + 48 * spans) + 64;
-    if (buf.size() < bytes) buf.resize(bytes);
-    xq = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
+    xq = activation_scratch(M * 64 * chunks + 4 * M * (16 * chunks + G + 48 * spans));
     dv = reinterpret_cast<float*>(xq + M * 64 * chunks);  // 64-byte rows: dv stays aligned
     xs = dv + M * 8 * chunks;
     xc = reinterpret_cast<int32_t*>(xs + M * G);

@@ -250,14 +250,11 @@ void q8_i8(const Q8I8& op, const float* x, int64_t M, float* y, const I8Next* ne
   // AVX-512 VNNI, group 32, whole blocks: 256-column spans (gemv_i8_wide.h q8_span_rows)
   const int64_t spans = isa == kAvx512Vnni && op.group == 32 && K % 32 == 0 ? (K + 255) / 256 : 0;
   // the codes [M, 32 blocks], d [M, blocks], then (spans) the span layout [M, 256 spans] and its lane
-  // scales [M, 16 spans], in the calling thread's buffer (as NibActs)
-  // each part on a 64-byte boundary (the loops' 512-bit loads then never straddle two lines)
+  // scales [M, 16 spans], in the thread's activation_scratch, each part on a 64-byte boundary (the
+  // loops' 512-bit loads then never straddle two lines)
   const auto up = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
   const int64_t at_d = up(M * 32 * blocks), at_span = at_d + up(4 * M * blocks), at_sd = at_span + up(M * 256 * spans);
-  thread_local std::vector<int8_t> buf;
-  const int64_t bytes = at_sd + 4 * M * 16 * spans + 64;
-  if (static_cast<int64_t>(buf.size()) < bytes) buf.resize(bytes);
-  int8_t* codes = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
+  int8_t* codes = activation_scratch(at_sd + 4 * M * 16 * spans);
   float* d = reinterpret_cast<float*>(codes + at_d);
   uint8_t* span_codes = reinterpret_cast<uint8_t*>(codes + at_span);
   float* sd = reinterpret_cast<float*>(codes + at_sd);
