@@ -75,6 +75,7 @@ def test_eval_ray_prints_the_single_process_figures(ray_cluster, shared, capsys)
         (["eval", "M", "--data", "D", "--ray", "--per-layer"], "--per-layer runs in one process; drop --ray"),
         (["eval", "M", "--data", "D", "--ray", "--tp", "2"], "--ray runs whole models on Ray workers"),
         (["embed", "M", "--ray", "--backend", "onnxruntime"], "--ray runs the torch backend on every worker"),
+        (["embed", "M", "--ray", "--dtype", "bfloat16"], "--ray embeds in float32 on every worker"),
     ],
 )
 def test_options_ray_cannot_split_are_refused_first(argv, message, capsys, tmp_path):

@@ -212,7 +212,15 @@ def test_cli_embed_and_eval(tmp_path, tiny, capsys):
         ["embed", str(d), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "e.npy")]
     )
     args.func(args)
-    assert np.load(tmp_path / "e.npy").shape == (7, 64)
+    e32 = np.load(tmp_path / "e.npy")
+    assert e32.shape == (7, 64)
+    out16 = str(tmp_path / "e16.npy")
+    args = parser.parse_args(
+        ["embed", str(d), "--input", str(tmp_path / "in.txt"), "--output", out16, "--dtype", "bfloat16"]
+    )
+    args.func(args)
+    e16 = np.load(out16)  # float32 out; bf16 weights and activations inside: close, not equal
+    assert e16.dtype == np.float32 and not np.array_equal(e16, e32) and (e16 * e32).sum(1).min() > 0.99
     args = parser.parse_args(["embed", str(d), "--input", str(tmp_path / "in.txt"), "--no-normalize"])
     args.func(args)
     lines = capsys.readouterr().out.strip().splitlines()

@@ -19,6 +19,7 @@ BAD = [
     ["embed", M, "--max-length", "1", "--max-length must be at least 2"],
     ["embed", M, "--max-length", "nan", "expects an integer"],
     ["embed", M, "--positions", "wrap", "invalid choice"],
+    ["embed", M, "--dtype", "float16", "invalid choice"],
     ["prune-encoder", M, "--fraction", "1", "must be in [0, 1)"],
     ["prune-encoder", M, "--fraction", "nan", "must be a finite number"],
     ["prune-encoder", M, "--head-fraction", "-0.1", "must be in [0, 1)"],
@@ -49,6 +50,7 @@ def test_combinations_refused_before_loading(fake_model, tmp_path, no_encoder_lo
     for argv, fragment in [
         (["embed", m, "--attention", "local", "--backend", "onnxruntime"], "--backend torch only"),
         (["embed", m, "--max-length", "2048", "--backend", "onnxruntime"], "--backend torch only"),
+        (["embed", m, "--dtype", "bfloat16", "--backend", "onnxruntime"], "runs on the torch backend"),
         (
             ["prune-encoder", m, "--calibration", str(tmp_path / "missing.txt")],
             "--calibration file not found",

@@ -48,10 +48,9 @@ def cpu_has_vnni() -> bool:
 def cpu_has_native_bf16() -> bool:
     """Without AVX-512-BF16/AMX the packed weight-only kernels convert bf16 in software: fine at decode
     sizes, but their cost grows linearly with rows (measured 2x slower than fp32 GEMM at 128 rows)."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
+    from leanformer.kernels.cpu import native_bf16
+
+    return native_bf16()
 
 
 # ----------------------------------------------------------------------------------------- int8 math

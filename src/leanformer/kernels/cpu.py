@@ -129,7 +129,7 @@ def describe() -> dict:
         "linear f32 / int8 / int4, fp32 activations": fp,
         "linear int8 / int4, int8 activations (decode)": act_isa() or "unavailable",
         "encoder attention": fp,
-        "quantized prefill GEMM": "oneDNN bf16" if _native_bf16() else "oneDNN fp32",
+        "quantized prefill GEMM": "oneDNN bf16" if native_bf16() else "oneDNN fp32",
         "int4 prefill GEMM (auto activations)": (
             f"int8 activations ({act_isa()})" if int8_activations("auto") else "as above"
         ),
@@ -142,7 +142,8 @@ def describe() -> dict:
     }
 
 
-def _native_bf16() -> bool:
+def native_bf16() -> bool:
+    """bf16 arithmetic in hardware: AVX-512 BF16 or AMX (oneDNN's bf16 GEMMs run at twice fp32's rate)."""
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 from leanformer.measure.bench.encoders import main
-from leanformer.measure.bench.encoders_engines import FP32, INT8, ORT8, ORT32, ST, pruned_name
+from leanformer.measure.bench.encoders_engines import BF16, FP32, INT8, ORT8, ORT32, ST, pruned_name
 from tests.encoders.helpers import SENTENCES, tiny_encoder_dir
 
 
-def test_bench_encoders_quick_has_int8_ort_int8_and_pruning_rows(tmp_path, capsys):
+def test_bench_encoders_quick_has_int8_ort_int8_and_pruning_rows(tmp_path, capsys, monkeypatch):
+    # the bf16 row is timed where the CPU computes bf16 natively: taken here on any CPU
+    monkeypatch.setattr("leanformer.kernels.cpu.native_bf16", lambda: True)
     model = tiny_encoder_dir(tmp_path / "m", "BertModel", pooling=["mean"], normalize=True)
     tsv = tmp_path / "stsb.tsv"
     pairs = [(a, b, f"{(i * 7) % 6:.1f}") for i, (a, b) in enumerate(zip(SENTENCES, SENTENCES[1:] * 3))]
@@ -20,7 +22,7 @@ def test_bench_encoders_quick_has_int8_ort_int8_and_pruning_rows(tmp_path, capsy
     assert main(argv + ["--chunks", "2", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     results, meta = report["results"], report["meta"]
-    assert list(results) == [ST, FP32, INT8, ORT32, ORT8, pruned_name(0.5)]
+    assert list(results) == [ST, FP32, BF16, INT8, ORT32, ORT8, pruned_name(0.5)]
     assert {w: v["tokens_per_text"] for w, v in meta["workloads"].items()} == {
         "stsb": None,
         "long16": 16,
@@ -33,6 +35,7 @@ def test_bench_encoders_quick_has_int8_ort_int8_and_pruning_rows(tmp_path, capsy
     assert results[FP32]["stsb_vs_fp32"] == 1.0 and results[FP32]["stsb_spearman_drop"] == 0
     assert results[ORT32]["cosine_min"] > 0.9999  # our export: the same math
     assert results[INT8]["cosine_min"] > 0.9  # int8 weights and activations on a random model
+    assert 0.99 < results[BF16]["cosine_min"] < 1  # bf16 weights and activations: close, not the same
     assert results[pruned_name(0.5)]["heads_pruned"] == 0.5
     assert sum(results[pruned_name(0.5)]["heads_per_layer"]) == 4  # of 2 layers × 4 heads
     checks = {(c["engine"], c["check"]) for c in report["targets"]}
@@ -42,5 +45,7 @@ def test_bench_encoders_quick_has_int8_ort_int8_and_pruning_rows(tmp_path, capsy
         "min cosine vs fp32, all workloads",
     ) in checks
     assert (pruned_name(0.5), "× unpruned, 24-tok") in checks
+    for name in (FP32, BF16):  # issue #17: × sentence-transformers at its quality
+        assert (name, "× ST, 24-tok") in checks and (name, "min cosine vs ST, all workloads") in checks
     text = capsys.readouterr().out
     assert "Issue targets" in text and "16-tok sent/s" in text and ORT8 in text

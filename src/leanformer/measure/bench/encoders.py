@@ -9,11 +9,11 @@ engines run interleaved part by part, in rotating order, `repeats` times after a
 from other processes hits all of them alike; medians of wall time are reported, and process CPU time as a
 second, load-robust view.
 Engines: sentence-transformers fp32 (the quality reference), leanformer fp32 (torch; the speed baseline
-of the "× fp32" columns), leanformer int8 (`quantize_(model, Int8Dynamic())`), our ONNX export in ONNX
+of the "× fp32" columns), leanformer bf16 (where the CPU has AVX-512 BF16 / AMX), leanformer int8 (`quantize_(model, Int8Dynamic())`), our ONNX export in ONNX
 Runtime fp32 and ONNX Runtime's own int8 (quantize_dynamic per channel, QInt8 weights) of that export,
 and leanformer fp32 with a fraction of attention heads pruned (Taylor importance, 4 rounds).
 Quality: cosine of every embedding to sentence-transformers' (mean, min), STS-B Spearman and its drop
-from leanformer fp32. The "targets" table checks the figures issues #3 and #4 ask for.
+from leanformer fp32. The "targets" table checks the figures issues #3, #4 and #17 ask for.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def bench_encoders(
     ort_int8: bool = True,
     int8: bool = True,
     prune: tuple[float, ...] = (0.25, 0.5),
+    bf16: bool = True,
     lengths: tuple[int, ...] = (128, 256),
     calibration: list[str] | None = None,
     stsb_limit: int | None = None,
@@ -100,7 +101,9 @@ def bench_encoders(
             calibration = [r["sentence"] for r in read_tsv(glue_path("sst2", "train"), calibration_count)]
         except Exception:  # no SST-2 here: calibrate on the long texts (not the STS-B sentences scored)
             calibration = long[: min(64, calibration_count)]
-    engines, model, _ = build_engines(model_path, calibration, onnxruntime, ort_int8, int8, tuple(prune))
+    engines, model, _ = build_engines(
+        model_path, calibration, onnxruntime, ort_int8, int8, tuple(prune), bf16=bf16
+    )
     limit = model.args.max_length  # the model's own cap on tokens per text
     workloads = [("stsb", sts, batch_size, None)]
     workloads += [(f"long{n}", long, long_batch_size, min(n, limit)) for n in lengths]
@@ -168,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ort-int8", action="store_true", help="skip ONNX Runtime's int8 quantization")
     p.add_argument("--no-int8", action="store_true", help="skip leanformer Int8Dynamic")
     p.add_argument(
+        "--no-bf16", action="store_true", help="skip leanformer in bfloat16 (native bf16 CPUs only)"
+    )
+    p.add_argument(
         "--prune",
         default=None,
         help="fractions of heads to prune (default 0.25,0.5; none --quick; '' = none)",
@@ -196,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         onnxruntime=not (args.no_onnxruntime or args.no_ort_fp32),
         ort_int8=not (args.no_onnxruntime or args.no_ort_int8),
         int8=not args.no_int8,
+        bf16=not args.no_bf16,
         prune=tuple(float(x) for x in prune_arg.split(",") if x.strip()),
         lengths=tuple(int(x) for x in args.lengths.split(",") if x.strip()),
         stsb_limit=args.stsb_limit or (500 if args.quick else None),

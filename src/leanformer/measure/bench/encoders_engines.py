@@ -11,9 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 ST = "sentence-transformers fp32"
 FP32 = "leanformer fp32 (torch)"
+BF16 = "leanformer bf16 (torch)"
 INT8 = "leanformer int8 dynamic (torch)"
 ORT32 = "leanformer fp32 (onnxruntime)"
 ORT8 = "onnxruntime int8 dynamic (per-channel)"
@@ -90,14 +92,20 @@ def build_engines(
     ort_int8: bool = True,
     int8: bool = True,
     prune: tuple[float, ...] = (),
+    bf16: bool = True,
 ) -> tuple[dict[str, Engine], object, object]:
-    """name → Engine, in table order; also our fp32 model and tokenizer (the reference for the rest)."""
+    """name → Engine, in table order; also our fp32 model and tokenizer (the reference for the rest).
+    bf16: the model in bfloat16 too, where the CPU computes bf16 natively (AVX-512 BF16 / AMX; emulated
+    bf16 is slower than fp32)."""
     from leanformer.encoders.build import load_encoder
     from leanformer.encoders.prune_heads import prune_heads_auto_
+    from leanformer.kernels.cpu import native_bf16
 
     engines = {ST: _sentence_transformers(model_path)}
     model, tok = load_encoder(model_path)
     engines[FP32] = _ours(model, tok)
+    if bf16 and native_bf16():
+        engines[BF16] = _ours(*load_encoder(model_path, dtype=torch.bfloat16))
     if int8:
         from leanformer.compress import Int8Dynamic, quantize_
 

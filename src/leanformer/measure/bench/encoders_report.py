@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
-from leanformer.measure.bench.encoders_engines import FP32, INT8, ORT8, ST
+from leanformer.measure.bench.encoders_engines import BF16, FP32, INT8, ORT8, ST
 
 INT8_SPEEDUP = 1.8  # issue #4: Int8Dynamic embeddings/s vs our fp32, every workload
 INT8_SPEARMAN_DROP = 0.002  # issue #4: STS-B Spearman drop vs fp32, at most
 INT8_MIN_COSINE = 0.97  # issue #4: every embedding's cosine to fp32, at least
 PRUNE_SPEEDUP = {0.5: {"long128": 1.1, "long256": 1.2}}  # issue #3: fraction → workload → × unpruned
+ST_SPEEDUP = 2.0  # issue #17: embeddings/s vs sentence-transformers fp32, every workload
+ST_MIN_COSINE = 0.9999  # issue #17: ... with every embedding's cosine to sentence-transformers' at least
 
 
 def _label(workload: str) -> str:
@@ -41,15 +43,30 @@ def _check(issue, check, engine, value, target=None, cpu_value=None) -> dict:
 
 
 def target_checks(results: dict, workloads: list[str]) -> list[dict]:
-    """The figures issues #3 (head pruning) and #4 (int8 dynamic quantization) ask for, with pass/fail."""
+    """The figures issues #3 (head pruning), #4 (int8 dynamic quantization) and #17 (vs
+    sentence-transformers at its quality) ask for, with pass/fail."""
+
+    def at_least(issue: str, what: str, name: str, key: str, bound: float) -> list[dict]:
+        """One check a workload: results[name]'s wall-time ratio `key` (and its CPU-time twin) ≥ bound."""
+        r = results[name]
+        return [
+            _check(issue, f"{what}, {_label(w)}", name, r[f"{w}_{key}"], ("≥", bound), r[f"{w}_cpu_{key}"])
+            for w in workloads
+        ]
+
     out = []
+    for name in (FP32, BF16):
+        if name in results:
+            out += at_least("#17", "× ST", name, "speedup", ST_SPEEDUP)
+            cos = ("≥", ST_MIN_COSINE)
+            out.append(
+                _check(
+                    "#17", "min cosine vs ST, all workloads", name, round(results[name]["cosine_min"], 6), cos
+                )
+            )
     if INT8 in results:
         r = results[INT8]
-        for w in workloads:
-            t = ("≥", INT8_SPEEDUP)
-            out.append(
-                _check("#4", f"× fp32, {_label(w)}", INT8, r[f"{w}_vs_fp32"], t, r[f"{w}_cpu_vs_fp32"])
-            )
+        out += at_least("#4", "× fp32", INT8, "vs_fp32", INT8_SPEEDUP)
         if ORT8 in results:
             o = results[ORT8]
             for w in workloads:
