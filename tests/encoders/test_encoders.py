@@ -351,3 +351,27 @@ def test_taylor_importance_is_the_mask_gradient(tiny):
         for li in range(2):
             g = torch.tensor([(loss(li, h, 1e-2) - loss(li, h, -1e-2)) / 2e-2 for h in range(4)]).abs()
             assert torch.allclose(imp[li], g / g.norm(), atol=3e-3), (li, imp[li], g / g.norm())
+
+
+@pytest.mark.parametrize("method", ["taylor", "norm"])
+def test_bf16_packed_encoder_keeps_fp32_between_its_matmuls(tiny, method):
+    """load_encoder(bfloat16) with oneDNN packing: bf16 Linear weights, fp32 embeddings / LayerNorm /
+    residual stream; embeddings close to fp32's (not equal); hooks (calibration) and autograd (Taylor
+    head importance) run through the same model."""
+    d, model, tok = tiny
+    mixed, _ = load_encoder(d, dtype=torch.bfloat16, fast=True)
+    layer = mixed.layers[0]
+    assert layer.qkv.weight.dtype == torch.bfloat16 and hasattr(layer.qkv, "packed_weight")
+    assert layer.attn_norm.weight.dtype == torch.float32
+    assert mixed.embeddings.word_embeddings.weight.dtype == torch.float32
+    e32, e16 = embed(model, tok, SENTENCES), embed(mixed, tok, SENTENCES)
+    assert e16.dtype == np.float32 and not np.array_equal(e16, e32)
+    assert (e16 * e32).sum(1).min() > 0.999
+    seen = []
+    hook = layer.ffn_in.register_forward_hook(lambda m, i, o: seen.append(i[0].dtype))
+    hooked = embed(mixed, tok, SENTENCES)  # the GELU after the hooked matmul in fp32: close, not equal
+    assert (hooked * e16).sum(1).min() > 0.999
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    pruned = prune_heads_auto_(mixed, tok, SENTENCES, 0.5, method=method, steps=1)
+    assert sum(len(v) for v in pruned.values()) > 0 and embed(mixed, tok, SENTENCES).shape == e16.shape

@@ -74,7 +74,7 @@ def export_onnx(model, out_dir: str | os.PathLike, tok=None, opset: int = 18, dy
     """
     from leanformer.kernels.modules import plain_linears
 
-    if model.embeddings.word_embeddings.weight.dtype != torch.float32:
+    if any(p.dtype != torch.float32 for p in model.parameters()):  # bf16 Linears too (load_encoder bf16)
         raise LeanformerError("export a float32 model (ONNX Runtime's CPU kernels are fp32)")
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)

@@ -204,6 +204,9 @@ def _linear(mod: nn.Linear, x: torch.Tensor, act=None, residual: torch.Tensor | 
     Int8Dynamic Linears (compress/quant.py) do the same in their own epilogue (GELU erf form and residual).
     """
     packed = getattr(mod, "packed_weight", None)
+    w = getattr(mod, "weight", None)  # quantized Linears may hold none
+    if packed is not None and w is not None and w.dtype == torch.bfloat16 and _mixed_ok(x, residual):
+        return _linear_bf16(mod, packed, x, act, residual)
     # hooks (calibration) must see the call
     if (
         packed is not None
@@ -219,8 +222,39 @@ def _linear(mod: nn.Linear, x: torch.Tensor, act=None, residual: torch.Tensor | 
     epilogue = getattr(mod, "forward_epilogue", None)  # Int8DynamicLinear: rescale/GELU/residual fused
     if epilogue is not None and not _hooked(mod) and (act is None or act[1] == ("gelu", "none")):
         return epilogue(x, gelu=act is not None, residual=residual)
+    if w is not None and w.dtype == torch.bfloat16 and x.dtype != w.dtype:  # bf16 Linear, fp32 x, autograd
+        x = x.to(w.dtype)
     y = mod(x)
     return (act[0](y) if act is not None else y) if residual is None else residual + y
+
+
+def _mixed_ok(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """A bf16-packed Linear in an fp32 model (encoders/build.py, dtype bfloat16): fp32 activations in,
+    or the bf16 output of the previous matmul with an fp32 residual; inference only."""
+    return (
+        (x.dtype == torch.float32 or (residual is not None and residual.dtype == torch.float32))
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(x.device.type)
+        and not kernels.tracing()
+    )
+
+
+def _linear_bf16(mod: nn.Linear, packed, x, act, residual) -> torch.Tensor:
+    """The matmul (and a fused activation) in bf16, the rest in fp32: x cast to bf16 (a [N, in] pass,
+    small beside the matmul); with an activation the output stays bf16 (the next Linear takes it as it
+    is), else it comes back as fp32 with the fp32 residual added."""
+    xb = x.to(torch.bfloat16)
+    if _hooked(mod) or (act is not None and act[1] is None):  # hooks see the call; an unfused activation
+        y = mod(xb).float()
+        y = act[0](y) if act is not None else y
+    else:
+        bias = None if mod.bias is None else mod.bias.detach()
+        attr, algo = act[1] if act is not None else ("none", "")
+        y = torch.ops.mkldnn._linear_pointwise(xb, packed, bias, attr, [], algo)
+        if act is not None:
+            return y
+        y = y.float()
+    return y if residual is None else y.add_(residual)
 
 
 def _hooked(mod: nn.Module) -> bool:
