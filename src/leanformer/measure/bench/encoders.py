@@ -9,9 +9,10 @@ engines run interleaved part by part, in rotating order, `repeats` times after a
 from other processes hits all of them alike; medians of wall time are reported, and process CPU time as a
 second, load-robust view.
 Engines: sentence-transformers fp32 (the quality reference), leanformer fp32 (torch; the speed baseline
-of the "× fp32" columns), leanformer bf16 (where the CPU has AVX-512 BF16 / AMX), leanformer int8 (`quantize_(model, Int8Dynamic())`), our ONNX export in ONNX
-Runtime fp32 and ONNX Runtime's own int8 (quantize_dynamic per channel, QInt8 weights) of that export,
-and leanformer fp32 with a fraction of attention heads pruned (Taylor importance, 4 rounds).
+of the "× fp32" columns), leanformer bf16 (bf16 matmuls in an fp32 model; only where the CPU has AVX-512
+BF16 / AMX), leanformer int8 (`quantize_(model, Int8Dynamic())`), our ONNX export in ONNX Runtime fp32
+and ONNX Runtime's own int8 (quantize_dynamic per channel, QInt8 weights) of that export, and leanformer
+fp32 with a fraction of attention heads pruned (Taylor importance, 4 rounds).
 Quality: cosine of every embedding to sentence-transformers' (mean, min), STS-B Spearman and its drop
 from leanformer fp32. The "targets" table checks the figures issues #3, #4 and #17 ask for.
 """

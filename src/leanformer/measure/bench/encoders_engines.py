@@ -95,8 +95,8 @@ def build_engines(
     bf16: bool = True,
 ) -> tuple[dict[str, Engine], object, object]:
     """name → Engine, in table order; also our fp32 model and tokenizer (the reference for the rest).
-    bf16: the model in bfloat16 too, where the CPU computes bf16 natively (AVX-512 BF16 / AMX; emulated
-    bf16 is slower than fp32)."""
+    bf16: the model loaded with dtype bfloat16 too (bf16 matmuls, fp32 elsewhere: encoders/build.py),
+    where the CPU computes bf16 natively (AVX-512 BF16 / AMX; emulated bf16 is slower than fp32)."""
     from leanformer.encoders.build import load_encoder
     from leanformer.encoders.prune_heads import prune_heads_auto_
     from leanformer.kernels.cpu import native_bf16
