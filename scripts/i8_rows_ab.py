@@ -148,11 +148,19 @@ def main() -> None:
     p.add_argument("--position", type=int, default=200)
     p.add_argument("--no-gemv", action="store_true", help="time only the fused step")
     p.add_argument("--blocks", choices=("q4", "q4z", "q8"), default="q4", help="the block GEMVs' weights")
+    p.add_argument(
+        "--act-isa",
+        default=None,
+        help="avx2 / avx_vnni / avx512_vnni: the int8-activation kernels' ISA in both builds (default: the CPU's best)",
+    )
     add_clock_arg(p)
     a = p.parse_args()
     use_clock(p, a)
     torch.set_num_threads(a.threads)
     exts = {"old": load_so(a.old), "new": load_so(a.new)}
+    if a.act_isa:
+        for e in exts.values():
+            e.set_act_isa(a.act_isa)
     model = None
     if a.model:
         import leanformer as lf

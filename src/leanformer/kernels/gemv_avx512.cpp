@@ -251,7 +251,9 @@ inline void q4_tile(const KernelArgs& a, int64_t n, float (&out)[NR][M]) {
 //  * fp32: no gain at any M (W loads and FMAs grow together, so nothing is saved).
 //  * int8 per-row scales at M = 1: 40 vs 20-27 G weights/s on the streamed 49152x576 lm_head (one
 //    row at a time keeps a single sequential stream); pairs win at M >= 2 and with group scales.
-//  * int4: pairs win everywhere (38 vs 32 G weights/s at M = 1 on the lm_head).
+//  * int4: pairs win (38 vs 32 G weights/s at M = 1 on the lm_head), but not at M = 1 from 1024 columns:
+//    there a pair's two interleaved streams ran a 66 MB 1536-column GEMV in 1.19-1.23x the time of one
+//    row at a time on Zen 4 (at 576 columns pairs 0.96-0.98x; scripts/gemv_stream_ab.py --weights q4f).
 //  * fp32: 2 chains per row whatever M (a fp32 row streams 64 bytes per FMA: two chains already outrun
 //    memory), so a row's result does not depend on M; up to 8 rows in one pass (16 accumulators).
 struct Dense32 {
@@ -269,7 +271,7 @@ struct Dense8 {
   }
 };
 struct Int4 {
-  static bool pairs(const KernelArgs&) { return true; }
+  static bool pairs(const KernelArgs& a) { return a.M > 1 || a.K < 1024; }
   template <int NR, int M>
   static void tile(const KernelArgs& a, int64_t n, float (&out)[NR][M]) {
     q4_tile<NR, M, chains(2, M, 4)>(a, n, out);  // q4_chunk uses at most 4

@@ -45,10 +45,14 @@ inline void i8_prefetch(const void* row, int64_t off) {
 // One float accumulator chain per (weight row n, activation row m), over the chunks in order: a row's
 // sum order, hence its result bit for bit, does not depend on how many rows the call has (speculative
 // verification runs k+1 rows through the GEMV plain decoding runs one row at a time: greedy identity
-// needs equal logits). The instruction-level parallelism a single chain lacks (one FMA per 64 weights
-// would wait on the FMA latency, 4-5 cycles, every step at M = 1) comes from NR weight rows processed
-// together instead: NR * M independent chains (4 rows at M = 1, 2 at M = 2, 1 from M = 3, M <= 8),
-// and at M <= 2 each activation chunk is loaded once for NR weight rows.
+// needs equal logits).
+// rows_mp takes one weight row per pass (the loops below take NR rows, NR = 1 there), so each thread's
+// weights arrive as one sequential stream. Several rows per pass (4 at M = 1 for 4 independent chains,
+// 2 at M = 2-4 to load each activation chunk once for both) were faster in L2-resident loops but
+// interleave the rows' streams, and streamed from memory on Zen 4 that ran far below the memory's rate:
+// one row per pass took 0.5-0.6x the time of 4 on a 1536-column int4 or int8 GEMV at M = 1 (the
+// 512-bit and the AVX2 loops alike), and the fused SmolLM2 step + head 0.85x (512-bit) / 0.79x (AVX2)
+// at M = 1, 0.89-0.96x at M = 2-4 (docs/BENCHMARKS.md session 20).
 // From kPackRows activation rows on, rows_m first interleaves the activations per chunk ([chunk][m]
 // instead of [m][chunk], XPack) so the loop reads them at constant offsets from one pointer: with M
 // row pointers for the codes and M for the scales the loop ran out of registers and reloaded them
@@ -120,11 +124,6 @@ inline XPack i8_pack(const I8Args& a, I8Buf& buf) {
     }
     return {xb, db, ob};
   }
-}
-
-template <int M, bool kNib>
-constexpr int i8_nr() {  // measured: int4 at M = 3: 2 rows (6 chains) slower than 1; int8: faster (not at M = 4)
-  return M == 1 ? 4 : M == 2 || (!kNib && M == 3) ? 2 : 1;
 }
 
 }  // namespace
@@ -257,11 +256,6 @@ inline void i8_prefetch_bytes(const void* p, int64_t bytes) {
 // loops do not prefetch, are requested as many rows ahead.
 template <int M, class D, Kind K, Groups S>
 inline void rows_mp(const I8Args& a, const XPack& p, int64_t n0, int64_t n1) {
-  // the 512-bit loops (32 vector registers): two weight rows per pass from 2 activation rows on (int4:
-  // up to 4; at 8 its 16 accumulators + both rows' nibbles spill), so each activation chunk and scale
-  // vector loaded serves both rows
-  constexpr int NR = K == Kind::q8s ? (M <= 4 ? 2 : 1)
-                     : K == Kind::q8w && M >= 2 ? 2 : K == Kind::q4w && M >= 2 && M <= 4 ? 2 : i8_nr<M, nibbles(K)>();
   const int64_t wrow = i8_row_bytes<K>(a), srow = i8_scale_row_bytes(a, nibbles(K));
   const int64_t ahead = wrow > 0 ? (kI8Ahead + wrow - 1) / wrow : 0;  // rows
   const char* w0 = static_cast<const char*>(a.w);
@@ -271,14 +265,11 @@ inline void rows_mp(const I8Args& a, const XPack& p, int64_t n0, int64_t n1) {
     i8_prefetch_bytes(w0 + n0 * wrow, first * wrow);
     if (srow > 0) i8_prefetch_bytes(s0 + n0 * srow, first * srow);
   }
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) {
+  for (int64_t n = n0; n < n1; ++n) {  // one weight row per pass (see the top of this file)
     // past n1 too (up to N): a thread's next block (row_split.h) usually follows, like the weights' prefetch
-    if (kI8Ahead > 0 && srow > 0 && n + ahead + NR <= a.N) i8_prefetch_bytes(s0 + (n + ahead) * srow, NR * srow);
-    rows_nr<NR, M, D, K, S>(a, p, n);
+    if (kI8Ahead > 0 && srow > 0 && n + ahead < a.N) i8_prefetch_bytes(s0 + (n + ahead) * srow, srow);
+    rows_nr<1, M, D, K, S>(a, p, n);
   }
-  if constexpr (NR > 1)  // the last rows one at a time: same chains, same results
-    for (; n < n1; ++n) rows_nr<1, M, D, K, S>(a, p, n);
   if (kI8Ahead > 0 && a.next.w && a.N > 0) {  // the same share of the next call's weights
     const int64_t r0 = (a.next.from >= 0 ? a.next.from : n0) * a.next.N / a.N, left = a.next.N - r0;
     const int64_t rows_ahead = a.next.row_bytes > 0 ? (kI8Ahead + a.next.row_bytes - 1) / a.next.row_bytes : 0;

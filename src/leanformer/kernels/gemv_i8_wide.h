@@ -49,7 +49,7 @@ inline __m256 sum8(__m512 a0, __m512 a1, __m512 a2, __m512 a3, __m512 a4, __m512
 }
 
 // out[r][m] = the lane sum of acc[r][m] (fold16 + i8_hsum's value): eight accumulators per sum8 where
-// there are a multiple of eight (8 rows; 4 rows x 2 weight rows), else one by one.
+// there are a multiple of eight (8 activation rows), else one by one.
 template <int NR, int M>
 inline void wide_sums(const __m512 (&acc)[NR][M], float (&out)[NR][M]) {
   constexpr int T = NR * M;
