@@ -14,6 +14,7 @@ row with the reason).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import statistics
@@ -75,6 +76,9 @@ class LlamaCpp(Engine):
     def __init__(self, path: str, cfg: dict) -> None:
         import llama_cpp as L
 
+        # llama-cpp-python prints every llama.cpp log line (tensor repacks, graph reservations) to stderr
+        # unless its logger's level says otherwise; its Llama class sets that, the C API used here does not
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
         self.L = L
         L.llama_backend_init()
         mp = L.llama_model_default_params()
