@@ -48,6 +48,8 @@ struct DecodeLinear {
       zeros_version = zeros->is_inference() ? -1 : zeros->_version();
       if (zeros_version >= 0) zeros_counter = zeros->unsafeGetTensorImpl()->version_counter();
       if (int8_capable()) q4_i8_op = q4_i8_operands(w, *scales, zeros, group, bias, lut);
+      // an fp16 copy of GGUF-born scales for the 512-bit loops (Q4Scales::add_half), where they run
+      if (q4_i8_op && group == 32 && act_isa_id() == kAvx512Vnni) q4_i8_op->qs.add_half();
     }
     if (kind == Kind::q8 && int8_capable()) q8_i8_op = q8_i8_operands(w, *scales, bias, group);
     stream_ = make_stream();
@@ -98,6 +100,9 @@ struct DecodeLinear {
   I8Next make_stream() const {
     if (kind != Kind::q4 && kind != Kind::q8) return {};
     const bool grouped = kind == Kind::q4 ? !lut.has_value() : group > 0;  // fp32 scales per group
+    if (kind == Kind::q4 && q4_i8_op && q4_i8_op->qs.h)  // the fp16 copy the 512-bit loops read
+      return {static_cast<const char*>(w.data_ptr()), w.size(0), w.size(1) * w.element_size(),
+              reinterpret_cast<const char*>(q4_i8_op->qs.h), scales->size(1) * 2};
     return {static_cast<const char*>(w.data_ptr()), w.size(0), w.size(1) * w.element_size(),
             grouped ? static_cast<const char*>(scales->data_ptr()) : nullptr, grouped ? scales->size(1) * 4 : 0};
   }

@@ -202,11 +202,12 @@ void q4_i8(const Q4I8& op, const float* x, int64_t M, int64_t K, float* y, const
     I8Args a{acts.xq + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, op.w, qs.s, z, op.bias, y + m0 * N,
              std::min<int64_t>(kI8Rows, M - m0), N, Kp, Kx, group_size};
     if (lookup) a.sc = qs.sc, a.zc = qs.zc, a.lut = qs.lut;
+    if (wide && group_size == 32 && qs.h) a.scales_h = qs.h;
     a.wide = wide;
     a.xc = acts.xc + m0 * 8 * chunks;
     a.spans = spans, a.so = acts.so + m0 * 16 * spans, a.sd = acts.sd + m0 * 16 * spans, a.sx = acts.sx + m0 * 16 * spans;
     if (next && m0 + kI8Rows >= M && !(qs.coded() && !lookup)) a.next = *next;  // the call's last part
-    run_rows(a, true, Kp / 2 + (qs.coded() ? 2 : z ? 8 : 4) * G, qs.coded() && !lookup ? &qs : nullptr, isa);
+    run_rows(a, true, Kp / 2 + (qs.coded() ? 2 : z ? 8 : a.scales_h ? 2 : 4) * G, qs.coded() && !lookup ? &qs : nullptr, isa);
   }
 }
 
@@ -400,13 +401,21 @@ void bind_int8_act(pybind11::module_& m) {
   m.def("quantize_act", &quantize_act, "x [M,K] f32 -> (int8 codes [M, Kq], scales [M, Kq/32]) per block of 32",
         py::arg("x"));
   m.def("linear_q4_i8",
-        [](const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const std::optional<at::Tensor>& z, int64_t g,
-           const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& lut) {
-          return linear_q4_i8(x, w, s, z, g, b, lut);
+        [](const at::Tensor& x_, const at::Tensor& w, const at::Tensor& s, const std::optional<at::Tensor>& z, int64_t g,
+           const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& lut, bool half_scales) {
+          if (!half_scales) return linear_q4_i8(x_, w, s, z, g, b, lut);
+          Q4I8 op = q4_i8_operands(w, s, z, g, b, lut);  // as DecodeLinear holds them, with the fp16 copy
+          TORCH_CHECK(op.qs.add_half(), "half_scales needs float32 scales that float16 holds exactly");
+          check_x(x_);
+          const at::Tensor x = x_.contiguous();
+          at::Tensor y = output(nullptr, x.size(0), op.N, x.options());
+          q4_i8(op, x.data_ptr<float>(), x.size(0), x.size(1), y.data_ptr<float>(), nullptr, true);
+          return y;
         },
-        "int8(x) [M,K] @ dequant_int4(Wq, scales, zeros, G)^T (+bias)", py::arg("x"),
-        py::arg("wq"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("bias") = py::none(),
-        py::arg("lut") = py::none());
+        "int8(x) [M,K] @ dequant_int4(Wq, scales, zeros, G)^T (+bias); half_scales: the 512-bit group-32 loops read "
+        "an fp16 copy of the scales, as the fused decode step does with a GGUF's",
+        py::arg("x"), py::arg("wq"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"),
+        py::arg("bias") = py::none(), py::arg("lut") = py::none(), py::arg("half_scales") = false);
   // scales/zeros uint8 [N, G] with lut fp32 [512]: 8-bit scale codes (q4_codes.h; see kLookupMinGroups)
   // zeros=None: symmetric codes, w = (code - 8) * scale (GGUF Q4_0), without reading a zero per group
   m.def("linear_q5_i8", &linear_q5_i8, "int8(x) [M,K] @ dequant_int5(Wq, high, scales)^T (+bias), GGUF Q5_0 codes",

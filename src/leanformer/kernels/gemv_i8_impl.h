@@ -199,14 +199,16 @@ inline void q8_rows_nr(const I8Args& a, int64_t n, float (&out)[NR][M]) {
 
 // Which row function a call runs: int4 (group layout S), int8 (per row / per group, or kG16: Q6_K's two
 // scales per 32-column block), int5.
-enum class Kind { q4, q8, q8g16, q5, q4w, q8w, q8s };  // q4w / q8w / q8s: the 512-bit loops (gemv_i8_wide.h)
-constexpr bool nibbles(Kind K) { return K == Kind::q4 || K == Kind::q5 || K == Kind::q4w; }
+// q4w / q8w / q8s: the 512-bit loops (gemv_i8_wide.h); q4wh: q4w reading the fp16 scales (I8Args::scales_h)
+enum class Kind { q4, q8, q8g16, q5, q4w, q8w, q8s, q4wh };
+constexpr bool nibbles(Kind K) { return K == Kind::q4 || K == Kind::q5 || K == Kind::q4w || K == Kind::q4wh; }
+constexpr bool wide_nibbles(Kind K) { return K == Kind::q4w || K == Kind::q4wh; }
 
 // Rows [0, M) of a's activations as K's loop reads them (packed from kPackRows rows for the nibbles).
 template <int M, Kind K>
 inline XPack i8_pack_for(const I8Args& a, I8Buf& buf) {
 #ifdef LF_I8_WIDE
-  if constexpr (K == Kind::q4w) return i8_pack<M, 2>(a, buf);
+  if constexpr (wide_nibbles(K)) return i8_pack<M, 2>(a, buf);
 #endif
   if constexpr (K == Kind::q4 || K == Kind::q5) return i8_pack<M>(a, buf);
   return XPack{a.xq, a.dv, a.xc};
@@ -217,7 +219,7 @@ template <int NR, int M, class D, Kind K, Groups S>
 __attribute__((always_inline)) inline void rows_nr(const I8Args& a, const XPack& p, int64_t n) {
   float out[NR][M];
 #ifdef LF_I8_WIDE
-  if constexpr (K == Kind::q4w) wide_rows<NR, M, D, S>(a, p, n, out);
+  if constexpr (wide_nibbles(K)) wide_rows<NR, M, D, S, K == Kind::q4wh>(a, p, n, out);
   else if constexpr (K == Kind::q8w) a.group > 0 ? wide_q8_rows<NR, M, D, true>(a, n, out) : wide_q8_rows<NR, M, D, false>(a, n, out);
   else if constexpr (K == Kind::q8s) q8_span_rows<NR, M>(a, n, out);
   else
@@ -256,10 +258,12 @@ inline void i8_prefetch_bytes(const void* p, int64_t bytes) {
 // loops do not prefetch, are requested as many rows ahead.
 template <int M, class D, Kind K, Groups S>
 inline void rows_mp(const I8Args& a, const XPack& p, int64_t n0, int64_t n1) {
-  const int64_t wrow = i8_row_bytes<K>(a), srow = i8_scale_row_bytes(a, nibbles(K));
+  const int64_t wrow = i8_row_bytes<K>(a), srow = K == Kind::q4wh ? 2 * (a.K / 32) : i8_scale_row_bytes(a, nibbles(K));
   const int64_t ahead = wrow > 0 ? (kI8Ahead + wrow - 1) / wrow : 0;  // rows
   const char* w0 = static_cast<const char*>(a.w);
-  const char* s0 = a.sc ? reinterpret_cast<const char*>(a.sc) : reinterpret_cast<const char*>(a.scales);
+  const char* s0 = K == Kind::q4wh ? reinterpret_cast<const char*>(a.scales_h)
+                   : a.sc          ? reinterpret_cast<const char*>(a.sc)
+                                   : reinterpret_cast<const char*>(a.scales);
   if (kI8Ahead > 0 && !a.warm) {
     const int64_t first = (ahead < n1 - n0 ? ahead : n1 - n0);
     i8_prefetch_bytes(w0 + n0 * wrow, first * wrow);
@@ -322,7 +326,7 @@ inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
   // 32 registers hold its unpacked codes and the rows' accumulators): the split below paid a second,
   // compute-bound pass over every weight tile (SmolLM2 int4 in the server: 9 chained rows cost 1.36x
   // 8 rows).
-  if constexpr (K == Kind::q4w || K == Kind::q8s)
+  if constexpr (wide_nibbles(K) || K == Kind::q8s)
     return i8_with_rows<16>(a.M, [&](auto t) { rows_m<decltype(t)::value, D, K, S>(a, nullptr, n0, n1); });
 #endif
   I8Args h[2] = {a, a};
@@ -364,7 +368,9 @@ template <class D>
 inline void q4_any(const I8Args& a, int64_t n0, int64_t n1) {
 #ifdef LF_I8_WIDE
   if (a.wide) {  // set by gemv_i8.cpp for groups of 32 or 64n only
-    if (a.group == 32) return a.lut ? rows<D, Kind::q4w, Groups::k32Coded>(a, n0, n1) : rows<D, Kind::q4w, Groups::k32>(a, n0, n1);
+    if (a.group == 32)
+      return a.lut ? rows<D, Kind::q4w, Groups::k32Coded>(a, n0, n1)
+             : a.scales_h ? rows<D, Kind::q4wh, Groups::k32>(a, n0, n1) : rows<D, Kind::q4w, Groups::k32>(a, n0, n1);
     return a.lut ? rows<D, Kind::q4w, Groups::k64nCoded>(a, n0, n1) : rows<D, Kind::q4w, Groups::k64n>(a, n0, n1);
   }
 #endif

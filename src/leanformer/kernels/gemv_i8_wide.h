@@ -13,8 +13,9 @@
 // odd ones (gemv_i8.cpp swaps the middle 32-byte quarters of the 64-column chunk layout); an odd last
 // 64-column chunk and a last 32 columns keep that layout's places, so dv, xs and nib_finish are shared.
 // Rows keep one accumulator chain each, in chunk order, so a row's result does not depend on the call's
-// row count (speculative verification). Weight groups: 32 or a multiple of 64, fp32 scales or 8-bit
-// scale codes (the same fp32 values: results bit-equal to the fp32 arrays'); others stay on nib_rows.
+// row count (speculative verification). Weight groups: 32 or a multiple of 64, fp32 scales, their exact
+// fp16 copy (group 32, I8Args::scales_h) or 8-bit scale codes (the same fp32 values: results bit-equal to
+// the fp32 arrays'); others stay on nib_rows.
 
 namespace leanformer {
 namespace {
@@ -87,9 +88,9 @@ inline void wide_sums(const __m512 (&acc)[NR][M], float (&out)[NR][M]) {
 // Zero points (a.zeros, or codes): lane L's z * (its group's activation sum, a.sx), one FMA per row pair
 // and span, instead of nib_finish's pass over the groups after the loop (~a third of a 576-column row's
 // work per activation row).
-template <int NR, int M, bool kCoded>
+template <int NR, int M, bool kCoded, bool kHalf>
 inline void span_rows(const I8Args& a, int64_t n, const uint8_t* __restrict const (&w)[NR], const float* const (&sc)[NR],
-                      const uint8_t* const (&scc)[NR], __m512 (&acc)[NR][M]) {
+                      const uint8_t* const (&scc)[NR], const uint16_t* const (&sh)[NR], __m512 (&acc)[NR][M]) {
   const __m512i mask = _mm512_set1_epi8(0x0F);
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);  // b(L)
   const int64_t stride = 16 * a.spans, G = a.K / 32;  // so / sd / sx row stride; groups of a weight row
@@ -119,7 +120,8 @@ inline void span_rows(const I8Args& a, int64_t n, const uint8_t* __restrict cons
         zs[r] = _mm512_mul_ps(_mm512_i32gather_ps(_mm512_permutexvar_epi32(order, zc), a.lut + 256, 4), ws[r]);
         asm("" : "+v"(zs[r]));  // no FMA contraction into the zero FMA below
       } else {
-        ws[r] = _mm512_permutexvar_ps(order, _mm512_loadu_ps(sc[r] + 16 * s));
+        ws[r] = _mm512_permutexvar_ps(order, kHalf ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sh[r] + 16 * s)))
+                                                   : _mm512_loadu_ps(sc[r] + 16 * s));
         if (zeros) zs[r] = _mm512_permutexvar_ps(order, _mm512_loadu_ps(a.zeros + (n + r) * G + 16 * s));
       }
     }
@@ -154,7 +156,7 @@ inline void span_rows(const I8Args& a, int64_t n, const uint8_t* __restrict cons
 // Weight rows n..n+NR-1 against the M activation rows (wide layout), int4, into out[r][m]. Inlined into
 // rows_mp's loop: out of line, its set-up (row pointers, constants) ran once per NR rows (a sixth of the
 // samples of a 576-column GEMV; 1.02-1.11x the time at one row on Zen 4, in L2 and streamed).
-template <int NR, int M, class D, Groups S>
+template <int NR, int M, class D, Groups S, bool kHalf = false>
 __attribute__((always_inline)) inline void wide_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR][M]) {
   static_assert(layout(S) == Groups::k32 || layout(S) == Groups::k64n, "the wide loop takes groups of 32 / 64n");
   constexpr bool kCoded = coded(S);
@@ -162,11 +164,13 @@ __attribute__((always_inline)) inline void wide_rows(const I8Args& a, const XPac
   const uint8_t* __restrict w[NR];
   const float* sc[NR];
   const uint8_t* scc[NR];  // coded: the row's scale codes [G], looked up in a.lut
+  const uint16_t* sh[NR];   // kHalf: the row's fp16 scales [G] (the fp32 ones for tails and zero points)
   LF_UNROLL
   for (int r = 0; r < NR; ++r) {
     w[r] = static_cast<const uint8_t*>(a.w) + (n + r) * Kh;
     sc[r] = kCoded ? nullptr : a.scales + (n + r) * G;
     scc[r] = kCoded ? a.sc + (n + r) * G : nullptr;
+    sh[r] = kHalf ? a.scales_h + (n + r) * G : nullptr;
   }
   const float* lut = a.lut;
   auto scale = [&](int r, int64_t j) { return kCoded ? lut[scc[r][j]] : sc[r][j]; };
@@ -190,7 +194,7 @@ __attribute__((always_inline)) inline void wide_rows(const I8Args& a, const XPac
   int64_t g = 0, left = cpg;  // k64n: the group of chunk c, its chunks still ahead
   int64_t c = 0;
   if constexpr (layout(S) == Groups::k32)
-    if (a.spans > 0) span_rows<NR, M, kCoded>(a, n, w, sc, scc, acc), c = 8 * a.spans;  // the lanes' total: the same sum
+    if (a.spans > 0) span_rows<NR, M, kCoded, kHalf>(a, n, w, sc, scc, sh, acc), c = 8 * a.spans;  // the lanes' total: the same sum
   for (; c + 1 < chunks; c += 2) {  // one 128-column superchunk: 64 weight bytes per row
     int64_t g2 = g;  // k64n: the group of chunk c + 1
     if (layout(S) == Groups::k64n && left == 1) g2 = g + 1;
@@ -200,7 +204,9 @@ __attribute__((always_inline)) inline void wide_rows(const I8Args& a, const XPac
       const __m512i v = _mm512_loadu_si512(w[r] + 32 * c);
       const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
       __m512 ws;  // blocks 2c .. 2c + 3's weight scales, each in 4 lanes
-      if constexpr (S == Groups::k32)
+      if constexpr (S == Groups::k32 && kHalf)
+        ws = _mm512_permutexvar_ps(quads, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sh[r] + 2 * c)))));
+      else if constexpr (S == Groups::k32)
         ws = _mm512_permutexvar_ps(quads, _mm512_castps128_ps512(_mm_loadu_ps(sc[r] + 2 * c)));
       else if constexpr (S == Groups::k32Coded)
         ws = _mm512_permutexvar_ps(quads, _mm512_castps128_ps512(_mm_setr_ps(
@@ -238,7 +244,15 @@ __attribute__((always_inline)) inline void wide_rows(const I8Args& a, const XPac
     for (int r = 0; r < NR; ++r) {
       const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + 32 * c)));
       const __m512i lohi = _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xFFFF0000u, v, 4), mask_hi);
-      const __m256 ws8 = i8_chunk_scales<S>(sc[r], scc[r], lut, c, g, a.group / 32);
+      __m256 ws8;
+      if constexpr (kHalf) {  // blocks 2c, 2c + 1: one 4-byte load, lanes 0-3 / 4-7 as i8_chunk_scales
+        int32_t two;
+        __builtin_memcpy(&two, sh[r] + 2 * c, 4);
+        ws8 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(two))),
+                                       _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+      } else {
+        ws8 = i8_chunk_scales<S>(sc[r], scc[r], lut, c, g, a.group / 32);
+      }
       const __m512 ws = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(ws8)),
                                                             _mm256_castps_pd(ws8), 1));
       __m512 zs = _mm512_setzero_ps();  // tail_zeros: z of blocks 2c, 2c + 1 in lanes 0, 4

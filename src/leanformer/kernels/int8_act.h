@@ -52,6 +52,9 @@ struct I8Args {
   const uint8_t* sc = nullptr;
   const uint8_t* zc = nullptr;
   const float* lut = nullptr;
+  // q4 wide, group 32: the same scales as fp16 [N, n_groups] (Q4Scales::h), read by the loops instead
+  // (half the scale bytes streamed; fp16 -> fp32 is exact, so the same results); null: none
+  const uint16_t* scales_h = nullptr;
   // q4, AVX-512 VNNI only: xq in the wide layout (per 128 columns the 64 even then the 64 odd ones,
   // gemv_i8_wide.h), read by 512-bit loops; groups of 32 or a multiple of 64, fp32 scales
   bool wide = false;

@@ -29,10 +29,23 @@ struct Q4Scales {
   const uint8_t* sc = nullptr;  // coded: scale codes [N, G]
   const uint8_t* zc = nullptr;  // coded: zero codes [N, G]
   const float* lut = nullptr;   // coded: [512] scale per code, then zero offset (in scale units) per code
+  const uint16_t* h = nullptr;  // fp32 scales that fp16 holds exactly: their fp16 copy [N, G] (add_half)
   int64_t G = 0;
-  at::Tensor hold[3];  // contiguous copies the pointers point into
+  at::Tensor hold[4];  // contiguous copies the pointers point into
 
   bool coded() const { return sc != nullptr; }
+
+  // Makes `h` when every fp32 scale is an fp16 value (a GGUF's blocks: fp16 scales), for the 512-bit
+  // group-32 loops: a SmolLM2 token then streams 6.6 MB less of the blocks' 66 MB. Results unchanged:
+  // fp16 -> fp32 is exact. Returns whether it did.
+  bool add_half() {
+    if (coded() || !s) return false;
+    at::Tensor half = hold[0].to(at::kHalf);
+    if (!half.to(at::kFloat).equal(hold[0])) return false;
+    hold[3] = half.contiguous();
+    h = static_cast<const uint16_t*>(hold[3].data_ptr());
+    return true;
+  }
 
   // Validates and wraps scales / zeros [N, G]: both fp32 (zeros optional when `zeros_optional`), or
   // both uint8 codes with lut fp32 [512].
