@@ -125,7 +125,8 @@ at::Tensor linear_q4_i8(const at::Tensor& x, const at::Tensor& w, const at::Tens
                         const std::optional<at::Tensor>& zeros, int64_t group_size,
                         const std::optional<at::Tensor>& bias,  // zeros null: symmetric (code - 8) * scale
                         const std::optional<at::Tensor>& lut = std::nullopt, const I8Next* next = nullptr,
-                        const at::Tensor* out = nullptr);  // out: see output()
+                        const at::Tensor* out = nullptr,  // out: see output()
+                        bool half_scales = false);  // the fp16 copy of the scales, as DecodeLinear holds it
 at::Tensor linear_q8_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                         const std::optional<at::Tensor>& bias, int64_t group_size, const I8Next* next = nullptr,
                         const at::Tensor* out = nullptr);

@@ -100,11 +100,11 @@ struct DecodeLinear {
   I8Next make_stream() const {
     if (kind != Kind::q4 && kind != Kind::q8) return {};
     const bool grouped = kind == Kind::q4 ? !lut.has_value() : group > 0;  // fp32 scales per group
-    if (kind == Kind::q4 && q4_i8_op && q4_i8_op->qs.h)  // the fp16 copy the 512-bit loops read
-      return {static_cast<const char*>(w.data_ptr()), w.size(0), w.size(1) * w.element_size(),
-              reinterpret_cast<const char*>(q4_i8_op->qs.h), scales->size(1) * 2};
-    return {static_cast<const char*>(w.data_ptr()), w.size(0), w.size(1) * w.element_size(),
-            grouped ? static_cast<const char*>(scales->data_ptr()) : nullptr, grouped ? scales->size(1) * 4 : 0};
+    const bool half = kind == Kind::q4 && q4_i8_op && q4_i8_op->qs.h;  // the fp16 copy the 512-bit loops read
+    const char* s = half ? reinterpret_cast<const char*>(q4_i8_op->qs.h)
+                    : grouped ? static_cast<const char*>(scales->data_ptr()) : nullptr;
+    return {static_cast<const char*>(w.data_ptr()), w.size(0), w.size(1) * w.element_size(), s,
+            grouped ? scales->size(1) * (half ? 2 : 4) : 0};
   }
 
  public:

@@ -214,9 +214,10 @@ void q4_i8(const Q4I8& op, const float* x, int64_t M, int64_t K, float* y, const
 at::Tensor linear_q4_i8(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales,
                         const std::optional<at::Tensor>& zeros, int64_t group_size,
                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lut,
-                        const I8Next* next, const at::Tensor* out) {
+                        const I8Next* next, const at::Tensor* out, bool half_scales) {
   check_x(x_);
-  const Q4I8 op = q4_i8_operands(w, scales, zeros, group_size, bias, lut);
+  Q4I8 op = q4_i8_operands(w, scales, zeros, group_size, bias, lut);
+  TORCH_CHECK(!half_scales || op.qs.add_half(), "half_scales needs float32 scales that float16 holds exactly");
   const at::Tensor x = x_.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor y = output(out, M, op.N, x.options());
@@ -403,14 +404,7 @@ void bind_int8_act(pybind11::module_& m) {
   m.def("linear_q4_i8",
         [](const at::Tensor& x_, const at::Tensor& w, const at::Tensor& s, const std::optional<at::Tensor>& z, int64_t g,
            const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& lut, bool half_scales) {
-          if (!half_scales) return linear_q4_i8(x_, w, s, z, g, b, lut);
-          Q4I8 op = q4_i8_operands(w, s, z, g, b, lut);  // as DecodeLinear holds them, with the fp16 copy
-          TORCH_CHECK(op.qs.add_half(), "half_scales needs float32 scales that float16 holds exactly");
-          check_x(x_);
-          const at::Tensor x = x_.contiguous();
-          at::Tensor y = output(nullptr, x.size(0), op.N, x.options());
-          q4_i8(op, x.data_ptr<float>(), x.size(0), x.size(1), y.data_ptr<float>(), nullptr, true);
-          return y;
+          return linear_q4_i8(x_, w, s, z, g, b, lut, nullptr, nullptr, half_scales);
         },
         "int8(x) [M,K] @ dequant_int4(Wq, scales, zeros, G)^T (+bias); half_scales: the 512-bit group-32 loops read "
         "an fp16 copy of the scales, as the fused decode step does with a GGUF's",
