@@ -1,8 +1,10 @@
-"""`leanformer bench`: prefill / decode speed, TTFT, peak RSS and size, each engine in its own process."""
+"""`leanformer bench`: prefill / decode speed, TTFT, peak RSS and size, each engine in its own process,
+the engines taking turns round by round (measure/bench/turns.py)."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -79,7 +81,9 @@ def bench_table(rows: list[dict], batches: list[int]) -> tuple[list[str], list[l
 
 
 def cmd_bench(args) -> None:
+    import contextlib
     import dataclasses
+    import tempfile
 
     if getattr(args, "tp", 1) > 1:  # under torchrun: the split model measured in place (cli/bench_tp.py)
         from leanformer.cli.bench_tp import footnote, run_split
@@ -90,12 +94,13 @@ def cmd_bench(args) -> None:
     if args.speculative:
         return cmd_speculative(args)
 
-    from leanformer.measure.bench.peers import run_peer
-    from leanformer.measure.bench.runner import BenchConfig, run_engine
+    from leanformer.measure.bench import peers as peer_rows
+    from leanformer.measure.bench import runner
+    from leanformer.measure.bench.turns import take_turns
 
     if args.json:
         check_output_file(args.json, input_paths(args))
-    cfg = BenchConfig(
+    cfg = runner.BenchConfig(
         resolve_model(args.model), args.dtype, args.prompt_tokens, args.new_tokens, args.batch, args.repeats
     )
     cfg.keep_quantized = args.keep_quantized
@@ -106,20 +111,44 @@ def cmd_bench(args) -> None:
         for name in args.recipe:
             if name != "none":
                 load_recipe(name)  # a bad name fails here, before minutes of benchmarking
-    runs = [("leanformer", None if r == "none" else r) for r in (args.recipe or ["none"])]
     peers = list(dict.fromkeys([*(args.compare or []), *(args.peers or [])]))
-    rows = []
-    for engine, recipe in runs:
-        # GGUF blocks kept quantized (the default) is the only case --dequantize changes
-        kept = cfg.keep_quantized and Path(cfg.model).suffix == ".gguf"
-        label = engine + (" keep-quantized" if engine == "leanformer" and kept else "")
-        label += f" +{recipe}" if recipe else ""
-        print(f"benchmarking {label} ...", file=sys.stderr, flush=True)
-        rows.append(run_engine(dataclasses.replace(cfg, recipe=recipe), engine) | {"label": label})
-    for peer in peers:
-        print(f"benchmarking {peer} (converting, then its own process) ...", file=sys.stderr, flush=True)
-        rows.append(run_peer(cfg, peer))
-    _report(args, cfg, rows, [f"{r['label']}: not measured: {r['error']}" for r in rows if "error" in r])
+    with contextlib.ExitStack() as stack:
+        contenders = []
+        for recipe in (None if r == "none" else r for r in (args.recipe or ["none"])):
+            # GGUF blocks kept quantized (the default) is the only case --dequantize changes
+            kept = cfg.keep_quantized and Path(cfg.model).suffix == ".gguf"
+            label = "leanformer" + (" keep-quantized" if kept else "") + (f" +{recipe}" if recipe else "")
+            contenders.append(runner.contender(dataclasses.replace(cfg, recipe=recipe), "leanformer", label))
+        for peer in peers:
+            print(f"preparing {peer} (converting the weights to its format) ...", file=sys.stderr, flush=True)
+            work = stack.enter_context(tempfile.TemporaryDirectory(prefix="leanformer-peer-"))
+            contenders.append(peer_rows.peer_contender(cfg, peer, work))
+        how = "one after the other" if args.one_at_a_time else "taking turns round by round"
+        names = ", ".join(c.row["label"] for c in contenders if "error" not in c.row)
+        print(f"benchmarking {names}, each in its own process, {how} ...", file=sys.stderr, flush=True)
+        rows = take_turns(cfg, contenders, together=not args.one_at_a_time)
+    notes = [f"{r['label']}: not measured: {r['error']}" for r in rows if "error" in r]
+    _report(args, cfg, rows, notes + round_notes(rows, cfg.batches))
+
+
+def round_notes(rows: list[dict], batches: list[int]) -> list[str]:
+    """Each of our rows against the reference round by round (engines that took turns together): the
+    per-round decode ratio's median and range, what a drifting machine moves least."""
+    ok = [r for r in rows if "error" not in r and "rounds" in r]
+    ref = next((r for r in ok if r["engine"] != "leanformer"), ok[0] if ok else None)
+    notes = []
+    for r in ok:
+        if r["engine"] != "leanformer" or r is ref or r.get("group") != ref.get("group"):
+            continue
+        for b in batches:
+            key = f"decode_tok_s_b{b}"
+            ratios = sorted(x / y for x, y in zip(r["rounds"][key], ref["rounds"][key]))
+            if len(ratios) > 1:
+                notes.append(
+                    f"{r['label']} / {ref['label']}, decode batch {b}, per round: median "
+                    f"{statistics.median(ratios):.2f}× ({ratios[0]:.2f}–{ratios[-1]:.2f}× over {len(ratios)} rounds)"
+                )
+    return notes
 
 
 def _report(args, cfg, rows: list[dict] | dict, notes: list[str]) -> None:
@@ -157,7 +186,15 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-tokens", type=ck.positive_int, default=128)
     p.add_argument("--new-tokens", type=ck.int_range(2), default=128, help="at least 2 (decode is timed)")
     p.add_argument("--batch", type=ck.positive_int, nargs="+", default=[1, 8])
-    p.add_argument("--repeats", type=ck.positive_int, default=3)
+    p.add_argument(
+        "--repeats", type=ck.positive_int, default=3,
+        help="rounds: in each, every engine runs a prefill, a TTFT and one generation per batch size, in turn",
+    )  # fmt: skip
+    p.add_argument(
+        "--one-at-a-time", action="store_true",
+        help="each engine alone, all its rounds, then the next (less memory: one model loaded at a time; "
+        "a drifting machine's speed then lands on whichever engine ran during it)",
+    )  # fmt: skip
     p.add_argument("--json", default=None)
     p.add_argument(
         "--speculative",

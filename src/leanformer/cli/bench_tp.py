@@ -33,11 +33,11 @@ def measure_split(model, cfg, load_s: float) -> dict:
     """runner.measure's figures for an already split `model`, on every rank (each rank calls it)."""
     from leanformer.distributed.timing import median_timed, slowest, timed_steps
     from leanformer.engine.generate import generate
+    from leanformer.measure.bench.peer_worker import rss_mb
     from leanformer.measure.bench.runner import (
-        _bandwidth_ceiling_tok_s,
         _nbytes,
         _prompts,
-        _rss_mb,
+        bandwidth_ceiling_tok_s,
         decode_rate,
         leanformer_decode_steps,
         variant_name,
@@ -71,7 +71,7 @@ def measure_split(model, cfg, load_s: float) -> dict:
         ]
         out[f"decode_tok_s_b{b}"] = decode_rate(runs, b)
         out[f"decode_step_ms_b{b}"] = 1000 * b / out[f"decode_tok_s_b{b}"]
-    rss = torch.tensor([_rss_mb(), size / 2**20], dtype=torch.float64)
+    rss = torch.tensor([rss_mb(), size / 2**20], dtype=torch.float64)
     top, total = rss.clone(), rss.clone()
     dist.all_reduce(top, op=dist.ReduceOp.MAX)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
@@ -79,7 +79,7 @@ def measure_split(model, cfg, load_s: float) -> dict:
     out |= {"peak_rss_mb_all_ranks": float(total[0]), "size_mb_all_ranks": float(total[1])}
     # all ranks stream their shards at once, as in a decode step on one host: the slowest sets it
     dist.barrier()
-    out["ceiling_tok_s"] = -slowest([-_bandwidth_ceiling_tok_s(size, cfg.repeats)])[0]
+    out["ceiling_tok_s"] = -slowest([-bandwidth_ceiling_tok_s(size, cfg.repeats)])[0]
     return out
 
 

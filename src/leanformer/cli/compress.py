@@ -81,7 +81,7 @@ def cmd_compress(args) -> None:
     from leanformer.compress import apply, load_recipe
     from leanformer.compress.stream import state_bytes
     from leanformer.hub import resolve_model
-    from leanformer.measure.bench.runner import _rss_mb
+    from leanformer.measure.bench.peer_worker import rss_mb
     from leanformer.measure.evaluate import evaluate, read_text, tokenize
     from leanformer.outputs import check_output_dir
 
@@ -108,7 +108,7 @@ def cmd_compress(args) -> None:
         calibration = calibration_ids(tok, args.calibration, args.calibration_samples, args.calibration_len)
     apply(model, recipe, calibration=calibration)
     out = lf.save(model, tok, args.output, overwrite=args.overwrite)
-    peak = _rss_mb()  # before any comparison loads the original again
+    peak = rss_mb()  # before any comparison loads the original again
     rows = [
         ("saved to", str(out)),
         ("weights before → after (MB)", f"{before / 2**20:.1f} → {state_bytes(model) / 2**20:.1f}"),

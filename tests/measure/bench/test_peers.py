@@ -3,6 +3,7 @@ real peers (ONNX Runtime, CTranslate2, llama.cpp) run when installed and are ski
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import sys
@@ -83,17 +84,29 @@ def test_table_marks_failed_rows_and_ratios_against_the_first_peer_that_ran():
 
 def test_cli_bench_survives_failing_peers(tiny_dirs, monkeypatch, capsys, tmp_path):
     from leanformer.cli.main import main
+    from leanformer.measure.bench.turns import Contender
 
-    monkeypatch.setattr(runner, "run_engine", runner.measure)  # in-process: the rows are the point
-    monkeypatch.setattr(
-        peers, "run_peer", lambda cfg, p: {"engine": p, "label": p, "dtype": "x", "error": "boom"}
-    )
+    # ours in-process (the rows are the point); one peer refused up front, one whose start fails
+    monkeypatch.setattr(runner, "contender", functools.partial(runner.contender, in_process=True))
+
+    def broken(cfg, peer, work):
+        row = {"engine": peer, "label": peer, "dtype": "x"}
+        if peer == "llama.cpp":
+            return Contender(row | {"error": "boom"}, start=None)
+
+        def start():
+            raise RuntimeError("measurement failed: killed by signal 9")
+
+        return Contender(row, start)
+
+    monkeypatch.setattr(peers, "peer_contender", broken)
     out = tmp_path / "bench.json"
     args = ["bench", str(tiny_dirs["llama"]), "--peers", "llama.cpp,ctranslate2", "--prompt-tokens", "8"]
     args += ["--new-tokens", "3", "--batch", "1", "--repeats", "1", "--json", str(out)]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert text.startswith("CPU: ") and "llama.cpp: not measured: boom" in text
+    assert "ctranslate2: not measured: measurement failed: killed by signal 9" in text
     doc = json.loads(out.read_text())
     assert [r["engine"] for r in doc["results"]] == ["leanformer", "llama.cpp", "ctranslate2"]
     assert doc["results"][0]["peak_rss_mb"] > 0 and doc["machine"]["cpu"]["model"]

@@ -6,6 +6,8 @@ noisy whole-run times, so one slow warm-up moves it. Decode is now a median over
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -64,16 +66,16 @@ def test_measure_reports_the_median_of_timed_steps(tiny_dirs, monkeypatch):
 
     def fake_steps(model, prompts, new_tokens):
         calls.append(new_tokens)
-        slow = len(calls) == 1  # the warm-up
+        slow = len(calls) <= 2  # the warm-ups (batch 1 and 2)
         steps = [STEP * (3 if slow else 1)] * (new_tokens - 1)
-        if len(calls) == 2:
-            steps[3] = 2.0  # one stalled step in a timed run
+        if len(calls) == 3:
+            steps[3] = 2.0  # one stalled step in the first timed run
         return steps
 
     monkeypatch.setattr(runner, "leanformer_decode_steps", fake_steps)
     cfg = BenchConfig(str(tiny_dirs["llama"]), prompt_tokens=8, new_tokens=9, batches=[1, 2], repeats=2)
     out = measure(cfg, "leanformer")
-    assert calls == [9] * 6  # warm-up + 2 timed runs, per batch size
+    assert calls == [9] * 6  # warm-up + 2 rounds, per batch size
     assert out["decode_tok_s_b1"] == pytest.approx(100) and out["decode_tok_s_b2"] == pytest.approx(200)
     assert out["decode_step_ms_b1"] == pytest.approx(10)
 
@@ -90,7 +92,7 @@ def test_bench_recipe_columns_carry_the_recipe_names(tiny_dirs, monkeypatch, tmp
     from leanformer.cli.main import main
 
     # in-process instead of one subprocess per engine: the columns are the point here, not RSS
-    monkeypatch.setattr(runner, "run_engine", measure)
+    monkeypatch.setattr(runner, "contender", functools.partial(runner.contender, in_process=True))
     printed = {}
     monkeypatch.setattr(bench_cli, "print_table", lambda title, header, rows: printed.update(header=header))
     args = ["bench", str(tiny_dirs["llama"]), "--recipe", "none", "int8", "int4-g32"]

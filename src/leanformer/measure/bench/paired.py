@@ -1,10 +1,9 @@
 """Paired decode-speed ratios: compressed variants against the uncompressed model, in one process.
 
-`leanformer bench` runs each engine in its own process one after the other, which is right for peak
-RSS but lets the machine's drift (a shared VM's memory bandwidth moved 70-100% of its ceiling between
-runs here) land between the rows. This runs every variant in the same process, in rotating order,
-round after round, and reports the median over rounds of each variant's speed divided by the first
-variant's speed *in the same round*.
+`leanformer bench --recipe ...` also lets its rows take turns round by round (turns.py), each in its own
+process for peak RSS; this runs every variant in the same process (one load, deep copies), in rotating
+order, and reports the median over rounds of each variant's speed divided by the first variant's speed
+*in the same round*, with the ceiling measured each round.
 
     python -m leanformer.measure.bench.paired smollm2 --recipe none int8+head-int8 int4-g32-dq8+head-int8 \\
         --batch 1 8 --rounds 7
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.recipe:
         model = base if recipes[name] is None else apply(copy.deepcopy(base), recipes[name])
         variants[name] = model
-    from leanformer.measure.bench.runner import _bandwidth_ceiling_tok_s, _nbytes
+    from leanformer.measure.bench.runner import _nbytes, bandwidth_ceiling_tok_s
 
     speeds = {(n, b): [] for n in variants for b in args.batch}
     ceilings: list[float] = []  # the base's batch-1 bandwidth ceiling, once per round
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
             decode_tok_s(model, 1, 16, 4)
         order = list(variants)
         for r in tqdm(range(args.rounds), desc="rounds"):
-            ceilings.append(_bandwidth_ceiling_tok_s(_nbytes(base), 3))
+            ceilings.append(bandwidth_ceiling_tok_s(_nbytes(base), 3))
             for b in args.batch:
                 for name in order[r % len(order) :] + order[: r % len(order)]:
                     speeds[name, b].append(

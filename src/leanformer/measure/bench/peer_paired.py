@@ -1,8 +1,7 @@
 """Decode speed against llama.cpp in ONE process, interleaved round by round: the ratio per round.
 
-`leanformer bench --peers llama.cpp` measures each engine in its own process one after the other (right
-for peak RSS), so a shared VM's drift between the two processes lands in the ratio: on a 2-core Zen 5 VM
-our batch-1 figure moved 154-223 tok/s between three such runs minutes apart. Here both engines load
+`leanformer bench --peers llama.cpp` now also lets the engines take turns (each in its own process, for
+peak RSS: turns.py); this module predates that and keeps both in one process, with --prefill lengths. Here both engines load
 once (llama.cpp through llama-cpp-python, as the peer worker drives it) and take turns, order alternating,
 on the same random prompts; each round's ratio is ours / llama.cpp's decode tok/s (the median step of a
 generation, as `bench` measures), and the table shows the median and range over rounds.

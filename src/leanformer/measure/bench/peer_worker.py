@@ -1,14 +1,14 @@
-"""One peer engine measured in its own process: `python peer_worker.py PEER MODEL_PATH CONFIG_JSON`.
+"""One engine measured in its own process: `python peer_worker.py PEER MODEL_PATH CONFIG_JSON`.
 
 Run by file path, not as `leanformer.…`: importing the leanformer package imports torch (~200 MB of
 RSS), which llama.cpp, ONNX Runtime and CTranslate2 never load, so the peer's peak RSS would be ours.
 Only the standard library and numpy are imported here; each engine's package inside its function.
 
-The timings follow measure/bench/runner.py exactly: decode tok/s = batch / the median decode step over
-`repeats` runs after a warm-up (a step = one new token per row, after the prefill); prefill and time to
-first token = the median of `repeats` whole runs after a warm-up. Prompts are the same random ids.
-Prints one JSON line: the figures, or {"error": "..."} when the engine fails (the parent makes that a
-row with the reason).
+The process loads its engine once, then answers requests (turns.py's protocol, one JSON line each way:
+a prefill, a time to first token, one generation's decode steps, the peak RSS) until told to end, so
+`leanformer bench` can let every engine take turns round by round. Our own engines (runner.py) answer
+through the same `serve` loop. Prompts are the same random ids everywhere; a failure is an
+{"error": "..."} answer, which the parent makes a row with the reason.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -40,16 +39,6 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 class Engine:
     """What each peer provides: prefill(ids [B][T]) and steps(ids, n) → seconds of each decode step."""
 
@@ -61,6 +50,10 @@ class Engine:
 
     def steps(self, ids: list[list[int]], n: int) -> list[float]:
         raise NotImplementedError
+
+    def first_token(self, ids: list[list[int]]) -> None:
+        """Prompt in, first greedy token out (the time to first token); the prefill's argmax here."""
+        self.prefill(ids)
 
 
 def _argmax(row) -> int:
@@ -237,30 +230,70 @@ ENGINES: dict[str, type[Engine]] = {
 }
 
 
-def measure(engine: str, path: str, cfg: dict) -> dict:
+def _rss_now_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return rss_mb()
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def handle(eng: Engine, cfg: dict, request: dict) -> dict:
+    """One request: {"op": "prefill" | "ttft"} → {"s": seconds} (a batch-1 prompt),
+    {"op": "decode", "batch": B} → {"steps": [seconds of each decode step]} (one generation of
+    max(new_tokens, 2) tokens: the first comes with the prefill), {"op": "end"} → {"peak_rss_mb"}."""
+    op, length = request.get("op"), cfg["prompt_tokens"]
+    if op == "prefill":
+        return {"s": _timed(lambda: eng.prefill(prompts(eng.vocab, 1, length)))}
+    if op == "ttft":
+        return {"s": _timed(lambda: eng.first_token(prompts(eng.vocab, 1, length)))}
+    if op == "decode":
+        return {
+            "steps": eng.steps(prompts(eng.vocab, int(request["batch"]), length), max(cfg["new_tokens"], 2))
+        }
+    if op == "end":
+        return {"peak_rss_mb": rss_mb()}
+    raise ValueError(f"unknown request {request!r}")
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def serve(make: Callable[[], Engine], cfg: dict) -> None:
+    """Load the engine, answer {"load_s", "size_mb", "rss_mb"} (or {"error"}), then one answer per
+    request line on stdin until "end". The answers go to the stdout this process started with; anything
+    an engine's library prints goes to stderr, so it cannot garble an answer."""
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def answer(doc: dict) -> None:
+        answers.write(json.dumps(doc) + "\n")
+
     t0 = time.perf_counter()
-    eng = ENGINES[engine](path, cfg)
-    out: dict = {"load_s": time.perf_counter() - t0, "size_mb": eng.size_bytes / 2**20}
-    one = prompts(eng.vocab, 1, cfg["prompt_tokens"])
-    out["prefill_ms"] = 1000 * _median_time(lambda: eng.prefill(one), cfg["repeats"])
-    out["prefill_tok_s"] = cfg["prompt_tokens"] / out["prefill_ms"] * 1000
-    out["ttft_ms"] = out["prefill_ms"]  # greedy first token = the prefill's argmax
-    n = max(cfg["new_tokens"], 2)
-    for b in cfg["batches"]:
-        ids = prompts(eng.vocab, b, cfg["prompt_tokens"])
-        eng.steps(ids, n)  # warm-up
-        steps = [t for _ in range(cfg["repeats"]) for t in eng.steps(ids, n)]
-        out[f"decode_tok_s_b{b}"] = b / statistics.median(steps)
-        out[f"decode_step_ms_b{b}"] = 1000 * statistics.median(steps)
-    out["peak_rss_mb"] = rss_mb()
-    return out
+    try:
+        eng = make()
+    except Exception as e:  # any failure of the engine is a row with its reason, not a traceback
+        return answer({"error": _reason(e)})
+    answer({"load_s": time.perf_counter() - t0, "size_mb": eng.size_bytes / 2**20, "rss_mb": _rss_now_mb()})
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            answer(handle(eng, cfg, request))
+        except Exception as e:
+            answer({"error": _reason(e)})
+        if request.get("op") == "end":
+            return None
+    return None
 
 
 if __name__ == "__main__":
-    try:
-        result = measure(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
-    except Exception as e:  # any failure of the peer is a row with its reason, not a traceback
-        result = {
-            "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-        }
-    print(json.dumps(result), flush=True)
+    config = json.loads(sys.argv[3])
+    serve(lambda: ENGINES[sys.argv[1]](sys.argv[2], config), config)

@@ -1,5 +1,5 @@
 """Peer engines in `leanformer bench --peers ...`: the same weights in each peer's format, each peer
-measured in its own process, in the same run as leanformer.
+measured in its own process, taking turns with leanformer in the same run.
 
     llama.cpp           the GGUF file itself (MODEL must be a .gguf), via llama-cpp-python's C API
     onnxruntime[:int8]  our decoder exporter (export/decoder.py) → ONNX Runtime; :int8 = its dynamic quantization
@@ -7,9 +7,9 @@ measured in its own process, in the same run as leanformer.
     transformers        HF transformers on the same weights (measure/reference.py)
 
 Conversion runs in a process of its own (it loads torch and the model), measurement in another
-(peer_worker.py, which imports neither torch nor leanformer, so peak RSS is the peer's own). A peer
-whose package is missing, whose conversion fails or whose process crashes becomes a row with the
-reason; the run goes on.
+(peer_worker.py, which imports neither torch nor leanformer, so peak RSS is the peer's own), which then
+takes turns with ours (turns.py). A peer whose package is missing, whose conversion fails or whose
+process crashes becomes a row with the reason; the run goes on.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from leanformer.errors import LeanformerError
+from leanformer.measure.bench.turns import TIMEOUT_S, Contender, last_line, start_process
 
 PACKAGES = {"llama.cpp": "llama_cpp", "onnxruntime": "onnxruntime", "ctranslate2": "ctranslate2"}
 PACKAGES["transformers"] = "transformers"
@@ -29,7 +30,6 @@ PIP = {"llama.cpp": "llama-cpp-python", "onnxruntime": "onnxruntime", "ctranslat
 PIP["transformers"] = "transformers"
 VARIANTS = {"llama.cpp": [""], "onnxruntime": ["", "int8"], "ctranslate2": ["", "int8"], "transformers": [""]}
 WORKER = Path(__file__).with_name("peer_worker.py")
-TIMEOUT_S = 1800  # one peer: conversion or measurement; a hung peer must not hang the run
 
 
 def machine() -> dict:
@@ -87,7 +87,7 @@ def convert(peer: str, model: str, work: str) -> str:
         from leanformer.export.decoder import ONNX_FILE, export_decoder_onnx
         from leanformer.loading import load
 
-        model_, _ = load(src)
+        model_, _ = load(src, keep_quantized=False)  # ONNX has no form for our int modules: float weights
         export_decoder_onnx(model_, out / "fp32")
         if not variant:
             return str(out / "fp32" / ONNX_FILE)
@@ -112,13 +112,6 @@ def convert(peer: str, model: str, work: str) -> str:
     raise LeanformerError(f"no converter for peer {peer!r}")
 
 
-def _last_line(text: str) -> str:
-    """The last non-blank line (progress bars redraw with \r: the last redraw counts)."""
-    lines = [ln.split("\r")[-1] for ln in text.strip().splitlines()]
-    lines = [ln for ln in lines if ln.strip()]
-    return lines[-1] if lines else "no output"
-
-
 def _subprocess(argv: list[str], what: str) -> str:
     """stdout of a child; its last stderr line (or the signal) as the error when it fails."""
     try:
@@ -126,7 +119,7 @@ def _subprocess(argv: list[str], what: str) -> str:
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"{what} took more than {TIMEOUT_S} s") from None
     if proc.returncode != 0:
-        how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else _last_line(proc.stderr)[:300]
+        how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else last_line(proc.stderr)[:300]
         raise RuntimeError(f"{what} failed: {how}")
     return proc.stdout
 
@@ -137,7 +130,7 @@ def _convert_in_child(peer: str, model: str, work: str) -> str:
         "print(convert(sys.argv[1], sys.argv[2], sys.argv[3]))"
     )
     out = _subprocess([sys.executable, "-c", code, peer, model, work], "conversion")
-    return _last_line(out)
+    return last_line(out)
 
 
 def _label(peer: str, model: str) -> str:
@@ -150,35 +143,31 @@ def _label(peer: str, model: str) -> str:
     return variant or "float32"
 
 
-def run_peer(cfg, peer: str, worker: Path = WORKER) -> dict:
-    """One peer's row: its figures, or {"error": reason} with the name and variant; never raises."""
+def peer_contender(cfg, peer: str, work: str, worker: Path = WORKER) -> Contender:
+    """The peer's turns.Contender: converted into `work` now (in a child process), measured later in
+    its own; a missing package or a failed conversion is a row with the reason already."""
     from dataclasses import asdict
 
     row = {"engine": peer, "label": peer, "dtype": _label(peer, cfg.model)}
-    reason = missing(peer)
-    if reason:
-        return row | {"error": reason}
+    if reason := missing(peer):
+        return Contender(row | {"error": reason}, start=None)
     if peer == "transformers":
-        from leanformer.measure.bench.runner import run_engine
+        from leanformer.measure.bench import runner
 
-        try:
-            return run_engine(cfg, "transformers") | {"label": peer}
-        except Exception as e:
-            return row | {"error": str(e)}
+        c = runner.contender(cfg, "transformers")
+        c.row["label"] = peer
+        return c
+    try:
+        path = _convert_in_child(peer, cfg.model, work)
+    except Exception as e:
+        return Contender(row | {"error": str(e)}, start=None)
+    argv = [sys.executable, str(worker), peer.partition(":")[0], path, json.dumps(asdict(cfg))]
+    return Contender(row, start_process(argv, "measurement"))
+
+
+def run_peer(cfg, peer: str, worker: Path = WORKER) -> dict:
+    """One peer's row measured alone: its figures, or {"error": reason} with the name; never raises."""
+    from leanformer.measure.bench.turns import take_turns
+
     with tempfile.TemporaryDirectory(prefix="leanformer-peer-") as work:
-        try:
-            path = _convert_in_child(peer, cfg.model, work)
-            conf = json.dumps(asdict(cfg))
-            raw = _subprocess(
-                [sys.executable, str(worker), peer.partition(":")[0], path, conf], "measurement"
-            )
-            figures = json.loads(_last_line(raw))
-        except Exception as e:  # a crash, a timeout, unreadable output: the row says so
-            return row | {"error": str(e)}
-    if "error" in figures:
-        return row | figures
-    from leanformer.measure.bench.runner import _bandwidth_ceiling_tok_s
-
-    # the ceiling is measured here, the same torch sum as for our rows (the worker has no torch)
-    figures["ceiling_tok_s"] = _bandwidth_ceiling_tok_s(int(figures["size_mb"] * 2**20), cfg.repeats)
-    return row | figures
+        return take_turns(cfg, [peer_contender(cfg, peer, work, worker)])[0]

@@ -1,30 +1,27 @@
 """`leanformer bench`: prefill and decode speed, time to first token, peak RSS and size.
 
-Each engine runs in its own subprocess (so peak RSS is its own), back-to-back in one invocation, on
-the same weights and the same random prompts. Decode speed is measured the same way for every
-engine: each decode step (one new token per row, after the prefill) is timed on its own while the
-engine generates N tokens, and tokens/s = batch / the median step over all `repeats` runs after a
-warm-up. A median of steps is what one slow run or a stall on a shared machine cannot move; the
-earlier (t_N − t_1) / (N − 1) scheme subtracted two noisy medians and once doubled a headline figure.
-Prefill and time to first token are the median of `repeats` whole runs after a warm-up.
+Our engines (and HF transformers) as peer_worker.py's protocol serves them: each in its own process
+(so peak RSS is its own), taking turns with the peers round by round (turns.py), on the same weights and
+the same random prompts. Decode speed is measured the same way for every engine: each decode step (one
+new token per row, after the prefill) is timed on its own while the engine generates N tokens, and
+tokens/s = batch / the median step over all rounds' generations, after a warm-up. A median of steps is
+what one slow run or a stall on a shared machine cannot move; the earlier (t_N − t_1) / (N − 1) scheme
+subtracted two noisy medians and once doubled a headline figure. Prefill and time to first token are
+the median over rounds of one whole run each.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-# shared with the peers' own processes (peer_worker.py imports neither torch nor leanformer)
-from leanformer.measure.bench.peer_worker import _median_time
-from leanformer.measure.bench.peer_worker import rss_mb as _rss_mb
+# also what paired, bench_tp and the tests take from here
+from leanformer.measure.bench.turns import bandwidth_ceiling_tok_s, decode_rate  # noqa: F401
 
 
 @dataclass
@@ -48,15 +45,6 @@ def _prompts(vocab: int, batch: int, length: int) -> torch.Tensor:
     return torch.tensor(prompts(vocab, batch, length))
 
 
-def decode_rate(step_times: Sequence[Sequence[float]], batch: int) -> float:
-    """Decode tokens/s from per-step timings (seconds) of one or more runs: `batch` tokens per step over
-    the median step of all runs pooled, so a slow warm-up run or a few stalled steps leave it alone."""
-    steps = [t for run in step_times for t in run]
-    if not steps:
-        raise ValueError("no decode steps were timed: generate at least 2 tokens")
-    return batch / statistics.median(steps)
-
-
 def _step_times(stamps: list[float]) -> list[float]:
     """Times of successive token arrivals → the decode steps between them (prefill + first token, the
     time before stamps[0], is not a decode step)."""
@@ -76,11 +64,6 @@ def leanformer_decode_steps(model, prompts: list[list[int]], new_tokens: int) ->
     return _step_times(stamps)
 
 
-def _runs_of_steps(fn: Callable[[], list[float]], repeats: int) -> list[list[float]]:
-    fn()  # warm-up
-    return [fn() for _ in range(repeats)]
-
-
 def variant_name(cfg: BenchConfig, engine: str) -> str:
     """What a bench column measured: the recipe (by name) or the GGUF's own blocks when one applies to
     this engine, else the float dtype, so compressed columns are not all labelled "float32"."""
@@ -98,13 +81,10 @@ def _nbytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def measure(cfg: BenchConfig, engine: str) -> dict:
-    """Run inside the engine's own process; returns the figures as a dict."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    t0 = time.perf_counter()
-    if engine == "leanformer":
-        from leanformer.engine.generate import generate
+class LeanformerEngine:
+    """Our engine for turns.py's protocol (peer_worker.Engine's methods): MODEL loaded as configured."""
+
+    def __init__(self, cfg: BenchConfig) -> None:
         from leanformer.loading import load
 
         model, _ = load(cfg.model, dtype=cfg.dtype, keep_quantized=cfg.keep_quantized)
@@ -116,59 +96,107 @@ def measure(cfg: BenchConfig, engine: str) -> dict:
             from leanformer.compress.qbase import set_activations
 
             set_activations(model, cfg.activations)
-        vocab = model.args.vocab_size
-        size = _nbytes(model)
+        self.model, self.vocab, self.size_bytes = model, model.args.vocab_size, _nbytes(model)
 
-        def run(ids: torch.Tensor, n: int) -> None:
-            generate(model, None, ids.tolist(), max_new_tokens=n, ignore_eos=True)
+    def prefill(self, ids: list[list[int]]) -> None:
+        t = torch.tensor(ids)
+        with torch.inference_mode():
+            self.model(t, logits_at=torch.full((len(ids),), t.shape[1] - 1))
 
-        def steps(ids: torch.Tensor, n: int) -> list[float]:
-            return leanformer_decode_steps(model, ids.tolist(), n)
+    def first_token(self, ids: list[list[int]]) -> None:
+        from leanformer.engine.generate import generate
 
-        def prefill(ids: torch.Tensor) -> None:
-            with torch.inference_mode():
-                model(ids, logits_at=torch.full((len(ids),), ids.shape[1] - 1))
-    elif engine == "transformers":
+        generate(self.model, None, ids, max_new_tokens=1, ignore_eos=True)
+
+    def steps(self, ids: list[list[int]], n: int) -> list[float]:
+        return leanformer_decode_steps(self.model, ids, n)
+
+
+class TransformersEngine:
+    """HF transformers on the same weights (measure/reference.py), greedy `generate`."""
+
+    def __init__(self, cfg: BenchConfig) -> None:
         from leanformer.measure.reference import load_hf_reference
 
-        model, _ = load_hf_reference(cfg.model, cfg.dtype)
-        vocab = model.config.vocab_size
-        size = _nbytes(model)
+        self.model, _ = load_hf_reference(cfg.model, cfg.dtype)
+        self.vocab, self.size_bytes = self.model.config.vocab_size, _nbytes(self.model)
 
-        def run(ids: torch.Tensor, n: int, streamer=None) -> None:
-            with torch.inference_mode():
-                model.generate(
-                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                    do_sample=False, pad_token_id=0, streamer=streamer,
-                )  # fmt: skip
+    def _generate(self, ids: list[list[int]], n: int, streamer=None) -> None:
+        t = torch.tensor(ids)
+        with torch.inference_mode():
+            self.model.generate(
+                t, attention_mask=torch.ones_like(t), max_new_tokens=n, min_new_tokens=n,
+                do_sample=False, pad_token_id=0, streamer=streamer,
+            )  # fmt: skip
 
-        def steps(ids: torch.Tensor, n: int) -> list[float]:
-            # generate() hands the prompt, then each new token, to the streamer as soon as it exists
-            stamps = _Stamps()
-            run(ids, n, stamps)
-            return _step_times(stamps.times[1:])
+    def prefill(self, ids: list[list[int]]) -> None:
+        with torch.inference_mode():
+            self.model(torch.tensor(ids), logits_to_keep=1)
 
-        def prefill(ids: torch.Tensor) -> None:
-            with torch.inference_mode():
-                model(ids, logits_to_keep=1)
-    else:
+    def first_token(self, ids: list[list[int]]) -> None:
+        self._generate(ids, 1)
+
+    def steps(self, ids: list[list[int]], n: int) -> list[float]:
+        # generate() hands the prompt, then each new token, to the streamer as soon as it exists
+        stamps = _Stamps()
+        self._generate(ids, n, stamps)
+        return _step_times(stamps.times[1:])
+
+
+ENGINES = {"leanformer": LeanformerEngine, "transformers": TransformersEngine}
+
+
+def make_engine(cfg: BenchConfig, engine: str):
+    if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}")
-    load_s = time.perf_counter() - t0
-    out: dict = {"engine": engine, "dtype": variant_name(cfg, engine), "activation_dtype": cfg.dtype}
-    out |= {"load_s": load_s, "size_mb": size / 2**20}
-    one = _prompts(vocab, 1, cfg.prompt_tokens)
-    out["prefill_ms"] = 1000 * _median_time(lambda: prefill(one), cfg.repeats)
-    out["prefill_tok_s"] = cfg.prompt_tokens / out["prefill_ms"] * 1000
-    out["ttft_ms"] = 1000 * _median_time(lambda: run(one, 1), cfg.repeats)
-    for b in cfg.batches:
-        ids = _prompts(vocab, b, cfg.prompt_tokens)
-        n = max(cfg.new_tokens, 2)  # the first token comes with the prefill: 2 make one decode step
-        runs = _runs_of_steps(lambda ids=ids, n=n: steps(ids, n), cfg.repeats)
-        out[f"decode_tok_s_b{b}"] = decode_rate(runs, b)
-        out[f"decode_step_ms_b{b}"] = 1000 * b / out[f"decode_tok_s_b{b}"]
-    out["peak_rss_mb"] = _rss_mb()
-    out["ceiling_tok_s"] = _bandwidth_ceiling_tok_s(size, cfg.repeats)  # after RSS: it allocates
-    return out
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return ENGINES[engine](cfg)
+
+
+def serve_engine(cfg_json: str, engine: str) -> None:
+    """The child process of one of our engines: peer_worker.serve's loop around make_engine."""
+    from leanformer.measure.bench.peer_worker import serve
+
+    cfg = BenchConfig(**json.loads(cfg_json))
+    serve(lambda: make_engine(cfg, engine), asdict(cfg))
+
+
+def contender(cfg: BenchConfig, engine: str, label: str | None = None, *, in_process: bool = False):
+    """A turns.Contender for one of our engines: a child process, or this one (`in_process`)."""
+    from leanformer.measure.bench import turns
+
+    row = {"engine": engine, "label": label or engine, "dtype": variant_name(cfg, engine)}
+    row["activation_dtype"] = cfg.dtype
+    if in_process:
+
+        def start():
+            conn = turns.InProcess(lambda: make_engine(cfg, engine), asdict(cfg))
+            return conn, conn.ready
+
+        return turns.Contender(row, start)
+    code = "import sys; from leanformer.measure.bench.runner import serve_engine; serve_engine(*sys.argv[1:])"
+    argv = [sys.executable, "-c", code, json.dumps(asdict(cfg)), engine]
+    return turns.Contender(row, turns.start_process(argv, f"{engine} benchmark"))
+
+
+def _one(cfg: BenchConfig, engine: str, in_process: bool) -> dict:
+    from leanformer.measure.bench.turns import take_turns
+
+    row = take_turns(cfg, [contender(cfg, engine, in_process=in_process)])[0]
+    if "error" in row:
+        raise RuntimeError(row["error"])
+    return row
+
+
+def measure(cfg: BenchConfig, engine: str) -> dict:
+    """One engine's figures, measured in this process (tests; bench_tp's split model has its own)."""
+    return _one(cfg, engine, in_process=True)
+
+
+def run_engine(cfg: BenchConfig, engine: str) -> dict:
+    """One engine's figures, measured in a fresh Python process (its peak RSS its own)."""
+    return _one(cfg, engine, in_process=False)
 
 
 class _Stamps:
@@ -184,37 +212,6 @@ class _Stamps:
 
     def end(self) -> None:
         pass
-
-
-def _bandwidth_ceiling_tok_s(nbytes: int, repeats: int) -> float:
-    """Batch-1 decode reads every weight once per token, so tokens/s can't beat streaming `nbytes`
-    from memory: time a torch.sum over as many bytes, in this process, right after the decode runs."""
-    buf = torch.ones(max(nbytes // 4, 1))
-    buf.sum()  # warm-up: first touch
-    times = []
-    for _ in range(max(repeats, 7)):  # the best run: a ceiling, and other tenants only slow it down
-        t = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - t)
-    return 1 / min(times)
-
-
-def run_engine(cfg: BenchConfig, engine: str) -> dict:
-    """Measure one engine in a fresh Python process and return its figures."""
-    code = (
-        "import json,sys; from leanformer.measure.bench.runner import BenchConfig, measure; "
-        "cfg = BenchConfig(**json.loads(sys.argv[1])); print(json.dumps(measure(cfg, sys.argv[2])))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(asdict(cfg)), engine],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"{engine} benchmark failed: {tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def table(rows: list[dict], batches: list[int]) -> str:
