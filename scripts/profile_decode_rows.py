@@ -1,7 +1,7 @@
 """Where a fused decode step's time goes at M rows (speculative verification / batched decode).
 
     python scripts/profile_decode_rows.py /tmp/h17/smollm2-Q4_0.gguf [--rows 1 2 3 5 9] [--threads 1]
-        [--repeats 15] [--position 200]
+        [--repeats 15] [--position 200] [--kv-dtype float16]
 
 Loads a GGUF kept quantized and times, in rounds in one process (medians, ms per call; CPU time of this
 thread by default, which preemption on a busy machine does not inflate):
@@ -33,6 +33,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--position", type=int, default=200)
+    p.add_argument(
+        "--kv-dtype", choices=("float32", "float16"), default="float32", help="the K / V cache's dtype"
+    )
     add_clock_arg(p)
     a = p.parse_args()
     use_clock(p, a)
@@ -54,8 +57,9 @@ def main() -> None:
     kv, d = attn0.n_kv_heads, attn0.head_dim
     max_seq = a.position + max(a.rows) + 16
     # random K / V: an untouched torch.zeros buffer maps every page to one zero page (cache-resident reads)
-    k = [torch.randn(1, kv, max_seq, d) for _ in range(layers)]
-    v = [torch.randn(1, kv, max_seq, d) for _ in range(layers)]
+    kvt = getattr(torch, a.kv_dtype)
+    k = [torch.randn(1, kv, max_seq, d).to(kvt) for _ in range(layers)]
+    v = [torch.randn(1, kv, max_seq, d).to(kvt) for _ in range(layers)]
     head = model.lm_head
     head.int8_activations = True
     g = torch.Generator().manual_seed(0)
