@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -68,7 +69,8 @@ def test_report_dir_and_results_checks(tmp_path):
 
 def test_run_sweep_on_real_weights(shared, monkeypatch):
     """stories260K (llama2.c, with its tokenizer): quality in this process, bench rows per recipe."""
-    monkeypatch.setattr(runner, "run_engine", runner.measure)  # in-process: the rows are the point here
+    # in-process: the rows are the point here
+    monkeypatch.setattr(runner, "contender", functools.partial(runner.contender, in_process=True))
     model = shared / "models" / "stories260K"
     data = shared / "data" / "tinystories" / "sample.txt"
     cfg = sweep.SweepConfig(str(model), str(data), ["none", "int8", "no-such-preset"][:2], 6000, 128)

@@ -82,17 +82,25 @@ def compressed(base, recipe):
 
 def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     """{"config", "machine", "recipes": [row per recipe], "peers": [bench rows]}; rows carry the
-    quality keys of quality() and bench's speed / memory keys (or "error")."""
+    quality keys of quality() and bench's speed / memory keys (or "error"). Quality is measured here,
+    recipe by recipe; speed afterwards, every recipe and peer in its own process taking turns round by
+    round (bench's scheme: measure/bench/turns.py), so the host's drift cannot reorder the front."""
+    import contextlib
+    import tempfile
+
     from leanformer.loading import load
-    from leanformer.measure.bench.peers import machine, run_peer
-    from leanformer.measure.bench.runner import BenchConfig, run_engine
+    from leanformer.measure.bench import peers as peer_rows
+    from leanformer.measure.bench import runner
+    from leanformer.measure.bench.turns import take_turns
 
     check_recipes(cfg.recipes)
     base, tok = load(cfg.model, keep_quantized=False)  # the float baseline: recipes quantize it
     ids = eval_ids(tok, cfg.data, cfg.max_chars, cfg.window)
-    bench = BenchConfig(cfg.model, "float32", cfg.prompt_tokens, cfg.new_tokens, cfg.batches, cfg.repeats)
-    rows, base_ppl = [], None
-    bar = tqdm(cfg.recipes, desc="sweep", unit="recipe", disable=not progress)
+    bench = runner.BenchConfig(
+        cfg.model, "float32", cfg.prompt_tokens, cfg.new_tokens, cfg.batches, cfg.repeats
+    )
+    rows, base_ppl, timed = [], None, []
+    bar = tqdm(cfg.recipes, desc="sweep (quality)", unit="recipe", disable=not progress)
     for name in bar:
         bar.set_postfix(recipe=name)
         row: dict = {"recipe": name}
@@ -102,19 +110,25 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
             base_ppl = base_ppl or q["ppl"] / (1 + q["delta_ppl_pct"] / 100)
             row |= q
             run = dataclasses.replace(bench, recipe=None if name == "none" else name)
-            row |= {k: v for k, v in run_engine(run, "leanformer").items() if k not in ("engine", "dtype")}
+            timed.append((row, runner.contender(run, "leanformer", name)))
         except Exception as e:  # one recipe failing (a calibrated one without data, ...) is a row
             row["error"] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         rows.append(row)
-    peer_rows = []
-    for peer in tqdm(cfg.peers, desc="peers", unit="peer", disable=not progress or not cfg.peers):
-        peer_rows.append(run_peer(bench, peer))
+    del base
+    with contextlib.ExitStack() as stack:
+        peers = []
+        for peer in cfg.peers:
+            work = stack.enter_context(tempfile.TemporaryDirectory(prefix="leanformer-peer-"))
+            peers.append(peer_rows.peer_contender(bench, peer, work))
+        speeds = take_turns(bench, [c for _, c in timed] + peers)
+    for (row, _), speed in zip(timed, speeds):
+        row |= {k: v for k, v in speed.items() if k not in ("engine", "dtype", "label")}
     n_tokens = len(ids)
     return {
         "config": dataclasses.asdict(cfg) | {"eval_tokens": n_tokens, "base_ppl": base_ppl},
-        "machine": machine(),
+        "machine": peer_rows.machine(),
         "recipes": rows,
-        "peers": peer_rows,
+        "peers": speeds[len(timed) :],
     }
 
 
