@@ -38,8 +38,19 @@ constexpr int64_t kI8Ahead = 4 * LF_PREFETCH;
 constexpr int64_t kI8Ahead = LF_PREFETCH;
 #endif
 
+// The 512-bit int4 / int5 loops look half as far (the same number of weights ahead as the int8 ones):
+// since one row per pass made each thread's weights one sequential stream, 8 KB ahead was too far on
+// Zen 4 (SmolLM2 Q4_0 step + head 0.977-0.980x the time at 4 KB, 2 threads, scripts/i8_rows_ab.py; the
+// int8 head no faster at 4 KB, the AVX2 loops no faster at 1 KB).
+#ifdef LF_I8_WIDE
+constexpr int64_t kI8AheadNib = kI8Ahead / 2;
+#else
+constexpr int64_t kI8AheadNib = kI8Ahead;
+#endif
+
+template <int64_t Ahead = kI8Ahead>
 inline void i8_prefetch(const void* row, int64_t off) {
-  if (kI8Ahead > 0 && (off & 63) == 0) _mm_prefetch(static_cast<const char*>(row) + off + kI8Ahead, _MM_HINT_T0);
+  if (Ahead > 0 && (off & 63) == 0) _mm_prefetch(static_cast<const char*>(row) + off + Ahead, _MM_HINT_T0);
 }
 
 // One float accumulator chain per (weight row n, activation row m), over the chunks in order: a row's
@@ -252,30 +263,32 @@ inline void i8_prefetch_bytes(const void* p, int64_t bytes) {
 }
 
 // Weight rows [n0, n1) against the M activation rows of a, p = i8_pack<M>(a) (int4 / int5).
-// The streams start at full speed: the loops prefetch the weights kI8Ahead bytes ahead, so the first
-// kI8Ahead bytes of this thread's rows are requested here at once (else they arrive as demand misses,
+// The streams start at full speed: the loops prefetch the weights kAhead bytes ahead, so the first
+// kAhead bytes of this thread's rows are requested here at once (else they arrive as demand misses,
 // ~1 us per call and thread on the small per-layer matrices), and the scales, a second stream the
 // loops do not prefetch, are requested as many rows ahead.
 template <int M, class D, Kind K, Groups S>
 inline void rows_mp(const I8Args& a, const XPack& p, int64_t n0, int64_t n1) {
   const int64_t wrow = i8_row_bytes<K>(a), srow = K == Kind::q4wh ? 2 * (a.K / 32) : i8_scale_row_bytes(a, nibbles(K));
-  const int64_t ahead = wrow > 0 ? (kI8Ahead + wrow - 1) / wrow : 0;  // rows
+  constexpr int64_t kAhead = nibbles(K) ? kI8AheadNib : kI8Ahead;  // bytes
+  const int64_t ahead = wrow > 0 ? (kAhead + wrow - 1) / wrow : 0;  // rows
   const char* w0 = static_cast<const char*>(a.w);
   const char* s0 = K == Kind::q4wh ? reinterpret_cast<const char*>(a.scales_h)
                    : a.sc          ? reinterpret_cast<const char*>(a.sc)
                                    : reinterpret_cast<const char*>(a.scales);
-  if (kI8Ahead > 0 && !a.warm) {
+  if (kAhead > 0 && !a.warm) {
     const int64_t first = (ahead < n1 - n0 ? ahead : n1 - n0);
     i8_prefetch_bytes(w0 + n0 * wrow, first * wrow);
     if (srow > 0) i8_prefetch_bytes(s0 + n0 * srow, first * srow);
   }
   for (int64_t n = n0; n < n1; ++n) {  // one weight row per pass (see the top of this file)
     // past n1 too (up to N): a thread's next block (row_split.h) usually follows, like the weights' prefetch
-    if (kI8Ahead > 0 && srow > 0 && n + ahead < a.N) i8_prefetch_bytes(s0 + (n + ahead) * srow, srow);
+    if (kAhead > 0 && srow > 0 && n + ahead < a.N) i8_prefetch_bytes(s0 + (n + ahead) * srow, srow);
     rows_nr<1, M, D, K, S>(a, p, n);
   }
-  if (kI8Ahead > 0 && a.next.w && a.N > 0) {  // the same share of the next call's weights
+  if (kAhead > 0 && a.next.w && a.N > 0) {  // the same share of the next call's weights
     const int64_t r0 = (a.next.from >= 0 ? a.next.from : n0) * a.next.N / a.N, left = a.next.N - r0;
+    // the next call may be of another kind (the last block's down, then the int8 head): its own distance
     const int64_t rows_ahead = a.next.row_bytes > 0 ? (kI8Ahead + a.next.row_bytes - 1) / a.next.row_bytes : 0;
     const int64_t r = rows_ahead < left ? rows_ahead : left;
     i8_prefetch_bytes(a.next.w + r0 * a.next.row_bytes, r * a.next.row_bytes);

@@ -191,7 +191,7 @@ inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR
   for (int64_t c = 0; c < chunks; ++c) {  // one 64-column chunk (32 weight bytes per row)
     LF_UNROLL
     for (int r = 0; r < NR; ++r) {
-      i8_prefetch(w[r], 32 * c);
+      i8_prefetch<kI8AheadNib>(w[r], 32 * c);
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + 32 * c));
       __m256i lo, hi;  // even / odd columns' codes
       if constexpr (kQ5) {

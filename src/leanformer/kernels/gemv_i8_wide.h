@@ -102,7 +102,7 @@ inline void span_rows(const I8Args& a, int64_t n, const uint8_t* __restrict cons
     for (int r = 0; r < NR; ++r) {
       const uint8_t* p = w[r] + 256 * s;
       LF_UNROLL
-      for (int q = 0; q < 4; ++q) i8_prefetch(w[r], 256 * s + 64 * q);
+      for (int q = 0; q < 4; ++q) i8_prefetch<kI8AheadNib>(w[r], 256 * s + 64 * q);
       const __m512i v0 = _mm512_loadu_si512(p), v1 = _mm512_loadu_si512(p + 64);
       const __m512i v2 = _mm512_loadu_si512(p + 128), v3 = _mm512_loadu_si512(p + 192);
       const __m512i t0 = _mm512_unpacklo_epi32(v0, v1), t1 = _mm512_unpackhi_epi32(v0, v1);
@@ -200,7 +200,7 @@ __attribute__((always_inline)) inline void wide_rows(const I8Args& a, const XPac
     if (layout(S) == Groups::k64n && left == 1) g2 = g + 1;
     LF_UNROLL
     for (int r = 0; r < NR; ++r) {
-      i8_prefetch(w[r], 32 * c);
+      i8_prefetch<kI8AheadNib>(w[r], 32 * c);
       const __m512i v = _mm512_loadu_si512(w[r] + 32 * c);
       const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
       __m512 ws;  // blocks 2c .. 2c + 3's weight scales, each in 4 lanes
