@@ -1,12 +1,12 @@
 """One quantized GEMV (batch 1) per kernel build, streamed from memory: GB/s of weights and scales.
 
     python scripts/gemv_stream_ab.py OLD.so [NEW.so ...] [--k 576 1536] [--mb 66] [--threads 2]
-        [--weights q4|q8|q8row|q4f] [--act-isa avx2] [--rounds 11]
+        [--weights q4|q8|q8row|q4f|f32] [--act-isa avx2] [--rounds 11]
 
 For each K: one weight matrix of about `--mb` MB (rows = MB / row bytes, int4 group 32 with fp32 scales
-as SmolLM2's Q4_0 blocks load, int8 group 32, int8 with one scale per row, or `q4f`: the int4 matrix
-through the fp32-activation kernel, linear_q4), larger than the caches, so every call streams it from
-memory (`--mb 0.75`: L2-resident, the kernel's compute rate). The builds
+as SmolLM2's Q4_0 blocks load, int8 group 32, int8 with one scale per row, `q4f`: the int4 matrix
+through the fp32-activation kernel, linear_q4, or `f32`: fp32 weights, linear_f32), larger than the
+caches, so every call streams it from memory (`--mb 0.75`: L2-resident, the kernel's compute rate). The builds
 alternate call by call in one process (each round: every K, every build), a `torch.sum` over as many
 bytes first in each round; prints each build's median GB/s, the median per-round ratio to the first
 build and to the sum. Builds: kernel libraries as scripts/i8_rows_ab.py loads them (the .so under
@@ -26,10 +26,12 @@ from leanformer.kernels import pack_int4
 
 
 def weights(kind: str, k: int, mb: float, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-    row = {"q4": k // 2 + k // 32 * 4, "q4f": k // 2 + k // 32 * 8, "q8": k + k // 32 * 4, "q8row": k + 4}[
-        kind
-    ]
+    row = {"q4": k // 2 + k // 32 * 4, "q4f": k // 2 + k // 32 * 8, "q8": k + k // 32 * 4, "q8row": k + 4}
+    row = row | {"f32": 4 * k}
+    row = row[kind]
     n = max(64, int(mb * 2**20) // row // 64 * 64)
+    if kind == "f32":
+        return (torch.randn(n, k, generator=g),)
     if kind in ("q4", "q4f"):
         codes = pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g))
         scales = torch.rand(n, k // 32, generator=g) * 0.01
@@ -48,7 +50,7 @@ def main() -> None:
     p.add_argument("--k", type=int, nargs="+", default=[576, 1536])
     p.add_argument("--mb", type=float, default=66.0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--weights", choices=("q4", "q8", "q8row", "q4f"), default="q4")
+    p.add_argument("--weights", choices=("q4", "q8", "q8row", "q4f", "f32"), default="q4")
     p.add_argument("--act-isa", default=None, help="avx2 / avx_vnni / avx512_vnni (default: the CPU's best)")
     p.add_argument("--rounds", type=int, default=11)
     a = p.parse_args()
@@ -62,10 +64,13 @@ def main() -> None:
     group = 0 if a.weights == "q8row" else 32
 
     def call(m, k: int) -> None:
-        codes, scales, *zeros = mats[k]
+        codes, *rest = mats[k]
+        scales, *zeros = rest or [None]
         x = xs[k]
         if a.weights == "q4":
             m.linear_q4_i8(x, codes, scales, None, group, None)
+        elif a.weights == "f32":
+            m.linear_f32(x, codes, None)
         elif a.weights == "q4f":
             m.linear_q4(x, codes, scales, zeros[0], group, None, None)
         else:

@@ -29,6 +29,7 @@ from leanformer.formats.checkpoint import (  # noqa: F401  (read_* / load_tokeni
 )
 from leanformer.formats.hf_weights import first_line
 from leanformer.kernels.packed import pack_linears_
+from leanformer.models.huge_pages import to_huge_pages
 from leanformer.models.layers import Rotary
 
 # family module (under leanformer.models) → the HF architectures it serves
@@ -120,6 +121,8 @@ def load(
     builder = BUILDERS.get(family, build_decoder)
     model = builder(config, state_dict, p if p.is_dir() else None, DTYPES[dtype], device, fast, source)
     model.loaded_from = str(p.resolve())  # `save` never writes over the folder a model came from
+    del state_dict  # the moved tensors' old memory goes back as each one moves
+    to_huge_pages(model)  # here, not in the first decode step (a few seconds for a 7B model)
     return model, tok
 
 

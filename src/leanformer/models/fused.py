@@ -28,6 +28,7 @@ from leanformer.errors import LeanformerError
 from leanformer.kernels.cpu import ACTIVATIONS
 from leanformer.kernels.cpu import int8_activations as _int8_mode
 from leanformer.kernels.modules import MAX_ROWS
+from leanformer.models.huge_pages import to_huge_pages
 from leanformer.models.layers import RMSNorm
 
 
@@ -338,6 +339,7 @@ class DecodePlan:
     def get(self, model: nn.Module):
         """The C++ stack for the model as it is now, or None if some layer cannot be fused."""
         if self.identity is None or not self.identity.holds():
+            to_huge_pages(model)  # before the stack captures the tensors' addresses (what is new only)
             self.stack, self.identity = _build(model), kernels.ext().ObjectIdentity(_identity(model))
             self.segments = _segments(model) if self.stack is None else None
         return self.stack

@@ -1,0 +1,115 @@
+"""Weights moved into huge pages (models/huge_pages.py): values, sharing and Parameter objects kept,
+nothing moved twice, nothing moved where THP is off, and the fused decode step's results unchanged."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import leanformer as lf
+from leanformer.models import huge_pages
+from leanformer.models.huge_pages import huge_empty, thp_mode, to_huge_pages
+
+needs_thp = pytest.mark.skipif(
+    thp_mode() not in ("always", "madvise"), reason=f"no transparent huge pages here (mode {thp_mode()})"
+)
+
+
+class Net(nn.Module):
+    """Large tensors in the shapes a model holds them: a Parameter two modules share (tied embeddings),
+    buffers that are views of one storage, an int8 buffer, a small norm that must stay put."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.embed = nn.Embedding(512, 128)
+        self.head = nn.Linear(128, 512, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        self.proj = nn.Linear(256, 256)
+        whole = torch.randn(2, 256, 128, generator=g)
+        self.register_buffer("first", whole[0])  # two views of one storage
+        self.register_buffer("second", whole[1])
+        self.register_buffer("codes", torch.randint(-128, 128, (512, 256), dtype=torch.int8, generator=g))
+        self.norm = nn.LayerNorm(128)
+
+
+def _snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+@needs_thp
+def test_moved_weights_keep_values_objects_and_sharing():
+    net = Net()
+    before, params = _snapshot(net), dict(net.named_parameters())
+    norm_ptr = net.norm.weight.data_ptr()
+    moved = to_huge_pages(net)
+    assert moved >= (512 * 128 + 256 * 256) * 4 + 2 * 256 * 128 * 4 + 512 * 256
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert dict(net.named_parameters()) == params  # the same Parameter objects
+    assert net.head.weight is net.embed.weight  # still tied
+    assert (
+        net.first.untyped_storage().data_ptr() == net.second.untyped_storage().data_ptr()
+    )  # still one storage
+    assert net.second.data_ptr() - net.first.data_ptr() == 256 * 128 * 4
+    assert net.norm.weight.data_ptr() == norm_ptr  # small: left where it was
+    ((start, end),) = net._huge_pages
+    assert all(start <= t.data_ptr() < end for t in (net.embed.weight, net.proj.weight, net.codes, net.first))
+    assert to_huge_pages(net) == 0  # nothing new
+    net.proj.weight = nn.Parameter(torch.randn(256, 256))  # a compression swapping one tensor
+    assert to_huge_pages(net) == 256 * 256 * 4  # only that one moves
+    copied = copy.deepcopy(net)  # a deep copy's tensors are elsewhere: they move again
+    assert to_huge_pages(copied) > 0 and torch.equal(copied.codes, net.codes)
+
+
+@needs_thp
+def test_the_block_gets_huge_pages():
+    block = huge_empty(8 << 20)
+    assert block.data_ptr() % (2 << 20) == 0 and block.numel() == 8 << 20
+    block.fill_(1)
+    start = block.data_ptr()
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):  # the mapping holding the block: its AnonHugePages line
+        if "-" in line.split()[0] and int(line.split("-")[0], 16) <= start < int(
+            line.split()[0].split("-")[1], 16
+        ):
+            huge = next(ln for ln in lines[i + 1 :] if ln.startswith("AnonHugePages:"))
+            break
+    assert int(huge.split()[1]) > 0, "madvise(MADV_HUGEPAGE) gave no huge pages (THP defrag off?)"
+
+
+def test_nothing_moves_without_thp(monkeypatch):
+    monkeypatch.setattr(huge_pages, "thp_mode", lambda: "never")
+    net = Net()
+    ptr = net.proj.weight.data_ptr()
+    assert to_huge_pages(net) == 0 and net.proj.weight.data_ptr() == ptr and huge_empty(1 << 20) is None
+    monkeypatch.setattr(huge_pages, "thp_mode", lambda: None)  # not Linux
+    assert to_huge_pages(net) == 0
+
+
+def test_meta_and_opaque_tensors_are_left_alone():
+    net = Net()
+    net.register_buffer("meta", torch.empty(512, 512, device="meta"))
+    to_huge_pages(net)  # no error; the meta tensor stays meta
+    assert net.meta.is_meta
+
+
+@needs_thp
+def test_a_decoder_decodes_the_same_from_huge_pages(tiny_dirs, monkeypatch):
+    """The tiny decoders' tensors are below MIN_BYTES: move them all, then the fused step (built after
+    the move) must give the module path's greedy tokens and logits."""
+    monkeypatch.setattr(huge_pages, "MIN_BYTES", 1)
+    model, _ = lf.load(tiny_dirs["llama"])
+    assert getattr(model, "_huge_pages", None), "load() moves the weights"
+    ((start, end),) = model._huge_pages
+    assert start <= model.model.layers[0].mlp.down_proj.weight.data_ptr() < end
+    plain, _ = lf.load(tiny_dirs["llama"])
+    plain.fused_decode = False
+    ids = [[3, 14, 15, 92, 65, 35]]
+    got = lf.generate(model, None, ids, max_new_tokens=8, ignore_eos=True)
+    want = lf.generate(plain, None, ids, max_new_tokens=8, ignore_eos=True)
+    assert got == want
