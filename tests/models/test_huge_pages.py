@@ -91,11 +91,24 @@ def test_nothing_moves_without_thp(monkeypatch):
     assert to_huge_pages(net) == 0
 
 
+def test_a_mapping_that_fails_leaves_everything_in_place(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(huge_pages, "thp_mode", lambda: "madvise")
+    monkeypatch.setattr(huge_pages.mmap, "mmap", refuse)
+    net = Net()
+    ptr = net.proj.weight.data_ptr()
+    assert to_huge_pages(net) == 0 and net.proj.weight.data_ptr() == ptr
+
+
 def test_meta_and_opaque_tensors_are_left_alone():
     net = Net()
     net.register_buffer("meta", torch.empty(512, 512, device="meta"))
-    to_huge_pages(net)  # no error; the meta tensor stays meta
-    assert net.meta.is_meta
+    if torch.backends.mkldnn.is_available():  # oneDNN-packed weights: torch gives no storage to move
+        net.register_buffer("packed", torch.randn(256, 256).to_mkldnn())
+    to_huge_pages(net)  # no error; those stay as they were
+    assert net.meta.is_meta and (not hasattr(net, "packed") or net.packed.is_mkldnn)
 
 
 @needs_thp

@@ -43,8 +43,11 @@ def huge_empty(nbytes: int) -> torch.Tensor | None:
     tensor's storage (torch.frombuffer holds it)."""
     if thp_mode() not in ("always", "madvise") or not hasattr(mmap, "MADV_HUGEPAGE") or nbytes <= 0:
         return None
-    mm = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared: shmem, no THP
-    mm.madvise(mmap.MADV_HUGEPAGE)
+    try:  # private: a shared anonymous mapping is shmem, which THP leaves alone
+        mm = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mm.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # no address space for it (ulimit -v, overcommit off) or no THP after all: stay put
+        return None
     block = torch.frombuffer(mm, dtype=torch.uint8)
     start = -block.data_ptr() % HUGE
     return block[start : start + nbytes]
