@@ -1,7 +1,7 @@
 """One quantized GEMV (batch 1) per kernel build, streamed from memory: GB/s of weights and scales.
 
     python scripts/gemv_stream_ab.py OLD.so [NEW.so ...] [--k 576 1536] [--mb 66] [--threads 2]
-        [--weights q4|q8|q8row|q4f|f32] [--act-isa avx2] [--rounds 11]
+        [--weights q4|q8|q8row|q4f|f32] [--act-isa avx2] [--rounds 11] [--huge-pages]
 
 For each K: one weight matrix of about `--mb` MB (rows = MB / row bytes, int4 group 32 with fp32 scales
 as SmolLM2's Q4_0 blocks load, int8 group 32, int8 with one scale per row, `q4f`: the int4 matrix
@@ -44,6 +44,14 @@ def weights(kind: str, k: int, mb: float, g: torch.Generator) -> tuple[torch.Ten
     ) * 0.01
 
 
+def huge_copy(t: torch.Tensor) -> torch.Tensor:
+    from leanformer.models.huge_pages import huge_empty
+
+    block = huge_empty(t.numel() * t.element_size())
+    assert block is not None, "no transparent huge pages here"
+    return block.view(t.dtype).view(t.shape).copy_(t)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("builds", nargs="+")
@@ -53,6 +61,7 @@ def main() -> None:
     p.add_argument("--weights", choices=("q4", "q8", "q8row", "q4f", "f32"), default="q4")
     p.add_argument("--act-isa", default=None, help="avx2 / avx_vnni / avx512_vnni (default: the CPU's best)")
     p.add_argument("--rounds", type=int, default=11)
+    p.add_argument("--huge-pages", action="store_true", help="weights and the sum's buffer in huge pages")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     mods = [load_so(b) for b in a.builds]
@@ -61,6 +70,8 @@ def main() -> None:
             m.set_act_isa(a.act_isa)
     g = torch.Generator().manual_seed(0)
     mats = {k: weights(a.weights, k, a.mb, g) for k in a.k}
+    if a.huge_pages:
+        mats = {k: tuple(huge_copy(t) for t in ts) for k, ts in mats.items()}
     group = 0 if a.weights == "q8row" else 32
 
     def call(m, k: int) -> None:
@@ -84,6 +95,8 @@ def main() -> None:
     xs = {k: torch.randn(1, k, generator=g) for k in a.k}
     nbytes = {k: sum(t.numel() * t.element_size() for t in mats[k]) for k in a.k}
     buf = {k: torch.randn(nbytes[k] // 4) for k in a.k}
+    if a.huge_pages:
+        buf = {k: huge_copy(b) for k, b in buf.items()}
     t: dict[tuple[int, int], list[float]] = {}
     for _ in range(a.rounds):
         for k in a.k:
