@@ -117,9 +117,10 @@ def markdown(results: dict) -> str:
         "",
         f"Quality: {cfg['data']} (first {cfg['max_chars'] or 'all'} characters, {cfg.get('eval_tokens', '?')} "
         f"tokens), non-overlapping windows of {cfg['window']}, each recipe against the uncompressed model "
-        f"(PPL {_fmt(cfg.get('base_ppl'), '.3f')}). Speed: `leanformer bench` per recipe in its own process, "
-        f"{cfg['prompt_tokens']}-token prompt, {cfg['new_tokens']} new tokens, median decode step of "
-        f"{cfg['repeats']} runs. ★ = on the Pareto front (decode b=1 vs ΔPPL).",
+        f"(PPL {_fmt(cfg.get('base_ppl'), '.3f')}). Speed: `leanformer bench`, each recipe and peer in its own "
+        f"process, all taking turns for {cfg['repeats']} rounds, {cfg['prompt_tokens']}-token prompt, "
+        f"{cfg['new_tokens']} new tokens, median decode step over the rounds. ★ = on the Pareto front "
+        f"(decode b=1 vs ΔPPL).",
         "",
         "![speed vs ΔPPL](pareto_ppl.png)",
         "",
