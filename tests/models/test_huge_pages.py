@@ -126,3 +126,36 @@ def test_a_decoder_decodes_the_same_from_huge_pages(tiny_dirs, monkeypatch):
     got = lf.generate(model, None, ids, max_new_tokens=8, ignore_eos=True)
     want = lf.generate(plain, None, ids, max_new_tokens=8, ignore_eos=True)
     assert got == want
+
+
+@needs_thp
+def test_a_large_kv_cache_lies_in_huge_pages():
+    from leanformer.models.kv_cache import KVCache
+
+    cache = KVCache(4, 1, 4096, 2, 64)  # 2 MB per layer's K or V: 16 MB in all
+    base = cache.k[0].data_ptr()
+    assert base % (2 << 20) == 0 and cache.v[0].data_ptr() == base + (2 << 20)  # K0, V0, K1, ...
+    assert cache.k[1].data_ptr() == base + (4 << 20) and all(
+        float(t.abs().sum()) == 0 for t in cache.k + cache.v
+    )
+    assert huge_pages.huge_zeros(8, (1, 2, 64, 64), torch.float32) is None  # 256 KB: ordinary memory
+
+
+@needs_thp
+def test_decoding_with_the_kv_cache_in_huge_pages_gives_the_same_tokens(tiny_dirs, monkeypatch):
+    import functools
+
+    from leanformer.models import kv_cache
+
+    model, _ = lf.load(tiny_dirs["llama"])
+    ids = [[3, 14, 15, 92, 65, 35], [2, 71, 82, 81, 8, 28]]
+    want = lf.generate(model, None, ids, max_new_tokens=8, ignore_eos=True)
+    made = []
+
+    def every_cache(*args, **kwargs):  # the tiny model's cache is far under the 4 MB threshold
+        made.append(functools.partial(huge_pages.huge_zeros, min_bytes=1)(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(kv_cache, "huge_zeros", every_cache)
+    assert lf.generate(model, None, ids, max_new_tokens=8, ignore_eos=True) == want
+    assert made and all(m is not None for m in made)

@@ -53,6 +53,19 @@ def huge_empty(nbytes: int) -> torch.Tensor | None:
     return block[start : start + nbytes]
 
 
+def huge_zeros(
+    count: int, shape: tuple[int, ...], dtype: torch.dtype, min_bytes: int = 4 << 20
+) -> list[torch.Tensor] | None:
+    """`count` zero tensors of `shape` one after another in one huge-page block (a KV cache's layers,
+    which decode streams every token); None when THP is unavailable or they total under `min_bytes`
+    (a 2 MB page zeroed at first touch costs more than a small cache gains)."""
+    n = torch.Size(shape).numel()
+    each = -(-n * dtype.itemsize // ALIGN) * ALIGN
+    if count * each < min_bytes or (block := huge_empty(count * each)) is None:
+        return None  # anonymous memory is zero already: nothing to fill
+    return [block[i * each : i * each + n * dtype.itemsize].view(dtype).view(shape) for i in range(count)]
+
+
 def _trim() -> int:
     """Give freed heap memory back to the OS (glibc's malloc_trim): the moved tensors' old memory is free
     but glibc keeps freed chunks of a few hundred KB in its heap, so without this the process would hold

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from leanformer.errors import LeanformerError
+from leanformer.models.huge_pages import huge_zeros
 
 STORAGES = ("int8", "fp16")  # besides None: K/V kept in the model's dtype
 
@@ -92,8 +93,11 @@ class KVCache:
     ) -> None:
         shape = (n_slots, n_kv_heads, max_seq, head_dim)
         store = store_dtype(storage, dtype)
-        self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
+        # on a CPU, one huge-page block for every layer's K and V when they are large (models/huge_pages.py)
+        kv = huge_zeros(2 * n_layers, shape, store) if torch.device(device).type == "cpu" else None
+        if kv is None:
+            kv = [torch.zeros(shape, dtype=store, device=device) for _ in range(2 * n_layers)]
+        self.k, self.v = kv[0::2], kv[1::2]  # layer by layer, as a decode step reads them
         scale_shape = (*shape[:3], 1)
         self.quantized = storage == "int8"
         n_scales = n_layers if self.quantized else 0
