@@ -50,7 +50,7 @@ def _contender(cfg: BenchConfig, name: str, make) -> Contender:
 
 @pytest.fixture
 def no_gap_or_ceiling(monkeypatch):
-    monkeypatch.setattr(turns, "bandwidth_ceiling_tok_s", lambda nbytes, repeats: 1000.0)
+    monkeypatch.setattr(turns, "bandwidth_ceiling_tok_s", lambda nbytes, repeats, buf=None: 1000.0)
     monkeypatch.setattr(turns, "GAP_S", 0.0)
 
 
@@ -226,3 +226,10 @@ def test_process_contender_end_to_end(tmp_path, no_gap_or_ceiling):
     )[0]
     assert row["decode_tok_s_b1"] == pytest.approx(500) and row["decode_tok_s_b4"] == pytest.approx(2000)
     assert row["prefill_ms"] >= 0 and row["peak_rss_mb"] > 0 and "error" not in row
+
+
+def test_ceiling_reads_a_kept_buffer_or_its_own():
+    buf = turns.sum_buffer(8 << 20)
+    assert buf.numel() == 2 << 20 and float(buf[:4].sum()) == 4.0
+    assert turns.bandwidth_ceiling_tok_s(4 << 20, 1, buf) > 0  # the first 4 MB of the kept buffer
+    assert turns.bandwidth_ceiling_tok_s(16 << 20, 1, buf) > 0  # larger than the kept one: its own

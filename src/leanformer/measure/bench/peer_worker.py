@@ -230,7 +230,8 @@ ENGINES: dict[str, type[Engine]] = {
 }
 
 
-def _rss_now_mb() -> float:
+def rss_now_mb() -> float:
+    """Current RSS of this process (VmRSS), MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
@@ -248,10 +249,9 @@ def handle(eng: Engine, cfg: dict, request: dict) -> dict:
     {"op": "decode", "batch": B} → {"steps": [seconds of each decode step]} (one generation of
     max(new_tokens, 2) tokens: the first comes with the prefill), {"op": "end"} → {"peak_rss_mb"}."""
     op, length = request.get("op"), cfg["prompt_tokens"]
-    if op == "prefill":
-        return {"s": _timed(lambda: eng.prefill(prompts(eng.vocab, 1, length)))}
-    if op == "ttft":
-        return {"s": _timed(lambda: eng.first_token(prompts(eng.vocab, 1, length)))}
+    if op in ("prefill", "ttft"):
+        one = prompts(eng.vocab, 1, length)  # made before the clock starts
+        return {"s": _timed(lambda: eng.prefill(one) if op == "prefill" else eng.first_token(one))}
     if op == "decode":
         return {
             "steps": eng.steps(prompts(eng.vocab, int(request["batch"]), length), max(cfg["new_tokens"], 2))
@@ -261,7 +261,8 @@ def handle(eng: Engine, cfg: dict, request: dict) -> dict:
     raise ValueError(f"unknown request {request!r}")
 
 
-def _reason(e: BaseException) -> str:
+def reason(e: BaseException) -> str:
+    """An engine's failure as one line: its type and the first line of its message."""
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
@@ -281,14 +282,14 @@ def serve(make: Callable[[], Engine], cfg: dict) -> None:
     try:
         eng = make()
     except Exception as e:  # any failure of the engine is a row with its reason, not a traceback
-        return answer({"error": _reason(e)})
-    answer({"load_s": time.perf_counter() - t0, "size_mb": eng.size_bytes / 2**20, "rss_mb": _rss_now_mb()})
+        return answer({"error": reason(e)})
+    answer({"load_s": time.perf_counter() - t0, "size_mb": eng.size_bytes / 2**20, "rss_mb": rss_now_mb()})
     for line in sys.stdin:
         request = json.loads(line)
         try:
             answer(handle(eng, cfg, request))
         except Exception as e:
-            answer({"error": _reason(e)})
+            answer({"error": reason(e)})
         if request.get("op") == "end":
             return None
     return None

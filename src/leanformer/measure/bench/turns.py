@@ -51,15 +51,22 @@ def decode_rate(step_times: Sequence[Sequence[float]], batch: int) -> float:
 CEILING_BUFFER_BYTES = 1 << 30  # far past any last-level cache; a 30 GB model needs no 30 GB buffer
 
 
-def bandwidth_ceiling_tok_s(nbytes: int, repeats: int) -> float:
-    """Batch-1 decode reads every weight once per token, so tokens/s can't beat streaming `nbytes`
-    from memory: the best of max(repeats, 7) timed torch.sum passes over min(nbytes, 1 GiB), in this
-    process (other tenants only slow a pass down, so the best one is the ceiling). The buffer lies in
-    huge pages where the kernel offers them, as our weights do (models/huge_pages.py): a sum over 4 KB
-    pages read 10-30% slower on Zen 4, a ceiling our own decode could then pass."""
+def sum_buffer(nbytes: int) -> torch.Tensor:
+    """float32 ones over min(nbytes, 1 GiB), in huge pages where the kernel offers them, as our weights
+    lie (models/huge_pages.py): a sum over 4 KB pages read 10-30% slower on Zen 4, a ceiling our own
+    decode could then pass."""
     n = max(min(nbytes, CEILING_BUFFER_BYTES) // 4, 1)
     raw = huge_empty(4 * n)
-    buf = raw.view(torch.float32).fill_(1.0) if raw is not None else torch.ones(n)
+    return raw.view(torch.float32).fill_(1.0) if raw is not None else torch.ones(n)
+
+
+def bandwidth_ceiling_tok_s(nbytes: int, repeats: int, buf: torch.Tensor | None = None) -> float:
+    """Batch-1 decode reads every weight once per token, so tokens/s can't beat streaming `nbytes`
+    from memory: the best of max(repeats, 7) timed torch.sum passes over sum_buffer(nbytes) (or the
+    first min(nbytes, 1 GiB) bytes of `buf`, one kept across calls), in this process (other tenants only
+    slow a pass down, so the best one is the ceiling)."""
+    n = max(min(nbytes, CEILING_BUFFER_BYTES) // 4, 1)
+    buf = sum_buffer(nbytes) if buf is None or buf.numel() < n else buf[:n]
     buf.sum()  # warm-up: first touch
     times = []
     for _ in range(max(repeats, 7)):
@@ -144,17 +151,20 @@ class InProcess:
     def __init__(self, make: Callable[[], object], cfg: dict) -> None:
         from leanformer.measure.bench import peer_worker
 
-        self.cfg, self._handle = cfg, peer_worker.handle
+        self.cfg, self._worker = cfg, peer_worker
         t0 = time.perf_counter()
-        self.engine = make()
+        try:
+            self.engine = make()
+        except Exception as e:  # as serve() answers it: a row with the reason
+            raise RuntimeError(peer_worker.reason(e)) from e
         self.ready = {"load_s": time.perf_counter() - t0, "size_mb": self.engine.size_bytes / 2**20}
-        self.ready["rss_mb"] = peer_worker.rss_mb()
+        self.ready["rss_mb"] = peer_worker.rss_now_mb()
 
     def ask(self, request: dict) -> dict:
         try:
-            return self._handle(self.engine, self.cfg, request)
+            return self._worker.handle(self.engine, self.cfg, request)
         except Exception as e:
-            raise RuntimeError(f"{type(e).__name__}: {e}") from e
+            raise RuntimeError(self._worker.reason(e)) from e
 
     def close(self) -> None:
         pass
@@ -253,8 +263,12 @@ def take_turns(
     each engine alone, all its rounds, then the next (the old back-to-back scheme)."""
     gap_s = GAP_S if gap_s is None else gap_s
 
+    kept: list[torch.Tensor] = []  # the sum's buffer, made once (up to 1 GiB of pages to fault in)
+
     def ceiling(nbytes: int) -> float:
-        return bandwidth_ceiling_tok_s(nbytes, 7)
+        if not kept or kept[0].numel() * 4 < min(nbytes, CEILING_BUFFER_BYTES):
+            kept[:] = [sum_buffer(nbytes)]
+        return bandwidth_ceiling_tok_s(nbytes, 7, kept[0])
 
     pending, group_no = list(contenders), 0
     while pending:
@@ -268,7 +282,7 @@ def take_turns(
                 continue
             try:
                 c.conn, ready = c.start()
-            except RuntimeError as e:
+            except Exception as e:  # an engine that cannot start is a row with the reason
                 c.row["error"] = str(e)
                 continue
             c.row |= {"load_s": ready["load_s"], "size_mb": ready["size_mb"], "rss_mb": ready["rss_mb"]}
