@@ -52,8 +52,15 @@ def test_paged_greedy_equals_generate(model, chunk, fused_decode, monkeypatch):
         model, None, max_batch=4, max_seq=64, num_blocks=14, block_size=4, prefill_chunk=chunk
     )
     fused = []
-    run_fused = DecodePlan.run
+    run_fused, run_tokens = DecodePlan.run, DecodePlan.run_tokens
+
+    def spy_tokens(*a):
+        logits = run_tokens(*a)
+        fused.extend([] if logits is None else [1])
+        return logits
+
     monkeypatch.setattr(DecodePlan, "run", lambda *a: fused.append(1) or run_fused(*a))
+    monkeypatch.setattr(DecodePlan, "run_tokens", spy_tokens)
     model.fused_decode = fused_decode
     try:
         got = serve_all(sched, PROMPTS, max_tokens)

@@ -9,6 +9,7 @@ import torch
 import leanformer as lf
 from leanformer import kernels
 from leanformer.compress.layout import QuantEmbedding
+from leanformer.kernels.modules import FastLinear
 from leanformer.models import fused
 from leanformer.models.fused import set_decode_activations
 from leanformer.models.kv_cache import KVCache
@@ -70,9 +71,29 @@ def test_paged_cache_logits_equal(tiny_dirs, monkeypatch):
     assert model._decode_plan.stack.has_ends and torch.equal(got, ref)
 
 
-def test_an_fp32_head_keeps_the_torch_head(tiny_dirs, monkeypatch):
-    """F.linear (the module's fp32 head) is not a kernel the C++ step calls: no ends, same logits."""
+def plain_head(model) -> None:
+    """Replace the head with a plain nn.Linear on the same weights (its forward is F.linear)."""
+    head = model.lm_head
+    plain = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+    plain.weight, plain.bias = head.weight, head.bias
+    model.lm_head = plain
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])  # qwen2: tied, the head's weight is the embedding's
+def test_an_fp32_fastlinear_head_runs_in_the_ends(tiny_dirs, monkeypatch, arch):
+    """load() makes fp32 Linears FastLinears: the head's forward calls linear_f32, the kernel the C++
+    ends call too, so the step goes from ids to logits in C++ with the same logits."""
+    model, _ = lf.load(tiny_dirs[arch])
+    assert type(model.lm_head) is FastLinear
+    ref = decode(model, monkeypatch, tokens_path=False)
+    assert torch.equal(decode(model, monkeypatch, tokens_path=True), ref)
+    assert model._decode_plan.stack.has_ends
+
+
+def test_a_plain_fp32_head_keeps_the_torch_head(tiny_dirs, monkeypatch):
+    """F.linear (a plain nn.Linear head) is not a kernel the C++ step calls: no ends, same logits."""
     model, _ = lf.load(tiny_dirs["llama"])
+    plain_head(model)
     ref = decode(model, monkeypatch, tokens_path=False)
     assert torch.equal(decode(model, monkeypatch, tokens_path=True), ref)
     assert not model._decode_plan.stack.has_ends
@@ -80,6 +101,7 @@ def test_an_fp32_head_keeps_the_torch_head(tiny_dirs, monkeypatch):
 
 def test_a_swapped_head_rebuilds_the_ends(tiny_dirs, monkeypatch):
     model, _ = lf.load(tiny_dirs["llama"])
+    plain_head(model)
     decode(model, monkeypatch, tokens_path=True)
     assert not model._decode_plan.stack.has_ends
     lf.quantize_(model, lf.Int8WeightOnly(targets=["lm_head"], ignore=[]))  # the head module is replaced
