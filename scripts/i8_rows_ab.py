@@ -1,7 +1,8 @@
 """Two builds of the kernel extension in ONE process, old vs new, at M activation rows (issue #16/#17).
 
     python scripts/i8_rows_ab.py OLD.so NEW.so [--model /tmp/h17/smollm2-Q4_0.gguf] [--rows 1 2 3 5 8 9]
-        [--repeats 9] [--rounds 3] [--threads 1] [--position 200] [--blocks q4|q4z|q8]
+        [--repeats 9] [--rounds 3] [--threads 1] [--position 200] [--blocks q4|q4z|q8] [--dequantize]
+        [--kv-dtype float16] [--paged]
 
 OLD.so / NEW.so: built extensions (~/.cache/leanformer/kernels/<hash>/leanformer_gemv_<hash>.so; the
 hash of a source tree is what `leanformer.kernels` builds into). Timed call by call in lockstep (old,
@@ -13,6 +14,8 @@ ratios (ms: medians per call):
          group-32 head, each through linear_q4_i8 / linear_q8_i8
   step   with --model: the fused decode step (DecodeStack) built from the GGUF's kept-quantized
          modules by each build, M chained rows of one slot at positions P..P+M-1, + the head
+  --dequantize  the GGUF's weights as fp32 (linear_f32 GEMVs): the step runs from token ids to logits
+         (DecodeStack.forward_tokens: the fp32 embedding, the layers, the final norm and the fp32 head)
 Prints each as ms and new / old, the step's verify cost (M rows vs 1 row), and /proc/loadavg.
 """
 
@@ -114,6 +117,14 @@ def gemv_chain(e, m: int, g: torch.Generator, blocks: str = "q4"):
     return blocks, head
 
 
+def decode_linear(e, mod):
+    """kernels' DecodeLinear of this build for a quantized Linear, or an fp32 one (its weight)."""
+    if not hasattr(mod, "decode_operands"):
+        return e.DecodeLinear("f32", mod.weight.detach().contiguous())
+    kind, codes, scales, zeros, group, k_padded, *lut = mod.decode_operands()
+    return e.DecodeLinear(kind, codes, scales, zeros, None, None, group, k_padded, *lut)
+
+
 def build_stack(e, model):
     stack = e.DecodeStack()
     for block in model.model.layers:
@@ -124,8 +135,7 @@ def build_stack(e, model):
             block.mlp.gate_up_proj,
             block.mlp.down_proj,
         ):
-            kind, codes, scales, zeros, group, k_padded, *lut = mod.decode_operands()
-            lins.append(e.DecodeLinear(kind, codes, scales, zeros, None, None, group, k_padded, *lut))
+            lins.append(decode_linear(e, mod))
         at = block.self_attn
         stack.add(
             block.input_layernorm.weight.detach(), block.input_layernorm.eps, lins[0], lins[1],
@@ -133,6 +143,10 @@ def build_stack(e, model):
             at.n_heads, at.n_kv_heads, at.head_dim,
         )  # fmt: skip
     stack.int8_act = True
+    if not hasattr(model.lm_head, "decode_operands"):  # fp32: ids to logits in the step (models/fused.py)
+        norm = model.model.norm
+        emb = model.model.embed_tokens.weight.detach()
+        stack.set_ends(emb, None, 0, norm.weight.detach(), norm.eps, decode_linear(e, model.lm_head), False)
     return stack
 
 
@@ -147,6 +161,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--position", type=int, default=200)
     p.add_argument("--no-gemv", action="store_true", help="time only the fused step")
+    p.add_argument(
+        "--paged", action="store_true", help="the K / V as a paged pool (16-token blocks, shuffled)"
+    )
+    p.add_argument(
+        "--kv-dtype", choices=("float32", "float16"), default="float32", help="the K / V cache's dtype"
+    )
+    p.add_argument("--dequantize", action="store_true", help="--model's weights as fp32 (implies --no-gemv)")
     p.add_argument("--blocks", choices=("q4", "q4z", "q8"), default="q4", help="the block GEMVs' weights")
     p.add_argument(
         "--act-isa",
@@ -164,17 +185,32 @@ def main() -> None:
     model = None
     if a.model:
         import leanformer as lf
+        from leanformer.models.huge_pages import huge_zeros
 
-        model, _ = lf.load(a.model, keep_quantized=True)
+        model, _ = lf.load(a.model, keep_quantized=not a.dequantize)
+        a.no_gemv = a.no_gemv or a.dequantize
         stacks = {k: build_stack(e, model) for k, e in exts.items()}
-        hop = model.lm_head.decode_operands()
+        hop = model.lm_head.decode_operands() if not a.dequantize else None
         at0 = model.model.layers[0].self_attn
         kv, d, layers = at0.n_kv_heads, at0.head_dim, len(model.model.layers)
         # random keys and values: an untouched torch.zeros buffer maps every page to the kernel's one
         # zero page, so attention would read cache-resident data (2,000 keys: ~3x faster than real K/V)
-        cache = [
-            [torch.randn(1, kv, a.position + max(a.rows) + 16, d) for _ in range(layers)] for _ in range(2)
+        # in huge pages, as KVCache lays them out (K0, V0, K1, ...; models/huge_pages.py); --paged: pools
+        # of 16-token blocks [blocks + 1, KV, 16, D], the sequence's blocks in shuffled order
+        keys = a.position + max(a.rows) + 16
+        nblocks = -(-keys // 16)
+        shape = (nblocks + 1, kv, 16, d) if a.paged else (1, kv, keys, d)
+        kvt = getattr(torch, a.kv_dtype)
+        kvs = huge_zeros(2 * layers, shape, kvt, min_bytes=0) or [
+            torch.empty(shape, dtype=kvt) for _ in range(2 * layers)
         ]
+        for t in kvs:
+            t.copy_(torch.randn(shape))
+        cache = [kvs[0::2], kvs[1::2]]
+        table = torch.randperm(nblocks, generator=torch.Generator().manual_seed(1))
+        s_ = torch.arange(keys)
+        # pool row of key s of head j: (block * KV + j) * 16 + s % 16 -> read [KV, keys]
+        read1 = (table[s_ // 16][None, :] * kv + torch.arange(kv)[:, None]) * 16 + s_ % 16
     t: dict[tuple[str, str, int], list[float]] = {}
     before = loadavg()
     for _ in range(a.rounds):
@@ -190,8 +226,16 @@ def main() -> None:
                     sl, pos = torch.zeros(m, dtype=torch.long), torch.arange(a.position, a.position + m)
                     st = stacks[name]
 
-                    def step(st=st, x=x, cs=cs, sl=sl, pos=pos, e=e):
-                        y = st.forward(x, cs[0], cs[1], cache[0], cache[1], [], [], sl, pos)
+                    rw = None
+                    if a.paged:  # every row reads the sequence's keys; row m writes its position's row
+                        rw = read1[None].expand(m, -1, -1).contiguous(), read1[:, pos].T.contiguous()
+
+                    def step(st=st, x=x, cs=cs, sl=sl, pos=pos, e=e, rw=rw, m=m):
+                        ka = (cache[0], cache[1], [], [], sl, pos, *(rw or ()))
+                        if hop is None:
+                            ids = torch.arange(m) * 1009 % model.args.vocab_size
+                            return st.forward_tokens(ids, cs[0], cs[1], *ka)
+                        y = st.forward(x, cs[0], cs[1], *ka)
                         return e.linear_q8_i8(y, hop[1], hop[2], None, hop[4])
 
                     fns["step+head"][name] = step

@@ -1,7 +1,7 @@
 """Where a fused decode step's time goes at M rows (speculative verification / batched decode).
 
     python scripts/profile_decode_rows.py /tmp/h17/smollm2-Q4_0.gguf [--rows 1 2 3 5 9] [--threads 1]
-        [--repeats 15] [--position 200] [--kv-dtype float16]
+        [--repeats 15] [--position 200] [--kv-dtype float16] [--dequantize]
 
 Loads a GGUF kept quantized and times, in rounds in one process (medians, ms per call; CPU time of this
 thread by default, which preemption on a busy machine does not inflate):
@@ -12,6 +12,7 @@ thread by default, which preemption on a busy machine does not inflate):
             cache write, softmax), SiLU
   act quant the 120 block inputs quantized by quantize_act alone (an estimate of the GEMVs' share)
   head      the LM head (Int8Linear, int8 activations) on M rows
+`--dequantize`: the GGUF's weights dequantized to fp32 (the fp32 GEMVs; no activation quantization).
 Prints /proc/loadavg before and after.
 """
 
@@ -36,6 +37,7 @@ def main() -> None:
     p.add_argument(
         "--kv-dtype", choices=("float32", "float16"), default="float32", help="the K / V cache's dtype"
     )
+    p.add_argument("--dequantize", action="store_true", help="fp32 weights (the fp32 GEMVs)")
     add_clock_arg(p)
     a = p.parse_args()
     use_clock(p, a)
@@ -43,13 +45,15 @@ def main() -> None:
     import leanformer as lf
     from leanformer import kernels
     from leanformer.models.fused import set_decode_activations
+    from leanformer.models.huge_pages import huge_zeros
 
     torch.set_num_threads(a.threads)
-    model, _ = lf.load(a.model, keep_quantized=True)
-    set_decode_activations(model, "int8")
+    model, _ = lf.load(a.model, keep_quantized=not a.dequantize)
+    if not a.dequantize:
+        set_decode_activations(model, "int8")
     stack = model._decode_plan.get(model)
     assert stack is not None, "the model does not fuse"
-    stack.int8_act = True
+    stack.int8_act = not a.dequantize
     e = kernels.ext()
     args = model.args
     hidden, layers = args.hidden_size, len(model.model.layers)
@@ -58,14 +62,21 @@ def main() -> None:
     max_seq = a.position + max(a.rows) + 16
     # random K / V: an untouched torch.zeros buffer maps every page to one zero page (cache-resident reads)
     kvt = getattr(torch, a.kv_dtype)
-    k = [torch.randn(1, kv, max_seq, d).to(kvt) for _ in range(layers)]
-    v = [torch.randn(1, kv, max_seq, d).to(kvt) for _ in range(layers)]
+    # in huge pages, as KVCache lays them out (K0, V0, K1, ...; models/huge_pages.py)
+    shape = (1, kv, max_seq, d)
+    kvs = huge_zeros(2 * layers, shape, kvt, min_bytes=0) or [
+        torch.empty(shape, dtype=kvt) for _ in range(2 * layers)
+    ]
+    for t in kvs:
+        t.copy_(torch.randn(t.shape))
+    k, v = kvs[0::2], kvs[1::2]
     head = model.lm_head
-    head.int8_activations = True
+    if not a.dequantize:
+        head.int8_activations = True
     g = torch.Generator().manual_seed(0)
 
     linears = []
-    for block in model.model.layers:
+    for block in model.model.layers if not a.dequantize else []:
         for m in (
             block.self_attn.qkv_proj,
             block.self_attn.o_proj,
@@ -73,15 +84,10 @@ def main() -> None:
             block.mlp.down_proj,
         ):
             linears.append(m.decode_operands())
-    print("block Linears:", sorted({(o[0], tuple(o[1].shape), o[4]) for o in linears}))
-    print(
-        "head:",
-        type(head).__name__,
-        head.decode_operands()[0],
-        tuple(head.decode_operands()[1].shape),
-        "group",
-        head.decode_operands()[4],
-    )
+    if linears:
+        print("block Linears:", sorted({(o[0], tuple(o[1].shape), o[4]) for o in linears}))
+        ops = head.decode_operands()
+        print("head:", type(head).__name__, ops[0], tuple(ops[1].shape), "group", ops[4])
 
     def widths():  # each block Linear's input width (int4 / int5: the codes' columns)
         return [ops[1].shape[1] * (2 if ops[0] in ("q4", "q5") else 1) for ops in linears]
@@ -110,7 +116,8 @@ def main() -> None:
 
             r.setdefault("step", []).append(_median_ms(step, a.repeats))
             r.setdefault("head", []).append(_median_ms(lambda xh=xh: head(xh), a.repeats))
-            r.setdefault("quant", []).append(_median_ms(quant, a.repeats))
+            if not a.dequantize:
+                r.setdefault("quant", []).append(_median_ms(quant, a.repeats))
             if hasattr(stack, "profile"):
                 stack.profile = [0.0] * len(names)
                 for _ in range(a.repeats):
@@ -138,9 +145,10 @@ def main() -> None:
         print(
             f"| {m} | {r['step']:.2f} | "
             + " | ".join(f"{r[n]:.2f}" for n in cols)
-            + f" | {gemv:.2f} | {r['quant']:.2f} | {r['head']:.2f} | {full:.2f} | {full / one:.2f} | {full / m:.2f} |"
+            + f" | {gemv:.2f} | {r.get('quant', 0.0):.2f} | {r['head']:.2f} | {full:.2f} | {full / one:.2f} | {full / m:.2f} |"
         )
 
 
 if __name__ == "__main__":
-    main()
+    with torch.inference_mode():  # as the engine runs (an fp32 head with grad enabled falls back to F.linear)
+        main()

@@ -142,6 +142,37 @@ def test_a_large_kv_cache_lies_in_huge_pages():
 
 
 @needs_thp
+def test_a_large_paged_pool_lies_in_huge_pages():
+    from leanformer.models.paged_cache import PagedKVCache
+
+    cache = PagedKVCache(4, 2, 4096, 2, 64, num_blocks=255, block_size=16)  # (255 + 1) blocks x 8 KB = 2 MB
+    base = cache.k_pool[0].data_ptr()
+    assert base % (2 << 20) == 0 and cache.v_pool[0].data_ptr() == base + (2 << 20)  # K0, V0, K1, ...
+    assert cache.k_pool[3].data_ptr() == base + (12 << 20)
+    assert all(float(t.abs().sum()) == 0 for t in cache.k_pool + cache.v_pool)
+    small = PagedKVCache(2, 1, 64, 2, 64, num_blocks=4, block_size=16)  # 80 KB: a tensor each
+    assert small.k_pool[0].untyped_storage().data_ptr() != small.v_pool[0].untyped_storage().data_ptr()
+
+
+@needs_thp
+def test_paged_decoding_with_the_pools_in_huge_pages_gives_the_same_logits(tiny_dirs, monkeypatch):
+    from leanformer.models import paged_cache
+    from tests.models.test_fused_tokens import decode
+
+    model, _ = lf.load(tiny_dirs["llama"])
+    want = decode(model, monkeypatch, tokens_path=True, paged=True)
+    made = []
+
+    def every_pool(*args, **kwargs):  # the tiny model's pools are far under the 4 MB threshold
+        made.append(huge_pages.huge_zeros(*args, **{**kwargs, "min_bytes": 1}))
+        return made[-1]
+
+    monkeypatch.setattr(paged_cache, "huge_zeros", every_pool)
+    assert torch.equal(decode(model, monkeypatch, tokens_path=True, paged=True), want)
+    assert made and all(m is not None for m in made)
+
+
+@needs_thp
 def test_decoding_with_the_kv_cache_in_huge_pages_gives_the_same_tokens(tiny_dirs, monkeypatch):
     import functools
 

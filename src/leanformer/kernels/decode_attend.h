@@ -263,7 +263,8 @@ void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const
       p.resize(Q * stride);
       const int64_t* idx = rows.read ? rows.read + (lead * KV + j) * rows.S + first : nullptr;
       const KeyRows keys{idx, (rows.slots[lead] * KV + j) * max_seq + first};
-      const avx512::KvRows kv{keys.idx, keys.base};
+      // rows past the chunk up to the lead row's last key: the next chunk's, prefetched at its end
+      const avx512::KvRows kv{keys.idx, keys.base, pos[lead] + 1 - first};
       if (wide) {
         avx512::scores(q.data(), S.data(), Q, kp, ksp, kv, D, scale, p.data(), stride);
       } else {

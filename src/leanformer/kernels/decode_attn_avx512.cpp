@@ -34,12 +34,18 @@ inline int64_t row(KvRows r, int64_t s) { return r.idx ? r.idx[s] : r.base + s; 
 
 // Keys (values) kAheadKeys rows ahead are requested while this block is computed: a lone query's pass
 // over a long context waits on memory otherwise (the stream prefetcher loses the rows of a paged pool
-// and restarts at every task's chunk).
+// and restarts at every task's chunk). Into L2 (T1), not L1: a T0 request holds one of the core's few
+// L1 miss buffers for the whole trip to memory, and 32 keys' worth of them (128 lines of fp32 keys)
+// kept the loads waiting for buffers (perf: the score loop's prefetches and loads were its hot spots);
+// through L2 the step + head took 0.85x / 0.79x the time at 1,500 / 4,000 keys with an fp32 cache,
+// 0.94x fp16, 0.85x a paged pool, 0.98x at 200 keys (SmolLM2 int4, Zen 4, 2 threads,
+// scripts/i8_rows_ab.py). A chunk's last rows request the next chunk's first (KvRows::limit): a
+// thread's tasks take a KV head's chunks in order (0.975x at 1,500 keys).
 constexpr int64_t kAheadKeys = 32;
 template <class T>
 inline void prefetch_key(const T* base, KvRows r, int64_t s, int64_t D) {
   const char* p = reinterpret_cast<const char*>(base + row(r, s) * D);
-  for (int64_t off = 0; off < D * int64_t(sizeof(T)); off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+  for (int64_t off = 0; off < D * int64_t(sizeof(T)); off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
 }
 
 // Eight 16-lane sums in one transposed pass: lane k of the result = sum of a[k]'s lanes.
@@ -94,9 +100,10 @@ void scores_t(const float* const* q, const int64_t* S, int64_t Q, const T* K, co
               float scale, float* p, int64_t stride) {
   int64_t smax = 0;
   for (int64_t i = 0; i < Q; ++i) smax = S[i] > smax ? S[i] : smax;
+  const int64_t plim = r.limit > smax ? r.limit : smax;
   int64_t s = 0;
   for (; s + 8 <= smax; s += 8) {
-    if (s + kAheadKeys + 8 <= smax)
+    if (s + kAheadKeys + 8 <= plim)
       LF_UNROLL
       for (int k = 0; k < 8; ++k) prefetch_key(K, r, s + kAheadKeys + k, D);
     const T* rows[8];
@@ -155,8 +162,9 @@ inline void weighted_tile(const float* const* p, const int64_t* S, const T* V, c
   int64_t smin = S[0], smax = S[0];
   LF_UNROLL
   for (int j = 1; j < QT; ++j) smin = S[j] < smin ? S[j] : smin, smax = S[j] > smax ? S[j] : smax;
+  const int64_t plim = r.limit > smax ? r.limit : smax;
   auto key = [&](int64_t s, auto all) {  // all: every query of the tile takes key s
-    if (s + kAheadKeys < smax) prefetch_key(V, r, s + kAheadKeys, 16 * D16);
+    if (s + kAheadKeys < plim) prefetch_key(V, r, s + kAheadKeys, 16 * D16);
     const int64_t at = row(r, s);
     const T* v = V + at * (16 * D16);
     __m512 x[D16];

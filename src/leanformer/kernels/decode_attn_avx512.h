@@ -13,6 +13,7 @@ namespace avx512 {
 struct KvRows {
   const int64_t* idx;
   int64_t base;
+  int64_t limit = 0;  // rows 0..limit-1 valid to prefetch (past this call's keys: the next chunk's), 0: the keys'
 };
 
 // Q queries against the same keys (one sequence's chained rows, a KV head's query heads): query i over

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from leanformer.errors import LeanformerError
+from leanformer.models.huge_pages import huge_zeros
 from leanformer.models.kv_cache import Step, quantize_kv, step_mask, step_positions, store_dtype
 
 
@@ -61,8 +62,12 @@ class PagedKVCache:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.trash = num_blocks  # the extra pool block that unassigned table entries point at
         shape = (num_blocks + 1, n_kv_heads, block_size, head_dim)
-        self.k_pool = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
-        self.v_pool = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
+        # on a CPU, the pools in one huge-page block when large, as KVCache's (models/huge_pages.py): a
+        # block's keys are 1-8 KB, and a step's reads jump from block to block over 4 KB pages
+        pools = huge_zeros(2 * n_layers, shape, store) if torch.device(device).type == "cpu" else None
+        if pools is None:
+            pools = [torch.zeros(shape, dtype=store, device=device) for _ in range(2 * n_layers)]
+        self.k_pool, self.v_pool = pools[0::2], pools[1::2]  # K0, V0, K1, ... as a step reads them
         self.quantized = storage == "int8"
         n_scales = n_layers if self.quantized else 0
         scale_shape = (*shape[:3], 1)
