@@ -2,7 +2,7 @@
 
     python scripts/i8_rows_ab.py OLD.so NEW.so [--model /tmp/h17/smollm2-Q4_0.gguf] [--rows 1 2 3 5 8 9]
         [--repeats 9] [--rounds 3] [--threads 1] [--position 200] [--blocks q4|q4z|q8] [--dequantize]
-        [--kv-dtype float16] [--paged]
+        [--kv-dtype float16] [--paged] [--isa avx2] [--act-isa avx2]
 
 OLD.so / NEW.so: built extensions (~/.cache/leanformer/kernels/<hash>/leanformer_gemv_<hash>.so; the
 hash of a source tree is what `leanformer.kernels` builds into). Timed call by call in lockstep (old,
@@ -174,14 +174,20 @@ def main() -> None:
         default=None,
         help="avx2 / avx_vnni / avx512_vnni: the int8-activation kernels' ISA in both builds (default: the CPU's best)",
     )
+    p.add_argument(
+        "--isa", choices=("avx2", "avx512"), default=None,
+        help="the fp32-activation kernels' and the step attention's ISA in both builds (default: the CPU's best)",
+    )  # fmt: skip
     add_clock_arg(p)
     a = p.parse_args()
     use_clock(p, a)
     torch.set_num_threads(a.threads)
     exts = {"old": load_so(a.old), "new": load_so(a.new)}
-    if a.act_isa:
-        for e in exts.values():
+    for e in exts.values():
+        if a.act_isa:
             e.set_act_isa(a.act_isa)
+        if a.isa:
+            e.set_isa(a.isa)
     model = None
     if a.model:
         import leanformer as lf

@@ -112,7 +112,8 @@ LONG = [[(7 * i) % 120 + 1 for i in range(505)], [2, 7, 18], [(5 * i) % 110 + 3 
 @pytest.mark.parametrize("paged", [False, True], ids=["slots", "paged"])
 @pytest.mark.parametrize("kv", [None, "int8"])
 @torch.inference_mode()
-def test_rows_across_key_chunks_equal_one_row_steps(model, kv, paged):
+def test_rows_across_key_chunks_equal_one_row_steps(model, kv, paged, isa):
+    """Each ISA's loops (the prefetches past a chunk's keys reach into the next chunk's rows)."""
     model.kv_cache_dtype = kv
     try:
         ref, got = one_row_steps_and_chains(model, paged, LONG, 1056)

@@ -262,20 +262,22 @@ void attend(const at::Tensor& qkv_out, const float* cos, const float* sin, const
       if (Q == 0) continue;  // every row of the task is shorter than this chunk
       p.resize(Q * stride);
       const int64_t* idx = rows.read ? rows.read + (lead * KV + j) * rows.S + first : nullptr;
-      const KeyRows keys{idx, (rows.slots[lead] * KV + j) * max_seq + first};
-      // rows past the chunk up to the lead row's last key: the next chunk's, prefetched at its end
-      const avx512::KvRows kv{keys.idx, keys.base, pos[lead] + 1 - first};
+      // limit: rows past the chunk up to the lead row's last key (the next chunk's), prefetched at its end
+      const KeyRows keys{idx, (rows.slots[lead] * KV + j) * max_seq + first, pos[lead] + 1 - first};
+      const avx512::KvRows kv{keys.idx, keys.base, keys.limit};
       if (wide) {
         avx512::scores(q.data(), S.data(), Q, kp, ksp, kv, D, scale, p.data(), stride);
       } else {
-        for (int64_t i = 0; i < Q; ++i) scores(q[i], kp, ksp, keys, S[i], D, scale, p.data() + i * stride);
+        for (int64_t i = 0; i < Q; ++i)  // the first query requests the rows ahead for all (limit -1: none)
+          scores(q[i], kp, ksp, i ? KeyRows{keys.idx, keys.base, -1} : keys, S[i], D, scale, p.data() + i * stride);
       }
       total.resize(Q), mx.resize(Q);
       for (int64_t i = 0; i < Q; ++i) total[i] = softmax_unnormalised(p.data() + i * stride, S[i], &mx[i]);
       if (wide) {
         avx512::weighted_sum(p.data(), stride, S.data(), Q, vp, vsp, kv, D, o.data());
       } else {
-        for (int64_t i = 0; i < Q; ++i) weighted_sum(p.data() + i * stride, vp, vsp, keys, S[i], D, o[i]);
+        for (int64_t i = 0; i < Q; ++i)
+          weighted_sum(p.data() + i * stride, vp, vsp, i ? KeyRows{keys.idx, keys.base, -1} : keys, S[i], D, o[i]);
       }
       for (int64_t i = 0; i < Q; ++i) {
         if (sums[i]) {  // one chunk of several: merged below

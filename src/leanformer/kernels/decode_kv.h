@@ -77,16 +77,34 @@ inline __m256 hsum8(const __m256 (&a)[8]) {
 struct KeyRows {
   const int64_t* idx;  // null: contiguous from base
   int64_t base;
+  int64_t limit = 0;  // rows 0..limit-1 valid to prefetch (past S: the next chunk's); 0: S; -1: none
   int64_t operator[](int64_t s) const { return idx ? idx[s] : base + s; }
 };
+
+// Rows kAheadRows ahead are requested into L2 while a block is computed (T1: an L1 request would hold
+// one of the core's few L1 miss buffers for the trip to memory; decode_attn_avx512.cpp measured why).
+// These loops had no prefetch before, and a paged pool's rows defeat the stream prefetcher: step + head
+// 0.90x the time at 1,500 keys (fp32 cache), 0.92x fp16, 0.87x a paged pool, 0.98x for 4 chained rows
+// (the first query of a task requests for all), 1.0x at 200 keys (Zen 4 with set_isa("avx2"), 2 threads,
+// scripts/i8_rows_ab.py --isa avx2).
+constexpr int64_t kAheadRows = 32;
+template <class T>
+inline void prefetch_row(const T* base, KeyRows r, int64_t s, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(base + r[s] * D);
+  for (int64_t off = 0; off < D * int64_t(sizeof(T)); off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+}
 
 // p[s] = (q . K[r[s]]) * ks[r[s]] * scale for s < S (ks null: fp32 / fp16 keys). Eight keys per pass
 // share each q load and one reduction.
 template <class T>
 inline void scores(const float* q, const T* K, const float* ks, KeyRows r, int64_t S, int64_t D, float scale,
                    float* p) {
+  const int64_t lim = r.limit < 0 ? 0 : r.limit > S ? r.limit : S;
   int64_t s = 0;
   for (; s + 8 <= S; s += 8) {
+    if (s + kAheadRows + 8 <= lim)
+      LF_UNROLL
+      for (int k = 0; k < 8; ++k) prefetch_row(K, r, s + kAheadRows + k, D);
     const T* row[8];
     LF_UNROLL
     for (int k = 0; k < 8; ++k) row[k] = K + r[s + k] * D;
@@ -127,7 +145,9 @@ inline void weighted_sum_fixed(const float* p, const T* V, const float* vs, KeyR
   __m256 acc[D8];
   LF_UNROLL
   for (int c = 0; c < D8; ++c) acc[c] = _mm256_setzero_ps();
+  const int64_t lim = r.limit < 0 ? 0 : r.limit > S ? r.limit : S;
   for (int64_t s = 0; s < S; ++s) {
+    if (s + kAheadRows < lim) prefetch_row(V, r, s + kAheadRows, 8 * D8);
     const int64_t at = r[s];
     const __m256 w = _mm256_set1_ps(vs ? p[s] * vs[at] : p[s]);
     const T* row = V + at * (8 * D8);
