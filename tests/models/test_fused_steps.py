@@ -14,6 +14,7 @@ from leanformer.models.fused_steps import FusedSteps
 from leanformer.models.kv_cache import KVCache
 from leanformer.models.kv_policy import PolicyCache, SinkWindow
 from leanformer.models.layers import Rotary
+from tests.models.test_fused_tokens import plain_head
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="leanformer kernels unavailable here")
 
@@ -89,16 +90,20 @@ def test_where_it_does_not_start(model, tiny_dirs, monkeypatch):
     handle = model.lm_head.register_forward_hook(lambda *a: None)
     assert FusedSteps.start(model, cache) is None  # the hook must run: model.forward's head
     handle.remove()
+    handle = model.register_forward_pre_hook(lambda *a: None)
+    assert FusedSteps.start(model, cache) is None  # a hook on the model (a profiler's timer) sees every step
+    handle.remove()
     assert FusedSteps.start(model, cache) is not None
     model.fused_decode = False
     assert FusedSteps.start(model, cache) is None
     model.fused_decode = True
+    fp32, _ = lf.load(tiny_dirs["llama"])  # a FastLinear fp32 head: the stack holds it too
+    fp32_cache = KVCache.for_model(fp32, 1, 40)
+    assert FusedSteps.start(fp32, fp32_cache) is not None
+    plain_head(fp32)  # a plain nn.Linear head (F.linear): no ends
+    assert FusedSteps.start(fp32, fp32_cache) is None
     monkeypatch.setattr(Rotary, "TABLE_POSITIONS", 16)  # the cache's 40 positions are past the table
     assert FusedSteps.start(model, cache) is None
-    plain, _ = lf.load(tiny_dirs["llama"])  # an fp32 head: the stack has no ends
-    plain_cache = KVCache.for_model(plain, 1, 40)
-    with torch.inference_mode():
-        assert FusedSteps.start(plain, plain_cache) is None
 
 
 def test_rotary_table_rows_are_forward_rows():

@@ -129,7 +129,7 @@ def _module_entries(container: dict, name: str, module: nn.Module) -> list[tuple
     return out
 
 
-def _hooked(module: nn.Module) -> bool:
+def hooked(module: nn.Module) -> bool:
     """Whether forward hooks watch this module (the C++ call would skip them: take the module path)."""
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
@@ -319,7 +319,7 @@ class DecodePlan:
             and cache.k[0].is_cpu
             and not kernels.tracing()
             and kernels.available()
-            and not any(_hooked(m) for m in (model.model.embed_tokens, model.model.norm, model.lm_head))
+            and not any(hooked(m) for m in (model.model.embed_tokens, model.model.norm, model.lm_head))
         )
 
     def run_tokens(self, model: nn.Module, ids: torch.Tensor, rope, cache, step) -> torch.Tensor | None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from leanformer.kernels.modules import MAX_ROWS
-from leanformer.models.fused import DecodePlan, arm_tokens
+from leanformer.models.fused import DecodePlan, arm_tokens, hooked
 from leanformer.models.kv_cache import KVCache
 
 
@@ -36,8 +36,9 @@ class FusedSteps:
     @classmethod
     def start(cls, model: nn.Module, cache) -> FusedSteps | None:
         """The runner, or None where a step must take model.forward (another cache type or model, no
-        kernels, grad or tracing on, hooks on the embedding / norm / head, positions past the RoPE table,
-        a stack that does not run from ids to logits)."""
+        kernels, grad or tracing on, hooks on the model itself (a profiler's forward timer: they must see
+        every step) or on the embedding / norm / head, positions past the RoPE table, a stack that does not
+        run from ids to logits)."""
         plan = getattr(model, "_decode_plan", None)
         if (
             not isinstance(plan, DecodePlan)
@@ -45,6 +46,7 @@ class FusedSteps:
             or cache.n_slots > MAX_ROWS
             or cache.dtype != torch.float32
             or not cache.k[0].is_cpu
+            or hooked(model)
         ):
             return None
         probe = torch.zeros(1, 1, dtype=torch.long)
