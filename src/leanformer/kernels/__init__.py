@@ -292,6 +292,12 @@ def tracing() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
 
+def hooked(module: torch.nn.Module) -> bool:
+    """Whether forward hooks watch `module`: a fused C++ path must not bypass its call then (the hooks
+    would not run), so it takes the module path."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def ext() -> ModuleType:
     """The compiled module (raises if unavailable); for callers that already checked available()."""
     if not available():

@@ -211,7 +211,7 @@ def _linear(mod: nn.Linear, x: torch.Tensor, act=None, residual: torch.Tensor | 
     if (
         packed is not None
         and packed_ok(x, mod.weight)
-        and not _hooked(mod)
+        and not kernels.hooked(mod)
         and (act is None or act[1] is not None)
     ):
         bias = None if mod.bias is None else mod.bias.detach()
@@ -220,7 +220,7 @@ def _linear(mod: nn.Linear, x: torch.Tensor, act=None, residual: torch.Tensor | 
         attr, algo = act[1] if act is not None else ("none", "")
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algo)
     epilogue = getattr(mod, "forward_epilogue", None)  # Int8DynamicLinear: rescale/GELU/residual fused
-    if epilogue is not None and not _hooked(mod) and (act is None or act[1] == ("gelu", "none")):
+    if epilogue is not None and not kernels.hooked(mod) and (act is None or act[1] == ("gelu", "none")):
         return epilogue(x, gelu=act is not None, residual=residual)
     if w is not None and w.dtype == torch.bfloat16 and x.dtype != w.dtype:  # bf16 Linear, fp32 x, autograd
         x = x.to(w.dtype)
@@ -244,7 +244,9 @@ def _linear_bf16(mod: nn.Linear, packed, x, act, residual) -> torch.Tensor:
     small beside the matmul); with an activation the output stays bf16 (the next Linear takes it as it
     is), else it comes back as fp32 with the fp32 residual added."""
     xb = x.to(torch.bfloat16)
-    if _hooked(mod) or (act is not None and act[1] is None):  # hooks see the call; an unfused activation
+    if kernels.hooked(mod) or (
+        act is not None and act[1] is None
+    ):  # hooks see the call; an unfused activation
         y = mod(xb).float()
         y = act[0](y) if act is not None else y
     else:
@@ -255,11 +257,6 @@ def _linear_bf16(mod: nn.Linear, packed, x, act, residual) -> torch.Tensor:
             return y
         y = y.float()
     return y if residual is None else y.add_(residual)
-
-
-def _hooked(mod: nn.Module) -> bool:
-    """Whether forward hooks must see this module's call (then no fused path bypasses it)."""
-    return bool(mod._forward_hooks or mod._forward_pre_hooks)
 
 
 def _layer_norm_c(norm: nn.LayerNorm, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -275,7 +272,7 @@ def _fused_norm_ok(norm: nn.Module, x: torch.Tensor) -> bool:
         x.dtype == torch.float32
         and x.device.type == "cpu"
         and type(norm) is nn.LayerNorm
-        and not _hooked(norm)
+        and not kernels.hooked(norm)
         and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))
         and (norm.weight is None or norm.weight.dtype == torch.float32)
         and not kernels.tracing()
@@ -298,7 +295,7 @@ def _linear_add_norm(mod: nn.Module, x: torch.Tensor, residual: torch.Tensor, no
         isinstance(mod, nn.Linear)
         and getattr(mod, "packed_weight", None) is None
         and getattr(mod, "forward_epilogue", None) is None
-        and not _hooked(mod)
+        and not kernels.hooked(mod)
     )
     if plain and _fused_norm_ok(norm, x) and residual.dtype == torch.float32:
         y = mod(x)  # a fresh [N, hidden]

@@ -129,11 +129,6 @@ def _module_entries(container: dict, name: str, module: nn.Module) -> list[tuple
     return out
 
 
-def hooked(module: nn.Module) -> bool:
-    """Whether forward hooks watch this module (the C++ call would skip them: take the module path)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
 def _ends(model: nn.Module) -> tuple | None:
     """DecodeStack.set_ends' operands (embedding, its scales and group, final norm weight, eps, head,
     whether the head takes int8 activations after a fused step), or None when one of them would not run
@@ -319,7 +314,9 @@ class DecodePlan:
             and cache.k[0].is_cpu
             and not kernels.tracing()
             and kernels.available()
-            and not any(hooked(m) for m in (model.model.embed_tokens, model.model.norm, model.lm_head))
+            and not any(
+                kernels.hooked(m) for m in (model.model.embed_tokens, model.model.norm, model.lm_head)
+            )
         )
 
     def run_tokens(self, model: nn.Module, ids: torch.Tensor, rope, cache, step) -> torch.Tensor | None:

@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from leanformer import kernels
 from leanformer.kernels.modules import MAX_ROWS
-from leanformer.models.fused import DecodePlan, arm_tokens, hooked
+from leanformer.models.fused import DecodePlan, arm_tokens
 from leanformer.models.kv_cache import KVCache
 
 
@@ -46,7 +47,7 @@ class FusedSteps:
             or cache.n_slots > MAX_ROWS
             or cache.dtype != torch.float32
             or not cache.k[0].is_cpu
-            or hooked(model)
+            or kernels.hooked(model)
         ):
             return None
         probe = torch.zeros(1, 1, dtype=torch.long)
