@@ -244,9 +244,8 @@ def _linear_bf16(mod: nn.Linear, packed, x, act, residual) -> torch.Tensor:
     small beside the matmul); with an activation the output stays bf16 (the next Linear takes it as it
     is), else it comes back as fp32 with the fp32 residual added."""
     xb = x.to(torch.bfloat16)
-    if kernels.hooked(mod) or (
-        act is not None and act[1] is None
-    ):  # hooks see the call; an unfused activation
+    # hooks see the call; an activation the oneDNN call cannot fuse runs after it
+    if kernels.hooked(mod) or (act is not None and act[1] is None):
         y = mod(xb).float()
         y = act[0](y) if act is not None else y
     else:
