@@ -1,12 +1,13 @@
 """One quantized GEMV (batch 1) per kernel build, streamed from memory: GB/s of weights and scales.
 
     python scripts/gemv_stream_ab.py OLD.so [NEW.so ...] [--k 576 1536] [--mb 66] [--threads 2]
-        [--weights q4|q8|q8row|q4f|f32] [--act-isa avx2] [--rounds 11] [--huge-pages]
+        [--weights q4|q8|q8row|q4f|f32] [--act-isa avx2] [--rounds 11] [--huge-pages] [--copies N]
 
 For each K: one weight matrix of about `--mb` MB (rows = MB / row bytes, int4 group 32 with fp32 scales
 as SmolLM2's Q4_0 blocks load, int8 group 32, int8 with one scale per row, `q4f`: the int4 matrix
 through the fp32-activation kernel, linear_q4, or `f32`: fp32 weights, linear_f32), larger than the
-caches, so every call streams it from memory (`--mb 0.75`: L2-resident, the kernel's compute rate). The builds
+caches, so every call streams it from memory (`--mb 0.75`: L2-resident, the kernel's compute rate;
+`--mb 0.166 --copies 400`: 400 layer-sized matrices in turn, each call a fresh stream). The builds
 alternate call by call in one process (each round: every K, every build), a `torch.sum` over as many
 bytes first in each round; prints each build's median GB/s, the median per-round ratio to the first
 build and to the sum. Builds: kernel libraries as scripts/i8_rows_ab.py loads them (the .so under
@@ -62,6 +63,13 @@ def main() -> None:
     p.add_argument("--act-isa", default=None, help="avx2 / avx_vnni / avx512_vnni (default: the CPU's best)")
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--huge-pages", action="store_true", help="weights and the sum's buffer in huge pages")
+    p.add_argument(
+        "--copies",
+        type=int,
+        default=1,
+        help="N distinct matrices of --mb each, called in turn and timed together: every call a fresh "
+        "stream, as a decode step's layer-sized GEMVs are (e.g. --mb 0.166 --copies 400)",
+    )
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     mods = [load_so(b) for b in a.builds]
@@ -69,23 +77,23 @@ def main() -> None:
         for m in mods:
             m.set_act_isa(a.act_isa)
     g = torch.Generator().manual_seed(0)
-    mats = {k: weights(a.weights, k, a.mb, g) for k in a.k}
+    mats = {k: [weights(a.weights, k, a.mb, g) for _ in range(a.copies)] for k in a.k}
     if a.huge_pages:
-        mats = {k: tuple(huge_copy(t) for t in ts) for k, ts in mats.items()}
+        mats = {k: [tuple(huge_copy(t) for t in ts) for ts in copies] for k, copies in mats.items()}
     group = 0 if a.weights == "q8row" else 32
 
     def call(m, k: int) -> None:
-        codes, *rest = mats[k]
-        scales, *zeros = rest or [None]
         x = xs[k]
-        if a.weights == "q4":
-            m.linear_q4_i8(x, codes, scales, None, group, None)
-        elif a.weights == "f32":
-            m.linear_f32(x, codes, None)
-        elif a.weights == "q4f":
-            m.linear_q4(x, codes, scales, zeros[0], group, None, None)
-        else:
-            m.linear_q8_i8(x, codes, scales, None, group)
+        for codes, *rest in mats[k]:
+            scales, *zeros = rest or [None]
+            if a.weights == "q4":
+                m.linear_q4_i8(x, codes, scales, None, group, None)
+            elif a.weights == "f32":
+                m.linear_f32(x, codes, None)
+            elif a.weights == "q4f":
+                m.linear_q4(x, codes, scales, zeros[0], group, None, None)
+            else:
+                m.linear_q8_i8(x, codes, scales, None, group)
 
     def seconds(fn) -> float:
         t = time.perf_counter()
@@ -93,7 +101,7 @@ def main() -> None:
         return time.perf_counter() - t
 
     xs = {k: torch.randn(1, k, generator=g) for k in a.k}
-    nbytes = {k: sum(t.numel() * t.element_size() for t in mats[k]) for k in a.k}
+    nbytes = {k: sum(t.numel() * t.element_size() for ts in mats[k] for t in ts) for k in a.k}
     buf = {k: torch.randn(nbytes[k] // 4) for k in a.k}
     if a.huge_pages:
         buf = {k: huge_copy(b) for k, b in buf.items()}
@@ -103,7 +111,9 @@ def main() -> None:
             t.setdefault((k, -1), []).append(seconds(buf[k].sum))
             for i, m in enumerate(mods):
                 t.setdefault((k, i), []).append(seconds(lambda m=m, k=k: call(m, k)))
-    print(f"{a.weights}, {a.threads} threads, ~{a.mb} MB per matrix, act isa {mods[0].act_isa()}")
+    print(
+        f"{a.weights}, {a.threads} threads, ~{a.mb} MB per matrix x {a.copies}, act isa {mods[0].act_isa()}"
+    )
     print("| K | build | GB/s | / first build (paired) | / torch.sum (paired) |")
     print("|---|---|---|---|---|")
     for k in a.k:
