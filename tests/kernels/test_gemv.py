@@ -178,10 +178,13 @@ def test_q4_convention_matches_compress_quantizer(isa):
 
 @needs_kernels
 @pytest.mark.parametrize("k", [7, 100, 576, 1000])
-def test_f32_rows_equal_one_row_calls(k, isa):
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_f32_rows_equal_one_row_calls(k, with_bias, isa):
     """A row's fp32 result does not depend on how many rows the call has (a speculative verify row of a
-    fp32 model or head must equal the plain step's row), bit for bit."""
-    x, w, b = torch.randn(17, k), torch.randn(70, k), torch.randn(70)
+    fp32 model or head must equal the plain step's row), bit for bit: one row takes its own loop
+    (f32_rows_m1 on AVX-512), which must sum in the same order as the multi-row tiles."""
+    x, w = torch.randn(17, k), torch.randn(70, k)
+    b = torch.randn(70) if with_bias else None
     one = torch.cat([K.ext().linear_f32(x[i : i + 1], w, b) for i in range(17)])
     for m in (2, 3, 4, 5, 8, 9, 16, 17):
         assert torch.equal(K.ext().linear_f32(x[:m], w, b), one[:m]), m
