@@ -71,6 +71,8 @@ def main() -> None:
         "stream, as a decode step's layer-sized GEMVs are (e.g. --mb 0.166 --copies 400)",
     )
     a = p.parse_args()
+    if min(a.k) < 1 or not a.mb > 0 or a.threads < 1 or a.copies < 1 or a.rounds < 1:
+        p.error("--k, --mb, --threads, --copies and --rounds must be positive")
     torch.set_num_threads(a.threads)
     mods = [load_so(b) for b in a.builds]
     if a.act_isa:

@@ -27,6 +27,8 @@ def main() -> None:
     p.add_argument("--split", type=float, default=45.0, help="GB/s of the sum between 'calm' and 'fast'")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
+    if a.seconds <= 0 or a.k < 1 or a.mb < 1 or a.threads < 1:
+        p.error("--seconds, --k, --mb and --threads must be positive")
     torch.set_num_threads(a.threads)
     buf = sum_buffer(a.mb << 20)
     w = huge_copy(torch.randn((a.mb << 20) // (4 * a.k), a.k))

@@ -79,6 +79,8 @@ struct KeyRows {
   int64_t base;
   int64_t limit = 0;  // rows 0..limit-1 valid to prefetch (past S: the next chunk's); 0: S; -1: none
   int64_t operator[](int64_t s) const { return idx ? idx[s] : base + s; }
+  // The rows a pass over S keys may request ahead: [0, this).
+  int64_t prefetch_end(int64_t S) const { return limit < 0 ? 0 : limit > S ? limit : S; }
 };
 
 // Rows kAheadRows ahead are requested into L2 while a block is computed (T1: an L1 request would hold
@@ -99,7 +101,7 @@ inline void prefetch_row(const T* base, KeyRows r, int64_t s, int64_t D) {
 template <class T>
 inline void scores(const float* q, const T* K, const float* ks, KeyRows r, int64_t S, int64_t D, float scale,
                    float* p) {
-  const int64_t lim = r.limit < 0 ? 0 : r.limit > S ? r.limit : S;
+  const int64_t lim = r.prefetch_end(S);
   int64_t s = 0;
   for (; s + 8 <= S; s += 8) {
     if (s + kAheadRows + 8 <= lim)
@@ -145,7 +147,7 @@ inline void weighted_sum_fixed(const float* p, const T* V, const float* vs, KeyR
   __m256 acc[D8];
   LF_UNROLL
   for (int c = 0; c < D8; ++c) acc[c] = _mm256_setzero_ps();
-  const int64_t lim = r.limit < 0 ? 0 : r.limit > S ? r.limit : S;
+  const int64_t lim = r.prefetch_end(S);
   for (int64_t s = 0; s < S; ++s) {
     if (s + kAheadRows < lim) prefetch_row(V, r, s + kAheadRows, 8 * D8);
     const int64_t at = r[s];
