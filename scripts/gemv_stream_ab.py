@@ -8,7 +8,8 @@ as SmolLM2's Q4_0 blocks load, int8 group 32, int8 with one scale per row, `q4f`
 through the fp32-activation kernel, linear_q4, or `f32`: fp32 weights, linear_f32), larger than the
 caches, so every call streams it from memory (`--mb 0.75`: L2-resident, the kernel's compute rate;
 `--mb 0.166 --copies 400`: 400 layer-sized matrices in turn, each call a fresh stream). The builds
-alternate call by call in one process (each round: every K, every build), a `torch.sum` over as many
+alternate call by call in one process (each round: every K, every build, in reversed order every other
+round), a `torch.sum` over as many
 bytes first in each round; prints each build's median GB/s, the median per-round ratio to the first
 build and to the sum. Builds: kernel libraries as scripts/i8_rows_ab.py loads them (the .so under
 ~/.cache/leanformer/kernels/<tag>/).
@@ -108,11 +109,13 @@ def main() -> None:
     if a.huge_pages:
         buf = {k: huge_copy(b) for k, b in buf.items()}
     t: dict[tuple[int, int], list[float]] = {}
-    for _ in range(a.rounds):
+    for r in range(a.rounds):
         for k in a.k:
             t.setdefault((k, -1), []).append(seconds(buf[k].sum))
-            for i, m in enumerate(mods):
-                t.setdefault((k, i), []).append(seconds(lambda m=m, k=k: call(m, k)))
+            # the builds' order reversed every other round: the build called right after the sum read
+            # up to 1.14x slower in every pairing (session 24), a bias the reversal cancels
+            for i in range(len(mods)) if r % 2 == 0 else reversed(range(len(mods))):
+                t.setdefault((k, i), []).append(seconds(lambda m=mods[i], k=k: call(m, k)))
     print(
         f"{a.weights}, {a.threads} threads, ~{a.mb} MB per matrix x {a.copies}, act isa {mods[0].act_isa()}"
     )

@@ -147,7 +147,7 @@ void to_wide_layout(int8_t* row, int64_t chunks) {
 // (j = 0..3, 64 bytes each, in that order), whose lane L = 4k + s holds block b = 4s + k of the span:
 // its columns 8j, 8j+2, 8j+4, 8j+6 (lo) or 8j+1, 8j+3, 8j+5, 8j+7 (hi) — the nibbles the weights' 4 x 4
 // dword transpose puts in that lane. so / sd / sx [16 spans]: lane L's offset sum (xc's four lanes of
-// block b), block b's d and its group sum (xs: the zero points' factor).
+// block b), block b's d / 16 (see span_rows) and its group sum (xs: the zero points' factor).
 void to_span_layout(int8_t* row, const float* dv, const int32_t* xc, const float* xs, int64_t spans, int32_t* so,
                     float* sd, float* sx) {
   alignas(64) int8_t out[512];
@@ -163,7 +163,7 @@ void to_span_layout(int8_t* row, const float* dv, const int32_t* xc, const float
       const int64_t c = 8 * sp + chunk;  // xc / dv: chunk c's lanes 0-3 are block 2c's, 4-7 block 2c + 1's
       const int32_t* lanes = xc + 8 * c + 4 * half;
       so[16 * sp + L] = lanes[0] + lanes[1] + lanes[2] + lanes[3];
-      sd[16 * sp + L] = dv[8 * c + 4 * half];
+      sd[16 * sp + L] = dv[8 * c + 4 * half] * 0.0625f;  // d / 16 (exact): span_rows' sums are 16 x theirs
       sx[16 * sp + L] = xs[16 * sp + b];
     }
     std::memcpy(src, out, 512);

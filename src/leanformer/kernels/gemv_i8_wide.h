@@ -84,6 +84,11 @@ inline void wide_sums(const __m512 (&acc)[NR][M], float (&out)[NR][M]) {
 // (8 unpacks, once per weight row, shared by all activation rows) gives vector j = dword j of every
 // 16-byte block, lane L = 4k + s <- block b = 4s + k (vector s, 128-bit lane k); the activations were
 // laid out to match (act_quant.h to_span_layout), with each lane's offset sum `so` and scale `sd`.
+// High nibbles stay in place (16 x the code, one AND instead of a shift and an AND: the shift pipes are
+// the ones the transpose loads, 4 fewer ops per span), the low nibbles' sums times 16 join them, and sd
+// holds d / 16: 16 v converted is exactly 16 x v's float and d / 16 x w exactly (d x w) / 16, so the FMA
+// gets the same product and every result is the same bit for bit (L2-resident one-thread GEMV on Zen 4:
+// 0.97x the time at 1,536 columns, 0.99x at 576; docs/BENCHMARKS.md session 24).
 // kCoded: the weight scales are 8-bit codes looked up in a.lut (the same fp32 values as the arrays).
 // Zero points (a.zeros, or codes): lane L's z * (its group's activation sum, a.sx), one FMA per row pair
 // and span, instead of nib_finish's pass over the groups after the loop (~a third of a 576-column row's
@@ -111,7 +116,7 @@ inline void span_rows(const I8Args& a, int64_t n, const uint8_t* __restrict cons
                              _mm512_unpackhi_epi64(t1, t3)};
       LF_UNROLL
       for (int j = 0; j < 4; ++j)
-        lo[r][j] = _mm512_and_si512(tr[j], mask), hi[r][j] = _mm512_and_si512(_mm512_srli_epi16(tr[j], 4), mask);
+        lo[r][j] = _mm512_and_si512(tr[j], mask), hi[r][j] = _mm512_andnot_si512(mask, tr[j]);  // hi: 16 x code
       if constexpr (kCoded) {
         const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scc[r] + 16 * s)));
         ws[r] = _mm512_i32gather_ps(_mm512_permutexvar_epi32(order, codes), a.lut, 4);
@@ -143,7 +148,8 @@ inline void span_rows(const I8Args& a, int64_t n, const uint8_t* __restrict cons
       const __m512 d = _mm512_loadu_ps(a.sd + m * stride + 16 * s);
       LF_UNROLL
       for (int r = 0; r < NR; ++r)
-        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r])), _mm512_mul_ps(d, ws[r]), acc[r][m]);
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(even[r], 4), odd[r])),
+                                    _mm512_mul_ps(d, ws[r]), acc[r][m]);
       if (zeros) {
         const __m512 xs = _mm512_loadu_ps(a.sx + m * stride + 16 * s);
         LF_UNROLL
