@@ -13,9 +13,10 @@ ratios (ms: medians per call):
          points as GGUF Q4_0, q4z: with zero points as Q4_1, q8: int8 as Q8_0) + the 49152 x 576 int8
          group-32 head, each through linear_q4_i8 / linear_q8_i8
   step   with --model: the fused decode step (DecodeStack) built from the GGUF's kept-quantized
-         modules by each build, M chained rows of one slot at positions P..P+M-1, + the head
-  --dequantize  the GGUF's weights as fp32 (linear_f32 GEMVs): the step runs from token ids to logits
-         (DecodeStack.forward_tokens: the fp32 embedding, the layers, the final norm and the fp32 head)
+         modules by each build, M chained rows of one slot at positions P..P+M-1, from token ids to
+         logits as the engine runs it (DecodeStack.forward_tokens: the embedding, the layers, the final
+         norm and the head as this build's DecodeLinear)
+  --dequantize  the GGUF's weights as fp32 (linear_f32 GEMVs), the fp32 embedding and head
 Prints each as ms and new / old, the step's verify cost (M rows vs 1 row), and /proc/loadavg.
 """
 
@@ -151,10 +152,17 @@ def build_stack(e, model):
             at.n_heads, at.n_kv_heads, at.head_dim,
         )  # fmt: skip
     stack.int8_act = True
-    if not hasattr(model.lm_head, "decode_operands"):  # fp32: ids to logits in the step (models/fused.py)
-        norm = model.model.norm
-        emb = model.model.embed_tokens.weight.detach()
-        stack.set_ends(emb, None, 0, norm.weight.detach(), norm.eps, decode_linear(e, model.lm_head), False)
+    # ids to logits in the step, as the engine runs it (models/fused.py _ends): the embedding (fp32, or
+    # a GGUF's int8 table), the final norm and the head, this build's DecodeLinear
+    norm, emb, head = model.model.norm, model.model.embed_tokens, model.lm_head
+    if isinstance(emb, torch.nn.Embedding):
+        table = (emb.weight.detach(), None, 0)
+    else:
+        ops = emb.source().decode_operands()
+        table = (ops[1], ops[2], ops[4])
+    stack.set_ends(
+        *table, norm.weight.detach(), norm.eps, decode_linear(e, head), hasattr(head, "int8_activations")
+    )
     return stack
 
 
@@ -204,7 +212,6 @@ def main() -> None:
         model, _ = lf.load(a.model, keep_quantized=not a.dequantize)
         a.no_gemv = a.no_gemv or a.dequantize
         stacks = {k: build_stack(e, model) for k, e in exts.items()}
-        hop = model.lm_head.decode_operands() if not a.dequantize else None
         at0 = model.model.layers[0].self_attn
         kv, d, layers = at0.n_kv_heads, at0.head_dim, len(model.model.layers)
         # random keys and values: an untouched torch.zeros buffer maps every page to the kernel's one
@@ -236,7 +243,6 @@ def main() -> None:
                 if chain is not None:
                     fns["blocks"][name], fns["head"][name] = gemv_chain(e, chain, a.blocks)
                 if model is not None:
-                    x = torch.randn(m, model.args.hidden_size, generator=g)
                     cs = torch.randn(m, d, generator=g), torch.randn(m, d, generator=g)
                     sl, pos = torch.zeros(m, dtype=torch.long), torch.arange(a.position, a.position + m)
                     st = stacks[name]
@@ -245,13 +251,10 @@ def main() -> None:
                     if a.paged:  # every row reads the sequence's keys; row m writes its position's row
                         rw = read1[None].expand(m, -1, -1).contiguous(), read1[:, pos].T.contiguous()
 
-                    def step(st=st, x=x, cs=cs, sl=sl, pos=pos, e=e, rw=rw, m=m):
+                    def step(st=st, cs=cs, sl=sl, pos=pos, rw=rw, m=m):
                         ka = (cache[0], cache[1], [], [], sl, pos, *(rw or ()))
-                        if hop is None:
-                            ids = torch.arange(m) * 1009 % model.args.vocab_size
-                            return st.forward_tokens(ids, cs[0], cs[1], *ka)
-                        y = st.forward(x, cs[0], cs[1], *ka)
-                        return e.linear_q8_i8(y, hop[1], hop[2], None, hop[4])
+                        ids = torch.arange(m) * 1009 % model.args.vocab_size
+                        return st.forward_tokens(ids, cs[0], cs[1], *ka)
 
                     fns["step+head"][name] = step
             for what, pair in fns.items():

@@ -19,7 +19,17 @@ from i8_rows_ab import load_so  # same directory: run as a script
 
 from leanformer.compress import double_quant as DQ
 
-SHAPES = [(67, 512), (67, 576), (45, 1024), (40, 1536), (33, 1600), (33, 1120), (13, 1088), (9, 4160), (21, 320)]
+SHAPES = [
+    (67, 512),
+    (67, 576),
+    (45, 1024),
+    (40, 1536),
+    (33, 1600),
+    (33, 1120),
+    (13, 1088),
+    (9, 4160),
+    (21, 320),
+]
 
 
 def operands(n: int, k: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -52,7 +62,9 @@ def main() -> None:
         ops = {"symmetric": (s, None, None), "zeros": (s, z, None), "coded": (sc, zc, lut)}[mode]
         y0, y1 = (e.linear_q4_i8(x, codes, ops[0], ops[1], 32, b, ops[2], half) for e in (old, new))
         if not torch.equal(y0, y1):
-            print(f"differ: n={n} k={k} rows={rows} {mode} half={half} bias={bias}: {(y0 - y1).abs().max():.3g}")
+            print(
+                f"differ: n={n} k={k} rows={rows} {mode} half={half} bias={bias}: {(y0 - y1).abs().max():.3g}"
+            )
             sys.exit(1)
         cases += 1
     print(f"bit-equal in {cases} cases (int8-activation ISA {new.act_isa()})")

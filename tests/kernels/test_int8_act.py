@@ -116,6 +116,25 @@ def test_q8(act_isa, rows, group, k):
     close(y, ref, ref_dequantize_act(x).abs() @ K.dequant_int8(wq, scales, group or None).double().abs().T)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 9, 17])
+@pytest.mark.parametrize("k", [576, 256, 64, 800, 1120, 1536])  # the span cases of test_q8
+def test_q8_half_scales_equal_fp32(act_isa, rows, k):
+    """Group-32 scales that fp16 holds exactly (a GGUF's Q8_0 blocks) read from an fp16 copy by the
+    512-bit span loop (what the fused step does: DecodeLinear) give the fp32 arrays' results bit for bit;
+    other ISAs ignore the copy. Scales fp16 cannot hold, and other groups, are refused."""
+    n = 45
+    wq = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    scales = (torch.rand(n, k // 32) * 0.02 + 1e-3).half().float()
+    x, bias = torch.randn(rows, k) * 3, torch.randn(n)
+    e = K.ext()
+    y32 = e.linear_q8_i8(x, wq, scales, bias, 32)
+    assert torch.equal(e.linear_q8_i8(x, wq, scales, bias, 32, half_scales=True), y32)
+    with pytest.raises(RuntimeError, match="float16 holds exactly"):
+        e.linear_q8_i8(x, wq, scales + 1e-7, bias, 32, half_scales=True)
+    with pytest.raises(RuntimeError, match="float16 holds exactly"):
+        e.linear_q8_i8(x, wq, scales[:, 0].contiguous(), bias, 0, half_scales=True)
+
+
 def test_close_to_fp32_activations():
     """The int8 activations cost little: relative error vs the fp32-activation kernel ~1%."""
     x, wq = torch.randn(4, 576), K.pack_int4(torch.randint(0, 16, (300, 576), dtype=torch.uint8))

@@ -129,7 +129,7 @@ at::Tensor linear_q4_i8(const at::Tensor& x, const at::Tensor& w, const at::Tens
                         bool half_scales = false);  // the fp16 copy of the scales, as DecodeLinear holds it
 at::Tensor linear_q8_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                         const std::optional<at::Tensor>& bias, int64_t group_size, const I8Next* next = nullptr,
-                        const at::Tensor* out = nullptr);
+                        const at::Tensor* out = nullptr, bool half_scales = false);
 // An int8 Linear's operands for the int8-activation GEMV, checked once (as Q4I8, q4_codes.h): the fused
 // step keeps one per Linear (decode_linear.h).
 struct Q8I8 {
@@ -138,6 +138,20 @@ struct Q8I8 {
   const float* s;                         // [N] (group 0) or [N, ceil(K / group)]
   const float* bias;                      // [N] or null
   int64_t N, K, group;
+  at::Tensor h_hold;
+  const uint16_t* h = nullptr;  // group 32, scales fp16 holds exactly: their fp16 copy (add_half)
+
+  // Makes `h` when every scale is an fp16 value (a GGUF's Q8_0 blocks: fp16 scales), for the 512-bit
+  // span loop: 2 bytes per 32 weights instead of 4 (an int8 row then streams 34 bytes per 32 weights, as
+  // the GGUF block does, not 36). Results unchanged: fp16 -> fp32 is exact. Returns whether it did.
+  bool add_half() {
+    if (group != 32) return false;
+    at::Tensor half = s_hold.to(at::kHalf);
+    if (!half.to(at::kFloat).equal(s_hold)) return false;
+    h_hold = half.contiguous();
+    h = static_cast<const uint16_t*>(h_hold.data_ptr());
+    return true;
+  }
 };
 Q8I8 q8_i8_operands(const at::Tensor& w, const at::Tensor& scales, const std::optional<at::Tensor>& bias,
                     int64_t group_size);

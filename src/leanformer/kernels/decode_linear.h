@@ -51,7 +51,10 @@ struct DecodeLinear {
       // an fp16 copy of GGUF-born scales for the 512-bit loops (Q4Scales::add_half), where they run
       if (q4_i8_op && group == 32 && act_isa_id() == kAvx512Vnni) q4_i8_op->qs.add_half();
     }
-    if (kind == Kind::q8 && int8_capable()) q8_i8_op = q8_i8_operands(w, *scales, bias, group);
+    if (kind == Kind::q8 && int8_capable()) {
+      q8_i8_op = q8_i8_operands(w, *scales, bias, group);
+      if (act_isa_id() == kAvx512Vnni) q8_i8_op->add_half();  // the span loop's fp16 copy (Q8I8::add_half)
+    }
     stream_ = make_stream();
   }
 
@@ -100,9 +103,10 @@ struct DecodeLinear {
   I8Next make_stream() const {
     if (kind != Kind::q4 && kind != Kind::q8) return {};
     const bool grouped = kind == Kind::q4 ? !lut.has_value() : group > 0;  // fp32 scales per group
-    const bool half = kind == Kind::q4 && q4_i8_op && q4_i8_op->qs.h;  // the fp16 copy the 512-bit loops read
-    const char* s = half ? reinterpret_cast<const char*>(q4_i8_op->qs.h)
-                    : grouped ? static_cast<const char*>(scales->data_ptr()) : nullptr;
+    // the fp16 copy the 512-bit loops read
+    const uint16_t* h = kind == Kind::q4 ? (q4_i8_op ? q4_i8_op->qs.h : nullptr) : (q8_i8_op ? q8_i8_op->h : nullptr);
+    const bool half = h != nullptr;
+    const char* s = half ? reinterpret_cast<const char*>(h) : grouped ? static_cast<const char*>(scales->data_ptr()) : nullptr;
     return {static_cast<const char*>(w.data_ptr()), w.size(0), w.size(1) * w.element_size(), s,
             grouped ? scales->size(1) * (half ? 2 : 4) : 0};
   }

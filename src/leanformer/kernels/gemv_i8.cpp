@@ -271,7 +271,7 @@ void q8_i8(const Q8I8& op, const float* x, int64_t M, float* y, const I8Next* ne
   for (int64_t m0 = 0; m0 < M; m0 += kI8Rows) {
     I8Args a{xq + m0 * Kx, spans ? nullptr : d + m0 * blocks, nullptr, op.w, op.s, nullptr, op.bias, y + m0 * N,
              std::min<int64_t>(kI8Rows, M - m0), N, K, Kx, op.group};
-    if (spans) a.spans = spans, a.sd = sd + m0 * 16 * spans;
+    if (spans) a.spans = spans, a.sd = sd + m0 * 16 * spans, a.scales_h = op.h;
     if (next && m0 + kI8Rows >= M) a.next = *next;
     run_rows(a, false, K, nullptr, isa);
   }
@@ -279,10 +279,11 @@ void q8_i8(const Q8I8& op, const float* x, int64_t M, float* y, const I8Next* ne
 
 at::Tensor linear_q8_i8(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales,
                         const std::optional<at::Tensor>& bias, int64_t group_size, const I8Next* next,
-                        const at::Tensor* out) {
+                        const at::Tensor* out, bool half_scales) {
   check_x(x_);
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x_.size(1), "Wq must be int8 [N, K] matching x [M, K]");
-  const Q8I8 op = q8_i8_operands(w, scales, bias, group_size);
+  Q8I8 op = q8_i8_operands(w, scales, bias, group_size);
+  TORCH_CHECK(!half_scales || op.add_half(), "half_scales needs group-32 float32 scales that float16 holds exactly");
   const at::Tensor x = x_.contiguous();
   at::Tensor y = output(out, x.size(0), op.N, x.options());
   q8_i8(op, x.data_ptr<float>(), x.size(0), y.data_ptr<float>(), next);
@@ -418,9 +419,11 @@ void bind_int8_act(pybind11::module_& m) {
         py::arg("wq"), py::arg("high"), py::arg("scales"));
   m.def("linear_q8_i8",
         [](const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const std::optional<at::Tensor>& b,
-           int64_t g) { return linear_q8_i8(x, w, s, b, g); },
-        "int8(x) [M,K] @ (Wq int8 * scales)^T (+bias)", py::arg("x"), py::arg("wq"),
-        py::arg("scales"), py::arg("bias") = py::none(), py::arg("group_size") = 0);
+           int64_t g, bool half_scales) { return linear_q8_i8(x, w, s, b, g, nullptr, nullptr, half_scales); },
+        "int8(x) [M,K] @ (Wq int8 * scales)^T (+bias); half_scales: the 512-bit group-32 span loop reads an fp16 "
+        "copy of the scales, as the fused decode step does with a GGUF's",
+        py::arg("x"), py::arg("wq"), py::arg("scales"), py::arg("bias") = py::none(), py::arg("group_size") = 0,
+        py::arg("half_scales") = false);
 }
 
 }  // namespace leanformer

@@ -210,8 +210,10 @@ inline void q8_rows_nr(const I8Args& a, int64_t n, float (&out)[NR][M]) {
 
 // Which row function a call runs: int4 (group layout S), int8 (per row / per group, or kG16: Q6_K's two
 // scales per 32-column block), int5.
-// q4w / q8w / q8s: the 512-bit loops (gemv_i8_wide.h); q4wh: q4w reading the fp16 scales (I8Args::scales_h)
-enum class Kind { q4, q8, q8g16, q5, q4w, q8w, q8s, q4wh };
+// q4w / q8w / q8s: the 512-bit loops (gemv_i8_wide.h); q4wh / q8sh: q4w / q8s reading the fp16 scales
+// (I8Args::scales_h)
+enum class Kind { q4, q8, q8g16, q5, q4w, q8w, q8s, q4wh, q8sh };
+constexpr bool q8_spans(Kind K) { return K == Kind::q8s || K == Kind::q8sh; }
 constexpr bool nibbles(Kind K) { return K == Kind::q4 || K == Kind::q5 || K == Kind::q4w || K == Kind::q4wh; }
 constexpr bool wide_nibbles(Kind K) { return K == Kind::q4w || K == Kind::q4wh; }
 
@@ -232,7 +234,7 @@ __attribute__((always_inline)) inline void rows_nr(const I8Args& a, const XPack&
 #ifdef LF_I8_WIDE
   if constexpr (wide_nibbles(K)) wide_rows<NR, M, D, S, K == Kind::q4wh>(a, p, n, out);
   else if constexpr (K == Kind::q8w) a.group > 0 ? wide_q8_rows<NR, M, D, true>(a, n, out) : wide_q8_rows<NR, M, D, false>(a, n, out);
-  else if constexpr (K == Kind::q8s) q8_span_rows<NR, M>(a, n, out);
+  else if constexpr (q8_spans(K)) q8_span_rows<NR, M, K == Kind::q8sh>(a, n, out);
   else
 #endif
   if constexpr (K == Kind::q4 || K == Kind::q5)
@@ -269,11 +271,13 @@ inline void i8_prefetch_bytes(const void* p, int64_t bytes) {
 // loops do not prefetch, are requested as many rows ahead.
 template <int M, class D, Kind K, Groups S>
 inline void rows_mp(const I8Args& a, const XPack& p, int64_t n0, int64_t n1) {
-  const int64_t wrow = i8_row_bytes<K>(a), srow = K == Kind::q4wh ? 2 * (a.K / 32) : i8_scale_row_bytes(a, nibbles(K));
+  const int64_t wrow = i8_row_bytes<K>(a), srow = K == Kind::q4wh   ? 2 * (a.K / 32)
+                                                   : K == Kind::q8sh ? 2 * ((a.K + 31) / 32)
+                                                                     : i8_scale_row_bytes(a, nibbles(K));
   constexpr int64_t kAhead = nibbles(K) ? kI8AheadNib : kI8Ahead;  // bytes
   const int64_t ahead = wrow > 0 ? (kAhead + wrow - 1) / wrow : 0;  // rows
   const char* w0 = static_cast<const char*>(a.w);
-  const char* s0 = K == Kind::q4wh ? reinterpret_cast<const char*>(a.scales_h)
+  const char* s0 = K == Kind::q4wh || K == Kind::q8sh ? reinterpret_cast<const char*>(a.scales_h)
                    : a.sc          ? reinterpret_cast<const char*>(a.sc)
                                    : reinterpret_cast<const char*>(a.scales);
   if (kAhead > 0 && !a.warm) {
@@ -339,7 +343,7 @@ inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
   // 32 registers hold its unpacked codes and the rows' accumulators): the split below paid a second,
   // compute-bound pass over every weight tile (SmolLM2 int4 in the server: 9 chained rows cost 1.36x
   // 8 rows).
-  if constexpr (wide_nibbles(K) || K == Kind::q8s)
+  if constexpr (wide_nibbles(K) || q8_spans(K))
     return i8_with_rows<16>(a.M, [&](auto t) { rows_m<decltype(t)::value, D, K, S>(a, nullptr, n0, n1); });
 #endif
   I8Args h[2] = {a, a};
@@ -371,7 +375,8 @@ template <class D>
 inline void q8_any(const I8Args& a, int64_t n0, int64_t n1) {
   if (a.group == 16) return rows<D, Kind::q8g16>(a, n0, n1);
 #ifdef LF_I8_WIDE
-  if (a.spans > 0) return rows<D, Kind::q8s>(a, n0, n1);  // set by gemv_i8.cpp: group 32, whole blocks
+  if (a.spans > 0)  // set by gemv_i8.cpp: group 32, whole blocks
+    return a.scales_h ? rows<D, Kind::q8sh>(a, n0, n1) : rows<D, Kind::q8s>(a, n0, n1);
   if (a.group == 0 || a.group == 32 || a.group % 64 == 0) return rows<D, Kind::q8w>(a, n0, n1);
 #endif
   rows<D, Kind::q8>(a, n0, n1);

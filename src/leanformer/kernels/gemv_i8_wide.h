@@ -403,13 +403,16 @@ inline void wide_q8_rows(const I8Args& a, int64_t n, float (&out)[NR][M]) {
 // unsigned operand: the activations come as code + 128, and the weight row's 128 * sum per group
 // (4 vpdpbusd, shared by the rows) starts each sum negated. Columns past K load as zeros (weights) /
 // 128 (activations): nothing.
-template <int NR, int M>
+template <int NR, int M, bool kHalf = false>
 inline void q8_span_rows(const I8Args& a, int64_t n, float (&out)[NR][M]) {
   const int64_t spans = a.spans, G = a.K / 32;
   const int8_t* __restrict w[NR];
   const float* sc[NR];
+  const uint16_t* sh[NR];  // kHalf: the row's fp16 scales (Q8I8::add_half)
   LF_UNROLL
-  for (int r = 0; r < NR; ++r) w[r] = static_cast<const int8_t*>(a.w) + (n + r) * a.K, sc[r] = a.scales + (n + r) * G;
+  for (int r = 0; r < NR; ++r)
+    w[r] = static_cast<const int8_t*>(a.w) + (n + r) * a.K, sc[r] = a.scales + (n + r) * G,
+    sh[r] = kHalf ? a.scales_h + (n + r) * G : nullptr;
   const uint8_t* xu = reinterpret_cast<const uint8_t*>(a.xq);
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   const __m512i block = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 1, 3, 5, 7, 1, 3, 5, 7);  // g(L) / 2
@@ -429,7 +432,9 @@ inline void q8_span_rows(const I8Args& a, int64_t n, float (&out)[NR][M]) {
       if (left >= 256) {
         LF_UNROLL
         for (int q = 0; q < 4; ++q) i8_prefetch(w[r], 256 * s + 64 * q), v[q] = _mm512_loadu_si512(p + 64 * q);
-        ws[r] = _mm512_permutexvar_ps(block, _mm512_castps256_ps512(_mm256_loadu_ps(sc[r] + 8 * s)));
+        ws[r] = _mm512_permutexvar_ps(
+            block, _mm512_castps256_ps512(kHalf ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sh[r] + 8 * s)))
+                                                : _mm256_loadu_ps(sc[r] + 8 * s)));
       } else {
         LF_UNROLL
         for (int q = 0; q < 4; ++q) {
@@ -438,7 +443,9 @@ inline void q8_span_rows(const I8Args& a, int64_t n, float (&out)[NR][M]) {
           v[q] = _mm512_maskz_loadu_epi8(k, p + 64 * q);
         }
         const __mmask8 k8 = static_cast<__mmask8>((1u << (left / 32)) - 1);
-        ws[r] = _mm512_permutexvar_ps(block, _mm512_castps256_ps512(_mm256_maskz_loadu_ps(k8, sc[r] + 8 * s)));
+        ws[r] = _mm512_permutexvar_ps(
+            block, _mm512_castps256_ps512(kHalf ? _mm256_cvtph_ps(_mm_maskz_loadu_epi16(k8, sh[r] + 8 * s))
+                                                : _mm256_maskz_loadu_ps(k8, sc[r] + 8 * s)));
       }
       const __m512i t0 = _mm512_unpacklo_epi32(v[0], v[1]), t1 = _mm512_unpackhi_epi32(v[0], v[1]);
       const __m512i t2 = _mm512_unpacklo_epi32(v[2], v[3]), t3 = _mm512_unpackhi_epi32(v[2], v[3]);
