@@ -4,8 +4,8 @@
 
 `linear_q4_i8` over group-32 shapes that take each path of the AVX-512 VNNI loops (whole 512-column spans,
 an odd 64-column chunk after them, a last 32 columns, spans only, none), 1-16 activation rows, symmetric
-codes (GGUF Q4_0), fp32 zero points and 8-bit scale / zero codes with their table, fp32 or fp16 scales,
-with and without a bias. Exits 1 at the first difference. Builds: as scripts/i8_rows_ab.py loads them.
+codes (GGUF Q4_0), fp32 zero points, zero points fp16 holds (GGUF Q4_1's mins) and 8-bit scale / zero
+codes with their table, fp32 or fp16 scales, with and without a bias. Exits 1 at the first difference. Builds: as scripts/i8_rows_ab.py loads them.
 """
 
 from __future__ import annotations
@@ -50,7 +50,11 @@ def main() -> None:
     old, new = load_so(a.old), load_so(a.new)
     cases = 0
     for (n, k), rows, mode, half, bias in itertools.product(
-        SHAPES, [1, 2, 3, 4, 5, 8, 9, 16], ["symmetric", "zeros", "coded"], [False, True], [False, True]
+        SHAPES,
+        [1, 2, 3, 4, 5, 8, 9, 16],
+        ["symmetric", "zeros", "zeros16", "coded"],
+        [False, True],
+        [False, True],
     ):
         if mode == "coded" and half:
             continue  # fp16 scale copies are made from fp32 scales only
@@ -59,7 +63,8 @@ def main() -> None:
             s = s.half().float()  # values fp16 holds exactly
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 3
         b = torch.randn(n) if bias else None
-        ops = {"symmetric": (s, None, None), "zeros": (s, z, None), "coded": (sc, zc, lut)}[mode]
+        ops = {"symmetric": (s, None, None), "zeros": (s, z, None), "zeros16": (s, z.half().float(), None)}
+        ops = ops.get(mode, (sc, zc, lut))
         y0, y1 = (e.linear_q4_i8(x, codes, ops[0], ops[1], 32, b, ops[2], half) for e in (old, new))
         if not torch.equal(y0, y1):
             print(

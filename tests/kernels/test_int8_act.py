@@ -82,15 +82,19 @@ def test_q4(act_isa, rows, group, k, symmetric):
 @pytest.mark.parametrize("rows", [1, 2, 9])
 @pytest.mark.parametrize("k", [576, 1536, 640, 1568, 96])  # spans + an odd chunk; spans only; a span + a
 #   128-column superchunk; spans + a last 32 columns; no span (the superchunk loop and the odd chunk only)
-@pytest.mark.parametrize("symmetric", [True, False])  # False: zero points (nib_finish past the spans)
-def test_q4_half_scales_equal_fp32(act_isa, rows, k, symmetric):
-    """Scales that fp16 holds exactly (a GGUF's) read from an fp16 copy by the 512-bit group-32 loops
-    (what the fused step does: DecodeLinear) give the fp32 arrays' results bit for bit; other ISAs ignore
-    the copy. Scales fp16 cannot hold are refused."""
+# zeros: none (GGUF Q4_0), fp32 ones fp16 cannot hold (read as fp32), fp16 values (GGUF Q4_1's mins: read
+# from their fp16 copy too, in the spans and the odd chunk after them; nib_finish past that)
+@pytest.mark.parametrize("zeros_kind", ["none", "fp32", "fp16"])
+def test_q4_half_scales_equal_fp32(act_isa, rows, k, zeros_kind):
+    """Scales (and zero points) that fp16 holds exactly (a GGUF's) read from an fp16 copy by the 512-bit
+    group-32 loops (what the fused step does: DecodeLinear) give the fp32 arrays' results bit for bit;
+    other ISAs ignore the copy. Scales fp16 cannot hold are refused."""
     n = 37  # rows past a multiple of 8 / 16
     wq = K.pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8))
     scales = (torch.rand(n, k // 32) * 0.02 + 1e-3).half().float()
-    zeros = None if symmetric else torch.randn(n, k // 32) * 0.01
+    zeros = None if zeros_kind == "none" else torch.randn(n, k // 32) * 0.01
+    if zeros_kind == "fp16":
+        zeros = zeros.half().float()
     x = torch.randn(rows, k) * 3
     e = K.ext()
     y32 = e.linear_q4_i8(x, wq, scales, zeros, 32)

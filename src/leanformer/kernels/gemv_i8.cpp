@@ -202,12 +202,13 @@ void q4_i8(const Q4I8& op, const float* x, int64_t M, int64_t K, float* y, const
     I8Args a{acts.xq + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, op.w, qs.s, z, op.bias, y + m0 * N,
              std::min<int64_t>(kI8Rows, M - m0), N, Kp, Kx, group_size};
     if (lookup) a.sc = qs.sc, a.zc = qs.zc, a.lut = qs.lut;
-    if (wide && group_size == 32 && qs.h) a.scales_h = qs.h;
+    if (wide && group_size == 32 && qs.h) a.scales_h = qs.h, a.zeros_h = z ? qs.hz : nullptr;
     a.wide = wide;
     a.xc = acts.xc + m0 * 8 * chunks;
     a.spans = spans, a.so = acts.so + m0 * 16 * spans, a.sd = acts.sd + m0 * 16 * spans, a.sx = acts.sx + m0 * 16 * spans;
     if (next && m0 + kI8Rows >= M && !(qs.coded() && !lookup)) a.next = *next;  // the call's last part
-    run_rows(a, true, Kp / 2 + (qs.coded() ? 2 : z ? 8 : a.scales_h ? 2 : 4) * G, qs.coded() && !lookup ? &qs : nullptr, isa);
+    const int64_t group_bytes = qs.coded() ? 2 : (a.scales_h ? 2 : 4) + (!z ? 0 : a.zeros_h ? 2 : 4);
+    run_rows(a, true, Kp / 2 + group_bytes * G, qs.coded() && !lookup ? &qs : nullptr, isa);
   }
 }
 

@@ -127,7 +127,10 @@ inline void span_rows(const I8Args& a, int64_t n, const uint8_t* __restrict cons
       } else {
         ws[r] = _mm512_permutexvar_ps(order, kHalf ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sh[r] + 16 * s)))
                                                    : _mm512_loadu_ps(sc[r] + 16 * s));
-        if (zeros) zs[r] = _mm512_permutexvar_ps(order, _mm512_loadu_ps(a.zeros + (n + r) * G + 16 * s));
+        if (zeros)
+          zs[r] = _mm512_permutexvar_ps(
+              order, kHalf && a.zeros_h ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.zeros_h + (n + r) * G + 16 * s)))
+                                        : _mm512_loadu_ps(a.zeros + (n + r) * G + 16 * s));
       }
     }
     LF_UNROLL
@@ -265,7 +268,9 @@ __attribute__((always_inline)) inline void wide_rows(const I8Args& a, const XPac
       if (tail_zeros) {
         alignas(8) float z[2];
         for (int k = 0; k < 2; ++k) {
-          float zk = kCoded ? lut[256 + a.zc[(n + r) * G + 2 * c + k]] * scale(r, 2 * c + k) : a.zeros[(n + r) * G + 2 * c + k];
+          float zk = kCoded                 ? lut[256 + a.zc[(n + r) * G + 2 * c + k]] * scale(r, 2 * c + k)
+                     : kHalf && a.zeros_h ? _cvtsh_ss(a.zeros_h[(n + r) * G + 2 * c + k])
+                                          : a.zeros[(n + r) * G + 2 * c + k];
           asm("" : "+x"(zk));  // rounded to fp32 as the arrays hold it (nib_finish)
           z[k] = zk;
         }
