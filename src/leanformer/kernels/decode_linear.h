@@ -48,8 +48,8 @@ struct DecodeLinear {
       zeros_version = zeros->is_inference() ? -1 : zeros->_version();
       if (zeros_version >= 0) zeros_counter = zeros->unsafeGetTensorImpl()->version_counter();
       if (int8_capable()) q4_i8_op = q4_i8_operands(w, *scales, zeros, group, bias, lut);
-      // an fp16 copy of GGUF-born scales for the 512-bit loops (Q4Scales::add_half), where they run
-      if (q4_i8_op && group == 32 && act_isa_id() == kAvx512Vnni) q4_i8_op->qs.add_half();
+      // an fp16 copy of GGUF-born scales (and zero points) for the group-32 loops (Q4Scales::add_half)
+      if (q4_i8_op && group == 32) q4_i8_op->qs.add_half();
     }
     if (kind == Kind::q8 && int8_capable()) {
       q8_i8_op = q8_i8_operands(w, *scales, bias, group);
@@ -62,9 +62,10 @@ struct DecodeLinear {
   // symmetric blocks), which saves reading 4 of every 20 bytes per 32 weights. Checked once here; an
   // in-place write to the zeros since then (version counter) brings them back.
   std::optional<at::Tensor> q4_zeros() const { return skip_zeros() ? std::nullopt : zeros; }
-  bool skip_zeros() const {
-    return zeros_all_zero && (zeros_version < 0 || zeros_counter.current_version() == zeros_version);
-  }
+  bool skip_zeros() const { return zeros_all_zero && zeros_unchanged(); }
+  // whether the zeros are as built (then their fp16 copy, Q4Scales::hz, is theirs); an inference tensor
+  // has no version counter and is taken as unchanged
+  bool zeros_unchanged() const { return zeros_version < 0 || zeros_counter.current_version() == zeros_version; }
 
   static Kind parse(const std::string& name) {
     if (name == "f32") return Kind::f32;
@@ -141,7 +142,8 @@ struct DecodeLinear {
     if (i8 && x.size(0) > kGemvPassRows && !lut.has_value()) return gemm_q4_i8(x, w, *scales, q4_zeros(), group, bias);
     if (i8 && q4_i8_op && plain) {  // the operands checked once
       at::Tensor y = output(out, x.size(0), out_features(), x.options());
-      q4_i8(*q4_i8_op, x.data_ptr<float>(), x.size(0), x.size(1), y.data_ptr<float>(), np, !skip_zeros());
+      q4_i8(*q4_i8_op, x.data_ptr<float>(), x.size(0), x.size(1), y.data_ptr<float>(), np, !skip_zeros(),
+            zeros_unchanged());
       return y;
     }
     if (i8) return linear_q4_i8(x, w, *scales, q4_zeros(), group, bias, lut, np, out);  // pads x to k_padded itself

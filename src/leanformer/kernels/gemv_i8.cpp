@@ -175,7 +175,8 @@ Q4I8 q4_i8_operands(const at::Tensor& w_, const at::Tensor& scales, const std::o
   return op;
 }
 
-void q4_i8(const Q4I8& op, const float* x, int64_t M, int64_t K, float* y, const I8Next* next, bool zeros) {
+void q4_i8(const Q4I8& op, const float* x, int64_t M, int64_t K, float* y, const I8Next* next, bool zeros,
+           bool half_zeros) {
   const Q4Scales& qs = op.qs;
   const int64_t N = op.N, Kp = op.Kp, G = op.G, group_size = op.group;
   TORCH_CHECK(K <= Kp, "int8-activation int4 needs x with at most the codes' columns (", Kp, ", group_size ",
@@ -202,7 +203,7 @@ void q4_i8(const Q4I8& op, const float* x, int64_t M, int64_t K, float* y, const
     I8Args a{acts.xq + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, op.w, qs.s, z, op.bias, y + m0 * N,
              std::min<int64_t>(kI8Rows, M - m0), N, Kp, Kx, group_size};
     if (lookup) a.sc = qs.sc, a.zc = qs.zc, a.lut = qs.lut;
-    if (wide && group_size == 32 && qs.h) a.scales_h = qs.h, a.zeros_h = z ? qs.hz : nullptr;
+    if (group_size == 32 && qs.h) a.scales_h = qs.h, a.zeros_h = z && half_zeros ? qs.hz : nullptr;  // every ISA's loops
     a.wide = wide;
     a.xc = acts.xc + m0 * 8 * chunks;
     a.spans = spans, a.so = acts.so + m0 * 16 * spans, a.sd = acts.sd + m0 * 16 * spans, a.sx = acts.sx + m0 * 16 * spans;

@@ -210,11 +210,13 @@ inline void q8_rows_nr(const I8Args& a, int64_t n, float (&out)[NR][M]) {
 
 // Which row function a call runs: int4 (group layout S), int8 (per row / per group, or kG16: Q6_K's two
 // scales per 32-column block), int5.
-// q4w / q8w / q8s: the 512-bit loops (gemv_i8_wide.h); q4wh / q8sh: q4w / q8s reading the fp16 scales
-// (I8Args::scales_h)
-enum class Kind { q4, q8, q8g16, q5, q4w, q8w, q8s, q4wh, q8sh };
+// q4w / q8w / q8s: the 512-bit loops (gemv_i8_wide.h); q4wh / q8sh / q4h: q4w / q8s / q4 reading the fp16
+// scales (I8Args::scales_h)
+enum class Kind { q4, q8, q8g16, q5, q4w, q8w, q8s, q4wh, q8sh, q4h };
 constexpr bool q8_spans(Kind K) { return K == Kind::q8s || K == Kind::q8sh; }
-constexpr bool nibbles(Kind K) { return K == Kind::q4 || K == Kind::q5 || K == Kind::q4w || K == Kind::q4wh; }
+constexpr bool nibbles(Kind K) {
+  return K == Kind::q4 || K == Kind::q5 || K == Kind::q4w || K == Kind::q4wh || K == Kind::q4h;
+}
 constexpr bool wide_nibbles(Kind K) { return K == Kind::q4w || K == Kind::q4wh; }
 
 // Rows [0, M) of a's activations as K's loop reads them (packed from kPackRows rows for the nibbles).
@@ -223,7 +225,7 @@ inline XPack i8_pack_for(const I8Args& a, I8Buf& buf) {
 #ifdef LF_I8_WIDE
   if constexpr (wide_nibbles(K)) return i8_pack<M, 2>(a, buf);
 #endif
-  if constexpr (K == Kind::q4 || K == Kind::q5) return i8_pack<M>(a, buf);
+  if constexpr (K == Kind::q4 || K == Kind::q4h || K == Kind::q5) return i8_pack<M>(a, buf);
   return XPack{a.xq, a.dv, a.xc};
 }
 
@@ -237,8 +239,8 @@ __attribute__((always_inline)) inline void rows_nr(const I8Args& a, const XPack&
   else if constexpr (q8_spans(K)) q8_span_rows<NR, M, K == Kind::q8sh>(a, n, out);
   else
 #endif
-  if constexpr (K == Kind::q4 || K == Kind::q5)
-    nib_rows<NR, M, D, S, K == Kind::q5>(a, p, n, out);
+  if constexpr (K == Kind::q4 || K == Kind::q4h || K == Kind::q5)
+    nib_rows<NR, M, D, S, K == Kind::q5, K == Kind::q4h>(a, p, n, out);
   else
     q8_rows_nr<NR, M, D, K == Kind::q8g16>(a, n, out);
   LF_UNROLL
@@ -271,13 +273,13 @@ inline void i8_prefetch_bytes(const void* p, int64_t bytes) {
 // loops do not prefetch, are requested as many rows ahead.
 template <int M, class D, Kind K, Groups S>
 inline void rows_mp(const I8Args& a, const XPack& p, int64_t n0, int64_t n1) {
-  const int64_t wrow = i8_row_bytes<K>(a), srow = K == Kind::q4wh   ? 2 * (a.K / 32)
+  const int64_t wrow = i8_row_bytes<K>(a), srow = K == Kind::q4wh || K == Kind::q4h ? 2 * (a.K / 32)
                                                    : K == Kind::q8sh ? 2 * ((a.K + 31) / 32)
                                                                      : i8_scale_row_bytes(a, nibbles(K));
   constexpr int64_t kAhead = nibbles(K) ? kI8AheadNib : kI8Ahead;  // bytes
   const int64_t ahead = wrow > 0 ? (kAhead + wrow - 1) / wrow : 0;  // rows
   const char* w0 = static_cast<const char*>(a.w);
-  const char* s0 = K == Kind::q4wh || K == Kind::q8sh ? reinterpret_cast<const char*>(a.scales_h)
+  const char* s0 = K == Kind::q4wh || K == Kind::q8sh || K == Kind::q4h ? reinterpret_cast<const char*>(a.scales_h)
                    : a.sc          ? reinterpret_cast<const char*>(a.sc)
                                    : reinterpret_cast<const char*>(a.scales);
   if (kAhead > 0 && !a.warm) {
@@ -397,7 +399,11 @@ inline void q4_any(const I8Args& a, int64_t n0, int64_t n1) {
     if (a.group % 64 == 0) return rows<D, Kind::q4, Groups::k64nCoded>(a, n0, n1);
     return rows<D, Kind::q4, Groups::kOtherCoded>(a, n0, n1);
   }
-  if (a.group == 32) return rows<D, Kind::q4, Groups::k32>(a, n0, n1);
+  // the fp16 scales at one activation row, where the 256-bit loop streams its weights; at 4 rows it
+  // is compute-bound and the conversion per chunk cost more than the bytes (SmolLM2 step + head, AVX2
+  // loops on Zen 4: 0.93-0.96x the time at 1 row, 1.005-1.035x at 4; docs/BENCHMARKS.md session 24)
+  if (a.group == 32)
+    return a.scales_h && a.M == 1 ? rows<D, Kind::q4h, Groups::k32>(a, n0, n1) : rows<D, Kind::q4, Groups::k32>(a, n0, n1);
   if (a.group % 64 == 0) return rows<D, Kind::q4, Groups::k64n>(a, n0, n1);
   rows<D, Kind::q4, Groups::kOther>(a, n0, n1);
 }

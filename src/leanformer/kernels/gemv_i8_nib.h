@@ -127,6 +127,8 @@ inline void nib_finish(const I8Args& a, int64_t n, const __m256 (&acc)[NR][M], f
           if constexpr (kCoded) {  // exactly as the fp32 arrays were made: z = lut[256 + zc] * s, stored as fp32
             z8 = _mm256_mul_ps(i8_lut8(lut + 256, zcc[r] + j), i8_lut8(lut, scc[r] + j));
             asm("" : "+x"(z8));  // z rounded to fp32 (no FMA contraction into the next one)
+          } else if (a.zeros_h) {  // their fp16 copy (exact)
+            z8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zeros_h + (n + r) * G + j)));
           } else {
             z8 = _mm256_loadu_ps(zr[r] + j);
           }
@@ -135,7 +137,7 @@ inline void nib_finish(const I8Args& a, int64_t n, const __m256 (&acc)[NR][M], f
       float y = i8_hsum(t8);
       if (zeros)
         for (; j < G; ++j) {
-          float z = kCoded ? lut[256 + zcc[r][j]] * scale(r, j) : zr[r][j];
+          float z = kCoded ? lut[256 + zcc[r][j]] * scale(r, j) : a.zeros_h ? _cvtsh_ss(a.zeros_h[(n + r) * G + j]) : zr[r][j];
           asm("" : "+x"(z));  // as above
           y += z * xs[j];
         }
@@ -153,7 +155,8 @@ inline void nib_finish(const I8Args& a, int64_t n, const __m256 (&acc)[NR][M], f
 // bits 0-1). Exact:
 // maddubs pairs of 31 * 127 products, two pairs summed (dot2) stay below 32767. The -8 / -16 starts
 // each chunk's integer sums (I8Args::xc), the zero points enter through the activation group sums xs.
-template <int NR, int M, class D, Groups S, bool kQ5>
+// kHalf (group 32): the scales (and zero points) as their fp16 copies (I8Args::scales_h / zeros_h).
+template <int NR, int M, class D, Groups S, bool kQ5, bool kHalf = false>
 inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR][M]) {
   const int64_t group = kQ5 ? 32 : a.group;
   const int64_t Kh = a.K / 2, G = a.K / group, bpg = group / 32, cpg = group / 64;
@@ -200,7 +203,15 @@ inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR
         lo = _mm256_and_si256(v, mask);
         hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
       }
-      const __m256 ws = i8_chunk_scales<S>(sc[r], scc[r], lut, c, g, bpg);
+      __m256 ws;
+      if constexpr (kHalf) {  // blocks 2c, 2c + 1: one 4-byte load, lanes 0-3 / 4-7 as i8_chunk_scales
+        int32_t two;
+        __builtin_memcpy(&two, a.scales_h + (n + r) * G + 2 * c, 4);
+        ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(two))),
+                                      _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+      } else {
+        ws = i8_chunk_scales<S>(sc[r], scc[r], lut, c, g, bpg);
+      }
       LF_UNROLL
       for (int m = 0; m < M; ++m) {
         const int8_t* x = xr[m] + (kP ? 64 * M : 64) * c;

@@ -52,8 +52,9 @@ struct I8Args {
   const uint8_t* sc = nullptr;
   const uint8_t* zc = nullptr;
   const float* lut = nullptr;
-  // q4 wide, group 32: the same scales as fp16 [N, n_groups] (Q4Scales::h), read by the loops instead
-  // (half the scale bytes streamed; fp16 -> fp32 is exact, so the same results); null: none
+  // q4 / q8 group 32: the same scales as fp16 [N, n_groups] (Q4Scales::h, Q8I8::h), read by the 512-bit
+  // loops and the 256-bit int4 loop at one row instead (half the scale bytes streamed; fp16 -> fp32 is
+  // exact, so the same results); null: none
   const uint16_t* scales_h = nullptr;
   // with scales_h: the zero points as fp16 [N, n_groups] (Q4Scales::hz, a GGUF Q4_1's mins), read by the
   // span loop and the odd chunk after it instead of `zeros` (4 of a 20-byte block's 22 bytes: 2 saved)
