@@ -133,3 +133,58 @@ def test_prefill_logits_do_not_depend_on_an_earlier_decode(tiny_dirs):
     assert torch.equal(full0, full1) and torch.equal(at0, at1)
     assert torch.allclose(at1[0, 0], full1[0, -1], atol=1e-4)
     assert not torch.equal(decoded[-1, 0], full1[0, -1])  # the decode rows did take int8 activations
+
+
+def _int8_group32(model) -> list:
+    """Every block Linear swapped for a random group-32 Int8Linear whose scales fp16 holds (a GGUF
+    Q8_0's): the fused step then keeps their fp16 copy (Q8I8::add_half, on AVX-512 VNNI)."""
+    from leanformer.compress.int8 import Int8Linear
+
+    swapped = []
+    for block in model.model.layers:
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear) and not hasattr(child, "decode_operands"):
+                    q = Int8Linear(
+                        child.in_features, child.out_features, child.bias is not None, group_size=32
+                    )
+                    with torch.no_grad():
+                        q.weight_int8.copy_(torch.randint(-127, 128, q.weight_int8.shape, dtype=torch.int8))
+                        q.scales.copy_((torch.rand(q.scales.shape) * 0.004 + 1e-3).half().float())
+                        if child.bias is not None:
+                            q.bias.copy_(child.bias)
+                    setattr(parent, name, q)
+                    swapped.append(q)
+    return swapped
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_half_scale_copies_follow_in_place_writes(kind, tiny_dirs):
+    """The fused step reads fp16 copies of scales (and int4 zero points) that fp16 holds exactly, made
+    when the step is built; an in-place write to the scales or zeros afterwards must reach the logits
+    exactly as a freshly built step's (decode_linear.h: the tensors' version counters)."""
+    torch.manual_seed(0)
+    model, _ = lf.load(tiny_dirs["qwen2"])
+    if kind == "int4":
+        lf.quantize_(model, lf.Int4WeightOnly(group_size=32))
+        quant = [m for m in model.modules() if hasattr(m, "zeros") and hasattr(m, "decode_operands")]
+    else:
+        quant = _int8_group32(model)
+    assert quant
+    with torch.no_grad():
+        for m in quant:
+            m.scales.copy_(m.scales.half().float())
+            if kind == "int4":
+                m.zeros.copy_(m.zeros.half().float())
+    before = logits_for(model, "int8")  # the plan is built here, with the fp16 copies
+    stack = model._decode_plan.stack
+    for tensor in ("scales", "zeros") if kind == "int4" else ("scales",):
+        with torch.no_grad():
+            for m in quant:
+                getattr(m, tensor).mul_(1.25)  # same tensors: the plan is not rebuilt
+        changed = logits_for(model, "int8")
+        assert model._decode_plan.stack is stack
+        model._decode_plan.reset()  # a fresh plan makes fresh copies
+        assert torch.equal(changed, logits_for(model, "int8"))
+        assert not torch.equal(changed, before)
+        stack, before = model._decode_plan.stack, changed

@@ -155,8 +155,8 @@ struct Q8I8 {
 };
 Q8I8 q8_i8_operands(const at::Tensor& w, const at::Tensor& scales, const std::optional<at::Tensor>& bias,
                     int64_t group_size);
-// x [M, K] fp32 -> y [M, N]
-void q8_i8(const Q8I8& op, const float* x, int64_t M, float* y, const I8Next* next);
+// x [M, K] fp32 -> y [M, N]; half_scales: op.h may stand for the scales (false once they changed)
+void q8_i8(const Q8I8& op, const float* x, int64_t M, float* y, const I8Next* next, bool half_scales = true);
 // int4 for many rows (prefill): activation rows in the vector lanes (gemm_q4_i8.cpp)
 at::Tensor gemm_q4_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                       const std::optional<at::Tensor>& zeros, int64_t group, const std::optional<at::Tensor>& bias);

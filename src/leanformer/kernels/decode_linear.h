@@ -29,6 +29,8 @@ struct DecodeLinear {
   bool zeros_all_zero = false;  // q4: every zero point 0 when built (see q4_zeros)
   int64_t zeros_version = -1;   // the zeros' version counter then (-1: an inference tensor, which has none)
   c10::VariableVersion zeros_counter{c10::VariableVersion::DISABLED};  // that counter, read without the tensor
+  int64_t scales_version = -1;  // the same for the scales (their fp16 copies stand for them while unchanged)
+  c10::VariableVersion scales_counter{c10::VariableVersion::DISABLED};
   std::optional<Q4I8> q4_i8_op;  // int8-capable q4 / q8: the GEMV's operands, checked once
   std::optional<Q8I8> q8_i8_op;
   int64_t n_out = 0;
@@ -43,6 +45,10 @@ struct DecodeLinear {
     n_out = w.size(0);
     TORCH_CHECK(kind != Kind::q4 || zeros.has_value(), "q4 DecodeLinear needs zeros");
     TORCH_CHECK(kind != Kind::q5 || (zeros.has_value() && group == 32), "q5 DecodeLinear needs high bits, group 32");
+    if (scales.has_value() && !scales->is_inference()) {
+      scales_version = scales->_version();
+      scales_counter = scales->unsafeGetTensorImpl()->version_counter();
+    }
     if (kind == Kind::q4) {
       zeros_all_zero = !lut.has_value() && !zeros->any().item<bool>();  // codes 0 are not zero points
       zeros_version = zeros->is_inference() ? -1 : zeros->_version();
@@ -66,6 +72,7 @@ struct DecodeLinear {
   // whether the zeros are as built (then their fp16 copy, Q4Scales::hz, is theirs); an inference tensor
   // has no version counter and is taken as unchanged
   bool zeros_unchanged() const { return zeros_version < 0 || zeros_counter.current_version() == zeros_version; }
+  bool scales_unchanged() const { return scales_version < 0 || scales_counter.current_version() == scales_version; }
 
   static Kind parse(const std::string& name) {
     if (name == "f32") return Kind::f32;
@@ -128,7 +135,7 @@ struct DecodeLinear {
     const bool plain = x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous();
     if (kind == Kind::q8 && i8 && q8_i8_op && plain && x.size(1) == q8_i8_op->K) {  // the operands checked once
       at::Tensor y = output(out, x.size(0), out_features(), x.options());
-      q8_i8(*q8_i8_op, x.data_ptr<float>(), x.size(0), y.data_ptr<float>(), np);
+      q8_i8(*q8_i8_op, x.data_ptr<float>(), x.size(0), y.data_ptr<float>(), np, scales_unchanged());
       return y;
     }
     if (kind == Kind::q8)
@@ -143,7 +150,7 @@ struct DecodeLinear {
     if (i8 && q4_i8_op && plain) {  // the operands checked once
       at::Tensor y = output(out, x.size(0), out_features(), x.options());
       q4_i8(*q4_i8_op, x.data_ptr<float>(), x.size(0), x.size(1), y.data_ptr<float>(), np, !skip_zeros(),
-            zeros_unchanged());
+            scales_unchanged(), zeros_unchanged());
       return y;
     }
     if (i8) return linear_q4_i8(x, w, *scales, q4_zeros(), group, bias, lut, np, out);  // pads x to k_padded itself

@@ -176,7 +176,7 @@ Q4I8 q4_i8_operands(const at::Tensor& w_, const at::Tensor& scales, const std::o
 }
 
 void q4_i8(const Q4I8& op, const float* x, int64_t M, int64_t K, float* y, const I8Next* next, bool zeros,
-           bool half_zeros) {
+           bool half_scales, bool half_zeros) {
   const Q4Scales& qs = op.qs;
   const int64_t N = op.N, Kp = op.Kp, G = op.G, group_size = op.group;
   TORCH_CHECK(K <= Kp, "int8-activation int4 needs x with at most the codes' columns (", Kp, ", group_size ",
@@ -203,7 +203,8 @@ void q4_i8(const Q4I8& op, const float* x, int64_t M, int64_t K, float* y, const
     I8Args a{acts.xq + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, op.w, qs.s, z, op.bias, y + m0 * N,
              std::min<int64_t>(kI8Rows, M - m0), N, Kp, Kx, group_size};
     if (lookup) a.sc = qs.sc, a.zc = qs.zc, a.lut = qs.lut;
-    if (group_size == 32 && qs.h) a.scales_h = qs.h, a.zeros_h = z && half_zeros ? qs.hz : nullptr;  // every ISA's loops
+    if (group_size == 32 && qs.h && half_scales)  // every ISA's loops
+      a.scales_h = qs.h, a.zeros_h = z && half_zeros ? qs.hz : nullptr;
     a.wide = wide;
     a.xc = acts.xc + m0 * 8 * chunks;
     a.spans = spans, a.so = acts.so + m0 * 16 * spans, a.sd = acts.sd + m0 * 16 * spans, a.sx = acts.sx + m0 * 16 * spans;
@@ -247,7 +248,7 @@ Q8I8 q8_i8_operands(const at::Tensor& w_, const at::Tensor& scales_, const std::
   return op;
 }
 
-void q8_i8(const Q8I8& op, const float* x, int64_t M, float* y, const I8Next* next) {
+void q8_i8(const Q8I8& op, const float* x, int64_t M, float* y, const I8Next* next, bool half_scales) {
   const int64_t N = op.N, K = op.K, blocks = (K + 31) / 32;
   // read once: the activations' layout and the loops that read it must agree even if set_act_isa runs now
   const int isa = g_act_isa.load(std::memory_order_relaxed);
@@ -273,7 +274,7 @@ void q8_i8(const Q8I8& op, const float* x, int64_t M, float* y, const I8Next* ne
   for (int64_t m0 = 0; m0 < M; m0 += kI8Rows) {
     I8Args a{xq + m0 * Kx, spans ? nullptr : d + m0 * blocks, nullptr, op.w, op.s, nullptr, op.bias, y + m0 * N,
              std::min<int64_t>(kI8Rows, M - m0), N, K, Kx, op.group};
-    if (spans) a.spans = spans, a.sd = sd + m0 * 16 * spans, a.scales_h = op.h;
+    if (spans) a.spans = spans, a.sd = sd + m0 * 16 * spans, a.scales_h = half_scales ? op.h : nullptr;
     if (next && m0 + kI8Rows >= M) a.next = *next;
     run_rows(a, false, K, nullptr, isa);
   }

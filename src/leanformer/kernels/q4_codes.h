@@ -133,9 +133,9 @@ struct I8Next;
 Q4I8 q4_i8_operands(const at::Tensor& w, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                     int64_t group_size, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lut);
 // x [M, K] fp32 (K <= Kp; zero-padded) -> y [M, N]; zeros false: no zero points read (all zero, GGUF Q4_0)
-// zeros: read the zero points; half_zeros: their fp16 copy (Q4Scales::hz) may stand for them (false once
-// the zeros changed since it was made)
+// zeros: read the zero points; half_scales / half_zeros: the fp16 copies (Q4Scales::h / hz) may stand
+// for them (false once the scales / zeros changed since they were made)
 void q4_i8(const Q4I8& op, const float* x, int64_t M, int64_t K, float* y, const I8Next* next, bool zeros,
-           bool half_zeros = true);
+           bool half_scales = true, bool half_zeros = true);
 
 }  // namespace leanformer
