@@ -57,6 +57,10 @@ def use_clock(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 
 def load_so(path: str):
+    if not Path(path).is_file():
+        raise SystemExit(
+            f"{path}: no such kernel library (a built .so, e.g. ~/.cache/leanformer/kernels/<hash>/)"
+        )
     name = Path(path).stem
     loader = importlib.machinery.ExtensionFileLoader(name, path)
     spec = importlib.util.spec_from_loader(name, loader)

@@ -144,14 +144,7 @@ struct Q8I8 {
   // Makes `h` when every scale is an fp16 value (a GGUF's Q8_0 blocks: fp16 scales), for the 512-bit
   // span loop: 2 bytes per 32 weights instead of 4 (an int8 row then streams 34 bytes per 32 weights, as
   // the GGUF block does, not 36). Results unchanged: fp16 -> fp32 is exact. Returns whether it did.
-  bool add_half() {
-    if (group != 32) return false;
-    at::Tensor half = s_hold.to(at::kHalf);
-    if (!half.to(at::kFloat).equal(s_hold)) return false;
-    h_hold = half.contiguous();
-    h = static_cast<const uint16_t*>(h_hold.data_ptr());
-    return true;
-  }
+  bool add_half();  // gemv_i8.cpp (q4_codes.h exact_half_copy)
 };
 Q8I8 q8_i8_operands(const at::Tensor& w, const at::Tensor& scales, const std::optional<at::Tensor>& bias,
                     int64_t group_size);

@@ -248,6 +248,12 @@ Q8I8 q8_i8_operands(const at::Tensor& w_, const at::Tensor& scales_, const std::
   return op;
 }
 
+bool Q8I8::add_half() {
+  if (group != 32) return false;
+  h = exact_half_copy(s_hold, h_hold);
+  return h != nullptr;
+}
+
 void q8_i8(const Q8I8& op, const float* x, int64_t M, float* y, const I8Next* next, bool half_scales) {
   const int64_t N = op.N, K = op.K, blocks = (K + 31) / 32;
   // read once: the activations' layout and the loops that read it must agree even if set_act_isa runs now

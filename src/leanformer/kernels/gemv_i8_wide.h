@@ -88,7 +88,7 @@ inline void wide_sums(const __m512 (&acc)[NR][M], float (&out)[NR][M]) {
 // the ones the transpose loads, 4 fewer ops per span), the low nibbles' sums times 16 join them, and sd
 // holds d / 16: 16 v converted is exactly 16 x v's float and d / 16 x w exactly (d x w) / 16, so the FMA
 // gets the same product and every result is the same bit for bit (L2-resident one-thread GEMV on Zen 4:
-// 0.97x the time at 1,536 columns, 0.99x at 576; docs/BENCHMARKS.md session 24).
+// 0.95-0.96x the time at 1,536-2,048 columns, 1.0x at 576; docs/BENCHMARKS.md session 24).
 // kCoded: the weight scales are 8-bit codes looked up in a.lut (the same fp32 values as the arrays).
 // Zero points (a.zeros, or codes): lane L's z * (its group's activation sum, a.sx), one FMA per row pair
 // and span, instead of nib_finish's pass over the groups after the loop (~a third of a 576-column row's
@@ -253,15 +253,7 @@ __attribute__((always_inline)) inline void wide_rows(const I8Args& a, const XPac
     for (int r = 0; r < NR; ++r) {
       const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + 32 * c)));
       const __m512i lohi = _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xFFFF0000u, v, 4), mask_hi);
-      __m256 ws8;
-      if constexpr (kHalf) {  // blocks 2c, 2c + 1: one 4-byte load, lanes 0-3 / 4-7 as i8_chunk_scales
-        int32_t two;
-        __builtin_memcpy(&two, sh[r] + 2 * c, 4);
-        ws8 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(two))),
-                                       _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
-      } else {
-        ws8 = i8_chunk_scales<S>(sc[r], scc[r], lut, c, g, a.group / 32);
-      }
+      const __m256 ws8 = kHalf ? i8_chunk_scales_half(sh[r], c) : i8_chunk_scales<S>(sc[r], scc[r], lut, c, g, a.group / 32);
       const __m512 ws = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(ws8)),
                                                             _mm256_castps_pd(ws8), 1));
       __m512 zs = _mm512_setzero_ps();  // tail_zeros: z of blocks 2c, 2c + 1 in lanes 0, 4
