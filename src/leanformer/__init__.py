@@ -8,6 +8,7 @@ print(lf.generate(model, tok, "Once upon a time", max_new_tokens=64))
 from leanformer.compress import (
     AWQ,
     GPTQ,
+    BF16WeightOnly,
     Int4WeightOnly,
     Int8Dynamic,
     Int8WeightOnly,
@@ -49,6 +50,7 @@ __all__ = [
     "Int4WeightOnly",
     "Int8Dynamic",
     "Int8WeightOnly",
+    "BF16WeightOnly",
     "KVCache",
     "Recipe",
     "apply",

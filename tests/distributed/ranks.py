@@ -64,16 +64,18 @@ def batched(model) -> dict:
 
 def load_as(path: str, dtype: str = "float32"):
     """The model at `path` in `dtype`; float64 takes away fp32 rounding (summation order) to show
-    the sharded arithmetic itself is exact; "int8" / "int4" quantize it first (round-to-nearest:
+    the sharded arithmetic itself is exact; "int8" / "int4" / "bf16" quantize it first (round-to-nearest:
     deterministic, so every process gets the same codes)."""
-    from leanformer.compress import Int4WeightOnly, Int8WeightOnly, quantize_
+    from leanformer.compress import BF16WeightOnly, Int4WeightOnly, Int8WeightOnly, quantize_
     from leanformer.loading import load
 
-    if dtype in ("int8", "int4"):
+    if dtype in ("int8", "int4", "bf16"):
         from leanformer.compress import set_activations
 
         model, _ = load(path)
-        config = Int8WeightOnly() if dtype == "int8" else Int4WeightOnly(group_size=32)
+        config = {"int8": Int8WeightOnly(), "int4": Int4WeightOnly(group_size=32), "bf16": BF16WeightOnly()}[
+            dtype
+        ]
         model = quantize_(model, config)
         # fp32 activations on both sides: a split Linear's int8 activation blocks would not be the whole
         # one's, and the one-process reference would otherwise take int8 where that is the default

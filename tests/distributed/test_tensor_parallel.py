@@ -45,7 +45,12 @@ def test_two_ranks_match_one_process(tiny_dirs, shared, tmp_path, monkeypatch):
     jobs = [(k, str(v), "float32", "tp") for k, v in models.items()]
     # quantized shards: int8 per channel (columns keep their row scales), int4 cut at group boundaries
     # (the tiny llama's 96 MLP channels in groups of 32: 64 + 32)
-    quantized = {"llama-int8": "llama", "llama-int4": "llama", "stories260K-int8": "stories260K"}
+    quantized = {
+        "llama-int8": "llama",
+        "llama-int4": "llama",
+        "llama-bf16": "llama",
+        "stories260K-int8": "stories260K",
+    }
     quantized |= {"gpt2-int8": "gpt2", "gpt2-int4": "gpt2"}  # GPT-2's 256 MLP channels: 128 + 128
     jobs += [(k, str(models[v]), k.rsplit("-", 1)[1], "tp") for k, v in quantized.items()]
     results = run_ranks(2, jobs, tmp_path / "out")
@@ -56,7 +61,7 @@ def test_two_ranks_match_one_process(tiny_dirs, shared, tmp_path, monkeypatch):
         ref = outputs(model)
         for got in results[name]:
             _same(ref, got, model.args.num_key_value_heads, 2)
-            assert got["kind"] == ref["kind"]  # int8 / int4 stayed quantized through the sharding
+            assert got["kind"] == ref["kind"]  # int8 / int4 / bf16 stayed so through the sharding
     for got in results["mistral"]:
         assert got["error"].startswith("tensor parallel size 2 does not divide this model's 1 KV heads")
         assert "\n" not in got["error"]

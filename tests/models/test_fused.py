@@ -67,6 +67,7 @@ def test_fp32_matches_module_path(arch, tiny_dirs):
         lf.Int4WeightOnly(group_size=64, pad=True),  # down_proj K = 96: codes padded to 128 columns
         lf.Int4WeightOnly(group_size=32, scale_bits=8),
         lf.Int8Dynamic(),
+        lf.BF16WeightOnly(ignore=[]),  # the tied head and embedding too
     ],
     ids=repr,
 )

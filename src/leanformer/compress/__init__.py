@@ -5,7 +5,9 @@ apply(model, Recipe([GPTQ(bits=4, group_size=64)]), calibration=token_ids)
 prune_(model, Wanda(sparsity=0.5), calibration=token_ids); apply(model, "wanda-50+int8", calibration=ids)
 """
 
+from leanformer.compress.bf16 import BF16Linear
 from leanformer.compress.config import (
+    BF16WeightOnly,
     LowRank,
     Magnitude,
     PruneConfig,
@@ -43,6 +45,8 @@ from leanformer.compress.recipe import (
 )
 
 __all__ = [
+    "BF16Linear",
+    "BF16WeightOnly",
     "set_activations",
     "set_prefill_activations",
     "AWQ",

@@ -83,6 +83,13 @@ class Int8WeightOnly(QuantConfig):
 
 @_register
 @dataclass
+class BF16WeightOnly(QuantConfig):
+    """bfloat16 weights, fp32 activations and math (BF16Linear): half the bytes of fp32, lossless for a
+    checkpoint shipped in bf16."""
+
+
+@_register
+@dataclass
 class Int4WeightOnly(QuantConfig):
     """int4 weights, round-to-nearest, asymmetric per group of `group_size` input columns. `pad` lets a
     group size that does not divide in_features work by zero-padding (costs bits and a pad per call)."""

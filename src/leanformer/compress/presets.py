@@ -3,7 +3,7 @@ ordered list of configs, applied by compress/recipe.py's `apply`."""
 
 from __future__ import annotations
 
-from leanformer.compress.config import Magnitude, PruneFFN, PruneHeads, SparseGPT, Wanda
+from leanformer.compress.config import BF16WeightOnly, Magnitude, PruneFFN, PruneHeads, SparseGPT, Wanda
 from leanformer.compress.quant import (
     AWQ,
     GPTQ,
@@ -27,6 +27,9 @@ PRESETS: dict[str, list[QuantConfig]] = {
     ],
     "int8+head-int8": [Int8WeightOnly(ignore=[])],
     "int4-g128": [Int4WeightOnly(group_size=128)],
+    # bf16 weights, fp32 math: half of fp32's bytes, lossless for a checkpoint shipped in bf16
+    "bf16": [BF16WeightOnly()],
+    "bf16+head-bf16": [BF16WeightOnly(ignore=[])],
     "w8a8": [Int8Dynamic()],
     "gptq-int4": [GPTQ(bits=4, group_size=64)],
     "awq-int4": [AWQ(bits=4, group_size=64)],

@@ -109,6 +109,7 @@ class QuantLinear(nn.Module):
     EXACT: tuple[str, ...] = ("input_scale",)  # fp32 buffers that .to(dtype) must not round
     prefill_activations: str = "auto"  # int4 / int8 prefill on int8 activations where "auto" says so (above)
     COMPACT: tuple[str, ...] = ()  # buffers saved in their smallest exact float dtype
+    KEEP_DTYPE: dict[str, torch.dtype] = {}  # float buffers held in this dtype whatever .to(dtype) says
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None):
         super().__init__()
@@ -146,6 +147,8 @@ class QuantLinear(nn.Module):
                 continue
             if name in self.EXACT:
                 t = t.float()
+            elif name in self.KEEP_DTYPE:
+                t = t.to(self.KEEP_DTYPE[name])
             elif not t.is_floating_point() and t.device.type == "cpu" and t.data_ptr() % 64:
                 t = t.clone()
             self._buffers[name] = t.contiguous()
@@ -158,8 +161,9 @@ class QuantLinear(nn.Module):
                 destination[prefix + name] = smallest_exact(destination[prefix + name].detach())
 
     def _apply(self, fn, recurse=True):
-        # Keep EXACT buffers fp32 through model.to(bf16) / .half(): move them, never round them.
-        exact = {n: t for n in self.EXACT if (t := self._buffers.get(n)) is not None}
+        # Keep EXACT buffers fp32 through model.to(bf16) / .half(): move them, never round them (and
+        # KEEP_DTYPE ones in theirs).
+        exact = {n: t for n in (*self.EXACT, *self.KEEP_DTYPE) if (t := self._buffers.get(n)) is not None}
         for n in exact:
             self._buffers[n] = None  # skipped by nn.Module._apply; key order kept
         try:

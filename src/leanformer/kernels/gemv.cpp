@@ -20,7 +20,10 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <atomic>
+#include <cmath>
+#include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "common.h"
 
@@ -55,8 +58,22 @@ void set_isa(const std::string& name) {
 // One row (M = 1) requests nothing ahead: a batch-1 call is a bare stream that the hardware prefetcher
 // keeps fed, and the requests only held L1 miss buffers (SmolLM2 fp32 step + head 0.84-0.95x the time
 // without, Zen 4 under set_isa avx2); an odd call's last row finds its weights in L1 anyway.
-template <int M>
-inline void f32_row(const float* __restrict x, const float* __restrict w, int64_t K, float* out) {
+// 8 weights as floats: fp32 as they are, bf16 (uint16_t bits) into the high half of each lane (exact).
+inline __m256 load_w8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_w8(const uint16_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline float weight_value(float w) { return w; }
+inline float weight_value(uint16_t w) {
+  const uint32_t bits = uint32_t(w) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <int M, class T>
+inline void f32_row(const float* __restrict x, const T* __restrict w, int64_t K, float* out) {
   constexpr int U = 4;
   __m256 acc[M][U];
   LF_UNROLL
@@ -65,10 +82,10 @@ inline void f32_row(const float* __restrict x, const float* __restrict w, int64_
     for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 * U <= K; k += 8 * U) {
-    if constexpr (M > 1) prefetch_ahead<32 * U>(w, 4 * k);
+    if constexpr (M > 1) prefetch_ahead<8 * sizeof(T) * U>(w, sizeof(T) * k);
     __m256 wv[U];
     LF_UNROLL
-    for (int u = 0; u < U; ++u) wv[u] = _mm256_loadu_ps(w + k + 8 * u);
+    for (int u = 0; u < U; ++u) wv[u] = load_w8(w + k + 8 * u);
     LF_UNROLL
     for (int m = 0; m < M; ++m)
       LF_UNROLL
@@ -76,7 +93,7 @@ inline void f32_row(const float* __restrict x, const float* __restrict w, int64_
         acc[m][u] = _mm256_fmadd_ps(wv[u], _mm256_loadu_ps(x + m * K + k + 8 * u), acc[m][u]);
   }
   for (; k + 8 <= K; k += 8) {  // leftover full vectors when U > 1
-    const __m256 wv = _mm256_loadu_ps(w + k);
+    const __m256 wv = load_w8(w + k);
     LF_UNROLL
     for (int m = 0; m < M; ++m) acc[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m][0]);
   }
@@ -86,14 +103,18 @@ inline void f32_row(const float* __restrict x, const float* __restrict w, int64_
     LF_UNROLL
     for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[m][u]);
     float s = hsum(a);
-    for (int64_t j = k; j < K; ++j) s += x[m * K + j] * w[j];  // K % 8 tail
+    // K % 8 tail: an explicit FMA, so fp32 and bf16 rows round alike (the compiler contracts `s += x * w`
+    // for one weight type and not always for the other)
+    for (int64_t j = k; j < K; ++j) s = std::fma(x[m * K + j], weight_value(w[j]), s);
     out[m] = s;
   }
 }
 
-template <int M>
-void f32_rows(const float* x, const float* w, const float* bias, float* y, int64_t N, int64_t K) {
-  for_rows(N, K * 4, [&](int64_t n) {
+// fp32 activations against fp32 or bf16 (T = uint16_t) weights [N, K]; a bf16 row gives the same bits
+// as the fp32 row of its weights made fp32 (the same loop on the same values).
+template <int M, class T>
+void f32_rows(const float* x, const T* w, const float* bias, float* y, int64_t N, int64_t K) {
+  for_rows(N, K * sizeof(T), [&](int64_t n) {
     float out[M];
     int m0 = 0;  // rows 2 at a time (the weight row from L1 after the first pair)
     for (; m0 + 2 <= M; m0 += 2) f32_row<2>(x + m0 * K, w + n * K, K, out + m0);
@@ -218,28 +239,45 @@ void q8_rows(const float* x, const int8_t* w, const float* scales, const float* 
   });
 }
 
-at::Tensor linear_f32(const at::Tensor& x_, const at::Tensor& w_, const std::optional<at::Tensor>& bias) {
+namespace {
+// linear_f32 / linear_bf16: x [M, K] fp32 @ W [N, K]^T (+ bias), W fp32 (T float) or bf16 (T uint16_t)
+template <class T>
+at::Tensor linear_dense(const at::Tensor& x_, const at::Tensor& w_, const std::optional<at::Tensor>& bias,
+                        at::ScalarType wtype, const char* wname) {
   check_x(x_);
-  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kFloat && w_.size(1) == x_.size(1),
-              "W must be float32 [N, K] matching x [M, K]");
+  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == wtype && w_.size(1) == x_.size(1), "W must be ", wname,
+              " [N, K] matching x [M, K]");
   const at::Tensor x = x_.contiguous(), w = w_.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const T* wp = static_cast<const T*>(w.data_ptr());
   at::Tensor bh;
   const float* b = bias_ptr(bias, N, bh);
   at::Tensor y = at::empty({M, N}, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     if (use_avx512()) {
-      const KernelArgs a{x.data_ptr<float>() + m0 * K, nullptr, w.data_ptr<float>(), nullptr, nullptr, b,
+      const KernelArgs a{x.data_ptr<float>() + m0 * K, nullptr, wp, nullptr, nullptr, b,
                          y.data_ptr<float>() + m0 * N, std::min<int64_t>(kMaxRows, M - m0), N, K, 0};
-      for_row_blocks(N, K * 4, [&](int64_t n0, int64_t n1) { avx512::f32_rows(a, n0, n1); });
+      for_row_blocks(N, K * int64_t(sizeof(T)), [&](int64_t n0, int64_t n1) {
+        if constexpr (std::is_same_v<T, float>)
+          avx512::f32_rows(a, n0, n1);
+        else
+          avx512::bf16_rows(a, n0, n1);
+      });
       continue;
     }
     dispatch_rows(std::min<int64_t>(kMaxRows, M - m0), [&](auto mc) {
-      f32_rows<decltype(mc)::value>(x.data_ptr<float>() + m0 * K, w.data_ptr<float>(), b,
-                                    y.data_ptr<float>() + m0 * N, N, K);
+      f32_rows<decltype(mc)::value>(x.data_ptr<float>() + m0 * K, wp, b, y.data_ptr<float>() + m0 * N, N, K);
     });
   }
   return y;
+}
+}  // namespace
+
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  return linear_dense<float>(x, w, bias, at::kFloat, "float32");
+}
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  return linear_dense<uint16_t>(x, w, bias, at::kBFloat16, "bfloat16");
 }
 
 at::Tensor linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
@@ -300,6 +338,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_avx512", [] { return leanformer::kHasAvx512; }, "whether this CPU can run the AVX-512 kernels");
   m.def("linear_f32", &leanformer::linear_f32, "x [M,K] f32 @ W[N,K]^T (+bias)", py::arg("x"), py::arg("w"),
         py::arg("bias") = py::none());
+  m.def("linear_bf16", &leanformer::linear_bf16,
+        "x [M,K] f32 @ W[N,K]^T (+bias), W bfloat16 (fp32 math: the fp32 result of W made fp32)", py::arg("x"),
+        py::arg("w"), py::arg("bias") = py::none());
   m.def("linear_q8", &leanformer::linear_q8,
         "x [M,K] f32 @ (Wq int8 * scales)^T (+bias); scales [N], or [N, ceil(K/G)] with group_size G > 0",
         py::arg("x"), py::arg("wq"), py::arg("scales"), py::arg("bias") = py::none(), py::arg("group_size") = 0);

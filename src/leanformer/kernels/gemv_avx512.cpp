@@ -63,6 +63,12 @@ inline __m512 load_w(const int8_t* p, __mmask16 k) {
   const __m128i v = kMask ? _mm_maskz_loadu_epi8(k, p) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
 }
+// bf16 weights (uint16_t bit patterns): each value's 16 bits into the high half of an fp32 lane, exact
+template <bool kMask>
+inline __m512 load_w(const uint16_t* p, __mmask16 k) {
+  const __m256i v = kMask ? _mm256_maskz_loadu_epi16(k, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
 template <bool kMask>
 inline __m512 load_x(const float* p, __mmask16 k) {
   return kMask ? _mm512_maskz_loadu_ps(k, p) : _mm512_loadu_ps(p);
@@ -263,6 +269,13 @@ struct Dense32 {
     dense_groups<NR, M, 2, 8, 0, float>(a, n, out);
   }
 };
+struct Dense16 {  // bf16 weights: Dense32's loop on the weights made fp32 in registers (same bits)
+  static bool pairs(const KernelArgs&) { return false; }
+  template <int NR, int M>
+  static void tile(const KernelArgs& a, int64_t n, float (&out)[NR][M]) {
+    dense_groups<NR, M, 2, 8, 0, uint16_t>(a, n, out);
+  }
+};
 struct Dense8 {
   static bool pairs(const KernelArgs& a) { return a.M > 1 || a.group > 0; }
   template <int NR, int M>
@@ -310,30 +323,32 @@ void dispatch(const KernelArgs& a, int64_t n0, int64_t n1) {
   }
 }
 
-// Batch-1 fp32 rows: dense_tile<1, 1, 2>'s chunks into the same two chains and the same reduction (equal
-// bits, so a plain step's row still equals a verify row), with the operands held in registers instead
+// Batch-1 fp32 / bf16 rows (T float / uint16_t): dense_tile<1, 1, 2>'s chunks into the same two chains
+// and the same reduction (equal bits, so a plain step's row still equals a verify row, and a bf16 row
+// equals the fp32 row of its weights made fp32), with the operands held in registers instead
 // of reloaded from `a` every row, and no software prefetch: at one activation row the loop is a bare
 // stream, which the hardware prefetcher keeps fed, and the requests only took L1 miss buffers. SmolLM2
 // fp32 step + head, 2 threads, Zen 4 (scripts/i8_rows_ab.py --dequantize): 0.97x the time from the
 // operands in registers, 0.96-0.99x more without the prefetch (0.88x together in a fast-memory spell);
 // at 8 rows the prefetch still pays (1.11x slower without), so dense_tile keeps it.
-void f32_rows_m1(const KernelArgs& a, int64_t n0, int64_t n1) {
+template <class T>
+void dense_rows_m1(const KernelArgs& a, int64_t n0, int64_t n1) {
   const float* __restrict x = a.x;
   const float* __restrict bias = a.bias;
   float* __restrict y = a.y;
   const int64_t K = a.K;
-  const float* w = static_cast<const float*>(a.w) + n0 * K;
+  const T* w = static_cast<const T*>(a.w) + n0 * K;
   for (int64_t n = n0; n < n1; ++n, w += K) {
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), acc0);
-      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), acc1);
+      acc0 = _mm512_fmadd_ps(load_w<false>(w + k, 0), _mm512_loadu_ps(x + k), acc0);
+      acc1 = _mm512_fmadd_ps(load_w<false>(w + k + 16, 0), _mm512_loadu_ps(x + k + 16), acc1);
     }
-    for (; k + 16 <= K; k += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), acc0);
+    for (; k + 16 <= K; k += 16) acc0 = _mm512_fmadd_ps(load_w<false>(w + k, 0), _mm512_loadu_ps(x + k), acc0);
     if (k < K) {
       const __mmask16 mk = first(K - k);
-      acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w + k), _mm512_maskz_loadu_ps(mk, x + k), acc0);
+      acc0 = _mm512_fmadd_ps(load_w<true>(w + k, mk), _mm512_maskz_loadu_ps(mk, x + k), acc0);
     }
     y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (bias ? bias[n] : 0.f);
   }
@@ -343,8 +358,12 @@ void f32_rows_m1(const KernelArgs& a, int64_t n0, int64_t n1) {
 
 namespace avx512 {
 void f32_rows(const KernelArgs& a, int64_t n0, int64_t n1) {
-  if (a.M == 1 && a.group == 0 && a.scales == nullptr) return f32_rows_m1(a, n0, n1);
+  if (a.M == 1 && a.group == 0 && a.scales == nullptr) return dense_rows_m1<float>(a, n0, n1);
   dispatch<Dense32>(a, n0, n1);
+}
+void bf16_rows(const KernelArgs& a, int64_t n0, int64_t n1) {
+  if (a.M == 1) return dense_rows_m1<uint16_t>(a, n0, n1);
+  dispatch<Dense16>(a, n0, n1);
 }
 void q8_rows(const KernelArgs& a, int64_t n0, int64_t n1) { dispatch<Dense8>(a, n0, n1); }
 void q4_rows(const KernelArgs& a, int64_t n0, int64_t n1) { dispatch<Int4>(a, n0, n1); }

@@ -9,6 +9,7 @@ order, and reports the median over rounds of each variant's speed divided by the
         --batch 1 8 --rounds 7
     python -m leanformer.measure.bench.paired /tmp/h17/smollm2-Q4_0.gguf --keep-quantized \\
         --recipe none kv-fp16 kv-int8 --batch 1 8 --new-tokens 64
+    python -m leanformer.measure.bench.paired smollm2 --recipe none bf16+head-bf16 --isa avx2
 """
 
 from __future__ import annotations
@@ -47,12 +48,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--keep-quantized", action="store_true", help="a GGUF's block-quantized tensors stay quantized"
     )
+    p.add_argument(
+        "--isa", choices=["avx2", "avx512"], help="the GEMV kernels' instruction set (default: the best)"
+    )
     p.add_argument("--json")
     args = p.parse_args(argv)
 
+    from leanformer import kernels
     from leanformer.compress import apply, load_recipe
+    from leanformer.errors import LeanformerError
     from leanformer.hub import resolve_model
     from leanformer.loading import load
+
+    if args.isa:
+        try:
+            kernels.set_isa(args.isa)
+        except ValueError as e:
+            raise LeanformerError(str(e)) from None
 
     recipes = {
         name: None if name == "none" else load_recipe(name) for name in args.recipe

@@ -1,0 +1,121 @@
+"""BF16Linear (compress/bf16.py): bf16 weights applied in fp32, through every path of a quantized Linear."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import leanformer as lf
+from leanformer import kernels
+from leanformer.compress import BF16Linear, BF16WeightOnly, apply, load_recipe, quantize_
+from leanformer.compress.layout import QuantEmbedding
+from leanformer.models.kv_cache import KVCache
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="leanformer kernels unavailable here")
+
+
+def _round_linears_to_bf16(model: nn.Module) -> None:
+    """The reference: the fp32 model with every Linear weight (and so a tied embedding) made bf16-exact."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(m.weight.bfloat16().float())
+
+
+def test_weights_are_bf16_and_stay_bf16(tiny_lm, heldout, err):
+    ref = tiny_lm(heldout)
+    w = tiny_lm.layers[0].qkv_proj.weight.detach().clone()
+    quantize_(tiny_lm, BF16WeightOnly())
+    lin = tiny_lm.layers[0].qkv_proj
+    assert isinstance(lin, BF16Linear) and lin.weight_bf16.dtype == torch.bfloat16
+    assert torch.equal(lin.weight_bf16, w.bfloat16())
+    assert isinstance(tiny_lm.lm_head, nn.Linear)  # ignored by default, as every weight-only config
+    assert err(tiny_lm(heldout), ref) < 0.01
+    assert err(tiny_lm(heldout[:1, :1]), ref[:1, :1]) < 0.01  # decode-sized call: the GEMV kernel
+    tiny_lm.to(torch.float32)  # a model cast moves the weight, never widens or rounds it
+    assert lin.weight_bf16.dtype == torch.bfloat16
+    tiny_lm.to(torch.bfloat16)
+    assert lin.weight_bf16.dtype == torch.bfloat16 and tiny_lm(heldout).dtype == torch.bfloat16
+    assert "weight=bfloat16" in str(lin)
+
+
+def test_state_dict_is_half_of_fp32_and_round_trips(tiny_lm, make_tiny_lm, heldout):
+    fp32 = sum(t.numel() * t.element_size() for k, t in tiny_lm.state_dict().items() if "proj" in k)
+    quantize_(tiny_lm, BF16WeightOnly())
+    sd = tiny_lm.state_dict()
+    assert sd["layers.1.down_proj.weight_bf16"].dtype == torch.bfloat16
+    assert sum(t.numel() * t.element_size() for k, t in sd.items() if "proj" in k) * 2 == fp32
+    out = tiny_lm(heldout)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    fresh = make_tiny_lm(seed=123).eval()  # different weights: everything must come from the file
+    apply(fresh, [BF16WeightOnly()], structure_only=True)
+    fresh.load_state_dict(torch.load(buf))
+    assert torch.equal(fresh(heldout), out)
+    with torch.device("meta"):
+        meta = make_tiny_lm()
+    apply(meta, [BF16WeightOnly()], structure_only=True)
+    meta.load_state_dict({k: v.float() if "bf16" in k else v for k, v in sd.items()}, assign=True)
+    assert meta.layers[0].qkv_proj.weight_bf16.dtype == torch.bfloat16  # assigned fp32: made bf16 again
+    assert torch.equal(meta(heldout), out)
+
+
+@needs_kernels
+def test_prefill_and_decode_paths_apply_the_same_weight():
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    m = BF16Linear.from_linear(lin)
+    w = lin.weight.detach().bfloat16().float()
+    for rows in (1, 3, 8, 9, 40):  # <= 8: the GEMV (fp32 math); more: the chunked prefill
+        x = torch.randn(rows, 96)
+        ref = nn.functional.linear(x.double(), w.double(), lin.bias.detach().double()).float()
+        tol = 1e-5 if rows <= 8 else 2e-2  # bf16 activations where the CPU prefills in bf16
+        assert (m(x) - ref).abs().max() / ref.abs().max() < tol, rows
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: a tied head, so the embedding reads it too
+def test_fused_decode_equals_fp32_on_the_rounded_weights(arch, tiny_dirs):
+    """bf16+head-bf16 through the fused step (ids to logits in one C++ call) gives, bit for bit, the
+    logits of the fp32 model whose weights were rounded to bf16: the same fp32 loop on the same values."""
+    model, _ = lf.load(tiny_dirs[arch])
+    ref_model, _ = lf.load(tiny_dirs[arch])
+    apply(model, load_recipe("bf16+head-bf16"))
+    _round_linears_to_bf16(ref_model)
+    assert isinstance(model.lm_head, BF16Linear)
+    assert isinstance(model.model.embed_tokens, QuantEmbedding) == (arch == "qwen2")
+    got, ref = (_greedy_logits(m, steps=12) for m in (model, ref_model))
+    assert model._decode_plan.stack is not None and model._decode_plan.stack.has_ends
+    assert torch.equal(got, ref)
+
+
+def _greedy_logits(model, prompt=(3,), steps: int = 8) -> torch.Tensor:
+    """A one-token prompt: every step, the first included, runs in the fused step (a longer prompt's
+    prefill would run the modules, whose GEMMs sum in another order than the fp32 reference's)."""
+    cache = KVCache.for_model(model, 1, 32)
+    slot, out = torch.tensor([0]), []
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt]), cache=cache, slots=slot)
+        cache.advance(slot, len(prompt))
+        ids = logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            logits = model(ids, cache=cache, slots=slot)
+            cache.advance(slot, 1)
+            out.append(logits[:, -1])
+            ids = logits[:, -1:].argmax(-1)
+    return torch.stack(out)
+
+
+@needs_kernels
+def test_saved_and_reloaded(tiny_dirs, tmp_path):
+    model, tok = lf.load(tiny_dirs["qwen2"])
+    apply(model, load_recipe("bf16+head-bf16"))
+    before = _greedy_logits(model)
+    lf.save(model, tok, tmp_path / "bf16")
+    again, _ = lf.load(tmp_path / "bf16")
+    assert isinstance(again.lm_head, BF16Linear) and again.lm_head.weight_bf16.dtype == torch.bfloat16
+    assert torch.equal(_greedy_logits(again), before)
