@@ -14,6 +14,8 @@ from leanformer.compress import (
     GPTQ,
     BF16Linear,
     BF16WeightOnly,
+    F16Linear,
+    F16WeightOnly,
     Int4Linear,
     Int4WeightOnly,
     Int8Dynamic,
@@ -31,6 +33,7 @@ RTN = [
     (Int4WeightOnly(group_size=32), Int4Linear, 0.2),
     (Int8Dynamic(min_tokens=4), Int8DynamicLinear, 0.05),
     (BF16WeightOnly(), BF16Linear, 0.01),
+    (F16WeightOnly(), F16Linear, 0.01),
 ]
 
 
@@ -49,7 +52,10 @@ def test_quantize_swaps_and_stays_close(tiny_lm, heldout, err, cfg, cls, tol):
     assert err(tiny_lm(heldout), ref) < tol
     assert err(tiny_lm(heldout[:1, :1]), ref[:1, :1]) < tol  # decode-sized call (other kernel path)
     text = str(tiny_lm)
-    assert any(s in text for s in ("bits=4, group_size=32", "bits=8", "int8 per_token", "weight=bfloat16"))
+    assert any(
+        s in text
+        for s in ("bits=4, group_size=32", "bits=8", "int8 per_token", "weight=bfloat16", "weight=float16")
+    )
 
 
 @pytest.mark.parametrize(
@@ -153,7 +159,9 @@ def test_config_dict_round_trip(name):
 
 
 def test_errors(tiny_lm):
-    with pytest.raises(LeanformerError, match="unknown config type 'Int3'.*known: AWQ, BF16WeightOnly, GPTQ"):
+    with pytest.raises(
+        LeanformerError, match="unknown config type 'Int3'.*known: AWQ, BF16WeightOnly, F16WeightOnly, GPTQ"
+    ):
         QuantConfig.from_dict({"type": "Int3"})
     with pytest.raises(LeanformerError, match="has no field"):
         QuantConfig.from_dict({"type": "GPTQ", "bitz": 4})

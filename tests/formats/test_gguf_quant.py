@@ -1,5 +1,6 @@
-"""load(gguf, keep_quantized=True): Q8_0 / Q4_0 / Q4_1 blocks straight into int8 / int4 modules, exactly
-the weights a float load dequantizes; tiny synthetic files and the real SmolLM2 Q4_1 file."""
+"""load(gguf, keep_quantized=True): Q8_0 / Q4_0 / Q4_1 blocks straight into int8 / int4 modules and F16 /
+BF16 matrices into 16-bit ones, exactly the weights a float load dequantizes; tiny synthetic files and the
+real SmolLM2 Q4_1 file."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from contextlib import nullcontext
 import gguf
 import pytest
 import torch
-from torch import nn
 
 import leanformer as lf
-from leanformer.compress import Int4Linear, Int8Linear, qbase
+from leanformer.compress import F16Linear, Int4Linear, Int8Linear, qbase
+from leanformer.compress.half import HalfLinear
 from leanformer.compress.layout import QuantEmbedding
 from tests.formats.test_gguf import tiny_config
 from tests.formats.tiny_gguf import hf_llama_state_dict, write_gguf
@@ -21,7 +22,7 @@ Q = gguf.GGMLQuantizationType
 # substring of the HF name -> GGML type, first match wins (norms stay F32)
 CASES = {
     # untied; gate Q4_0 + up Q4_1 fuse into int4, q/k/v Q8_0 into int8 per 32 columns, embedding F16
-    # stays a float Embedding, an unsupported Q5_1 head is dequantized to a float Linear
+    # reads an F16Linear table of its own, an unsupported Q5_1 head is dequantized to a float Linear
     "untied-mixed": (
         False,
         {"mlp.gate": Q.Q4_0, "mlp": Q.Q4_1, "self_attn": Q.Q8_0, "embed": Q.F16, "lm_head": Q.Q5_1},
@@ -36,7 +37,11 @@ CASES = {
     "tied-q4_1": (True, {"v_proj": Q.Q8_0, "self_attn": Q.Q4_1, "mlp": Q.Q4_0, "embed": Q.Q4_1}),
     # untied with a quantized embedding table of its own
     "untied-q4_0-table": (False, {"embed": Q.Q4_0, "lm_head": Q.Q8_0, "": Q.Q4_1}),
+    # llama.cpp's converter output: every matrix F16 (tied: the head is the embedding's table), or BF16
+    "tied-f16": (True, {"": Q.F16}),
+    "untied-bf16": (False, {"": Q.BF16}),
 }
+QUANTIZED = (Int4Linear, Int8Linear, HalfLinear)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -71,21 +76,22 @@ def test_modules_hold_exactly_the_file_weights(tiny, fp32_prefill):
     name, path = tiny
     q, f = load_both(path)
     kinds = {type(m).__name__ for m in q.modules()}
-    assert {"Int4Linear", "Int8Linear"} & kinds
+    assert {"Int4Linear", "Int8Linear", "F16Linear", "BF16Linear"} & kinds
+    if name.endswith("f16"):  # every matrix, the embedding's table too, as 2 bytes a weight
+        assert kinds >= {"F16Linear" if name == "tied-f16" else "BF16Linear"} and "Linear" not in kinds
     float_weights = dict(f.named_parameters())  # tied: lm_head.weight is listed once, as the embedding
     for mod_name, m in q.named_modules():
-        if isinstance(m, (Int4Linear, Int8Linear)):
+        if isinstance(m, QUANTIZED):
             key = (
                 f"{mod_name}.weight" if f"{mod_name}.weight" in float_weights else "model.embed_tokens.weight"
             )
             assert torch.equal(m.dequantize(), float_weights[key]), mod_name  # bit-exact, not merely close
-            assert m.group_size == 32
+            assert isinstance(m, HalfLinear) or m.group_size == 32
     emb = q.model.embed_tokens
     if name == "untied-mixed":
-        assert type(emb) is nn.Embedding and isinstance(q.lm_head, nn.Linear)
-    else:
-        assert isinstance(emb, QuantEmbedding) and emb.tied == name.startswith("tied")
-        assert torch.equal(emb(torch.arange(7)), f.model.embed_tokens.weight[:7])
+        assert isinstance(emb.source(), F16Linear) and type(q.lm_head) is not F16Linear
+    assert isinstance(emb, QuantEmbedding) and emb.tied == name.startswith("tied")
+    assert torch.equal(emb(torch.arange(7)), f.model.embed_tokens.weight[:7])
     if name == "tied-q4_1":
         assert not isinstance(q.model.layers[0].self_attn.qkv_proj, (Int4Linear, Int8Linear))
         assert isinstance(q.model.layers[0].mlp.gate_up_proj, Int4Linear)
@@ -113,8 +119,10 @@ def test_save_reload_and_bf16(tiny, tmp_path, fp32_prefill):
         assert torch.equal(again(ids), ref)
     assert again.config["leanformer"]["quantized_modules"] == q.config["leanformer"]["quantized_modules"]
     b, _ = lf.load(path, dtype="bfloat16", keep_quantized=True) if name != "untied-mixed" else (None, None)
-    if b is not None:  # fp32 scales survive a bf16 load exactly
+    if b is not None:  # fp32 scales survive a bf16 load exactly (and fp16 weights stay fp16)
         for (n1, m1), (_, m2) in zip(q.named_modules(), b.named_modules()):
+            if isinstance(m1, F16Linear):
+                assert torch.equal(m1.weight_f16, m2.weight_f16), n1
             if isinstance(m1, (Int4Linear, Int8Linear)):
                 assert m2.scales.dtype == torch.float32 and torch.equal(m1.scales, m2.scales), n1
         with torch.no_grad():

@@ -193,23 +193,27 @@ def test_f32_rows_equal_one_row_calls(k, with_bias, isa):
 @needs_kernels
 @pytest.mark.parametrize("k", [7, 37, 100, 576, 1000])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_bf16_equals_f32_of_the_same_values(k, with_bias, isa):
-    """linear_bf16 widens each bf16 weight in registers and runs the fp32 loop: bit for bit the fp32
-    GEMV on the weight made fp32, at every row count (1..8, and past 8 in chunks) and K tail, and close
-    to a float64 reference."""
-    x, w = torch.randn(17, k), torch.randn(70, k).bfloat16()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_weights_equal_f32_of_the_same_values(k, with_bias, dtype, isa):
+    """linear_bf16 / linear_f16 widen each weight in registers and run the fp32 loop: bit for bit the
+    fp32 GEMV on the weight made fp32, at every row count (1..8, and past 8 in chunks) and K tail, and
+    close to a float64 reference."""
+    op = K.ext().linear_bf16 if dtype == torch.bfloat16 else K.ext().linear_f16
+    x, w = torch.randn(17, k), torch.randn(70, k).to(dtype)
     b = torch.randn(70) if with_bias else None
     for m in (1, 2, 3, 4, 5, 8, 9, 17):
-        y = K.ext().linear_bf16(x[:m], w, b)
+        y = op(x[:m], w, b)
         assert torch.equal(y, K.ext().linear_f32(x[:m], w.float(), b)), m
     ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
     close(y, ref.float())
 
 
 @needs_kernels
-def test_bf16_refuses_other_weights():
+def test_16_bit_kernels_refuse_other_weights():
     with pytest.raises(RuntimeError, match="W must be bfloat16"):
         K.ext().linear_bf16(torch.randn(1, 8), torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="W must be float16"):
+        K.ext().linear_f16(torch.randn(1, 8), torch.randn(4, 8).bfloat16())
 
 
 @needs_kernels

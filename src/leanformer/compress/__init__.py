@@ -5,9 +5,9 @@ apply(model, Recipe([GPTQ(bits=4, group_size=64)]), calibration=token_ids)
 prune_(model, Wanda(sparsity=0.5), calibration=token_ids); apply(model, "wanda-50+int8", calibration=ids)
 """
 
-from leanformer.compress.bf16 import BF16Linear
 from leanformer.compress.config import (
     BF16WeightOnly,
+    F16WeightOnly,
     LowRank,
     Magnitude,
     PruneConfig,
@@ -17,6 +17,7 @@ from leanformer.compress.config import (
     SparseGPT,
     Wanda,
 )
+from leanformer.compress.half import BF16Linear, F16Linear
 from leanformer.compress.int5 import Int5Linear
 from leanformer.compress.presets import PRESETS
 from leanformer.compress.qbase import set_activations, set_prefill_activations
@@ -47,6 +48,8 @@ from leanformer.compress.recipe import (
 __all__ = [
     "BF16Linear",
     "BF16WeightOnly",
+    "F16Linear",
+    "F16WeightOnly",
     "set_activations",
     "set_prefill_activations",
     "AWQ",

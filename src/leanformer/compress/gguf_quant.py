@@ -1,4 +1,5 @@
-"""GGUF block-quantized weights straight into int8 / int5 / int4 modules: `load(path, keep_quantized=True)`.
+"""GGUF block-quantized weights straight into int8 / int5 / int4 modules (and F16 / BF16 matrices into 16-bit
+float ones): `load(path, keep_quantized=True)`.
 
 No full-precision copy of the model is made: each tensor's blocks are split into codes and scales
 (`unpack_blocks`, one tensor at a time) and repacked in our module layout. The mappings are exact
@@ -23,9 +24,11 @@ Q5_K (w = (d sc_j) q - dmin m_j with 5-bit q) fits neither form: int4 has 4-bit 
 point, so it is dequantized to float, like Q5_1, Q2_K / Q3_K and the IQ types.
 Fused modules (qkv_proj = q|k|v, gate_up_proj = gate|up, as models/llama.sanitize fuses) keep that
 form when their parts agree: all of Q4_0 / Q4_1 / Q4_K -> int4; Q5_0 with Q4_0 -> int5; all of
-Q8_0 / Q4_0 / Q5_0 / Q6_K -> int8 (group 16 if any part is Q6_K: a 32-column scale is two equal 16-column ones). Anything else
-(F32/F16 tensors, unmapped types, Q4_1 or Q4_K mixed with an int8 type) becomes an ordinary float
-Linear, dequantized one tensor at a time. A quantized token embedding becomes a QuantEmbedding: rows
+Q8_0 / Q4_0 / Q5_0 / Q6_K -> int8 (group 16 if any part is Q6_K: a 32-column scale is two equal 16-column ones).
+F16 / BF16 matrices (llama.cpp's converter writes F16 by default) -> F16Linear / BF16Linear
+(compress/half.py): the file's 2 bytes per weight, applied in fp32. Anything else (F32 tensors, unmapped
+types, mixed forms such as F16 with Q8_0 or Q4_1 with an int8 type) becomes an ordinary float Linear,
+dequantized one tensor at a time. A quantized token embedding becomes a QuantEmbedding: rows
 dequantized on lookup, and when the file ties it to the LM head (no output.weight) the head's module
 is the table, so the matrix is stored once.
 """
@@ -55,6 +58,10 @@ INT8_GROUP = {"Q8_0": 32, "Q4_0": 32, "Q5_0": 32, "Q6_K": 16}  # columns per sca
 INT8_TYPES = set(INT8_GROUP)
 INT5_TYPES = {"Q5_0", "Q4_0"}  # Q4_0's codes shift into Q5_0's: q + 8
 FLOAT_TYPES = {"F32", "F16", "BF16"}
+HALF_TYPES = {
+    "F16": ("F16Linear", "weight_f16"),
+    "BF16": ("BF16Linear", "weight_bf16"),
+}  # -> (module, buffer)
 FUSED = {  # our module -> the HF modules whose rows it stacks (models/llama.py's sanitize)
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "self_attn.o_proj": ("self_attn.o_proj",),
@@ -94,6 +101,12 @@ def _int5(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(q), torch.from_numpy(b["scale"].astype(np.float32))
 
 
+def _half(t: GGUFTensor) -> torch.Tensor:
+    """An F16 / BF16 tensor's values as they are in the file (a copy: the mapping is not kept)."""
+    bits = torch.from_numpy(np.array(t.data).view(np.int16).reshape(t.shape))
+    return bits.view(torch.float16 if t.ggml_type == "F16" else torch.bfloat16)
+
+
 def _cat(ts: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
     """Row-stack; a single part is handed over as is (no second copy of a 49152-row embedding)."""
     return ts[0] if len(ts) == 1 else torch.cat(ts)
@@ -120,6 +133,9 @@ def quantized_form(parts: list[GGUFTensor]) -> tuple[dict | None, dict[str, torc
         q, scales = zip(*(_int8(p, group) for p in parts))
         spec = {"type": "Int8Linear", "group_size": group}
         return spec, {"weight_int8": _cat(q), "scales": _cat(scales)}
+    if len(kinds) == 1 and (kind := next(iter(kinds))) in HALF_TYPES:
+        module, buffer = HALF_TYPES[kind]
+        return {"type": module}, {buffer: _cat([_half(p) for p in parts])}
     return None, {"weight": _cat([p.dequantize() for p in parts])}
 
 

@@ -3,7 +3,15 @@ ordered list of configs, applied by compress/recipe.py's `apply`."""
 
 from __future__ import annotations
 
-from leanformer.compress.config import BF16WeightOnly, Magnitude, PruneFFN, PruneHeads, SparseGPT, Wanda
+from leanformer.compress.config import (
+    BF16WeightOnly,
+    F16WeightOnly,
+    Magnitude,
+    PruneFFN,
+    PruneHeads,
+    SparseGPT,
+    Wanda,
+)
 from leanformer.compress.quant import (
     AWQ,
     GPTQ,
@@ -30,6 +38,8 @@ PRESETS: dict[str, list[QuantConfig]] = {
     # bf16 weights, fp32 math: half of fp32's bytes, lossless for a checkpoint shipped in bf16
     "bf16": [BF16WeightOnly()],
     "bf16+head-bf16": [BF16WeightOnly(ignore=[])],
+    "f16": [F16WeightOnly()],  # the same in IEEE half: lossless for fp16 checkpoints
+    "f16+head-f16": [F16WeightOnly(ignore=[])],
     "w8a8": [Int8Dynamic()],
     "gptq-int4": [GPTQ(bits=4, group_size=64)],
     "awq-int4": [AWQ(bits=4, group_size=64)],

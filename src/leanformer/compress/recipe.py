@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from leanformer.compress.bf16 import BF16Linear
 from leanformer.compress.calibrate import Calibration
 from leanformer.compress.config import (
     BF16WeightOnly,
+    F16WeightOnly,
     LowRank,
     PruneConfig,
     PruneFFN,
@@ -27,6 +27,7 @@ from leanformer.compress.config import (
     PruneLayers,
     matches,
 )
+from leanformer.compress.half import BF16Linear, F16Linear, HalfLinear
 from leanformer.compress.presets import PRESETS
 from leanformer.compress.quant import (
     AWQ,
@@ -45,6 +46,7 @@ from leanformer.compress.sparse import SparseStorage
 from leanformer.errors import LeanformerError
 
 RECIPE_VERSION = 1
+_HALF = {BF16WeightOnly: BF16Linear, F16WeightOnly: F16Linear}  # 16-bit float weight configs -> modules
 
 
 def select_linears(model: nn.Module, cfg: QuantConfig) -> list[str]:
@@ -81,8 +83,8 @@ def _empty_like(cfg: QuantConfig, lin: nn.Linear) -> nn.Module:
     bias, dev, dt = lin.bias is not None, lin.weight.device, lin.weight.dtype
     if isinstance(cfg, Int8Dynamic):
         return Int8DynamicLinear(*shape, bias, dev, dt, cfg.min_tokens)
-    if isinstance(cfg, BF16WeightOnly):
-        return BF16Linear(*shape, bias, dev, dt)
+    if isinstance(cfg, (BF16WeightOnly, F16WeightOnly)):
+        return _HALF[type(cfg)](*shape, bias, dev, dt)
     if isinstance(cfg, Int8WeightOnly) or getattr(cfg, "bits", 4) == 8:
         return Int8Linear(*shape, bias, dev, dt)
     return Int4Linear(*shape, cfg.group_size, bias, dev, dt, scale_bits=getattr(cfg, "scale_bits", None))
@@ -173,8 +175,8 @@ def quantize_linears(model: nn.Module, config: QuantConfig, names: list[str]) ->
             new = Int4Linear.from_linear(lin, config.group_size, scale_bits=config.scale_bits)
         elif isinstance(config, Int8Dynamic):
             new = Int8DynamicLinear.from_linear(lin, config.min_tokens)
-        elif isinstance(config, BF16WeightOnly):
-            new = BF16Linear.from_linear(lin)
+        elif isinstance(config, (BF16WeightOnly, F16WeightOnly)):
+            new = _HALF[type(config)].from_linear(lin)
         else:
             raise LeanformerError(f"quantize_ cannot apply {type(config).__name__}")
         set_module(model, n, new)
@@ -274,7 +276,7 @@ def _share_quantized_tables(model: nn.Module, tied: dict[str, str]) -> None:
 
     for emb_name, head_name in tied.items():
         head = model.get_submodule(head_name)
-        if isinstance(head, (Int4Linear, Int8Linear, BF16Linear)):
+        if isinstance(head, (Int4Linear, Int8Linear, HalfLinear)):
             dtype = model.get_submodule(emb_name).weight.dtype
             set_module(model, emb_name, QuantEmbedding(head, tied=True, dtype=dtype))
 

@@ -1,4 +1,4 @@
-"""Slicing compress/'s weight-only Linears (Int8Linear, Int4Linear, BF16Linear) for tensor parallel.
+"""Slicing compress/'s weight-only Linears (Int8Linear, Int4Linear, BF16Linear / F16Linear) for tensor parallel.
 
 Rows (output channels) are independent in both: every buffer whose first dim is out_features
 (codes, scales, zeros, 8-bit scale codes, bias) is sliced along it, exactly. Columns (input channels)
@@ -17,13 +17,13 @@ from torch import nn
 
 from leanformer.errors import LeanformerError
 
-# buffers laid out [N, K] (int8 codes, bf16 weights) / [N, Kp/2] (int4 nibbles, two columns per byte)
-_CODES = {"weight_int8": 1, "weight_bf16": 1, "qweight": 2}  # name → columns per element
+# buffers laid out [N, K] (int8 codes, bf16 / fp16 weights) / [N, Kp/2] (int4 nibbles, two columns per byte)
+_CODES = {"weight_int8": 1, "weight_bf16": 1, "weight_f16": 1, "qweight": 2}  # name → columns per element
 _GROUPED = ("scales", "zeros", "scale_codes", "zero_codes")  # [N, G] (int8 per-channel scales: [N])
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """An int8 / int4 / bf16 module these slicers can cut (not int5: its 5th-bit plane `qhigh` is packed per
+    """An int8 / int4 / bf16 / fp16 module these slicers can cut (not int5: its 5th-bit plane `qhigh` is packed per
     64-column chunk, so tensor parallel refuses it in one line)."""
     return any(name in module._buffers for name in _CODES) and "qhigh" not in module._buffers
 

@@ -8,8 +8,9 @@ CPU paths for x [M<=8, K] @ W[N, K]^T either run on one thread (MKL GEMV) or pay
 (oneDNN); these kernels stream W once across torch's threads (see docs/BENCHMARKS-kernels.md).
 
 Ops (x may have leading dims; all math is fp32 with fp32 accumulation):
-- ``linear_f32(x, w, bias)``: w float32 [N, K]. The compiled ``ext().linear_bf16(x, w, bias)`` takes w
-  bfloat16 [N, K] (each weight widened in registers: bit for bit ``linear_f32`` on ``w.float()``).
+- ``linear_f32(x, w, bias)``: w float32 [N, K]. The compiled ``ext().linear_bf16(x, w, bias)`` /
+  ``linear_f16`` take w bfloat16 / float16 [N, K] (each weight widened in registers: bit for bit
+  ``linear_f32`` on ``w.float()``).
 - ``linear_q8(x, wq, scales, bias, group_size=None)``: wq int8 [N, K], scales [N]: w = wq *
   scales[:, None]; or with ``group_size`` G, scales [N, ceil(K/G)]: w = wq * scales[n, k // G] (GGUF
   Q8_0's 32-column blocks).
@@ -28,7 +29,7 @@ Ops (x may have leading dims; all math is fp32 with fp32 accumulation):
 - ``rms_norm(x, w, eps)`` (compiled only): x [M, K] fp32 -> x * rsqrt(mean(x^2) + eps) * w (norm.cpp).
 - ``DecodeLinear`` / ``DecodeStack`` (compiled only, decode.cpp): a Llama-family layer stack's whole
   decode step (norms, GEMVs, RoPE, KV-cache write, attention, SiLU, residuals) in one call;
-  models/fused.py builds the stack from the modules (one ``DecodeLinear`` per f32/bf16/q8/q4/q5 Linear).
+  models/fused.py builds the stack from the modules (one ``DecodeLinear`` per f32/bf16/f16/q8/q4/q5 Linear).
 - ``attention(q, k, v, key_mask=None, scale=None)`` (compiled only, attention*.cpp): non-causal
   softmax attention, q/k/v fp32 [B, H, T, D] -> [B, T, H, D], key_mask bool [B, T] (True = attend);
   what models/bert.py's encoders use for CPU fp32 inference at every length.

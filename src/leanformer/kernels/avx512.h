@@ -22,11 +22,19 @@
 
 namespace leanformer {
 
+// 16-bit float weights, as their bit patterns (tags for the kernels' overloads): bfloat16 and IEEE half.
+struct Bf16 {
+  uint16_t bits;
+};
+struct Fp16 {
+  uint16_t bits;
+};
+
 // One call's operands, at most kMaxRows (8) activation rows.
 struct KernelArgs {
   const float* x;       // [M, K] fp32; q4: the even columns [M, Kh]
   const float* xo;      // q4 only: the odd columns [M, Kh] (0 past K)
-  const void* w;        // f32 [N, K] float, bf16 [N, K] uint16_t, q8 [N, K] int8, q4 [N, Kh] packed nibbles
+  const void* w;        // f32 [N, K] float, bf16 / fp16 [N, K] Bf16 / Fp16, q8 [N, K] int8, q4 [N, Kh] packed nibbles
   const float* scales;  // q8: [N] (group 0) or [N, n_groups]; q4: [N, n_groups]; f32: unused
   const float* zeros;   // q4 only: [N, n_groups]
   const float* bias;    // [N] or null
@@ -39,7 +47,8 @@ struct KernelArgs {
 namespace avx512 {
 // y[:, n] for the weight rows n in [n0, n1). Only call when cpu_has_avx512() (gemv.cpp) is true.
 void f32_rows(const KernelArgs& a, int64_t n0, int64_t n1);
-void bf16_rows(const KernelArgs& a, int64_t n0, int64_t n1);  // w: bf16 [N, K] (uint16_t bits)
+void bf16_rows(const KernelArgs& a, int64_t n0, int64_t n1);  // w: bf16 [N, K] (Bf16)
+void f16_rows(const KernelArgs& a, int64_t n0, int64_t n1);   // w: fp16 [N, K] (Fp16)
 void q8_rows(const KernelArgs& a, int64_t n0, int64_t n1);
 void q4_rows(const KernelArgs& a, int64_t n0, int64_t n1);
 }  // namespace avx512

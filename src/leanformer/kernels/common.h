@@ -110,6 +110,7 @@ inline at::Tensor output(const at::Tensor* out, int64_t M, int64_t N, const at::
 
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
+at::Tensor linear_f16(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
 at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                      const std::optional<at::Tensor>& bias, int64_t group_size);
 // int4: scales/zeros fp32 [N, G], or uint8 codes [N, G] with lut fp32 [512] (q4_codes.h)

@@ -135,10 +135,10 @@ struct DecodeLayer {
 };
 
 // What goes around the layers when a step runs from token ids to logits (DecodeStack.forward_tokens):
-// the token embedding (int8 rows with scales as kernels.dequant_q8 reads them, or fp32 / bf16 rows), the final
+// the token embedding (int8 rows with scales as kernels.dequant_q8 reads them, or fp32 / bf16 / fp16 rows), the final
 // RMSNorm and the LM head — the kernels the modules call, so the logits equal the module path's.
 struct DecodeEnds {
-  at::Tensor embed;                        // int8, fp32 or bf16 [vocab, hidden]
+  at::Tensor embed;                        // int8, fp32, bf16 or fp16 [vocab, hidden]
   std::optional<at::Tensor> embed_scales;  // int8: fp32 [vocab] (group 0) or [vocab, groups]
   int64_t embed_group;
   at::Tensor norm;  // fp32 [hidden]
@@ -178,9 +178,10 @@ struct DecodeStack {
   void set_ends(at::Tensor embed, std::optional<at::Tensor> embed_scales, int64_t embed_group, at::Tensor norm,
                 double eps, DecodeLinear head, bool head_int8) {
     const bool q8 = embed.scalar_type() == at::kChar;
-    const bool plain = embed.scalar_type() == at::kFloat || embed.scalar_type() == at::kBFloat16;
+    const at::ScalarType t = embed.scalar_type();
+    const bool plain = t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
     TORCH_CHECK(embed.dim() == 2 && (q8 == embed_scales.has_value()) && (q8 || plain),
-                "the embedding must be float32 or bfloat16 [vocab, hidden], or int8 with its scales");
+                "the embedding must be float32, bfloat16 or float16 [vocab, hidden], or int8 with its scales");
     TORCH_CHECK(norm.scalar_type() == at::kFloat && norm.dim() == 1 && norm.size(0) == embed.size(1),
                 "the final norm weight must be float32 [hidden]");
     ends = DecodeEnds{embed.contiguous(), std::move(embed_scales), embed_group, norm.contiguous(), eps, std::move(head),
@@ -204,7 +205,7 @@ struct DecodeStack {
                 "token ids outside the vocabulary (", vocab, ")");
     at::Tensor x = e.embed.index_select(0, ids);
     if (e.embed_scales) x = dequant_q8(x, e.embed_scales->index_select(0, ids), e.embed_group, false);
-    if (x.scalar_type() == at::kBFloat16) x = x.to(at::kFloat);  // exact
+    if (x.scalar_type() != at::kFloat) x = x.to(at::kFloat);  // bf16 / fp16 rows: exact
     x = forward(x, cos, sin, k, v, k_scale, v_scale, slots, positions, read_rows, write_rows);
     if (logit_rows) {  // a prefill wants the logits of a few rows only (the head is the largest matmul)
       const at::Tensor r = logit_rows->to(at::kLong);

@@ -18,8 +18,8 @@ constexpr int64_t kGemvPassRows = 16;
 
 // One Linear's operands, as the module holds them (see models/fused.py for who provides what).
 struct DecodeLinear {
-  enum class Kind { f32, bf16, q8, q4, q5 };
-  Kind kind;  // "f32": w fp32 [N, K]; "bf16": w bf16 [N, K] (fp32 activations and math); "q8": w int8 [N, K] + scales; "q4": w uint8 [N, Kp/2] + scales/zeros;
+  enum class Kind { f32, bf16, f16, q8, q4, q5 };
+  Kind kind;  // "f32": w fp32 [N, K]; "bf16" / "f16": w bf16 / fp16 [N, K] (fp32 activations and math); "q8": w int8 [N, K] + scales; "q4": w uint8 [N, Kp/2] + scales/zeros;
               // "q5": w uint8 [N, Kp/2] nibbles + scales [N, Kp/32], `zeros` the int32 high bits [N, Kp/32]
   at::Tensor w;
   std::optional<at::Tensor> scales, zeros, bias, input_scale;
@@ -41,7 +41,8 @@ struct DecodeLinear {
       : kind(parse(kind_)), w(std::move(w_)), scales(std::move(scales_)), zeros(std::move(zeros_)),
         bias(std::move(bias_)), input_scale(std::move(input_scale_)), lut(std::move(lut_)), group(group_),
         k_padded(k_padded_) {
-    TORCH_CHECK(kind == Kind::f32 || kind == Kind::bf16 || scales.has_value(), "quantized DecodeLinear needs scales");
+    TORCH_CHECK(kind == Kind::f32 || kind == Kind::bf16 || kind == Kind::f16 || scales.has_value(),
+                "quantized DecodeLinear needs scales");
     n_out = w.size(0);
     TORCH_CHECK(kind != Kind::q4 || zeros.has_value(), "q4 DecodeLinear needs zeros");
     TORCH_CHECK(kind != Kind::q5 || (zeros.has_value() && group == 32), "q5 DecodeLinear needs high bits, group 32");
@@ -77,9 +78,10 @@ struct DecodeLinear {
   static Kind parse(const std::string& name) {
     if (name == "f32") return Kind::f32;
     if (name == "bf16") return Kind::bf16;
+    if (name == "f16") return Kind::f16;
     if (name == "q8") return Kind::q8;
     if (name == "q5") return Kind::q5;
-    TORCH_CHECK(name == "q4", "DecodeLinear kind must be f32, bf16, q8, q4 or q5, got '", name, "'");
+    TORCH_CHECK(name == "q4", "DecodeLinear kind must be f32, bf16, f16, q8, q4 or q5, got '", name, "'");
     return Kind::q4;
   }
 
@@ -131,6 +133,7 @@ struct DecodeLinear {
     if (input_scale.has_value()) x = x.mul(*input_scale);
     if (kind == Kind::f32) return linear_f32(x, w, bias);
     if (kind == Kind::bf16) return linear_bf16(x, w, bias);
+    if (kind == Kind::f16) return linear_f16(x, w, bias);
     const bool i8 = int8_act && int8_capable();
     if (kind == Kind::q8 && i8 && x.size(0) > kGemvPassRows && q8_gemm_capable())
       return gemm_q8_i8(x, w, *scales, group, bias);  // a chained prefill: the GEMM (VNNI)

@@ -58,19 +58,21 @@ void set_isa(const std::string& name) {
 // One row (M = 1) requests nothing ahead: a batch-1 call is a bare stream that the hardware prefetcher
 // keeps fed, and the requests only held L1 miss buffers (SmolLM2 fp32 step + head 0.84-0.95x the time
 // without, Zen 4 under set_isa avx2); an odd call's last row finds its weights in L1 anyway.
-// 8 weights as floats: fp32 as they are, bf16 (uint16_t bits) into the high half of each lane (exact).
+// 8 weights as floats: fp32 as they are, bf16 into the high half of each lane, fp16 by F16C (all exact).
 inline __m256 load_w8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load_w8(const uint16_t* p) {
+inline __m256 load_w8(const Bf16* p) {
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
+inline __m256 load_w8(const Fp16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline float weight_value(float w) { return w; }
-inline float weight_value(uint16_t w) {
-  const uint32_t bits = uint32_t(w) << 16;
+inline float weight_value(Bf16 w) {
+  const uint32_t bits = uint32_t(w.bits) << 16;
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
 }
+inline float weight_value(Fp16 w) { return _cvtsh_ss(w.bits); }
 
 template <int M, class T>
 inline void f32_row(const float* __restrict x, const T* __restrict w, int64_t K, float* out) {
@@ -110,8 +112,8 @@ inline void f32_row(const float* __restrict x, const T* __restrict w, int64_t K,
   }
 }
 
-// fp32 activations against fp32 or bf16 (T = uint16_t) weights [N, K]; a bf16 row gives the same bits
-// as the fp32 row of its weights made fp32 (the same loop on the same values).
+// fp32 activations against fp32, bf16 or fp16 (T = Bf16 / Fp16) weights [N, K]; a bf16 / fp16 row gives
+// the same bits as the fp32 row of its weights made fp32 (the same loop on the same values).
 template <int M, class T>
 void f32_rows(const float* x, const T* w, const float* bias, float* y, int64_t N, int64_t K) {
   for_rows(N, K * sizeof(T), [&](int64_t n) {
@@ -240,7 +242,7 @@ void q8_rows(const float* x, const int8_t* w, const float* scales, const float* 
 }
 
 namespace {
-// linear_f32 / linear_bf16: x [M, K] fp32 @ W [N, K]^T (+ bias), W fp32 (T float) or bf16 (T uint16_t)
+// linear_f32 / linear_bf16 / linear_f16: x [M, K] fp32 @ W [N, K]^T (+ bias), W fp32, bf16 or fp16
 template <class T>
 at::Tensor linear_dense(const at::Tensor& x_, const at::Tensor& w_, const std::optional<at::Tensor>& bias,
                         at::ScalarType wtype, const char* wname) {
@@ -260,8 +262,10 @@ at::Tensor linear_dense(const at::Tensor& x_, const at::Tensor& w_, const std::o
       for_row_blocks(N, K * int64_t(sizeof(T)), [&](int64_t n0, int64_t n1) {
         if constexpr (std::is_same_v<T, float>)
           avx512::f32_rows(a, n0, n1);
-        else
+        else if constexpr (std::is_same_v<T, Bf16>)
           avx512::bf16_rows(a, n0, n1);
+        else
+          avx512::f16_rows(a, n0, n1);
       });
       continue;
     }
@@ -277,7 +281,10 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const std::optio
   return linear_dense<float>(x, w, bias, at::kFloat, "float32");
 }
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  return linear_dense<uint16_t>(x, w, bias, at::kBFloat16, "bfloat16");
+  return linear_dense<Bf16>(x, w, bias, at::kBFloat16, "bfloat16");
+}
+at::Tensor linear_f16(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  return linear_dense<Fp16>(x, w, bias, at::kHalf, "float16");
 }
 
 at::Tensor linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
@@ -340,6 +347,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias") = py::none());
   m.def("linear_bf16", &leanformer::linear_bf16,
         "x [M,K] f32 @ W[N,K]^T (+bias), W bfloat16 (fp32 math: the fp32 result of W made fp32)", py::arg("x"),
+        py::arg("w"), py::arg("bias") = py::none());
+  m.def("linear_f16", &leanformer::linear_f16,
+        "x [M,K] f32 @ W[N,K]^T (+bias), W float16 (fp32 math: the fp32 result of W made fp32)", py::arg("x"),
         py::arg("w"), py::arg("bias") = py::none());
   m.def("linear_q8", &leanformer::linear_q8,
         "x [M,K] f32 @ (Wq int8 * scales)^T (+bias); scales [N], or [N, ceil(K/G)] with group_size G > 0",

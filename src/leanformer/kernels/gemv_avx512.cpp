@@ -63,11 +63,18 @@ inline __m512 load_w(const int8_t* p, __mmask16 k) {
   const __m128i v = kMask ? _mm_maskz_loadu_epi8(k, p) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
 }
-// bf16 weights (uint16_t bit patterns): each value's 16 bits into the high half of an fp32 lane, exact
+// bf16 weights: each value's 16 bits into the high half of an fp32 lane; fp16: vcvtph2ps. Both exact.
 template <bool kMask>
-inline __m512 load_w(const uint16_t* p, __mmask16 k) {
-  const __m256i v = kMask ? _mm256_maskz_loadu_epi16(k, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+inline __m256i load_16(const uint16_t* p, __mmask16 k) {
+  return kMask ? _mm256_maskz_loadu_epi16(k, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+template <bool kMask>
+inline __m512 load_w(const Bf16* p, __mmask16 k) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load_16<kMask>(&p->bits, k)), 16));
+}
+template <bool kMask>
+inline __m512 load_w(const Fp16* p, __mmask16 k) {
+  return _mm512_cvtph_ps(load_16<kMask>(&p->bits, k));
 }
 template <bool kMask>
 inline __m512 load_x(const float* p, __mmask16 k) {
@@ -269,11 +276,12 @@ struct Dense32 {
     dense_groups<NR, M, 2, 8, 0, float>(a, n, out);
   }
 };
-struct Dense16 {  // bf16 weights: Dense32's loop on the weights made fp32 in registers (same bits)
+template <class T>
+struct Dense16 {  // bf16 / fp16 weights: Dense32's loop on the weights made fp32 in registers (same bits)
   static bool pairs(const KernelArgs&) { return false; }
   template <int NR, int M>
   static void tile(const KernelArgs& a, int64_t n, float (&out)[NR][M]) {
-    dense_groups<NR, M, 2, 8, 0, uint16_t>(a, n, out);
+    dense_groups<NR, M, 2, 8, 0, T>(a, n, out);
   }
 };
 struct Dense8 {
@@ -323,9 +331,9 @@ void dispatch(const KernelArgs& a, int64_t n0, int64_t n1) {
   }
 }
 
-// Batch-1 fp32 / bf16 rows (T float / uint16_t): dense_tile<1, 1, 2>'s chunks into the same two chains
+// Batch-1 fp32 / bf16 / fp16 rows (T float / Bf16 / Fp16): dense_tile<1, 1, 2>'s chunks into the same two chains
 // and the same reduction (equal bits, so a plain step's row still equals a verify row, and a bf16 row
-// equals the fp32 row of its weights made fp32), with the operands held in registers instead
+// or fp16 row equals the fp32 row of its weights made fp32), with the operands held in registers instead
 // of reloaded from `a` every row, and no software prefetch: at one activation row the loop is a bare
 // stream, which the hardware prefetcher keeps fed, and the requests only took L1 miss buffers. SmolLM2
 // fp32 step + head, 2 threads, Zen 4 (scripts/i8_rows_ab.py --dequantize): 0.97x the time from the
@@ -362,8 +370,12 @@ void f32_rows(const KernelArgs& a, int64_t n0, int64_t n1) {
   dispatch<Dense32>(a, n0, n1);
 }
 void bf16_rows(const KernelArgs& a, int64_t n0, int64_t n1) {
-  if (a.M == 1) return dense_rows_m1<uint16_t>(a, n0, n1);
-  dispatch<Dense16>(a, n0, n1);
+  if (a.M == 1) return dense_rows_m1<Bf16>(a, n0, n1);
+  dispatch<Dense16<Bf16>>(a, n0, n1);
+}
+void f16_rows(const KernelArgs& a, int64_t n0, int64_t n1) {
+  if (a.M == 1) return dense_rows_m1<Fp16>(a, n0, n1);
+  dispatch<Dense16<Fp16>>(a, n0, n1);
 }
 void q8_rows(const KernelArgs& a, int64_t n0, int64_t n1) { dispatch<Dense8>(a, n0, n1); }
 void q4_rows(const KernelArgs& a, int64_t n0, int64_t n1) { dispatch<Int4>(a, n0, n1); }

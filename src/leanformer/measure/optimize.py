@@ -37,7 +37,7 @@ from leanformer.measure.sweep import compressed, pareto_front, quality
 OBJECTIVES = ("decode", "prefill", "memory")
 # presets that need no calibration data and prune nothing (pruning needs data and changes the model)
 PRESETS = ["none", "int8", "int8+head-int8", "int4", "int4-g32", "int4-g32-dq8", "int4-g32-dq8+head-int8"]
-PRESETS += ["int4-g128", "bf16", "bf16+head-bf16", "w8a8", "kv-int8", "int8+kv-int8"]
+PRESETS += ["int4-g128", "bf16", "bf16+head-bf16", "f16", "f16+head-f16", "w8a8", "kv-int8", "int8+kv-int8"]
 INT4_SCHEMES = {"int4-g32-dq8": (32, 8), "int4-g64": (64, None), "int4-g128": (128, None)}
 
 

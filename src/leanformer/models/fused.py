@@ -132,7 +132,7 @@ def _module_entries(container: dict, name: str, module: nn.Module) -> list[tuple
 def _ends(model: nn.Module) -> tuple | None:
     """DecodeStack.set_ends' operands (embedding, its scales and group, final norm weight, eps, head,
     whether the head takes int8 activations after a fused step), or None when one of them would not run
-    the kernel the module itself calls: an fp32 nn.Embedding or an int8 / bf16 QuantEmbedding
+    the kernel the module itself calls: an fp32 nn.Embedding or an int8 / bf16 / fp16 QuantEmbedding
     (compress/layout.py), an RMSNorm with fp32 weights, a quantized head or an fp32 FastLinear head (whose
     forward calls linear_f32 on every row count the step decodes; a plain nn.Linear head goes through
     F.linear, which the C++ step does not call)."""
@@ -151,7 +151,7 @@ def _ends(model: nn.Module) -> tuple | None:
             ops is None
             or probe is None
             or probe.dtype != torch.float32
-            or ops[0] not in ("q8", "bf16")
+            or ops[0] not in ("q8", "bf16", "f16")
             or not ops[1].is_cpu
         ):
             return None
