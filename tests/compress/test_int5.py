@@ -13,10 +13,9 @@ import leanformer as lf
 from leanformer import kernels as lk
 from leanformer.compress import qbase
 from leanformer.compress.gguf_quant import quantized_form
-from leanformer.compress.int4 import Int4Linear
 from leanformer.compress.int5 import Int5Linear, pack_codes, unpack_codes
-from leanformer.compress.int8 import Int8Linear
 from leanformer.compress.kernels import pack_nibbles
+from leanformer.compress.layout import _empty_linear
 from leanformer.errors import LeanformerError
 from leanformer.formats.gguf import GGUFTensor, read_gguf_raw
 from leanformer.kernels import cpu
@@ -155,8 +154,7 @@ def q5_tensor(w: np.ndarray, kind: Q = Q.Q5_0) -> GGUFTensor:
 def module_for(parts: list[GGUFTensor]):
     spec, tensors = quantized_form(parts)
     k, n = parts[0].shape[1], sum(p.shape[0] for p in parts)
-    cls = {"Int4Linear": Int4Linear, "Int5Linear": Int5Linear, "Int8Linear": Int8Linear}[spec["type"]]
-    m = cls(k, n, group_size=spec["group_size"])
+    m = _empty_linear(spec, k, n, False, "cpu", torch.float32)  # as a load builds it from the layout
     m.load_state_dict(tensors)
     return spec, m
 
@@ -173,7 +171,8 @@ def test_gguf_q5_0_and_q4_0_map_to_int5_bit_exact():
     assert spec["type"] == "Int5Linear"
     assert torch.equal(m.dequantize(), torch.cat([q5.dequantize(), q4.dequantize()]))
     spec, m = module_for([q4])
-    assert spec["type"] == "Int4Linear"  # Q4_0 alone stays 4-bit
+    assert spec["type"] == "Int4Linear" and m.zeros is None  # Q4_0 alone stays 4-bit, symmetric
+    assert torch.equal(m.dequantize(), q4.dequantize())
     spec, m = module_for([q5, q8])  # no 5-bit form for Q8_0: int8, codes q - 16
     assert spec["type"] == "Int8Linear"
     assert torch.equal(m.dequantize(), torch.cat([q5.dequantize(), q8.dequantize()]))

@@ -37,6 +37,8 @@ CASES = {
     "tied-q4_1": (True, {"v_proj": Q.Q8_0, "self_attn": Q.Q4_1, "mlp": Q.Q4_0, "embed": Q.Q4_1}),
     # untied with a quantized embedding table of its own
     "untied-q4_0-table": (False, {"embed": Q.Q4_0, "lm_head": Q.Q8_0, "": Q.Q4_1}),
+    # every matrix Q4_0 (tied): symmetric Int4Linears, no zero points held
+    "tied-q4_0": (True, {"": Q.Q4_0}),
     # llama.cpp's converter output: every matrix F16 (tied: the head is the embedding's table), or BF16
     "tied-f16": (True, {"": Q.F16}),
     "untied-bf16": (False, {"": Q.BF16}),
@@ -92,6 +94,9 @@ def test_modules_hold_exactly_the_file_weights(tiny, fp32_prefill):
         assert isinstance(emb.source(), F16Linear) and type(q.lm_head) is not F16Linear
     assert isinstance(emb, QuantEmbedding) and emb.tied == name.startswith("tied")
     assert torch.equal(emb(torch.arange(7)), f.model.embed_tokens.weight[:7])
+    if name == "tied-q4_0":  # symmetric: no zeros in memory or in the state dict
+        assert all(m.symmetric and m.zeros is None for m in q.modules() if isinstance(m, Int4Linear))
+        assert not any(k.endswith(".zeros") for k in q.state_dict())
     if name == "tied-q4_1":
         assert not isinstance(q.model.layers[0].self_attn.qkv_proj, (Int4Linear, Int8Linear))
         assert isinstance(q.model.layers[0].mlp.gate_up_proj, Int4Linear)
@@ -170,3 +175,29 @@ def test_smollm2_quantized_matches_fp32_and_generates(smollm2_pair, fp32_prefill
     answer = lf.generate(q, tok, prompt, max_new_tokens=12)
     assert "Paris" in answer
     assert answer == lf.generate(f, tok, prompt, max_new_tokens=12)
+
+
+@pytest.mark.parametrize("activations", ["int8", "fp32"])
+def test_symmetric_q4_0_through_the_fused_step(tmp_path, activations):
+    """A Q4_0 file's symmetric Int4Linears (no zeros) through the fused step: on fp32 activations the
+    module path's logits; on int8 activations, bit for bit the step of the same model holding all-zero
+    zero points."""
+    import copy
+
+    from leanformer.models.fused import set_decode_activations
+    from tests.models.test_fused import assert_fused_matches, decode_logits
+
+    cfg = tiny_config(tie_word_embeddings=True)
+    path = tmp_path / "q4_0.gguf"
+    write_gguf(path, cfg, hf_llama_state_dict(cfg, seed=3), qtypes={"": Q.Q4_0})
+    q, _ = lf.load(path)
+    set_decode_activations(q, activations)
+    prompts = [[3, 14, 15, 92, 65], [35, 89]]
+    if activations == "fp32":  # the module path runs fp32 activations
+        assert_fused_matches(q, prompts=prompts)
+        return
+    zeros = copy.deepcopy(q)
+    for m in zeros.modules():
+        if isinstance(m, Int4Linear):
+            m.zeros, m.symmetric = torch.zeros_like(m.scales), False
+    assert torch.equal(decode_logits(q, True, prompts), decode_logits(zeros, True, prompts))

@@ -33,6 +33,7 @@ VARIANTS = [
     Variant("HF transformers fp32", "transformers"),
     Variant("leanformer fp32", "leanformer"),
     Variant("leanformer bf16", "leanformer", "bfloat16"),
+    Variant("leanformer bf16 weights, fp32 math", "leanformer", recipe="bf16+head-bf16"),
     Variant("leanformer int8 (+ int8 head)", "leanformer", recipe="int8+head-int8"),
     Variant("leanformer int4 g32, 8-bit scales", "leanformer", recipe="int4-g32-dq8+head-int8"),
     Variant("leanformer GGUF Q4_1 kept as int4", "leanformer", keep_quantized=True),

@@ -4,7 +4,7 @@ float ones): `load(path, keep_quantized=True)`.
 No full-precision copy of the model is made: each tensor's blocks are split into codes and scales
 (`unpack_blocks`, one tensor at a time) and repacked in our module layout. The mappings are exact
 (block layouts in formats/gguf.py; d, m, dmin are fp16 in the file, sc / m_j small integers):
-- Q4_0, w = d * (q - 8)  -> Int4Linear group 32: scale = d, zero = 0.
+- Q4_0, w = d * (q - 8)  -> Int4Linear group 32, symmetric: scale = d and no zero points held.
 - Q4_1, w = d * q + m    -> Int4Linear group 32: scale = d, zero = m + 8 d in fp32. (q - 8) * d is exact
   in fp32, and so is m + 8 d unless the two fp16 values are more than 2^13 apart in magnitude, so
   (q - 8) * d + zero rounds once, like d * q + m: the weights are bit-identical to gguf's dequantized
@@ -121,6 +121,8 @@ def quantized_form(parts: list[GGUFTensor]) -> tuple[dict | None, dict[str, torc
     if kinds <= INT4_TYPES:
         codes, scales, zeros = zip(*(_int4(p) for p in parts))
         tensors = {"qweight": pack_nibbles(_cat(codes)), "scales": _cat(scales)}
+        if kinds == {"Q4_0"}:  # symmetric: no zero points held at all
+            return {"type": "Int4Linear", "group_size": GROUP, "symmetric": True}, tensors
         return {"type": "Int4Linear", "group_size": GROUP}, tensors | {"zeros": _cat(zeros)}
     if "Q5_0" in kinds and kinds <= INT5_TYPES:
         codes, scales = zip(*(_int5(p) for p in parts))

@@ -29,7 +29,12 @@ class Int4Linear(QuantLinear):
     fp32 [4] instead (compress/double_quant.py: 4.5 bits per weight at group 32) and no fp32 [N, G]
     scales/zeros at all: the kernels read the codes through a 512-entry fp32 table (`lut()`, rebuilt
     from scale_ranges when needed), and the torch paths decode only the rows they work on
-    (`group_params`), so the model takes its file size in RAM."""
+    (`group_params`), so the model takes its file size in RAM.
+
+    With `symmetric=True` (GGUF Q4_0: w = (q - 8) * scale) there is no `zeros` buffer at all (None, and
+    none in the state dict): every kernel takes no zero points as all zero, and the torch paths
+    (`group_params`) hand out zeros made for the call. Q4_0's fp32 zeros were 4 bytes per 32 weights that
+    no kernel read (SmolLM2 Q4_0: 13 MB of ~120 MB)."""
 
     EXACT = ("scales", "zeros", "input_scale", "scale_ranges")
     COMPACT = ("scales", "zeros")
@@ -43,11 +48,14 @@ class Int4Linear(QuantLinear):
         device=None,
         dtype=None,
         scale_bits: int | None = None,
+        symmetric: bool = False,
     ):
         super().__init__(in_features, out_features, bias, device, dtype)
         if scale_bits not in (None, 8):
             raise LeanformerError(f"int4 scale_bits must be None or 8, got {scale_bits}")
-        self.scale_bits = scale_bits
+        if symmetric and scale_bits is not None:
+            raise LeanformerError("int4 symmetric=True has fp32 scales only (no scale_bits)")
+        self.scale_bits, self.symmetric = scale_bits, symmetric
         if group_size not in K.INT4_GROUP_SIZES:
             raise LeanformerError(f"int4 group_size must be one of {K.INT4_GROUP_SIZES}, got {group_size}")
         self.group_size = group_size
@@ -58,7 +66,8 @@ class Int4Linear(QuantLinear):
         )
         if scale_bits is None:
             self.register_buffer("scales", torch.ones(out_features, g, dtype=torch.float32, device=device))
-            self.register_buffer("zeros", torch.zeros(out_features, g, dtype=torch.float32, device=device))
+            zeros = None if symmetric else torch.zeros(out_features, g, dtype=torch.float32, device=device)
+            self.register_buffer("zeros", zeros)
         else:
             for name in ("scale_codes", "zero_codes"):
                 self.register_buffer(name, torch.zeros(out_features, g, dtype=torch.uint8, device=device))
@@ -146,14 +155,15 @@ class Int4Linear(QuantLinear):
         """fp32 (scales, zeros) [R, G] of `rows`: the buffers, or (scale_bits=8) the rows' codes decoded
         with lut(), the same values the kernels use."""
         if self.scale_bits is None:
-            return self.scales[rows], self.zeros[rows]
+            s = self.scales[rows]
+            return s, torch.zeros_like(s) if self.zeros is None else self.zeros[rows]
         return DQ.decode(self.scale_codes[rows], self.zero_codes[rows], self.scale_ranges, self.lut())
 
     def _kernel_scales(self, rows: slice = slice(None)) -> tuple:
-        """(scales, zeros, lut) as the C++ int4 kernels take them: fp32 [R, G] twice and None, or the
-        uint8 codes [R, G] twice and their table (kernels/q4_codes.h)."""
+        """(scales, zeros, lut) as the C++ int4 kernels take them: fp32 [R, G] twice (zeros None when
+        symmetric) and None, or the uint8 codes [R, G] twice and their table (kernels/q4_codes.h)."""
         if self.scale_bits is None:
-            return self.scales[rows], self.zeros[rows], None
+            return self.scales[rows], None if self.zeros is None else self.zeros[rows], None
         return self.scale_codes[rows], self.zero_codes[rows], self.lut()
 
     def codes(self) -> torch.Tensor:
@@ -198,6 +208,8 @@ class Int4Linear(QuantLinear):
         if x.device.type == "cuda" and not lk.tracing():
             return self._cuda_matmul(x)
         if self._int8_prefill(x):  # kernels/gemm_q4_i8.cpp: the codes as they are, int8 activations
+            if self.scale_bits is None and self.zeros is None:  # symmetric
+                return lk.ext().gemm_q4_i8(x.float(), self.qweight, self.scales, None, self.group_size)
             s, z = self.group_params()
             return lk.ext().gemm_q4_i8(x.float(), self.qweight, s, self._nonzero(z), self.group_size)
         return super()._matmul(x)
@@ -244,4 +256,5 @@ class Int4Linear(QuantLinear):
     def extra_repr(self) -> str:
         pad = ", padded_in" if self.k_padded != self.in_features else ""
         coded = ", scale_bits=8" if self.scale_bits else ""
-        return super().extra_repr() + f", bits=4, group_size={self.group_size}{pad}{coded}"
+        sym = ", symmetric" if self.symmetric else ""
+        return super().extra_repr() + f", bits=4, group_size={self.group_size}{pad}{coded}{sym}"

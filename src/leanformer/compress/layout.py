@@ -61,7 +61,10 @@ class QuantEmbedding(nn.Module):
 def _empty_linear(spec: dict, in_features: int, out_features: int, bias: bool, device, dtype) -> QuantLinear:
     kind = spec.get("type")
     if kind == "Int4Linear":
-        return Int4Linear(in_features, out_features, spec["group_size"], bias, device, dtype)
+        symmetric = spec.get("symmetric", False)  # GGUF Q4_0: no zeros buffer
+        return Int4Linear(
+            in_features, out_features, spec["group_size"], bias, device, dtype, symmetric=symmetric
+        )
     if kind == "Int5Linear":
         return Int5Linear(in_features, out_features, spec["group_size"], bias, device, dtype)
     if kind == "Int8Linear":

@@ -36,7 +36,7 @@ struct KernelArgs {
   const float* xo;      // q4 only: the odd columns [M, Kh] (0 past K)
   const void* w;        // f32 [N, K] float, bf16 / fp16 [N, K] Bf16 / Fp16, q8 [N, K] int8, q4 [N, Kh] packed nibbles
   const float* scales;  // q8: [N] (group 0) or [N, n_groups]; q4: [N, n_groups]; f32: unused
-  const float* zeros;   // q4 only: [N, n_groups]
+  const float* zeros;   // q4 only: [N, n_groups], or null (symmetric: no zero points)
   const float* bias;    // [N] or null
   float* y;             // [M, N]
   int64_t M, N;

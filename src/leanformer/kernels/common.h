@@ -114,10 +114,10 @@ at::Tensor linear_f16(const at::Tensor& x, const at::Tensor& w, const std::optio
 at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                      const std::optional<at::Tensor>& bias, int64_t group_size);
 // int4: scales/zeros fp32 [N, G], or uint8 codes [N, G] with lut fp32 [512] (q4_codes.h)
-at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
+at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                      int64_t group_size, const std::optional<at::Tensor>& bias,
                      const std::optional<at::Tensor>& lut = std::nullopt);
-at::Tensor dequant_q4(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros, int64_t group_size,
+at::Tensor dequant_q4(const at::Tensor& w, const at::Tensor& scales, const std::optional<at::Tensor>& zeros, int64_t group_size,
                       int64_t K, bool bf16, const std::optional<at::Tensor>& lut = std::nullopt);
 at::Tensor dequant_q8(const at::Tensor& w, const at::Tensor& scales, int64_t group_size, bool bf16);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, const at::Tensor* out = nullptr);

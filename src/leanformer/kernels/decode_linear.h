@@ -19,7 +19,7 @@ constexpr int64_t kGemvPassRows = 16;
 // One Linear's operands, as the module holds them (see models/fused.py for who provides what).
 struct DecodeLinear {
   enum class Kind { f32, bf16, f16, q8, q4, q5 };
-  Kind kind;  // "f32": w fp32 [N, K]; "bf16" / "f16": w bf16 / fp16 [N, K] (fp32 activations and math); "q8": w int8 [N, K] + scales; "q4": w uint8 [N, Kp/2] + scales/zeros;
+  Kind kind;  // "f32": w fp32 [N, K]; "bf16" / "f16": w bf16 / fp16 [N, K] (fp32 activations and math); "q8": w int8 [N, K] + scales; "q4": w uint8 [N, Kp/2] + scales/zeros (zeros none: symmetric);
               // "q5": w uint8 [N, Kp/2] nibbles + scales [N, Kp/32], `zeros` the int32 high bits [N, Kp/32]
   at::Tensor w;
   std::optional<at::Tensor> scales, zeros, bias, input_scale;
@@ -44,15 +44,15 @@ struct DecodeLinear {
     TORCH_CHECK(kind == Kind::f32 || kind == Kind::bf16 || kind == Kind::f16 || scales.has_value(),
                 "quantized DecodeLinear needs scales");
     n_out = w.size(0);
-    TORCH_CHECK(kind != Kind::q4 || zeros.has_value(), "q4 DecodeLinear needs zeros");
     TORCH_CHECK(kind != Kind::q5 || (zeros.has_value() && group == 32), "q5 DecodeLinear needs high bits, group 32");
     if (scales.has_value() && !scales->is_inference()) {
       scales_version = scales->_version();
       scales_counter = scales->unsafeGetTensorImpl()->version_counter();
     }
     if (kind == Kind::q4) {
-      zeros_all_zero = !lut.has_value() && !zeros->any().item<bool>();  // codes 0 are not zero points
-      zeros_version = zeros->is_inference() ? -1 : zeros->_version();
+      // none (a symmetric Int4Linear, GGUF Q4_0): all zero for good; codes 0 are not zero points
+      zeros_all_zero = !zeros.has_value() || (!lut.has_value() && !zeros->any().item<bool>());
+      zeros_version = !zeros.has_value() || zeros->is_inference() ? -1 : zeros->_version();
       if (zeros_version >= 0) zeros_counter = zeros->unsafeGetTensorImpl()->version_counter();
       if (int8_capable()) q4_i8_op = q4_i8_operands(w, *scales, zeros, group, bias, lut);
       // an fp16 copy of GGUF-born scales (and zero points) for the group-32 loops (Q4Scales::add_half)
@@ -160,7 +160,7 @@ struct DecodeLinear {
     }
     if (i8) return linear_q4_i8(x, w, *scales, q4_zeros(), group, bias, lut, np, out);  // pads x to k_padded itself
     if (k_padded > x.size(1)) x = at::constant_pad_nd(x, {0, k_padded - x.size(1)});
-    return linear_q4(x, w, *scales, *zeros, group, bias, lut);
+    return linear_q4(x, w, *scales, zeros, group, bias, lut);
   }
 };
 

@@ -49,11 +49,11 @@ void q4_dequant(const uint8_t* w, const Q4Scales& qs, T* out, int64_t R, int64_t
     qs.chunks(r0, r1, [&](int64_t c0, int64_t c1, const float* sc, const float* zc) {
       for (int64_t r = c0; r < c1; ++r) {
         const uint8_t* wr = w + r * row_bytes;
-        const float *scales = sc + (r - c0) * G, *zeros = zc + (r - c0) * G;
+        const float *scales = sc + (r - c0) * G, *zeros = zc ? zc + (r - c0) * G : nullptr;
         T* o = out + r * K;
         const __m128i mask = _mm_set1_epi8(0x0F);
         for (int64_t g = 0; g < G; ++g) {
-          const float s = scales[g], z = zeros[g];
+          const float s = scales[g], z = zeros ? zeros[g] : 0.f;
           const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z), v8 = _mm256_set1_ps(8.f);
           int64_t k = g * group_size;  // even (group_size is): a byte boundary
           const int64_t k1 = std::min(K, k + group_size);
@@ -102,7 +102,7 @@ at::Tensor output(int64_t R, int64_t K, bool bf16) {
 
 }  // namespace
 
-at::Tensor dequant_q4(const at::Tensor& w_, const at::Tensor& scales_, const at::Tensor& zeros_,
+at::Tensor dequant_q4(const at::Tensor& w_, const at::Tensor& scales_, const std::optional<at::Tensor>& zeros_,
                       int64_t group_size, int64_t K, bool bf16, const std::optional<at::Tensor>& lut) {
   TORCH_CHECK(group_size > 0 && group_size % 2 == 0, "group_size must be positive and even");
   const int64_t G = (K + group_size - 1) / group_size;
@@ -110,7 +110,7 @@ at::Tensor dequant_q4(const at::Tensor& w_, const at::Tensor& scales_, const at:
   TORCH_CHECK(w_.device().is_cpu() && w_.dim() == 2 && w_.scalar_type() == at::kByte && w_.size(1) * 2 >= K,
               "Wq must be uint8 [R, >= ceil(K/2)] (two 4-bit codes per byte)");
   const int64_t R = w_.size(0), row_bytes = w_.size(1);
-  const Q4Scales qs(scales_, zeros_, lut, R, G, /*zeros_optional=*/false);
+  const Q4Scales qs(scales_, zeros_, lut, R, G, /*zeros_optional=*/true);  // none: symmetric (Q4_0)
   const at::Tensor w = w_.contiguous();
   at::Tensor out = output(R, K, bf16);
   if (bf16)

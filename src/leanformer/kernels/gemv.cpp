@@ -356,7 +356,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("wq"), py::arg("scales"), py::arg("bias") = py::none(), py::arg("group_size") = 0);
   m.def("linear_q4", &leanformer::linear_q4, "x [M,K] f32 @ dequant_int4(Wq, scales, zeros, G)^T (+bias)", py::arg("x"),
         py::arg("wq"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"),
-        py::arg("bias") = py::none(), py::arg("lut") = py::none());  // lut: uint8 scale/zero codes (q4_codes.h)
+        py::arg("bias") = py::none(), py::arg("lut") = py::none());  // lut: uint8 scale/zero codes (q4_codes.h);
+  // zeros None: symmetric codes, w = (code - 8) * scale (GGUF Q4_0)
   m.def("dequant_q4", &leanformer::dequant_q4,
         "Wq uint8 [R, >=ceil(K/2)] -> [R, K] fp32 (or bf16): (code - 8) * scale + zero per group", py::arg("wq"),
         py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("k"), py::arg("bf16") = false,

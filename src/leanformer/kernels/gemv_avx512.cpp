@@ -224,7 +224,7 @@ inline void q4_tables(const KernelArgs& a, int64_t n, int64_t n_groups, int64_t 
   LF_UNROLL
   for (int r = 0; r < NR; ++r) {
     const int64_t j = (n + r) * n_groups + g;
-    t[r] = _mm512_fmadd_ps(q, _mm512_set1_ps(a.scales[j]), _mm512_set1_ps(a.zeros[j]));
+    t[r] = _mm512_fmadd_ps(q, _mm512_set1_ps(a.scales[j]), _mm512_set1_ps(a.zeros ? a.zeros[j] : 0.f));
   }
 }
 

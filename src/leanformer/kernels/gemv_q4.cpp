@@ -117,16 +117,17 @@ inline void generic_part(const Q4Args& a, const uint8_t* w, const float* sc, int
   }
 }
 
-// sum_g z_g * xs_g - 24 * s_g * xf_g: the zero points, and the -24 of the fast decoder's 16(1 + q/16).
+// sum_g z_g * xs_g - 24 * s_g * xf_g: the zero points (z null: none), and the -24 of the fast decoder's
+// 16(1 + q/16).
 inline float zero_terms(const float* z, const float* s, const float* xs, const float* xf, int64_t G) {
   __m256 acc = _mm256_setzero_ps();
   int64_t g = 0;
   for (; g + 8 <= G; g += 8) {
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(z + g), _mm256_loadu_ps(xs + g), acc);
+    if (z) acc = _mm256_fmadd_ps(_mm256_loadu_ps(z + g), _mm256_loadu_ps(xs + g), acc);
     acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_set1_ps(-24.f)), _mm256_loadu_ps(xf + g), acc);
   }
   float r = hsum(acc);
-  for (; g < G; ++g) r += z[g] * xs[g] - 24.f * s[g] * xf[g];
+  for (; g < G; ++g) r += (z ? z[g] * xs[g] : 0.f) - 24.f * s[g] * xf[g];
   return r;
 }
 
@@ -167,7 +168,7 @@ inline void q4_row(const Q4Args& a, int64_t n, float* out) {
     for (int m = 0; m < M; ++m) tot[m] = reduce(acc, m);
   }
   if (fast_bytes < a.Kh) generic_part<M, A>(a, w, sc, fast_bytes, tot);
-  const float* zr = a.zeros + n * a.n_groups;
+  const float* zr = a.zeros ? a.zeros + n * a.n_groups : nullptr;  // null: no zero points
   LF_UNROLL
   for (int m = 0; m < M; ++m)
     out[m] = hsum(tot[m]) + zero_terms(zr, sc, a.xs + m * a.n_groups, a.xf + m * a.n_groups, a.n_groups);
@@ -238,7 +239,8 @@ void prepare_x(const float* x, int64_t M, int64_t K, int64_t group_size, bool fa
 
 }  // namespace
 
-at::Tensor linear_q4(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_, const at::Tensor& zeros_,
+at::Tensor linear_q4(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
+                     const std::optional<at::Tensor>& zeros_,
                      int64_t group_size, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lut) {
   check_x(x_);
   const int64_t M = x_.size(0), K = x_.size(1), Kh = (K + 1) / 2;
@@ -247,7 +249,7 @@ at::Tensor linear_q4(const at::Tensor& x_, const at::Tensor& w_, const at::Tenso
   TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kByte && w_.size(1) == Kh,
               "Wq must be uint8 [N, ceil(K/2)] (two 4-bit codes per byte)");
   const int64_t N = w_.size(0);
-  const Q4Scales qs(scales_, zeros_, lut, N, n_groups, /*zeros_optional=*/false);
+  const Q4Scales qs(scales_, zeros_, lut, N, n_groups, /*zeros_optional=*/true);  // none: symmetric (Q4_0)
   const at::Tensor x = x_.contiguous(), w = w_.contiguous();
   at::Tensor bh;
   const float* b = bias_ptr(bias, N, bh);
