@@ -140,12 +140,13 @@ def test_scheduler_prefills_short_chunks_chained(llama, paged, monkeypatch):
         monkeypatch.setattr("leanformer.engine.scheduler.chained", spy)
 
 
-def test_long_prompt_one_step_on_the_gemm(tiny_dirs, monkeypatch):
+@pytest.mark.parametrize("scale_bits", [None, 8])  # 8: scale codes, decoded for the GEMM per call
+def test_long_prompt_one_step_on_the_gemm(tiny_dirs, monkeypatch, scale_bits):
     """int4 model, int8 activations: a prompt past 16 tokens in ONE fused step whose Linears take the GEMM
     (kernels/gemm_q4_i8), the head on its last row only; close to the padded forward (the same GEMM and
     activation quantization, attention summed in another order)."""
     model = lf.load(tiny_dirs["llama"])[0]
-    quantize_(model, Int4WeightOnly(group_size=32))
+    quantize_(model, Int4WeightOnly(group_size=32, scale_bits=scale_bits))
     set_activations(model, "int8")
     steps = []
     real = P.Chain

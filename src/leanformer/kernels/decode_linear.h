@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "common.h"
 #include "int8_act.h"  // I8Next
@@ -95,14 +96,24 @@ struct DecodeLinear {
     return kind == Kind::q4 && group % 32 == 0 && k_padded % group == 0;
   }
 
-  // Whether past 16 rows this Linear takes a GEMM (gemm_q4_i8.cpp) on int8 activations: int4 with fp32
-  // scales; int8 with groups of 32 or one scale per row, on AVX-VNNI / AVX-512 VNNI.
+  // Whether past 16 rows this Linear takes a GEMM (gemm_q4_i8.cpp) on int8 activations: int4 (8-bit
+  // scale codes decoded for the call: coded_scales); int8 with groups of 32 or one scale per row, on
+  // AVX-VNNI / AVX-512 VNNI.
   bool q8_gemm_capable() const {
     return kind == Kind::q8 && act_isa_id() != kAvx2 && w.size(1) % 32 == 0 && (group == 0 || group % 32 == 0) &&
            (group == 0 || w.size(1) % group == 0);
   }
   bool gemm_capable() const {
-    return (kind == Kind::q4 && int8_capable() && !lut.has_value()) || q8_gemm_capable();
+    return (kind == Kind::q4 && int8_capable() && (!lut.has_value() || q4_i8_op)) || q8_gemm_capable();
+  }
+
+  // 8-bit scale / zero codes decoded to the fp32 [N, G] pair the GEMM reads (the values every other path
+  // decodes: Q4Scales::decode), made per call: 8 bytes per group, next to the GEMM's work on 16+ rows.
+  std::pair<at::Tensor, at::Tensor> coded_scales() const {
+    const Q4Scales& qs = q4_i8_op->qs;
+    at::Tensor s = at::empty({n_out, qs.G}, at::kFloat), z = at::empty({n_out, qs.G}, at::kFloat);
+    qs.decode(0, n_out, s.data_ptr<float>(), z.data_ptr<float>());
+    return {s, z};
   }
 
   // The weight streams the int8-activation kernels read, for the call before this one to start (I8Next):
@@ -152,6 +163,10 @@ struct DecodeLinear {
     }
     // more rows than one GEMV pass takes (a chained prefill, engine/prefill.py): the GEMM, weights read once
     if (i8 && x.size(0) > kGemvPassRows && !lut.has_value()) return gemm_q4_i8(x, w, *scales, q4_zeros(), group, bias);
+    if (i8 && x.size(0) > kGemvPassRows && q4_i8_op) {
+      const auto [s, z] = coded_scales();
+      return gemm_q4_i8(x, w, s, z, group, bias);
+    }
     if (i8 && q4_i8_op && plain) {  // the operands checked once
       at::Tensor y = output(out, x.size(0), out_features(), x.options());
       q4_i8(*q4_i8_op, x.data_ptr<float>(), x.size(0), x.size(1), y.data_ptr<float>(), np, !skip_zeros(),
