@@ -201,3 +201,26 @@ def test_symmetric_q4_0_through_the_fused_step(tmp_path, activations):
         if isinstance(m, Int4Linear):
             m.zeros, m.symmetric = torch.zeros_like(m.scales), False
     assert torch.equal(decode_logits(q, True, prompts), decode_logits(zeros, True, prompts))
+
+
+@pytest.mark.parametrize("qtype", ["F16", "BF16"])
+def test_smollm2_as_f16_and_bf16_files(smollm2, tmp_path, qtype):
+    """SmolLM2's weights re-written as an F16 / BF16 GGUF (llama.cpp's unquantized forms) load as 16-bit
+    modules holding the file's values (271 MB, not 540), and decode through the fused step to the very
+    logits of the same file loaded as fp32: the same fp32 loop on the same values."""
+    from tests.formats.kquants import requantize_gguf
+    from tests.models.test_fused import decode_logits
+
+    path = tmp_path / f"smollm2-{qtype}.gguf"
+    requantize_gguf(smollm2, path, lambda name, shape: Q[qtype])
+    half, tok = lf.load(path)
+    ref, _ = lf.load(path, keep_quantized=False)
+    kinds = {type(m).__name__ for m in half.modules() if "Linear" in type(m).__name__}
+    assert kinds == {f"{'F' if qtype == 'F16' else 'BF'}16Linear"}
+    assert sum(b.numel() * b.element_size() for b in half.buffers()) < 0.51 * sum(
+        p.numel() * p.element_size() for p in ref.parameters()
+    )
+    prompts = [tok("The capital of France is").input_ids]  # <= 8 tokens: the prefill runs the GEMVs too
+    assert torch.equal(
+        decode_logits(half, True, prompts, steps=4), decode_logits(ref, True, prompts, steps=4)
+    )
