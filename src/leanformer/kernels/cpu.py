@@ -126,7 +126,7 @@ def describe() -> dict:
     "recommended_threads": n}."""
     fp = kernels.isa() or "torch"
     paths = {
-        "linear f32 / int8 / int4, fp32 activations": fp,
+        "linear f32 / bf16 / f16 / int8 / int4, fp32 activations": fp,
         "linear int8 / int4, int8 activations (decode)": act_isa() or "unavailable",
         "encoder attention": fp,
         "quantized prefill GEMM": "oneDNN bf16" if native_bf16() else "oneDNN fp32",
@@ -155,7 +155,7 @@ def summary() -> str:
     d = describe()
     flags = ",".join(name for name, on in d["cpu"]["flags"].items() if on) or "none"
     return (
-        f"{d['cpu']['model']} [{flags}]; GEMV {d['paths']['linear f32 / int8 / int4, fp32 activations']}, "
+        f"{d['cpu']['model']} [{flags}]; GEMV {d['paths']['linear f32 / bf16 / f16 / int8 / int4, fp32 activations']}, "
         f"int8-activation GEMV {d['paths']['linear int8 / int4, int8 activations (decode)']}; "
         f"{d['threads']} threads ({d['recommended_threads']} physical cores)"
     )
