@@ -143,3 +143,22 @@ def test_saved_and_reloaded(tiny_dirs, tmp_path, cfg, cls, buffer, dtype, preset
     again, _ = lf.load(tmp_path / "saved")
     assert isinstance(again.lm_head, cls) and getattr(again.lm_head, buffer).dtype == dtype
     assert torch.equal(_greedy_logits(again), before)
+
+
+@needs_kernels
+def test_a_bf16_checkpoint_loses_nothing(tmp_path):
+    """A checkpoint shipped in bf16, loaded in fp32 then given `bf16+head-bf16`: every Linear holds exactly
+    the file's bf16 values (the fp32 detour is exact both ways), and the GEMVs compute on them in fp32."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import tiny_hf_model
+
+    tiny_hf_model("llama").to(torch.bfloat16).save_pretrained(tmp_path)
+    file = load_file(tmp_path / "model.safetensors")
+    model, _ = lf.load(tmp_path)  # float32
+    apply(model, load_recipe("bf16+head-bf16"))
+    layer = model.model.layers[1]
+    qkv = torch.cat([file[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])
+    assert torch.equal(layer.self_attn.qkv_proj.weight_bf16, qkv)
+    assert torch.equal(layer.mlp.down_proj.weight_bf16, file["model.layers.1.mlp.down_proj.weight"])
+    assert torch.equal(model.lm_head.weight_bf16, file["lm_head.weight"])
