@@ -38,6 +38,9 @@ class Int4Linear(QuantLinear):
 
     EXACT = ("scales", "zeros", "input_scale", "scale_ranges")
     COMPACT = ("scales", "zeros")
+    symmetric: bool = (
+        False  # no zeros buffer (set per instance; the class default for objects pickled before it)
+    )
 
     def __init__(
         self,
