@@ -339,3 +339,18 @@ def test_rms_norm_matches_torch(k):
     x, w = torch.randn(5, k, generator=g) * 3, torch.randn(k, generator=g)
     ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
     torch.testing.assert_close(lk.ext().rms_norm(x, w, 1e-5), ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_q4_without_zeros_is_symmetric(m, isa):
+    """zeros None (GGUF Q4_0's symmetric blocks): the same as all-zero zero points, through the wrapper,
+    the compiled GEMV and the dequantizer."""
+    n, k, group = 37, 200, 32
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    wq, scales = K.pack_int4(codes), torch.rand(n, -(-k // group)) + 0.1
+    zeros, x = torch.zeros_like(scales), torch.randn(m, k)
+    assert torch.equal(K.linear_q4(x, wq, scales, None, group), K.linear_q4(x, wq, scales, zeros, group))
+    close(K.linear_q4(x, wq, scales, None, group), K.ref_linear_q4(x, wq, scales, None, group))
+    d = K.ext().dequant_q4(wq, scales, None, group, k, False)
+    assert torch.equal(d, K.dequant_int4(wq, scales, None, group, k))

@@ -346,10 +346,15 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).contiguous()
 
 
-def dequant_int4(wq: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, k: int):
-    """-> float32 [N, K] with w = (code - 8) * scale + zero per (row, group of group_size columns)."""
+def dequant_int4(
+    wq: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, k: int
+) -> torch.Tensor:
+    """-> float32 [N, K] with w = (code - 8) * scale + zero per (row, group of group_size columns);
+    zeros None: symmetric codes (all zero)."""
     codes = unpack_int4(wq, k).float()
     s = scales.float().repeat_interleave(group_size, 1)[:, :k]
+    if zeros is None:
+        return (codes - 8) * s
     z = zeros.float().repeat_interleave(group_size, 1)[:, :k]
     return (codes - 8) * s + z
 
@@ -380,7 +385,7 @@ def ref_linear_q4(
     x: torch.Tensor,
     wq: torch.Tensor,
     scales: torch.Tensor,
-    zeros: torch.Tensor,
+    zeros: torch.Tensor | None,
     group_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -428,13 +433,14 @@ def linear_q4(
     x: torch.Tensor,
     wq: torch.Tensor,
     scales: torch.Tensor,
-    zeros: torch.Tensor,
+    zeros: torch.Tensor | None,
     group_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K] @ dequant_int4(wq, scales, zeros)^T + bias -> [..., N]. Pass fp32 scales/zeros (as
-    the int4 modules keep them) to avoid a per-call conversion."""
-    if not _use_ext(x, scales, zeros, *([bias] if bias is not None else [])):
+    """x [..., K] @ dequant_int4(wq, scales, zeros)^T + bias -> [..., N] (zeros None: symmetric codes).
+    Pass fp32 scales/zeros (as the int4 modules keep them) to avoid a per-call conversion."""
+    extra = [t for t in (zeros, bias) if t is not None]
+    if not _use_ext(x, scales, *extra):
         return ref_linear_q4(x, wq, scales, zeros, group_size, bias)
     y = _ext.linear_q4(
         _f32(x.reshape(-1, x.shape[-1])), wq, _f32(scales), _f32(zeros), group_size, _f32(bias)
