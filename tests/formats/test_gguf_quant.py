@@ -224,3 +224,21 @@ def test_smollm2_as_f16_and_bf16_files(smollm2, tmp_path, qtype):
     assert torch.equal(
         decode_logits(half, True, prompts, steps=4), decode_logits(ref, True, prompts, steps=4)
     )
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_16_bit_tables_in_the_fused_ends(tmp_path, tied):
+    """A BF16 file's embedding table (tied: the head's; untied: its own BF16Linear) is looked up inside
+    the fused step's ends: the logits of the same file loaded as fp32, bit for bit."""
+    from tests.models.test_fused import decode_logits
+
+    cfg = tiny_config(tie_word_embeddings=tied)
+    path = tmp_path / "bf16.gguf"
+    write_gguf(path, cfg, hf_llama_state_dict(cfg, seed=5), qtypes={"": Q.BF16})
+    half, _ = lf.load(path)
+    ref, _ = lf.load(path, keep_quantized=False)
+    emb = half.model.embed_tokens
+    assert isinstance(emb, QuantEmbedding) and emb.tied == tied
+    prompts = [[3, 14, 15], [35, 89]]  # short: their prefill runs the GEMVs too
+    assert torch.equal(decode_logits(half, True, prompts), decode_logits(ref, True, prompts))
+    assert half._decode_plan.stack.has_ends
