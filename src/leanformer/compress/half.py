@@ -23,6 +23,7 @@ from torch import nn
 
 from leanformer import kernels as lk
 from leanformer.compress.qbase import QuantLinear
+from leanformer.errors import LeanformerError
 
 
 class HalfLinear(QuantLinear):
@@ -49,6 +50,12 @@ class HalfLinear(QuantLinear):
         w = linear.weight
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype)
         m.weight16.copy_(w.detach())
+        if not bool(torch.isfinite(m.weight16).all()) and bool(torch.isfinite(w).all()):
+            big = float(w.detach().abs().max())
+            raise LeanformerError(
+                f"a Linear [{m.out_features}, {m.in_features}] has weights up to |w| = {big:g}, beyond "
+                f"{str(cls.DTYPE).removeprefix('torch.')}'s range; use BF16WeightOnly or ignore that Linear"
+            )
         if linear.bias is not None:
             m.bias.data.copy_(linear.bias.detach())
         return m
@@ -82,3 +89,6 @@ class F16Linear(HalfLinear):
 
     DTYPE, BUFFER, KIND = torch.float16, "weight_f16", "f16"
     KEEP_DTYPE = {"weight_f16": torch.float16}
+
+
+HALF_LINEARS: dict[str, type[HalfLinear]] = {cls.__name__: cls for cls in (BF16Linear, F16Linear)}

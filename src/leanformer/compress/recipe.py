@@ -176,7 +176,10 @@ def quantize_linears(model: nn.Module, config: QuantConfig, names: list[str]) ->
         elif isinstance(config, Int8Dynamic):
             new = Int8DynamicLinear.from_linear(lin, config.min_tokens)
         elif isinstance(config, (BF16WeightOnly, F16WeightOnly)):
-            new = _HALF[type(config)].from_linear(lin)
+            try:
+                new = _HALF[type(config)].from_linear(lin)
+            except LeanformerError as e:
+                raise LeanformerError(f"{type(config).__name__} on {n}: {e}") from None
         else:
             raise LeanformerError(f"quantize_ cannot apply {type(config).__name__}")
         set_module(model, n, new)
