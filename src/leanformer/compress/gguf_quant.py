@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from leanformer.compress.half import BF16Linear, F16Linear
 from leanformer.errors import LeanformerError
 from leanformer.formats.gguf import (
     CODE_OFFSET,
@@ -58,10 +59,7 @@ INT8_GROUP = {"Q8_0": 32, "Q4_0": 32, "Q5_0": 32, "Q6_K": 16}  # columns per sca
 INT8_TYPES = set(INT8_GROUP)
 INT5_TYPES = {"Q5_0", "Q4_0"}  # Q4_0's codes shift into Q5_0's: q + 8
 FLOAT_TYPES = {"F32", "F16", "BF16"}
-HALF_TYPES = {
-    "F16": ("F16Linear", "weight_f16"),
-    "BF16": ("BF16Linear", "weight_bf16"),
-}  # -> (module, buffer)
+HALF_TYPES = {"F16": F16Linear, "BF16": BF16Linear}  # 16-bit float matrices -> their module
 FUSED = {  # our module -> the HF modules whose rows it stacks (models/llama.py's sanitize)
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "self_attn.o_proj": ("self_attn.o_proj",),
@@ -136,8 +134,8 @@ def quantized_form(parts: list[GGUFTensor]) -> tuple[dict | None, dict[str, torc
         spec = {"type": "Int8Linear", "group_size": group}
         return spec, {"weight_int8": _cat(q), "scales": _cat(scales)}
     if len(kinds) == 1 and (kind := next(iter(kinds))) in HALF_TYPES:
-        module, buffer = HALF_TYPES[kind]
-        return {"type": module}, {buffer: _cat([_half(p) for p in parts])}
+        cls = HALF_TYPES[kind]
+        return {"type": cls.__name__}, {cls.BUFFER: _cat([_half(p) for p in parts])}
     return None, {"weight": _cat([p.dequantize() for p in parts])}
 
 

@@ -211,15 +211,15 @@ class Int4Linear(QuantLinear):
         if x.device.type == "cuda" and not lk.tracing():
             return self._cuda_matmul(x)
         if self._int8_prefill(x):  # kernels/gemm_q4_i8.cpp: the codes as they are, int8 activations
-            if self.scale_bits is None and self.zeros is None:  # symmetric
-                return lk.ext().gemm_q4_i8(x.float(), self.qweight, self.scales, None, self.group_size)
-            s, z = self.group_params()
+            s, z = self.group_params() if self.scale_bits else self._kernel_scales()[:2]  # z None: symmetric
             return lk.ext().gemm_q4_i8(x.float(), self.qweight, s, self._nonzero(z), self.group_size)
         return super()._matmul(x)
 
-    def _nonzero(self, zeros: torch.Tensor) -> torch.Tensor | None:
-        """The zero points, or None when all are zero (GGUF Q4_0): the GEMM then skips them. Checked
-        once per version of the buffer (an in-place write bumps it), not per call."""
+    def _nonzero(self, zeros: torch.Tensor | None) -> torch.Tensor | None:
+        """The zero points, or None when all are zero (or there are none: symmetric): the GEMM then skips
+        them. Checked once per version of the buffer (an in-place write bumps it), not per call."""
+        if zeros is None:
+            return None
         if self.scale_bits is not None:
             return zeros if zeros.any() else None
         key = (zeros.data_ptr(), zeros._version)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanformer.compress.half import BF16Linear, F16Linear
+from leanformer.compress.half import HALF_LINEARS
 from leanformer.compress.int4 import Int4Linear
 from leanformer.compress.int5 import Int5Linear
 from leanformer.compress.int8 import Int8Linear
@@ -69,10 +69,8 @@ def _empty_linear(spec: dict, in_features: int, out_features: int, bias: bool, d
         return Int5Linear(in_features, out_features, spec["group_size"], bias, device, dtype)
     if kind == "Int8Linear":
         return Int8Linear(in_features, out_features, bias, device, dtype, spec.get("group_size"))
-    if kind in ("BF16Linear", "F16Linear"):
-        return (BF16Linear if kind == "BF16Linear" else F16Linear)(
-            in_features, out_features, bias, device, dtype
-        )
+    if kind in HALF_LINEARS:
+        return HALF_LINEARS[kind](in_features, out_features, bias, device, dtype)
     raise LeanformerError(f"unknown quantized module type {kind!r} in {LAYOUT_KEY}")
 
 

@@ -20,7 +20,8 @@ constexpr int64_t kGemvPassRows = 16;
 // One Linear's operands, as the module holds them (see models/fused.py for who provides what).
 struct DecodeLinear {
   enum class Kind { f32, bf16, f16, q8, q4, q5 };
-  Kind kind;  // "f32": w fp32 [N, K]; "bf16" / "f16": w bf16 / fp16 [N, K] (fp32 activations and math); "q8": w int8 [N, K] + scales; "q4": w uint8 [N, Kp/2] + scales/zeros (zeros none: symmetric);
+  Kind kind;  // "f32": w fp32 [N, K]; "bf16" / "f16": w bf16 / fp16 [N, K] (fp32 activations and math);
+              // "q8": w int8 [N, K] + scales; "q4": w uint8 [N, Kp/2] + scales/zeros (zeros none: symmetric);
               // "q5": w uint8 [N, Kp/2] nibbles + scales [N, Kp/32], `zeros` the int32 high bits [N, Kp/32]
   at::Tensor w;
   std::optional<at::Tensor> scales, zeros, bias, input_scale;
@@ -42,8 +43,7 @@ struct DecodeLinear {
       : kind(parse(kind_)), w(std::move(w_)), scales(std::move(scales_)), zeros(std::move(zeros_)),
         bias(std::move(bias_)), input_scale(std::move(input_scale_)), lut(std::move(lut_)), group(group_),
         k_padded(k_padded_) {
-    TORCH_CHECK(kind == Kind::f32 || kind == Kind::bf16 || kind == Kind::f16 || scales.has_value(),
-                "quantized DecodeLinear needs scales");
+    TORCH_CHECK(dense() || scales.has_value(), "quantized DecodeLinear needs scales");
     n_out = w.size(0);
     TORCH_CHECK(kind != Kind::q5 || (zeros.has_value() && group == 32), "q5 DecodeLinear needs high bits, group 32");
     if (scales.has_value() && !scales->is_inference()) {
@@ -86,7 +86,8 @@ struct DecodeLinear {
     return Kind::q4;
   }
 
-  int64_t out_features() const { return n_out; }  // held here: the weight tensor is cold during a step
+  int64_t out_features() const { return n_out; }
+  bool dense() const { return kind == Kind::f32 || kind == Kind::bf16 || kind == Kind::f16; }  // float weights  // held here: the weight tensor is cold during a step
 
   // Whether the int8-activation kernels (gemv_i8.cpp) can run this Linear: integer weights whose
   // scale groups are whole 32-column activation blocks.

@@ -53,11 +53,6 @@ void set_isa(const std::string& name) {
 
 // ----------------------------------------------------------------------------------------- fp32
 
-// out[m] = dot(x[m], w) for one row w of W; x rows are K apart. Called for at most 2 rows at a time
-// with 4 chains each (f32_rows), so a row's sum does not depend on the call's row count.
-// One row (M = 1) requests nothing ahead: a batch-1 call is a bare stream that the hardware prefetcher
-// keeps fed, and the requests only held L1 miss buffers (SmolLM2 fp32 step + head 0.84-0.95x the time
-// without, Zen 4 under set_isa avx2); an odd call's last row finds its weights in L1 anyway.
 // 8 weights as floats: fp32 as they are, bf16 into the high half of each lane, fp16 by F16C (all exact).
 inline __m256 load_w8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load_w8(const Bf16* p) {
@@ -74,6 +69,11 @@ inline float weight_value(Bf16 w) {
 }
 inline float weight_value(Fp16 w) { return _cvtsh_ss(w.bits); }
 
+// out[m] = dot(x[m], w) for one row w of W; x rows are K apart. Called for at most 2 rows at a time
+// with 4 chains each (f32_rows), so a row's sum does not depend on the call's row count.
+// One row (M = 1) requests nothing ahead: a batch-1 call is a bare stream that the hardware prefetcher
+// keeps fed, and the requests only held L1 miss buffers (SmolLM2 fp32 step + head 0.84-0.95x the time
+// without, Zen 4 under set_isa avx2); an odd call's last row finds its weights in L1 anyway.
 template <int M, class T>
 inline void f32_row(const float* __restrict x, const T* __restrict w, int64_t K, float* out) {
   constexpr int U = 4;
