@@ -3,6 +3,7 @@
     python scripts/rss_check.py load MODEL            # load (GGUF kept quantized) + generate 16 tokens:
                                                       # RSS over the runtime (torch, meta device, kernels),
                                                       # the tokenizer measured apart
+    PYTHONPATH=OLD/src python scripts/rss_check.py load MODEL   # the same for another checkout
     python scripts/rss_check.py gptq FOLDER OUT N T   # lazy load, GPTQ int4 on N random sequences of T
                                                       # tokens, layer by layer, save to OUT
     python scripts/rss_check.py apply FOLDER RECIPE.json stream|memory N T
@@ -18,6 +19,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+def trimmed_rss() -> float:
+    """VmRSS after glibc hands its free heap back (malloc_trim): what the process holds, not what freed
+    load-time temporaries left mapped (those pages would otherwise be reused silently, hiding new tensors)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return vm("VmRSS")
 
 
 def vm(key: str) -> float:
@@ -53,12 +63,14 @@ def child(mode: str, args: list[str]) -> None:
         before = vm("VmRSS")
         model, tok = lf.load(args[0])
         weights = state_bytes(model) / 2**20
-        after_load = vm("VmRSS")
+        after_load = trimmed_rss()
         ids = torch.randint(0, model.args.vocab_size, (1, 16)).tolist()[0]
         from leanformer.engine.generate import decode
         from leanformer.engine.sampling import SamplingParams
 
-        decode(model, [ids], 16, SamplingParams())
+        for _ in decode(model, [ids], 16, SamplingParams()):  # a generator: one step per item
+            pass
+        held = trimmed_rss()
         file_mb = path.stat().st_size / 2**20 if path.is_file() else float("nan")
         grown = after_load - before
         print(
@@ -66,7 +78,8 @@ def child(mode: str, args: list[str]) -> None:
             f"runtime (meta device, kernels) {runtime:.0f} MB, tokenizer {tokenizer:.0f} MB; after load "
             f"{after_load:.0f} MB = +{grown:.0f} over the runtime (+{grown - tokenizer:.0f} without the "
             f"tokenizer: {(grown - tokenizer) / file_mb:.2f}x the file, {(grown - tokenizer) / weights:.2f}x "
-            f"the weights); peak after generating 16 tokens {vm('VmHWM'):.0f} MB"
+            f"the weights); after generating 16 tokens {held:.0f} MB (+{held - before:.0f} over the runtime, the "
+            f"fused step's own tensors included; RSS after malloc_trim), peak {vm('VmHWM'):.0f} MB"
         )
     elif mode == "gptq":
         from leanformer.compress import GPTQ, Int8WeightOnly, apply

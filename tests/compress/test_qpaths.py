@@ -40,7 +40,7 @@ def make(kind: str, n: int, k: int, bias: bool, awq: bool, seed: int = 0) -> nn.
     else:
         group = int(kind.split("g")[1])
         m = Int4Linear.from_linear(lin, group)
-        m.zeros.copy_(m.zeros + torch.randn(m.zeros.shape, generator=g) * 1e-3)  # not bf16 values
+        m.set_params(m.scales, m.zeros + torch.randn(m.zeros.shape, generator=g) * 1e-3)  # not bf16 values
     if awq:
         m.set_input_scale(torch.rand(k, generator=g) + 0.5)
     return m.eval()
@@ -143,7 +143,10 @@ def test_state_dict_round_trip_and_compact_dtypes(kind):
     buf.seek(0)
     fresh = make(kind, 48, 96, True, True, seed=7)
     fresh.load_state_dict(torch.load(buf))
-    assert fresh.scales.dtype == torch.float32
+    # fp32 in memory, or fp16 where that holds them (int4 group 32: Int4Linear.compact_scales)
+    assert fresh.scales.dtype == m.scales.dtype == (torch.float16 if kind == "int4-g32" else torch.float32)
+    if kind.startswith("int4"):
+        assert fresh.zeros.dtype == m.zeros.dtype == torch.float32  # not fp16 values either
     x = torch.randn(3, 96)
     with torch.no_grad():
         assert torch.equal(fresh(x), m(x))
@@ -158,8 +161,11 @@ def test_old_format_bf16_scales_load():
     with torch.device("meta"):
         fresh = Int4Linear(64, 32, 32)
     fresh.load_state_dict(sd, assign=True)
-    assert fresh.scales.dtype == fresh.zeros.dtype == torch.float32
-    assert torch.equal(fresh.zeros, sd["zeros"].float())
+    # bf16 values, which fp16 holds: kept as fp16 at group 32 (compact_scales), exact
+    assert fresh.scales.dtype == fresh.zeros.dtype == torch.float16
+    assert torch.equal(fresh.zeros, sd["zeros"].float()) and torch.equal(
+        fresh.scales.float(), sd["scales"].float()
+    )
 
 
 def test_misaligned_codes_are_realigned_on_load():

@@ -124,12 +124,14 @@ def test_save_reload_and_bf16(tiny, tmp_path, fp32_prefill):
         assert torch.equal(again(ids), ref)
     assert again.config["leanformer"]["quantized_modules"] == q.config["leanformer"]["quantized_modules"]
     b, _ = lf.load(path, dtype="bfloat16", keep_quantized=True) if name != "untied-mixed" else (None, None)
-    if b is not None:  # fp32 scales survive a bf16 load exactly (and fp16 weights stay fp16)
+    if b is not None:  # scales survive a bf16 load exactly (and fp16 weights stay fp16)
         for (n1, m1), (_, m2) in zip(q.named_modules(), b.named_modules()):
             if isinstance(m1, F16Linear):
                 assert torch.equal(m1.weight_f16, m2.weight_f16), n1
             if isinstance(m1, (Int4Linear, Int8Linear)):
-                assert m2.scales.dtype == torch.float32 and torch.equal(m1.scales, m2.scales), n1
+                # fp32, or fp16 for int4 (GGUF block scales: Int4Linear.compact_scales)
+                want = torch.float16 if isinstance(m1, Int4Linear) else torch.float32
+                assert m2.scales.dtype == m1.scales.dtype == want and torch.equal(m1.scales, m2.scales), n1
         with torch.no_grad():
             out = b(ids)
         assert out.dtype == torch.bfloat16 and rel(out.float(), ref) < 0.1

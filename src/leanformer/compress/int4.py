@@ -16,14 +16,24 @@ from leanformer.kernels.cpu import int8_activations
 ROWS_ELEMS = 1 << 22  # weights rounded per slice (16 MB of fp32 temporaries each)
 
 
+def _exact_half(t: torch.Tensor) -> torch.Tensor | None:
+    """t as fp16 when that holds every value exactly, else None."""
+    if t.dtype == torch.float16:
+        return t
+    h = t.to(torch.float16)
+    return h.contiguous() if torch.equal(h.float(), t.float()) else None
+
+
 class Int4Linear(QuantLinear):
     """y = x @ dequant(W).T + b, W int4 group-wise: w = (q - 8) * scale + zero per [row, group].
 
     Buffers (state dict and runtime alike): `qweight` uint8 [N, Kp/2], two codes per byte with the even
     column in the low nibble (Kp = in_features rounded up to a group multiple; padded columns hold code
     8 and meet zero-padded inputs), which is also the layout leanformer's GEMV kernel reads; `scales`
-    and `zeros` fp32 [N, G]. Saved scales/zeros take the smallest exact float dtype: bf16 for our
-    quantizers (the format of older saves), fp32 for GGUF Q4_1 (zero = min + 8 * scale).
+    and `zeros` [N, G] fp32, or fp16 where that holds every value (`compact_scales`, group 32: a GGUF's
+    block scales; the kernels read fp16 themselves). Saved scales/zeros take the smallest exact float
+    dtype: bf16 for our quantizers (the format of older saves), fp16 or fp32 for GGUF Q4_0 / Q4_1 (zero =
+    min + 8 * scale). Write them through `set_params` (an in-place write into fp16 buffers rounds).
 
     With `scale_bits=8` the module holds `scale_codes` / `zero_codes` uint8 [N, G] and `scale_ranges`
     fp32 [4] instead (compress/double_quant.py: 4.5 bits per weight at group 32) and no fp32 [N, G]
@@ -124,7 +134,45 @@ class Int4Linear(QuantLinear):
             m.set_codes(codes)
         if linear.bias is not None:
             m.bias.data.copy_(linear.bias.detach())
+        m.compact_scales()
         return m
+
+    def compact_scales(self) -> None:
+        """Hold the fp32 scales (and zeros) as fp16 when fp16 holds every value exactly, at group 32 (where
+        they cost 8 bytes per 32 weights beside 16 of codes): the kernels' group-32 loops read fp16 scales
+        themselves (results unchanged: fp16 -> fp32 is exact); zeros only with the scales, the pair the
+        loops read. SmolLM2's Q4_1 GGUF: 126 -> ~100 MB in RAM for its 98 MB file. Called after
+        quantizing and after every load; other groups and 8-bit codes keep what they hold."""
+        if self.scale_bits is not None or self.group_size != 32 or self.scales.is_meta:
+            return
+        scales = _exact_half(self.scales)
+        if scales is None:
+            return
+        zeros = None if self.zeros is None else _exact_half(self.zeros)
+        self.scales = scales
+        if zeros is not None:
+            self.zeros = zeros
+        self._drop_caches()
+
+    def set_params(self, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> None:
+        """New scales (and zeros, none when symmetric) [N, G]: held fp32, then compacted as after a load."""
+        shape = (self.out_features, self.k_padded // self.group_size)
+        if self.scale_bits is not None:
+            raise LeanformerError("set_params: this Int4Linear holds 8-bit scale codes (set_coded_scales)")
+        for name, t in (("scales", scales), ("zeros", zeros)):
+            if t is not None and tuple(t.shape) != shape:
+                raise LeanformerError(
+                    f"set_params: {name} must be [out_features, groups] = {list(shape)}, got {list(t.shape)}"
+                )
+        if (zeros is None) != self.symmetric:
+            raise LeanformerError(
+                "set_params: zeros are required unless the module is symmetric (and refused when it is)"
+            )
+        self.scales = scales.detach().float().contiguous().to(self.qweight.device)
+        if zeros is not None:
+            self.zeros = zeros.detach().float().contiguous().to(self.qweight.device)
+        self.compact_scales()
+        self._drop_caches()
 
     def set_codes(self, codes: torch.Tensor, rows: slice | None = None) -> None:
         """codes uint8 [N, K or Kp] in 0..15 -> qweight (columns past K padded with code 8); with
@@ -158,13 +206,13 @@ class Int4Linear(QuantLinear):
         """fp32 (scales, zeros) [R, G] of `rows`: the buffers, or (scale_bits=8) the rows' codes decoded
         with lut(), the same values the kernels use."""
         if self.scale_bits is None:
-            s = self.scales[rows]
-            return s, torch.zeros_like(s) if self.zeros is None else self.zeros[rows]
+            s = self.scales[rows].float()
+            return s, torch.zeros_like(s) if self.zeros is None else self.zeros[rows].float()
         return DQ.decode(self.scale_codes[rows], self.zero_codes[rows], self.scale_ranges, self.lut())
 
     def _kernel_scales(self, rows: slice = slice(None)) -> tuple:
-        """(scales, zeros, lut) as the C++ int4 kernels take them: fp32 [R, G] twice (zeros None when
-        symmetric) and None, or the uint8 codes [R, G] twice and their table (kernels/q4_codes.h)."""
+        """(scales, zeros, lut) as the C++ int4 kernels take them: fp32 / fp16 [R, G] twice (zeros None
+        when symmetric) and None, or the uint8 codes [R, G] twice and their table (kernels/q4_codes.h)."""
         if self.scale_bits is None:
             return self.scales[rows], None if self.zeros is None else self.zeros[rows], None
         return self.scale_codes[rows], self.zero_codes[rows], self.lut()
@@ -172,6 +220,18 @@ class Int4Linear(QuantLinear):
     def codes(self) -> torch.Tensor:
         """Codes uint8 [N, Kp]."""
         return K.unpack_nibbles(self.qweight)
+
+    def _tidy(self) -> None:
+        super()._tidy()  # scales / zeros fp32 (EXACT) ...
+        self.compact_scales()  # ... then fp16 where exact
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # fp32 buffers to load into (a copy into fp16 ones would round the file's values); _tidy compacts
+        for name in ("scales", "zeros"):
+            t = self._buffers.get(name)
+            if t is not None and t.dtype == torch.float16:
+                self._buffers[name] = t.float()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _drop_caches(self) -> None:
         self._cuda = None

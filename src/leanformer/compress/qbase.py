@@ -28,9 +28,11 @@ Activations of that prefill: `set_prefill_activations(model, mode)` sets each mo
 instruction set, as the fused decode step chooses), "int8" or "fp32" (the dequantized-weight path, the
 weights' own math: what `eval` compares when it isolates weight quantization error).
 
-Scales/zeros are fp32 in memory whatever dtype the model is cast to (`EXACT`), and saved in the
-smallest float dtype that holds them exactly (`COMPACT`): bf16 for the round-to-nearest / GPTQ / AWQ
-quantizers (whose scales are bf16 values, the format of older saves), fp16 or fp32 for GGUF blocks.
+Scales/zeros keep their dtype whatever dtype the model is cast to (`EXACT`: never rounded by a cast):
+fp32, or fp16 for int4 at group 32 where fp16 holds every value (int4.py compact_scales: GGUF blocks,
+round-to-nearest's bf16 values); loads widen them to fp32 first. Saved in the smallest float dtype that
+holds them exactly (`COMPACT`): bf16 for the round-to-nearest / GPTQ / AWQ quantizers (whose scales are
+bf16 values, the format of older saves), fp16 or fp32 for GGUF blocks.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ class QuantLinear(nn.Module):
 
     def _tidy(self) -> None:
         """After loading (assign=True hands over the file's tensors as they are): fp32 contiguous
-        scales, and contiguous, 64-byte aligned integer codes (safetensors maps tensors at 8-byte
+        scales (Int4Linear then compacts them), and contiguous, 64-byte aligned integer codes (safetensors maps tensors at 8-byte
         offsets; torch's AVX-512 int8 kernel crashes on those, ours do not care)."""
         for name, t in self._buffers.items():
             if t is None or t.is_meta:

@@ -68,7 +68,7 @@ struct GemmActs {
 };
 
 // Both GEMMs past their checks: x [M, K] fp32 contiguous, w the codes (q4: nibbles [N, Kp/2]; q8: int8
-// [N, Kp]), scales fp32 [N, Kp / group] contiguous, zeros (q4 only) like them or none.
+// [N, Kp]), scales fp32 [N, Kp / group] contiguous, zeros (q4 only) fp32 / fp16 [N, Kp / group] or none.
 at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& w, int64_t N, int64_t Kp, const at::Tensor& scales,
                     const std::optional<at::Tensor>& zeros_, int64_t group, const std::optional<at::Tensor>& bias,
                     bool q8) {
@@ -80,8 +80,8 @@ at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& w, int64_t N, int64_t
   const GemmQ4Args a{acts.xt.data_ptr<int8_t>(), acts.dx.data_ptr<float>(), acts.xo.data_ptr<int32_t>(),
                      static_cast<const uint8_t*>(w.data_ptr()), scales.data_ptr<float>(), yt.data_ptr<float>(),
                      M, N, Kp, T, group, q8};
-  at::Tensor zt;  // [G, N]
-  if (zeros_) zt = zeros_->t().contiguous();
+  at::Tensor zt;  // [G, N] fp32 (from fp32 or fp16 zeros [N, G], in one pass)
+  if (zeros_) zt = at::empty({G, N}, x.options()).copy_(zeros_->t());
   const float* zp = zeros_ ? zt.data_ptr<float>() : nullptr;
   const float* sp = zeros_ ? acts.xs.data_ptr<float>() : nullptr;
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
@@ -115,7 +115,7 @@ at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& w, int64_t N, int64_t
 
 }  // namespace
 
-// x [M, K] fp32, w uint8 [N, Kp/2] (K <= Kp), scales fp32 [N, Kp/group], zeros fp32 [N, Kp/group] or none
+// x [M, K] fp32, w uint8 [N, Kp/2] (K <= Kp), scales fp32 / fp16 [N, Kp/group], zeros likewise or none
 // (w = (q - 8) * scale + zero) -> [M, N] fp32.
 at::Tensor gemm_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
                       const std::optional<at::Tensor>& zeros_, int64_t group, const std::optional<at::Tensor>& bias) {
@@ -126,12 +126,16 @@ at::Tensor gemm_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tens
               "the int8-activation int4 GEMM needs a group size that is a multiple of 32 dividing the codes' "
               "columns (", Kp, ") and x with at most that many columns, got group ", group, ", K ", K);
   const int64_t G = Kp / group;
-  TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.dim() == 2 && scales_.size(0) == N && scales_.size(1) == G,
-              "scales must be float32 [N, ", G, "]");
-  TORCH_CHECK(!zeros_ || (zeros_->scalar_type() == at::kFloat && zeros_->sizes() == scales_.sizes()),
-              "zeros must be float32 like the scales, or None");
+  const auto f32_or_f16 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf; };
+  TORCH_CHECK(f32_or_f16(scales_) && scales_.dim() == 2 && scales_.size(0) == N && scales_.size(1) == G,
+              "scales must be float32 or float16 [N, ", G, "]");
+  TORCH_CHECK(!zeros_ || (f32_or_f16(*zeros_) && zeros_->sizes() == scales_.sizes()),
+              "zeros must be float32 or float16 shaped like the scales, or None");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == N), "bias must be float32 [N]");
-  return run_gemm(x_.contiguous(), w_.contiguous(), N, Kp, scales_.contiguous(), zeros_, group, bias, false);
+  // fp16 scales (an Int4Linear's GGUF blocks) widened for the call: 4 bytes per group, next to the GEMM's
+  // work on its 17+ rows; exact (fp16 zeros: widened in run_gemm's transposing copy)
+  return run_gemm(x_.contiguous(), w_.contiguous(), N, Kp, scales_.to(at::kFloat).contiguous(), zeros_, group, bias,
+                  false);
 }
 
 // x [M, K] fp32, w int8 [N, K] (K a multiple of 32), scales fp32 [N] (group 0: one per row) or

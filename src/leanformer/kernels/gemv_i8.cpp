@@ -115,10 +115,12 @@ constexpr int64_t kLookupMinGroups = 32;
 // Rows per block of for_row_blocks_balanced: a multiple of every loop's weight rows per pass.
 constexpr int64_t kBlockAlign = 16;
 
-// q4 with `qs`: a.w / scales / zeros / bias / y are taken from it chunk by chunk (8-bit scale codes
-// decoded per chunk of rows, q4_codes.h), the row functions seeing rows [0, c1 - c0) of a shifted view.
+// q4 with `qs`: a.w / scales / zeros / bias / y are taken from it chunk by chunk (8-bit scale codes or
+// fp16 arrays decoded per chunk of rows, q4_codes.h), the row functions seeing rows [0, c1 - c0) of a shifted view.
 // isa: the instruction set the operands were laid out for (-1: the current one).
-void run_rows(const I8Args& a, bool q4, int64_t row_bytes, const Q4Scales* qs = nullptr, int isa = -1) {
+// zeros: whether the decoded chunks' zero points are read (false: all zero, skipped).
+void run_rows(const I8Args& a, bool q4, int64_t row_bytes, const Q4Scales* qs = nullptr, int isa = -1,
+              bool zeros = true) {
   if (isa < 0) isa = g_act_isa.load(std::memory_order_relaxed);
   // Balanced blocks where a block costs nothing to start: not where each call of the row loops first
   // packs the activations (int4 from kPackRows rows: 1.10x the time of the 120 SmolLM2 block GEMVs at 4
@@ -138,7 +140,7 @@ void run_rows(const I8Args& a, bool q4, int64_t row_bytes, const Q4Scales* qs = 
     qs->chunks(n0, n1, [&](int64_t c0, int64_t c1, const float* s, const float* z) {
       I8Args b = a;
       b.w = static_cast<const uint8_t*>(a.w) + c0 * (a.K / 2);
-      b.scales = s, b.zeros = z, b.y = a.y + c0, b.bias = a.bias ? a.bias + c0 : nullptr;
+      b.scales = s, b.zeros = zeros ? z : nullptr, b.y = a.y + c0, b.bias = a.bias ? a.bias + c0 : nullptr;
       rows_isa(isa, b, true, 0, c1 - c0);
     });
   });
@@ -181,16 +183,23 @@ void q4_i8(const Q4I8& op, const float* x, int64_t M, int64_t K, float* y, const
   const int64_t N = op.N, Kp = op.Kp, G = op.G, group_size = op.group;
   TORCH_CHECK(K <= Kp, "int8-activation int4 needs x with at most the codes' columns (", Kp, ", group_size ",
               group_size, "), got K ", K);
-  const float* z = zeros ? qs.z : nullptr;
-  const int64_t chunks = (Kp + 63) / 64, Kx = 64 * chunks;
+  zeros = zeros && qs.has_zeros();
+  // the fp16 scales (zero points) the loops read at group 32: held so (no fp32 array: always), or the
+  // exact copy while the fp32 arrays are unchanged since it was made
+  const bool use_h = group_size == 32 && qs.h && (half_scales || !qs.s);
+  const bool use_hz = use_h && zeros && qs.hz && (half_zeros || !qs.z);
   // read once: the activations' layout and the loops that read it must agree even if set_act_isa runs now
   const int isa = g_act_isa.load(std::memory_order_relaxed);
+  const bool lookup = qs.coded() && G >= kLookupMinGroups;
+  // 8-bit codes not looked up in the loops, or fp16 arrays the loops cannot read (other groups, zero
+  // points as fp16 beside fp32 scales): decoded to fp32 per chunk of rows by qs (q4_codes.h)
+  const bool decoded = qs.coded() ? !lookup : (!qs.s && !use_h) || (zeros && !qs.z && !use_hz);
+  const int64_t chunks = (Kp + 63) / 64, Kx = 64 * chunks;
   const bool wide = isa == kAvx512Vnni && (group_size == 32 || group_size % 64 == 0);  // gemv_i8_wide.h
   // whole 512-column spans in span_rows (gemv_i8_wide.h): group 32 (zero points: nib_finish)
   const int64_t spans = wide && group_size == 32 ? Kp / 512 : 0;
   const NibActs acts(M, chunks, G, spans);
   float *dv = acts.dv, *xs = acts.xs;
-  const bool lookup = qs.coded() && G >= kLookupMinGroups;  // else: fp32 arrays, or codes decoded by qs
   for (int64_t m = 0; m < M; ++m) {
     int8_t* row = acts.xq + m * Kx;
     quantize_row_q4(x + m * K, K, Kp, group_size, row, dv + m * 8 * chunks, xs + m * G, -8, acts.xc + m * 8 * chunks);
@@ -200,17 +209,16 @@ void q4_i8(const Q4I8& op, const float* x, int64_t M, int64_t K, float* y, const
     if (wide) to_wide_layout(row + 512 * spans, Kp / 64 - 8 * spans);  // whole 64-column chunks (a last 32 stay)
   }
   for (int64_t m0 = 0; m0 < M; m0 += kI8Rows) {
-    I8Args a{acts.xq + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, op.w, qs.s, z, op.bias, y + m0 * N,
-             std::min<int64_t>(kI8Rows, M - m0), N, Kp, Kx, group_size};
+    I8Args a{acts.xq + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, op.w, qs.s, zeros ? qs.z : nullptr, op.bias,
+             y + m0 * N, std::min<int64_t>(kI8Rows, M - m0), N, Kp, Kx, group_size};
     if (lookup) a.sc = qs.sc, a.zc = qs.zc, a.lut = qs.lut;
-    if (group_size == 32 && qs.h && half_scales)  // every ISA's loops
-      a.scales_h = qs.h, a.zeros_h = z && half_zeros ? qs.hz : nullptr;
+    if (use_h && !decoded) a.scales_h = qs.h, a.zeros_h = use_hz ? qs.hz : nullptr;  // every ISA's loops
     a.wide = wide;
     a.xc = acts.xc + m0 * 8 * chunks;
     a.spans = spans, a.so = acts.so + m0 * 16 * spans, a.sd = acts.sd + m0 * 16 * spans, a.sx = acts.sx + m0 * 16 * spans;
-    if (next && m0 + kI8Rows >= M && !(qs.coded() && !lookup)) a.next = *next;  // the call's last part
-    const int64_t group_bytes = qs.coded() ? 2 : (a.scales_h ? 2 : 4) + (!z ? 0 : a.zeros_h ? 2 : 4);
-    run_rows(a, true, Kp / 2 + group_bytes * G, qs.coded() && !lookup ? &qs : nullptr, isa);
+    if (next && m0 + kI8Rows >= M && !decoded) a.next = *next;  // the call's last part
+    const int64_t group_bytes = qs.coded() ? 2 : (a.scales_h ? 2 : 4) + (!zeros ? 0 : a.zeros_h ? 2 : 4);
+    run_rows(a, true, Kp / 2 + group_bytes * G, decoded ? &qs : nullptr, isa, zeros);
   }
 }
 

@@ -402,8 +402,10 @@ inline void q4_any(const I8Args& a, int64_t n0, int64_t n1) {
   // the fp16 scales at one activation row, where the 256-bit loop streams its weights; at 4 rows it
   // is compute-bound and the conversion per chunk cost more than the bytes (SmolLM2 step + head, AVX2
   // loops on Zen 4: 0.93-0.96x the time at 1 row, 1.005-1.035x at 4; docs/BENCHMARKS.md session 24)
+  // (and at any row count where the scales are held as fp16 only: no fp32 array to read)
   if (a.group == 32)
-    return a.scales_h && a.M == 1 ? rows<D, Kind::q4h, Groups::k32>(a, n0, n1) : rows<D, Kind::q4, Groups::k32>(a, n0, n1);
+    return a.scales_h && (a.M == 1 || !a.scales) ? rows<D, Kind::q4h, Groups::k32>(a, n0, n1)
+                                                 : rows<D, Kind::q4, Groups::k32>(a, n0, n1);
   if (a.group % 64 == 0) return rows<D, Kind::q4, Groups::k64n>(a, n0, n1);
   rows<D, Kind::q4, Groups::kOther>(a, n0, n1);
 }

@@ -111,20 +111,22 @@ inline void nib_finish(const I8Args& a, int64_t n, const __m256 (&acc)[NR][M], f
   LF_UNROLL
   for (int r = 0; r < NR; ++r) {
     w[r] = static_cast<const uint8_t*>(a.w) + (n + r) * Kh;
-    sc[r] = kCoded ? nullptr : a.scales + (n + r) * G;
+    sc[r] = kCoded || !a.scales ? nullptr : a.scales + (n + r) * G;  // null: held as fp16 only (a.scales_h)
     zr[r] = !kQ5 && !kCoded && a.zeros ? a.zeros + (n + r) * G : nullptr;
     scc[r] = kCoded ? a.sc + (n + r) * G : nullptr;
     zcc[r] = kCoded ? a.zc + (n + r) * G : nullptr;
     hb[r] = kQ5 ? a.high + (n + r) * G : nullptr;
   }
   const float* lut = a.lut;
-  auto scale = [&](int r, int64_t j) { return kCoded ? lut[scc[r][j]] : sc[r][j]; };
+  auto scale = [&](int r, int64_t j) {
+    return kCoded ? lut[scc[r][j]] : sc[r] ? sc[r][j] : _cvtsh_ss(a.scales_h[(n + r) * G + j]);
+  };
   // The zero points: sum_g z_g * xs_g, eight groups per vector. (A scalar loop here was one serial FMA
   // chain per row, ~4 cycles per group: it measured a third of the time of a 576-column row.) Symmetric
   // codes (GGUF Q4_0, int5) have none: their rows end at the sum.
   LF_UNROLL
   for (int r = 0; r < NR; ++r) {
-    const bool zeros = kCoded || zr[r];
+    const bool zeros = kCoded || zr[r] || (!kQ5 && a.zeros_h);
     LF_UNROLL
     for (int m = 0; m < M; ++m) {
       __m256 t8 = acc[r][m];
@@ -177,7 +179,7 @@ inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR
   LF_UNROLL
   for (int r = 0; r < NR; ++r) {
     w[r] = static_cast<const uint8_t*>(a.w) + (n + r) * Kh;
-    sc[r] = kCoded ? nullptr : a.scales + (n + r) * G;
+    sc[r] = kCoded || kHalf ? nullptr : a.scales + (n + r) * G;
     scc[r] = kCoded ? a.sc + (n + r) * G : nullptr;
     hb[r] = kQ5 ? a.high + (n + r) * G : nullptr;
   }

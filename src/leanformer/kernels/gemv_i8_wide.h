@@ -99,7 +99,7 @@ inline void span_rows(const I8Args& a, int64_t n, const uint8_t* __restrict cons
   const __m512i mask = _mm512_set1_epi8(0x0F);
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);  // b(L)
   const int64_t stride = 16 * a.spans, G = a.K / 32;  // so / sd / sx row stride; groups of a weight row
-  const bool zeros = kCoded || a.zeros;
+  const bool zeros = kCoded || a.zeros || a.zeros_h;
   for (int64_t s = 0; s < a.spans; ++s) {
     __m512i lo[NR][4], hi[NR][4];
     __m512 ws[NR], zs[NR];  // block b(L)'s weight scale, zero point in lane L
@@ -177,12 +177,12 @@ __attribute__((always_inline)) inline void wide_rows(const I8Args& a, const XPac
   LF_UNROLL
   for (int r = 0; r < NR; ++r) {
     w[r] = static_cast<const uint8_t*>(a.w) + (n + r) * Kh;
-    sc[r] = kCoded ? nullptr : a.scales + (n + r) * G;
+    sc[r] = kCoded || kHalf ? nullptr : a.scales + (n + r) * G;
     scc[r] = kCoded ? a.sc + (n + r) * G : nullptr;
     sh[r] = kHalf ? a.scales_h + (n + r) * G : nullptr;
   }
   const float* lut = a.lut;
-  auto scale = [&](int r, int64_t j) { return kCoded ? lut[scc[r][j]] : sc[r][j]; };
+  auto scale = [&](int r, int64_t j) { return kCoded ? lut[scc[r][j]] : kHalf ? _cvtsh_ss(sh[r][j]) : sc[r][j]; };
   constexpr bool kP = M >= kPackRows;
   const int8_t* xr[M];
   const float* dr[M];
@@ -239,7 +239,7 @@ __attribute__((always_inline)) inline void wide_rows(const I8Args& a, const XPac
   }
   // Zero points the loops take themselves: the spans' groups, and when the spans are followed by just one
   // odd 64-column chunk (SmolLM2's 576 columns) its two groups too: then no nib_finish pass is left.
-  const bool zeros = kCoded || a.zeros;
+  const bool zeros = kCoded || a.zeros || a.zeros_h;
   const bool tail_zeros = layout(S) == Groups::k32 && zeros && a.spans > 0 && chunks == 8 * a.spans + 1 && a.K % 64 == 0;
   const int64_t zeros_done = layout(S) == Groups::k32 ? 16 * a.spans + (tail_zeros ? 2 : 0) : 0;
   if (c < chunks) {  // an odd last 64-column chunk, in the chunk layout: [lo | hi] x [evens | odds] in one step
