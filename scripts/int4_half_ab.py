@@ -1,7 +1,7 @@
-"""Decode and prefill speed of int4 modules holding their group-32 scales as fp16 only (Int4Linear.
-compact_scales, the default since session 26) against the same model holding fp32 arrays (the fused
-step then keeps its own fp16 copies for the 512-bit loops, as before), in one process, rotating order
-round by round: medians of the per-round ratios. Memory: scripts/rss_check.py load, per commit.
+"""Decode and prefill speed of int4 / int8 modules holding their group-32 scales as fp16 only
+(QuantLinear.compact_scales, the default since session 26) against the same model holding fp32 arrays
+(the fused step then keeps its own fp16 copies for the 512-bit loops, as before), in one process,
+rotating order round by round: medians of the per-round ratios. Memory: scripts/rss_check.py load.
 
     python scripts/int4_half_ab.py /tmp/h17/smollm2-Q4_0.gguf --batch 1 4 8 --rounds 7
     python scripts/int4_half_ab.py smollm2 --act-isa avx2       (the AVX2 loops: fp16 at every row count)
@@ -42,7 +42,7 @@ def main() -> None:
     a = p.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests/ helpers
-    from tests.compress.test_int4_half import held_fp32
+    from tests.compress.test_half_scales import held_fp32
 
     import leanformer as lf
     from leanformer.hub import resolve_model

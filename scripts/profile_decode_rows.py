@@ -1,7 +1,7 @@
 """Where a fused decode step's time goes at M rows (speculative verification / batched decode).
 
     python scripts/profile_decode_rows.py /tmp/h17/smollm2-Q4_0.gguf [--rows 1 2 3 5 9] [--threads 1]
-        [--repeats 15] [--position 200] [--kv-dtype float16] [--dequantize]
+        [--repeats 15] [--position 200] [--kv-dtype float16] [--dequantize] [--act-isa avx2] [--fp32-scales]
 
 Loads a GGUF kept quantized and times, in rounds in one process (medians, ms per call; CPU time of this
 thread by default, which preemption on a busy machine does not inflate):
@@ -13,6 +13,8 @@ thread by default, which preemption on a busy machine does not inflate):
   act quant the 120 block inputs quantized by quantize_act alone (an estimate of the GEMVs' share)
   head      the LM head (Int8Linear, int8 activations) on M rows
 `--dequantize`: the GGUF's weights dequantized to fp32 (the fp32 GEMVs; no activation quantization).
+`--fp32-scales`: the int4 / int8 modules hold fp32 arrays of their scales instead of fp16 (the layout
+before QuantLinear.compact_scales; the fused step then makes its own fp16 copies where it reads them).
 Prints /proc/loadavg before and after.
 """
 
@@ -38,6 +40,8 @@ def main() -> None:
         "--kv-dtype", choices=("float32", "float16"), default="float32", help="the K / V cache's dtype"
     )
     p.add_argument("--dequantize", action="store_true", help="fp32 weights (the fp32 GEMVs)")
+    p.add_argument("--act-isa", help="avx2 / avx_vnni / avx512_vnni (default: the best)")
+    p.add_argument("--fp32-scales", action="store_true", help="int4 / int8 scales held as fp32 arrays")
     add_clock_arg(p)
     a = p.parse_args()
     use_clock(p, a)
@@ -48,7 +52,16 @@ def main() -> None:
     from leanformer.models.huge_pages import huge_zeros
 
     torch.set_num_threads(a.threads)
+    if a.act_isa:
+        from leanformer.kernels import cpu
+
+        cpu.set_act_isa(a.act_isa)
     model, _ = lf.load(a.model, keep_quantized=not a.dequantize)
+    if a.fp32_scales:
+        for m in model.modules():
+            for name in getattr(m, "HALF_SCALES", ()):
+                if m._buffers.get(name) is not None:
+                    m._buffers[name] = m._buffers[name].float()
     if not a.dequantize:
         set_decode_activations(model, "int8")
     stack = model._decode_plan.get(model)

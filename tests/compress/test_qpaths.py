@@ -143,8 +143,9 @@ def test_state_dict_round_trip_and_compact_dtypes(kind):
     buf.seek(0)
     fresh = make(kind, 48, 96, True, True, seed=7)
     fresh.load_state_dict(torch.load(buf))
-    # fp32 in memory, or fp16 where that holds them (int4 group 32: Int4Linear.compact_scales)
-    assert fresh.scales.dtype == m.scales.dtype == (torch.float16 if kind == "int4-g32" else torch.float32)
+    # fp32 in memory, or fp16 where that holds them at group 32 (QuantLinear.compact_scales, after loads)
+    assert fresh.scales.dtype == (torch.float16 if kind in ("int4-g32", "int8-g32") else torch.float32)
+    assert torch.equal(fresh.scales.float(), m.scales.float())
     if kind.startswith("int4"):
         assert fresh.zeros.dtype == m.zeros.dtype == torch.float32  # not fp16 values either
     x = torch.randn(3, 96)

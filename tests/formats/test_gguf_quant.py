@@ -129,8 +129,8 @@ def test_save_reload_and_bf16(tiny, tmp_path, fp32_prefill):
             if isinstance(m1, F16Linear):
                 assert torch.equal(m1.weight_f16, m2.weight_f16), n1
             if isinstance(m1, (Int4Linear, Int8Linear)):
-                # fp32, or fp16 for int4 (GGUF block scales: Int4Linear.compact_scales)
-                want = torch.float16 if isinstance(m1, Int4Linear) else torch.float32
+                # fp16 at group 32 (GGUF block scales: QuantLinear.compact_scales), else fp32
+                want = torch.float16 if m1._reads_half_scales() else torch.float32
                 assert m2.scales.dtype == m1.scales.dtype == want and torch.equal(m1.scales, m2.scales), n1
         with torch.no_grad():
             out = b(ids)

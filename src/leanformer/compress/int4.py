@@ -16,14 +16,6 @@ from leanformer.kernels.cpu import int8_activations
 ROWS_ELEMS = 1 << 22  # weights rounded per slice (16 MB of fp32 temporaries each)
 
 
-def _exact_half(t: torch.Tensor) -> torch.Tensor | None:
-    """t as fp16 when that holds every value exactly, else None."""
-    if t.dtype == torch.float16:
-        return t
-    h = t.to(torch.float16)
-    return h.contiguous() if torch.equal(h.float(), t.float()) else None
-
-
 class Int4Linear(QuantLinear):
     """y = x @ dequant(W).T + b, W int4 group-wise: w = (q - 8) * scale + zero per [row, group].
 
@@ -137,22 +129,12 @@ class Int4Linear(QuantLinear):
         m.compact_scales()
         return m
 
-    def compact_scales(self) -> None:
-        """Hold the fp32 scales (and zeros) as fp16 when fp16 holds every value exactly, at group 32 (where
-        they cost 8 bytes per 32 weights beside 16 of codes): the kernels' group-32 loops read fp16 scales
-        themselves (results unchanged: fp16 -> fp32 is exact); zeros only with the scales, the pair the
-        loops read. SmolLM2's Q4_1 GGUF: 126 -> ~100 MB in RAM for its 98 MB file. Called after
-        quantizing and after every load; other groups and 8-bit codes keep what they hold."""
-        if self.scale_bits is not None or self.group_size != 32 or self.scales.is_meta:
-            return
-        scales = _exact_half(self.scales)
-        if scales is None:
-            return
-        zeros = None if self.zeros is None else _exact_half(self.zeros)
-        self.scales = scales
-        if zeros is not None:
-            self.zeros = zeros
-        self._drop_caches()
+    HALF_SCALES = ("scales", "zeros")
+
+    def _reads_half_scales(self) -> bool:
+        # group 32: the int8-activation loops read fp16 (elsewhere a per-chunk decode would cost speed);
+        # 8-bit codes are smaller still. SmolLM2's Q4_1: 126 -> ~100 MB in RAM for its 98 MB file.
+        return self.scale_bits is None and self.group_size == 32
 
     def set_params(self, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> None:
         """New scales (and zeros, none when symmetric) [N, G]: held fp32, then compacted as after a load."""
@@ -220,18 +202,6 @@ class Int4Linear(QuantLinear):
     def codes(self) -> torch.Tensor:
         """Codes uint8 [N, Kp]."""
         return K.unpack_nibbles(self.qweight)
-
-    def _tidy(self) -> None:
-        super()._tidy()  # scales / zeros fp32 (EXACT) ...
-        self.compact_scales()  # ... then fp16 where exact
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # fp32 buffers to load into (a copy into fp16 ones would round the file's values); _tidy compacts
-        for name in ("scales", "zeros"):
-            t = self._buffers.get(name)
-            if t is not None and t.dtype == torch.float16:
-                self._buffers[name] = t.float()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _drop_caches(self) -> None:
         self._cuda = None

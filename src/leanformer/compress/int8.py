@@ -17,11 +17,13 @@ class Int8Linear(QuantLinear):
     """y = x @ (q * scales).T + b with q int8 [N, K] symmetric.
 
     Buffers (state dict and runtime alike): `weight_int8` int8 [N, K]; `scales` fp32 [N] (per channel,
-    group_size None) or [N, ceil(K / group_size)] (per group of columns). Saved scales take the
-    smallest exact float dtype (bf16 for round-to-nearest, as older saves)."""
+    group_size None) or [N, ceil(K / group_size)] (per group of columns), at group 32 held as fp16 where
+    fp16 holds every value (GGUF Q8_0; the kernels read fp16). Saved scales take the smallest exact float
+    dtype (bf16 for round-to-nearest, as older saves)."""
 
     EXACT = ("scales", "input_scale")
     COMPACT = ("scales",)
+    HALF_SCALES = ("scales",)  # GGUF Q8_0's fp16 block scales, held as such (QuantLinear.compact_scales)
     # Set by the fused decode step (models/fused.py) for the LM head to the activations its layers use:
     # True runs the kernel on int8 activations per block of 32 (kernels/gemv_i8.cpp), like llama.cpp's
     # Q8_0 head; the prefill / dequantize paths are unaffected.
@@ -72,6 +74,10 @@ class Int8Linear(QuantLinear):
             m.bias.data.copy_(linear.bias.detach())
         return m
 
+    def _reads_half_scales(self) -> bool:
+        # group 32 over whole blocks: every int8-activation loop reads fp16 (kernels/gemv_i8.cpp)
+        return self.group_size == 32 and self.in_features % 32 == 0
+
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.int8_activations and ((self.group_size or 0) % 32 == 0 or self.group_size == 16):
             return lk.ext().linear_q8_i8(x, self.weight_int8, self.scales, bias, self.group_size or 0)
@@ -82,7 +88,7 @@ class Int8Linear(QuantLinear):
 
     def dequantize_rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
         """fp32 [R, K]; rows a slice or an index tensor."""
-        q, s = self.weight_int8[rows], self.scales[rows]
+        q, s = self.weight_int8[rows], self.scales[rows].float()
         if self.group_size is None:
             return q.float() * s[:, None]
         n, k = q.shape

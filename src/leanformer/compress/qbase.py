@@ -29,8 +29,8 @@ instruction set, as the fused decode step chooses), "int8" or "fp32" (the dequan
 weights' own math: what `eval` compares when it isolates weight quantization error).
 
 Scales/zeros keep their dtype whatever dtype the model is cast to (`EXACT`: never rounded by a cast):
-fp32, or fp16 for int4 at group 32 where fp16 holds every value (int4.py compact_scales: GGUF blocks,
-round-to-nearest's bf16 values); loads widen them to fp32 first. Saved in the smallest float dtype that
+fp32, or fp16 at group 32 where fp16 holds every value (`HALF_SCALES`, compact_scales: GGUF blocks, int4
+round-to-nearest's bf16 values; the kernels read fp16); loads widen them to fp32 first. Saved in the smallest float dtype that
 holds them exactly (`COMPACT`): bf16 for the round-to-nearest / GPTQ / AWQ quantizers (whose scales are
 bf16 values, the format of older saves), fp16 or fp32 for GGUF blocks.
 """
@@ -78,6 +78,14 @@ def smallest_exact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def exact_half(t: torch.Tensor) -> torch.Tensor | None:
+    """t as fp16 when that holds every value exactly, else None."""
+    if t.dtype == torch.float16:
+        return t
+    h = t.to(torch.float16)
+    return h.contiguous() if torch.equal(h.float(), t.float()) else None
+
+
 def set_prefill_activations(model: nn.Module, activations: str) -> None:
     """Make the model's int4 / int8 Linears prefill on "int8" or "fp32" activations, or "auto" (int8 where the
     fused decode step takes int8 activations on this CPU). Set it after quantizing: new modules start
@@ -112,6 +120,9 @@ class QuantLinear(nn.Module):
     prefill_activations: str = "auto"  # int4 / int8 prefill on int8 activations where "auto" says so (above)
     COMPACT: tuple[str, ...] = ()  # buffers saved in their smallest exact float dtype
     KEEP_DTYPE: dict[str, torch.dtype] = {}  # float buffers held in this dtype whatever .to(dtype) says
+    # EXACT buffers held as fp16 where fp16 holds every value and the kernels read fp16 (compact_scales):
+    # the first (the scales) decides, the others follow only with it
+    HALF_SCALES: tuple[str, ...] = ()
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None):
         super().__init__()
@@ -132,6 +143,11 @@ class QuantLinear(nn.Module):
         return next(iter(self.buffers())).device
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # fp32 buffers to load into (a copy into fp16 ones would round the file's values); _tidy compacts
+        for name in self.HALF_SCALES:
+            t = self._buffers.get(name)
+            if t is not None and t.dtype == torch.float16:
+                self._buffers[name] = t.float()
         # The buffer exists only for some AWQ layers: create it when the file has it (structure_only
         # models cannot know in advance which layers were folded).
         key = prefix + "input_scale"
@@ -154,6 +170,30 @@ class QuantLinear(nn.Module):
             elif not t.is_floating_point() and t.device.type == "cpu" and t.data_ptr() % 64:
                 t = t.clone()
             self._buffers[name] = t.contiguous()
+        self._drop_caches()
+        self.compact_scales()
+
+    def _reads_half_scales(self) -> bool:
+        """Whether this module's kernels read HALF_SCALES as fp16 (its layout: group 32)."""
+        return False
+
+    def compact_scales(self) -> None:
+        """Hold HALF_SCALES as fp16 when fp16 holds every value exactly and the kernels read fp16 (a GGUF's
+        block scales: 2 bytes per 32 weights, as the file holds them, not 4; results unchanged, fp16 ->
+        fp32 being exact). Called after quantizing and after every load; a buffer fp16 would round stays
+        fp32 (and the ones after the scales stay with them)."""
+        if not self.HALF_SCALES or not self._reads_half_scales():
+            return
+        for i, name in enumerate(self.HALF_SCALES):
+            t = self._buffers.get(name)
+            if t is None or t.is_meta:
+                continue
+            half = exact_half(t)
+            if half is None:
+                if i == 0:
+                    return
+                continue
+            self._buffers[name] = half
         self._drop_caches()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -67,8 +67,7 @@ def rows_quantized(model: nn.Module, cfg, name: str, file_name: str, lazy, embed
         for buf_name, buf in q.named_buffers():  # codes, scales (and zeros): [R, ...] each
             getattr(new, buf_name)[r : r + w.shape[0]].copy_(buf)
         del w, part, q
-    if isinstance(new, Int4Linear):
-        new.compact_scales()  # as from_linear does for a whole matrix
+    new.compact_scales()  # as Int4Linear.from_linear does for a whole matrix
     set_module(model, name, new)
     if embedding is not None:
         set_module(model, embedding, QuantEmbedding(new, tied=True, dtype=lazy.dtype))

@@ -137,15 +137,19 @@ at::Tensor linear_q8_i8(const at::Tensor& x, const at::Tensor& w, const at::Tens
 struct Q8I8 {
   at::Tensor w_hold, s_hold, bias_hold;  // the contiguous tensors the pointers point into
   const int8_t* w;                        // [N, K]
-  const float* s;                         // [N] (group 0) or [N, ceil(K / group)]
+  const float* s;                         // [N] (group 0) or [N, ceil(K / group)]; null: held as fp16 (h)
   const float* bias;                      // [N] or null
   int64_t N, K, group;
   at::Tensor h_hold;
-  const uint16_t* h = nullptr;  // group 32, scales fp16 holds exactly: their fp16 copy (add_half)
+  // group 32: the scales as fp16 [N, K / 32], passed so (an Int8Linear holds GGUF Q8_0's fp16 block
+  // scales so: compress/int8.py compact_scales; every ISA's loops read them), or the exact copy of fp32
+  // ones (add_half)
+  const uint16_t* h = nullptr;
 
   // Makes `h` when every scale is an fp16 value (a GGUF's Q8_0 blocks: fp16 scales), for the 512-bit
   // span loop: 2 bytes per 32 weights instead of 4 (an int8 row then streams 34 bytes per 32 weights, as
-  // the GGUF block does, not 36). Results unchanged: fp16 -> fp32 is exact. Returns whether it did.
+  // the GGUF block does, not 36). Results unchanged: fp16 -> fp32 is exact. Returns whether there is an
+  // `h` (made here, or the scales were passed as fp16).
   bool add_half();  // gemv_i8.cpp (q4_codes.h exact_half_copy)
 };
 Q8I8 q8_i8_operands(const at::Tensor& w, const at::Tensor& scales, const std::optional<at::Tensor>& bias,

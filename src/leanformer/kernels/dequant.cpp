@@ -126,9 +126,11 @@ at::Tensor dequant_q8(const at::Tensor& w_, const at::Tensor& scales_, int64_t g
   const int64_t R = w_.size(0), K = w_.size(1);
   TORCH_CHECK(group_size >= 0, "group_size must be >= 0 (0: one scale per row)");
   const int64_t G = group_size > 0 ? (K + group_size - 1) / group_size : 1;
-  TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.numel() == R * G && scales_.size(0) == R,
-              "scales must be float32 [R] or [R, ceil(K/group_size)]");
-  const at::Tensor w = w_.contiguous(), scales = scales_.contiguous();
+  TORCH_CHECK((scales_.scalar_type() == at::kFloat || scales_.scalar_type() == at::kHalf) &&
+                  scales_.numel() == R * G && scales_.size(0) == R,
+              "scales must be float32 or float16 [R] or [R, ceil(K/group_size)]");
+  // fp16 scales (GGUF Q8_0 blocks, an embedding's looked-up rows) widened for the call: [R, G] beside [R, K]
+  const at::Tensor w = w_.contiguous(), scales = scales_.to(at::kFloat).contiguous();
   at::Tensor out = output(R, K, bf16);
   if (bf16)
     q8_dequant(w.data_ptr<int8_t>(), scales.data_ptr<float>(), reinterpret_cast<uint16_t*>(out.data_ptr()), R, K,

@@ -139,18 +139,36 @@ inline void gemm_offset_row(const uint8_t* w, int64_t K, uint8_t* out) {
                      _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)), flip));
 }
 
+// Rows' fp16 scales h[r][0..G) widened into out[r] (fp16 -> fp32 exact), 8 per conversion: a weight row's
+// scales before gemm_rows' tiles, which read fp32 scales. False (nothing done) past kHalfWiden.
+template <int NR>
+inline bool i8_widen_half(const uint16_t* const (&h)[NR], int64_t G, float (&out)[NR][kHalfWiden]) {
+  if (G > kHalfWiden) return false;
+  for (int r = 0; r < NR; ++r) {
+    int64_t j = 0;
+    for (; j + 8 <= G; j += 8)
+      _mm256_store_ps(out[r] + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h[r] + j))));
+    for (; j < G; ++j) out[r][j] = _cvtsh_ss(h[r][j]);
+  }
+  return true;
+}
+
 template <int NR>
 inline void gemm_rows(const GemmQ4Args& a, int64_t n, uint8_t* codes) {
   const float* srow[NR];
   float* yrow[NR];
+  const uint16_t* hrow[NR];
+  alignas(32) float wide[NR][kHalfWiden];  // a.scales_h: the rows' scales in fp32 (exact)
   for (int r = 0; r < NR; ++r) {
     if (a.q8)
       gemm_offset_row(a.w + (n + r) * a.K, a.K, codes + r * a.K);
     else
       gemm_unpack_row(a.w + (n + r) * (a.K / 2), a.K, codes + r * a.K);
-    srow[r] = a.scales + (n + r) * (a.K / a.group);
+    srow[r] = a.scales_h ? wide[r] : a.scales + (n + r) * (a.K / a.group);
+    hrow[r] = a.scales_h ? a.scales_h + (n + r) * (a.K / 32) : nullptr;
     yrow[r] = a.yt + (n + r) * a.T * GemmVec::L;
   }
+  if (a.scales_h) i8_widen_half<NR>(hrow, a.K / 32, wide);
   int64_t t = 0;
   // a last tile of at most 8 rows on 8-lane vectors (17..24 rows: a third less arithmetic)
   const bool half = GemmVec::L > 8 && a.M - (a.T - 1) * GemmVec::L <= 8;

@@ -294,15 +294,17 @@ at::Tensor linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::Tenso
               "Wq must be int8 [N, K] matching x [M, K]");
   const int64_t M = x_.size(0), K = x_.size(1), N = w_.size(0);
   TORCH_CHECK(group_size >= 0, "group_size must be >= 0 (0: one scale per row)");
+  const bool f32_or_f16 = scales_.scalar_type() == at::kFloat || scales_.scalar_type() == at::kHalf;
   if (group_size == 0) {
-    TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.numel() == N, "scales must be float32 [N]");
+    TORCH_CHECK(f32_or_f16 && scales_.numel() == N, "scales must be float32 or float16 [N]");
   } else {
     const int64_t n_groups = (K + group_size - 1) / group_size;
-    TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.dim() == 2 && scales_.size(0) == N &&
-                    scales_.size(1) == n_groups,
-                "group-wise scales must be float32 [N, ceil(K/group_size)]");
+    TORCH_CHECK(f32_or_f16 && scales_.dim() == 2 && scales_.size(0) == N && scales_.size(1) == n_groups,
+                "group-wise scales must be float32 or float16 [N, ceil(K/group_size)]");
   }
-  const at::Tensor x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous();
+  // fp16 scales (an Int8Linear's GGUF Q8_0 blocks) widened for the call: this fp32-activation GEMV is
+  // not the default decode path (the int8-activation loops read fp16 themselves)
+  const at::Tensor x = x_.contiguous(), w = w_.contiguous(), scales = scales_.to(at::kFloat).contiguous();
   at::Tensor bh;
   const float* b = bias_ptr(bias, N, bh);
   at::Tensor y = at::empty({M, N}, x.options());

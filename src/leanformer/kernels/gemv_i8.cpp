@@ -242,21 +242,27 @@ Q8I8 q8_i8_operands(const at::Tensor& w_, const at::Tensor& scales_, const std::
   const int64_t N = w_.size(0), K = w_.size(1);
   TORCH_CHECK(group_size >= 0 && (group_size % 32 == 0 || group_size == 16),
               "int8-activation int8 needs one scale per row (group_size 0) or groups of 16 or a multiple of 32 columns");
+  const bool half = scales_.scalar_type() == at::kHalf;
+  TORCH_CHECK(!half || (group_size == 32 && K % 32 == 0),
+              "float16 int8 scales need groups of 32 columns dividing K (GGUF Q8_0), got group ", group_size, ", K ",
+              K);
   if (group_size == 0) {
     TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.numel() == N, "scales must be float32 [N]");
   } else {
-    TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.dim() == 2 && scales_.size(0) == N &&
+    TORCH_CHECK((half || scales_.scalar_type() == at::kFloat) && scales_.dim() == 2 && scales_.size(0) == N &&
                     scales_.size(1) == (K + group_size - 1) / group_size,
-                "group-wise scales must be float32 [N, ceil(K/group_size)]");
+                "group-wise scales must be float32 (or float16 at group 32) [N, ceil(K/group_size)]");
   }
   Q8I8 op{w_.contiguous(), scales_.contiguous(), at::Tensor(), nullptr, nullptr, nullptr, N, K, group_size};
   op.w = op.w_hold.data_ptr<int8_t>();
-  op.s = op.s_hold.data_ptr<float>();
+  if (half) op.h = static_cast<const uint16_t*>(op.s_hold.data_ptr());  // and s null: no fp32 array
+  else op.s = op.s_hold.data_ptr<float>();
   op.bias = bias_ptr(bias, N, op.bias_hold);
   return op;
 }
 
 bool Q8I8::add_half() {
+  if (h) return true;
   if (group != 32) return false;
   h = exact_half_copy(s_hold, h_hold);
   return h != nullptr;
@@ -285,10 +291,14 @@ void q8_i8(const Q8I8& op, const float* x, int64_t M, float* y, const I8Next* ne
       to_q8_span_layout(codes + m * Kx, d + m * blocks, K, spans, span_codes + m * 256 * spans, sd + m * 16 * spans);
     xq = reinterpret_cast<const int8_t*>(span_codes), Kx = 256 * spans;
   }
+  // the fp16 scales: held so (no fp32 array: always; the 256-bit loops too), or the exact copy while the
+  // fp32 array is unchanged since it was made (the span loop)
+  const uint16_t* h = half_scales || !op.s ? op.h : nullptr;
   for (int64_t m0 = 0; m0 < M; m0 += kI8Rows) {
     I8Args a{xq + m0 * Kx, spans ? nullptr : d + m0 * blocks, nullptr, op.w, op.s, nullptr, op.bias, y + m0 * N,
              std::min<int64_t>(kI8Rows, M - m0), N, K, Kx, op.group};
-    if (spans) a.spans = spans, a.sd = sd + m0 * 16 * spans, a.scales_h = half_scales ? op.h : nullptr;
+    if (spans) a.spans = spans, a.sd = sd + m0 * 16 * spans;
+    if (spans || !op.s) a.scales_h = h;
     if (next && m0 + kI8Rows >= M) a.next = *next;
     run_rows(a, false, K, nullptr, isa);
   }
@@ -300,7 +310,7 @@ at::Tensor linear_q8_i8(const at::Tensor& x_, const at::Tensor& w, const at::Ten
   check_x(x_);
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x_.size(1), "Wq must be int8 [N, K] matching x [M, K]");
   Q8I8 op = q8_i8_operands(w, scales, bias, group_size);
-  TORCH_CHECK(!half_scales || op.add_half(), "half_scales needs group-32 float32 scales that float16 holds exactly");
+  TORCH_CHECK(!half_scales || op.add_half(), "half_scales needs group-32 scales that float16 holds exactly");
   const at::Tensor x = x_.contiguous();
   at::Tensor y = output(out, x.size(0), op.N, x.options());
   q8_i8(op, x.data_ptr<float>(), x.size(0), y.data_ptr<float>(), next);

@@ -150,18 +150,26 @@ namespace {
 
 // int8 weights, rows n..n+NR-1 into out[r][m]. kG16: one scale per 16 columns (GGUF Q6_K as
 // Int8Linear group 16), two per 32-column block.
-template <int NR, int M, class D, bool kG16 = false>
+template <int NR, int M, class D, bool kG16 = false, bool kHalf = false>
 inline void q8_rows_nr(const I8Args& a, int64_t n, float (&out)[NR][M]) {
   const int64_t blocks = a.K / 32, nb = a.Kx / 32;
   const bool grouped = a.group > 0;
   const int64_t per_group = grouped ? a.group / 32 : 1;
   const int8_t* __restrict w[NR];
   const float* sc[NR];
+  const uint16_t* hs[NR];  // kHalf (group 32): the row's fp16 scales (I8Args::scales_h)
   LF_UNROLL
   for (int r = 0; r < NR; ++r) {
     w[r] = static_cast<const int8_t*>(a.w) + (n + r) * a.K;
-    sc[r] = a.scales + (grouped ? (n + r) * ((a.K + a.group - 1) / a.group) : n + r);
+    const int64_t at = grouped ? (n + r) * ((a.K + a.group - 1) / a.group) : n + r;
+    sc[r] = kHalf ? nullptr : a.scales + at;
+    hs[r] = kHalf ? a.scales_h + at : nullptr;
   }
+  // kHalf: each scale converted where it is used (fp16 -> fp32 is exact): at one row the halved scale
+  // bytes make it 0.84-0.94x the fp32 arrays' time. (At 4-8 rows SmolLM2's int8 head took ~1.05x the fp32
+  // arrays' time on Zen 4 either way, widening each row's scales into an fp32 buffer first or not:
+  // docs/BENCHMARKS.md session 26.)
+  auto scale = [&](int r, int64_t j) { return kHalf ? _cvtsh_ss(hs[r][j]) : sc[r][j]; };
   const int8_t* xr[M];  // activation row m's codes and block scales
   const float* dr[M];
   LF_UNROLL
@@ -179,7 +187,7 @@ inline void q8_rows_nr(const I8Args& a, int64_t n, float (&out)[NR][M]) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + 32 * b));
       const __m256i av = _mm256_abs_epi8(v);  // -128 -> 0x80 = 128 as u8
       const __m256 ws =
-          kG16 ? i8_chunk_scales<Groups::k32>(sc[r], nullptr, nullptr, b, 0, 1) : _mm256_set1_ps(grouped ? sc[r][g] : 1.f);
+          kG16 ? i8_chunk_scales<Groups::k32>(sc[r], nullptr, nullptr, b, 0, 1) : _mm256_set1_ps(grouped ? scale(r, g) : 1.f);
       LF_UNROLL
       for (int m = 0; m < M; ++m) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + 32 * b));
@@ -199,23 +207,25 @@ inline void q8_rows_nr(const I8Args& a, int64_t n, float (&out)[NR][M]) {
         const int8_t* x = a.xq + m * a.Kx;
         int32_t t = 0, t2 = 0;  // t2: kG16's columns past the block's first 16
         for (int64_t k = 32 * blocks; k < a.K; ++k) (kG16 && k >= 32 * blocks + 16 ? t2 : t) += x[k] * w[r][k];
-        const float s = kG16 ? sc[r][2 * blocks] : (grouped ? sc[r][(32 * blocks) / a.group] : 1.f);
+        const float s = kG16 ? sc[r][2 * blocks] : (grouped ? scale(r, (32 * blocks) / a.group) : 1.f);
         const float s2 = kG16 && t2 ? sc[r][2 * blocks + 1] : 0.f;
         y += (static_cast<float>(t) * s + static_cast<float>(t2) * s2) * a.dv[m * nb + blocks];
       }
-      out[r][m] = grouped ? y : y * sc[r][0];
+      out[r][m] = grouped ? y : y * scale(r, 0);
     }
   }
 }
 
 // Which row function a call runs: int4 (group layout S), int8 (per row / per group, or kG16: Q6_K's two
 // scales per 32-column block), int5.
-// q4w / q8w / q8s: the 512-bit loops (gemv_i8_wide.h); q4wh / q8sh / q4h: q4w / q8s / q4 reading the fp16
-// scales (I8Args::scales_h)
-enum class Kind { q4, q8, q8g16, q5, q4w, q8w, q8s, q4wh, q8sh, q4h };
+// q4w / q8w / q8s: the 512-bit loops (gemv_i8_wide.h); q4wh / q8sh / q4h / q8h: q4w / q8s / q4 / q8 reading
+// the fp16 scales (I8Args::scales_h), each converted where it is used
+enum class Kind { q4, q8, q8g16, q5, q4w, q8w, q8s, q4wh, q8sh, q4h, q8h };
 constexpr bool q8_spans(Kind K) { return K == Kind::q8s || K == Kind::q8sh; }
-constexpr bool nibbles(Kind K) {
-  return K == Kind::q4 || K == Kind::q5 || K == Kind::q4w || K == Kind::q4wh || K == Kind::q4h;
+constexpr bool nib256(Kind K) { return K == Kind::q4 || K == Kind::q4h || K == Kind::q5; }
+constexpr bool nibbles(Kind K) { return nib256(K) || K == Kind::q4w || K == Kind::q4wh; }
+constexpr bool half_scales(Kind K) {
+  return K == Kind::q4wh || K == Kind::q8sh || K == Kind::q4h || K == Kind::q8h;
 }
 constexpr bool wide_nibbles(Kind K) { return K == Kind::q4w || K == Kind::q4wh; }
 
@@ -225,7 +235,7 @@ inline XPack i8_pack_for(const I8Args& a, I8Buf& buf) {
 #ifdef LF_I8_WIDE
   if constexpr (wide_nibbles(K)) return i8_pack<M, 2>(a, buf);
 #endif
-  if constexpr (K == Kind::q4 || K == Kind::q4h || K == Kind::q5) return i8_pack<M>(a, buf);
+  if constexpr (nib256(K)) return i8_pack<M>(a, buf);
   return XPack{a.xq, a.dv, a.xc};
 }
 
@@ -239,10 +249,10 @@ __attribute__((always_inline)) inline void rows_nr(const I8Args& a, const XPack&
   else if constexpr (q8_spans(K)) q8_span_rows<NR, M, K == Kind::q8sh>(a, n, out);
   else
 #endif
-  if constexpr (K == Kind::q4 || K == Kind::q4h || K == Kind::q5)
+  if constexpr (nib256(K))
     nib_rows<NR, M, D, S, K == Kind::q5, K == Kind::q4h>(a, p, n, out);
   else
-    q8_rows_nr<NR, M, D, K == Kind::q8g16>(a, n, out);
+    q8_rows_nr<NR, M, D, K == Kind::q8g16, K == Kind::q8h>(a, n, out);
   LF_UNROLL
   for (int r = 0; r < NR; ++r)
     LF_UNROLL
@@ -273,13 +283,11 @@ inline void i8_prefetch_bytes(const void* p, int64_t bytes) {
 // loops do not prefetch, are requested as many rows ahead.
 template <int M, class D, Kind K, Groups S>
 inline void rows_mp(const I8Args& a, const XPack& p, int64_t n0, int64_t n1) {
-  const int64_t wrow = i8_row_bytes<K>(a), srow = K == Kind::q4wh || K == Kind::q4h ? 2 * (a.K / 32)
-                                                   : K == Kind::q8sh ? 2 * ((a.K + 31) / 32)
-                                                                     : i8_scale_row_bytes(a, nibbles(K));
+  const int64_t wrow = i8_row_bytes<K>(a), srow = half_scales(K) ? 2 * ((a.K + 31) / 32) : i8_scale_row_bytes(a, nibbles(K));
   constexpr int64_t kAhead = nibbles(K) ? kI8AheadNib : kI8Ahead;  // bytes
   const int64_t ahead = wrow > 0 ? (kAhead + wrow - 1) / wrow : 0;  // rows
   const char* w0 = static_cast<const char*>(a.w);
-  const char* s0 = K == Kind::q4wh || K == Kind::q8sh || K == Kind::q4h ? reinterpret_cast<const char*>(a.scales_h)
+  const char* s0 = half_scales(K) ? reinterpret_cast<const char*>(a.scales_h)
                    : a.sc          ? reinterpret_cast<const char*>(a.sc)
                                    : reinterpret_cast<const char*>(a.scales);
   if (kAhead > 0 && !a.warm) {
@@ -381,6 +389,7 @@ inline void q8_any(const I8Args& a, int64_t n0, int64_t n1) {
     return a.scales_h ? rows<D, Kind::q8sh>(a, n0, n1) : rows<D, Kind::q8s>(a, n0, n1);
   if (a.group == 0 || a.group == 32 || a.group % 64 == 0) return rows<D, Kind::q8w>(a, n0, n1);
 #endif
+  if (!a.scales) return rows<D, Kind::q8h>(a, n0, n1);  // group 32, held as fp16 only (gemv_i8.cpp)
   rows<D, Kind::q8>(a, n0, n1);
 }
 
@@ -402,7 +411,8 @@ inline void q4_any(const I8Args& a, int64_t n0, int64_t n1) {
   // the fp16 scales at one activation row, where the 256-bit loop streams its weights; at 4 rows it
   // is compute-bound and the conversion per chunk cost more than the bytes (SmolLM2 step + head, AVX2
   // loops on Zen 4: 0.93-0.96x the time at 1 row, 1.005-1.035x at 4; docs/BENCHMARKS.md session 24)
-  // (and at any row count where the scales are held as fp16 only: no fp32 array to read)
+  // (and at every row count where the scales are held as fp16 only: no fp32 array to read; there 0.94x
+  // the fp32 arrays' time at 4 and 8 rows, 0.86-0.89x at one row: Zen 4, docs/BENCHMARKS.md session 26)
   if (a.group == 32)
     return a.scales_h && (a.M == 1 || !a.scales) ? rows<D, Kind::q4h, Groups::k32>(a, n0, n1)
                                                  : rows<D, Kind::q4, Groups::k32>(a, n0, n1);

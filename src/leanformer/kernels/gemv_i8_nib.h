@@ -196,6 +196,9 @@ inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR
   }
   const __m256i mask = _mm256_set1_epi8(0x0F);
   const int64_t chunks = a.K / 64;
+  const uint16_t* hr[NR];  // kHalf: the rows' fp16 scales, each chunk's converted where it is used
+  LF_UNROLL
+  for (int r = 0; r < NR; ++r) hr[r] = kHalf ? a.scales_h + (n + r) * G : nullptr;
   __m256 acc[NR][M];
   LF_UNROLL
   for (int r = 0; r < NR; ++r)
@@ -214,8 +217,7 @@ inline void nib_rows(const I8Args& a, const XPack& p, int64_t n, float (&out)[NR
         lo = _mm256_and_si256(v, mask);
         hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
       }
-      const __m256 ws = kHalf ? i8_chunk_scales_half(a.scales_h + (n + r) * G, c)
-                              : i8_chunk_scales<S>(sc[r], scc[r], lut, c, g, bpg);
+      const __m256 ws = kHalf ? i8_chunk_scales_half(hr[r], c) : i8_chunk_scales<S>(sc[r], scc[r], lut, c, g, bpg);
       LF_UNROLL
       for (int m = 0; m < M; ++m) {
         const int8_t* x = xr[m] + (kP ? 64 * M : 64) * c;

@@ -85,6 +85,10 @@ struct I8Args {
 // A prefill-sized int4 GEMM's operands (gemm_q4_i8.h): activations in tiles of L rows (L = 16 for
 // AVX-512 VNNI, else 8; rows past M zero), per tile and 32-column block b: the codes as 8 quads x L lanes
 // x 4 bytes (lane l = row 16t + l's columns 32b + 4q..+3), their d and the offset start -8 * sum(codes).
+// Groups of fp16 scales a weight row may have widened to fp32 up front (gemm_q4_i8.h i8_widen_half, the
+// GEMM's rows): K <= 16384 at group 32 (2 KB of stack per row).
+constexpr int64_t kHalfWiden = 512;
+
 struct GemmQ4Args {
   const int8_t* xt;    // [T, B, 8, L, 4]
   const float* dx;     // [T, B, L]
@@ -95,6 +99,9 @@ struct GemmQ4Args {
   int64_t M, N, K, T;  // M activation rows in T tiles; K: code columns, a multiple of 32
   int64_t group;       // columns per scale, a multiple of 32 (q8 per row: K)
   bool q8 = false;     // int8 weights (xo then holds -128 * the code sums)
+  // group 32, K / 32 <= kHalfWiden: the scales as fp16 [N, K / 32] (GGUF blocks held so), each row's
+  // widened to fp32 before its tiles (scales then null)
+  const uint16_t* scales_h = nullptr;
 };
 
 // y[:, n] for weight rows n in [n0, n1), per instruction set. Call the VNNI ones only where the CPU has

@@ -1,7 +1,7 @@
-"""Int4Linear holding its scales (and zero points) as fp16 where that holds every value, at group 32
-(compact_scales: a GGUF's block scales, round-to-nearest's bf16 values): the module, the fused decode
-step and the prefill give bit for bit what the same model holding fp32 arrays gives; loads and writes
-never round. Kernel level: tests/kernels/test_q4_half.py."""
+"""Int4Linear / Int8Linear holding their group-32 scales (and int4 zero points) as fp16 where that holds
+every value (QuantLinear.compact_scales: a GGUF's block scales, int4 round-to-nearest's bf16 values): the
+module, the fused decode step and the prefill give bit for bit what the same model holding fp32 arrays
+gives; loads and writes never round. Kernel level: tests/kernels/test_half_scales.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import leanformer as lf
-from leanformer.compress import Int4Linear, Int4WeightOnly, quantize_
+from leanformer.compress import Int4Linear, Int4WeightOnly, Int8Linear, quantize_
 from leanformer.kernels import cpu
 from leanformer.models.fused import set_decode_activations
 from tests.formats.test_gguf import tiny_config
@@ -24,10 +24,10 @@ Q = gguf.GGMLQuantizationType
 
 
 def held_fp32(model: nn.Module) -> nn.Module:
-    """A copy whose Int4Linears hold fp32 arrays of the same values (as before compact_scales)."""
+    """A copy whose int4 / int8 modules hold fp32 arrays of the same values (as before compact_scales)."""
     out = copy.deepcopy(model)
     for m in out.modules():
-        if isinstance(m, Int4Linear):
+        if isinstance(m, (Int4Linear, Int8Linear)):
             for name in ("scales", "zeros"):
                 if m._buffers.get(name) is not None:
                     m._buffers[name] = m._buffers[name].float()
@@ -63,19 +63,20 @@ def test_load_state_dict_into_fp16_buffers_does_not_round():
     assert m.scales.dtype == torch.float32 and torch.equal(m.scales, sd["scales"])
 
 
-@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_0"])
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_0", "Q8_0"])
 @pytest.mark.parametrize("act", ["avx2", "avx_vnni", "avx512_vnni"])
 def test_fused_step_and_prefill_equal_fp32_arrays(tmp_path, qtype, act):
-    """A Q4_1 / Q4_0 file's Int4Linears hold fp16 scales (and Q4_1's zero points where fp16 holds min +
-    8 d); decode through the fused step (int8 activations, 1 and 3 rows) and a 20-token prompt (the
-    int8 GEMM prefill) give the logits of the same model holding fp32 arrays, bit for bit."""
+    """A Q4_1 / Q4_0 / Q8_0 file's modules hold fp16 scales (and Q4_1's zero points where fp16 holds min
+    + 8 d); decode through the fused step (int8 activations, 1 and 3 rows; the tied table as the head and
+    the embedding) and a 20-token prompt (the int8 GEMM prefill) give the logits of the same model
+    holding fp32 arrays, bit for bit."""
     if act not in cpu.act_isas():
         pytest.skip(f"this CPU lacks {act} (has {cpu.act_isas()})")
     cfg = tiny_config(tie_word_embeddings=True)
     path = tmp_path / f"{qtype}.gguf"
     write_gguf(path, cfg, hf_llama_state_dict(cfg, seed=3), qtypes={"": Q[qtype]})
     q, _ = lf.load(path)
-    mods = int4_modules(q)
+    mods = [m for m in q.modules() if isinstance(m, (Int4Linear, Int8Linear))]
     assert mods and all(m.scales.dtype == torch.float16 for m in mods)
     ref = held_fp32(q)
     cpu.set_act_isa(act)
@@ -116,6 +117,7 @@ def test_smollm2_holds_about_its_file_size(smollm2):
     for m in mods:  # fp32 only where fp16 would round
         assert m.zeros.dtype == torch.float16 or not torch.equal(m.zeros.half().float(), m.zeros)
     assert sum(m.zeros.dtype == torch.float16 for m in mods) > 0.9 * len(mods)
+    assert q.lm_head.scales.dtype == torch.float16  # the tied Q8_0 table: Int8Linear group 32
     held = sum(b.numel() * b.element_size() for b in q.buffers()) + sum(
         p.numel() * p.element_size() for p in q.parameters()
     )
@@ -135,3 +137,17 @@ def test_set_params_refuses_bad_operands():
         m.set_params(s)
     with pytest.raises(lf.LeanformerError, match="8-bit scale codes"):
         Int4Linear.from_linear(nn.Linear(64, 16), 32, scale_bits=8).set_params(s, z)
+
+
+def test_int8_compacts_group_32_over_whole_blocks_only():
+    m = Int8Linear(96, 8, group_size=32)
+    m.load_state_dict({"weight_int8": torch.ones(8, 96, dtype=torch.int8), "scales": torch.full((8, 3), 0.5)})
+    assert m.scales.dtype == torch.float16
+    for k, g in ((100, 32), (96, 48)):  # a partial last block / another group: fp32 (the loops read fp32)
+        m = Int8Linear(k, 8, group_size=g)
+        m.load_state_dict(
+            {"weight_int8": torch.ones(8, k, dtype=torch.int8), "scales": torch.full((8, -(-k // g)), 0.5)}
+        )
+        assert m.scales.dtype == torch.float32
+    per_row = Int8Linear.from_linear(nn.Linear(64, 8))
+    assert per_row.scales.dtype == torch.float32
