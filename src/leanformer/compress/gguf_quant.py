@@ -110,6 +110,20 @@ def _cat(ts: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
     return ts[0] if len(ts) == 1 else torch.cat(ts)
 
 
+def _as_held(scales: torch.Tensor, zeros: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Group-32 scales (and zeros) as the modules hold them (QuantLinear.compact_scales): fp16 where it
+    holds every value (the blocks' own fp16 scales), zeros only with the scales; made here, so the
+    loaded state never holds a model's worth of fp32 scales beside them (+8-11 MiB of peak RSS)."""
+    from leanformer.compress.qbase import exact_half
+
+    half = exact_half(scales)
+    out = {"scales": scales if half is None else half}
+    if zeros is not None:
+        hz = exact_half(zeros) if half is not None else None
+        out["zeros"] = zeros if hz is None else hz
+    return out
+
+
 def quantized_form(parts: list[GGUFTensor]) -> tuple[dict | None, dict[str, torch.Tensor]]:
     """Rows of `parts` stacked into one module: (layout spec or None for float, its weight tensors)."""
     from leanformer.compress.int5 import PACKING, pack_codes
@@ -118,10 +132,11 @@ def quantized_form(parts: list[GGUFTensor]) -> tuple[dict | None, dict[str, torc
     kinds = {p.ggml_type for p in parts}
     if kinds <= INT4_TYPES:
         codes, scales, zeros = zip(*(_int4(p) for p in parts))
-        tensors = {"qweight": pack_nibbles(_cat(codes)), "scales": _cat(scales)}
+        tensors = {"qweight": pack_nibbles(_cat(codes)), **_as_held(_cat(scales), _cat(zeros))}
         if kinds == {"Q4_0"}:  # symmetric: no zero points held at all
+            del tensors["zeros"]
             return {"type": "Int4Linear", "group_size": GROUP, "symmetric": True}, tensors
-        return {"type": "Int4Linear", "group_size": GROUP}, tensors | {"zeros": _cat(zeros)}
+        return {"type": "Int4Linear", "group_size": GROUP}, tensors
     if "Q5_0" in kinds and kinds <= INT5_TYPES:
         codes, scales = zip(*(_int5(p) for p in parts))
         qweight, qhigh = pack_codes(_cat(codes))
@@ -132,7 +147,8 @@ def quantized_form(parts: list[GGUFTensor]) -> tuple[dict | None, dict[str, torc
         group = min(INT8_GROUP[k] for k in kinds)
         q, scales = zip(*(_int8(p, group) for p in parts))
         spec = {"type": "Int8Linear", "group_size": group}
-        return spec, {"weight_int8": _cat(q), "scales": _cat(scales)}
+        held = _as_held(_cat(scales)) if group == GROUP else {"scales": _cat(scales)}
+        return spec, {"weight_int8": _cat(q), **held}
     if len(kinds) == 1 and (kind := next(iter(kinds))) in HALF_TYPES:
         cls = HALF_TYPES[kind]
         return {"type": cls.__name__}, {cls.BUFFER: _cat([_half(p) for p in parts])}

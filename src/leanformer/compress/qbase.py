@@ -163,8 +163,9 @@ class QuantLinear(nn.Module):
         for name, t in self._buffers.items():
             if t is None or t.is_meta:
                 continue
-            if name in self.EXACT:
-                t = t.float()
+            if name in self.EXACT:  # fp32, or fp16 held as such (compact_scales, below)
+                keep = name in self.HALF_SCALES and t.dtype == torch.float16 and self._reads_half_scales()
+                t = t if keep else t.float()
             elif name in self.KEEP_DTYPE:
                 t = t.to(self.KEEP_DTYPE[name])
             elif not t.is_floating_point() and t.device.type == "cpu" and t.data_ptr() % 64:
