@@ -55,12 +55,12 @@ def child(mode: str, args: list[str]) -> None:
             torch.nn.Embedding(8, 8)  # that the first model skeleton loads once, whatever its size
         if kernels.available():
             kernels.ext()
-        runtime = vm("VmRSS")
+        runtime = trimmed_rss()
         path = Path(args[0])
         tok = load_gguf_tokenizer(path) if path.suffix == ".gguf" else load_tokenizer(path)
-        tokenizer = vm("VmRSS") - runtime  # measured alone, then freed: the load makes its own
+        tokenizer = trimmed_rss() - runtime  # measured alone, then freed: the load makes its own
         del tok
-        before = vm("VmRSS")
+        before = trimmed_rss()
         model, tok = lf.load(args[0])
         weights = state_bytes(model) / 2**20
         after_load = trimmed_rss()
