@@ -1,5 +1,5 @@
-"""Hostile input to the 16-bit weight paths (compress/half.py, GGUF F16 / BF16): one-line errors or
-warnings, never a silent inf, a traceback or a half-done swap."""
+"""Hostile input to the 16-bit weight paths (compress/half.py, GGUF F16 / BF16, fp16-held scales): one-line
+errors or warnings, never a silent inf, a traceback or a half-done swap."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import leanformer as lf
-from leanformer.compress import BF16WeightOnly, F16WeightOnly, quantize_
+from leanformer.compress import BF16WeightOnly, F16WeightOnly, Int4Linear, Int8Linear, quantize_
 from leanformer.errors import LeanformerError
 from tests.formats.test_gguf import tiny_config
 from tests.formats.tiny_gguf import hf_llama_state_dict, write_gguf
@@ -60,6 +60,26 @@ def test_nan_in_a_16_bit_gguf_warns_on_load(tmp_path, qtype):
     write_gguf(path, cfg, sd, qtypes={"": qtype})
     with pytest.warns(UserWarning, match=r"hold NaN or infinite"):
         lf.load(path)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # gguf's writer
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+def test_nan_block_scale_warns_and_stays_fp32(tmp_path, qtype):
+    """A NaN weight makes its block's scale NaN: the load warns in one line, and that matrix keeps fp32
+    scales (fp16 would hold the NaN, but compact_scales only takes values it compares equal), the others
+    fp16; nothing crashes."""
+    cfg = tiny_config()
+    sd = hf_llama_state_dict(cfg, seed=1)
+    sd["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+    path = tmp_path / "nan.gguf"
+    write_gguf(path, cfg, sd, qtypes={"": gguf.GGMLQuantizationType[qtype]})
+    with pytest.warns(UserWarning, match=r"hold NaN or infinite"):
+        model, _ = lf.load(path)
+    down = model.model.layers[0].mlp.down_proj
+    assert isinstance(down, (Int4Linear, Int8Linear)) and down.scales.dtype == torch.float32
+    assert model.model.layers[1].mlp.down_proj.scales.dtype == torch.float16
+    with torch.no_grad():
+        model(torch.tensor([[3, 14, 15]]))  # runs (NaN logits: what the file holds)
 
 
 def test_paired_bench_refuses_a_missing_isa_in_one_line(monkeypatch):
