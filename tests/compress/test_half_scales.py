@@ -14,6 +14,7 @@ from torch import nn
 
 import leanformer as lf
 from leanformer.compress import Int4Linear, Int4WeightOnly, Int8Linear, quantize_
+from leanformer.compress.int5 import Int5Linear
 from leanformer.kernels import cpu
 from leanformer.models.fused import set_decode_activations
 from tests.formats.test_gguf import tiny_config
@@ -27,7 +28,7 @@ def held_fp32(model: nn.Module) -> nn.Module:
     """A copy whose int4 / int8 modules hold fp32 arrays of the same values (as before compact_scales)."""
     out = copy.deepcopy(model)
     for m in out.modules():
-        if isinstance(m, (Int4Linear, Int8Linear)):
+        if isinstance(m, (Int4Linear, Int8Linear, Int5Linear)):
             for name in ("scales", "zeros"):
                 if m._buffers.get(name) is not None:
                     m._buffers[name] = m._buffers[name].float()
@@ -63,10 +64,10 @@ def test_load_state_dict_into_fp16_buffers_does_not_round():
     assert m.scales.dtype == torch.float32 and torch.equal(m.scales, sd["scales"])
 
 
-@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_0", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_0", "Q8_0", "Q5_0"])
 @pytest.mark.parametrize("act", ["avx2", "avx_vnni", "avx512_vnni"])
 def test_fused_step_and_prefill_equal_fp32_arrays(tmp_path, qtype, act):
-    """A Q4_1 / Q4_0 / Q8_0 file's modules hold fp16 scales (and Q4_1's zero points where fp16 holds min
+    """A Q4_1 / Q4_0 / Q8_0 / Q5_0 file's modules hold fp16 scales (and Q4_1's zero points where fp16 holds min
     + 8 d); decode through the fused step (int8 activations, 1 and 3 rows; the tied table as the head and
     the embedding) and a 20-token prompt (the int8 GEMM prefill) give the logits of the same model
     holding fp32 arrays, bit for bit."""
@@ -76,7 +77,7 @@ def test_fused_step_and_prefill_equal_fp32_arrays(tmp_path, qtype, act):
     path = tmp_path / f"{qtype}.gguf"
     write_gguf(path, cfg, hf_llama_state_dict(cfg, seed=3), qtypes={"": Q[qtype]})
     q, _ = lf.load(path)
-    mods = [m for m in q.modules() if isinstance(m, (Int4Linear, Int8Linear))]
+    mods = [m for m in q.modules() if isinstance(m, (Int4Linear, Int8Linear, Int5Linear))]
     assert mods and all(m.scales.dtype == torch.float16 for m in mods)
     ref = held_fp32(q)
     cpu.set_act_isa(act)

@@ -229,7 +229,9 @@ def test_model_loads_int5_and_matches_float(q5_gguf, tmp_path, monkeypatch):
     lf.save(q, None, tmp_path / "saved")
     again, _ = lf.load(tmp_path / "saved")
     assert isinstance(again.model.layers[0].self_attn.o_proj, Int5Linear)
-    assert again.model.layers[0].self_attn.o_proj.scales.dtype == torch.float32
+    o_proj = q.model.layers[0].self_attn.o_proj
+    assert again.model.layers[0].self_attn.o_proj.scales.dtype == torch.float16  # the file's (compact_scales)
+    assert torch.equal(again.model.layers[0].self_attn.o_proj.scales, o_proj.scales)
     with torch.no_grad():  # (before the fused runs: they leave the Int8Linear head on int8 activations)
         assert torch.equal(again(ids), prefill)
 

@@ -142,3 +142,20 @@ def test_q8_half_scales_need_group_32():
     wq, s = _q8_operands(4, 128)
     with pytest.raises(RuntimeError, match="float16 int8 scales need groups of 32"):
         K.ext().linear_q8_i8(torch.zeros(1, 128), wq, s.half()[:, :2].contiguous(), None, 64)
+
+
+# int5 (GGUF Q5_0: group 32): 576 = 9 chunks, 608 a last 32 columns
+@pytest.mark.parametrize("n,k", [(301, 576), (23, 608)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 9, 16, 19])
+def test_linear_q5_i8_half_equals_fp32_arrays(act_isa, n, k, rows):  # noqa: F811
+    from leanformer.compress.int5 import pack_codes
+
+    gen = torch.Generator().manual_seed(0)
+    qweight, qhigh = pack_codes(torch.randint(0, 32, (n, k), dtype=torch.uint8, generator=gen))
+    s = (torch.rand(n, k // 32, generator=gen) * 0.02 + 1e-3).half().float()
+    x, bias = torch.randn(rows, k - 5), torch.randn(n)
+    e = K.ext()
+    assert torch.equal(
+        e.linear_q5_i8(x, qweight, qhigh, s.half(), bias), e.linear_q5_i8(x, qweight, qhigh, s, bias)
+    )
+    assert torch.equal(e.dequant_q5(qweight, qhigh, s.half()), e.dequant_q5(qweight, qhigh, s))

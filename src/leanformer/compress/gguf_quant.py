@@ -141,7 +141,7 @@ def quantized_form(parts: list[GGUFTensor]) -> tuple[dict | None, dict[str, torc
         codes, scales = zip(*(_int5(p) for p in parts))
         qweight, qhigh = pack_codes(_cat(codes))
         packing = torch.tensor([PACKING], dtype=torch.uint8)
-        tensors = {"qweight": qweight, "qhigh": qhigh, "scales": _cat(scales), "packing": packing}
+        tensors = {"qweight": qweight, "qhigh": qhigh, **_as_held(_cat(scales)), "packing": packing}
         return {"type": "Int5Linear", "group_size": GROUP}, tensors
     if kinds <= INT8_TYPES:
         group = min(INT8_GROUP[k] for k in kinds)

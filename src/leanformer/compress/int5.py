@@ -108,7 +108,8 @@ class Int5Linear(QuantLinear):
 
     Buffers (state dict and runtime alike): `qweight` uint8 [N, Kp/2] and `qhigh` int32 [N, Kp/32], the
     codes in pack_codes' layout (Kp = in_features rounded up to 32, padded columns hold code 16, weight
-    0); `scales` fp32 [N, Kp/32], saved in the smallest exact float dtype (fp16 for GGUF); `packing`
+    0); `scales` [N, Kp/32], fp32 or fp16 where exact (GGUF Q5_0: QuantLinear.compact_scales, the
+    kernels read fp16), saved in the smallest exact float dtype (fp16 for GGUF); `packing`
     uint8 [1] = PACKING. A state dict without `packing` (saved before it) holds the first layout and is
     repacked on load.
 
@@ -118,6 +119,7 @@ class Int5Linear(QuantLinear):
 
     EXACT = ("scales", "input_scale")
     COMPACT = ("scales",)
+    HALF_SCALES = ("scales",)  # GGUF Q5_0's fp16 block scales, held as such (QuantLinear.compact_scales)
     # As Int8Linear's: set by the fused decode step for an LM head (int8 activations per block of 32).
     int8_activations: bool = False
 
@@ -200,6 +202,9 @@ class Int5Linear(QuantLinear):
             return ext.linear_q5_i8(x, self.qweight, self.qhigh, self.scales, bias)
         return ext.linear_f32(x, ext.dequant_q5(self.qweight, self.qhigh, self.scales), bias)
 
+    def _reads_half_scales(self) -> bool:
+        return True  # group 32 always: the int8-activation loops read fp16 (kernels/gemv_i8.cpp linear_q5_i8)
+
     def decode_operands(self) -> tuple:
         # the fused step's "q5" kind takes the high bits in the zeros slot
         return ("q5", self.qweight, self.scales, self.qhigh, GROUP, self.k_padded)
@@ -208,7 +213,13 @@ class Int5Linear(QuantLinear):
         """fp32 [R, K]; rows a slice or an index tensor. The torch reference of dequant_q5."""
         c = unpack_codes(self.qweight[rows], self.qhigh[rows], self.k_padded)  # [R, Kp]
         n = c.shape[0]
-        w = c.view(n, -1, GROUP).float().sub_(16).mul_(self.scales[rows][:, :, None]).view(n, self.k_padded)
+        w = (
+            c.view(n, -1, GROUP)
+            .float()
+            .sub_(16)
+            .mul_(self.scales[rows].float()[:, :, None])
+            .view(n, self.k_padded)
+        )
         return w if self.k_padded == self.in_features else w[:, : self.in_features]
 
     def _dequant_native(self, rows: slice | torch.Tensor, bf16: bool) -> torch.Tensor:

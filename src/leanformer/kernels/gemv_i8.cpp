@@ -333,15 +333,16 @@ void run_rows_q5(const I8Args& a) {
   });
 }
 
-// w uint8 [N, Kp/2], high int32 [N, Kp/32], scales fp32 [N, Kp/32] (compress/int5.py's buffers) -> Kp
+// w uint8 [N, Kp/2], high int32 [N, Kp/32], scales fp32 / fp16 [N, Kp/32] (compress/int5.py's buffers)
 void check_q5(const at::Tensor& w, const at::Tensor& high, const at::Tensor& scales) {
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.scalar_type() == at::kByte && w.size(1) % 16 == 0,
               "int5 Wq must be uint8 [N, Kp/2] with Kp a multiple of 32");
   const int64_t N = w.size(0), G = w.size(1) / 16;
   TORCH_CHECK(high.scalar_type() == at::kInt && high.dim() == 2 && high.size(0) == N && high.size(1) == G,
               "int5 high bits must be int32 [N, Kp/32]");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 2 && scales.size(0) == N && scales.size(1) == G,
-              "int5 scales must be float32 [N, Kp/32]");
+  TORCH_CHECK((scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf) && scales.dim() == 2 &&
+                  scales.size(0) == N && scales.size(1) == G,
+              "int5 scales must be float32 or float16 [N, Kp/32]");
 }
 
 }  // namespace
@@ -363,9 +364,12 @@ at::Tensor linear_q5_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
                     acts.xc + m * 8 * chunks);
   at::Tensor y = at::empty({M, N}, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kI8Rows) {
+    // fp16 scales (GGUF Q5_0's, as Int5Linear holds them): read by the loops themselves (I8Args::scales_h)
+    const bool half = scales.scalar_type() == at::kHalf;
     I8Args a{acts.xq + m0 * Kx, dv + m0 * 8 * chunks, xs + m0 * G, w.data_ptr<uint8_t>(),
-             scales.data_ptr<float>(), nullptr, b, y.data_ptr<float>() + m0 * N,
+             half ? nullptr : scales.data_ptr<float>(), nullptr, b, y.data_ptr<float>() + m0 * N,
              std::min<int64_t>(kI8Rows, M - m0), N, Kp, Kx, 32};
+    if (half) a.scales_h = static_cast<const uint16_t*>(scales.data_ptr());
     a.high = reinterpret_cast<const uint32_t*>(high.data_ptr<int32_t>());
     a.xc = acts.xc + m0 * 8 * chunks;
     run_rows_q5(a);
@@ -377,7 +381,8 @@ at::Tensor linear_q5_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Te
 // of a small integer and an fp16 scale is exact, so this equals GGUF's dequantization bit for bit).
 at::Tensor dequant_q5(const at::Tensor& w_, const at::Tensor& high_, const at::Tensor& scales_) {
   check_q5(w_, high_, scales_);
-  const at::Tensor w = w_.contiguous(), high = high_.contiguous(), scales = scales_.contiguous();
+  // fp16 scales widened for the call (the rows dequantized: a prefill chunk's, or the fp32-activation path)
+  const at::Tensor w = w_.contiguous(), high = high_.contiguous(), scales = scales_.to(at::kFloat).contiguous();
   const int64_t R = w.size(0), Kp = 2 * w.size(1), G = Kp / 32, chunks = Kp / 64;
   at::Tensor out = at::empty({R, Kp}, at::TensorOptions().dtype(at::kFloat));
   const uint8_t* wp = w.data_ptr<uint8_t>();

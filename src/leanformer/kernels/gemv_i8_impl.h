@@ -219,13 +219,13 @@ inline void q8_rows_nr(const I8Args& a, int64_t n, float (&out)[NR][M]) {
 // Which row function a call runs: int4 (group layout S), int8 (per row / per group, or kG16: Q6_K's two
 // scales per 32-column block), int5.
 // q4w / q8w / q8s: the 512-bit loops (gemv_i8_wide.h); q4wh / q8sh / q4h / q8h: q4w / q8s / q4 / q8 reading
-// the fp16 scales (I8Args::scales_h), each converted where it is used
-enum class Kind { q4, q8, q8g16, q5, q4w, q8w, q8s, q4wh, q8sh, q4h, q8h };
+// the fp16 scales (I8Args::scales_h), each converted where it is used; q5h: q5 likewise
+enum class Kind { q4, q8, q8g16, q5, q4w, q8w, q8s, q4wh, q8sh, q4h, q8h, q5h };
 constexpr bool q8_spans(Kind K) { return K == Kind::q8s || K == Kind::q8sh; }
-constexpr bool nib256(Kind K) { return K == Kind::q4 || K == Kind::q4h || K == Kind::q5; }
+constexpr bool nib256(Kind K) { return K == Kind::q4 || K == Kind::q4h || K == Kind::q5 || K == Kind::q5h; }
 constexpr bool nibbles(Kind K) { return nib256(K) || K == Kind::q4w || K == Kind::q4wh; }
 constexpr bool half_scales(Kind K) {
-  return K == Kind::q4wh || K == Kind::q8sh || K == Kind::q4h || K == Kind::q8h;
+  return K == Kind::q4wh || K == Kind::q8sh || K == Kind::q4h || K == Kind::q8h || K == Kind::q5h;
 }
 constexpr bool wide_nibbles(Kind K) { return K == Kind::q4w || K == Kind::q4wh; }
 
@@ -250,7 +250,7 @@ __attribute__((always_inline)) inline void rows_nr(const I8Args& a, const XPack&
   else
 #endif
   if constexpr (nib256(K))
-    nib_rows<NR, M, D, S, K == Kind::q5, K == Kind::q4h>(a, p, n, out);
+    nib_rows<NR, M, D, S, K == Kind::q5 || K == Kind::q5h, K == Kind::q4h || K == Kind::q5h>(a, p, n, out);
   else
     q8_rows_nr<NR, M, D, K == Kind::q8g16, K == Kind::q8h>(a, n, out);
   LF_UNROLL
@@ -359,7 +359,7 @@ inline void rows(const I8Args& a, int64_t n0, int64_t n1) {
   I8Args h[2] = {a, a};
   h[0].M = 8, h[1].M = a.M - 8;
   h[0].next = h[1].next = I8Next{};  // tile by tile: no single end to request the next weights from
-  const int64_t m0 = h[0].M, groups = kNib ? a.K / (K == Kind::q5 ? 32 : a.group) : 0;
+  const int64_t m0 = h[0].M, groups = kNib ? a.K / (K == Kind::q5 || K == Kind::q5h ? 32 : a.group) : 0;
   h[1].xq += m0 * a.Kx, h[1].y += m0 * a.N;
   if (a.dv) h[1].dv += m0 * (kNib ? a.Kx / 8 : a.Kx / 32);
   if (kNib) h[1].xs += m0 * groups, h[1].xc += m0 * (a.Kx / 8);
@@ -425,7 +425,9 @@ inline void q4_any(const I8Args& a, int64_t n0, int64_t n1) {
 namespace LF_I8_NS {
 void q4_rows(const I8Args& a, int64_t n0, int64_t n1) { q4_any<LF_I8_DOT>(a, n0, n1); }
 void q8_rows(const I8Args& a, int64_t n0, int64_t n1) { q8_any<LF_I8_DOT>(a, n0, n1); }
-void q5_rows(const I8Args& a, int64_t n0, int64_t n1) { rows<LF_I8_DOT, Kind::q5>(a, n0, n1); }
+void q5_rows(const I8Args& a, int64_t n0, int64_t n1) {  // scales null: held as fp16 (scales_h)
+  a.scales ? rows<LF_I8_DOT, Kind::q5>(a, n0, n1) : rows<LF_I8_DOT, Kind::q5h>(a, n0, n1);
+}
 }  // namespace LF_I8_NS
 
 }  // namespace leanformer
