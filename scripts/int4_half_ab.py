@@ -50,7 +50,10 @@ def main() -> None:
     from leanformer.measure.bench.paired import decode_tok_s
 
     if a.act_isa:
-        cpu.set_act_isa(a.act_isa)
+        try:
+            cpu.set_act_isa(a.act_isa)
+        except ValueError as e:
+            raise SystemExit(f"--act-isa: {e}") from None
     half, _ = lf.load(resolve_model(a.model))
     variants = {"fp16 held": half, "fp32 arrays": held_fp32(half)}
     rows: dict[tuple[str, str], list[float]] = {}

@@ -55,7 +55,10 @@ def main() -> None:
     if a.act_isa:
         from leanformer.kernels import cpu
 
-        cpu.set_act_isa(a.act_isa)
+        try:
+            cpu.set_act_isa(a.act_isa)
+        except ValueError as e:
+            raise SystemExit(f"--act-isa: {e}") from None
     model, _ = lf.load(a.model, keep_quantized=not a.dequantize)
     if a.fp32_scales:
         for m in model.modules():

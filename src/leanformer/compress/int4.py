@@ -40,6 +40,7 @@ class Int4Linear(QuantLinear):
 
     EXACT = ("scales", "zeros", "input_scale", "scale_ranges")
     COMPACT = ("scales", "zeros")
+    HALF_SCALES = ("scales", "zeros")  # fp16 where exact at group 32 (QuantLinear.compact_scales)
     symmetric: bool = (
         False  # no zeros buffer (set per instance; the class default for objects pickled before it)
     )
@@ -129,11 +130,9 @@ class Int4Linear(QuantLinear):
         m.compact_scales()
         return m
 
-    HALF_SCALES = ("scales", "zeros")
-
     def _reads_half_scales(self) -> bool:
         # group 32: the int8-activation loops read fp16 (elsewhere a per-chunk decode would cost speed);
-        # 8-bit codes are smaller still. SmolLM2's Q4_1: 126 -> ~100 MB in RAM for its 98 MB file.
+        # 8-bit codes are smaller still. SmolLM2's Q4_1 file: ~0.95x its size in RAM (docs/BENCHMARKS.md)
         return self.scale_bits is None and self.group_size == 32
 
     def set_params(self, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> None:

@@ -30,9 +30,9 @@ weights' own math: what `eval` compares when it isolates weight quantization err
 
 Scales/zeros keep their dtype whatever dtype the model is cast to (`EXACT`: never rounded by a cast):
 fp32, or fp16 at group 32 where fp16 holds every value (`HALF_SCALES`, compact_scales: GGUF blocks, int4
-round-to-nearest's bf16 values; the kernels read fp16); loads widen them to fp32 first. Saved in the smallest float dtype that
-holds them exactly (`COMPACT`): bf16 for the round-to-nearest / GPTQ / AWQ quantizers (whose scales are
-bf16 values, the format of older saves), fp16 or fp32 for GGUF blocks.
+round-to-nearest's bf16 values; the kernels read fp16); loads widen them to fp32 first. Saved in the
+smallest float dtype that holds them exactly (`COMPACT`): bf16 for the round-to-nearest / GPTQ / AWQ
+quantizers (whose scales are bf16 values, the format of older saves), fp16 or fp32 for GGUF blocks.
 """
 
 from __future__ import annotations
@@ -157,9 +157,9 @@ class QuantLinear(nn.Module):
         self._tidy()
 
     def _tidy(self) -> None:
-        """After loading (assign=True hands over the file's tensors as they are): fp32 contiguous
-        scales (Int4Linear then compacts them), and contiguous, 64-byte aligned integer codes (safetensors maps tensors at 8-byte
-        offsets; torch's AVX-512 int8 kernel crashes on those, ours do not care)."""
+        """After loading (assign=True hands over the file's tensors as they are): contiguous scales, fp32
+        or (HALF_SCALES, compact_scales) fp16, and contiguous, 64-byte aligned integer codes (safetensors
+        maps tensors at 8-byte offsets; torch's AVX-512 int8 kernel crashes on those, ours do not care)."""
         for name, t in self._buffers.items():
             if t is None or t.is_meta:
                 continue

@@ -68,8 +68,12 @@ struct GemmActs {
 };
 
 // Both GEMMs past their checks: x [M, K] fp32 contiguous, w the codes (q4: nibbles [N, Kp/2]; q8: int8
-// [N, Kp]), scales fp32 [N, Kp / group] contiguous (q4 group 32: or fp16), zeros (q4 only) fp32 / fp16 [N, Kp / group] or none.
-at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& w, int64_t N, int64_t Kp, const at::Tensor& scales,
+// [N, Kp]), scales fp32 / fp16 [N, Kp / group], zeros (q4 only) fp32 / fp16 [N, Kp / group] or none.
+// fp16 scales (GGUF blocks held so): at group 32 each weight row's widened before its tiles
+// (GemmQ4Args::scales_h), else for the call (a chained prefill calls per piece of the prompt: widening a
+// whole model's scales per call cost ~5% of a 128-token prefill); fp16 zeros widen in the transposing
+// copy below. Exact either way.
+at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& w, int64_t N, int64_t Kp, const at::Tensor& scales_,
                     const std::optional<at::Tensor>& zeros_, int64_t group, const std::optional<at::Tensor>& bias,
                     bool q8) {
   const int64_t M = x.size(0), G = Kp / group;
@@ -77,7 +81,8 @@ at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& w, int64_t N, int64_t
   const int64_t L = isa == kAvx512Vnni ? 16 : 8, T = (M + L - 1) / L;
   const GemmActs acts(x, Kp, group, L, zeros_.has_value(), q8 ? 128 : 8);
   at::Tensor yt = at::empty({N, T * L}, x.options()), y = at::empty({M, N}, x.options());
-  const bool half = scales.scalar_type() == at::kHalf;  // group 32 (the entry points decide)
+  const bool half = scales_.scalar_type() == at::kHalf && group == 32 && G <= kHalfWiden;
+  const at::Tensor scales = half ? scales_.contiguous() : scales_.to(at::kFloat).contiguous();
   GemmQ4Args a{acts.xt.data_ptr<int8_t>(), acts.dx.data_ptr<float>(), acts.xo.data_ptr<int32_t>(),
                static_cast<const uint8_t*>(w.data_ptr()), half ? nullptr : scales.data_ptr<float>(),
                yt.data_ptr<float>(), M, N, Kp, T, group, q8};
@@ -134,13 +139,7 @@ at::Tensor gemm_q4_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tens
   TORCH_CHECK(!zeros_ || (f32_or_f16(*zeros_) && zeros_->sizes() == scales_.sizes()),
               "zeros must be float32 or float16 shaped like the scales, or None");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == N), "bias must be float32 [N]");
-  // fp16 scales (an Int4Linear's GGUF blocks): at group 32 each weight row's widened before its tiles
-  // (GemmQ4Args::scales_h), else for the call (a chained prefill calls per piece of the prompt: widening
-  // all of a model's scales per call cost ~5% of a 128-token prefill); fp16 zeros widen in run_gemm's
-  // transposing copy. Exact either way.
-  const bool half = scales_.scalar_type() == at::kHalf && group == 32 && G <= kHalfWiden;
-  return run_gemm(x_.contiguous(), w_.contiguous(), N, Kp, half ? scales_.contiguous() : scales_.to(at::kFloat).contiguous(),
-                  zeros_, group, bias, false);
+  return run_gemm(x_.contiguous(), w_.contiguous(), N, Kp, scales_, zeros_, group, bias, false);
 }
 
 // x [M, K] fp32, w int8 [N, K] (K a multiple of 32), scales fp32 [N] (group 0: one per row) or
@@ -158,11 +157,7 @@ at::Tensor gemm_q8_i8(const at::Tensor& x_, const at::Tensor& w_, const at::Tens
                   scales_.numel() == N * (K / g),
               "scales must be float32 or float16 [N", group ? ", K / group" : "", "]");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == N), "bias must be float32 [N]");
-  // fp16 scales (GGUF Q8_0): as the int4 GEMM's, per weight row at group 32, else for the call
-  const at::Tensor s = scales_.reshape({N, K / g});
-  const bool half = s.scalar_type() == at::kHalf && g == 32 && K / g <= kHalfWiden;
-  return run_gemm(x_.contiguous(), w_.contiguous(), N, K, half ? s.contiguous() : s.to(at::kFloat).contiguous(),
-                  std::nullopt, g, bias, true);
+  return run_gemm(x_.contiguous(), w_.contiguous(), N, K, scales_.reshape({N, K / g}), std::nullopt, g, bias, true);
 }
 
 void bind_gemm_q4_i8(pybind11::module_& m) {
