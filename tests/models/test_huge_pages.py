@@ -190,3 +190,19 @@ def test_decoding_with_the_kv_cache_in_huge_pages_gives_the_same_tokens(tiny_dir
     monkeypatch.setattr(kv_cache, "huge_zeros", every_cache)
     assert lf.generate(model, None, ids, max_new_tokens=8, ignore_eos=True) == want
     assert made and all(m is not None for m in made)
+
+
+def test_int4_prefill_after_a_plan_moved_the_weights_under_inference_mode(tiny_dirs, monkeypatch):
+    """A deep copy's weights move again when its decode plan is built, inside inference_mode there (so as
+    inference tensors, without version counters): a long prompt's int4 prefill afterwards, which checks its
+    zero points' version (Int4Linear._nonzero), still runs and gives the copy's logits."""
+    monkeypatch.setattr(huge_pages, "MIN_BYTES", 1)
+    model, _ = lf.load(tiny_dirs["llama"])
+    lf.quantize_(model, lf.compress.Int4WeightOnly(group_size=32))
+    twin = copy.deepcopy(model)
+    prompt = torch.arange(3, 43)[None]  # past DECODE_MAX_ROWS: the module path's prefill (GEMM or dequant)
+    with torch.inference_mode():
+        want = model(prompt)
+        lf.generate(twin, None, [[3, 14, 15]], max_new_tokens=2, ignore_eos=True)  # builds twin's plan
+        assert any(b.is_inference() for b in twin.buffers())
+        assert torch.equal(twin(prompt), want)

@@ -251,7 +251,9 @@ class Int4Linear(QuantLinear):
             return None
         if self.scale_bits is not None:
             return zeros if zeros.any() else None
-        key = (zeros.data_ptr(), zeros._version)
+        # an inference tensor (made under inference_mode, e.g. moved into huge pages by a decode plan built
+        # there) has no version counter: it cannot be written outside inference_mode, taken as unchanged
+        key = (zeros.data_ptr(), -1 if zeros.is_inference() else zeros._version)
         if self._zeros_key != key:
             self._zeros_key, self._zeros_any = key, bool(zeros.any())
         return zeros if self._zeros_any else None
