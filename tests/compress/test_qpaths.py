@@ -107,6 +107,17 @@ def test_prefill_path_fp32_and_bf16(kind, n, k, bias, awq, monkeypatch):
     assert calls[0] == 0
 
 
+def test_int4_made_under_inference_mode_runs_its_prefill_outside_it():
+    """An Int4Linear built under inference_mode holds inference tensors, which have no version counter: its
+    int8 prefill GEMM's zero-point check (Int4Linear._nonzero) takes them as unchanged."""
+    with torch.inference_mode():
+        m = Int4Linear.from_linear(nn.Linear(64, 16), 32)
+    assert m.zeros.is_inference()
+    x = torch.randn(40, 64)
+    with torch.no_grad():
+        assert rel(m(x), reference(m, x)) < 2e-2  # int8 activations where the kernels run, else exact
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_kernels_disabled_fall_back(kind, monkeypatch):
     monkeypatch.setattr(lk, "available", lambda: False)

@@ -192,17 +192,21 @@ def test_decoding_with_the_kv_cache_in_huge_pages_gives_the_same_tokens(tiny_dir
     assert made and all(m is not None for m in made)
 
 
-def test_int4_prefill_after_a_plan_moved_the_weights_under_inference_mode(tiny_dirs, monkeypatch):
-    """A deep copy's weights move again when its decode plan is built, inside inference_mode there (so as
-    inference tensors, without version counters): a long prompt's int4 prefill afterwards, which checks its
-    zero points' version (Int4Linear._nonzero), still runs and gives the copy's logits."""
+def test_weights_moved_by_a_plan_built_under_inference_mode_stay_normal_tensors(tiny_dirs, monkeypatch):
+    """A quantized model's new buffers move into huge pages when generate builds its decode plan, inside
+    inference_mode: they must stay normal tensors, or the model could not be loaded into, trained or
+    written in place afterwards ("Inplace update to inference tensor outside InferenceMode")."""
     monkeypatch.setattr(huge_pages, "MIN_BYTES", 1)
     model, _ = lf.load(tiny_dirs["llama"])
     lf.quantize_(model, lf.compress.Int4WeightOnly(group_size=32))
-    twin = copy.deepcopy(model)
-    prompt = torch.arange(3, 43)[None]  # past DECODE_MAX_ROWS: the module path's prefill (GEMM or dequant)
-    with torch.inference_mode():
+    sd = copy.deepcopy(model.state_dict())
+    prompt = torch.arange(3, 43)[None]  # past DECODE_MAX_ROWS: the module path's prefill
+    with torch.no_grad():
         want = model(prompt)
-        lf.generate(twin, None, [[3, 14, 15]], max_new_tokens=2, ignore_eos=True)  # builds twin's plan
-        assert any(b.is_inference() for b in twin.buffers())
-        assert torch.equal(twin(prompt), want)
+    before = model._huge_pages if hasattr(model, "_huge_pages") else []
+    lf.generate(model, None, [[3, 14, 15]], max_new_tokens=2, ignore_eos=True)
+    assert model._huge_pages != before, "generate's plan moved the quantized buffers"
+    assert not any(t.is_inference() for t in [*model.buffers(), *model.parameters()])
+    model.load_state_dict(sd)
+    with torch.no_grad():
+        assert torch.equal(model(prompt), want)

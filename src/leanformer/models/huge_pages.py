@@ -114,7 +114,14 @@ def _move(block: torch.Tensor, off: int, s: torch.UntypedStorage, users: list) -
 
 def to_huge_pages(model: nn.Module) -> int:
     """Move the model's large CPU tensors into one huge-page block (see the module's docstring); returns
-    the bytes moved (0: THP unavailable, or everything already there)."""
+    the bytes moved (0: THP unavailable, or everything already there). The moved tensors are normal ones
+    even when this runs under inference_mode (a decode plan built in generate): an inference tensor in a
+    module could not be loaded into, trained or written in place outside inference_mode afterwards."""
+    with torch.inference_mode(False):
+        return _to_huge_pages(model)
+
+
+def _to_huge_pages(model: nn.Module) -> int:
     blocks = getattr(model, "_huge_pages", [])  # (start, end) of the mappings moved into before
     todo = [
         (s, users)
