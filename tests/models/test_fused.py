@@ -9,6 +9,7 @@ import torch
 
 import leanformer as lf
 from leanformer import kernels
+from leanformer.compress.structured import drop_layers
 from leanformer.models.fused import set_decode_activations
 from leanformer.models.kv_cache import KVCache
 
@@ -133,6 +134,22 @@ def test_rebuilt_after_quantize_and_moves(tiny_dirs):
     assert lf.generate(twin, None, prompt, max_new_tokens=8, ignore_eos=True) == int4
     assert twin._decode_plan.stack is not model._decode_plan.stack
     assert len(fp32) == 8
+
+
+def test_rebuilt_after_the_layer_list_is_replaced(tiny_dirs):
+    """PruneLayers (compress/structured.py drop_layers) puts a new ModuleList in place of the old one,
+    whose entries are all still there: the plan must see the new list, not decode the old layers (it
+    failed with "one K and one V cache per layer")."""
+    model, _ = lf.load(tiny_dirs["llama"])
+    prompt = [5, 6, 7, 8]
+    lf.generate(model, None, prompt, max_new_tokens=4, ignore_eos=True)  # builds the plan
+    twin = copy.deepcopy(model)
+    for m in (model, twin):
+        drop_layers(m, [0])
+    assert len(model.model.layers) == model.args.num_hidden_layers
+    got = lf.generate(model, None, prompt, max_new_tokens=8, ignore_eos=True)
+    twin.fused_decode = False
+    assert got == lf.generate(twin, None, prompt, max_new_tokens=8, ignore_eos=True)
 
 
 def test_real_smollm2_greedy_identical(smollm2):

@@ -101,8 +101,12 @@ def _identity(model: nn.Module) -> list[tuple[dict, str, object]]:
     kernels/identity.cpp: ~120 µs for SmolLM2's 757 entries in a decode loop, where each dict misses the
     caches; the same test as a Python generator took ~180-260 µs, a walk through nn.Module.__getattr__
     more)."""
-    out: list[tuple[dict, str, object]] = []
     layers = model.model.layers
+    # the containers above the layers too: a new layer list (PruneLayers) or backbone replaces them whole
+    out: list[tuple[dict, str, object]] = [
+        (model._modules, "model", model.model),
+        (model.model._modules, "layers", layers),
+    ]
     for i, block in enumerate(layers):
         out.append((layers._modules, str(i), block))
         for path in _NAMES:
