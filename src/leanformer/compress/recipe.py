@@ -260,7 +260,7 @@ def prune_(
     if not isinstance(config, (PruneConfig, PruneFFN, PruneHeads, PruneLayers)):
         raise LeanformerError(
             f"prune_ expects Magnitude, Wanda, SparseGPT, PruneFFN, PruneHeads or PruneLayers, got {type(config).__name__}; "
-            "use quantize_ for quantization"
+            "use quantize_ for quantization and low-rank (LowRank)"
         )
     return quantize_(model, config, calibration, progress=progress)
 
