@@ -66,6 +66,28 @@ def test_moved_weights_keep_values_objects_and_sharing():
 
 
 @needs_thp
+@pytest.mark.parametrize("made_in_inference_mode", [False, True])
+def test_moved_under_inference_mode_keep_their_kind(made_in_inference_mode):
+    """Moved inside inference_mode (a decode plan built in generate), normal tensors stay normal (loadable,
+    trainable, writable afterwards) and inference tensors stay inference ones (a Parameter's .data cannot
+    change kind)."""
+    with torch.inference_mode(made_in_inference_mode):
+        net = Net()
+    x = torch.randint(0, 512, (3,))
+    with torch.inference_mode(made_in_inference_mode):
+        want = net.head(net.embed(x))
+    with torch.inference_mode():
+        assert to_huge_pages(net) > 0
+    tensors = [*net.parameters(), *net.buffers()]
+    assert all(t.is_inference() is made_in_inference_mode for t in tensors)
+    with torch.inference_mode(made_in_inference_mode):
+        assert torch.equal(net.head(net.embed(x)), want)
+    if not made_in_inference_mode:
+        net.load_state_dict(net.state_dict())
+        net.proj.weight.data.mul_(2)
+
+
+@needs_thp
 def test_the_block_gets_huge_pages():
     block = huge_empty(8 << 20)
     assert block.data_ptr() % (2 << 20) == 0 and block.numel() == 8 << 20

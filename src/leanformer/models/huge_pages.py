@@ -97,13 +97,15 @@ def _move(block: torch.Tensor, off: int, s: torch.UntypedStorage, users: list) -
     mapping = new.untyped_storage()  # the whole mapping's: offsets count from its start
     at = new.data_ptr() - mapping.data_ptr()  # bytes; a multiple of 64 (the block is page aligned)
     # each tensor object once (a tied Parameter is listed by both modules), its place read before any
-    # is rebound
-    views = {
-        id(t): torch.empty(0, dtype=t.dtype).set_(
-            mapping, at // t.element_size() + t.storage_offset(), t.size(), t.stride()
-        )
-        for _, _, t in users
-    }
+    # is rebound; a normal or an inference tensor as the one it replaces, whatever mode this runs in (a
+    # normal tensor turned inference one by a plan built under inference_mode, e.g. in generate, could not
+    # be loaded into, trained or written in place outside inference_mode afterwards)
+    views = {}
+    for _, _, t in users:
+        with torch.inference_mode(t.is_inference()):
+            views[id(t)] = torch.empty(0, dtype=t.dtype).set_(
+                mapping, at // t.element_size() + t.storage_offset(), t.size(), t.stride()
+            )
     for store, name, t in users:
         if not isinstance(t, nn.Parameter):
             store[name] = views[id(t)]
@@ -114,14 +116,7 @@ def _move(block: torch.Tensor, off: int, s: torch.UntypedStorage, users: list) -
 
 def to_huge_pages(model: nn.Module) -> int:
     """Move the model's large CPU tensors into one huge-page block (see the module's docstring); returns
-    the bytes moved (0: THP unavailable, or everything already there). The moved tensors are normal ones
-    even when this runs under inference_mode (a decode plan built in generate): an inference tensor in a
-    module could not be loaded into, trained or written in place outside inference_mode afterwards."""
-    with torch.inference_mode(False):
-        return _to_huge_pages(model)
-
-
-def _to_huge_pages(model: nn.Module) -> int:
+    the bytes moved (0: THP unavailable, or everything already there)."""
     blocks = getattr(model, "_huge_pages", [])  # (start, end) of the mappings moved into before
     todo = [
         (s, users)
