@@ -151,3 +151,12 @@ def test_engine_health_reports_a_dead_thread_and_a_stuck_step(llama):
 def test_sampling_params_refuse_non_finite_values_and_bad_seeds(kw, field):
     with pytest.raises(lf.LeanformerError, match=f"^{field} must be"):
         lf.SamplingParams(**kw)
+
+
+def test_max_new_tokens_below_zero_is_refused_and_zero_generates_nothing(llama):
+    model = llama
+    with pytest.raises(lf.LeanformerError, match="max_new_tokens must be >= 0, got -1"):
+        lf.generate(model, None, [3, 14, 15], max_new_tokens=-1)
+    with pytest.raises(lf.LeanformerError, match="max_new_tokens must be >= 0"):
+        list(lf.stream_generate(model, None, [3, 14, 15], max_new_tokens=-3))
+    assert lf.generate(model, None, [3, 14, 15], max_new_tokens=0) == []

@@ -129,7 +129,9 @@ def decode(
     spec = resolve_speculative(speculative, model)
     vocab = model.args.vocab_size
     check_prompts(prompts, vocab)
-    if max_new_tokens <= 0:
+    if max_new_tokens < 0:
+        raise LeanformerError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens == 0:
         return
     context = model.args.max_position_embeddings
     longest = max(len(p) for p in prompts)
