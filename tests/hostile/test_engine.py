@@ -160,3 +160,28 @@ def test_max_new_tokens_below_zero_is_refused_and_zero_generates_nothing(llama):
     with pytest.raises(lf.LeanformerError, match="max_new_tokens must be >= 0"):
         list(lf.stream_generate(model, None, [3, 14, 15], max_new_tokens=-3))
     assert lf.generate(model, None, [3, 14, 15], max_new_tokens=0) == []
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        (None, "got NoneType"),
+        ([1.5, 2.0], "got float"),  # floats were taken for a batch of prompts
+        ([3, 1.5], "got 1.5 in it"),  # int(1.5) would have truncated silently
+        ([3, True], "got True in it"),
+        ([[3], None], "got NoneType"),
+    ],
+)
+def test_prompts_that_are_not_text_chats_or_ids_are_refused_in_one_line(llama, prompt, message):
+    with pytest.raises(lf.LeanformerError, match=message):
+        lf.generate(llama, None, prompt, max_new_tokens=2)
+
+
+def test_numpy_ids_are_prompts_like_lists(llama):
+    np = pytest.importorskip("numpy")
+    want = lf.generate(llama, None, [[3, 14, 15], [3, 4, 5]], max_new_tokens=3, ignore_eos=True)
+    assert lf.generate(llama, None, np.array([3, 14, 15]), max_new_tokens=3, ignore_eos=True) == want[0]
+    assert (
+        lf.generate(llama, None, np.array([[3, 14, 15], [3, 4, 5]]), max_new_tokens=3, ignore_eos=True)
+        == want
+    )

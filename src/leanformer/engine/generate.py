@@ -7,11 +7,13 @@ their cache slots are simply no longer named in the next step.
 
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from leanformer.engine import spec_rows
@@ -55,12 +57,12 @@ def encode_prompt(tok, prompt: Prompt) -> list[int]:
         return list(tok.encode(prompt))
     if len(prompt) and isinstance(prompt[0], dict):
         return encode_chat(tok, list(prompt))
-    try:
-        ids = [int(t) for t in prompt]
-    except (TypeError, ValueError):
+    if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
+        bad = next(t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool))
         raise LeanformerError(
-            "a prompt must be text, a chat (list of messages) or a list of token ids"
-        ) from None
+            f"a prompt must be text, a chat (list of messages) or a list of token ids (integers), got {bad!r} in it"
+        )
+    ids = [int(t) for t in prompt]
     if not ids:
         raise LeanformerError("empty prompt: give at least one token (e.g. the BOS id)")
     return ids
@@ -139,7 +141,7 @@ def decode(
     if longest + max_new_tokens > context and not isinstance(kv_policy, SinkWindow):
         raise LeanformerError(
             f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's context of {context}"
-            "; --sinks/--window (a sliding window) generates past it"
+            "; a sliding window (kv_policy=SinkWindow(...), CLI --sinks/--window) generates past it"
         )
     if spec is not None and len(prompts) == 1 and params.repetition_penalty == 1.0:
         yield from speculative_decode(model, prompts[0], max_new_tokens, params, spec, stop_ids, stats)
@@ -240,8 +242,15 @@ def _prefill_pieces(model, cache: PolicyCache, prompt: list[int], slot: int) -> 
 
 def _texts_or_ids(tok, prompt):
     """Normalise one prompt or a batch of prompts → (list of prompts, was_batch, wants_text)."""
+    if isinstance(prompt, np.ndarray):  # ids from a tokenizer's return_tensors="np"
+        prompt = torch.as_tensor(prompt)
     single_ids = isinstance(prompt, Sequence) and len(prompt) > 0 and isinstance(prompt[0], int)
     single_chat = isinstance(prompt, Sequence) and len(prompt) > 0 and isinstance(prompt[0], dict)
+    if not isinstance(prompt, (Sequence, torch.Tensor)):
+        raise LeanformerError(
+            "a prompt must be text, a chat (list of messages), a list of token ids, or a list of these; "
+            f"got {type(prompt).__name__}"
+        )
     if (
         isinstance(prompt, str)
         or single_ids
@@ -253,6 +262,12 @@ def _texts_or_ids(tok, prompt):
         batch, was_batch = list(prompt), True
     if not batch:
         raise LeanformerError("empty prompt: give text, a chat, token ids, or a list of prompts")
+    for p in batch:  # e.g. None, or floats taken for a batch of prompts
+        if not isinstance(p, (Sequence, torch.Tensor)):
+            raise LeanformerError(
+                "a prompt must be text, a chat (list of messages), a list of token ids, or a list of these; "
+                f"got {type(p).__name__}"
+            )
     batch = [p.tolist() if isinstance(p, torch.Tensor) else p for p in batch]
     wants_text = tok is not None and not (len(batch[0]) and isinstance(batch[0][0], int))
     return batch, was_batch, wants_text
