@@ -58,6 +58,21 @@ def test_classify_uses_id2label(tmp_path):
     assert all(abs(o["score"] - float(p.max())) < 1e-4 for o, p in zip(out, probs))
 
 
+def test_one_text_and_bad_texts(tmp_path, tiny):
+    """A single string is one text (classify returned one entry per character); anything but strings is
+    refused in one line."""
+    _, model, tok = tiny
+    assert embed(model, tok, SENTENCES[0]).shape == (1, 64)
+    assert np.array_equal(embed(model, tok, SENTENCES[0]), embed(model, tok, SENTENCES[:1]))
+    clf, ctok = load_encoder(tiny_encoder_dir(tmp_path / "c", "RobertaForSequenceClassification"))
+    assert classify(clf, ctok, SENTENCES[0]) == classify(clf, ctok, SENTENCES[:1])
+    for bad, message in ((None, "got NoneType"), ([["a"]], "got a list"), (["a", 3], "got a int")):
+        with pytest.raises(LeanformerError, match=message):
+            embed(model, tok, bad)
+        with pytest.raises(LeanformerError, match=message):
+            classify(clf, ctok, bad)
+
+
 @pytest.mark.parametrize("fast", [False, True])  # plain torch / oneDNN-packed, whatever this CPU is
 def test_probe_trains_saves_and_reloads(tmp_path, tiny, fast):
     import leanformer as lf

@@ -82,7 +82,7 @@ def embed(
     positions= "interpolate" (default) or "repeat" says how positions past its end are read.
     """
     long = _long_attention(model, attention, max_length, attention_options)
-    texts = [texts] if isinstance(texts, str) else list(texts)
+    texts = _texts(texts)
     unique = list(dict.fromkeys(texts))  # a repeated text is embedded once (exact: same ids, same math)
     out: torch.Tensor | None = None
     with torch.inference_mode():
@@ -99,6 +99,22 @@ def embed(
         row = {t: i for i, t in enumerate(unique)}
         out = out[torch.tensor([row[t] for t in texts])]
     return out.numpy() if numpy else out
+
+
+def _texts(texts) -> list[str]:
+    """One text or an iterable of texts → a list of strings, else a one-line error."""
+    if isinstance(texts, str):
+        return [texts]
+    try:
+        out = list(texts)
+    except TypeError:
+        raise LeanformerError(
+            f"texts must be a string or a list of strings, got {type(texts).__name__}"
+        ) from None
+    bad = next((t for t in out if not isinstance(t, str)), None)
+    if bad is not None:
+        raise LeanformerError(f"texts must be strings, got a {type(bad).__name__}")
+    return out
 
 
 def _long_attention(model, attention, max_length: int | None, options: dict) -> LongAttention | None:
@@ -119,6 +135,7 @@ def _long_attention(model, attention, max_length: int | None, options: dict) -> 
 def classify(model, tok, texts: list[str], batch_size: int = 32) -> list[dict]:
     """Texts → [{"label": name, "score": probability}] from the model's head or its trained probe."""
     labels = _label_names(model)
+    texts = _texts(texts)
     out: list[dict] = [{}] * len(texts)
     with torch.inference_mode():
         for idx, ids, mask in length_sorted_batches(model, tok, texts, batch_size):
