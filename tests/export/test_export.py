@@ -120,8 +120,23 @@ def test_decoder_export_errors(tiny_dirs, tmp_path):
         export_decoder_onnx(model, tmp_path)
     model, _ = lf.load(tiny_dirs["llama"])
     lf.quantize_(model, lf.Int8WeightOnly())
-    with pytest.raises(LeanformerError, match="quantized Linears"):
+    with pytest.raises(LeanformerError, match="quantized and sparse-stored Linears have no ONNX form"):
         export_decoder_onnx(model, tmp_path)
+    runner = type("OrtDecoder", (), {"empty_past": None})()  # what load_onnx_decoder returns, for generate
+    with pytest.raises(LeanformerError, match=r"generate takes a decoder model.*runner.generate\(ids\)"):
+        lf.generate(runner, None, [1, 2, 3])
+
+
+def test_low_rank_decoder_exports(tiny_dirs, tmp_path):
+    """LowRankLinear is two plain Linears: the graph carries both, with parity, and greedy = ours."""
+    import leanformer as lf
+    from leanformer.compress.lowrank import LowRankLinear
+
+    model, _ = lf.load(tiny_dirs["llama"])
+    ids = torch.randint(0, model.args.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    lf.quantize_(model, lf.LowRank(ratio=0.5, multiple=8, keep="smaller"), calibration=ids, progress=False)
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert_reloads_and_exports(model, tmp_path)
 
 
 def _first_layers(model, n: int):

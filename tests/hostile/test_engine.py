@@ -185,3 +185,29 @@ def test_numpy_ids_are_prompts_like_lists(llama):
         lf.generate(llama, None, np.array([[3, 14, 15], [3, 4, 5]]), max_new_tokens=3, ignore_eos=True)
         == want
     )
+
+
+def test_stream_generate_checks_its_prompt_like_generate(llama):
+    np = pytest.importorskip("numpy")
+    want = lf.generate(llama, None, [3, 14, 15], max_new_tokens=3, ignore_eos=True)
+    assert (
+        list(lf.stream_generate(llama, None, np.array([3, 14, 15]), max_new_tokens=3, ignore_eos=True))
+        == want
+    )
+    for prompt, message in (
+        (None, "got NoneType"),
+        ([3, 1.5], "got 1.5 in it"),
+        ([[3], [4]], "takes one prompt"),
+    ):
+        with pytest.raises(lf.LeanformerError, match=message):
+            list(lf.stream_generate(llama, None, prompt, max_new_tokens=2))
+
+
+def test_what_is_not_a_decoder_is_refused_in_one_line():
+    from torch import nn
+
+    for f in (lf.generate, lambda m, t, p: list(lf.stream_generate(m, t, p))):
+        with pytest.raises(
+            lf.LeanformerError, match="generate takes a decoder model from lf.load, got a Linear"
+        ):
+            f(nn.Linear(4, 4), None, [1, 2])

@@ -7,6 +7,7 @@ their cache slots are simply no longer named in the next step.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import time
 import warnings
@@ -66,6 +67,19 @@ def encode_prompt(tok, prompt: Prompt) -> list[int]:
     if not ids:
         raise LeanformerError("empty prompt: give at least one token (e.g. the BOS id)")
     return ids
+
+
+def check_decoder(model) -> None:
+    """A one-line error for what is not one of our decoder models (an ONNX runner, an encoder, a HF model)."""
+    decoder = isinstance(model, torch.nn.Module) and hasattr(model, "args")
+    if decoder and "cache" in inspect.signature(model.forward).parameters:
+        return
+    hint = (
+        "; an ONNX runner (load_onnx_decoder) generates with runner.generate(ids)"
+        if hasattr(model, "empty_past")
+        else ""
+    )
+    raise LeanformerError(f"generate takes a decoder model from lf.load, got a {type(model).__name__}{hint}")
 
 
 def check_prompts(prompts: list[list[int]], vocab: int) -> None:
@@ -128,6 +142,7 @@ def decode(
     kv_policy (models/kv_policy.py): SinkWindow (generation past the context in bounded memory),
     HeavyHitters or SnapKV (a KV budget; a share of the longest prompt when given as a float).
     """
+    check_decoder(model)
     spec = resolve_speculative(speculative, model)
     vocab = model.args.vocab_size
     check_prompts(prompts, vocab)
@@ -295,6 +310,7 @@ def generate(
     speculative: "prompt-lookup", PromptLookup(...) or DraftModel(model) (engine/speculative.py).
     kv_policy: SinkWindow(sinks=4, window=512), HeavyHitters(budget) or SnapKV(budget) (models/kv_policy.py).
     """
+    check_decoder(model)
     resolve_speculative(speculative, model)  # a bad argument fails before the prompt is encoded
     batch, was_batch, wants_text = _texts_or_ids(tok, prompt)
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
@@ -344,9 +360,13 @@ def stream_generate(
     **sampling,
 ):
     """Yield the continuation of one prompt as text pieces (token ids when there is no tokenizer)."""
+    check_decoder(model)
     params = SamplingParams(**sampling)
     resolve_speculative(speculative, model)
-    ids = encode_prompt(tok, prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt)
+    batch, was_batch, _ = _texts_or_ids(tok, prompt)
+    if was_batch:
+        raise LeanformerError("stream_generate takes one prompt (generate takes a batch)")
+    ids = encode_prompt(tok, batch[0])
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     stop_ids = set() if ignore_eos else eos_ids(model, tok)
     out: list[int] = []

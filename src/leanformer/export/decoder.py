@@ -83,13 +83,17 @@ def _check_exportable(model: nn.Module) -> None:
         )
     if next(model.parameters()).dtype != torch.float32:
         raise LeanformerError("export a float32 model (load it with dtype='float32')")
+    from leanformer.compress.lowrank import LowRankLinear  # two plain Linears: exported as they are
+
     quantized = [
-        n for n, m in model.named_modules() if "Linear" in type(m).__name__ and not isinstance(m, nn.Linear)
+        n
+        for n, m in model.named_modules()
+        if "Linear" in type(m).__name__ and not isinstance(m, (nn.Linear, LowRankLinear))
     ]
     if quantized:
         raise LeanformerError(
-            f"{quantized[0]} is a {type(model.get_submodule(quantized[0])).__name__}: quantized Linears have "
-            "no ONNX form here; export the uncompressed model"
+            f"{quantized[0]} is a {type(model.get_submodule(quantized[0])).__name__}: quantized and sparse-stored "
+            "Linears have no ONNX form here; export before quantizing (pruned and low-rank models export)"
         )
 
 
