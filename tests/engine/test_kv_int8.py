@@ -6,7 +6,7 @@ import torch
 
 import leanformer as lf
 from leanformer.measure.evaluate import evaluate
-from leanformer.models.kv_cache import KVCache
+from leanformer.models.kv_cache import KVCache, cast
 
 
 def stored_kv_logits(model, kv: str):
@@ -68,3 +68,28 @@ def test_fp16_cache_is_closer_and_half_the_bytes(tiny_dirs, tmp_path):
     again, _ = lf.load(lf.save(model, None, tmp_path / "kv"))
     assert again.kv_cache_dtype == "fp16"
     assert lf.generate(again, None, prompt, max_new_tokens=10, ignore_eos=True) == out
+
+
+def test_fp16_and_bf16_cast_through_fp32_as_directly():
+    """kv_cache.cast (a bf16 model's fp16 cache: written and read back every step) converts between the
+    16-bit types through fp32, faster than torch's direct loop and with the same bits for every value."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    for src, dst in ((torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)):
+        x = every.view(src)
+        got, want = cast(x, dst), x.to(dst)
+        assert got.dtype == dst
+        assert bool(((got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())).all())
+
+
+def test_fp16_cache_of_a_bf16_model_gives_what_direct_casts_gave(tiny_dirs, monkeypatch):
+    from leanformer.models import kv_cache
+
+    model, _ = lf.load(tiny_dirs["llama"], dtype="bfloat16")
+    lf.quantize_(model, lf.KVCache(dtype="fp16"))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        cache = KVCache.for_model(model, 1, 16)
+        want = model(ids, cache=cache)
+        assert cache.k[0].dtype == torch.float16
+        monkeypatch.setattr(kv_cache, "cast", lambda x, dtype: x.to(dtype))
+        assert torch.equal(model(ids, cache=KVCache.for_model(model, 1, 16)), want)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from leanformer.errors import LeanformerError
-from leanformer.models.kv_cache import KVCache, Step, quantize_kv
+from leanformer.models.kv_cache import KVCache, Step, cast, quantize_kv
 from leanformer.models.kv_policy_types import HeavyHitters, Policy, SinkWindow, SnapKV
 from leanformer.models.kv_replay import replay
 from leanformer.models.layers import Attention, apply_rotary
@@ -254,7 +254,7 @@ class PolicyCache(KVCache):
             for buf in (self.v, self.v_scale):
                 if buf:
                     buf[i][slot, :, sinks : sinks + keep] = buf[i][slot, :, src:length].clone()
-            k = self.k[i][slot, :, src:length].to(self.dtype)  # [KV, keep, D]; int8 / fp16 storage
+            k = cast(self.k[i][slot, :, src:length], self.dtype)  # [KV, keep, D]; int8 / fp16 storage
             if self.quantized:
                 k = k * self.k_scale[i][slot, :, src:length]
             k = self._rotate(k, -delta)

@@ -26,7 +26,7 @@ import torch
 
 from leanformer.errors import LeanformerError
 from leanformer.models.huge_pages import huge_zeros
-from leanformer.models.kv_cache import Step, quantize_kv, step_mask, step_positions, store_dtype
+from leanformer.models.kv_cache import Step, cast, quantize_kv, step_mask, step_positions, store_dtype
 
 
 @dataclass
@@ -156,7 +156,7 @@ class PagedKVCache:
         """Write k, v [B, n_kv, T, D] into their blocks; return all visible keys/values [B, n_kv, S, D]."""
         if not self.quantized:  # fp16 storage: converted back as read
             k, v = self._put_get(self.k_pool[layer], step, k), self._put_get(self.v_pool[layer], step, v)
-            return k.to(self.dtype), v.to(self.dtype)
+            return cast(k, self.dtype), cast(v, self.dtype)
         out = []
         for store, scales, x in (
             (self.k_pool[layer], self.k_scale_pool[layer], k),
@@ -170,7 +170,7 @@ class PagedKVCache:
     def _put_get(pool: torch.Tensor, step: PagedStep, x: torch.Tensor) -> torch.Tensor:
         b, n_kv, _, d = x.shape
         flat = pool.view(-1, d)
-        flat.index_copy_(0, step.write_rows, x.reshape(-1, d).to(pool.dtype))
+        flat.index_copy_(0, step.write_rows, cast(x.reshape(-1, d), pool.dtype))
         return flat.index_select(0, step.read_rows).view(b, n_kv, step.key_len, d)
 
     def advance(self, slots: torch.Tensor, n: torch.Tensor | int) -> None:
