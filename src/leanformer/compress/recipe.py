@@ -73,7 +73,8 @@ def _check_shapes(model: nn.Module, names: list[str], cfg: QuantConfig) -> None:
             fits = [g for g in (256, 128, 64, 32) if k % g == 0]
             hint = f"use group_size={fits[0]}" if fits else "no supported group size divides it"
             raise LeanformerError(
-                f"{type(cfg).__name__}: group_size {group} does not divide in_features {k} of {n}; {hint}, set pad=True, or ignore it"
+                f"{type(cfg).__name__}: group_size {group} does not divide in_features {k} of {n}; {hint}, set "
+                f'pad=True (in a recipe file: "pad": true), or ignore it'
             )
 
 
