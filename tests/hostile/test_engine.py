@@ -181,6 +181,7 @@ def test_numpy_ids_are_prompts_like_lists(llama):
     np = pytest.importorskip("numpy")
     want = lf.generate(llama, None, [[3, 14, 15], [3, 4, 5]], max_new_tokens=3, ignore_eos=True)
     assert lf.generate(llama, None, np.array([3, 14, 15]), max_new_tokens=3, ignore_eos=True) == want[0]
+    assert lf.generate(llama, None, list(np.array([3, 14, 15])), max_new_tokens=3, ignore_eos=True) == want[0]
     assert (
         lf.generate(llama, None, np.array([[3, 14, 15], [3, 4, 5]]), max_new_tokens=3, ignore_eos=True)
         == want

@@ -50,6 +50,11 @@ class GenerationStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
+def _is_id(t) -> bool:
+    """A token id: any integer (NumPy's too), not a bool."""
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+
+
 def encode_prompt(tok, prompt: Prompt) -> list[int]:
     """Text, token ids, or a chat (list of {"role", "content"}) → token ids."""
     if isinstance(prompt, str):
@@ -58,8 +63,8 @@ def encode_prompt(tok, prompt: Prompt) -> list[int]:
         return list(tok.encode(prompt))
     if len(prompt) and isinstance(prompt[0], dict):
         return encode_chat(tok, list(prompt))
-    if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
-        bad = next(t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool))
+    if not all(_is_id(t) for t in prompt):
+        bad = next(t for t in prompt if not _is_id(t))
         raise LeanformerError(
             f"a prompt must be text, a chat (list of messages) or a list of token ids (integers), got {bad!r} in it"
         )
@@ -259,7 +264,7 @@ def _texts_or_ids(tok, prompt):
     """Normalise one prompt or a batch of prompts → (list of prompts, was_batch, wants_text)."""
     if isinstance(prompt, np.ndarray):  # ids from a tokenizer's return_tensors="np"
         prompt = torch.as_tensor(prompt)
-    single_ids = isinstance(prompt, Sequence) and len(prompt) > 0 and isinstance(prompt[0], int)
+    single_ids = isinstance(prompt, Sequence) and len(prompt) > 0 and _is_id(prompt[0])
     single_chat = isinstance(prompt, Sequence) and len(prompt) > 0 and isinstance(prompt[0], dict)
     if not isinstance(prompt, (Sequence, torch.Tensor)):
         raise LeanformerError(
@@ -284,7 +289,7 @@ def _texts_or_ids(tok, prompt):
                 f"got {type(p).__name__}"
             )
     batch = [p.tolist() if isinstance(p, torch.Tensor) else p for p in batch]
-    wants_text = tok is not None and not (len(batch[0]) and isinstance(batch[0][0], int))
+    wants_text = tok is not None and not (len(batch[0]) and _is_id(batch[0][0]))
     return batch, was_batch, wants_text
 
 
