@@ -28,8 +28,16 @@ def test_search_on_a_tiny_model(tiny_dirs):
     search = optimize.Search(model, ids, 50.0, "decode", window=64, top=2, rounds=1)
     search.prompt_tokens, search.new_tokens, search.progress = 8, 4, False
     cands = search.estimate()
-    # g64 / g128 do not divide this model's 96-wide MLP input: skipped with the reason, not a failure
-    assert any("int4-g128: skipped" in line for line in search.log)
+    # g128 divides none of this model's widths (64, and 96 into down_proj): skipped with the reason; g64
+    # does not divide down_proj's 96: those Linears stay int8 and the scheme is measured on the rest
+    assert any("int4-g128: skipped (group 128 divides no Linear's width)" in line for line in search.log)
+    assert any("int4-g64: 2 Linears whose width 64 does not divide stay int8" in line for line in search.log)
+    g64 = [c for c in cands if c.name.startswith("int4-g64")]
+    assert g64 and all("+" in c.name.removeprefix("int4-g64+head-int8") for c in g64)
+    g64_model = lf.load(tiny_dirs["llama"])[0]
+    lf.apply(g64_model, g64[0].recipe, progress=False)
+    assert isinstance(g64_model.get_submodule("model.layers.0.mlp.down_proj"), Int8Linear)
+    assert isinstance(g64_model.get_submodule("model.layers.0.mlp.gate_up_proj"), Int4Linear)
     ests = [c.estimate["delta_ppl_pct"] for c in cands if c.name.startswith("int4-g32-dq8")]
     # random weights and tokens: ΔPPL may even be negative; the estimate shrinks with more int8 layers
     assert ests and all(abs(e) < 100 for e in ests) and cands[-1].name.endswith("+kv-int8")

@@ -123,15 +123,34 @@ class Search:
         out = []
         bar = tqdm(INT4_SCHEMES.items(), desc="estimate", unit="scheme", disable=not self.progress)
         for name, (group, bits) in bar:
+            # Linears whose width the group does not divide stay int8 (a padded group would cost bits and a
+            # pad per call): the scheme is still measured on the rest
+            linears = [
+                (n, m)
+                for n, m in self.base.named_modules()
+                if isinstance(m, torch.nn.Linear) and n != "lm_head"
+            ]
+            misfits = [n for n, m in linears if m.in_features % group]
+            if len(misfits) == len(linears):
+                self.log.append(f"{name}: skipped (group {group} divides no Linear's width)")
+                continue
+            if misfits:
+                self.log.append(
+                    f"{name}: {len(misfits)} Linears whose width {group} does not divide stay int8"
+                )
             try:
-                full = compressed(self.base, int4_mix(group, bits, []))
-            except LeanformerError as e:  # e.g. a group size that divides no row of this model
+                full = compressed(self.base, int4_mix(group, bits, misfits))
+            except LeanformerError as e:  # e.g. no Linear left for int4
                 self.log.append(f"{name}: skipped ({e})")
                 continue
             with torch.inference_mode():
                 q, step = self._quality(full), 1 / _decode_tok_s(full, self.prompt_tokens, self.new_tokens)
                 rows = per_layer_errors(full, self.base, windows, top=self.top, progress=False)
-            klds = [(r.name, r.kld_alone) for r in rows if r.kld_alone is not None and r.name != "lm_head"]
+            klds = [
+                (r.name, r.kld_alone)
+                for r in rows
+                if r.kld_alone is not None and r.name != "lm_head" and r.name not in misfits
+            ]
             total = sum(k for _, k in klds) or 1e-12
             kld_all = max(q["kld"], total)  # the layers' KLDs add up to about the whole model's
             size = _bytes(full)
@@ -144,9 +163,12 @@ class Search:
                     "step_s": step + per_byte * extra * 0.5,  # int8 reads ~0.5 B more per weight than int4
                     "bytes": size + extra * 0.5,
                 }
+                n8 = len(layers) + len(misfits)
                 chosen.append(
                     Candidate(
-                        f"{name}+head-int8" + (f"+{k}int8" if k else ""), int4_mix(group, bits, layers), est
+                        f"{name}+head-int8" + (f"+{n8}int8" if n8 else ""),
+                        int4_mix(group, bits, misfits + layers),
+                        est,
                     )
                 )
                 cum += klds[k][1] if k < len(klds) else 0.0
