@@ -82,3 +82,35 @@ def test_run_sweep_on_real_weights(shared, monkeypatch):
     assert res["config"]["eval_tokens"] >= 128 and res["machine"]["cpu"]["physical_cores"] >= 1
     with pytest.raises(LeanformerError, match="no-such-preset"):
         sweep.check_recipes(["int8", "no-such-preset"])
+
+
+def test_calibrated_recipes_in_the_sweep_and_bench(shared, monkeypatch, tmp_path, capsys):
+    """A calibrated recipe (Wanda, GPTQ) in a report / bench calibrates on --calibration text, in the
+    quality pass and in the bench process alike (the same pruned weights: the same size); without the
+    file the CLI refuses before any work."""
+    from leanformer.cli.common import check_calibration
+    from leanformer.cli.main import main
+    from leanformer.compress import load_recipe
+
+    monkeypatch.setattr(runner, "contender", functools.partial(runner.contender, in_process=True))
+    model = shared / "models" / "stories260K"
+    data = shared / "data" / "tinystories" / "sample.txt"
+    cfg = sweep.SweepConfig(str(model), str(data), ["none", "wanda-50", "gptq-int8"], 6000, 128)
+    cfg.batches, cfg.prompt_tokens, cfg.new_tokens, cfg.repeats = [1], 8, 3, 1
+    cfg.calibration, cfg.calibration_samples, cfg.calibration_len = str(data), 4, 64
+    none, wanda, gptq = sweep.run_sweep(cfg, progress=False)["recipes"]
+    assert "error" not in wanda and "error" not in gptq
+    assert wanda["kld"] > 0 and gptq["size_mb"] < none["size_mb"] and wanda["decode_tok_s_b1"] > 0
+    with pytest.raises(LeanformerError, match=r"this recipe \(Wanda\) needs --calibration FILE"):
+        check_calibration([load_recipe("wanda-50")], None)
+    with pytest.raises(LeanformerError, match="--calibration file not found"):
+        check_calibration([load_recipe("wanda-50")], str(tmp_path / "missing.txt"))
+    for argv, needs in (
+        (["bench", str(model), "--recipe", "none", "wanda-50", "--batch", "1"], "Wanda"),
+        (
+            ["report", str(model), "-o", str(tmp_path / "r"), "--recipes", "gptq-int8", "--data", str(data)],
+            "GPTQ",
+        ),
+    ):
+        assert main(argv) == 2
+        assert f"error: this recipe ({needs}) needs --calibration FILE" in capsys.readouterr().err

@@ -11,6 +11,8 @@ from pathlib import Path
 from leanformer.cli import args as ck
 from leanformer.cli.common import (
     TP_HELP,
+    add_calibration_flags,
+    check_calibration,
     input_paths,
     model_command,
     print_table,
@@ -105,12 +107,13 @@ def cmd_bench(args) -> None:
     )
     cfg.keep_quantized = args.keep_quantized
     cfg.activations = args.activations
+    cfg.calibration, cfg.calibration_samples = args.calibration, args.calibration_samples
+    cfg.calibration_len = args.calibration_len
     if args.recipe:
         from leanformer.compress import load_recipe
 
-        for name in args.recipe:
-            if name != "none":
-                load_recipe(name)  # a bad name fails here, before minutes of benchmarking
+        # a bad name, or a calibrated recipe without --calibration, fails here, before minutes of benchmarking
+        check_calibration([load_recipe(name) for name in args.recipe if name != "none"], args.calibration)
     peers = list(dict.fromkeys([*(args.compare or []), *(args.peers or [])]))
     with contextlib.ExitStack() as stack:
         contenders = []
@@ -183,6 +186,7 @@ def add_parser(sub) -> None:
         "--recipe", nargs="+", default=None,
         help="compression recipes (preset names or files) to bench, one row each; 'none' = uncompressed",
     )  # fmt: skip
+    add_calibration_flags(p)
     p.add_argument("--prompt-tokens", type=ck.positive_int, default=128)
     p.add_argument("--new-tokens", type=ck.int_range(2), default=128, help="at least 2 (decode is timed)")
     p.add_argument("--batch", type=ck.positive_int, nargs="+", default=[1, 8])

@@ -50,6 +50,30 @@ def add_activations_flag(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def add_calibration_flags(p: argparse.ArgumentParser) -> None:
+    """--calibration FILE (+ samples, length) for the recipes that calibrate (compress, bench, report)."""
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="text file for calibration (GPTQ, AWQ, Wanda, SparseGPT, PruneFFN)",
+    )
+    p.add_argument("--calibration-samples", type=ck.positive_int, default=16)
+    p.add_argument("--calibration-len", type=ck.int_range(2), default=512, help="tokens per sample")
+
+
+def check_calibration(recipes: list, calibration: str | None) -> None:
+    """One line, before any work, when a recipe calibrates and no --calibration FILE (or a missing one)
+    was given. recipes: Recipe objects."""
+    if calibration and not Path(calibration).expanduser().is_file():
+        raise LeanformerError(f"--calibration file not found: {calibration}")
+    needs = [type(c).__name__ for r in recipes for c in r.stages if c.needs_calibration]
+    if needs and not calibration:
+        names = ", ".join(dict.fromkeys(needs))
+        raise LeanformerError(
+            f"this recipe ({names}) needs --calibration FILE (plain text, e.g. a wiki dump)"
+        )
+
+
 def add_quantized_flags(p: argparse.ArgumentParser) -> None:
     """--dequantize (GGUF to float); --keep-quantized, the default now, still accepted (old commands)."""
     p.add_argument("--dequantize", dest="keep_quantized", action="store_false", help=DEQUANTIZE_HELP)

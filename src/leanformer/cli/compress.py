@@ -11,20 +11,8 @@ from pathlib import Path
 import torch
 
 from leanformer.cli import args as ck
+from leanformer.cli.common import add_calibration_flags, check_calibration
 from leanformer.errors import LeanformerError
-
-
-def calibration_ids(tok, path: str, samples: int, seq_len: int) -> torch.Tensor:
-    """[samples, seq_len] token ids cut from a text file (evenly spread over it)."""
-    from leanformer.measure.evaluate import read_text, tokenize
-
-    ids = torch.tensor(tokenize(tok, read_text(path)))
-    if len(ids) < seq_len:
-        raise LeanformerError(
-            f"calibration file {path} has {len(ids)} tokens, fewer than one sample of {seq_len}"
-        )
-    starts = torch.linspace(0, len(ids) - seq_len, samples).long()
-    return torch.stack([ids[s : s + seq_len] for s in starts])
 
 
 def decode_speed(model, vocab: int, new_tokens: int = 32) -> float:
@@ -88,14 +76,9 @@ def cmd_compress(args) -> None:
     recipe = load_recipe(args.recipe)
     for stage in recipe.stages:  # a bad recipe file fails in one line before the model loads
         stage.validate()
-    for flag, name in (("--calibration", args.calibration), ("--eval-data", args.eval_data)):
-        if name and not Path(name).expanduser().is_file():  # read only after compressing: check now
-            raise LeanformerError(f"{flag} file not found: {name}")
-    needs_calibration = [type(c).__name__ for c in recipe.stages if c.needs_calibration]
-    if needs_calibration and not args.calibration:
-        raise LeanformerError(
-            f"this recipe ({', '.join(needs_calibration)}) needs --calibration FILE (plain text, e.g. a wiki dump)"
-        )
+    check_calibration([recipe], args.calibration)  # read only after compressing: checked now
+    if args.eval_data and not Path(args.eval_data).expanduser().is_file():
+        raise LeanformerError(f"--eval-data file not found: {args.eval_data}")
     path = resolve_model(args.model)
     # the output rules before minutes of loading and GPTQ: never the model's own folder, and only an
     # earlier leanformer save is replaced without --overwrite (outputs.py)
@@ -105,6 +88,8 @@ def cmd_compress(args) -> None:
     original = copy.deepcopy(model) if compare and not streamed else None
     calibration = None
     if args.calibration:
+        from leanformer.measure.evaluate import calibration_ids
+
         calibration = calibration_ids(tok, args.calibration, args.calibration_samples, args.calibration_len)
     apply(model, recipe, calibration=calibration)
     out = lf.save(model, tok, args.output, overwrite=args.overwrite)
@@ -151,13 +136,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(never the model's own folder, a folder above it, the current or home folder)",
     )  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument(
-        "--calibration",
-        default=None,
-        help="text file for calibration (GPTQ, AWQ, Wanda, SparseGPT, PruneFFN)",
-    )
-    p.add_argument("--calibration-samples", type=ck.positive_int, default=16)
-    p.add_argument("--calibration-len", type=ck.int_range(2), default=512, help="tokens per sample")
+    add_calibration_flags(p)
     p.add_argument("--eval-data", default=None, help="held-out text: report PPL and KLD vs the original")
     p.add_argument("--eval-chars", type=ck.positive_int, default=20_000)
     p.add_argument("--window", type=ck.int_range(2), default=512, help="eval window, at least 2 tokens")

@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 from leanformer.cli import args as ck
-from leanformer.cli.common import input_paths
+from leanformer.cli.common import add_calibration_flags, check_calibration, input_paths
 from leanformer.errors import LeanformerError
 from leanformer.hub import resolve_model
 
 
 def cmd_report(args) -> None:
+    from leanformer.compress import load_recipe
     from leanformer.measure import report
     from leanformer.measure.sweep import DEFAULT_RECIPES, SweepConfig, check_recipes, run_sweep
 
@@ -27,8 +28,13 @@ def cmd_report(args) -> None:
         if not Path(args.data).expanduser().is_file():
             raise LeanformerError(f"data file not found: {args.data}")
         recipes = args.recipes or list(DEFAULT_RECIPES)
-        check_recipes(recipes)  # a bad name fails before the sweep
+        check_recipes(
+            recipes
+        )  # a bad name, or a calibrated recipe without --calibration, fails before the sweep
+        check_calibration([load_recipe(r) for r in recipes if r != "none"], args.calibration)
         cfg = SweepConfig(resolve_model(args.model), args.data, recipes, args.max_chars or None, args.window)
+        cfg.calibration, cfg.calibration_samples = args.calibration, args.calibration_samples
+        cfg.calibration_len = args.calibration_len
         cfg.batches, cfg.prompt_tokens, cfg.new_tokens = args.batch, args.prompt_tokens, args.new_tokens
         cfg.repeats, cfg.peers = args.repeats, args.peers or []
         load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
@@ -52,6 +58,7 @@ def add_parser(sub) -> None:
     p.add_argument("--data", default=None, help="text file for ΔPPL / KLD (e.g. wiki.test.raw)")
     p.add_argument("--max-chars", type=ck.non_negative_int, default=20_000, help="eval text cut (0 = all)")
     p.add_argument("--window", type=ck.int_range(2), default=512)
+    add_calibration_flags(p)
     p.add_argument("--peers", type=peers_arg, default=None, metavar="NAME[,NAME...]", help="as in bench")
     p.add_argument("--batch", type=ck.positive_int, nargs="+", default=[1, 8])
     p.add_argument("--prompt-tokens", type=ck.positive_int, default=128)

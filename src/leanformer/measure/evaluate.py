@@ -55,6 +55,18 @@ def tokenize(tok, text: str) -> list[int]:
     return list(tok.encode(text, add_bos=False))
 
 
+def calibration_ids(tok, path: str | Path, samples: int, seq_len: int) -> torch.Tensor:
+    """[samples, seq_len] token ids cut from a text file (evenly spread over it): what GPTQ, AWQ, Wanda,
+    SparseGPT and PruneFFN calibrate on (`compress`, `bench` and `report` --calibration)."""
+    ids = torch.tensor(tokenize(tok, read_text(path)))
+    if len(ids) < seq_len:
+        raise LeanformerError(
+            f"calibration file {path} has {len(ids)} tokens, fewer than one sample of {seq_len}"
+        )
+    starts = torch.linspace(0, len(ids) - seq_len, samples).long()
+    return torch.stack([ids[s : s + seq_len] for s in starts])
+
+
 def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int]]:
     """(start, first scored index within the window) for each full window."""
     if stride <= 0 or stride > window:

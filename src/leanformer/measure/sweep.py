@@ -34,6 +34,9 @@ class SweepConfig:
     new_tokens: int = 64
     repeats: int = 3
     peers: list[str] = field(default_factory=list)
+    calibration: str | None = None  # text file for the recipes that calibrate (GPTQ, AWQ, Wanda, ...)
+    calibration_samples: int = 16
+    calibration_len: int = 512
 
 
 def check_recipes(names: Sequence[str]) -> None:
@@ -69,15 +72,15 @@ def quality(model, reference, ids: torch.Tensor, window: int, base_ppl: float | 
     }
 
 
-def compressed(base, recipe):
-    """A compressed copy of `base` (`recipe`: a name, file or Recipe; "none" = the base itself)."""
+def compressed(base, recipe, calibration: torch.Tensor | None = None):
+    """A compressed copy of `base` (`recipe`: a name, file or Recipe; "none" = the base itself);
+    calibration: token ids [n, seq_len] for the recipes that calibrate."""
     from leanformer.compress import apply, load_recipe
 
     if recipe == "none":
         return base
-    return apply(
-        copy.deepcopy(base), load_recipe(recipe) if isinstance(recipe, str) else recipe, progress=False
-    )
+    recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    return apply(copy.deepcopy(base), recipe, calibration=calibration, progress=False)
 
 
 def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
@@ -96,9 +99,16 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
     check_recipes(cfg.recipes)
     base, tok = load(cfg.model, keep_quantized=False)  # the float baseline: recipes quantize it
     ids = eval_ids(tok, cfg.data, cfg.max_chars, cfg.window)
+    calibration = None
+    if cfg.calibration:
+        from leanformer.measure.evaluate import calibration_ids
+
+        calibration = calibration_ids(tok, cfg.calibration, cfg.calibration_samples, cfg.calibration_len)
     bench = runner.BenchConfig(
         cfg.model, "float32", cfg.prompt_tokens, cfg.new_tokens, cfg.batches, cfg.repeats
     )
+    bench.calibration, bench.calibration_samples = cfg.calibration, cfg.calibration_samples
+    bench.calibration_len = cfg.calibration_len
     rows, base_ppl, timed = [], None, []
     bar = tqdm(cfg.recipes, desc="sweep (quality)", unit="recipe", disable=not progress)
     for name in bar:
@@ -106,7 +116,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
         row: dict = {"recipe": name}
         try:
             with torch.inference_mode():
-                q = quality(compressed(base, name), base, ids, cfg.window, base_ppl)
+                q = quality(compressed(base, name, calibration), base, ids, cfg.window, base_ppl)
             base_ppl = base_ppl or q["ppl"] / (1 + q["delta_ppl_pct"] / 100)
             row |= q
             run = dataclasses.replace(bench, recipe=None if name == "none" else name)

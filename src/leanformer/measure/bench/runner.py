@@ -36,6 +36,9 @@ class BenchConfig:
     recipe: str | None = None  # a compression recipe applied after loading (ours only)
     keep_quantized: bool = False  # GGUF blocks straight into int modules (ours only)
     activations: str = "auto"  # int4 / int8 Linears on "int8" or "fp32" activations; "auto" (ours only)
+    calibration: str | None = None  # text file the recipe calibrates on (GPTQ, AWQ, Wanda, ...; ours only)
+    calibration_samples: int = 16
+    calibration_len: int = 512
 
 
 def _prompts(vocab: int, batch: int, length: int) -> torch.Tensor:
@@ -87,11 +90,15 @@ class LeanformerEngine:
     def __init__(self, cfg: BenchConfig) -> None:
         from leanformer.loading import load
 
-        model, _ = load(cfg.model, dtype=cfg.dtype, keep_quantized=cfg.keep_quantized)
+        model, tok = load(cfg.model, dtype=cfg.dtype, keep_quantized=cfg.keep_quantized)
         if cfg.recipe:
             from leanformer.compress import apply, load_recipe
+            from leanformer.measure.evaluate import calibration_ids
 
-            apply(model, load_recipe(cfg.recipe))
+            ids = None
+            if cfg.calibration:
+                ids = calibration_ids(tok, cfg.calibration, cfg.calibration_samples, cfg.calibration_len)
+            apply(model, load_recipe(cfg.recipe), calibration=ids, progress=False)
         if cfg.activations != "auto":
             from leanformer.compress.qbase import set_activations
 
