@@ -57,3 +57,15 @@ def test_memory_objective_picks_the_smallest_within_budget(tiny_dirs):
             for n, d, s in (("a", 0.5, 10.0), ("b", 3.0, 5.0), ("c", 0.9, 8.0))]  # fmt: skip
     assert search.winner(fake).name == "c"  # b is smaller but over the 1% budget
     assert optimize.Search(model, torch.zeros(1), 0.1).winner(fake) is None
+
+
+def test_calibration_brings_the_calibrated_presets_in(tiny_dirs):
+    model, _ = lf.load(tiny_dirs["llama"])
+    ids = torch.randint(0, 128, (2 * 64,), generator=torch.Generator().manual_seed(0))
+    search = optimize.Search(model, ids, 50.0, "decode", window=64, top=2, rounds=1, progress=False)
+    search.prompt_tokens, search.new_tokens = 8, 4
+    assert not any(c.name == "gptq-int8" for c in search.confirm([]))  # none without calibration text
+    search.calibration = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    measured = {c.name: c for c in search.confirm([])}
+    assert "gptq-int8" in measured and measured["gptq-int8"].measured["decode_tok_s_b1"] > 0
+    assert measured["gptq-int8"].measured["kld"] < measured["int8"].measured["kld"] * 10

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from leanformer.cli import args as ck
-from leanformer.cli.common import input_paths, print_table
+from leanformer.cli.common import add_calibration_flags, check_calibration, input_paths, print_table
 from leanformer.errors import LeanformerError
 from leanformer.hub import resolve_model
 
@@ -30,6 +30,7 @@ def cmd_optimize(args) -> None:
 
     if not Path(args.data).expanduser().is_file():
         raise LeanformerError(f"data file not found: {args.data}")
+    check_calibration([], args.calibration)  # a missing file, before minutes of work
     if args.output:
         check_output_dir(args.output, args.overwrite, input_paths(args))
     if args.json:
@@ -38,6 +39,12 @@ def cmd_optimize(args) -> None:
     base, tok = load(model_path, keep_quantized=False)  # a GGUF dequantized: the float baseline
     ids = eval_ids(tok, args.data, args.max_chars or None, args.window)
     search = Search(base, ids, args.max_ppl_increase, args.objective, args.window, args.top, args.rounds)
+    if args.calibration:  # the calibrated presets (GPTQ, AWQ) join the search
+        from leanformer.measure.evaluate import calibration_ids
+
+        search.calibration = calibration_ids(
+            tok, args.calibration, args.calibration_samples, args.calibration_len
+        )
     torch.manual_seed(0)
     candidates = search.estimate()
     for line in search.log:
@@ -67,7 +74,7 @@ def cmd_optimize(args) -> None:
                "measured": [{"name": c.name, "estimate": c.estimate, **c.measured} for c in measured]}  # fmt: skip
         write_file_atomic(args.json, json.dumps(doc, indent=2))
     if args.output:
-        model = compressed(base, copy.deepcopy(recipe)) if best.recipe != "none" else base
+        model = compressed(base, copy.deepcopy(recipe), search.calibration) if best.recipe != "none" else base
         save(model, tok, args.output, overwrite=args.overwrite)
         print(f"saved to {args.output}")
     else:
@@ -83,6 +90,7 @@ def add_parser(sub) -> None:
     p.add_argument("--data", required=True, help="text file for ΔPPL (e.g. wiki.test.raw)")
     p.add_argument("--max-chars", type=ck.non_negative_int, default=20_000, help="eval text cut (0 = all)")
     p.add_argument("--window", type=ck.int_range(2), default=512)
+    add_calibration_flags(p)  # with it, gptq-int4 / awq-int4 / gptq-int8 are measured among the presets
     p.add_argument("--top", type=ck.positive_int, default=12, help="layers attributed per scheme")
     p.add_argument("--rounds", type=ck.positive_int, default=3, help="rotating speed rounds")
     p.add_argument("-o", "--output", default=None, help="save the winner here (a leanformer save)")

@@ -38,6 +38,7 @@ OBJECTIVES = ("decode", "prefill", "memory")
 # presets that need no calibration data and prune nothing (pruning needs data and changes the model)
 PRESETS = ["none", "int8", "int8+head-int8", "int4", "int4-g32", "int4-g32-dq8", "int4-g32-dq8+head-int8"]
 PRESETS += ["int4-g128", "bf16", "bf16+head-bf16", "f16", "f16+head-f16", "w8a8", "kv-int8", "int8+kv-int8"]
+CALIBRATED_PRESETS = ["gptq-int4", "awq-int4", "gptq-int8"]  # measured too when calibration text is given
 INT4_SCHEMES = {"int4-g32-dq8": (32, 8), "int4-g64": (64, None), "int4-g128": (128, None)}
 
 
@@ -101,6 +102,7 @@ class Search:
     progress: bool = True
     base_ppl: float | None = None
     log: list[str] = field(default_factory=list)
+    calibration: torch.Tensor | None = None  # token ids [n, seq_len]: the calibrated presets join the search
 
     def _quality(self, model) -> dict:
         q = quality(model, self.base, self.ids, self.window, self.base_ppl)
@@ -193,14 +195,14 @@ class Search:
 
     def confirm(self, candidates: list[Candidate]) -> list[Candidate]:
         """Stage 2: build and measure the presets and the candidates side by side."""
-        every = [Candidate(p, p) for p in PRESETS]
-        every += [c for c in candidates if c.name not in PRESETS]  # k = 0 of a scheme may be a preset
+        presets = PRESETS + (CALIBRATED_PRESETS if self.calibration is not None else [])
+        every = [Candidate(p, p) for p in presets]
+        every += [c for c in candidates if c.name not in presets]  # k = 0 of a scheme may be a preset
         models = {}
         for c in tqdm(every, desc="quality", unit="recipe", disable=not self.progress):
             try:
-                model = compressed(
-                    self.base, c.recipe if isinstance(c.recipe, str) else copy.deepcopy(c.recipe)
-                )
+                recipe = c.recipe if isinstance(c.recipe, str) else copy.deepcopy(c.recipe)
+                model = compressed(self.base, recipe, self.calibration)
             except LeanformerError as e:  # a preset this model's shapes refuse
                 c.measured = {"error": str(e)}
                 continue
