@@ -143,3 +143,12 @@ def test_resume_from_another_runs_checkpoint_is_refused(stories, text, tmp_path,
     ]
     assert main(argv) == 2
     one_error_line(capsys, "not a readable")
+
+
+def test_plot_without_evaluations_is_refused_before_training(stories, text, tmp_path, capsys):
+    """--plot with no --eval-data: one line before any training (it trained and saved, then failed)."""
+    argv = ["distill", str(stories), "--student", "layers=0,2", "--data", str(text), "--seq-len", "32",
+            "--steps", "2", "-o", str(tmp_path / "o"), "--plot", str(tmp_path / "curve.png")]  # fmt: skip
+    assert main(argv) == 2
+    one_error_line(capsys, "--plot needs evaluations")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.ckpt").exists()

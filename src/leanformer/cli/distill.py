@@ -145,6 +145,8 @@ def cmd_distill(args) -> None:
         device=args.device, weights=weights,
     )  # fmt: skip
     evaluate, baseline = _evaluator(args, teacher, tok, encoder, eval_text)
+    if args.plot and evaluate is None:  # before training, not after it (the model would be saved, then this)
+        raise LeanformerError("--plot needs evaluations: pass --eval-data (and --eval-every K)")
     result = distill(
         teacher, student, tok, data, args.steps, config=cfg, mapping=mapping, checkpoint=checkpoint_path(args),
         resume=args.resume, evaluate=evaluate, student_tok=student_tok,
