@@ -36,16 +36,12 @@ def _tokenize(tok, texts: list[str], max_length: int) -> list[list[int]]:
 def length_sorted_batches(model, tok, texts: list[str], batch_size: int, max_length: int | None = None):
     """Yield (positions in `texts`, input_ids [B, T], attention_mask [B, T]), longest batch first.
     max_length: tokens kept per text (default: the model's limit)."""
-    if isinstance(texts, str):
-        texts = [texts]
+    texts = _texts(texts)
     if batch_size < 1:
         raise LeanformerError(f"batch size must be ≥ 1, got {batch_size}")
     if not texts:
         return
-    bad = next((t for t in texts if not isinstance(t, str)), None)
-    if bad is not None:
-        raise LeanformerError(f"texts must be strings, got a {type(bad).__name__}")
-    ids = _tokenize(tok, list(texts), max_length or model.args.max_length)
+    ids = _tokenize(tok, texts, max_length or model.args.max_length)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # by tokens, not characters
     pad = tok.pad_token_id if tok.pad_token_id is not None else model.args.pad_token_id
     for s in range(0, len(order), batch_size):

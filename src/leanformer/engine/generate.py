@@ -260,17 +260,21 @@ def _prefill_pieces(model, cache: PolicyCache, prompt: list[int], slot: int) -> 
     return out[:, -1].float()
 
 
+def _check_prompt_type(prompt) -> None:
+    if not isinstance(prompt, (Sequence, torch.Tensor)):
+        raise LeanformerError(
+            "a prompt must be text, a chat (list of messages), a list of token ids, or a list of these; "
+            f"got {type(prompt).__name__}"
+        )
+
+
 def _texts_or_ids(tok, prompt):
     """Normalise one prompt or a batch of prompts → (list of prompts, was_batch, wants_text)."""
     if isinstance(prompt, np.ndarray):  # ids from a tokenizer's return_tensors="np"
         prompt = torch.as_tensor(prompt)
     single_ids = isinstance(prompt, Sequence) and len(prompt) > 0 and _is_id(prompt[0])
     single_chat = isinstance(prompt, Sequence) and len(prompt) > 0 and isinstance(prompt[0], dict)
-    if not isinstance(prompt, (Sequence, torch.Tensor)):
-        raise LeanformerError(
-            "a prompt must be text, a chat (list of messages), a list of token ids, or a list of these; "
-            f"got {type(prompt).__name__}"
-        )
+    _check_prompt_type(prompt)
     if (
         isinstance(prompt, str)
         or single_ids
@@ -283,11 +287,7 @@ def _texts_or_ids(tok, prompt):
     if not batch:
         raise LeanformerError("empty prompt: give text, a chat, token ids, or a list of prompts")
     for p in batch:  # e.g. None, or floats taken for a batch of prompts
-        if not isinstance(p, (Sequence, torch.Tensor)):
-            raise LeanformerError(
-                "a prompt must be text, a chat (list of messages), a list of token ids, or a list of these; "
-                f"got {type(p).__name__}"
-            )
+        _check_prompt_type(p)
     batch = [p.tolist() if isinstance(p, torch.Tensor) else p for p in batch]
     wants_text = tok is not None and not (len(batch[0]) and _is_id(batch[0][0]))
     return batch, was_batch, wants_text

@@ -30,7 +30,7 @@ def store_dtype(storage: str | None, dtype: torch.dtype) -> torch.dtype:
 def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x.to(dtype), between fp16 and bf16 through fp32: the same values (one rounding either way), but
     torch's direct conversion between the two 16-bit types is a scalar loop, 3-5x the time (a bf16 model's
-    fp16 KV cache is read back whole every step)."""
+    fp16 KV cache is read back whole every step; an F16Linear's rows made bf16 for each prefill)."""
     if x.dtype != dtype and {x.dtype, dtype} == {torch.float16, torch.bfloat16}:
         return x.float().to(dtype)
     return x.to(dtype)
