@@ -129,3 +129,49 @@ def test_spec_serve_ab_bad_input_is_one_error(tmp_path, monkeypatch, capsys):
     for where in (tmp_path / "absent.txt", tmp_path):
         with pytest.raises(LeanformerError, match="no such file"):
             spec_serve_ab.main(["m", "--passages", str(where)])
+
+
+@pytest.mark.parametrize("command", ["bench", "report", "optimize"])
+@pytest.mark.parametrize(
+    "calibration, flags, fragment",
+    [
+        ("missing.txt", [], "--calibration file not found"),
+        (".", [], "is not a file"),  # a path that exists: a folder
+        ("empty.txt", [], "is empty"),
+        ("text.txt", ["--calibration-samples", "0"], "--calibration-samples must be at least 1, got 0"),
+        ("text.txt", ["--calibration-samples", "-3"], "--calibration-samples must be at least 1"),
+        ("text.txt", ["--calibration-samples", "nan"], "--calibration-samples expects an integer"),
+        ("text.txt", ["--calibration-len", "1"], "--calibration-len must be at least 2"),
+    ],
+)
+def test_calibration_flags_refused_before_any_work(
+    command, calibration, flags, fragment, tmp_path, capsys, no_loading
+):  # noqa: F811
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "text.txt").write_text("Once upon a time there was a cat. " * 50)
+    cal = str(tmp_path if calibration == "." else tmp_path / calibration)
+    data = str(tmp_path / "text.txt")
+    argv = {
+        "bench": ["bench", "smollm2", "--recipe", "gptq-int4"],
+        "report": ["report", "smollm2", "-o", str(tmp_path / "r"), "--data", data, "--recipes", "gptq-int4"],
+        "optimize": ["optimize", "smollm2", "--data", data, "--max-ppl-increase", "2"],
+    }[command]
+    assert main([*argv, "--calibration", cal, *flags]) == 2
+    one_error_line(capsys, fragment)
+
+
+def test_calibration_text_too_short_for_the_samples_asked(tmp_path):
+    from leanformer.errors import LeanformerError
+    from leanformer.measure.evaluate import calibration_ids
+
+    class Tok:  # one id per word
+        def encode(self, text, add_bos=False):
+            return list(range(len(text.split())))
+
+    text = tmp_path / "t.txt"
+    text.write_text("a " * 40)
+    assert calibration_ids(Tok(), text, 4, 16).shape == (4, 16)
+    with pytest.raises(LeanformerError, match="at most 25 distinct samples of 16, not 99999999999"):
+        calibration_ids(Tok(), text, 99999999999, 16)
+    with pytest.raises(LeanformerError, match="has 40 tokens, fewer than one sample of 64"):
+        calibration_ids(Tok(), text, 4, 64)

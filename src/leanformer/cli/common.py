@@ -64,8 +64,14 @@ def add_calibration_flags(p: argparse.ArgumentParser) -> None:
 def check_calibration(recipes: list, calibration: str | None) -> None:
     """One line, before any work, when a recipe calibrates and no --calibration FILE (or a missing one)
     was given. recipes: Recipe objects."""
-    if calibration and not Path(calibration).expanduser().is_file():
-        raise LeanformerError(f"--calibration file not found: {calibration}")
+    if calibration:
+        path = Path(calibration).expanduser()
+        if not path.exists():
+            raise LeanformerError(f"--calibration file not found: {calibration}")
+        if not path.is_file():
+            raise LeanformerError(f"--calibration {calibration} is not a file: give a plain text file")
+        if path.stat().st_size == 0:
+            raise LeanformerError(f"--calibration file {calibration} is empty: give a plain text file")
     needs = [type(c).__name__ for r in recipes for c in r.stages if c.needs_calibration]
     if needs and not calibration:
         names = ", ".join(dict.fromkeys(needs))

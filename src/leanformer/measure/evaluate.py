@@ -63,6 +63,11 @@ def calibration_ids(tok, path: str | Path, samples: int, seq_len: int) -> torch.
         raise LeanformerError(
             f"calibration file {path} has {len(ids)} tokens, fewer than one sample of {seq_len}"
         )
+    if samples > len(ids) - seq_len + 1:
+        raise LeanformerError(
+            f"calibration file {path} has {len(ids)} tokens: at most {len(ids) - seq_len + 1} distinct samples of "
+            f"{seq_len}, not {samples}; lower --calibration-samples or give more text"
+        )
     starts = torch.linspace(0, len(ids) - seq_len, samples).long()
     return torch.stack([ids[s : s + seq_len] for s in starts])
 
