@@ -145,8 +145,14 @@ def test_spec_serve_ab_bad_input_is_one_error(tmp_path, monkeypatch, capsys):
     ],
 )
 def test_calibration_flags_refused_before_any_work(
-    command, calibration, flags, fragment, tmp_path, capsys, no_loading
-):  # noqa: F811
+    command,
+    calibration,
+    flags,
+    fragment,
+    tmp_path,
+    capsys,
+    no_loading,  # noqa: F811
+):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "text.txt").write_text("Once upon a time there was a cat. " * 50)
     cal = str(tmp_path if calibration == "." else tmp_path / calibration)
