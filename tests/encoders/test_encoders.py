@@ -17,6 +17,7 @@ from leanformer.encoders.probe import train_probe
 from leanformer.encoders.prune_heads import head_importance, prune_heads_, prune_heads_auto_
 from leanformer.encoders.quality import cosine_to_reference, eval_sst2, eval_stsb, read_tsv, spearman
 from leanformer.errors import LeanformerError
+from leanformer.kernels.h16 import H16Linear, native_f16
 from tests.encoders.helpers import SENTENCES, need_glue, need_minilm, tiny_encoder_dir, tiny_hf_encoder
 
 
@@ -401,5 +402,49 @@ def test_real_minilm_bf16_matmuls_stay_within_cosine_0_9999():
     texts = [r["sentence1"] for r in rows] + [r["sentence2"] for r in rows]
     model, tok = load_encoder(path)
     mixed, _ = load_encoder(path, dtype=torch.bfloat16, fast=True)
+    e32, e16 = embed(model, tok, texts), embed(mixed, tok, texts)
+    assert (e16 * e32).sum(1).min() >= 0.9999
+
+
+@pytest.mark.skipif(not native_f16(), reason="this CPU lacks AVX512-FP16 (or the kernels are not built)")
+@pytest.mark.parametrize("method", ["taylor", "norm"])
+def test_f16_packed_encoder_is_an_fp32_model_with_fp16_matmuls(tiny, method, tmp_path):
+    """load_encoder(float16) on an AVX512-FP16 CPU: an fp32 model (weights, state dict, LayerNorm, residual
+    stream) whose Linears multiply in fp16 (H16Linear); embeddings close to fp32's, not equal; hooks,
+    autograd (Taylor head importance), head pruning and save → load run through the same model."""
+    d, model, tok = tiny
+    mixed, _ = load_encoder(d, dtype=torch.float16, fast=True)
+    layer = mixed.layers[0]
+    assert type(layer.qkv) is H16Linear and layer.qkv.weight.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in mixed.state_dict().values() if v.is_floating_point())
+    e32, e16 = embed(model, tok, SENTENCES), embed(mixed, tok, SENTENCES)
+    assert e16.dtype == np.float32 and not np.array_equal(e16, e32)
+    assert (e16 * e32).sum(1).min() > 0.9999
+    seen = []
+    hook = layer.ffn_in.register_forward_hook(lambda m, i, o: seen.append(i[0].dtype))
+    hooked = embed(mixed, tok, SENTENCES)  # a hooked Linear runs in fp32: close, not equal
+    assert (hooked * e16).sum(1).min() > 0.9999 and seen == [torch.float32] * len(seen) and seen
+    hook.remove()
+    pruned = prune_heads_auto_(mixed, tok, SENTENCES, 0.5, method=method, steps=1)
+    assert sum(len(v) for v in pruned.values()) > 0 and type(mixed.layers[0].qkv) is H16Linear
+    e_pruned = embed(mixed, tok, SENTENCES)
+    import leanformer as lf
+
+    lf.save(mixed, tok, tmp_path / "saved")
+    back, btok = load_encoder(tmp_path / "saved", dtype=torch.float16, fast=True)
+    assert type(back.layers[0].qkv) is H16Linear
+    assert np.allclose(embed(back, btok, SENTENCES), e_pruned, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not native_f16(), reason="this CPU lacks AVX512-FP16 (or the kernels are not built)")
+def test_real_minilm_f16_matmuls_stay_within_cosine_0_9999():
+    """Issue #17's quality bar for the fp16 encoder path on the real model (min 0.99999 measured on the
+    STS-B dev set, Intel Xeon with AVX512-FP16)."""
+    path, stsb = need_minilm(), need_glue("stsb")
+    rows = read_tsv(stsb, 300)
+    texts = [r["sentence1"] for r in rows] + [r["sentence2"] for r in rows]
+    model, tok = load_encoder(path)
+    mixed, _ = load_encoder(path, dtype=torch.float16, fast=True)
     e32, e16 = embed(model, tok, texts), embed(mixed, tok, texts)
     assert (e16 * e32).sum(1).min() >= 0.9999

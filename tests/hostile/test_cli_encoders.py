@@ -19,7 +19,7 @@ BAD = [
     ["embed", M, "--max-length", "1", "--max-length must be at least 2"],
     ["embed", M, "--max-length", "nan", "expects an integer"],
     ["embed", M, "--positions", "wrap", "invalid choice"],
-    ["embed", M, "--dtype", "float16", "invalid choice"],
+    ["embed", M, "--dtype", "float64", "invalid choice"],
     ["prune-encoder", M, "--fraction", "1", "must be in [0, 1)"],
     ["prune-encoder", M, "--fraction", "nan", "must be a finite number"],
     ["prune-encoder", M, "--head-fraction", "-0.1", "must be in [0, 1)"],
@@ -51,6 +51,7 @@ def test_combinations_refused_before_loading(fake_model, tmp_path, no_encoder_lo
         (["embed", m, "--attention", "local", "--backend", "onnxruntime"], "--backend torch only"),
         (["embed", m, "--max-length", "2048", "--backend", "onnxruntime"], "--backend torch only"),
         (["embed", m, "--dtype", "bfloat16", "--backend", "onnxruntime"], "runs on the torch backend"),
+        (["embed", m, "--dtype", "float16", "--backend", "onnxruntime"], "runs on the torch backend"),
         (
             ["prune-encoder", m, "--calibration", str(tmp_path / "missing.txt")],
             "--calibration file not found",
@@ -64,3 +65,9 @@ def test_combinations_refused_before_loading(fake_model, tmp_path, no_encoder_lo
     assert main(["prune-encoder", m, "--output", str(unrelated)]) == 2
     one_error_line(capsys, "--overwrite")
     assert (unrelated / "keep.txt").read_text() == "precious"
+
+
+def test_embed_float16_needs_avx512_fp16(fake_model, no_encoder_loading, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setattr("leanformer.kernels.h16.native_f16", lambda: False)
+    assert main(["embed", str(fake_model), "--dtype", "float16"]) == 2
+    one_error_line(capsys, "AVX512-FP16")

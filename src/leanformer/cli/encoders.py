@@ -57,7 +57,8 @@ def load(model: str, backend: str = "torch", loaded: tuple | None = None, dtype:
     With backend=onnxruntime an HF folder (or the already `loaded` (model, tok) of it) is exported
     first, parity-checked, into a temporary folder. dtype bfloat16: the matmuls in bf16, the rest in fp32
     (1.5-1.8x the embeddings/s of float32 where the CPU has AVX-512 BF16 / AMX, cosine to float32 >=
-    0.99996 on all-MiniLM-L6-v2).
+    0.99996 on all-MiniLM-L6-v2); dtype float16 on AVX512-FP16 CPUs: the matmuls in fp16
+    (kernels/h16.py), the rest in fp32.
     """
     import torch
 
@@ -127,6 +128,14 @@ def cmd_embed(args) -> None:
         raise LeanformerError(
             f"--dtype {args.dtype} runs on the torch backend; drop --backend {args.backend}"
         )
+    if args.dtype == "float16":
+        from leanformer.kernels.h16 import native_f16
+
+        if not native_f16():
+            raise LeanformerError(
+                "--dtype float16 runs fp16 matmuls on CPUs with AVX512-FP16 (Intel Sapphire Rapids and later), "
+                "which this one lacks: use --dtype bfloat16 (AVX-512 BF16 / AMX) or float32"
+            )
     long = _long_options(args)  # before reading stdin and loading the model
     texts = read_lines(args.input)
     if not texts:
@@ -291,9 +300,10 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=ck.positive_int, default=32)
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"],
-        help="torch backend: bfloat16 is faster where the CPU has AVX-512 BF16 / AMX (embeddings within "
-        "cosine 0.99996 of float32 on all-MiniLM-L6-v2), slower elsewhere",
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        help="torch backend: bfloat16 is faster where the CPU computes bf16 at twice fp32's rate (AMD Zen "
+        "4 / 5, AMX; cosine to float32 0.99996 on all-MiniLM-L6-v2), slower elsewhere; float16 runs fp16 "
+        "matmuls on CPUs with AVX512-FP16 (Intel Sapphire Rapids and later; cosine 0.99999)",
     )  # fmt: skip
     p.add_argument(
         "--normalize", action=argparse.BooleanOptionalAction, default=None, help="default: as the model"

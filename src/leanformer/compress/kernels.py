@@ -46,11 +46,13 @@ def cpu_has_vnni() -> bool:
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """Without AVX-512-BF16/AMX the packed weight-only kernels convert bf16 in software: fine at decode
-    sizes, but their cost grows linearly with rows (measured 2x slower than fp32 GEMM at 128 rows)."""
-    from leanformer.kernels.cpu import native_bf16
+    """Whether prefill-sized quantized matmuls should run in bf16: where bf16 GEMMs beat fp32
+    (kernels.cpu.bf16_pays: AMX, or AVX-512 BF16 on AMD). Without AVX-512-BF16/AMX the packed kernels
+    convert bf16 in software (measured 2x slower than fp32 GEMM at 128 rows); Intel's AVX-512 BF16
+    without AMX runs bf16 at 0.55-0.7x fp32."""
+    from leanformer.kernels.cpu import bf16_pays
 
-    return native_bf16()
+    return bf16_pays()
 
 
 # ----------------------------------------------------------------------------------------- int8 math

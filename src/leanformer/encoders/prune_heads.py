@@ -24,7 +24,9 @@ from leanformer.kernels.modules import plain_linears
 
 def _slice_linear(old: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None):
     """A new Linear keeping weight rows (outputs) / columns (inputs); repacked if the old one was packed."""
-    if type(old) is not nn.Linear and not hasattr(old, "packed_weight"):
+    from leanformer.kernels.h16 import H16Linear
+
+    if type(old) is not nn.Linear and not hasattr(old, "packed_weight") and not isinstance(old, H16Linear):
         raise LeanformerError(f"cannot prune heads of a {type(old).__name__}: prune before quantizing")
     w, b = old.weight.detach(), None if old.bias is None else old.bias.detach()
     if rows is not None:
@@ -40,6 +42,8 @@ def _slice_linear(old: nn.Linear, rows: torch.Tensor | None = None, cols: torch.
         from leanformer.kernels.packed import PackedLinear
 
         new = PackedLinear.from_linear(new)
+    if isinstance(old, H16Linear) and w.numel():
+        new = H16Linear.from_linear(new)
     return new
 
 

@@ -102,6 +102,8 @@ _SOURCES = [
     _DIR / "decode_attn_avx512.cpp",
     _DIR / "argmax.cpp",
     _DIR / "identity.cpp",
+    _DIR / "gemm_h16.cpp",
+    _DIR / "gemm_h16_avx512fp16.cpp",
 ]
 _HEADERS = [
     _DIR / "common.h",
@@ -123,6 +125,8 @@ _HEADERS = [
     _DIR / "gemv_vnni.h",
     _DIR / "q4_codes.h",
     _DIR / "row_split.h",
+    _DIR / "gemm_h16.h",
+    _DIR / "vec16.h",
 ]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

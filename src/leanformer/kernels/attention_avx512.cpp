@@ -16,6 +16,7 @@
 #endif
 
 #include "attention.h"
+#include "vec16.h"
 
 namespace leanformer {
 namespace {
@@ -34,23 +35,7 @@ struct V16 {
   static reg fmsub(reg a, reg b, reg c) { return _mm512_fmsub_ps(a, b, c); }
   static float hmax(reg x) { return _mm512_reduce_max_ps(x); }
   static float hsum(reg x) { return _mm512_reduce_add_ps(x); }
-  // e^x for x <= 0: x = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-6 polynomial for e^r (~1 ulp), then
-  // vscalefps multiplies by 2^n, which also handles the underflow (x < -104, incl. -inf, gives 0).
-  static reg exp(reg x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-110.f));
-    const reg n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-    reg y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(y, n);
-  }
+  static reg exp(reg x) { return exp16_nonpos(x); }  // x <= 0 (vec16.h)
 };
 
 }  // namespace

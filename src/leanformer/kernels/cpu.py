@@ -129,7 +129,7 @@ def describe() -> dict:
         "linear f32 / bf16 / f16 / int8 / int4, fp32 activations": fp,
         "linear int8 / int4, int8 activations (decode)": act_isa() or "unavailable",
         "encoder attention": fp,
-        "quantized prefill GEMM": "oneDNN bf16" if native_bf16() else "oneDNN fp32",
+        "quantized prefill GEMM": "oneDNN bf16" if bf16_pays() else "oneDNN fp32",
         "int4 prefill GEMM (auto activations)": (
             f"int8 activations ({act_isa()})" if int8_activations("auto") else "as above"
         ),
@@ -143,11 +143,25 @@ def describe() -> dict:
 
 
 def native_bf16() -> bool:
-    """bf16 arithmetic in hardware: AVX-512 BF16 or AMX (oneDNN's bf16 GEMMs run at twice fp32's rate)."""
+    """bf16 arithmetic in hardware: AVX-512 BF16 or AMX (whether it is faster than fp32: bf16_pays)."""
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:
         return False
+
+
+def bf16_pays(text: str | None = None) -> bool:
+    """Whether bf16 GEMMs beat fp32 here: AMX tiles, or AVX-512 BF16 on AMD (Zen 4 / 5 run vdpbf16ps at
+    twice fp32's FMA rate: oneDNN's bf16 GEMM 1.5-2x its fp32). Intel's AVX-512 BF16 without AMX runs it
+    on one port: oneDNN's bf16 GEMM measured 0.55-0.7x its fp32 on a Xeon whose VM hides AMX
+    (docs/BENCHMARKS.md, session 28), so bf16 prefill / autocast / encoder matmuls would be slower there."""
+    try:
+        if torch.cpu._is_amx_tile_supported():
+            return True
+        avx512_bf16 = bool(torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:
+        return False
+    return avx512_bf16 and "AuthenticAMD" in (_cpuinfo() if text is None else text)
 
 
 def summary() -> str:

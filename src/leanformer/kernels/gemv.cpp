@@ -337,6 +337,7 @@ void bind_int8_act(pybind11::module_& m);  // gemv_i8.cpp
 void bind_gemm_q4_i8(pybind11::module_& m);  // gemm_q4_i8.cpp
 void bind_argmax(pybind11::module_& m);  // argmax.cpp
 void bind_identity(pybind11::module_& m);  // identity.cpp
+void bind_gemm_h16(pybind11::module_& m);  // gemm_h16.cpp
 
 }  // namespace leanformer
 
@@ -377,4 +378,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   leanformer::bind_gemm_q4_i8(m);
   leanformer::bind_argmax(m);
   leanformer::bind_identity(m);
+  leanformer::bind_gemm_h16(m);
 }

@@ -97,12 +97,14 @@ def use_fast_linears_(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def plain_linears(model: nn.Module):
-    """Temporarily swap leanformer's fast Linears (oneDNN PackedLinear, GEMV FastLinear) for nn.Linears
-    sharing their weights: autograd and the ONNX exporters need ordinary matmuls."""
+    """Temporarily swap leanformer's fast Linears (oneDNN PackedLinear, GEMV FastLinear, fp16 H16Linear) for
+    nn.Linears sharing their weights: autograd and the ONNX exporters need ordinary matmuls."""
+    from leanformer.kernels.h16 import H16Linear
+
     swapped = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, (PackedLinear, FastLinear)):
+            if isinstance(child, (PackedLinear, FastLinear, H16Linear)):
                 plain = nn.Linear(
                     child.in_features, child.out_features, bias=child.bias is not None, device="meta"
                 )

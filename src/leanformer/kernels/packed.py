@@ -20,10 +20,7 @@ class PackedLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> PackedLinear:
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
-        new.weight, new.bias = linear.weight, linear.bias
+        new = adopt_linear(cls, linear)
         new.repack()
         return new
 
@@ -43,6 +40,15 @@ class PackedLinear(nn.Linear):
             x.reshape(-1, shape[-1]), self.packed_weight, bias, "none", [], ""
         )
         return y.reshape(*shape[:-1], self.out_features)
+
+
+def adopt_linear(cls: type, linear: nn.Linear):
+    """A `cls` (an nn.Linear subclass) sharing `linear`'s Parameters, made without initializing any."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.in_features, new.out_features = linear.in_features, linear.out_features
+    new.weight, new.bias = linear.weight, linear.bias
+    return new
 
 
 def packed_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -20,6 +20,7 @@ from torch import nn
 
 from leanformer import kernels
 from leanformer.errors import LeanformerError
+from leanformer.kernels.h16 import H16Linear
 from leanformer.kernels.packed import packed_ok
 from leanformer.models.bert_attention import LongAttention, long_attention, lookup, position_ids
 from leanformer.models.bert_weights import encoder_extras, sanitize  # noqa: F401 (the family contract)
@@ -203,6 +204,10 @@ def _linear(mod: nn.Linear, x: torch.Tensor, act=None, residual: torch.Tensor | 
     the activation / residual add run inside the matmul as post-ops: one pass over the output instead of two.
     Int8Dynamic Linears (compress/quant.py) do the same in their own epilogue (GELU erf form and residual).
     """
+    if isinstance(mod, H16Linear) and not kernels.hooked(mod) and (act is None or act[1] == ("gelu", "none")):
+        return mod.fused(
+            x, gelu=act is not None, residual=residual
+        )  # fp16 matmul + epilogue (kernels/h16.py)
     packed = getattr(mod, "packed_weight", None)
     w = getattr(mod, "weight", None)  # quantized Linears may hold none
     if packed is not None and w is not None and w.dtype == torch.bfloat16 and _mixed_ok(x, residual):
@@ -344,8 +349,25 @@ class Layer(nn.Module):
             o = o.transpose(1, 2).reshape(b * t, h * d)  # a view: the kernel wrote [B, T, H, D]
             x = _linear_add_norm(self.attn_out, o, x, self.attn_norm)
             del o
-        x = _linear_add_norm(self.ffn_out, _linear(self.ffn_in, x, self.act), x, self.ffn_norm)
+        if self._h16_ffn():  # the GELU output stays fp16 between the two fp16 matmuls (kernels/h16.py)
+            y = self.ffn_out.fused(self.ffn_in.to_h16(x, gelu=True))
+            x = (
+                _layer_norm_c(self.ffn_norm, y, x)
+                if _fused_norm_ok(self.ffn_norm, y)
+                else self.ffn_norm(x + y)
+            )
+        else:
+            x = _linear_add_norm(self.ffn_out, _linear(self.ffn_in, x, self.act), x, self.ffn_norm)
         return x.view(b, t, hidden)
+
+    def _h16_ffn(self) -> bool:
+        return (
+            isinstance(self.ffn_in, H16Linear)
+            and isinstance(self.ffn_out, H16Linear)
+            and self.act[1] == ("gelu", "none")
+            and self.ffn_in.runs_kernel()
+            and self.ffn_out.runs_kernel()
+        )
 
 
 SHORT_SEQ = 64  # without the fused kernel: up to this length two batched matmuls beat torch's SDPA on CPU

@@ -100,14 +100,13 @@ def default_weights(encoder: bool) -> L.LossWeights:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """bf16 arithmetic in hardware: CUDA with bf16 support, or a CPU with avx512_bf16 / amx_bf16."""
+    """bf16 autocast pays: CUDA with bf16 support, or a CPU whose bf16 GEMMs beat fp32 (AMX, AVX-512 BF16
+    on AMD: kernels.cpu.bf16_pays)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from leanformer.kernels.cpu import bf16_pays
+
+    return bf16_pays()
 
 
 def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:

@@ -108,15 +108,16 @@ def make_student(
 
 
 def plain_linears_(model: nn.Module) -> nn.Module:
-    """Replace leanformer's fast Linears (PackedLinear / FastLinear: a packed copy of the weight made at
+    """Replace leanformer's fast Linears (PackedLinear / FastLinear / H16Linear: a packed copy of the weight made at
     load time) with nn.Linears sharing the same Parameters, for good: training changes the weights, and
     a packed copy would go stale. `save` → `load` brings the fast kernels back."""
+    from leanformer.kernels.h16 import H16Linear
     from leanformer.kernels.modules import FastLinear
     from leanformer.kernels.packed import PackedLinear
 
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, (PackedLinear, FastLinear)):
+            if isinstance(child, (PackedLinear, FastLinear, H16Linear)):
                 plain = nn.Linear(
                     child.in_features, child.out_features, bias=child.bias is not None, device="meta"
                 )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
+from leanformer.kernels.h16 import native_f16
 from leanformer.measure.bench.encoders import main
-from leanformer.measure.bench.encoders_engines import BF16, FP32, INT8, ORT8, ORT32, ST, pruned_name
+from leanformer.measure.bench.encoders_engines import BF16, F16, FP32, INT8, ORT8, ORT32, ST, pruned_name
 from tests.encoders.helpers import SENTENCES, tiny_encoder_dir
 
 
@@ -22,7 +23,8 @@ def test_bench_encoders_quick_has_int8_ort_int8_and_pruning_rows(tmp_path, capsy
     assert main(argv + ["--chunks", "2", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     results, meta = report["results"], report["meta"]
-    assert list(results) == [ST, FP32, BF16, INT8, ORT32, ORT8, pruned_name(0.5)]
+    f16 = [F16] if native_f16() else []  # the fp16 row: CPUs with AVX512-FP16 only
+    assert list(results) == [ST, FP32, BF16, *f16, INT8, ORT32, ORT8, pruned_name(0.5)]
     assert {w: v["tokens_per_text"] for w, v in meta["workloads"].items()} == {
         "stsb": None,
         "long16": 16,
@@ -36,6 +38,8 @@ def test_bench_encoders_quick_has_int8_ort_int8_and_pruning_rows(tmp_path, capsy
     assert results[ORT32]["cosine_min"] > 0.9999  # our export: the same math
     assert results[INT8]["cosine_min"] > 0.9  # int8 weights and activations on a random model
     assert 0.99 < results[BF16]["cosine_min"] < 1  # bf16 weights and activations: close, not the same
+    if f16:
+        assert 0.9999 < results[F16]["cosine_min"] < 1  # fp16 matmuls: closer still
     assert results[pruned_name(0.5)]["heads_pruned"] == 0.5
     assert sum(results[pruned_name(0.5)]["heads_per_layer"]) == 4  # of 2 layers × 4 heads
     checks = {(c["engine"], c["check"]) for c in report["targets"]}

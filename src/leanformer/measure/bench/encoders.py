@@ -10,7 +10,8 @@ from other processes hits all of them alike; medians of wall time are reported, 
 second, load-robust view.
 Engines: sentence-transformers fp32 (the quality reference), leanformer fp32 (torch; the speed baseline
 of the "× fp32" columns), leanformer bf16 (bf16 matmuls in an fp32 model; only where the CPU has AVX-512
-BF16 / AMX), leanformer int8 (`quantize_(model, Int8Dynamic())`), our ONNX export in ONNX Runtime fp32
+BF16 / AMX), leanformer fp16 (fp16 matmuls in an fp32 model, kernels/h16.py; only where the CPU has
+AVX512-FP16), leanformer int8 (`quantize_(model, Int8Dynamic())`), our ONNX export in ONNX Runtime fp32
 and ONNX Runtime's own int8 (quantize_dynamic per channel, QInt8 weights) of that export, and leanformer
 fp32 with a fraction of attention heads pruned (Taylor importance, 4 rounds).
 Quality: cosine of every embedding to sentence-transformers' (mean, min), STS-B Spearman and its drop
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ort-int8", action="store_true", help="skip ONNX Runtime's int8 quantization")
     p.add_argument("--no-int8", action="store_true", help="skip leanformer Int8Dynamic")
     p.add_argument(
-        "--no-bf16", action="store_true", help="skip leanformer in bfloat16 (native bf16 CPUs only)"
+        "--no-bf16", action="store_true", help="skip leanformer's 16-bit rows (bf16 / fp16 matmuls)"
     )
     p.add_argument(
         "--prune",

@@ -16,6 +16,7 @@ import torch
 ST = "sentence-transformers fp32"
 FP32 = "leanformer fp32 (torch)"
 BF16 = "leanformer bf16 (torch)"
+F16 = "leanformer fp16 (torch)"
 INT8 = "leanformer int8 dynamic (torch)"
 ORT32 = "leanformer fp32 (onnxruntime)"
 ORT8 = "onnxruntime int8 dynamic (per-channel)"
@@ -96,16 +97,20 @@ def build_engines(
 ) -> tuple[dict[str, Engine], object, object]:
     """name → Engine, in table order; also our fp32 model and tokenizer (the reference for the rest).
     bf16: the model loaded with dtype bfloat16 too (bf16 matmuls, fp32 elsewhere: encoders/build.py),
-    where the CPU computes bf16 natively (AVX-512 BF16 / AMX; emulated bf16 is slower than fp32)."""
+    where the CPU computes bf16 natively (AVX-512 BF16 / AMX; emulated bf16 is slower than fp32), and with
+    dtype float16 (fp16 matmuls, kernels/h16.py) where the CPU has AVX512-FP16."""
     from leanformer.encoders.build import load_encoder
     from leanformer.encoders.prune_heads import prune_heads_auto_
     from leanformer.kernels.cpu import native_bf16
+    from leanformer.kernels.h16 import native_f16
 
     engines = {ST: _sentence_transformers(model_path)}
     model, tok = load_encoder(model_path)
     engines[FP32] = _ours(model, tok)
     if bf16 and native_bf16():
         engines[BF16] = _ours(*load_encoder(model_path, dtype=torch.bfloat16))
+    if bf16 and native_f16():
+        engines[F16] = _ours(*load_encoder(model_path, dtype=torch.float16))
     if int8:
         from leanformer.compress import Int8Dynamic, quantize_
 

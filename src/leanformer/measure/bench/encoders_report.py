@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from leanformer.measure.bench.encoders_engines import BF16, FP32, INT8, ORT8, ST
+from leanformer.measure.bench.encoders_engines import BF16, F16, FP32, INT8, ORT8, ST
 
 INT8_SPEEDUP = 1.8  # issue #4: Int8Dynamic embeddings/s vs our fp32, every workload
 INT8_SPEARMAN_DROP = 0.002  # issue #4: STS-B Spearman drop vs fp32, at most
@@ -55,7 +55,7 @@ def target_checks(results: dict, workloads: list[str]) -> list[dict]:
         ]
 
     out = []
-    for name in (FP32, BF16):
+    for name in (FP32, BF16, F16):
         if name in results:
             out += at_least("#17", "× ST", name, "speedup", ST_SPEEDUP)
             cos = ("≥", ST_MIN_COSINE)

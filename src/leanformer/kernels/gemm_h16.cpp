@@ -1,0 +1,233 @@
+// fp16 matmuls for CPU inference on AVX512-FP16 (Intel Sapphire Rapids and later): y = x @ w^T (+ bias,
+// GELU, residual) with x and w in fp16 and the products summed in fp16 along short chains that are then
+// added in fp32 (gemm_h16.h). What the BERT-family encoders' Linears run in a float16 model there
+// (kernels/h16.py H16Linear, models/bert.py): vfmadd231ph does twice the multiply-adds of an fp32 FMA,
+// while that CPU's bf16 dot product (vdpbf16ps, one port) is no faster than fp32 and oneDNN's f16 GEMM
+// accumulates in fp32 at fp32's rate (docs/BENCHMARKS.md, session 28).
+//
+// This file (AVX2 + F16C) packs weights, converts activations, splits tiles over torch's threads and runs
+// the epilogue; the tile loop is in gemm_h16_avx512fp16.cpp.
+#include <torch/csrc/utils/pybind.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "gemm_h16.h"
+
+namespace leanformer {
+namespace {
+
+bool cpu_has_avx512fp16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512fp16") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512f");
+}
+
+const bool kHasAvx512fp16 = cpu_has_avx512fp16();
+
+// A task is (a chunk of kH16Rows rows, one 64-column panel), tasks ordered chunk-major: a thread's
+// consecutive tasks reuse its rows of x from L1 / L2 while the panels stream (1.16x panel-major, see
+// gemm_h16.h).
+constexpr int64_t kRowChunk = kH16Rows;
+
+}  // namespace
+
+// w [N, K] (any float dtype) -> fp16 panels [ceil(N / 64), ceil(K / 2) * 128]: panel p, pair j, vector v,
+// lane 2c + q = w[64p + 16v + c, 2j + q]; zero past N and K.
+at::Tensor pack_h16(const at::Tensor& w_) {
+  TORCH_CHECK(w_.dim() == 2 && w_.is_floating_point() && w_.device().is_cpu(), "w must be a float [N, K] CPU tensor");
+  const at::Tensor w = w_.to(at::kFloat).contiguous();
+  const int64_t N = w.size(0), K = w.size(1), K2 = (K + 1) / 2, P = (N + kH16Panel - 1) / kH16Panel;
+  at::Tensor out = at::zeros({P, K2 * kH16Panel * 2}, w.options().dtype(at::kHalf));
+  const float* wp = w.data_ptr<float>();
+  at::Half* op = out.data_ptr<at::Half>();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t c = 0; c < kH16Panel && p * kH16Panel + c < N; ++c) {
+        const int64_t n = p * kH16Panel + c, v = c / 16, lane = 2 * (c % 16);
+        for (int64_t k = 0; k < K; ++k)
+          op[p * K2 * kH16Panel * 2 + (k / 2) * kH16Panel * 2 + v * 32 + lane + (k % 2)] = static_cast<at::Half>(wp[n * K + k]);
+      }
+  });
+  return out;
+}
+
+// x fp32 [M, K] -> fp16 [M, ld] (zero-padded past K), and max |x| (inf if x holds inf or NaN).
+static float to_h16(const float* x, int64_t M, int64_t K, uint16_t* out, int64_t ld) {
+  std::vector<float> amax(static_cast<size_t>(at::get_num_threads()), 0.f);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 mx = _mm256_setzero_ps(), nan = _mm256_setzero_ps();  // NaN never wins a max: flagged apart
+    float tail = 0.f;
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* r = x + m * K;
+      uint16_t* o = out + m * ld;
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) {
+        const __m256 v = _mm256_loadu_ps(r + k);
+        mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v));
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + k), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+      }
+      for (; k < K; ++k) {
+        tail = std::isnan(r[k]) ? INFINITY : std::fmax(tail, std::fabs(r[k]));
+        o[k] = _cvtss_sh(r[k], _MM_FROUND_TO_NEAREST_INT);
+      }
+      for (; k < ld; ++k) o[k] = 0;
+    }
+    alignas(32) float v[8];
+    _mm256_store_ps(v, mx);
+    for (float e : v) tail = std::fmax(tail, e);
+    if (_mm256_movemask_ps(nan)) tail = INFINITY;
+    float& slot = amax[static_cast<size_t>(at::get_thread_num())];
+    slot = std::fmax(slot, tail);
+  });
+  return *std::max_element(amax.begin(), amax.end());
+}
+
+// max |x| over fp16 x [M, K] (inf if it holds inf or NaN).
+static float absmax_h16(const uint16_t* x, int64_t n) {
+  std::vector<float> amax(static_cast<size_t>(at::get_num_threads()), 0.f);
+  at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+    __m256 mx = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+      const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
+      mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v));
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float tail = _mm256_movemask_ps(nan) ? INFINITY : 0.f;
+    for (; i < i1; ++i) {
+      const float v = _cvtsh_ss(x[i]);
+      tail = std::isnan(v) ? INFINITY : std::fmax(tail, std::fabs(v));
+    }
+    alignas(32) float v[8];
+    _mm256_store_ps(v, mx);
+    for (float e : v) tail = std::fmax(tail, e);
+    float& slot = amax[static_cast<size_t>(at::get_thread_num())];
+    slot = std::fmax(slot, tail);
+  });
+  return *std::max_element(amax.begin(), amax.end());
+}
+
+// The product on the fp16 panels of pack_h16 for x float32 [M, K] or float16 [M, K] (K even; x_absmax its
+// max |x| if known, < 0: measured here), into fp32 y (with the residual) or fp16 y16 (then also its max
+// |value|). Returns false, computing nothing, when an fp16 chain could overflow (kH16Chain * max|x| *
+// w_absmax > 30000: the caller then runs the fp32 GEMM).
+static bool run_h16(const at::Tensor& x_, const at::Tensor& panels, int64_t N, double w_absmax, double x_absmax,
+                    const std::optional<at::Tensor>& bias_, bool gelu, const std::optional<at::Tensor>& residual_,
+                    bool to_h16_out, at::Tensor& out, float& out_absmax) {
+  TORCH_CHECK(kHasAvx512fp16, "linear_h16 needs a CPU with AVX512-FP16");
+  TORCH_CHECK(x_.dim() == 2 && x_.device().is_cpu() &&
+                  (x_.scalar_type() == at::kFloat || (x_.scalar_type() == at::kHalf && x_.size(1) % 2 == 0)),
+              "x must be float32 [M, K] or float16 [M, K] with K even");
+  const at::Tensor x = x_.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), K2 = (K + 1) / 2, P = (N + kH16Panel - 1) / kH16Panel;
+  TORCH_CHECK(panels.scalar_type() == at::kHalf && panels.is_contiguous() && panels.dim() == 2 &&
+                  panels.size(0) == P && panels.size(1) == K2 * kH16Panel * 2,
+              "panels must be pack_h16's output for a [N, K] weight, N = ", N, ", K = ", K);
+  at::Tensor bias, res;
+  if (bias_.has_value() && bias_->defined()) {
+    TORCH_CHECK(bias_->scalar_type() == at::kFloat && bias_->numel() == N, "bias must be float32 [N]");
+    bias = bias_->contiguous();
+  }
+  if (residual_.has_value() && residual_->defined()) {
+    TORCH_CHECK(!to_h16_out, "a residual needs the fp32 output");
+    TORCH_CHECK(residual_->scalar_type() == at::kFloat && residual_->dim() == 2 && residual_->size(0) == M &&
+                    residual_->size(1) == N,
+                "residual must be float32 [M, N]");
+    res = residual_->contiguous();
+  }
+  at::Tensor x16;
+  float amax;
+  if (x.scalar_type() == at::kHalf) {
+    x16 = x;
+    amax = x_absmax >= 0 ? static_cast<float>(x_absmax)
+                         : absmax_h16(reinterpret_cast<const uint16_t*>(x.data_ptr<at::Half>()), M * K);
+  } else {
+    x16 = at::empty({M, 2 * K2}, x.options().dtype(at::kHalf));
+    amax = to_h16(x.data_ptr<float>(), M, K, reinterpret_cast<uint16_t*>(x16.data_ptr<at::Half>()), 2 * K2);
+  }
+  if (!(kH16Chain * static_cast<double>(amax) * w_absmax <= 30000.0)) return false;
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x16.data_ptr<at::Half>());
+  out = at::empty({M, N}, x.options().dtype(to_h16_out ? at::kHalf : at::kFloat));
+  const uint16_t* pp = reinterpret_cast<const uint16_t*>(panels.data_ptr<at::Half>());
+  const int64_t chunks = (M + kRowChunk - 1) / kRowChunk;
+  std::vector<float> amaxes(static_cast<size_t>(at::get_num_threads()), 0.f);
+  at::parallel_for(0, P * chunks, 1, [&](int64_t t0, int64_t t1) {
+    float local = 0.f;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t p = t % P, m0 = (t / P) * kRowChunk, m1 = std::min(M, m0 + kRowChunk);
+      H16Out o;
+      o.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+      o.gelu = gelu;
+      if (to_h16_out) {
+        o.y16 = reinterpret_cast<uint16_t*>(out.data_ptr<at::Half>()) + m0 * N;
+        o.ldy16 = N;
+        o.absmax = &local;
+      } else {
+        o.y = out.data_ptr<float>() + m0 * N;
+        o.ldy = N;
+        o.residual = res.defined() ? res.data_ptr<float>() + m0 * N : nullptr;
+        o.ldr = N;
+      }
+      h16_tiles(xp + m0 * 2 * K2, 2 * K2, m1 - m0, pp, K2, p, p + 1, N, o);
+    }
+    float& slot = amaxes[static_cast<size_t>(at::get_thread_num())];
+    if (!(local <= slot)) slot = local;
+  });
+  out_absmax = *std::max_element(amaxes.begin(), amaxes.end(), [](float a, float b) { return a < b || std::isnan(b); });
+  return true;
+}
+
+// y fp32 [M, N] = [residual +] [gelu](x @ w^T + bias), or None when an fp16 chain could overflow.
+std::optional<at::Tensor> linear_h16(const at::Tensor& x, const at::Tensor& panels, int64_t N, double w_absmax,
+                                     const std::optional<at::Tensor>& bias, bool gelu,
+                                     const std::optional<at::Tensor>& residual, double x_absmax) {
+  at::Tensor y;
+  float unused = 0.f;
+  if (!run_h16(x, panels, N, w_absmax, x_absmax, bias, gelu, residual, false, y, unused)) return std::nullopt;
+  return y;
+}
+
+// (y fp16 [M, N] = [gelu](x @ w^T + bias), max |y| before rounding), or None as linear_h16: what the next
+// fp16 matmul takes without a conversion pass (the FFN's GELU output).
+std::optional<std::tuple<at::Tensor, double>> linear_h16_to_h16(const at::Tensor& x, const at::Tensor& panels,
+                                                                int64_t N, double w_absmax,
+                                                                const std::optional<at::Tensor>& bias, bool gelu,
+                                                                double x_absmax) {
+  at::Tensor y;
+  float amax = 0.f;
+  if (!run_h16(x, panels, N, w_absmax, x_absmax, bias, gelu, std::nullopt, true, y, amax)) return std::nullopt;
+  return std::make_tuple(y, static_cast<double>(amax));
+}
+
+void bind_gemm_h16(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("has_avx512fp16", [] { return kHasAvx512fp16; }, "whether this CPU can run linear_h16");
+  m.def("pack_h16", &pack_h16, "w float [N, K] -> fp16 panels for linear_h16", py::arg("w"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("linear_h16", &linear_h16,
+        "x float32 / float16 [M, K] -> [residual +] [gelu](x @ w^T + bias) float32 [M, N], fp16 products summed "
+        "in fp16 chains of 128 then in fp32; None when a chain could overflow",
+        py::arg("x"), py::arg("panels"), py::arg("n"), py::arg("w_absmax"), py::arg("bias") = py::none(),
+        py::arg("gelu") = false, py::arg("residual") = py::none(), py::arg("x_absmax") = -1.0,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("linear_h16_to_h16", &linear_h16_to_h16,
+        "as linear_h16 without a residual, into float16 [M, N]: (y, max |y|) or None", py::arg("x"),
+        py::arg("panels"), py::arg("n"), py::arg("w_absmax"), py::arg("bias") = py::none(), py::arg("gelu") = false,
+        py::arg("x_absmax") = -1.0, py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace leanformer

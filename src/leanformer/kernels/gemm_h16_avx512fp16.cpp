@@ -1,0 +1,161 @@
+// The fp16 GEMM's tile loop (gemm_h16.h) with AVX512-FP16's vfmadd231ph, chosen at run time by
+// gemm_h16.cpp from CPUID. Only this file is compiled for AVX512-FP16; it includes nothing but
+// gemm_h16.h, vec16.h, <cstdint> and <immintrin.h> (see avx512.h for why).
+//
+// Register tile: 6 rows of x by 4 vectors of the panel (64 columns): 24 fp16 accumulators, 4 panel
+// vectors, 1 broadcast. Each panel vector holds 16 columns as lane pairs (w[n, 2j], w[n, 2j + 1]), so
+// one 32-bit broadcast of (x[m, 2j], x[m, 2j + 1]) feeds it: a 16-bit broadcast would cost a shuffle-port
+// uop per row (port 5, which the second FMA unit shares). The pairs are added once, at the end.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "gemm_h16.h"
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512fp16,fma"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512fp16,fma")
+#endif
+
+#include "vec16.h"
+
+namespace leanformer {
+namespace {
+
+constexpr int kRows = 6, kVecs = 4;
+
+// GELU (erf form), 16 lanes: erf by Abramowitz-Stegun 7.1.26 (|error| <= 1.5e-7, torch's vectorized
+// erf) with 1 / (1 + p|x|) from rcp14 and one Newton step (a division's cost is most of the pass).
+inline __m512 gelu16(__m512 v) {
+  const __m512 x = _mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f)), one = _mm512_set1_ps(1.f);
+  const __m512 ax = _mm512_abs_ps(x);
+  const __m512 d = _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), ax, one);
+  __m512 t = _mm512_rcp14_ps(d);
+  t = _mm512_mul_ps(t, _mm512_fnmadd_ps(d, t, _mm512_set1_ps(2.f)));
+  __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
+  const __m512 e = exp16_nonpos(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(x, x)));  // exp(-x^2)
+  const __m512 erf_abs = _mm512_fnmadd_ps(_mm512_mul_ps(e, t), r, one);
+  const __m512 erf = _mm512_mask_sub_ps(erf_abs, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ),
+                                        _mm512_setzero_ps(), erf_abs);
+  return _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.5f)), _mm512_add_ps(one, erf));
+}
+
+// The fp32 sums of one row's four panel vectors: lane pairs still apart ([vector][half][16 lanes]).
+struct RowSums {
+  float v[kVecs][2][16];
+};
+
+// R rows of x16 times pairs [j0, j1) of one panel (at most kH16Chain: one fp16 chain per lane), the
+// chains then added into sums[0..R).
+template <int R>
+inline void block(const uint16_t* x16, int64_t ldx, const uint16_t* panel, int64_t j0, int64_t j1, RowSums* sums) {
+  __m512h acc[R][kVecs];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm512_setzero_ph();
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint16_t* b = panel + j * (kVecs * 32);
+    const __m512h b0 = _mm512_castsi512_ph(_mm512_loadu_si512(b));
+    const __m512h b1 = _mm512_castsi512_ph(_mm512_loadu_si512(b + 32));
+    const __m512h b2 = _mm512_castsi512_ph(_mm512_loadu_si512(b + 64));
+    const __m512h b3 = _mm512_castsi512_ph(_mm512_loadu_si512(b + 96));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      __builtin_memcpy(&pair, x16 + r * ldx + 2 * j, 4);
+      const __m512h a = _mm512_castsi512_ph(_mm512_set1_epi32(pair));
+      acc[r][0] = _mm512_fmadd_ph(a, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ph(a, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ph(a, b2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ph(a, b3, acc[r][3]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) {
+      const __m512i bits = _mm512_castph_si512(acc[r][v]);
+      float* lo = sums[r].v[v][0];
+      float* hi = sums[r].v[v][1];
+      _mm512_storeu_ps(lo, _mm512_add_ps(_mm512_loadu_ps(lo), _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_castsi512_si256(bits)))));
+      _mm512_storeu_ps(hi, _mm512_add_ps(_mm512_loadu_ps(hi), _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_extracti64x4_epi64(bits, 1)))));
+    }
+  }
+}
+
+template <int R>
+inline void block_rows(const uint16_t* x16, int64_t ldx, int64_t M, const uint16_t* panel, int64_t j0, int64_t j1,
+                       RowSums* sums) {
+  int64_t m = 0;
+  for (; m + R <= M; m += R) block<R>(x16 + m * ldx, ldx, panel, j0, j1, sums + m);
+  switch (M - m) {
+    case 5: block<5>(x16 + m * ldx, ldx, panel, j0, j1, sums + m); break;
+    case 4: block<4>(x16 + m * ldx, ldx, panel, j0, j1, sums + m); break;
+    case 3: block<3>(x16 + m * ldx, ldx, panel, j0, j1, sums + m); break;
+    case 2: block<2>(x16 + m * ldx, ldx, panel, j0, j1, sums + m); break;
+    case 1: block<1>(x16 + m * ldx, ldx, panel, j0, j1, sums + m); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+void h16_tiles(const uint16_t* x16, int64_t ldx, int64_t M, const uint16_t* panels, int64_t K2, int64_t p0,
+               int64_t p1, int64_t N, const H16Out& out) {
+  // Loop order: K blocks of one chain outside, row tiles inside, so the panel's block (64 pairs x 256 B =
+  // 16 KB) stays in L1 while every row tile of the chunk reads it; the fp32 sums (M x 512 B <= 24 KB) sit in L1 / L2.
+  RowSums sums[kH16Rows];
+  const int64_t panel_size = K2 * kH16Panel * 2;
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint16_t* panel = panels + p * panel_size;
+    for (int64_t m = 0; m < M; ++m)
+      for (int v = 0; v < kVecs; ++v) {
+        _mm512_storeu_ps(sums[m].v[v][0], _mm512_setzero_ps());
+        _mm512_storeu_ps(sums[m].v[v][1], _mm512_setzero_ps());
+      }
+    for (int64_t j0 = 0; j0 < K2; j0 += kH16Chain)
+      block_rows<kRows>(x16, ldx, M, panel, j0, j0 + kH16Chain < K2 ? j0 + kH16Chain : K2, sums);
+    // lanes 2c, 2c + 1 of a vector's pair sums (half 0: columns 0-7, half 1: columns 8-15) -> column c
+    const int64_t n0 = p * kH16Panel;
+    const int valid = static_cast<int>(N - n0 < kH16Panel ? N - n0 : kH16Panel);
+    for (int64_t m = 0; m < M; ++m)
+      for (int v = 0; v < kVecs && 16 * v < valid; ++v) {
+        const __m512 lo = _mm512_loadu_ps(sums[m].v[v][0]), hi = _mm512_loadu_ps(sums[m].v[v][1]);
+        __m512 o = _mm512_add_ps(_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi));
+        const int64_t n = n0 + 16 * v;
+        const __mmask16 mask = valid - 16 * v >= 16 ? 0xffff : static_cast<__mmask16>((1u << (valid - 16 * v)) - 1);
+        if (out.bias) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(mask, out.bias + n));
+        if (out.gelu) o = gelu16(o);
+        if (out.y16) {
+          const __m256i h = _mm512_cvtps_ph(o, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          _mm256_mask_storeu_epi16(out.y16 + m * out.ldy16 + n, mask, h);
+          amax = _mm512_mask_max_ps(amax, mask, amax, _mm512_abs_ps(o));
+        } else {
+          if (out.residual) o = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out.residual + m * out.ldr + n), o);
+          _mm512_mask_storeu_ps(out.y + m * out.ldy + n, mask, o);
+        }
+      }
+  }
+  if (out.y16) {
+    const float a = _mm512_reduce_max_ps(amax);
+    if (!(a <= *out.absmax)) *out.absmax = a;  // NaN sticks
+  }
+}
+
+}  // namespace leanformer
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
