@@ -70,23 +70,18 @@ class H16Linear(nn.Linear):
     ) -> torch.Tensor:
         """[residual +] [GELU (erf)](x @ w^T + b) in fp32, x [..., in] fp32 (or another H16Linear's fp16
         output, `to_h16`); fp16 products where the kernel may run."""
-        if isinstance(x, H16Act):
-            if self.runs_kernel():
-                y = kernels.ext().linear_h16(
-                    x.data, self.h16_panels, self.out_features, self.w_absmax, self._bias(), gelu,
-                    _rows(residual, self.out_features), x.absmax,
-                )  # fmt: skip
-                if y is not None:
-                    return y.view(*x.shape, self.out_features)
-            x = x.data.float().view(*x.shape, self.in_features)
-        if self.runs_kernel() and x.dtype == torch.float32:
-            shape = x.shape
+        h16 = isinstance(x, H16Act)
+        lead = x.shape if h16 else x.shape[:-1]
+        rows = x.data if h16 else x.reshape(-1, x.shape[-1])
+        if self.runs_kernel() and (h16 or x.dtype == torch.float32):
             y = kernels.ext().linear_h16(
-                x.reshape(-1, shape[-1]), self.h16_panels, self.out_features, self.w_absmax, self._bias(), gelu,
-                _rows(residual, self.out_features),
+                rows, self.h16_panels, self.out_features, self.w_absmax, self._bias(), gelu,
+                _rows(residual, self.out_features), x.absmax if h16 else -1.0,
             )  # fmt: skip
             if y is not None:
-                return y.view(*shape[:-1], self.out_features)
+                return y.view(*lead, self.out_features)
+        if h16:
+            x = rows.float().view(*lead, self.in_features)
         y = F.linear(x, self.weight, self.bias)  # autograd, hooks, another dtype, or fp16 could overflow
         y = F.gelu(y) if gelu else y
         return y if residual is None else residual + y
