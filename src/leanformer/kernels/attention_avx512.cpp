@@ -16,30 +16,7 @@
 #endif
 
 #include "attention.h"
-#include "vec16.h"
-
-namespace leanformer {
-namespace {
-
-struct V16 {
-  using reg = __m512;
-  static constexpr int W = 16;
-  static reg zero() { return _mm512_setzero_ps(); }
-  static reg set1(float x) { return _mm512_set1_ps(x); }
-  static reg load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, reg x) { _mm512_storeu_ps(p, x); }
-  static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
-  static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
-  static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
-  static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
-  static reg fmsub(reg a, reg b, reg c) { return _mm512_fmsub_ps(a, b, c); }
-  static float hmax(reg x) { return _mm512_reduce_max_ps(x); }
-  static float hsum(reg x) { return _mm512_reduce_add_ps(x); }
-  static reg exp(reg x) { return exp16_nonpos(x); }  // x <= 0 (vec16.h)
-};
-
-}  // namespace
-}  // namespace leanformer
+#include "vec16.h"  // V16, exp16_nonpos
 
 #include "attention_impl.h"
 

@@ -42,6 +42,8 @@ constexpr int64_t kRowChunk = kH16Rows;
 
 }  // namespace
 
+bool has_avx512fp16() { return kHasAvx512fp16; }
+
 // w [N, K] (any float dtype) -> fp16 panels [ceil(N / 64), ceil(K / 2) * 128]: panel p, pair j, vector v,
 // lane 2c + q = w[64p + 16v + c, 2j + q]; zero past N and K.
 at::Tensor pack_h16(const at::Tensor& w_) {
@@ -215,7 +217,7 @@ std::optional<std::tuple<at::Tensor, double>> linear_h16_to_h16(const at::Tensor
 
 void bind_gemm_h16(pybind11::module_& m) {
   namespace py = pybind11;
-  m.def("has_avx512fp16", [] { return kHasAvx512fp16; }, "whether this CPU can run linear_h16");
+  m.def("has_avx512fp16", &has_avx512fp16, "whether this CPU can run linear_h16 and attention_h16");
   m.def("pack_h16", &pack_h16, "w float [N, K] -> fp16 panels for linear_h16", py::arg("w"),
         py::call_guard<py::gil_scoped_release>());
   m.def("linear_h16", &linear_h16,

@@ -37,6 +37,9 @@ struct H16Out {
   float* absmax = nullptr;
 };
 
+// Whether the CPU runs the AVX512-FP16 files (CPUID; defined in the AVX2 file gemm_h16.cpp).
+bool has_avx512fp16();
+
 // One tile job: rows [0, M) (M <= kH16Rows) of x16 (fp16 bits, row stride ldx >= K2 * 2) times panels
 // [p0, p1) of the packed weight (each K2 * 64 * 2 fp16 values) into columns [p0 * 64, min(p1 * 64, N)) of
 // out. K2 = ceil(K / 2) pairs (x16 and the panels zero-padded to 2 * K2).

@@ -338,6 +338,7 @@ void bind_gemm_q4_i8(pybind11::module_& m);  // gemm_q4_i8.cpp
 void bind_argmax(pybind11::module_& m);  // argmax.cpp
 void bind_identity(pybind11::module_& m);  // identity.cpp
 void bind_gemm_h16(pybind11::module_& m);  // gemm_h16.cpp
+void bind_attention_h16(pybind11::module_& m);  // attention_h16.cpp
 
 }  // namespace leanformer
 
@@ -379,4 +380,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   leanformer::bind_argmax(m);
   leanformer::bind_identity(m);
   leanformer::bind_gemm_h16(m);
+  leanformer::bind_attention_h16(m);
 }

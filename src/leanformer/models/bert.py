@@ -20,7 +20,7 @@ from torch import nn
 
 from leanformer import kernels
 from leanformer.errors import LeanformerError
-from leanformer.kernels.h16 import H16Linear
+from leanformer.kernels.h16 import H16Act, H16Linear
 from leanformer.kernels.packed import packed_ok
 from leanformer.models.bert_attention import LongAttention, long_attention, lookup, position_ids
 from leanformer.models.bert_weights import encoder_extras, sanitize  # noqa: F401 (the family contract)
@@ -332,23 +332,11 @@ class Layer(nn.Module):
         """x [B, T, hidden]; mask [B, 1, 1, T] bool (True = attend) or None; head_mask [heads] scales heads;
         long: a LongAttention (local / LSH attention) or None (dense)."""
         b, t, hidden = x.shape
-        h, d = self.heads, self.head_dim
         x = x.reshape(b * t, hidden)  # the matmuls see [B*T, features]
-        if h == 0:  # every head pruned: only the output projection's bias remains
+        if self.heads == 0:  # every head pruned: only the output projection's bias remains
             x = _norm_(self.attn_norm, x + self.attn_out.bias)
         else:
-            q, k, v = _linear(self.qkv, x).view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)  # each [B, H, T, D]
-            if long is None or long.kind == "dense":
-                o = _attention(q, k, v, mask)  # [B, H, T, D]
-            else:
-                key_mask = None if mask is None else mask.reshape(b, t)
-                o = long_attention(q, k, v, key_mask, long, lambda *qkv: _attention(*qkv, mask))
-            del q, k, v  # the [B*T, 3*H*D] qkv output goes back to the allocator before the FFN's
-            if head_mask is not None:
-                o = o * head_mask.view(1, h, 1, 1)
-            o = o.transpose(1, 2).reshape(b * t, h * d)  # a view: the kernel wrote [B, T, H, D]
-            x = _linear_add_norm(self.attn_out, o, x, self.attn_norm)
-            del o
+            x = self._attention_block(x, b, t, mask, head_mask, long)
         if self._h16_ffn():  # the GELU output stays fp16 between the two fp16 matmuls (kernels/h16.py)
             y = self.ffn_out.fused(self.ffn_in.to_h16(x, gelu=True))
             x = (
@@ -359,6 +347,43 @@ class Layer(nn.Module):
         else:
             x = _linear_add_norm(self.ffn_out, _linear(self.ffn_in, x, self.act), x, self.ffn_norm)
         return x.view(b, t, hidden)
+
+    def _attention_block(self, x, b: int, t: int, mask, head_mask, long) -> torch.Tensor:
+        """attn_norm(x + attn_out(attention(qkv(x)))), x [B*T, hidden]."""
+        h, d = self.heads, self.head_dim
+        dense = long is None or long.kind == "dense"
+        if dense and head_mask is None and self._h16_attention():
+            # q/k/v, attention and its output stay fp16 between the fp16 matmuls (kernels/attention_h16*.cpp)
+            qkv = self.qkv.to_h16(x)
+            if isinstance(qkv, H16Act):
+                key_mask = None if mask is None else mask.reshape(b, t)
+                o = kernels.ext().attention_h16(qkv.data, b, h, key_mask, qkv.absmax, True)
+                if o is not None:
+                    y = self.attn_out.fused(H16Act(o[0], o[1], (b * t,)), residual=x)
+                    return _norm_(self.attn_norm, y)
+                qkv = qkv.data.float()  # a chain could overflow: the fp32 kernel on the same values
+        else:
+            qkv = _linear(self.qkv, x)
+        q, k, v = qkv.view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)  # each [B, H, T, D]
+        if dense:
+            o = _attention(q, k, v, mask)  # [B, H, T, D]
+        else:
+            key_mask = None if mask is None else mask.reshape(b, t)
+            o = long_attention(q, k, v, key_mask, long, lambda *qkv: _attention(*qkv, mask))
+        del q, k, v, qkv  # the [B*T, 3*H*D] qkv output goes back to the allocator before the FFN's
+        if head_mask is not None:
+            o = o * head_mask.view(1, h, 1, 1)
+        o = o.transpose(1, 2).reshape(b * t, h * d)  # a view: the kernel wrote [B, T, H, D]
+        return _linear_add_norm(self.attn_out, o, x, self.attn_norm)
+
+    def _h16_attention(self) -> bool:
+        return (
+            isinstance(self.qkv, H16Linear)
+            and isinstance(self.attn_out, H16Linear)
+            and self.head_dim % 16 == 0
+            and self.qkv.runs_kernel()
+            and self.attn_out.runs_kernel()
+        )
 
     def _h16_ffn(self) -> bool:
         return (

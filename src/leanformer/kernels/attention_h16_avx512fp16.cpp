@@ -1,0 +1,322 @@
+// The fp16 encoder attention's loops (attention_h16.h) with AVX512-FP16, chosen at run time by
+// attention_h16.cpp from CPUID. Only this file is compiled for AVX512-FP16; it includes nothing but plain
+// headers, vec16.h, attention_impl.h (the fp32 Q K^T tile) and <immintrin.h> (see avx512.h for why).
+//
+// Per (batch, head), with n = the keys up to the last unmasked one, nw = n rounded up to 16:
+//   K^T widened to fp32 in key tiles [tp / KT][D][KT]; V as fp16 key pairs [nw / 2][D / 16][32] whose
+//   lanes 2i, 2i + 1 hold (v[2j, d], v[2j + 1, d]), so a 32-bit broadcast of (p[2j], p[2j + 1]) feeds one
+//   vfmadd231ph (the lane-pair layout of gemm_h16_avx512fp16.cpp);
+//   per block of 24 query rows: S = Q K^T (fp32 register tiles), P = exp(scale (S - rowmax)) in fp32,
+//   rounded to fp16, O = P V (fp16 chains of kH16Chain key pairs added into fp32), out = O / rowsum(P).
+// The q/k/v rows sit 3 * H * D apart, beyond the hardware's stride prefetch: rows are prefetched by hand.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "attention_h16.h"
+#include "gemm_h16.h"  // kH16Chain
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512fp16,fma"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512fp16,fma")
+#endif
+
+#include "vec16.h"  // V16, exp2_poly4_nonpos
+
+#include "attention_impl.h"  // attn_qk_tile, attn_round_up
+
+namespace leanformer {
+namespace {
+
+constexpr int kMQ = 24;           // query rows per block
+constexpr int kSums = 128;        // fp32 sums per row: 4 vectors x 2 lane halves x 16
+
+inline char* align64(char* p) { return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); }
+
+struct Scratch {
+  float* kt;      // [tp / KT][D][KT]
+  uint16_t* vp;   // [nw / 2][D / 16][32]
+  float* qb;      // [kMQ][D]
+  float* s;       // [kMQ][tp]
+  uint16_t* p16;  // [kMQ][T + 16]
+  float* bias;    // [tp]
+  float* sums;    // [kMQ][kSums]
+};
+
+// Scratch parts for T keys: tp = T + 64 covers any key tile, T + 16 any rounding to 16.
+constexpr int64_t part(int64_t bytes) { return (bytes + 63) / 64 * 64; }
+
+int64_t scratch_bytes(int64_t T, int64_t D) {
+  const int64_t tp = T + 64, np = T + 16;
+  return 64 + part(D * tp * 4) + part(np * D * 2) + part(kMQ * D * 4) + part(kMQ * tp * 4) + part(kMQ * np * 2) +
+         part(tp * 4) + part(kMQ * kSums * 4);
+}
+
+Scratch carve(void* base, int64_t T, int64_t D) {
+  char* p = align64(static_cast<char*>(base));
+  const int64_t tp = T + 64, np = T + 16;
+  Scratch s{};
+  s.kt = reinterpret_cast<float*>(p), p += part(D * tp * 4);
+  s.vp = reinterpret_cast<uint16_t*>(p), p += part(np * D * 2);
+  s.qb = reinterpret_cast<float*>(p), p += part(kMQ * D * 4);
+  s.s = reinterpret_cast<float*>(p), p += part(kMQ * tp * 4);
+  s.p16 = reinterpret_cast<uint16_t*>(p), p += part(kMQ * np * 2);
+  s.bias = reinterpret_cast<float*>(p), p += part(tp * 4);
+  s.sums = reinterpret_cast<float*>(p);
+  return s;
+}
+
+// One score row s[0, nw) -> fp16 probabilities p16[0, nw) = exp(scale (s + bias - max)); returns their
+// fp32 sum. With kBias, bias[j] (0 or -inf) masks keys and the lanes past n.
+template <bool kBias>
+inline float softmax_row_h16(const float* s, const float* bias, int64_t nw, float scale, uint16_t* p16) {
+  __m512 mx = _mm512_set1_ps(-__builtin_inff());
+  for (int64_t j = 0; j < nw; j += 16) {
+    __m512 x = _mm512_loadu_ps(s + j);
+    if constexpr (kBias) x = _mm512_add_ps(x, _mm512_loadu_ps(bias + j));
+    mx = _mm512_max_ps(mx, x);
+  }
+  const float c = scale * 1.44269504088896341f;  // exp(scale x) = 2^(c x)
+  const __m512 ms = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * c), sc = _mm512_set1_ps(c);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nw; j += 16) {
+    __m512 x = _mm512_loadu_ps(s + j);
+    if constexpr (kBias) x = _mm512_add_ps(x, _mm512_loadu_ps(bias + j));
+    const __m512 p = exp2_poly4_nonpos(_mm512_fmsub_ps(x, sc, ms));  // -inf -> 0
+    sum = _mm512_add_ps(sum, p);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + j), _mm512_cvtps_ph(p, _MM_FROUND_TO_NEAREST_INT));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// R rows of p16 (row stride ldp) times key pairs [j0, j1) of CV vectors of vp (pair stride ldv), at most
+// kH16Chain pairs: one fp16 chain per lane, then added into sums (row stride kSums).
+template <int R, int CV>
+inline void pv_block(const uint16_t* p16, int64_t ldp, const uint16_t* vp, int64_t ldv, int64_t j0, int64_t j1,
+                     float* sums) {
+  __m512h acc[R][CV];
+  LF_UNROLL
+  for (int r = 0; r < R; ++r)
+    LF_UNROLL
+    for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_setzero_ph();
+  for (int64_t j = j0; j < j1; ++j) {
+    __m512h b[CV];
+    LF_UNROLL
+    for (int c = 0; c < CV; ++c) b[c] = _mm512_castsi512_ph(_mm512_loadu_si512(vp + j * ldv + c * 32));
+    LF_UNROLL
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      __builtin_memcpy(&pair, p16 + r * ldp + 2 * j, 4);
+      const __m512h a = _mm512_castsi512_ph(_mm512_set1_epi32(pair));
+      LF_UNROLL
+      for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_fmadd_ph(a, b[c], acc[r][c]);
+    }
+  }
+  LF_UNROLL
+  for (int r = 0; r < R; ++r)
+    LF_UNROLL
+    for (int c = 0; c < CV; ++c) {
+      const __m512i bits = _mm512_castph_si512(acc[r][c]);
+      float* lo = sums + r * kSums + c * 32;
+      _mm512_storeu_ps(lo, _mm512_add_ps(_mm512_loadu_ps(lo), _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_castsi512_si256(bits)))));
+      _mm512_storeu_ps(lo + 16, _mm512_add_ps(_mm512_loadu_ps(lo + 16), _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_extracti64x4_epi64(bits, 1)))));
+    }
+}
+
+// r[i][k] -> r[k][i] for a 16 x 16 block of floats: unpack pairs, then quads, then 128-bit lanes (64
+// shuffles for 256 values; element-wise stores took ~13% of this kernel).
+inline void transpose16(__m512 (&r)[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + c], 128-bit lane L: column 4L + c of rows 4i .. 4i + 3
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int c = 0; c < 4; ++c) {
+    t[c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);
+    t[4 + c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
+    t[8 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0xdd);
+    r[4 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0xdd);
+  }
+}
+
+// Where a block's output rows go.
+struct OutRows {
+  uint16_t* out16;  // or null: out32
+  float* out32;
+  int64_t ldo;
+};
+
+// Rows [0, rows) of O[:, 16 c0 : 16 (c0 + CV)] = P V / rowsum, written to out (row r at r * ldo, the
+// column block's first value at 16 c0); returns the largest |value| written.
+template <int CV>
+inline __m512 pv_rows(const uint16_t* p16, int64_t ldp, const uint16_t* vp, int64_t D, int64_t pairs, int64_t c0,
+                      int64_t rows, const float* inv, float* sums, const OutRows& o, __m512 amax) {
+  constexpr int R = kMQ / CV;
+  for (int64_t r = 0; r < kMQ; ++r)
+    for (int c = 0; c < 2 * CV; ++c) _mm512_storeu_ps(sums + r * kSums + c * 16, _mm512_setzero_ps());
+  const uint16_t* vc = vp + c0 * 32;
+  for (int64_t j0 = 0; j0 < pairs; j0 += kH16Chain) {
+    const int64_t j1 = j0 + kH16Chain < pairs ? j0 + kH16Chain : pairs;
+    for (int64_t r0 = 0; r0 < rows; r0 += R) pv_block<R, CV>(p16 + r0 * ldp, ldp, vc, 2 * D, j0, j1, sums + r0 * kSums);
+  }
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int c = 0; c < CV; ++c) {
+      const __m512 lo = _mm512_loadu_ps(sums + r * kSums + c * 32), hi = _mm512_loadu_ps(sums + r * kSums + c * 32 + 16);
+      const __m512 y = _mm512_mul_ps(
+          _mm512_add_ps(_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi)), _mm512_set1_ps(inv[r]));
+      const int64_t at = r * o.ldo + (c0 + c) * 16;
+      if (o.out16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.out16 + at), _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(y));
+      } else {
+        _mm512_storeu_ps(o.out32 + at, y);
+      }
+    }
+  return amax;
+}
+
+// One (batch, head), K^T in key tiles of KT = KV * 16 keys, Q K^T tiles of QR rows.
+template <int QR, int KV>
+__m512 head(const H16AttnArgs& a, int64_t bh, const Scratch& sc, __m512 amax) {
+  constexpr int64_t KT = KV * 16;
+  static_assert(kMQ % QR == 0, "query block must hold whole tiles");
+  const int64_t T = a.T, D = a.D, H = a.H, ld = a.ld, b = bh / H, h = bh % H;
+  const uint16_t* q16 = a.qkv + b * T * ld + h * D;
+  const uint16_t* k16 = q16 + H * D;
+  const uint16_t* v16 = q16 + 2 * H * D;
+  OutRows o{a.out16 ? a.out16 + b * T * a.ldo + h * D : nullptr, a.out32 ? a.out32 + b * T * a.ldo + h * D : nullptr,
+            a.ldo};
+
+  const uint8_t* mask = a.mask ? a.mask + b * T : nullptr;
+  int64_t n = T;
+  bool gap = false;
+  if (mask) {
+    while (n > 0 && !mask[n - 1]) --n;
+    for (int64_t j = 0; j < n; ++j) gap |= !mask[j];
+  }
+  if (n == 0) {  // every key masked: zeros, as torch's SDPA returns
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t d = 0; d < D; ++d) {
+        if (o.out16)
+          o.out16[t * o.ldo + d] = 0;
+        else
+          o.out32[t * o.ldo + d] = 0.f;
+      }
+    return amax;
+  }
+  const int64_t tp = attn_round_up(n, KT), nw = attn_round_up(n, 16), pairs = nw / 2, ldp = T + 16;
+
+  // K^T in fp32 (keys past n zero), 16 keys x 16 values at a time through a register transpose; the
+  // q / k / v rows of the next 16 keys prefetched on the way.
+  for (int64_t j0 = 0; j0 < tp; j0 += 16) {
+    for (int64_t j = j0 + 16; j < j0 + 32 && j < T; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(q16 + j * ld), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(k16 + j * ld), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v16 + j * ld), _MM_HINT_T0);
+    }
+    float* dst = sc.kt + (j0 / KT) * D * KT + j0 % KT;
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = j0 + i < n ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k16 + (j0 + i) * ld + d0)))
+                          : _mm512_setzero_ps();
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (d0 + i) * KT, r[i]);
+    }
+  }
+  // V as key pairs (zero past n).
+  __m512i lo_idx, hi_idx;
+  {
+    alignas(64) int16_t lo[32], hi[32];
+    for (int i = 0; i < 16; ++i) lo[2 * i] = i, lo[2 * i + 1] = 32 + i, hi[2 * i] = 16 + i, hi[2 * i + 1] = 48 + i;
+    lo_idx = _mm512_load_si512(lo), hi_idx = _mm512_load_si512(hi);
+  }
+  for (int64_t j2 = 0; j2 < pairs; ++j2) {
+    const int64_t ka = 2 * j2, kb = 2 * j2 + 1;
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+      const __mmask32 m = D - d0 >= 32 ? 0xffffffffu : 0xffffu;
+      const __m512i va = ka < n ? _mm512_maskz_loadu_epi16(m, v16 + ka * ld + d0) : _mm512_setzero_si512();
+      const __m512i vb = kb < n ? _mm512_maskz_loadu_epi16(m, v16 + kb * ld + d0) : _mm512_setzero_si512();
+      uint16_t* dst = sc.vp + j2 * 2 * D + 2 * d0;
+      _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(va, lo_idx, vb));
+      if (D - d0 > 16) _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(va, hi_idx, vb));
+    }
+  }
+  const bool use_bias = gap || nw != n;
+  if (use_bias)
+    for (int64_t j = 0; j < nw; ++j) sc.bias[j] = (j < n && (!mask || mask[j])) ? 0.f : -__builtin_inff();
+
+  for (int64_t i0 = 0; i0 < T; i0 += kMQ) {
+    const int64_t rows = T - i0 < kMQ ? T - i0 : kMQ;
+    for (int64_t r = 0; r < kMQ; ++r)
+      for (int64_t d0 = 0; d0 < D; d0 += 16)
+        _mm512_storeu_ps(sc.qb + r * D + d0, r < rows ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q16 + (i0 + r) * ld + d0)))
+                                                       : _mm512_setzero_ps());
+    for (int64_t j0 = 0; j0 < tp; j0 += KT)
+      for (int64_t r0 = 0; r0 < rows; r0 += QR) attn_qk_tile<V16, QR, KV>(sc.qb + r0 * D, D, sc.kt + j0 * D, sc.s + r0 * tp + j0, tp);
+    float inv[kMQ];
+    for (int64_t r = 0; r < rows; ++r) {
+      const float sum = use_bias ? softmax_row_h16<true>(sc.s + r * tp, sc.bias, nw, a.scale, sc.p16 + r * ldp)
+                                 : softmax_row_h16<false>(sc.s + r * tp, sc.bias, nw, a.scale, sc.p16 + r * ldp);
+      inv[r] = 1.f / sum;
+    }
+    for (int64_t r = rows; r < kMQ; ++r)  // the last block's rows past T: read by whole PV tiles, never written
+      for (int64_t j = 0; j < nw; ++j) sc.p16[r * ldp + j] = 0;
+    OutRows ob{o.out16 ? o.out16 + i0 * o.ldo : nullptr, o.out32 ? o.out32 + i0 * o.ldo : nullptr, o.ldo};
+    for (int64_t c0 = 0; c0 < D / 16; c0 += 4) {
+      switch (D / 16 - c0) {
+        case 1: amax = pv_rows<1>(sc.p16, ldp, sc.vp, D, pairs, c0, rows, inv, sc.sums, ob, amax); break;
+        case 2: amax = pv_rows<2>(sc.p16, ldp, sc.vp, D, pairs, c0, rows, inv, sc.sums, ob, amax); break;
+        case 3: amax = pv_rows<3>(sc.p16, ldp, sc.vp, D, pairs, c0, rows, inv, sc.sums, ob, amax); break;
+        default: amax = pv_rows<4>(sc.p16, ldp, sc.vp, D, pairs, c0, rows, inv, sc.sums, ob, amax); break;
+      }
+    }
+  }
+  return amax;
+}
+
+}  // namespace
+
+int64_t h16_attn_scratch_bytes(int64_t T, int64_t D) { return scratch_bytes(T, D); }
+
+float h16_attention_heads(const H16AttnArgs& a, int64_t bh0, int64_t bh1, void* scratch) {
+  const Scratch sc = carve(scratch, a.T, a.D);
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t bh = bh0; bh < bh1; ++bh) {
+    // Short inputs take narrower key tiles (a 64-key tile would be mostly padding), as attention_avx512.cpp.
+    if (a.T <= 16)
+      amax = head<24, 1>(a, bh, sc, amax);
+    else if (a.T <= 32)
+      amax = head<12, 2>(a, bh, sc, amax);
+    else
+      amax = head<6, 4>(a, bh, sc, amax);
+  }
+  return _mm512_reduce_max_ps(amax);
+}
+
+}  // namespace leanformer
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif

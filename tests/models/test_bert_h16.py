@@ -1,0 +1,94 @@
+"""models/bert.py's float16 path on AVX512-FP16 CPUs: q/k/v, attention and its output projection stay fp16
+between the fp16 matmuls (kernels/attention_h16*.cpp) and the hidden states match the fp32 model's, with
+padding; where that path cannot run (a head mask, local attention, a chain that could overflow) the layer
+takes the fp32 attention on the same q/k/v."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from leanformer import kernels as K
+from leanformer.encoders.build import build_encoder
+from leanformer.kernels.h16 import H16Linear, native_f16
+from leanformer.models.bert_attention import LongAttention
+from tests.encoders.helpers import tiny_hf_encoder
+
+pytestmark = pytest.mark.skipif(
+    not native_f16(), reason="this CPU lacks AVX512-FP16 (or the kernels are not built)"
+)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """(fp32 model, the same with H16Linears), BERT with 4 heads of 16 (hidden 64), and a padded batch."""
+    hf = tiny_hf_encoder("BertModel", max_position_embeddings=80)
+    hf.save_pretrained(str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    fp32 = build_encoder(cfg, load_file(tmp_path / "model.safetensors"), fast=False)
+    f16 = build_encoder(cfg, load_file(tmp_path / "model.safetensors"), dtype=torch.float16, fast=True)
+    assert type(f16.layers[0].qkv) is H16Linear and f16.layers[0].head_dim == 16
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, cfg["vocab_size"], (4, 70), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 50:], mask[2, 3:], mask[3, 69:] = 0, 0, 0
+    return fp32, f16, ids, mask
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    """Smallest cosine between the two models' hidden states at real tokens."""
+    keep = mask.bool()
+    return float(torch.nn.functional.cosine_similarity(a[keep], b[keep], dim=-1).min())
+
+
+def _spy(monkeypatch, result=None):
+    """Count attention_h16 calls; with result="none" make every call report a possible overflow."""
+    calls, real = [], K.ext().attention_h16
+
+    def attention_h16(*args):
+        calls.append(args[0].shape)
+        return None if result == "none" else real(*args)
+
+    monkeypatch.setattr(K.ext(), "attention_h16", attention_h16)
+    return calls
+
+
+def test_fp16_attention_runs_between_fp16_matmuls(pair, monkeypatch):
+    fp32, f16, ids, mask = pair
+    calls = _spy(monkeypatch)
+    with torch.inference_mode():
+        want, got = fp32(ids, mask), f16(ids, mask)
+    assert len(calls) == len(f16.layers) and calls[0] == (4 * 70, 3 * 64)
+    assert _close(got, want, mask) > 0.9999
+
+
+def test_fp16_attention_overflow_falls_back_to_fp32_attention(pair, monkeypatch):
+    fp32, f16, ids, mask = pair
+    with torch.inference_mode():
+        fast = f16(ids, mask)
+        calls = _spy(monkeypatch, "none")
+        slow = f16(ids, mask)  # q/k/v widened from fp16, the fp32 kernel, attn_out from fp32
+        want = fp32(ids, mask)
+    assert calls and _close(slow, want, mask) > 0.9999 and _close(slow, fast, mask) > 0.9999
+
+
+@pytest.mark.parametrize("case", ["head_mask", "local", "grad"])
+def test_fp16_attention_is_skipped_where_it_cannot_run(pair, monkeypatch, case):
+    fp32, f16, ids, mask = pair
+    calls = _spy(monkeypatch)
+    kw: dict = {}
+    if case == "head_mask":
+        kw["head_mask"] = [torch.tensor([1.0, 0.0, 1.0, 0.5])] * len(f16.layers)
+    elif case == "local":
+        kw["attention"] = LongAttention.make("local", window=16)
+    if case == "grad":
+        got, want = f16(ids, mask), fp32(ids, mask)  # autograd: every Linear in fp32, SDPA
+        assert torch.allclose(got, want, atol=1e-5)
+    else:
+        with torch.inference_mode():
+            got, want = f16(ids, mask, **kw), fp32(ids, mask, **kw)
+        assert _close(got, want, mask) > 0.9999
+    assert calls == []
