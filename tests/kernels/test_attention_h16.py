@@ -1,7 +1,12 @@
 """Encoder attention on fp16 q/k/v (kernels/attention_h16*.cpp): softmax(q k^T / sqrt(D)) v within fp16
-chains' error of the exact attention of the same fp16 values, at every query-block and key-tile remainder,
-with key masks (trailing pads, gaps, every key masked), both output dtypes, the reported max |out|, and
-None where a chain could overflow."""
+arithmetic's error of the exact attention of the same fp16 values, at every query-block and key-tile
+remainder, with key masks (trailing pads, gaps, every key masked), both output dtypes, the reported max
+|out|, and None where a chain could overflow.
+
+The error scale: scores are fp16 sums of D products, so a logit of size L carries ~2^-11 L of rounding
+and the probabilities ~that relative error. The tests use q/k/v ~ N(0, 1) (logits ~ N(0, 1), as in trained
+encoders: all-MiniLM-L6-v2's embeddings move by 4e-7 in 1 - cosine, docs/BENCHMARKS.md); measured
+1-3e-3 of the output's norm (5e-4 for P V alone, with scores in fp32)."""
 
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ def _reference(qkv16: torch.Tensor, b: int, h: int, mask: torch.Tensor | None) -
     return (p @ v).transpose(1, 2).reshape(b * t, h * d)
 
 
-def _qkv(b: int, t: int, h: int, d: int, scale: float = 2.0) -> torch.Tensor:
+def _qkv(b: int, t: int, h: int, d: int, scale: float = 1.0) -> torch.Tensor:
     return (torch.randn(b * t, 3 * h * d) * scale).half()
 
 
@@ -47,9 +52,9 @@ def test_attention_h16_matches_exact_attention(b, t, h, d, fp16_out):
     out, amax = K.ext().attention_h16(qkv, b, h, None, float(qkv.abs().max()), fp16_out)
     want = _reference(qkv, b, h, None)
     assert out.shape == (b * t, h * d) and out.dtype == (torch.float16 if fp16_out else torch.float32)
-    assert _rel(out, want) < 2e-3  # p rounded to fp16 and fp16 chains of <= 64 key pairs: ~5e-4 measured
+    assert _rel(out, want) < 5e-3
     if fp16_out:
-        assert amax == pytest.approx(float(want.abs().max()), rel=2e-3)
+        assert amax == pytest.approx(float(want.abs().max()), rel=5e-3)
 
 
 @needs_f16
@@ -64,7 +69,7 @@ def test_attention_h16_key_mask(t):
     mask[3, :] = False  # every key masked: zeros
     out, _ = K.ext().attention_h16(qkv, b, h, mask, float(qkv.abs().max()), False)
     want = _reference(qkv, b, h, mask)
-    assert _rel(out, want) < 2e-3
+    assert _rel(out, want) < 5e-3
     assert torch.all(out.view(b, t, -1)[3] == 0)
 
 
@@ -77,7 +82,7 @@ def test_attention_h16_reads_rows_of_a_wider_matrix():
     out, _ = K.ext().attention_h16(qkv, b, h, None, float(qkv.abs().max()), True)
     q, k, v = qkv.float().view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * t, h * d)
-    assert _rel(out, sdpa.double()) < 2e-3
+    assert _rel(out, sdpa.double()) < 5e-3
     with pytest.raises(RuntimeError, match="3 \\* H \\* D"):
         K.ext().attention_h16(torch.cat([qkv, qkv[:, :16]], 1), b, h, None, 1.0, True)
 
@@ -87,6 +92,7 @@ def test_attention_h16_overflow_guard_and_bad_input():
     b, t, h, d = 1, 8, 1, 16
     qkv = _qkv(b, t, h, d)
     assert K.ext().attention_h16(qkv, b, h, None, 1000.0, True) is None  # 64 * 1000 > 30000
+    assert K.ext().attention_h16(qkv, b, h, None, 50.0, True) is None  # a score: 16 * 50^2 > 30000
     assert K.ext().attention_h16(qkv, b, h, None, float("inf"), True) is None
     with pytest.raises(RuntimeError, match="float16"):
         K.ext().attention_h16(qkv.float(), b, h, None, 1.0, True)

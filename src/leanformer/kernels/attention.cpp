@@ -77,6 +77,15 @@ void check_qkv(const at::Tensor& t, const at::Tensor& q, const char* name) {
 
 }  // namespace
 
+// key_mask bool / uint8 [B, T] made contiguous (undefined when absent), or a one-line error.
+at::Tensor checked_key_mask(const std::optional<at::Tensor>& key_mask, int64_t B, int64_t T) {
+  if (!key_mask.has_value() || !key_mask->defined()) return at::Tensor();
+  TORCH_CHECK(key_mask->dim() == 2 && key_mask->size(0) == B && key_mask->size(1) == T &&
+                  (key_mask->scalar_type() == at::kBool || key_mask->scalar_type() == at::kByte),
+              "key_mask must be bool [B, T] = [", B, ", ", T, "], got ", key_mask->sizes(), " ", key_mask->scalar_type());
+  return key_mask->contiguous();
+}
+
 // q, k, v [B, H, T, D] float32 (any strides) -> out [B, T, H, D] contiguous.
 at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                      const std::optional<at::Tensor>& key_mask, std::optional<double> scale) {
@@ -86,14 +95,7 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
   auto inner = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
   const at::Tensor q = inner(q_), k = inner(k_), v = inner(v_);
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
-  at::Tensor mask;
-  if (key_mask.has_value() && key_mask->defined()) {
-    TORCH_CHECK(key_mask->dim() == 2 && key_mask->size(0) == B && key_mask->size(1) == T &&
-                    (key_mask->scalar_type() == at::kBool || key_mask->scalar_type() == at::kByte),
-                "key_mask must be bool [B, T] = [", B, ", ", T, "], got ", key_mask->sizes(), " ",
-                key_mask->scalar_type());
-    mask = key_mask->contiguous();
-  }
+  const at::Tensor mask = checked_key_mask(key_mask, B, T);
   at::Tensor out = at::empty({B, T, H, D}, q.options());
   if (out.numel() == 0) return out;
   AttnArgs a{};

@@ -20,10 +20,13 @@
 
 namespace leanformer {
 
+at::Tensor checked_key_mask(const std::optional<at::Tensor>& key_mask, int64_t B, int64_t T);  // attention.cpp
+
 // qkv fp16 [B * T, 3 * H * D] (rows: [q heads | k heads | v heads], the fused q/k/v matmul's output) ->
 // (softmax(q k^T / sqrt(D), keys where key_mask) v as [B * T, H * D], fp16 or fp32, max |out|), or None
-// when an fp16 chain of P V could overflow (kH16Chain * max|qkv| > 30000: the caller widens qkv and runs
-// the fp32 kernel). qkv_absmax: max |qkv| (the matmul reports it).
+// when an fp16 chain could overflow: a score's (D * max|qkv|^2 > 30000) or P V's (kH16Chain * max|qkv| >
+// 30000); the caller then widens qkv and runs the fp32 kernel. qkv_absmax: max |qkv| (the matmul reports
+// it; all-MiniLM-L6-v2's is ~13, far inside both bounds).
 std::optional<std::tuple<at::Tensor, double>> attention_h16(const at::Tensor& qkv, int64_t batch, int64_t heads,
                                                             const std::optional<at::Tensor>& key_mask,
                                                             double qkv_absmax, bool fp16_out) {
@@ -36,15 +39,9 @@ std::optional<std::tuple<at::Tensor, double>> attention_h16(const at::Tensor& qk
               "qkv [", qkv.size(0), ", ", qkv.size(1), "] is not [B * T, 3 * H * D] for B = ", batch, ", H = ", heads,
               " and a head size that is a multiple of 16");
   const int64_t B = batch, H = heads, T = qkv.size(0) / batch, D = qkv.size(1) / (3 * heads);
-  at::Tensor mask;
-  if (key_mask.has_value() && key_mask->defined()) {
-    TORCH_CHECK(key_mask->dim() == 2 && key_mask->size(0) == B && key_mask->size(1) == T &&
-                    (key_mask->scalar_type() == at::kBool || key_mask->scalar_type() == at::kByte),
-                "key_mask must be bool [B, T] = [", B, ", ", T, "], got ", key_mask->sizes(), " ",
-                key_mask->scalar_type());
-    mask = key_mask->contiguous();
-  }
-  if (!(kH16Chain * qkv_absmax <= 30000.0)) return std::nullopt;  // p <= 1, |v| <= qkv_absmax
+  const at::Tensor mask = checked_key_mask(key_mask, B, T);
+  // p <= 1 and |v| <= qkv_absmax; |q . k| <= D qkv_absmax^2, the bound on every partial sum of its chain
+  if (!(kH16Chain * qkv_absmax <= 30000.0 && D * qkv_absmax * qkv_absmax <= 30000.0)) return std::nullopt;
   at::Tensor out = at::empty({B * T, H * D}, qkv.options().dtype(fp16_out ? at::kHalf : at::kFloat));
   if (out.numel() == 0) return std::make_tuple(out, 0.0);
   H16AttnArgs a{};
@@ -71,7 +68,7 @@ void bind_attention_h16(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("attention_h16", &attention_h16,
         "qkv float16 [B*T, 3*H*D] -> (softmax(q k^T / sqrt(D), keys where key_mask) v [B*T, H*D] float16 or "
-        "float32, max |out|): q k^T and the softmax in fp32, p v in fp16 chains added in fp32; None when a chain "
+        "float32, max |out|): scores and softmax in fp16, p v in fp16 chains added in fp32; None when a chain "
         "could overflow",
         py::arg("qkv"), py::arg("batch"), py::arg("heads"), py::arg("key_mask") = py::none(),
         py::arg("qkv_absmax") = 0.0, py::arg("fp16_out") = true, py::call_guard<py::gil_scoped_release>());

@@ -2,9 +2,9 @@
 // (the AVX512-FP16 loops). Plain declarations only: see avx512.h for why no inline code is shared.
 //
 // Encoder self-attention on the fp16 output of the fused q/k/v matmul (kernels/h16.py, models/bert.py):
-// S = Q K^T in fp32 (the fp16 values widen exactly), an exact fp32 softmax per row, then P V with P and V
-// in fp16 and the products summed in fp16 along chains of kH16Chain pairs of keys (gemm_h16.h), each chain
-// added into fp32; the output, divided by the row's sum, in fp16 for the output projection (or fp32).
+// S = Q K^T and the softmax in fp16 arithmetic (the row sum in fp32), then P V with the products summed in
+// fp16 along chains of kH16Chain pairs of keys (gemm_h16.h), each chain added into fp32; the output,
+// divided by the row's sum, in fp16 for the output projection (or fp32).
 #pragma once
 
 #include <cstdint>

@@ -25,6 +25,18 @@ namespace {
 
 inline int64_t attn_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Keys up to the last unmasked one (what a row attends over; mask null: all T), and whether a masked key
+// lies before it (*gap: those need a -inf bias).
+inline int64_t attn_live_keys(const uint8_t* mask, int64_t T, bool* gap) {
+  int64_t n = T;
+  *gap = false;
+  if (mask) {
+    while (n > 0 && !mask[n - 1]) --n;
+    for (int64_t j = 0; j < n; ++j) *gap |= !mask[j];
+  }
+  return n;
+}
+
 inline float* attn_align(float* p) {  // next 64-byte boundary
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
 }
@@ -138,12 +150,8 @@ void attn_head(const AttnArgs& a, int64_t bh, float* scratch) {
 
   // Keys past the last unmasked one are skipped; masked keys before it get -inf.
   const uint8_t* mask = a.mask ? a.mask + b * T : nullptr;
-  int64_t n = T;
   bool gap = false;
-  if (mask) {
-    while (n > 0 && !mask[n - 1]) --n;
-    for (int64_t j = 0; j < n; ++j) gap |= !mask[j];
-  }
+  const int64_t n = attn_live_keys(mask, T, &gap);
   if (n == 0) {  // every key masked: zeros, as torch's SDPA returns
     for (int64_t t = 0; t < T; ++t)
       for (int64_t d = 0; d < D; ++d) out[t * so + d] = 0.f;
