@@ -111,15 +111,20 @@ def test_h16_linears_swaps_plain_fp32_linears_only():
 
 @needs_f16
 def test_fp16_output_feeds_the_next_matmul_unchanged():
-    """linear_h16_to_h16 (the FFN's GELU output kept fp16): the fp32 path's values rounded to fp16, its
-    max |value| exact, and the next call on it equal to the call on those values given in fp32."""
+    """linear_h16_to_h16 (the FFN's GELU output kept fp16): without GELU the fp32 path's values rounded to
+    fp16; with it GELU in fp16 arithmetic (gelu32h) on them: 1-2 fp16 ulps for |x| <~ 1, up to ~5e-3
+    relative in the negative tail where |y| ~ 0.03-0.05 (10.5 ulps measured) and <= 2.2e-4 absolute below;
+    its max |value| exact; the next call on it equal to the call on those values given in fp32."""
     m, k, n, n2 = 50, 96, 130, 24
     x, w, b, w2 = torch.randn(m, k), torch.randn(n, k) / k**0.5, torch.randn(n), torch.randn(n2, n) / n**0.5
     p, wmax = K.ext().pack_h16(w), float(w.abs().max())
-    y32 = K.ext().linear_h16(x, p, n, wmax, b, True)
+    plain32, plain16 = K.ext().linear_h16(x, p, n, wmax, b), K.ext().linear_h16_to_h16(x, p, n, wmax, b)[0]
+    assert torch.equal(plain16, plain32.half())
+    y32 = F.gelu(plain32.half().double())  # what the fp16 GELU approximates
     y16, amax = K.ext().linear_h16_to_h16(x, p, n, wmax, b, True)
-    assert y16.dtype == torch.float16 and torch.equal(y16, y32.half())
-    assert amax == pytest.approx(float(y32.abs().max()), rel=1e-6)
+    assert y16.dtype == torch.float16
+    assert torch.all((y16.double() - y32).abs() <= 6e-3 * y32.abs() + 3e-4)
+    assert amax == float(y16.abs().max())
     p2, wmax2 = K.ext().pack_h16(w2), float(w2.abs().max())
     from_h16 = K.ext().linear_h16(y16, p2, n2, wmax2, x_absmax=amax)
     assert torch.equal(from_h16, K.ext().linear_h16(y16.float(), p2, n2, wmax2))
@@ -136,7 +141,7 @@ def test_h16_linear_chain_through_fp16():
         mid = a.to_h16(x, gelu=True)
         y = b.fused(mid)
         assert y.shape == (2, 5, 16)
-        assert torch.equal(y, b.fused(a.fused(x, gelu=True).half().float()))
+        assert torch.equal(y, b.fused(mid.data.float().view(2, 5, 64)))  # the fp16 values, as they are
         ref = F.linear(F.gelu(F.linear(x, a.weight, a.bias)), b.weight, b.bias)
         assert _rel(y, ref) < 3e-3
         huge = a.to_h16(x * 1e6, gelu=True)  # fp16 cannot hold it: the fp32 result instead

@@ -92,3 +92,21 @@ def test_fp16_attention_is_skipped_where_it_cannot_run(pair, monkeypatch, case):
             got, want = f16(ids, mask, **kw), fp32(ids, mask, **kw)
         assert _close(got, want, mask) > 0.9999
     assert calls == []
+
+
+def test_head_size_not_a_multiple_of_16_takes_the_fp32_attention(tmp_path, monkeypatch):
+    """8 heads of 8 (hidden 64): the fp16 Linears still run, the attention in fp32 on the fp16 q/k/v's
+    fp32 twin (no attention_h16 call), and the hidden states match the fp32 model's."""
+    hf = tiny_hf_encoder("BertModel", num_attention_heads=8)
+    hf.save_pretrained(str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    fp32 = build_encoder(cfg, load_file(tmp_path / "model.safetensors"), fast=False)
+    f16 = build_encoder(cfg, load_file(tmp_path / "model.safetensors"), dtype=torch.float16, fast=True)
+    assert f16.layers[0].head_dim == 8 and type(f16.layers[0].qkv) is H16Linear
+    calls = _spy(monkeypatch)
+    ids = torch.randint(5, cfg["vocab_size"], (2, 30), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, 20:] = 0
+    with torch.inference_mode():
+        got, want = f16(ids, mask), fp32(ids, mask)
+    assert calls == [] and _close(got, want, mask) > 0.9999

@@ -1,7 +1,7 @@
 // Encoder self-attention on fp16 q/k/v for CPUs with AVX512-FP16 (attention_h16.h): what a float16 encoder
 // (kernels/h16.py, models/bert.py) runs between its fused q/k/v matmul and the output projection, both
 // fp16 there, so nothing is converted on the way. This file (AVX2) checks, threads over (batch, head)
-// pairs and binds; the loops are in attention_h16_avx512fp16.cpp.
+// pairs (one at a time, tasks.h) and binds; the loops are in attention_h16_avx512fp16.cpp.
 #include <torch/csrc/utils/pybind.h>
 
 #include <ATen/Parallel.h>
@@ -17,6 +17,7 @@
 
 #include "attention_h16.h"
 #include "gemm_h16.h"  // has_avx512fp16, kH16Chain
+#include "tasks.h"     // parallel_tasks
 
 namespace leanformer {
 
@@ -55,11 +56,11 @@ std::optional<std::tuple<at::Tensor, double>> attention_h16(const at::Tensor& qk
   a.ldo = H * D;
   const int64_t bytes = h16_attn_scratch_bytes(T, D);
   std::vector<float> amax(static_cast<size_t>(at::get_num_threads()), 0.f);
-  at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
-    std::unique_ptr<char[]> scratch(new char[static_cast<size_t>(bytes)]);
-    const float m = h16_attention_heads(a, bh0, bh1, scratch.get());
-    float& slot = amax[static_cast<size_t>(at::get_thread_num())];
-    slot = std::max(slot, m);
+  std::vector<std::unique_ptr<char[]>> scratch(amax.size());  // one per thread, made on its first head
+  parallel_tasks(B * H, [&](int64_t bh) {
+    const auto slot = static_cast<size_t>(at::get_thread_num());
+    if (!scratch[slot]) scratch[slot].reset(new char[static_cast<size_t>(bytes)]);
+    amax[slot] = std::max(amax[slot], h16_attention_heads(a, bh, bh + 1, scratch[slot].get()));
   });
   return std::make_tuple(out, static_cast<double>(*std::max_element(amax.begin(), amax.end())));
 }

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "gemm_h16.h"
+#include "tasks.h"  // parallel_tasks
 
 namespace leanformer {
 namespace {
@@ -35,9 +36,9 @@ bool cpu_has_avx512fp16() {
 
 const bool kHasAvx512fp16 = cpu_has_avx512fp16();
 
-// A task is (a chunk of kH16Rows rows, one 64-column panel), tasks ordered chunk-major: a thread's
-// consecutive tasks reuse its rows of x from L1 / L2 while the panels stream (1.16x panel-major, see
-// gemm_h16.h).
+// A task is (a chunk of kH16Rows rows, one 64-column panel), tasks ordered chunk-major and handed out one
+// at a time (tasks.h): a thread's consecutive tasks mostly share its rows of x in L1 / L2 while the panels
+// stream (1.16x panel-major, see gemm_h16.h).
 constexpr int64_t kRowChunk = kH16Rows;
 
 }  // namespace
@@ -167,27 +168,25 @@ static bool run_h16(const at::Tensor& x_, const at::Tensor& panels, int64_t N, d
   const uint16_t* pp = reinterpret_cast<const uint16_t*>(panels.data_ptr<at::Half>());
   const int64_t chunks = (M + kRowChunk - 1) / kRowChunk;
   std::vector<float> amaxes(static_cast<size_t>(at::get_num_threads()), 0.f);
-  at::parallel_for(0, P * chunks, 1, [&](int64_t t0, int64_t t1) {
+  parallel_tasks(P * chunks, [&](int64_t t) {
+    const int64_t p = t % P, m0 = (t / P) * kRowChunk, m1 = std::min(M, m0 + kRowChunk);
     float local = 0.f;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t p = t % P, m0 = (t / P) * kRowChunk, m1 = std::min(M, m0 + kRowChunk);
-      H16Out o;
-      o.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
-      o.gelu = gelu;
-      if (to_h16_out) {
-        o.y16 = reinterpret_cast<uint16_t*>(out.data_ptr<at::Half>()) + m0 * N;
-        o.ldy16 = N;
-        o.absmax = &local;
-      } else {
-        o.y = out.data_ptr<float>() + m0 * N;
-        o.ldy = N;
-        o.residual = res.defined() ? res.data_ptr<float>() + m0 * N : nullptr;
-        o.ldr = N;
-      }
-      h16_tiles(xp + m0 * 2 * K2, 2 * K2, m1 - m0, pp, K2, p, p + 1, N, o);
+    H16Out o;
+    o.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    o.gelu = gelu;
+    if (to_h16_out) {
+      o.y16 = reinterpret_cast<uint16_t*>(out.data_ptr<at::Half>()) + m0 * N;
+      o.ldy16 = N;
+      o.absmax = &local;
+    } else {
+      o.y = out.data_ptr<float>() + m0 * N;
+      o.ldy = N;
+      o.residual = res.defined() ? res.data_ptr<float>() + m0 * N : nullptr;
+      o.ldr = N;
     }
+    h16_tiles(xp + m0 * 2 * K2, 2 * K2, m1 - m0, pp, K2, p, p + 1, N, o);
     float& slot = amaxes[static_cast<size_t>(at::get_thread_num())];
-    if (!(local <= slot)) slot = local;
+    if (std::isnan(local) || (!std::isnan(slot) && local > slot)) slot = local;  // NaN sticks
   });
   out_absmax = *std::max_element(amaxes.begin(), amaxes.end(), [](float a, float b) { return a < b || std::isnan(b); });
   return true;

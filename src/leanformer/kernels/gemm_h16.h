@@ -17,9 +17,10 @@ constexpr int64_t kH16Panel = 64;
 // 28); the overflow guard in gemm_h16.cpp uses it.
 constexpr int64_t kH16Chain = 64;
 
-// Rows of x per h16_tiles call (at most): 8 register tiles of 6 rows (48 measured 1.16x the median rate of
-// 96 rows taken panel-major, on a 2-core Xeon at MiniLM's shapes; 24-192 within noise of it).
-constexpr int64_t kH16Rows = 48;
+// Rows of x per h16_tiles call (at most): 4 register tiles of 6 rows. Their fp32 sums (24 x 512 B), x rows
+// and the panel's current 16 KB then fit a 48 KB L1 together: MiniLM's four products 1.03x the rate at 48
+// rows (min of 25 calls, one thread, 2-core Xeon), 1.16x the median rate of 96 rows taken panel-major.
+constexpr int64_t kH16Rows = 24;
 
 // Where a tile job's results go, and what is applied to them on the way (in fp32, this order): + bias[n]
 // (null: none), GELU (erf form) when gelu, residual[m, n] + y (null: none; fp32 output only). Either y

@@ -48,6 +48,35 @@ inline __m512 gelu16(__m512 v) {
   return _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.5f)), _mm512_add_ps(one, erf));
 }
 
+// GELU (erf form) on 32 fp16 lanes in fp16 arithmetic, for fp16 outputs (the FFN's first matmul in a
+// float16 encoder): the erf of gelu16 (Abramowitz-Stegun 7.1.26), 1 / (1 + p|z|) from vrcpph, exp(-z^2) as
+// 2^t with a degree-3 polynomial, and 2 Phi(x) taken as (1 - erf|z|) for x < 0 (no cancellation where
+// GELU is small) or 2 - (1 - erf|z|). Half the vector operations per value of gelu16 and none of its
+// conversions; the fp32 form measured ~20% of that matmul. Simulated on all-MiniLM-L6-v2 (every value of
+// the FFN's intermediate through these roundings): mean 1 - cosine of the embeddings to fp32 1.76e-6 ->
+// 1.99e-6 at 128 tokens, 2.01e-6 -> 2.18e-6 at 256 (docs/BENCHMARKS.md, session 29).
+inline __m512h gelu32h(__m512h x) {
+  const __m512h one = _mm512_set1_ph(static_cast<_Float16>(1.f));
+  const __m512h z = _mm512_mul_ph(x, _mm512_set1_ph(static_cast<_Float16>(0.70710678f)));
+  const __m512h t = _mm512_rcp_ph(_mm512_fmadd_ph(_mm512_set1_ph(static_cast<_Float16>(0.3275911f)), _mm512_abs_ph(z), one));
+  __m512h r = _mm512_fmadd_ph(_mm512_set1_ph(static_cast<_Float16>(1.061405429f)), t, _mm512_set1_ph(static_cast<_Float16>(-1.453152027f)));
+  r = _mm512_fmadd_ph(r, t, _mm512_set1_ph(static_cast<_Float16>(1.421413741f)));
+  r = _mm512_fmadd_ph(r, t, _mm512_set1_ph(static_cast<_Float16>(-0.284496736f)));
+  r = _mm512_fmadd_ph(r, t, _mm512_set1_ph(static_cast<_Float16>(0.254829592f)));
+  const __m512h e2 = _mm512_max_ph(_mm512_mul_ph(_mm512_mul_ph(z, z), _mm512_set1_ph(static_cast<_Float16>(-1.44269504f))),
+                                   _mm512_set1_ph(static_cast<_Float16>(-30.f)));  // log2 exp(-z^2)
+  const __m512h n = _mm512_roundscale_ph(e2, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512h f = _mm512_sub_ph(e2, n);
+  __m512h y = _mm512_fmadd_ph(_mm512_set1_ph(static_cast<_Float16>(0.055171641571356386f)), f,
+                              _mm512_set1_ph(static_cast<_Float16>(0.24261116559683527f)));
+  y = _mm512_fmadd_ph(y, f, _mm512_set1_ph(static_cast<_Float16>(0.6932609944914818f)));
+  y = _mm512_fmadd_ph(y, f, _mm512_set1_ph(static_cast<_Float16>(0.9999280711208737f)));
+  const __m512h tail = _mm512_mul_ph(_mm512_mul_ph(t, r), _mm512_scalef_ph(y, n));  // 1 - erf(|z|)
+  const __mmask32 neg = _mm512_cmp_ph_mask(x, _mm512_setzero_ph(), _CMP_LT_OQ);
+  const __m512h phi2 = _mm512_mask_blend_ph(neg, _mm512_sub_ph(_mm512_set1_ph(static_cast<_Float16>(2.f)), tail), tail);
+  return _mm512_mul_ph(_mm512_mul_ph(x, _mm512_set1_ph(static_cast<_Float16>(0.5f))), phi2);
+}
+
 // The fp32 sums of one row's four panel vectors: lane pairs still apart ([vector][half][16 lanes]).
 struct RowSums {
   float v[kVecs][2][16];
@@ -118,6 +147,7 @@ void h16_tiles(const uint16_t* x16, int64_t ldx, int64_t M, const uint16_t* pane
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   __m512 amax = _mm512_setzero_ps();
+  __m512h amax16 = _mm512_setzero_ph();  // the fp16 GELU path's
   for (int64_t p = p0; p < p1; ++p) {
     const uint16_t* panel = panels + p * panel_size;
     for (int64_t m = 0; m < M; ++m)
@@ -130,6 +160,27 @@ void h16_tiles(const uint16_t* x16, int64_t ldx, int64_t M, const uint16_t* pane
     // lanes 2c, 2c + 1 of a vector's pair sums (half 0: columns 0-7, half 1: columns 8-15) -> column c
     const int64_t n0 = p * kH16Panel;
     const int valid = static_cast<int>(N - n0 < kH16Panel ? N - n0 : kH16Panel);
+    if (out.y16 && out.gelu) {  // GELU in fp16 arithmetic, 32 columns at a time (gelu32h)
+      for (int64_t m = 0; m < M; ++m)
+        for (int v = 0; v < kVecs && 16 * v < valid; v += 2) {
+          const int64_t n = n0 + 16 * v;
+          const int left = valid - 16 * v;
+          const __mmask16 m0 = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+          const __mmask16 m1 = left >= 32 ? 0xffff : left <= 16 ? 0 : static_cast<__mmask16>((1u << (left - 16)) - 1);
+          __m256i h[2];
+          for (int u = 0; u < 2; ++u) {
+            const __m512 lo = _mm512_loadu_ps(sums[m].v[v + u][0]), hi = _mm512_loadu_ps(sums[m].v[v + u][1]);
+            __m512 o = _mm512_add_ps(_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi));
+            if (out.bias) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(u ? m1 : m0, out.bias + n + 16 * u));
+            h[u] = _mm512_cvtps_ph(o, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          }
+          const __m512h y = gelu32h(_mm512_castsi512_ph(_mm512_inserti64x4(_mm512_castsi256_si512(h[0]), h[1], 1)));
+          const __mmask32 mask = static_cast<__mmask32>(m0) | (static_cast<__mmask32>(m1) << 16);
+          _mm512_mask_storeu_epi16(out.y16 + m * out.ldy16 + n, mask, _mm512_castph_si512(y));
+          amax16 = _mm512_mask_max_ph(amax16, mask, amax16, _mm512_abs_ph(y));
+        }
+      continue;
+    }
     for (int64_t m = 0; m < M; ++m)
       for (int v = 0; v < kVecs && 16 * v < valid; ++v) {
         const __m512 lo = _mm512_loadu_ps(sums[m].v[v][0]), hi = _mm512_loadu_ps(sums[m].v[v][1]);
@@ -149,6 +200,9 @@ void h16_tiles(const uint16_t* x16, int64_t ldx, int64_t M, const uint16_t* pane
       }
   }
   if (out.y16) {
+    const __m512i a16 = _mm512_castph_si512(amax16);
+    amax = _mm512_max_ps(amax, _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_castsi512_si256(a16))));
+    amax = _mm512_max_ps(amax, _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_extracti64x4_epi64(a16, 1))));
     const float a = _mm512_reduce_max_ps(amax);
     if (!(a <= *out.absmax)) *out.absmax = a;  // NaN sticks
   }
