@@ -34,8 +34,8 @@ Ops (x may have leading dims; all math is fp32 with fp32 accumulation):
   softmax attention, q/k/v fp32 [B, H, T, D] -> [B, T, H, D], key_mask bool [B, T] (True = attend);
   what models/bert.py's encoders use for CPU fp32 inference at every length. ``attention_h16(qkv, batch,
   heads, key_mask, qkv_absmax, fp16_out)`` (AVX512-FP16 only, attention_h16*.cpp): the same on the fp16
-  output of a float16 encoder's fused q/k/v matmul [B*T, 3*H*D] -> (fp16 [B*T, H*D], max |out|), with
-  P V in fp16 chains; None where a chain could overflow.
+  output of a float16 encoder's fused q/k/v matmul [B*T, 3*H*D] -> (fp16 [B*T, H*D], max |out|), scores
+  and softmax in fp16 arithmetic, P V in fp16 chains added in fp32; None where a chain could overflow.
 - ``quantize_rows_u8(x)`` / ``int8_epilogue_(y, s, bias, gelu, residual)`` (compiled only,
   int8_rows.cpp): per-token uint8 quantization (bit for bit compress.kernels.quantize_rows_int8, shift
   128) and the in-place rescale + bias (+ GELU, + residual) pass around Int8DynamicLinear's oneDNN GEMM.

@@ -202,8 +202,8 @@ std::optional<at::Tensor> linear_h16(const at::Tensor& x, const at::Tensor& pane
   return y;
 }
 
-// (y fp16 [M, N] = [gelu](x @ w^T + bias), max |y| before rounding), or None as linear_h16: what the next
-// fp16 matmul takes without a conversion pass (the FFN's GELU output).
+// (y fp16 [M, N] = [gelu](x @ w^T + bias), max |y|), or None as linear_h16: what the next fp16 matmul takes
+// without a conversion pass (the FFN's GELU output; the GELU then in fp16 arithmetic, gelu32h).
 std::optional<std::tuple<at::Tensor, double>> linear_h16_to_h16(const at::Tensor& x, const at::Tensor& panels,
                                                                 int64_t N, double w_absmax,
                                                                 const std::optional<at::Tensor>& bias, bool gelu,

@@ -87,8 +87,9 @@ class H16Linear(nn.Linear):
         return y if residual is None else residual + y
 
     def to_h16(self, x: torch.Tensor, gelu: bool = False) -> H16Act | torch.Tensor:
-        """[GELU](x @ w^T + b) rounded to fp16 for the next H16Linear (no conversion pass there); the fp32
-        result where the kernel may not run or fp16 cannot hold it."""
+        """[GELU](x @ w^T + b) in fp16 for the next H16Linear (no conversion pass there; the GELU in fp16
+        arithmetic, kernels/gemm_h16_avx512fp16.cpp gelu32h); the fp32 result where the kernel may not run
+        or fp16 cannot hold it."""
         if self.runs_kernel() and x.dtype == torch.float32 and self.out_features % 2 == 0:
             out = kernels.ext().linear_h16_to_h16(
                 x.reshape(-1, x.shape[-1]),
