@@ -94,6 +94,7 @@ def test_attention_h16_overflow_guard_and_bad_input():
     assert K.ext().attention_h16(qkv, b, h, None, 1000.0, True) is None  # 64 * 1000 > 30000
     assert K.ext().attention_h16(qkv, b, h, None, 50.0, True) is None  # a score: 16 * 50^2 > 30000
     assert K.ext().attention_h16(qkv, b, h, None, float("inf"), True) is None
+    assert K.ext().attention_h16(qkv, b, h, None, float("nan"), True) is None  # a NaN in q/k/v
     with pytest.raises(RuntimeError, match="float16"):
         K.ext().attention_h16(qkv.float(), b, h, None, 1.0, True)
     with pytest.raises(RuntimeError, match="multiple of 16"):

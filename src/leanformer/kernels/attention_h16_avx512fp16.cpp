@@ -1,6 +1,6 @@
 // The fp16 encoder attention's loops (attention_h16.h) with AVX512-FP16, chosen at run time by
 // attention_h16.cpp from CPUID. Only this file is compiled for AVX512-FP16; it includes nothing but plain
-// headers, vec16.h, attention_impl.h (shared helpers) and <immintrin.h> (see avx512.h for why).
+// headers, vec16h.h, attention_impl.h (shared helpers) and <immintrin.h> (see avx512.h for why).
 //
 // Per (batch, head), with n = the keys up to the last unmasked one, nw = n rounded up to 32:
 //   K^T in fp16 key tiles [tp / KT][D][KT]; V as fp16 key pairs [nw / 2][D / 16][32] whose lanes 2i,
@@ -29,6 +29,7 @@
 #endif
 
 #include "attention_impl.h"  // attn_live_keys, attn_round_up, LF_UNROLL
+#include "vec16h.h"          // add_widened, pair_sums, widen_lo / widen_hi
 
 namespace leanformer {
 namespace {
@@ -142,9 +143,7 @@ inline float softmax_row(const uint16_t* s, const uint16_t* bias, int64_t nw, _F
     if constexpr (kBias) x = _mm512_add_ph(x, load_ph(bias + j));
     mx = _mm512_max_ph(mx, x);
   }
-  const __m512i bits = _mm512_castph_si512(mx);
-  const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_castsi512_si256(bits))),
-                                                     _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_extracti64x4_epi64(bits, 1)))));
+  const float m = _mm512_reduce_max_ps(_mm512_max_ps(widen_lo(mx), widen_hi(mx)));
   const __m512h mv = _mm512_set1_ph(static_cast<_Float16>(m)), cv = _mm512_set1_ph(c);
   const __m512h lo = _mm512_set1_ph(static_cast<_Float16>(-30.f));
   const __m512h c0 = _mm512_set1_ph(static_cast<_Float16>(0.9999280711208737f));
@@ -164,9 +163,7 @@ inline float softmax_row(const uint16_t* s, const uint16_t* bias, int64_t nw, _F
     store_ph(p + j, pv);
     pair = _mm512_add_ph(pair, pv);
     if ((j / 32) % 2 == 1 || j + 32 >= nw) {
-      const __m512i pb = _mm512_castph_si512(pair);
-      sum = _mm512_add_ps(sum, _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_castsi512_si256(pb))));
-      sum = _mm512_add_ps(sum, _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_extracti64x4_epi64(pb, 1))));
+      sum = _mm512_add_ps(_mm512_add_ps(sum, widen_lo(pair)), widen_hi(pair));
       pair = _mm512_setzero_ph();
     }
   }
@@ -199,12 +196,7 @@ inline void pv_block(const uint16_t* p, int64_t ldp, const uint16_t* vp, int64_t
   LF_UNROLL
   for (int r = 0; r < R; ++r)
     LF_UNROLL
-    for (int c = 0; c < CV; ++c) {
-      const __m512i bits = _mm512_castph_si512(acc[r][c]);
-      float* lo = sums + r * kSums + c * 32;
-      _mm512_storeu_ps(lo, _mm512_add_ps(_mm512_loadu_ps(lo), _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_castsi512_si256(bits)))));
-      _mm512_storeu_ps(lo + 16, _mm512_add_ps(_mm512_loadu_ps(lo + 16), _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_extracti64x4_epi64(bits, 1)))));
-    }
+    for (int c = 0; c < CV; ++c) add_widened(acc[r][c], sums + r * kSums + c * 32);
 }
 
 // Where a block's output rows go.
@@ -227,13 +219,9 @@ inline __m512 pv_rows(const uint16_t* p, int64_t ldp, const uint16_t* vp, int64_
     const int64_t j1 = j0 + kH16Chain < pairs ? j0 + kH16Chain : pairs;
     for (int64_t r0 = 0; r0 < rows; r0 += R) pv_block<R, CV>(p + r0 * ldp, ldp, vc, 2 * D, j0, j1, sums + r0 * kSums);
   }
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   for (int64_t r = 0; r < rows; ++r)
     for (int c = 0; c < CV; ++c) {
-      const __m512 lo = _mm512_loadu_ps(sums + r * kSums + c * 32), hi = _mm512_loadu_ps(sums + r * kSums + c * 32 + 16);
-      const __m512 y = _mm512_mul_ps(
-          _mm512_add_ps(_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi)), _mm512_set1_ps(inv[r]));
+      const __m512 y = _mm512_mul_ps(pair_sums(sums + r * kSums + c * 32), _mm512_set1_ps(inv[r]));
       const int64_t at = r * o.ldo + (c0 + c) * 16;
       if (o.out16) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.out16 + at), _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));

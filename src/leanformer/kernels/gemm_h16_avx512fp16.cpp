@@ -1,6 +1,6 @@
 // The fp16 GEMM's tile loop (gemm_h16.h) with AVX512-FP16's vfmadd231ph, chosen at run time by
 // gemm_h16.cpp from CPUID. Only this file is compiled for AVX512-FP16; it includes nothing but
-// gemm_h16.h, vec16.h, <cstdint> and <immintrin.h> (see avx512.h for why).
+// gemm_h16.h, vec16.h, vec16h.h, <cstdint> and <immintrin.h> (see avx512.h for why).
 //
 // Register tile: 6 rows of x by 4 vectors of the panel (64 columns): 24 fp16 accumulators, 4 panel
 // vectors, 1 broadcast. Each panel vector holds 16 columns as lane pairs (w[n, 2j], w[n, 2j + 1]), so
@@ -21,6 +21,7 @@
 #endif
 
 #include "vec16.h"
+#include "vec16h.h"  // add_widened, pair_sums, widen_lo / widen_hi
 
 namespace leanformer {
 namespace {
@@ -111,13 +112,7 @@ inline void block(const uint16_t* x16, int64_t ldx, const uint16_t* panel, int64
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-    for (int v = 0; v < kVecs; ++v) {
-      const __m512i bits = _mm512_castph_si512(acc[r][v]);
-      float* lo = sums[r].v[v][0];
-      float* hi = sums[r].v[v][1];
-      _mm512_storeu_ps(lo, _mm512_add_ps(_mm512_loadu_ps(lo), _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_castsi512_si256(bits)))));
-      _mm512_storeu_ps(hi, _mm512_add_ps(_mm512_loadu_ps(hi), _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_extracti64x4_epi64(bits, 1)))));
-    }
+    for (int v = 0; v < kVecs; ++v) add_widened(acc[r][v], sums[r].v[v][0]);
   }
 }
 
@@ -144,8 +139,6 @@ void h16_tiles(const uint16_t* x16, int64_t ldx, int64_t M, const uint16_t* pane
   // 16 KB) stays in L1 while every row tile of the chunk reads it; the fp32 sums (M x 512 B <= 24 KB) sit in L1 / L2.
   RowSums sums[kH16Rows];
   const int64_t panel_size = K2 * kH16Panel * 2;
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   __m512 amax = _mm512_setzero_ps();
   __m512h amax16 = _mm512_setzero_ph();  // the fp16 GELU path's
   for (int64_t p = p0; p < p1; ++p) {
@@ -157,7 +150,7 @@ void h16_tiles(const uint16_t* x16, int64_t ldx, int64_t M, const uint16_t* pane
       }
     for (int64_t j0 = 0; j0 < K2; j0 += kH16Chain)
       block_rows<kRows>(x16, ldx, M, panel, j0, j0 + kH16Chain < K2 ? j0 + kH16Chain : K2, sums);
-    // lanes 2c, 2c + 1 of a vector's pair sums (half 0: columns 0-7, half 1: columns 8-15) -> column c
+    // lanes 2c, 2c + 1 of a vector's pair sums -> column c (pair_sums)
     const int64_t n0 = p * kH16Panel;
     const int valid = static_cast<int>(N - n0 < kH16Panel ? N - n0 : kH16Panel);
     if (out.y16 && out.gelu) {  // GELU in fp16 arithmetic, 32 columns at a time (gelu32h)
@@ -169,8 +162,7 @@ void h16_tiles(const uint16_t* x16, int64_t ldx, int64_t M, const uint16_t* pane
           const __mmask16 m1 = left >= 32 ? 0xffff : left <= 16 ? 0 : static_cast<__mmask16>((1u << (left - 16)) - 1);
           __m256i h[2];
           for (int u = 0; u < 2; ++u) {
-            const __m512 lo = _mm512_loadu_ps(sums[m].v[v + u][0]), hi = _mm512_loadu_ps(sums[m].v[v + u][1]);
-            __m512 o = _mm512_add_ps(_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi));
+            __m512 o = pair_sums(sums[m].v[v + u][0]);
             if (out.bias) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(u ? m1 : m0, out.bias + n + 16 * u));
             h[u] = _mm512_cvtps_ph(o, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
           }
@@ -183,8 +175,7 @@ void h16_tiles(const uint16_t* x16, int64_t ldx, int64_t M, const uint16_t* pane
     }
     for (int64_t m = 0; m < M; ++m)
       for (int v = 0; v < kVecs && 16 * v < valid; ++v) {
-        const __m512 lo = _mm512_loadu_ps(sums[m].v[v][0]), hi = _mm512_loadu_ps(sums[m].v[v][1]);
-        __m512 o = _mm512_add_ps(_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi));
+        __m512 o = pair_sums(sums[m].v[v][0]);
         const int64_t n = n0 + 16 * v;
         const __mmask16 mask = valid - 16 * v >= 16 ? 0xffff : static_cast<__mmask16>((1u << (valid - 16 * v)) - 1);
         if (out.bias) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(mask, out.bias + n));
@@ -200,9 +191,7 @@ void h16_tiles(const uint16_t* x16, int64_t ldx, int64_t M, const uint16_t* pane
       }
   }
   if (out.y16) {
-    const __m512i a16 = _mm512_castph_si512(amax16);
-    amax = _mm512_max_ps(amax, _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_castsi512_si256(a16))));
-    amax = _mm512_max_ps(amax, _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_extracti64x4_epi64(a16, 1))));
+    amax = _mm512_max_ps(amax, _mm512_max_ps(widen_lo(amax16), widen_hi(amax16)));
     const float a = _mm512_reduce_max_ps(amax);
     if (!(a <= *out.absmax)) *out.absmax = a;  // NaN sticks
   }
