@@ -146,3 +146,76 @@ def test_h16_linear_chain_through_fp16():
         assert _rel(y, ref) < 3e-3
         huge = a.to_h16(x * 1e6, gelu=True)  # fp16 cannot hold it: the fp32 result instead
         assert huge.dtype == torch.float32 and torch.equal(huge, F.gelu(F.linear(x * 1e6, a.weight, a.bias)))
+
+
+@needs_f16
+@pytest.mark.parametrize("m,n", [(1, 64), (5, 130), (25, 64), (100, 384), (400, 192)])
+@pytest.mark.parametrize("scaled", [True, False])
+def test_linear_h16_norm_is_linear_then_layer_norm(m, n, scaled):
+    """linear_h16_norm (the post-LayerNorm blocks' output projections): the same bits as linear_h16 with the
+    residual and then layer_norm_, for every row count the task split makes (whole rows per task, 6-24
+    rows), with its fp16 copy equal to those values rounded and the copy's max |value| exact."""
+    k = 96
+    x, w, b, res = torch.randn(m, k), torch.randn(n, k) / k**0.5, torch.randn(n), torch.randn(m, n)
+    lw, lb = (torch.rand(n) + 0.5, torch.randn(n)) if scaled else (None, None)
+    p, wmax = K.ext().pack_h16(w), float(w.abs().max())
+    want = K.ext().layer_norm_(K.ext().linear_h16(x, p, n, wmax, b, False, res), lw, lb, 1e-12)
+    y, y16, amax = K.ext().linear_h16_norm(x, p, n, wmax, b, res, lw, lb, 1e-12)
+    assert torch.equal(y, want) and torch.equal(y16, want.half())
+    assert amax == float(want.abs().max())
+    # fp16 input with its max |x| given, no residual: as the fp32 input of the same values
+    y2 = K.ext().linear_h16_norm(x.half(), p, n, wmax, b, None, lw, lb, 1e-5, float(x.half().abs().max()))[0]
+    assert torch.equal(
+        y2, K.ext().layer_norm_(K.ext().linear_h16(x.half().float(), p, n, wmax, b), lw, lb, 1e-5)
+    )
+
+
+@needs_f16
+def test_linear_h16_norm_declines_and_flags():
+    x, w = torch.randn(8, 32), torch.randn(64, 32)
+    p = K.ext().pack_h16(w)
+    assert K.ext().linear_h16_norm(x * 1e4, p, 64, float(w.abs().max())) is None  # a chain could overflow
+    res = torch.randn(8, 64)
+    res[3, 5] = float("nan")
+    y, y16, amax = K.ext().linear_h16_norm(x, p, 64, float(w.abs().max()), residual=res)
+    assert amax == float("inf") and y[3].isnan().all() and not y[[0, 1, 2, 4]].isnan().any()
+    with pytest.raises(RuntimeError, match="even number of outputs"):
+        K.ext().linear_h16_norm(x, K.ext().pack_h16(torch.randn(63, 32)), 63, 1.0)
+    with pytest.raises(RuntimeError, match="ln_w must be"):
+        K.ext().linear_h16_norm(x, p, 64, 1.0, ln_w=torch.ones(32))
+
+
+@needs_f16
+def test_h16_linear_fused_norm_module():
+    """H16Linear.fused_norm: LayerNorm(residual + linear(x)) and its fp16 copy in one call, equal to fused
+    then the LayerNorm; None where it may not run (not a plain LayerNorm over the outputs, hooks,
+    autograd), and no copy where fp16 cannot hold the result."""
+    lin, norm = H16Linear.from_linear(nn.Linear(48, 64)), nn.LayerNorm(64, eps=1e-12)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.normal_()
+    x, res = torch.randn(2, 7, 48), torch.randn(2, 7, 64)
+    with torch.inference_mode():
+        y, copy16 = lin.fused_norm(x, res, norm)
+        assert y.shape == (2, 7, 64) and copy16.shape == (2, 7) and copy16.data.shape == (14, 64)
+        assert torch.equal(
+            y,
+            K.ext()
+            .layer_norm_(lin.fused(x, residual=res).view(14, 64), norm.weight, norm.bias, 1e-12)
+            .view(2, 7, 64),
+        )
+        assert torch.equal(copy16.data, y.view(14, 64).half()) and copy16.absmax == float(y.abs().max())
+        # the copy feeds the next H16Linear as the fp32 values would
+        nxt = H16Linear.from_linear(nn.Linear(64, 32))
+        assert torch.equal(nxt.to_h16(copy16).data, nxt.to_h16(copy16.data.float().view(2, 7, 64)).data)
+        assert lin.fused_norm(x, res, nn.RMSNorm(64)) is None
+        assert lin.fused_norm(x, res, nn.LayerNorm(32)) is None
+        hooked = nn.LayerNorm(64)
+        hooked.register_forward_hook(lambda *a: None)
+        assert lin.fused_norm(x, res, hooked) is None
+        assert lin.fused_norm(x, res * 1e5, norm)[1] is not None  # LayerNorm brings it back into range
+        big = nn.LayerNorm(64)
+        with torch.no_grad():
+            big.weight.fill_(1e5)
+        out, none = lin.fused_norm(x, res, big)
+        assert none is None and out.abs().max() > 60000
+    assert lin.fused_norm(x, res, norm) is None  # autograd on

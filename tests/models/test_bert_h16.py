@@ -110,3 +110,35 @@ def test_head_size_not_a_multiple_of_16_takes_the_fp32_attention(tmp_path, monke
     with torch.inference_mode():
         got, want = f16(ids, mask), fp32(ids, mask)
     assert calls == [] and _close(got, want, mask) > 0.9999
+
+
+def test_output_projections_normalize_in_the_kernel_and_hand_fp16_on(pair, monkeypatch):
+    """Each layer's two output projections run linear_h16_norm (residual + LayerNorm + the fp16 copy in one
+    call), the q/k/v and FFN-in matmuls of every layer after the first read that fp16 copy, and the hidden
+    states are bit for bit those of the separate kernels (fused then layer_norm_, fp32 inputs converted)."""
+    fp32, f16, ids, mask = pair
+    real_norm, real_to = K.ext().linear_h16_norm, K.ext().linear_h16_to_h16
+    norms, inputs = [], []
+    monkeypatch.setattr(K.ext(), "linear_h16_norm", lambda *a: norms.append(1) or real_norm(*a))
+    monkeypatch.setattr(K.ext(), "linear_h16_to_h16", lambda *a: inputs.append(a[0].dtype) or real_to(*a))
+    with torch.inference_mode():
+        got = f16(ids, mask)
+        layers = len(f16.layers)
+        assert len(norms) == 2 * layers
+        assert inputs == [torch.float32] + [torch.float16] * (2 * layers - 1)
+        monkeypatch.setattr(H16Linear, "fused_norm", lambda *a: None)  # the separate kernels
+        assert torch.equal(f16(ids, mask), got)
+        assert _close(got, fp32(ids, mask), mask) > 0.9999
+
+
+def test_a_hooked_layer_sees_its_call_and_the_result_is_unchanged(pair):
+    fp32, f16, ids, mask = pair
+    with torch.inference_mode():
+        plain = f16(ids, mask)
+        seen = []
+        handle = f16.layers[0].register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+        try:
+            hooked = f16(ids, mask)
+        finally:
+            handle.remove()
+    assert seen == [(4, 70, 64)] and torch.equal(hooked, plain)

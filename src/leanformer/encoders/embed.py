@@ -2,35 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
+from leanformer.encoders.tokens import tokenize
 from leanformer.errors import LeanformerError
 from leanformer.models.bert_attention import LongAttention
-
-
-def _tokenize(tok, texts: list[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, truncated to max_length with one warning naming how many were cut."""
-    enc = tok(
-        texts,
-        truncation=True,
-        max_length=max_length,
-        return_attention_mask=False,
-        return_token_type_ids=False,
-    )
-    ids = enc["input_ids"]
-    if getattr(enc, "encodings", None):  # fast tokenizers record what truncation removed
-        cut = sum(1 for e in enc.encodings if e.overflowing)
-    else:
-        cut = sum(1 for t in texts if len(tok(t)["input_ids"]) > max_length)
-    if cut:
-        warnings.warn(
-            f"{cut} of {len(texts)} texts were truncated to the model's maximum of {max_length} tokens",
-            stacklevel=3,
-        )
-    return ids
 
 
 def length_sorted_batches(model, tok, texts: list[str], batch_size: int, max_length: int | None = None):
@@ -41,7 +18,7 @@ def length_sorted_batches(model, tok, texts: list[str], batch_size: int, max_len
         raise LeanformerError(f"batch size must be ≥ 1, got {batch_size}")
     if not texts:
         return
-    ids = _tokenize(tok, texts, max_length or model.args.max_length)
+    ids = tokenize(tok, texts, max_length or model.args.max_length)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # by tokens, not characters
     pad = tok.pad_token_id if tok.pad_token_id is not None else model.args.pad_token_id
     for s in range(0, len(order), batch_size):

@@ -21,7 +21,7 @@ from torch import nn
 
 from leanformer.compress.config import PruneConfig, matches, parse_pattern
 from leanformer.compress.recipe import prune_
-from leanformer.encoders.embed import _tokenize
+from leanformer.encoders.tokens import tokenize
 from leanformer.errors import LeanformerError
 
 ENCODER_TARGETS = ["layers.*"]  # the Transformer blocks; the task head and a probe stay dense
@@ -36,7 +36,7 @@ def encoder_calibration(model, tok, texts: list[str], max_length: int | None = N
     if bad is not None:
         raise LeanformerError(f"calibration texts must be non-empty strings, got {bad!r}")
     by_len: dict[int, list[list[int]]] = defaultdict(list)
-    for ids in _tokenize(tok, list(texts), max_length or model.args.max_length):
+    for ids in tokenize(tok, list(texts), max_length or model.args.max_length):
         by_len[len(ids)].append(ids)
     return [torch.tensor(rows, dtype=torch.long) for _, rows in sorted(by_len.items())]
 

@@ -134,6 +134,7 @@ _HEADERS = [
     _DIR / "vec16.h",
     _DIR / "attention_h16.h",
     _DIR / "tasks.h",
+    _DIR / "layer_norm_row.h",
     _DIR / "vec16h.h",
 ]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]

@@ -86,22 +86,60 @@ class H16Linear(nn.Linear):
         y = F.gelu(y) if gelu else y
         return y if residual is None else residual + y
 
-    def to_h16(self, x: torch.Tensor, gelu: bool = False) -> H16Act | torch.Tensor:
+    def to_h16(self, x: torch.Tensor | H16Act, gelu: bool = False) -> H16Act | torch.Tensor:
         """[GELU](x @ w^T + b) in fp16 for the next H16Linear (no conversion pass there; the GELU in fp16
         arithmetic, kernels/gemm_h16_avx512fp16.cpp gelu32h); the fp32 result where the kernel may not run
-        or fp16 cannot hold it."""
-        if self.runs_kernel() and x.dtype == torch.float32 and self.out_features % 2 == 0:
+        or fp16 cannot hold it. x fp32 [..., in] or another H16Linear's fp16 output."""
+        h16 = isinstance(x, H16Act)
+        if self.runs_kernel() and (h16 or x.dtype == torch.float32) and self.out_features % 2 == 0:
             out = kernels.ext().linear_h16_to_h16(
-                x.reshape(-1, x.shape[-1]),
+                x.data if h16 else x.reshape(-1, x.shape[-1]),
                 self.h16_panels,
                 self.out_features,
                 self.w_absmax,
                 self._bias(),
                 gelu,
+                x.absmax if h16 else -1.0,
             )
             if out is not None and out[1] <= 60000:  # fp16's largest finite value is 65504
-                return H16Act(out[0], out[1], tuple(x.shape[:-1]))
+                return H16Act(out[0], out[1], x.shape if h16 else tuple(x.shape[:-1]))
         return self.fused(x, gelu)
+
+    def fused_norm(
+        self, x: torch.Tensor | H16Act, residual: torch.Tensor, norm: nn.Module
+    ) -> tuple[torch.Tensor, H16Act | None] | None:
+        """(norm(residual + x @ w^T + b) fp32 [..., out], its fp16 copy for the next H16Linear) in one
+        kernel call: each task's rows are normalized while they are still in cache (post-LayerNorm blocks'
+        output projections, models/bert.py); the copy is None where fp16 cannot hold y. None where that kernel may not run (then call `fused` and
+        norm): norm not a plain fp32 LayerNorm over `out` features, hooks, autograd, tracing, or an fp16
+        chain that could overflow."""
+        h16 = isinstance(x, H16Act)
+        if not (
+            self.runs_kernel()
+            and type(norm) is nn.LayerNorm
+            and not kernels.hooked(norm)
+            and tuple(norm.normalized_shape) == (self.out_features,)
+            and (norm.weight is None or norm.weight.dtype == torch.float32)
+            and (norm.bias is None or norm.bias.dtype == torch.float32)
+            and self.out_features % 2 == 0
+            and (h16 or x.dtype == torch.float32)
+            and residual.dtype == torch.float32
+        ):
+            return None
+        lead = x.shape if h16 else x.shape[:-1]
+        out = kernels.ext().linear_h16_norm(
+            x.data if h16 else x.reshape(-1, x.shape[-1]), self.h16_panels, self.out_features,
+            self.w_absmax, self._bias(), _rows(residual, self.out_features),
+            None if norm.weight is None else norm.weight.detach(),
+            None if norm.bias is None else norm.bias.detach(), norm.eps, x.absmax if h16 else -1.0,
+        )  # fmt: skip
+        if out is None:
+            return None
+        y, y16, amax = out
+        y = y.view(*lead, self.out_features)
+        if not amax <= 60000:  # the copy cannot stand for y (fp16 overflow, or y holds NaN / inf)
+            return y, None
+        return y, H16Act(y16, amax, tuple(lead))
 
     def _bias(self) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.detach()

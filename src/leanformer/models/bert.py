@@ -331,14 +331,24 @@ class Layer(nn.Module):
     ):
         """x [B, T, hidden]; mask [B, 1, 1, T] bool (True = attend) or None; head_mask [heads] scales heads;
         long: a LongAttention (local / LSH attention) or None (dense)."""
+        return self.step(x, mask, head_mask, long)[0]
+
+    def step(self, x, mask, head_mask=None, long=None, x16: H16Act | None = None):
+        """forward, taking and giving the fp16 copy of x that a float16 encoder's matmuls read (x16: None
+        when there is none): → (x [B, T, hidden], its H16Act or None)."""
         b, t, hidden = x.shape
         x = x.reshape(b * t, hidden)  # the matmuls see [B*T, features]
+        x16 = None if x16 is None else H16Act(x16.data, x16.absmax, (b * t,))
         if self.heads == 0:  # every head pruned: only the output projection's bias remains
-            x = _norm_(self.attn_norm, x + self.attn_out.bias)
+            x, x16 = _norm_(self.attn_norm, x + self.attn_out.bias), None
         else:
-            x = self._attention_block(x, b, t, mask, head_mask, long)
+            x, x16 = self._attention_block(x, x16, b, t, mask, head_mask, long)
         if self._h16_ffn():  # the GELU output stays fp16 between the two fp16 matmuls (kernels/h16.py)
-            y = self.ffn_out.fused(self.ffn_in.to_h16(x, gelu=True))
+            g = self.ffn_in.to_h16(x if x16 is None else x16, gelu=True)
+            done = self.ffn_out.fused_norm(g, x, self.ffn_norm)  # + residual, LayerNorm, fp16 copy: one call
+            if done is not None:
+                return done[0].view(b, t, hidden), done[1]
+            y = self.ffn_out.fused(g)
             x = (
                 _layer_norm_c(self.ffn_norm, y, x)
                 if _fused_norm_ok(self.ffn_norm, y)
@@ -346,21 +356,25 @@ class Layer(nn.Module):
             )
         else:
             x = _linear_add_norm(self.ffn_out, _linear(self.ffn_in, x, self.act), x, self.ffn_norm)
-        return x.view(b, t, hidden)
+        return x.view(b, t, hidden), None
 
-    def _attention_block(self, x, b: int, t: int, mask, head_mask, long) -> torch.Tensor:
-        """attn_norm(x + attn_out(attention(qkv(x)))), x [B*T, hidden]."""
+    def _attention_block(self, x, x16, b: int, t: int, mask, head_mask, long):
+        """(attn_norm(x + attn_out(attention(qkv(x)))), its fp16 copy or None), x [B*T, hidden] and x16
+        its fp16 copy (H16Act) or None."""
         h, d = self.heads, self.head_dim
         dense = long is None or long.kind == "dense"
         if dense and head_mask is None and self._h16_attention():
             # q/k/v, attention and its output stay fp16 between the fp16 matmuls (kernels/attention_h16*.cpp)
-            qkv = self.qkv.to_h16(x)
+            qkv = self.qkv.to_h16(x if x16 is None else x16)
             if isinstance(qkv, H16Act):
                 key_mask = None if mask is None else mask.reshape(b, t)
                 o = kernels.ext().attention_h16(qkv.data, b, h, key_mask, qkv.absmax, True)
                 if o is not None:
-                    y = self.attn_out.fused(H16Act(o[0], o[1], (b * t,)), residual=x)
-                    return _norm_(self.attn_norm, y)
+                    o = H16Act(o[0], o[1], (b * t,))
+                    done = self.attn_out.fused_norm(o, x, self.attn_norm)
+                    if done is not None:
+                        return done
+                    return _norm_(self.attn_norm, self.attn_out.fused(o, residual=x)), None
                 qkv = qkv.data.float()  # a chain could overflow: the fp32 kernel on the same values
         else:
             qkv = _linear(self.qkv, x)
@@ -374,7 +388,7 @@ class Layer(nn.Module):
         if head_mask is not None:
             o = o * head_mask.view(1, h, 1, 1)
         o = o.transpose(1, 2).reshape(b * t, h * d)  # a view: the kernel wrote [B, T, H, D]
-        return _linear_add_norm(self.attn_out, o, x, self.attn_norm)
+        return _linear_add_norm(self.attn_out, o, x, self.attn_norm), None
 
     def _h16_attention(self) -> bool:
         return (
@@ -469,8 +483,13 @@ class Model(nn.Module):
         tracing = kernels.tracing()
         if attention_mask is not None and (tracing or not bool(attention_mask.all())):
             mask = attention_mask.bool()[:, None, None, :]
+        x16 = None  # the fp16 copy of x a float16 encoder's layer hands the next (Layer.step)
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, None if head_mask is None else head_mask[i], attention)
+            layer_heads = None if head_mask is None else head_mask[i]
+            if tracing or kernels.hooked(layer):  # hooks see the call, graphs record the module
+                x, x16 = layer(x, mask, layer_heads, attention), None
+            else:
+                x, x16 = layer.step(x, mask, layer_heads, attention, x16)
         return x
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, normalize: bool | None = None):
