@@ -219,3 +219,23 @@ def test_h16_linear_fused_norm_module():
         out, none = lin.fused_norm(x, res, big)
         assert none is None and out.abs().max() > 60000
     assert lin.fused_norm(x, res, norm) is None  # autograd on
+
+
+@needs_f16
+@pytest.mark.parametrize("gelu", [False, True])
+def test_fp16_output_max_sees_a_nan_anywhere(gelu):
+    """The fp16 output's max |value| is NaN when any written value is NaN, wherever it falls (the maxima
+    are kept per vector and merged at the end), so callers never take NaNs for a finite fp16 result."""
+    x, w = torch.randn(30, 64), torch.randn(200, 64) / 8
+    p, wmax = K.ext().pack_h16(w), float(w.abs().max())
+    for col in (0, 17, 63, 64, 130, 199):
+        b = torch.zeros(200)
+        b[col] = float("nan")
+        y, amax = K.ext().linear_h16_to_h16(x, p, 200, wmax, b, gelu)
+        assert y[:, col].isnan().all() and amax != amax  # NaN
+    y, amax = K.ext().linear_h16_to_h16(x, p, 200, wmax, torch.zeros(200), gelu)
+    assert (
+        amax == float(y.float().abs().max())
+        if gelu
+        else amax == float(K.ext().linear_h16(x, p, 200, wmax).abs().max())
+    )

@@ -83,10 +83,67 @@ struct RowSums {
   float v[kVecs][2][16];
 };
 
-// R rows of x16 times pairs [j0, j1) of one panel (at most kH16Chain: one fp16 chain per lane), the
-// chains then added into sums[0..R).
-template <int R>
-inline void block(const uint16_t* x16, int64_t ldx, const uint16_t* panel, int64_t j0, int64_t j1, RowSums* sums) {
+// Where one panel's finished columns go (H16Out resolved for the panel) and the running max |y| of fp16
+// outputs, one accumulator per vector so that the maxima do not wait on each other. The maxima are taken on
+// the bits of |y| as unsigned integers: the same order for numbers, and a NaN (bits above inf's) sticks.
+struct PanelOut {
+  const H16Out* out;
+  int64_t n0;               // the panel's first column
+  __mmask16 mask[kVecs];    // each vector's columns below N (0: none)
+  __m512i amax[kVecs];       // fp32 |y| bits: fp16 outputs without GELU, or with the fp32 GELU
+  __m512i amax16[kVecs / 2];  // fp16 |y| bits: fp16 outputs with the fp16 GELU (two vectors at a time)
+};
+
+// Row m's 64 finished columns (cols[v]: columns n0 + 16v + [0, 16) in fp32) through the epilogue: + bias,
+// GELU, residual + (fp32 output only), stored as fp32 or fp16. Columns past N are masked off.
+inline void finish_row(const __m512 (&cols)[kVecs], int64_t m, PanelOut& po) {
+  const H16Out& out = *po.out;
+  if (out.y16 && out.gelu) {  // GELU in fp16 arithmetic, 32 columns at a time (gelu32h)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; v += 2) {
+      const int64_t n = po.n0 + 16 * v;
+      __m256i h[2];
+#pragma GCC unroll 2
+      for (int u = 0; u < 2; ++u) {
+        __m512 o = cols[v + u];
+        if (out.bias) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(po.mask[v + u], out.bias + n + 16 * u));
+        h[u] = _mm512_cvtps_ph(o, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      }
+      const __m512h y = gelu32h(_mm512_castsi512_ph(_mm512_inserti64x4(_mm512_castsi256_si512(h[0]), h[1], 1)));
+      const __mmask32 mask = static_cast<__mmask32>(po.mask[v]) | (static_cast<__mmask32>(po.mask[v + 1]) << 16);
+      _mm512_mask_storeu_epi16(out.y16 + m * out.ldy16 + n, mask, _mm512_castph_si512(y));
+      po.amax16[v / 2] = _mm512_mask_max_epu16(po.amax16[v / 2], mask, po.amax16[v / 2],
+                                               _mm512_castph_si512(_mm512_abs_ph(y)));
+    }
+    return;
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t n = po.n0 + 16 * v;
+    const __mmask16 mask = po.mask[v];
+    __m512 o = cols[v];
+    if (out.bias) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(mask, out.bias + n));
+    if (out.gelu) o = gelu16(o);
+    if (out.y16) {
+      const __m256i h = _mm512_cvtps_ph(o, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm256_mask_storeu_epi16(out.y16 + m * out.ldy16 + n, mask, h);
+      po.amax[v] = _mm512_mask_max_epu32(po.amax[v], mask, po.amax[v], _mm512_castps_si512(_mm512_abs_ps(o)));
+    } else {
+      if (out.residual) o = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out.residual + m * out.ldr + n), o);
+      _mm512_mask_storeu_ps(out.y + m * out.ldy + n, mask, o);
+    }
+  }
+}
+
+// Which chain of a panel a block runs: the first stores its widened sums (nothing to add to), the last
+// finishes the rows from registers (no round trip through sums), one chain alone does both.
+constexpr int kFirst = 1, kLast = 2;
+
+// R rows of x16 (rows m0.. of the tile job) times pairs [j0, j1) of one panel (at most kH16Chain: one fp16
+// chain per lane), the chains then added into sums[0..R) in fp32, or, for the last chain, the rows finished.
+template <int R, int kPhase>
+inline void block(const uint16_t* x16, int64_t ldx, const uint16_t* panel, int64_t j0, int64_t j1, RowSums* sums,
+                  int64_t m0, PanelOut& po) {
   __m512h acc[R][kVecs];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -111,22 +168,37 @@ inline void block(const uint16_t* x16, int64_t ldx, const uint16_t* panel, int64
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
+    __m512 cols[kVecs];
 #pragma GCC unroll 4
-    for (int v = 0; v < kVecs; ++v) add_widened(acc[r][v], sums[r].v[v][0]);
+    for (int v = 0; v < kVecs; ++v) {
+      float* s = sums[r].v[v][0];
+      __m512 lo = widen_lo(acc[r][v]), hi = widen_hi(acc[r][v]);
+      if constexpr (!(kPhase & kFirst)) {
+        lo = _mm512_add_ps(_mm512_loadu_ps(s), lo);
+        hi = _mm512_add_ps(_mm512_loadu_ps(s + 16), hi);
+      }
+      if constexpr (kPhase & kLast) {
+        cols[v] = pair_sums(lo, hi);
+      } else {
+        _mm512_storeu_ps(s, lo);
+        _mm512_storeu_ps(s + 16, hi);
+      }
+    }
+    if constexpr (kPhase & kLast) finish_row(cols, m0 + r, po);
   }
 }
 
-template <int R>
+template <int R, int kPhase>
 inline void block_rows(const uint16_t* x16, int64_t ldx, int64_t M, const uint16_t* panel, int64_t j0, int64_t j1,
-                       RowSums* sums) {
+                       RowSums* sums, PanelOut& po) {
   int64_t m = 0;
-  for (; m + R <= M; m += R) block<R>(x16 + m * ldx, ldx, panel, j0, j1, sums + m);
+  for (; m + R <= M; m += R) block<R, kPhase>(x16 + m * ldx, ldx, panel, j0, j1, sums + m, m, po);
   switch (M - m) {
-    case 5: block<5>(x16 + m * ldx, ldx, panel, j0, j1, sums + m); break;
-    case 4: block<4>(x16 + m * ldx, ldx, panel, j0, j1, sums + m); break;
-    case 3: block<3>(x16 + m * ldx, ldx, panel, j0, j1, sums + m); break;
-    case 2: block<2>(x16 + m * ldx, ldx, panel, j0, j1, sums + m); break;
-    case 1: block<1>(x16 + m * ldx, ldx, panel, j0, j1, sums + m); break;
+    case 5: block<5, kPhase>(x16 + m * ldx, ldx, panel, j0, j1, sums + m, m, po); break;
+    case 4: block<4, kPhase>(x16 + m * ldx, ldx, panel, j0, j1, sums + m, m, po); break;
+    case 3: block<3, kPhase>(x16 + m * ldx, ldx, panel, j0, j1, sums + m, m, po); break;
+    case 2: block<2, kPhase>(x16 + m * ldx, ldx, panel, j0, j1, sums + m, m, po); break;
+    case 1: block<1, kPhase>(x16 + m * ldx, ldx, panel, j0, j1, sums + m, m, po); break;
     default: break;
   }
 }
@@ -136,63 +208,39 @@ inline void block_rows(const uint16_t* x16, int64_t ldx, int64_t M, const uint16
 void h16_tiles(const uint16_t* x16, int64_t ldx, int64_t M, const uint16_t* panels, int64_t K2, int64_t p0,
                int64_t p1, int64_t N, const H16Out& out) {
   // Loop order: K blocks of one chain outside, row tiles inside, so the panel's block (64 pairs x 256 B =
-  // 16 KB) stays in L1 while every row tile of the chunk reads it; the fp32 sums (M x 512 B <= 24 KB) sit in L1 / L2.
+  // 16 KB) stays in L1 while every row tile of the chunk reads it; the fp32 sums (M x 512 B <= 12 KB) sit
+  // in L1. The last chain finishes each row tile's columns from registers.
   RowSums sums[kH16Rows];
   const int64_t panel_size = K2 * kH16Panel * 2;
-  __m512 amax = _mm512_setzero_ps();
-  __m512h amax16 = _mm512_setzero_ph();  // the fp16 GELU path's
+  const int64_t chains = K2 > 0 ? (K2 + kH16Chain - 1) / kH16Chain : 1;  // K = 0: one empty chain (bias only)
+  PanelOut po;
+  po.out = &out;
+  for (int v = 0; v < kVecs; ++v) po.amax[v] = _mm512_setzero_si512();
+  for (int v = 0; v < kVecs / 2; ++v) po.amax16[v] = _mm512_setzero_si512();
   for (int64_t p = p0; p < p1; ++p) {
     const uint16_t* panel = panels + p * panel_size;
-    for (int64_t m = 0; m < M; ++m)
-      for (int v = 0; v < kVecs; ++v) {
-        _mm512_storeu_ps(sums[m].v[v][0], _mm512_setzero_ps());
-        _mm512_storeu_ps(sums[m].v[v][1], _mm512_setzero_ps());
-      }
-    for (int64_t j0 = 0; j0 < K2; j0 += kH16Chain)
-      block_rows<kRows>(x16, ldx, M, panel, j0, j0 + kH16Chain < K2 ? j0 + kH16Chain : K2, sums);
-    // lanes 2c, 2c + 1 of a vector's pair sums -> column c (pair_sums)
-    const int64_t n0 = p * kH16Panel;
-    const int valid = static_cast<int>(N - n0 < kH16Panel ? N - n0 : kH16Panel);
-    if (out.y16 && out.gelu) {  // GELU in fp16 arithmetic, 32 columns at a time (gelu32h)
-      for (int64_t m = 0; m < M; ++m)
-        for (int v = 0; v < kVecs && 16 * v < valid; v += 2) {
-          const int64_t n = n0 + 16 * v;
-          const int left = valid - 16 * v;
-          const __mmask16 m0 = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
-          const __mmask16 m1 = left >= 32 ? 0xffff : left <= 16 ? 0 : static_cast<__mmask16>((1u << (left - 16)) - 1);
-          __m256i h[2];
-          for (int u = 0; u < 2; ++u) {
-            __m512 o = pair_sums(sums[m].v[v + u][0]);
-            if (out.bias) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(u ? m1 : m0, out.bias + n + 16 * u));
-            h[u] = _mm512_cvtps_ph(o, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          }
-          const __m512h y = gelu32h(_mm512_castsi512_ph(_mm512_inserti64x4(_mm512_castsi256_si512(h[0]), h[1], 1)));
-          const __mmask32 mask = static_cast<__mmask32>(m0) | (static_cast<__mmask32>(m1) << 16);
-          _mm512_mask_storeu_epi16(out.y16 + m * out.ldy16 + n, mask, _mm512_castph_si512(y));
-          amax16 = _mm512_mask_max_ph(amax16, mask, amax16, _mm512_abs_ph(y));
-        }
-      continue;
+    po.n0 = p * kH16Panel;
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t left = N - po.n0 - 16 * v;
+      po.mask[v] = left >= 16 ? 0xffff : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
     }
-    for (int64_t m = 0; m < M; ++m)
-      for (int v = 0; v < kVecs && 16 * v < valid; ++v) {
-        __m512 o = pair_sums(sums[m].v[v][0]);
-        const int64_t n = n0 + 16 * v;
-        const __mmask16 mask = valid - 16 * v >= 16 ? 0xffff : static_cast<__mmask16>((1u << (valid - 16 * v)) - 1);
-        if (out.bias) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(mask, out.bias + n));
-        if (out.gelu) o = gelu16(o);
-        if (out.y16) {
-          const __m256i h = _mm512_cvtps_ph(o, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          _mm256_mask_storeu_epi16(out.y16 + m * out.ldy16 + n, mask, h);
-          amax = _mm512_mask_max_ps(amax, mask, amax, _mm512_abs_ps(o));
-        } else {
-          if (out.residual) o = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out.residual + m * out.ldr + n), o);
-          _mm512_mask_storeu_ps(out.y + m * out.ldy + n, mask, o);
-        }
+    for (int64_t c = 0; c < chains; ++c) {
+      const int64_t j0 = c * kH16Chain, j1 = j0 + kH16Chain < K2 ? j0 + kH16Chain : K2;
+      switch ((c == 0 ? kFirst : 0) | (c == chains - 1 ? kLast : 0)) {
+        case kFirst: block_rows<kRows, kFirst>(x16, ldx, M, panel, j0, j1, sums, po); break;
+        case kLast: block_rows<kRows, kLast>(x16, ldx, M, panel, j0, j1, sums, po); break;
+        case kFirst | kLast: block_rows<kRows, kFirst | kLast>(x16, ldx, M, panel, j0, j1, sums, po); break;
+        default: block_rows<kRows, 0>(x16, ldx, M, panel, j0, j1, sums, po); break;
       }
+    }
   }
   if (out.y16) {
-    amax = _mm512_max_ps(amax, _mm512_max_ps(widen_lo(amax16), widen_hi(amax16)));
-    const float a = _mm512_reduce_max_ps(amax);
+    __m512i amax = _mm512_max_epu32(_mm512_max_epu32(po.amax[0], po.amax[1]), _mm512_max_epu32(po.amax[2], po.amax[3]));
+    const __m512h a16 = _mm512_castsi512_ph(_mm512_max_epu16(po.amax16[0], po.amax16[1]));  // widened: NaN stays NaN
+    amax = _mm512_max_epu32(amax, _mm512_max_epu32(_mm512_castps_si512(widen_lo(a16)), _mm512_castps_si512(widen_hi(a16))));
+    const uint32_t bits = _mm512_reduce_max_epu32(amax);
+    float a;
+    __builtin_memcpy(&a, &bits, 4);
     if (!(a <= *out.absmax)) *out.absmax = a;  // NaN sticks
   }
 }

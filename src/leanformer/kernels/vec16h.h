@@ -23,13 +23,16 @@ inline void add_widened(__m512h acc, float* sums) {
   _mm512_storeu_ps(sums + 16, _mm512_add_ps(_mm512_loadu_ps(sums + 16), widen_hi(acc)));
 }
 
-// The 16 columns of one lane-pair vector's fp32 sums[0, 32): column c = sums[2c] + sums[2c + 1].
-inline __m512 pair_sums(const float* sums) {
+// The 16 columns of one lane-pair vector's fp32 sums, lanes 0-15 in lo and 16-31 in hi: column c = lane 2c +
+// lane 2c + 1.
+inline __m512 pair_sums(__m512 lo, __m512 hi) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  const __m512 lo = _mm512_loadu_ps(sums), hi = _mm512_loadu_ps(sums + 16);
   return _mm512_add_ps(_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi));
 }
+
+// The same from the fp32 sums[0, 32) in memory.
+inline __m512 pair_sums(const float* sums) { return pair_sums(_mm512_loadu_ps(sums), _mm512_loadu_ps(sums + 16)); }
 
 }  // namespace
 }  // namespace leanformer
