@@ -324,3 +324,22 @@ def test_cli_rejects_a_bad_recipe_file_before_loading(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "0 < N < M" in err and len(err.splitlines()) == 1  # the config, not the missing model
+
+
+def test_lowrank_presets(shared, tmp_path, capsys):
+    """svd-20 / lowrank-50 name LowRank stages; the CLI asks for calibration first, and on a model too
+    narrow for the rank multiple says so in one line before any calibration."""
+    from leanformer.cli.main import main
+    from leanformer.compress import LowRank
+
+    assert load_recipe("svd-20").stages == [LowRank(ratio=0.8, keep="smaller")]
+    assert load_recipe("lowrank-50").stages == [LowRank(ratio=0.5, keep="faster")]
+    model = str(shared / "models/stories260K")
+    text = str(shared / "data/tinystories/sample.txt")
+    base = ["compress", model, "--recipe", "svd-20", "-o", str(tmp_path / "s"), "--no-speed"]
+    assert main(base) == 2
+    assert "LowRank" in capsys.readouterr().err
+    assert main([*base, "--calibration", text, "--calibration-samples", "2", "--calibration-len", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "leaves rank 0 (below multiple 32)" in err[-1] and "raise ratio" in err[-1]
+    assert not (tmp_path / "s").exists()

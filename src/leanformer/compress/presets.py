@@ -6,6 +6,7 @@ from __future__ import annotations
 from leanformer.compress.config import (
     BF16WeightOnly,
     F16WeightOnly,
+    LowRank,
     Magnitude,
     PruneFFN,
     PruneHeads,
@@ -70,6 +71,11 @@ PRESETS: dict[str, list[QuantConfig]] = {
     # attention heads, GQA-safe (SmolLM2: 9 query heads in 3 KV groups of 3): heads-33 keeps 2 query heads
     # per group (6 of 9; 6.25% of block parameters, +23% PPL); heads-kv-33 drops 1 of 3 KV groups with its
     # query heads (8.3%, KV cache 2/3, +70% PPL). docs/BENCHMARKS.md
+    # whitened SVD (SVD-LLM style): svd-20 keeps 80% of every block Linear's parameters (for size; SmolLM2
+    # +311% PPL before any healing, docs/BENCHMARKS.md issue #13: distill after it), lowrank-50 half of
+    # each Linear, factorised only where its two thin matmuls time faster than the dense one
+    "svd-20": [LowRank(ratio=0.8, keep="smaller")],
+    "lowrank-50": [LowRank(ratio=0.5, keep="faster")],
     "heads-33": [PruneHeads(sparsity=1 / 3)],
     "heads-kv-33": [PruneHeads(kv_sparsity=1 / 3)],
     # heads + FFN channels: 25.0% of SmolLM2's block parameters (6.25% from heads, 18.75% from the FFN)
