@@ -141,9 +141,12 @@ constexpr int kFirst = 1, kLast = 2;
 
 // R rows of x16 (rows m0.. of the tile job) times pairs [j0, j1) of one panel (at most kH16Chain: one fp16
 // chain per lane), the chains then added into sums[0..R) in fp32, or, for the last chain, the rows finished.
+// pf (or null): the next block's panel values, asked for into L1 as this block reads its own, so that the
+// next block's first row tile does not wait on L2 (given to the last row tile of each block: 1.016x the
+// MiniLM products, one thread; a panel read from L1 throughout would be 1.10x).
 template <int R, int kPhase>
 inline void block(const uint16_t* x16, int64_t ldx, const uint16_t* panel, int64_t j0, int64_t j1, RowSums* sums,
-                  int64_t m0, PanelOut& po) {
+                  int64_t m0, PanelOut& po, const uint16_t* pf = nullptr) {
   __m512h acc[R][kVecs];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -151,6 +154,10 @@ inline void block(const uint16_t* x16, int64_t ldx, const uint16_t* panel, int64
     for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm512_setzero_ph();
   for (int64_t j = j0; j < j1; ++j) {
     const uint16_t* b = panel + j * (kVecs * 32);
+    if (pf) {  // the same offset in the next block: 4 lines a step (prefetches past the panels never fault)
+      const char* q = reinterpret_cast<const char*>(pf + (j - j0) * (kVecs * 32));
+      for (int line = 0; line < 4; ++line) _mm_prefetch(q + 64 * line, _MM_HINT_T0);
+    }
     const __m512h b0 = _mm512_castsi512_ph(_mm512_loadu_si512(b));
     const __m512h b1 = _mm512_castsi512_ph(_mm512_loadu_si512(b + 32));
     const __m512h b2 = _mm512_castsi512_ph(_mm512_loadu_si512(b + 64));
@@ -190,15 +197,15 @@ inline void block(const uint16_t* x16, int64_t ldx, const uint16_t* panel, int64
 
 template <int R, int kPhase>
 inline void block_rows(const uint16_t* x16, int64_t ldx, int64_t M, const uint16_t* panel, int64_t j0, int64_t j1,
-                       RowSums* sums, PanelOut& po) {
+                       RowSums* sums, PanelOut& po, const uint16_t* pf) {
   int64_t m = 0;
-  for (; m + R <= M; m += R) block<R, kPhase>(x16 + m * ldx, ldx, panel, j0, j1, sums + m, m, po);
-  switch (M - m) {
-    case 5: block<5, kPhase>(x16 + m * ldx, ldx, panel, j0, j1, sums + m, m, po); break;
-    case 4: block<4, kPhase>(x16 + m * ldx, ldx, panel, j0, j1, sums + m, m, po); break;
-    case 3: block<3, kPhase>(x16 + m * ldx, ldx, panel, j0, j1, sums + m, m, po); break;
-    case 2: block<2, kPhase>(x16 + m * ldx, ldx, panel, j0, j1, sums + m, m, po); break;
-    case 1: block<1, kPhase>(x16 + m * ldx, ldx, panel, j0, j1, sums + m, m, po); break;
+  for (; m + R <= M; m += R) block<R, kPhase>(x16 + m * ldx, ldx, panel, j0, j1, sums + m, m, po, m + R == M ? pf : nullptr);
+  switch (M - m) {  // the remainder tile is the last one
+    case 5: block<5, kPhase>(x16 + m * ldx, ldx, panel, j0, j1, sums + m, m, po, pf); break;
+    case 4: block<4, kPhase>(x16 + m * ldx, ldx, panel, j0, j1, sums + m, m, po, pf); break;
+    case 3: block<3, kPhase>(x16 + m * ldx, ldx, panel, j0, j1, sums + m, m, po, pf); break;
+    case 2: block<2, kPhase>(x16 + m * ldx, ldx, panel, j0, j1, sums + m, m, po, pf); break;
+    case 1: block<1, kPhase>(x16 + m * ldx, ldx, panel, j0, j1, sums + m, m, po, pf); break;
     default: break;
   }
 }
@@ -226,11 +233,16 @@ void h16_tiles(const uint16_t* x16, int64_t ldx, int64_t M, const uint16_t* pane
     }
     for (int64_t c = 0; c < chains; ++c) {
       const int64_t j0 = c * kH16Chain, j1 = j0 + kH16Chain < K2 ? j0 + kH16Chain : K2;
+      // the next block's panel values: this panel's next chain, or the next panel's first (the next task's
+      // when this call ends: tasks go panel by panel)
+      const uint16_t* pf = c + 1 < chains                           ? panel + j1 * (kVecs * 32)
+                           : (p + 1) * kH16Panel < N ? panel + panel_size
+                                                     : nullptr;
       switch ((c == 0 ? kFirst : 0) | (c == chains - 1 ? kLast : 0)) {
-        case kFirst: block_rows<kRows, kFirst>(x16, ldx, M, panel, j0, j1, sums, po); break;
-        case kLast: block_rows<kRows, kLast>(x16, ldx, M, panel, j0, j1, sums, po); break;
-        case kFirst | kLast: block_rows<kRows, kFirst | kLast>(x16, ldx, M, panel, j0, j1, sums, po); break;
-        default: block_rows<kRows, 0>(x16, ldx, M, panel, j0, j1, sums, po); break;
+        case kFirst: block_rows<kRows, kFirst>(x16, ldx, M, panel, j0, j1, sums, po, pf); break;
+        case kLast: block_rows<kRows, kLast>(x16, ldx, M, panel, j0, j1, sums, po, pf); break;
+        case kFirst | kLast: block_rows<kRows, kFirst | kLast>(x16, ldx, M, panel, j0, j1, sums, po, pf); break;
+        default: block_rows<kRows, 0>(x16, ldx, M, panel, j0, j1, sums, po, pf); break;
       }
     }
   }
