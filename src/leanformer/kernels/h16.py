@@ -110,9 +110,9 @@ class H16Linear(nn.Linear):
     ) -> tuple[torch.Tensor, H16Act | None] | None:
         """(norm(residual + x @ w^T + b) fp32 [..., out], its fp16 copy for the next H16Linear) in one
         kernel call: each task's rows are normalized while they are still in cache (post-LayerNorm blocks'
-        output projections, models/bert.py); the copy is None where fp16 cannot hold y. None where that kernel may not run (then call `fused` and
-        norm): norm not a plain fp32 LayerNorm over `out` features, hooks, autograd, tracing, or an fp16
-        chain that could overflow."""
+        output projections, models/bert.py); the copy is None where fp16 cannot hold y. None where that
+        kernel may not run (then call `fused` and the norm): norm not a plain fp32 LayerNorm over `out`
+        features, hooks, autograd, tracing, or an fp16 chain that could overflow."""
         h16 = isinstance(x, H16Act)
         if not (
             self.runs_kernel()
