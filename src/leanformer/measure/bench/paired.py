@@ -77,13 +77,16 @@ def main(argv: list[str] | None = None) -> dict:
     from leanformer.measure.bench.runner import _nbytes, bandwidth_ceiling_tok_s
 
     speeds = {(n, b): [] for n in variants for b in args.batch}
-    ceilings: list[float] = []  # the base's batch-1 bandwidth ceiling, once per round
+    # the first recipe's batch-1 bandwidth ceiling (its weights' bytes: a bf16 model streams half of the
+    # fp32 base's), memory speed measured once per round
+    first_bytes = _nbytes(variants[args.recipe[0]])
+    ceilings: list[float] = []
     with torch.inference_mode():
         for model in variants.values():  # warm-up: kernels, caches, decode plans
             decode_tok_s(model, 1, 16, 4)
         order = list(variants)
         for r in tqdm(range(args.rounds), desc="rounds"):
-            ceilings.append(bandwidth_ceiling_tok_s(_nbytes(base), 3))
+            ceilings.append(bandwidth_ceiling_tok_s(first_bytes, 3))
             for b in args.batch:
                 for name in order[r % len(order) :] + order[: r % len(order)]:
                     speeds[name, b].append(
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{first} at batch 1: {statistics.median(pct):.0f}% of the memory-bandwidth ceiling measured each round"
         )
     result = {"config": vars(args), "rows": rows, "speeds": {f"{n}|b{b}": v for (n, b), v in speeds.items()}}
-    result["ceiling_tok_s"] = ceilings
+    result["ceiling_tok_s"], result["ceiling_bytes"] = ceilings, first_bytes
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result
