@@ -23,7 +23,7 @@
 
 #include "attention.h"
 #include "common.h"  // use_avx512()
-#include "vec8.h"    // exp8, hmax8
+#include "vec8.h"    // exp8, hmax8, hsum8
 
 namespace leanformer {
 namespace {
@@ -41,12 +41,7 @@ struct V8 {
   static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static reg fmsub(reg a, reg b, reg c) { return _mm256_fmsub_ps(a, b, c); }
   static float hmax(reg x) { return hmax8(x); }
-  static float hsum(reg x) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
+  static float hsum(reg x) { return hsum8(x); }
   static reg exp(reg x) { return exp8(x); }  // vec8.h: exactly 0 below -87.3, as the AVX-512 copy
 };
 

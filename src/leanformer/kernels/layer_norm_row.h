@@ -8,15 +8,10 @@
 #include <cmath>
 #include <cstdint>
 
+#include "vec8.h"  // hsum8
+
 namespace leanformer {
 namespace {
-
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // One row in place: o = LN(o [+ r]) * w + b over K floats.
 inline void norm_row(float* __restrict o, const float* __restrict r, const float* __restrict w,

@@ -1,5 +1,6 @@
 // 8-wide (AVX2/FMA) float helpers shared by the AVX2 translation units (decode.cpp, attention.cpp,
-// int8_rows.cpp). Never include this from an AVX-512 file (see avx512.h for why).
+// int8_rows.cpp, and layer_norm.cpp / gemm_h16.cpp through layer_norm_row.h). Never include this from
+// an AVX-512 file (see avx512.h for why).
 #pragma once
 
 #include <immintrin.h>
@@ -35,6 +36,13 @@ inline float hmax8(__m256 x) {
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_movehdup_ps(m));
   return _mm_cvtss_f32(m);
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
 }
 
 }  // namespace
