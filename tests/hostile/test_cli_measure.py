@@ -131,7 +131,7 @@ def test_spec_serve_ab_bad_input_is_one_error(tmp_path, monkeypatch, capsys):
             spec_serve_ab.main(["m", "--passages", str(where)])
 
 
-@pytest.mark.parametrize("command", ["bench", "report", "optimize"])
+@pytest.mark.parametrize("command", ["bench", "report", "optimize", "compress svd-20"])
 @pytest.mark.parametrize(
     "calibration, flags, fragment",
     [
@@ -161,6 +161,7 @@ def test_calibration_flags_refused_before_any_work(
         "bench": ["bench", "smollm2", "--recipe", "gptq-int4"],
         "report": ["report", "smollm2", "-o", str(tmp_path / "r"), "--data", data, "--recipes", "gptq-int4"],
         "optimize": ["optimize", "smollm2", "--data", data, "--max-ppl-increase", "2"],
+        "compress svd-20": ["compress", "smollm2", "--recipe", "svd-20", "-o", str(tmp_path / "c")],
     }[command]
     assert main([*argv, "--calibration", cal, *flags]) == 2
     one_error_line(capsys, fragment)

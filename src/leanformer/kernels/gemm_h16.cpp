@@ -37,8 +37,8 @@ bool cpu_has_avx512fp16() {
 
 const bool kHasAvx512fp16 = cpu_has_avx512fp16();
 
-// A task is (a chunk of kH16Rows rows, one 64-column panel), tasks ordered chunk-major and handed out one
-// at a time (tasks.h): a thread's consecutive tasks mostly share its rows of x in L1 / L2 while the panels
+// A task is (a chunk of kH16Rows rows, one 64-column panel), tasks ordered chunk-major and handed out in
+// guided grabs (tasks.h): a thread's consecutive tasks share its rows of x in L1 / L2 while the panels
 // stream (1.16x panel-major, see gemm_h16.h).
 constexpr int64_t kRowChunk = kH16Rows;
 
